@@ -1,0 +1,95 @@
+use alloc::vec;
+use alloc::vec::Vec;
+
+use super::expect_len;
+use crate::backend::Shape;
+use crate::backend::geometry::{
+    concat_channels_shape, slice_channels_shape, upsample_output_shape,
+};
+use crate::{Error, Result};
+
+/// Nearest upsampling of `x [n, c, h, w]` by `factor`; returns the output and its shape.
+pub fn upsample_nearest(x: &[f32], x_shape: &Shape, factor: usize) -> Result<(Vec<f32>, Shape)> {
+    const OP: &str = "upsample_nearest";
+    expect_len(OP, x, x_shape)?;
+    let out_shape = upsample_output_shape(OP, x_shape, factor)?;
+    let (h, w) = (x_shape.dims()[2], x_shape.dims()[3]);
+    let (oh, ow) = (h * factor, w * factor);
+    let mut out = vec![0.0f32; out_shape.num_elements()?];
+    for (plane, src) in x.chunks_exact(h * w).enumerate() {
+        for i in 0..oh {
+            for j in 0..ow {
+                out[plane * oh * ow + i * ow + j] = src[(i / factor) * w + j / factor];
+            }
+        }
+    }
+    Ok((out, out_shape))
+}
+
+/// Backward of nearest upsampling: sums each `factor × factor` block of `grad [n, c, f·h, f·w]`.
+pub fn upsample_nearest_backward(
+    grad: &[f32],
+    grad_shape: &Shape,
+    factor: usize,
+) -> Result<(Vec<f32>, Shape)> {
+    const OP: &str = "upsample_nearest_backward";
+    expect_len(OP, grad, grad_shape)?;
+    grad_shape.expect_rank(OP, 4)?;
+    let d = grad_shape.dims();
+    if factor == 0 || d[2] % factor != 0 || d[3] % factor != 0 {
+        return Err(Error::invalid(
+            OP,
+            alloc::format!("{grad_shape} is not a multiple of factor {factor}"),
+        ));
+    }
+    let (oh, ow, h, w) = (d[2], d[3], d[2] / factor, d[3] / factor);
+    let out_shape = Shape::new([d[0], d[1], h, w]);
+    let mut acc = vec![0.0f64; out_shape.num_elements()?];
+    for (plane, src) in grad.chunks_exact(oh * ow).enumerate() {
+        for i in 0..oh {
+            for j in 0..ow {
+                acc[plane * h * w + (i / factor) * w + j / factor] += src[i * ow + j] as f64;
+            }
+        }
+    }
+    Ok((acc.into_iter().map(|v| v as f32).collect(), out_shape))
+}
+
+/// Concatenates `[n, c_k, ...]` parts along dim 1; returns the output and its shape.
+pub fn concat_channels(parts: &[(&[f32], &Shape)]) -> Result<(Vec<f32>, Shape)> {
+    const OP: &str = "concat_channels";
+    let shapes: Vec<&Shape> = parts.iter().map(|(_, s)| *s).collect();
+    let out_shape = concat_channels_shape(OP, &shapes)?;
+    for (data, shape) in parts {
+        expect_len(OP, data, shape)?;
+    }
+    let batch = out_shape.dims()[0];
+    let mut out = Vec::with_capacity(out_shape.num_elements()?);
+    for n in 0..batch {
+        for (data, _) in parts {
+            let per = data.len() / batch.max(1);
+            out.extend_from_slice(&data[n * per..(n + 1) * per]);
+        }
+    }
+    Ok((out, out_shape))
+}
+
+/// Channels `start .. start + len` of `x [n, c, ...]`; returns the output and its shape.
+pub fn slice_channels(
+    x: &[f32],
+    x_shape: &Shape,
+    start: usize,
+    len: usize,
+) -> Result<(Vec<f32>, Shape)> {
+    const OP: &str = "slice_channels";
+    expect_len(OP, x, x_shape)?;
+    let out_shape = slice_channels_shape(OP, x_shape, start, len)?;
+    let (n, c) = (x_shape.dims()[0], x_shape.dims()[1]);
+    let inner = Shape::new(&x_shape.dims()[2..]).num_elements()?;
+    let mut out = Vec::with_capacity(out_shape.num_elements()?);
+    for b in 0..n {
+        let base = (b * c + start) * inner;
+        out.extend_from_slice(&x[base..base + len * inner]);
+    }
+    Ok((out, out_shape))
+}
