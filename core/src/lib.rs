@@ -30,6 +30,7 @@ pub mod rng;
 pub mod schedule;
 pub mod score;
 mod slices;
+pub mod tolerance;
 
 pub use backend::{Backend, DType, Shape};
 pub use error::{Error, Result};

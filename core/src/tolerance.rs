@@ -1,0 +1,66 @@
+//! The numerical tolerances of the project's tests, named per dtype, in one place.
+//!
+//! A check passes when `|got − want| ≤ abs + rel·|want|`. The core's property tests, the
+//! reference backend's tests and the backend conformance suite all read these.
+
+use crate::backend::DType;
+
+/// An absolute + relative tolerance.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tolerance {
+    /// Absolute part.
+    pub abs: f64,
+    /// Relative part (times `|want|`).
+    pub rel: f64,
+}
+
+impl Tolerance {
+    /// Whether `got` is within tolerance of `want` (NaN never is).
+    pub fn accepts(&self, got: f64, want: f64) -> bool {
+        (got - want).abs() <= self.abs + self.rel * want.abs()
+    }
+}
+
+/// Closed-form `f64` math (conversions, round trips, decomposition identities).
+pub const F64_MATH: Tolerance = Tolerance {
+    abs: 1e-10,
+    rel: 1e-9,
+};
+
+/// Analytic gradient vs central finite difference in `f64` (step [`FD_STEP_F64`]).
+pub const F64_FINITE_DIFFERENCE: Tolerance = Tolerance {
+    abs: 1e-7,
+    rel: 1e-5,
+};
+
+/// Central-difference step for `f64` gradient checks.
+pub const FD_STEP_F64: f64 = 1e-6;
+
+/// Analytic gradient vs central finite difference of an `f32` op (step [`FD_STEP_F32`]),
+/// the difference taken in `f64` over the op's `f32` outputs.
+pub const F32_FINITE_DIFFERENCE: Tolerance = Tolerance {
+    abs: 2e-3,
+    rel: 1e-2,
+};
+
+/// Central-difference step for `f32` gradient checks.
+pub const FD_STEP_F32: f64 = 1e-2;
+
+/// A backend op against the reference, by storage dtype (accumulation-order and
+/// rounding differences only; reductions over ≤ 10⁴ terms).
+pub fn backend_vs_reference(dtype: DType) -> Tolerance {
+    match dtype {
+        DType::F32 => Tolerance {
+            abs: 1e-4,
+            rel: 1e-4,
+        },
+        DType::F16 => Tolerance {
+            abs: 2e-2,
+            rel: 1e-2,
+        },
+        DType::BF16 => Tolerance {
+            abs: 1e-1,
+            rel: 5e-2,
+        },
+    }
+}
