@@ -25,7 +25,7 @@ pub fn group_norm(
         let mean = chunk.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
         let var = chunk
             .iter()
-            .map(|&v| (v as f64 - mean).powi(2))
+            .map(|&v| (v as f64 - mean) * (v as f64 - mean))
             .sum::<f64>()
             / len as f64;
         let rstd = 1.0 / num_traits::Float::sqrt(var + params.eps as f64);

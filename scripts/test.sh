@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The project's test command (README): every test, the no_std proof, the examples, the docs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+
+echo "== unit, property and integration tests (workspace)"
+cargo test --workspace --all-targets 2>&1 | tee "$log"
+cargo test --workspace --doc 2>&1 | tee -a "$log"
+
+echo "== no_std proof: lisa-core as a #![no_std] staticlib with its own panic handler"
+cargo build --release --manifest-path tests/no-std-check/Cargo.toml --target-dir target/no-std
+
+echo "== examples"
+cargo run --release -q -p lisa-examples --example embed_core
+
+echo "== docs (warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps -q
+
+# One closing line for the whole run (cargo prints one per test binary).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
