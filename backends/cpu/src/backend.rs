@@ -1,0 +1,467 @@
+use lisa_core::backend::geometry::{
+    Conv2dGeometry, Conv2dParams, GroupNormGeometry, GroupNormParams, MatmulGeometry, Transpose,
+    concat_channels_shape, slice_channels_shape, upsample_output_shape,
+};
+use lisa_core::backend::{
+    AdamWParams, ArithOps, BackendTypes, BinaryOp, ConvOps, DType, FusedOps, GroupNormGrads,
+    GroupNormOutput, LayoutOps, MatmulOps, NormOps, ReduceOps, Shape, TensorOps, UnaryOp,
+};
+use lisa_core::lisa::{LisaConfig, LisaLoss, SampleTerms, lisa_loss_fused};
+use lisa_core::rng::fill_normal;
+use lisa_core::{Error, Result};
+use rayon::prelude::*;
+
+use crate::gemm::{MatRef, gemm_into};
+use crate::tensor::CpuTensor;
+use crate::{CHUNK, conv, elementwise, fused, layout, norm, reduce};
+
+/// The CPU backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuBackend;
+
+/// Host memory and the current rayon pool.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuDevice;
+
+type T = CpuTensor;
+
+fn same_dtype(op: &'static str, a: &T, b: &T) -> Result<DType> {
+    if a.dtype() == b.dtype() {
+        Ok(a.dtype())
+    } else {
+        Err(Error::DTypeMismatch {
+            op,
+            expected: a.dtype(),
+            got: b.dtype(),
+        })
+    }
+}
+
+fn same_shape(op: &'static str, a: &T, b: &T) -> Result<()> {
+    a.shape.expect_eq(op, &b.shape)
+}
+
+impl BackendTypes for CpuBackend {
+    type Device = CpuDevice;
+    type Tensor = CpuTensor;
+    fn name() -> &'static str {
+        "cpu"
+    }
+}
+
+impl TensorOps for CpuBackend {
+    fn default_device() -> CpuDevice {
+        CpuDevice
+    }
+    fn supports_dtype(_: &CpuDevice, _: DType) -> bool {
+        true
+    }
+    fn from_slice(data: &[f32], shape: &Shape, dtype: DType, _: &CpuDevice) -> Result<T> {
+        CpuTensor::from_f32(data.to_vec(), shape.clone(), dtype)
+    }
+    fn to_vec(t: &T) -> Result<Vec<f32>> {
+        Ok(t.values().into_owned())
+    }
+    fn shape(t: &T) -> Shape {
+        t.shape.clone()
+    }
+    fn dtype(t: &T) -> DType {
+        t.dtype()
+    }
+    fn device(_: &T) -> CpuDevice {
+        CpuDevice
+    }
+    fn reshape(t: &T, shape: &Shape) -> Result<T> {
+        let n = shape.num_elements()?;
+        if n != t.len() {
+            return Err(Error::LengthMismatch {
+                op: "reshape",
+                expected: t.len(),
+                got: n,
+            });
+        }
+        Ok(CpuTensor {
+            storage: t.storage.clone(),
+            shape: shape.clone(),
+        })
+    }
+    fn cast(t: &T, dtype: DType) -> Result<T> {
+        if t.dtype() == dtype {
+            return Ok(t.clone());
+        }
+        Ok(CpuTensor::store(
+            t.values().into_owned(),
+            t.shape.clone(),
+            dtype,
+        ))
+    }
+    fn full(shape: &Shape, value: f32, dtype: DType, _: &CpuDevice) -> Result<T> {
+        Ok(CpuTensor::store(
+            vec![value; shape.num_elements()?],
+            shape.clone(),
+            dtype,
+        ))
+    }
+    fn random_normal(shape: &Shape, seed: u64, dtype: DType, _: &CpuDevice) -> Result<T> {
+        let mut data = vec![0.0f32; shape.num_elements()?];
+        data.par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(i, chunk)| fill_normal(seed, (i * CHUNK) as u64, chunk));
+        Ok(CpuTensor::store(data, shape.clone(), dtype))
+    }
+}
+
+impl ArithOps for CpuBackend {
+    fn binary(op: BinaryOp, a: &T, b: &T) -> Result<T> {
+        let dtype = same_dtype("binary", a, b)?;
+        let out_shape = Shape::broadcast("binary", &a.shape, &b.shape)?;
+        let data =
+            elementwise::binary(op, &a.values(), &a.shape, &b.values(), &b.shape, &out_shape)?;
+        Ok(CpuTensor::store(data, out_shape, dtype))
+    }
+    fn affine(t: &T, scale: f32, shift: f32) -> Result<T> {
+        Ok(CpuTensor::store(
+            elementwise::map(&t.values(), |v| scale * v + shift),
+            t.shape.clone(),
+            t.dtype(),
+        ))
+    }
+    fn unary(op: UnaryOp, t: &T) -> Result<T> {
+        Ok(CpuTensor::store(
+            elementwise::unary(op, &t.values()),
+            t.shape.clone(),
+            t.dtype(),
+        ))
+    }
+    fn unary_backward(op: UnaryOp, x: &T, grad: &T) -> Result<T> {
+        let dtype = same_dtype("unary_backward", x, grad)?;
+        same_shape("unary_backward", x, grad)?;
+        Ok(CpuTensor::store(
+            elementwise::unary_backward(op, &x.values(), &grad.values()),
+            x.shape.clone(),
+            dtype,
+        ))
+    }
+    fn axpby(a: f32, x: &T, b: f32, y: &T) -> Result<T> {
+        let dtype = same_dtype("axpby", x, y)?;
+        same_shape("axpby", x, y)?;
+        Ok(CpuTensor::store(
+            elementwise::zip_map(&x.values(), &y.values(), |u, v| a * u + b * v),
+            x.shape.clone(),
+            dtype,
+        ))
+    }
+}
+
+impl ReduceOps for CpuBackend {
+    fn sum(t: &T) -> Result<T> {
+        Ok(CpuTensor::store(
+            vec![reduce::sum(&t.values()) as f32],
+            Shape::scalar(),
+            t.dtype(),
+        ))
+    }
+    fn sum_to_shape(t: &T, shape: &Shape) -> Result<T> {
+        Ok(CpuTensor::store(
+            reduce::sum_to_shape(&t.values(), &t.shape, shape)?,
+            shape.clone(),
+            t.dtype(),
+        ))
+    }
+    fn softmax_last(t: &T) -> Result<T> {
+        let d = last_dim("softmax_last", &t.shape)?;
+        Ok(CpuTensor::store(
+            reduce::softmax_last(&t.values(), d),
+            t.shape.clone(),
+            t.dtype(),
+        ))
+    }
+    fn softmax_last_backward(y: &T, grad: &T) -> Result<T> {
+        let dtype = same_dtype("softmax_last_backward", y, grad)?;
+        same_shape("softmax_last_backward", y, grad)?;
+        let d = last_dim("softmax_last_backward", &y.shape)?;
+        Ok(CpuTensor::store(
+            reduce::softmax_last_backward(&y.values(), &grad.values(), d),
+            y.shape.clone(),
+            dtype,
+        ))
+    }
+    fn sum_squares(t: &T) -> Result<T> {
+        let v = t.values();
+        let partials: Vec<f64> = v
+            .par_chunks(CHUNK)
+            .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum())
+            .collect();
+        Ok(CpuTensor::store(
+            vec![partials.iter().sum::<f64>() as f32],
+            Shape::scalar(),
+            t.dtype(),
+        ))
+    }
+}
+
+fn last_dim(op: &'static str, shape: &Shape) -> Result<usize> {
+    shape.num_elements()?;
+    match shape.dims().last() {
+        Some(&d) if d > 0 => Ok(d),
+        _ => Err(Error::Empty { op }),
+    }
+}
+
+impl MatmulOps for CpuBackend {
+    fn matmul(a: &T, b: &T, t: Transpose) -> Result<T> {
+        let dtype = same_dtype("matmul", a, b)?;
+        let g = MatmulGeometry::new("matmul", &a.shape, &b.shape, t)?;
+        let (m, k, n) = (g.m, g.k, g.n);
+        let (av, bv) = (a.values(), b.values());
+        let mut out = vec![0.0f32; g.batch * m * n];
+        let view_a = |i: usize| {
+            let s = &av[i * m * k..(i + 1) * m * k];
+            if t.a {
+                MatRef::transposed(s, m, k)
+            } else {
+                MatRef::row_major(s, m, k)
+            }
+        };
+        let view_b = |i: usize| {
+            let s = &bv[i * k * n..(i + 1) * k * n];
+            if t.b {
+                MatRef::transposed(s, k, n)
+            } else {
+                MatRef::row_major(s, k, n)
+            }
+        };
+        if g.batch >= rayon::current_num_threads() {
+            out.par_chunks_mut((m * n).max(1))
+                .enumerate()
+                .for_each(|(i, o)| gemm_into(o, false, view_a(i), view_b(i), false));
+        } else {
+            for (i, o) in out.chunks_mut((m * n).max(1)).enumerate().take(g.batch) {
+                gemm_into(o, false, view_a(i), view_b(i), true);
+            }
+        }
+        Ok(CpuTensor::store(out, g.output_shape(), dtype))
+    }
+}
+
+impl ConvOps for CpuBackend {
+    fn conv2d(x: &T, weight: &T, bias: Option<&T>, params: Conv2dParams) -> Result<T> {
+        let dtype = same_dtype("conv2d", x, weight)?;
+        let g = Conv2dGeometry::new("conv2d", &x.shape, &weight.shape, params)?;
+        let bias_values = match bias {
+            Some(b) => {
+                same_dtype("conv2d", x, b)?;
+                Shape::new([g.c_out]).expect_eq("conv2d", &b.shape)?;
+                Some(b.values())
+            }
+            None => None,
+        };
+        let y = conv::conv2d(&g, &x.values(), &weight.values(), bias_values.as_deref());
+        Ok(CpuTensor::store(y, g.output_shape(), dtype))
+    }
+    fn conv2d_backward_data(
+        grad_out: &T,
+        weight: &T,
+        input_shape: &Shape,
+        params: Conv2dParams,
+    ) -> Result<T> {
+        let dtype = same_dtype("conv2d_backward_data", grad_out, weight)?;
+        let g = Conv2dGeometry::new("conv2d_backward_data", input_shape, &weight.shape, params)?;
+        g.output_shape()
+            .expect_eq("conv2d_backward_data", &grad_out.shape)?;
+        let dx = conv::conv2d_backward_data(&g, &grad_out.values(), &weight.values());
+        Ok(CpuTensor::store(dx, input_shape.clone(), dtype))
+    }
+    fn conv2d_backward_weight(
+        x: &T,
+        grad_out: &T,
+        weight_shape: &Shape,
+        params: Conv2dParams,
+    ) -> Result<T> {
+        let dtype = same_dtype("conv2d_backward_weight", x, grad_out)?;
+        let g = Conv2dGeometry::new("conv2d_backward_weight", &x.shape, weight_shape, params)?;
+        g.output_shape()
+            .expect_eq("conv2d_backward_weight", &grad_out.shape)?;
+        let dw = conv::conv2d_backward_weight(&g, &x.values(), &grad_out.values());
+        Ok(CpuTensor::store(dw, weight_shape.clone(), dtype))
+    }
+}
+
+impl NormOps for CpuBackend {
+    fn group_norm(
+        x: &T,
+        gamma: &T,
+        beta: &T,
+        params: GroupNormParams,
+    ) -> Result<GroupNormOutput<T>> {
+        let dtype = same_dtype("group_norm", x, gamma)?;
+        same_dtype("group_norm", x, beta)?;
+        let g = GroupNormGeometry::new("group_norm", &x.shape, &gamma.shape, &beta.shape, params)?;
+        let (y, mean, rstd) =
+            norm::group_norm(&g, &x.values(), &gamma.values(), &beta.values(), params.eps);
+        Ok(GroupNormOutput {
+            output: CpuTensor::store(y, x.shape.clone(), dtype),
+            mean: CpuTensor::store(mean, g.stats_shape(), DType::F32),
+            rstd: CpuTensor::store(rstd, g.stats_shape(), DType::F32),
+        })
+    }
+    fn group_norm_backward(
+        x: &T,
+        gamma: &T,
+        stats: &GroupNormOutput<T>,
+        grad_out: &T,
+        params: GroupNormParams,
+    ) -> Result<GroupNormGrads<T>> {
+        let dtype = same_dtype("group_norm_backward", x, gamma)?;
+        same_dtype("group_norm_backward", x, grad_out)?;
+        same_shape("group_norm_backward", x, grad_out)?;
+        let g = GroupNormGeometry::new(
+            "group_norm_backward",
+            &x.shape,
+            &gamma.shape,
+            &gamma.shape,
+            params,
+        )?;
+        g.stats_shape()
+            .expect_eq("group_norm_backward", &stats.mean.shape)?;
+        g.stats_shape()
+            .expect_eq("group_norm_backward", &stats.rstd.shape)?;
+        let (dx, dg, db) = norm::group_norm_backward(
+            &g,
+            &x.values(),
+            &gamma.values(),
+            &stats.mean.values(),
+            &stats.rstd.values(),
+            &grad_out.values(),
+        );
+        Ok(GroupNormGrads {
+            input: CpuTensor::store(dx, x.shape.clone(), dtype),
+            gamma: CpuTensor::store(dg, gamma.shape.clone(), dtype),
+            beta: CpuTensor::store(db, gamma.shape.clone(), dtype),
+        })
+    }
+}
+
+impl LayoutOps for CpuBackend {
+    fn upsample_nearest(x: &T, factor: usize) -> Result<T> {
+        let out_shape = upsample_output_shape("upsample_nearest", &x.shape, factor)?;
+        let d = x.shape.dims();
+        Ok(CpuTensor::store(
+            layout::upsample_nearest(&x.values(), d[2], d[3], factor),
+            out_shape,
+            x.dtype(),
+        ))
+    }
+    fn upsample_nearest_backward(grad_out: &T, factor: usize) -> Result<T> {
+        const OP: &str = "upsample_nearest_backward";
+        grad_out.shape.expect_rank(OP, 4)?;
+        let d = grad_out.shape.dims();
+        if factor == 0 || d[2] % factor != 0 || d[3] % factor != 0 {
+            return Err(Error::invalid(
+                OP,
+                format!("{} is not a multiple of factor {factor}", grad_out.shape),
+            ));
+        }
+        let out_shape = Shape::new([d[0], d[1], d[2] / factor, d[3] / factor]);
+        Ok(CpuTensor::store(
+            layout::upsample_nearest_backward(&grad_out.values(), d[2], d[3], factor),
+            out_shape,
+            grad_out.dtype(),
+        ))
+    }
+    fn concat_channels(parts: &[&T]) -> Result<T> {
+        const OP: &str = "concat_channels";
+        let first = parts.first().ok_or(Error::Empty { op: OP })?;
+        for p in parts {
+            same_dtype(OP, first, p)?;
+        }
+        let shapes: Vec<&Shape> = parts.iter().map(|p| &p.shape).collect();
+        let out_shape = concat_channels_shape(OP, &shapes)?;
+        let batch = out_shape.dims()[0];
+        let values: Vec<_> = parts.iter().map(|p| p.values()).collect();
+        let slices: Vec<&[f32]> = values.iter().map(|v| &v[..]).collect();
+        let per_sample: Vec<usize> = parts
+            .iter()
+            .map(|p| if batch == 0 { 0 } else { p.len() / batch })
+            .collect();
+        Ok(CpuTensor::store(
+            layout::concat_channels(&slices, &per_sample, batch),
+            out_shape,
+            first.dtype(),
+        ))
+    }
+    fn slice_channels(x: &T, start: usize, len: usize) -> Result<T> {
+        let out_shape = slice_channels_shape("slice_channels", &x.shape, start, len)?;
+        let (n, c) = (x.shape.dims()[0], x.shape.dims()[1]);
+        let inner = Shape::new(&x.shape.dims()[2..]).num_elements()?;
+        let v = x.values();
+        let mut out = Vec::with_capacity(n * len * inner);
+        for b in 0..n {
+            let base = (b * c + start) * inner;
+            out.extend_from_slice(&v[base..base + len * inner]);
+        }
+        Ok(CpuTensor::store(out, out_shape, x.dtype()))
+    }
+}
+
+impl FusedOps for CpuBackend {
+    fn mse_loss(pred: &T, target: &T) -> Result<(f32, T)> {
+        let dtype = same_dtype("mse_loss", pred, target)?;
+        same_shape("mse_loss", pred, target)?;
+        if pred.is_empty() {
+            return Err(Error::Empty { op: "mse_loss" });
+        }
+        let (loss, grad) = fused::mse_loss(&pred.values(), &target.values());
+        if !loss.is_finite() {
+            return Err(Error::NonFinite { op: "mse_loss" });
+        }
+        Ok((
+            loss as f32,
+            CpuTensor::store(grad, pred.shape.clone(), dtype),
+        ))
+    }
+
+    fn lisa_loss(
+        config: &LisaConfig,
+        terms: &[SampleTerms<f32>],
+        decoded: &T,
+        y: &T,
+        prior: &T,
+    ) -> Result<(LisaLoss<f32>, T)> {
+        const OP: &str = "lisa_loss";
+        let dtype = same_dtype(OP, decoded, y)?;
+        same_dtype(OP, decoded, prior)?;
+        same_shape(OP, decoded, y)?;
+        same_shape(OP, decoded, prior)?;
+        let mut grad = vec![0.0f32; decoded.len()];
+        let loss = lisa_loss_fused(
+            config,
+            terms,
+            &decoded.values(),
+            &y.values(),
+            &prior.values(),
+            &mut grad,
+        )?;
+        Ok((loss, CpuTensor::store(grad, decoded.shape.clone(), dtype)))
+    }
+
+    fn adamw_update(param: &mut T, m: &mut T, v: &mut T, grad: &T, hp: &AdamWParams) -> Result<()> {
+        const OP: &str = "adamw_update";
+        for t in [&*m, &*v, grad] {
+            same_shape(OP, param, t)?;
+        }
+        hp.validate()?;
+        let shape = param.shape.clone();
+        let dtypes = (param.dtype(), m.dtype(), v.dtype());
+        let take = |t: &mut T| {
+            std::mem::replace(t, CpuTensor::store(Vec::new(), Shape::new([0]), DType::F32))
+                .into_values()
+        };
+        let (mut p, mut mm, mut vv) = (take(param), take(m), take(v));
+        let result = fused::adamw(&mut p, &mut mm, &mut vv, &grad.values(), hp);
+        *param = CpuTensor::store(p, shape.clone(), dtypes.0);
+        *m = CpuTensor::store(mm, shape.clone(), dtypes.1);
+        *v = CpuTensor::store(vv, shape, dtypes.2);
+        result
+    }
+}

@@ -1,0 +1,110 @@
+//! A safe, bounds-checked front to `gemm::gemm` for strided f32 matrices.
+
+use gemm::Parallelism;
+
+/// A read-only strided matrix: element `(i, j)` is `data[i·row_stride + j·col_stride]`.
+#[derive(Clone, Copy)]
+pub(crate) struct MatRef<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A row-major `rows × cols` matrix over the first `rows·cols` elements of `data`.
+    pub(crate) fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self::strided(data, rows, cols, cols, 1)
+    }
+
+    /// The transpose view of a row-major `cols × rows` matrix (a `rows × cols` matrix).
+    pub(crate) fn transposed(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self::strided(data, rows, cols, 1, rows)
+    }
+
+    /// A general strided view. Panics (a bug in this crate, never user input: callers derive
+    /// sizes from validated shapes) if the view does not fit in `data`.
+    pub(crate) fn strided(
+        data: &'a [f32],
+        rows: usize,
+        cols: usize,
+        row_stride: usize,
+        col_stride: usize,
+    ) -> Self {
+        if rows > 0 && cols > 0 {
+            let last = (rows - 1) * row_stride + (cols - 1) * col_stride;
+            assert!(
+                last < data.len(),
+                "MatRef out of bounds: {rows}x{cols} strides ({row_stride}, {col_stride}) over {}",
+                data.len()
+            );
+        }
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride,
+            col_stride,
+        }
+    }
+}
+
+/// `dst (m × n, row-major) = [dst +] a (m × k) · b (k × n)`.
+pub(crate) fn gemm_into(
+    dst: &mut [f32],
+    accumulate: bool,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    parallel: bool,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert!(
+        b.rows == k && dst.len() >= m * n,
+        "gemm_into: {m}x{k} · {}x{n} into {}",
+        b.rows,
+        dst.len()
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return;
+    }
+    let parallelism = if parallel {
+        Parallelism::Rayon(0)
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: `a` and `b` were bounds-checked at construction (every element (i, j) with
+    // i < rows, j < cols lies inside their slices), `b.rows == k` was asserted above, and
+    // `dst` holds at least m·n elements addressed row-major (row stride n, column stride 1).
+    // The three slices cannot alias: `dst` is a unique `&mut`, `a`/`b` shared borrows.
+    // Strides fit `isize` because they index into live allocations (≤ isize::MAX bytes).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}

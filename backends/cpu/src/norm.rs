@@ -1,0 +1,110 @@
+//! Group norm forward/backward, parallel over (sample, group) slices.
+//!
+//! Each (sample, group) slice of `x [n, c, *spatial]` is contiguous: `(c/g)·spatial` values.
+
+use lisa_core::backend::geometry::GroupNormGeometry;
+use rayon::prelude::*;
+
+/// Forward: returns `(y, mean [n·g], rstd [n·g])`; statistics accumulate in f64, two passes.
+pub(crate) fn group_norm(
+    g: &GroupNormGeometry,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let len = g.group_len();
+    let cpg = g.channels / g.groups;
+    let mut y = vec![0.0f32; x.len()];
+    let stats: Vec<(f32, f32)> = y
+        .par_chunks_mut(len)
+        .zip(x.par_chunks(len))
+        .enumerate()
+        .map(|(k, (y, x))| {
+            let mean = x.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
+            let var = x
+                .iter()
+                .map(|&v| (v as f64 - mean) * (v as f64 - mean))
+                .sum::<f64>()
+                / len as f64;
+            let rstd = (1.0 / (var + eps as f64).sqrt()) as f32;
+            let mean = mean as f32;
+            let group = k % g.groups;
+            for (c_local, (y, x)) in y.chunks_mut(g.spatial).zip(x.chunks(g.spatial)).enumerate() {
+                let ch = group * cpg + c_local;
+                let (scale, shift) = (rstd * gamma[ch], beta[ch] - mean * rstd * gamma[ch]);
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = x * scale + shift;
+                }
+            }
+            (mean, rstd)
+        })
+        .collect();
+    let (mean, rstd) = stats.into_iter().unzip();
+    (y, mean, rstd)
+}
+
+/// Backward: `dx = rstd·(ĝ − mean ĝ − x̂·mean(ĝx̂))`, `dγ = Σ g·x̂`, `dβ = Σ g` (per channel,
+/// per-sample partials summed over samples in order).
+pub(crate) fn group_norm_backward(
+    g: &GroupNormGeometry,
+    x: &[f32],
+    gamma: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    dy: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let len = g.group_len();
+    let cpg = g.channels / g.groups;
+    let mut dx = vec![0.0f32; x.len()];
+    // Per slice: the (dγ, dβ) partials of its cpg channels.
+    let partials: Vec<Vec<(f64, f64)>> = dx
+        .par_chunks_mut(len)
+        .zip(x.par_chunks(len))
+        .zip(dy.par_chunks(len))
+        .enumerate()
+        .map(|(k, ((dx, x), dy))| {
+            let (mu, rs) = (mean[k] as f64, rstd[k] as f64);
+            let group = k % g.groups;
+            let mut channel_sums = vec![(0.0f64, 0.0f64); cpg];
+            let (mut sum_gh, mut sum_gh_xh) = (0.0f64, 0.0f64);
+            for (c_local, (x, dy)) in x.chunks(g.spatial).zip(dy.chunks(g.spatial)).enumerate() {
+                let gm = gamma[group * cpg + c_local] as f64;
+                let (mut dg, mut db) = (0.0f64, 0.0f64);
+                for (&xv, &gv) in x.iter().zip(dy) {
+                    let xh = (xv as f64 - mu) * rs;
+                    let gv = gv as f64;
+                    dg += gv * xh;
+                    db += gv;
+                }
+                sum_gh += gm * db;
+                sum_gh_xh += gm * dg;
+                channel_sums[c_local] = (dg, db);
+            }
+            let (m_gh, m_gh_xh) = (sum_gh / len as f64, sum_gh_xh / len as f64);
+            for (c_local, ((dx, x), dy)) in dx
+                .chunks_mut(g.spatial)
+                .zip(x.chunks(g.spatial))
+                .zip(dy.chunks(g.spatial))
+                .enumerate()
+            {
+                let gm = gamma[group * cpg + c_local] as f64;
+                for ((d, &xv), &gv) in dx.iter_mut().zip(x).zip(dy) {
+                    let xh = (xv as f64 - mu) * rs;
+                    *d = (rs * (gv as f64 * gm - m_gh - xh * m_gh_xh)) as f32;
+                }
+            }
+            channel_sums
+        })
+        .collect();
+    let (mut dgamma, mut dbeta) = (vec![0.0f64; g.channels], vec![0.0f64; g.channels]);
+    for (k, sums) in partials.iter().enumerate() {
+        let group = k % g.groups;
+        for (c_local, &(dg, db)) in sums.iter().enumerate() {
+            dgamma[group * cpg + c_local] += dg;
+            dbeta[group * cpg + c_local] += db;
+        }
+    }
+    let f = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect();
+    (dx, f(dgamma), f(dbeta))
+}

@@ -1,0 +1,97 @@
+//! Reductions with a fixed partition (thread-count independent) and the softmax.
+
+use lisa_core::backend::Shape;
+use lisa_core::{Error, Result};
+use rayon::prelude::*;
+
+use crate::CHUNK;
+use crate::elementwise::broadcast_strides;
+
+/// `Σ x` in f64: fixed chunks summed in parallel, partials added in order.
+pub(crate) fn sum(x: &[f32]) -> f64 {
+    let partials: Vec<f64> = x
+        .par_chunks(CHUNK)
+        .map(|c| c.iter().map(|&v| v as f64).sum::<f64>())
+        .collect();
+    partials.iter().sum()
+}
+
+/// Sums `x` (of `shape`) down to `target`, which must broadcast to `shape`.
+pub(crate) fn sum_to_shape(x: &[f32], shape: &Shape, target: &Shape) -> Result<Vec<f32>> {
+    const OP: &str = "sum_to_shape";
+    if target.rank() > shape.rank() || Shape::broadcast(OP, target, shape)? != *shape {
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            expected: shape.clone(),
+            got: target.clone(),
+        });
+    }
+    let n_out = target.num_elements()?;
+    if n_out == 0 || x.is_empty() {
+        return Ok(vec![0.0; n_out]);
+    }
+    // Split the input dims into kept (target extent > 1) and reduced ones.
+    let dims = shape.dims();
+    let in_strides = shape.strides();
+    let t_strides = broadcast_strides(target, shape);
+    let reduced: Vec<usize> = (0..dims.len())
+        .filter(|&d| t_strides[d] == 0 && dims[d] > 1)
+        .collect();
+    let kept: Vec<usize> = (0..dims.len()).filter(|&d| t_strides[d] != 0).collect();
+    // Input offsets of every reduced multi-index, in row-major order.
+    let mut offsets = vec![0usize];
+    for &d in &reduced {
+        let stride = in_strides[d];
+        offsets = offsets
+            .iter()
+            .flat_map(|&o| (0..dims[d]).map(move |i| o + i * stride))
+            .collect();
+    }
+    // Base input offset of each output element (kept dims in row-major order = target order).
+    let out: Vec<f32> = (0..n_out)
+        .into_par_iter()
+        .map(|o| {
+            let mut rem = o;
+            let mut base = 0;
+            for &d in kept.iter().rev() {
+                base += (rem % dims[d]) * in_strides[d];
+                rem /= dims[d];
+            }
+            offsets.iter().map(|&off| x[base + off] as f64).sum::<f64>() as f32
+        })
+        .collect();
+    Ok(out)
+}
+
+/// Softmax over rows of length `d`.
+pub(crate) fn softmax_last(x: &[f32], d: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; x.len()];
+    out.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .for_each(|(o, row)| {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut total = 0.0f32;
+            for (o, &v) in o.iter_mut().zip(row) {
+                *o = (v - max).exp();
+                total += *o;
+            }
+            let inv = 1.0 / total;
+            o.iter_mut().for_each(|v| *v *= inv);
+        });
+    out
+}
+
+/// Softmax backward over rows of length `d`: `dx = y ⊙ (g − Σ g ⊙ y)`.
+pub(crate) fn softmax_last_backward(y: &[f32], g: &[f32], d: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; y.len()];
+    out.par_chunks_mut(d)
+        .zip(y.par_chunks(d))
+        .zip(g.par_chunks(d))
+        .for_each(|((o, y), g)| {
+            let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
+            for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
+                *o = y * (g - dot);
+            }
+        });
+    out
+}
