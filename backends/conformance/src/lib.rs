@@ -1,1 +1,41 @@
-//! placeholder
+//! # lisa-conformance
+//!
+//! One test suite for every backend of the [`lisa_core::backend`] traits. Each check is a
+//! generic function over `B: Backend` that runs an op on `B` and on the reference backend
+//! ([`lisa_core::reference::RefBackend`]) with the same inputs, on shapes that include odd
+//! sizes (1, 3, 7, 33), and compares with the tolerance of the storage dtype
+//! ([`lisa_core::tolerance::backend_vs_reference`]). Every backward op is also checked against
+//! central finite differences of the backend's own forward
+//! ([`lisa_core::tolerance::F32_FINITE_DIFFERENCE`]).
+//!
+//! A backend crate instantiates the whole suite with one line in a test file:
+//!
+//! ```ignore
+//! lisa_conformance::conformance_tests!(lisa_cpu::CpuBackend);
+//! ```
+
+pub mod checks;
+mod harness;
+
+pub use harness::{Case, Harness};
+
+/// Expands to one `#[test]` per conformance check, for backend type `$backend`.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($backend:ty) => {
+        $crate::conformance_tests!(@tests $backend;
+            creation_and_readback, random_normal_matches_reference, binary_broadcast, affine_axpby_unary,
+            unary_backward, reductions, sum_to_shape, softmax, matmul, conv2d_forward, conv2d_backward,
+            group_norm, upsample, concat_and_slice, mse_loss, lisa_loss, adamw, half_precision,
+            bad_inputs_are_typed_errors
+        );
+    };
+    (@tests $backend:ty; $($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                $crate::checks::$name::<$backend>();
+            }
+        )*
+    };
+}

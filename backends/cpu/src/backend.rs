@@ -382,7 +382,7 @@ impl LayoutOps for CpuBackend {
         let slices: Vec<&[f32]> = values.iter().map(|v| &v[..]).collect();
         let per_sample: Vec<usize> = parts
             .iter()
-            .map(|p| if batch == 0 { 0 } else { p.len() / batch })
+            .map(|p| p.len().checked_div(batch).unwrap_or(0))
             .collect();
         Ok(CpuTensor::store(
             layout::concat_channels(&slices, &per_sample, batch),

@@ -23,7 +23,25 @@ fn is_pointwise(g: &Conv2dGeometry) -> bool {
     g.kh == 1 && g.kw == 1 && g.params.stride == [1, 1] && g.params.padding == [0, 0]
 }
 
+/// The outputs `o` whose input index `stride·o + offset − pad` lies in `0..in_len`,
+/// as a range `lo..hi` of `0..out_len` (empty when none does).
+fn valid_range(
+    out_len: usize,
+    in_len: usize,
+    offset: usize,
+    stride: usize,
+    pad: usize,
+) -> (usize, usize) {
+    let lo = pad.saturating_sub(offset).div_ceil(stride);
+    let hi = (in_len + pad)
+        .saturating_sub(offset)
+        .div_ceil(stride)
+        .min(out_len);
+    (lo.min(hi), hi)
+}
+
 /// Lowers one image `x [c_in, h, w]` to `cols [K, P]` (zeros where the kernel reads padding).
+/// Valid ranges are computed once per kernel tap, so the inner loop is a plain (strided) copy.
 fn im2col(g: &Conv2dGeometry, x: &[f32], cols: &mut [f32]) {
     let [sh, sw] = g.params.stride;
     let [ph, pw] = g.params.padding;
@@ -31,19 +49,24 @@ fn im2col(g: &Conv2dGeometry, x: &[f32], cols: &mut [f32]) {
     for c in 0..g.c_in {
         let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
         for u in 0..g.kh {
+            let (i0, i1) = valid_range(g.oh, g.h, u, sh, ph);
             for v in 0..g.kw {
+                let (j0, j1) = valid_range(g.ow, g.w, v, sw, pw);
                 let row = &mut cols[((c * g.kh + u) * g.kw + v) * p..][..p];
-                for i in 0..g.oh {
+                row[..i0 * g.ow].fill(0.0);
+                row[i1 * g.ow..].fill(0.0);
+                for i in i0..i1 {
+                    let src = &plane[(sh * i + u - ph) * g.w..][..g.w];
                     let out_row = &mut row[i * g.ow..(i + 1) * g.ow];
-                    match (sh * i + u).checked_sub(ph).filter(|&r| r < g.h) {
-                        None => out_row.fill(0.0),
-                        Some(r) => {
-                            let src = &plane[r * g.w..(r + 1) * g.w];
-                            for (j, o) in out_row.iter_mut().enumerate() {
-                                *o = (sw * j + v)
-                                    .checked_sub(pw)
-                                    .filter(|&q| q < g.w)
-                                    .map_or(0.0, |q| src[q]);
+                    out_row[..j0].fill(0.0);
+                    out_row[j1..].fill(0.0);
+                    if j0 < j1 {
+                        let q0 = sw * j0 + v - pw;
+                        if sw == 1 {
+                            out_row[j0..j1].copy_from_slice(&src[q0..q0 + (j1 - j0)]);
+                        } else {
+                            for (o, q) in out_row[j0..j1].iter_mut().zip((q0..).step_by(sw)) {
+                                *o = src[q];
                             }
                         }
                     }
@@ -62,16 +85,24 @@ fn col2im(g: &Conv2dGeometry, cols: &[f32], dx: &mut [f32]) {
     for c in 0..g.c_in {
         let plane = &mut dx[c * g.h * g.w..(c + 1) * g.h * g.w];
         for u in 0..g.kh {
+            let (i0, i1) = valid_range(g.oh, g.h, u, sh, ph);
             for v in 0..g.kw {
+                let (j0, j1) = valid_range(g.ow, g.w, v, sw, pw);
+                if j0 >= j1 {
+                    continue;
+                }
                 let row = &cols[((c * g.kh + u) * g.kw + v) * p..][..p];
-                for i in 0..g.oh {
-                    let Some(r) = (sh * i + u).checked_sub(ph).filter(|&r| r < g.h) else {
-                        continue;
-                    };
-                    let dst = &mut plane[r * g.w..(r + 1) * g.w];
-                    for (j, &val) in row[i * g.ow..(i + 1) * g.ow].iter().enumerate() {
-                        if let Some(q) = (sw * j + v).checked_sub(pw).filter(|&q| q < g.w) {
-                            dst[q] += val;
+                let q0 = sw * j0 + v - pw;
+                for i in i0..i1 {
+                    let dst = &mut plane[(sh * i + u - ph) * g.w..][..g.w];
+                    let src = &row[i * g.ow + j0..i * g.ow + j1];
+                    if sw == 1 {
+                        for (d, &s) in dst[q0..q0 + (j1 - j0)].iter_mut().zip(src) {
+                            *d += s;
+                        }
+                    } else {
+                        for (&s, q) in src.iter().zip((q0..).step_by(sw)) {
+                            dst[q] += s;
                         }
                     }
                 }

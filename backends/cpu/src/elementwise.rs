@@ -47,15 +47,7 @@ pub(crate) fn binary(
     }
     // Fast paths: equal shapes, or one side a single element.
     if sa == sb {
-        out.par_chunks_mut(CHUNK)
-            .zip(a.par_chunks(CHUNK))
-            .zip(b.par_chunks(CHUNK))
-            .for_each(|((o, x), y)| {
-                for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
-                    *o = op.apply(x, y);
-                }
-            });
-        return Ok(out);
+        return Ok(zip_map(a, b, |x, y| op.apply(x, y)));
     }
     // General path: rows of the last output dim; each side steps by 0 or 1 inside a row.
     let dims = out_shape.dims();
@@ -102,16 +94,71 @@ pub(crate) fn binary(
     Ok(out)
 }
 
+/// `out[i] = f(x[i])` over one chunk, compiled for AVX2+FMA when the CPU has them.
+#[inline(always)]
+fn map_chunk(out: &mut [f32], x: &[f32], f: &impl Fn(f32) -> f32) {
+    #[cfg(target_arch = "x86_64")]
+    if simd::has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        unsafe { simd::map_avx2(out, x, f) };
+        return;
+    }
+    for (o, &x) in out.iter_mut().zip(x) {
+        *o = f(x);
+    }
+}
+
+/// `out[i] = f(x[i], y[i])` over one chunk, compiled for AVX2+FMA when available.
+#[inline(always)]
+fn zip_map_chunk(out: &mut [f32], x: &[f32], y: &[f32], f: &impl Fn(f32, f32) -> f32) {
+    #[cfg(target_arch = "x86_64")]
+    if simd::has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        unsafe { simd::zip_map_avx2(out, x, y, f) };
+        return;
+    }
+    for ((o, &x), &y) in out.iter_mut().zip(x).zip(y) {
+        *o = f(x, y);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::sync::OnceLock;
+
+    pub(super) fn has_avx2_fma() -> bool {
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    }
+
+    /// The scalar loop, compiled with AVX2+FMA so that LLVM vectorises it 8-wide.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn map_avx2(out: &mut [f32], x: &[f32], f: &impl Fn(f32) -> f32) {
+        for (o, &x) in out.iter_mut().zip(x) {
+            *o = f(x);
+        }
+    }
+
+    /// The scalar two-input loop, compiled with AVX2+FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn zip_map_avx2(
+        out: &mut [f32],
+        x: &[f32],
+        y: &[f32],
+        f: &impl Fn(f32, f32) -> f32,
+    ) {
+        for ((o, &x), &y) in out.iter_mut().zip(x).zip(y) {
+            *o = f(x, y);
+        }
+    }
+}
+
 /// `f(x)` for every element, in parallel.
 pub(crate) fn map(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
     let mut out = vec![0.0f32; x.len()];
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(o, x)| {
-            for (o, &x) in o.iter_mut().zip(x) {
-                *o = f(x);
-            }
-        });
+        .for_each(|(o, x)| map_chunk(o, x, &f));
     out
 }
 
@@ -121,20 +168,84 @@ pub(crate) fn zip_map(x: &[f32], y: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) 
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .zip(y.par_chunks(CHUNK))
-        .for_each(|((o, x), y)| {
-            for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
-                *o = f(x, y);
-            }
-        });
+        .for_each(|((o, x), y)| zip_map_chunk(o, x, y, &f));
     out
 }
 
-/// `f(x)` elementwise.
+/// `eˣ` in f32 without a libm call, so that loops over it vectorise: `eˣ = 2ⁿ·eʳ` with
+/// `n = round(x·log₂e)`, `|r| ≤ ln2/2`, `eʳ` by its degree-6 Taylor polynomial (relative
+/// error < 2e-7), `2ⁿ` built in the exponent bits. Inputs are clamped to [−87, 88].
+#[inline(always)]
+pub(crate) fn fast_exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split (Cephes): LN2_HI has 9 significant bits, so n·LN2_HI is exact.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0; // 1.5·2²³: adding it rounds to the nearest integer
+    let x = x.max(-87.0).min(88.0);
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    // The low mantissa bits of `shifted` hold n (two's complement): no float→int conversion,
+    // so the whole function vectorises.
+    let two_n = shifted
+        .to_bits()
+        .wrapping_sub(ROUND.to_bits())
+        .wrapping_add(127)
+        << 23;
+    p * f32::from_bits(two_n)
+}
+
+/// The logistic function `σ(x) = 1/(1 + e⁻ˣ)`.
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + fast_exp(-x))
+}
+
+/// `f(x)` elementwise (one monomorphised loop per function).
 pub(crate) fn unary(op: UnaryOp, x: &[f32]) -> Vec<f32> {
-    map(x, |v| op.apply(v))
+    match op {
+        UnaryOp::Silu => map(x, |v| v * sigmoid(v)),
+        UnaryOp::Exp => map(x, fast_exp),
+        UnaryOp::Square => map(x, |v| v * v),
+        UnaryOp::Sqrt => map(x, f32::sqrt),
+    }
 }
 
 /// `grad · f'(x)` elementwise.
 pub(crate) fn unary_backward(op: UnaryOp, x: &[f32], grad: &[f32]) -> Vec<f32> {
-    zip_map(x, grad, |v, g| g * op.derivative(v))
+    match op {
+        UnaryOp::Silu => zip_map(x, grad, |v, g| {
+            let s = sigmoid(v);
+            g * s * (1.0 + v * (1.0 - s))
+        }),
+        UnaryOp::Exp => zip_map(x, grad, |v, g| g * fast_exp(v)),
+        UnaryOp::Square => zip_map(x, grad, |v, g| 2.0 * v * g),
+        UnaryOp::Sqrt => zip_map(x, grad, |v, g| 0.5 * g / v.sqrt()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fast_exp;
+
+    #[test]
+    fn fast_exp_is_accurate_over_the_range() {
+        let (mut worst, mut at) = (0.0f64, 0.0f32);
+        for i in -86_999..88_000 {
+            let x = i as f32 * 1e-3;
+            let want = (x as f64).exp();
+            let rel = ((fast_exp(x) as f64 - want) / want).abs();
+            if rel > worst {
+                (worst, at) = (rel, x);
+            }
+        }
+        assert!(worst < 1e-6, "worst relative error {worst:e} at x = {at}");
+        assert_eq!(fast_exp(-1000.0), fast_exp(-87.0));
+        assert!(fast_exp(1000.0).is_finite());
+    }
 }

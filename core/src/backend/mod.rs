@@ -38,6 +38,14 @@ pub use tensor::TensorOps;
 
 use core::fmt::Debug;
 
+/// Every op trait in scope at once: `use lisa_core::backend::prelude::*;`.
+pub mod prelude {
+    pub use super::{
+        ArithOps, Backend, BackendTypes, ConvOps, FusedOps, LayoutOps, MatmulOps, NormOps,
+        ReduceOps, TensorOps,
+    };
+}
+
 /// The associated types of a backend: its device and its tensor handle.
 pub trait BackendTypes: Clone + Debug + Default + Send + Sync + 'static {
     /// Where tensors live (a CPU thread pool, a GPU, …).

@@ -1,0 +1,75 @@
+//! Results do not depend on the number of threads: bit-for-bit equal under 1, 2 and 3
+//! threads (what exact checkpoint resume on the CPU relies on).
+
+use lisa_core::backend::prelude::*;
+use lisa_core::backend::{Conv2dParams, DType, GroupNormParams, Shape, Transpose};
+use lisa_cpu::{CpuBackend as C, CpuDevice};
+
+fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("thread pool")
+        .install(f)
+}
+
+fn bits(t: &lisa_cpu::CpuTensor) -> Vec<u32> {
+    C::to_vec(t).unwrap().iter().map(|v| v.to_bits()).collect()
+}
+
+/// Every op whose parallel split could change a sum, run on one input set.
+fn run_all() -> Vec<Vec<u32>> {
+    let d = CpuDevice;
+    let x = C::random_normal(&Shape::new([33, 8, 16, 16]), 1, DType::F32, &d).unwrap();
+    let w = C::random_normal(&Shape::new([16, 8, 3, 3]), 2, DType::F32, &d).unwrap();
+    let p = Conv2dParams::same(3);
+    let y = C::conv2d(&x, &w, None, p).unwrap();
+    let g = C::random_normal(&C::shape(&y), 3, DType::F32, &d).unwrap();
+    let gamma = C::full(&Shape::new([8]), 1.5, DType::F32, &d).unwrap();
+    let beta = C::zeros(&Shape::new([8]), DType::F32, &d).unwrap();
+    let gn = GroupNormParams {
+        groups: 4,
+        eps: 1e-5,
+    };
+    let stats = C::group_norm(&x, &gamma, &beta, gn).unwrap();
+    let gx = C::random_normal(&C::shape(&x), 4, DType::F32, &d).unwrap();
+    let gn_grads = C::group_norm_backward(&x, &gamma, &stats, &gx, gn).unwrap();
+    let a = C::random_normal(&Shape::new([300, 200]), 5, DType::F32, &d).unwrap();
+    let b = C::random_normal(&Shape::new([200, 100]), 6, DType::F32, &d).unwrap();
+    vec![
+        bits(&x),
+        bits(&y),
+        bits(&C::conv2d_backward_data(&g, &w, &C::shape(&x), p).unwrap()),
+        bits(&C::conv2d_backward_weight(&x, &g, &C::shape(&w), p).unwrap()),
+        bits(&C::conv2d_backward_bias(&g).unwrap()),
+        bits(&stats.output),
+        bits(&gn_grads.input),
+        bits(&gn_grads.gamma),
+        bits(&C::sum(&x).unwrap()),
+        bits(&C::sum_squares(&x).unwrap()),
+        bits(&C::sum_to_shape(&x, &Shape::new([1, 8, 1, 1])).unwrap()),
+        bits(&C::matmul(&a, &b, Transpose::default()).unwrap()),
+        bits(&C::mse_loss(&x, &gx).unwrap().1),
+    ]
+}
+
+#[test]
+fn results_are_bitwise_independent_of_thread_count() {
+    let one = in_pool(1, run_all);
+    for threads in [2, 3] {
+        let many = in_pool(threads, run_all);
+        for (i, (a, b)) in one.iter().zip(&many).enumerate() {
+            assert!(a == b, "op #{i} differs between 1 and {threads} threads");
+        }
+    }
+}
+
+#[test]
+fn half_storage_rounds_and_casts() {
+    let d = CpuDevice;
+    let t = C::from_slice(&[1.0 + 1e-4, 3.0], &Shape::new([2]), DType::F16, &d).unwrap();
+    assert_eq!(C::dtype(&t), DType::F16);
+    assert_eq!(C::to_vec(&t).unwrap(), vec![1.0, 3.0]);
+    let b = C::cast(&t, DType::BF16).unwrap();
+    assert_eq!(C::dtype(&b), DType::BF16);
+}
