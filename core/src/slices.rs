@@ -17,7 +17,7 @@ pub(crate) fn per_sample_len(op: &'static str, len: usize, batch: usize) -> Resu
     if batch == 0 || len == 0 {
         return Err(Error::Empty { op });
     }
-    if len % batch != 0 {
+    if !len.is_multiple_of(batch) {
         return Err(Error::invalid(
             op,
             alloc::format!("{len} elements cannot be split into {batch} equal samples"),

@@ -828,3 +828,31 @@ pub fn bad_inputs_are_typed_errors<B: Backend>() {
     ));
     let _: Tolerance = backend_vs_reference(F32);
 }
+
+/// NaN is never swallowed: elementwise ops, reductions and the fused losses carry it through
+/// (or refuse it with [`Error::NonFinite`]), so a diverged step cannot pass unnoticed.
+pub fn nan_propagates<B: Backend>() {
+    let h = Harness::<B>::default();
+    let x = h.from_host(vec![1.0, f32::NAN, -2.0], &Shape::new([1, 3]), F32);
+    for op in [UnaryOp::Silu, UnaryOp::Exp, UnaryOp::Square] {
+        let y = ok("unary", B::to_vec(&ok("unary", B::unary(op, &x.dev))));
+        assert!(y[1].is_nan(), "{op:?}(NaN) must be NaN, got {}", y[1]);
+    }
+    assert!(
+        ok("sum", B::item(&ok("sum", B::sum(&x.dev)))).is_nan(),
+        "sum with a NaN must be NaN"
+    );
+    assert!(
+        ok(
+            "softmax",
+            B::to_vec(&ok("softmax", B::softmax_last(&x.dev)))
+        )
+        .iter()
+        .all(|v| v.is_nan())
+    );
+    let terms = [SampleTerms::<f32>::unit()];
+    assert!(matches!(
+        B::lisa_loss(&LisaConfig::default(), &terms, &x.dev, &x.dev, &x.dev),
+        Err(Error::NonFinite { .. })
+    ));
+}

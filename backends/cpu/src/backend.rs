@@ -190,7 +190,11 @@ impl ReduceOps for CpuBackend {
         let v = t.values();
         let partials: Vec<f64> = v
             .par_chunks(CHUNK)
-            .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum())
+            .map(|c| {
+                crate::elementwise::vectorised(|| {
+                    crate::sums::sum_map(c, |x| (x as f64) * (x as f64))
+                })
+            })
             .collect();
         Ok(CpuTensor::store(
             vec![partials.iter().sum::<f64>() as f32],
@@ -356,7 +360,7 @@ impl LayoutOps for CpuBackend {
         const OP: &str = "upsample_nearest_backward";
         grad_out.shape.expect_rank(OP, 4)?;
         let d = grad_out.shape.dims();
-        if factor == 0 || d[2] % factor != 0 || d[3] % factor != 0 {
+        if factor == 0 || !d[2].is_multiple_of(factor) || !d[3].is_multiple_of(factor) {
             return Err(Error::invalid(
                 OP,
                 format!("{} is not a multiple of factor {factor}", grad_out.shape),

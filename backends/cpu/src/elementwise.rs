@@ -131,6 +131,13 @@ mod simd {
         *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
     }
 
+    /// Runs `f` inside a function compiled with AVX2+FMA: `f` (a closure called once) is
+    /// inlined here, so its loops are vectorised 8-wide.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
+        f()
+    }
+
     /// The scalar loop, compiled with AVX2+FMA so that LLVM vectorises it 8-wide.
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn map_avx2(out: &mut [f32], x: &[f32], f: &impl Fn(f32) -> f32) {
@@ -151,6 +158,17 @@ mod simd {
             *o = f(x, y);
         }
     }
+}
+
+/// Runs `f`, compiled for AVX2+FMA when the CPU has them (for loop-heavy kernel bodies).
+#[inline(always)]
+pub(crate) fn vectorised<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    if simd::has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        return unsafe { simd::with_avx2(f) };
+    }
+    f()
 }
 
 /// `f(x)` for every element, in parallel.
@@ -182,7 +200,7 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     const ROUND: f32 = 12_582_912.0; // 1.5·2²³: adding it rounds to the nearest integer
-    let x = x.max(-87.0).min(88.0);
+    let x = x.clamp(-87.0, 88.0); // propagates NaN (max/min would swallow it)
     let shifted = x * LOG2E + ROUND;
     let n = shifted - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;

@@ -5,6 +5,7 @@ use lisa_core::backend::AdamWParams;
 use rayon::prelude::*;
 
 use crate::CHUNK;
+use crate::elementwise::vectorised;
 
 /// `(mean((p − y)²), 2(p − y)/N)` in one pass (f64 partials per fixed chunk).
 pub(crate) fn mse_loss(p: &[f32], y: &[f32]) -> (f64, Vec<f32>) {
@@ -44,11 +45,13 @@ pub(crate) fn adamw(
         .zip(v.par_chunks_mut(CHUNK))
         .zip(g.par_chunks(CHUNK))
         .for_each(|(((p, m), v), g)| {
-            for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
-                *m = b1 * *m + (1.0 - b1) * g;
-                *v = b2 * *v + (1.0 - b2) * g * g;
-                *p = *p * decay - lr * (*m / c1) / ((*v / c2).sqrt() + eps);
-            }
+            vectorised(|| {
+                for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+                    *m = b1 * *m + (1.0 - b1) * g;
+                    *v = b2 * *v + (1.0 - b2) * g * g;
+                    *p = *p * decay - lr * (*m / c1) / ((*v / c2).sqrt() + eps);
+                }
+            })
         });
     Ok(())
 }

@@ -17,6 +17,7 @@ mod gemm;
 mod layout;
 mod norm;
 mod reduce;
+mod sums;
 mod tensor;
 
 pub use backend::{CpuBackend, CpuDevice};

@@ -5,6 +5,9 @@
 use lisa_core::backend::geometry::GroupNormGeometry;
 use rayon::prelude::*;
 
+use crate::elementwise::vectorised;
+use crate::sums::{sum_map, sum_zip};
+
 /// Forward: returns `(y, mean [n·g], rstd [n·g])`; statistics accumulate in f64, two passes.
 pub(crate) fn group_norm(
     g: &GroupNormGeometry,
@@ -21,23 +24,23 @@ pub(crate) fn group_norm(
         .zip(x.par_chunks(len))
         .enumerate()
         .map(|(k, (y, x))| {
-            let mean = x.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
-            let var = x
-                .iter()
-                .map(|&v| (v as f64 - mean) * (v as f64 - mean))
-                .sum::<f64>()
-                / len as f64;
-            let rstd = (1.0 / (var + eps as f64).sqrt()) as f32;
-            let mean = mean as f32;
-            let group = k % g.groups;
-            for (c_local, (y, x)) in y.chunks_mut(g.spatial).zip(x.chunks(g.spatial)).enumerate() {
-                let ch = group * cpg + c_local;
-                let (scale, shift) = (rstd * gamma[ch], beta[ch] - mean * rstd * gamma[ch]);
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = x * scale + shift;
+            vectorised(|| {
+                let mean = sum_map(x, |v| v as f64) / len as f64;
+                let var = sum_map(x, |v| (v as f64 - mean) * (v as f64 - mean)) / len as f64;
+                let rstd = (1.0 / (var + eps as f64).sqrt()) as f32;
+                let mean = mean as f32;
+                let group = k % g.groups;
+                for (c_local, (y, x)) in
+                    y.chunks_mut(g.spatial).zip(x.chunks(g.spatial)).enumerate()
+                {
+                    let ch = group * cpg + c_local;
+                    let (scale, shift) = (rstd * gamma[ch], beta[ch] - mean * rstd * gamma[ch]);
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        *y = x * scale + shift;
+                    }
                 }
-            }
-            (mean, rstd)
+                (mean, rstd)
+            })
         })
         .collect();
     let (mean, rstd) = stats.into_iter().unzip();
@@ -64,40 +67,39 @@ pub(crate) fn group_norm_backward(
         .zip(dy.par_chunks(len))
         .enumerate()
         .map(|(k, ((dx, x), dy))| {
-            let (mu, rs) = (mean[k], rstd[k]);
-            let group = k % g.groups;
-            let mut channel_sums = vec![(0.0f64, 0.0f64); cpg];
-            let (mut sum_gh, mut sum_gh_xh) = (0.0f64, 0.0f64);
-            for (c_local, (x, dy)) in x.chunks(g.spatial).zip(dy.chunks(g.spatial)).enumerate() {
-                let gm = gamma[group * cpg + c_local] as f64;
-                // f32 sums over one spatial row (vectorisable), widened per row.
-                let dg = x
-                    .iter()
-                    .zip(dy)
-                    .map(|(&xv, &gv)| gv * ((xv - mu) * rs))
-                    .sum::<f32>() as f64;
-                let db = dy.iter().sum::<f32>() as f64;
-                sum_gh += gm * db;
-                sum_gh_xh += gm * dg;
-                channel_sums[c_local] = (dg, db);
-            }
-            let (m_gh, m_gh_xh) = (
-                (sum_gh / len as f64) as f32,
-                (sum_gh_xh / len as f64) as f32,
-            );
-            for (c_local, ((dx, x), dy)) in dx
-                .chunks_mut(g.spatial)
-                .zip(x.chunks(g.spatial))
-                .zip(dy.chunks(g.spatial))
-                .enumerate()
-            {
-                let gm = gamma[group * cpg + c_local];
-                for ((d, &xv), &gv) in dx.iter_mut().zip(x).zip(dy) {
-                    let xh = (xv - mu) * rs;
-                    *d = rs * (gv * gm - m_gh - xh * m_gh_xh);
+            vectorised(|| {
+                let (mu, rs) = (mean[k], rstd[k]);
+                let group = k % g.groups;
+                let mut channel_sums = vec![(0.0f64, 0.0f64); cpg];
+                let (mut sum_gh, mut sum_gh_xh) = (0.0f64, 0.0f64);
+                for (c_local, (x, dy)) in x.chunks(g.spatial).zip(dy.chunks(g.spatial)).enumerate()
+                {
+                    let gm = gamma[group * cpg + c_local] as f64;
+                    let (mu64, rs64) = (mu as f64, rs as f64);
+                    let dg = sum_zip(x, dy, |xv, gv| gv as f64 * ((xv as f64 - mu64) * rs64));
+                    let db = sum_map(dy, |gv| gv as f64);
+                    sum_gh += gm * db;
+                    sum_gh_xh += gm * dg;
+                    channel_sums[c_local] = (dg, db);
                 }
-            }
-            channel_sums
+                let (m_gh, m_gh_xh) = (
+                    (sum_gh / len as f64) as f32,
+                    (sum_gh_xh / len as f64) as f32,
+                );
+                for (c_local, ((dx, x), dy)) in dx
+                    .chunks_mut(g.spatial)
+                    .zip(x.chunks(g.spatial))
+                    .zip(dy.chunks(g.spatial))
+                    .enumerate()
+                {
+                    let gm = gamma[group * cpg + c_local];
+                    for ((d, &xv), &gv) in dx.iter_mut().zip(x).zip(dy) {
+                        let xh = (xv - mu) * rs;
+                        *d = rs * (gv * gm - m_gh - xh * m_gh_xh);
+                    }
+                }
+                channel_sums
+            })
         })
         .collect();
     let (mut dgamma, mut dbeta) = (vec![0.0f64; g.channels], vec![0.0f64; g.channels]);

@@ -5,13 +5,14 @@ use lisa_core::{Error, Result};
 use rayon::prelude::*;
 
 use crate::CHUNK;
-use crate::elementwise::broadcast_strides;
+use crate::elementwise::{broadcast_strides, vectorised};
+use crate::sums::sum_map;
 
 /// `Σ x` in f64: fixed chunks summed in parallel, partials added in order.
 pub(crate) fn sum(x: &[f32]) -> f64 {
     let partials: Vec<f64> = x
         .par_chunks(CHUNK)
-        .map(|c| c.iter().map(|&v| v as f64).sum::<f64>())
+        .map(|c| vectorised(|| sum_map(c, |v| v as f64)))
         .collect();
     partials.iter().sum()
 }

@@ -118,13 +118,13 @@ impl LisaConfig {
                 format!("cosine_eps must be > 0, got {}", self.cosine_eps),
             ));
         }
-        if let Weighting::MinSnr { gamma } = self.weighting {
-            if !(gamma > 0.0 && gamma.is_finite()) {
-                return Err(Error::invalid(
-                    OP,
-                    format!("min-SNR gamma must be > 0, got {gamma}"),
-                ));
-            }
+        if let Weighting::MinSnr { gamma } = self.weighting
+            && !(gamma > 0.0 && gamma.is_finite())
+        {
+            return Err(Error::invalid(
+                OP,
+                format!("min-SNR gamma must be > 0, got {gamma}"),
+            ));
         }
         Ok(())
     }

@@ -36,7 +36,7 @@ pub fn upsample_nearest_backward(
     expect_len(OP, grad, grad_shape)?;
     grad_shape.expect_rank(OP, 4)?;
     let d = grad_shape.dims();
-    if factor == 0 || d[2] % factor != 0 || d[3] % factor != 0 {
+    if factor == 0 || !d[2].is_multiple_of(factor) || !d[3].is_multiple_of(factor) {
         return Err(Error::invalid(
             OP,
             alloc::format!("{grad_shape} is not a multiple of factor {factor}"),
