@@ -269,6 +269,22 @@ fn main() {
         }),
     );
     r.memory(
+        "square",
+        &label,
+        2.0 * bytes,
+        median_secs(|| {
+            black_box(C::unary(lisa_core::backend::UnaryOp::Square, &x).unwrap());
+        }),
+    );
+    r.memory(
+        "silu backward",
+        &label,
+        3.0 * bytes,
+        median_secs(|| {
+            black_box(C::silu_backward(&x, &x).unwrap());
+        }),
+    );
+    r.memory(
         "add",
         &label,
         3.0 * bytes,
