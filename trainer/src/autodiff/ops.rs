@@ -1,0 +1,185 @@
+//! The differentiable ops: forward through the backend, backward beside it.
+//! Each backward computes only the gradients its inputs need.
+
+use lisa_core::backend::{BinaryOp, Conv2dParams, GroupNormParams, Shape, Transpose};
+
+use super::{Tape, Var};
+use crate::error::Result;
+use lisa_core::backend::Backend;
+
+impl<B: Backend> Tape<B> {
+    /// `a ∘ b` with broadcasting (add, sub, mul); backward sums over the broadcast dims.
+    pub fn binary(&self, op: BinaryOp, a: &Var<B>, b: &Var<B>) -> Result<Var<B>> {
+        let value = B::binary(op, &a.value, &b.value)?;
+        let (sa, sb) = (B::shape(&a.value), B::shape(&b.value));
+        let need = (a.requires_grad(), b.requires_grad());
+        let saved = match op {
+            BinaryOp::Mul | BinaryOp::Div => Some((a.value.clone(), b.value.clone())),
+            _ => None,
+        };
+        Ok(self.record(value, &[a, b], move |g| {
+            let (da, db) = match (op, &saved) {
+                (BinaryOp::Add, _) => (g.clone(), g.clone()),
+                (BinaryOp::Sub, _) => (g.clone(), B::scale(g, -1.0)?),
+                (BinaryOp::Mul, Some((av, bv))) => {
+                    let da = if need.0 { B::mul(g, bv)? } else { g.clone() };
+                    let db = if need.1 { B::mul(g, av)? } else { g.clone() };
+                    (da, db)
+                }
+                // d(a/b) = g/b, −g·a/b²
+                (BinaryOp::Div, Some((av, bv))) => {
+                    let da = B::div(g, bv)?;
+                    let db = if need.1 { B::scale(&B::div(&B::mul(&da, av)?, bv)?, -1.0)? } else { g.clone() };
+                    (da, db)
+                }
+                _ => unreachable!("Mul/Div always save their operands"),
+            };
+            Ok(vec![
+                if need.0 { Some(B::sum_to_shape(&da, &sa)?) } else { None },
+                if need.1 { Some(B::sum_to_shape(&db, &sb)?) } else { None },
+            ])
+        }))
+    }
+
+    /// `a + b` (broadcasting).
+    pub fn add(&self, a: &Var<B>, b: &Var<B>) -> Result<Var<B>> {
+        self.binary(BinaryOp::Add, a, b)
+    }
+
+    /// `a · b` (broadcasting).
+    pub fn mul(&self, a: &Var<B>, b: &Var<B>) -> Result<Var<B>> {
+        self.binary(BinaryOp::Mul, a, b)
+    }
+
+    /// `s · a`.
+    pub fn scale(&self, a: &Var<B>, s: f32) -> Result<Var<B>> {
+        let value = B::scale(&a.value, s)?;
+        Ok(self.record(value, &[a], move |g| Ok(vec![Some(B::scale(g, s)?)])))
+    }
+
+    /// `silu(a) = a·σ(a)`.
+    pub fn silu(&self, a: &Var<B>) -> Result<Var<B>> {
+        let value = B::silu(&a.value)?;
+        let x = a.value.clone();
+        Ok(self.record(value, &[a], move |g| Ok(vec![Some(B::silu_backward(&x, g)?)])))
+    }
+
+    /// The same values with another shape.
+    pub fn reshape(&self, a: &Var<B>, shape: &Shape) -> Result<Var<B>> {
+        let value = B::reshape(&a.value, shape)?;
+        let original = B::shape(&a.value);
+        Ok(self.record(value, &[a], move |g| Ok(vec![Some(B::reshape(g, &original)?)])))
+    }
+
+    /// `op(a)·op(b)` (batched). With `C = op(A)·op(B)`: `dA = G·op(B)ᵀ` (transposed back when
+    /// `A` was), `dB = op(A)ᵀ·G` (likewise).
+    pub fn matmul(&self, a: &Var<B>, b: &Var<B>, t: Transpose) -> Result<Var<B>> {
+        let value = B::matmul(&a.value, &b.value, t)?;
+        let need = (a.requires_grad(), b.requires_grad());
+        let (av, bv) = (a.value.clone(), b.value.clone());
+        Ok(self.record(value, &[a, b], move |g| {
+            let da = if !need.0 {
+                None
+            } else if t.a {
+                Some(B::matmul(&bv, g, Transpose { a: t.b, b: true })?)
+            } else {
+                Some(B::matmul(g, &bv, Transpose { a: false, b: !t.b })?)
+            };
+            let db = if !need.1 {
+                None
+            } else if t.b {
+                Some(B::matmul(g, &av, Transpose { a: true, b: t.a })?)
+            } else {
+                Some(B::matmul(&av, g, Transpose { a: !t.a, b: false })?)
+            };
+            Ok(vec![da, db])
+        }))
+    }
+
+    /// Affine map of rows: `x [n, in] · wᵀ [in, out] + b [out]`.
+    pub fn linear(&self, x: &Var<B>, w: &Var<B>, b: Option<&Var<B>>) -> Result<Var<B>> {
+        let y = self.matmul(x, w, Transpose { a: false, b: true })?;
+        match b {
+            Some(b) => self.add(&y, b),
+            None => Ok(y),
+        }
+    }
+
+    /// 2-D convolution with optional bias.
+    pub fn conv2d(&self, x: &Var<B>, w: &Var<B>, b: Option<&Var<B>>, p: Conv2dParams) -> Result<Var<B>> {
+        let value = B::conv2d(&x.value, &w.value, b.map(|b| &b.value), p)?;
+        let need = [x.requires_grad(), w.requires_grad(), b.is_some_and(|b| b.requires_grad())];
+        let (xs, ws) = (B::shape(&x.value), B::shape(&w.value));
+        // Save only what the needed gradients read: w for dx, x for dw.
+        let wv = need[0].then(|| w.value.clone());
+        let xv = need[1].then(|| x.value.clone());
+        let inputs: Vec<&Var<B>> = match b {
+            Some(b) => vec![x, w, b],
+            None => vec![x, w],
+        };
+        let has_bias = b.is_some();
+        Ok(self.record(value, &inputs, move |g| {
+            let dx = match &wv {
+                Some(w) => Some(B::conv2d_backward_data(g, w, &xs, p)?),
+                None => None,
+            };
+            let dw = match &xv {
+                Some(x) => Some(B::conv2d_backward_weight(x, g, &ws, p)?),
+                None => None,
+            };
+            let mut out = vec![dx, dw];
+            if has_bias {
+                out.push(if need[2] { Some(B::conv2d_backward_bias(g)?) } else { None });
+            }
+            Ok(out)
+        }))
+    }
+
+    /// Group norm with affine `γ`, `β`.
+    pub fn group_norm(&self, x: &Var<B>, gamma: &Var<B>, beta: &Var<B>, p: GroupNormParams) -> Result<Var<B>> {
+        let out = B::group_norm(&x.value, &gamma.value, &beta.value, p)?;
+        let value = out.output.clone();
+        let need = [x.requires_grad(), gamma.requires_grad(), beta.requires_grad()];
+        if !self.grad_enabled() || !need.iter().any(|&n| n) {
+            return Ok(self.constant(value));
+        }
+        let (xv, gv) = (x.value.clone(), gamma.value.clone());
+        Ok(self.record(value, &[x, gamma, beta], move |g| {
+            let grads = B::group_norm_backward(&xv, &gv, &out, g, p)?;
+            Ok(vec![need[0].then_some(grads.input), need[1].then_some(grads.gamma), need[2].then_some(grads.beta)])
+        }))
+    }
+
+    /// Nearest upsampling by `factor`.
+    pub fn upsample(&self, x: &Var<B>, factor: usize) -> Result<Var<B>> {
+        let value = B::upsample_nearest(&x.value, factor)?;
+        Ok(self.record(value, &[x], move |g| Ok(vec![Some(B::upsample_nearest_backward(g, factor)?)])))
+    }
+
+    /// Concatenation along channels; backward slices the gradient.
+    pub fn concat_channels(&self, parts: &[&Var<B>]) -> Result<Var<B>> {
+        let values: Vec<&B::Tensor> = parts.iter().map(|p| &p.value).collect();
+        let value = B::concat_channels(&values)?;
+        let spans: Vec<(usize, usize, bool)> = {
+            let mut start = 0;
+            parts
+                .iter()
+                .map(|p| {
+                    let c = B::shape(&p.value).dims()[1];
+                    start += c;
+                    (start - c, c, p.requires_grad())
+                })
+                .collect()
+        };
+        Ok(self.record(value, parts, move |g| {
+            spans.iter().map(|&(s, c, need)| if need { B::slice_channels(g, s, c).map(Some) } else { Ok(None) }).collect::<lisa_core::Result<Vec<_>>>().map_err(Into::into)
+        }))
+    }
+
+    /// Softmax over the last dimension.
+    pub fn softmax_last(&self, x: &Var<B>) -> Result<Var<B>> {
+        let value = B::softmax_last(&x.value)?;
+        let y = value.clone();
+        Ok(self.record(value, &[x], move |g| Ok(vec![Some(B::softmax_last_backward(&y, g)?)])))
+    }
+}

@@ -1,0 +1,13 @@
+//! # lisa-trainer
+//!
+//! Reverse-mode autodiff over any `lisa` backend, the layers of a pixel-space UNet, the
+//! ControlNet side network, the LISA decoder, AdamW with learning-rate schedules, and exact
+//! checkpoints (lisa-method.md §1, §3, §5).
+
+pub mod autodiff;
+pub mod error;
+pub mod model;
+pub mod nn;
+pub mod params;
+
+pub use error::{Result, TrainError};

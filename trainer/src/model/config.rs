@@ -1,0 +1,157 @@
+use lisa_core::Prediction;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
+
+/// The main (prior) UNet, in pixel space. Defaults: the reference toy configuration
+/// (32×32 RGB, channels (32, 64, 64), one ResBlock per level + a middle ResBlock,
+/// GroupNorm(8), time MLP 64 → 128 → 128, two prompt embeddings of 8 colours + null).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UNetConfig {
+    /// Image channels (3).
+    pub image_channels: usize,
+    /// Image side (32).
+    pub resolution: usize,
+    /// Channels per level, full resolution first; each further level halves the resolution.
+    pub channels: Vec<usize>,
+    /// GroupNorm groups (8).
+    pub norm_groups: usize,
+    /// GroupNorm ε.
+    pub norm_eps: f32,
+    /// Width of the sinusoidal timestep features (64).
+    pub time_sinusoidal_dim: usize,
+    /// Width of the time embedding (128).
+    pub time_dim: usize,
+    /// Ids per prompt embedding, null id (the last) included: (9, 9) = circle colour,
+    /// background colour, 8 colours each.
+    pub prompt_classes: Vec<usize>,
+    /// Self-attention in the middle block (lowest resolution).
+    pub attention: bool,
+    /// What the network predicts.
+    pub prediction: Prediction,
+}
+
+impl Default for UNetConfig {
+    fn default() -> Self {
+        Self {
+            image_channels: 3,
+            resolution: 32,
+            channels: vec![32, 64, 64],
+            norm_groups: 8,
+            norm_eps: 1e-5,
+            time_sinusoidal_dim: 64,
+            time_dim: 128,
+            prompt_classes: vec![9, 9],
+            attention: false,
+            prediction: Prediction::Epsilon,
+        }
+    }
+}
+
+impl UNetConfig {
+    /// Checks sizes: ≥ 1 level, the resolution divisible by 2^(levels−1), nonzero widths.
+    pub fn validate(&self) -> Result<()> {
+        let fail = |m: String| Err(TrainError::Config(m));
+        if self.channels.is_empty() || self.channels.contains(&0) {
+            return fail(format!("unet.channels must be nonzero and non-empty, got {:?}", self.channels));
+        }
+        let factor = 1usize << (self.channels.len() - 1);
+        if self.resolution == 0 || self.resolution % factor != 0 {
+            return fail(format!("unet.resolution {} must be divisible by 2^(levels-1) = {factor}", self.resolution));
+        }
+        if self.image_channels == 0 || self.time_dim == 0 || self.time_sinusoidal_dim < 2 || self.norm_groups == 0 {
+            return fail("unet widths, time dims and norm_groups must be > 0".into());
+        }
+        if self.prompt_classes.contains(&0) {
+            return fail("every prompt embedding needs at least one id".into());
+        }
+        Ok(())
+    }
+
+    /// Resolution at level `i`.
+    pub fn level_resolution(&self, i: usize) -> usize {
+        self.resolution >> i
+    }
+}
+
+/// The ControlNet side network.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControlConfig {
+    /// Channels of the condition image (1: an outline).
+    pub hint_channels: usize,
+    /// Width of the hint encoder's hidden convs (16).
+    pub hint_hidden: usize,
+    /// Multiplies every residual before it is added (1.0).
+    pub conditioning_scale: f32,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self { hint_channels: 1, hint_hidden: 16, conditioning_scale: 1.0 }
+    }
+}
+
+/// Where the LISA decoder reads the side network: `down_i` (level i's output) or `mid`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum HookLayer {
+    /// The output of encoder level `i`, before its zero conv.
+    Down(usize),
+    /// The middle block's output, before its zero conv.
+    Mid,
+}
+
+impl std::str::FromStr for HookLayer {
+    type Err = TrainError;
+    fn from_str(s: &str) -> Result<Self> {
+        if s == "mid" {
+            return Ok(HookLayer::Mid);
+        }
+        s.strip_prefix("down_")
+            .and_then(|i| i.parse().ok())
+            .map(HookLayer::Down)
+            .ok_or_else(|| TrainError::Config(format!("unknown hook layer {s:?}: expected down_0 .. down_N or mid")))
+    }
+}
+
+impl TryFrom<String> for HookLayer {
+    type Error = TrainError;
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+impl From<HookLayer> for String {
+    fn from(h: HookLayer) -> String {
+        h.to_string()
+    }
+}
+
+impl std::fmt::Display for HookLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HookLayer::Down(i) => write!(f, "down_{i}"),
+            HookLayer::Mid => f.write_str("mid"),
+        }
+    }
+}
+
+/// The LISA decoder (lisa-method.md §3.6).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DecoderConfig {
+    /// The hooked side layer (`down_1`: the 16×16 level in the toy).
+    pub hook: HookLayer,
+    /// Width of the decoder's sinusoidal time features (256).
+    pub time_sinusoidal_dim: usize,
+    /// Channel floor of the upsampling stages (64 in the paper; scaled down to 16 here).
+    pub channel_floor: usize,
+}
+
+impl Default for DecoderConfig {
+    fn default() -> Self {
+        Self { hook: HookLayer::Down(1), time_sinusoidal_dim: 256, channel_floor: 16 }
+    }
+}

@@ -1,0 +1,75 @@
+//! The LISA decoder (lisa-method.md §3.6): reads the side network's pre-zero-conv feature
+//! `h [n, C, r, r]` and predicts the likelihood term at the model output's shape.
+//!
+//! `D(h, t) = zero_conv(stages(silu(h + W·sin₂₅₆(t))))`, with `k = log₂(out_res / r)` stages
+//! of `[conv (1×1 if C ≥ 512 else 3×3) → SiLU → nearest ×2]`, channels halved each stage
+//! down to a floor; one `3×3 conv → SiLU` when `k = 0`; the last conv is zero-initialised,
+//! so `D ≡ 0` at step 0. It exists only for training: inference never builds it.
+
+use lisa_core::backend::{Backend, DType, Shape};
+
+use super::config::{DecoderConfig, UNetConfig};
+use crate::autodiff::Var;
+use crate::error::{Result, TrainError};
+use crate::nn::{sinusoidal_embedding, Conv2d, Linear};
+use crate::params::{Bound, ParamStore};
+
+/// The decoder.
+#[derive(Debug, Clone)]
+pub struct LisaDecoder {
+    /// Its configuration.
+    pub config: DecoderConfig,
+    time_proj: Linear,
+    stages: Vec<(Conv2d, bool)>,
+    out: Conv2d,
+}
+
+impl LisaDecoder {
+    /// For a hooked feature of `c_h` channels at side `r_h`, decoding to the image shape of `u`.
+    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, c: &DecoderConfig, u: &UNetConfig, c_h: usize, r_h: usize) -> Result<Self> {
+        if r_h == 0 || u.resolution % r_h != 0 || !(u.resolution / r_h).is_power_of_two() {
+            return Err(TrainError::Config(format!("hook resolution {r_h} does not divide the output resolution {} by a power of two", u.resolution)));
+        }
+        if c.time_sinusoidal_dim < 2 || c.channel_floor == 0 {
+            return Err(TrainError::Config("decoder.time_sinusoidal_dim must be >= 2 and channel_floor > 0".into()));
+        }
+        let k = (u.resolution / r_h).trailing_zeros() as usize;
+        let mut stages = Vec::new();
+        let mut ch = c_h;
+        if k == 0 {
+            stages.push((Conv2d::new(s, &format!("{name}.stages.0"), ch, ch, 3, 1, false, true)?, false));
+        }
+        for i in 0..k {
+            let next = (ch / 2).max(c.channel_floor.min(ch));
+            let kernel = if i == 0 && ch >= 512 { 1 } else { 3 };
+            stages.push((Conv2d::new(s, &format!("{name}.stages.{i}"), ch, next, kernel, 1, false, true)?, true));
+            ch = next;
+        }
+        Ok(Self {
+            config: c.clone(),
+            time_proj: Linear::new(s, &format!("{name}.time_proj"), c.time_sinusoidal_dim, c_h, true)?,
+            stages,
+            out: Conv2d::new(s, &format!("{name}.conv_out"), ch, u.image_channels, 3, 1, true, true)?,
+        })
+    }
+
+    /// `h [n, C, r, r]`, timesteps `t [n]` → `[n, c_img, R, R]`.
+    pub fn forward<B: Backend>(&self, p: &Bound<'_, B>, h: &Var<B>, t: &[f32]) -> Result<Var<B>> {
+        let tape = p.tape;
+        let s = B::shape(&h.value);
+        let (n, c) = (s.dims()[0], s.dims()[1]);
+        let dim = self.config.time_sinusoidal_dim;
+        let device = B::device(&h.value);
+        let sin = B::from_slice(&sinusoidal_embedding(t, dim), &Shape::new([n, dim]), DType::F32, &device)?;
+        let e = self.time_proj.forward(p, &tape.constant(sin))?;
+        let e = tape.reshape(&e, &Shape::new([n, c, 1, 1]))?;
+        let mut x = tape.silu(&tape.add(h, &e)?)?;
+        for (conv, upsample) in &self.stages {
+            x = tape.silu(&conv.forward(p, &x)?)?;
+            if *upsample {
+                x = tape.upsample(&x, 2)?;
+            }
+        }
+        self.out.forward(p, &x)
+    }
+}

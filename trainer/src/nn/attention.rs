@@ -1,0 +1,49 @@
+use lisa_core::backend::{Backend, Shape, Transpose};
+
+use super::{Conv2d, GroupNorm};
+use crate::autodiff::Var;
+use crate::error::Result;
+use crate::params::{Bound, ParamStore};
+
+/// Single-head spatial self-attention with a residual (DDPM's `AttnBlock`):
+/// `q, k, v = 1×1 convs of gn(x)`, `A = softmax(qᵀk/√c)`, `out = x + proj(v·Aᵀ)`.
+#[derive(Debug, Clone)]
+pub struct SelfAttention {
+    norm: GroupNorm,
+    q: Conv2d,
+    k: Conv2d,
+    v: Conv2d,
+    proj: Conv2d,
+    channels: usize,
+}
+
+impl SelfAttention {
+    /// Over `c` channels.
+    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, c: usize, groups: usize, eps: f32, trainable: bool) -> Result<Self> {
+        Ok(Self {
+            norm: GroupNorm::new(s, &format!("{name}.group_norm"), c, groups, eps, trainable)?,
+            q: Conv2d::new(s, &format!("{name}.to_q"), c, c, 1, 1, false, trainable)?,
+            k: Conv2d::new(s, &format!("{name}.to_k"), c, c, 1, 1, false, trainable)?,
+            v: Conv2d::new(s, &format!("{name}.to_v"), c, c, 1, 1, false, trainable)?,
+            proj: Conv2d::new(s, &format!("{name}.to_out"), c, c, 1, 1, false, trainable)?,
+            channels: c,
+        })
+    }
+
+    /// `[n, c, h, w] → [n, c, h, w]`.
+    pub fn forward<B: Backend>(&self, p: &Bound<'_, B>, x: &Var<B>) -> Result<Var<B>> {
+        let t = p.tape;
+        let s = B::shape(&x.value);
+        let (n, c, hw) = (s.dims()[0], s.dims()[1], s.dims()[2] * s.dims()[3]);
+        let flat = Shape::new([n, c, hw]);
+        let h = self.norm.forward(p, x)?;
+        let q = t.reshape(&self.q.forward(p, &h)?, &flat)?;
+        let k = t.reshape(&self.k.forward(p, &h)?, &flat)?;
+        let v = t.reshape(&self.v.forward(p, &h)?, &flat)?;
+        let scores = t.matmul(&q, &k, Transpose { a: true, b: false })?; // [n, hw, hw]
+        let attn = t.softmax_last(&t.scale(&scores, 1.0 / (self.channels as f32).sqrt())?)?;
+        let out = t.matmul(&v, &attn, Transpose { a: false, b: true })?; // [n, c, hw]
+        let out = self.proj.forward(p, &t.reshape(&out, &s)?)?;
+        t.add(x, &out)
+    }
+}

@@ -1,0 +1,12 @@
+//! Layers: each holds [`ParamId`](crate::params::ParamId)s and a forward over bound
+//! parameters; gradients come from the autodiff ops they are built of.
+
+mod attention;
+mod blocks;
+mod embedding;
+mod layers;
+
+pub use attention::SelfAttention;
+pub use blocks::{Downsample, ResBlock, Upsample};
+pub use embedding::{ClassEmbedding, sinusoidal_embedding};
+pub use layers::{Conv2d, GroupNorm, Linear};

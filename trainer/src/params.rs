@@ -1,0 +1,145 @@
+//! Named parameters, their per-step binding onto a tape, and seeded initialisation.
+
+use lisa_core::backend::{Backend, DType, Shape};
+use lisa_core::rng::fill_normal;
+
+use crate::autodiff::{Tape, Var, VarId};
+use crate::error::{Result, TrainError};
+
+/// Index of a parameter in a [`ParamStore`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ParamId(pub(crate) usize);
+
+/// One named tensor of a model.
+#[derive(Debug, Clone)]
+pub struct Param<B: Backend> {
+    /// Dotted name, e.g. `side.down.1.res.conv1.weight` (the checkpoint tensor name).
+    pub name: String,
+    /// The current value.
+    pub value: B::Tensor,
+    /// Whether the optimizer updates it (and it records gradients).
+    pub trainable: bool,
+}
+
+/// How a new parameter is initialised.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Init {
+    /// All zeros (biases, ControlNet zero convs, the LISA decoder's last conv).
+    Zeros,
+    /// All ones (norm scales).
+    Ones,
+    /// `N(0, 1/fan_in)` (LeCun normal), from the store's seeded stream.
+    LecunNormal {
+        /// Inputs per output unit.
+        fan_in: usize,
+    },
+}
+
+/// All parameters of a model, in creation order, with unique names.
+#[derive(Debug, Clone)]
+pub struct ParamStore<B: Backend> {
+    params: Vec<Param<B>>,
+    device: B::Device,
+    seed: u64,
+}
+
+impl<B: Backend> ParamStore<B> {
+    /// An empty store; initial values derive from `seed` and each parameter's index.
+    pub fn new(device: B::Device, seed: u64) -> Self {
+        Self { params: Vec::new(), device, seed }
+    }
+
+    /// The device parameters live on.
+    pub fn device(&self) -> &B::Device {
+        &self.device
+    }
+
+    /// Creates a parameter. Names must be unique.
+    pub fn add(&mut self, name: impl Into<String>, shape: &[usize], init: Init, trainable: bool) -> Result<ParamId> {
+        let name = name.into();
+        if self.params.iter().any(|p| p.name == name) {
+            return Err(TrainError::Config(format!("duplicate parameter name {name}")));
+        }
+        let shape = Shape::new(shape);
+        let n = shape.num_elements()?;
+        let data = match init {
+            Init::Zeros => vec![0.0; n],
+            Init::Ones => vec![1.0; n],
+            Init::LecunNormal { fan_in } => {
+                let mut v = vec![0.0f32; n];
+                fill_normal(self.seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(self.params.len() as u64 + 1)), 0, &mut v);
+                let std = 1.0 / (fan_in.max(1) as f32).sqrt();
+                v.iter_mut().for_each(|x| *x *= std);
+                v
+            }
+        };
+        let value = B::from_slice(&data, &shape, DType::F32, &self.device)?;
+        self.params.push(Param { name, value, trainable });
+        Ok(ParamId(self.params.len() - 1))
+    }
+
+    /// The parameter behind `id`.
+    pub fn get(&self, id: ParamId) -> &Param<B> {
+        &self.params[id.0]
+    }
+
+    /// Mutable access (optimizer updates, weight copies).
+    pub fn get_mut(&mut self, id: ParamId) -> &mut Param<B> {
+        &mut self.params[id.0]
+    }
+
+    /// All parameters with their ids.
+    pub fn iter(&self) -> impl Iterator<Item = (ParamId, &Param<B>)> {
+        self.params.iter().enumerate().map(|(i, p)| (ParamId(i), p))
+    }
+
+    /// The id of the parameter called `name`.
+    pub fn find(&self, name: &str) -> Option<ParamId> {
+        self.params.iter().position(|p| p.name == name).map(ParamId)
+    }
+
+    /// Number of parameters (tensors).
+    pub fn len(&self) -> usize {
+        self.params.len()
+    }
+
+    /// Whether the store is empty.
+    pub fn is_empty(&self) -> bool {
+        self.params.is_empty()
+    }
+
+    /// Scalar count of the trainable (or all) parameters.
+    pub fn count(&self, trainable_only: bool) -> usize {
+        self.params
+            .iter()
+            .filter(|p| p.trainable || !trainable_only)
+            .map(|p| B::shape(&p.value).num_elements().unwrap_or(0))
+            .sum()
+    }
+
+    /// Binds every parameter onto `tape` for one forward pass: trainable ones as leaves
+    /// (their gradients come back from `backward`), frozen ones as constants.
+    pub fn bind<'t>(&self, tape: &'t Tape<B>) -> Bound<'t, B> {
+        let vars = self.params.iter().map(|p| if p.trainable { tape.leaf(p.value.clone()) } else { tape.constant(p.value.clone()) }).collect();
+        Bound { tape, vars }
+    }
+}
+
+/// Parameters bound onto a tape for one forward pass.
+pub struct Bound<'t, B: Backend> {
+    /// The tape ops record on.
+    pub tape: &'t Tape<B>,
+    vars: Vec<Var<B>>,
+}
+
+impl<'t, B: Backend> Bound<'t, B> {
+    /// The bound value of a parameter.
+    pub fn p(&self, id: ParamId) -> &Var<B> {
+        &self.vars[id.0]
+    }
+
+    /// The tape leaf of each trainable parameter, to read gradients after `backward`.
+    pub fn leaves(&self) -> Vec<(ParamId, VarId)> {
+        self.vars.iter().enumerate().filter_map(|(i, v)| v.id().map(|id| (ParamId(i), id))).collect()
+    }
+}
