@@ -5,9 +5,12 @@
 //! checkpoints (lisa-method.md §1, §3, §5).
 
 pub mod autodiff;
+pub mod data;
 pub mod error;
 pub mod model;
 pub mod nn;
+pub mod optim;
 pub mod params;
+pub mod train;
 
 pub use error::{Result, TrainError};

@@ -44,7 +44,11 @@ impl<B: Backend> Var<B> {
     }
 }
 
-type BackwardFn<B> = Box<dyn FnOnce(&<B as lisa_core::backend::BackendTypes>::Tensor) -> Result<Vec<Option<<B as lisa_core::backend::BackendTypes>::Tensor>>>>;
+type BackwardFn<B> = Box<
+    dyn FnOnce(
+        &<B as lisa_core::backend::BackendTypes>::Tensor,
+    ) -> Result<Vec<Option<<B as lisa_core::backend::BackendTypes>::Tensor>>>,
+>;
 
 struct Node<B: Backend> {
     /// The producers of the op's inputs (None: a constant input).
@@ -85,7 +89,10 @@ impl<B: Backend> Gradients<B> {
 impl<B: Backend> Tape<B> {
     /// An empty tape with gradients enabled.
     pub fn new() -> Self {
-        Self { nodes: RefCell::new(Vec::new()), grad_enabled: Cell::new(true) }
+        Self {
+            nodes: RefCell::new(Vec::new()),
+            grad_enabled: Cell::new(true),
+        }
     }
 
     /// A value that never receives a gradient (data, frozen weights).
@@ -95,8 +102,14 @@ impl<B: Backend> Tape<B> {
 
     /// A trainable leaf (a parameter for this step): its gradient is reported by `backward`.
     pub fn leaf(&self, value: B::Tensor) -> Var<B> {
-        let id = self.push(Node { inputs: Vec::new(), backward: None });
-        Var { value, node: Some(id) }
+        let id = self.push(Node {
+            inputs: Vec::new(),
+            backward: None,
+        });
+        Var {
+            value,
+            node: Some(id),
+        }
     }
 
     /// Runs `f` without recording anything (outputs are constants).
@@ -114,7 +127,11 @@ impl<B: Backend> Tape<B> {
 
     /// The number of nodes still held (recorded and not yet back-propagated).
     pub fn live_nodes(&self) -> usize {
-        self.nodes.borrow().iter().filter(|n| n.as_ref().is_some_and(|n| n.backward.is_some())).count()
+        self.nodes
+            .borrow()
+            .iter()
+            .filter(|n| n.as_ref().is_some_and(|n| n.backward.is_some()))
+            .count()
     }
 
     fn push(&self, node: Node<B>) -> VarId {
@@ -126,12 +143,23 @@ impl<B: Backend> Tape<B> {
     /// Records an op's output. `backward` maps the output gradient to one gradient per input
     /// (None where the input needs none). Nothing is recorded when gradients are disabled or
     /// no input needs a gradient.
-    pub(crate) fn record(&self, value: B::Tensor, inputs: &[&Var<B>], backward: impl FnOnce(&B::Tensor) -> Result<Vec<Option<B::Tensor>>> + 'static) -> Var<B> {
+    pub(crate) fn record(
+        &self,
+        value: B::Tensor,
+        inputs: &[&Var<B>],
+        backward: impl FnOnce(&B::Tensor) -> Result<Vec<Option<B::Tensor>>> + 'static,
+    ) -> Var<B> {
         if !self.grad_enabled.get() || inputs.iter().all(|v| v.node.is_none()) {
             return Var { value, node: None };
         }
-        let id = self.push(Node { inputs: inputs.iter().map(|v| v.node).collect(), backward: Some(Box::new(backward)) });
-        Var { value, node: Some(id) }
+        let id = self.push(Node {
+            inputs: inputs.iter().map(|v| v.node).collect(),
+            backward: Some(Box::new(backward)),
+        });
+        Var {
+            value,
+            node: Some(id),
+        }
     }
 
     /// Back-propagates from several roots at once, each with its seed gradient
@@ -140,15 +168,21 @@ impl<B: Backend> Tape<B> {
     pub fn backward(&self, roots: &[(&Var<B>, B::Tensor)]) -> Result<Gradients<B>> {
         let mut pending: HashMap<VarId, B::Tensor> = HashMap::new();
         for (var, seed) in roots {
-            let id = var.node.ok_or(TrainError::Autodiff("backward from a value that needs no gradient"))?;
+            let id = var.node.ok_or(TrainError::Autodiff(
+                "backward from a value that needs no gradient",
+            ))?;
             accumulate::<B>(&mut pending, id, seed.clone())?;
         }
         let mut leaves = HashMap::new();
         let last = self.nodes.borrow().len();
         for index in (0..last).rev() {
             let id = VarId(index);
-            let Some(node) = self.nodes.borrow_mut()[index].take() else { continue };
-            let Some(grad) = pending.remove(&id) else { continue };
+            let Some(node) = self.nodes.borrow_mut()[index].take() else {
+                continue;
+            };
+            let Some(grad) = pending.remove(&id) else {
+                continue;
+            };
             match node.backward {
                 None => {
                     leaves.insert(id, grad);
@@ -156,7 +190,9 @@ impl<B: Backend> Tape<B> {
                 Some(backward) => {
                     let input_grads = backward(&grad)?;
                     if input_grads.len() != node.inputs.len() {
-                        return Err(TrainError::Autodiff("an op's backward returned the wrong number of gradients"));
+                        return Err(TrainError::Autodiff(
+                            "an op's backward returned the wrong number of gradients",
+                        ));
                     }
                     for (input, g) in node.inputs.iter().zip(input_grads) {
                         if let (Some(input), Some(g)) = (input, g) {
@@ -171,7 +207,11 @@ impl<B: Backend> Tape<B> {
     }
 }
 
-fn accumulate<B: Backend>(pending: &mut HashMap<VarId, B::Tensor>, id: VarId, g: B::Tensor) -> Result<()> {
+fn accumulate<B: Backend>(
+    pending: &mut HashMap<VarId, B::Tensor>,
+    id: VarId,
+    g: B::Tensor,
+) -> Result<()> {
     match pending.remove(&id) {
         Some(prev) => {
             pending.insert(id, B::add(&prev, &g)?);

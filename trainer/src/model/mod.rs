@@ -59,24 +59,50 @@ pub struct DualModel<B: Backend> {
 impl<B: Backend> DualModel<B> {
     /// Builds the model with seeded initial weights; the side network starts as a copy of
     /// the main encoder, middle and embeddings. `with_decoder` builds the LISA decoder.
-    pub fn new(config: &ModelConfig, with_decoder: bool, device: B::Device, seed: u64) -> Result<Self> {
+    pub fn new(
+        config: &ModelConfig,
+        with_decoder: bool,
+        device: B::Device,
+        seed: u64,
+    ) -> Result<Self> {
         let mut store = ParamStore::new(device, seed);
         let main = UNet::new(&mut store, "main", &config.unet, false)?;
         let side = ControlNet::new(&mut store, "side", &config.unet, &config.control)?;
         let decoder = if with_decoder {
             let u = &config.unet;
             let (c_h, r_h) = match config.decoder.hook {
-                HookLayer::Mid => (*u.channels.last().unwrap_or(&0), u.level_resolution(u.channels.len() - 1)),
-                HookLayer::Down(i) if i < u.channels.len() => (u.channels[i], u.level_resolution(i)),
+                HookLayer::Mid => (
+                    *u.channels.last().unwrap_or(&0),
+                    u.level_resolution(u.channels.len() - 1),
+                ),
+                HookLayer::Down(i) if i < u.channels.len() => {
+                    (u.channels[i], u.level_resolution(i))
+                }
                 HookLayer::Down(i) => {
-                    return Err(TrainError::Config(format!("hook down_{i} does not exist: levels are down_0..down_{}", u.channels.len() - 1)));
+                    return Err(TrainError::Config(format!(
+                        "hook down_{i} does not exist: levels are down_0..down_{}",
+                        u.channels.len() - 1
+                    )));
                 }
             };
-            Some(LisaDecoder::new(&mut store, "lisa", &config.decoder, u, c_h, r_h)?)
+            Some(LisaDecoder::new(
+                &mut store,
+                "lisa",
+                &config.decoder,
+                u,
+                c_h,
+                r_h,
+            )?)
         } else {
             None
         };
-        let mut model = Self { store, main, side, decoder, config: config.clone() };
+        let mut model = Self {
+            store,
+            main,
+            side,
+            decoder,
+            config: config.clone(),
+        };
         model.copy_main_into_side()?;
         Ok(model)
     }
@@ -88,11 +114,15 @@ impl<B: Backend> DualModel<B> {
             .iter()
             .filter_map(|(id, p)| {
                 let rest = p.name.strip_prefix("main.")?;
-                (rest.starts_with("time.") || rest.starts_with("encoder.")).then(|| (id, format!("side.{rest}")))
+                (rest.starts_with("time.") || rest.starts_with("encoder."))
+                    .then(|| (id, format!("side.{rest}")))
             })
             .collect();
         for (src, dst_name) in pairs {
-            let dst = self.store.find(&dst_name).ok_or_else(|| TrainError::Config(format!("side network has no {dst_name}")))?;
+            let dst = self
+                .store
+                .find(&dst_name)
+                .ok_or_else(|| TrainError::Config(format!("side network has no {dst_name}")))?;
             let value = self.store.get(src).value.clone();
             self.store.get_mut(dst).value = value;
         }
@@ -103,7 +133,14 @@ impl<B: Backend> DualModel<B> {
     /// no-grad (frozen weights, `x_t` needs no gradient); the controlled up path records only
     /// through the residuals; with `lisa`, the prior re-runs only the up path, without
     /// residuals and without recording, reusing the encoder activations.
-    pub fn forward_train(&self, p: &Bound<'_, B>, x_t: &Var<B>, hint: &Var<B>, cond: &Conditioning, lisa: bool) -> Result<TrainOutputs<B>> {
+    pub fn forward_train(
+        &self,
+        p: &Bound<'_, B>,
+        x_t: &Var<B>,
+        hint: &Var<B>,
+        cond: &Conditioning,
+        lisa: bool,
+    ) -> Result<TrainOutputs<B>> {
         let tape = p.tape;
         let (temb, enc) = tape.no_grad(|| -> Result<_> {
             let temb = self.main.time.forward(p, cond)?;
@@ -111,25 +148,52 @@ impl<B: Backend> DualModel<B> {
             Ok((temb, enc))
         })?;
         let side = self.side.forward(p, x_t, hint, cond)?;
-        let pred = self.main.decode(p, &enc, Some((&side.residuals, self.side.conditioning_scale)), &temb)?;
+        let pred = self.main.decode(
+            p,
+            &enc,
+            Some((&side.residuals, self.side.conditioning_scale)),
+            &temb,
+        )?;
         let hook = self.config.decoder.hook;
         let hooked = side.feature(hook)?.clone();
         let (decoded, prior) = match (&self.decoder, lisa) {
             (Some(d), true) => {
-                let prior = tape.no_grad(|| self.main.decode(p, &enc, None, &temb))?.value;
+                let prior = tape
+                    .no_grad(|| self.main.decode(p, &enc, None, &temb))?
+                    .value;
                 (Some(d.forward(p, &hooked, &cond.t)?), Some(prior))
             }
-            (None, true) => return Err(TrainError::Config("LISA training needs a model built with the decoder".into())),
+            (None, true) => {
+                return Err(TrainError::Config(
+                    "LISA training needs a model built with the decoder".into(),
+                ));
+            }
             (_, false) => (None, None),
         };
-        Ok(TrainOutputs { pred, hooked, decoded, prior })
+        Ok(TrainOutputs {
+            pred,
+            hooked,
+            decoded,
+            prior,
+        })
     }
 
     /// Inference: the controlled prediction only (no decoder, no prior pass).
-    pub fn predict(&self, p: &Bound<'_, B>, x_t: &Var<B>, hint: &Var<B>, cond: &Conditioning) -> Result<Var<B>> {
+    pub fn predict(
+        &self,
+        p: &Bound<'_, B>,
+        x_t: &Var<B>,
+        hint: &Var<B>,
+        cond: &Conditioning,
+    ) -> Result<Var<B>> {
         let temb = self.main.time.forward(p, cond)?;
         let enc = self.main.encoder.forward(p, x_t, &temb, None)?;
         let side = self.side.forward(p, x_t, hint, cond)?;
-        self.main.decode(p, &enc, Some((&side.residuals, self.side.conditioning_scale)), &temb)
+        self.main.decode(
+            p,
+            &enc,
+            Some((&side.residuals, self.side.conditioning_scale)),
+            &temb,
+        )
     }
 }

@@ -5,7 +5,10 @@ use lisa_core::backend::{Backend, DType, Shape};
 use super::config::UNetConfig;
 use crate::autodiff::Var;
 use crate::error::{Result, TrainError};
-use crate::nn::{sinusoidal_embedding, ClassEmbedding, Conv2d, Downsample, GroupNorm, Linear, ResBlock, SelfAttention, Upsample};
+use crate::nn::{
+    ClassEmbedding, Conv2d, Downsample, GroupNorm, Linear, ResBlock, SelfAttention, Upsample,
+    sinusoidal_embedding,
+};
 use crate::params::{Bound, ParamStore};
 
 /// What a denoiser is conditioned on besides `x_t`: the timestep and the prompt ids.
@@ -28,15 +31,34 @@ pub struct TimeEmbedding {
 
 impl TimeEmbedding {
     /// Parameters under `{name}.`.
-    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, c: &UNetConfig, trainable: bool) -> Result<Self> {
+    pub fn new<B: Backend>(
+        s: &mut ParamStore<B>,
+        name: &str,
+        c: &UNetConfig,
+        trainable: bool,
+    ) -> Result<Self> {
         Ok(Self {
-            lin1: Linear::new(s, &format!("{name}.linear_1"), c.time_sinusoidal_dim, c.time_dim, trainable)?,
-            lin2: Linear::new(s, &format!("{name}.linear_2"), c.time_dim, c.time_dim, trainable)?,
+            lin1: Linear::new(
+                s,
+                &format!("{name}.linear_1"),
+                c.time_sinusoidal_dim,
+                c.time_dim,
+                trainable,
+            )?,
+            lin2: Linear::new(
+                s,
+                &format!("{name}.linear_2"),
+                c.time_dim,
+                c.time_dim,
+                trainable,
+            )?,
             prompts: c
                 .prompt_classes
                 .iter()
                 .enumerate()
-                .map(|(i, &k)| ClassEmbedding::new(s, &format!("{name}.prompt_{i}"), k, c.time_dim, trainable))
+                .map(|(i, &k)| {
+                    ClassEmbedding::new(s, &format!("{name}.prompt_{i}"), k, c.time_dim, trainable)
+                })
                 .collect::<Result<_>>()?,
             sin_dim: c.time_sinusoidal_dim,
         })
@@ -45,7 +67,9 @@ impl TimeEmbedding {
     /// `silu(e_t + Σ_k emb_k(id_k))`, `[n, time_dim]` (every consumer applies SiLU first).
     pub fn forward<B: Backend>(&self, p: &Bound<'_, B>, cond: &Conditioning) -> Result<Var<B>> {
         let t = p.tape;
-        if cond.prompts.len() != self.prompts.len() || cond.prompts.iter().any(|ids| ids.len() != cond.t.len()) {
+        if cond.prompts.len() != self.prompts.len()
+            || cond.prompts.iter().any(|ids| ids.len() != cond.t.len())
+        {
             return Err(TrainError::Config(format!(
                 "conditioning needs {} prompt id lists of {} ids each",
                 self.prompts.len(),
@@ -54,8 +78,15 @@ impl TimeEmbedding {
         }
         let n = cond.t.len();
         let device = B::device(&p.p(self.lin1.weight).value);
-        let sin = B::from_slice(&sinusoidal_embedding(&cond.t, self.sin_dim), &Shape::new([n, self.sin_dim]), DType::F32, &device)?;
-        let mut e = self.lin2.forward(p, &t.silu(&self.lin1.forward(p, &t.constant(sin))?)?)?;
+        let sin = B::from_slice(
+            &sinusoidal_embedding(&cond.t, self.sin_dim),
+            &Shape::new([n, self.sin_dim]),
+            DType::F32,
+            &device,
+        )?;
+        let mut e = self
+            .lin2
+            .forward(p, &t.silu(&self.lin1.forward(p, &t.constant(sin))?)?)?;
         for (emb, ids) in self.prompts.iter().zip(&cond.prompts) {
             e = t.add(&e, &emb.forward(p, ids)?)?;
         }
@@ -83,27 +114,85 @@ pub struct Encoder {
 
 impl Encoder {
     /// Parameters under `{name}.`.
-    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, c: &UNetConfig, trainable: bool) -> Result<Self> {
+    pub fn new<B: Backend>(
+        s: &mut ParamStore<B>,
+        name: &str,
+        c: &UNetConfig,
+        trainable: bool,
+    ) -> Result<Self> {
         let (g, eps) = (c.norm_groups, c.norm_eps);
         let mut levels = Vec::new();
         let mut prev = c.channels[0];
         for (i, &ch) in c.channels.iter().enumerate() {
-            let res = ResBlock::new(s, &format!("{name}.down.{i}.res"), prev, ch, c.time_dim, g, eps, trainable)?;
-            let down = if i + 1 < c.channels.len() { Some(Downsample::new(s, &format!("{name}.down.{i}.downsample"), ch, trainable)?) } else { None };
+            let res = ResBlock::new(
+                s,
+                &format!("{name}.down.{i}.res"),
+                prev,
+                ch,
+                c.time_dim,
+                g,
+                eps,
+                trainable,
+            )?;
+            let down = if i + 1 < c.channels.len() {
+                Some(Downsample::new(
+                    s,
+                    &format!("{name}.down.{i}.downsample"),
+                    ch,
+                    trainable,
+                )?)
+            } else {
+                None
+            };
             levels.push((res, down));
             prev = ch;
         }
         Ok(Self {
-            conv_in: Conv2d::new(s, &format!("{name}.conv_in"), c.image_channels, c.channels[0], 3, 1, false, trainable)?,
+            conv_in: Conv2d::new(
+                s,
+                &format!("{name}.conv_in"),
+                c.image_channels,
+                c.channels[0],
+                3,
+                1,
+                false,
+                trainable,
+            )?,
             levels,
-            mid: ResBlock::new(s, &format!("{name}.mid.res"), prev, prev, c.time_dim, g, eps, trainable)?,
-            attention: if c.attention { Some(SelfAttention::new(s, &format!("{name}.mid.attention"), prev, g, eps, trainable)?) } else { None },
+            mid: ResBlock::new(
+                s,
+                &format!("{name}.mid.res"),
+                prev,
+                prev,
+                c.time_dim,
+                g,
+                eps,
+                trainable,
+            )?,
+            attention: if c.attention {
+                Some(SelfAttention::new(
+                    s,
+                    &format!("{name}.mid.attention"),
+                    prev,
+                    g,
+                    eps,
+                    trainable,
+                )?)
+            } else {
+                None
+            },
         })
     }
 
     /// `x [n, c_img, r, r]` → level outputs and middle; `after_conv_in` (the ControlNet hint)
     /// is added to conv_in's output.
-    pub fn forward<B: Backend>(&self, p: &Bound<'_, B>, x: &Var<B>, silu_temb: &Var<B>, after_conv_in: Option<&Var<B>>) -> Result<EncoderOutput<B>> {
+    pub fn forward<B: Backend>(
+        &self,
+        p: &Bound<'_, B>,
+        x: &Var<B>,
+        silu_temb: &Var<B>,
+        after_conv_in: Option<&Var<B>>,
+    ) -> Result<EncoderOutput<B>> {
         let t = p.tape;
         let mut h = self.conv_in.forward(p, x)?;
         if let Some(hint) = after_conv_in {
@@ -150,7 +239,12 @@ pub struct UNet {
 
 impl UNet {
     /// Parameters under `{name}.` (the main model is `main`, frozen during control training).
-    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, c: &UNetConfig, trainable: bool) -> Result<Self> {
+    pub fn new<B: Backend>(
+        s: &mut ParamStore<B>,
+        name: &str,
+        c: &UNetConfig,
+        trainable: bool,
+    ) -> Result<Self> {
         c.validate()?;
         let (g, eps, td) = (c.norm_groups, c.norm_eps, c.time_dim);
         let time = TimeEmbedding::new(s, &format!("{name}.time"), c, trainable)?;
@@ -160,8 +254,26 @@ impl UNet {
         let mut prev = *c.channels.last().unwrap_or(&0);
         for i in (0..c.channels.len()).rev() {
             let ch = c.channels[i];
-            let res = ResBlock::new(s, &format!("{name}.up.{i}.res"), prev + ch, ch, td, g, eps, trainable)?;
-            let upsample = if i > 0 { Some(Upsample::new(s, &format!("{name}.up.{i}.upsample"), ch, trainable)?) } else { None };
+            let res = ResBlock::new(
+                s,
+                &format!("{name}.up.{i}.res"),
+                prev + ch,
+                ch,
+                td,
+                g,
+                eps,
+                trainable,
+            )?;
+            let upsample = if i > 0 {
+                Some(Upsample::new(
+                    s,
+                    &format!("{name}.up.{i}.upsample"),
+                    ch,
+                    trainable,
+                )?)
+            } else {
+                None
+            };
             up.push((res, upsample));
             prev = ch;
         }
@@ -170,19 +282,48 @@ impl UNet {
             time,
             encoder,
             up,
-            norm_out: GroupNorm::new(s, &format!("{name}.norm_out"), c.channels[0], g, eps, trainable)?,
-            conv_out: Conv2d::new(s, &format!("{name}.conv_out"), c.channels[0], c.image_channels, 3, 1, false, trainable)?,
+            norm_out: GroupNorm::new(
+                s,
+                &format!("{name}.norm_out"),
+                c.channels[0],
+                g,
+                eps,
+                trainable,
+            )?,
+            conv_out: Conv2d::new(
+                s,
+                &format!("{name}.conv_out"),
+                c.channels[0],
+                c.image_channels,
+                3,
+                1,
+                false,
+                trainable,
+            )?,
         })
     }
 
     /// The up path over `enc`, with the side residuals (times `scale`) added to the middle
     /// output and to every skip when given: the only place the side network enters the main
     /// network (lisa-method.md §5).
-    pub fn decode<B: Backend>(&self, p: &Bound<'_, B>, enc: &EncoderOutput<B>, residuals: Option<(&Residuals<B>, f32)>, silu_temb: &Var<B>) -> Result<Var<B>> {
+    pub fn decode<B: Backend>(
+        &self,
+        p: &Bound<'_, B>,
+        enc: &EncoderOutput<B>,
+        residuals: Option<(&Residuals<B>, f32)>,
+        silu_temb: &Var<B>,
+    ) -> Result<Var<B>> {
         let t = p.tape;
         let with = |x: &Var<B>, r: Option<&Var<B>>, scale: f32| -> Result<Var<B>> {
             match r {
-                Some(r) => t.add(x, &if scale == 1.0 { r.clone() } else { t.scale(r, scale)? }),
+                Some(r) => t.add(
+                    x,
+                    &if scale == 1.0 {
+                        r.clone()
+                    } else {
+                        t.scale(r, scale)?
+                    },
+                ),
                 None => Ok(x.clone()),
             }
         };
@@ -197,11 +338,17 @@ impl UNet {
                 h = u.forward(p, &h)?;
             }
         }
-        self.conv_out.forward(p, &t.silu(&self.norm_out.forward(p, &h)?)?)
+        self.conv_out
+            .forward(p, &t.silu(&self.norm_out.forward(p, &h)?)?)
     }
 
     /// The plain prediction `M(x_t, t, c_txt)` (no side network).
-    pub fn forward<B: Backend>(&self, p: &Bound<'_, B>, x_t: &Var<B>, cond: &Conditioning) -> Result<Var<B>> {
+    pub fn forward<B: Backend>(
+        &self,
+        p: &Bound<'_, B>,
+        x_t: &Var<B>,
+        cond: &Conditioning,
+    ) -> Result<Var<B>> {
         let temb = self.time.forward(p, cond)?;
         let enc = self.encoder.forward(p, x_t, &temb, None)?;
         self.decode(p, &enc, None, &temb)

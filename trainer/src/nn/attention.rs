@@ -19,7 +19,14 @@ pub struct SelfAttention {
 
 impl SelfAttention {
     /// Over `c` channels.
-    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, c: usize, groups: usize, eps: f32, trainable: bool) -> Result<Self> {
+    pub fn new<B: Backend>(
+        s: &mut ParamStore<B>,
+        name: &str,
+        c: usize,
+        groups: usize,
+        eps: f32,
+        trainable: bool,
+    ) -> Result<Self> {
         Ok(Self {
             norm: GroupNorm::new(s, &format!("{name}.group_norm"), c, groups, eps, trainable)?,
             q: Conv2d::new(s, &format!("{name}.to_q"), c, c, 1, 1, false, trainable)?,

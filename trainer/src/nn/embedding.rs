@@ -33,8 +33,22 @@ pub struct ClassEmbedding {
 
 impl ClassEmbedding {
     /// `N(0, 1)` rows.
-    pub fn new<B: Backend>(store: &mut ParamStore<B>, name: &str, classes: usize, dim: usize, trainable: bool) -> Result<Self> {
-        Ok(Self { table: store.add(format!("{name}.weight"), &[classes, dim], Init::LecunNormal { fan_in: 1 }, trainable)?, classes })
+    pub fn new<B: Backend>(
+        store: &mut ParamStore<B>,
+        name: &str,
+        classes: usize,
+        dim: usize,
+        trainable: bool,
+    ) -> Result<Self> {
+        Ok(Self {
+            table: store.add(
+                format!("{name}.weight"),
+                &[classes, dim],
+                Init::LecunNormal { fan_in: 1 },
+                trainable,
+            )?,
+            classes,
+        })
     }
 
     /// Rows of the table for `ids`: `one_hot(ids) [n, classes] · table → [n, dim]`.
@@ -42,12 +56,21 @@ impl ClassEmbedding {
         let mut one_hot = vec![0.0f32; ids.len() * self.classes];
         for (row, &id) in ids.iter().enumerate() {
             if id >= self.classes {
-                return Err(TrainError::Config(format!("class id {id} out of range 0..{}", self.classes)));
+                return Err(TrainError::Config(format!(
+                    "class id {id} out of range 0..{}",
+                    self.classes
+                )));
             }
             one_hot[row * self.classes + id] = 1.0;
         }
         let device = B::device(&p.p(self.table).value);
-        let oh = B::from_slice(&one_hot, &Shape::new([ids.len(), self.classes]), DType::F32, &device)?;
-        p.tape.matmul(&p.tape.constant(oh), p.p(self.table), Transpose::default())
+        let oh = B::from_slice(
+            &one_hot,
+            &Shape::new([ids.len(), self.classes]),
+            DType::F32,
+            &device,
+        )?;
+        p.tape
+            .matmul(&p.tape.constant(oh), p.p(self.table), Transpose::default())
     }
 }

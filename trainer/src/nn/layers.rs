@@ -19,18 +19,42 @@ impl Conv2d {
     /// A `k×k` conv with "same" padding (stride 1) or the given stride; LeCun-normal weights,
     /// or zeros when `zero` (ControlNet zero convs, the LISA decoder's output conv).
     #[allow(clippy::too_many_arguments)]
-    pub fn new<B: Backend>(store: &mut ParamStore<B>, name: &str, c_in: usize, c_out: usize, k: usize, stride: usize, zero: bool, trainable: bool) -> Result<Self> {
-        let init = if zero { Init::Zeros } else { Init::LecunNormal { fan_in: c_in * k * k } };
+    pub fn new<B: Backend>(
+        store: &mut ParamStore<B>,
+        name: &str,
+        c_in: usize,
+        c_out: usize,
+        k: usize,
+        stride: usize,
+        zero: bool,
+        trainable: bool,
+    ) -> Result<Self> {
+        let init = if zero {
+            Init::Zeros
+        } else {
+            Init::LecunNormal {
+                fan_in: c_in * k * k,
+            }
+        };
         Ok(Self {
-            weight: store.add(format!("{name}.weight"), &[c_out, c_in, k, k], init, trainable)?,
+            weight: store.add(
+                format!("{name}.weight"),
+                &[c_out, c_in, k, k],
+                init,
+                trainable,
+            )?,
             bias: store.add(format!("{name}.bias"), &[c_out], Init::Zeros, trainable)?,
-            params: Conv2dParams { stride: [stride, stride], padding: [k / 2, k / 2] },
+            params: Conv2dParams {
+                stride: [stride, stride],
+                padding: [k / 2, k / 2],
+            },
         })
     }
 
     /// `[n, c_in, h, w] → [n, c_out, h/stride, w/stride]`.
     pub fn forward<B: Backend>(&self, p: &Bound<'_, B>, x: &Var<B>) -> Result<Var<B>> {
-        p.tape.conv2d(x, p.p(self.weight), Some(p.p(self.bias)), self.params)
+        p.tape
+            .conv2d(x, p.p(self.weight), Some(p.p(self.bias)), self.params)
     }
 }
 
@@ -45,9 +69,20 @@ pub struct Linear {
 
 impl Linear {
     /// LeCun-normal weights, zero bias.
-    pub fn new<B: Backend>(store: &mut ParamStore<B>, name: &str, d_in: usize, d_out: usize, trainable: bool) -> Result<Self> {
+    pub fn new<B: Backend>(
+        store: &mut ParamStore<B>,
+        name: &str,
+        d_in: usize,
+        d_out: usize,
+        trainable: bool,
+    ) -> Result<Self> {
         Ok(Self {
-            weight: store.add(format!("{name}.weight"), &[d_out, d_in], Init::LecunNormal { fan_in: d_in }, trainable)?,
+            weight: store.add(
+                format!("{name}.weight"),
+                &[d_out, d_in],
+                Init::LecunNormal { fan_in: d_in },
+                trainable,
+            )?,
             bias: store.add(format!("{name}.bias"), &[d_out], Init::Zeros, trainable)?,
         })
     }
@@ -71,8 +106,18 @@ pub struct GroupNorm {
 
 impl GroupNorm {
     /// `groups` groups over `c` channels (clamped so that it divides `c`).
-    pub fn new<B: Backend>(store: &mut ParamStore<B>, name: &str, c: usize, groups: usize, eps: f32, trainable: bool) -> Result<Self> {
-        let groups = (1..=groups.min(c)).rev().find(|g| c % g == 0).unwrap_or(1);
+    pub fn new<B: Backend>(
+        store: &mut ParamStore<B>,
+        name: &str,
+        c: usize,
+        groups: usize,
+        eps: f32,
+        trainable: bool,
+    ) -> Result<Self> {
+        let groups = (1..=groups.min(c))
+            .rev()
+            .find(|g| c.is_multiple_of(*g))
+            .unwrap_or(1);
         Ok(Self {
             gamma: store.add(format!("{name}.weight"), &[c], Init::Ones, trainable)?,
             beta: store.add(format!("{name}.bias"), &[c], Init::Zeros, trainable)?,
@@ -82,6 +127,7 @@ impl GroupNorm {
 
     /// `[n, c, …] → [n, c, …]`.
     pub fn forward<B: Backend>(&self, p: &Bound<'_, B>, x: &Var<B>) -> Result<Var<B>> {
-        p.tape.group_norm(x, p.p(self.gamma), p.p(self.beta), self.params)
+        p.tape
+            .group_norm(x, p.p(self.gamma), p.p(self.beta), self.params)
     }
 }

@@ -1,0 +1,241 @@
+//! AdamW over the trainable parameters, learning-rate schedules, gradient-norm clipping
+//! and an exponential moving average of weights.
+
+use lisa_core::backend::{AdamWParams, Backend};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
+use crate::params::{ParamId, ParamStore};
+
+/// Learning-rate schedule (the names of diffusers' `--lr_scheduler`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    /// `lr` throughout (the authors' choice).
+    #[default]
+    Constant,
+    /// Linear warm-up from 0 over `warmup_steps`, then constant.
+    ConstantWithWarmup,
+    /// Linear warm-up, then half a cosine from `lr` to 0 at `total_steps`.
+    Cosine,
+}
+
+impl std::str::FromStr for LrSchedule {
+    type Err = TrainError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "constant" => Ok(Self::Constant),
+            "constant_with_warmup" => Ok(Self::ConstantWithWarmup),
+            "cosine" => Ok(Self::Cosine),
+            _ => Err(TrainError::Config(format!(
+                "unknown lr scheduler {s:?}: constant | constant_with_warmup | cosine"
+            ))),
+        }
+    }
+}
+
+/// Optimizer settings (defaults: AdamW 0.9/0.999, wd 1e-2, ε 1e-8, clip 1.0, constant lr).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimConfig {
+    /// Peak learning rate.
+    pub lr: f32,
+    /// β₁.
+    pub beta1: f32,
+    /// β₂.
+    pub beta2: f32,
+    /// ε.
+    pub eps: f32,
+    /// Decoupled weight decay.
+    pub weight_decay: f32,
+    /// Clip the global gradient norm to this (None: no clipping).
+    pub max_grad_norm: Option<f32>,
+    /// Schedule.
+    pub schedule: LrSchedule,
+    /// Warm-up steps.
+    pub warmup_steps: u64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 1e-2,
+            max_grad_norm: Some(1.0),
+            schedule: LrSchedule::Constant,
+            warmup_steps: 0,
+        }
+    }
+}
+
+impl OptimConfig {
+    /// The learning rate for (0-based) `step` of `total_steps`.
+    pub fn lr_at(&self, step: u64, total_steps: u64) -> f32 {
+        let warm = |s: u64| {
+            if self.warmup_steps > 0 && s < self.warmup_steps {
+                (s + 1) as f32 / self.warmup_steps as f32
+            } else {
+                1.0
+            }
+        };
+        match self.schedule {
+            LrSchedule::Constant => self.lr,
+            LrSchedule::ConstantWithWarmup => self.lr * warm(step),
+            LrSchedule::Cosine => {
+                if step < self.warmup_steps {
+                    return self.lr * warm(step);
+                }
+                let span = total_steps.saturating_sub(self.warmup_steps).max(1) as f64;
+                let progress = ((step - self.warmup_steps) as f64 / span).min(1.0);
+                (self.lr as f64 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())) as f32
+            }
+        }
+    }
+
+    /// Checks domains (the backend re-checks each step's hyper-parameters).
+    pub fn validate(&self) -> Result<()> {
+        AdamWParams {
+            lr: self.lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            step: 1,
+        }
+        .validate()
+        .map_err(|e| TrainError::Config(e.to_string()))?;
+        if let Some(c) = self.max_grad_norm
+            && !(c > 0.0 && c.is_finite())
+        {
+            return Err(TrainError::Config(format!(
+                "max_grad_norm must be > 0, got {c}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// AdamW state: first and second moments per trainable parameter, and the step count.
+pub struct AdamW<B: Backend> {
+    /// `(param, m, v)` for every trainable parameter, in store order.
+    pub moments: Vec<(ParamId, B::Tensor, B::Tensor)>,
+    /// Completed optimizer steps.
+    pub step: u64,
+}
+
+impl<B: Backend> AdamW<B> {
+    /// Zero moments for every trainable parameter of `store`.
+    pub fn new(store: &ParamStore<B>) -> Result<Self> {
+        let moments = store
+            .iter()
+            .filter(|(_, p)| p.trainable)
+            .map(|(id, p)| Ok((id, B::zeros_like(&p.value)?, B::zeros_like(&p.value)?)))
+            .collect::<Result<_>>()?;
+        Ok(Self { moments, step: 0 })
+    }
+
+    /// One step with learning rate `lr` (the fused backend op per tensor). `grads` are in the
+    /// order of `self.moments`; a missing gradient counts as zero.
+    pub fn update(
+        &mut self,
+        store: &mut ParamStore<B>,
+        grads: &[Option<B::Tensor>],
+        lr: f32,
+        cfg: &OptimConfig,
+    ) -> Result<()> {
+        if grads.len() != self.moments.len() {
+            return Err(TrainError::Autodiff(
+                "one gradient slot per trainable parameter expected",
+            ));
+        }
+        self.step += 1;
+        let hp = AdamWParams {
+            lr,
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: cfg.eps,
+            weight_decay: cfg.weight_decay,
+            step: self.step,
+        };
+        for ((id, m, v), g) in self.moments.iter_mut().zip(grads) {
+            let param = store.get_mut(*id);
+            let zero;
+            let g = match g {
+                Some(g) => g,
+                None => {
+                    zero = B::zeros_like(&param.value)?;
+                    &zero
+                }
+            };
+            B::adamw_update(&mut param.value, m, v, g, &hp)?;
+        }
+        Ok(())
+    }
+}
+
+/// `‖g‖₂` over all tensors, and the factor `min(1, max/(‖g‖ + 1e-6))` torch's
+/// `clip_grad_norm_` applies. Errors on a non-finite norm.
+pub fn clip_grad_norm<B: Backend>(
+    grads: &mut [Option<B::Tensor>],
+    max_norm: Option<f32>,
+    step: u64,
+) -> Result<f32> {
+    let mut sq = 0.0f64;
+    for g in grads.iter().flatten() {
+        sq += B::item(&B::sum_squares(g)?)? as f64;
+    }
+    let norm = sq.sqrt() as f32;
+    if !norm.is_finite() {
+        return Err(TrainError::NonFinite {
+            what: "gradient norm",
+            step,
+        });
+    }
+    if let Some(max) = max_norm {
+        let factor = max / (norm + 1e-6);
+        if factor < 1.0 {
+            for g in grads.iter_mut().flatten() {
+                *g = B::scale(g, factor)?;
+            }
+        }
+    }
+    Ok(norm)
+}
+
+/// Exponential moving average of parameters: `θ̄ ← d·θ̄ + (1 − d)·θ`.
+pub struct Ema<B: Backend> {
+    /// Decay d.
+    pub decay: f32,
+    /// `(param, shadow value)`.
+    pub shadow: Vec<(ParamId, B::Tensor)>,
+}
+
+impl<B: Backend> Ema<B> {
+    /// Starts at the current values of the parameters selected by `keep`.
+    pub fn new(store: &ParamStore<B>, decay: f32, keep: impl Fn(&str) -> bool) -> Result<Self> {
+        if !(0.0..1.0).contains(&decay) {
+            return Err(TrainError::Config(format!(
+                "ema decay must lie in [0, 1), got {decay}"
+            )));
+        }
+        Ok(Self {
+            decay,
+            shadow: store
+                .iter()
+                .filter(|(_, p)| keep(&p.name))
+                .map(|(id, p)| (id, p.value.clone()))
+                .collect(),
+        })
+    }
+
+    /// One update from the store's current values.
+    pub fn update(&mut self, store: &ParamStore<B>) -> Result<()> {
+        for (id, s) in &mut self.shadow {
+            *s = B::axpby(self.decay, s, 1.0 - self.decay, &store.get(*id).value)?;
+        }
+        Ok(())
+    }
+}
