@@ -5,6 +5,7 @@
 //! checkpoints (lisa-method.md §1, §3, §5).
 
 pub mod autodiff;
+pub mod checkpoint;
 pub mod data;
 pub mod error;
 pub mod model;
