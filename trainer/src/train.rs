@@ -75,6 +75,9 @@ pub struct TrainConfig {
     pub noise: NoiseConfig,
     /// EMA decay of the side weights (None: off).
     pub ema_decay: Option<f32>,
+    /// Apply the LISA term to only the first N samples of each micro-batch (None: all, as
+    /// in the paper). Cuts the prior pass and decoder cost by N/batch.
+    pub lisa_subbatch: Option<usize>,
 }
 
 impl Default for TrainConfig {
@@ -89,6 +92,7 @@ impl Default for TrainConfig {
             optim: OptimConfig::default(),
             noise: NoiseConfig::default(),
             ema_decay: None,
+            lisa_subbatch: None,
         }
     }
 }
@@ -96,6 +100,11 @@ impl Default for TrainConfig {
 impl TrainConfig {
     /// Checks every value against the model it will train.
     pub fn validate(&self, model: &ModelConfig) -> Result<()> {
+        if self.lisa_subbatch == Some(0) {
+            return Err(TrainError::Config(
+                "lisa_subbatch must be >= 1 (or unset)".into(),
+            ));
+        }
         if self.batch_size == 0 || self.gradient_accumulation_steps == 0 {
             return Err(TrainError::Config(
                 "batch_size and gradient_accumulation_steps must be >= 1".into(),
@@ -387,6 +396,7 @@ impl<B: Backend> Trainer<B> {
             &tape.constant(hint),
             &cond,
             lisa_on,
+            self.config.lisa_subbatch.map(|k| k.min(n)),
         )?;
         let inv = 1.0 / accum as f32;
         let (main, g_pred) = B::mse_loss(&out.pred.value, &y)?;
@@ -396,11 +406,19 @@ impl<B: Backend> Trainer<B> {
             distance: 0.0,
         };
         if let (Some(dec), Some(prior)) = (&out.decoded, &out.prior) {
-            let terms = levels
+            // The LISA samples are the first k of the batch (all of it unless sub-batched).
+            let k = B::shape(&dec.value).dims()[0];
+            let terms = levels[..k]
                 .iter()
                 .map(|&l| self.config.lisa.sample_terms(prediction, l))
                 .collect::<lisa_core::Result<Vec<SampleTerms<f32>>>>()?;
-            let (l, g_dec) = B::lisa_loss(&self.config.lisa, &terms, &dec.value, &y, prior)?;
+            let y_k = if k == n {
+                y.clone()
+            } else {
+                let flat = B::reshape(&y, &Shape::new([1, n, c * r * r]))?;
+                B::reshape(&B::slice_channels(&flat, 0, k)?, &Shape::new([k, c, r, r]))?
+            };
+            let (l, g_dec) = B::lisa_loss(&self.config.lisa, &terms, &dec.value, &y_k, prior)?;
             lisa = l;
             roots.push((dec, B::scale(&g_dec, inv)?));
         }

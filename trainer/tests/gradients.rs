@@ -158,6 +158,32 @@ fn conv_linear_norm_upsample() {
 }
 
 #[test]
+fn batch_and_channel_slices() {
+    let mut s = store();
+    let conv = Conv2d::new(&mut s, "c", 3, 2, 1, 1, false, true).unwrap();
+    check(
+        "slice_batch",
+        &mut s,
+        randn(&[4, 3, 2, 2], 40),
+        |p, x| p.tape.slice_batch(&conv.forward(p, x).unwrap(), 3).unwrap(),
+        F32_FINITE_DIFFERENCE,
+    );
+    let mut s = store();
+    let conv = Conv2d::new(&mut s, "c", 3, 5, 1, 1, false, true).unwrap();
+    check(
+        "slice_channels",
+        &mut s,
+        randn(&[2, 3, 2, 2], 41),
+        |p, x| {
+            p.tape
+                .slice_channels(&conv.forward(p, x).unwrap(), 1, 3)
+                .unwrap()
+        },
+        F32_FINITE_DIFFERENCE,
+    );
+}
+
+#[test]
 fn resblock_with_time_injection_and_concat() {
     let mut s = store();
     let block = ResBlock::new(&mut s, "r", 4, 6, 5, 2, 1e-5, true).unwrap();
@@ -241,6 +267,7 @@ fn loss_and_grads(
             &tape.constant(inp.hint.clone()),
             &inp.cond,
             true,
+            None,
         )
         .unwrap();
     let (main, g_pred) = C::mse_loss(&out.pred.value, &inp.y).unwrap();

@@ -86,7 +86,7 @@ fn side_starts_as_a_copy_and_step_zero_equals_main() {
         C::to_vec(&main.value).unwrap(),
         "zero convs: controlled == main at step 0"
     );
-    let out = model.forward_train(&b, &x, &hint, &c, true).unwrap();
+    let out = model.forward_train(&b, &x, &hint, &c, true, None).unwrap();
     assert!(
         C::to_vec(&out.decoded.unwrap().value)
             .unwrap()
@@ -115,7 +115,7 @@ fn reused_encoder_prior_equals_full_main_forward() {
     let x = tape.constant(randn(&[3, 3, 32, 32], 5));
     let hint = tape.constant(randn(&[3, 1, 32, 32], 6));
     let c = cond(3);
-    let out = model.forward_train(&b, &x, &hint, &c, true).unwrap();
+    let out = model.forward_train(&b, &x, &hint, &c, true, None).unwrap();
     let full = tape.no_grad(|| model.main.forward(&b, &x, &c)).unwrap();
     assert_eq!(
         C::to_vec(out.prior.as_ref().unwrap()).unwrap(),
@@ -143,6 +143,7 @@ fn every_hook_layer_builds_and_unknown_ones_are_rejected() {
                 &tape.constant(randn(&[1, 1, 32, 32], 2)),
                 &cond(1),
                 true,
+                None,
             )
             .unwrap();
         assert_eq!(
@@ -179,6 +180,7 @@ fn frozen_main_records_nothing_and_backward_releases_the_tape() {
             &tape.constant(randn(&[2, 1, 32, 32], 2)),
             &cond(2),
             false,
+            None,
         )
         .unwrap();
     assert!(tape.live_nodes() > 0);
@@ -188,5 +190,44 @@ fn frozen_main_records_nothing_and_backward_releases_the_tape() {
         tape.live_nodes(),
         0,
         "every node is released after backward"
+    );
+}
+
+#[test]
+fn lisa_sub_batch_is_the_first_samples_of_the_full_batch() {
+    let mut model = DualModel::<C>::new(&ModelConfig::default(), true, CpuDevice, 8).unwrap();
+    let ids: Vec<_> = model
+        .store
+        .iter()
+        .filter(|(_, p)| p.name.starts_with("lisa.conv_out") || p.name.contains("zero"))
+        .map(|(id, _)| id)
+        .collect();
+    for id in ids {
+        let s = C::shape(&model.store.get(id).value);
+        model.store.get_mut(id).value = C::scale(&randn(s.dims(), 3), 0.1).unwrap();
+    }
+    let tape = Tape::<C>::new();
+    let b = model.store.bind(&tape);
+    let x = tape.constant(randn(&[4, 3, 32, 32], 5));
+    let hint = tape.constant(randn(&[4, 1, 32, 32], 6));
+    let c = cond(4);
+    let full = model.forward_train(&b, &x, &hint, &c, true, None).unwrap();
+    let part = model
+        .forward_train(&b, &x, &hint, &c, true, Some(2))
+        .unwrap();
+    let first_half = |v: Vec<f32>| v[..v.len() / 2].to_vec();
+    assert_eq!(
+        C::to_vec(part.prior.as_ref().unwrap()).unwrap(),
+        first_half(C::to_vec(full.prior.as_ref().unwrap()).unwrap())
+    );
+    assert_eq!(
+        C::to_vec(&part.decoded.unwrap().value).unwrap(),
+        first_half(C::to_vec(&full.decoded.unwrap().value).unwrap())
+    );
+    assert!(
+        model
+            .forward_train(&b, &x, &hint, &c, true, Some(5))
+            .is_err(),
+        "more LISA samples than the batch"
     );
 }

@@ -31,24 +31,31 @@ pub(crate) fn sum_to_shape(x: &[f32], shape: &Shape, target: &Shape) -> Result<V
     if n_out == 0 || x.is_empty() {
         return Ok(vec![0.0; n_out]);
     }
+    if target.num_elements()? == x.len() {
+        return Ok(x.to_vec()); // nothing is reduced
+    }
     // Split the input dims into kept (target extent > 1) and reduced ones.
     let dims = shape.dims();
     let in_strides = shape.strides();
     let t_strides = broadcast_strides(target, shape);
-    let reduced: Vec<usize> = (0..dims.len())
-        .filter(|&d| t_strides[d] == 0 && dims[d] > 1)
-        .collect();
-    let kept: Vec<usize> = (0..dims.len()).filter(|&d| t_strides[d] != 0).collect();
-    // Input offsets of every reduced multi-index, in row-major order.
-    let mut offsets = vec![0usize];
-    for &d in &reduced {
+    let reduced = |d: usize| t_strides[d] == 0 && dims[d] > 1;
+    // Trailing reduced dims form one contiguous run per output element (summed with the
+    // vectorised lane sum); the other reduced dims enumerate the runs' starts.
+    let mut run = 1usize;
+    let mut inner_end = dims.len();
+    while inner_end > 0 && (reduced(inner_end - 1) || dims[inner_end - 1] == 1) {
+        run *= dims[inner_end - 1];
+        inner_end -= 1;
+    }
+    let mut starts = vec![0usize];
+    for d in (0..inner_end).filter(|&d| reduced(d)) {
         let stride = in_strides[d];
-        offsets = offsets
+        starts = starts
             .iter()
             .flat_map(|&o| (0..dims[d]).map(move |i| o + i * stride))
             .collect();
     }
-    // Base input offset of each output element (kept dims in row-major order = target order).
+    let kept: Vec<usize> = (0..inner_end).filter(|&d| t_strides[d] != 0).collect();
     let out: Vec<f32> = (0..n_out)
         .into_par_iter()
         .map(|o| {
@@ -58,7 +65,12 @@ pub(crate) fn sum_to_shape(x: &[f32], shape: &Shape, target: &Shape) -> Result<V
                 base += (rem % dims[d]) * in_strides[d];
                 rem /= dims[d];
             }
-            offsets.iter().map(|&off| x[base + off] as f64).sum::<f64>() as f32
+            vectorised(|| {
+                starts
+                    .iter()
+                    .map(|&s| sum_map(&x[base + s..base + s + run], |v| v as f64))
+                    .sum::<f64>()
+            }) as f32
         })
         .collect();
     Ok(out)

@@ -36,9 +36,9 @@ pub struct TrainOutputs<B: Backend> {
     pub pred: Var<B>,
     /// The hooked pre-zero-conv side feature `h`.
     pub hooked: Var<B>,
-    /// `D(h, t)`, when the decoder exists and LISA is on.
+    /// `D(h, t)` for the LISA samples, when the decoder exists and LISA is on.
     pub decoded: Option<Var<B>>,
-    /// The prior prediction `M(x_t)` without residuals (no gradient), when LISA is on.
+    /// The prior prediction `M(x_t)` of the LISA samples, without residuals (no gradient).
     pub prior: Option<B::Tensor>,
 }
 
@@ -133,6 +133,9 @@ impl<B: Backend> DualModel<B> {
     /// no-grad (frozen weights, `x_t` needs no gradient); the controlled up path records only
     /// through the residuals; with `lisa`, the prior re-runs only the up path, without
     /// residuals and without recording, reusing the encoder activations.
+    ///
+    /// `lisa_samples` (≤ batch) restricts the LISA term (prior pass and decoder) to the first
+    /// that many samples of the batch: a cost option, not in the paper (None = all).
     pub fn forward_train(
         &self,
         p: &Bound<'_, B>,
@@ -140,6 +143,7 @@ impl<B: Backend> DualModel<B> {
         hint: &Var<B>,
         cond: &Conditioning,
         lisa: bool,
+        lisa_samples: Option<usize>,
     ) -> Result<TrainOutputs<B>> {
         let tape = p.tape;
         let (temb, enc) = tape.no_grad(|| -> Result<_> {
@@ -158,10 +162,24 @@ impl<B: Backend> DualModel<B> {
         let hooked = side.feature(hook)?.clone();
         let (decoded, prior) = match (&self.decoder, lisa) {
             (Some(d), true) => {
-                let prior = tape
-                    .no_grad(|| self.main.decode(p, &enc, None, &temb))?
-                    .value;
-                (Some(d.forward(p, &hooked, &cond.t)?), Some(prior))
+                let n = cond.t.len();
+                let k = lisa_samples.unwrap_or(n);
+                if k == 0 || k > n {
+                    return Err(TrainError::Config(format!(
+                        "lisa sub-batch {k} must lie in 1..={n}"
+                    )));
+                }
+                let prior = tape.no_grad(|| -> Result<_> {
+                    let sub = |v: &Var<B>| tape.slice_batch(v, k);
+                    let levels = enc.levels.iter().map(sub).collect::<Result<_>>()?;
+                    let enc_k = EncoderOutput {
+                        levels,
+                        mid: sub(&enc.mid)?,
+                    };
+                    self.main.decode(p, &enc_k, None, &sub(&temb)?)
+                })?;
+                let h_k = tape.slice_batch(&hooked, k)?;
+                (Some(d.forward(p, &h_k, &cond.t[..k])?), Some(prior.value))
             }
             (None, true) => {
                 return Err(TrainError::Config(
