@@ -16,7 +16,7 @@
 
 use crate::real::Real;
 use crate::schedule::NoiseLevel;
-use crate::slices::{check_len, per_sample_len};
+use crate::slices::map2_per_sample;
 use crate::{Error, Result};
 
 /// A denoiser's output parameterisation.
@@ -203,14 +203,8 @@ fn apply_batch<F: Real>(
     out: &mut [F],
     coeffs: impl Fn(NoiseLevel<F>) -> Result<Affine<F>>,
 ) -> Result<()> {
-    check_len(op, x_t.len(), &[pred.len(), out.len()])?;
-    let per = per_sample_len(op, x_t.len(), levels.len())?;
-    for (b, &level) in levels.iter().enumerate() {
+    map2_per_sample(op, levels, x_t, pred, out, |&level| {
         let c = coeffs(level)?;
-        let r = b * per..(b + 1) * per;
-        for ((o, &x), &p) in out[r.clone()].iter_mut().zip(&x_t[r.clone()]).zip(&pred[r]) {
-            *o = c.apply(x, p);
-        }
-    }
-    Ok(())
+        Ok(move |x, p| c.apply(x, p))
+    })
 }

@@ -16,7 +16,7 @@ use crate::Result;
 use crate::prediction::Prediction;
 use crate::real::Real;
 use crate::schedule::NoiseLevel;
-use crate::slices::{check_len, per_sample_len};
+use crate::slices::{check_len, map2_per_sample};
 
 /// The likelihood term in prediction units, `Δ = p_cond − p_prior`, elementwise.
 pub fn likelihood<F: Real>(conditional: &[F], prior: &[F], out: &mut [F]) -> Result<()> {
@@ -79,19 +79,15 @@ pub fn likelihood_score_batch<F: Real>(
     prior: &[F],
     out: &mut [F],
 ) -> Result<()> {
-    const OP: &str = "score::likelihood_score_batch";
-    check_len(OP, conditional.len(), &[prior.len(), out.len()])?;
-    let per = per_sample_len(OP, conditional.len(), levels.len())?;
-    for (b, &level) in levels.iter().enumerate() {
-        let s = likelihood_score_scale(kind, level)?;
-        let r = b * per..(b + 1) * per;
-        for ((o, &c), &p) in out[r.clone()]
-            .iter_mut()
-            .zip(&conditional[r.clone()])
-            .zip(&prior[r])
-        {
-            *o = s * (c - p);
-        }
-    }
-    Ok(())
+    map2_per_sample(
+        "score::likelihood_score_batch",
+        levels,
+        conditional,
+        prior,
+        out,
+        |&level| {
+            let s = likelihood_score_scale(kind, level)?;
+            Ok(move |c: F, p: F| s * (c - p))
+        },
+    )
 }

@@ -25,3 +25,25 @@ pub(crate) fn per_sample_len(op: &'static str, len: usize, batch: usize) -> Resu
     }
     Ok(len / batch)
 }
+
+/// `out[i] = k_b(a[i], c[i])` for a batch of equal samples, with one kernel `k_b` built
+/// per sample `b` from `samples[b]` (its noise level, LISA terms, …).
+pub(crate) fn map2_per_sample<F: Copy, S, K: Fn(F, F) -> F>(
+    op: &'static str,
+    samples: &[S],
+    a: &[F],
+    c: &[F],
+    out: &mut [F],
+    kernel: impl Fn(&S) -> Result<K>,
+) -> Result<()> {
+    check_len(op, a.len(), &[c.len(), out.len()])?;
+    let per = per_sample_len(op, a.len(), samples.len())?;
+    for (b, sample) in samples.iter().enumerate() {
+        let k = kernel(sample)?;
+        let r = b * per..(b + 1) * per;
+        for ((o, &x), &y) in out[r.clone()].iter_mut().zip(&a[r.clone()]).zip(&c[r]) {
+            *o = k(x, y);
+        }
+    }
+    Ok(())
+}

@@ -39,6 +39,7 @@ fn run(mode: Mode, subbatch: Option<usize>, steps: usize, data: &FillCircles) ->
         model,
         TrainConfig {
             mode,
+            lisa_subbatch: subbatch,
             max_train_steps: steps as u64,
             ..TrainConfig::default()
         },

@@ -3,33 +3,17 @@
 
 use std::path::{Path, PathBuf};
 
+mod common;
+
+use common::tiny_model;
 use lisa_core::backend::prelude::*;
 use lisa_cpu::{CpuBackend as C, CpuDevice};
 use lisa_trainer::TrainError;
 use lisa_trainer::checkpoint::{load_checkpoint, read_safetensors, save_checkpoint};
 use lisa_trainer::data::FillCircles;
-use lisa_trainer::model::{DualModel, HookLayer, ModelConfig, UNetConfig};
+use lisa_trainer::model::DualModel;
 use lisa_trainer::optim::OptimConfig;
 use lisa_trainer::train::{Mode, TrainConfig, Trainer};
-
-fn tiny_model() -> ModelConfig {
-    let mut c = ModelConfig {
-        unet: UNetConfig {
-            resolution: 16,
-            channels: vec![8, 16],
-            norm_groups: 4,
-            time_sinusoidal_dim: 16,
-            time_dim: 16,
-            ..UNetConfig::default()
-        },
-        ..ModelConfig::default()
-    };
-    c.control.hint_hidden = 8;
-    c.decoder.hook = HookLayer::Down(1);
-    c.decoder.time_sinusoidal_dim = 16;
-    c.decoder.channel_floor = 4;
-    c
-}
 
 fn trainer(ema: bool) -> Trainer<C> {
     let model = DualModel::<C>::new(&tiny_model(), true, CpuDevice, 7).unwrap();

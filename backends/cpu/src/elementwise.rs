@@ -6,21 +6,6 @@ use rayon::prelude::*;
 
 use crate::CHUNK;
 
-/// Strides of `src` as seen from the broadcast shape `out` (0 on stretched dims).
-pub(crate) fn broadcast_strides(src: &Shape, out: &Shape) -> Vec<usize> {
-    let offset = out.rank() - src.rank();
-    let strides = src.strides();
-    (0..out.rank())
-        .map(|i| {
-            if i < offset || src.dims()[i - offset] == 1 {
-                0
-            } else {
-                strides[i - offset]
-            }
-        })
-        .collect()
-}
-
 /// Offset of row `row` (multi-index over all dims but the last) under `strides`.
 fn row_offset(dims: &[usize], strides: &[usize], mut row: usize) -> usize {
     let mut offset = 0;
@@ -52,8 +37,8 @@ pub(crate) fn binary(
     // General path: rows of the last output dim; each side steps by 0 or 1 inside a row.
     let dims = out_shape.dims();
     let (ta, tb) = (
-        broadcast_strides(sa, out_shape),
-        broadcast_strides(sb, out_shape),
+        sa.broadcast_strides(out_shape),
+        sb.broadcast_strides(out_shape),
     );
     let (last, inner_a, inner_b) = match dims.last() {
         Some(&l) => (l, *ta.last().unwrap_or(&0), *tb.last().unwrap_or(&0)),

@@ -5,7 +5,7 @@ use lisa_core::{Error, Result};
 use rayon::prelude::*;
 
 use crate::CHUNK;
-use crate::elementwise::{broadcast_strides, vectorised};
+use crate::elementwise::vectorised;
 use crate::sums::sum_map;
 
 /// `Σ x` in f64: fixed chunks summed in parallel, partials added in order.
@@ -37,7 +37,7 @@ pub(crate) fn sum_to_shape(x: &[f32], shape: &Shape, target: &Shape) -> Result<V
     // Split the input dims into kept (target extent > 1) and reduced ones.
     let dims = shape.dims();
     let in_strides = shape.strides();
-    let t_strides = broadcast_strides(target, shape);
+    let t_strides = target.broadcast_strides(shape);
     let reduced = |d: usize| t_strides[d] == 0 && dims[d] > 1;
     // Trailing reduced dims form one contiguous run per output element (summed with the
     // vectorised lane sum); the other reduced dims enumerate the runs' starts.

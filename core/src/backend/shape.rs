@@ -76,6 +76,22 @@ impl Shape {
         Ok(out)
     }
 
+    /// Strides of `self` as seen from a shape `out` it broadcasts to: the row-major strides,
+    /// with 0 on every dimension `self` lacks or stretches (extent 1).
+    pub fn broadcast_strides(&self, out: &Shape) -> Vec<usize> {
+        let offset = out.rank().saturating_sub(self.rank());
+        let strides = self.strides();
+        (0..out.rank())
+            .map(|i| {
+                if i < offset || self.0[i - offset] == 1 {
+                    0
+                } else {
+                    strides[i - offset]
+                }
+            })
+            .collect()
+    }
+
     /// Fails with [`Error::ShapeMismatch`] unless `self == other`.
     pub fn expect_eq(&self, op: &'static str, other: &Shape) -> Result<()> {
         if self == other {

@@ -1,7 +1,7 @@
 use super::SampleTerms;
 use crate::Result;
 use crate::real::Real;
-use crate::slices::{check_len, per_sample_len};
+use crate::slices::map2_per_sample;
 
 /// The LISA target for a batch: `τ[b, i] = scale_b·(y[b, i] − prior[b, i])`.
 ///
@@ -13,14 +13,8 @@ pub fn lisa_target<F: Real>(
     prior: &[F],
     tau: &mut [F],
 ) -> Result<()> {
-    const OP: &str = "lisa_target";
-    check_len(OP, y.len(), &[prior.len(), tau.len()])?;
-    let per = per_sample_len(OP, y.len(), terms.len())?;
-    for (b, t) in terms.iter().enumerate() {
-        let r = b * per..(b + 1) * per;
-        for ((o, &yv), &p) in tau[r.clone()].iter_mut().zip(&y[r.clone()]).zip(&prior[r]) {
-            *o = t.target_scale * (yv - p);
-        }
-    }
-    Ok(())
+    map2_per_sample("lisa_target", terms, y, prior, tau, |t| {
+        let scale = t.target_scale;
+        Ok(move |yv: F, p: F| scale * (yv - p))
+    })
 }

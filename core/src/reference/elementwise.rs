@@ -5,21 +5,6 @@ use super::expect_len;
 use crate::backend::{BinaryOp, Shape};
 use crate::{Error, Result};
 
-/// Strides of `src` seen from the broadcast shape `out` (0 on stretched dims).
-fn broadcast_strides(src: &Shape, out: &Shape) -> Vec<usize> {
-    let offset = out.rank() - src.rank();
-    let strides = src.strides();
-    (0..out.rank())
-        .map(|i| {
-            if i < offset || src.dims()[i - offset] == 1 {
-                0
-            } else {
-                strides[i - offset]
-            }
-        })
-        .collect()
-}
-
 /// Calls `f(out_index, a_index, b_index)` over every element of `out` in row-major order.
 fn for_each_broadcast(
     out: &Shape,
@@ -62,8 +47,8 @@ pub fn binary_broadcast(
     expect_len(OP, b, b_shape)?;
     let out_shape = Shape::broadcast(OP, a_shape, b_shape)?;
     let (sa, sb) = (
-        broadcast_strides(a_shape, &out_shape),
-        broadcast_strides(b_shape, &out_shape),
+        a_shape.broadcast_strides(&out_shape),
+        b_shape.broadcast_strides(&out_shape),
     );
     let mut out = vec![0.0f32; out_shape.num_elements()?];
     for_each_broadcast(&out_shape, &sa, &sb, |o, i, j| {
@@ -83,7 +68,7 @@ pub fn sum_to_shape(t: &[f32], t_shape: &Shape, target: &Shape) -> Result<Vec<f3
             got: target.clone(),
         });
     }
-    let st = broadcast_strides(target, t_shape);
+    let st = target.broadcast_strides(t_shape);
     let unit = t_shape.strides();
     let mut acc = vec![0.0f64; target.num_elements()?];
     for_each_broadcast(t_shape, &unit, &st, |_, i, j| acc[j] += t[i] as f64)?;

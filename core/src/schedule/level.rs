@@ -1,5 +1,5 @@
 use crate::real::Real;
-use crate::slices::{check_len, per_sample_len};
+use crate::slices::map2_per_sample;
 use crate::{Error, Result};
 
 /// The coefficients of the forward process at one time: `x_t = α·x₀ + σ·ε`.
@@ -62,14 +62,7 @@ pub fn add_noise_batch<F: Real>(
     eps: &[F],
     out: &mut [F],
 ) -> Result<()> {
-    const OP: &str = "add_noise_batch";
-    check_len(OP, x0.len(), &[eps.len(), out.len()])?;
-    let per = per_sample_len(OP, x0.len(), levels.len())?;
-    for (b, level) in levels.iter().enumerate() {
-        let r = b * per..(b + 1) * per;
-        for ((o, &x), &e) in out[r.clone()].iter_mut().zip(&x0[r.clone()]).zip(&eps[r]) {
-            *o = level.add_noise(x, e);
-        }
-    }
-    Ok(())
+    map2_per_sample("add_noise_batch", levels, x0, eps, out, |&level| {
+        Ok(move |x, e| level.add_noise(x, e))
+    })
 }

@@ -214,14 +214,9 @@ impl Encoder {
     }
 }
 
-/// The side network's contribution: one residual per skip and one for the middle.
-#[derive(Debug, Clone)]
-pub struct Residuals<B: Backend> {
-    /// Added to the level outputs (skips), full resolution first.
-    pub levels: Vec<Var<B>>,
-    /// Added to the middle block's output.
-    pub mid: Var<B>,
-}
+/// The side network's contribution, in the same layout as the encoder outputs it is added
+/// to: one residual per skip and one for the middle.
+pub type Residuals<B> = EncoderOutput<B>;
 
 /// The main UNet.
 #[derive(Debug, Clone)]
