@@ -8,10 +8,12 @@ pub mod autodiff;
 pub mod checkpoint;
 pub mod data;
 pub mod error;
+pub mod metrics;
 pub mod model;
 pub mod nn;
 pub mod optim;
 pub mod params;
+pub mod sample;
 pub mod train;
 
 pub use error::{Result, TrainError};

@@ -79,7 +79,9 @@ fn side_starts_as_a_copy_and_step_zero_equals_main() {
     let x = tape.constant(randn(&[2, 3, 32, 32], 2));
     let hint = tape.constant(randn(&[2, 1, 32, 32], 3));
     let c = cond(2);
-    let controlled = tape.no_grad(|| model.predict(&b, &x, &hint, &c)).unwrap();
+    let controlled = tape
+        .no_grad(|| model.predict(&b, &x, &hint, &c, 1.0))
+        .unwrap();
     let main = tape.no_grad(|| model.main.forward(&b, &x, &c)).unwrap();
     assert_eq!(
         C::to_vec(&controlled.value).unwrap(),

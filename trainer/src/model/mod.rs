@@ -196,22 +196,20 @@ impl<B: Backend> DualModel<B> {
         })
     }
 
-    /// Inference: the controlled prediction only (no decoder, no prior pass).
+    /// Inference: the controlled prediction only (no decoder, no prior pass), with the
+    /// residuals multiplied by `control_scale` (1 = as trained, 0 = the main model alone).
     pub fn predict(
         &self,
         p: &Bound<'_, B>,
         x_t: &Var<B>,
         hint: &Var<B>,
         cond: &Conditioning,
+        control_scale: f32,
     ) -> Result<Var<B>> {
         let temb = self.main.time.forward(p, cond)?;
         let enc = self.main.encoder.forward(p, x_t, &temb, None)?;
         let side = self.side.forward(p, x_t, hint, cond)?;
-        self.main.decode(
-            p,
-            &enc,
-            Some((&side.residuals, self.side.conditioning_scale)),
-            &temb,
-        )
+        self.main
+            .decode(p, &enc, Some((&side.residuals, control_scale)), &temb)
     }
 }
