@@ -2,18 +2,19 @@
 //! `L = MSE(pred, y) + λ·LISA`, back-propagate into the side network and the decoder, clip,
 //! AdamW, EMA. A baseline mode does everything the same without the decoder and the prior.
 
-use lisa_core::backend::{Backend, DType, Shape};
+use lisa_core::backend::{Backend, Shape};
 use lisa_core::lisa::SampleTerms;
-use lisa_core::rng::{philox4x32_10, uniform_open};
-use lisa_core::schedule::{BetaSchedule, DiscreteVp, RectifiedFlow};
-use lisa_core::{LisaConfig, NoiseLevel, Prediction};
+use lisa_core::schedule::BetaSchedule;
+use lisa_core::{LisaConfig, Prediction};
 use serde::{Deserialize, Serialize};
 
 use crate::autodiff::Tape;
 use crate::data::{Dataset, Example};
 use crate::error::{Result, TrainError};
-use crate::model::{Conditioning, DualModel, ModelConfig};
+use crate::model::{DualModel, ModelConfig};
 use crate::optim::{AdamW, Ema, OptimConfig, clip_grad_norm};
+pub use crate::run::TrainState;
+use crate::run::{NoiseProcess, NoisedBatch, RunStream, noise_batch};
 
 /// LISA or the plain ControlNet baseline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -125,19 +126,6 @@ impl TrainConfig {
     }
 }
 
-/// Where a run is: everything besides weights and moments that resuming needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct TrainState {
-    /// Completed optimizer steps.
-    pub step: u64,
-    /// Counter of the run's random stream (each draw consumes one value).
-    pub rng_counter: u64,
-    /// Data epoch.
-    pub epoch: u64,
-    /// Position inside the epoch's permutation.
-    pub position: usize,
-}
-
 /// What one optimizer step measured.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct StepStats {
@@ -162,11 +150,6 @@ type MicroBatch<B> = (
     Vec<Option<<B as lisa_core::backend::BackendTypes>::Tensor>>,
 );
 
-enum Noise {
-    Diffusion(DiscreteVp<f32>),
-    Flow(RectifiedFlow),
-}
-
 /// A control-training run: model, optimizer state, EMA, data position, random stream.
 pub struct Trainer<B: Backend> {
     /// The dual-branch model.
@@ -177,10 +160,9 @@ pub struct Trainer<B: Backend> {
     pub ema: Option<Ema<B>>,
     /// The run's configuration.
     pub config: TrainConfig,
-    /// Position of the run.
-    pub state: TrainState,
-    noise: Noise,
-    permutation: (u64, Vec<usize>),
+    /// Random stream, data order and step: the resumable position of the run.
+    pub run: RunStream,
+    noise: NoiseProcess,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -192,13 +174,7 @@ impl<B: Backend> Trainer<B> {
                 "build the model with the decoder exactly when mode = lisa".into(),
             ));
         }
-        let noise = match config.noise {
-            NoiseConfig::Diffusion {
-                betas,
-                num_train_timesteps,
-            } => Noise::Diffusion(DiscreteVp::new(betas, num_train_timesteps)?),
-            NoiseConfig::Flow { shift } => Noise::Flow(RectifiedFlow { shift }),
-        };
+        let noise = NoiseProcess::new(&config.noise)?;
         let optim = AdamW::new(&model.store)?;
         let ema = config
             .ema_decay
@@ -208,55 +184,10 @@ impl<B: Backend> Trainer<B> {
             model,
             optim,
             ema,
+            run: RunStream::new(config.seed),
             config,
-            state: TrainState::default(),
             noise,
-            permutation: (u64::MAX, Vec::new()),
         })
-    }
-
-    fn next_seed(&mut self) -> u64 {
-        let c = self.state.rng_counter;
-        self.state.rng_counter += 1;
-        let r = philox4x32_10(
-            [c as u32, (c >> 32) as u32, 0x5eed, 0],
-            [self.config.seed as u32, (self.config.seed >> 32) as u32],
-        );
-        (r[0] as u64) << 32 | r[1] as u64
-    }
-
-    fn uniforms(&mut self, n: usize) -> Vec<f32> {
-        (0..n)
-            .map(|_| uniform_open(self.next_seed() as u32))
-            .collect()
-    }
-
-    /// The next `n` example indices (a seeded permutation per epoch).
-    fn next_indices(&mut self, data_len: usize, n: usize) -> Result<Vec<usize>> {
-        if data_len == 0 {
-            return Err(TrainError::Config("the dataset is empty".into()));
-        }
-        let mut out = Vec::with_capacity(n);
-        while out.len() < n {
-            if self.permutation.0 != self.state.epoch || self.permutation.1.len() != data_len {
-                let mut p: Vec<usize> = (0..data_len).collect();
-                for i in (1..data_len).rev() {
-                    let r = philox4x32_10(
-                        [i as u32, self.state.epoch as u32, 0xda7a, 0],
-                        [self.config.seed as u32, (self.config.seed >> 32) as u32],
-                    );
-                    p.swap(i, (r[0] as usize) % (i + 1));
-                }
-                self.permutation = (self.state.epoch, p);
-            }
-            out.push(self.permutation.1[self.state.position]);
-            self.state.position += 1;
-            if self.state.position == data_len {
-                self.state.position = 0;
-                self.state.epoch += 1;
-            }
-        }
-        Ok(out)
     }
 
     /// One optimizer step over `gradient_accumulation_steps` micro-batches from `data`.
@@ -265,9 +196,9 @@ impl<B: Backend> Trainer<B> {
         let n_trainable = self.optim.moments.len();
         let mut grads: Vec<Option<B::Tensor>> = vec![None; n_trainable];
         let (mut main_sum, mut lisa_sum, mut total_sum) = (0.0f32, 0.0f32, 0.0f32);
-        let step = self.state.step + 1;
+        let step = self.run.state.step + 1;
         for _ in 0..accum {
-            let idx = self.next_indices(data.len(), self.config.batch_size)?;
+            let idx = self.run.next_indices(data.len(), self.config.batch_size)?;
             let examples = idx
                 .iter()
                 .map(|&i| data.get(i))
@@ -291,13 +222,13 @@ impl<B: Backend> Trainer<B> {
         let lr = self
             .config
             .optim
-            .lr_at(self.state.step, self.config.max_train_steps);
+            .lr_at(self.run.state.step, self.config.max_train_steps);
         self.optim
             .update(&mut self.model.store, &grads, lr, &self.config.optim)?;
         if let Some(ema) = &mut self.ema {
             ema.update(&self.model.store)?;
         }
-        self.state.step = step;
+        self.run.state.step = step;
         Ok(StepStats {
             step,
             loss,
@@ -312,81 +243,25 @@ impl<B: Backend> Trainer<B> {
     /// accumulated gradient is the mean over micro-batches.
     fn micro_batch(&mut self, examples: &[Example], accum: usize) -> Result<MicroBatch<B>> {
         let n = examples.len();
-        let u = self.model.config.unet.clone();
-        let (c, r) = (u.image_channels, u.resolution);
-        let hint_c = self.model.config.control.hint_channels;
+        let u = &self.model.config.unet;
+        let (c, r, prediction) = (u.image_channels, u.resolution, u.prediction);
         let device = self.model.store.device().clone();
-        let mut image = Vec::with_capacity(n * c * r * r);
-        let mut hint = Vec::with_capacity(n * hint_c * r * r);
-        for e in examples {
-            if e.image.len() != c * r * r || e.hint.len() != hint_c * r * r {
-                return Err(TrainError::Config(format!(
-                    "example does not match the model: image {} values (want {}), hint {} (want {})",
-                    e.image.len(),
-                    c * r * r,
-                    e.hint.len(),
-                    hint_c * r * r
-                )));
-            }
-            image.extend_from_slice(&e.image);
-            hint.extend_from_slice(&e.hint);
-        }
-        let prompts: Vec<Vec<usize>> = (0..u.prompt_classes.len())
-            .map(|k| {
-                examples
-                    .iter()
-                    .map(|e| e.prompt.get(k).copied().unwrap_or(u.prompt_classes[k] - 1))
-                    .collect()
-            })
-            .collect();
-        // Timesteps, levels, per-sample LISA terms.
-        let uniforms = self.uniforms(n);
-        let mut t_embed = Vec::with_capacity(n);
-        let mut levels: Vec<NoiseLevel<f32>> = Vec::with_capacity(n);
-        for &v in &uniforms {
-            match &self.noise {
-                Noise::Diffusion(s) => {
-                    let t = ((v * s.num_train_timesteps() as f32) as usize)
-                        .min(s.num_train_timesteps() - 1);
-                    t_embed.push(t as f32);
-                    levels.push(s.level(t)?);
-                }
-                Noise::Flow(f) => {
-                    t_embed.push(1000.0 * v);
-                    levels.push(f.level(v)?);
-                }
-            }
-        }
-        let prediction = u.prediction;
-        let x0 = B::from_slice(&image, &Shape::new([n, c, r, r]), DType::F32, &device)?;
-        let hint = B::from_slice(&hint, &Shape::new([n, hint_c, r, r]), DType::F32, &device)?;
-        let eps = B::random_normal(
-            &Shape::new([n, c, r, r]),
-            self.next_seed(),
-            DType::F32,
+        let hint_channels = self.model.config.control.hint_channels;
+        let NoisedBatch {
+            x_t,
+            y,
+            hint,
+            levels,
+            cond,
+        } = noise_batch::<B>(
+            &mut self.run,
+            &self.noise,
+            u,
+            hint_channels,
+            examples,
+            0.0,
             &device,
         )?;
-        let per_sample = |f: &dyn Fn(&NoiseLevel<f32>) -> f32| {
-            B::from_slice(
-                &levels.iter().map(f).collect::<Vec<_>>(),
-                &Shape::new([n, 1, 1, 1]),
-                DType::F32,
-                &device,
-            )
-        };
-        let x_t = B::add(
-            &B::mul(&x0, &per_sample(&|l| l.alpha)?)?,
-            &B::mul(&eps, &per_sample(&|l| l.sigma)?)?,
-        )?;
-        let y = B::add(
-            &B::mul(&x0, &per_sample(&|l| prediction.coefficients(*l).0)?)?,
-            &B::mul(&eps, &per_sample(&|l| prediction.coefficients(*l).1)?)?,
-        )?;
-        let cond = Conditioning {
-            t: t_embed,
-            prompts,
-        };
-
         let lisa_on = self.config.mode == Mode::Lisa;
         let tape = Tape::<B>::new();
         let bound = self.model.store.bind(&tape);

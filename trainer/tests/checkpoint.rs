@@ -104,7 +104,7 @@ fn resume_reproduces_the_uninterrupted_run_bit_for_bit() {
     drop(first);
     let mut resumed = trainer(true);
     load_checkpoint(&mut resumed, &dir.join("checkpoint-3")).unwrap();
-    assert_eq!(resumed.state.step, 3);
+    assert_eq!(resumed.run.state.step, 3);
     let stats_b: Vec<_> = (0..3).map(|_| resumed.step(&d).unwrap()).collect();
     assert_eq!(&stats_a[3..], &stats_b[..], "step statistics after resume");
     assert!(
@@ -116,7 +116,7 @@ fn resume_reproduces_the_uninterrupted_run_bit_for_bit() {
 
 fn expect_checkpoint_error(t: &mut Trainer<C>, dir: &Path, needle: &str) {
     let before = snapshot(t);
-    let state = t.state;
+    let state = t.run.state;
     match load_checkpoint(t, dir) {
         Err(e @ TrainError::Checkpoint { .. }) | Err(e @ TrainError::Io { .. }) => {
             assert!(
@@ -130,7 +130,7 @@ fn expect_checkpoint_error(t: &mut Trainer<C>, dir: &Path, needle: &str) {
         ),
     }
     assert!(
-        snapshot(t) == before && t.state == state,
+        snapshot(t) == before && t.run.state == state,
         "a failed load must leave the trainer unchanged"
     );
 }
@@ -205,7 +205,7 @@ fn bad_checkpoints_are_rejected_and_change_nothing() {
 
     // The good one still loads.
     load_checkpoint(&mut fresh, &good).unwrap();
-    assert_eq!(fresh.state.step, 1);
+    assert_eq!(fresh.run.state.step, 1);
     std::fs::remove_dir_all(dir).unwrap();
 }
 

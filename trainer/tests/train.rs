@@ -42,7 +42,7 @@ fn fifty_steps_loss_falls() {
         last < 0.9 * first,
         "loss did not fall: first 10 mean {first}, last 10 mean {last}"
     );
-    assert_eq!(t.state.step, 50);
+    assert_eq!(t.run.state.step, 50);
 }
 
 #[test]

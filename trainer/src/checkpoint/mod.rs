@@ -227,7 +227,7 @@ pub fn save_checkpoint<B: Backend>(trainer: &Trainer<B>, dir: &Path) -> Result<(
     }
     let state = StateFile {
         format_version: FORMAT_VERSION,
-        state: trainer.state,
+        state: trainer.run.state,
         optimizer_step: trainer.optim.step,
         train: trainer.config.clone(),
         model: trainer.model.config.clone(),
@@ -350,6 +350,6 @@ pub fn load_checkpoint<B: Backend>(trainer: &mut Trainer<B>, dir: &Path) -> Resu
     if let (Some(e), Some(shadow)) = (&mut trainer.ema, ema) {
         e.shadow = shadow;
     }
-    trainer.state = state.state;
+    trainer.run.state = state.state;
     Ok(())
 }
