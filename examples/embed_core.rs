@@ -29,10 +29,7 @@ impl ForeignTensor {
         Self { storage, dims }
     }
     fn zeros(dims: [usize; 4]) -> Self {
-        Self {
-            storage: vec![0.0; dims.iter().product()],
-            dims,
-        }
+        Self { storage: vec![0.0; dims.iter().product()], dims }
     }
     fn plane(&self) -> usize {
         self.dims[2] * self.dims[3]
@@ -58,13 +55,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let x0 = ForeignTensor::randn(dims, 1000 + step);
         let eps = ForeignTensor::randn(dims, 2000 + step);
         // One timestep per sample, and the per-sample LISA factors for it.
-        let levels: Vec<NoiseLevel<f32>> = (0..dims[0])
-            .map(|i| schedule.level(((step as usize) * 97 + i * 251) % 1000))
-            .collect::<Result<_, _>>()?;
-        let terms: Vec<SampleTerms<f32>> = levels
-            .iter()
-            .map(|&l| config.sample_terms(Prediction::Epsilon, l))
-            .collect::<Result<_, _>>()?;
+        let levels: Vec<NoiseLevel<f32>> =
+            (0..dims[0]).map(|i| schedule.level(((step as usize) * 97 + i * 251) % 1000)).collect::<Result<_, _>>()?;
+        let terms: Vec<SampleTerms<f32>> =
+            levels.iter().map(|&l| config.sample_terms(Prediction::Epsilon, l)).collect::<Result<_, _>>()?;
 
         let mut x_t = ForeignTensor::zeros(dims);
         add_noise_batch(&levels, &x0.storage, &eps.storage, &mut x_t.storage)?;
@@ -87,14 +81,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut tau = ForeignTensor::zeros(dims);
         lisa_target(&terms, &eps.storage, &prior.storage, &mut tau.storage)?;
         let mut grad = ForeignTensor::zeros(dims);
-        let loss = lisa_loss_fused(
-            &config,
-            &terms,
-            &decoded.storage,
-            &eps.storage,
-            &prior.storage,
-            &mut grad.storage,
-        )?;
+        let loss = lisa_loss_fused(&config, &terms, &decoded.storage, &eps.storage, &prior.storage, &mut grad.storage)?;
 
         // The framework's own backward through dec(h) = a_c·h + b_c, and SGD.
         let (mut ga, mut gb) = (vec![0.0f32; dims[1]], vec![0.0f32; dims[1]]);

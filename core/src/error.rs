@@ -90,10 +90,7 @@ pub type Result<T> = core::result::Result<T, Error>;
 impl Error {
     /// Shorthand for [`Error::InvalidArgument`].
     pub fn invalid(op: &'static str, reason: impl Into<String>) -> Self {
-        Error::InvalidArgument {
-            op,
-            reason: reason.into(),
-        }
+        Error::InvalidArgument { op, reason: reason.into() }
     }
 }
 
@@ -104,27 +101,20 @@ impl fmt::Display for Error {
                 write!(f, "{op}: shape mismatch: expected {expected}, got {got}")
             }
             Error::LengthMismatch { op, expected, got } => {
-                write!(
-                    f,
-                    "{op}: length mismatch: expected {expected} elements, got {got}"
-                )
+                write!(f, "{op}: length mismatch: expected {expected} elements, got {got}")
             }
             Error::DTypeMismatch { op, expected, got } => {
                 write!(f, "{op}: dtype mismatch: expected {expected}, got {got}")
             }
             Error::UnsupportedDType { op, dtype } => {
-                write!(
-                    f,
-                    "{op}: dtype {dtype} is not supported by this backend/device"
-                )
+                write!(f, "{op}: dtype {dtype} is not supported by this backend/device")
             }
             Error::Empty { op } => write!(f, "{op}: input has no elements"),
             Error::SizeOverflow { op } => write!(f, "{op}: tensor size overflows usize"),
             Error::InvalidArgument { op, reason } => write!(f, "{op}: invalid argument: {reason}"),
-            Error::DegenerateNoiseLevel { op, alpha, sigma } => write!(
-                f,
-                "{op}: conversion undefined at noise level alpha={alpha}, sigma={sigma}"
-            ),
+            Error::DegenerateNoiseLevel { op, alpha, sigma } => {
+                write!(f, "{op}: conversion undefined at noise level alpha={alpha}, sigma={sigma}")
+            }
             Error::NonFinite { op } => write!(f, "{op}: result is NaN or infinite"),
             Error::Backend { op, message } => write!(f, "{op}: backend error: {message}"),
         }

@@ -47,10 +47,7 @@ pub struct Affine<F> {
 impl<F: Real> Affine<F> {
     /// The identity map `out = p`.
     pub fn identity() -> Self {
-        Self {
-            x_t: F::zero(),
-            pred: F::one(),
-        }
+        Self { x_t: F::zero(), pred: F::one() }
     }
 
     /// `a·x_t + b·p` for one element.
@@ -61,21 +58,13 @@ impl<F: Real> Affine<F> {
 
     /// `self ∘ (x_t, inner)`: `out = a·x_t + b·(a'·x_t + b'·p)`.
     fn after(self, inner: Affine<F>) -> Self {
-        Affine {
-            x_t: self.x_t + self.pred * inner.x_t,
-            pred: self.pred * inner.pred,
-        }
+        Affine { x_t: self.x_t + self.pred * inner.x_t, pred: self.pred * inner.pred }
     }
 }
 
 impl Prediction {
     /// All parameterisations, for iteration in tests and CLIs.
-    pub const ALL: [Prediction; 4] = [
-        Prediction::Epsilon,
-        Prediction::V,
-        Prediction::Sample,
-        Prediction::FlowVelocity,
-    ];
+    pub const ALL: [Prediction; 4] = [Prediction::Epsilon, Prediction::V, Prediction::Sample, Prediction::FlowVelocity];
 
     /// `(q₀, q₁)` with `p = q₀·x₀ + q₁·ε` at `level`.
     pub fn coefficients<F: Real>(self, level: NoiseLevel<F>) -> (F, F) {
@@ -113,10 +102,7 @@ impl Prediction {
         }
         let d = self.determinant(level, "Prediction::to_sample")?;
         let (_, q1) = self.coefficients(level);
-        Ok(Affine {
-            x_t: q1 / d,
-            pred: -level.sigma / d,
-        })
+        Ok(Affine { x_t: q1 / d, pred: -level.sigma / d })
     }
 
     /// `ε = (α·p − q₀·x_t)/D` as an [`Affine`] in `(x_t, p)`.
@@ -126,10 +112,7 @@ impl Prediction {
         }
         let d = self.determinant(level, "Prediction::to_epsilon")?;
         let (q0, _) = self.coefficients(level);
-        Ok(Affine {
-            x_t: -q0 / d,
-            pred: level.alpha / d,
-        })
+        Ok(Affine { x_t: -q0 / d, pred: level.alpha / d })
     }
 
     /// The map from a `self` prediction to a `to` prediction at `level`:
@@ -141,10 +124,7 @@ impl Prediction {
         let x0 = self.to_sample(level)?;
         let eps = self.to_epsilon(level)?;
         let (r0, r1) = to.coefficients(level);
-        Ok(Affine {
-            x_t: r0 * x0.x_t + r1 * eps.x_t,
-            pred: r0 * x0.pred + r1 * eps.pred,
-        })
+        Ok(Affine { x_t: r0 * x0.x_t + r1 * eps.x_t, pred: r0 * x0.pred + r1 * eps.pred })
     }
 
     /// The score `∇_{x_t} log p_t(x_t) = −ε(p)/σ` as an [`Affine`] in `(x_t, p)`.
@@ -153,20 +133,13 @@ impl Prediction {
         if !(level.sigma > F::zero()) {
             return Err(degenerate("Prediction::to_score", level));
         }
-        let scale = Affine {
-            x_t: F::zero(),
-            pred: -F::one() / level.sigma,
-        };
+        let scale = Affine { x_t: F::zero(), pred: -F::one() / level.sigma };
         Ok(scale.after(self.to_epsilon(level)?))
     }
 }
 
 fn degenerate<F: Real>(op: &'static str, level: NoiseLevel<F>) -> Error {
-    Error::DegenerateNoiseLevel {
-        op,
-        alpha: level.alpha.to_f64_lossless(),
-        sigma: level.sigma.to_f64_lossless(),
-    }
+    Error::DegenerateNoiseLevel { op, alpha: level.alpha.to_f64_lossless(), sigma: level.sigma.to_f64_lossless() }
 }
 
 /// Converts a batch of predictions, one level per sample:
@@ -179,9 +152,7 @@ pub fn convert_batch<F: Real>(
     pred: &[F],
     out: &mut [F],
 ) -> Result<()> {
-    apply_batch("convert_batch", levels, x_t, pred, out, |l| {
-        from.convert_to(to, l)
-    })
+    apply_batch("convert_batch", levels, x_t, pred, out, |l| from.convert_to(to, l))
 }
 
 /// The score of a batch of predictions, one level per sample: `out = −ε(pred)/σ_b`.

@@ -39,10 +39,7 @@ pub fn uniform_open(x: u32) -> f32 {
 
 /// The four normals of block `block` of stream `seed` (Box–Muller in `F`).
 pub fn normal_block<F: Real>(seed: u64, block: u64) -> [F; 4] {
-    let r = philox4x32_10(
-        [block as u32, (block >> 32) as u32, 0, 0],
-        [seed as u32, (seed >> 32) as u32],
-    );
+    let r = philox4x32_10([block as u32, (block >> 32) as u32, 0, 0], [seed as u32, (seed >> 32) as u32]);
     let pair = |a: u32, b: u32| {
         let u1 = F::lit(uniform_open(a) as f64);
         let u2 = F::lit(uniform_open(b) as f64);

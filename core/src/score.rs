@@ -20,11 +20,7 @@ use crate::slices::{check_len, map2_per_sample};
 
 /// The likelihood term in prediction units, `Δ = p_cond − p_prior`, elementwise.
 pub fn likelihood<F: Real>(conditional: &[F], prior: &[F], out: &mut [F]) -> Result<()> {
-    check_len(
-        "score::likelihood",
-        conditional.len(),
-        &[prior.len(), out.len()],
-    )?;
+    check_len("score::likelihood", conditional.len(), &[prior.len(), out.len()])?;
     for ((o, &c), &p) in out.iter_mut().zip(conditional).zip(prior) {
         *o = c - p;
     }
@@ -47,17 +43,8 @@ pub fn guided<F: Real>(prior: &[F], likelihood: &[F], w: F, out: &mut [F]) -> Re
 }
 
 /// Guidance straight from two predictions: `prior + w·(conditional − prior)`.
-pub fn guided_from_predictions<F: Real>(
-    prior: &[F],
-    conditional: &[F],
-    w: F,
-    out: &mut [F],
-) -> Result<()> {
-    check_len(
-        "score::guided_from_predictions",
-        prior.len(),
-        &[conditional.len(), out.len()],
-    )?;
+pub fn guided_from_predictions<F: Real>(prior: &[F], conditional: &[F], w: F, out: &mut [F]) -> Result<()> {
+    check_len("score::guided_from_predictions", prior.len(), &[conditional.len(), out.len()])?;
     for ((o, &p), &c) in out.iter_mut().zip(prior).zip(conditional) {
         *o = p + w * (c - p);
     }
@@ -79,15 +66,8 @@ pub fn likelihood_score_batch<F: Real>(
     prior: &[F],
     out: &mut [F],
 ) -> Result<()> {
-    map2_per_sample(
-        "score::likelihood_score_batch",
-        levels,
-        conditional,
-        prior,
-        out,
-        |&level| {
-            let s = likelihood_score_scale(kind, level)?;
-            Ok(move |c: F, p: F| s * (c - p))
-        },
-    )
+    map2_per_sample("score::likelihood_score_batch", levels, conditional, prior, out, |&level| {
+        let s = likelihood_score_scale(kind, level)?;
+        Ok(move |c: F, p: F| s * (c - p))
+    })
 }

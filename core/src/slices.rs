@@ -18,10 +18,7 @@ pub(crate) fn per_sample_len(op: &'static str, len: usize, batch: usize) -> Resu
         return Err(Error::Empty { op });
     }
     if !len.is_multiple_of(batch) {
-        return Err(Error::invalid(
-            op,
-            alloc::format!("{len} elements cannot be split into {batch} equal samples"),
-        ));
+        return Err(Error::invalid(op, alloc::format!("{len} elements cannot be split into {batch} equal samples")));
     }
     Ok(len / batch)
 }

@@ -22,26 +22,17 @@ impl Tolerance {
 }
 
 /// Closed-form `f64` math (conversions, round trips, decomposition identities).
-pub const F64_MATH: Tolerance = Tolerance {
-    abs: 1e-10,
-    rel: 1e-9,
-};
+pub const F64_MATH: Tolerance = Tolerance { abs: 1e-10, rel: 1e-9 };
 
 /// Analytic gradient vs central finite difference in `f64` (step [`FD_STEP_F64`]).
-pub const F64_FINITE_DIFFERENCE: Tolerance = Tolerance {
-    abs: 1e-7,
-    rel: 1e-5,
-};
+pub const F64_FINITE_DIFFERENCE: Tolerance = Tolerance { abs: 1e-7, rel: 1e-5 };
 
 /// Central-difference step for `f64` gradient checks.
 pub const FD_STEP_F64: f64 = 1e-6;
 
 /// Analytic gradient vs central finite difference of an `f32` op (step [`FD_STEP_F32`]),
 /// the difference taken in `f64` over the op's `f32` outputs.
-pub const F32_FINITE_DIFFERENCE: Tolerance = Tolerance {
-    abs: 2e-3,
-    rel: 1e-2,
-};
+pub const F32_FINITE_DIFFERENCE: Tolerance = Tolerance { abs: 2e-3, rel: 1e-2 };
 
 /// Central-difference step for `f32` gradient checks.
 pub const FD_STEP_F32: f64 = 1e-2;
@@ -50,17 +41,8 @@ pub const FD_STEP_F32: f64 = 1e-2;
 /// rounding differences only; reductions over ≤ 10⁴ terms).
 pub fn backend_vs_reference(dtype: DType) -> Tolerance {
     match dtype {
-        DType::F32 => Tolerance {
-            abs: 1e-4,
-            rel: 1e-4,
-        },
-        DType::F16 => Tolerance {
-            abs: 2e-2,
-            rel: 1e-2,
-        },
-        DType::BF16 => Tolerance {
-            abs: 1e-1,
-            rel: 5e-2,
-        },
+        DType::F32 => Tolerance { abs: 1e-4, rel: 1e-4 },
+        DType::F16 => Tolerance { abs: 2e-2, rel: 1e-2 },
+        DType::BF16 => Tolerance { abs: 1e-1, rel: 5e-2 },
     }
 }

@@ -3,9 +3,7 @@
 mod common;
 
 use common::{assert_close, assert_close1, central_difference};
-use lisa_core::lisa::{
-    LisaLoss, SampleTerms, cosine_distance, lisa_loss, lisa_loss_fused, lisa_target, mse_loss,
-};
+use lisa_core::lisa::{LisaLoss, SampleTerms, cosine_distance, lisa_loss, lisa_loss_fused, lisa_target, mse_loss};
 use lisa_core::schedule::{BetaSchedule, DiscreteVp, RectifiedFlow};
 use lisa_core::tolerance::{F64_FINITE_DIFFERENCE, F64_MATH, FD_STEP_F64, Tolerance};
 use lisa_core::{Distance, Error, LisaConfig, Prediction, TargetSpace, Weighting};
@@ -20,10 +18,7 @@ fn batch() -> impl Strategy<Value = (Vec<f64>, Vec<f64>, Vec<f64>, Vec<SampleTer
             prop::collection::vec(-2.0f64..2.0, n),
             prop::collection::vec(-2.0f64..2.0, n),
             prop::collection::vec(
-                (0.1f64..3.0, 0.1f64..2.0).prop_map(|(s, w)| SampleTerms {
-                    target_scale: s,
-                    weight: w,
-                }),
+                (0.1f64..3.0, 0.1f64..2.0).prop_map(|(s, w)| SampleTerms { target_scale: s, weight: w }),
                 b,
             ),
         )
@@ -31,24 +26,12 @@ fn batch() -> impl Strategy<Value = (Vec<f64>, Vec<f64>, Vec<f64>, Vec<SampleTer
 }
 
 fn config(distance: Distance, lambda: f64) -> LisaConfig {
-    LisaConfig {
-        lambda,
-        distance,
-        ..LisaConfig::default()
-    }
+    LisaConfig { lambda, distance, ..LisaConfig::default() }
 }
 
-fn loss_value(
-    cfg: &LisaConfig,
-    terms: &[SampleTerms<f64>],
-    d: &[f64],
-    y: &[f64],
-    prior: &[f64],
-) -> f64 {
+fn loss_value(cfg: &LisaConfig, terms: &[SampleTerms<f64>], d: &[f64], y: &[f64], prior: &[f64]) -> f64 {
     let mut g = vec![0.0; d.len()];
-    lisa_loss_fused(cfg, terms, d, y, prior, &mut g)
-        .unwrap()
-        .weighted
+    lisa_loss_fused(cfg, terms, d, y, prior, &mut g).unwrap().weighted
 }
 
 proptest! {
@@ -154,155 +137,56 @@ fn weightings_follow_their_formulas() {
         let level = sched.level(t).unwrap();
         let snr = level.snr();
         let gamma = 5.0;
-        let min_snr = LisaConfig {
-            weighting: Weighting::MinSnr { gamma },
-            ..LisaConfig::default()
-        };
+        let min_snr = LisaConfig { weighting: Weighting::MinSnr { gamma }, ..LisaConfig::default() };
         let w = |kind| min_snr.sample_terms(kind, level).unwrap().weight;
-        let tol = Tolerance {
-            abs: 1e-12,
-            rel: 1e-9,
-        };
-        assert_close1(
-            "min-snr ε",
-            w(Prediction::Epsilon),
-            snr.min(gamma) / snr,
-            tol,
-        );
-        assert_close1(
-            "min-snr v",
-            w(Prediction::V),
-            snr.min(gamma) / (snr + 1.0),
-            tol,
-        );
+        let tol = Tolerance { abs: 1e-12, rel: 1e-9 };
+        assert_close1("min-snr ε", w(Prediction::Epsilon), snr.min(gamma) / snr, tol);
+        assert_close1("min-snr v", w(Prediction::V), snr.min(gamma) / (snr + 1.0), tol);
         assert_close1("min-snr x0", w(Prediction::Sample), snr.min(gamma), tol);
-        let plain = LisaConfig {
-            weighting: Weighting::Snr,
-            ..LisaConfig::default()
-        };
-        assert_close1(
-            "snr",
-            plain
-                .sample_terms(Prediction::Epsilon, level)
-                .unwrap()
-                .weight,
-            snr,
-            tol,
-        );
-        let unit = LisaConfig::default()
-            .sample_terms(Prediction::Epsilon, level)
-            .unwrap();
+        let plain = LisaConfig { weighting: Weighting::Snr, ..LisaConfig::default() };
+        assert_close1("snr", plain.sample_terms(Prediction::Epsilon, level).unwrap().weight, snr, tol);
+        let unit = LisaConfig::default().sample_terms(Prediction::Epsilon, level).unwrap();
         assert_eq!(unit, SampleTerms::unit());
-        let score_space = LisaConfig {
-            target_space: TargetSpace::Score,
-            ..LisaConfig::default()
-        };
-        let s = score_space
-            .sample_terms(Prediction::Epsilon, level)
-            .unwrap();
+        let score_space = LisaConfig { target_space: TargetSpace::Score, ..LisaConfig::default() };
+        let s = score_space.sample_terms(Prediction::Epsilon, level).unwrap();
         assert_close1("score-space scale", s.target_scale, -1.0 / level.sigma, tol);
     }
     let flow = RectifiedFlow::default().level(0.4).unwrap();
-    let min_snr = LisaConfig {
-        weighting: Weighting::MinSnr { gamma: 5.0 },
-        ..LisaConfig::default()
-    };
-    let w = min_snr
-        .sample_terms(Prediction::FlowVelocity, flow)
-        .unwrap()
-        .weight;
-    assert_close1(
-        "min-snr flow",
-        w,
-        flow.snr().min(5.0) * 0.4 * 0.4,
-        Tolerance {
-            abs: 1e-12,
-            rel: 1e-9,
-        },
-    );
+    let min_snr = LisaConfig { weighting: Weighting::MinSnr { gamma: 5.0 }, ..LisaConfig::default() };
+    let w = min_snr.sample_terms(Prediction::FlowVelocity, flow).unwrap().weight;
+    assert_close1("min-snr flow", w, flow.snr().min(5.0) * 0.4 * 0.4, Tolerance { abs: 1e-12, rel: 1e-9 });
 }
 
 #[test]
 fn bad_configs_and_inputs_are_typed_errors() {
     let level = RectifiedFlow::default().level(0.5).unwrap();
     for bad in [
-        LisaConfig {
-            lambda: -0.1,
-            ..LisaConfig::default()
-        },
-        LisaConfig {
-            lambda: f64::NAN,
-            ..LisaConfig::default()
-        },
-        LisaConfig {
-            cosine_eps: 0.0,
-            ..LisaConfig::default()
-        },
-        LisaConfig {
-            weighting: Weighting::MinSnr { gamma: -1.0 },
-            ..LisaConfig::default()
-        },
+        LisaConfig { lambda: -0.1, ..LisaConfig::default() },
+        LisaConfig { lambda: f64::NAN, ..LisaConfig::default() },
+        LisaConfig { cosine_eps: 0.0, ..LisaConfig::default() },
+        LisaConfig { weighting: Weighting::MinSnr { gamma: -1.0 }, ..LisaConfig::default() },
     ] {
-        assert!(
-            matches!(
-                bad.sample_terms(Prediction::Epsilon, level),
-                Err(Error::InvalidArgument { .. })
-            ),
-            "{bad:?}"
-        );
+        assert!(matches!(bad.sample_terms(Prediction::Epsilon, level), Err(Error::InvalidArgument { .. })), "{bad:?}");
         let mut g = [0.0; 2];
-        assert!(
-            lisa_loss(
-                &bad,
-                &[SampleTerms::unit()],
-                &[1.0, 2.0],
-                &[0.0, 0.0],
-                &mut g
-            )
-            .is_err()
-        );
+        assert!(lisa_loss(&bad, &[SampleTerms::unit()], &[1.0, 2.0], &[0.0, 0.0], &mut g).is_err());
     }
     let clean = RectifiedFlow::default().level(0.0).unwrap();
-    let snr_cfg = LisaConfig {
-        weighting: Weighting::Snr,
-        ..LisaConfig::default()
-    };
-    assert!(matches!(
-        snr_cfg.sample_terms(Prediction::Epsilon, clean),
-        Err(Error::DegenerateNoiseLevel { .. })
-    ));
+    let snr_cfg = LisaConfig { weighting: Weighting::Snr, ..LisaConfig::default() };
+    assert!(matches!(snr_cfg.sample_terms(Prediction::Epsilon, clean), Err(Error::DegenerateNoiseLevel { .. })));
     let mut g = [0.0; 3];
     let cfg = LisaConfig::default();
     assert!(matches!(
-        lisa_loss(
-            &cfg,
-            &[SampleTerms::unit(); 2],
-            &[1.0; 3],
-            &[0.0; 3],
-            &mut g
-        ),
+        lisa_loss(&cfg, &[SampleTerms::unit(); 2], &[1.0; 3], &[0.0; 3], &mut g),
         Err(Error::InvalidArgument { .. })
     ));
     assert!(matches!(
         lisa_loss(&cfg, &[SampleTerms::unit()], &[1.0; 3], &[0.0; 2], &mut g),
         Err(Error::LengthMismatch { .. })
     ));
+    assert!(matches!(lisa_loss::<f64>(&cfg, &[], &[], &[], &mut []), Err(Error::Empty { .. })));
     assert!(matches!(
-        lisa_loss::<f64>(&cfg, &[], &[], &[], &mut []),
-        Err(Error::Empty { .. })
-    ));
-    assert!(matches!(
-        lisa_loss(
-            &cfg,
-            &[SampleTerms::unit()],
-            &[f64::NAN; 3],
-            &[0.0; 3],
-            &mut g
-        ),
+        lisa_loss(&cfg, &[SampleTerms::unit()], &[f64::NAN; 3], &[0.0; 3], &mut g),
         Err(Error::NonFinite { .. })
     ));
-    assert!(matches!(
-        mse_loss(&[f64::INFINITY], &[0.0], &mut [0.0]),
-        Err(Error::NonFinite { .. })
-    ));
+    assert!(matches!(mse_loss(&[f64::INFINITY], &[0.0], &mut [0.0]), Err(Error::NonFinite { .. })));
 }

@@ -13,18 +13,11 @@ use proptest::prelude::*;
 /// divide by ~0 (the tolerance below is scaled by the conditioning anyway).
 fn any_level() -> impl Strategy<Value = NoiseLevel<f64>> {
     let discrete = (0usize..3, 0usize..1000).prop_map(|(k, t)| {
-        let kind = [
-            BetaSchedule::DDPM_LINEAR,
-            BetaSchedule::SD_SCALED_LINEAR,
-            BetaSchedule::COSINE,
-        ][k];
-        DiscreteVp::<f64>::new(kind, 1000)
-            .unwrap()
-            .level(t.min(998))
-            .unwrap()
+        let kind = [BetaSchedule::DDPM_LINEAR, BetaSchedule::SD_SCALED_LINEAR, BetaSchedule::COSINE][k];
+        DiscreteVp::<f64>::new(kind, 1000).unwrap().level(t.min(998)).unwrap()
     });
-    let flow = (0.01f64..0.99, prop::option::of(0.5f64..4.0))
-        .prop_map(|(t, shift)| RectifiedFlow { shift }.level(t).unwrap());
+    let flow =
+        (0.01f64..0.99, prop::option::of(0.5f64..4.0)).prop_map(|(t, shift)| RectifiedFlow { shift }.level(t).unwrap());
     prop_oneof![discrete, flow]
 }
 
@@ -35,10 +28,7 @@ fn any_kind() -> impl Strategy<Value = Prediction> {
 /// Tolerance for a value that went through divisions by α and σ.
 fn conditioned(level: NoiseLevel<f64>, magnitude: f64) -> Tolerance {
     let cond = 1.0 / (level.alpha.min(level.sigma).powi(2));
-    Tolerance {
-        abs: 1e-12 * cond * (1.0 + magnitude),
-        rel: 1e-10 * cond,
-    }
+    Tolerance { abs: 1e-12 * cond * (1.0 + magnitude), rel: 1e-10 * cond }
 }
 
 proptest! {
@@ -99,60 +89,22 @@ fn batch_conversion_uses_one_level_per_sample() {
     let x_t = [0.1, 0.2, 0.3, -0.4, 0.5, 0.6];
     let eps = [1.0, -1.0, 0.5, 0.25, -0.75, 2.0];
     let mut x0 = [0.0; 6];
-    convert_batch(
-        Prediction::Epsilon,
-        Prediction::Sample,
-        &levels,
-        &x_t,
-        &eps,
-        &mut x0,
-    )
-    .unwrap();
+    convert_batch(Prediction::Epsilon, Prediction::Sample, &levels, &x_t, &eps, &mut x0).unwrap();
     for i in 0..6 {
         let l = levels[i / 3];
-        assert_close1(
-            "x0",
-            x0[i],
-            (x_t[i] - l.sigma * eps[i]) / l.alpha,
-            Tolerance {
-                abs: 1e-12,
-                rel: 1e-12,
-            },
-        );
+        assert_close1("x0", x0[i], (x_t[i] - l.sigma * eps[i]) / l.alpha, Tolerance { abs: 1e-12, rel: 1e-12 });
     }
     let mut score = [0.0; 6];
     score_batch(Prediction::Epsilon, &levels, &x_t, &eps, &mut score).unwrap();
-    assert_close1(
-        "score",
-        score[4],
-        -eps[4] / levels[1].sigma,
-        Tolerance {
-            abs: 1e-12,
-            rel: 1e-12,
-        },
-    );
+    assert_close1("score", score[4], -eps[4] / levels[1].sigma, Tolerance { abs: 1e-12, rel: 1e-12 });
     // 6 elements cannot be split over 4 samples; lengths must agree.
     let four = [levels[0]; 4];
     assert!(matches!(
-        convert_batch(
-            Prediction::V,
-            Prediction::Sample,
-            &four,
-            &x_t,
-            &eps,
-            &mut x0
-        ),
+        convert_batch(Prediction::V, Prediction::Sample, &four, &x_t, &eps, &mut x0),
         Err(Error::InvalidArgument { .. })
     ));
     assert!(matches!(
-        convert_batch(
-            Prediction::V,
-            Prediction::Sample,
-            &levels,
-            &x_t[..5],
-            &eps,
-            &mut x0
-        ),
+        convert_batch(Prediction::V, Prediction::Sample, &levels, &x_t[..5], &eps, &mut x0),
         Err(Error::LengthMismatch { .. })
     ));
 }
@@ -160,24 +112,12 @@ fn batch_conversion_uses_one_level_per_sample() {
 #[test]
 fn degenerate_levels_are_errors_not_infinities() {
     let clean = NoiseLevel::new(1.0f64, 0.0).unwrap();
-    assert!(matches!(
-        Prediction::Epsilon.to_score(clean),
-        Err(Error::DegenerateNoiseLevel { .. })
-    ));
-    assert!(matches!(
-        Prediction::Sample.to_epsilon(clean),
-        Err(Error::DegenerateNoiseLevel { .. })
-    ));
+    assert!(matches!(Prediction::Epsilon.to_score(clean), Err(Error::DegenerateNoiseLevel { .. })));
+    assert!(matches!(Prediction::Sample.to_epsilon(clean), Err(Error::DegenerateNoiseLevel { .. })));
     let pure_noise = NoiseLevel::new(0.0f64, 1.0).unwrap();
-    assert!(matches!(
-        Prediction::Epsilon.to_sample(pure_noise),
-        Err(Error::DegenerateNoiseLevel { .. })
-    ));
+    assert!(matches!(Prediction::Epsilon.to_sample(pure_noise), Err(Error::DegenerateNoiseLevel { .. })));
     // v and flow stay invertible at both ends.
-    assert!(
-        Prediction::V.to_sample(pure_noise).is_ok()
-            && Prediction::FlowVelocity.to_epsilon(clean).is_ok()
-    );
+    assert!(Prediction::V.to_sample(pure_noise).is_ok() && Prediction::FlowVelocity.to_epsilon(clean).is_ok());
     assert!(NoiseLevel::new(0.0f64, 0.0).is_err());
     assert!(NoiseLevel::new(f64::NAN, 1.0).is_err());
     assert!(NoiseLevel::new(-0.5f64, 1.0).is_err());

@@ -26,11 +26,7 @@ fn alphas_cumprod_strictly_decreasing_for_every_schedule() {
         assert_eq!(acp.len(), T);
         assert!(acp[0] < 1.0 && acp[T - 1] > 0.0, "{name}");
         for t in 1..T {
-            assert!(
-                acp[t] < acp[t - 1],
-                "{name}: alphas_cumprod[{t}] not < [{}]",
-                t - 1
-            );
+            assert!(acp[t] < acp[t - 1], "{name}: alphas_cumprod[{t}] not < [{}]", t - 1);
         }
     }
 }
@@ -45,22 +41,9 @@ fn linear_endpoints_recomputed_from_the_formula() {
     let s = DiscreteVp::<f64>::new(BetaSchedule::DDPM_LINEAR, T).unwrap();
     let beta = |i: usize| 1e-4 + (0.02 - 1e-4) * i as f64 / 999.0;
     assert_close1("acp[0]", s.alphas_cumprod()[0], 1.0 - 1e-4, F64_MATH);
-    assert_close1(
-        "acp[999]",
-        s.alphas_cumprod()[999],
-        cumprod(999, beta),
-        F64_MATH,
-    );
+    assert_close1("acp[999]", s.alphas_cumprod()[999], cumprod(999, beta), F64_MATH);
     // diffusers' DDPMScheduler (float32): alphas_cumprod[-1] = 4.0358e-05.
-    assert_close1(
-        "acp[999] vs diffusers",
-        s.alphas_cumprod()[999],
-        4.0358e-5,
-        Tolerance {
-            abs: 0.0,
-            rel: 1e-3,
-        },
-    );
+    assert_close1("acp[999] vs diffusers", s.alphas_cumprod()[999], 4.0358e-5, Tolerance { abs: 0.0, rel: 1e-3 });
 }
 
 #[test]
@@ -69,50 +52,20 @@ fn scaled_linear_endpoints_recomputed_from_the_formula() {
     let (a, b) = (0.00085f64.sqrt(), 0.012f64.sqrt());
     let beta = |i: usize| (a + (b - a) * i as f64 / 999.0).powi(2);
     assert_close1("acp[0]", s.alphas_cumprod()[0], 1.0 - 0.00085, F64_MATH);
-    assert_close1(
-        "acp[999]",
-        s.alphas_cumprod()[999],
-        cumprod(999, beta),
-        F64_MATH,
-    );
+    assert_close1("acp[999]", s.alphas_cumprod()[999], cumprod(999, beta), F64_MATH);
     // Stable Diffusion: sqrt(alphas_cumprod[-1]) ≈ 0.0683 (alphas_cumprod[-1] ≈ 0.00466).
-    assert_close1(
-        "acp[999] vs SD",
-        s.alphas_cumprod()[999],
-        0.00466,
-        Tolerance {
-            abs: 0.0,
-            rel: 2e-2,
-        },
-    );
+    assert_close1("acp[999] vs SD", s.alphas_cumprod()[999], 0.00466, Tolerance { abs: 0.0, rel: 2e-2 });
 }
 
 #[test]
 fn cosine_endpoints_from_the_telescoping_product() {
     // Unclipped, ∏(1 − β_i) = ᾱ((t+1)/T)/ᾱ(0); only the last β (1 − 0/…) hits the 0.999 clip.
-    let f = |s: f64| {
-        ((s + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2)
-            .cos()
-            .powi(2)
-    };
+    let f = |s: f64| ((s + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2).cos().powi(2);
     let s = DiscreteVp::<f64>::new(BetaSchedule::COSINE, T).unwrap();
-    assert_close1(
-        "acp[0]",
-        s.alphas_cumprod()[0],
-        f(1.0 / 1000.0) / f(0.0),
-        F64_MATH,
-    );
+    assert_close1("acp[0]", s.alphas_cumprod()[0], f(1.0 / 1000.0) / f(0.0), F64_MATH);
     assert_close1("beta[999] clipped", s.betas()[999], 0.999, F64_MATH);
     let want = f(999.0 / 1000.0) / f(0.0) * (1.0 - 0.999);
-    assert_close1(
-        "acp[999]",
-        s.alphas_cumprod()[999],
-        want,
-        Tolerance {
-            abs: 1e-15,
-            rel: 1e-8,
-        },
-    );
+    assert_close1("acp[999]", s.alphas_cumprod()[999], want, Tolerance { abs: 1e-15, rel: 1e-8 });
 }
 
 #[test]
@@ -124,28 +77,10 @@ fn discrete_levels_are_variance_preserving_with_matching_snr() {
             assert_close1(name, l.alpha * l.alpha + l.sigma * l.sigma, 1.0, F64_MATH);
             let acp = s.alphas_cumprod()[t];
             assert_close1(name, s.snr(t).unwrap(), acp / (1.0 - acp), F64_MATH);
-            assert_close1(
-                name,
-                l.snr(),
-                acp / (1.0 - acp),
-                Tolerance {
-                    abs: 1e-9,
-                    rel: 1e-8,
-                },
-            );
+            assert_close1(name, l.snr(), acp / (1.0 - acp), Tolerance { abs: 1e-9, rel: 1e-8 });
             let (x0, eps) = (0.3, -1.2);
-            assert_close1(
-                name,
-                s.add_noise(x0, eps, t).unwrap(),
-                acp.sqrt() * x0 + (1.0 - acp).sqrt() * eps,
-                F64_MATH,
-            );
-            assert_close1(
-                name,
-                s.velocity(x0, eps, t).unwrap(),
-                acp.sqrt() * eps - (1.0 - acp).sqrt() * x0,
-                F64_MATH,
-            );
+            assert_close1(name, s.add_noise(x0, eps, t).unwrap(), acp.sqrt() * x0 + (1.0 - acp).sqrt() * eps, F64_MATH);
+            assert_close1(name, s.velocity(x0, eps, t).unwrap(), acp.sqrt() * eps - (1.0 - acp).sqrt() * x0, F64_MATH);
         }
     }
 }
@@ -155,46 +90,20 @@ fn f32_schedule_matches_f64_to_f32_precision() {
     let a = DiscreteVp::<f32>::new(BetaSchedule::SD_SCALED_LINEAR, T).unwrap();
     let b = DiscreteVp::<f64>::new(BetaSchedule::SD_SCALED_LINEAR, T).unwrap();
     for t in 0..T {
-        let tol = Tolerance {
-            abs: 1e-7,
-            rel: 1e-4,
-        };
-        assert_close1(
-            "acp f32",
-            a.alphas_cumprod()[t] as f64,
-            b.alphas_cumprod()[t],
-            tol,
-        );
+        let tol = Tolerance { abs: 1e-7, rel: 1e-4 };
+        assert_close1("acp f32", a.alphas_cumprod()[t] as f64, b.alphas_cumprod()[t], tol);
     }
 }
 
 #[test]
 fn bad_schedule_inputs_are_typed_errors() {
-    assert!(matches!(
-        DiscreteVp::<f64>::new(BetaSchedule::DDPM_LINEAR, 0),
-        Err(Error::Empty { .. })
-    ));
-    let bad = BetaSchedule::Linear {
-        start: -1.0,
-        end: 0.02,
-    };
-    assert!(matches!(
-        DiscreteVp::<f64>::new(bad, 10),
-        Err(Error::InvalidArgument { .. })
-    ));
-    let bad = BetaSchedule::Linear {
-        start: f64::NAN,
-        end: 0.02,
-    };
-    assert!(matches!(
-        DiscreteVp::<f64>::new(bad, 10),
-        Err(Error::InvalidArgument { .. })
-    ));
+    assert!(matches!(DiscreteVp::<f64>::new(BetaSchedule::DDPM_LINEAR, 0), Err(Error::Empty { .. })));
+    let bad = BetaSchedule::Linear { start: -1.0, end: 0.02 };
+    assert!(matches!(DiscreteVp::<f64>::new(bad, 10), Err(Error::InvalidArgument { .. })));
+    let bad = BetaSchedule::Linear { start: f64::NAN, end: 0.02 };
+    assert!(matches!(DiscreteVp::<f64>::new(bad, 10), Err(Error::InvalidArgument { .. })));
     let bad = BetaSchedule::SquaredCosCapV2 { max_beta: 1.0 };
-    assert!(matches!(
-        DiscreteVp::<f64>::new(bad, 10),
-        Err(Error::InvalidArgument { .. })
-    ));
+    assert!(matches!(DiscreteVp::<f64>::new(bad, 10), Err(Error::InvalidArgument { .. })));
     let s = DiscreteVp::<f64>::new(BetaSchedule::DDPM_LINEAR, 10).unwrap();
     assert!(matches!(s.level(10), Err(Error::InvalidArgument { .. })));
     assert!(RectifiedFlow::default().level(1.5f64).is_err());
@@ -211,30 +120,17 @@ fn rectified_flow_levels_and_sd3_shift() {
     let t = 0.25f64;
     let want = 3.0 * t / (1.0 + 2.0 * t);
     assert_close1("shift", shifted.level(t).unwrap().sigma, want, F64_MATH);
-    assert_close1(
-        "shift(1)=1",
-        shifted.shifted_time(1.0f64).unwrap(),
-        1.0,
-        F64_MATH,
-    );
+    assert_close1("shift(1)=1", shifted.shifted_time(1.0f64).unwrap(), 1.0, F64_MATH);
     assert_eq!(shifted.shifted_time(0.0f64).unwrap(), 0.0);
 }
 
 #[test]
 fn continuous_vp_endpoints() {
-    let lin = ContinuousVp::Linear {
-        beta_min: 0.1,
-        beta_max: 20.0,
-    };
+    let lin = ContinuousVp::Linear { beta_min: 0.1, beta_max: 20.0 };
     let l0 = lin.level(0.0f64).unwrap();
     assert_eq!((l0.alpha, l0.sigma), (1.0, 0.0));
     let l1 = lin.level(1.0f64).unwrap();
-    assert_close1(
-        "linear ᾱ(1)",
-        l1.alpha * l1.alpha,
-        (-(0.1 + 0.5 * 19.9f64)).exp(),
-        F64_MATH,
-    );
+    assert_close1("linear ᾱ(1)", l1.alpha * l1.alpha, (-(0.1 + 0.5 * 19.9f64)).exp(), F64_MATH);
     let cos = ContinuousVp::Cosine { s: 0.008 };
     assert_close1("cos ᾱ(0)", cos.alpha_bar(0.0f64).unwrap(), 1.0, F64_MATH);
     assert!(cos.alpha_bar(1.0f64).unwrap() < 1e-8);

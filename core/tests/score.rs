@@ -5,8 +5,7 @@ mod common;
 use common::assert_close;
 use lisa_core::schedule::{BetaSchedule, DiscreteVp, RectifiedFlow};
 use lisa_core::score::{
-    conditional, guided, guided_from_predictions, likelihood, likelihood_score_batch,
-    likelihood_score_scale,
+    conditional, guided, guided_from_predictions, likelihood, likelihood_score_batch, likelihood_score_scale,
 };
 use lisa_core::tolerance::{F64_MATH, Tolerance};
 use lisa_core::{NoiseLevel, Prediction};
@@ -18,12 +17,8 @@ fn values(n: usize) -> impl Strategy<Value = Vec<f64>> {
 
 fn any_level() -> impl Strategy<Value = NoiseLevel<f64>> {
     prop_oneof![
-        (0usize..999).prop_map(
-            |t| DiscreteVp::<f64>::new(BetaSchedule::SD_SCALED_LINEAR, 1000)
-                .unwrap()
-                .level(t)
-                .unwrap()
-        ),
+        (0usize..999)
+            .prop_map(|t| DiscreteVp::<f64>::new(BetaSchedule::SD_SCALED_LINEAR, 1000).unwrap().level(t).unwrap()),
         (0.02f64..0.98).prop_map(|t| RectifiedFlow::default().level(t).unwrap()),
     ]
 }
@@ -65,10 +60,7 @@ proptest! {
 
 #[test]
 fn epsilon_likelihood_is_minus_sigma_times_likelihood_score() {
-    let level = DiscreteVp::<f64>::new(BetaSchedule::DDPM_LINEAR, 1000)
-        .unwrap()
-        .level(400)
-        .unwrap();
+    let level = DiscreteVp::<f64>::new(BetaSchedule::DDPM_LINEAR, 1000).unwrap().level(400).unwrap();
     let b = likelihood_score_scale(Prediction::Epsilon, level).unwrap();
     assert!(F64_MATH.accepts(b, -1.0 / level.sigma));
     let flow = RectifiedFlow::default().level(0.3).unwrap();

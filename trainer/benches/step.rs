@@ -33,16 +33,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn run(mode: Mode, subbatch: Option<usize>, steps: usize, data: &FillCircles) -> (f64, u64, u64) {
-    let model =
-        DualModel::<C>::new(&ModelConfig::default(), mode == Mode::Lisa, CpuDevice, 0).unwrap();
+    let model = DualModel::<C>::new(&ModelConfig::default(), mode == Mode::Lisa, CpuDevice, 0).unwrap();
     let mut t = Trainer::new(
         model,
-        TrainConfig {
-            mode,
-            lisa_subbatch: subbatch,
-            max_train_steps: steps as u64,
-            ..TrainConfig::default()
-        },
+        TrainConfig { mode, lisa_subbatch: subbatch, max_train_steps: steps as u64, ..TrainConfig::default() },
     )
     .unwrap();
     let warm = 3.min(steps);
@@ -64,51 +58,23 @@ fn run(mode: Mode, subbatch: Option<usize>, steps: usize, data: &FillCircles) ->
 /// N/10 steps (flat memory = no leak across steps).
 fn memory_run(steps: usize, data: &FillCircles) {
     let model = DualModel::<C>::new(&ModelConfig::default(), true, CpuDevice, 0).unwrap();
-    let mut t = Trainer::new(
-        model,
-        TrainConfig {
-            max_train_steps: steps as u64,
-            ..TrainConfig::default()
-        },
-    )
-    .unwrap();
+    let mut t = Trainer::new(model, TrainConfig { max_train_steps: steps as u64, ..TrainConfig::default() }).unwrap();
     println!("| step | RSS | peak RSS |\n|---|---|---|");
     for i in 1..=steps {
         t.step(data).unwrap();
         if i % (steps / 10).max(1) == 0 || i == 1 {
-            println!(
-                "| {i} | {} MiB | {} MiB |",
-                rss_kib("VmRSS:") / 1024,
-                rss_kib("VmHWM:") / 1024
-            );
+            println!("| {i} | {} MiB | {} MiB |", rss_kib("VmRSS:") / 1024, rss_kib("VmHWM:") / 1024);
         }
     }
 }
 
 fn main() {
-    if let Some(n) = std::env::var("LISA_BENCH_MEMORY_STEPS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-    {
-        memory_run(
-            n,
-            &FillCircles {
-                resolution: 32,
-                len: 4096,
-                seed: 0,
-            },
-        );
+    if let Some(n) = std::env::var("LISA_BENCH_MEMORY_STEPS").ok().and_then(|s| s.parse().ok()) {
+        memory_run(n, &FillCircles { resolution: 32, len: 4096, seed: 0 });
         return;
     }
-    let steps: usize = std::env::var("LISA_BENCH_STEPS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(23);
-    let data = FillCircles {
-        resolution: 32,
-        len: 4096,
-        seed: 0,
-    };
+    let steps: usize = std::env::var("LISA_BENCH_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(23);
+    let data = FillCircles { resolution: 32, len: 4096, seed: 0 };
     println!(
         "reference toy configuration, batch 32, 32×32, CPU backend, {} threads, {steps} steps per arm\n",
         rayon::current_num_threads()
@@ -128,20 +94,13 @@ fn main() {
     .unwrap();
     let cond = Conditioning {
         t: (0..32).map(|i| (i * 31 % 1000) as f32).collect(),
-        prompts: vec![
-            (0..32).map(|i| i % 8).collect(),
-            (0..32).map(|i| (i + 1) % 8).collect(),
-        ],
+        prompts: vec![(0..32).map(|i| i % 8).collect(), (0..32).map(|i| (i + 1) % 8).collect()],
     };
     let tape = Tape::<C>::new();
     let b = model.store.bind(&tape);
     let (temb, enc) = tape.no_grad(|| {
         let temb = model.main.time.forward(&b, &cond).unwrap();
-        let enc = model
-            .main
-            .encoder
-            .forward(&b, &tape.constant(x.clone()), &temb, None)
-            .unwrap();
+        let enc = model.main.encoder.forward(&b, &tape.constant(x.clone()), &temb, None).unwrap();
         (temb, enc)
     });
     let prior = median(
@@ -169,13 +128,7 @@ fn main() {
                 let s = Instant::now();
                 let hv = tape.leaf(h.clone());
                 let out = decoder.forward(&b, &hv, &cond.t).unwrap();
-                let g = C::full(
-                    &C::shape(&out.value),
-                    1e-3,
-                    lisa_core::backend::DType::F32,
-                    &CpuDevice,
-                )
-                .unwrap();
+                let g = C::full(&C::shape(&out.value), 1e-3, lisa_core::backend::DType::F32, &CpuDevice).unwrap();
                 tape.backward(&[(&out, g)]).unwrap();
                 s.elapsed().as_secs_f64()
             })
@@ -184,38 +137,15 @@ fn main() {
 
     println!("| arm | median step | RSS after warm-up | RSS at end |");
     println!("|---|---|---|---|");
-    println!(
-        "| baseline | {:.3} s | {} MiB | {} MiB |",
-        base,
-        base_rss0 / 1024,
-        base_rss1 / 1024
-    );
-    println!(
-        "| LISA | {:.3} s | {} MiB | {} MiB |",
-        lisa,
-        lisa_rss0 / 1024,
-        lisa_rss1 / 1024
-    );
-    println!(
-        "| LISA, sub-batch 16 | {:.3} s | {} MiB | {} MiB |",
-        half,
-        half_rss0 / 1024,
-        half_rss1 / 1024
-    );
-    println!(
-        "\nLISA / baseline = {:.3}; LISA sub-batch 16 / baseline = {:.3}",
-        lisa / base,
-        half / base
-    );
+    println!("| baseline | {:.3} s | {} MiB | {} MiB |", base, base_rss0 / 1024, base_rss1 / 1024);
+    println!("| LISA | {:.3} s | {} MiB | {} MiB |", lisa, lisa_rss0 / 1024, lisa_rss1 / 1024);
+    println!("| LISA, sub-batch 16 | {:.3} s | {} MiB | {} MiB |", half, half_rss0 / 1024, half_rss1 / 1024);
+    println!("\nLISA / baseline = {:.3}; LISA sub-batch 16 / baseline = {:.3}", lisa / base, half / base);
     println!(
         "prior pass (main up path, no grad): {:.1} ms = {:.0}% of the LISA step",
         prior * 1e3,
         100.0 * prior / lisa
     );
-    println!(
-        "LISA decoder (forward + backward): {:.1} ms = {:.0}% of the LISA step",
-        dec * 1e3,
-        100.0 * dec / lisa
-    );
+    println!("LISA decoder (forward + backward): {:.1} ms = {:.0}% of the LISA step", dec * 1e3, 100.0 * dec / lisa);
     println!("peak RSS of the process: {} MiB", rss_kib("VmHWM:") / 1024);
 }

@@ -82,13 +82,7 @@ impl FillCircles {
         let cy = margin + (res - 2.0 * margin).max(0.0) * u(2);
         let fill = (r[3] % 8) as usize;
         let background = (fill + 1 + ((r[3] >> 8) % 7) as usize) % 8;
-        Circle {
-            cx,
-            cy,
-            radius,
-            fill,
-            background,
-        }
+        Circle { cx, cy, radius, fill, background }
     }
 }
 
@@ -116,10 +110,6 @@ impl Dataset for FillCircles {
                 }
             }
         }
-        Ok(Example {
-            image,
-            hint,
-            prompt: vec![c.fill, c.background],
-        })
+        Ok(Example { image, hint, prompt: vec![c.fill, c.background] })
     }
 }

@@ -13,6 +13,7 @@ pub mod model;
 pub mod nn;
 pub mod optim;
 pub mod params;
+pub mod pretrain;
 pub mod run;
 pub mod sample;
 pub mod train;

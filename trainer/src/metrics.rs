@@ -9,11 +9,7 @@ pub fn iou(a: &[bool], b: &[bool]) -> f32 {
         inter += usize::from(x && y);
         union += usize::from(x || y);
     }
-    if union == 0 {
-        1.0
-    } else {
-        inter as f32 / union as f32
-    }
+    if union == 0 { 1.0 } else { inter as f32 / union as f32 }
 }
 
 /// The disc the condition outlines: pixel centres within the radius (same rule as the data).
@@ -21,8 +17,7 @@ pub fn disc_mask(circle: &Circle, resolution: usize) -> Vec<bool> {
     let mut m = vec![false; resolution * resolution];
     for y in 0..resolution {
         for x in 0..resolution {
-            let d = ((x as f32 + 0.5 - circle.cx).powi(2) + (y as f32 + 0.5 - circle.cy).powi(2))
-                .sqrt();
+            let d = ((x as f32 + 0.5 - circle.cx).powi(2) + (y as f32 + 0.5 - circle.cy).powi(2)).sqrt();
             m[y * resolution + x] = d <= circle.radius;
         }
     }
@@ -33,10 +28,7 @@ pub fn disc_mask(circle: &Circle, resolution: usize) -> Vec<bool> {
 /// prompt's circle colour than to its background colour.
 pub fn circle_mask(image: &[f32], resolution: usize, fill: usize, background: usize) -> Vec<bool> {
     let plane = resolution * resolution;
-    let (f, b) = (
-        PALETTE[fill % PALETTE.len()].1,
-        PALETTE[background % PALETTE.len()].1,
-    );
+    let (f, b) = (PALETTE[fill % PALETTE.len()].1, PALETTE[background % PALETTE.len()].1);
     (0..plane)
         .map(|i| {
             let px = [0, 1, 2].map(|c| (image[c * plane + i] + 1.0) * 0.5);
@@ -56,10 +48,7 @@ pub fn colour_error(image: &[f32], resolution: usize, circle: &Circle) -> f32 {
     let total: f32 = (0..plane)
         .map(|i| {
             let want = if disc[i] { f } else { b };
-            (0..3)
-                .map(|c| ((image[c * plane + i] + 1.0) * 0.5 - want[c]).powi(2))
-                .sum::<f32>()
-                .sqrt()
+            (0..3).map(|c| ((image[c * plane + i] + 1.0) * 0.5 - want[c]).powi(2)).sum::<f32>().sqrt()
         })
         .sum();
     total / plane as f32
@@ -67,8 +56,5 @@ pub fn colour_error(image: &[f32], resolution: usize, circle: &Circle) -> f32 {
 
 /// IoU between the generated circle (by colour) and the condition's disc.
 pub fn controllability_iou(image: &[f32], resolution: usize, circle: &Circle) -> f32 {
-    iou(
-        &circle_mask(image, resolution, circle.fill, circle.background),
-        &disc_mask(circle, resolution),
-    )
+    iou(&circle_mask(image, resolution, circle.fill, circle.background), &disc_mask(circle, resolution))
 }

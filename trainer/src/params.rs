@@ -46,11 +46,7 @@ pub struct ParamStore<B: Backend> {
 impl<B: Backend> ParamStore<B> {
     /// An empty store; initial values derive from `seed` and each parameter's index.
     pub fn new(device: B::Device, seed: u64) -> Self {
-        Self {
-            params: Vec::new(),
-            device,
-            seed,
-        }
+        Self { params: Vec::new(), device, seed }
     }
 
     /// The device parameters live on.
@@ -59,18 +55,10 @@ impl<B: Backend> ParamStore<B> {
     }
 
     /// Creates a parameter. Names must be unique.
-    pub fn add(
-        &mut self,
-        name: impl Into<String>,
-        shape: &[usize],
-        init: Init,
-        trainable: bool,
-    ) -> Result<ParamId> {
+    pub fn add(&mut self, name: impl Into<String>, shape: &[usize], init: Init, trainable: bool) -> Result<ParamId> {
         let name = name.into();
         if self.params.iter().any(|p| p.name == name) {
-            return Err(TrainError::Config(format!(
-                "duplicate parameter name {name}"
-            )));
+            return Err(TrainError::Config(format!("duplicate parameter name {name}")));
         }
         let shape = Shape::new(shape);
         let n = shape.num_elements()?;
@@ -80,8 +68,7 @@ impl<B: Backend> ParamStore<B> {
             Init::LecunNormal { fan_in } => {
                 let mut v = vec![0.0f32; n];
                 fill_normal(
-                    self.seed
-                        ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(self.params.len() as u64 + 1)),
+                    self.seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(self.params.len() as u64 + 1)),
                     0,
                     &mut v,
                 );
@@ -91,11 +78,7 @@ impl<B: Backend> ParamStore<B> {
             }
         };
         let value = B::from_slice(&data, &shape, DType::F32, &self.device)?;
-        self.params.push(Param {
-            name,
-            value,
-            trainable,
-        });
+        self.params.push(Param { name, value, trainable });
         Ok(ParamId(self.params.len() - 1))
     }
 
@@ -144,13 +127,7 @@ impl<B: Backend> ParamStore<B> {
         let vars = self
             .params
             .iter()
-            .map(|p| {
-                if p.trainable {
-                    tape.leaf(p.value.clone())
-                } else {
-                    tape.constant(p.value.clone())
-                }
-            })
+            .map(|p| if p.trainable { tape.leaf(p.value.clone()) } else { tape.constant(p.value.clone()) })
             .collect();
         Bound { tape, vars }
     }
@@ -171,10 +148,6 @@ impl<'t, B: Backend> Bound<'t, B> {
 
     /// The tape leaf of each trainable parameter, to read gradients after `backward`.
     pub fn leaves(&self) -> Vec<(ParamId, VarId)> {
-        self.vars
-            .iter()
-            .enumerate()
-            .filter_map(|(i, v)| v.id().map(|id| (ParamId(i), id)))
-            .collect()
+        self.vars.iter().enumerate().filter_map(|(i, v)| v.id().map(|id| (ParamId(i), id))).collect()
     }
 }

@@ -37,29 +37,20 @@ pub struct RunStream {
 impl RunStream {
     /// A fresh stream.
     pub fn new(seed: u64) -> Self {
-        Self {
-            seed,
-            state: TrainState::default(),
-            permutation: (u64::MAX, Vec::new()),
-        }
+        Self { seed, state: TrainState::default(), permutation: (u64::MAX, Vec::new()) }
     }
 
     /// The next 64-bit seed (Philox of the counter).
     pub fn next_seed(&mut self) -> u64 {
         let c = self.state.rng_counter;
         self.state.rng_counter += 1;
-        let r = philox4x32_10(
-            [c as u32, (c >> 32) as u32, 0x5eed, 0],
-            [self.seed as u32, (self.seed >> 32) as u32],
-        );
+        let r = philox4x32_10([c as u32, (c >> 32) as u32, 0x5eed, 0], [self.seed as u32, (self.seed >> 32) as u32]);
         (r[0] as u64) << 32 | r[1] as u64
     }
 
     /// `n` uniforms in (0, 1).
     pub fn uniforms(&mut self, n: usize) -> Vec<f32> {
-        (0..n)
-            .map(|_| uniform_open(self.next_seed() as u32))
-            .collect()
+        (0..n).map(|_| uniform_open(self.next_seed() as u32)).collect()
     }
 
     /// The next `n` example indices: a seeded permutation per epoch, wrapping into the next.
@@ -103,10 +94,9 @@ impl NoiseProcess {
     /// Prepares `config`.
     pub fn new(config: &NoiseConfig) -> Result<Self> {
         Ok(match *config {
-            NoiseConfig::Diffusion {
-                betas,
-                num_train_timesteps,
-            } => NoiseProcess::Diffusion(DiscreteVp::new(betas, num_train_timesteps)?),
+            NoiseConfig::Diffusion { betas, num_train_timesteps } => {
+                NoiseProcess::Diffusion(DiscreteVp::new(betas, num_train_timesteps)?)
+            }
             NoiseConfig::Flow { shift } => NoiseProcess::Flow(RectifiedFlow { shift }),
         })
     }
@@ -116,8 +106,7 @@ impl NoiseProcess {
     pub fn draw(&self, u: f32) -> Result<(f32, NoiseLevel<f32>)> {
         match self {
             NoiseProcess::Diffusion(s) => {
-                let t = ((u * s.num_train_timesteps() as f32) as usize)
-                    .min(s.num_train_timesteps() - 1);
+                let t = ((u * s.num_train_timesteps() as f32) as usize).min(s.num_train_timesteps() - 1);
                 Ok((t as f32, s.level(t)?))
             }
             NoiseProcess::Flow(f) => Ok((1000.0 * u, f.level(u)?)),
@@ -131,22 +120,23 @@ pub struct NoisedBatch<B: Backend> {
     pub x_t: B::Tensor,
     /// The prediction target (ε, v, x₀ or u), `[n, c, r, r]`.
     pub y: B::Tensor,
-    /// `[n, c_hint, r, r]`.
-    pub hint: B::Tensor,
+    /// `[n, c_hint, r, r]`, when hints were asked for.
+    pub hint: Option<B::Tensor>,
     /// One level per sample.
     pub levels: Vec<NoiseLevel<f32>>,
     /// Timesteps and prompts.
     pub cond: Conditioning,
 }
 
-/// Noises `examples` for a model of shape `u` (hints of `hint_channels`). With probability
+/// Noises `examples` for a model of shape `u` (with hints of `hint_channels` channels, or
+/// none for the main model alone). With probability
 /// `null_prompt_prob` a sample's prompt ids are all replaced by the null ids (classifier-free
 /// guidance training).
 pub fn noise_batch<B: Backend>(
     stream: &mut RunStream,
     noise: &NoiseProcess,
     u: &UNetConfig,
-    hint_channels: usize,
+    hint_channels: Option<usize>,
     examples: &[Example],
     null_prompt_prob: f32,
     device: &B::Device,
@@ -154,26 +144,29 @@ pub fn noise_batch<B: Backend>(
     let n = examples.len();
     let (c, r) = (u.image_channels, u.resolution);
     let mut image = Vec::with_capacity(n * c * r * r);
-    let mut hint = Vec::with_capacity(n * hint_channels * r * r);
+    let mut hint = Vec::with_capacity(n * hint_channels.unwrap_or(0) * r * r);
     for e in examples {
-        if e.image.len() != c * r * r || e.hint.len() != hint_channels * r * r {
+        if e.image.len() != c * r * r {
             return Err(TrainError::Config(format!(
-                "example does not match the model: image {} values (want {}), hint {} (want {})",
+                "example image has {} values, the model wants {}",
                 e.image.len(),
-                c * r * r,
-                e.hint.len(),
-                hint_channels * r * r
+                c * r * r
             )));
         }
         image.extend_from_slice(&e.image);
-        hint.extend_from_slice(&e.hint);
+        if let Some(hc) = hint_channels {
+            if e.hint.len() != hc * r * r {
+                return Err(TrainError::Config(format!(
+                    "example hint has {} values, the model wants {}",
+                    e.hint.len(),
+                    hc * r * r
+                )));
+            }
+            hint.extend_from_slice(&e.hint);
+        }
     }
     let drop_prompt = if null_prompt_prob > 0.0 {
-        stream
-            .uniforms(n)
-            .into_iter()
-            .map(|v| v < null_prompt_prob)
-            .collect()
+        stream.uniforms(n).into_iter().map(|v| v < null_prompt_prob).collect()
     } else {
         vec![false; n]
     };
@@ -183,13 +176,7 @@ pub fn noise_batch<B: Backend>(
             examples
                 .iter()
                 .zip(&drop_prompt)
-                .map(|(e, &drop)| {
-                    if drop {
-                        null
-                    } else {
-                        e.prompt.get(k).copied().unwrap_or(null)
-                    }
-                })
+                .map(|(e, &drop)| if drop { null } else { e.prompt.get(k).copied().unwrap_or(null) })
                 .collect()
         })
         .collect();
@@ -202,39 +189,20 @@ pub fn noise_batch<B: Backend>(
     }
     let shape = Shape::new([n, c, r, r]);
     let x0 = B::from_slice(&image, &shape, DType::F32, device)?;
-    let hint = B::from_slice(
-        &hint,
-        &Shape::new([n, hint_channels, r, r]),
-        DType::F32,
-        device,
-    )?;
+    let hint = match hint_channels {
+        Some(hc) => Some(B::from_slice(&hint, &Shape::new([n, hc, r, r]), DType::F32, device)?),
+        None => None,
+    };
     let eps = B::random_normal(&shape, stream.next_seed(), DType::F32, device)?;
     // Per-sample scalars broadcast over [n, 1, 1, 1].
     let per_sample = |f: &dyn Fn(&NoiseLevel<f32>) -> f32| {
-        B::from_slice(
-            &levels.iter().map(f).collect::<Vec<_>>(),
-            &Shape::new([n, 1, 1, 1]),
-            DType::F32,
-            device,
-        )
+        B::from_slice(&levels.iter().map(f).collect::<Vec<_>>(), &Shape::new([n, 1, 1, 1]), DType::F32, device)
     };
-    let x_t = B::add(
-        &B::mul(&x0, &per_sample(&|l| l.alpha)?)?,
-        &B::mul(&eps, &per_sample(&|l| l.sigma)?)?,
-    )?;
+    let x_t = B::add(&B::mul(&x0, &per_sample(&|l| l.alpha)?)?, &B::mul(&eps, &per_sample(&|l| l.sigma)?)?)?;
     let kind = u.prediction;
     let y = B::add(
         &B::mul(&x0, &per_sample(&|l| kind.coefficients(*l).0)?)?,
         &B::mul(&eps, &per_sample(&|l| kind.coefficients(*l).1)?)?,
     )?;
-    Ok(NoisedBatch {
-        x_t,
-        y,
-        hint,
-        levels,
-        cond: Conditioning {
-            t: t_embed,
-            prompts,
-        },
-    })
+    Ok(NoisedBatch { x_t, y, hint, levels, cond: Conditioning { t: t_embed, prompts } })
 }

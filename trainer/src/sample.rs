@@ -67,14 +67,10 @@ pub fn sample<B: Backend>(
     let n = B::shape(hint).dims().first().copied().unwrap_or(0);
     let u = &model.config.unet;
     if cfg.steps == 0 || n == 0 {
-        return Err(TrainError::Config(
-            "sampling needs steps >= 1 and at least one condition".into(),
-        ));
+        return Err(TrainError::Config("sampling needs steps >= 1 and at least one condition".into()));
     }
     if !cfg.guidance_scale.is_finite() || !cfg.control_scale.is_finite() {
-        return Err(TrainError::Config(
-            "guidance and control scales must be finite".into(),
-        ));
+        return Err(TrainError::Config("guidance and control scales must be finite".into()));
     }
     let device = B::device(hint);
     let shape = Shape::new([n, u.image_channels, u.resolution, u.resolution]);
@@ -87,47 +83,23 @@ pub fn sample<B: Backend>(
     let predict = |x: &B::Tensor, t_embed: f32| -> Result<B::Tensor> {
         tape.no_grad(|| {
             let eval = |ids: &[Vec<usize>]| -> Result<B::Tensor> {
-                let cond = Conditioning {
-                    t: vec![t_embed; n],
-                    prompts: ids.to_vec(),
-                };
-                Ok(model
-                    .predict(
-                        &bound,
-                        &tape.constant(x.clone()),
-                        &hint_var,
-                        &cond,
-                        cfg.control_scale,
-                    )?
-                    .value)
+                let cond = Conditioning { t: vec![t_embed; n], prompts: ids.to_vec() };
+                Ok(model.predict(&bound, &tape.constant(x.clone()), &hint_var, &cond, cfg.control_scale)?.value)
             };
             let cond = eval(prompts)?;
             if cfg.guidance_scale == 1.0 {
                 return Ok(cond);
             }
             let uncond = eval(&null)?;
-            Ok(B::axpby(
-                1.0 - cfg.guidance_scale,
-                &uncond,
-                cfg.guidance_scale,
-                &cond,
-            )?)
+            Ok(B::axpby(1.0 - cfg.guidance_scale, &uncond, cfg.guidance_scale, &cond)?)
         })
     };
     match (noise, cfg.sampler) {
-        (
-            NoiseConfig::Diffusion {
-                betas,
-                num_train_timesteps,
-            },
-            Sampler::Ddim { .. } | Sampler::Ddpm,
-        ) => {
+        (NoiseConfig::Diffusion { betas, num_train_timesteps }, Sampler::Ddim { .. } | Sampler::Ddpm) => {
             let eta = match cfg.sampler {
                 Sampler::Ddim { eta } if (0.0..=1.0).contains(&eta) => eta,
                 Sampler::Ddim { eta } => {
-                    return Err(TrainError::Config(format!(
-                        "DDIM eta must lie in [0, 1], got {eta}"
-                    )));
+                    return Err(TrainError::Config(format!("DDIM eta must lie in [0, 1], got {eta}")));
                 }
                 _ => 1.0,
             };
@@ -135,39 +107,26 @@ pub fn sample<B: Backend>(
             let t_max = *num_train_timesteps;
             let ratio = (t_max / cfg.steps).max(1);
             // diffusers "leading" spacing: t = i·ratio for i = steps−1 … 0.
-            let timesteps: Vec<usize> =
-                (0..cfg.steps.min(t_max)).rev().map(|i| i * ratio).collect();
+            let timesteps: Vec<usize> = (0..cfg.steps.min(t_max)).rev().map(|i| i * ratio).collect();
             for (k, &t) in timesteps.iter().enumerate() {
                 let level = schedule.level(t)?;
                 let a_t = schedule.alphas_cumprod()[t];
-                let a_prev = timesteps
-                    .get(k + 1)
-                    .map_or(1.0, |&tp| schedule.alphas_cumprod()[tp]);
+                let a_prev = timesteps.get(k + 1).map_or(1.0, |&tp| schedule.alphas_cumprod()[tp]);
                 let pred = predict(&x, t as f32)?;
                 let kind = u.prediction;
                 let to_x0 = kind.to_sample(level)?;
                 let mut x0 = B::axpby(to_x0.x_t, &x, to_x0.pred, &pred)?;
                 if cfg.clip_sample {
-                    let v: Vec<f32> = B::to_vec(&x0)?
-                        .into_iter()
-                        .map(|v| v.clamp(-1.0, 1.0))
-                        .collect();
+                    let v: Vec<f32> = B::to_vec(&x0)?.into_iter().map(|v| v.clamp(-1.0, 1.0)).collect();
                     x0 = B::from_slice(&v, &shape, DType::F32, &device)?;
                 }
                 // ε consistent with the (clipped) x₀: ε = (x_t − α x₀)/σ.
                 let eps = B::axpby(1.0 / level.sigma, &x, -level.alpha / level.sigma, &x0)?;
-                let sigma = eta
-                    * ((1.0 - a_prev) / (1.0 - a_t)).sqrt()
-                    * (1.0 - a_t / a_prev).max(0.0).sqrt();
+                let sigma = eta * ((1.0 - a_prev) / (1.0 - a_t)).sqrt() * (1.0 - a_t / a_prev).max(0.0).sqrt();
                 let dir = (1.0 - a_prev - sigma * sigma).max(0.0).sqrt();
                 x = B::axpby(a_prev.sqrt(), &x0, dir, &eps)?;
                 if sigma > 0.0 {
-                    let z = B::random_normal(
-                        &shape,
-                        cfg.seed.wrapping_add(1 + k as u64),
-                        DType::F32,
-                        &device,
-                    )?;
+                    let z = B::random_normal(&shape, cfg.seed.wrapping_add(1 + k as u64), DType::F32, &device)?;
                     x = B::axpby(1.0, &x, sigma, &z)?;
                 }
             }
@@ -175,9 +134,7 @@ pub fn sample<B: Backend>(
         }
         (NoiseConfig::Flow { shift }, Sampler::Euler) => {
             let flow = lisa_core::schedule::RectifiedFlow { shift: *shift };
-            let times: Vec<f32> = (0..=cfg.steps)
-                .map(|i| 1.0 - i as f32 / cfg.steps as f32)
-                .collect();
+            let times: Vec<f32> = (0..=cfg.steps).map(|i| 1.0 - i as f32 / cfg.steps as f32).collect();
             for w in times.windows(2) {
                 let (t, t_next) = (flow.shifted_time(w[0])?, flow.shifted_time(w[1])?);
                 let u_pred = predict(&x, 1000.0 * w[0])?;
@@ -185,8 +142,6 @@ pub fn sample<B: Backend>(
             }
             Ok(x)
         }
-        (noise, sampler) => Err(TrainError::Config(format!(
-            "sampler {sampler:?} does not apply to {noise:?}"
-        ))),
+        (noise, sampler) => Err(TrainError::Config(format!("sampler {sampler:?} does not apply to {noise:?}"))),
     }
 }

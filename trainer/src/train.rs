@@ -47,10 +47,7 @@ pub enum NoiseConfig {
 
 impl Default for NoiseConfig {
     fn default() -> Self {
-        NoiseConfig::Diffusion {
-            betas: BetaSchedule::DDPM_LINEAR,
-            num_train_timesteps: 1000,
-        }
+        NoiseConfig::Diffusion { betas: BetaSchedule::DDPM_LINEAR, num_train_timesteps: 1000 }
     }
 }
 
@@ -102,18 +99,12 @@ impl TrainConfig {
     /// Checks every value against the model it will train.
     pub fn validate(&self, model: &ModelConfig) -> Result<()> {
         if self.lisa_subbatch == Some(0) {
-            return Err(TrainError::Config(
-                "lisa_subbatch must be >= 1 (or unset)".into(),
-            ));
+            return Err(TrainError::Config("lisa_subbatch must be >= 1 (or unset)".into()));
         }
         if self.batch_size == 0 || self.gradient_accumulation_steps == 0 {
-            return Err(TrainError::Config(
-                "batch_size and gradient_accumulation_steps must be >= 1".into(),
-            ));
+            return Err(TrainError::Config("batch_size and gradient_accumulation_steps must be >= 1".into()));
         }
-        self.lisa
-            .validate()
-            .map_err(|e| TrainError::Config(e.to_string()))?;
+        self.lisa.validate().map_err(|e| TrainError::Config(e.to_string()))?;
         self.optim.validate()?;
         let flow = matches!(self.noise, NoiseConfig::Flow { .. });
         if flow != (model.unet.prediction == Prediction::FlowVelocity) {
@@ -144,11 +135,8 @@ pub struct StepStats {
 }
 
 /// `(main loss, LISA term, per-parameter gradients)` of one micro-batch.
-type MicroBatch<B> = (
-    f32,
-    lisa_core::lisa::LisaLoss<f32>,
-    Vec<Option<<B as lisa_core::backend::BackendTypes>::Tensor>>,
-);
+type MicroBatch<B> =
+    (f32, lisa_core::lisa::LisaLoss<f32>, Vec<Option<<B as lisa_core::backend::BackendTypes>::Tensor>>);
 
 /// A control-training run: model, optimizer state, EMA, data position, random stream.
 pub struct Trainer<B: Backend> {
@@ -170,24 +158,12 @@ impl<B: Backend> Trainer<B> {
     pub fn new(model: DualModel<B>, config: TrainConfig) -> Result<Self> {
         config.validate(&model.config)?;
         if (config.mode == Mode::Lisa) != model.decoder.is_some() {
-            return Err(TrainError::Config(
-                "build the model with the decoder exactly when mode = lisa".into(),
-            ));
+            return Err(TrainError::Config("build the model with the decoder exactly when mode = lisa".into()));
         }
         let noise = NoiseProcess::new(&config.noise)?;
         let optim = AdamW::new(&model.store)?;
-        let ema = config
-            .ema_decay
-            .map(|d| Ema::new(&model.store, d, |n| n.starts_with("side.")))
-            .transpose()?;
-        Ok(Self {
-            model,
-            optim,
-            ema,
-            run: RunStream::new(config.seed),
-            config,
-            noise,
-        })
+        let ema = config.ema_decay.map(|d| Ema::new(&model.store, d, |n| n.starts_with("side."))).transpose()?;
+        Ok(Self { model, optim, ema, run: RunStream::new(config.seed), config, noise })
     }
 
     /// One optimizer step over `gradient_accumulation_steps` micro-batches from `data`.
@@ -199,10 +175,7 @@ impl<B: Backend> Trainer<B> {
         let step = self.run.state.step + 1;
         for _ in 0..accum {
             let idx = self.run.next_indices(data.len(), self.config.batch_size)?;
-            let examples = idx
-                .iter()
-                .map(|&i| data.get(i))
-                .collect::<Result<Vec<_>>>()?;
+            let examples = idx.iter().map(|&i| data.get(i)).collect::<Result<Vec<_>>>()?;
             let (main, lisa, micro) = self.micro_batch(&examples, accum)?;
             main_sum += main;
             lisa_sum += lisa.distance;
@@ -219,12 +192,8 @@ impl<B: Backend> Trainer<B> {
             return Err(TrainError::NonFinite { what: "loss", step });
         }
         let grad_norm = clip_grad_norm::<B>(&mut grads, self.config.optim.max_grad_norm, step)?;
-        let lr = self
-            .config
-            .optim
-            .lr_at(self.run.state.step, self.config.max_train_steps);
-        self.optim
-            .update(&mut self.model.store, &grads, lr, &self.config.optim)?;
+        let lr = self.config.optim.lr_at(self.run.state.step, self.config.max_train_steps);
+        self.optim.update(&mut self.model.store, &grads, lr, &self.config.optim)?;
         if let Some(ema) = &mut self.ema {
             ema.update(&self.model.store)?;
         }
@@ -247,21 +216,9 @@ impl<B: Backend> Trainer<B> {
         let (c, r, prediction) = (u.image_channels, u.resolution, u.prediction);
         let device = self.model.store.device().clone();
         let hint_channels = self.model.config.control.hint_channels;
-        let NoisedBatch {
-            x_t,
-            y,
-            hint,
-            levels,
-            cond,
-        } = noise_batch::<B>(
-            &mut self.run,
-            &self.noise,
-            u,
-            hint_channels,
-            examples,
-            0.0,
-            &device,
-        )?;
+        let NoisedBatch { x_t, y, hint, levels, cond } =
+            noise_batch::<B>(&mut self.run, &self.noise, u, Some(hint_channels), examples, 0.0, &device)?;
+        let hint = hint.ok_or(TrainError::Autodiff("noise_batch returns the hints it was asked for"))?;
         let lisa_on = self.config.mode == Mode::Lisa;
         let tape = Tape::<B>::new();
         let bound = self.model.store.bind(&tape);
@@ -276,10 +233,7 @@ impl<B: Backend> Trainer<B> {
         let inv = 1.0 / accum as f32;
         let (main, g_pred) = B::mse_loss(&out.pred.value, &y)?;
         let mut roots = vec![(&out.pred, B::scale(&g_pred, inv)?)];
-        let mut lisa = lisa_core::lisa::LisaLoss {
-            weighted: 0.0,
-            distance: 0.0,
-        };
+        let mut lisa = lisa_core::lisa::LisaLoss { weighted: 0.0, distance: 0.0 };
         if let (Some(dec), Some(prior)) = (&out.decoded, &out.prior) {
             // The LISA samples are the first k of the batch (all of it unless sub-batched).
             let k = B::shape(&dec.value).dims()[0];
@@ -301,12 +255,8 @@ impl<B: Backend> Trainer<B> {
         let mut g = tape.backward(&roots)?;
         // Gradients in AdamW order (store order of trainable parameters).
         let by_param: std::collections::HashMap<_, _> = leaves.into_iter().collect();
-        let grads = self
-            .optim
-            .moments
-            .iter()
-            .map(|(pid, _, _)| by_param.get(pid).and_then(|vid| g.remove(*vid)))
-            .collect();
+        let grads =
+            self.optim.moments.iter().map(|(pid, _, _)| by_param.get(pid).and_then(|vid| g.remove(*vid))).collect();
         Ok((main, lisa, grads))
     }
 }

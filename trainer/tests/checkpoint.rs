@@ -37,11 +37,7 @@ fn trainer(ema: bool) -> Trainer<C> {
 
 fn data() -> FillCircles {
     // 20 examples: 12 per step, so epochs wrap mid-run.
-    FillCircles {
-        resolution: 16,
-        len: 20,
-        seed: 1,
-    }
+    FillCircles { resolution: 16, len: 20, seed: 1 }
 }
 
 fn snapshot(t: &Trainer<C>) -> Vec<(String, Vec<u32>)> {
@@ -49,27 +45,12 @@ fn snapshot(t: &Trainer<C>) -> Vec<(String, Vec<u32>)> {
         .model
         .store
         .iter()
-        .map(|(_, p)| {
-            (
-                p.name.clone(),
-                C::to_vec(&p.value)
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect(),
-            )
-        })
+        .map(|(_, p)| (p.name.clone(), C::to_vec(&p.value).unwrap().iter().map(|v| v.to_bits()).collect()))
         .collect();
     for (id, m, v) in &t.optim.moments {
         let name = &t.model.store.get(*id).name;
-        out.push((
-            format!("{name}/m"),
-            C::to_vec(m).unwrap().iter().map(|v| v.to_bits()).collect(),
-        ));
-        out.push((
-            format!("{name}/v"),
-            C::to_vec(v).unwrap().iter().map(|v| v.to_bits()).collect(),
-        ));
+        out.push((format!("{name}/m"), C::to_vec(m).unwrap().iter().map(|v| v.to_bits()).collect()));
+        out.push((format!("{name}/v"), C::to_vec(v).unwrap().iter().map(|v| v.to_bits()).collect()));
     }
     if let Some(e) = &t.ema {
         for (id, s) in &e.shadow {
@@ -107,10 +88,7 @@ fn resume_reproduces_the_uninterrupted_run_bit_for_bit() {
     assert_eq!(resumed.run.state.step, 3);
     let stats_b: Vec<_> = (0..3).map(|_| resumed.step(&d).unwrap()).collect();
     assert_eq!(&stats_a[3..], &stats_b[..], "step statistics after resume");
-    assert!(
-        snapshot(&straight) == snapshot(&resumed),
-        "weights, moments and EMA equal bit for bit"
-    );
+    assert!(snapshot(&straight) == snapshot(&resumed), "weights, moments and EMA equal bit for bit");
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -119,20 +97,11 @@ fn expect_checkpoint_error(t: &mut Trainer<C>, dir: &Path, needle: &str) {
     let state = t.run.state;
     match load_checkpoint(t, dir) {
         Err(e @ TrainError::Checkpoint { .. }) | Err(e @ TrainError::Io { .. }) => {
-            assert!(
-                e.to_string().contains(needle),
-                "error {e:?} should mention {needle:?}"
-            )
+            assert!(e.to_string().contains(needle), "error {e:?} should mention {needle:?}")
         }
-        other => panic!(
-            "expected a checkpoint error mentioning {needle:?}, got {:?}",
-            other.map(|_| ())
-        ),
+        other => panic!("expected a checkpoint error mentioning {needle:?}, got {:?}", other.map(|_| ())),
     }
-    assert!(
-        snapshot(t) == before && t.run.state == state,
-        "a failed load must leave the trainer unchanged"
-    );
+    assert!(snapshot(t) == before && t.run.state == state, "a failed load must leave the trainer unchanged");
 }
 
 #[test]
@@ -175,18 +144,11 @@ fn bad_checkpoints_are_rejected_and_change_nothing() {
     // A different model (wrong shapes): a checkpoint of a wider network.
     let mut wide_cfg = tiny_model();
     wide_cfg.unet.channels = vec![8, 32];
-    let wide = Trainer::new(
-        DualModel::<C>::new(&wide_cfg, true, CpuDevice, 7).unwrap(),
-        trainer(false).config.clone(),
-    )
-    .unwrap();
+    let wide = Trainer::new(DualModel::<C>::new(&wide_cfg, true, CpuDevice, 7).unwrap(), trainer(false).config.clone())
+        .unwrap();
     let w = dir.join("wide");
     save_checkpoint(&wide, &w).unwrap();
-    std::fs::copy(
-        w.join("model.safetensors"),
-        copy("shapes").join("model.safetensors"),
-    )
-    .unwrap();
+    std::fs::copy(w.join("model.safetensors"), copy("shapes").join("model.safetensors")).unwrap();
     expect_checkpoint_error(&mut fresh, &dir.join("shapes"), "shape");
     expect_checkpoint_error(&mut fresh, &w, "different model configuration");
 
@@ -194,11 +156,7 @@ fn bad_checkpoints_are_rejected_and_change_nothing() {
     let c = copy("state");
     std::fs::write(c.join("state.json"), b"{\"format_version\": 1, \"state\": ").unwrap();
     expect_checkpoint_error(&mut fresh, &c, "invalid state file");
-    expect_checkpoint_error(
-        &mut fresh,
-        &dir.join("nope"),
-        "no such checkpoint directory",
-    );
+    expect_checkpoint_error(&mut fresh, &dir.join("nope"), "no such checkpoint directory");
     let mut other_seed = trainer(false);
     other_seed.config.seed = 99;
     expect_checkpoint_error(&mut other_seed, &good, "different training configuration");
@@ -219,17 +177,10 @@ fn saving_replaces_an_old_checkpoint_only_when_complete() {
     save_checkpoint(&t, &ck).unwrap();
     t.step(&d).unwrap();
     save_checkpoint(&t, &ck).unwrap();
-    let names: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    assert_eq!(
-        names,
-        vec!["latest".to_string()],
-        "no temporary or old directories left behind"
-    );
-    let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(ck.join("state.json")).unwrap()).unwrap();
+    let names: Vec<_> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert_eq!(names, vec!["latest".to_string()], "no temporary or old directories left behind");
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(ck.join("state.json")).unwrap()).unwrap();
     assert_eq!(state["state"]["step"], 2);
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -242,10 +193,7 @@ fn python_safetensors_reads_our_weights() {
         .status()
         .is_ok_and(|s| s.success());
     if !have_python {
-        assert!(
-            std::env::var("CI").is_err(),
-            "CI must have python3 + safetensors (scripts/setup.sh installs them)"
-        );
+        assert!(std::env::var("CI").is_err(), "CI must have python3 + safetensors (scripts/setup.sh installs them)");
         eprintln!("skipping: python3 with safetensors not available (run scripts/setup.sh)");
         return;
     }
@@ -255,16 +203,8 @@ fn python_safetensors_reads_our_weights() {
     let file = dir.join("ck").join("model.safetensors");
     let ours = read_safetensors(&file).unwrap();
     let script = "import sys, safetensors.numpy as s\nd = s.load_file(sys.argv[1])\nfor k in sorted(d):\n    print(k, 'x'.join(map(str, d[k].shape)), str(d[k].dtype), repr(float(d[k].astype('float64').sum())))";
-    let out = std::process::Command::new("python3")
-        .args(["-c", script])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "python failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = std::process::Command::new("python3").args(["-c", script]).arg(&file).output().unwrap();
+    assert!(out.status.success(), "python failed: {}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), ours.len());
@@ -276,10 +216,7 @@ fn python_safetensors_reads_our_weights() {
         assert_eq!(parts[2], "float32");
         let sum: f64 = values.iter().map(|&v| v as f64).sum();
         let py: f64 = parts[3].parse().unwrap();
-        assert!(
-            (sum - py).abs() <= 1e-9 * (1.0 + sum.abs()),
-            "{name}: {sum} vs {py}"
-        );
+        assert!((sum - py).abs() <= 1e-9 * (1.0 + sum.abs()), "{name}: {sum} vs {py}");
     }
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -9,9 +9,7 @@ use lisa_core::tolerance::{F32_FINITE_DIFFERENCE, FD_STEP_F32, Tolerance};
 use lisa_cpu::{CpuBackend as C, CpuDevice};
 use lisa_trainer::autodiff::{Tape, Var};
 use lisa_trainer::model::{Conditioning, DualModel, HookLayer, ModelConfig, UNetConfig};
-use lisa_trainer::nn::{
-    ClassEmbedding, Conv2d, GroupNorm, Linear, ResBlock, SelfAttention, Upsample,
-};
+use lisa_trainer::nn::{ClassEmbedding, Conv2d, GroupNorm, Linear, ResBlock, SelfAttention, Upsample};
 use lisa_trainer::params::{Bound, ParamId, ParamStore};
 
 /// The most elements of one parameter perturbed (spread over the tensor).
@@ -22,12 +20,7 @@ fn randn(shape: &[usize], seed: u64) -> lisa_cpu::CpuTensor {
 }
 
 fn dot(a: &lisa_cpu::CpuTensor, b: &[f32]) -> f64 {
-    C::to_vec(a)
-        .unwrap()
-        .iter()
-        .zip(b)
-        .map(|(&x, &y)| x as f64 * y as f64)
-        .sum()
+    C::to_vec(a).unwrap().iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
 }
 
 /// Checks d⟨r, f⟩/dθ for every trainable parameter of `store` (and the input `x`) against
@@ -60,46 +53,28 @@ fn check(
         let probe = |d: f64| {
             let mut v = xs.clone();
             v[i] = (v[i] as f64 + d) as f32;
-            eval(
-                store,
-                &C::from_slice(&v, &C::shape(&x), DType::F32, &CpuDevice).unwrap(),
-            )
+            eval(store, &C::from_slice(&v, &C::shape(&x), DType::F32, &CpuDevice).unwrap())
         };
         let fd = (probe(FD_STEP_F32) - probe(-FD_STEP_F32)) / (2.0 * FD_STEP_F32);
-        assert!(
-            tol.accepts(gx[i] as f64, fd),
-            "{name}: d/dx[{i}] analytic {} vs fd {fd}",
-            gx[i]
-        );
+        assert!(tol.accepts(gx[i] as f64, fd), "{name}: d/dx[{i}] analytic {} vs fd {fd}", gx[i]);
     }
     // Every trainable parameter.
     for (pid, vid) in leaves {
         let pname = store.get(pid).name.clone();
-        let g = C::to_vec(
-            &grads
-                .remove(vid)
-                .unwrap_or_else(|| panic!("{name}: no gradient for {pname}")),
-        )
-        .unwrap();
+        let g = C::to_vec(&grads.remove(vid).unwrap_or_else(|| panic!("{name}: no gradient for {pname}"))).unwrap();
         let base = C::to_vec(&store.get(pid).value).unwrap();
         let shape = C::shape(&store.get(pid).value);
         for i in (0..base.len()).step_by(base.len().div_ceil(PROBES).max(1)) {
             let mut probe = |d: f64| {
                 let mut v = base.clone();
                 v[i] = (v[i] as f64 + d) as f32;
-                store.get_mut(pid).value =
-                    C::from_slice(&v, &shape, DType::F32, &CpuDevice).unwrap();
+                store.get_mut(pid).value = C::from_slice(&v, &shape, DType::F32, &CpuDevice).unwrap();
                 let out = eval(store, &x);
-                store.get_mut(pid).value =
-                    C::from_slice(&base, &shape, DType::F32, &CpuDevice).unwrap();
+                store.get_mut(pid).value = C::from_slice(&base, &shape, DType::F32, &CpuDevice).unwrap();
                 out
             };
             let fd = (probe(FD_STEP_F32) - probe(-FD_STEP_F32)) / (2.0 * FD_STEP_F32);
-            assert!(
-                tol.accepts(g[i] as f64, fd),
-                "{name}: d/d{pname}[{i}] analytic {} vs fd {fd}",
-                g[i]
-            );
+            assert!(tol.accepts(g[i] as f64, fd), "{name}: d/d{pname}[{i}] analytic {} vs fd {fd}", g[i]);
         }
     }
 }
@@ -112,13 +87,7 @@ fn store() -> ParamStore<C> {
 fn conv_linear_norm_upsample() {
     let mut s = store();
     let conv = Conv2d::new(&mut s, "c", 3, 4, 3, 1, false, true).unwrap();
-    check(
-        "conv2d",
-        &mut s,
-        randn(&[2, 3, 5, 5], 1),
-        |p, x| conv.forward(p, x).unwrap(),
-        F32_FINITE_DIFFERENCE,
-    );
+    check("conv2d", &mut s, randn(&[2, 3, 5, 5], 1), |p, x| conv.forward(p, x).unwrap(), F32_FINITE_DIFFERENCE);
     let mut s = store();
     let down = Conv2d::new(&mut s, "d", 3, 2, 3, 2, false, true).unwrap();
     check(
@@ -130,31 +99,13 @@ fn conv_linear_norm_upsample() {
     );
     let mut s = store();
     let lin = Linear::new(&mut s, "l", 5, 3, true).unwrap();
-    check(
-        "linear",
-        &mut s,
-        randn(&[4, 5], 3),
-        |p, x| lin.forward(p, x).unwrap(),
-        F32_FINITE_DIFFERENCE,
-    );
+    check("linear", &mut s, randn(&[4, 5], 3), |p, x| lin.forward(p, x).unwrap(), F32_FINITE_DIFFERENCE);
     let mut s = store();
     let gn = GroupNorm::new(&mut s, "g", 4, 2, 1e-5, true).unwrap();
-    check(
-        "group norm",
-        &mut s,
-        randn(&[2, 4, 3, 3], 4),
-        |p, x| gn.forward(p, x).unwrap(),
-        F32_FINITE_DIFFERENCE,
-    );
+    check("group norm", &mut s, randn(&[2, 4, 3, 3], 4), |p, x| gn.forward(p, x).unwrap(), F32_FINITE_DIFFERENCE);
     let mut s = store();
     let up = Upsample::new(&mut s, "u", 2, true).unwrap();
-    check(
-        "upsample",
-        &mut s,
-        randn(&[1, 2, 3, 3], 5),
-        |p, x| up.forward(p, x).unwrap(),
-        F32_FINITE_DIFFERENCE,
-    );
+    check("upsample", &mut s, randn(&[1, 2, 3, 3], 5), |p, x| up.forward(p, x).unwrap(), F32_FINITE_DIFFERENCE);
 }
 
 #[test]
@@ -174,11 +125,7 @@ fn batch_and_channel_slices() {
         "slice_channels",
         &mut s,
         randn(&[2, 3, 2, 2], 41),
-        |p, x| {
-            p.tape
-                .slice_channels(&conv.forward(p, x).unwrap(), 1, 3)
-                .unwrap()
-        },
+        |p, x| p.tape.slice_channels(&conv.forward(p, x).unwrap(), 1, 3).unwrap(),
         F32_FINITE_DIFFERENCE,
     );
 }
@@ -207,13 +154,7 @@ fn resblock_with_time_injection_and_concat() {
 fn attention_and_embeddings() {
     let mut s = store();
     let attn = SelfAttention::new(&mut s, "a", 4, 2, 1e-5, true).unwrap();
-    check(
-        "attention",
-        &mut s,
-        randn(&[2, 4, 3, 3], 9),
-        |p, x| attn.forward(p, x).unwrap(),
-        F32_FINITE_DIFFERENCE,
-    );
+    check("attention", &mut s, randn(&[2, 4, 3, 3], 9), |p, x| attn.forward(p, x).unwrap(), F32_FINITE_DIFFERENCE);
     let mut s = store();
     let emb = ClassEmbedding::new(&mut s, "e", 5, 3, true).unwrap();
     check(
@@ -253,54 +194,28 @@ struct Inputs {
 }
 
 /// `L = MSE(pred, y) + λ·MSE(D(h), τ)` and, when asked, `∂L/∂θ` of every trainable tensor.
-fn loss_and_grads(
-    model: &DualModel<C>,
-    inp: &Inputs,
-    grads: bool,
-) -> (f64, Vec<(ParamId, Vec<f32>)>) {
+fn loss_and_grads(model: &DualModel<C>, inp: &Inputs, grads: bool) -> (f64, Vec<(ParamId, Vec<f32>)>) {
     let tape = Tape::<C>::new();
     let bound = model.store.bind(&tape);
     let out = model
-        .forward_train(
-            &bound,
-            &tape.constant(inp.x_t.clone()),
-            &tape.constant(inp.hint.clone()),
-            &inp.cond,
-            true,
-            None,
-        )
+        .forward_train(&bound, &tape.constant(inp.x_t.clone()), &tape.constant(inp.hint.clone()), &inp.cond, true, None)
         .unwrap();
     let (main, g_pred) = C::mse_loss(&out.pred.value, &inp.y).unwrap();
     let dec = out.decoded.unwrap();
     let terms = [SampleTerms::unit(); 2];
-    let (lisa, g_dec) = C::lisa_loss(
-        &LisaConfig::default(),
-        &terms,
-        &dec.value,
-        &inp.y,
-        out.prior.as_ref().unwrap(),
-    )
-    .unwrap();
+    let (lisa, g_dec) =
+        C::lisa_loss(&LisaConfig::default(), &terms, &dec.value, &inp.y, out.prior.as_ref().unwrap()).unwrap();
     let loss = (main + lisa.weighted) as f64;
     if !grads {
         return (loss, Vec::new());
     }
     let leaves = bound.leaves();
-    let mut g = tape
-        .backward(&[(&out.pred, g_pred), (&dec, g_dec)])
-        .unwrap();
+    let mut g = tape.backward(&[(&out.pred, g_pred), (&dec, g_dec)]).unwrap();
     let out = leaves
         .into_iter()
         .map(|(pid, vid)| {
             let name = &model.store.get(pid).name;
-            (
-                pid,
-                C::to_vec(
-                    &g.remove(vid)
-                        .unwrap_or_else(|| panic!("no gradient reached {name}")),
-                )
-                .unwrap(),
-            )
+            (pid, C::to_vec(&g.remove(vid).unwrap_or_else(|| panic!("no gradient reached {name}"))).unwrap())
         })
         .collect();
     (loss, out)
@@ -312,12 +227,7 @@ fn loss_and_grads(
 fn whole_dual_branch_model_with_lisa_term() {
     let mut model = DualModel::<C>::new(&tiny_config(), true, CpuDevice, 5).unwrap();
     // Move every trainable tensor (zero convs included) off its init so all receive gradient.
-    let ids: Vec<_> = model
-        .store
-        .iter()
-        .filter(|(_, p)| p.trainable)
-        .map(|(id, _)| id)
-        .collect();
+    let ids: Vec<_> = model.store.iter().filter(|(_, p)| p.trainable).map(|(id, _)| id).collect();
     for (k, &id) in ids.iter().enumerate() {
         let shape = C::shape(&model.store.get(id).value);
         let bump = C::scale(&randn(shape.dims(), 100 + k as u64), 0.2).unwrap();
@@ -328,43 +238,25 @@ fn whole_dual_branch_model_with_lisa_term() {
         x_t: randn(&[2, 3, 8, 8], 30),
         hint: randn(&[2, 1, 8, 8], 20),
         y: randn(&[2, 3, 8, 8], 21),
-        cond: Conditioning {
-            t: vec![3.0, 700.0],
-            prompts: vec![vec![1, 8], vec![0, 3]],
-        },
+        cond: Conditioning { t: vec![3.0, 700.0], prompts: vec![vec![1, 8], vec![0, 3]] },
     };
     let (_, grads) = loss_and_grads(&model, &inp, true);
-    assert_eq!(
-        grads.len(),
-        ids.len(),
-        "every trainable tensor gets a gradient"
-    );
-    let tol = Tolerance {
-        abs: 5e-3,
-        rel: 2e-2,
-    };
+    assert_eq!(grads.len(), ids.len(), "every trainable tensor gets a gradient");
+    let tol = Tolerance { abs: 5e-3, rel: 2e-2 };
     for (pid, g) in grads {
         let name = model.store.get(pid).name.clone();
         let base = C::to_vec(&model.store.get(pid).value).unwrap();
         let shape = C::shape(&model.store.get(pid).value);
-        let i = (0..g.len())
-            .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
-            .unwrap();
+        let i = (0..g.len()).max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs())).unwrap();
         let mut at = |d: f64| {
             let mut v = base.clone();
             v[i] = (v[i] as f64 + d) as f32;
-            model.store.get_mut(pid).value =
-                C::from_slice(&v, &shape, DType::F32, &CpuDevice).unwrap();
+            model.store.get_mut(pid).value = C::from_slice(&v, &shape, DType::F32, &CpuDevice).unwrap();
             let l = loss_and_grads(&model, &inp, false).0;
-            model.store.get_mut(pid).value =
-                C::from_slice(&base, &shape, DType::F32, &CpuDevice).unwrap();
+            model.store.get_mut(pid).value = C::from_slice(&base, &shape, DType::F32, &CpuDevice).unwrap();
             l
         };
         let fd = (at(FD_STEP_F32) - at(-FD_STEP_F32)) / (2.0 * FD_STEP_F32);
-        assert!(
-            tol.accepts(g[i] as f64, fd),
-            "dL/d{name}[{i}]: analytic {} vs fd {fd}",
-            g[i]
-        );
+        assert!(tol.accepts(g[i] as f64, fd), "dL/d{name}[{i}]: analytic {} vs fd {fd}", g[i]);
     }
 }

@@ -13,10 +13,7 @@ fn randn(shape: &[usize], seed: u64) -> lisa_cpu::CpuTensor {
 fn cond(n: usize) -> Conditioning {
     Conditioning {
         t: (0..n).map(|i| (i * 331 % 1000) as f32).collect(),
-        prompts: vec![
-            (0..n).map(|i| i % 9).collect(),
-            (0..n).map(|i| (i + 3) % 9).collect(),
-        ],
+        prompts: vec![(0..n).map(|i| i % 9).collect(), (0..n).map(|i| (i + 3) % 9).collect()],
     }
 }
 
@@ -30,10 +27,7 @@ fn reference_configuration_sizes() {
         .map(|(_, p)| C::shape(&p.value).num_elements().unwrap())
         .sum();
     // The reference toy UNet is "about 0.70M parameters".
-    assert!(
-        (680_000..720_000).contains(&main),
-        "main UNet has {main} parameters"
-    );
+    assert!((680_000..720_000).contains(&main), "main UNet has {main} parameters");
     let decoder: usize = model
         .store
         .iter()
@@ -42,46 +36,25 @@ fn reference_configuration_sizes() {
         .sum();
     let side = model.store.count(true) - decoder;
     // ≈ 10 % here (the 256-wide time projection dominates at this size; ≈ 0.1 % on SD).
-    assert!(
-        decoder * 100 < side * 12,
-        "decoder ({decoder}) must be small next to the side network ({side})"
-    );
-    assert!(
-        model
-            .store
-            .iter()
-            .all(|(_, p)| p.trainable != p.name.starts_with("main.")),
-        "exactly main is frozen"
-    );
+    assert!(decoder * 100 < side * 12, "decoder ({decoder}) must be small next to the side network ({side})");
+    assert!(model.store.iter().all(|(_, p)| p.trainable != p.name.starts_with("main.")), "exactly main is frozen");
 }
 
 #[test]
 fn side_starts_as_a_copy_and_step_zero_equals_main() {
     let model = DualModel::<C>::new(&ModelConfig::default(), true, CpuDevice, 1).unwrap();
-    for (_, p) in model
-        .store
-        .iter()
-        .filter(|(_, p)| p.name.starts_with("main.encoder.") || p.name.starts_with("main.time."))
+    for (_, p) in
+        model.store.iter().filter(|(_, p)| p.name.starts_with("main.encoder.") || p.name.starts_with("main.time."))
     {
-        let side = model
-            .store
-            .find(&p.name.replacen("main.", "side.", 1))
-            .expect("side copy");
-        assert_eq!(
-            C::to_vec(&model.store.get(side).value).unwrap(),
-            C::to_vec(&p.value).unwrap(),
-            "{}",
-            p.name
-        );
+        let side = model.store.find(&p.name.replacen("main.", "side.", 1)).expect("side copy");
+        assert_eq!(C::to_vec(&model.store.get(side).value).unwrap(), C::to_vec(&p.value).unwrap(), "{}", p.name);
     }
     let tape = Tape::<C>::new();
     let b = model.store.bind(&tape);
     let x = tape.constant(randn(&[2, 3, 32, 32], 2));
     let hint = tape.constant(randn(&[2, 1, 32, 32], 3));
     let c = cond(2);
-    let controlled = tape
-        .no_grad(|| model.predict(&b, &x, &hint, &c, 1.0))
-        .unwrap();
+    let controlled = tape.no_grad(|| model.predict(&b, &x, &hint, &c, 1.0)).unwrap();
     let main = tape.no_grad(|| model.main.forward(&b, &x, &c)).unwrap();
     assert_eq!(
         C::to_vec(&controlled.value).unwrap(),
@@ -90,10 +63,7 @@ fn side_starts_as_a_copy_and_step_zero_equals_main() {
     );
     let out = model.forward_train(&b, &x, &hint, &c, true, None).unwrap();
     assert!(
-        C::to_vec(&out.decoded.unwrap().value)
-            .unwrap()
-            .iter()
-            .all(|&v| v == 0.0),
+        C::to_vec(&out.decoded.unwrap().value).unwrap().iter().all(|&v| v == 0.0),
         "zero-initialised decoder output"
     );
 }
@@ -102,12 +72,7 @@ fn side_starts_as_a_copy_and_step_zero_equals_main() {
 fn reused_encoder_prior_equals_full_main_forward() {
     let mut model = DualModel::<C>::new(&ModelConfig::default(), true, CpuDevice, 4).unwrap();
     // Non-zero residuals, so that the controlled prediction differs from the prior.
-    let zero_ids: Vec<_> = model
-        .store
-        .iter()
-        .filter(|(_, p)| p.name.contains("zero"))
-        .map(|(id, _)| id)
-        .collect();
+    let zero_ids: Vec<_> = model.store.iter().filter(|(_, p)| p.name.contains("zero")).map(|(id, _)| id).collect();
     for id in zero_ids {
         let s = C::shape(&model.store.get(id).value);
         model.store.get_mut(id).value = C::scale(&randn(s.dims(), 9), 0.1).unwrap();
@@ -119,15 +84,8 @@ fn reused_encoder_prior_equals_full_main_forward() {
     let c = cond(3);
     let out = model.forward_train(&b, &x, &hint, &c, true, None).unwrap();
     let full = tape.no_grad(|| model.main.forward(&b, &x, &c)).unwrap();
-    assert_eq!(
-        C::to_vec(out.prior.as_ref().unwrap()).unwrap(),
-        C::to_vec(&full.value).unwrap()
-    );
-    assert_ne!(
-        C::to_vec(&out.pred.value).unwrap(),
-        C::to_vec(&full.value).unwrap(),
-        "residuals change the prediction"
-    );
+    assert_eq!(C::to_vec(out.prior.as_ref().unwrap()).unwrap(), C::to_vec(&full.value).unwrap());
+    assert_ne!(C::to_vec(&out.pred.value).unwrap(), C::to_vec(&full.value).unwrap(), "residuals change the prediction");
 }
 
 #[test]
@@ -148,19 +106,13 @@ fn every_hook_layer_builds_and_unknown_ones_are_rejected() {
                 None,
             )
             .unwrap();
-        assert_eq!(
-            C::shape(&out.decoded.unwrap().value).dims(),
-            &[1, 3, 32, 32],
-            "{hook}"
-        );
+        assert_eq!(C::shape(&out.decoded.unwrap().value).dims(), &[1, 3, 32, 32], "{hook}");
     }
     assert!("down_x".parse::<HookLayer>().is_err());
     assert!("up_1".parse::<HookLayer>().is_err());
     let mut c = ModelConfig::default();
     c.decoder.hook = HookLayer::Down(7);
-    let err = DualModel::<C>::new(&c, true, CpuDevice, 0)
-        .err()
-        .expect("down_7 must be rejected");
+    let err = DualModel::<C>::new(&c, true, CpuDevice, 0).err().expect("down_7 must be rejected");
     assert!(err.to_string().contains("down_7"), "{err}");
 }
 
@@ -171,28 +123,12 @@ fn frozen_main_records_nothing_and_backward_releases_the_tape() {
     let b = model.store.bind(&tape);
     let x = tape.constant(randn(&[2, 3, 32, 32], 1));
     let main = model.main.forward(&b, &x, &cond(2)).unwrap();
-    assert!(
-        !main.requires_grad(),
-        "the frozen main network alone records no graph"
-    );
-    let out = model
-        .forward_train(
-            &b,
-            &x,
-            &tape.constant(randn(&[2, 1, 32, 32], 2)),
-            &cond(2),
-            false,
-            None,
-        )
-        .unwrap();
+    assert!(!main.requires_grad(), "the frozen main network alone records no graph");
+    let out = model.forward_train(&b, &x, &tape.constant(randn(&[2, 1, 32, 32], 2)), &cond(2), false, None).unwrap();
     assert!(tape.live_nodes() > 0);
     let g = C::full(&C::shape(&out.pred.value), 1.0, DType::F32, &CpuDevice).unwrap();
     tape.backward(&[(&out.pred, g)]).unwrap();
-    assert_eq!(
-        tape.live_nodes(),
-        0,
-        "every node is released after backward"
-    );
+    assert_eq!(tape.live_nodes(), 0, "every node is released after backward");
 }
 
 #[test]
@@ -214,9 +150,7 @@ fn lisa_sub_batch_is_the_first_samples_of_the_full_batch() {
     let hint = tape.constant(randn(&[4, 1, 32, 32], 6));
     let c = cond(4);
     let full = model.forward_train(&b, &x, &hint, &c, true, None).unwrap();
-    let part = model
-        .forward_train(&b, &x, &hint, &c, true, Some(2))
-        .unwrap();
+    let part = model.forward_train(&b, &x, &hint, &c, true, Some(2)).unwrap();
     let first_half = |v: Vec<f32>| v[..v.len() / 2].to_vec();
     assert_eq!(
         C::to_vec(part.prior.as_ref().unwrap()).unwrap(),
@@ -226,10 +160,5 @@ fn lisa_sub_batch_is_the_first_samples_of_the_full_batch() {
         C::to_vec(&part.decoded.unwrap().value).unwrap(),
         first_half(C::to_vec(&full.decoded.unwrap().value).unwrap())
     );
-    assert!(
-        model
-            .forward_train(&b, &x, &hint, &c, true, Some(5))
-            .is_err(),
-        "more LISA samples than the batch"
-    );
+    assert!(model.forward_train(&b, &x, &hint, &c, true, Some(5)).is_err(), "more LISA samples than the batch");
 }

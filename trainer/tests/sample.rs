@@ -31,18 +31,8 @@ fn diffusion_samplers_are_deterministic_and_control_scale_zero_ignores_the_hint(
     let noise = NoiseConfig::default();
     let prompts = vec![vec![0, 1], vec![2, 3]];
     let (h1, h2) = (randn(&[2, 1, 16, 16], 5), randn(&[2, 1, 16, 16], 6));
-    for sampler in [
-        Sampler::Ddim { eta: 0.0 },
-        Sampler::Ddim { eta: 0.5 },
-        Sampler::Ddpm,
-    ] {
-        let cfg = SampleConfig {
-            sampler,
-            steps: 5,
-            guidance_scale: 2.0,
-            seed: 9,
-            ..SampleConfig::default()
-        };
+    for sampler in [Sampler::Ddim { eta: 0.0 }, Sampler::Ddim { eta: 0.5 }, Sampler::Ddpm] {
+        let cfg = SampleConfig { sampler, steps: 5, guidance_scale: 2.0, seed: 9, ..SampleConfig::default() };
         let a = sample(&model, &noise, &h1, &prompts, &cfg).unwrap();
         assert_eq!(C::shape(&a).dims(), &[2, 3, 16, 16]);
         assert!(C::to_vec(&a).unwrap().iter().all(|v| v.is_finite()));
@@ -56,10 +46,7 @@ fn diffusion_samplers_are_deterministic_and_control_scale_zero_ignores_the_hint(
             C::to_vec(&sample(&model, &noise, &h2, &prompts, &cfg).unwrap()).unwrap(),
             "the hint matters"
         );
-        let off = SampleConfig {
-            control_scale: 0.0,
-            ..cfg.clone()
-        };
+        let off = SampleConfig { control_scale: 0.0, ..cfg.clone() };
         assert_eq!(
             C::to_vec(&sample(&model, &noise, &h1, &prompts, &off).unwrap()).unwrap(),
             C::to_vec(&sample(&model, &noise, &h2, &prompts, &off).unwrap()).unwrap(),
@@ -75,55 +62,14 @@ fn euler_on_a_flow_model_and_mismatches_rejected() {
     let model = DualModel::<C>::new(&cfg, false, CpuDevice, 3).unwrap();
     let hint = randn(&[1, 1, 16, 16], 7);
     let flow = NoiseConfig::Flow { shift: Some(3.0) };
-    let euler = SampleConfig {
-        sampler: Sampler::Euler,
-        steps: 4,
-        ..SampleConfig::default()
-    };
+    let euler = SampleConfig { sampler: Sampler::Euler, steps: 4, ..SampleConfig::default() };
     let x = sample(&model, &flow, &hint, &[vec![0], vec![1]], &euler).unwrap();
     assert!(C::to_vec(&x).unwrap().iter().all(|v| v.is_finite()));
-    assert!(
-        sample(
-            &model,
-            &NoiseConfig::default(),
-            &hint,
-            &[vec![0], vec![1]],
-            &euler
-        )
-        .is_err(),
-        "Euler needs a flow"
-    );
+    assert!(sample(&model, &NoiseConfig::default(), &hint, &[vec![0], vec![1]], &euler).is_err(), "Euler needs a flow");
     let ddim = SampleConfig::default();
-    assert!(
-        sample(&model, &flow, &hint, &[vec![0], vec![1]], &ddim).is_err(),
-        "DDIM needs a diffusion"
-    );
-    let bad_eta = SampleConfig {
-        sampler: Sampler::Ddim { eta: 2.0 },
-        ..SampleConfig::default()
-    };
-    assert!(
-        sample(
-            &model,
-            &NoiseConfig::default(),
-            &hint,
-            &[vec![0], vec![1]],
-            &bad_eta
-        )
-        .is_err()
-    );
-    let zero_steps = SampleConfig {
-        steps: 0,
-        ..SampleConfig::default()
-    };
-    assert!(
-        sample(
-            &model,
-            &NoiseConfig::default(),
-            &hint,
-            &[vec![0], vec![1]],
-            &zero_steps
-        )
-        .is_err()
-    );
+    assert!(sample(&model, &flow, &hint, &[vec![0], vec![1]], &ddim).is_err(), "DDIM needs a diffusion");
+    let bad_eta = SampleConfig { sampler: Sampler::Ddim { eta: 2.0 }, ..SampleConfig::default() };
+    assert!(sample(&model, &NoiseConfig::default(), &hint, &[vec![0], vec![1]], &bad_eta).is_err());
+    let zero_steps = SampleConfig { steps: 0, ..SampleConfig::default() };
+    assert!(sample(&model, &NoiseConfig::default(), &hint, &[vec![0], vec![1]], &zero_steps).is_err());
 }

@@ -17,10 +17,7 @@ fn trainer(mode: Mode, lambda: f64, seed: u64) -> Trainer<C> {
         batch_size: 8,
         max_train_steps: 50,
         mode,
-        optim: OptimConfig {
-            lr: 2e-3,
-            ..OptimConfig::default()
-        },
+        optim: OptimConfig { lr: 2e-3, ..OptimConfig::default() },
         ..TrainConfig::default()
     };
     cfg.lisa.lambda = lambda;
@@ -29,29 +26,18 @@ fn trainer(mode: Mode, lambda: f64, seed: u64) -> Trainer<C> {
 
 #[test]
 fn fifty_steps_loss_falls() {
-    let data = FillCircles {
-        resolution: 16,
-        len: 256,
-        seed: 3,
-    };
+    let data = FillCircles { resolution: 16, len: 256, seed: 3 };
     let mut t = trainer(Mode::Lisa, 0.2, 1);
     let losses: Vec<f32> = (0..50).map(|_| t.step(&data).unwrap().loss).collect();
     let first: f32 = losses[..10].iter().sum::<f32>() / 10.0;
     let last: f32 = losses[40..].iter().sum::<f32>() / 10.0;
-    assert!(
-        last < 0.9 * first,
-        "loss did not fall: first 10 mean {first}, last 10 mean {last}"
-    );
+    assert!(last < 0.9 * first, "loss did not fall: first 10 mean {first}, last 10 mean {last}");
     assert_eq!(t.run.state.step, 50);
 }
 
 #[test]
 fn baseline_equals_lisa_with_zero_lambda_on_the_side_network() {
-    let data = FillCircles {
-        resolution: 16,
-        len: 64,
-        seed: 4,
-    };
+    let data = FillCircles { resolution: 16, len: 64, seed: 4 };
     let (mut a, mut b) = (trainer(Mode::Baseline, 0.2, 2), trainer(Mode::Lisa, 0.0, 2));
     for _ in 0..3 {
         let (sa, sb) = (a.step(&data).unwrap(), b.step(&data).unwrap());
@@ -59,11 +45,6 @@ fn baseline_equals_lisa_with_zero_lambda_on_the_side_network() {
     }
     for (id, p) in a.model.store.iter() {
         let q = b.model.store.get(b.model.store.find(&p.name).unwrap());
-        assert_eq!(
-            C::to_vec(&p.value).unwrap(),
-            C::to_vec(&q.value).unwrap(),
-            "{} differs ({id:?})",
-            p.name
-        );
+        assert_eq!(C::to_vec(&p.value).unwrap(), C::to_vec(&q.value).unwrap(), "{} differs ({id:?})", p.name);
     }
 }

@@ -46,12 +46,7 @@ fn finite_difference<B: Backend>(
         want.push(((eval(FD_STEP_F32) - eval(-FD_STEP_F32)) / (2.0 * FD_STEP_F32)) as f32);
         got.push(analytic[i]);
     }
-    assert_values(
-        &format!("{what} vs finite differences"),
-        &got,
-        &want,
-        F32_FINITE_DIFFERENCE,
-    );
+    assert_values(&format!("{what} vs finite differences"), &got, &want, F32_FINITE_DIFFERENCE);
 }
 
 /// `Ok` values unwrapped with the op's name.
@@ -64,25 +59,13 @@ pub fn creation_and_readback<B: Backend>() {
     let mut h = Harness::<B>::default();
     for shape in [&[1usize][..], &[3, 7], &[2, 3, 33], &[1, 1, 1, 1]] {
         let x = h.randn(shape, F32);
-        assert_eq!(
-            ok("to_vec", B::to_vec(&x.dev)),
-            x.host,
-            "round trip is exact in f32"
-        );
+        assert_eq!(ok("to_vec", B::to_vec(&x.dev)), x.host, "round trip is exact in f32");
         assert_eq!(B::shape(&x.dev), Shape::new(shape));
         let flat = Shape::new([x.host.len()]);
-        assert_matches::<B>(
-            "reshape",
-            &B::reshape(&x.dev, &flat),
-            &R::reshape(&x.reference, &flat),
-        );
+        assert_matches::<B>("reshape", &B::reshape(&x.dev, &flat), &R::reshape(&x.reference, &flat));
         for dtype in [DType::F16, DType::BF16] {
             if B::supports_dtype(&h.device, dtype) {
-                assert_matches::<B>(
-                    "cast",
-                    &B::cast(&x.dev, dtype),
-                    &R::cast(&x.reference, dtype),
-                );
+                assert_matches::<B>("cast", &B::cast(&x.dev, dtype), &R::cast(&x.reference, dtype));
             }
         }
     }
@@ -92,13 +75,7 @@ pub fn creation_and_readback<B: Backend>() {
         &B::full(&s, 1.5, F32, &h.device),
         &R::full(&s, 1.5, F32, &lisa_core::reference::RefDevice),
     );
-    assert_eq!(
-        ok(
-            "item",
-            B::item(&B::full(&Shape::scalar(), 2.5, F32, &h.device).unwrap())
-        ),
-        2.5
-    );
+    assert_eq!(ok("item", B::item(&B::full(&Shape::scalar(), 2.5, F32, &h.device).unwrap())), 2.5);
 }
 
 /// Counter-based normals: the same stream as the reference, at odd sizes.
@@ -129,23 +106,11 @@ pub fn binary_broadcast<B: Backend>() {
         let (a, b) = (h.randn(sa, F32), h.randn(sb, F32));
         for op in [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul] {
             let what = format!("{op:?} {sa:?} {sb:?}");
-            assert_matches::<B>(
-                &what,
-                &B::binary(op, &a.dev, &b.dev),
-                &R::binary(op, &a.reference, &b.reference),
-            );
-            assert_matches::<B>(
-                &what,
-                &B::binary(op, &b.dev, &a.dev),
-                &R::binary(op, &b.reference, &a.reference),
-            );
+            assert_matches::<B>(&what, &B::binary(op, &a.dev, &b.dev), &R::binary(op, &a.reference, &b.reference));
+            assert_matches::<B>(&what, &B::binary(op, &b.dev, &a.dev), &R::binary(op, &b.reference, &a.reference));
         }
         let pos = h.positive(sb, 0.5);
-        assert_matches::<B>(
-            "Div",
-            &B::div(&a.dev, &pos.dev),
-            &R::div(&a.reference, &pos.reference),
-        );
+        assert_matches::<B>("Div", &B::div(&a.dev, &pos.dev), &R::div(&a.reference, &pos.reference));
     }
 }
 
@@ -154,29 +119,17 @@ pub fn affine_axpby_unary<B: Backend>() {
     let mut h = Harness::<B>::default();
     for shape in [&[1usize][..], &[7], &[3, 33], &[2, 3, 7, 7]] {
         let (x, y) = (h.randn(shape, F32), h.randn(shape, F32));
-        assert_matches::<B>(
-            "affine",
-            &B::affine(&x.dev, -1.5, 0.25),
-            &R::affine(&x.reference, -1.5, 0.25),
-        );
+        assert_matches::<B>("affine", &B::affine(&x.dev, -1.5, 0.25), &R::affine(&x.reference, -1.5, 0.25));
         assert_matches::<B>(
             "axpby",
             &B::axpby(0.3, &x.dev, -2.0, &y.dev),
             &R::axpby(0.3, &x.reference, -2.0, &y.reference),
         );
         for op in [UnaryOp::Silu, UnaryOp::Exp, UnaryOp::Square] {
-            assert_matches::<B>(
-                &format!("{op:?}"),
-                &B::unary(op, &x.dev),
-                &R::unary(op, &x.reference),
-            );
+            assert_matches::<B>(&format!("{op:?}"), &B::unary(op, &x.dev), &R::unary(op, &x.reference));
         }
         let p = h.positive(shape, 0.5);
-        assert_matches::<B>(
-            "Sqrt",
-            &B::unary(UnaryOp::Sqrt, &p.dev),
-            &R::unary(UnaryOp::Sqrt, &p.reference),
-        );
+        assert_matches::<B>("Sqrt", &B::unary(UnaryOp::Sqrt, &p.dev), &R::unary(UnaryOp::Sqrt, &p.reference));
     }
 }
 
@@ -185,18 +138,10 @@ pub fn unary_backward<B: Backend>() {
     let mut h = Harness::<B>::default();
     for shape in [&[1usize][..], &[3, 7], &[2, 33]] {
         for op in [UnaryOp::Silu, UnaryOp::Exp, UnaryOp::Square, UnaryOp::Sqrt] {
-            let x = if op == UnaryOp::Sqrt {
-                h.positive(shape, 0.5)
-            } else {
-                h.randn(shape, F32)
-            };
+            let x = if op == UnaryOp::Sqrt { h.positive(shape, 0.5) } else { h.randn(shape, F32) };
             let g = h.randn(shape, F32);
             let got = B::unary_backward(op, &x.dev, &g.dev);
-            assert_matches::<B>(
-                &format!("{op:?} backward"),
-                &got,
-                &R::unary_backward(op, &x.reference, &g.reference),
-            );
+            assert_matches::<B>(&format!("{op:?} backward"), &got, &R::unary_backward(op, &x.reference, &g.reference));
             finite_difference(
                 &format!("{op:?} backward"),
                 &h,
@@ -216,11 +161,7 @@ pub fn reductions<B: Backend>() {
         let x = h.randn(shape, F32);
         assert_matches::<B>("sum", &B::sum(&x.dev), &R::sum(&x.reference));
         assert_matches::<B>("mean", &B::mean(&x.dev), &R::mean(&x.reference));
-        assert_matches::<B>(
-            "sum_squares",
-            &B::sum_squares(&x.dev),
-            &R::sum_squares(&x.reference),
-        );
+        assert_matches::<B>("sum_squares", &B::sum_squares(&x.dev), &R::sum_squares(&x.reference));
     }
 }
 
@@ -246,11 +187,7 @@ pub fn sum_to_shape<B: Backend>() {
         );
     }
     let x = h.randn(&[2, 5, 3, 3], F32);
-    assert_matches::<B>(
-        "conv bias grad",
-        &B::conv2d_backward_bias(&x.dev),
-        &R::conv2d_backward_bias(&x.reference),
-    );
+    assert_matches::<B>("conv bias grad", &B::conv2d_backward_bias(&x.dev), &R::conv2d_backward_bias(&x.reference));
 }
 
 /// Softmax over the last dim and its backward.
@@ -260,42 +197,21 @@ pub fn softmax<B: Backend>() {
         let x = h.randn(shape, F32);
         let x_big = ok("affine", B::affine(&x.dev, 20.0, 0.0));
         let x_big_ref = R::affine(&x.reference, 20.0, 0.0).unwrap();
-        assert_matches::<B>(
-            "softmax (large logits)",
-            &B::softmax_last(&x_big),
-            &R::softmax_last(&x_big_ref),
-        );
+        assert_matches::<B>("softmax (large logits)", &B::softmax_last(&x_big), &R::softmax_last(&x_big_ref));
         let y = ok("softmax", B::softmax_last(&x.dev));
         let g = h.randn(shape, F32);
         let got = B::softmax_last_backward(&y, &g.dev);
         let y_ref = R::softmax_last(&x.reference).unwrap();
-        assert_matches::<B>(
-            "softmax backward",
-            &got,
-            &R::softmax_last_backward(&y_ref, &g.reference),
-        );
-        finite_difference(
-            "softmax backward",
-            &h,
-            &x,
-            &g.host,
-            |t| B::softmax_last(t).unwrap(),
-            &got.unwrap(),
-        );
+        assert_matches::<B>("softmax backward", &got, &R::softmax_last_backward(&y_ref, &g.reference));
+        finite_difference("softmax backward", &h, &x, &g.host, |t| B::softmax_last(t).unwrap(), &got.unwrap());
     }
 }
 
 /// Batched matmul with every transpose combination.
 pub fn matmul<B: Backend>() {
     let mut h = Harness::<B>::default();
-    let cases: [(&[usize], usize, usize, usize); 6] = [
-        (&[], 1, 1, 1),
-        (&[], 3, 7, 33),
-        (&[], 33, 3, 1),
-        (&[2], 7, 33, 3),
-        (&[2, 3], 5, 4, 6),
-        (&[], 64, 65, 63),
-    ];
+    let cases: [(&[usize], usize, usize, usize); 6] =
+        [(&[], 1, 1, 1), (&[], 3, 7, 33), (&[], 33, 3, 1), (&[2], 7, 33, 3), (&[2, 3], 5, 4, 6), (&[], 64, 65, 63)];
     for (batch, m, k, n) in cases {
         for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
             let dims = |r: usize, c: usize| [batch, &[r, c][..]].concat();
@@ -303,11 +219,7 @@ pub fn matmul<B: Backend>() {
             let b = h.randn(&if tb { dims(n, k) } else { dims(k, n) }, F32);
             let t = Transpose { a: ta, b: tb };
             let what = format!("matmul {batch:?} {m}x{k}x{n} ta={ta} tb={tb}");
-            assert_matches::<B>(
-                &what,
-                &B::matmul(&a.dev, &b.dev, t),
-                &R::matmul(&a.reference, &b.reference, t),
-            );
+            assert_matches::<B>(&what, &B::matmul(&a.dev, &b.dev, t), &R::matmul(&a.reference, &b.reference, t));
         }
     }
 }
@@ -326,26 +238,10 @@ struct ConvCase {
     pad: usize,
 }
 
-const fn conv_case(
-    input: [usize; 4],
-    c_out: usize,
-    kernel: [usize; 2],
-    stride: usize,
-    pad: usize,
-) -> ConvCase {
+const fn conv_case(input: [usize; 4], c_out: usize, kernel: [usize; 2], stride: usize, pad: usize) -> ConvCase {
     let [n, c_in, h, w] = input;
     let [kh, kw] = kernel;
-    ConvCase {
-        n,
-        c_in,
-        h,
-        w,
-        c_out,
-        kh,
-        kw,
-        stride,
-        pad,
-    }
+    ConvCase { n, c_in, h, w, c_out, kh, kw, stride, pad }
 }
 
 /// Odd sizes, 1×1, rectangular kernels, stride 2, batch 1 and a batch above any thread count.
@@ -361,22 +257,11 @@ const CONV_CASES: [ConvCase; 9] = [
     conv_case([2, 4, 9, 9], 6, [3, 3], 2, 1),
 ];
 
-fn conv_inputs<B: Backend>(
-    h: &mut Harness<B>,
-    c: ConvCase,
-) -> (Case<B>, Case<B>, Case<B>, Conv2dParams) {
+fn conv_inputs<B: Backend>(h: &mut Harness<B>, c: ConvCase) -> (Case<B>, Case<B>, Case<B>, Conv2dParams) {
     let x = h.randn(&[c.n, c.c_in, c.h, c.w], F32);
     let w = h.randn(&[c.c_out, c.c_in, c.kh, c.kw], F32);
     let b = h.randn(&[c.c_out], F32);
-    (
-        x,
-        w,
-        b,
-        Conv2dParams {
-            stride: [c.stride, c.stride],
-            padding: [c.pad, c.pad],
-        },
-    )
+    (x, w, b, Conv2dParams { stride: [c.stride, c.stride], padding: [c.pad, c.pad] })
 }
 
 /// Convolution forward, with and without bias.
@@ -456,99 +341,32 @@ pub fn group_norm<B: Backend>() {
         let got = ok(&what, B::group_norm(&x.dev, &gamma.dev, &beta.dev, p));
         let want = R::group_norm(&x.reference, &gamma.reference, &beta.reference, p).unwrap();
         assert_matches::<B>(&what, &Ok(got.output.clone()), &Ok(want.output.clone()));
-        assert_matches::<B>(
-            &format!("{what} mean"),
-            &Ok(got.mean.clone()),
-            &Ok(want.mean.clone()),
-        );
-        assert_matches::<B>(
-            &format!("{what} rstd"),
-            &Ok(got.rstd.clone()),
-            &Ok(want.rstd.clone()),
-        );
+        assert_matches::<B>(&format!("{what} mean"), &Ok(got.mean.clone()), &Ok(want.mean.clone()));
+        assert_matches::<B>(&format!("{what} rstd"), &Ok(got.rstd.clone()), &Ok(want.rstd.clone()));
         let g = h.randn(shape, F32);
-        let grads = ok(
-            &what,
-            B::group_norm_backward(&x.dev, &gamma.dev, &got, &g.dev, p),
-        );
-        let want_g =
-            R::group_norm_backward(&x.reference, &gamma.reference, &want, &g.reference, p).unwrap();
-        assert_matches::<B>(
-            &format!("{what} dx"),
-            &Ok(grads.input.clone()),
-            &Ok(want_g.input),
-        );
-        assert_matches::<B>(
-            &format!("{what} dgamma"),
-            &Ok(grads.gamma.clone()),
-            &Ok(want_g.gamma),
-        );
-        assert_matches::<B>(
-            &format!("{what} dbeta"),
-            &Ok(grads.beta.clone()),
-            &Ok(want_g.beta),
-        );
-        let fwd = |x: &B::Tensor, gm: &B::Tensor, bt: &B::Tensor| {
-            B::group_norm(x, gm, bt, p).unwrap().output
-        };
-        finite_difference(
-            &format!("{what} dx"),
-            &h,
-            &x,
-            &g.host,
-            |t| fwd(t, &gamma.dev, &beta.dev),
-            &grads.input,
-        );
-        finite_difference(
-            &format!("{what} dgamma"),
-            &h,
-            &gamma,
-            &g.host,
-            |t| fwd(&x.dev, t, &beta.dev),
-            &grads.gamma,
-        );
-        finite_difference(
-            &format!("{what} dbeta"),
-            &h,
-            &beta,
-            &g.host,
-            |t| fwd(&x.dev, &gamma.dev, t),
-            &grads.beta,
-        );
+        let grads = ok(&what, B::group_norm_backward(&x.dev, &gamma.dev, &got, &g.dev, p));
+        let want_g = R::group_norm_backward(&x.reference, &gamma.reference, &want, &g.reference, p).unwrap();
+        assert_matches::<B>(&format!("{what} dx"), &Ok(grads.input.clone()), &Ok(want_g.input));
+        assert_matches::<B>(&format!("{what} dgamma"), &Ok(grads.gamma.clone()), &Ok(want_g.gamma));
+        assert_matches::<B>(&format!("{what} dbeta"), &Ok(grads.beta.clone()), &Ok(want_g.beta));
+        let fwd = |x: &B::Tensor, gm: &B::Tensor, bt: &B::Tensor| B::group_norm(x, gm, bt, p).unwrap().output;
+        finite_difference(&format!("{what} dx"), &h, &x, &g.host, |t| fwd(t, &gamma.dev, &beta.dev), &grads.input);
+        finite_difference(&format!("{what} dgamma"), &h, &gamma, &g.host, |t| fwd(&x.dev, t, &beta.dev), &grads.gamma);
+        finite_difference(&format!("{what} dbeta"), &h, &beta, &g.host, |t| fwd(&x.dev, &gamma.dev, t), &grads.beta);
     }
 }
 
 /// Nearest upsampling and its backward.
 pub fn upsample<B: Backend>() {
     let mut h = Harness::<B>::default();
-    for (shape, f) in [
-        (&[1usize, 1, 1, 1][..], 2usize),
-        (&[2, 3, 7, 3], 2),
-        (&[1, 2, 3, 33], 3),
-        (&[2, 1, 4, 4], 1),
-    ] {
+    for (shape, f) in [(&[1usize, 1, 1, 1][..], 2usize), (&[2, 3, 7, 3], 2), (&[1, 2, 3, 33], 3), (&[2, 1, 4, 4], 1)] {
         let x = h.randn(shape, F32);
         let got = ok("upsample", B::upsample_nearest(&x.dev, f));
-        assert_matches::<B>(
-            "upsample",
-            &Ok(got.clone()),
-            &R::upsample_nearest(&x.reference, f),
-        );
+        assert_matches::<B>("upsample", &Ok(got.clone()), &R::upsample_nearest(&x.reference, f));
         let g = h.randn(B::shape(&got).dims(), F32);
         let back = B::upsample_nearest_backward(&g.dev, f);
-        assert_matches::<B>(
-            "upsample backward",
-            &back,
-            &R::upsample_nearest_backward(&g.reference, f),
-        );
-        finite_difference(
-            "upsample backward",
-            &h,
-            &x,
-            &g.host,
-            |t| B::upsample_nearest(t, f).unwrap(),
-            &back.unwrap(),
-        );
+        assert_matches::<B>("upsample backward", &back, &R::upsample_nearest_backward(&g.reference, f));
+        finite_difference("upsample backward", &h, &x, &g.host, |t| B::upsample_nearest(t, f).unwrap(), &back.unwrap());
     }
 }
 
@@ -561,10 +379,7 @@ pub fn concat_and_slice<B: Backend>() {
         (2, &[4, 3], &[]),
         (33, &[2, 5], &[1, 3]),
     ] {
-        let parts: Vec<Case<B>> = cs
-            .iter()
-            .map(|&c| h.randn(&[&[n, c][..], rest].concat(), F32))
-            .collect();
+        let parts: Vec<Case<B>> = cs.iter().map(|&c| h.randn(&[&[n, c][..], rest].concat(), F32)).collect();
         let dev: Vec<&B::Tensor> = parts.iter().map(|p| &p.dev).collect();
         let refs: Vec<&RefTensor> = parts.iter().map(|p| &p.reference).collect();
         let cat = B::concat_channels(&dev);
@@ -572,11 +387,7 @@ pub fn concat_and_slice<B: Backend>() {
         let cat = cat.unwrap();
         let mut start = 0;
         for (p, &c) in parts.iter().zip(cs) {
-            assert_matches::<B>(
-                "slice",
-                &B::slice_channels(&cat, start, c),
-                &Ok(p.reference.clone()),
-            );
+            assert_matches::<B>("slice", &B::slice_channels(&cat, start, c), &Ok(p.reference.clone()));
             start += c;
         }
     }
@@ -599,36 +410,17 @@ pub fn lisa_loss<B: Backend>() {
     let mut h = Harness::<B>::default();
     let configs = [
         LisaConfig::default(),
-        LisaConfig {
-            distance: Distance::Cosine,
-            lambda: 0.5,
-            ..LisaConfig::default()
-        },
-        LisaConfig {
-            weighting: Weighting::MinSnr { gamma: 5.0 },
-            ..LisaConfig::default()
-        },
+        LisaConfig { distance: Distance::Cosine, lambda: 0.5, ..LisaConfig::default() },
+        LisaConfig { weighting: Weighting::MinSnr { gamma: 5.0 }, ..LisaConfig::default() },
     ];
     for shape in [&[1usize, 1, 1, 1][..], &[3, 3, 7, 7], &[2, 3, 33, 1]] {
         let b = shape[0];
-        let terms: Vec<SampleTerms<f32>> = (0..b)
-            .map(|i| SampleTerms {
-                target_scale: 1.0 + i as f32 * 0.5,
-                weight: 0.25 + i as f32,
-            })
-            .collect();
-        let (d, y, prior) = (
-            h.randn(shape, F32),
-            h.randn(shape, F32),
-            h.randn(shape, F32),
-        );
+        let terms: Vec<SampleTerms<f32>> =
+            (0..b).map(|i| SampleTerms { target_scale: 1.0 + i as f32 * 0.5, weight: 0.25 + i as f32 }).collect();
+        let (d, y, prior) = (h.randn(shape, F32), h.randn(shape, F32), h.randn(shape, F32));
         for cfg in &configs {
-            let (lb, gb) = ok(
-                "lisa",
-                B::lisa_loss(cfg, &terms, &d.dev, &y.dev, &prior.dev),
-            );
-            let (lr, gr) =
-                R::lisa_loss(cfg, &terms, &d.reference, &y.reference, &prior.reference).unwrap();
+            let (lb, gb) = ok("lisa", B::lisa_loss(cfg, &terms, &d.dev, &y.dev, &prior.dev));
+            let (lr, gr) = R::lisa_loss(cfg, &terms, &d.reference, &y.reference, &prior.reference).unwrap();
             assert_values(
                 "lisa value",
                 &[lb.weighted, lb.distance],
@@ -651,27 +443,13 @@ pub fn adamw<B: Backend>() {
     let mut h = Harness::<B>::default();
     for shape in [&[1usize][..], &[33, 7], &[100_003]] {
         let p0 = h.randn(shape, F32);
-        let (mut p, mut m, mut v) = (
-            p0.dev.clone(),
-            B::zeros_like(&p0.dev).unwrap(),
-            B::zeros_like(&p0.dev).unwrap(),
-        );
-        let (mut pr, mut mr, mut vr) = (
-            p0.reference.clone(),
-            R::zeros_like(&p0.reference).unwrap(),
-            R::zeros_like(&p0.reference).unwrap(),
-        );
+        let (mut p, mut m, mut v) = (p0.dev.clone(), B::zeros_like(&p0.dev).unwrap(), B::zeros_like(&p0.dev).unwrap());
+        let (mut pr, mut mr, mut vr) =
+            (p0.reference.clone(), R::zeros_like(&p0.reference).unwrap(), R::zeros_like(&p0.reference).unwrap());
         for step in 1..=3u64 {
             let g = h.randn(shape, F32);
-            let hp = AdamWParams {
-                lr: 1e-2,
-                step,
-                ..AdamWParams::default()
-            };
-            ok(
-                "adamw",
-                B::adamw_update(&mut p, &mut m, &mut v, &g.dev, &hp),
-            );
+            let hp = AdamWParams { lr: 1e-2, step, ..AdamWParams::default() };
+            ok("adamw", B::adamw_update(&mut p, &mut m, &mut v, &g.dev, &hp));
             R::adamw_update(&mut pr, &mut mr, &mut vr, &g.reference, &hp).unwrap();
         }
         assert_matches::<B>("adamw param", &Ok(p), &Ok(pr));
@@ -694,11 +472,7 @@ pub fn half_precision<B: Backend>() {
             continue;
         }
         let (x, y) = (h.randn(&[2, 3, 7, 7], dtype), h.randn(&[2, 3, 7, 7], dtype));
-        assert_matches::<B>(
-            "half add",
-            &B::add(&x.dev, &y.dev),
-            &R::add(&x.reference, &y.reference),
-        );
+        assert_matches::<B>("half add", &B::add(&x.dev, &y.dev), &R::add(&x.reference, &y.reference));
         assert_matches::<B>("half silu", &B::silu(&x.dev), &R::silu(&x.reference));
         let w = h.randn(&[4, 3, 3, 3], dtype);
         let p = Conv2dParams::same(3);
@@ -708,10 +482,7 @@ pub fn half_precision<B: Backend>() {
             &R::conv2d(&x.reference, &w.reference, None, p),
         );
         let f = h.randn(&[2, 3, 7, 7], F32);
-        assert!(
-            matches!(B::add(&x.dev, &f.dev), Err(Error::DTypeMismatch { .. })),
-            "{dtype} + f32 must be refused"
-        );
+        assert!(matches!(B::add(&x.dev, &f.dev), Err(Error::DTypeMismatch { .. })), "{dtype} + f32 must be refused");
     }
 }
 
@@ -722,10 +493,7 @@ pub fn bad_inputs_are_typed_errors<B: Backend>() {
     let w_bad = h.randn(&[2, 5, 3, 3], F32);
     let big_k = h.randn(&[2, 3, 9, 9], F32);
     let p = Conv2dParams::same(3);
-    let zero_stride = Conv2dParams {
-        stride: [0, 1],
-        padding: [0, 0],
-    };
+    let zero_stride = Conv2dParams { stride: [0, 1], padding: [0, 0] };
     assert_matches::<B>(
         "conv channels",
         &B::conv2d(&x.dev, &w_bad.dev, None, p),
@@ -750,42 +518,21 @@ pub fn bad_inputs_are_typed_errors<B: Backend>() {
         &R::conv2d_backward_data(&bad_grad.reference, &w.reference, x.reference.shape(), p),
     );
     let (a, b) = (h.randn(&[2, 3], F32), h.randn(&[4, 3], F32));
-    assert_matches::<B>(
-        "add shapes",
-        &B::add(&a.dev, &b.dev),
-        &R::add(&a.reference, &b.reference),
-    );
+    assert_matches::<B>("add shapes", &B::add(&a.dev, &b.dev), &R::add(&a.reference, &b.reference));
     assert_matches::<B>(
         "matmul shapes",
         &B::matmul(&a.dev, &b.dev, Transpose::default()),
         &R::matmul(&a.reference, &b.reference, Transpose::default()),
     );
     let five = Shape::new([5]);
-    assert_matches::<B>(
-        "reshape count",
-        &B::reshape(&x.dev, &five),
-        &R::reshape(&x.reference, &five),
-    );
+    assert_matches::<B>("reshape count", &B::reshape(&x.dev, &five), &R::reshape(&x.reference, &five));
     let huge = Shape::new([usize::MAX, 3]);
-    assert!(matches!(
-        B::zeros(&huge, F32, &h.device),
-        Err(Error::SizeOverflow { .. })
-    ));
-    assert!(matches!(
-        B::from_slice(&[1.0; 3], &Shape::new([2, 2]), F32, &h.device),
-        Err(Error::LengthMismatch { .. })
-    ));
+    assert!(matches!(B::zeros(&huge, F32, &h.device), Err(Error::SizeOverflow { .. })));
+    assert!(matches!(B::from_slice(&[1.0; 3], &Shape::new([2, 2]), F32, &h.device), Err(Error::LengthMismatch { .. })));
     assert!(matches!(B::concat_channels(&[]), Err(Error::Empty { .. })));
-    assert_matches::<B>(
-        "slice range",
-        &B::slice_channels(&x.dev, 2, 2),
-        &R::slice_channels(&x.reference, 2, 2),
-    );
+    assert_matches::<B>("slice range", &B::slice_channels(&x.dev, 2, 2), &R::slice_channels(&x.reference, 2, 2));
     let (g3, b3) = (h.randn(&[3], F32), h.randn(&[3], F32));
-    let gn = GroupNormParams {
-        groups: 2,
-        eps: 1e-5,
-    };
+    let gn = GroupNormParams { groups: 2, eps: 1e-5 };
     let got = B::group_norm(&x.dev, &g3.dev, &b3.dev, gn).map(|o| o.output);
     let want = R::group_norm(&x.reference, &g3.reference, &b3.reference, gn).map(|o| o.output);
     assert_matches::<B>("group norm groups", &got, &want);
@@ -796,31 +543,16 @@ pub fn bad_inputs_are_typed_errors<B: Backend>() {
         &R::upsample_nearest_backward(&odd.reference, 2),
     );
     let (l3, l4) = (h.randn(&[3], F32), h.randn(&[4], F32));
-    assert!(matches!(
-        B::mse_loss(&l3.dev, &l4.dev),
-        Err(Error::ShapeMismatch { .. })
-    ));
+    assert!(matches!(B::mse_loss(&l3.dev, &l4.dev), Err(Error::ShapeMismatch { .. })));
     let nan = h.from_host(vec![f32::NAN; 3], &Shape::new([3]), F32);
-    assert!(matches!(
-        B::mse_loss(&nan.dev, &l3.dev),
-        Err(Error::NonFinite { .. })
-    ));
+    assert!(matches!(B::mse_loss(&nan.dev, &l3.dev), Err(Error::NonFinite { .. })));
     let terms = [SampleTerms::<f32>::unit(); 2];
     let lisa = B::lisa_loss(&LisaConfig::default(), &terms, &l3.dev, &l3.dev, &l3.dev);
-    assert!(
-        matches!(lisa, Err(Error::InvalidArgument { .. })),
-        "3 elements over 2 samples"
-    );
-    let bad_lambda = LisaConfig {
-        lambda: -1.0,
-        ..LisaConfig::default()
-    };
+    assert!(matches!(lisa, Err(Error::InvalidArgument { .. })), "3 elements over 2 samples");
+    let bad_lambda = LisaConfig { lambda: -1.0, ..LisaConfig::default() };
     assert!(B::lisa_loss(&bad_lambda, &terms[..1], &l3.dev, &l3.dev, &l3.dev).is_err());
     let (mut pm, mut mm, mut vm) = (l3.dev.clone(), l3.dev.clone(), l3.dev.clone());
-    let bad_hp = AdamWParams {
-        step: 0,
-        ..AdamWParams::default()
-    };
+    let bad_hp = AdamWParams { step: 0, ..AdamWParams::default() };
     assert!(B::adamw_update(&mut pm, &mut mm, &mut vm, &l3.dev, &bad_hp).is_err());
     assert!(matches!(
         B::adamw_update(&mut pm, &mut mm, &mut vm, &l4.dev, &AdamWParams::default()),
@@ -838,18 +570,8 @@ pub fn nan_propagates<B: Backend>() {
         let y = ok("unary", B::to_vec(&ok("unary", B::unary(op, &x.dev))));
         assert!(y[1].is_nan(), "{op:?}(NaN) must be NaN, got {}", y[1]);
     }
-    assert!(
-        ok("sum", B::item(&ok("sum", B::sum(&x.dev)))).is_nan(),
-        "sum with a NaN must be NaN"
-    );
-    assert!(
-        ok(
-            "softmax",
-            B::to_vec(&ok("softmax", B::softmax_last(&x.dev)))
-        )
-        .iter()
-        .all(|v| v.is_nan())
-    );
+    assert!(ok("sum", B::item(&ok("sum", B::sum(&x.dev)))).is_nan(), "sum with a NaN must be NaN");
+    assert!(ok("softmax", B::to_vec(&ok("softmax", B::softmax_last(&x.dev)))).iter().all(|v| v.is_nan()));
     let terms = [SampleTerms::<f32>::unit()];
     assert!(matches!(
         B::lisa_loss(&LisaConfig::default(), &terms, &x.dev, &x.dev, &x.dev),

@@ -26,20 +26,13 @@ pub struct Case<B: Backend> {
 
 impl<B: Backend> Clone for Case<B> {
     fn clone(&self) -> Self {
-        Self {
-            dev: self.dev.clone(),
-            reference: self.reference.clone(),
-            host: self.host.clone(),
-        }
+        Self { dev: self.dev.clone(), reference: self.reference.clone(), host: self.host.clone() }
     }
 }
 
 impl<B: Backend> Default for Harness<B> {
     fn default() -> Self {
-        Self {
-            device: B::default_device(),
-            seed: 0x5eed,
-        }
+        Self { device: B::default_device(), seed: 0x5eed }
     }
 }
 
@@ -63,14 +56,9 @@ impl<B: Backend> Harness<B> {
     /// Both tensors from explicit values.
     pub fn from_host(&self, host: Vec<f32>, shape: &Shape, dtype: DType) -> Case<B> {
         let dev = B::from_slice(&host, shape, dtype, &self.device).expect("backend from_slice");
-        let reference =
-            RefBackend::from_slice(&host, shape, dtype, &RefDevice).expect("reference from_slice");
+        let reference = RefBackend::from_slice(&host, shape, dtype, &RefDevice).expect("reference from_slice");
         let host = reference.data().to_vec(); // rounded to dtype
-        Case {
-            dev,
-            reference,
-            host,
-        }
+        Case { dev, reference, host }
     }
 }
 
@@ -107,9 +95,6 @@ pub fn assert_values(what: &str, got: &[f32], want: &[f32], tol: Tolerance) {
         }
     }
     if let Some((i, err)) = worst {
-        panic!(
-            "{what}: element {i}: got {}, want {} (|err| {err:e}, tol {tol:?})",
-            got[i], want[i]
-        );
+        panic!("{what}: element {i}: got {}, want {} (|err| {err:e}, tol {tol:?})", got[i], want[i]);
     }
 }

@@ -21,11 +21,7 @@ fn quick() -> bool {
 /// Median seconds of `f` over ≥ 5 runs and ≥ 0.5 s (after one warm-up run).
 fn median_secs(mut f: impl FnMut()) -> f64 {
     f();
-    let (min_runs, budget) = if quick() {
-        (2, Duration::from_millis(50))
-    } else {
-        (5, Duration::from_millis(500))
-    };
+    let (min_runs, budget) = if quick() { (2, Duration::from_millis(50)) } else { (5, Duration::from_millis(500)) };
     let start = Instant::now();
     let mut times = Vec::new();
     while times.len() < min_runs || (start.elapsed() < budget && times.len() < 50) {
@@ -54,9 +50,7 @@ mod fma {
             }
         }
         let mut out = [0.0f32; 8];
-        let sum = acc
-            .iter()
-            .fold(_mm256_set1_ps(0.0), |s, &v| _mm256_add_ps(s, v));
+        let sum = acc.iter().fold(_mm256_set1_ps(0.0), |s, &v| _mm256_add_ps(s, v));
         // SAFETY: `out` holds exactly 8 f32, the width of one __m256 store.
         unsafe { _mm256_storeu_ps(out.as_mut_ptr(), sum) };
         out.iter().sum()
@@ -72,9 +66,7 @@ mod fma {
                 *v = _mm512_fmadd_ps(*v, a, b);
             }
         }
-        let sum = acc
-            .iter()
-            .fold(_mm512_set1_ps(0.0), |s, &v| _mm512_add_ps(s, v));
+        let sum = acc.iter().fold(_mm512_set1_ps(0.0), |s, &v| _mm512_add_ps(s, v));
         _mm512_reduce_add_ps(sum)
     }
 }
@@ -99,13 +91,7 @@ fn measure_peak_gflops() -> (f64, &'static str) {
                     .into_par_iter()
                     .map(|_| {
                         // SAFETY: the required CPU features were detected just above.
-                        unsafe {
-                            if lanes == 16 {
-                                fma::avx512_loop(iters)
-                            } else {
-                                fma::avx2_loop(iters)
-                            }
-                        }
+                        unsafe { if lanes == 16 { fma::avx512_loop(iters) } else { fma::avx2_loop(iters) } }
                     })
                     .sum();
                 black_box(s);
@@ -127,9 +113,7 @@ fn measure_bandwidth() -> f64 {
     let src = vec![1.0f32; n];
     let mut dst = vec![0.0f32; n];
     let secs = median_secs(|| {
-        dst.par_chunks_mut(1 << 16)
-            .zip(src.par_chunks(1 << 16))
-            .for_each(|(d, s)| d.copy_from_slice(s));
+        dst.par_chunks_mut(1 << 16).zip(src.par_chunks(1 << 16)).for_each(|(d, s)| d.copy_from_slice(s));
         black_box(&dst);
     });
     2.0 * 4.0 * n as f64 / secs / 1e9
@@ -169,21 +153,14 @@ fn main() {
     let threads = rayon::current_num_threads();
     let (peak, isa) = measure_peak_gflops();
     let bandwidth = measure_bandwidth();
-    let r = Report {
-        peak_gflops: peak,
-        bandwidth,
-    };
+    let r = Report { peak_gflops: peak, bandwidth };
     println!(
         "lisa-cpu benchmarks: {threads} threads; measured peak {peak:.1} GFLOP/s ({isa}); copy bandwidth {bandwidth:.1} GB/s\n"
     );
     println!("| op | shape | median ms | rate | share |");
     println!("|---|---|---|---|---|");
 
-    let sizes: &[usize] = if quick() {
-        &[64, 256]
-    } else {
-        &[64, 128, 256, 512, 1024]
-    };
+    let sizes: &[usize] = if quick() { &[64, 256] } else { &[64, 128, 256, 512, 1024] };
     for &n in sizes {
         let (a, b) = (randn(&[n, n], 1), randn(&[n, n], 2));
         let secs = median_secs(|| {
@@ -194,13 +171,7 @@ fn main() {
 
     // The trainer's UNet shapes: batch 32, 32×32 / 16×16 / 8×8 maps, 32..128 channels, 3×3.
     let batch = if quick() { 4 } else { 32 };
-    let conv_shapes = [
-        (32usize, 32usize, 32usize),
-        (64, 64, 16),
-        (128, 64, 16),
-        (64, 64, 8),
-        (128, 128, 8),
-    ];
+    let conv_shapes = [(32usize, 32usize, 32usize), (64, 64, 16), (128, 64, 16), (64, 64, 8), (128, 128, 8)];
     let p = Conv2dParams::same(3);
     for (c_in, c_out, hw) in conv_shapes {
         let x = randn(&[batch, c_in, hw, hw], 3);
@@ -237,10 +208,7 @@ fn main() {
     let (c, hw) = (64usize, 16usize);
     let x = randn(&[batch, c, hw, hw], 5);
     let (gamma, beta) = (randn(&[c], 6), randn(&[c], 7));
-    let gn = GroupNormParams {
-        groups: 8,
-        eps: 1e-5,
-    };
+    let gn = GroupNormParams { groups: 8, eps: 1e-5 };
     let bytes = 4.0 * x_len(&x) as f64;
     let label = format!("[{batch},{c},{hw},{hw}]/8");
     r.memory(
@@ -308,17 +276,7 @@ fn main() {
         7.0 * 4.0 * n as f64,
         median_secs(|| {
             step += 1;
-            C::adamw_update(
-                &mut p_,
-                &mut m,
-                &mut v,
-                &g,
-                &AdamWParams {
-                    step,
-                    ..AdamWParams::default()
-                },
-            )
-            .unwrap();
+            C::adamw_update(&mut p_, &mut m, &mut v, &g, &AdamWParams { step, ..AdamWParams::default() }).unwrap();
         }),
     );
 }

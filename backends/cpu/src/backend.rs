@@ -1,10 +1,10 @@
 use lisa_core::backend::geometry::{
-    Conv2dGeometry, Conv2dParams, GroupNormGeometry, GroupNormParams, MatmulGeometry, Transpose,
-    concat_channels_shape, slice_channels_shape, upsample_output_shape,
+    Conv2dGeometry, Conv2dParams, GroupNormGeometry, GroupNormParams, MatmulGeometry, Transpose, concat_channels_shape,
+    slice_channels_shape, upsample_output_shape,
 };
 use lisa_core::backend::{
-    AdamWParams, ArithOps, BackendTypes, BinaryOp, ConvOps, DType, FusedOps, GroupNormGrads,
-    GroupNormOutput, LayoutOps, MatmulOps, NormOps, ReduceOps, Shape, TensorOps, UnaryOp,
+    AdamWParams, ArithOps, BackendTypes, BinaryOp, ConvOps, DType, FusedOps, GroupNormGrads, GroupNormOutput,
+    LayoutOps, MatmulOps, NormOps, ReduceOps, Shape, TensorOps, UnaryOp,
 };
 use lisa_core::lisa::{LisaConfig, LisaLoss, SampleTerms, lisa_loss_fused};
 use lisa_core::rng::fill_normal;
@@ -29,11 +29,7 @@ fn same_dtype(op: &'static str, a: &T, b: &T) -> Result<DType> {
     if a.dtype() == b.dtype() {
         Ok(a.dtype())
     } else {
-        Err(Error::DTypeMismatch {
-            op,
-            expected: a.dtype(),
-            got: b.dtype(),
-        })
+        Err(Error::DTypeMismatch { op, expected: a.dtype(), got: b.dtype() })
     }
 }
 
@@ -74,39 +70,22 @@ impl TensorOps for CpuBackend {
     fn reshape(t: &T, shape: &Shape) -> Result<T> {
         let n = shape.num_elements()?;
         if n != t.len() {
-            return Err(Error::LengthMismatch {
-                op: "reshape",
-                expected: t.len(),
-                got: n,
-            });
+            return Err(Error::LengthMismatch { op: "reshape", expected: t.len(), got: n });
         }
-        Ok(CpuTensor {
-            storage: t.storage.clone(),
-            shape: shape.clone(),
-        })
+        Ok(CpuTensor { storage: t.storage.clone(), shape: shape.clone() })
     }
     fn cast(t: &T, dtype: DType) -> Result<T> {
         if t.dtype() == dtype {
             return Ok(t.clone());
         }
-        Ok(CpuTensor::store(
-            t.values().into_owned(),
-            t.shape.clone(),
-            dtype,
-        ))
+        Ok(CpuTensor::store(t.values().into_owned(), t.shape.clone(), dtype))
     }
     fn full(shape: &Shape, value: f32, dtype: DType, _: &CpuDevice) -> Result<T> {
-        Ok(CpuTensor::store(
-            vec![value; shape.num_elements()?],
-            shape.clone(),
-            dtype,
-        ))
+        Ok(CpuTensor::store(vec![value; shape.num_elements()?], shape.clone(), dtype))
     }
     fn random_normal(shape: &Shape, seed: u64, dtype: DType, _: &CpuDevice) -> Result<T> {
         let mut data = vec![0.0f32; shape.num_elements()?];
-        data.par_chunks_mut(CHUNK)
-            .enumerate()
-            .for_each(|(i, chunk)| fill_normal(seed, (i * CHUNK) as u64, chunk));
+        data.par_chunks_mut(CHUNK).enumerate().for_each(|(i, chunk)| fill_normal(seed, (i * CHUNK) as u64, chunk));
         Ok(CpuTensor::store(data, shape.clone(), dtype))
     }
 }
@@ -115,32 +94,19 @@ impl ArithOps for CpuBackend {
     fn binary(op: BinaryOp, a: &T, b: &T) -> Result<T> {
         let dtype = same_dtype("binary", a, b)?;
         let out_shape = Shape::broadcast("binary", &a.shape, &b.shape)?;
-        let data =
-            elementwise::binary(op, &a.values(), &a.shape, &b.values(), &b.shape, &out_shape)?;
+        let data = elementwise::binary(op, &a.values(), &a.shape, &b.values(), &b.shape, &out_shape)?;
         Ok(CpuTensor::store(data, out_shape, dtype))
     }
     fn affine(t: &T, scale: f32, shift: f32) -> Result<T> {
-        Ok(CpuTensor::store(
-            elementwise::map(&t.values(), |v| scale * v + shift),
-            t.shape.clone(),
-            t.dtype(),
-        ))
+        Ok(CpuTensor::store(elementwise::map(&t.values(), |v| scale * v + shift), t.shape.clone(), t.dtype()))
     }
     fn unary(op: UnaryOp, t: &T) -> Result<T> {
-        Ok(CpuTensor::store(
-            elementwise::unary(op, &t.values()),
-            t.shape.clone(),
-            t.dtype(),
-        ))
+        Ok(CpuTensor::store(elementwise::unary(op, &t.values()), t.shape.clone(), t.dtype()))
     }
     fn unary_backward(op: UnaryOp, x: &T, grad: &T) -> Result<T> {
         let dtype = same_dtype("unary_backward", x, grad)?;
         same_shape("unary_backward", x, grad)?;
-        Ok(CpuTensor::store(
-            elementwise::unary_backward(op, &x.values(), &grad.values()),
-            x.shape.clone(),
-            dtype,
-        ))
+        Ok(CpuTensor::store(elementwise::unary_backward(op, &x.values(), &grad.values()), x.shape.clone(), dtype))
     }
     fn axpby(a: f32, x: &T, b: f32, y: &T) -> Result<T> {
         let dtype = same_dtype("axpby", x, y)?;
@@ -155,52 +121,28 @@ impl ArithOps for CpuBackend {
 
 impl ReduceOps for CpuBackend {
     fn sum(t: &T) -> Result<T> {
-        Ok(CpuTensor::store(
-            vec![reduce::sum(&t.values()) as f32],
-            Shape::scalar(),
-            t.dtype(),
-        ))
+        Ok(CpuTensor::store(vec![reduce::sum(&t.values()) as f32], Shape::scalar(), t.dtype()))
     }
     fn sum_to_shape(t: &T, shape: &Shape) -> Result<T> {
-        Ok(CpuTensor::store(
-            reduce::sum_to_shape(&t.values(), &t.shape, shape)?,
-            shape.clone(),
-            t.dtype(),
-        ))
+        Ok(CpuTensor::store(reduce::sum_to_shape(&t.values(), &t.shape, shape)?, shape.clone(), t.dtype()))
     }
     fn softmax_last(t: &T) -> Result<T> {
         let d = last_dim("softmax_last", &t.shape)?;
-        Ok(CpuTensor::store(
-            reduce::softmax_last(&t.values(), d),
-            t.shape.clone(),
-            t.dtype(),
-        ))
+        Ok(CpuTensor::store(reduce::softmax_last(&t.values(), d), t.shape.clone(), t.dtype()))
     }
     fn softmax_last_backward(y: &T, grad: &T) -> Result<T> {
         let dtype = same_dtype("softmax_last_backward", y, grad)?;
         same_shape("softmax_last_backward", y, grad)?;
         let d = last_dim("softmax_last_backward", &y.shape)?;
-        Ok(CpuTensor::store(
-            reduce::softmax_last_backward(&y.values(), &grad.values(), d),
-            y.shape.clone(),
-            dtype,
-        ))
+        Ok(CpuTensor::store(reduce::softmax_last_backward(&y.values(), &grad.values(), d), y.shape.clone(), dtype))
     }
     fn sum_squares(t: &T) -> Result<T> {
         let v = t.values();
         let partials: Vec<f64> = v
             .par_chunks(CHUNK)
-            .map(|c| {
-                crate::elementwise::vectorised(|| {
-                    crate::sums::sum_map(c, |x| (x as f64) * (x as f64))
-                })
-            })
+            .map(|c| crate::elementwise::vectorised(|| crate::sums::sum_map(c, |x| (x as f64) * (x as f64))))
             .collect();
-        Ok(CpuTensor::store(
-            vec![partials.iter().sum::<f64>() as f32],
-            Shape::scalar(),
-            t.dtype(),
-        ))
+        Ok(CpuTensor::store(vec![partials.iter().sum::<f64>() as f32], Shape::scalar(), t.dtype()))
     }
 }
 
@@ -221,19 +163,11 @@ impl MatmulOps for CpuBackend {
         let mut out = vec![0.0f32; g.batch * m * n];
         let view_a = |i: usize| {
             let s = &av[i * m * k..(i + 1) * m * k];
-            if t.a {
-                MatRef::transposed(s, m, k)
-            } else {
-                MatRef::row_major(s, m, k)
-            }
+            if t.a { MatRef::transposed(s, m, k) } else { MatRef::row_major(s, m, k) }
         };
         let view_b = |i: usize| {
             let s = &bv[i * k * n..(i + 1) * k * n];
-            if t.b {
-                MatRef::transposed(s, k, n)
-            } else {
-                MatRef::row_major(s, k, n)
-            }
+            if t.b { MatRef::transposed(s, k, n) } else { MatRef::row_major(s, k, n) }
         };
         if g.batch >= rayon::current_num_threads() {
             out.par_chunks_mut((m * n).max(1))
@@ -263,46 +197,28 @@ impl ConvOps for CpuBackend {
         let y = conv::conv2d(&g, &x.values(), &weight.values(), bias_values.as_deref());
         Ok(CpuTensor::store(y, g.output_shape(), dtype))
     }
-    fn conv2d_backward_data(
-        grad_out: &T,
-        weight: &T,
-        input_shape: &Shape,
-        params: Conv2dParams,
-    ) -> Result<T> {
+    fn conv2d_backward_data(grad_out: &T, weight: &T, input_shape: &Shape, params: Conv2dParams) -> Result<T> {
         let dtype = same_dtype("conv2d_backward_data", grad_out, weight)?;
         let g = Conv2dGeometry::new("conv2d_backward_data", input_shape, &weight.shape, params)?;
-        g.output_shape()
-            .expect_eq("conv2d_backward_data", &grad_out.shape)?;
+        g.output_shape().expect_eq("conv2d_backward_data", &grad_out.shape)?;
         let dx = conv::conv2d_backward_data(&g, &grad_out.values(), &weight.values());
         Ok(CpuTensor::store(dx, input_shape.clone(), dtype))
     }
-    fn conv2d_backward_weight(
-        x: &T,
-        grad_out: &T,
-        weight_shape: &Shape,
-        params: Conv2dParams,
-    ) -> Result<T> {
+    fn conv2d_backward_weight(x: &T, grad_out: &T, weight_shape: &Shape, params: Conv2dParams) -> Result<T> {
         let dtype = same_dtype("conv2d_backward_weight", x, grad_out)?;
         let g = Conv2dGeometry::new("conv2d_backward_weight", &x.shape, weight_shape, params)?;
-        g.output_shape()
-            .expect_eq("conv2d_backward_weight", &grad_out.shape)?;
+        g.output_shape().expect_eq("conv2d_backward_weight", &grad_out.shape)?;
         let dw = conv::conv2d_backward_weight(&g, &x.values(), &grad_out.values());
         Ok(CpuTensor::store(dw, weight_shape.clone(), dtype))
     }
 }
 
 impl NormOps for CpuBackend {
-    fn group_norm(
-        x: &T,
-        gamma: &T,
-        beta: &T,
-        params: GroupNormParams,
-    ) -> Result<GroupNormOutput<T>> {
+    fn group_norm(x: &T, gamma: &T, beta: &T, params: GroupNormParams) -> Result<GroupNormOutput<T>> {
         let dtype = same_dtype("group_norm", x, gamma)?;
         same_dtype("group_norm", x, beta)?;
         let g = GroupNormGeometry::new("group_norm", &x.shape, &gamma.shape, &beta.shape, params)?;
-        let (y, mean, rstd) =
-            norm::group_norm(&g, &x.values(), &gamma.values(), &beta.values(), params.eps);
+        let (y, mean, rstd) = norm::group_norm(&g, &x.values(), &gamma.values(), &beta.values(), params.eps);
         Ok(GroupNormOutput {
             output: CpuTensor::store(y, x.shape.clone(), dtype),
             mean: CpuTensor::store(mean, g.stats_shape(), DType::F32),
@@ -319,17 +235,9 @@ impl NormOps for CpuBackend {
         let dtype = same_dtype("group_norm_backward", x, gamma)?;
         same_dtype("group_norm_backward", x, grad_out)?;
         same_shape("group_norm_backward", x, grad_out)?;
-        let g = GroupNormGeometry::new(
-            "group_norm_backward",
-            &x.shape,
-            &gamma.shape,
-            &gamma.shape,
-            params,
-        )?;
-        g.stats_shape()
-            .expect_eq("group_norm_backward", &stats.mean.shape)?;
-        g.stats_shape()
-            .expect_eq("group_norm_backward", &stats.rstd.shape)?;
+        let g = GroupNormGeometry::new("group_norm_backward", &x.shape, &gamma.shape, &gamma.shape, params)?;
+        g.stats_shape().expect_eq("group_norm_backward", &stats.mean.shape)?;
+        g.stats_shape().expect_eq("group_norm_backward", &stats.rstd.shape)?;
         let (dx, dg, db) = norm::group_norm_backward(
             &g,
             &x.values(),
@@ -350,21 +258,14 @@ impl LayoutOps for CpuBackend {
     fn upsample_nearest(x: &T, factor: usize) -> Result<T> {
         let out_shape = upsample_output_shape("upsample_nearest", &x.shape, factor)?;
         let d = x.shape.dims();
-        Ok(CpuTensor::store(
-            layout::upsample_nearest(&x.values(), d[2], d[3], factor),
-            out_shape,
-            x.dtype(),
-        ))
+        Ok(CpuTensor::store(layout::upsample_nearest(&x.values(), d[2], d[3], factor), out_shape, x.dtype()))
     }
     fn upsample_nearest_backward(grad_out: &T, factor: usize) -> Result<T> {
         const OP: &str = "upsample_nearest_backward";
         grad_out.shape.expect_rank(OP, 4)?;
         let d = grad_out.shape.dims();
         if factor == 0 || !d[2].is_multiple_of(factor) || !d[3].is_multiple_of(factor) {
-            return Err(Error::invalid(
-                OP,
-                format!("{} is not a multiple of factor {factor}", grad_out.shape),
-            ));
+            return Err(Error::invalid(OP, format!("{} is not a multiple of factor {factor}", grad_out.shape)));
         }
         let out_shape = Shape::new([d[0], d[1], d[2] / factor, d[3] / factor]);
         Ok(CpuTensor::store(
@@ -384,15 +285,8 @@ impl LayoutOps for CpuBackend {
         let batch = out_shape.dims()[0];
         let values: Vec<_> = parts.iter().map(|p| p.values()).collect();
         let slices: Vec<&[f32]> = values.iter().map(|v| &v[..]).collect();
-        let per_sample: Vec<usize> = parts
-            .iter()
-            .map(|p| p.len().checked_div(batch).unwrap_or(0))
-            .collect();
-        Ok(CpuTensor::store(
-            layout::concat_channels(&slices, &per_sample, batch),
-            out_shape,
-            first.dtype(),
-        ))
+        let per_sample: Vec<usize> = parts.iter().map(|p| p.len().checked_div(batch).unwrap_or(0)).collect();
+        Ok(CpuTensor::store(layout::concat_channels(&slices, &per_sample, batch), out_shape, first.dtype()))
     }
     fn slice_channels(x: &T, start: usize, len: usize) -> Result<T> {
         let out_shape = slice_channels_shape("slice_channels", &x.shape, start, len)?;
@@ -419,10 +313,7 @@ impl FusedOps for CpuBackend {
         if !loss.is_finite() {
             return Err(Error::NonFinite { op: "mse_loss" });
         }
-        Ok((
-            loss as f32,
-            CpuTensor::store(grad, pred.shape.clone(), dtype),
-        ))
+        Ok((loss as f32, CpuTensor::store(grad, pred.shape.clone(), dtype)))
     }
 
     fn lisa_loss(
@@ -438,14 +329,7 @@ impl FusedOps for CpuBackend {
         same_shape(OP, decoded, y)?;
         same_shape(OP, decoded, prior)?;
         let mut grad = vec![0.0f32; decoded.len()];
-        let loss = lisa_loss_fused(
-            config,
-            terms,
-            &decoded.values(),
-            &y.values(),
-            &prior.values(),
-            &mut grad,
-        )?;
+        let loss = lisa_loss_fused(config, terms, &decoded.values(), &y.values(), &prior.values(), &mut grad)?;
         Ok((loss, CpuTensor::store(grad, decoded.shape.clone(), dtype)))
     }
 
@@ -457,10 +341,8 @@ impl FusedOps for CpuBackend {
         hp.validate()?;
         let shape = param.shape.clone();
         let dtypes = (param.dtype(), m.dtype(), v.dtype());
-        let take = |t: &mut T| {
-            std::mem::replace(t, CpuTensor::store(Vec::new(), Shape::new([0]), DType::F32))
-                .into_values()
-        };
+        let take =
+            |t: &mut T| std::mem::replace(t, CpuTensor::store(Vec::new(), Shape::new([0]), DType::F32)).into_values();
         let (mut p, mut mm, mut vv) = (take(param), take(m), take(v));
         let result = fused::adamw(&mut p, &mut mm, &mut vv, &grad.values(), hp);
         *param = CpuTensor::store(p, shape.clone(), dtypes.0);

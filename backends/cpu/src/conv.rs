@@ -25,18 +25,9 @@ fn is_pointwise(g: &Conv2dGeometry) -> bool {
 
 /// The outputs `o` whose input index `stride·o + offset − pad` lies in `0..in_len`,
 /// as a range `lo..hi` of `0..out_len` (empty when none does).
-fn valid_range(
-    out_len: usize,
-    in_len: usize,
-    offset: usize,
-    stride: usize,
-    pad: usize,
-) -> (usize, usize) {
+fn valid_range(out_len: usize, in_len: usize, offset: usize, stride: usize, pad: usize) -> (usize, usize) {
     let lo = pad.saturating_sub(offset).div_ceil(stride);
-    let hi = (in_len + pad)
-        .saturating_sub(offset)
-        .div_ceil(stride)
-        .min(out_len);
+    let hi = (in_len + pad).saturating_sub(offset).div_ceil(stride).min(out_len);
     (lo.min(hi), hi)
 }
 
@@ -124,10 +115,9 @@ fn for_each_image(
     per_image: impl Fn(usize, &mut [f32], &mut Vec<f32>, bool) + Sync,
 ) {
     if parallel_over_images(batch) {
-        out.par_chunks_mut(out_per_image).enumerate().for_each_init(
-            || vec![0.0f32; scratch_len],
-            |scratch, (n, o)| per_image(n, o, scratch, false),
-        );
+        out.par_chunks_mut(out_per_image)
+            .enumerate()
+            .for_each_init(|| vec![0.0f32; scratch_len], |scratch, (n, o)| per_image(n, o, scratch, false));
     } else {
         let mut scratch = vec![0.0f32; scratch_len];
         for (n, o) in out.chunks_mut(out_per_image).enumerate() {
@@ -142,33 +132,21 @@ pub(crate) fn conv2d(g: &Conv2dGeometry, x: &[f32], w: &[f32], bias: Option<&[f3
     let pointwise = is_pointwise(g);
     let mut y = vec![0.0f32; g.batch * g.c_out * p];
     let scratch = if pointwise { 0 } else { k * p };
-    for_each_image(
-        g.batch,
-        &mut y,
-        g.c_out * p,
-        scratch,
-        |n, y_n, cols, par| {
-            let x_n = &x[n * in_img..(n + 1) * in_img];
-            let cols: &[f32] = if pointwise {
-                x_n
-            } else {
-                im2col(g, x_n, cols);
-                cols
-            };
-            gemm_into(
-                y_n,
-                false,
-                MatRef::row_major(w, g.c_out, k),
-                MatRef::row_major(cols, k, p),
-                par,
-            );
-            if let Some(b) = bias {
-                for (row, &bv) in y_n.chunks_mut(p).zip(b) {
-                    row.iter_mut().for_each(|v| *v += bv);
-                }
+    for_each_image(g.batch, &mut y, g.c_out * p, scratch, |n, y_n, cols, par| {
+        let x_n = &x[n * in_img..(n + 1) * in_img];
+        let cols: &[f32] = if pointwise {
+            x_n
+        } else {
+            im2col(g, x_n, cols);
+            cols
+        };
+        gemm_into(y_n, false, MatRef::row_major(w, g.c_out, k), MatRef::row_major(cols, k, p), par);
+        if let Some(b) = bias {
+            for (row, &bv) in y_n.chunks_mut(p).zip(b) {
+                row.iter_mut().for_each(|v| *v += bv);
             }
-        },
-    );
+        }
+    });
     y
 }
 
@@ -212,15 +190,8 @@ pub(crate) fn conv2d_backward_weight(g: &Conv2dGeometry, x: &[f32], dy: &[f32]) 
                     im2col(g, x_n, &mut cols);
                     &cols
                 };
-                let dy_n =
-                    MatRef::row_major(&dy[n * g.c_out * p..(n + 1) * g.c_out * p], g.c_out, p);
-                gemm_into(
-                    &mut dw,
-                    i > 0,
-                    dy_n,
-                    MatRef::transposed(cols, p, k),
-                    par_gemm,
-                );
+                let dy_n = MatRef::row_major(&dy[n * g.c_out * p..(n + 1) * g.c_out * p], g.c_out, p);
+                gemm_into(&mut dw, i > 0, dy_n, MatRef::transposed(cols, p, k), par_gemm);
             }
             dw
         })

@@ -36,46 +36,34 @@ pub(crate) fn binary(
     }
     // General path: rows of the last output dim; each side steps by 0 or 1 inside a row.
     let dims = out_shape.dims();
-    let (ta, tb) = (
-        sa.broadcast_strides(out_shape),
-        sb.broadcast_strides(out_shape),
-    );
+    let (ta, tb) = (sa.broadcast_strides(out_shape), sb.broadcast_strides(out_shape));
     let (last, inner_a, inner_b) = match dims.last() {
         Some(&l) => (l, *ta.last().unwrap_or(&0), *tb.last().unwrap_or(&0)),
         None => (1, 0, 0), // rank 0: a single element
     };
     let rows_per_task = (CHUNK / last.max(1)).max(1);
-    out.par_chunks_mut(rows_per_task * last)
-        .enumerate()
-        .for_each(|(task, chunk)| {
-            for (r, row) in chunk.chunks_mut(last).enumerate() {
-                let row_index = task * rows_per_task + r;
-                let (oa, ob) = (
-                    row_offset(dims, &ta, row_index),
-                    row_offset(dims, &tb, row_index),
-                );
-                match (inner_a, inner_b) {
-                    (1, 1) => row
-                        .iter_mut()
-                        .zip(&a[oa..oa + last])
-                        .zip(&b[ob..ob + last])
-                        .for_each(|((o, &x), &y)| *o = op.apply(x, y)),
-                    (1, _) => {
-                        let y = b[ob];
-                        row.iter_mut()
-                            .zip(&a[oa..oa + last])
-                            .for_each(|(o, &x)| *o = op.apply(x, y));
-                    }
-                    (_, 1) => {
-                        let x = a[oa];
-                        row.iter_mut()
-                            .zip(&b[ob..ob + last])
-                            .for_each(|(o, &y)| *o = op.apply(x, y));
-                    }
-                    _ => row.iter_mut().for_each(|o| *o = op.apply(a[oa], b[ob])),
+    out.par_chunks_mut(rows_per_task * last).enumerate().for_each(|(task, chunk)| {
+        for (r, row) in chunk.chunks_mut(last).enumerate() {
+            let row_index = task * rows_per_task + r;
+            let (oa, ob) = (row_offset(dims, &ta, row_index), row_offset(dims, &tb, row_index));
+            match (inner_a, inner_b) {
+                (1, 1) => row
+                    .iter_mut()
+                    .zip(&a[oa..oa + last])
+                    .zip(&b[ob..ob + last])
+                    .for_each(|((o, &x), &y)| *o = op.apply(x, y)),
+                (1, _) => {
+                    let y = b[ob];
+                    row.iter_mut().zip(&a[oa..oa + last]).for_each(|(o, &x)| *o = op.apply(x, y));
                 }
+                (_, 1) => {
+                    let x = a[oa];
+                    row.iter_mut().zip(&b[ob..ob + last]).for_each(|(o, &y)| *o = op.apply(x, y));
+                }
+                _ => row.iter_mut().for_each(|o| *o = op.apply(a[oa], b[ob])),
             }
-        });
+        }
+    });
     Ok(out)
 }
 
@@ -133,12 +121,7 @@ mod simd {
 
     /// The scalar two-input loop, compiled with AVX2+FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn zip_map_avx2(
-        out: &mut [f32],
-        x: &[f32],
-        y: &[f32],
-        f: &impl Fn(f32, f32) -> f32,
-    ) {
+    pub(super) fn zip_map_avx2(out: &mut [f32], x: &[f32], y: &[f32], f: &impl Fn(f32, f32) -> f32) {
         for ((o, &x), &y) in out.iter_mut().zip(x).zip(y) {
             *o = f(x, y);
         }
@@ -159,9 +142,7 @@ pub(crate) fn vectorised<R>(f: impl FnOnce() -> R) -> R {
 /// `f(x)` for every element, in parallel.
 pub(crate) fn map(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
     let mut out = vec![0.0f32; x.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(o, x)| map_chunk(o, x, &f));
+    out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| map_chunk(o, x, &f));
     out
 }
 
@@ -189,17 +170,10 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     let shifted = x * LOG2E + ROUND;
     let n = shifted - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
     // The low mantissa bits of `shifted` hold n (two's complement): no float→int conversion,
     // so the whole function vectorises.
-    let two_n = shifted
-        .to_bits()
-        .wrapping_sub(ROUND.to_bits())
-        .wrapping_add(127)
-        << 23;
+    let two_n = shifted.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23;
     p * f32::from_bits(two_n)
 }
 

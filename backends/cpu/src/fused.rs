@@ -29,13 +29,7 @@ pub(crate) fn mse_loss(p: &[f32], y: &[f32]) -> (f64, Vec<f32>) {
 }
 
 /// One AdamW step in place, in parallel chunks (elementwise, so any partition is exact).
-pub(crate) fn adamw(
-    p: &mut [f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    g: &[f32],
-    hp: &AdamWParams,
-) -> Result<()> {
+pub(crate) fn adamw(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], hp: &AdamWParams) -> Result<()> {
     hp.validate()?;
     let (c1, c2) = hp.bias_corrections();
     let decay = 1.0 - hp.lr * hp.weight_decay;

@@ -25,13 +25,7 @@ impl<'a> MatRef<'a> {
 
     /// A general strided view. Panics (a bug in this crate, never user input: callers derive
     /// sizes from validated shapes) if the view does not fit in `data`.
-    pub(crate) fn strided(
-        data: &'a [f32],
-        rows: usize,
-        cols: usize,
-        row_stride: usize,
-        col_stride: usize,
-    ) -> Self {
+    pub(crate) fn strided(data: &'a [f32], rows: usize, cols: usize, row_stride: usize, col_stride: usize) -> Self {
         if rows > 0 && cols > 0 {
             let last = (rows - 1) * row_stride + (cols - 1) * col_stride;
             assert!(
@@ -40,31 +34,14 @@ impl<'a> MatRef<'a> {
                 data.len()
             );
         }
-        Self {
-            data,
-            rows,
-            cols,
-            row_stride,
-            col_stride,
-        }
+        Self { data, rows, cols, row_stride, col_stride }
     }
 }
 
 /// `dst (m × n, row-major) = [dst +] a (m × k) · b (k × n)`.
-pub(crate) fn gemm_into(
-    dst: &mut [f32],
-    accumulate: bool,
-    a: MatRef<'_>,
-    b: MatRef<'_>,
-    parallel: bool,
-) {
+pub(crate) fn gemm_into(dst: &mut [f32], accumulate: bool, a: MatRef<'_>, b: MatRef<'_>, parallel: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    assert!(
-        b.rows == k && dst.len() >= m * n,
-        "gemm_into: {m}x{k} · {}x{n} into {}",
-        b.rows,
-        dst.len()
-    );
+    assert!(b.rows == k && dst.len() >= m * n, "gemm_into: {m}x{k} · {}x{n} into {}", b.rows, dst.len());
     if m == 0 || n == 0 {
         return;
     }
@@ -74,11 +51,7 @@ pub(crate) fn gemm_into(
         }
         return;
     }
-    let parallelism = if parallel {
-        Parallelism::Rayon(0)
-    } else {
-        Parallelism::None
-    };
+    let parallelism = if parallel { Parallelism::Rayon(0) } else { Parallelism::None };
     // SAFETY: `a` and `b` were bounds-checked at construction (every element (i, j) with
     // i < rows, j < cols lies inside their slices), `b.rows == k` was asserted above, and
     // `dst` holds at least m·n elements addressed row-major (row stride n, column stride 1).

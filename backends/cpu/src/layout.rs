@@ -7,16 +7,14 @@ pub(crate) fn upsample_nearest(x: &[f32], h: usize, w: usize, f: usize) -> Vec<f
     let (oh, ow) = (h * f, w * f);
     let planes = x.len() / (h * w).max(1);
     let mut out = vec![0.0f32; planes * oh * ow];
-    out.par_chunks_mut(oh * ow)
-        .zip(x.par_chunks(h * w))
-        .for_each(|(o, src)| {
-            for i in 0..oh {
-                let src_row = &src[(i / f) * w..(i / f + 1) * w];
-                for (j, v) in o[i * ow..(i + 1) * ow].iter_mut().enumerate() {
-                    *v = src_row[j / f];
-                }
+    out.par_chunks_mut(oh * ow).zip(x.par_chunks(h * w)).for_each(|(o, src)| {
+        for i in 0..oh {
+            let src_row = &src[(i / f) * w..(i / f + 1) * w];
+            for (j, v) in o[i * ow..(i + 1) * ow].iter_mut().enumerate() {
+                *v = src_row[j / f];
             }
-        });
+        }
+    });
     out
 }
 
@@ -25,16 +23,14 @@ pub(crate) fn upsample_nearest_backward(g: &[f32], oh: usize, ow: usize, f: usiz
     let (h, w) = (oh / f, ow / f);
     let planes = g.len() / (oh * ow).max(1);
     let mut out = vec![0.0f32; planes * h * w];
-    out.par_chunks_mut(h * w)
-        .zip(g.par_chunks(oh * ow))
-        .for_each(|(o, src)| {
-            for i in 0..oh {
-                let dst = &mut o[(i / f) * w..(i / f + 1) * w];
-                for (j, &v) in src[i * ow..(i + 1) * ow].iter().enumerate() {
-                    dst[j / f] += v;
-                }
+    out.par_chunks_mut(h * w).zip(g.par_chunks(oh * ow)).for_each(|(o, src)| {
+        for i in 0..oh {
+            let dst = &mut o[(i / f) * w..(i / f + 1) * w];
+            for (j, &v) in src[i * ow..(i + 1) * ow].iter().enumerate() {
+                dst[j / f] += v;
             }
-        });
+        }
+    });
     out
 }
 
@@ -42,14 +38,12 @@ pub(crate) fn upsample_nearest_backward(g: &[f32], oh: usize, ow: usize, f: usiz
 pub(crate) fn concat_channels(parts: &[&[f32]], per_sample: &[usize], batch: usize) -> Vec<f32> {
     let total: usize = per_sample.iter().sum();
     let mut out = vec![0.0f32; batch * total];
-    out.par_chunks_mut(total.max(1))
-        .enumerate()
-        .for_each(|(n, o)| {
-            let mut at = 0;
-            for (part, &len) in parts.iter().zip(per_sample) {
-                o[at..at + len].copy_from_slice(&part[n * len..(n + 1) * len]);
-                at += len;
-            }
-        });
+    out.par_chunks_mut(total.max(1)).enumerate().for_each(|(n, o)| {
+        let mut at = 0;
+        for (part, &len) in parts.iter().zip(per_sample) {
+            o[at..at + len].copy_from_slice(&part[n * len..(n + 1) * len]);
+            at += len;
+        }
+    });
     out
 }

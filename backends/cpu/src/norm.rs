@@ -30,9 +30,7 @@ pub(crate) fn group_norm(
                 let rstd = (1.0 / (var + eps as f64).sqrt()) as f32;
                 let mean = mean as f32;
                 let group = k % g.groups;
-                for (c_local, (y, x)) in
-                    y.chunks_mut(g.spatial).zip(x.chunks(g.spatial)).enumerate()
-                {
+                for (c_local, (y, x)) in y.chunks_mut(g.spatial).zip(x.chunks(g.spatial)).enumerate() {
                     let ch = group * cpg + c_local;
                     let (scale, shift) = (rstd * gamma[ch], beta[ch] - mean * rstd * gamma[ch]);
                     for (y, &x) in y.iter_mut().zip(x) {
@@ -72,8 +70,7 @@ pub(crate) fn group_norm_backward(
                 let group = k % g.groups;
                 let mut channel_sums = vec![(0.0f64, 0.0f64); cpg];
                 let (mut sum_gh, mut sum_gh_xh) = (0.0f64, 0.0f64);
-                for (c_local, (x, dy)) in x.chunks(g.spatial).zip(dy.chunks(g.spatial)).enumerate()
-                {
+                for (c_local, (x, dy)) in x.chunks(g.spatial).zip(dy.chunks(g.spatial)).enumerate() {
                     let gm = gamma[group * cpg + c_local] as f64;
                     let (mu64, rs64) = (mu as f64, rs as f64);
                     let dg = sum_zip(x, dy, |xv, gv| gv as f64 * ((xv as f64 - mu64) * rs64));
@@ -82,15 +79,9 @@ pub(crate) fn group_norm_backward(
                     sum_gh_xh += gm * dg;
                     channel_sums[c_local] = (dg, db);
                 }
-                let (m_gh, m_gh_xh) = (
-                    (sum_gh / len as f64) as f32,
-                    (sum_gh_xh / len as f64) as f32,
-                );
-                for (c_local, ((dx, x), dy)) in dx
-                    .chunks_mut(g.spatial)
-                    .zip(x.chunks(g.spatial))
-                    .zip(dy.chunks(g.spatial))
-                    .enumerate()
+                let (m_gh, m_gh_xh) = ((sum_gh / len as f64) as f32, (sum_gh_xh / len as f64) as f32);
+                for (c_local, ((dx, x), dy)) in
+                    dx.chunks_mut(g.spatial).zip(x.chunks(g.spatial)).zip(dy.chunks(g.spatial)).enumerate()
                 {
                     let gm = gamma[group * cpg + c_local];
                     for ((d, &xv), &gv) in dx.iter_mut().zip(x).zip(dy) {

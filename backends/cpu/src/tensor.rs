@@ -26,11 +26,7 @@ impl CpuTensor {
     pub fn from_f32(data: Vec<f32>, shape: Shape, dtype: DType) -> Result<Self> {
         let n = shape.num_elements()?;
         if data.len() != n {
-            return Err(Error::LengthMismatch {
-                op: "CpuTensor::from_f32",
-                expected: n,
-                got: data.len(),
-            });
+            return Err(Error::LengthMismatch { op: "CpuTensor::from_f32", expected: n, got: data.len() });
         }
         Ok(Self::store(data, shape, dtype))
     }
@@ -42,10 +38,7 @@ impl CpuTensor {
             DType::F16 => Storage::F16(data.iter().map(|&v| f16::from_f32(v)).collect()),
             DType::BF16 => Storage::BF16(data.iter().map(|&v| bf16::from_f32(v)).collect()),
         };
-        Self {
-            storage: Arc::new(storage),
-            shape,
-        }
+        Self { storage: Arc::new(storage), shape }
     }
 
     /// The storage dtype.
@@ -90,18 +83,8 @@ impl CpuTensor {
     pub(crate) fn into_values(self) -> Vec<f32> {
         match Arc::try_unwrap(self.storage) {
             Ok(Storage::F32(v)) => v,
-            Ok(other) => CpuTensor {
-                storage: Arc::new(other),
-                shape: self.shape,
-            }
-            .values()
-            .into_owned(),
-            Err(shared) => CpuTensor {
-                storage: shared,
-                shape: self.shape,
-            }
-            .values()
-            .into_owned(),
+            Ok(other) => CpuTensor { storage: Arc::new(other), shape: self.shape }.values().into_owned(),
+            Err(shared) => CpuTensor { storage: shared, shape: self.shape }.values().into_owned(),
         }
     }
 }

@@ -6,11 +6,7 @@ use lisa_core::backend::{Conv2dParams, DType, GroupNormParams, Shape, Transpose}
 use lisa_cpu::{CpuBackend as C, CpuDevice};
 
 fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .expect("thread pool")
-        .install(f)
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("thread pool").install(f)
 }
 
 fn bits(t: &lisa_cpu::CpuTensor) -> Vec<u32> {
@@ -27,10 +23,7 @@ fn run_all() -> Vec<Vec<u32>> {
     let g = C::random_normal(&C::shape(&y), 3, DType::F32, &d).unwrap();
     let gamma = C::full(&Shape::new([8]), 1.5, DType::F32, &d).unwrap();
     let beta = C::zeros(&Shape::new([8]), DType::F32, &d).unwrap();
-    let gn = GroupNormParams {
-        groups: 4,
-        eps: 1e-5,
-    };
+    let gn = GroupNormParams { groups: 4, eps: 1e-5 };
     let stats = C::group_norm(&x, &gamma, &beta, gn).unwrap();
     let gx = C::random_normal(&C::shape(&x), 4, DType::F32, &d).unwrap();
     let gn_grads = C::group_norm_backward(&x, &gamma, &stats, &gx, gn).unwrap();

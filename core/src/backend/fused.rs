@@ -28,14 +28,7 @@ pub struct AdamWParams {
 
 impl Default for AdamWParams {
     fn default() -> Self {
-        Self {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 1e-2,
-            step: 1,
-        }
+        Self { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2, step: 1 }
     }
 }
 
@@ -104,17 +97,10 @@ pub trait FusedOps: ReduceOps {
         shape.expect_eq("lisa_loss", &Self::shape(prior))?;
         let dtype = Self::expect_same_dtype("lisa_loss", decoded, y)?;
         Self::expect_same_dtype("lisa_loss", decoded, prior)?;
-        let (d, yv, p) = (
-            Self::to_vec(decoded)?,
-            Self::to_vec(y)?,
-            Self::to_vec(prior)?,
-        );
+        let (d, yv, p) = (Self::to_vec(decoded)?, Self::to_vec(y)?, Self::to_vec(prior)?);
         let mut grad = alloc::vec![0.0f32; d.len()];
         let loss = lisa_loss_fused(config, terms, &d, &yv, &p, &mut grad)?;
-        Ok((
-            loss,
-            Self::from_slice(&grad, &shape, dtype, &Self::device(decoded))?,
-        ))
+        Ok((loss, Self::from_slice(&grad, &shape, dtype, &Self::device(decoded))?))
     }
 
     /// *Default*: one AdamW step in place on `param`, `m`, `v` (equal shapes), see

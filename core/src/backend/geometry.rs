@@ -20,10 +20,7 @@ pub struct Conv2dParams {
 impl Conv2dParams {
     /// Stride 1 with "same" padding for an odd `k×k` kernel (`pad = k/2`).
     pub fn same(k: usize) -> Self {
-        Self {
-            stride: [1, 1],
-            padding: [k / 2, k / 2],
-        }
+        Self { stride: [1, 1], padding: [k / 2, k / 2] }
     }
 }
 
@@ -46,12 +43,7 @@ pub struct Conv2dGeometry {
 
 impl Conv2dGeometry {
     /// Validates input and weight shapes and derives the output size.
-    pub fn new(
-        op: &'static str,
-        input: &Shape,
-        weight: &Shape,
-        params: Conv2dParams,
-    ) -> Result<Self> {
+    pub fn new(op: &'static str, input: &Shape, weight: &Shape, params: Conv2dParams) -> Result<Self> {
         input.expect_rank(op, 4)?;
         weight.expect_rank(op, 4)?;
         let (i, k) = (input.dims(), weight.dims());
@@ -66,16 +58,11 @@ impl Conv2dGeometry {
             });
         }
         let out = |size: usize, kernel: usize, pad: usize, stride: usize| -> Result<usize> {
-            let padded = pad
-                .checked_mul(2)
-                .and_then(|p| p.checked_add(size))
-                .ok_or(Error::SizeOverflow { op })?;
+            let padded = pad.checked_mul(2).and_then(|p| p.checked_add(size)).ok_or(Error::SizeOverflow { op })?;
             if kernel == 0 || kernel > padded {
                 return Err(Error::invalid(
                     op,
-                    format!(
-                        "kernel {kernel} does not fit the padded input {padded} (input {input}, weight {weight})"
-                    ),
+                    format!("kernel {kernel} does not fit the padded input {padded} (input {input}, weight {weight})"),
                 ));
             }
             Ok((padded - kernel) / stride + 1)
@@ -115,8 +102,7 @@ impl Conv2dGeometry {
     }
     /// Multiply-adds of the forward pass (FLOPs = 2×).
     pub fn macs(&self) -> u64 {
-        (self.batch * self.c_out * self.oh * self.ow) as u64
-            * (self.c_in * self.kh * self.kw) as u64
+        (self.batch * self.c_out * self.oh * self.ow) as u64 * (self.c_in * self.kh * self.kw) as u64
     }
 }
 
@@ -144,46 +130,21 @@ impl MatmulGeometry {
     /// Validates `a`, `b` and the transposes.
     pub fn new(op: &'static str, a: &Shape, b: &Shape, t: Transpose) -> Result<Self> {
         if a.rank() < 2 || a.rank() != b.rank() {
-            return Err(Error::invalid(
-                op,
-                format!("matmul needs two tensors of equal rank >= 2, got {a} and {b}"),
-            ));
+            return Err(Error::invalid(op, format!("matmul needs two tensors of equal rank >= 2, got {a} and {b}")));
         }
         let r = a.rank();
         let (ad, bd) = (a.dims(), b.dims());
         if ad[..r - 2] != bd[..r - 2] {
-            return Err(Error::ShapeMismatch {
-                op,
-                expected: a.clone(),
-                got: b.clone(),
-            });
+            return Err(Error::ShapeMismatch { op, expected: a.clone(), got: b.clone() });
         }
-        let (m, ka) = if t.a {
-            (ad[r - 1], ad[r - 2])
-        } else {
-            (ad[r - 2], ad[r - 1])
-        };
-        let (kb, n) = if t.b {
-            (bd[r - 1], bd[r - 2])
-        } else {
-            (bd[r - 2], bd[r - 1])
-        };
+        let (m, ka) = if t.a { (ad[r - 1], ad[r - 2]) } else { (ad[r - 2], ad[r - 1]) };
+        let (kb, n) = if t.b { (bd[r - 1], bd[r - 2]) } else { (bd[r - 2], bd[r - 1]) };
         if ka != kb {
-            return Err(Error::ShapeMismatch {
-                op,
-                expected: a.clone(),
-                got: b.clone(),
-            });
+            return Err(Error::ShapeMismatch { op, expected: a.clone(), got: b.clone() });
         }
         let batch_dims = ad[..r - 2].to_vec();
         let batch = Shape::new(batch_dims.clone()).num_elements()?;
-        let g = Self {
-            batch_dims,
-            batch,
-            m,
-            k: ka,
-            n,
-        };
+        let g = Self { batch_dims, batch, m, k: ka, n };
         g.output_shape().num_elements()?;
         a.num_elements()?;
         b.num_elements()?;
@@ -221,18 +182,9 @@ pub struct GroupNormGeometry {
 
 impl GroupNormGeometry {
     /// Validates `x [n, c, …]`, `gamma [c]` and `beta [c]` against `params`.
-    pub fn new(
-        op: &'static str,
-        x: &Shape,
-        gamma: &Shape,
-        beta: &Shape,
-        params: GroupNormParams,
-    ) -> Result<Self> {
+    pub fn new(op: &'static str, x: &Shape, gamma: &Shape, beta: &Shape, params: GroupNormParams) -> Result<Self> {
         if x.rank() < 2 {
-            return Err(Error::invalid(
-                op,
-                format!("group norm needs [n, c, ...], got {x}"),
-            ));
+            return Err(Error::invalid(op, format!("group norm needs [n, c, ...], got {x}")));
         }
         let (batch, channels) = (x.dims()[0], x.dims()[1]);
         let spatial = Shape::new(&x.dims()[2..]).num_elements()?;
@@ -240,26 +192,15 @@ impl GroupNormGeometry {
         Shape::new([channels]).expect_eq(op, gamma)?;
         Shape::new([channels]).expect_eq(op, beta)?;
         if params.groups == 0 || channels % params.groups != 0 {
-            return Err(Error::invalid(
-                op,
-                format!("{} groups do not divide {channels} channels", params.groups),
-            ));
+            return Err(Error::invalid(op, format!("{} groups do not divide {channels} channels", params.groups)));
         }
         if !(params.eps > 0.0 && params.eps.is_finite()) {
-            return Err(Error::invalid(
-                op,
-                format!("eps must be > 0, got {}", params.eps),
-            ));
+            return Err(Error::invalid(op, format!("eps must be > 0, got {}", params.eps)));
         }
         if batch == 0 || channels == 0 || spatial == 0 {
             return Err(Error::Empty { op });
         }
-        Ok(Self {
-            batch,
-            channels,
-            groups: params.groups,
-            spatial,
-        })
+        Ok(Self { batch, channels, groups: params.groups, spatial })
     }
 
     /// Elements in one (sample, group) slice: `(c/g)·spatial`.
@@ -290,26 +231,14 @@ pub fn upsample_output_shape(op: &'static str, x: &Shape, factor: usize) -> Resu
 pub fn concat_channels_shape(op: &'static str, shapes: &[&Shape]) -> Result<Shape> {
     let first = shapes.first().ok_or(Error::Empty { op })?;
     if first.rank() < 2 {
-        return Err(Error::invalid(
-            op,
-            format!("concat needs [n, c, ...], got {first}"),
-        ));
+        return Err(Error::invalid(op, format!("concat needs [n, c, ...], got {first}")));
     }
     let mut channels = 0usize;
     for s in shapes {
-        if s.rank() != first.rank()
-            || s.dims()[0] != first.dims()[0]
-            || s.dims()[2..] != first.dims()[2..]
-        {
-            return Err(Error::ShapeMismatch {
-                op,
-                expected: (*first).clone(),
-                got: (*s).clone(),
-            });
+        if s.rank() != first.rank() || s.dims()[0] != first.dims()[0] || s.dims()[2..] != first.dims()[2..] {
+            return Err(Error::ShapeMismatch { op, expected: (*first).clone(), got: (*s).clone() });
         }
-        channels = channels
-            .checked_add(s.dims()[1])
-            .ok_or(Error::SizeOverflow { op })?;
+        channels = channels.checked_add(s.dims()[1]).ok_or(Error::SizeOverflow { op })?;
     }
     let mut out = first.0.clone();
     out[1] = channels;
@@ -319,24 +248,13 @@ pub fn concat_channels_shape(op: &'static str, shapes: &[&Shape]) -> Result<Shap
 }
 
 /// Validates a channel slice `[start, start + len)` of `x [n, c, ...]`; returns its shape.
-pub fn slice_channels_shape(
-    op: &'static str,
-    x: &Shape,
-    start: usize,
-    len: usize,
-) -> Result<Shape> {
+pub fn slice_channels_shape(op: &'static str, x: &Shape, start: usize, len: usize) -> Result<Shape> {
     if x.rank() < 2 {
-        return Err(Error::invalid(
-            op,
-            format!("channel slice needs [n, c, ...], got {x}"),
-        ));
+        return Err(Error::invalid(op, format!("channel slice needs [n, c, ...], got {x}")));
     }
     let end = start.checked_add(len).ok_or(Error::SizeOverflow { op })?;
     if end > x.dims()[1] || len == 0 {
-        return Err(Error::invalid(
-            op,
-            format!("channels {start}..{end} out of range for {x}"),
-        ));
+        return Err(Error::invalid(op, format!("channels {start}..{end} out of range for {x}")));
     }
     let mut out = x.0.clone();
     out[1] = len;

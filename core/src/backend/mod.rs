@@ -41,8 +41,7 @@ use core::fmt::Debug;
 /// Every op trait in scope at once: `use lisa_core::backend::prelude::*;`.
 pub mod prelude {
     pub use super::{
-        ArithOps, Backend, BackendTypes, ConvOps, FusedOps, LayoutOps, MatmulOps, NormOps,
-        ReduceOps, TensorOps,
+        ArithOps, Backend, BackendTypes, ConvOps, FusedOps, LayoutOps, MatmulOps, NormOps, ReduceOps, TensorOps,
     };
 }
 
@@ -58,12 +57,6 @@ pub trait BackendTypes: Clone + Debug + Default + Send + Sync + 'static {
 }
 
 /// Everything the trainer needs from a backend.
-pub trait Backend:
-    TensorOps + ArithOps + ReduceOps + MatmulOps + ConvOps + NormOps + LayoutOps + FusedOps
-{
-}
+pub trait Backend: TensorOps + ArithOps + ReduceOps + MatmulOps + ConvOps + NormOps + LayoutOps + FusedOps {}
 
-impl<B> Backend for B where
-    B: TensorOps + ArithOps + ReduceOps + MatmulOps + ConvOps + NormOps + LayoutOps + FusedOps
-{
-}
+impl<B> Backend for B where B: TensorOps + ArithOps + ReduceOps + MatmulOps + ConvOps + NormOps + LayoutOps + FusedOps {}

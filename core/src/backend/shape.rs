@@ -34,9 +34,7 @@ impl Shape {
         self.0
             .iter()
             .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-            .ok_or(Error::SizeOverflow {
-                op: "Shape::num_elements",
-            })
+            .ok_or(Error::SizeOverflow { op: "Shape::num_elements" })
     }
 
     /// Row-major strides (in elements).
@@ -63,11 +61,7 @@ impl Shape {
                 (1, _) => y,
                 (_, 1) => x,
                 _ => {
-                    return Err(Error::ShapeMismatch {
-                        op,
-                        expected: a.clone(),
-                        got: b.clone(),
-                    });
+                    return Err(Error::ShapeMismatch { op, expected: a.clone(), got: b.clone() });
                 }
             });
         }
@@ -81,15 +75,7 @@ impl Shape {
     pub fn broadcast_strides(&self, out: &Shape) -> Vec<usize> {
         let offset = out.rank().saturating_sub(self.rank());
         let strides = self.strides();
-        (0..out.rank())
-            .map(|i| {
-                if i < offset || self.0[i - offset] == 1 {
-                    0
-                } else {
-                    strides[i - offset]
-                }
-            })
-            .collect()
+        (0..out.rank()).map(|i| if i < offset || self.0[i - offset] == 1 { 0 } else { strides[i - offset] }).collect()
     }
 
     /// Fails with [`Error::ShapeMismatch`] unless `self == other`.
@@ -97,11 +83,7 @@ impl Shape {
         if self == other {
             Ok(())
         } else {
-            Err(Error::ShapeMismatch {
-                op,
-                expected: self.clone(),
-                got: other.clone(),
-            })
+            Err(Error::ShapeMismatch { op, expected: self.clone(), got: other.clone() })
         }
     }
 
@@ -110,10 +92,7 @@ impl Shape {
         if self.rank() == rank {
             Ok(())
         } else {
-            Err(Error::invalid(
-                op,
-                alloc::format!("expected a rank-{rank} tensor, got shape {self}"),
-            ))
+            Err(Error::invalid(op, alloc::format!("expected a rank-{rank} tensor, got shape {self}")))
         }
     }
 }

@@ -12,12 +12,7 @@ pub trait TensorOps: BackendTypes {
     fn supports_dtype(device: &Self::Device, dtype: DType) -> bool;
 
     /// A tensor of `shape` from row-major `data` (rounded to `dtype`).
-    fn from_slice(
-        data: &[f32],
-        shape: &Shape,
-        dtype: DType,
-        device: &Self::Device,
-    ) -> Result<Self::Tensor>;
+    fn from_slice(data: &[f32], shape: &Shape, dtype: DType, device: &Self::Device) -> Result<Self::Tensor>;
 
     /// The elements in row-major order, as `f32`.
     fn to_vec(t: &Self::Tensor) -> Result<Vec<f32>>;
@@ -38,17 +33,11 @@ pub trait TensorOps: BackendTypes {
     fn cast(t: &Self::Tensor, dtype: DType) -> Result<Self::Tensor>;
 
     /// A tensor of `shape` filled with `value`.
-    fn full(shape: &Shape, value: f32, dtype: DType, device: &Self::Device)
-    -> Result<Self::Tensor>;
+    fn full(shape: &Shape, value: f32, dtype: DType, device: &Self::Device) -> Result<Self::Tensor>;
 
     /// Standard normals: element `i` is [`crate::rng::normal_at`]`(seed, i)`, whatever the
     /// backend or thread count (up to the last bits of the transcendental functions).
-    fn random_normal(
-        shape: &Shape,
-        seed: u64,
-        dtype: DType,
-        device: &Self::Device,
-    ) -> Result<Self::Tensor>;
+    fn random_normal(shape: &Shape, seed: u64, dtype: DType, device: &Self::Device) -> Result<Self::Tensor>;
 
     /// Waits until all queued work on `device` has finished (benchmarks).
     fn sync(_device: &Self::Device) -> Result<()> {
@@ -70,25 +59,13 @@ pub trait TensorOps: BackendTypes {
         let v = Self::to_vec(t)?;
         match v.as_slice() {
             [x] => Ok(*x),
-            _ => Err(Error::ShapeMismatch {
-                op: "item",
-                expected: Shape::scalar(),
-                got: Self::shape(t),
-            }),
+            _ => Err(Error::ShapeMismatch { op: "item", expected: Shape::scalar(), got: Self::shape(t) }),
         }
     }
 
     /// *Default*: checks that `a` and `b` share a dtype (for binary ops).
     fn expect_same_dtype(op: &'static str, a: &Self::Tensor, b: &Self::Tensor) -> Result<DType> {
         let (da, db) = (Self::dtype(a), Self::dtype(b));
-        if da == db {
-            Ok(da)
-        } else {
-            Err(Error::DTypeMismatch {
-                op,
-                expected: da,
-                got: db,
-            })
-        }
+        if da == db { Ok(da) } else { Err(Error::DTypeMismatch { op, expected: da, got: db }) }
     }
 }

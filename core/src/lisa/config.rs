@@ -95,10 +95,7 @@ pub struct SampleTerms<F> {
 impl<F: Real> SampleTerms<F> {
     /// Scale 1, weight 1: the authors' configuration at any level.
     pub fn unit() -> Self {
-        Self {
-            target_scale: F::one(),
-            weight: F::one(),
-        }
+        Self { target_scale: F::one(), weight: F::one() }
     }
 }
 
@@ -107,34 +104,21 @@ impl LisaConfig {
     pub fn validate(&self) -> Result<()> {
         const OP: &str = "LisaConfig";
         if !(self.lambda >= 0.0 && self.lambda.is_finite()) {
-            return Err(Error::invalid(
-                OP,
-                format!("lambda must be finite and >= 0, got {}", self.lambda),
-            ));
+            return Err(Error::invalid(OP, format!("lambda must be finite and >= 0, got {}", self.lambda)));
         }
         if !(self.cosine_eps > 0.0 && self.cosine_eps.is_finite()) {
-            return Err(Error::invalid(
-                OP,
-                format!("cosine_eps must be > 0, got {}", self.cosine_eps),
-            ));
+            return Err(Error::invalid(OP, format!("cosine_eps must be > 0, got {}", self.cosine_eps)));
         }
         if let Weighting::MinSnr { gamma } = self.weighting
             && !(gamma > 0.0 && gamma.is_finite())
         {
-            return Err(Error::invalid(
-                OP,
-                format!("min-SNR gamma must be > 0, got {gamma}"),
-            ));
+            return Err(Error::invalid(OP, format!("min-SNR gamma must be > 0, got {gamma}")));
         }
         Ok(())
     }
 
     /// `τ`'s scale and the distance weight for a sample of prediction type `kind` at `level`.
-    pub fn sample_terms<F: Real>(
-        &self,
-        kind: Prediction,
-        level: NoiseLevel<F>,
-    ) -> Result<SampleTerms<F>> {
+    pub fn sample_terms<F: Real>(&self, kind: Prediction, level: NoiseLevel<F>) -> Result<SampleTerms<F>> {
         self.validate()?;
         let target_scale = match self.target_space {
             TargetSpace::Prediction => F::one(),
@@ -149,10 +133,7 @@ impl LisaConfig {
                 snr.min(F::lit(gamma)) * c * c
             }
         };
-        Ok(SampleTerms {
-            target_scale,
-            weight,
-        })
+        Ok(SampleTerms { target_scale, weight })
     }
 }
 

@@ -33,8 +33,5 @@ pub fn cosine_distance<F: Real>(d: &[F], tau: &[F], eps: F) -> Result<F> {
 
 /// `(⟨d, τ⟩, ‖d‖², ‖τ‖²)` in one pass.
 pub(super) fn dot_norms<F: Real>(pairs: impl Iterator<Item = (F, F)>) -> (F, F, F) {
-    pairs.fold(
-        (F::zero(), F::zero(), F::zero()),
-        |(dot, dd, tt), (d, t)| (dot + d * t, dd + d * d, tt + t * t),
-    )
+    pairs.fold((F::zero(), F::zero(), F::zero()), |(dot, dd, tt), (d, t)| (dot + d * t, dd + d * d, tt + t * t))
 }

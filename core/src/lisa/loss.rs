@@ -35,10 +35,7 @@ pub fn lisa_loss<F: Real>(
         "lisa_loss",
         config,
         terms.len(),
-        |b| SampleTerms {
-            target_scale: unit.target_scale,
-            weight: terms[b].weight,
-        },
+        |b| SampleTerms { target_scale: unit.target_scale, weight: terms[b].weight },
         decoded,
         unscaled,
         grad,
@@ -55,21 +52,9 @@ pub fn lisa_loss_fused<F: Real>(
     prior: &[F],
     grad: &mut [F],
 ) -> Result<LisaLoss<F>> {
-    check_len(
-        "lisa_loss_fused",
-        decoded.len(),
-        &[y.len(), prior.len(), grad.len()],
-    )?;
+    check_len("lisa_loss_fused", decoded.len(), &[y.len(), prior.len(), grad.len()])?;
     let tau = |b: usize, i: usize| terms[b].target_scale * (y[i] - prior[i]);
-    fused_impl(
-        "lisa_loss_fused",
-        config,
-        terms.len(),
-        |b| terms[b],
-        decoded,
-        tau,
-        grad,
-    )
+    fused_impl("lisa_loss_fused", config, terms.len(), |b| terms[b], decoded, tau, grad)
 }
 
 fn fused_impl<F: Real>(
@@ -111,11 +96,7 @@ fn fused_impl<F: Real>(
                 distance = distance + w * (F::one() - dot / (cd * ct)) * inv_b;
                 // ∂(1 − cos)/∂d = −τ/(c_d c_τ) + [‖d‖ ≥ ε]·⟨d,τ⟩·d/(c_d³ c_τ)
                 let g = -lambda * w * inv_b;
-                let radial = if nd >= eps {
-                    dot / (cd * cd)
-                } else {
-                    F::zero()
-                };
+                let radial = if nd >= eps { dot / (cd * cd) } else { F::zero() };
                 for i in r {
                     grad[i] = g * (tau(b, i) - radial * decoded[i]) / (cd * ct);
                 }

@@ -4,8 +4,8 @@ use alloc::vec::Vec;
 use super::*;
 use crate::backend::geometry::{Conv2dParams, GroupNormParams, Transpose};
 use crate::backend::{
-    ArithOps, BackendTypes, BinaryOp, ConvOps, DType, FusedOps, GroupNormGrads, GroupNormOutput,
-    LayoutOps, MatmulOps, NormOps, ReduceOps, Shape, TensorOps, UnaryOp,
+    ArithOps, BackendTypes, BinaryOp, ConvOps, DType, FusedOps, GroupNormGrads, GroupNormOutput, LayoutOps, MatmulOps,
+    NormOps, ReduceOps, Shape, TensorOps, UnaryOp,
 };
 use crate::rng::fill_normal;
 use crate::{Error, Result};
@@ -38,11 +38,7 @@ impl RefTensor {
         if dtype != DType::F32 {
             data.iter_mut().for_each(|v| *v = dtype.round(*v));
         }
-        Self {
-            data: Arc::new(data),
-            shape,
-            dtype,
-        }
+        Self { data: Arc::new(data), shape, dtype }
     }
 
     /// The values, row-major.
@@ -59,15 +55,7 @@ impl RefTensor {
 type T = RefTensor;
 
 fn same_dtype(op: &'static str, a: &T, b: &T) -> Result<DType> {
-    if a.dtype == b.dtype {
-        Ok(a.dtype)
-    } else {
-        Err(Error::DTypeMismatch {
-            op,
-            expected: a.dtype,
-            got: b.dtype,
-        })
-    }
+    if a.dtype == b.dtype { Ok(a.dtype) } else { Err(Error::DTypeMismatch { op, expected: a.dtype, got: b.dtype }) }
 }
 
 impl BackendTypes for RefBackend {
@@ -102,21 +90,13 @@ impl TensorOps for RefBackend {
     }
     fn reshape(t: &T, shape: &Shape) -> Result<T> {
         expect_len("reshape", &t.data, shape)?;
-        Ok(RefTensor {
-            data: t.data.clone(),
-            shape: shape.clone(),
-            dtype: t.dtype,
-        })
+        Ok(RefTensor { data: t.data.clone(), shape: shape.clone(), dtype: t.dtype })
     }
     fn cast(t: &T, dtype: DType) -> Result<T> {
         Ok(RefTensor::rounded(t.data.to_vec(), t.shape.clone(), dtype))
     }
     fn full(shape: &Shape, value: f32, dtype: DType, _: &RefDevice) -> Result<T> {
-        Ok(RefTensor::rounded(
-            alloc::vec![value; shape.num_elements()?],
-            shape.clone(),
-            dtype,
-        ))
+        Ok(RefTensor::rounded(alloc::vec![value; shape.num_elements()?], shape.clone(), dtype))
     }
     fn random_normal(shape: &Shape, seed: u64, dtype: DType, _: &RefDevice) -> Result<T> {
         let mut data = alloc::vec![0.0f32; shape.num_elements()?];
@@ -142,12 +122,7 @@ impl ArithOps for RefBackend {
     fn unary_backward(op: UnaryOp, x: &T, grad: &T) -> Result<T> {
         let dtype = same_dtype("unary_backward", x, grad)?;
         x.shape.expect_eq("unary_backward", &grad.shape)?;
-        let data = x
-            .data
-            .iter()
-            .zip(grad.data.iter())
-            .map(|(&v, &g)| g * op.derivative(v))
-            .collect();
+        let data = x.data.iter().zip(grad.data.iter()).map(|(&v, &g)| g * op.derivative(v)).collect();
         Ok(RefTensor::rounded(data, x.shape.clone(), dtype))
     }
 }
@@ -155,34 +130,18 @@ impl ArithOps for RefBackend {
 impl ReduceOps for RefBackend {
     fn sum(t: &T) -> Result<T> {
         let s: f64 = t.data.iter().map(|&v| v as f64).sum();
-        Ok(RefTensor::rounded(
-            alloc::vec![s as f32],
-            Shape::scalar(),
-            t.dtype,
-        ))
+        Ok(RefTensor::rounded(alloc::vec![s as f32], Shape::scalar(), t.dtype))
     }
     fn sum_to_shape(t: &T, shape: &Shape) -> Result<T> {
-        Ok(RefTensor::rounded(
-            sum_to_shape(&t.data, &t.shape, shape)?,
-            shape.clone(),
-            t.dtype,
-        ))
+        Ok(RefTensor::rounded(sum_to_shape(&t.data, &t.shape, shape)?, shape.clone(), t.dtype))
     }
     fn softmax_last(t: &T) -> Result<T> {
-        Ok(RefTensor::rounded(
-            softmax_last(&t.data, &t.shape)?,
-            t.shape.clone(),
-            t.dtype,
-        ))
+        Ok(RefTensor::rounded(softmax_last(&t.data, &t.shape)?, t.shape.clone(), t.dtype))
     }
     fn softmax_last_backward(y: &T, grad: &T) -> Result<T> {
         let dtype = same_dtype("softmax_last_backward", y, grad)?;
         y.shape.expect_eq("softmax_last_backward", &grad.shape)?;
-        Ok(RefTensor::rounded(
-            softmax_last_backward(&y.data, &grad.data, &y.shape)?,
-            y.shape.clone(),
-            dtype,
-        ))
+        Ok(RefTensor::rounded(softmax_last_backward(&y.data, &grad.data, &y.shape)?, y.shape.clone(), dtype))
     }
 }
 
@@ -200,68 +159,27 @@ impl ConvOps for RefBackend {
         if let Some(b) = bias {
             same_dtype("conv2d", x, b)?;
         }
-        let (data, shape) = conv2d(
-            &x.data,
-            &x.shape,
-            &weight.data,
-            &weight.shape,
-            bias.map(|b| b.data()),
-            params,
-        )?;
+        let (data, shape) = conv2d(&x.data, &x.shape, &weight.data, &weight.shape, bias.map(|b| b.data()), params)?;
         Ok(RefTensor::rounded(data, shape, dtype))
     }
-    fn conv2d_backward_data(
-        grad_out: &T,
-        weight: &T,
-        input_shape: &Shape,
-        params: Conv2dParams,
-    ) -> Result<T> {
+    fn conv2d_backward_data(grad_out: &T, weight: &T, input_shape: &Shape, params: Conv2dParams) -> Result<T> {
         let dtype = same_dtype("conv2d_backward_data", grad_out, weight)?;
-        let data = conv2d_backward_data(
-            &grad_out.data,
-            &grad_out.shape,
-            &weight.data,
-            &weight.shape,
-            input_shape,
-            params,
-        )?;
+        let data =
+            conv2d_backward_data(&grad_out.data, &grad_out.shape, &weight.data, &weight.shape, input_shape, params)?;
         Ok(RefTensor::rounded(data, input_shape.clone(), dtype))
     }
-    fn conv2d_backward_weight(
-        x: &T,
-        grad_out: &T,
-        weight_shape: &Shape,
-        params: Conv2dParams,
-    ) -> Result<T> {
+    fn conv2d_backward_weight(x: &T, grad_out: &T, weight_shape: &Shape, params: Conv2dParams) -> Result<T> {
         let dtype = same_dtype("conv2d_backward_weight", x, grad_out)?;
-        let data = conv2d_backward_weight(
-            &x.data,
-            &x.shape,
-            &grad_out.data,
-            &grad_out.shape,
-            weight_shape,
-            params,
-        )?;
+        let data = conv2d_backward_weight(&x.data, &x.shape, &grad_out.data, &grad_out.shape, weight_shape, params)?;
         Ok(RefTensor::rounded(data, weight_shape.clone(), dtype))
     }
 }
 
 impl NormOps for RefBackend {
-    fn group_norm(
-        x: &T,
-        gamma: &T,
-        beta: &T,
-        params: GroupNormParams,
-    ) -> Result<GroupNormOutput<T>> {
+    fn group_norm(x: &T, gamma: &T, beta: &T, params: GroupNormParams) -> Result<GroupNormOutput<T>> {
         let dtype = same_dtype("group_norm", x, gamma)?;
         same_dtype("group_norm", x, beta)?;
-        crate::backend::geometry::GroupNormGeometry::new(
-            "group_norm",
-            &x.shape,
-            &gamma.shape,
-            &beta.shape,
-            params,
-        )?;
+        crate::backend::geometry::GroupNormGeometry::new("group_norm", &x.shape, &gamma.shape, &beta.shape, params)?;
         let (y, mean, rstd) = group_norm(&x.data, &x.shape, &gamma.data, &beta.data, params)?;
         let stats = Shape::new([x.shape.dims()[0], params.groups]);
         Ok(GroupNormOutput {
@@ -314,9 +232,7 @@ impl LayoutOps for RefBackend {
         Ok(RefTensor::rounded(data, shape, grad_out.dtype))
     }
     fn concat_channels(parts: &[&T]) -> Result<T> {
-        let first = parts.first().ok_or(Error::Empty {
-            op: "concat_channels",
-        })?;
+        let first = parts.first().ok_or(Error::Empty { op: "concat_channels" })?;
         for p in parts {
             same_dtype("concat_channels", first, p)?;
         }

@@ -22,8 +22,7 @@ fn for_each_tap(g: &Conv2dGeometry, mut f: impl FnMut(usize, usize, usize)) {
                                 continue;
                             };
                             for v in 0..g.kw {
-                                let Some(q) = (sw * j + v).checked_sub(pw).filter(|&q| q < g.w)
-                                else {
+                                let Some(q) = (sw * j + v).checked_sub(pw).filter(|&q| q < g.w) else {
                                     continue;
                                 };
                                 let x = ((n * g.c_in + c) * g.h + r) * g.w + q;
@@ -81,9 +80,7 @@ pub fn conv2d_backward_data(
     let g = Conv2dGeometry::new(OP, x_shape, w_shape, params)?;
     check_grad_shape(OP, &g, grad_out, grad_shape)?;
     let mut acc = vec![0.0f64; x_shape.num_elements()?];
-    for_each_tap(&g, |xi, wi, yi| {
-        acc[xi] += grad_out[yi] as f64 * w[wi] as f64
-    });
+    for_each_tap(&g, |xi, wi, yi| acc[xi] += grad_out[yi] as f64 * w[wi] as f64);
     Ok(acc.into_iter().map(|v| v as f32).collect())
 }
 
@@ -101,25 +98,14 @@ pub fn conv2d_backward_weight(
     let g = Conv2dGeometry::new(OP, x_shape, w_shape, params)?;
     check_grad_shape(OP, &g, grad_out, grad_shape)?;
     let mut acc = vec![0.0f64; w_shape.num_elements()?];
-    for_each_tap(&g, |xi, wi, yi| {
-        acc[wi] += grad_out[yi] as f64 * x[xi] as f64
-    });
+    for_each_tap(&g, |xi, wi, yi| acc[wi] += grad_out[yi] as f64 * x[xi] as f64);
     Ok(acc.into_iter().map(|v| v as f32).collect())
 }
 
-fn check_grad_shape(
-    op: &'static str,
-    g: &Conv2dGeometry,
-    grad: &[f32],
-    grad_shape: &Shape,
-) -> Result<()> {
+fn check_grad_shape(op: &'static str, g: &Conv2dGeometry, grad: &[f32], grad_shape: &Shape) -> Result<()> {
     let expected = g.output_shape();
     if *grad_shape != expected {
-        return Err(Error::ShapeMismatch {
-            op,
-            expected,
-            got: grad_shape.clone(),
-        });
+        return Err(Error::ShapeMismatch { op, expected, got: grad_shape.clone() });
     }
     expect_len(op, grad, grad_shape)
 }

@@ -6,12 +6,7 @@ use crate::backend::{BinaryOp, Shape};
 use crate::{Error, Result};
 
 /// Calls `f(out_index, a_index, b_index)` over every element of `out` in row-major order.
-fn for_each_broadcast(
-    out: &Shape,
-    sa: &[usize],
-    sb: &[usize],
-    mut f: impl FnMut(usize, usize, usize),
-) -> Result<()> {
+fn for_each_broadcast(out: &Shape, sa: &[usize], sb: &[usize], mut f: impl FnMut(usize, usize, usize)) -> Result<()> {
     let n = out.num_elements()?;
     let dims = out.dims();
     let mut idx = vec![0usize; dims.len()];
@@ -46,14 +41,9 @@ pub fn binary_broadcast(
     expect_len(OP, a, a_shape)?;
     expect_len(OP, b, b_shape)?;
     let out_shape = Shape::broadcast(OP, a_shape, b_shape)?;
-    let (sa, sb) = (
-        a_shape.broadcast_strides(&out_shape),
-        b_shape.broadcast_strides(&out_shape),
-    );
+    let (sa, sb) = (a_shape.broadcast_strides(&out_shape), b_shape.broadcast_strides(&out_shape));
     let mut out = vec![0.0f32; out_shape.num_elements()?];
-    for_each_broadcast(&out_shape, &sa, &sb, |o, i, j| {
-        out[o] = op.apply(a[i], b[j])
-    })?;
+    for_each_broadcast(&out_shape, &sa, &sb, |o, i, j| out[o] = op.apply(a[i], b[j]))?;
     Ok((out, out_shape))
 }
 
@@ -62,11 +52,7 @@ pub fn sum_to_shape(t: &[f32], t_shape: &Shape, target: &Shape) -> Result<Vec<f3
     const OP: &str = "sum_to_shape";
     expect_len(OP, t, t_shape)?;
     if target.rank() > t_shape.rank() || Shape::broadcast(OP, target, t_shape)? != *t_shape {
-        return Err(Error::ShapeMismatch {
-            op: OP,
-            expected: t_shape.clone(),
-            got: target.clone(),
-        });
+        return Err(Error::ShapeMismatch { op: OP, expected: t_shape.clone(), got: target.clone() });
     }
     let st = target.broadcast_strides(t_shape);
     let unit = t_shape.strides();

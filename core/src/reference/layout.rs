@@ -3,9 +3,7 @@ use alloc::vec::Vec;
 
 use super::expect_len;
 use crate::backend::Shape;
-use crate::backend::geometry::{
-    concat_channels_shape, slice_channels_shape, upsample_output_shape,
-};
+use crate::backend::geometry::{concat_channels_shape, slice_channels_shape, upsample_output_shape};
 use crate::{Error, Result};
 
 /// Nearest upsampling of `x [n, c, h, w]` by `factor`; returns the output and its shape.
@@ -27,20 +25,13 @@ pub fn upsample_nearest(x: &[f32], x_shape: &Shape, factor: usize) -> Result<(Ve
 }
 
 /// Backward of nearest upsampling: sums each `factor × factor` block of `grad [n, c, f·h, f·w]`.
-pub fn upsample_nearest_backward(
-    grad: &[f32],
-    grad_shape: &Shape,
-    factor: usize,
-) -> Result<(Vec<f32>, Shape)> {
+pub fn upsample_nearest_backward(grad: &[f32], grad_shape: &Shape, factor: usize) -> Result<(Vec<f32>, Shape)> {
     const OP: &str = "upsample_nearest_backward";
     expect_len(OP, grad, grad_shape)?;
     grad_shape.expect_rank(OP, 4)?;
     let d = grad_shape.dims();
     if factor == 0 || !d[2].is_multiple_of(factor) || !d[3].is_multiple_of(factor) {
-        return Err(Error::invalid(
-            OP,
-            alloc::format!("{grad_shape} is not a multiple of factor {factor}"),
-        ));
+        return Err(Error::invalid(OP, alloc::format!("{grad_shape} is not a multiple of factor {factor}")));
     }
     let (oh, ow, h, w) = (d[2], d[3], d[2] / factor, d[3] / factor);
     let out_shape = Shape::new([d[0], d[1], h, w]);
@@ -75,12 +66,7 @@ pub fn concat_channels(parts: &[(&[f32], &Shape)]) -> Result<(Vec<f32>, Shape)> 
 }
 
 /// Channels `start .. start + len` of `x [n, c, ...]`; returns the output and its shape.
-pub fn slice_channels(
-    x: &[f32],
-    x_shape: &Shape,
-    start: usize,
-    len: usize,
-) -> Result<(Vec<f32>, Shape)> {
+pub fn slice_channels(x: &[f32], x_shape: &Shape, start: usize, len: usize) -> Result<(Vec<f32>, Shape)> {
     const OP: &str = "slice_channels";
     expect_len(OP, x, x_shape)?;
     let out_shape = slice_channels_shape(OP, x_shape, start, len)?;

@@ -31,11 +31,7 @@ use crate::{Error, Result};
 pub(crate) fn expect_len(op: &'static str, data: &[f32], shape: &Shape) -> Result<()> {
     let n = shape.num_elements()?;
     if data.len() != n {
-        return Err(Error::LengthMismatch {
-            op,
-            expected: n,
-            got: data.len(),
-        });
+        return Err(Error::LengthMismatch { op, expected: n, got: data.len() });
     }
     Ok(())
 }

@@ -23,11 +23,7 @@ pub fn group_norm(
     let (mut means, mut rstds) = (Vec::new(), Vec::new());
     for (k, chunk) in x.chunks_exact(len).enumerate() {
         let mean = chunk.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
-        let var = chunk
-            .iter()
-            .map(|&v| (v as f64 - mean) * (v as f64 - mean))
-            .sum::<f64>()
-            / len as f64;
+        let var = chunk.iter().map(|&v| (v as f64 - mean) * (v as f64 - mean)).sum::<f64>() / len as f64;
         let rstd = 1.0 / num_traits::Float::sqrt(var + params.eps as f64);
         let group = k % g.groups;
         for (i, &v) in chunk.iter().enumerate() {
@@ -58,11 +54,7 @@ pub fn group_norm_backward(
     let stats = g.batch * g.groups;
     for s in [mean, rstd] {
         if s.len() != stats {
-            return Err(Error::LengthMismatch {
-                op: OP,
-                expected: stats,
-                got: s.len(),
-            });
+            return Err(Error::LengthMismatch { op: OP, expected: stats, got: s.len() });
         }
     }
     let (len, cpg) = (g.group_len(), g.channels / g.groups);

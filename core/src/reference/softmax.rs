@@ -19,10 +19,7 @@ pub fn softmax_last(x: &[f32], shape: &Shape) -> Result<Vec<f32>> {
     let mut out = Vec::with_capacity(x.len());
     for row in x.chunks_exact(d) {
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let exps: Vec<f64> = row
-            .iter()
-            .map(|&v| num_traits::Float::exp(v as f64 - max))
-            .collect();
+        let exps: Vec<f64> = row.iter().map(|&v| num_traits::Float::exp(v as f64 - max)).collect();
         let sum: f64 = exps.iter().sum();
         out.extend(exps.iter().map(|&e| (e / sum) as f32));
     }
@@ -38,11 +35,7 @@ pub fn softmax_last_backward(y: &[f32], grad: &[f32], shape: &Shape) -> Result<V
     let mut out = Vec::with_capacity(y.len());
     for (yr, gr) in y.chunks_exact(d).zip(grad.chunks_exact(d)) {
         let dot: f64 = yr.iter().zip(gr).map(|(&a, &b)| a as f64 * b as f64).sum();
-        out.extend(
-            yr.iter()
-                .zip(gr)
-                .map(|(&a, &b)| (a as f64 * (b as f64 - dot)) as f32),
-        );
+        out.extend(yr.iter().zip(gr).map(|(&a, &b)| (a as f64 * (b as f64 - dot)) as f32));
     }
     Ok(out)
 }

@@ -34,15 +34,9 @@ pub enum BetaSchedule {
 
 impl BetaSchedule {
     /// DDPM's linear schedule, 1e-4 .. 0.02.
-    pub const DDPM_LINEAR: Self = BetaSchedule::Linear {
-        start: 1e-4,
-        end: 0.02,
-    };
+    pub const DDPM_LINEAR: Self = BetaSchedule::Linear { start: 1e-4, end: 0.02 };
     /// Stable Diffusion's scaled-linear schedule, 0.00085 .. 0.012.
-    pub const SD_SCALED_LINEAR: Self = BetaSchedule::ScaledLinear {
-        start: 0.00085,
-        end: 0.012,
-    };
+    pub const SD_SCALED_LINEAR: Self = BetaSchedule::ScaledLinear { start: 0.00085, end: 0.012 };
     /// `squaredcos_cap_v2` with diffusers' clip 0.999.
     pub const COSINE: Self = BetaSchedule::SquaredCosCapV2 { max_beta: 0.999 };
 
@@ -54,18 +48,12 @@ impl BetaSchedule {
         }
         // linspace(a, b, n)[i] = a + (b − a)·i/(n − 1), and [a] for n = 1 (as torch).
         let linspace = |a: F, b: F, i: usize| {
-            if num_steps == 1 {
-                a
-            } else {
-                a + (b - a) * F::lit(i as f64) / F::lit((num_steps - 1) as f64)
-            }
+            if num_steps == 1 { a } else { a + (b - a) * F::lit(i as f64) / F::lit((num_steps - 1) as f64) }
         };
         let betas: Vec<F> = match *self {
             BetaSchedule::Linear { start, end } => {
                 check_beta_range(OP, start, end)?;
-                (0..num_steps)
-                    .map(|i| linspace(F::lit(start), F::lit(end), i))
-                    .collect()
+                (0..num_steps).map(|i| linspace(F::lit(start), F::lit(end), i)).collect()
             }
             BetaSchedule::ScaledLinear { start, end } => {
                 check_beta_range(OP, start, end)?;
@@ -79,10 +67,7 @@ impl BetaSchedule {
             }
             BetaSchedule::SquaredCosCapV2 { max_beta } => {
                 if !(max_beta > 0.0 && max_beta < 1.0) {
-                    return Err(Error::invalid(
-                        OP,
-                        format!("max_beta must lie in (0, 1), got {max_beta}"),
-                    ));
+                    return Err(Error::invalid(OP, format!("max_beta must lie in (0, 1), got {max_beta}")));
                 }
                 let alpha_bar = |s: F| {
                     let c = ((s + F::lit(0.008)) / F::lit(1.008) * F::FRAC_PI_2()).cos();
@@ -107,10 +92,7 @@ fn check_beta_range(op: &'static str, start: f64, end: f64) -> Result<()> {
     if ok(start) && ok(end) {
         Ok(())
     } else {
-        Err(Error::invalid(
-            op,
-            format!("betas must lie in (0, 1), got start={start}, end={end}"),
-        ))
+        Err(Error::invalid(op, format!("betas must lie in (0, 1), got start={start}, end={end}")))
     }
 }
 
@@ -134,10 +116,7 @@ impl<F: Real> DiscreteVp<F> {
                 acc
             })
             .collect();
-        Ok(Self {
-            betas,
-            alphas_cumprod,
-        })
+        Ok(Self { betas, alphas_cumprod })
     }
 
     /// The number of training steps `T`.
@@ -157,10 +136,7 @@ impl<F: Real> DiscreteVp<F> {
 
     fn checked(&self, t: usize) -> Result<F> {
         self.alphas_cumprod.get(t).copied().ok_or_else(|| {
-            Error::invalid(
-                "DiscreteVp",
-                format!("timestep {t} out of range 0..{}", self.alphas_cumprod.len()),
-            )
+            Error::invalid("DiscreteVp", format!("timestep {t} out of range 0..{}", self.alphas_cumprod.len()))
         })
     }
 

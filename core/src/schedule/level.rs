@@ -56,13 +56,6 @@ impl<F: Real> NoiseLevel<F> {
 }
 
 /// `out[b, i] = α_b·x0[b, i] + σ_b·eps[b, i]` for a batch with one level per sample.
-pub fn add_noise_batch<F: Real>(
-    levels: &[NoiseLevel<F>],
-    x0: &[F],
-    eps: &[F],
-    out: &mut [F],
-) -> Result<()> {
-    map2_per_sample("add_noise_batch", levels, x0, eps, out, |&level| {
-        Ok(move |x, e| level.add_noise(x, e))
-    })
+pub fn add_noise_batch<F: Real>(levels: &[NoiseLevel<F>], x0: &[F], eps: &[F], out: &mut [F]) -> Result<()> {
+    map2_per_sample("add_noise_batch", levels, x0, eps, out, |&level| Ok(move |x, e| level.add_noise(x, e)))
 }

@@ -7,19 +7,13 @@ use lisa_core::tolerance::Tolerance;
 pub fn assert_close(what: &str, got: &[f64], want: &[f64], tol: Tolerance) {
     assert_eq!(got.len(), want.len(), "{what}: lengths differ");
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            tol.accepts(g, w),
-            "{what}[{i}]: got {g}, want {w} (tol {tol:?})"
-        );
+        assert!(tol.accepts(g, w), "{what}[{i}]: got {g}, want {w} (tol {tol:?})");
     }
 }
 
 /// Asserts one scalar.
 pub fn assert_close1(what: &str, got: f64, want: f64, tol: Tolerance) {
-    assert!(
-        tol.accepts(got, want),
-        "{what}: got {got}, want {want} (tol {tol:?})"
-    );
+    assert!(tol.accepts(got, want), "{what}: got {got}, want {want} (tol {tol:?})");
 }
 
 /// Central finite difference of `f` at `x` along every coordinate.

@@ -89,10 +89,7 @@ impl<B: Backend> Gradients<B> {
 impl<B: Backend> Tape<B> {
     /// An empty tape with gradients enabled.
     pub fn new() -> Self {
-        Self {
-            nodes: RefCell::new(Vec::new()),
-            grad_enabled: Cell::new(true),
-        }
+        Self { nodes: RefCell::new(Vec::new()), grad_enabled: Cell::new(true) }
     }
 
     /// A value that never receives a gradient (data, frozen weights).
@@ -102,14 +99,8 @@ impl<B: Backend> Tape<B> {
 
     /// A trainable leaf (a parameter for this step): its gradient is reported by `backward`.
     pub fn leaf(&self, value: B::Tensor) -> Var<B> {
-        let id = self.push(Node {
-            inputs: Vec::new(),
-            backward: None,
-        });
-        Var {
-            value,
-            node: Some(id),
-        }
+        let id = self.push(Node { inputs: Vec::new(), backward: None });
+        Var { value, node: Some(id) }
     }
 
     /// Runs `f` without recording anything (outputs are constants).
@@ -127,11 +118,7 @@ impl<B: Backend> Tape<B> {
 
     /// The number of nodes still held (recorded and not yet back-propagated).
     pub fn live_nodes(&self) -> usize {
-        self.nodes
-            .borrow()
-            .iter()
-            .filter(|n| n.as_ref().is_some_and(|n| n.backward.is_some()))
-            .count()
+        self.nodes.borrow().iter().filter(|n| n.as_ref().is_some_and(|n| n.backward.is_some())).count()
     }
 
     fn push(&self, node: Node<B>) -> VarId {
@@ -152,14 +139,9 @@ impl<B: Backend> Tape<B> {
         if !self.grad_enabled.get() || inputs.iter().all(|v| v.node.is_none()) {
             return Var { value, node: None };
         }
-        let id = self.push(Node {
-            inputs: inputs.iter().map(|v| v.node).collect(),
-            backward: Some(Box::new(backward)),
-        });
-        Var {
-            value,
-            node: Some(id),
-        }
+        let id =
+            self.push(Node { inputs: inputs.iter().map(|v| v.node).collect(), backward: Some(Box::new(backward)) });
+        Var { value, node: Some(id) }
     }
 
     /// Back-propagates from several roots at once, each with its seed gradient
@@ -168,9 +150,7 @@ impl<B: Backend> Tape<B> {
     pub fn backward(&self, roots: &[(&Var<B>, B::Tensor)]) -> Result<Gradients<B>> {
         let mut pending: HashMap<VarId, B::Tensor> = HashMap::new();
         for (var, seed) in roots {
-            let id = var.node.ok_or(TrainError::Autodiff(
-                "backward from a value that needs no gradient",
-            ))?;
+            let id = var.node.ok_or(TrainError::Autodiff("backward from a value that needs no gradient"))?;
             accumulate::<B>(&mut pending, id, seed.clone())?;
         }
         let mut leaves = HashMap::new();
@@ -190,9 +170,7 @@ impl<B: Backend> Tape<B> {
                 Some(backward) => {
                     let input_grads = backward(&grad)?;
                     if input_grads.len() != node.inputs.len() {
-                        return Err(TrainError::Autodiff(
-                            "an op's backward returned the wrong number of gradients",
-                        ));
+                        return Err(TrainError::Autodiff("an op's backward returned the wrong number of gradients"));
                     }
                     for (input, g) in node.inputs.iter().zip(input_grads) {
                         if let (Some(input), Some(g)) = (input, g) {
@@ -207,11 +185,7 @@ impl<B: Backend> Tape<B> {
     }
 }
 
-fn accumulate<B: Backend>(
-    pending: &mut HashMap<VarId, B::Tensor>,
-    id: VarId,
-    g: B::Tensor,
-) -> Result<()> {
+fn accumulate<B: Backend>(pending: &mut HashMap<VarId, B::Tensor>, id: VarId, g: B::Tensor) -> Result<()> {
     match pending.remove(&id) {
         Some(prev) => {
             pending.insert(id, B::add(&prev, &g)?);

@@ -29,26 +29,14 @@ impl<B: Backend> Tape<B> {
                 // d(a/b) = g/b, −g·a/b²
                 (BinaryOp::Div, Some((av, bv))) => {
                     let da = B::div(g, bv)?;
-                    let db = if need.1 {
-                        B::scale(&B::div(&B::mul(&da, av)?, bv)?, -1.0)?
-                    } else {
-                        g.clone()
-                    };
+                    let db = if need.1 { B::scale(&B::div(&B::mul(&da, av)?, bv)?, -1.0)? } else { g.clone() };
                     (da, db)
                 }
                 _ => unreachable!("Mul/Div always save their operands"),
             };
             Ok(vec![
-                if need.0 {
-                    Some(B::sum_to_shape(&da, &sa)?)
-                } else {
-                    None
-                },
-                if need.1 {
-                    Some(B::sum_to_shape(&db, &sb)?)
-                } else {
-                    None
-                },
+                if need.0 { Some(B::sum_to_shape(&da, &sa)?) } else { None },
+                if need.1 { Some(B::sum_to_shape(&db, &sb)?) } else { None },
             ])
         }))
     }
@@ -73,18 +61,14 @@ impl<B: Backend> Tape<B> {
     pub fn silu(&self, a: &Var<B>) -> Result<Var<B>> {
         let value = B::silu(&a.value)?;
         let x = a.value.clone();
-        Ok(self.record(value, &[a], move |g| {
-            Ok(vec![Some(B::silu_backward(&x, g)?)])
-        }))
+        Ok(self.record(value, &[a], move |g| Ok(vec![Some(B::silu_backward(&x, g)?)])))
     }
 
     /// The same values with another shape.
     pub fn reshape(&self, a: &Var<B>, shape: &Shape) -> Result<Var<B>> {
         let value = B::reshape(&a.value, shape)?;
         let original = B::shape(&a.value);
-        Ok(self.record(value, &[a], move |g| {
-            Ok(vec![Some(B::reshape(g, &original)?)])
-        }))
+        Ok(self.record(value, &[a], move |g| Ok(vec![Some(B::reshape(g, &original)?)])))
     }
 
     /// `op(a)·op(b)` (batched). With `C = op(A)·op(B)`: `dA = G·op(B)ᵀ` (transposed back when
@@ -122,19 +106,9 @@ impl<B: Backend> Tape<B> {
     }
 
     /// 2-D convolution with optional bias.
-    pub fn conv2d(
-        &self,
-        x: &Var<B>,
-        w: &Var<B>,
-        b: Option<&Var<B>>,
-        p: Conv2dParams,
-    ) -> Result<Var<B>> {
+    pub fn conv2d(&self, x: &Var<B>, w: &Var<B>, b: Option<&Var<B>>, p: Conv2dParams) -> Result<Var<B>> {
         let value = B::conv2d(&x.value, &w.value, b.map(|b| &b.value), p)?;
-        let need = [
-            x.requires_grad(),
-            w.requires_grad(),
-            b.is_some_and(|b| b.requires_grad()),
-        ];
+        let need = [x.requires_grad(), w.requires_grad(), b.is_some_and(|b| b.requires_grad())];
         let (xs, ws) = (B::shape(&x.value), B::shape(&w.value));
         // Save only what the needed gradients read: w for dx, x for dw.
         let wv = need[0].then(|| w.value.clone());
@@ -155,51 +129,31 @@ impl<B: Backend> Tape<B> {
             };
             let mut out = vec![dx, dw];
             if has_bias {
-                out.push(if need[2] {
-                    Some(B::conv2d_backward_bias(g)?)
-                } else {
-                    None
-                });
+                out.push(if need[2] { Some(B::conv2d_backward_bias(g)?) } else { None });
             }
             Ok(out)
         }))
     }
 
     /// Group norm with affine `γ`, `β`.
-    pub fn group_norm(
-        &self,
-        x: &Var<B>,
-        gamma: &Var<B>,
-        beta: &Var<B>,
-        p: GroupNormParams,
-    ) -> Result<Var<B>> {
+    pub fn group_norm(&self, x: &Var<B>, gamma: &Var<B>, beta: &Var<B>, p: GroupNormParams) -> Result<Var<B>> {
         let out = B::group_norm(&x.value, &gamma.value, &beta.value, p)?;
         let value = out.output.clone();
-        let need = [
-            x.requires_grad(),
-            gamma.requires_grad(),
-            beta.requires_grad(),
-        ];
+        let need = [x.requires_grad(), gamma.requires_grad(), beta.requires_grad()];
         if !self.grad_enabled() || !need.iter().any(|&n| n) {
             return Ok(self.constant(value));
         }
         let (xv, gv) = (x.value.clone(), gamma.value.clone());
         Ok(self.record(value, &[x, gamma, beta], move |g| {
             let grads = B::group_norm_backward(&xv, &gv, &out, g, p)?;
-            Ok(vec![
-                need[0].then_some(grads.input),
-                need[1].then_some(grads.gamma),
-                need[2].then_some(grads.beta),
-            ])
+            Ok(vec![need[0].then_some(grads.input), need[1].then_some(grads.gamma), need[2].then_some(grads.beta)])
         }))
     }
 
     /// Nearest upsampling by `factor`.
     pub fn upsample(&self, x: &Var<B>, factor: usize) -> Result<Var<B>> {
         let value = B::upsample_nearest(&x.value, factor)?;
-        Ok(self.record(value, &[x], move |g| {
-            Ok(vec![Some(B::upsample_nearest_backward(g, factor)?)])
-        }))
+        Ok(self.record(value, &[x], move |g| Ok(vec![Some(B::upsample_nearest_backward(g, factor)?)])))
     }
 
     /// Concatenation along channels; backward slices the gradient.
@@ -220,13 +174,7 @@ impl<B: Backend> Tape<B> {
         Ok(self.record(value, parts, move |g| {
             spans
                 .iter()
-                .map(|&(s, c, need)| {
-                    if need {
-                        B::slice_channels(g, s, c).map(Some)
-                    } else {
-                        Ok(None)
-                    }
-                })
+                .map(|&(s, c, need)| if need { B::slice_channels(g, s, c).map(Some) } else { Ok(None) })
                 .collect::<lisa_core::Result<Vec<_>>>()
                 .map_err(Into::into)
         }))
@@ -248,11 +196,7 @@ impl<B: Backend> Tape<B> {
                 B::zeros(&Shape::new(d), dtype, &device).map(Some)
             };
             let (before, after) = (pad(start)?, pad(shape.dims()[1] - start - len)?);
-            let parts: Vec<&B::Tensor> = before
-                .iter()
-                .chain(std::iter::once(g))
-                .chain(after.iter())
-                .collect();
+            let parts: Vec<&B::Tensor> = before.iter().chain(std::iter::once(g)).chain(after.iter()).collect();
             Ok(vec![Some(B::concat_channels(&parts)?)])
         }))
     }
@@ -276,8 +220,6 @@ impl<B: Backend> Tape<B> {
     pub fn softmax_last(&self, x: &Var<B>) -> Result<Var<B>> {
         let value = B::softmax_last(&x.value)?;
         let y = value.clone();
-        Ok(self.record(value, &[x], move |g| {
-            Ok(vec![Some(B::softmax_last_backward(&y, g)?)])
-        }))
+        Ok(self.record(value, &[x], move |g| Ok(vec![Some(B::softmax_last_backward(&y, g)?)])))
     }
 }

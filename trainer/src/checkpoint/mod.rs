@@ -33,25 +33,16 @@ use crate::train::{TrainConfig, TrainState, Trainer};
 pub const FORMAT_VERSION: u32 = 1;
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
-    move |source| TrainError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| TrainError::Io { path: path.to_path_buf(), source }
 }
 
 fn bad(path: &Path, reason: impl Into<String>) -> TrainError {
-    TrainError::Checkpoint {
-        path: path.to_path_buf(),
-        reason: reason.into(),
-    }
+    TrainError::Checkpoint { path: path.to_path_buf(), reason: reason.into() }
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, rename, fsync dir.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
@@ -83,35 +74,22 @@ pub fn to_safetensors<B: Backend>(
     let views = host
         .iter()
         .map(|(n, s, b)| {
-            Ok((
-                n.as_str(),
-                TensorView::new(Dtype::F32, s.clone(), b)
-                    .map_err(|e| TrainError::Config(e.to_string()))?,
-            ))
+            Ok((n.as_str(), TensorView::new(Dtype::F32, s.clone(), b).map_err(|e| TrainError::Config(e.to_string()))?))
         })
         .collect::<Result<Vec<_>>>()?;
-    safetensors::tensor::serialize(views, Some(metadata))
-        .map_err(|e| TrainError::Config(format!("safetensors: {e}")))
+    safetensors::tensor::serialize(views, Some(metadata)).map_err(|e| TrainError::Config(format!("safetensors: {e}")))
 }
 
 /// A safetensors file read into host memory: `name → (shape, f32 values)`.
 pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, (Shape, Vec<f32>)>> {
     let bytes = fs::read(path).map_err(io(path))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| bad(path, format!("not a valid safetensors file ({e})")))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(path, format!("not a valid safetensors file ({e})")))?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         if view.dtype() != Dtype::F32 {
-            return Err(bad(
-                path,
-                format!("tensor {name} has dtype {:?}, expected F32", view.dtype()),
-            ));
+            return Err(bad(path, format!("tensor {name} has dtype {:?}, expected F32", view.dtype())));
         }
-        let values = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let values = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         out.insert(name, (Shape::new(view.shape()), values));
     }
     Ok(out)
@@ -134,22 +112,14 @@ pub fn load_params<B: Backend>(
         .collect();
     let mut staged = Vec::with_capacity(wanted.len());
     for (id, name, shape) in wanted {
-        let (s, v) = file
-            .remove(&name)
-            .ok_or_else(|| bad(path, format!("missing tensor {name}")))?;
+        let (s, v) = file.remove(&name).ok_or_else(|| bad(path, format!("missing tensor {name}")))?;
         if s != shape {
-            return Err(bad(
-                path,
-                format!("tensor {name} has shape {s}, the model expects {shape}"),
-            ));
+            return Err(bad(path, format!("tensor {name} has shape {s}, the model expects {shape}")));
         }
         staged.push((id, s, v));
     }
     if let Some(extra) = file.keys().next() {
-        return Err(bad(
-            path,
-            format!("unexpected tensor {extra} (not in this model)"),
-        ));
+        return Err(bad(path, format!("unexpected tensor {extra} (not in this model)")));
     }
     let device = store.device().clone();
     let n = staged.len();
@@ -166,15 +136,9 @@ pub fn save_params<B: Backend>(
     select: impl Fn(&str) -> bool,
     rename: impl Fn(&str) -> String,
 ) -> Result<()> {
-    let tensors: Vec<(String, &B::Tensor)> = store
-        .iter()
-        .filter(|(_, p)| select(&p.name))
-        .map(|(_, p)| (rename(&p.name), &p.value))
-        .collect();
-    let meta = HashMap::from([
-        ("format".to_string(), "pt".to_string()),
-        ("producer".to_string(), "lisa".to_string()),
-    ]);
+    let tensors: Vec<(String, &B::Tensor)> =
+        store.iter().filter(|(_, p)| select(&p.name)).map(|(_, p)| (rename(&p.name), &p.value)).collect();
+    let meta = HashMap::from([("format".to_string(), "pt".to_string()), ("producer".to_string(), "lisa".to_string())]);
     write_atomic(path, &to_safetensors::<B>(&tensors, meta)?)
 }
 
@@ -210,20 +174,11 @@ pub fn save_checkpoint<B: Backend>(trainer: &Trainer<B>, dir: &Path) -> Result<(
         moments.push((format!("{name}.exp_avg"), m));
         moments.push((format!("{name}.exp_avg_sq"), v));
     }
-    write_atomic(
-        &partial.join("optimizer.safetensors"),
-        &to_safetensors::<B>(&moments, HashMap::new())?,
-    )?;
+    write_atomic(&partial.join("optimizer.safetensors"), &to_safetensors::<B>(&moments, HashMap::new())?)?;
     if let Some(ema) = &trainer.ema {
-        let shadows: Vec<(String, &B::Tensor)> = ema
-            .shadow
-            .iter()
-            .map(|(id, t)| (store.get(*id).name.clone(), t))
-            .collect();
-        write_atomic(
-            &partial.join("ema.safetensors"),
-            &to_safetensors::<B>(&shadows, HashMap::new())?,
-        )?;
+        let shadows: Vec<(String, &B::Tensor)> =
+            ema.shadow.iter().map(|(id, t)| (store.get(*id).name.clone(), t)).collect();
+        write_atomic(&partial.join("ema.safetensors"), &to_safetensors::<B>(&shadows, HashMap::new())?)?;
     }
     let state = StateFile {
         format_version: FORMAT_VERSION,
@@ -258,28 +213,19 @@ pub fn load_checkpoint<B: Backend>(trainer: &mut Trainer<B>, dir: &Path) -> Resu
     }
     let state_path = dir.join("state.json");
     let text = fs::read(&state_path).map_err(io(&state_path))?;
-    let state: StateFile = serde_json::from_slice(&text)
-        .map_err(|e| bad(&state_path, format!("invalid state file ({e})")))?;
+    let state: StateFile =
+        serde_json::from_slice(&text).map_err(|e| bad(&state_path, format!("invalid state file ({e})")))?;
     if state.format_version != FORMAT_VERSION {
         return Err(bad(
             &state_path,
-            format!(
-                "format version {} (this build reads {FORMAT_VERSION})",
-                state.format_version
-            ),
+            format!("format version {} (this build reads {FORMAT_VERSION})", state.format_version),
         ));
     }
     if state.model != trainer.model.config {
-        return Err(bad(
-            &state_path,
-            "the checkpoint was written for a different model configuration",
-        ));
+        return Err(bad(&state_path, "the checkpoint was written for a different model configuration"));
     }
     // Everything but the run length must match: resuming continues the same run.
-    let same_run = TrainConfig {
-        max_train_steps: trainer.config.max_train_steps,
-        ..state.train.clone()
-    };
+    let same_run = TrainConfig { max_train_steps: trainer.config.max_train_steps, ..state.train.clone() };
     if same_run != trainer.config {
         return Err(bad(
             &state_path,
@@ -288,18 +234,9 @@ pub fn load_checkpoint<B: Backend>(trainer: &mut Trainer<B>, dir: &Path) -> Resu
     }
     // Stage everything on a copy, so that a bad file leaves the trainer untouched.
     let mut store = trainer.model.store.clone();
-    let names: Vec<String> = store
-        .iter()
-        .filter(|(_, p)| p.trainable)
-        .map(|(_, p)| p.name.clone())
-        .collect();
+    let names: Vec<String> = store.iter().filter(|(_, p)| p.trainable).map(|(_, p)| p.name.clone()).collect();
     let is_trainable = |n: &str| names.iter().any(|m| m == n);
-    load_params(
-        &mut store,
-        &dir.join("model.safetensors"),
-        is_trainable,
-        |n| n.to_string(),
-    )?;
+    load_params(&mut store, &dir.join("model.safetensors"), is_trainable, |n| n.to_string())?;
     let opt_path = dir.join("optimizer.safetensors");
     let mut file = read_safetensors(&opt_path)?;
     let device = store.device().clone();
@@ -309,14 +246,9 @@ pub fn load_checkpoint<B: Backend>(trainer: &mut Trainer<B>, dir: &Path) -> Resu
         let shape = B::shape(m);
         let mut take = |suffix: &str| -> Result<B::Tensor> {
             let key = format!("{name}.{suffix}");
-            let (s, v) = file
-                .remove(&key)
-                .ok_or_else(|| bad(&opt_path, format!("missing tensor {key}")))?;
+            let (s, v) = file.remove(&key).ok_or_else(|| bad(&opt_path, format!("missing tensor {key}")))?;
             if s != shape {
-                return Err(bad(
-                    &opt_path,
-                    format!("tensor {key} has shape {s}, expected {shape}"),
-                ));
+                return Err(bad(&opt_path, format!("tensor {key} has shape {s}, expected {shape}")));
             }
             Ok(B::from_slice(&v, &s, DType::F32, &device)?)
         };
@@ -333,9 +265,7 @@ pub fn load_checkpoint<B: Backend>(trainer: &mut Trainer<B>, dir: &Path) -> Resu
             let mut shadow = Vec::with_capacity(e.shadow.len());
             for (id, t) in &e.shadow {
                 let name = &store.get(*id).name;
-                let (s, v) = file
-                    .remove(name)
-                    .ok_or_else(|| bad(&ema_path, format!("missing tensor {name}")))?;
+                let (s, v) = file.remove(name).ok_or_else(|| bad(&ema_path, format!("missing tensor {name}")))?;
                 if s != B::shape(t) {
                     return Err(bad(&ema_path, format!("tensor {name} has shape {s}")));
                 }

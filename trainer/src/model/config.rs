@@ -54,23 +54,13 @@ impl UNetConfig {
     pub fn validate(&self) -> Result<()> {
         let fail = |m: String| Err(TrainError::Config(m));
         if self.channels.is_empty() || self.channels.contains(&0) {
-            return fail(format!(
-                "unet.channels must be nonzero and non-empty, got {:?}",
-                self.channels
-            ));
+            return fail(format!("unet.channels must be nonzero and non-empty, got {:?}", self.channels));
         }
         let factor = 1usize << (self.channels.len() - 1);
         if self.resolution == 0 || !self.resolution.is_multiple_of(factor) {
-            return fail(format!(
-                "unet.resolution {} must be divisible by 2^(levels-1) = {factor}",
-                self.resolution
-            ));
+            return fail(format!("unet.resolution {} must be divisible by 2^(levels-1) = {factor}", self.resolution));
         }
-        if self.image_channels == 0
-            || self.time_dim == 0
-            || self.time_sinusoidal_dim < 2
-            || self.norm_groups == 0
-        {
+        if self.image_channels == 0 || self.time_dim == 0 || self.time_sinusoidal_dim < 2 || self.norm_groups == 0 {
             return fail("unet widths, time dims and norm_groups must be > 0".into());
         }
         if self.prompt_classes.contains(&0) {
@@ -99,11 +89,7 @@ pub struct ControlConfig {
 
 impl Default for ControlConfig {
     fn default() -> Self {
-        Self {
-            hint_channels: 1,
-            hint_hidden: 16,
-            conditioning_scale: 1.0,
-        }
+        Self { hint_channels: 1, hint_hidden: 16, conditioning_scale: 1.0 }
     }
 }
 
@@ -126,11 +112,7 @@ impl std::str::FromStr for HookLayer {
         s.strip_prefix("down_")
             .and_then(|i| i.parse().ok())
             .map(HookLayer::Down)
-            .ok_or_else(|| {
-                TrainError::Config(format!(
-                    "unknown hook layer {s:?}: expected down_0 .. down_N or mid"
-                ))
-            })
+            .ok_or_else(|| TrainError::Config(format!("unknown hook layer {s:?}: expected down_0 .. down_N or mid")))
     }
 }
 
@@ -170,10 +152,6 @@ pub struct DecoderConfig {
 
 impl Default for DecoderConfig {
     fn default() -> Self {
-        Self {
-            hook: HookLayer::Down(1),
-            time_sinusoidal_dim: 256,
-            channel_floor: 16,
-        }
+        Self { hook: HookLayer::Down(1), time_sinusoidal_dim: 256, channel_floor: 16 }
     }
 }

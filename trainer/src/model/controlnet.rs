@@ -53,16 +53,9 @@ pub struct ControlNet {
 impl ControlNet {
     /// Parameters under `{name}.` (all trainable); `time` and `encoder` are later copied from
     /// the main network by [`super::DualModel`].
-    pub fn new<B: Backend>(
-        s: &mut ParamStore<B>,
-        name: &str,
-        u: &UNetConfig,
-        c: &ControlConfig,
-    ) -> Result<Self> {
+    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, u: &UNetConfig, c: &ControlConfig) -> Result<Self> {
         if c.hint_channels == 0 || c.hint_hidden == 0 {
-            return Err(TrainError::Config(
-                "control.hint_channels and hint_hidden must be > 0".into(),
-            ));
+            return Err(TrainError::Config("control.hint_channels and hint_hidden must be > 0".into()));
         }
         if !c.conditioning_scale.is_finite() {
             return Err(TrainError::Config(format!(
@@ -74,45 +67,16 @@ impl ControlNet {
         Ok(Self {
             time: TimeEmbedding::new(s, &format!("{name}.time"), u, true)?,
             hint: [
-                Conv2d::new(
-                    s,
-                    &format!("{name}.hint.0"),
-                    c.hint_channels,
-                    hh,
-                    3,
-                    1,
-                    false,
-                    true,
-                )?,
+                Conv2d::new(s, &format!("{name}.hint.0"), c.hint_channels, hh, 3, 1, false, true)?,
                 Conv2d::new(s, &format!("{name}.hint.1"), hh, hh, 3, 1, false, true)?,
-                Conv2d::new(
-                    s,
-                    &format!("{name}.hint.2"),
-                    hh,
-                    u.channels[0],
-                    3,
-                    1,
-                    true,
-                    true,
-                )?,
+                Conv2d::new(s, &format!("{name}.hint.2"), hh, u.channels[0], 3, 1, true, true)?,
             ],
             encoder: Encoder::new(s, &format!("{name}.encoder"), u, true)?,
             zero_levels: u
                 .channels
                 .iter()
                 .enumerate()
-                .map(|(i, &ch)| {
-                    Conv2d::new(
-                        s,
-                        &format!("{name}.zero_convs.{i}"),
-                        ch,
-                        ch,
-                        1,
-                        1,
-                        true,
-                        true,
-                    )
-                })
+                .map(|(i, &ch)| Conv2d::new(s, &format!("{name}.zero_convs.{i}"), ch, ch, 1, 1, true, true))
                 .collect::<Result<_>>()?,
             zero_mid: Conv2d::new(
                 s,
@@ -142,17 +106,9 @@ impl ControlNet {
         let h = t.silu(&self.hint[1].forward(p, &h)?)?;
         let hint_feature = self.hint[2].forward(p, &h)?;
         let enc = self.encoder.forward(p, x_t, &temb, Some(&hint_feature))?;
-        let levels = enc
-            .levels
-            .iter()
-            .zip(&self.zero_levels)
-            .map(|(f, z)| z.forward(p, f))
-            .collect::<Result<Vec<_>>>()?;
+        let levels =
+            enc.levels.iter().zip(&self.zero_levels).map(|(f, z)| z.forward(p, f)).collect::<Result<Vec<_>>>()?;
         let mid = self.zero_mid.forward(p, &enc.mid)?;
-        Ok(SideOutput {
-            residuals: Residuals { levels, mid },
-            level_features: enc.levels,
-            mid_feature: enc.mid,
-        })
+        Ok(SideOutput { residuals: Residuals { levels, mid }, level_features: enc.levels, mid_feature: enc.mid })
     }
 }

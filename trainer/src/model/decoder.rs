@@ -34,65 +34,32 @@ impl LisaDecoder {
         c_h: usize,
         r_h: usize,
     ) -> Result<Self> {
-        if r_h == 0 || !u.resolution.is_multiple_of(r_h) || !(u.resolution / r_h).is_power_of_two()
-        {
+        if r_h == 0 || !u.resolution.is_multiple_of(r_h) || !(u.resolution / r_h).is_power_of_two() {
             return Err(TrainError::Config(format!(
                 "hook resolution {r_h} does not divide the output resolution {} by a power of two",
                 u.resolution
             )));
         }
         if c.time_sinusoidal_dim < 2 || c.channel_floor == 0 {
-            return Err(TrainError::Config(
-                "decoder.time_sinusoidal_dim must be >= 2 and channel_floor > 0".into(),
-            ));
+            return Err(TrainError::Config("decoder.time_sinusoidal_dim must be >= 2 and channel_floor > 0".into()));
         }
         let k = (u.resolution / r_h).trailing_zeros() as usize;
         let mut stages = Vec::new();
         let mut ch = c_h;
         if k == 0 {
-            stages.push((
-                Conv2d::new(s, &format!("{name}.stages.0"), ch, ch, 3, 1, false, true)?,
-                false,
-            ));
+            stages.push((Conv2d::new(s, &format!("{name}.stages.0"), ch, ch, 3, 1, false, true)?, false));
         }
         for i in 0..k {
             let next = (ch / 2).max(c.channel_floor.min(ch));
             let kernel = if i == 0 && ch >= 512 { 1 } else { 3 };
-            stages.push((
-                Conv2d::new(
-                    s,
-                    &format!("{name}.stages.{i}"),
-                    ch,
-                    next,
-                    kernel,
-                    1,
-                    false,
-                    true,
-                )?,
-                true,
-            ));
+            stages.push((Conv2d::new(s, &format!("{name}.stages.{i}"), ch, next, kernel, 1, false, true)?, true));
             ch = next;
         }
         Ok(Self {
             config: c.clone(),
-            time_proj: Linear::new(
-                s,
-                &format!("{name}.time_proj"),
-                c.time_sinusoidal_dim,
-                c_h,
-                true,
-            )?,
+            time_proj: Linear::new(s, &format!("{name}.time_proj"), c.time_sinusoidal_dim, c_h, true)?,
             stages,
-            out: Conv2d::new(
-                s,
-                &format!("{name}.conv_out"),
-                ch,
-                u.image_channels,
-                3,
-                1,
-                true,
-                true,
-            )?,
+            out: Conv2d::new(s, &format!("{name}.conv_out"), ch, u.image_channels, 3, 1, true, true)?,
         })
     }
 
@@ -103,12 +70,7 @@ impl LisaDecoder {
         let (n, c) = (s.dims()[0], s.dims()[1]);
         let dim = self.config.time_sinusoidal_dim;
         let device = B::device(&h.value);
-        let sin = B::from_slice(
-            &sinusoidal_embedding(t, dim),
-            &Shape::new([n, dim]),
-            DType::F32,
-            &device,
-        )?;
+        let sin = B::from_slice(&sinusoidal_embedding(t, dim), &Shape::new([n, dim]), DType::F32, &device)?;
         let e = self.time_proj.forward(p, &tape.constant(sin))?;
         let e = tape.reshape(&e, &Shape::new([n, c, 1, 1]))?;
         let mut x = tape.silu(&tape.add(h, &e)?)?;

@@ -59,25 +59,15 @@ pub struct DualModel<B: Backend> {
 impl<B: Backend> DualModel<B> {
     /// Builds the model with seeded initial weights; the side network starts as a copy of
     /// the main encoder, middle and embeddings. `with_decoder` builds the LISA decoder.
-    pub fn new(
-        config: &ModelConfig,
-        with_decoder: bool,
-        device: B::Device,
-        seed: u64,
-    ) -> Result<Self> {
+    pub fn new(config: &ModelConfig, with_decoder: bool, device: B::Device, seed: u64) -> Result<Self> {
         let mut store = ParamStore::new(device, seed);
         let main = UNet::new(&mut store, "main", &config.unet, false)?;
         let side = ControlNet::new(&mut store, "side", &config.unet, &config.control)?;
         let decoder = if with_decoder {
             let u = &config.unet;
             let (c_h, r_h) = match config.decoder.hook {
-                HookLayer::Mid => (
-                    *u.channels.last().unwrap_or(&0),
-                    u.level_resolution(u.channels.len() - 1),
-                ),
-                HookLayer::Down(i) if i < u.channels.len() => {
-                    (u.channels[i], u.level_resolution(i))
-                }
+                HookLayer::Mid => (*u.channels.last().unwrap_or(&0), u.level_resolution(u.channels.len() - 1)),
+                HookLayer::Down(i) if i < u.channels.len() => (u.channels[i], u.level_resolution(i)),
                 HookLayer::Down(i) => {
                     return Err(TrainError::Config(format!(
                         "hook down_{i} does not exist: levels are down_0..down_{}",
@@ -85,26 +75,22 @@ impl<B: Backend> DualModel<B> {
                     )));
                 }
             };
-            Some(LisaDecoder::new(
-                &mut store,
-                "lisa",
-                &config.decoder,
-                u,
-                c_h,
-                r_h,
-            )?)
+            Some(LisaDecoder::new(&mut store, "lisa", &config.decoder, u, c_h, r_h)?)
         } else {
             None
         };
-        let mut model = Self {
-            store,
-            main,
-            side,
-            decoder,
-            config: config.clone(),
-        };
+        let mut model = Self { store, main, side, decoder, config: config.clone() };
         model.copy_main_into_side()?;
         Ok(model)
+    }
+
+    /// Loads a pretrained main model (safetensors with exactly the `main.*` tensors, as
+    /// [`crate::pretrain::Pretrainer::export`] writes) and re-initialises the side network as
+    /// its copy. Returns the number of tensors loaded.
+    pub fn load_main(&mut self, path: &std::path::Path) -> Result<usize> {
+        let n = crate::checkpoint::load_params(&mut self.store, path, |n| n.starts_with("main."), |n| n.to_string())?;
+        self.copy_main_into_side()?;
+        Ok(n)
     }
 
     /// ControlNet initialisation: `side.{time,encoder}.*` ← `main.{time,encoder}.*`.
@@ -114,8 +100,7 @@ impl<B: Backend> DualModel<B> {
             .iter()
             .filter_map(|(id, p)| {
                 let rest = p.name.strip_prefix("main.")?;
-                (rest.starts_with("time.") || rest.starts_with("encoder."))
-                    .then(|| (id, format!("side.{rest}")))
+                (rest.starts_with("time.") || rest.starts_with("encoder.")).then(|| (id, format!("side.{rest}")))
             })
             .collect();
         for (src, dst_name) in pairs {
@@ -152,12 +137,7 @@ impl<B: Backend> DualModel<B> {
             Ok((temb, enc))
         })?;
         let side = self.side.forward(p, x_t, hint, cond)?;
-        let pred = self.main.decode(
-            p,
-            &enc,
-            Some((&side.residuals, self.side.conditioning_scale)),
-            &temb,
-        )?;
+        let pred = self.main.decode(p, &enc, Some((&side.residuals, self.side.conditioning_scale)), &temb)?;
         let hook = self.config.decoder.hook;
         let hooked = side.feature(hook)?.clone();
         let (decoded, prior) = match (&self.decoder, lisa) {
@@ -165,35 +145,23 @@ impl<B: Backend> DualModel<B> {
                 let n = cond.t.len();
                 let k = lisa_samples.unwrap_or(n);
                 if k == 0 || k > n {
-                    return Err(TrainError::Config(format!(
-                        "lisa sub-batch {k} must lie in 1..={n}"
-                    )));
+                    return Err(TrainError::Config(format!("lisa sub-batch {k} must lie in 1..={n}")));
                 }
                 let prior = tape.no_grad(|| -> Result<_> {
                     let sub = |v: &Var<B>| tape.slice_batch(v, k);
                     let levels = enc.levels.iter().map(sub).collect::<Result<_>>()?;
-                    let enc_k = EncoderOutput {
-                        levels,
-                        mid: sub(&enc.mid)?,
-                    };
+                    let enc_k = EncoderOutput { levels, mid: sub(&enc.mid)? };
                     self.main.decode(p, &enc_k, None, &sub(&temb)?)
                 })?;
                 let h_k = tape.slice_batch(&hooked, k)?;
                 (Some(d.forward(p, &h_k, &cond.t[..k])?), Some(prior.value))
             }
             (None, true) => {
-                return Err(TrainError::Config(
-                    "LISA training needs a model built with the decoder".into(),
-                ));
+                return Err(TrainError::Config("LISA training needs a model built with the decoder".into()));
             }
             (_, false) => (None, None),
         };
-        Ok(TrainOutputs {
-            pred,
-            hooked,
-            decoded,
-            prior,
-        })
+        Ok(TrainOutputs { pred, hooked, decoded, prior })
     }
 
     /// Inference: the controlled prediction only (no decoder, no prior pass), with the
@@ -209,7 +177,6 @@ impl<B: Backend> DualModel<B> {
         let temb = self.main.time.forward(p, cond)?;
         let enc = self.main.encoder.forward(p, x_t, &temb, None)?;
         let side = self.side.forward(p, x_t, hint, cond)?;
-        self.main
-            .decode(p, &enc, Some((&side.residuals, control_scale)), &temb)
+        self.main.decode(p, &enc, Some((&side.residuals, control_scale)), &temb)
     }
 }

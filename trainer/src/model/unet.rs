@@ -6,8 +6,7 @@ use super::config::UNetConfig;
 use crate::autodiff::Var;
 use crate::error::{Result, TrainError};
 use crate::nn::{
-    ClassEmbedding, Conv2d, Downsample, GroupNorm, Linear, ResBlock, SelfAttention, Upsample,
-    sinusoidal_embedding,
+    ClassEmbedding, Conv2d, Downsample, GroupNorm, Linear, ResBlock, SelfAttention, Upsample, sinusoidal_embedding,
 };
 use crate::params::{Bound, ParamStore};
 
@@ -31,34 +30,15 @@ pub struct TimeEmbedding {
 
 impl TimeEmbedding {
     /// Parameters under `{name}.`.
-    pub fn new<B: Backend>(
-        s: &mut ParamStore<B>,
-        name: &str,
-        c: &UNetConfig,
-        trainable: bool,
-    ) -> Result<Self> {
+    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, c: &UNetConfig, trainable: bool) -> Result<Self> {
         Ok(Self {
-            lin1: Linear::new(
-                s,
-                &format!("{name}.linear_1"),
-                c.time_sinusoidal_dim,
-                c.time_dim,
-                trainable,
-            )?,
-            lin2: Linear::new(
-                s,
-                &format!("{name}.linear_2"),
-                c.time_dim,
-                c.time_dim,
-                trainable,
-            )?,
+            lin1: Linear::new(s, &format!("{name}.linear_1"), c.time_sinusoidal_dim, c.time_dim, trainable)?,
+            lin2: Linear::new(s, &format!("{name}.linear_2"), c.time_dim, c.time_dim, trainable)?,
             prompts: c
                 .prompt_classes
                 .iter()
                 .enumerate()
-                .map(|(i, &k)| {
-                    ClassEmbedding::new(s, &format!("{name}.prompt_{i}"), k, c.time_dim, trainable)
-                })
+                .map(|(i, &k)| ClassEmbedding::new(s, &format!("{name}.prompt_{i}"), k, c.time_dim, trainable))
                 .collect::<Result<_>>()?,
             sin_dim: c.time_sinusoidal_dim,
         })
@@ -67,9 +47,7 @@ impl TimeEmbedding {
     /// `silu(e_t + Σ_k emb_k(id_k))`, `[n, time_dim]` (every consumer applies SiLU first).
     pub fn forward<B: Backend>(&self, p: &Bound<'_, B>, cond: &Conditioning) -> Result<Var<B>> {
         let t = p.tape;
-        if cond.prompts.len() != self.prompts.len()
-            || cond.prompts.iter().any(|ids| ids.len() != cond.t.len())
-        {
+        if cond.prompts.len() != self.prompts.len() || cond.prompts.iter().any(|ids| ids.len() != cond.t.len()) {
             return Err(TrainError::Config(format!(
                 "conditioning needs {} prompt id lists of {} ids each",
                 self.prompts.len(),
@@ -84,9 +62,7 @@ impl TimeEmbedding {
             DType::F32,
             &device,
         )?;
-        let mut e = self
-            .lin2
-            .forward(p, &t.silu(&self.lin1.forward(p, &t.constant(sin))?)?)?;
+        let mut e = self.lin2.forward(p, &t.silu(&self.lin1.forward(p, &t.constant(sin))?)?)?;
         for (emb, ids) in self.prompts.iter().zip(&cond.prompts) {
             e = t.add(&e, &emb.forward(p, ids)?)?;
         }
@@ -114,33 +90,14 @@ pub struct Encoder {
 
 impl Encoder {
     /// Parameters under `{name}.`.
-    pub fn new<B: Backend>(
-        s: &mut ParamStore<B>,
-        name: &str,
-        c: &UNetConfig,
-        trainable: bool,
-    ) -> Result<Self> {
+    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, c: &UNetConfig, trainable: bool) -> Result<Self> {
         let (g, eps) = (c.norm_groups, c.norm_eps);
         let mut levels = Vec::new();
         let mut prev = c.channels[0];
         for (i, &ch) in c.channels.iter().enumerate() {
-            let res = ResBlock::new(
-                s,
-                &format!("{name}.down.{i}.res"),
-                prev,
-                ch,
-                c.time_dim,
-                g,
-                eps,
-                trainable,
-            )?;
+            let res = ResBlock::new(s, &format!("{name}.down.{i}.res"), prev, ch, c.time_dim, g, eps, trainable)?;
             let down = if i + 1 < c.channels.len() {
-                Some(Downsample::new(
-                    s,
-                    &format!("{name}.down.{i}.downsample"),
-                    ch,
-                    trainable,
-                )?)
+                Some(Downsample::new(s, &format!("{name}.down.{i}.downsample"), ch, trainable)?)
             } else {
                 None
             };
@@ -159,25 +116,9 @@ impl Encoder {
                 trainable,
             )?,
             levels,
-            mid: ResBlock::new(
-                s,
-                &format!("{name}.mid.res"),
-                prev,
-                prev,
-                c.time_dim,
-                g,
-                eps,
-                trainable,
-            )?,
+            mid: ResBlock::new(s, &format!("{name}.mid.res"), prev, prev, c.time_dim, g, eps, trainable)?,
             attention: if c.attention {
-                Some(SelfAttention::new(
-                    s,
-                    &format!("{name}.mid.attention"),
-                    prev,
-                    g,
-                    eps,
-                    trainable,
-                )?)
+                Some(SelfAttention::new(s, &format!("{name}.mid.attention"), prev, g, eps, trainable)?)
             } else {
                 None
             },
@@ -234,12 +175,7 @@ pub struct UNet {
 
 impl UNet {
     /// Parameters under `{name}.` (the main model is `main`, frozen during control training).
-    pub fn new<B: Backend>(
-        s: &mut ParamStore<B>,
-        name: &str,
-        c: &UNetConfig,
-        trainable: bool,
-    ) -> Result<Self> {
+    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, c: &UNetConfig, trainable: bool) -> Result<Self> {
         c.validate()?;
         let (g, eps, td) = (c.norm_groups, c.norm_eps, c.time_dim);
         let time = TimeEmbedding::new(s, &format!("{name}.time"), c, trainable)?;
@@ -249,26 +185,9 @@ impl UNet {
         let mut prev = *c.channels.last().unwrap_or(&0);
         for i in (0..c.channels.len()).rev() {
             let ch = c.channels[i];
-            let res = ResBlock::new(
-                s,
-                &format!("{name}.up.{i}.res"),
-                prev + ch,
-                ch,
-                td,
-                g,
-                eps,
-                trainable,
-            )?;
-            let upsample = if i > 0 {
-                Some(Upsample::new(
-                    s,
-                    &format!("{name}.up.{i}.upsample"),
-                    ch,
-                    trainable,
-                )?)
-            } else {
-                None
-            };
+            let res = ResBlock::new(s, &format!("{name}.up.{i}.res"), prev + ch, ch, td, g, eps, trainable)?;
+            let upsample =
+                if i > 0 { Some(Upsample::new(s, &format!("{name}.up.{i}.upsample"), ch, trainable)?) } else { None };
             up.push((res, upsample));
             prev = ch;
         }
@@ -277,14 +196,7 @@ impl UNet {
             time,
             encoder,
             up,
-            norm_out: GroupNorm::new(
-                s,
-                &format!("{name}.norm_out"),
-                c.channels[0],
-                g,
-                eps,
-                trainable,
-            )?,
+            norm_out: GroupNorm::new(s, &format!("{name}.norm_out"), c.channels[0], g, eps, trainable)?,
             conv_out: Conv2d::new(
                 s,
                 &format!("{name}.conv_out"),
@@ -311,14 +223,7 @@ impl UNet {
         let t = p.tape;
         let with = |x: &Var<B>, r: Option<&Var<B>>, scale: f32| -> Result<Var<B>> {
             match r {
-                Some(r) => t.add(
-                    x,
-                    &if scale == 1.0 {
-                        r.clone()
-                    } else {
-                        t.scale(r, scale)?
-                    },
-                ),
+                Some(r) => t.add(x, &if scale == 1.0 { r.clone() } else { t.scale(r, scale)? }),
                 None => Ok(x.clone()),
             }
         };
@@ -333,17 +238,11 @@ impl UNet {
                 h = u.forward(p, &h)?;
             }
         }
-        self.conv_out
-            .forward(p, &t.silu(&self.norm_out.forward(p, &h)?)?)
+        self.conv_out.forward(p, &t.silu(&self.norm_out.forward(p, &h)?)?)
     }
 
     /// The plain prediction `M(x_t, t, c_txt)` (no side network).
-    pub fn forward<B: Backend>(
-        &self,
-        p: &Bound<'_, B>,
-        x_t: &Var<B>,
-        cond: &Conditioning,
-    ) -> Result<Var<B>> {
+    pub fn forward<B: Backend>(&self, p: &Bound<'_, B>, x_t: &Var<B>, cond: &Conditioning) -> Result<Var<B>> {
         let temb = self.time.forward(p, cond)?;
         let enc = self.encoder.forward(p, x_t, &temb, None)?;
         self.decode(p, &enc, None, &temb)

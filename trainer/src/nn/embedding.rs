@@ -41,12 +41,7 @@ impl ClassEmbedding {
         trainable: bool,
     ) -> Result<Self> {
         Ok(Self {
-            table: store.add(
-                format!("{name}.weight"),
-                &[classes, dim],
-                Init::LecunNormal { fan_in: 1 },
-                trainable,
-            )?,
+            table: store.add(format!("{name}.weight"), &[classes, dim], Init::LecunNormal { fan_in: 1 }, trainable)?,
             classes,
         })
     }
@@ -56,21 +51,12 @@ impl ClassEmbedding {
         let mut one_hot = vec![0.0f32; ids.len() * self.classes];
         for (row, &id) in ids.iter().enumerate() {
             if id >= self.classes {
-                return Err(TrainError::Config(format!(
-                    "class id {id} out of range 0..{}",
-                    self.classes
-                )));
+                return Err(TrainError::Config(format!("class id {id} out of range 0..{}", self.classes)));
             }
             one_hot[row * self.classes + id] = 1.0;
         }
         let device = B::device(&p.p(self.table).value);
-        let oh = B::from_slice(
-            &one_hot,
-            &Shape::new([ids.len(), self.classes]),
-            DType::F32,
-            &device,
-        )?;
-        p.tape
-            .matmul(&p.tape.constant(oh), p.p(self.table), Transpose::default())
+        let oh = B::from_slice(&one_hot, &Shape::new([ids.len(), self.classes]), DType::F32, &device)?;
+        p.tape.matmul(&p.tape.constant(oh), p.p(self.table), Transpose::default())
     }
 }

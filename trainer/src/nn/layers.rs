@@ -29,32 +29,17 @@ impl Conv2d {
         zero: bool,
         trainable: bool,
     ) -> Result<Self> {
-        let init = if zero {
-            Init::Zeros
-        } else {
-            Init::LecunNormal {
-                fan_in: c_in * k * k,
-            }
-        };
+        let init = if zero { Init::Zeros } else { Init::LecunNormal { fan_in: c_in * k * k } };
         Ok(Self {
-            weight: store.add(
-                format!("{name}.weight"),
-                &[c_out, c_in, k, k],
-                init,
-                trainable,
-            )?,
+            weight: store.add(format!("{name}.weight"), &[c_out, c_in, k, k], init, trainable)?,
             bias: store.add(format!("{name}.bias"), &[c_out], Init::Zeros, trainable)?,
-            params: Conv2dParams {
-                stride: [stride, stride],
-                padding: [k / 2, k / 2],
-            },
+            params: Conv2dParams { stride: [stride, stride], padding: [k / 2, k / 2] },
         })
     }
 
     /// `[n, c_in, h, w] → [n, c_out, h/stride, w/stride]`.
     pub fn forward<B: Backend>(&self, p: &Bound<'_, B>, x: &Var<B>) -> Result<Var<B>> {
-        p.tape
-            .conv2d(x, p.p(self.weight), Some(p.p(self.bias)), self.params)
+        p.tape.conv2d(x, p.p(self.weight), Some(p.p(self.bias)), self.params)
     }
 }
 
@@ -114,10 +99,7 @@ impl GroupNorm {
         eps: f32,
         trainable: bool,
     ) -> Result<Self> {
-        let groups = (1..=groups.min(c))
-            .rev()
-            .find(|g| c.is_multiple_of(*g))
-            .unwrap_or(1);
+        let groups = (1..=groups.min(c)).rev().find(|g| c.is_multiple_of(*g)).unwrap_or(1);
         Ok(Self {
             gamma: store.add(format!("{name}.weight"), &[c], Init::Ones, trainable)?,
             beta: store.add(format!("{name}.bias"), &[c], Init::Zeros, trainable)?,
@@ -127,7 +109,6 @@ impl GroupNorm {
 
     /// `[n, c, …] → [n, c, …]`.
     pub fn forward<B: Backend>(&self, p: &Bound<'_, B>, x: &Var<B>) -> Result<Var<B>> {
-        p.tape
-            .group_norm(x, p.p(self.gamma), p.p(self.beta), self.params)
+        p.tape.group_norm(x, p.p(self.gamma), p.p(self.beta), self.params)
     }
 }

@@ -27,9 +27,9 @@ impl std::str::FromStr for LrSchedule {
             "constant" => Ok(Self::Constant),
             "constant_with_warmup" => Ok(Self::ConstantWithWarmup),
             "cosine" => Ok(Self::Cosine),
-            _ => Err(TrainError::Config(format!(
-                "unknown lr scheduler {s:?}: constant | constant_with_warmup | cosine"
-            ))),
+            _ => {
+                Err(TrainError::Config(format!("unknown lr scheduler {s:?}: constant | constant_with_warmup | cosine")))
+            }
         }
     }
 }
@@ -75,11 +75,7 @@ impl OptimConfig {
     /// The learning rate for (0-based) `step` of `total_steps`.
     pub fn lr_at(&self, step: u64, total_steps: u64) -> f32 {
         let warm = |s: u64| {
-            if self.warmup_steps > 0 && s < self.warmup_steps {
-                (s + 1) as f32 / self.warmup_steps as f32
-            } else {
-                1.0
-            }
+            if self.warmup_steps > 0 && s < self.warmup_steps { (s + 1) as f32 / self.warmup_steps as f32 } else { 1.0 }
         };
         match self.schedule {
             LrSchedule::Constant => self.lr,
@@ -110,9 +106,7 @@ impl OptimConfig {
         if let Some(c) = self.max_grad_norm
             && !(c > 0.0 && c.is_finite())
         {
-            return Err(TrainError::Config(format!(
-                "max_grad_norm must be > 0, got {c}"
-            )));
+            return Err(TrainError::Config(format!("max_grad_norm must be > 0, got {c}")));
         }
         Ok(())
     }
@@ -147,9 +141,7 @@ impl<B: Backend> AdamW<B> {
         cfg: &OptimConfig,
     ) -> Result<()> {
         if grads.len() != self.moments.len() {
-            return Err(TrainError::Autodiff(
-                "one gradient slot per trainable parameter expected",
-            ));
+            return Err(TrainError::Autodiff("one gradient slot per trainable parameter expected"));
         }
         self.step += 1;
         let hp = AdamWParams {
@@ -178,21 +170,14 @@ impl<B: Backend> AdamW<B> {
 
 /// `‖g‖₂` over all tensors, and the factor `min(1, max/(‖g‖ + 1e-6))` torch's
 /// `clip_grad_norm_` applies. Errors on a non-finite norm.
-pub fn clip_grad_norm<B: Backend>(
-    grads: &mut [Option<B::Tensor>],
-    max_norm: Option<f32>,
-    step: u64,
-) -> Result<f32> {
+pub fn clip_grad_norm<B: Backend>(grads: &mut [Option<B::Tensor>], max_norm: Option<f32>, step: u64) -> Result<f32> {
     let mut sq = 0.0f64;
     for g in grads.iter().flatten() {
         sq += B::item(&B::sum_squares(g)?)? as f64;
     }
     let norm = sq.sqrt() as f32;
     if !norm.is_finite() {
-        return Err(TrainError::NonFinite {
-            what: "gradient norm",
-            step,
-        });
+        return Err(TrainError::NonFinite { what: "gradient norm", step });
     }
     if let Some(max) = max_norm {
         let factor = max / (norm + 1e-6);
@@ -217,17 +202,11 @@ impl<B: Backend> Ema<B> {
     /// Starts at the current values of the parameters selected by `keep`.
     pub fn new(store: &ParamStore<B>, decay: f32, keep: impl Fn(&str) -> bool) -> Result<Self> {
         if !(0.0..1.0).contains(&decay) {
-            return Err(TrainError::Config(format!(
-                "ema decay must lie in [0, 1), got {decay}"
-            )));
+            return Err(TrainError::Config(format!("ema decay must lie in [0, 1), got {decay}")));
         }
         Ok(Self {
             decay,
-            shadow: store
-                .iter()
-                .filter(|(_, p)| keep(&p.name))
-                .map(|(id, p)| (id, p.value.clone()))
-                .collect(),
+            shadow: store.iter().filter(|(_, p)| keep(&p.name)).map(|(id, p)| (id, p.value.clone())).collect(),
         })
     }
 
