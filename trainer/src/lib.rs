@@ -8,6 +8,7 @@ pub mod autodiff;
 pub mod checkpoint;
 pub mod data;
 pub mod error;
+pub mod image;
 pub mod metrics;
 pub mod model;
 pub mod nn;

@@ -104,7 +104,20 @@ pub fn load_params<B: Backend>(
     select: impl Fn(&str) -> bool,
     rename: impl Fn(&str) -> String,
 ) -> Result<usize> {
+    load_params_ignoring(store, path, select, rename, |_| false)
+}
+
+/// [`load_params`], skipping file tensors for which `ignore(name)` holds (e.g. the LISA
+/// decoder's `lisa.*` tensors when loading a training checkpoint for inference).
+pub fn load_params_ignoring<B: Backend>(
+    store: &mut ParamStore<B>,
+    path: &Path,
+    select: impl Fn(&str) -> bool,
+    rename: impl Fn(&str) -> String,
+    ignore: impl Fn(&str) -> bool,
+) -> Result<usize> {
     let mut file = read_safetensors(path)?;
+    file.retain(|name, _| !ignore(name));
     let wanted: Vec<_> = store
         .iter()
         .filter(|(_, p)| select(&p.name))
@@ -201,6 +214,15 @@ pub fn save_checkpoint<B: Backend>(trainer: &Trainer<B>, dir: &Path) -> Result<(
         fs::remove_dir_all(&old).map_err(io(&old))?;
     }
     Ok(())
+}
+
+/// The model and training configurations a checkpoint directory was written with.
+pub fn read_configs(dir: &Path) -> Result<(ModelConfig, TrainConfig, TrainState)> {
+    let state_path = dir.join("state.json");
+    let text = fs::read(&state_path).map_err(io(&state_path))?;
+    let state: StateFile =
+        serde_json::from_slice(&text).map_err(|e| bad(&state_path, format!("invalid state file ({e})")))?;
+    Ok((state.model, state.train, state.state))
 }
 
 /// Restores a trainer from a checkpoint directory written by [`save_checkpoint`]: weights,

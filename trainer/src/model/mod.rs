@@ -93,6 +93,20 @@ impl<B: Backend> DualModel<B> {
         Ok(n)
     }
 
+    /// Loads trained side-network (and, when this model has one, decoder) weights from a
+    /// training checkpoint's `model.safetensors`; decoder tensors are skipped when the model
+    /// was built without the decoder (inference).
+    pub fn load_trained(&mut self, path: &std::path::Path) -> Result<usize> {
+        let with_decoder = self.decoder.is_some();
+        crate::checkpoint::load_params_ignoring(
+            &mut self.store,
+            path,
+            |n| n.starts_with("side.") || (with_decoder && n.starts_with("lisa.")),
+            |n| n.to_string(),
+            |n| !with_decoder && n.starts_with("lisa."),
+        )
+    }
+
     /// ControlNet initialisation: `side.{time,encoder}.*` ← `main.{time,encoder}.*`.
     pub fn copy_main_into_side(&mut self) -> Result<()> {
         let pairs: Vec<_> = self

@@ -1,0 +1,115 @@
+//! `lisa eval`, and the validation that `lisa train` runs.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use lisa_core::backend::prelude::*;
+use lisa_core::backend::{DType, Shape};
+use lisa_cpu::{CpuBackend as C, CpuDevice};
+use lisa_trainer::data::{Dataset, FillCircles};
+use lisa_trainer::image::Rgb8;
+use lisa_trainer::metrics::{colour_error, controllability_iou};
+use lisa_trainer::model::DualModel;
+use lisa_trainer::sample::{SampleConfig, sample};
+use lisa_trainer::train::NoiseConfig;
+
+use crate::config::RunFile;
+
+/// What a validation measured.
+pub struct Validation {
+    /// Mean IoU between generated circles and the conditions' discs.
+    pub iou: f32,
+    /// Mean colour error (0 = perfect).
+    pub colour_error: f32,
+    /// Condition | sample pairs, one row per example.
+    pub grid: Rgb8,
+}
+
+/// Samples the validation set with fixed seeds and scores it.
+pub fn validate(
+    model: &DualModel<C>,
+    noise: &NoiseConfig,
+    set: &FillCircles,
+    cfg: &SampleConfig,
+) -> Result<Validation, String> {
+    let r = set.resolution;
+    let n = set.len;
+    let mut hints = Vec::with_capacity(n * r * r);
+    let mut prompts = vec![Vec::with_capacity(n), Vec::with_capacity(n)];
+    for i in 0..n {
+        let e = set.get(i).map_err(|e| e.to_string())?;
+        hints.extend_from_slice(&e.hint);
+        prompts[0].push(e.prompt[0]);
+        prompts[1].push(e.prompt[1]);
+    }
+    let hint = C::from_slice(&hints, &Shape::new([n, 1, r, r]), DType::F32, &CpuDevice).map_err(|e| e.to_string())?;
+    let images = sample(model, noise, &hint, &prompts, cfg).map_err(|e| e.to_string())?;
+    let images = C::to_vec(&images).map_err(|e| e.to_string())?;
+    let per = 3 * r * r;
+    let (mut iou, mut col) = (0.0, 0.0);
+    let cols = 8.min(n).max(1);
+    let rows = n.div_ceil(cols);
+    let mut grid = Rgb8::new(cols * 2 * (r + 2), rows * (r + 2));
+    for i in 0..n {
+        let img = &images[i * per..(i + 1) * per];
+        let circle = set.circle(i);
+        iou += controllability_iou(img, r, &circle);
+        col += colour_error(img, r, &circle);
+        let (x, y) = ((i % cols) * 2 * (r + 2), (i / cols) * (r + 2));
+        grid.paste_planar(&hints[i * r * r..(i + 1) * r * r], 1, r, x, y, 0.0, 1.0);
+        grid.paste_planar(img, 3, r, x + r + 2, y, -1.0, 1.0);
+    }
+    Ok(Validation { iou: iou / n as f32, colour_error: col / n as f32, grid })
+}
+
+/// Flags of `lisa eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Run file (TOML): model shape, validation set and sampler.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The pretrained prior (safetensors written by `lisa pretrain`).
+    #[arg(long)]
+    main: PathBuf,
+    /// A training checkpoint directory (omit to evaluate the prior alone).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Where to write the validation grid (PNG).
+    #[arg(long)]
+    grid: Option<PathBuf>,
+    /// Sampling steps.
+    #[arg(long)]
+    steps: Option<usize>,
+}
+
+/// Builds the inference model: the prior, plus trained side weights from a checkpoint.
+pub fn load_model(file: &RunFile, main: &Path, checkpoint: Option<&Path>) -> Result<DualModel<C>, String> {
+    let model_cfg = match checkpoint {
+        Some(dir) => lisa_trainer::checkpoint::read_configs(dir).map_err(|e| e.to_string())?.0,
+        None => file.model.clone(),
+    };
+    let mut model = DualModel::<C>::new(&model_cfg, false, CpuDevice, 0).map_err(|e| e.to_string())?;
+    model.load_main(main).map_err(|e| e.to_string())?;
+    if let Some(dir) = checkpoint {
+        model.load_trained(&dir.join("model.safetensors")).map_err(|e| e.to_string())?;
+    }
+    Ok(model)
+}
+
+/// Runs `lisa eval`.
+pub fn run(a: EvalArgs) -> Result<(), String> {
+    let mut file = RunFile::load(a.config.as_deref())?;
+    if let Some(s) = a.steps {
+        file.validation.sampling.steps = s;
+    }
+    let model = load_model(&file, &a.main, a.checkpoint.as_deref())?;
+    let v = validate(&model, &file.train.noise, &file.validation_set(), &file.validation.sampling)?;
+    println!(
+        "iou {:.4}  colour_error {:.4}  ({} samples, {} steps)",
+        v.iou, v.colour_error, file.validation.samples, file.validation.sampling.steps
+    );
+    if let Some(g) = a.grid {
+        v.grid.save_png(&g).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
