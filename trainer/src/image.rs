@@ -22,17 +22,17 @@ impl Rgb8 {
         Self { width, height, pixels: vec![0; width * height * 3] }
     }
 
-    /// Pastes a planar image `[c, r, r]` (c = 1 or 3, values in `[lo, hi]`) at `(x0, y0)`.
+    /// Pastes a planar image `[c, r, r]` (c = 1 or 3, values in `range = (lo, hi)`) with its
+    /// top-left corner at `at = (x, y)`.
     pub fn paste_planar(
         &mut self,
         planar: &[f32],
         channels: usize,
         side: usize,
-        x0: usize,
-        y0: usize,
-        lo: f32,
-        hi: f32,
+        at: (usize, usize),
+        range: (f32, f32),
     ) {
+        let ((x0, y0), (lo, hi)) = (at, range);
         let plane = side * side;
         for y in 0..side.min(self.height.saturating_sub(y0)) {
             for x in 0..side.min(self.width.saturating_sub(x0)) {

@@ -56,8 +56,8 @@ pub fn validate(
         iou += controllability_iou(img, r, &circle);
         col += colour_error(img, r, &circle);
         let (x, y) = ((i % cols) * 2 * (r + 2), (i / cols) * (r + 2));
-        grid.paste_planar(&hints[i * r * r..(i + 1) * r * r], 1, r, x, y, 0.0, 1.0);
-        grid.paste_planar(img, 3, r, x + r + 2, y, -1.0, 1.0);
+        grid.paste_planar(&hints[i * r * r..(i + 1) * r * r], 1, r, (x, y), (0.0, 1.0));
+        grid.paste_planar(img, 3, r, (x + r + 2, y), (-1.0, 1.0));
     }
     Ok(Validation { iou: iou / n as f32, colour_error: col / n as f32, grid })
 }

@@ -96,8 +96,8 @@ pub fn run(a: SampleArgs) -> Result<(), String> {
     let images = C::to_vec(&images).map_err(|e| e.to_string())?;
     let mut out = Rgb8::new(2 * (r + 2), n * (r + 2));
     for i in 0..n {
-        out.paste_planar(&hints[i * r * r..(i + 1) * r * r], 1, r, 0, i * (r + 2), 0.0, 1.0);
-        out.paste_planar(&images[i * 3 * r * r..(i + 1) * 3 * r * r], 3, r, r + 2, i * (r + 2), -1.0, 1.0);
+        out.paste_planar(&hints[i * r * r..(i + 1) * r * r], 1, r, (0, i * (r + 2)), (0.0, 1.0));
+        out.paste_planar(&images[i * 3 * r * r..(i + 1) * 3 * r * r], 3, r, (r + 2, i * (r + 2)), (-1.0, 1.0));
     }
     out.save_png(&a.output).map_err(|e| e.to_string())?;
     eprintln!("wrote {}", a.output.display());
