@@ -1,5 +1,6 @@
 //! Training-step benchmark of the reference toy configuration on the CPU backend:
 //! `cargo bench -p lisa-trainer --bench step` (`LISA_BENCH_STEPS=N` to change the count).
+//! Without `--bench` (under `cargo test --all-targets`) it runs a 2-step smoke version.
 //!
 //! Prints the median step time of the baseline and of LISA, their ratio, the time of the
 //! prior pass (main up path, no grad) and of the LISA decoder measured on their own, and the
@@ -39,7 +40,7 @@ fn run(mode: Mode, subbatch: Option<usize>, steps: usize, data: &FillCircles) ->
         TrainConfig { mode, lisa_subbatch: subbatch, max_train_steps: steps as u64, ..TrainConfig::default() },
     )
     .unwrap();
-    let warm = 3.min(steps);
+    let warm = 3.min(steps.saturating_sub(1)); // at least one timed step
     for _ in 0..warm {
         t.step(data).unwrap();
     }
@@ -73,7 +74,11 @@ fn main() {
         memory_run(n, &FillCircles { resolution: 32, len: 4096, seed: 0 });
         return;
     }
-    let steps: usize = std::env::var("LISA_BENCH_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(23);
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    let default_steps = if smoke { 2 } else { 23 };
+    let steps: usize =
+        std::env::var("LISA_BENCH_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(default_steps).max(1);
+    let repeats = if smoke { 1 } else { 7 };
     let data = FillCircles { resolution: 32, len: 4096, seed: 0 };
     println!(
         "reference toy configuration, batch 32, 32×32, CPU backend, {} threads, {steps} steps per arm\n",
@@ -104,7 +109,7 @@ fn main() {
         (temb, enc)
     });
     let prior = median(
-        (0..7)
+        (0..repeats)
             .map(|_| {
                 let s = Instant::now();
                 tape.no_grad(|| model.main.decode(&b, &enc, None, &temb).unwrap());
@@ -121,7 +126,7 @@ fn main() {
     )
     .unwrap();
     let dec = median(
-        (0..7)
+        (0..repeats)
             .map(|_| {
                 let tape = Tape::<C>::new();
                 let b = model.store.bind(&tape);

@@ -3,7 +3,9 @@
 //! Prints, per op and shape, the median time over repeated runs, the achieved GFLOP/s (or
 //! GB/s for memory-bound ops) and its share of this machine's peak, which the bench measures
 //! itself: peak f32 FMA throughput with an FMA loop on every core, and memory bandwidth
-//! with a multi-threaded copy. Set `LISA_BENCH_QUICK=1` for a fast smoke run.
+//! with a multi-threaded copy. Set `LISA_BENCH_QUICK=1` for a fast smoke run; without
+//! `--bench` on the command line (i.e. under `cargo test --all-targets`) it also runs quick,
+//! so the tests keep the benchmark working without spending minutes on it.
 #![allow(missing_docs)]
 
 use std::hint::black_box;
@@ -15,7 +17,7 @@ use lisa_cpu::{CpuBackend as C, CpuDevice, CpuTensor};
 use rayon::prelude::*;
 
 fn quick() -> bool {
-    std::env::var_os("LISA_BENCH_QUICK").is_some()
+    std::env::var_os("LISA_BENCH_QUICK").is_some() || !std::env::args().any(|a| a == "--bench")
 }
 
 /// Median seconds of `f` over ≥ 5 runs and ≥ 0.5 s (after one warm-up run).
