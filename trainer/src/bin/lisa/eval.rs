@@ -62,18 +62,34 @@ pub fn validate(
     Ok(Validation { iou: iou / n as f32, colour_error: col / n as f32, grid })
 }
 
+/// The flags that name an inference model (shared by `eval` and `sample`).
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// Run file (TOML): model shape, validation set and sampler.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The pretrained prior (safetensors written by `lisa pretrain`).
+    #[arg(long)]
+    pub main: PathBuf,
+    /// A training checkpoint directory (omit for the prior alone).
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    /// The run file and the model these flags name.
+    pub fn load(&self) -> Result<(RunFile, DualModel<C>), String> {
+        let file = RunFile::load(self.config.as_deref())?;
+        let model = load_model(&file, &self.main, self.checkpoint.as_deref())?;
+        Ok((file, model))
+    }
+}
+
 /// Flags of `lisa eval`.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// Run file (TOML): model shape, validation set and sampler.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// The pretrained prior (safetensors written by `lisa pretrain`).
-    #[arg(long)]
-    main: PathBuf,
-    /// A training checkpoint directory (omit to evaluate the prior alone).
-    #[arg(long)]
-    checkpoint: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Where to write the validation grid (PNG).
     #[arg(long)]
     grid: Option<PathBuf>,
@@ -98,11 +114,10 @@ pub fn load_model(file: &RunFile, main: &Path, checkpoint: Option<&Path>) -> Res
 
 /// Runs `lisa eval`.
 pub fn run(a: EvalArgs) -> Result<(), String> {
-    let mut file = RunFile::load(a.config.as_deref())?;
+    let (mut file, model) = a.model.load()?;
     if let Some(s) = a.steps {
         file.validation.sampling.steps = s;
     }
-    let model = load_model(&file, &a.main, a.checkpoint.as_deref())?;
     let v = validate(&model, &file.train.noise, &file.validation_set(), &file.validation.sampling)?;
     println!(
         "iou {:.4}  colour_error {:.4}  ({} samples, {} steps)",

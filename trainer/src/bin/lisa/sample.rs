@@ -10,21 +10,13 @@ use lisa_trainer::data::{NULL_ID, PALETTE};
 use lisa_trainer::image::{Rgb8, read_png};
 use lisa_trainer::sample::{Sampler, sample};
 
-use crate::config::RunFile;
-use crate::eval::load_model;
+use crate::eval::ModelArgs;
 
 /// Flags of `lisa sample`.
 #[derive(Debug, Args)]
 pub struct SampleArgs {
-    /// Run file (TOML).
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// The pretrained prior.
-    #[arg(long)]
-    main: PathBuf,
-    /// A training checkpoint directory (omit for the prior alone).
-    #[arg(long)]
-    checkpoint: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Condition image(s): an outline on black (PNG, resized to the model resolution).
     #[arg(long, required = true)]
     condition: Vec<PathBuf>,
@@ -72,8 +64,8 @@ pub fn parse_prompt(prompt: &str) -> Result<[usize; 2], String> {
 
 /// Runs `lisa sample`.
 pub fn run(a: SampleArgs) -> Result<(), String> {
-    let mut file = RunFile::load(a.config.as_deref())?;
     let ids = parse_prompt(&a.prompt)?;
+    let (mut file, model) = a.model.load()?;
     let s = &mut file.validation.sampling;
     s.sampler = match a.sampler.as_str() {
         "ddim" => Sampler::Ddim { eta: a.eta },
@@ -82,7 +74,6 @@ pub fn run(a: SampleArgs) -> Result<(), String> {
         other => return Err(format!("unknown sampler {other:?}: ddim | ddpm | euler")),
     };
     (s.steps, s.control_scale, s.guidance_scale, s.seed) = (a.steps, a.control_scale, a.guidance_scale, a.seed);
-    let model = load_model(&file, &a.main, a.checkpoint.as_deref())?;
     let r = model.config.unet.resolution;
     let n = a.condition.len();
     let mut hints = Vec::with_capacity(n * r * r);
