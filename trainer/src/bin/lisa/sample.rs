@@ -20,7 +20,7 @@ pub struct SampleArgs {
     /// Condition image(s): an outline on black (PNG, resized to the model resolution).
     #[arg(long, required = true)]
     condition: Vec<PathBuf>,
-    /// Prompt: "<colour> circle with <colour> background", colours from the palette.
+    /// Prompt: `"<colour> circle with <colour> background"`, colours from the palette.
     #[arg(long)]
     prompt: String,
     /// Output PNG (conditions and samples side by side).
