@@ -123,7 +123,7 @@ impl<B: Backend> Pretrainer<B> {
         let lr = self.config.optim.lr_at(self.run.state.step, self.config.max_train_steps);
         self.optim.update(&mut self.store, &grads, lr, &self.config.optim)?;
         if let Some(e) = &mut self.ema {
-            e.update(&self.store)?;
+            e.update(&self.store, step)?;
         }
         self.run.state.step = step;
         Ok(StepStats { step, loss, main_loss: loss, lisa_loss: 0.0, grad_norm, lr })

@@ -195,7 +195,7 @@ impl<B: Backend> Trainer<B> {
         let lr = self.config.optim.lr_at(self.run.state.step, self.config.max_train_steps);
         self.optim.update(&mut self.model.store, &grads, lr, &self.config.optim)?;
         if let Some(ema) = &mut self.ema {
-            ema.update(&self.model.store)?;
+            ema.update(&self.model.store, step)?;
         }
         self.run.state.step = step;
         Ok(StepStats {

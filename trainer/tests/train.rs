@@ -48,3 +48,13 @@ fn baseline_equals_lisa_with_zero_lambda_on_the_side_network() {
         assert_eq!(C::to_vec(&p.value).unwrap(), C::to_vec(&q.value).unwrap(), "{} differs ({id:?})", p.name);
     }
 }
+
+#[test]
+fn ema_warms_up_like_diffusers() {
+    let model = DualModel::<C>::new(&tiny_model(), false, CpuDevice, 0).unwrap();
+    let ema = lisa_trainer::optim::Ema::new(&model.store, 0.999, |n| n.starts_with("side.")).unwrap();
+    assert_eq!(ema.decay_at(1), 0.0, "the first update copies the weights");
+    assert!((ema.decay_at(2) - 2.0 / 11.0).abs() < 1e-7);
+    assert!((ema.decay_at(101) - 101.0 / 110.0).abs() < 1e-6);
+    assert_eq!(ema.decay_at(1_000_000), 0.999, "capped at the configured decay");
+}
