@@ -3,6 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Everything the tests need (idempotent): a fresh machine needs only this script.
+bash scripts/setup.sh
+
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 
