@@ -25,14 +25,6 @@ pub struct CpuDevice;
 
 type T = CpuTensor;
 
-fn same_dtype(op: &'static str, a: &T, b: &T) -> Result<DType> {
-    if a.dtype() == b.dtype() {
-        Ok(a.dtype())
-    } else {
-        Err(Error::DTypeMismatch { op, expected: a.dtype(), got: b.dtype() })
-    }
-}
-
 fn same_shape(op: &'static str, a: &T, b: &T) -> Result<()> {
     a.shape.expect_eq(op, &b.shape)
 }
@@ -92,7 +84,7 @@ impl TensorOps for CpuBackend {
 
 impl ArithOps for CpuBackend {
     fn binary(op: BinaryOp, a: &T, b: &T) -> Result<T> {
-        let dtype = same_dtype("binary", a, b)?;
+        let dtype = Self::expect_same_dtype("binary", a, b)?;
         let out_shape = Shape::broadcast("binary", &a.shape, &b.shape)?;
         let data = elementwise::binary(op, &a.values(), &a.shape, &b.values(), &b.shape, &out_shape)?;
         Ok(CpuTensor::store(data, out_shape, dtype))
@@ -104,12 +96,12 @@ impl ArithOps for CpuBackend {
         Ok(CpuTensor::store(elementwise::unary(op, &t.values()), t.shape.clone(), t.dtype()))
     }
     fn unary_backward(op: UnaryOp, x: &T, grad: &T) -> Result<T> {
-        let dtype = same_dtype("unary_backward", x, grad)?;
+        let dtype = Self::expect_same_dtype("unary_backward", x, grad)?;
         same_shape("unary_backward", x, grad)?;
         Ok(CpuTensor::store(elementwise::unary_backward(op, &x.values(), &grad.values()), x.shape.clone(), dtype))
     }
     fn axpby(a: f32, x: &T, b: f32, y: &T) -> Result<T> {
-        let dtype = same_dtype("axpby", x, y)?;
+        let dtype = Self::expect_same_dtype("axpby", x, y)?;
         same_shape("axpby", x, y)?;
         Ok(CpuTensor::store(
             elementwise::zip_map(&x.values(), &y.values(), |u, v| a * u + b * v),
@@ -131,7 +123,7 @@ impl ReduceOps for CpuBackend {
         Ok(CpuTensor::store(reduce::softmax_last(&t.values(), d), t.shape.clone(), t.dtype()))
     }
     fn softmax_last_backward(y: &T, grad: &T) -> Result<T> {
-        let dtype = same_dtype("softmax_last_backward", y, grad)?;
+        let dtype = Self::expect_same_dtype("softmax_last_backward", y, grad)?;
         same_shape("softmax_last_backward", y, grad)?;
         let d = last_dim("softmax_last_backward", &y.shape)?;
         Ok(CpuTensor::store(reduce::softmax_last_backward(&y.values(), &grad.values(), d), y.shape.clone(), dtype))
@@ -156,7 +148,7 @@ fn last_dim(op: &'static str, shape: &Shape) -> Result<usize> {
 
 impl MatmulOps for CpuBackend {
     fn matmul(a: &T, b: &T, t: Transpose) -> Result<T> {
-        let dtype = same_dtype("matmul", a, b)?;
+        let dtype = Self::expect_same_dtype("matmul", a, b)?;
         let g = MatmulGeometry::new("matmul", &a.shape, &b.shape, t)?;
         let (m, k, n) = (g.m, g.k, g.n);
         let (av, bv) = (a.values(), b.values());
@@ -184,11 +176,11 @@ impl MatmulOps for CpuBackend {
 
 impl ConvOps for CpuBackend {
     fn conv2d(x: &T, weight: &T, bias: Option<&T>, params: Conv2dParams) -> Result<T> {
-        let dtype = same_dtype("conv2d", x, weight)?;
+        let dtype = Self::expect_same_dtype("conv2d", x, weight)?;
         let g = Conv2dGeometry::new("conv2d", &x.shape, &weight.shape, params)?;
         let bias_values = match bias {
             Some(b) => {
-                same_dtype("conv2d", x, b)?;
+                Self::expect_same_dtype("conv2d", x, b)?;
                 Shape::new([g.c_out]).expect_eq("conv2d", &b.shape)?;
                 Some(b.values())
             }
@@ -198,14 +190,14 @@ impl ConvOps for CpuBackend {
         Ok(CpuTensor::store(y, g.output_shape(), dtype))
     }
     fn conv2d_backward_data(grad_out: &T, weight: &T, input_shape: &Shape, params: Conv2dParams) -> Result<T> {
-        let dtype = same_dtype("conv2d_backward_data", grad_out, weight)?;
+        let dtype = Self::expect_same_dtype("conv2d_backward_data", grad_out, weight)?;
         let g = Conv2dGeometry::new("conv2d_backward_data", input_shape, &weight.shape, params)?;
         g.output_shape().expect_eq("conv2d_backward_data", &grad_out.shape)?;
         let dx = conv::conv2d_backward_data(&g, &grad_out.values(), &weight.values());
         Ok(CpuTensor::store(dx, input_shape.clone(), dtype))
     }
     fn conv2d_backward_weight(x: &T, grad_out: &T, weight_shape: &Shape, params: Conv2dParams) -> Result<T> {
-        let dtype = same_dtype("conv2d_backward_weight", x, grad_out)?;
+        let dtype = Self::expect_same_dtype("conv2d_backward_weight", x, grad_out)?;
         let g = Conv2dGeometry::new("conv2d_backward_weight", &x.shape, weight_shape, params)?;
         g.output_shape().expect_eq("conv2d_backward_weight", &grad_out.shape)?;
         let dw = conv::conv2d_backward_weight(&g, &x.values(), &grad_out.values());
@@ -215,8 +207,8 @@ impl ConvOps for CpuBackend {
 
 impl NormOps for CpuBackend {
     fn group_norm(x: &T, gamma: &T, beta: &T, params: GroupNormParams) -> Result<GroupNormOutput<T>> {
-        let dtype = same_dtype("group_norm", x, gamma)?;
-        same_dtype("group_norm", x, beta)?;
+        let dtype = Self::expect_same_dtype("group_norm", x, gamma)?;
+        Self::expect_same_dtype("group_norm", x, beta)?;
         let g = GroupNormGeometry::new("group_norm", &x.shape, &gamma.shape, &beta.shape, params)?;
         let (y, mean, rstd) = norm::group_norm(&g, &x.values(), &gamma.values(), &beta.values(), params.eps);
         Ok(GroupNormOutput {
@@ -232,8 +224,8 @@ impl NormOps for CpuBackend {
         grad_out: &T,
         params: GroupNormParams,
     ) -> Result<GroupNormGrads<T>> {
-        let dtype = same_dtype("group_norm_backward", x, gamma)?;
-        same_dtype("group_norm_backward", x, grad_out)?;
+        let dtype = Self::expect_same_dtype("group_norm_backward", x, gamma)?;
+        Self::expect_same_dtype("group_norm_backward", x, grad_out)?;
         same_shape("group_norm_backward", x, grad_out)?;
         let g = GroupNormGeometry::new("group_norm_backward", &x.shape, &gamma.shape, &gamma.shape, params)?;
         g.stats_shape().expect_eq("group_norm_backward", &stats.mean.shape)?;
@@ -278,7 +270,7 @@ impl LayoutOps for CpuBackend {
         const OP: &str = "concat_channels";
         let first = parts.first().ok_or(Error::Empty { op: OP })?;
         for p in parts {
-            same_dtype(OP, first, p)?;
+            Self::expect_same_dtype(OP, first, p)?;
         }
         let shapes: Vec<&Shape> = parts.iter().map(|p| &p.shape).collect();
         let out_shape = concat_channels_shape(OP, &shapes)?;
@@ -304,7 +296,7 @@ impl LayoutOps for CpuBackend {
 
 impl FusedOps for CpuBackend {
     fn mse_loss(pred: &T, target: &T) -> Result<(f32, T)> {
-        let dtype = same_dtype("mse_loss", pred, target)?;
+        let dtype = Self::expect_same_dtype("mse_loss", pred, target)?;
         same_shape("mse_loss", pred, target)?;
         if pred.is_empty() {
             return Err(Error::Empty { op: "mse_loss" });
@@ -324,8 +316,8 @@ impl FusedOps for CpuBackend {
         prior: &T,
     ) -> Result<(LisaLoss<f32>, T)> {
         const OP: &str = "lisa_loss";
-        let dtype = same_dtype(OP, decoded, y)?;
-        same_dtype(OP, decoded, prior)?;
+        let dtype = Self::expect_same_dtype(OP, decoded, y)?;
+        Self::expect_same_dtype(OP, decoded, prior)?;
         same_shape(OP, decoded, y)?;
         same_shape(OP, decoded, prior)?;
         let mut grad = vec![0.0f32; decoded.len()];

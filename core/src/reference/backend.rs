@@ -54,10 +54,6 @@ impl RefTensor {
 
 type T = RefTensor;
 
-fn same_dtype(op: &'static str, a: &T, b: &T) -> Result<DType> {
-    if a.dtype == b.dtype { Ok(a.dtype) } else { Err(Error::DTypeMismatch { op, expected: a.dtype, got: b.dtype }) }
-}
-
 impl BackendTypes for RefBackend {
     type Device = RefDevice;
     type Tensor = RefTensor;
@@ -107,7 +103,7 @@ impl TensorOps for RefBackend {
 
 impl ArithOps for RefBackend {
     fn binary(op: BinaryOp, a: &T, b: &T) -> Result<T> {
-        let dtype = same_dtype("binary", a, b)?;
+        let dtype = Self::expect_same_dtype("binary", a, b)?;
         let (data, shape) = binary_broadcast(op, &a.data, &a.shape, &b.data, &b.shape)?;
         Ok(RefTensor::rounded(data, shape, dtype))
     }
@@ -120,7 +116,7 @@ impl ArithOps for RefBackend {
         Ok(RefTensor::rounded(data, t.shape.clone(), t.dtype))
     }
     fn unary_backward(op: UnaryOp, x: &T, grad: &T) -> Result<T> {
-        let dtype = same_dtype("unary_backward", x, grad)?;
+        let dtype = Self::expect_same_dtype("unary_backward", x, grad)?;
         x.shape.expect_eq("unary_backward", &grad.shape)?;
         let data = x.data.iter().zip(grad.data.iter()).map(|(&v, &g)| g * op.derivative(v)).collect();
         Ok(RefTensor::rounded(data, x.shape.clone(), dtype))
@@ -139,7 +135,7 @@ impl ReduceOps for RefBackend {
         Ok(RefTensor::rounded(softmax_last(&t.data, &t.shape)?, t.shape.clone(), t.dtype))
     }
     fn softmax_last_backward(y: &T, grad: &T) -> Result<T> {
-        let dtype = same_dtype("softmax_last_backward", y, grad)?;
+        let dtype = Self::expect_same_dtype("softmax_last_backward", y, grad)?;
         y.shape.expect_eq("softmax_last_backward", &grad.shape)?;
         Ok(RefTensor::rounded(softmax_last_backward(&y.data, &grad.data, &y.shape)?, y.shape.clone(), dtype))
     }
@@ -147,7 +143,7 @@ impl ReduceOps for RefBackend {
 
 impl MatmulOps for RefBackend {
     fn matmul(a: &T, b: &T, transpose: Transpose) -> Result<T> {
-        let dtype = same_dtype("matmul", a, b)?;
+        let dtype = Self::expect_same_dtype("matmul", a, b)?;
         let (data, shape) = matmul(&a.data, &a.shape, &b.data, &b.shape, transpose)?;
         Ok(RefTensor::rounded(data, shape, dtype))
     }
@@ -155,21 +151,21 @@ impl MatmulOps for RefBackend {
 
 impl ConvOps for RefBackend {
     fn conv2d(x: &T, weight: &T, bias: Option<&T>, params: Conv2dParams) -> Result<T> {
-        let dtype = same_dtype("conv2d", x, weight)?;
+        let dtype = Self::expect_same_dtype("conv2d", x, weight)?;
         if let Some(b) = bias {
-            same_dtype("conv2d", x, b)?;
+            Self::expect_same_dtype("conv2d", x, b)?;
         }
         let (data, shape) = conv2d(&x.data, &x.shape, &weight.data, &weight.shape, bias.map(|b| b.data()), params)?;
         Ok(RefTensor::rounded(data, shape, dtype))
     }
     fn conv2d_backward_data(grad_out: &T, weight: &T, input_shape: &Shape, params: Conv2dParams) -> Result<T> {
-        let dtype = same_dtype("conv2d_backward_data", grad_out, weight)?;
+        let dtype = Self::expect_same_dtype("conv2d_backward_data", grad_out, weight)?;
         let data =
             conv2d_backward_data(&grad_out.data, &grad_out.shape, &weight.data, &weight.shape, input_shape, params)?;
         Ok(RefTensor::rounded(data, input_shape.clone(), dtype))
     }
     fn conv2d_backward_weight(x: &T, grad_out: &T, weight_shape: &Shape, params: Conv2dParams) -> Result<T> {
-        let dtype = same_dtype("conv2d_backward_weight", x, grad_out)?;
+        let dtype = Self::expect_same_dtype("conv2d_backward_weight", x, grad_out)?;
         let data = conv2d_backward_weight(&x.data, &x.shape, &grad_out.data, &grad_out.shape, weight_shape, params)?;
         Ok(RefTensor::rounded(data, weight_shape.clone(), dtype))
     }
@@ -177,8 +173,8 @@ impl ConvOps for RefBackend {
 
 impl NormOps for RefBackend {
     fn group_norm(x: &T, gamma: &T, beta: &T, params: GroupNormParams) -> Result<GroupNormOutput<T>> {
-        let dtype = same_dtype("group_norm", x, gamma)?;
-        same_dtype("group_norm", x, beta)?;
+        let dtype = Self::expect_same_dtype("group_norm", x, gamma)?;
+        Self::expect_same_dtype("group_norm", x, beta)?;
         crate::backend::geometry::GroupNormGeometry::new("group_norm", &x.shape, &gamma.shape, &beta.shape, params)?;
         let (y, mean, rstd) = group_norm(&x.data, &x.shape, &gamma.data, &beta.data, params)?;
         let stats = Shape::new([x.shape.dims()[0], params.groups]);
@@ -196,8 +192,8 @@ impl NormOps for RefBackend {
         grad_out: &T,
         params: GroupNormParams,
     ) -> Result<GroupNormGrads<T>> {
-        let dtype = same_dtype("group_norm_backward", x, gamma)?;
-        same_dtype("group_norm_backward", x, grad_out)?;
+        let dtype = Self::expect_same_dtype("group_norm_backward", x, gamma)?;
+        Self::expect_same_dtype("group_norm_backward", x, grad_out)?;
         crate::backend::geometry::GroupNormGeometry::new(
             "group_norm_backward",
             &x.shape,
@@ -234,7 +230,7 @@ impl LayoutOps for RefBackend {
     fn concat_channels(parts: &[&T]) -> Result<T> {
         let first = parts.first().ok_or(Error::Empty { op: "concat_channels" })?;
         for p in parts {
-            same_dtype("concat_channels", first, p)?;
+            Self::expect_same_dtype("concat_channels", first, p)?;
         }
         let views: Vec<(&[f32], &Shape)> = parts.iter().map(|p| (p.data(), &p.shape)).collect();
         let (data, shape) = concat_channels(&views)?;
