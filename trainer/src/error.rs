@@ -30,6 +30,14 @@ pub enum TrainError {
         /// What is wrong.
         reason: String,
     },
+    /// A data file is missing, corrupt or malformed (images, prompt lists).
+    #[error("{path}: {reason}")]
+    Data {
+        /// The file (with `:line` for a bad line of a list).
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// File-system error, with the path.
     #[error("{path}: {source}")]
     Io {

@@ -60,13 +60,23 @@ impl Rgb8 {
 }
 
 fn png_err(path: &Path, e: impl std::fmt::Display) -> TrainError {
-    TrainError::Checkpoint { path: path.to_path_buf(), reason: format!("PNG: {e}") }
+    TrainError::Data { path: path.to_path_buf(), reason: format!("not a readable PNG: {e}") }
+}
+
+/// How [`read_png`] maps source pixels onto the model's grid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resample {
+    /// The mean of the source pixels under each output pixel (images).
+    Area,
+    /// Their maximum (thin outlines, which averaging would wash out).
+    Max,
 }
 
 /// Reads a PNG (grey, grey+alpha, RGB or RGBA, 8 bit) as planar f32 in [0, 1], resized to
-/// `side × side` by nearest-neighbour sampling: returns `[channels, side, side]` with
-/// `channels` = 1 (`grey = true`, luminance) or 3.
-pub fn read_png(path: &Path, side: usize, grey: bool) -> Result<Vec<f32>> {
+/// `side × side` (each output pixel covers the source pixels `[x·w/side, (x+1)·w/side)`,
+/// at least one): returns `[channels, side, side]` with `channels` = 1 (`grey = true`,
+/// luminance) or 3.
+pub fn read_png(path: &Path, side: usize, grey: bool, resample: Resample) -> Result<Vec<f32>> {
     let file = std::fs::File::open(path).map_err(|source| TrainError::Io { path: path.to_path_buf(), source })?;
     let mut decoder = png::Decoder::new(std::io::BufReader::new(file));
     decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
@@ -85,18 +95,34 @@ pub fn read_png(path: &Path, side: usize, grey: bool) -> Result<Vec<f32>> {
         return Err(png_err(path, "empty image"));
     }
     let channels = if grey { 1 } else { 3 };
+    let pixel_bytes = (info.line_size / w).max(stride);
+    let pixel = |sx: usize, sy: usize| -> [f32; 3] {
+        let p = &buf[sy * info.line_size + sx * pixel_bytes..][..stride];
+        let rgb = if stride < 3 { [p[0]; 3] } else { [p[0], p[1], p[2]] };
+        let v = rgb.map(|c| c as f32 / 255.0);
+        if grey { [0.299 * v[0] + 0.587 * v[1] + 0.114 * v[2]; 3] } else { v }
+    };
+    let span = |i: usize, n: usize| (i * n / side, ((i + 1) * n / side).max(i * n / side + 1).min(n));
     let mut out = vec![0.0f32; channels * side * side];
     for y in 0..side {
+        let (y0, y1) = span(y, h);
         for x in 0..side {
-            let (sx, sy) = (x * w / side, y * h / side);
-            let p = &buf[(sy * w + sx) * (info.line_size / w).max(stride)..][..stride];
-            let rgb = if stride < 3 { [p[0]; 3] } else { [p[0], p[1], p[2]] };
-            if grey {
-                out[y * side + x] = (0.299 * rgb[0] as f32 + 0.587 * rgb[1] as f32 + 0.114 * rgb[2] as f32) / 255.0;
-            } else {
-                for c in 0..3 {
-                    out[c * side * side + y * side + x] = rgb[c] as f32 / 255.0;
+            let (x0, x1) = span(x, w);
+            let mut acc = [0.0f32; 3];
+            for sy in y0..y1 {
+                for sx in x0..x1 {
+                    let v = pixel(sx, sy);
+                    for c in 0..3 {
+                        acc[c] = match resample {
+                            Resample::Area => acc[c] + v[c],
+                            Resample::Max => acc[c].max(v[c]),
+                        };
+                    }
                 }
+            }
+            let count = ((y1 - y0) * (x1 - x0)) as f32;
+            for c in 0..channels {
+                out[c * side * side + y * side + x] = if resample == Resample::Area { acc[c] / count } else { acc[c] };
             }
         }
     }

@@ -1,8 +1,9 @@
 //! The run file (`--config run.toml`) and the fixed validation set.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use lisa_trainer::data::FillCircles;
+use lisa_trainer::data::{Dataset, FillCircles};
+use lisa_trainer::fill50k::Fill50k;
 use lisa_trainer::model::ModelConfig;
 use lisa_trainer::pretrain::PretrainConfig;
 use lisa_trainer::sample::SampleConfig;
@@ -25,19 +26,21 @@ pub struct RunFile {
     pub validation: ValidationConfig,
 }
 
-/// The fill-circles training set.
+/// The training set: procedural fill circles, or a Fill50K-format folder.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DataConfig {
-    /// Number of distinct examples.
+    /// Number of distinct procedural examples.
     pub len: usize,
-    /// Seed of the set.
+    /// Seed of the procedural set.
     pub seed: u64,
+    /// A Fill50K-format folder (source/, target/, prompt.json) to train on instead.
+    pub dir: Option<PathBuf>,
 }
 
 impl Default for DataConfig {
     fn default() -> Self {
-        Self { len: 50_000, seed: 0 }
+        Self { len: 50_000, seed: 0, dir: None }
     }
 }
 
@@ -67,9 +70,27 @@ impl RunFile {
         toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
-    /// The training set.
+    /// The procedural training set.
     pub fn training_set(&self) -> FillCircles {
         FillCircles { resolution: self.model.unet.resolution, len: self.data.len, seed: self.data.seed }
+    }
+
+    /// The training set to use: the `data.dir` folder when set, else the procedural one.
+    pub fn open_training_set(&self) -> Result<Box<dyn Dataset>, String> {
+        match &self.data.dir {
+            Some(dir) => {
+                let set = Fill50k::open(dir, self.model.unet.resolution).map_err(|e| e.to_string())?;
+                if set.unknown_colours() > 0 {
+                    eprintln!(
+                        "note: {} of {} prompts name colours outside the palette; those are embedded as the null prompt",
+                        set.unknown_colours(),
+                        set.len()
+                    );
+                }
+                Ok(Box::new(set))
+            }
+            None => Ok(Box::new(self.training_set())),
+        }
     }
 
     /// The validation set.

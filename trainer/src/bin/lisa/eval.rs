@@ -3,9 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use lisa_core::backend::prelude::*;
+use lisa_core::backend::Backend;
 use lisa_core::backend::{DType, Shape};
-use lisa_cpu::{CpuBackend as C, CpuDevice};
 use lisa_trainer::data::{Dataset, FillCircles};
 use lisa_trainer::image::Rgb8;
 use lisa_trainer::metrics::{colour_error, controllability_iou};
@@ -26,8 +25,8 @@ pub struct Validation {
 }
 
 /// Samples the validation set with fixed seeds and scores it.
-pub fn validate(
-    model: &DualModel<C>,
+pub fn validate<B: Backend>(
+    model: &DualModel<B>,
     noise: &NoiseConfig,
     set: &FillCircles,
     cfg: &SampleConfig,
@@ -42,9 +41,10 @@ pub fn validate(
         prompts[0].push(e.prompt[0]);
         prompts[1].push(e.prompt[1]);
     }
-    let hint = C::from_slice(&hints, &Shape::new([n, 1, r, r]), DType::F32, &CpuDevice).map_err(|e| e.to_string())?;
+    let hint = B::from_slice(&hints, &Shape::new([n, 1, r, r]), DType::F32, model.store.device())
+        .map_err(|e| e.to_string())?;
     let images = sample(model, noise, &hint, &prompts, cfg).map_err(|e| e.to_string())?;
-    let images = C::to_vec(&images).map_err(|e| e.to_string())?;
+    let images = B::to_vec(&images).map_err(|e| e.to_string())?;
     let per = 3 * r * r;
     let (mut iou, mut col) = (0.0, 0.0);
     let cols = 8.min(n).max(1);
@@ -78,9 +78,9 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     /// The run file and the model these flags name.
-    pub fn load(&self) -> Result<(RunFile, DualModel<C>), String> {
+    pub fn load<B: Backend>(&self, device: B::Device) -> Result<(RunFile, DualModel<B>), String> {
         let file = RunFile::load(self.config.as_deref())?;
-        let model = load_model(&file, &self.main, self.checkpoint.as_deref())?;
+        let model = load_model(&file, &self.main, self.checkpoint.as_deref(), device)?;
         Ok((file, model))
     }
 }
@@ -99,12 +99,17 @@ pub struct EvalArgs {
 }
 
 /// Builds the inference model: the prior, plus trained side weights from a checkpoint.
-pub fn load_model(file: &RunFile, main: &Path, checkpoint: Option<&Path>) -> Result<DualModel<C>, String> {
+pub fn load_model<B: Backend>(
+    file: &RunFile,
+    main: &Path,
+    checkpoint: Option<&Path>,
+    device: B::Device,
+) -> Result<DualModel<B>, String> {
     let model_cfg = match checkpoint {
         Some(dir) => lisa_trainer::checkpoint::read_configs(dir).map_err(|e| e.to_string())?.0,
         None => file.model.clone(),
     };
-    let mut model = DualModel::<C>::new(&model_cfg, false, CpuDevice, 0).map_err(|e| e.to_string())?;
+    let mut model = DualModel::<B>::new(&model_cfg, false, device, 0).map_err(|e| e.to_string())?;
     model.load_main(main).map_err(|e| e.to_string())?;
     if let Some(dir) = checkpoint {
         model.load_trained(&dir.join("model.safetensors")).map_err(|e| e.to_string())?;
@@ -113,8 +118,8 @@ pub fn load_model(file: &RunFile, main: &Path, checkpoint: Option<&Path>) -> Res
 }
 
 /// Runs `lisa eval`.
-pub fn run(a: EvalArgs) -> Result<(), String> {
-    let (mut file, model) = a.model.load()?;
+pub fn run<B: Backend>(a: EvalArgs, device: B::Device) -> Result<(), String> {
+    let (mut file, model) = a.model.load::<B>(device)?;
     if let Some(s) = a.steps {
         file.validation.sampling.steps = s;
     }

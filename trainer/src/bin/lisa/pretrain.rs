@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
-use lisa_cpu::{CpuBackend, CpuDevice};
+use lisa_core::backend::Backend;
 use lisa_trainer::pretrain::Pretrainer;
 
 use crate::config::RunFile;
@@ -30,22 +30,28 @@ pub struct PretrainArgs {
     /// Seed.
     #[arg(long)]
     seed: Option<u64>,
+    /// A Fill50K-format folder to train on (default: procedural fill circles).
+    #[arg(long)]
+    train_data_dir: Option<PathBuf>,
 }
 
 /// Runs `lisa pretrain`.
-pub fn run(a: PretrainArgs) -> Result<(), String> {
+pub fn run<B: Backend>(a: PretrainArgs, device: B::Device) -> Result<(), String> {
     let mut file = RunFile::load(a.config.as_deref())?;
     let p = &mut file.pretrain;
     p.max_train_steps = a.max_train_steps.unwrap_or(p.max_train_steps);
     p.batch_size = a.train_batch_size.unwrap_or(p.batch_size);
     p.optim.lr = a.learning_rate.unwrap_or(p.optim.lr);
     p.seed = a.seed.unwrap_or(p.seed);
-    let data = file.training_set();
+    if let Some(d) = a.train_data_dir {
+        file.data.dir = Some(d);
+    }
+    let data = file.open_training_set()?;
     let mut trainer =
-        Pretrainer::<CpuBackend>::new(&file.model.unet, file.pretrain.clone(), CpuDevice).map_err(|e| e.to_string())?;
+        Pretrainer::<B>::new(&file.model.unet, file.pretrain.clone(), device).map_err(|e| e.to_string())?;
     eprintln!(
         "pretrain: {} examples, batch {}, {} steps, {} parameters",
-        data.len,
+        data.len(),
         file.pretrain.batch_size,
         file.pretrain.max_train_steps,
         trainer.store.count(true)
@@ -55,7 +61,7 @@ pub fn run(a: PretrainArgs) -> Result<(), String> {
     }
     let start = Instant::now();
     for _ in 0..file.pretrain.max_train_steps {
-        let s = trainer.step(&data).map_err(|e| e.to_string())?;
+        let s = trainer.step(data.as_ref()).map_err(|e| e.to_string())?;
         if s.step % 50 == 0 || s.step == file.pretrain.max_train_steps {
             eprintln!(
                 "step {:6}  loss {:.4}  lr {:.2e}  {:.2} it/s",

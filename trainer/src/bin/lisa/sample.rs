@@ -3,11 +3,10 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use lisa_core::backend::prelude::*;
+use lisa_core::backend::Backend;
 use lisa_core::backend::{DType, Shape};
-use lisa_cpu::{CpuBackend as C, CpuDevice};
 use lisa_trainer::data::{NULL_ID, PALETTE};
-use lisa_trainer::image::{Rgb8, read_png};
+use lisa_trainer::image::{Resample, Rgb8, read_png};
 use lisa_trainer::sample::{Sampler, sample};
 
 use crate::eval::ModelArgs;
@@ -63,9 +62,9 @@ pub fn parse_prompt(prompt: &str) -> Result<[usize; 2], String> {
 }
 
 /// Runs `lisa sample`.
-pub fn run(a: SampleArgs) -> Result<(), String> {
+pub fn run<B: Backend>(a: SampleArgs, device: B::Device) -> Result<(), String> {
     let ids = parse_prompt(&a.prompt)?;
-    let (mut file, model) = a.model.load()?;
+    let (mut file, model) = a.model.load::<B>(device)?;
     let s = &mut file.validation.sampling;
     s.sampler = match a.sampler.as_str() {
         "ddim" => Sampler::Ddim { eta: a.eta },
@@ -78,13 +77,14 @@ pub fn run(a: SampleArgs) -> Result<(), String> {
     let n = a.condition.len();
     let mut hints = Vec::with_capacity(n * r * r);
     for path in &a.condition {
-        hints.extend(read_png(path, r, true).map_err(|e| e.to_string())?);
+        hints.extend(read_png(path, r, true, Resample::Max).map_err(|e| e.to_string())?);
     }
-    let hint = C::from_slice(&hints, &Shape::new([n, 1, r, r]), DType::F32, &CpuDevice).map_err(|e| e.to_string())?;
+    let hint = B::from_slice(&hints, &Shape::new([n, 1, r, r]), DType::F32, model.store.device())
+        .map_err(|e| e.to_string())?;
     let prompts = vec![vec![ids[0]; n], vec![ids[1]; n]];
     let images =
         sample(&model, &file.train.noise, &hint, &prompts, &file.validation.sampling).map_err(|e| e.to_string())?;
-    let images = C::to_vec(&images).map_err(|e| e.to_string())?;
+    let images = B::to_vec(&images).map_err(|e| e.to_string())?;
     let mut out = Rgb8::new(2 * (r + 2), n * (r + 2));
     for i in 0..n {
         out.paste_planar(&hints[i * r * r..(i + 1) * r * r], 1, r, (0, i * (r + 2)), (0.0, 1.0));

@@ -5,14 +5,15 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::Args;
+use lisa_core::backend::Backend;
 use lisa_core::{Distance, TargetSpace};
-use lisa_cpu::{CpuBackend as C, CpuDevice};
 use lisa_trainer::checkpoint::{load_checkpoint, save_checkpoint};
 use lisa_trainer::model::DualModel;
 use lisa_trainer::train::{Mode, Trainer};
 
 use crate::config::RunFile;
 use crate::eval::validate;
+use crate::progress::Progress;
 
 /// Flags of `lisa train` (names as in diffusers' `train_controlnet.py`; they override the
 /// run file).
@@ -81,6 +82,10 @@ pub struct TrainArgs {
     /// Validate (sample, IoU, grid) every N steps (0: only at the end).
     #[arg(long, default_value_t = 100)]
     validation_steps: u64,
+    /// A Fill50K-format folder to train on (source/, target/, prompt.json); default: the
+    /// procedural fill-circles set.
+    #[arg(long)]
+    train_data_dir: Option<PathBuf>,
     /// Where checkpoints, grids and metrics.jsonl go.
     #[arg(long, default_value = "runs/train")]
     output_dir: PathBuf,
@@ -136,6 +141,10 @@ fn apply(a: &TrainArgs, file: &mut RunFile) -> Result<(), String> {
         t.optim.schedule = s.parse().map_err(|e: lisa_trainer::TrainError| e.to_string())?;
     }
     t.lisa_subbatch = a.lisa_subbatch.or(t.lisa_subbatch);
+    if let Some(d) = &a.train_data_dir {
+        file.data.dir = Some(d.clone());
+    }
+    let t = &mut file.train;
     t.seed = a.seed.unwrap_or(t.seed);
     t.max_train_steps = a.max_train_steps.unwrap_or(t.max_train_steps);
     t.batch_size = a.train_batch_size.unwrap_or(t.batch_size);
@@ -148,17 +157,63 @@ fn apply(a: &TrainArgs, file: &mut RunFile) -> Result<(), String> {
     Ok(())
 }
 
-/// Runs `lisa train`.
-pub fn run(a: TrainArgs) -> Result<(), String> {
-    let mut file = RunFile::load(a.config.as_deref())?;
-    apply(&a, &mut file)?;
+/// How a training run validates, saves and reports.
+pub struct LoopOptions<'a> {
+    /// Checkpoints, grids and metrics.jsonl go here.
+    pub output_dir: &'a Path,
+    /// Validate every N steps (0: only at the end).
+    pub validation_steps: u64,
+    /// Also validate before the first step (the prior alone: the side branch starts at zero).
+    pub validate_at_start: bool,
+    /// Save a checkpoint every N steps (0: only at the end).
+    pub checkpointing_steps: u64,
+    /// Keep at most N checkpoints.
+    pub checkpoints_total_limit: Option<usize>,
+    /// `--resume-from-checkpoint`.
+    pub resume: Option<&'a str>,
+    /// Name shown on the progress bar.
+    pub label: &'a str,
+}
+
+/// What a run measured.
+#[derive(Debug, Clone, Default)]
+pub struct ArmReport {
+    /// `(step, IoU)` of every validation.
+    pub validations: Vec<(u64, f32)>,
+    /// `(step, loss, main loss, LISA loss)` of every step.
+    pub losses: Vec<(u64, f32, f32, f32)>,
+    /// Seconds spent in training steps (validation excluded).
+    pub train_seconds: f64,
+    /// Wall-clock seconds of the whole run.
+    pub wall_seconds: f64,
+}
+
+impl ArmReport {
+    /// The IoU of the last validation.
+    pub fn final_iou(&self) -> Option<f32> {
+        self.validations.last().map(|v| v.1)
+    }
+
+    /// The first validated step whose IoU reached `threshold`.
+    pub fn steps_to(&self, threshold: f32) -> Option<u64> {
+        self.validations.iter().find(|v| v.1 >= threshold).map(|v| v.0)
+    }
+}
+
+/// Trains the side branch as `file` says, from the prior at `main`, on `device`.
+pub fn train_arm<B: Backend>(
+    file: &RunFile,
+    main: &Path,
+    device: B::Device,
+    o: &LoopOptions,
+) -> Result<ArmReport, String> {
     let mode = file.train.mode;
     let mut model =
-        DualModel::<C>::new(&file.model, mode == Mode::Lisa, CpuDevice, file.train.seed).map_err(|e| e.to_string())?;
-    model.load_main(&a.main).map_err(|e| e.to_string())?;
+        DualModel::<B>::new(&file.model, mode == Mode::Lisa, device, file.train.seed).map_err(|e| e.to_string())?;
+    model.load_main(main).map_err(|e| format!("{}: {e}", main.display()))?;
     let mut trainer = Trainer::new(model, file.train.clone()).map_err(|e| e.to_string())?;
-    let out = &a.output_dir;
-    if let Some(r) = &a.resume_from_checkpoint {
+    let out = o.output_dir;
+    if let Some(r) = o.resume {
         let dir = if r == "latest" {
             checkpoints(out)
                 .pop()
@@ -174,17 +229,20 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
         eprintln!("resumed from {} at step {}", dir.display(), trainer.run.state.step);
     }
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
-    let data = file.training_set();
+    let data = file.open_training_set()?;
     let t = &file.train;
     eprintln!(
-        "train ({mode:?}): {} examples, effective batch {} ({} x {}), {} steps, {} parameters trained, hook {}",
-        data.len,
+        "train {} ({mode:?}, {}): {} examples, effective batch {} ({} x {}), {} steps, {} parameters trained, hook {}, lr {:.1e}",
+        o.label,
+        B::name(),
+        data.len(),
         t.batch_size * t.gradient_accumulation_steps,
         t.batch_size,
         t.gradient_accumulation_steps,
         t.max_train_steps,
         trainer.model.store.count(true),
-        file.model.decoder.hook
+        file.model.decoder.hook,
+        t.optim.lr,
     );
     let metrics_path = out.join("metrics.jsonl");
     let mut metrics = std::fs::OpenOptions::new()
@@ -193,30 +251,41 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
         .open(&metrics_path)
         .map_err(|e| format!("{}: {e}", metrics_path.display()))?;
     let val_set = file.validation_set();
-    let start = Instant::now();
+    let wall = Instant::now();
+    let mut report = ArmReport::default();
     let first = trainer.run.state.step;
+    let mut progress = Progress::new(o.label, first, t.max_train_steps);
+    let validate_now = |trainer: &Trainer<B>, step: u64, report: &mut ArmReport| -> Result<f32, String> {
+        let v = validate(&trainer.model, &t.noise, &val_set, &file.validation.sampling)?;
+        v.grid.save_png(&out.join(format!("validation-{step:06}.png"))).map_err(|e| e.to_string())?;
+        report.validations.push((step, v.iou));
+        Ok(v.iou)
+    };
+    if o.validate_at_start && first == 0 {
+        let iou = validate_now(&trainer, 0, &mut report)?;
+        progress.validation(0, iou);
+        let line = serde_json::json!({"step": 0, "iou": iou});
+        writeln!(metrics, "{line}").map_err(|e| format!("{}: {e}", metrics_path.display()))?;
+    }
     while trainer.run.state.step < t.max_train_steps {
-        let s = trainer.step(&data).map_err(|e| e.to_string())?;
-        let its = (s.step - first) as f64 / start.elapsed().as_secs_f64();
+        let step_start = Instant::now();
+        let s = trainer.step(data.as_ref()).map_err(|e| e.to_string())?;
+        report.train_seconds += step_start.elapsed().as_secs_f64();
+        report.losses.push((s.step, s.loss, s.main_loss, s.lisa_loss));
+        let its = (s.step - first) as f64 / report.train_seconds;
         let last = s.step == t.max_train_steps;
         let mut iou = None;
-        if (a.validation_steps > 0 && s.step % a.validation_steps == 0) || last {
-            let v = validate(&trainer.model, &t.noise, &val_set, &file.validation.sampling)?;
-            v.grid.save_png(&out.join(format!("validation-{:06}.png", s.step))).map_err(|e| e.to_string())?;
-            eprintln!("step {:6}  validation iou {:.4}  colour error {:.4}", s.step, v.iou, v.colour_error);
-            iou = Some(v.iou);
+        if (o.validation_steps > 0 && s.step % o.validation_steps == 0) || last {
+            let v = validate_now(&trainer, s.step, &mut report)?;
+            progress.validation(s.step, v);
+            iou = Some(v);
         }
+        progress.step(&s, its);
         let line = serde_json::json!({"step": s.step, "loss": s.loss, "main_loss": s.main_loss, "lisa_loss": s.lisa_loss, "grad_norm": s.grad_norm, "lr": s.lr, "steps_per_s": its, "iou": iou});
         writeln!(metrics, "{line}").map_err(|e| format!("{}: {e}", metrics_path.display()))?;
-        if s.step % 10 == 0 || last {
-            eprintln!(
-                "step {:6}/{}  loss {:.4}  main {:.4}  lisa {:.4}  {:.2} it/s",
-                s.step, t.max_train_steps, s.loss, s.main_loss, s.lisa_loss, its
-            );
-        }
-        if (a.checkpointing_steps > 0 && s.step % a.checkpointing_steps == 0) || last {
+        if (o.checkpointing_steps > 0 && s.step % o.checkpointing_steps == 0) || last {
             save_checkpoint(&trainer, &out.join(format!("checkpoint-{}", s.step))).map_err(|e| e.to_string())?;
-            if let Some(limit) = a.checkpoints_total_limit {
+            if let Some(limit) = o.checkpoints_total_limit {
                 let all = checkpoints(out);
                 for (_, old) in all.iter().take(all.len().saturating_sub(limit.max(1))) {
                     std::fs::remove_dir_all(old).map_err(|e| format!("{}: {e}", old.display()))?;
@@ -224,6 +293,31 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
             }
         }
     }
-    eprintln!("done in {:.1} min; outputs in {}", start.elapsed().as_secs_f64() / 60.0, out.display());
+    progress.finish();
+    report.wall_seconds = wall.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Runs `lisa train`.
+pub fn run<B: Backend>(a: TrainArgs, device: B::Device) -> Result<(), String> {
+    let mut file = RunFile::load(a.config.as_deref())?;
+    apply(&a, &mut file)?;
+    let options = LoopOptions {
+        output_dir: &a.output_dir,
+        validation_steps: a.validation_steps,
+        validate_at_start: false,
+        checkpointing_steps: a.checkpointing_steps,
+        checkpoints_total_limit: a.checkpoints_total_limit,
+        resume: a.resume_from_checkpoint.as_deref(),
+        label: if file.train.mode == Mode::Lisa { "lisa" } else { "baseline" },
+    };
+    let report = train_arm::<B>(&file, &a.main, device, &options)?;
+    eprintln!(
+        "done in {:.1} min (training {:.1} min); final iou {:.4}; outputs in {}",
+        report.wall_seconds / 60.0,
+        report.train_seconds / 60.0,
+        report.final_iou().unwrap_or(f32::NAN),
+        a.output_dir.display()
+    );
     Ok(())
 }

@@ -1,0 +1,156 @@
+//! The fused training ops: MSE, LISA and AdamW.
+
+use cubecl::prelude::*;
+use lisa_core::backend::{AdamWParams, ArithOps, FusedOps, ReduceOps, TensorOps};
+use lisa_core::lisa::{Distance, LisaConfig, LisaLoss, SampleTerms};
+use lisa_core::{Error, Result};
+
+use super::{CubeBackend, T, alloc, arg, check_dtype, f32_buffer, read_f32, u32_of};
+use crate::kernels::{BLOCK, fused as k};
+use crate::launch::{grid_1d, vector_width, with_float};
+
+impl<R: Runtime> FusedOps for CubeBackend<R> {
+    /// `L = mean((p − y)²)`, `∂L/∂p = 2(p − y)/N`: one axpby kernel for the gradient, one
+    /// two-stage tree sum of its squares.
+    fn mse_loss(pred: &T<R>, target: &T<R>) -> Result<(f32, T<R>)> {
+        const OP: &str = "mse_loss";
+        let dtype = Self::expect_same_dtype(OP, pred, target)?;
+        pred.shape.expect_eq(OP, &target.shape)?;
+        check_dtype(OP, &pred.device, dtype)?;
+        if pred.is_empty() {
+            return Err(Error::Empty { op: OP });
+        }
+        let n = pred.len() as f32;
+        let diff = Self::axpby(1.0, pred, -1.0, target)?;
+        let loss = Self::item(&Self::sum_squares(&diff)?)? / n;
+        if !loss.is_finite() {
+            return Err(Error::NonFinite { op: OP });
+        }
+        Ok((loss, Self::affine(&diff, 2.0 / n, 0.0)?))
+    }
+
+    /// One cube per sample sums `(d − τ)², d·τ, d², τ²` (`τ = scale_b·(y − prior)`, never
+    /// stored); the host turns those `4B` numbers into the loss and per-sample coefficients
+    /// `α_b, β_b`; a second kernel writes `∂L/∂d = α_b·d + β_b·τ`.
+    fn lisa_loss(
+        config: &LisaConfig,
+        terms: &[SampleTerms<f32>],
+        decoded: &T<R>,
+        y: &T<R>,
+        prior: &T<R>,
+    ) -> Result<(LisaLoss<f32>, T<R>)> {
+        const OP: &str = "lisa_loss";
+        let dtype = Self::expect_same_dtype(OP, decoded, y)?;
+        Self::expect_same_dtype(OP, decoded, prior)?;
+        decoded.shape.expect_eq(OP, &y.shape)?;
+        decoded.shape.expect_eq(OP, &prior.shape)?;
+        config.validate()?;
+        check_dtype(OP, &decoded.device, dtype)?;
+        let (len, batch) = (decoded.len(), terms.len());
+        if batch == 0 || len == 0 {
+            return Err(Error::Empty { op: OP });
+        }
+        if !len.is_multiple_of(batch) {
+            return Err(Error::invalid(OP, format!("{len} elements cannot be split into {batch} equal samples")));
+        }
+        let per = len / batch;
+        let device = &decoded.device;
+        let scales: Vec<f32> = terms.iter().map(|t| t.target_scale).collect();
+        let (scale, _) = f32_buffer(device, &scales);
+        // SAFETY: `scale` holds `batch` f32 values.
+        let scale_arg = || unsafe { ArrayArg::<R>::from_raw_parts(scale.clone(), batch) };
+        let sums = device.client.empty(batch * 4 * 4);
+        // SAFETY: `sums` holds 4 f32 per sample.
+        let sums_arg = unsafe { ArrayArg::<R>::from_raw_parts(sums.clone(), batch * 4) };
+        with_float!(dtype, F => k::lisa_sums::launch::<F, R>(
+            &device.client, CubeCount::Static(u32_of(OP, batch)?, 1, 1), CubeDim::new_1d(BLOCK),
+            arg(decoded), arg(y), arg(prior), scale_arg(), sums_arg, u32_of(OP, per)?, BLOCK
+        ));
+        let s = read_f32(device, sums, batch * 4)?;
+        let (distance, coef) = lisa_coefficients(config, terms, &s, len);
+        let weighted = config.lambda as f64 * distance;
+        if !weighted.is_finite() || !distance.is_finite() {
+            return Err(Error::NonFinite { op: OP });
+        }
+        let (coef, _) = f32_buffer(device, &coef);
+        // SAFETY: `coef` holds 2 f32 per sample.
+        let coef_arg = unsafe { ArrayArg::<R>::from_raw_parts(coef, batch * 2) };
+        let grad = alloc(device, decoded.shape.clone(), dtype)?;
+        let (count, dim) = grid_1d(len);
+        with_float!(dtype, F => k::lisa_grad::launch::<F, R>(
+            &device.client, count, dim, arg(decoded), arg(y), arg(prior), scale_arg(), coef_arg, arg(&grad),
+            u32_of(OP, per)?
+        ));
+        Ok((LisaLoss { weighted: weighted as f32, distance: distance as f32 }, grad))
+    }
+
+    /// Out of place (new buffers for `param`, `m`, `v`), so clones of the old tensors keep
+    /// their values; all four tensors share one dtype.
+    fn adamw_update(param: &mut T<R>, m: &mut T<R>, v: &mut T<R>, grad: &T<R>, hp: &AdamWParams) -> Result<()> {
+        const OP: &str = "adamw_update";
+        for t in [&*m, &*v, grad] {
+            param.shape.expect_eq(OP, &t.shape)?;
+            Self::expect_same_dtype(OP, param, t)?;
+        }
+        hp.validate()?;
+        check_dtype(OP, &param.device, param.dtype)?;
+        if param.is_empty() {
+            return Ok(());
+        }
+        let device = param.device.clone();
+        let (p2, m2, v2) = (
+            alloc(&device, param.shape.clone(), param.dtype)?,
+            alloc(&device, param.shape.clone(), param.dtype)?,
+            alloc(&device, param.shape.clone(), param.dtype)?,
+        );
+        let (c1, c2) = hp.bias_corrections();
+        let w = vector_width(param.len());
+        let (count, dim) = grid_1d(param.len() / w);
+        with_float!(param.dtype, F => k::adamw::launch::<F, R>(
+            &device.client, count, dim, w, arg(param), arg(m), arg(v), arg(grad), arg(&p2), arg(&m2), arg(&v2),
+            hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, c1, c2
+        ));
+        *param = p2;
+        *m = m2;
+        *v = v2;
+        Ok(())
+    }
+}
+
+/// The LISA distance `Σ_b w_b·D_b` and the gradient coefficients `(α_b, β_b)` per sample
+/// from the per-sample sums `(Σ(d−τ)², ⟨d,τ⟩, ‖d‖², ‖τ‖²)`, `n` = all elements
+/// (lisa-method.md; the same formulas as [`lisa_core::lisa::lisa_loss_fused`]):
+/// - MSE: `D_b = Σ(d−τ)²/n`, `∂L/∂d = 2λw_b(d − τ)/n`;
+/// - cosine: `D_b = (1 − ⟨d,τ⟩/(c_d c_τ))/B` with `c = max(‖·‖, ε)`,
+///   `∂L/∂d = −λw_b/B·(τ − [‖d‖ ≥ ε]·⟨d,τ⟩/c_d²·d)/(c_d c_τ)`.
+fn lisa_coefficients(config: &LisaConfig, terms: &[SampleTerms<f32>], sums: &[f32], n: usize) -> (f64, Vec<f32>) {
+    let lambda = config.lambda as f64;
+    let mut distance = 0.0f64;
+    let mut coef = Vec::with_capacity(terms.len() * 2);
+    match config.distance {
+        Distance::Mse => {
+            let inv_n = 1.0 / n as f64;
+            for (b, t) in terms.iter().enumerate() {
+                let w = t.weight as f64;
+                distance += w * sums[4 * b] as f64 * inv_n;
+                let a = 2.0 * lambda * w * inv_n;
+                coef.extend([a as f32, -a as f32]);
+            }
+        }
+        Distance::Cosine => {
+            let eps = config.cosine_eps as f64;
+            let inv_b = 1.0 / terms.len() as f64;
+            for (b, t) in terms.iter().enumerate() {
+                let w = t.weight as f64;
+                let dot = sums[4 * b + 1] as f64;
+                let (nd, nt) = ((sums[4 * b + 2] as f64).sqrt(), (sums[4 * b + 3] as f64).sqrt());
+                let (cd, ct) = (nd.max(eps), nt.max(eps));
+                distance += w * (1.0 - dot / (cd * ct)) * inv_b;
+                let g = -lambda * w * inv_b;
+                let radial = if nd >= eps { dot / (cd * cd) } else { 0.0 };
+                coef.extend([(-g * radial / (cd * ct)) as f32, (g / (cd * ct)) as f32]);
+            }
+        }
+    }
+    (distance, coef)
+}

@@ -1,0 +1,177 @@
+//! Matmul and conv2d (im2col + matmul, with the batch folded into the columns).
+
+use cubecl::prelude::*;
+use lisa_core::Result;
+use lisa_core::backend::geometry::{Conv2dGeometry, MatmulGeometry};
+use lisa_core::backend::{Conv2dParams, ConvOps, DType, MatmulOps, Shape, TensorOps, Transpose};
+
+use super::{CubeBackend, T, alloc, arg, check_dtype, table, u32_of};
+use crate::device::CubeDevice;
+use crate::kernels::{conv as k, matmul::TILE, matmul::matmul as mm};
+use crate::launch::{grid_1d, with_float};
+
+/// `out[b] = op(a[b])·op(b[b])` for `batch` matrices; `a` holds `m×k` (or `k×m` when
+/// transposed), `b` holds `k×n` (or `n×k`).
+#[allow(clippy::too_many_arguments)]
+fn gemm<R: Runtime>(
+    op: &'static str,
+    device: &CubeDevice<R>,
+    dtype: DType,
+    a: &T<R>,
+    b: &T<R>,
+    batch: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    t: Transpose,
+    out_shape: Shape,
+) -> Result<T<R>> {
+    let out = alloc(device, out_shape, dtype)?;
+    if out.is_empty() {
+        return Ok(out);
+    }
+    if k == 0 {
+        return CubeBackend::<R>::full(&out.shape, 0.0, dtype, device);
+    }
+    let (a_row, a_col) = if t.a { (1, m) } else { (k, 1) };
+    let (b_row, b_col) = if t.b { (1, k) } else { (n, 1) };
+    let count = CubeCount::Static(
+        u32_of(op, n.div_ceil(TILE as usize))?,
+        u32_of(op, m.div_ceil(TILE as usize))?,
+        u32_of(op, batch)?,
+    );
+    let dim = CubeDim::new_2d(TILE, TILE);
+    let u = |v: usize| u32_of(op, v);
+    with_float!(dtype, F => mm::launch::<F, R>(
+        &device.client, count, dim, arg(a), arg(b), arg(&out),
+        u(m)?, u(k)?, u(n)?, u(a_row)?, u(a_col)?, u(b_row)?, u(b_col)?, TILE
+    ));
+    Ok(out)
+}
+
+impl<R: Runtime> MatmulOps for CubeBackend<R> {
+    fn matmul(a: &T<R>, b: &T<R>, t: Transpose) -> Result<T<R>> {
+        let dtype = Self::expect_same_dtype("matmul", a, b)?;
+        check_dtype("matmul", &a.device, dtype)?;
+        let g = MatmulGeometry::new("matmul", &a.shape, &b.shape, t)?;
+        gemm("matmul", &a.device, dtype, a, b, g.batch, g.m, g.k, g.n, t, g.output_shape())
+    }
+}
+
+/// The geometry table of the conv kernels.
+fn conv_table<R: Runtime>(device: &CubeDevice<R>, g: &Conv2dGeometry) -> Result<ArrayArg<R>> {
+    let p = g.params;
+    table(
+        device,
+        &[g.batch, g.c_in, g.h, g.w, g.kh, g.kw, g.oh, g.ow, p.stride[0], p.stride[1], p.padding[0], p.padding[1]],
+    )
+}
+
+/// `x [n, c, h, w]` → columns `[c·kh·kw, n·oh·ow]`.
+fn im2col<R: Runtime>(x: &T<R>, g: &Conv2dGeometry) -> Result<T<R>> {
+    let rows = g.c_in * g.kh * g.kw;
+    let cols = g.batch * g.oh * g.ow;
+    let col = alloc(&x.device, Shape::new([rows, cols]), x.dtype)?;
+    if !col.is_empty() {
+        let (count, dim) = grid_1d(col.len());
+        let meta = conv_table(&x.device, g)?;
+        with_float!(x.dtype, F => k::im2col::launch::<F, R>(&x.device.client, count, dim, arg(x), arg(&col), meta));
+    }
+    Ok(col)
+}
+
+impl<R: Runtime> ConvOps for CubeBackend<R> {
+    fn conv2d(x: &T<R>, weight: &T<R>, bias: Option<&T<R>>, params: Conv2dParams) -> Result<T<R>> {
+        const OP: &str = "conv2d";
+        let dtype = Self::expect_same_dtype(OP, x, weight)?;
+        let g = Conv2dGeometry::new(OP, &x.shape, &weight.shape, params)?;
+        if let Some(b) = bias {
+            Self::expect_same_dtype(OP, x, b)?;
+            Shape::new([g.c_out]).expect_eq(OP, &b.shape)?;
+        }
+        check_dtype(OP, &x.device, dtype)?;
+        let out = alloc(&x.device, g.output_shape(), dtype)?;
+        if out.is_empty() {
+            return Ok(out);
+        }
+        let rows = g.c_in * g.kh * g.kw;
+        let cols = g.batch * g.oh * g.ow;
+        let col = im2col(x, &g)?;
+        // [c_out, rows] · [rows, n·p] = [c_out, n·p]
+        let y = gemm(
+            OP,
+            &x.device,
+            dtype,
+            weight,
+            &col,
+            1,
+            g.c_out,
+            rows,
+            cols,
+            Transpose::default(),
+            Shape::new([g.c_out, cols]),
+        )?;
+        let (count, dim) = grid_1d(out.len());
+        let p = g.oh * g.ow;
+        let bias_arg = arg(bias.unwrap_or(&y));
+        with_float!(dtype, F => k::cnp_to_ncp::launch::<F, R>(
+            &x.device.client, count, dim, arg(&y), bias_arg, arg(&out),
+            u32_of(OP, g.batch)?, u32_of(OP, g.c_out)?, u32_of(OP, p)?, bias.is_some()
+        ));
+        Ok(out)
+    }
+    fn conv2d_backward_data(grad_out: &T<R>, weight: &T<R>, input_shape: &Shape, params: Conv2dParams) -> Result<T<R>> {
+        const OP: &str = "conv2d_backward_data";
+        let dtype = Self::expect_same_dtype(OP, grad_out, weight)?;
+        let g = Conv2dGeometry::new(OP, input_shape, &weight.shape, params)?;
+        g.output_shape().expect_eq(OP, &grad_out.shape)?;
+        check_dtype(OP, &weight.device, dtype)?;
+        let device = &weight.device;
+        let dx = alloc(device, input_shape.clone(), dtype)?;
+        if dx.is_empty() {
+            return Ok(dx);
+        }
+        let rows = g.c_in * g.kh * g.kw;
+        let cols = g.batch * g.oh * g.ow;
+        let gy = to_cnp(grad_out, &g)?;
+        // [rows, c_out] · [c_out, n·p] = [rows, n·p]
+        let t = Transpose { a: true, b: false };
+        let dcol = gemm(OP, device, dtype, weight, &gy, 1, rows, g.c_out, cols, t, Shape::new([rows, cols]))?;
+        let (count, dim) = grid_1d(dx.len());
+        let meta = conv_table(device, &g)?;
+        with_float!(dtype, F => k::col2im::launch::<F, R>(&device.client, count, dim, arg(&dcol), arg(&dx), meta));
+        Ok(dx)
+    }
+    fn conv2d_backward_weight(x: &T<R>, grad_out: &T<R>, weight_shape: &Shape, params: Conv2dParams) -> Result<T<R>> {
+        const OP: &str = "conv2d_backward_weight";
+        let dtype = Self::expect_same_dtype(OP, x, grad_out)?;
+        let g = Conv2dGeometry::new(OP, &x.shape, weight_shape, params)?;
+        g.output_shape().expect_eq(OP, &grad_out.shape)?;
+        check_dtype(OP, &x.device, dtype)?;
+        let rows = g.c_in * g.kh * g.kw;
+        let cols = g.batch * g.oh * g.ow;
+        if weight_shape.num_elements()? == 0 || cols == 0 {
+            return Self::full(weight_shape, 0.0, dtype, &x.device);
+        }
+        let col = im2col(x, &g)?;
+        let gy = to_cnp(grad_out, &g)?;
+        // [c_out, n·p] · [rows, n·p]ᵀ = [c_out, rows]
+        let t = Transpose { a: false, b: true };
+        gemm(OP, &x.device, dtype, &gy, &col, 1, g.c_out, cols, rows, t, weight_shape.clone())
+    }
+}
+
+/// `[n, c_out, oh, ow]` → `[c_out, n·oh·ow]`.
+fn to_cnp<R: Runtime>(grad_out: &T<R>, g: &Conv2dGeometry) -> Result<T<R>> {
+    const OP: &str = "conv2d backward";
+    let p = g.oh * g.ow;
+    let out = alloc(&grad_out.device, Shape::new([g.c_out, g.batch * p]), grad_out.dtype)?;
+    if !out.is_empty() {
+        let (count, dim) = grid_1d(out.len());
+        with_float!(grad_out.dtype, F => k::ncp_to_cnp::launch::<F, R>(
+            &grad_out.device.client, count, dim, arg(grad_out), arg(&out),
+            u32_of(OP, g.batch)?, u32_of(OP, g.c_out)?, u32_of(OP, p)?
+        ));
+    }
+    Ok(out)
+}

@@ -1,0 +1,166 @@
+//! `lisa demo`: the project's main job. Loads the shipped prior, trains the side branch
+//! with LISA (and, with `--compare`, the baseline with the same seeds, data and
+//! validation), and writes grids, metrics, a comparison plot and a summary.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use clap::Args;
+use lisa_core::backend::Backend;
+use lisa_trainer::plot::{Panel, Series, line_chart};
+use lisa_trainer::train::Mode;
+
+use crate::config::RunFile;
+use crate::train::{ArmReport, LoopOptions, train_arm};
+
+/// The demo's run file and prior, shipped in `assets/` (found from the source tree, so the
+/// demo runs from any working directory of a clone).
+const ASSETS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../assets");
+
+/// Flags of `lisa demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Also train the baseline (no LISA) with the same seeds and data, and compare.
+    #[arg(long)]
+    compare: bool,
+    /// Run file (default: assets/demo.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The pretrained prior (default: assets/prior.safetensors).
+    #[arg(long)]
+    main: Option<PathBuf>,
+    /// Where grids, metrics, the plot and the summary go (each arm in its own folder).
+    #[arg(long, default_value = "runs/demo")]
+    output_dir: PathBuf,
+    /// Optimizer steps per arm (default: the run file's).
+    #[arg(long)]
+    max_train_steps: Option<u64>,
+    /// Validate every N steps.
+    #[arg(long, default_value_t = 50)]
+    validation_steps: u64,
+    /// The IoU whose first crossing is reported as "steps to threshold".
+    #[arg(long, default_value_t = 0.7)]
+    threshold: f32,
+}
+
+/// Runs `lisa demo`.
+pub fn run<B: Backend>(a: DemoArgs, device: B::Device) -> Result<(), String> {
+    let config = a.config.clone().unwrap_or_else(|| Path::new(ASSETS).join("demo.toml"));
+    let main = a.main.clone().unwrap_or_else(|| Path::new(ASSETS).join("prior.safetensors"));
+    for (what, p) in [("run file", &config), ("prior", &main)] {
+        if !p.is_file() {
+            return Err(format!("demo {what} {} not found", p.display()));
+        }
+    }
+    let mut file = RunFile::load(Some(&config))?;
+    if let Some(s) = a.max_train_steps {
+        file.train.max_train_steps = s;
+    }
+    let start = Instant::now();
+    let mut arms: Vec<(&str, Mode)> = vec![("lisa", Mode::Lisa)];
+    if a.compare {
+        arms.push(("baseline", Mode::Baseline));
+    }
+    let mut reports = Vec::new();
+    for (label, mode) in &arms {
+        let dir = a.output_dir.join(label);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        let mut arm_file = file.clone();
+        arm_file.train.mode = *mode;
+        let options = LoopOptions {
+            output_dir: &dir,
+            validation_steps: a.validation_steps,
+            validate_at_start: true,
+            checkpointing_steps: 0,
+            checkpoints_total_limit: Some(1),
+            resume: None,
+            label,
+        };
+        reports.push(train_arm::<B>(&arm_file, &main, device.clone(), &options)?);
+    }
+    let labelled: Vec<(&str, &ArmReport)> = arms.iter().map(|a| a.0).zip(&reports).collect();
+    let plot = a.output_dir.join("comparison.png");
+    comparison_plot(&labelled, a.threshold).save_png(&plot).map_err(|e| e.to_string())?;
+    let summary = summarise(&labelled, a.threshold, start.elapsed().as_secs_f64(), B::name());
+    let summary_path = a.output_dir.join("summary.json");
+    std::fs::write(&summary_path, serde_json::to_string_pretty(&summary).unwrap_or_default())
+        .map_err(|e| format!("{}: {e}", summary_path.display()))?;
+    println!("\ndemo on {} finished in {:.1} min", B::name(), start.elapsed().as_secs_f64() / 60.0);
+    for (label, r) in &labelled {
+        let reached = r.steps_to(a.threshold).map_or("not reached".to_string(), |s| format!("step {s}"));
+        println!(
+            "  {label:9} final iou {:.4}   iou >= {:.2}: {reached:12}   {:.2} steps/s ({:.1} min training)",
+            r.final_iou().unwrap_or(f32::NAN),
+            a.threshold,
+            r.losses.len() as f64 / r.train_seconds.max(1e-9),
+            r.train_seconds / 60.0
+        );
+    }
+    println!("  grids, metrics.jsonl per arm, {} and {}", plot.display(), summary_path.display());
+    Ok(())
+}
+
+/// LISA in orange, the baseline in blue, as everywhere in this project's figures.
+fn colour(label: &str) -> [u8; 3] {
+    if label == "lisa" { [230, 120, 20] } else { [40, 90, 200] }
+}
+
+/// IoU against step (with the threshold dashed) above the training loss (log scale,
+/// smoothed over 20 steps).
+pub fn comparison_plot(arms: &[(&str, &ArmReport)], threshold: f32) -> lisa_trainer::image::Rgb8 {
+    let iou = Panel {
+        title: format!("controllability iou (dashed: {threshold:.2})"),
+        series: arms
+            .iter()
+            .map(|(l, r)| Series {
+                label: l.to_string(),
+                colour: colour(l),
+                points: r.validations.iter().map(|&(s, v)| (s as f64, v as f64)).collect(),
+            })
+            .collect(),
+        y_range: Some((0.0, 1.0)),
+        reference: Some(threshold as f64),
+        log_y: false,
+    };
+    let loss = Panel {
+        title: "diffusion loss (mean of 20 steps)".into(),
+        series: arms
+            .iter()
+            .map(|(l, r)| Series {
+                label: l.to_string(),
+                colour: colour(l),
+                points: r
+                    .losses
+                    .chunks(20)
+                    .map(|c| (c[c.len() - 1].0 as f64, c.iter().map(|x| x.2 as f64).sum::<f64>() / c.len() as f64))
+                    .collect(),
+            })
+            .collect(),
+        y_range: None,
+        reference: None,
+        log_y: true,
+    };
+    line_chart(&[iou, loss], 640, 260)
+}
+
+fn summarise(arms: &[(&str, &ArmReport)], threshold: f32, seconds: f64, backend: &str) -> serde_json::Value {
+    let per_arm: serde_json::Map<String, serde_json::Value> = arms
+        .iter()
+        .map(|(l, r)| {
+            (
+                l.to_string(),
+                serde_json::json!({
+                    "final_iou": r.final_iou(),
+                    "steps_to_threshold": r.steps_to(threshold),
+                    "validations": r.validations,
+                    "train_seconds": r.train_seconds,
+                    "wall_seconds": r.wall_seconds,
+                    "steps": r.losses.len(),
+                }),
+            )
+        })
+        .collect();
+    serde_json::json!({"backend": backend, "threshold": threshold, "wall_seconds": seconds, "arms": per_arm})
+}
