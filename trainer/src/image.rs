@@ -45,6 +45,19 @@ impl Rgb8 {
         }
     }
 
+    /// Each pixel as a `k × k` block (small model outputs made visible).
+    pub fn upscaled(&self, k: usize) -> Rgb8 {
+        let k = k.max(1);
+        let mut out = Rgb8::new(self.width * k, self.height * k);
+        for y in 0..out.height {
+            for x in 0..out.width {
+                let (i, o) = (3 * ((y / k) * self.width + x / k), 3 * (y * out.width + x));
+                out.pixels[o..o + 3].copy_from_slice(&self.pixels[i..i + 3]);
+            }
+        }
+        out
+    }
+
     /// Writes a PNG atomically.
     pub fn save_png(&self, path: &Path) -> Result<()> {
         let mut bytes = Vec::new();

@@ -71,7 +71,7 @@ fn draw_panel(img: &mut Rgb8, p: &Panel, top: usize, width: usize, height: usize
         let v = y0 + (y1 - y0) * k as f64 / 4.0;
         let y = (down as f64 - (down - up) as f64 * k as f64 / 4.0).round() as usize;
         hline(img, left, right, y, [225, 225, 225], 1);
-        let label = if p.log_y { format!("{:.0e}", 10f64.powf(v)) } else { format!("{v:.2}") };
+        let label = if p.log_y { format!("{:.1e}", 10f64.powf(v)) } else { format!("{v:.2}") };
         text(img, &label, 4, y.saturating_sub(5), [90, 90, 90]);
     }
     // x ticks: start, middle, end.

@@ -199,6 +199,9 @@ fn bad_inputs_are_clear_errors() {
     fails_with(&train(&["--lambda", "-0.5"]), "--lambda must be finite and >= 0");
     fails_with(&train(&["--resume-from-checkpoint", s(&d.join("nowhere"))]), "does not exist");
     fails_with(&train(&["--distance", "l1"]), "mse | cosine");
+    fails_with(&train(&["--train-data-dir", s(&d.join("no-such-folder"))]), "dataset folder not found");
+    // A backend this machine cannot run (or this binary was built without) is an error.
+    fails_with(&lisa(&["--backend", "cuda", "pretrain", "--config", s(&cfg), "--max-train-steps", "1"]), "cuda");
     fails_with(
         &lisa(&["train", "--config", s(&cfg), "--main", s(&d.join("missing.safetensors"))]),
         "missing.safetensors",
@@ -241,5 +244,114 @@ fn bad_inputs_are_clear_errors() {
         ]),
         "unknown colour",
     );
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+/// A Fill50K-format folder of `n` procedural examples (512-px style: outlines and targets
+/// written at 4× the model resolution, so the loader's resizing is exercised).
+fn fill50k_folder(dir: &Path, n: usize) {
+    use lisa_trainer::data::{Dataset, FillCircles, PALETTE};
+    use lisa_trainer::image::Rgb8;
+    let set = FillCircles { resolution: 64, len: n, seed: 9 };
+    std::fs::create_dir_all(dir.join("source")).unwrap();
+    std::fs::create_dir_all(dir.join("target")).unwrap();
+    let mut lines = String::new();
+    for i in 0..n {
+        let e = set.get(i).unwrap();
+        let mut source = Rgb8::new(64, 64);
+        source.paste_planar(&e.hint, 1, 64, (0, 0), (0.0, 1.0));
+        source.save_png(&dir.join(format!("source/{i}.png"))).unwrap();
+        let mut target = Rgb8::new(64, 64);
+        target.paste_planar(&e.image, 3, 64, (0, 0), (-1.0, 1.0));
+        target.save_png(&dir.join(format!("target/{i}.png"))).unwrap();
+        let c = set.circle(i);
+        let prompt = format!("{} circle with {} background", PALETTE[c.fill].0, PALETTE[c.background].0);
+        lines += &format!("{{\"source\": \"source/{i}.png\", \"target\": \"target/{i}.png\", \"prompt\": \"{prompt}\"}}\n");
+    }
+    std::fs::write(dir.join("prompt.json"), lines).unwrap();
+}
+
+#[test]
+fn demo_compare_writes_plot_summary_grids_and_metrics() {
+    let d = workdir("demo");
+    let cfg = d.join("tiny.toml");
+    let main = d.join("main.safetensors");
+    ok(&lisa(&["pretrain", "--config", s(&cfg), "--output", s(&main), "--max-train-steps", "2", "--train-batch-size", "2"]));
+    let out_dir = d.join("demo");
+    let out = lisa(&[
+        "demo",
+        "--compare",
+        "--config",
+        s(&cfg),
+        "--main",
+        s(&main),
+        "--max-train-steps",
+        "4",
+        "--validation-steps",
+        "2",
+        "--output-dir",
+        s(&out_dir),
+    ]);
+    ok(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("lisa") && stdout.contains("baseline") && stdout.contains("final iou"), "{stdout}");
+    assert!(out_dir.join("comparison.png").is_file());
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("summary.json")).unwrap()).unwrap();
+    for arm in ["lisa", "baseline"] {
+        let a = &summary["arms"][arm];
+        let steps: Vec<u64> = a["validations"].as_array().unwrap().iter().map(|v| v[0].as_u64().unwrap()).collect();
+        assert_eq!(steps, [0, 2, 4], "{arm}: validations at start, every 2 steps and at the end");
+        assert_eq!(a["steps"], 4);
+        for step in [0, 2, 4] {
+            assert!(out_dir.join(format!("{arm}/validation-{step:06}.png")).is_file());
+        }
+        let metrics = std::fs::read_to_string(out_dir.join(format!("{arm}/metrics.jsonl"))).unwrap();
+        assert_eq!(metrics.lines().count(), 5, "{arm}: a line for the start validation and one per step");
+    }
+    // Before any step the side branch adds exactly zero: both arms start at the prior's IoU.
+    assert_eq!(summary["arms"]["lisa"]["validations"][0], summary["arms"]["baseline"]["validations"][0]);
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
+fn trains_on_a_fill50k_folder_and_reports_its_bad_files() {
+    let d = workdir("fill50k");
+    let cfg = d.join("tiny.toml");
+    let main = d.join("main.safetensors");
+    let data = d.join("fill50k");
+    fill50k_folder(&data, 6);
+    ok(&lisa(&["pretrain", "--config", s(&cfg), "--output", s(&main), "--max-train-steps", "1", "--train-batch-size", "2"]));
+    let train = || {
+        lisa(&[
+            "train",
+            "--config",
+            s(&cfg),
+            "--main",
+            s(&main),
+            "--train-data-dir",
+            s(&data),
+            "--max-train-steps",
+            "2",
+            "--train-batch-size",
+            "6",
+            "--validation-steps",
+            "0",
+            "--output-dir",
+            s(&d.join("run")),
+        ])
+    };
+    let out = train();
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("6 examples"));
+    // A corrupt image is named when it is read.
+    std::fs::write(data.join("target/3.png"), b"\x89PNG\r\n\x1a\nnot an image").unwrap();
+    fails_with(&train(), "target/3.png");
+    // A listed file that is missing is named when the folder is opened.
+    std::fs::remove_file(data.join("source/5.png")).unwrap();
+    fails_with(&train(), "source/5.png");
+    // A bad line of prompt.json is named with its line number.
+    std::fs::write(data.join("prompt.json"), "{\"source\": \"source/0.png\"\n").unwrap();
+    fails_with(&train(), "prompt.json:1");
     std::fs::remove_dir_all(d).unwrap();
 }

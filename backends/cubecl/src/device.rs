@@ -54,6 +54,11 @@ impl<R: Runtime> CubeDevice<R> {
                     .cloned()
                     .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
                     .unwrap_or_else(|| "the runtime panicked while creating its client".into());
+                let reason = match runtime_name::<R>() {
+                    "cuda" => format!("no usable NVIDIA driver or GPU (cubecl-cuda: {reason})"),
+                    "wgpu" => format!("no usable GPU adapter (install a Vulkan driver, e.g. mesa-vulkan-drivers; wgpu: {reason})"),
+                    _ => reason,
+                };
                 Err(Unavailable { runtime: runtime_name::<R>(), reason })
             }
         }

@@ -36,7 +36,7 @@ pub struct DemoArgs {
     #[arg(long)]
     max_train_steps: Option<u64>,
     /// Validate every N steps.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 60)]
     validation_steps: u64,
     /// The IoU whose first crossing is reported as "steps to threshold".
     #[arg(long, default_value_t = 0.7)]

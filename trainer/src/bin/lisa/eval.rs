@@ -59,6 +59,8 @@ pub fn validate<B: Backend>(
         grid.paste_planar(&hints[i * r * r..(i + 1) * r * r], 1, r, (x, y), (0.0, 1.0));
         grid.paste_planar(img, 3, r, (x + r + 2, y), (-1.0, 1.0));
     }
+    // Shown at ≥ 96 px per image: a 16-px sample is unreadable at its own size.
+    let grid = grid.upscaled((96 / r).max(1));
     Ok(Validation { iou: iou / n as f32, colour_error: col / n as f32, grid })
 }
 
