@@ -130,7 +130,7 @@ fn fill(img: &mut Rgb8, x: usize, y: usize, w: usize, h: usize, c: [u8; 3]) {
 /// A horizontal line; `dash > 1` draws `dash` pixels on, `dash` off.
 fn hline(img: &mut Rgb8, x0: usize, x1: usize, y: usize, c: [u8; 3], dash: usize) {
     for x in x0..=x1 {
-        if dash <= 1 || (x / dash) % 2 == 0 {
+        if dash <= 1 || (x / dash).is_multiple_of(2) {
             put(img, x, y, c);
         }
     }

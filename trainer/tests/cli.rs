@@ -266,7 +266,8 @@ fn fill50k_folder(dir: &Path, n: usize) {
         target.save_png(&dir.join(format!("target/{i}.png"))).unwrap();
         let c = set.circle(i);
         let prompt = format!("{} circle with {} background", PALETTE[c.fill].0, PALETTE[c.background].0);
-        lines += &format!("{{\"source\": \"source/{i}.png\", \"target\": \"target/{i}.png\", \"prompt\": \"{prompt}\"}}\n");
+        lines +=
+            &format!("{{\"source\": \"source/{i}.png\", \"target\": \"target/{i}.png\", \"prompt\": \"{prompt}\"}}\n");
     }
     std::fs::write(dir.join("prompt.json"), lines).unwrap();
 }
@@ -276,7 +277,17 @@ fn demo_compare_writes_plot_summary_grids_and_metrics() {
     let d = workdir("demo");
     let cfg = d.join("tiny.toml");
     let main = d.join("main.safetensors");
-    ok(&lisa(&["pretrain", "--config", s(&cfg), "--output", s(&main), "--max-train-steps", "2", "--train-batch-size", "2"]));
+    ok(&lisa(&[
+        "pretrain",
+        "--config",
+        s(&cfg),
+        "--output",
+        s(&main),
+        "--max-train-steps",
+        "2",
+        "--train-batch-size",
+        "2",
+    ]));
     let out_dir = d.join("demo");
     let out = lisa(&[
         "demo",
@@ -321,7 +332,17 @@ fn trains_on_a_fill50k_folder_and_reports_its_bad_files() {
     let main = d.join("main.safetensors");
     let data = d.join("fill50k");
     fill50k_folder(&data, 6);
-    ok(&lisa(&["pretrain", "--config", s(&cfg), "--output", s(&main), "--max-train-steps", "1", "--train-batch-size", "2"]));
+    ok(&lisa(&[
+        "pretrain",
+        "--config",
+        s(&cfg),
+        "--output",
+        s(&main),
+        "--max-train-steps",
+        "1",
+        "--train-batch-size",
+        "2",
+    ]));
     let train = || {
         lisa(&[
             "train",

@@ -56,7 +56,9 @@ impl<R: Runtime> CubeDevice<R> {
                     .unwrap_or_else(|| "the runtime panicked while creating its client".into());
                 let reason = match runtime_name::<R>() {
                     "cuda" => format!("no usable NVIDIA driver or GPU (cubecl-cuda: {reason})"),
-                    "wgpu" => format!("no usable GPU adapter (install a Vulkan driver, e.g. mesa-vulkan-drivers; wgpu: {reason})"),
+                    "wgpu" => format!(
+                        "no usable GPU adapter (install a Vulkan driver, e.g. mesa-vulkan-drivers; wgpu: {reason})"
+                    ),
                     _ => reason,
                 };
                 Err(Unavailable { runtime: runtime_name::<R>(), reason })

@@ -68,7 +68,7 @@ impl<R: Runtime> FusedOps for CubeBackend<R> {
         ));
         let s = read_f32(device, sums, batch * 4)?;
         let (distance, coef) = lisa_coefficients(config, terms, &s, len);
-        let weighted = config.lambda as f64 * distance;
+        let weighted = config.lambda * distance;
         if !weighted.is_finite() || !distance.is_finite() {
             return Err(Error::NonFinite { op: OP });
         }
@@ -124,7 +124,7 @@ impl<R: Runtime> FusedOps for CubeBackend<R> {
 /// - cosine: `D_b = (1 − ⟨d,τ⟩/(c_d c_τ))/B` with `c = max(‖·‖, ε)`,
 ///   `∂L/∂d = −λw_b/B·(τ − [‖d‖ ≥ ε]·⟨d,τ⟩/c_d²·d)/(c_d c_τ)`.
 fn lisa_coefficients(config: &LisaConfig, terms: &[SampleTerms<f32>], sums: &[f32], n: usize) -> (f64, Vec<f32>) {
-    let lambda = config.lambda as f64;
+    let lambda = config.lambda;
     let mut distance = 0.0f64;
     let mut coef = Vec::with_capacity(terms.len() * 2);
     match config.distance {
@@ -138,7 +138,7 @@ fn lisa_coefficients(config: &LisaConfig, terms: &[SampleTerms<f32>], sums: &[f3
             }
         }
         Distance::Cosine => {
-            let eps = config.cosine_eps as f64;
+            let eps = config.cosine_eps;
             let inv_b = 1.0 / terms.len() as f64;
             for (b, t) in terms.iter().enumerate() {
                 let w = t.weight as f64;

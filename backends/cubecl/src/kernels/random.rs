@@ -15,6 +15,8 @@ fn uniform_open(x: u32) -> f32 {
 }
 
 /// One thread per block of four normals; `key` = the seed's two words.
+// 2π as a literal: kernels embed literals, not paths to std constants.
+#[allow(clippy::approx_constant, clippy::excessive_precision)]
 #[cube(launch)]
 pub fn random_normal<F: Float>(out: &mut Array<F>, key0: u32, key1: u32) {
     let block = ABSOLUTE_POS;

@@ -67,7 +67,7 @@ impl Progress {
             }
         } else {
             let every = (todo / 20).max(1);
-            if done % every == 0 || s.step == self.total {
+            if done.is_multiple_of(every) || s.step == self.total {
                 eprintln!("{text}");
             }
         }
