@@ -8,7 +8,7 @@
 //! - Storage: contiguous row-major buffers of `f32`, `f16` or `bf16`. Kernels read the
 //!   storage type, compute in `f32` and round once on the store, so a half-precision tensor
 //!   holds what the CPU backend would hold. A dtype is checked against the device's
-//!   properties *before* any launch ([`TensorOps::supports_dtype`]): WGSL has no `bf16`, and
+//!   properties *before* any launch ([`lisa_core::backend::TensorOps::supports_dtype`]): WGSL has no `bf16`, and
 //!   launching it there would fail on the device thread, not in the caller.
 //! - Devices: [`CubeDevice::try_new`] creates the client and turns the runtime's panics (no
 //!   adapter, no CUDA driver) into an [`Unavailable`] error; [`CubeBackend::probe`] tells
