@@ -7,11 +7,16 @@ use lisa_core::backend::{Conv2dParams, ConvOps, DType, MatmulOps, Shape, TensorO
 
 use super::{CubeBackend, T, alloc, arg, check_dtype, table, u32_of};
 use crate::device::CubeDevice;
-use crate::kernels::{conv as k, matmul::TILE, matmul::matmul as mm};
+use crate::kernels::matmul::{self as mt, TILE, matmul as mm};
+use crate::kernels::conv as k;
 use crate::launch::{grid_1d, with_float};
 
 /// `out[b] = op(a[b])·op(b[b])` for `batch` matrices; `a` holds `m×k` (or `k×m` when
 /// transposed), `b` holds `k×n` (or `n×k`).
+///
+/// f32 goes to cubek's matmul (its `Auto` strategy picks a kernel for the device), with
+/// transposed operands made contiguous first; if cubek refuses the problem, and for f16/bf16,
+/// the tiled kernel of this crate runs instead (transposes as strides).
 #[allow(clippy::too_many_arguments)]
 fn gemm<R: Runtime>(
     op: &'static str,
@@ -33,6 +38,75 @@ fn gemm<R: Runtime>(
     if k == 0 {
         return CubeBackend::<R>::full(&out.shape, 0.0, dtype, device);
     }
+    if dtype == DType::F32 {
+        let a = if t.a { transposed(a, batch, k, m)? } else { a.clone() };
+        let b = if t.b { transposed(b, batch, n, k)? } else { b.clone() };
+        if cubek_matmul(device, &a, &b, &out, batch, m, k, n).is_ok() {
+            return Ok(out);
+        }
+        return tiled(op, device, dtype, &a, &b, &out, batch, m, k, n, Transpose::default());
+    }
+    tiled(op, device, dtype, a, b, &out, batch, m, k, n, t)
+}
+
+/// `x [batch, rows, cols]` → `[batch, cols, rows]`, contiguous.
+fn transposed<R: Runtime>(x: &T<R>, batch: usize, rows: usize, cols: usize) -> Result<T<R>> {
+    const OP: &str = "transpose";
+    let out = alloc(&x.device, Shape::new([batch, cols, rows]), x.dtype)?;
+    let (count, dim) = grid_1d(out.len());
+    with_float!(x.dtype, F => mt::transpose::launch::<F, R>(
+        &x.device.client, count, dim, arg(x), arg(&out), u32_of(OP, rows)?, u32_of(OP, cols)?
+    ));
+    Ok(out)
+}
+
+/// cubek's f32 matmul on contiguous `[batch, m, k] × [batch, k, n]`.
+#[allow(clippy::too_many_arguments)]
+fn cubek_matmul<R: Runtime>(
+    device: &CubeDevice<R>,
+    a: &T<R>,
+    b: &T<R>,
+    out: &T<R>,
+    batch: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+) -> std::result::Result<(), String> {
+    use cubecl::std::tensor::TensorHandle;
+    use cubek::matmul::definition::MatmulElems;
+    use cubek::matmul::launch::{Strategy, launch_ref};
+    use cubek::std::InputBinding;
+    let f = f32::as_type_native_unchecked();
+    let st = f.storage_type();
+    let lhs = TensorHandle::<R>::new_contiguous(vec![batch, m, k], a.handle.clone(), st);
+    let rhs = TensorHandle::<R>::new_contiguous(vec![batch, k, n], b.handle.clone(), st);
+    let dst = TensorHandle::<R>::new_contiguous(vec![batch, m, n], out.handle.clone(), st);
+    launch_ref::<R>(
+        &Strategy::Auto,
+        &device.client,
+        InputBinding::Normal(lhs.binding(), st),
+        InputBinding::Normal(rhs.binding(), st),
+        dst.binding(),
+        &mut MatmulElems::from_single_dtype(f),
+    )
+    .map_err(|e| format!("{e:?}"))
+}
+
+/// The shared-memory tiled kernel (any dtype; transposes as strides).
+#[allow(clippy::too_many_arguments)]
+fn tiled<R: Runtime>(
+    op: &'static str,
+    device: &CubeDevice<R>,
+    dtype: DType,
+    a: &T<R>,
+    b: &T<R>,
+    out: &T<R>,
+    batch: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    t: Transpose,
+) -> Result<T<R>> {
     let (a_row, a_col) = if t.a { (1, m) } else { (k, 1) };
     let (b_row, b_col) = if t.b { (1, k) } else { (n, 1) };
     let count = CubeCount::Static(
@@ -43,10 +117,10 @@ fn gemm<R: Runtime>(
     let dim = CubeDim::new_2d(TILE, TILE);
     let u = |v: usize| u32_of(op, v);
     with_float!(dtype, F => mm::launch::<F, R>(
-        &device.client, count, dim, arg(a), arg(b), arg(&out),
+        &device.client, count, dim, arg(a), arg(b), arg(out),
         u(m)?, u(k)?, u(n)?, u(a_row)?, u(a_col)?, u(b_row)?, u(b_col)?, TILE
     ));
-    Ok(out)
+    Ok(out.clone())
 }
 
 impl<R: Runtime> MatmulOps for CubeBackend<R> {

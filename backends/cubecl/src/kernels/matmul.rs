@@ -62,3 +62,16 @@ pub fn matmul<F: Float>(
         c[batch * mm * nn + row * nn + col] = F::cast_from(acc);
     }
 }
+
+/// `out[b, j, i] = x[b, i, j]` for `x` of shape `[batch, rows, cols]`.
+#[cube(launch)]
+pub fn transpose<F: Float>(x: &Array<F>, out: &mut Array<F>, rows: u32, cols: u32) {
+    if ABSOLUTE_POS < out.len() {
+        let r = rows as usize;
+        let c = cols as usize;
+        let i = ABSOLUTE_POS % r;
+        let j = (ABSOLUTE_POS / r) % c;
+        let b = ABSOLUTE_POS / (r * c);
+        out[ABSOLUTE_POS] = x[(b * r + i) * c + j];
+    }
+}
