@@ -7,8 +7,8 @@ use lisa_core::backend::{Conv2dParams, ConvOps, DType, MatmulOps, Shape, TensorO
 
 use super::{CubeBackend, T, alloc, arg, check_dtype, table, u32_of};
 use crate::device::CubeDevice;
-use crate::kernels::matmul::{self as mt, TILE, matmul as mm};
 use crate::kernels::conv as k;
+use crate::kernels::matmul::{self as mt, TILE, matmul as mm};
 use crate::launch::{grid_1d, with_float};
 
 /// `out[b] = op(a[b])·op(b[b])` for `batch` matrices; `a` holds `m×k` (or `k×m` when
