@@ -1,6 +1,6 @@
 use lisa_core::backend::geometry::{
     Conv2dGeometry, Conv2dParams, GroupNormGeometry, GroupNormParams, MatmulGeometry, Transpose, concat_channels_shape,
-    slice_channels_shape, upsample_output_shape,
+    slice_channels_shape, upsample_backward_input_shape, upsample_output_shape,
 };
 use lisa_core::backend::{
     AdamWParams, ArithOps, BackendTypes, BinaryOp, ConvOps, DType, FusedOps, GroupNormGrads, GroupNormOutput,
@@ -254,12 +254,8 @@ impl LayoutOps for CpuBackend {
     }
     fn upsample_nearest_backward(grad_out: &T, factor: usize) -> Result<T> {
         const OP: &str = "upsample_nearest_backward";
-        grad_out.shape.expect_rank(OP, 4)?;
+        let out_shape = upsample_backward_input_shape(OP, &grad_out.shape, factor)?;
         let d = grad_out.shape.dims();
-        if factor == 0 || !d[2].is_multiple_of(factor) || !d[3].is_multiple_of(factor) {
-            return Err(Error::invalid(OP, format!("{} is not a multiple of factor {factor}", grad_out.shape)));
-        }
-        let out_shape = Shape::new([d[0], d[1], d[2] / factor, d[3] / factor]);
         Ok(CpuTensor::store(
             layout::upsample_nearest_backward(&grad_out.values(), d[2], d[3], factor),
             out_shape,

@@ -227,6 +227,17 @@ pub fn upsample_output_shape(op: &'static str, x: &Shape, factor: usize) -> Resu
     Ok(out)
 }
 
+/// Validates the gradient of a nearest upsampling by `factor` (`[n, c, f·h, f·w]`) and
+/// returns the input's shape `[n, c, h, w]`.
+pub fn upsample_backward_input_shape(op: &'static str, grad: &Shape, factor: usize) -> Result<Shape> {
+    grad.expect_rank(op, 4)?;
+    let d = grad.dims();
+    if factor == 0 || !d[2].is_multiple_of(factor) || !d[3].is_multiple_of(factor) {
+        return Err(Error::invalid(op, alloc::format!("{grad} is not a multiple of factor {factor}")));
+    }
+    Ok(Shape::new([d[0], d[1], d[2] / factor, d[3] / factor]))
+}
+
 /// Validates the inputs of a channel concat (`dim 1`) and returns the output shape.
 pub fn concat_channels_shape(op: &'static str, shapes: &[&Shape]) -> Result<Shape> {
     let first = shapes.first().ok_or(Error::Empty { op })?;

@@ -3,8 +3,10 @@ use alloc::vec::Vec;
 
 use super::expect_len;
 use crate::backend::Shape;
-use crate::backend::geometry::{concat_channels_shape, slice_channels_shape, upsample_output_shape};
-use crate::{Error, Result};
+use crate::backend::geometry::{
+    concat_channels_shape, slice_channels_shape, upsample_backward_input_shape, upsample_output_shape,
+};
+use crate::Result;
 
 /// Nearest upsampling of `x [n, c, h, w]` by `factor`; returns the output and its shape.
 pub fn upsample_nearest(x: &[f32], x_shape: &Shape, factor: usize) -> Result<(Vec<f32>, Shape)> {
@@ -28,13 +30,9 @@ pub fn upsample_nearest(x: &[f32], x_shape: &Shape, factor: usize) -> Result<(Ve
 pub fn upsample_nearest_backward(grad: &[f32], grad_shape: &Shape, factor: usize) -> Result<(Vec<f32>, Shape)> {
     const OP: &str = "upsample_nearest_backward";
     expect_len(OP, grad, grad_shape)?;
-    grad_shape.expect_rank(OP, 4)?;
-    let d = grad_shape.dims();
-    if factor == 0 || !d[2].is_multiple_of(factor) || !d[3].is_multiple_of(factor) {
-        return Err(Error::invalid(OP, alloc::format!("{grad_shape} is not a multiple of factor {factor}")));
-    }
-    let (oh, ow, h, w) = (d[2], d[3], d[2] / factor, d[3] / factor);
-    let out_shape = Shape::new([d[0], d[1], h, w]);
+    let out_shape = upsample_backward_input_shape(OP, grad_shape, factor)?;
+    let (oh, ow) = (grad_shape.dims()[2], grad_shape.dims()[3]);
+    let (h, w) = (out_shape.dims()[2], out_shape.dims()[3]);
     let mut acc = vec![0.0f64; out_shape.num_elements()?];
     for (plane, src) in grad.chunks_exact(oh * ow).enumerate() {
         for i in 0..oh {

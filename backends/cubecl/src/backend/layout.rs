@@ -1,7 +1,9 @@
 //! Nearest upsampling and channel concat/slice.
 
 use cubecl::prelude::*;
-use lisa_core::backend::geometry::{concat_channels_shape, slice_channels_shape, upsample_output_shape};
+use lisa_core::backend::geometry::{
+    concat_channels_shape, slice_channels_shape, upsample_backward_input_shape, upsample_output_shape,
+};
 use lisa_core::backend::{LayoutOps, Shape, TensorOps};
 use lisa_core::{Error, Result};
 
@@ -45,14 +47,10 @@ impl<R: Runtime> LayoutOps for CubeBackend<R> {
     }
     fn upsample_nearest_backward(grad_out: &T<R>, factor: usize) -> Result<T<R>> {
         const OP: &str = "upsample_nearest_backward";
-        grad_out.shape.expect_rank(OP, 4)?;
-        let d = grad_out.shape.dims();
-        if factor == 0 || !d[2].is_multiple_of(factor) || !d[3].is_multiple_of(factor) {
-            return Err(Error::invalid(OP, format!("{} is not a multiple of factor {factor}", grad_out.shape)));
-        }
+        let in_shape = upsample_backward_input_shape(OP, &grad_out.shape, factor)?;
         check_dtype(OP, &grad_out.device, grad_out.dtype)?;
-        let (h, w) = (d[2] / factor, d[3] / factor);
-        let out = alloc(&grad_out.device, Shape::new([d[0], d[1], h, w]), grad_out.dtype)?;
+        let (h, w) = (in_shape.dims()[2], in_shape.dims()[3]);
+        let out = alloc(&grad_out.device, in_shape, grad_out.dtype)?;
         if !out.is_empty() {
             let (count, dim) = grid_1d(out.len());
             with_float!(grad_out.dtype, F => k::upsample_nearest_backward::launch::<F, R>(
