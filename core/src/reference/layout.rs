@@ -2,11 +2,11 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use super::expect_len;
+use crate::Result;
 use crate::backend::Shape;
 use crate::backend::geometry::{
     concat_channels_shape, slice_channels_shape, upsample_backward_input_shape, upsample_output_shape,
 };
-use crate::Result;
 
 /// Nearest upsampling of `x [n, c, h, w]` by `factor`; returns the output and its shape.
 pub fn upsample_nearest(x: &[f32], x_shape: &Shape, factor: usize) -> Result<(Vec<f32>, Shape)> {
