@@ -43,6 +43,7 @@ extern crate alloc;
 pub mod backend;
 mod error;
 pub mod lisa;
+pub mod optim;
 pub mod prediction;
 pub mod real;
 pub mod reference;

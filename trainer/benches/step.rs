@@ -13,7 +13,7 @@ use lisa_core::backend::prelude::*;
 use lisa_cpu::{CpuBackend as C, CpuDevice};
 use lisa_trainer::autodiff::Tape;
 use lisa_trainer::data::FillCircles;
-use lisa_trainer::model::{Conditioning, DualModel, ModelConfig};
+use lisa_trainer::model::{Conditioning, ModelSpec, Parts, PromptEmbedding, forward_prior, registry};
 use lisa_trainer::train::{Mode, TrainConfig, Trainer};
 
 fn rss_kib(field: &str) -> u64 {
@@ -34,7 +34,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn run(mode: Mode, subbatch: Option<usize>, steps: usize, data: &FillCircles) -> (f64, u64, u64) {
-    let model = DualModel::<C>::new(&ModelConfig::default(), mode == Mode::Lisa, CpuDevice, 0).unwrap();
+    let model =
+        registry::build::<C>(&ModelSpec::default(), Parts::Dual { decoder: mode == Mode::Lisa }, CpuDevice, 0).unwrap();
     let mut t = Trainer::new(
         model,
         TrainConfig { mode, lisa_subbatch: subbatch, max_train_steps: steps as u64, ..TrainConfig::default() },
@@ -58,7 +59,7 @@ fn run(mode: Mode, subbatch: Option<usize>, steps: usize, data: &FillCircles) ->
 /// `LISA_BENCH_MEMORY_STEPS=N`: one LISA run of N steps, printing the resident memory every
 /// N/10 steps (flat memory = no leak across steps).
 fn memory_run(steps: usize, data: &FillCircles) {
-    let model = DualModel::<C>::new(&ModelConfig::default(), true, CpuDevice, 0).unwrap();
+    let model = registry::build::<C>(&ModelSpec::default(), Parts::Dual { decoder: true }, CpuDevice, 0).unwrap();
     let mut t = Trainer::new(model, TrainConfig { max_train_steps: steps as u64, ..TrainConfig::default() }).unwrap();
     println!("| step | RSS | peak RSS |\n|---|---|---|");
     for i in 1..=steps {
@@ -89,7 +90,7 @@ fn main() {
     let (half, half_rss0, half_rss1) = run(Mode::Lisa, Some(16), steps, &data);
 
     // The prior pass and the decoder on their own (forward; the decoder also backward).
-    let model = DualModel::<C>::new(&ModelConfig::default(), true, CpuDevice, 0).unwrap();
+    let model = registry::build::<C>(&ModelSpec::default(), Parts::Dual { decoder: true }, CpuDevice, 0).unwrap();
     let x = C::random_normal(
         &lisa_core::backend::Shape::new([32, 3, 32, 32]),
         1,
@@ -99,10 +100,13 @@ fn main() {
     .unwrap();
     let cond = Conditioning {
         t: (0..32).map(|i| (i * 31 % 1000) as f32).collect(),
-        prompts: vec![(0..32).map(|i| i % 8).collect(), (0..32).map(|i| (i + 1) % 8).collect()],
+        prompt: PromptEmbedding::Classes(vec![
+            (0..32).map(|i| i % 8).collect(),
+            (0..32).map(|i| (i + 1) % 8).collect(),
+        ]),
     };
     let tape = Tape::<C>::new();
-    let b = model.store.bind(&tape);
+    let b = model.store().bind(&tape);
     let (temb, enc) = tape.no_grad(|| {
         let temb = model.main.time.forward(&b, &cond).unwrap();
         let enc = model.main.encoder.forward(&b, &tape.constant(x.clone()), &temb, None).unwrap();
@@ -129,7 +133,7 @@ fn main() {
         (0..repeats)
             .map(|_| {
                 let tape = Tape::<C>::new();
-                let b = model.store.bind(&tape);
+                let b = model.store().bind(&tape);
                 let s = Instant::now();
                 let hv = tape.leaf(h.clone());
                 let out = decoder.forward(&b, &hv, &cond.t).unwrap();

@@ -8,9 +8,15 @@ pub enum TrainError {
     /// A backend op or core math failed (shape, dtype, domain…).
     #[error(transparent)]
     Core(#[from] lisa_core::Error),
-    /// A configuration value is invalid.
+    /// A configuration value is invalid (caught before any work starts).
     #[error("invalid config: {0}")]
     Config(String),
+    /// Run-time input does not fit the model (an example's size, a prompt it cannot read).
+    #[error("{0}")]
+    Mismatch(String),
+    /// Tensors could not be serialised (safetensors, JSON).
+    #[error("serialisation: {0}")]
+    Serialize(String),
     /// Misuse of the autodiff tape (a bug in model code).
     #[error("autodiff: {0}")]
     Autodiff(&'static str),

@@ -1,24 +1,25 @@
 //! # lisa-trainer
 //!
-//! Reverse-mode autodiff over any `lisa` backend, the layers of a pixel-space UNet, the
-//! ControlNet side network, the LISA decoder, AdamW with learning-rate schedules, and exact
-//! checkpoints (lisa-method.md §1, §3, §5).
+//! Reverse-mode autodiff over any `lisa` backend, layers, the model seam ([`model::DualDenoiser`])
+//! with its architectures (the toy UNet + ControlNet + LISA decoder), the noise process and
+//! the samplers' schedulers, AdamW with learning-rate schedules and EMA, training and
+//! pretraining loops, and exact checkpoints (docs/method.md §1, §3, §5). A library only: the
+//! `lisa` command, image files and plots live in the `lisa-cli` crate.
 
 pub mod autodiff;
 pub mod checkpoint;
 pub mod data;
 pub mod error;
-pub mod fill50k;
-pub mod image;
 pub mod metrics;
 pub mod model;
 pub mod nn;
 pub mod optim;
 pub mod params;
-pub mod plot;
 pub mod pretrain;
 pub mod run;
 pub mod sample;
+pub mod scheduler;
 pub mod train;
+pub mod weights;
 
 pub use error::{Result, TrainError};

@@ -14,14 +14,7 @@ pub fn iou(a: &[bool], b: &[bool]) -> f32 {
 
 /// The disc the condition outlines: pixel centres within the radius (same rule as the data).
 pub fn disc_mask(circle: &Circle, resolution: usize) -> Vec<bool> {
-    let mut m = vec![false; resolution * resolution];
-    for y in 0..resolution {
-        for x in 0..resolution {
-            let d = ((x as f32 + 0.5 - circle.cx).powi(2) + (y as f32 + 0.5 - circle.cy).powi(2)).sqrt();
-            m[y * resolution + x] = d <= circle.radius;
-        }
-    }
-    m
+    (0..resolution * resolution).map(|i| circle.covers(i % resolution, i / resolution)).collect()
 }
 
 /// Pixels of a generated image `[3, r, r]` (values in [−1, 1]) nearer (in RGB) to the

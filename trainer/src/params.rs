@@ -35,18 +35,27 @@ pub enum Init {
     },
 }
 
-/// All parameters of a model, in creation order, with unique names.
+/// All parameters of a model, in creation order, with unique names. Whether a new parameter
+/// is trainable follows from its name: those under a frozen prefix (the main network's
+/// `main.` during control training) are constants, every other one is trained.
 #[derive(Debug, Clone)]
 pub struct ParamStore<B: Backend> {
     params: Vec<Param<B>>,
     device: B::Device,
     seed: u64,
+    frozen: Vec<String>,
 }
 
 impl<B: Backend> ParamStore<B> {
     /// An empty store; initial values derive from `seed` and each parameter's index.
     pub fn new(device: B::Device, seed: u64) -> Self {
-        Self { params: Vec::new(), device, seed }
+        Self { params: Vec::new(), device, seed, frozen: Vec::new() }
+    }
+
+    /// Parameters added later whose names start with `prefix` are frozen (not trainable).
+    pub fn freeze_prefix(mut self, prefix: &str) -> Self {
+        self.frozen.push(prefix.to_string());
+        self
     }
 
     /// The device parameters live on.
@@ -54,9 +63,10 @@ impl<B: Backend> ParamStore<B> {
         &self.device
     }
 
-    /// Creates a parameter. Names must be unique.
-    pub fn add(&mut self, name: impl Into<String>, shape: &[usize], init: Init, trainable: bool) -> Result<ParamId> {
+    /// Creates a parameter (trainable unless under a frozen prefix). Names must be unique.
+    pub fn add(&mut self, name: impl Into<String>, shape: &[usize], init: Init) -> Result<ParamId> {
         let name = name.into();
+        let trainable = !self.frozen.iter().any(|f| name.starts_with(f.as_str()));
         if self.params.iter().any(|p| p.name == name) {
             return Err(TrainError::Config(format!("duplicate parameter name {name}")));
         }

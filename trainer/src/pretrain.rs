@@ -7,14 +7,14 @@ use lisa_core::backend::Backend;
 use serde::{Deserialize, Serialize};
 
 use crate::autodiff::Tape;
-use crate::checkpoint::{load_params, save_params};
 use crate::data::Dataset;
 use crate::error::{Result, TrainError};
-use crate::model::{UNet, UNetConfig};
-use crate::optim::{AdamW, Ema, OptimConfig, clip_grad_norm};
-use crate::params::ParamStore;
-use crate::run::{NoiseProcess, NoisedBatch, RunStream, noise_batch};
-use crate::train::{NoiseConfig, StepStats};
+use crate::model::{DualDenoiser, ModelSpec, Parts, forward_prior, registry};
+use crate::optim::{OptimConfig, Optimizer};
+use crate::run::{NoisedBatch, RunStream, noise_batch};
+use crate::scheduler::{NoiseConfig, NoiseProcess};
+use crate::train::StepStats;
+use crate::weights::{load_params, save_params};
 
 /// Pretraining settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -50,16 +50,12 @@ impl Default for PretrainConfig {
     }
 }
 
-/// A pretraining run of the main UNet (parameters named `main.*`, all trainable).
+/// A pretraining run of the main network (parameters named `main.*`, all trainable).
 pub struct Pretrainer<B: Backend> {
-    /// The UNet's parameters.
-    pub store: ParamStore<B>,
-    /// The UNet.
-    pub unet: UNet,
-    /// AdamW moments.
-    pub optim: AdamW<B>,
-    /// EMA of every weight.
-    pub ema: Option<Ema<B>>,
+    /// The main network alone ([`Parts::Prior`]).
+    pub model: Box<dyn DualDenoiser<B>>,
+    /// AdamW moments and the EMA of every weight.
+    pub optimizer: Optimizer<B>,
     /// Settings.
     pub config: PretrainConfig,
     /// Random stream and data position.
@@ -68,23 +64,19 @@ pub struct Pretrainer<B: Backend> {
 }
 
 impl<B: Backend> Pretrainer<B> {
-    /// A fresh run.
-    pub fn new(unet: &UNetConfig, config: PretrainConfig, device: B::Device) -> Result<Self> {
+    /// A fresh run of the main network of `spec`.
+    pub fn new(spec: &ModelSpec, config: PretrainConfig, device: B::Device) -> Result<Self> {
         config.optim.validate()?;
         if config.batch_size == 0 || !(0.0..1.0).contains(&config.null_prompt_prob) {
             return Err(TrainError::Config("pretrain: batch_size >= 1 and null_prompt_prob in [0, 1) required".into()));
         }
-        let mut store = ParamStore::new(device, config.seed);
-        let net = UNet::new(&mut store, "main", unet, true)?;
-        let optim = AdamW::new(&store)?;
-        let ema = config.ema_decay.map(|d| Ema::new(&store, d, |_| true)).transpose()?;
+        let model = registry::build::<B>(spec, Parts::Prior, device, config.seed)?;
+        let optimizer = Optimizer::new(model.store(), config.optim.clone(), config.ema_decay, |_| true)?;
         Ok(Self {
             noise: NoiseProcess::new(&config.noise)?,
             run: RunStream::new(config.seed),
-            store,
-            unet: net,
-            optim,
-            ema,
+            model,
+            optimizer,
             config,
         })
     }
@@ -94,55 +86,43 @@ impl<B: Backend> Pretrainer<B> {
         let step = self.run.state.step + 1;
         let idx = self.run.next_indices(data.len(), self.config.batch_size)?;
         let examples = idx.iter().map(|&i| data.get(i)).collect::<Result<Vec<_>>>()?;
-        let device = self.store.device().clone();
-        let NoisedBatch { x_t, y, cond, .. } = noise_batch::<B>(
-            &mut self.run,
-            &self.noise,
-            &self.unet.config,
-            None,
-            &examples,
-            self.config.null_prompt_prob,
-            &device,
-        )?;
+        let model = self.model.as_ref();
+        let NoisedBatch { x_t, y, cond, .. } =
+            noise_batch::<B>(&mut self.run, &self.noise, model, false, &examples, self.config.null_prompt_prob)?;
         let tape = Tape::<B>::new();
-        let bound = self.store.bind(&tape);
-        let pred = self.unet.forward(&bound, &tape.constant(x_t), &cond)?;
+        let bound = model.store().bind(&tape);
+        let pred = forward_prior(model, &bound, &tape.constant(x_t), &cond)?;
         let (loss, g) = B::mse_loss(&pred.value, &y)?;
         if !loss.is_finite() {
             return Err(TrainError::NonFinite { what: "loss", step });
         }
-        let leaves: std::collections::HashMap<_, _> = bound.leaves().into_iter().collect();
+        let leaves = bound.leaves();
         let mut grads_by_leaf = tape.backward(&[(&pred, g)])?;
-        let mut grads: Vec<Option<B::Tensor>> = self
-            .optim
-            .moments
-            .iter()
-            .map(|(pid, _, _)| leaves.get(pid).and_then(|v| grads_by_leaf.remove(*v)))
-            .collect();
-        let grad_norm = clip_grad_norm::<B>(&mut grads, self.config.optim.max_grad_norm, step)?;
-        let lr = self.config.optim.lr_at(self.run.state.step, self.config.max_train_steps);
-        self.optim.update(&mut self.store, &grads, lr, &self.config.optim)?;
-        if let Some(e) = &mut self.ema {
-            e.update(&self.store, step)?;
-        }
+        let mut grads = self.optimizer.gather(leaves, &mut grads_by_leaf);
+        let (grad_norm, lr) = self.optimizer.step(
+            self.model.store_mut(),
+            &mut grads,
+            self.run.state.step,
+            self.config.max_train_steps,
+        )?;
         self.run.state.step = step;
         Ok(StepStats { step, loss, main_loss: loss, lisa_loss: 0.0, grad_norm, lr })
     }
 
     /// Writes the main model (the EMA weights when EMA is on) as safetensors, names `main.*`:
-    /// the file [`crate::model::DualModel::load_main`] reads.
+    /// the file [`DualDenoiser::load_main`] reads.
     pub fn export(&self, path: &Path) -> Result<()> {
-        let mut store = self.store.clone();
-        if let Some(e) = &self.ema {
+        let mut store = self.model.store().clone();
+        if let Some(e) = &self.optimizer.ema {
             for (id, shadow) in &e.shadow {
                 store.get_mut(*id).value = shadow.clone();
             }
         }
-        save_params(&store, path, |_| true, |n| n.to_string())
+        save_params(&store, path, |_| true)
     }
 
     /// Loads main-model weights (e.g. to continue pretraining or to evaluate).
     pub fn load(&mut self, path: &Path) -> Result<usize> {
-        load_params(&mut self.store, path, |_| true, |n| n.to_string())
+        load_params(self.model.store_mut(), path, |_| true, |_| false)
     }
 }

@@ -1,16 +1,15 @@
 //! What every training run shares: the seeded random stream and data order (the part of
-//! the state a checkpoint must restore), and the noising of a batch (lisa-method.md §3.1–2).
+//! the state a checkpoint must restore), and the noising of a batch (docs/method.md §3.1–3.2).
 
 use lisa_core::NoiseLevel;
 use lisa_core::backend::{Backend, DType, Shape};
 use lisa_core::rng::{philox4x32_10, uniform_open};
-use lisa_core::schedule::{DiscreteVp, RectifiedFlow};
 use serde::{Deserialize, Serialize};
 
 use crate::data::Example;
 use crate::error::{Result, TrainError};
-use crate::model::{Conditioning, UNetConfig};
-use crate::train::NoiseConfig;
+use crate::model::{Conditioning, DualDenoiser};
+use crate::scheduler::{NoiseProcess, add_noise};
 
 /// Where a run is: everything besides weights and moments that resuming needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -56,7 +55,7 @@ impl RunStream {
     /// The next `n` example indices: a seeded permutation per epoch, wrapping into the next.
     pub fn next_indices(&mut self, data_len: usize, n: usize) -> Result<Vec<usize>> {
         if data_len == 0 {
-            return Err(TrainError::Config("the dataset is empty".into()));
+            return Err(TrainError::Mismatch("the dataset is empty".into()));
         }
         let mut out = Vec::with_capacity(n);
         while out.len() < n {
@@ -82,38 +81,6 @@ impl RunStream {
     }
 }
 
-/// The forward process, prepared.
-pub enum NoiseProcess {
-    /// Discrete VP diffusion.
-    Diffusion(DiscreteVp<f32>),
-    /// Rectified flow.
-    Flow(RectifiedFlow),
-}
-
-impl NoiseProcess {
-    /// Prepares `config`.
-    pub fn new(config: &NoiseConfig) -> Result<Self> {
-        Ok(match *config {
-            NoiseConfig::Diffusion { betas, num_train_timesteps } => {
-                NoiseProcess::Diffusion(DiscreteVp::new(betas, num_train_timesteps)?)
-            }
-            NoiseConfig::Flow { shift } => NoiseProcess::Flow(RectifiedFlow { shift }),
-        })
-    }
-
-    /// `(timestep embedding value, level)` for a uniform draw `u`: `t = ⌊u·T⌋` (diffusion),
-    /// `t = u` embedded as 1000·t (flow).
-    pub fn draw(&self, u: f32) -> Result<(f32, NoiseLevel<f32>)> {
-        match self {
-            NoiseProcess::Diffusion(s) => {
-                let t = ((u * s.num_train_timesteps() as f32) as usize).min(s.num_train_timesteps() - 1);
-                Ok((t as f32, s.level(t)?))
-            }
-            NoiseProcess::Flow(f) => Ok((1000.0 * u, f.level(u)?)),
-        }
-    }
-}
-
 /// A noised batch on the device: `x_t = α·x₀ + σ·ε`, the target `y`, and the conditioning.
 pub struct NoisedBatch<B: Backend> {
     /// `[n, c, r, r]`.
@@ -128,38 +95,37 @@ pub struct NoisedBatch<B: Backend> {
     pub cond: Conditioning,
 }
 
-/// Noises `examples` for a model of shape `u` (with hints of `hint_channels` channels, or
-/// none for the main model alone). With probability
-/// `null_prompt_prob` a sample's prompt ids are all replaced by the null ids (classifier-free
-/// guidance training).
+/// Noises `examples` for `model` (with its condition images when `with_hints`, none for
+/// the main model alone). With probability `null_prompt_prob` a sample's prompt is replaced
+/// by the empty (null) prompt (classifier-free guidance training).
 pub fn noise_batch<B: Backend>(
     stream: &mut RunStream,
     noise: &NoiseProcess,
-    u: &UNetConfig,
-    hint_channels: Option<usize>,
+    model: &dyn DualDenoiser<B>,
+    with_hints: bool,
     examples: &[Example],
     null_prompt_prob: f32,
-    device: &B::Device,
 ) -> Result<NoisedBatch<B>> {
     let n = examples.len();
-    let (c, r) = (u.image_channels, u.resolution);
-    let mut image = Vec::with_capacity(n * c * r * r);
-    let mut hint = Vec::with_capacity(n * hint_channels.unwrap_or(0) * r * r);
+    let [c, h, w] = model.sample_shape();
+    let hint_channels = with_hints.then(|| model.hint_channels());
+    let mut image = Vec::with_capacity(n * c * h * w);
+    let mut hint = Vec::with_capacity(n * hint_channels.unwrap_or(0) * h * w);
     for e in examples {
-        if e.image.len() != c * r * r {
-            return Err(TrainError::Config(format!(
-                "example image has {} values, the model wants {}",
+        if e.image.len() != c * h * w {
+            return Err(TrainError::Mismatch(format!(
+                "an example image has {} values, the model wants {c}×{h}×{w} = {}",
                 e.image.len(),
-                c * r * r
+                c * h * w
             )));
         }
         image.extend_from_slice(&e.image);
         if let Some(hc) = hint_channels {
-            if e.hint.len() != hc * r * r {
-                return Err(TrainError::Config(format!(
-                    "example hint has {} values, the model wants {}",
+            if e.hint.len() != hc * h * w {
+                return Err(TrainError::Mismatch(format!(
+                    "an example condition image has {} values, the model wants {hc}×{h}×{w} = {}",
                     e.hint.len(),
-                    hc * r * r
+                    hc * h * w
                 )));
             }
             hint.extend_from_slice(&e.hint);
@@ -170,16 +136,9 @@ pub fn noise_batch<B: Backend>(
     } else {
         vec![false; n]
     };
-    let prompts: Vec<Vec<usize>> = (0..u.prompt_classes.len())
-        .map(|k| {
-            let null = u.prompt_classes[k] - 1;
-            examples
-                .iter()
-                .zip(&drop_prompt)
-                .map(|(e, &drop)| if drop { null } else { e.prompt.get(k).copied().unwrap_or(null) })
-                .collect()
-        })
-        .collect();
+    let prompts: Vec<&str> =
+        examples.iter().zip(&drop_prompt).map(|(e, &drop)| if drop { "" } else { e.prompt.as_str() }).collect();
+    let prompt = model.embed_prompts(&prompts)?;
     let mut t_embed = Vec::with_capacity(n);
     let mut levels = Vec::with_capacity(n);
     for v in stream.uniforms(n) {
@@ -187,22 +146,16 @@ pub fn noise_batch<B: Backend>(
         t_embed.push(t);
         levels.push(level);
     }
-    let shape = Shape::new([n, c, r, r]);
-    let x0 = B::from_slice(&image, &shape, DType::F32, device)?;
+    let device = model.store().device().clone();
+    let shape = Shape::new([n, c, h, w]);
+    let x0 = B::from_slice(&image, &shape, DType::F32, &device)?;
     let hint = match hint_channels {
-        Some(hc) => Some(B::from_slice(&hint, &Shape::new([n, hc, r, r]), DType::F32, device)?),
+        Some(hc) => Some(B::from_slice(&hint, &Shape::new([n, hc, h, w]), DType::F32, &device)?),
         None => None,
     };
-    let eps = B::random_normal(&shape, stream.next_seed(), DType::F32, device)?;
-    // Per-sample scalars broadcast over [n, 1, 1, 1].
-    let per_sample = |f: &dyn Fn(&NoiseLevel<f32>) -> f32| {
-        B::from_slice(&levels.iter().map(f).collect::<Vec<_>>(), &Shape::new([n, 1, 1, 1]), DType::F32, device)
-    };
-    let x_t = B::add(&B::mul(&x0, &per_sample(&|l| l.alpha)?)?, &B::mul(&eps, &per_sample(&|l| l.sigma)?)?)?;
-    let kind = u.prediction;
-    let y = B::add(
-        &B::mul(&x0, &per_sample(&|l| kind.coefficients(*l).0)?)?,
-        &B::mul(&eps, &per_sample(&|l| kind.coefficients(*l).1)?)?,
-    )?;
-    Ok(NoisedBatch { x_t, y, hint, levels, cond: Conditioning { t: t_embed, prompts } })
+    let eps = B::random_normal(&shape, stream.next_seed(), DType::F32, &device)?;
+    let x_t = add_noise::<B>(&x0, &eps, |l| (l.alpha, l.sigma), &levels)?;
+    let kind = model.prediction();
+    let y = add_noise::<B>(&x0, &eps, |l| kind.coefficients(*l), &levels)?;
+    Ok(NoisedBatch { x_t, y, hint, levels, cond: Conditioning { t: t_embed, prompt } })
 }

@@ -1,20 +1,20 @@
-//! The training step (lisa-method.md §3): noise a batch, run the dual-branch forward, take
+//! The training step (docs/method.md §3): noise a batch, run the dual-branch forward, take
 //! `L = MSE(pred, y) + λ·LISA`, back-propagate into the side network and the decoder, clip,
 //! AdamW, EMA. A baseline mode does everything the same without the decoder and the prior.
 
 use lisa_core::backend::{Backend, Shape};
 use lisa_core::lisa::SampleTerms;
-use lisa_core::schedule::BetaSchedule;
 use lisa_core::{LisaConfig, Prediction};
 use serde::{Deserialize, Serialize};
 
 use crate::autodiff::Tape;
 use crate::data::{Dataset, Example};
 use crate::error::{Result, TrainError};
-use crate::model::{DualModel, ModelConfig};
-use crate::optim::{AdamW, Ema, OptimConfig, clip_grad_norm};
+use crate::model::{DualDenoiser, Parts, SIDE, forward_train};
+use crate::optim::{OptimConfig, Optimizer};
 pub use crate::run::TrainState;
-use crate::run::{NoiseProcess, NoisedBatch, RunStream, noise_batch};
+use crate::run::{NoisedBatch, RunStream, noise_batch};
+use crate::scheduler::{NoiseConfig, NoiseProcess};
 
 /// LISA or the plain ControlNet baseline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -25,30 +25,6 @@ pub enum Mode {
     Lisa,
     /// Diffusion loss only: no decoder, no prior pass; everything else identical.
     Baseline,
-}
-
-/// The forward noising process.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "kind")]
-pub enum NoiseConfig {
-    /// Discrete VP diffusion (diffusers schedules), `t ~ U{0..T−1}`.
-    Diffusion {
-        /// β schedule.
-        betas: BetaSchedule,
-        /// `T`.
-        num_train_timesteps: usize,
-    },
-    /// Rectified flow, `t ~ U(0, 1)` (embedded as 1000·t).
-    Flow {
-        /// SD3 shift.
-        shift: Option<f64>,
-    },
-}
-
-impl Default for NoiseConfig {
-    fn default() -> Self {
-        NoiseConfig::Diffusion { betas: BetaSchedule::DDPM_LINEAR, num_train_timesteps: 1000 }
-    }
 }
 
 /// Everything that configures a control-training run (defaults: the reference toy).
@@ -96,8 +72,8 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
-    /// Checks every value against the model it will train.
-    pub fn validate(&self, model: &ModelConfig) -> Result<()> {
+    /// Checks every value against the model it will train (its prediction type).
+    pub fn validate(&self, prediction: Prediction) -> Result<()> {
         if self.lisa_subbatch == Some(0) {
             return Err(TrainError::Config("lisa_subbatch must be >= 1 (or unset)".into()));
         }
@@ -107,10 +83,10 @@ impl TrainConfig {
         self.lisa.validate().map_err(|e| TrainError::Config(e.to_string()))?;
         self.optim.validate()?;
         let flow = matches!(self.noise, NoiseConfig::Flow { .. });
-        if flow != (model.unet.prediction == Prediction::FlowVelocity) {
+        if flow != (prediction == Prediction::FlowVelocity) {
+            let process = if flow { "a rectified flow" } else { "a diffusion schedule" };
             return Err(TrainError::Config(format!(
-                "prediction {:?} does not match the noise process {:?}",
-                model.unet.prediction, self.noise
+                "the model predicts {prediction:?} but the noise process is {process}: flows need flow_velocity, diffusion models epsilon, v or sample"
             )));
         }
         Ok(())
@@ -141,11 +117,9 @@ type MicroBatch<B> =
 /// A control-training run: model, optimizer state, EMA, data position, random stream.
 pub struct Trainer<B: Backend> {
     /// The dual-branch model.
-    pub model: DualModel<B>,
-    /// AdamW moments.
-    pub optim: AdamW<B>,
-    /// EMA of the side weights.
-    pub ema: Option<Ema<B>>,
+    pub model: Box<dyn DualDenoiser<B>>,
+    /// AdamW moments, EMA of the side weights.
+    pub optimizer: Optimizer<B>,
     /// The run's configuration.
     pub config: TrainConfig,
     /// Random stream, data order and step: the resumable position of the run.
@@ -155,22 +129,20 @@ pub struct Trainer<B: Backend> {
 
 impl<B: Backend> Trainer<B> {
     /// A fresh run on `model` (built with the decoder iff `config.mode` is LISA).
-    pub fn new(model: DualModel<B>, config: TrainConfig) -> Result<Self> {
-        config.validate(&model.config)?;
-        if (config.mode == Mode::Lisa) != model.decoder.is_some() {
-            return Err(TrainError::Config("build the model with the decoder exactly when mode = lisa".into()));
+    pub fn new(model: Box<dyn DualDenoiser<B>>, config: TrainConfig) -> Result<Self> {
+        config.validate(model.prediction())?;
+        if model.parts() != (Parts::Dual { decoder: config.mode == Mode::Lisa }) {
+            return Err(TrainError::Config("build the dual model, with the decoder exactly when mode = lisa".into()));
         }
         let noise = NoiseProcess::new(&config.noise)?;
-        let optim = AdamW::new(&model.store)?;
-        let ema = config.ema_decay.map(|d| Ema::new(&model.store, d, |n| n.starts_with("side."))).transpose()?;
-        Ok(Self { model, optim, ema, run: RunStream::new(config.seed), config, noise })
+        let optimizer = Optimizer::new(model.store(), config.optim.clone(), config.ema_decay, |n| n.starts_with(SIDE))?;
+        Ok(Self { model, optimizer, run: RunStream::new(config.seed), config, noise })
     }
 
     /// One optimizer step over `gradient_accumulation_steps` micro-batches from `data`.
     pub fn step(&mut self, data: &dyn Dataset) -> Result<StepStats> {
         let accum = self.config.gradient_accumulation_steps;
-        let n_trainable = self.optim.moments.len();
-        let mut grads: Vec<Option<B::Tensor>> = vec![None; n_trainable];
+        let mut grads: Vec<Option<B::Tensor>> = vec![None; self.optimizer.adamw.moments.len()];
         let (mut main_sum, mut lisa_sum, mut total_sum) = (0.0f32, 0.0f32, 0.0f32);
         let step = self.run.state.step + 1;
         for _ in 0..accum {
@@ -191,12 +163,12 @@ impl<B: Backend> Trainer<B> {
         if !loss.is_finite() {
             return Err(TrainError::NonFinite { what: "loss", step });
         }
-        let grad_norm = clip_grad_norm::<B>(&mut grads, self.config.optim.max_grad_norm, step)?;
-        let lr = self.config.optim.lr_at(self.run.state.step, self.config.max_train_steps);
-        self.optim.update(&mut self.model.store, &grads, lr, &self.config.optim)?;
-        if let Some(ema) = &mut self.ema {
-            ema.update(&self.model.store, step)?;
-        }
+        let (grad_norm, lr) = self.optimizer.step(
+            self.model.store_mut(),
+            &mut grads,
+            self.run.state.step,
+            self.config.max_train_steps,
+        )?;
         self.run.state.step = step;
         Ok(StepStats {
             step,
@@ -212,17 +184,16 @@ impl<B: Backend> Trainer<B> {
     /// accumulated gradient is the mean over micro-batches.
     fn micro_batch(&mut self, examples: &[Example], accum: usize) -> Result<MicroBatch<B>> {
         let n = examples.len();
-        let u = &self.model.config.unet;
-        let (c, r, prediction) = (u.image_channels, u.resolution, u.prediction);
-        let device = self.model.store.device().clone();
-        let hint_channels = self.model.config.control.hint_channels;
+        let model = self.model.as_ref();
+        let [c, h, w] = model.sample_shape();
         let NoisedBatch { x_t, y, hint, levels, cond } =
-            noise_batch::<B>(&mut self.run, &self.noise, u, Some(hint_channels), examples, 0.0, &device)?;
+            noise_batch::<B>(&mut self.run, &self.noise, model, true, examples, 0.0)?;
         let hint = hint.ok_or(TrainError::Autodiff("noise_batch returns the hints it was asked for"))?;
         let lisa_on = self.config.mode == Mode::Lisa;
         let tape = Tape::<B>::new();
-        let bound = self.model.store.bind(&tape);
-        let out = self.model.forward_train(
+        let bound = model.store().bind(&tape);
+        let out = forward_train(
+            model,
             &bound,
             &tape.constant(x_t),
             &tape.constant(hint),
@@ -239,13 +210,13 @@ impl<B: Backend> Trainer<B> {
             let k = B::shape(&dec.value).dims()[0];
             let terms = levels[..k]
                 .iter()
-                .map(|&l| self.config.lisa.sample_terms(prediction, l))
+                .map(|&l| self.config.lisa.sample_terms(model.prediction(), l))
                 .collect::<lisa_core::Result<Vec<SampleTerms<f32>>>>()?;
             let y_k = if k == n {
                 y.clone()
             } else {
-                let flat = B::reshape(&y, &Shape::new([1, n, c * r * r]))?;
-                B::reshape(&B::slice_channels(&flat, 0, k)?, &Shape::new([k, c, r, r]))?
+                let flat = B::reshape(&y, &Shape::new([1, n, c * h * w]))?;
+                B::reshape(&B::slice_channels(&flat, 0, k)?, &Shape::new([k, c, h, w]))?
             };
             let (l, g_dec) = B::lisa_loss(&self.config.lisa, &terms, &dec.value, &y_k, prior)?;
             lisa = l;
@@ -253,10 +224,7 @@ impl<B: Backend> Trainer<B> {
         }
         let leaves = bound.leaves();
         let mut g = tape.backward(&roots)?;
-        // Gradients in AdamW order (store order of trainable parameters).
-        let by_param: std::collections::HashMap<_, _> = leaves.into_iter().collect();
-        let grads =
-            self.optim.moments.iter().map(|(pid, _, _)| by_param.get(pid).and_then(|vid| g.remove(*vid))).collect();
+        let grads = self.optimizer.gather(leaves, &mut g);
         Ok((main, lisa, grads))
     }
 }

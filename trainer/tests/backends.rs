@@ -9,7 +9,7 @@ use common::tiny_model;
 use lisa_core::backend::prelude::*;
 use lisa_core::tolerance::{TRAINING_LOSS_F32, TRAINING_PARAMS_F32};
 use lisa_trainer::data::FillCircles;
-use lisa_trainer::model::DualModel;
+use lisa_trainer::model::{Parts, registry};
 use lisa_trainer::optim::OptimConfig;
 use lisa_trainer::train::{Mode, TrainConfig, Trainer};
 
@@ -17,7 +17,7 @@ const STEPS: usize = 4;
 
 /// Losses of `STEPS` LISA steps and the trained parameters afterwards (by name).
 fn run<B: Backend>(device: B::Device) -> (Vec<f32>, Vec<(String, Vec<f32>)>) {
-    let model = DualModel::<B>::new(&tiny_model(), true, device, 11).unwrap();
+    let model = registry::build::<B>(&tiny_model(), Parts::Dual { decoder: true }, device, 11).unwrap();
     let cfg = TrainConfig {
         seed: 11,
         batch_size: 4,

@@ -9,14 +9,15 @@ use common::tiny_model;
 use lisa_core::backend::prelude::*;
 use lisa_cpu::{CpuBackend as C, CpuDevice};
 use lisa_trainer::TrainError;
-use lisa_trainer::checkpoint::{load_checkpoint, read_safetensors, save_checkpoint};
+use lisa_trainer::checkpoint::{load_checkpoint, save_checkpoint};
 use lisa_trainer::data::FillCircles;
-use lisa_trainer::model::DualModel;
+use lisa_trainer::model::{Parts, registry};
 use lisa_trainer::optim::OptimConfig;
 use lisa_trainer::train::{Mode, TrainConfig, Trainer};
+use lisa_trainer::weights::read_safetensors;
 
 fn trainer(ema: bool) -> Trainer<C> {
-    let model = DualModel::<C>::new(&tiny_model(), true, CpuDevice, 7).unwrap();
+    let model = registry::build::<C>(&tiny_model(), Parts::Dual { decoder: true }, CpuDevice, 7).unwrap();
     let cfg = TrainConfig {
         seed: 7,
         batch_size: 6,
@@ -43,19 +44,19 @@ fn data() -> FillCircles {
 fn snapshot(t: &Trainer<C>) -> Vec<(String, Vec<u32>)> {
     let mut out: Vec<_> = t
         .model
-        .store
+        .store()
         .iter()
         .map(|(_, p)| (p.name.clone(), C::to_vec(&p.value).unwrap().iter().map(|v| v.to_bits()).collect()))
         .collect();
-    for (id, m, v) in &t.optim.moments {
-        let name = &t.model.store.get(*id).name;
+    for (id, m, v) in &t.optimizer.adamw.moments {
+        let name = &t.model.store().get(*id).name;
         out.push((format!("{name}/m"), C::to_vec(m).unwrap().iter().map(|v| v.to_bits()).collect()));
         out.push((format!("{name}/v"), C::to_vec(v).unwrap().iter().map(|v| v.to_bits()).collect()));
     }
-    if let Some(e) = &t.ema {
+    if let Some(e) = &t.optimizer.ema {
         for (id, s) in &e.shadow {
             out.push((
-                format!("{}/ema", t.model.store.get(*id).name),
+                format!("{}/ema", t.model.store().get(*id).name),
                 C::to_vec(s).unwrap().iter().map(|v| v.to_bits()).collect(),
             ));
         }
@@ -143,9 +144,12 @@ fn bad_checkpoints_are_rejected_and_change_nothing() {
 
     // A different model (wrong shapes): a checkpoint of a wider network.
     let mut wide_cfg = tiny_model();
-    wide_cfg.unet.channels = vec![8, 32];
-    let wide = Trainer::new(DualModel::<C>::new(&wide_cfg, true, CpuDevice, 7).unwrap(), trainer(false).config.clone())
-        .unwrap();
+    wide_cfg.config["unet"]["channels"] = serde_json::json!([8, 32]);
+    let wide = Trainer::new(
+        registry::build::<C>(&wide_cfg, Parts::Dual { decoder: true }, CpuDevice, 7).unwrap(),
+        trainer(false).config.clone(),
+    )
+    .unwrap();
     let w = dir.join("wide");
     save_checkpoint(&wide, &w).unwrap();
     std::fs::copy(w.join("model.safetensors"), copy("shapes").join("model.safetensors")).unwrap();

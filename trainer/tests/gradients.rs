@@ -3,13 +3,18 @@
 
 use lisa_core::LisaConfig;
 use lisa_core::backend::prelude::*;
-use lisa_core::backend::{DType, Shape};
+use lisa_core::backend::{DType, GroupNormParams, Shape};
 use lisa_core::lisa::SampleTerms;
 use lisa_core::tolerance::{F32_FINITE_DIFFERENCE, FD_STEP_F32, Tolerance};
 use lisa_cpu::{CpuBackend as C, CpuDevice};
 use lisa_trainer::autodiff::{Tape, Var};
-use lisa_trainer::model::{Conditioning, DualModel, HookLayer, ModelConfig, UNetConfig};
-use lisa_trainer::nn::{ClassEmbedding, Conv2d, GroupNorm, Linear, ResBlock, SelfAttention, Upsample};
+use lisa_trainer::model::toy::{ControlConfig, ToyConfig, UNetConfig};
+use lisa_trainer::model::{
+    Conditioning, DecoderConfig, DualDenoiser, HookLayer, ModelSpec, Parts, PromptEmbedding, forward_train, registry,
+};
+use lisa_trainer::nn::{
+    ClassEmbedding, Conv2d, Conv2dConfig, GroupNorm, Linear, ResBlock, ResBlockConfig, SelfAttention, Upsample,
+};
 use lisa_trainer::params::{Bound, ParamId, ParamStore};
 
 /// The most elements of one parameter perturbed (spread over the tensor).
@@ -86,10 +91,10 @@ fn store() -> ParamStore<C> {
 #[test]
 fn conv_linear_norm_upsample() {
     let mut s = store();
-    let conv = Conv2d::new(&mut s, "c", 3, 4, 3, 1, false, true).unwrap();
+    let conv = Conv2d::new(&mut s, "c", Conv2dConfig::new(3, 4, 3)).unwrap();
     check("conv2d", &mut s, randn(&[2, 3, 5, 5], 1), |p, x| conv.forward(p, x).unwrap(), F32_FINITE_DIFFERENCE);
     let mut s = store();
-    let down = Conv2d::new(&mut s, "d", 3, 2, 3, 2, false, true).unwrap();
+    let down = Conv2d::new(&mut s, "d", Conv2dConfig::new(3, 2, 3).stride(2)).unwrap();
     check(
         "conv2d stride 2",
         &mut s,
@@ -98,20 +103,20 @@ fn conv_linear_norm_upsample() {
         F32_FINITE_DIFFERENCE,
     );
     let mut s = store();
-    let lin = Linear::new(&mut s, "l", 5, 3, true).unwrap();
+    let lin = Linear::new(&mut s, "l", 5, 3).unwrap();
     check("linear", &mut s, randn(&[4, 5], 3), |p, x| lin.forward(p, x).unwrap(), F32_FINITE_DIFFERENCE);
     let mut s = store();
-    let gn = GroupNorm::new(&mut s, "g", 4, 2, 1e-5, true).unwrap();
+    let gn = GroupNorm::new(&mut s, "g", 4, GroupNormParams { groups: 2, eps: 1e-5 }).unwrap();
     check("group norm", &mut s, randn(&[2, 4, 3, 3], 4), |p, x| gn.forward(p, x).unwrap(), F32_FINITE_DIFFERENCE);
     let mut s = store();
-    let up = Upsample::new(&mut s, "u", 2, true).unwrap();
+    let up = Upsample::new(&mut s, "u", 2).unwrap();
     check("upsample", &mut s, randn(&[1, 2, 3, 3], 5), |p, x| up.forward(p, x).unwrap(), F32_FINITE_DIFFERENCE);
 }
 
 #[test]
 fn batch_and_channel_slices() {
     let mut s = store();
-    let conv = Conv2d::new(&mut s, "c", 3, 2, 1, 1, false, true).unwrap();
+    let conv = Conv2d::new(&mut s, "c", Conv2dConfig::new(3, 2, 1)).unwrap();
     check(
         "slice_batch",
         &mut s,
@@ -120,7 +125,7 @@ fn batch_and_channel_slices() {
         F32_FINITE_DIFFERENCE,
     );
     let mut s = store();
-    let conv = Conv2d::new(&mut s, "c", 3, 5, 1, 1, false, true).unwrap();
+    let conv = Conv2d::new(&mut s, "c", Conv2dConfig::new(3, 5, 1)).unwrap();
     check(
         "slice_channels",
         &mut s,
@@ -133,7 +138,12 @@ fn batch_and_channel_slices() {
 #[test]
 fn resblock_with_time_injection_and_concat() {
     let mut s = store();
-    let block = ResBlock::new(&mut s, "r", 4, 6, 5, 2, 1e-5, true).unwrap();
+    let block = ResBlock::new(
+        &mut s,
+        "r",
+        ResBlockConfig { in_channels: 4, out_channels: 6, time_dim: 5, norm: GroupNormParams { groups: 2, eps: 1e-5 } },
+    )
+    .unwrap();
     let temb = randn(&[2, 5], 6);
     let other = randn(&[2, 2, 4, 4], 7);
     check(
@@ -153,10 +163,10 @@ fn resblock_with_time_injection_and_concat() {
 #[test]
 fn attention_and_embeddings() {
     let mut s = store();
-    let attn = SelfAttention::new(&mut s, "a", 4, 2, 1e-5, true).unwrap();
+    let attn = SelfAttention::new(&mut s, "a", 4, GroupNormParams { groups: 2, eps: 1e-5 }).unwrap();
     check("attention", &mut s, randn(&[2, 4, 3, 3], 9), |p, x| attn.forward(p, x).unwrap(), F32_FINITE_DIFFERENCE);
     let mut s = store();
-    let emb = ClassEmbedding::new(&mut s, "e", 5, 3, true).unwrap();
+    let emb = ClassEmbedding::new(&mut s, "e", 5, 3).unwrap();
     check(
         "class embedding",
         &mut s,
@@ -166,8 +176,8 @@ fn attention_and_embeddings() {
     );
 }
 
-fn tiny_config() -> ModelConfig {
-    let mut c = ModelConfig {
+fn tiny_config() -> ModelSpec {
+    let toy = ToyConfig {
         unet: UNetConfig {
             resolution: 8,
             channels: vec![4, 8],
@@ -177,13 +187,9 @@ fn tiny_config() -> ModelConfig {
             attention: true,
             ..UNetConfig::default()
         },
-        ..ModelConfig::default()
+        control: ControlConfig { hint_hidden: 4, ..ControlConfig::default() },
     };
-    c.control.hint_hidden = 4;
-    c.decoder.hook = HookLayer::Down(1);
-    c.decoder.time_sinusoidal_dim = 8;
-    c.decoder.channel_floor = 2;
-    c
+    toy.to_spec(&DecoderConfig { hook: HookLayer::Down(1), time_sinusoidal_dim: 8, channel_floor: 2 })
 }
 
 struct Inputs {
@@ -194,12 +200,11 @@ struct Inputs {
 }
 
 /// `L = MSE(pred, y) + λ·MSE(D(h), τ)` and, when asked, `∂L/∂θ` of every trainable tensor.
-fn loss_and_grads(model: &DualModel<C>, inp: &Inputs, grads: bool) -> (f64, Vec<(ParamId, Vec<f32>)>) {
+fn loss_and_grads(model: &dyn DualDenoiser<C>, inp: &Inputs, grads: bool) -> (f64, Vec<(ParamId, Vec<f32>)>) {
     let tape = Tape::<C>::new();
-    let bound = model.store.bind(&tape);
-    let out = model
-        .forward_train(&bound, &tape.constant(inp.x_t.clone()), &tape.constant(inp.hint.clone()), &inp.cond, true, None)
-        .unwrap();
+    let bound = model.store().bind(&tape);
+    let (x_t, hint) = (tape.constant(inp.x_t.clone()), tape.constant(inp.hint.clone()));
+    let out = forward_train(model, &bound, &x_t, &hint, &inp.cond, true, None).unwrap();
     let (main, g_pred) = C::mse_loss(&out.pred.value, &inp.y).unwrap();
     let dec = out.decoded.unwrap();
     let terms = [SampleTerms::unit(); 2];
@@ -214,7 +219,7 @@ fn loss_and_grads(model: &DualModel<C>, inp: &Inputs, grads: bool) -> (f64, Vec<
     let out = leaves
         .into_iter()
         .map(|(pid, vid)| {
-            let name = &model.store.get(pid).name;
+            let name = &model.store().get(pid).name;
             (pid, C::to_vec(&g.remove(vid).unwrap_or_else(|| panic!("no gradient reached {name}"))).unwrap())
         })
         .collect();
@@ -225,35 +230,35 @@ fn loss_and_grads(model: &DualModel<C>, inp: &Inputs, grads: bool) -> (f64, Vec<
 /// decoder tensor (largest element) against central differences of the true loss.
 #[test]
 fn whole_dual_branch_model_with_lisa_term() {
-    let mut model = DualModel::<C>::new(&tiny_config(), true, CpuDevice, 5).unwrap();
+    let mut model = registry::build::<C>(&tiny_config(), Parts::Dual { decoder: true }, CpuDevice, 5).unwrap();
     // Move every trainable tensor (zero convs included) off its init so all receive gradient.
-    let ids: Vec<_> = model.store.iter().filter(|(_, p)| p.trainable).map(|(id, _)| id).collect();
+    let ids: Vec<_> = model.store().iter().filter(|(_, p)| p.trainable).map(|(id, _)| id).collect();
     for (k, &id) in ids.iter().enumerate() {
-        let shape = C::shape(&model.store.get(id).value);
+        let shape = C::shape(&model.store().get(id).value);
         let bump = C::scale(&randn(shape.dims(), 100 + k as u64), 0.2).unwrap();
-        let v = C::add(&model.store.get(id).value, &bump).unwrap();
-        model.store.get_mut(id).value = v;
+        let v = C::add(&model.store().get(id).value, &bump).unwrap();
+        model.store_mut().get_mut(id).value = v;
     }
     let inp = Inputs {
         x_t: randn(&[2, 3, 8, 8], 30),
         hint: randn(&[2, 1, 8, 8], 20),
         y: randn(&[2, 3, 8, 8], 21),
-        cond: Conditioning { t: vec![3.0, 700.0], prompts: vec![vec![1, 8], vec![0, 3]] },
+        cond: Conditioning { t: vec![3.0, 700.0], prompt: PromptEmbedding::Classes(vec![vec![1, 8], vec![0, 3]]) },
     };
-    let (_, grads) = loss_and_grads(&model, &inp, true);
+    let (_, grads) = loss_and_grads(model.as_ref(), &inp, true);
     assert_eq!(grads.len(), ids.len(), "every trainable tensor gets a gradient");
     let tol = Tolerance { abs: 5e-3, rel: 2e-2 };
     for (pid, g) in grads {
-        let name = model.store.get(pid).name.clone();
-        let base = C::to_vec(&model.store.get(pid).value).unwrap();
-        let shape = C::shape(&model.store.get(pid).value);
+        let name = model.store().get(pid).name.clone();
+        let base = C::to_vec(&model.store().get(pid).value).unwrap();
+        let shape = C::shape(&model.store().get(pid).value);
         let i = (0..g.len()).max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs())).unwrap();
         let mut at = |d: f64| {
             let mut v = base.clone();
             v[i] = (v[i] as f64 + d) as f32;
-            model.store.get_mut(pid).value = C::from_slice(&v, &shape, DType::F32, &CpuDevice).unwrap();
-            let l = loss_and_grads(&model, &inp, false).0;
-            model.store.get_mut(pid).value = C::from_slice(&base, &shape, DType::F32, &CpuDevice).unwrap();
+            model.store_mut().get_mut(pid).value = C::from_slice(&v, &shape, DType::F32, &CpuDevice).unwrap();
+            let l = loss_and_grads(model.as_ref(), &inp, false).0;
+            model.store_mut().get_mut(pid).value = C::from_slice(&base, &shape, DType::F32, &CpuDevice).unwrap();
             l
         };
         let fd = (at(FD_STEP_F32) - at(-FD_STEP_F32)) / (2.0 * FD_STEP_F32);

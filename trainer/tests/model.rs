@@ -1,10 +1,12 @@
-//! Structural properties of the dual-branch model (lisa-method.md §1, §5).
+//! Structural properties of the dual-branch model (docs/method.md §1, §5).
 
 use lisa_core::backend::prelude::*;
 use lisa_core::backend::{DType, Shape};
 use lisa_cpu::{CpuBackend as C, CpuDevice};
 use lisa_trainer::autodiff::Tape;
-use lisa_trainer::model::{Conditioning, DualModel, HookLayer, ModelConfig};
+use lisa_trainer::model::{
+    Conditioning, HookLayer, ModelSpec, Parts, PromptEmbedding, forward_prior, forward_train, predict, registry,
+};
 
 fn randn(shape: &[usize], seed: u64) -> lisa_cpu::CpuTensor {
     C::random_normal(&Shape::new(shape), seed, DType::F32, &CpuDevice).unwrap()
@@ -13,15 +15,15 @@ fn randn(shape: &[usize], seed: u64) -> lisa_cpu::CpuTensor {
 fn cond(n: usize) -> Conditioning {
     Conditioning {
         t: (0..n).map(|i| (i * 331 % 1000) as f32).collect(),
-        prompts: vec![(0..n).map(|i| i % 9).collect(), (0..n).map(|i| (i + 3) % 9).collect()],
+        prompt: PromptEmbedding::Classes(vec![(0..n).map(|i| i % 9).collect(), (0..n).map(|i| (i + 3) % 9).collect()]),
     }
 }
 
 #[test]
 fn reference_configuration_sizes() {
-    let model = DualModel::<C>::new(&ModelConfig::default(), true, CpuDevice, 0).unwrap();
+    let model = registry::build::<C>(&ModelSpec::default(), Parts::Dual { decoder: true }, CpuDevice, 0).unwrap();
     let main: usize = model
-        .store
+        .store()
         .iter()
         .filter(|(_, p)| p.name.starts_with("main."))
         .map(|(_, p)| C::shape(&p.value).num_elements().unwrap())
@@ -29,39 +31,39 @@ fn reference_configuration_sizes() {
     // The reference toy UNet is "about 0.70M parameters".
     assert!((680_000..720_000).contains(&main), "main UNet has {main} parameters");
     let decoder: usize = model
-        .store
+        .store()
         .iter()
         .filter(|(_, p)| p.name.starts_with("lisa."))
         .map(|(_, p)| C::shape(&p.value).num_elements().unwrap())
         .sum();
-    let side = model.store.count(true) - decoder;
+    let side = model.store().count(true) - decoder;
     // ≈ 10 % here (the 256-wide time projection dominates at this size; ≈ 0.1 % on SD).
     assert!(decoder * 100 < side * 12, "decoder ({decoder}) must be small next to the side network ({side})");
-    assert!(model.store.iter().all(|(_, p)| p.trainable != p.name.starts_with("main.")), "exactly main is frozen");
+    assert!(model.store().iter().all(|(_, p)| p.trainable != p.name.starts_with("main.")), "exactly main is frozen");
 }
 
 #[test]
 fn side_starts_as_a_copy_and_step_zero_equals_main() {
-    let model = DualModel::<C>::new(&ModelConfig::default(), true, CpuDevice, 1).unwrap();
+    let model = registry::build::<C>(&ModelSpec::default(), Parts::Dual { decoder: true }, CpuDevice, 1).unwrap();
     for (_, p) in
-        model.store.iter().filter(|(_, p)| p.name.starts_with("main.encoder.") || p.name.starts_with("main.time."))
+        model.store().iter().filter(|(_, p)| p.name.starts_with("main.encoder.") || p.name.starts_with("main.time."))
     {
-        let side = model.store.find(&p.name.replacen("main.", "side.", 1)).expect("side copy");
-        assert_eq!(C::to_vec(&model.store.get(side).value).unwrap(), C::to_vec(&p.value).unwrap(), "{}", p.name);
+        let side = model.store().find(&p.name.replacen("main.", "side.", 1)).expect("side copy");
+        assert_eq!(C::to_vec(&model.store().get(side).value).unwrap(), C::to_vec(&p.value).unwrap(), "{}", p.name);
     }
     let tape = Tape::<C>::new();
-    let b = model.store.bind(&tape);
+    let b = model.store().bind(&tape);
     let x = tape.constant(randn(&[2, 3, 32, 32], 2));
     let hint = tape.constant(randn(&[2, 1, 32, 32], 3));
     let c = cond(2);
-    let controlled = tape.no_grad(|| model.predict(&b, &x, &hint, &c, 1.0)).unwrap();
-    let main = tape.no_grad(|| model.main.forward(&b, &x, &c)).unwrap();
+    let controlled = tape.no_grad(|| predict(model.as_ref(), &b, &x, &hint, &c, 1.0)).unwrap();
+    let main = tape.no_grad(|| forward_prior(model.as_ref(), &b, &x, &c)).unwrap();
     assert_eq!(
         C::to_vec(&controlled.value).unwrap(),
         C::to_vec(&main.value).unwrap(),
         "zero convs: controlled == main at step 0"
     );
-    let out = model.forward_train(&b, &x, &hint, &c, true, None).unwrap();
+    let out = forward_train(model.as_ref(), &b, &x, &hint, &c, true, None).unwrap();
     assert!(
         C::to_vec(&out.decoded.unwrap().value).unwrap().iter().all(|&v| v == 0.0),
         "zero-initialised decoder output"
@@ -70,20 +72,20 @@ fn side_starts_as_a_copy_and_step_zero_equals_main() {
 
 #[test]
 fn reused_encoder_prior_equals_full_main_forward() {
-    let mut model = DualModel::<C>::new(&ModelConfig::default(), true, CpuDevice, 4).unwrap();
+    let mut model = registry::build::<C>(&ModelSpec::default(), Parts::Dual { decoder: true }, CpuDevice, 4).unwrap();
     // Non-zero residuals, so that the controlled prediction differs from the prior.
-    let zero_ids: Vec<_> = model.store.iter().filter(|(_, p)| p.name.contains("zero")).map(|(id, _)| id).collect();
+    let zero_ids: Vec<_> = model.store().iter().filter(|(_, p)| p.name.contains("zero")).map(|(id, _)| id).collect();
     for id in zero_ids {
-        let s = C::shape(&model.store.get(id).value);
-        model.store.get_mut(id).value = C::scale(&randn(s.dims(), 9), 0.1).unwrap();
+        let s = C::shape(&model.store().get(id).value);
+        model.store_mut().get_mut(id).value = C::scale(&randn(s.dims(), 9), 0.1).unwrap();
     }
     let tape = Tape::<C>::new();
-    let b = model.store.bind(&tape);
+    let b = model.store().bind(&tape);
     let x = tape.constant(randn(&[3, 3, 32, 32], 5));
     let hint = tape.constant(randn(&[3, 1, 32, 32], 6));
     let c = cond(3);
-    let out = model.forward_train(&b, &x, &hint, &c, true, None).unwrap();
-    let full = tape.no_grad(|| model.main.forward(&b, &x, &c)).unwrap();
+    let out = forward_train(model.as_ref(), &b, &x, &hint, &c, true, None).unwrap();
+    let full = tape.no_grad(|| forward_prior(model.as_ref(), &b, &x, &c)).unwrap();
     assert_eq!(C::to_vec(out.prior.as_ref().unwrap()).unwrap(), C::to_vec(&full.value).unwrap());
     assert_ne!(C::to_vec(&out.pred.value).unwrap(), C::to_vec(&full.value).unwrap(), "residuals change the prediction");
 }
@@ -91,40 +93,42 @@ fn reused_encoder_prior_equals_full_main_forward() {
 #[test]
 fn every_hook_layer_builds_and_unknown_ones_are_rejected() {
     for hook in ["down_0", "down_1", "down_2", "mid"] {
-        let mut c = ModelConfig::default();
+        let mut c = ModelSpec::default();
         c.decoder.hook = hook.parse().unwrap();
-        let model = DualModel::<C>::new(&c, true, CpuDevice, 0).unwrap();
+        let model = registry::build::<C>(&c, Parts::Dual { decoder: true }, CpuDevice, 0).unwrap();
         let tape = Tape::<C>::new();
-        let b = model.store.bind(&tape);
-        let out = model
-            .forward_train(
-                &b,
-                &tape.constant(randn(&[1, 3, 32, 32], 1)),
-                &tape.constant(randn(&[1, 1, 32, 32], 2)),
-                &cond(1),
-                true,
-                None,
-            )
-            .unwrap();
+        let b = model.store().bind(&tape);
+        let out = forward_train(
+            model.as_ref(),
+            &b,
+            &tape.constant(randn(&[1, 3, 32, 32], 1)),
+            &tape.constant(randn(&[1, 1, 32, 32], 2)),
+            &cond(1),
+            true,
+            None,
+        )
+        .unwrap();
         assert_eq!(C::shape(&out.decoded.unwrap().value).dims(), &[1, 3, 32, 32], "{hook}");
     }
     assert!("down_x".parse::<HookLayer>().is_err());
     assert!("up_1".parse::<HookLayer>().is_err());
-    let mut c = ModelConfig::default();
+    let mut c = ModelSpec::default();
     c.decoder.hook = HookLayer::Down(7);
-    let err = DualModel::<C>::new(&c, true, CpuDevice, 0).err().expect("down_7 must be rejected");
+    let err =
+        registry::build::<C>(&c, Parts::Dual { decoder: true }, CpuDevice, 0).err().expect("down_7 must be rejected");
     assert!(err.to_string().contains("down_7"), "{err}");
 }
 
 #[test]
 fn frozen_main_records_nothing_and_backward_releases_the_tape() {
-    let model = DualModel::<C>::new(&ModelConfig::default(), false, CpuDevice, 2).unwrap();
+    let model = registry::build::<C>(&ModelSpec::default(), Parts::Dual { decoder: false }, CpuDevice, 2).unwrap();
     let tape = Tape::<C>::new();
-    let b = model.store.bind(&tape);
+    let b = model.store().bind(&tape);
     let x = tape.constant(randn(&[2, 3, 32, 32], 1));
-    let main = model.main.forward(&b, &x, &cond(2)).unwrap();
+    let main = forward_prior(model.as_ref(), &b, &x, &cond(2)).unwrap();
     assert!(!main.requires_grad(), "the frozen main network alone records no graph");
-    let out = model.forward_train(&b, &x, &tape.constant(randn(&[2, 1, 32, 32], 2)), &cond(2), false, None).unwrap();
+    let out = forward_train(model.as_ref(), &b, &x, &tape.constant(randn(&[2, 1, 32, 32], 2)), &cond(2), false, None)
+        .unwrap();
     assert!(tape.live_nodes() > 0);
     let g = C::full(&C::shape(&out.pred.value), 1.0, DType::F32, &CpuDevice).unwrap();
     tape.backward(&[(&out.pred, g)]).unwrap();
@@ -133,24 +137,24 @@ fn frozen_main_records_nothing_and_backward_releases_the_tape() {
 
 #[test]
 fn lisa_sub_batch_is_the_first_samples_of_the_full_batch() {
-    let mut model = DualModel::<C>::new(&ModelConfig::default(), true, CpuDevice, 8).unwrap();
+    let mut model = registry::build::<C>(&ModelSpec::default(), Parts::Dual { decoder: true }, CpuDevice, 8).unwrap();
     let ids: Vec<_> = model
-        .store
+        .store()
         .iter()
         .filter(|(_, p)| p.name.starts_with("lisa.conv_out") || p.name.contains("zero"))
         .map(|(id, _)| id)
         .collect();
     for id in ids {
-        let s = C::shape(&model.store.get(id).value);
-        model.store.get_mut(id).value = C::scale(&randn(s.dims(), 3), 0.1).unwrap();
+        let s = C::shape(&model.store().get(id).value);
+        model.store_mut().get_mut(id).value = C::scale(&randn(s.dims(), 3), 0.1).unwrap();
     }
     let tape = Tape::<C>::new();
-    let b = model.store.bind(&tape);
+    let b = model.store().bind(&tape);
     let x = tape.constant(randn(&[4, 3, 32, 32], 5));
     let hint = tape.constant(randn(&[4, 1, 32, 32], 6));
     let c = cond(4);
-    let full = model.forward_train(&b, &x, &hint, &c, true, None).unwrap();
-    let part = model.forward_train(&b, &x, &hint, &c, true, Some(2)).unwrap();
+    let full = forward_train(model.as_ref(), &b, &x, &hint, &c, true, None).unwrap();
+    let part = forward_train(model.as_ref(), &b, &x, &hint, &c, true, Some(2)).unwrap();
     let first_half = |v: Vec<f32>| v[..v.len() / 2].to_vec();
     assert_eq!(
         C::to_vec(part.prior.as_ref().unwrap()).unwrap(),
@@ -160,5 +164,8 @@ fn lisa_sub_batch_is_the_first_samples_of_the_full_batch() {
         C::to_vec(&part.decoded.unwrap().value).unwrap(),
         first_half(C::to_vec(&full.decoded.unwrap().value).unwrap())
     );
-    assert!(model.forward_train(&b, &x, &hint, &c, true, Some(5)).is_err(), "more LISA samples than the batch");
+    assert!(
+        forward_train(model.as_ref(), &b, &x, &hint, &c, true, Some(5)).is_err(),
+        "more LISA samples than the batch"
+    );
 }

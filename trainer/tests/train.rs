@@ -6,12 +6,13 @@ use common::tiny_model;
 use lisa_core::backend::prelude::*;
 use lisa_cpu::{CpuBackend as C, CpuDevice};
 use lisa_trainer::data::FillCircles;
-use lisa_trainer::model::DualModel;
+use lisa_trainer::model::{Parts, registry};
 use lisa_trainer::optim::OptimConfig;
 use lisa_trainer::train::{Mode, TrainConfig, Trainer};
 
 fn trainer(mode: Mode, lambda: f64, seed: u64) -> Trainer<C> {
-    let model = DualModel::<C>::new(&tiny_model(), mode == Mode::Lisa, CpuDevice, seed).unwrap();
+    let model =
+        registry::build::<C>(&tiny_model(), Parts::Dual { decoder: mode == Mode::Lisa }, CpuDevice, seed).unwrap();
     let mut cfg = TrainConfig {
         seed,
         batch_size: 8,
@@ -43,16 +44,16 @@ fn baseline_equals_lisa_with_zero_lambda_on_the_side_network() {
         let (sa, sb) = (a.step(&data).unwrap(), b.step(&data).unwrap());
         assert_eq!(sa.main_loss, sb.main_loss);
     }
-    for (id, p) in a.model.store.iter() {
-        let q = b.model.store.get(b.model.store.find(&p.name).unwrap());
+    for (id, p) in a.model.store().iter() {
+        let q = b.model.store().get(b.model.store().find(&p.name).unwrap());
         assert_eq!(C::to_vec(&p.value).unwrap(), C::to_vec(&q.value).unwrap(), "{} differs ({id:?})", p.name);
     }
 }
 
 #[test]
 fn ema_warms_up_like_diffusers() {
-    let model = DualModel::<C>::new(&tiny_model(), false, CpuDevice, 0).unwrap();
-    let ema = lisa_trainer::optim::Ema::new(&model.store, 0.999, |n| n.starts_with("side.")).unwrap();
+    let model = registry::build::<C>(&tiny_model(), Parts::Dual { decoder: false }, CpuDevice, 0).unwrap();
+    let ema = lisa_trainer::optim::Ema::new(model.store(), 0.999, |n| n.starts_with("side.")).unwrap();
     assert_eq!(ema.decay_at(1), 0.0, "the first update copies the weights");
     assert!((ema.decay_at(2) - 2.0 / 11.0).abs() < 1e-7);
     assert!((ema.decay_at(101) - 101.0 / 110.0).abs() < 1e-6);

@@ -1,7 +1,7 @@
 //! Fused training ops on the CPU: MSE loss, the LISA term, the AdamW update.
 
 use lisa_core::Result;
-use lisa_core::backend::AdamWParams;
+use lisa_core::optim::{AdamWParams, AdamWStep};
 use rayon::prelude::*;
 
 use crate::CHUNK;
@@ -30,22 +30,11 @@ pub(crate) fn mse_loss(p: &[f32], y: &[f32]) -> (f64, Vec<f32>) {
 
 /// One AdamW step in place, in parallel chunks (elementwise, so any partition is exact).
 pub(crate) fn adamw(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], hp: &AdamWParams) -> Result<()> {
-    hp.validate()?;
-    let (c1, c2) = hp.bias_corrections();
-    let decay = 1.0 - hp.lr * hp.weight_decay;
-    let (b1, b2, lr, eps) = (hp.beta1, hp.beta2, hp.lr, hp.eps);
+    let step = AdamWStep::new(hp)?;
     p.par_chunks_mut(CHUNK)
         .zip(m.par_chunks_mut(CHUNK))
         .zip(v.par_chunks_mut(CHUNK))
         .zip(g.par_chunks(CHUNK))
-        .for_each(|(((p, m), v), g)| {
-            vectorised(|| {
-                for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
-                    *m = b1 * *m + (1.0 - b1) * g;
-                    *v = b2 * *v + (1.0 - b2) * g * g;
-                    *p = *p * decay - lr * (*m / c1) / ((*v / c2).sqrt() + eps);
-                }
-            })
-        });
+        .for_each(|(((p, m), v), g)| vectorised(|| step.apply_slices(p, m, v, g)));
     Ok(())
 }

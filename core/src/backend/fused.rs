@@ -1,68 +1,7 @@
-use alloc::format;
-
 use super::{ReduceOps, Shape};
 use crate::lisa::{LisaConfig, LisaLoss, SampleTerms, lisa_loss_fused};
-use crate::reference::adamw_update_slices;
+use crate::optim::{AdamWParams, adamw_update_slices};
 use crate::{Error, Result};
-
-/// Hyper-parameters of one decoupled-weight-decay Adam step (Loshchilov & Hutter; torch's
-/// `AdamW`), at 1-based step `step`:
-/// `p ← p·(1 − lr·wd)`; `m ← β₁m + (1−β₁)g`; `v ← β₂v + (1−β₂)g²`;
-/// `p ← p − lr·(m/(1−β₁ᵗ)) / (√(v/(1−β₂ᵗ)) + ε)`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-pub struct AdamWParams {
-    /// Learning rate.
-    pub lr: f32,
-    /// β₁ (0.9).
-    pub beta1: f32,
-    /// β₂ (0.999).
-    pub beta2: f32,
-    /// ε (1e-8).
-    pub eps: f32,
-    /// Decoupled weight decay (1e-2).
-    pub weight_decay: f32,
-    /// 1-based step count `t` (for the bias corrections).
-    pub step: u64,
-}
-
-impl Default for AdamWParams {
-    fn default() -> Self {
-        Self { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2, step: 1 }
-    }
-}
-
-impl AdamWParams {
-    /// Checks domains: lr, wd ≥ 0; β ∈ [0, 1); ε > 0; step ≥ 1.
-    pub fn validate(&self) -> Result<()> {
-        const OP: &str = "AdamWParams";
-        let fail = |what: &str| Err(Error::invalid(OP, format!("{what} (got {self:?})")));
-        if !(self.lr >= 0.0 && self.lr.is_finite()) {
-            return fail("lr must be finite and >= 0");
-        }
-        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
-            return fail("weight_decay must be finite and >= 0");
-        }
-        if !((0.0..1.0).contains(&self.beta1) && (0.0..1.0).contains(&self.beta2)) {
-            return fail("betas must lie in [0, 1)");
-        }
-        if !(self.eps > 0.0 && self.eps.is_finite()) {
-            return fail("eps must be > 0");
-        }
-        if self.step == 0 {
-            return fail("step is 1-based");
-        }
-        Ok(())
-    }
-
-    /// The bias corrections `(1 − β₁ᵗ, 1 − β₂ᵗ)`, computed in f64.
-    pub fn bias_corrections(&self) -> (f32, f32) {
-        let t = self.step.min(i32::MAX as u64) as i32;
-        let c1 = 1.0 - num_traits::Float::powi(self.beta1 as f64, t);
-        let c2 = 1.0 - num_traits::Float::powi(self.beta2 as f64, t);
-        (c1 as f32, c2 as f32)
-    }
-}
 
 /// Fused training ops: the losses and the optimizer update, each one kernel on a GPU.
 ///

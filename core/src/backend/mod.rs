@@ -25,9 +25,10 @@ mod reduce;
 mod shape;
 mod tensor;
 
+pub use crate::optim::AdamWParams;
 pub use arith::{ArithOps, BinaryOp, UnaryOp};
 pub use dtype::DType;
-pub use fused::{AdamWParams, FusedOps};
+pub use fused::FusedOps;
 pub use geometry::{Conv2dParams, GroupNormParams, Transpose};
 pub use layout::LayoutOps;
 pub use linalg::{ConvOps, MatmulOps};

@@ -57,6 +57,66 @@ pub fn lisa_loss_fused<F: Real>(
     fused_impl("lisa_loss_fused", config, terms.len(), |b| terms[b], decoded, tau, grad)
 }
 
+/// What a device reduces per sample `b`: `Σ(d−τ)²`, `⟨d,τ⟩`, `‖d‖²`, `‖τ‖²`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SampleSums<F> {
+    /// `Σ_i (d_i − τ_i)²`.
+    pub squared_error: F,
+    /// `⟨d, τ⟩`.
+    pub dot: F,
+    /// `‖d‖²`.
+    pub decoded_sq: F,
+    /// `‖τ‖²`.
+    pub target_sq: F,
+}
+
+/// One sample's share of the LISA distance and its gradient, `∂L/∂d = α·d + β·τ`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SampleCoefficients<F> {
+    /// `w_b·D_b` (summed over samples: the distance before λ).
+    pub distance: F,
+    /// `α_b`.
+    pub alpha: F,
+    /// `β_b`.
+    pub beta: F,
+}
+
+/// The per-sample distance and gradient coefficients from a sample's [`SampleSums`], with
+/// `len` = all elements of the batch and `batch` = `B` (what a GPU kernel needs on the host):
+/// - MSE: `w_b·D_b = w_b·Σ(d−τ)²/N`, `α_b = 2λw_b/N`, `β_b = −α_b`;
+/// - cosine: `w_b·D_b = w_b·(1 − ⟨d,τ⟩/(c_d c_τ))/B` with `c = max(‖·‖, ε)`,
+///   `∂L/∂d = −λw_b/B·(τ − [‖d‖ ≥ ε]·⟨d,τ⟩/c_d²·d)/(c_d c_τ)`.
+pub fn sample_coefficients<F: Real>(
+    config: &LisaConfig,
+    weight: F,
+    sums: &SampleSums<F>,
+    len: usize,
+    batch: usize,
+) -> SampleCoefficients<F> {
+    let lambda = F::lit(config.lambda);
+    match config.distance {
+        Distance::Mse => {
+            let inv_n = F::one() / F::lit(len as f64);
+            let alpha = F::lit(2.0) * lambda * weight * inv_n;
+            SampleCoefficients { distance: weight * sums.squared_error * inv_n, alpha, beta: -alpha }
+        }
+        Distance::Cosine => {
+            let eps = F::lit(config.cosine_eps);
+            let inv_b = F::one() / F::lit(batch as f64);
+            let (nd, nt) = (sums.decoded_sq.sqrt(), sums.target_sq.sqrt());
+            let (cd, ct) = (nd.max(eps), nt.max(eps));
+            // ∂(1 − cos)/∂d = −τ/(c_d c_τ) + [‖d‖ ≥ ε]·⟨d,τ⟩·d/(c_d³ c_τ)
+            let g = -lambda * weight * inv_b;
+            let radial = if nd >= eps { sums.dot / (cd * cd) } else { F::zero() };
+            SampleCoefficients {
+                distance: weight * (F::one() - sums.dot / (cd * ct)) * inv_b,
+                alpha: -g * radial / (cd * ct),
+                beta: g / (cd * ct),
+            }
+        }
+    }
+}
+
 fn fused_impl<F: Real>(
     op: &'static str,
     config: &LisaConfig,
@@ -72,6 +132,8 @@ fn fused_impl<F: Real>(
     let mut distance = F::zero();
     match config.distance {
         Distance::Mse => {
+            // One pass: the sum and `∂L/∂d = α_b(d − τ)` with α_b of [`sample_coefficients`],
+            // applied as `((2λw_b)·(d − τ))/N` (the order the CPU results are pinned to).
             let inv_n = F::one() / F::lit(decoded.len() as f64);
             for b in 0..batch {
                 let w = term(b).weight;
@@ -81,24 +143,20 @@ fn fused_impl<F: Real>(
                     sum = sum + diff * diff;
                     grad[i] = F::lit(2.0) * lambda * w * diff * inv_n;
                 }
-                distance = distance + w * sum * inv_n;
+                let sums =
+                    SampleSums { squared_error: sum, dot: F::zero(), decoded_sq: F::zero(), target_sq: F::zero() };
+                distance = distance + sample_coefficients(config, w, &sums, decoded.len(), batch).distance;
             }
         }
         Distance::Cosine => {
-            let eps = F::lit(config.cosine_eps);
-            let inv_b = F::one() / F::lit(batch as f64);
             for b in 0..batch {
-                let w = term(b).weight;
                 let r = b * per..(b + 1) * per;
-                let (dot, dd, tt) = dot_norms(r.clone().map(|i| (decoded[i], tau(b, i))));
-                let (nd, nt) = (dd.sqrt(), tt.sqrt());
-                let (cd, ct) = (nd.max(eps), nt.max(eps));
-                distance = distance + w * (F::one() - dot / (cd * ct)) * inv_b;
-                // ∂(1 − cos)/∂d = −τ/(c_d c_τ) + [‖d‖ ≥ ε]·⟨d,τ⟩·d/(c_d³ c_τ)
-                let g = -lambda * w * inv_b;
-                let radial = if nd >= eps { dot / (cd * cd) } else { F::zero() };
+                let (dot, decoded_sq, target_sq) = dot_norms(r.clone().map(|i| (decoded[i], tau(b, i))));
+                let sums = SampleSums { squared_error: F::zero(), dot, decoded_sq, target_sq };
+                let c = sample_coefficients(config, term(b).weight, &sums, decoded.len(), batch);
+                distance = distance + c.distance;
                 for i in r {
-                    grad[i] = g * (tau(b, i) - radial * decoded[i]) / (cd * ct);
+                    grad[i] = c.alpha * decoded[i] + c.beta * tau(b, i);
                 }
             }
         }

@@ -23,5 +23,5 @@ mod target;
 
 pub use config::{Distance, LisaConfig, SampleTerms, TargetSpace, Weighting};
 pub use distance::{cosine_distance, mse_loss};
-pub use loss::{LisaLoss, lisa_loss, lisa_loss_fused};
+pub use loss::{LisaLoss, SampleCoefficients, SampleSums, lisa_loss, lisa_loss_fused, sample_coefficients};
 pub use target::lisa_target;

@@ -12,7 +12,6 @@ mod elementwise;
 mod layout;
 mod matmul;
 mod norm;
-mod optim;
 mod softmax;
 
 pub use backend::{RefBackend, RefDevice, RefTensor};
@@ -21,7 +20,6 @@ pub use elementwise::{binary_broadcast, sum_to_shape};
 pub use layout::{concat_channels, slice_channels, upsample_nearest, upsample_nearest_backward};
 pub use matmul::matmul;
 pub use norm::{group_norm, group_norm_backward};
-pub use optim::adamw_update_slices;
 pub use softmax::{softmax_last, softmax_last_backward};
 
 use crate::backend::Shape;

@@ -8,11 +8,31 @@
 
 use lisa_core::backend::{Backend, DType, Shape};
 
-use super::config::{DecoderConfig, UNetConfig};
+use serde::{Deserialize, Serialize};
+
+use super::HookLayer;
 use crate::autodiff::Var;
 use crate::error::{Result, TrainError};
-use crate::nn::{Conv2d, Linear, sinusoidal_embedding};
+use crate::nn::{Conv2d, Conv2dConfig, Linear, sinusoidal_embedding};
 use crate::params::{Bound, ParamStore};
+
+/// The LISA decoder (lisa-method.md §3.6).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DecoderConfig {
+    /// The hooked side layer (`down_1`: the 16×16 level in the toy).
+    pub hook: HookLayer,
+    /// Width of the decoder's sinusoidal time features (256).
+    pub time_sinusoidal_dim: usize,
+    /// Channel floor of the upsampling stages (64 in the paper; scaled down to 16 here).
+    pub channel_floor: usize,
+}
+
+impl Default for DecoderConfig {
+    fn default() -> Self {
+        Self { hook: HookLayer::Down(1), time_sinusoidal_dim: 256, channel_floor: 16 }
+    }
+}
 
 /// The decoder.
 #[derive(Debug, Clone)]
@@ -25,41 +45,40 @@ pub struct LisaDecoder {
 }
 
 impl LisaDecoder {
-    /// For a hooked feature of `c_h` channels at side `r_h`, decoding to the image shape of `u`.
+    /// For a hooked feature of `c_h` channels at side `r_h`, decoding to `[out_channels,
+    /// out_res, out_res]` (the model output).
     pub fn new<B: Backend>(
         s: &mut ParamStore<B>,
         name: &str,
         c: &DecoderConfig,
-        u: &UNetConfig,
-        c_h: usize,
-        r_h: usize,
+        (c_h, r_h): (usize, usize),
+        (out_channels, out_res): (usize, usize),
     ) -> Result<Self> {
-        if r_h == 0 || !u.resolution.is_multiple_of(r_h) || !(u.resolution / r_h).is_power_of_two() {
+        if r_h == 0 || !out_res.is_multiple_of(r_h) || !(out_res / r_h).is_power_of_two() {
             return Err(TrainError::Config(format!(
-                "hook resolution {r_h} does not divide the output resolution {} by a power of two",
-                u.resolution
+                "hook resolution {r_h} does not divide the output resolution {out_res} by a power of two"
             )));
         }
         if c.time_sinusoidal_dim < 2 || c.channel_floor == 0 {
             return Err(TrainError::Config("decoder.time_sinusoidal_dim must be >= 2 and channel_floor > 0".into()));
         }
-        let k = (u.resolution / r_h).trailing_zeros() as usize;
+        let k = (out_res / r_h).trailing_zeros() as usize;
         let mut stages = Vec::new();
         let mut ch = c_h;
         if k == 0 {
-            stages.push((Conv2d::new(s, &format!("{name}.stages.0"), ch, ch, 3, 1, false, true)?, false));
+            stages.push((Conv2d::new(s, &format!("{name}.stages.0"), Conv2dConfig::new(ch, ch, 3))?, false));
         }
         for i in 0..k {
             let next = (ch / 2).max(c.channel_floor.min(ch));
             let kernel = if i == 0 && ch >= 512 { 1 } else { 3 };
-            stages.push((Conv2d::new(s, &format!("{name}.stages.{i}"), ch, next, kernel, 1, false, true)?, true));
+            stages.push((Conv2d::new(s, &format!("{name}.stages.{i}"), Conv2dConfig::new(ch, next, kernel))?, true));
             ch = next;
         }
         Ok(Self {
             config: c.clone(),
-            time_proj: Linear::new(s, &format!("{name}.time_proj"), c.time_sinusoidal_dim, c_h, true)?,
+            time_proj: Linear::new(s, &format!("{name}.time_proj"), c.time_sinusoidal_dim, c_h)?,
             stages,
-            out: Conv2d::new(s, &format!("{name}.conv_out"), ch, u.image_channels, 3, 1, true, true)?,
+            out: Conv2d::new(s, &format!("{name}.conv_out"), Conv2dConfig::new(ch, out_channels, 3).zero_init())?,
         })
     }
 

@@ -1,196 +1,141 @@
-//! The dual-branch model: frozen main UNet + trainable ControlNet side + (training only)
-//! the LISA decoder, all parameters in one [`ParamStore`] under `main.`, `side.`, `lisa.`.
+//! The model seam: what the trainer, the samplers and the checkpoints know of a model.
+//!
+//! A dual-branch denoiser ([`DualDenoiser`]) is a frozen main network split at the place
+//! where a ControlNet enters it (the encoder, run once; the decoder, run with or without
+//! side residuals), a trainable side network that returns those residuals and the
+//! pre-zero-conv features the LISA hooks name, and the LISA decoder. Every parameter lives in
+//! one [`ParamStore`] under three prefixes: [`MAIN`], [`SIDE`], [`DECODER`].
+//!
+//! Adding an architecture: a folder under `model/` (see [`toy`]) whose type implements
+//! [`DualDenoiser`], and one line in [`registry::build`].
 
-mod config;
-mod controlnet;
+mod conditioning;
 mod decoder;
-mod unet;
+mod forward;
+mod hook;
+pub mod registry;
+pub mod toy;
 
-pub use config::{ControlConfig, DecoderConfig, HookLayer, UNetConfig};
-pub use controlnet::{ControlNet, SideOutput};
-pub use decoder::LisaDecoder;
-pub use unet::{Conditioning, Encoder, EncoderOutput, Residuals, TimeEmbedding, UNet};
+use std::path::Path;
 
+use lisa_core::Prediction;
 use lisa_core::backend::Backend;
-use serde::{Deserialize, Serialize};
 
-use crate::autodiff::Var;
+pub use conditioning::{Conditioning, PromptEmbedding};
+pub use decoder::{DecoderConfig, LisaDecoder};
+pub use forward::{TrainOutputs, forward_prior, forward_train, predict};
+pub use hook::HookLayer;
+pub use registry::{ModelSpec, Parts};
+
+use crate::autodiff::{Tape, Var};
 use crate::error::{Result, TrainError};
 use crate::params::{Bound, ParamStore};
 
-/// The whole model's configuration (serde: TOML/JSON sections `unet`, `control`, `decoder`).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ModelConfig {
-    /// The main network.
-    pub unet: UNetConfig,
-    /// The side network.
-    pub control: ControlConfig,
-    /// The LISA decoder (built only when training with LISA).
-    pub decoder: DecoderConfig,
+/// Name prefix of the frozen main network's parameters.
+pub const MAIN: &str = "main.";
+/// Name prefix of the side network's parameters.
+pub const SIDE: &str = "side.";
+/// Name prefix of the LISA decoder's parameters.
+pub const DECODER: &str = "lisa.";
+
+/// Tensors with one entry per skip connection and one for the middle block: the main
+/// encoder's skips, the side network's residuals, and its pre-zero-conv features.
+#[derive(Debug, Clone)]
+pub struct Skips<B: Backend> {
+    /// Per skip (`down_i`), in the order the main decoder consumes them from the deepest.
+    pub down: Vec<Var<B>>,
+    /// The middle block's.
+    pub mid: Var<B>,
 }
 
-/// What a training forward returns.
-pub struct TrainOutputs<B: Backend> {
-    /// The controlled prediction `M(x_t; + r)` (records the graph through the residuals).
-    pub pred: Var<B>,
-    /// The hooked pre-zero-conv side feature `h`.
-    pub hooked: Var<B>,
-    /// `D(h, t)` for the LISA samples, when the decoder exists and LISA is on.
-    pub decoded: Option<Var<B>>,
-    /// The prior prediction `M(x_t)` of the LISA samples, without residuals (no gradient).
-    pub prior: Option<B::Tensor>,
+/// What the side network adds to the main decoder (after the zero convs).
+pub type Residuals<B> = Skips<B>;
+
+/// What the side network returns.
+#[derive(Debug, Clone)]
+pub struct SideOutput<B: Backend> {
+    /// After the zero convs: what the main decoder adds.
+    pub residuals: Residuals<B>,
+    /// Before the zero convs: what the LISA hooks read.
+    pub features: Skips<B>,
 }
 
-/// Main + side (+ decoder).
-pub struct DualModel<B: Backend> {
-    /// Every parameter.
-    pub store: ParamStore<B>,
-    /// The frozen main network.
-    pub main: UNet,
-    /// The trainable side network.
-    pub side: ControlNet,
-    /// The LISA decoder (None: baseline training, or inference).
-    pub decoder: Option<LisaDecoder>,
-    /// The configuration it was built from.
-    pub config: ModelConfig,
-}
-
-impl<B: Backend> DualModel<B> {
-    /// Builds the model with seeded initial weights; the side network starts as a copy of
-    /// the main encoder, middle and embeddings. `with_decoder` builds the LISA decoder.
-    pub fn new(config: &ModelConfig, with_decoder: bool, device: B::Device, seed: u64) -> Result<Self> {
-        let mut store = ParamStore::new(device, seed);
-        let main = UNet::new(&mut store, "main", &config.unet, false)?;
-        let side = ControlNet::new(&mut store, "side", &config.unet, &config.control)?;
-        let decoder = if with_decoder {
-            let u = &config.unet;
-            let (c_h, r_h) = match config.decoder.hook {
-                HookLayer::Mid => (*u.channels.last().unwrap_or(&0), u.level_resolution(u.channels.len() - 1)),
-                HookLayer::Down(i) if i < u.channels.len() => (u.channels[i], u.level_resolution(i)),
-                HookLayer::Down(i) => {
-                    return Err(TrainError::Config(format!(
-                        "hook down_{i} does not exist: levels are down_0..down_{}",
-                        u.channels.len() - 1
-                    )));
-                }
-            };
-            Some(LisaDecoder::new(&mut store, "lisa", &config.decoder, u, c_h, r_h)?)
-        } else {
-            None
-        };
-        let mut model = Self { store, main, side, decoder, config: config.clone() };
-        model.copy_main_into_side()?;
-        Ok(model)
-    }
-
-    /// Loads a pretrained main model (safetensors with exactly the `main.*` tensors, as
-    /// [`crate::pretrain::Pretrainer::export`] writes) and re-initialises the side network as
-    /// its copy. Returns the number of tensors loaded.
-    pub fn load_main(&mut self, path: &std::path::Path) -> Result<usize> {
-        let n = crate::checkpoint::load_params(&mut self.store, path, |n| n.starts_with("main."), |n| n.to_string())?;
-        self.copy_main_into_side()?;
-        Ok(n)
-    }
-
-    /// Loads trained side-network (and, when this model has one, decoder) weights from a
-    /// training checkpoint's `model.safetensors`; decoder tensors are skipped when the model
-    /// was built without the decoder (inference).
-    pub fn load_trained(&mut self, path: &std::path::Path) -> Result<usize> {
-        let with_decoder = self.decoder.is_some();
-        crate::checkpoint::load_params_ignoring(
-            &mut self.store,
-            path,
-            |n| n.starts_with("side.") || (with_decoder && n.starts_with("lisa.")),
-            |n| n.to_string(),
-            |n| !with_decoder && n.starts_with("lisa."),
-        )
-    }
-
-    /// ControlNet initialisation: `side.{time,encoder}.*` ← `main.{time,encoder}.*`.
-    pub fn copy_main_into_side(&mut self) -> Result<()> {
-        let pairs: Vec<_> = self
-            .store
-            .iter()
-            .filter_map(|(id, p)| {
-                let rest = p.name.strip_prefix("main.")?;
-                (rest.starts_with("time.") || rest.starts_with("encoder.")).then(|| (id, format!("side.{rest}")))
-            })
-            .collect();
-        for (src, dst_name) in pairs {
-            let dst = self
-                .store
-                .find(&dst_name)
-                .ok_or_else(|| TrainError::Config(format!("side network has no {dst_name}")))?;
-            let value = self.store.get(src).value.clone();
-            self.store.get_mut(dst).value = value;
+impl<B: Backend> SideOutput<B> {
+    /// The pre-zero-conv feature a hook names.
+    pub fn feature(&self, hook: HookLayer) -> Result<&Var<B>> {
+        match hook {
+            HookLayer::Mid => Ok(&self.features.mid),
+            HookLayer::Down(i) => self.features.down.get(i).ok_or_else(|| {
+                TrainError::Config(format!(
+                    "hook down_{i} does not exist: the side network has down_0..down_{}",
+                    self.features.down.len().saturating_sub(1)
+                ))
+            }),
         }
-        Ok(())
     }
+}
 
-    /// The training forward (lisa-method.md §3 steps 3–6, §5). The main encoder runs under
-    /// no-grad (frozen weights, `x_t` needs no gradient); the controlled up path records only
-    /// through the residuals; with `lisa`, the prior re-runs only the up path, without
-    /// residuals and without recording, reusing the encoder activations.
-    ///
-    /// `lisa_samples` (≤ batch) restricts the LISA term (prior pass and decoder) to the first
-    /// that many samples of the batch: a cost option, not in the paper (None = all).
-    pub fn forward_train(
+/// The main encoder's activations, computed once per forward and consumed by the main
+/// decoder (with residuals for the controlled prediction, without for the LISA prior).
+/// Every tensor is batch-first; the layout is the architecture's own.
+#[derive(Debug, Clone)]
+pub struct MainEncoding<B: Backend> {
+    /// The activations, batch first.
+    pub tensors: Vec<Var<B>>,
+}
+
+impl<B: Backend> MainEncoding<B> {
+    /// The first `k` samples of every tensor (the LISA sub-batch).
+    pub fn slice_batch(&self, tape: &Tape<B>, k: usize) -> Result<Self> {
+        Ok(Self { tensors: self.tensors.iter().map(|v| tape.slice_batch(v, k)).collect::<Result<_>>()? })
+    }
+}
+
+/// A dual-branch denoiser: the frozen main network `M`, the side network `S` and the LISA
+/// decoder `D` (lisa-method.md §1, §3, §5). The controlled prediction is
+/// `M_dec(M_enc(x_t), scale·S(x_t, c))`, the prior `M_dec(M_enc(x_t))`.
+pub trait DualDenoiser<B: Backend> {
+    /// The registry name of the architecture (`"toy"`).
+    fn architecture(&self) -> &'static str;
+    /// Its full configuration (with every default filled in), as checkpoints record it.
+    fn spec(&self) -> ModelSpec;
+    /// Every parameter.
+    fn store(&self) -> &ParamStore<B>;
+    /// Every parameter, mutably (optimizer updates, loads).
+    fn store_mut(&mut self) -> &mut ParamStore<B>;
+    /// The parts it was built with.
+    fn parts(&self) -> Parts;
+    /// `[channels, height, width]` of `x_t` and of the prediction.
+    fn sample_shape(&self) -> [usize; 3];
+    /// Channels of the condition image (its side is the sample's).
+    fn hint_channels(&self) -> usize;
+    /// What the main network predicts.
+    fn prediction(&self) -> Prediction;
+    /// The residual multiplier training uses.
+    fn conditioning_scale(&self) -> f32;
+    /// Turns prompts into what the network is conditioned on; `""` is the null prompt
+    /// (classifier-free guidance). Prompts the model cannot read are an error naming them.
+    fn embed_prompts(&self, prompts: &[&str]) -> Result<PromptEmbedding>;
+    /// `M_enc`: the main encoder (with the time and prompt embedding) on `x_t`.
+    fn encode_main(&self, p: &Bound<'_, B>, x_t: &Var<B>, cond: &Conditioning) -> Result<MainEncoding<B>>;
+    /// `M_dec`: the main decoder over `enc`, adding `scale·residuals` when given: the only
+    /// place the side network enters the main network.
+    fn decode_main(
         &self,
         p: &Bound<'_, B>,
-        x_t: &Var<B>,
-        hint: &Var<B>,
-        cond: &Conditioning,
-        lisa: bool,
-        lisa_samples: Option<usize>,
-    ) -> Result<TrainOutputs<B>> {
-        let tape = p.tape;
-        let (temb, enc) = tape.no_grad(|| -> Result<_> {
-            let temb = self.main.time.forward(p, cond)?;
-            let enc = self.main.encoder.forward(p, x_t, &temb, None)?;
-            Ok((temb, enc))
-        })?;
-        let side = self.side.forward(p, x_t, hint, cond)?;
-        let pred = self.main.decode(p, &enc, Some((&side.residuals, self.side.conditioning_scale)), &temb)?;
-        let hook = self.config.decoder.hook;
-        let hooked = side.feature(hook)?.clone();
-        let (decoded, prior) = match (&self.decoder, lisa) {
-            (Some(d), true) => {
-                let n = cond.t.len();
-                let k = lisa_samples.unwrap_or(n);
-                if k == 0 || k > n {
-                    return Err(TrainError::Config(format!("lisa sub-batch {k} must lie in 1..={n}")));
-                }
-                let prior = tape.no_grad(|| -> Result<_> {
-                    let sub = |v: &Var<B>| tape.slice_batch(v, k);
-                    let levels = enc.levels.iter().map(sub).collect::<Result<_>>()?;
-                    let enc_k = EncoderOutput { levels, mid: sub(&enc.mid)? };
-                    self.main.decode(p, &enc_k, None, &sub(&temb)?)
-                })?;
-                let h_k = tape.slice_batch(&hooked, k)?;
-                (Some(d.forward(p, &h_k, &cond.t[..k])?), Some(prior.value))
-            }
-            (None, true) => {
-                return Err(TrainError::Config("LISA training needs a model built with the decoder".into()));
-            }
-            (_, false) => (None, None),
-        };
-        Ok(TrainOutputs { pred, hooked, decoded, prior })
-    }
-
-    /// Inference: the controlled prediction only (no decoder, no prior pass), with the
-    /// residuals multiplied by `control_scale` (1 = as trained, 0 = the main model alone).
-    pub fn predict(
-        &self,
-        p: &Bound<'_, B>,
-        x_t: &Var<B>,
-        hint: &Var<B>,
-        cond: &Conditioning,
-        control_scale: f32,
-    ) -> Result<Var<B>> {
-        let temb = self.main.time.forward(p, cond)?;
-        let enc = self.main.encoder.forward(p, x_t, &temb, None)?;
-        let side = self.side.forward(p, x_t, hint, cond)?;
-        self.main.decode(p, &enc, Some((&side.residuals, control_scale)), &temb)
-    }
+        enc: &MainEncoding<B>,
+        residuals: Option<(&Residuals<B>, f32)>,
+    ) -> Result<Var<B>>;
+    /// `S`: the side network on `x_t` and the condition image `hint [n, c_hint, h, w]`.
+    fn side(&self, p: &Bound<'_, B>, x_t: &Var<B>, hint: &Var<B>, cond: &Conditioning) -> Result<SideOutput<B>>;
+    /// The hook the LISA decoder reads (None: built without the decoder).
+    fn lisa_hook(&self) -> Option<HookLayer>;
+    /// `D(h, t)`: the LISA decoder on the hooked feature, at the prediction's shape.
+    fn decode_lisa(&self, p: &Bound<'_, B>, feature: &Var<B>, t: &[f32]) -> Result<Var<B>>;
+    /// Loads the pretrained main network (and initialises the side network from it, as
+    /// ControlNet does). Returns the number of tensors read.
+    fn load_main(&mut self, path: &Path) -> Result<usize>;
+    /// Loads trained side (and, when built, decoder) weights written by a training
+    /// checkpoint. Returns the number of tensors read.
+    fn load_trained(&mut self, path: &Path) -> Result<usize>;
 }

@@ -1,6 +1,6 @@
-use lisa_core::backend::{Backend, Shape, Transpose};
+use lisa_core::backend::{Backend, GroupNormParams, Shape, Transpose};
 
-use super::{Conv2d, GroupNorm};
+use super::{Conv2d, Conv2dConfig, GroupNorm};
 use crate::autodiff::Var;
 use crate::error::Result;
 use crate::params::{Bound, ParamStore};
@@ -19,20 +19,14 @@ pub struct SelfAttention {
 
 impl SelfAttention {
     /// Over `c` channels.
-    pub fn new<B: Backend>(
-        s: &mut ParamStore<B>,
-        name: &str,
-        c: usize,
-        groups: usize,
-        eps: f32,
-        trainable: bool,
-    ) -> Result<Self> {
+    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, c: usize, norm: GroupNormParams) -> Result<Self> {
+        let one_by_one = Conv2dConfig::new(c, c, 1);
         Ok(Self {
-            norm: GroupNorm::new(s, &format!("{name}.group_norm"), c, groups, eps, trainable)?,
-            q: Conv2d::new(s, &format!("{name}.to_q"), c, c, 1, 1, false, trainable)?,
-            k: Conv2d::new(s, &format!("{name}.to_k"), c, c, 1, 1, false, trainable)?,
-            v: Conv2d::new(s, &format!("{name}.to_v"), c, c, 1, 1, false, trainable)?,
-            proj: Conv2d::new(s, &format!("{name}.to_out"), c, c, 1, 1, false, trainable)?,
+            norm: GroupNorm::new(s, &format!("{name}.group_norm"), c, norm)?,
+            q: Conv2d::new(s, &format!("{name}.to_q"), one_by_one)?,
+            k: Conv2d::new(s, &format!("{name}.to_k"), one_by_one)?,
+            v: Conv2d::new(s, &format!("{name}.to_v"), one_by_one)?,
+            proj: Conv2d::new(s, &format!("{name}.to_out"), one_by_one)?,
             channels: c,
         })
     }

@@ -1,9 +1,22 @@
-use lisa_core::backend::{Backend, Shape};
+use lisa_core::backend::{Backend, GroupNormParams, Shape};
 
-use super::{Conv2d, GroupNorm, Linear};
+use super::{Conv2d, Conv2dConfig, GroupNorm, Linear};
 use crate::autodiff::Var;
 use crate::error::Result;
 use crate::params::{Bound, ParamStore};
+
+/// The widths of a [`ResBlock`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ResBlockConfig {
+    /// Input channels.
+    pub in_channels: usize,
+    /// Output channels.
+    pub out_channels: usize,
+    /// Width of the time embedding it reads.
+    pub time_dim: usize,
+    /// Its group norms.
+    pub norm: GroupNormParams,
+}
 
 /// Residual block with time-embedding injection (DDPM / diffusers `ResnetBlock2D`):
 /// `h = conv₁(silu(gn₁(x))) + W_t·silu(e_t)`, `out = skip(x) + conv₂(silu(gn₂(h)))`,
@@ -19,26 +32,17 @@ pub struct ResBlock {
 }
 
 impl ResBlock {
-    /// `c_in → c_out` channels, time embedding of width `t_dim`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new<B: Backend>(
-        s: &mut ParamStore<B>,
-        name: &str,
-        c_in: usize,
-        c_out: usize,
-        t_dim: usize,
-        groups: usize,
-        eps: f32,
-        trainable: bool,
-    ) -> Result<Self> {
+    /// Parameters under `{name}.` with diffusers' names (`norm1`, `conv1`, `time_emb_proj`, …).
+    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, c: ResBlockConfig) -> Result<Self> {
+        let (c_in, c_out) = (c.in_channels, c.out_channels);
         Ok(Self {
-            norm1: GroupNorm::new(s, &format!("{name}.norm1"), c_in, groups, eps, trainable)?,
-            conv1: Conv2d::new(s, &format!("{name}.conv1"), c_in, c_out, 3, 1, false, trainable)?,
-            time_proj: Linear::new(s, &format!("{name}.time_emb_proj"), t_dim, c_out, trainable)?,
-            norm2: GroupNorm::new(s, &format!("{name}.norm2"), c_out, groups, eps, trainable)?,
-            conv2: Conv2d::new(s, &format!("{name}.conv2"), c_out, c_out, 3, 1, false, trainable)?,
+            norm1: GroupNorm::new(s, &format!("{name}.norm1"), c_in, c.norm)?,
+            conv1: Conv2d::new(s, &format!("{name}.conv1"), Conv2dConfig::new(c_in, c_out, 3))?,
+            time_proj: Linear::new(s, &format!("{name}.time_emb_proj"), c.time_dim, c_out)?,
+            norm2: GroupNorm::new(s, &format!("{name}.norm2"), c_out, c.norm)?,
+            conv2: Conv2d::new(s, &format!("{name}.conv2"), Conv2dConfig::new(c_out, c_out, 3))?,
             skip: if c_in != c_out {
-                Some(Conv2d::new(s, &format!("{name}.conv_shortcut"), c_in, c_out, 1, 1, false, trainable)?)
+                Some(Conv2d::new(s, &format!("{name}.conv_shortcut"), Conv2dConfig::new(c_in, c_out, 1))?)
             } else {
                 None
             },
@@ -68,8 +72,8 @@ pub struct Downsample(Conv2d);
 
 impl Downsample {
     /// `c → c` channels.
-    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, c: usize, trainable: bool) -> Result<Self> {
-        Ok(Self(Conv2d::new(s, &format!("{name}.conv"), c, c, 3, 2, false, trainable)?))
+    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, c: usize) -> Result<Self> {
+        Ok(Self(Conv2d::new(s, &format!("{name}.conv"), Conv2dConfig::new(c, c, 3).stride(2))?))
     }
 
     /// `[n, c, h, w] → [n, c, h/2, w/2]`.
@@ -84,8 +88,8 @@ pub struct Upsample(Conv2d);
 
 impl Upsample {
     /// `c → c` channels.
-    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, c: usize, trainable: bool) -> Result<Self> {
-        Ok(Self(Conv2d::new(s, &format!("{name}.conv"), c, c, 3, 1, false, trainable)?))
+    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, c: usize) -> Result<Self> {
+        Ok(Self(Conv2d::new(s, &format!("{name}.conv"), Conv2dConfig::new(c, c, 3))?))
     }
 
     /// `[n, c, h, w] → [n, c, 2h, 2w]`.

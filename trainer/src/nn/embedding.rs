@@ -33,15 +33,9 @@ pub struct ClassEmbedding {
 
 impl ClassEmbedding {
     /// `N(0, 1)` rows.
-    pub fn new<B: Backend>(
-        store: &mut ParamStore<B>,
-        name: &str,
-        classes: usize,
-        dim: usize,
-        trainable: bool,
-    ) -> Result<Self> {
+    pub fn new<B: Backend>(store: &mut ParamStore<B>, name: &str, classes: usize, dim: usize) -> Result<Self> {
         Ok(Self {
-            table: store.add(format!("{name}.weight"), &[classes, dim], Init::LecunNormal { fan_in: 1 }, trainable)?,
+            table: store.add(format!("{name}.weight"), &[classes, dim], Init::LecunNormal { fan_in: 1 })?,
             classes,
         })
     }

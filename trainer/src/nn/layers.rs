@@ -4,6 +4,39 @@ use crate::autodiff::Var;
 use crate::error::Result;
 use crate::params::{Bound, Init, ParamId, ParamStore};
 
+/// The shape and initialisation of a [`Conv2d`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv2dConfig {
+    /// Input channels.
+    pub in_channels: usize,
+    /// Output channels.
+    pub out_channels: usize,
+    /// Kernel side `k` (padding `k/2`).
+    pub kernel: usize,
+    /// Stride (1).
+    pub stride: usize,
+    /// Zero weights (ControlNet zero convs, the LISA decoder's output conv) instead of
+    /// LeCun-normal ones.
+    pub zero_init: bool,
+}
+
+impl Conv2dConfig {
+    /// A `kernel × kernel`, stride-1, LeCun-normal convolution.
+    pub fn new(in_channels: usize, out_channels: usize, kernel: usize) -> Self {
+        Self { in_channels, out_channels, kernel, stride: 1, zero_init: false }
+    }
+
+    /// With stride `stride`.
+    pub fn stride(self, stride: usize) -> Self {
+        Self { stride, ..self }
+    }
+
+    /// Zero-initialised.
+    pub fn zero_init(self) -> Self {
+        Self { zero_init: true, ..self }
+    }
+}
+
 /// 2-D convolution `y = w ⋆ x + b`, `w [c_out, c_in, k, k]`.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
@@ -16,24 +49,14 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
-    /// A `k×k` conv with "same" padding (stride 1) or the given stride; LeCun-normal weights,
-    /// or zeros when `zero` (ControlNet zero convs, the LISA decoder's output conv).
-    #[allow(clippy::too_many_arguments)]
-    pub fn new<B: Backend>(
-        store: &mut ParamStore<B>,
-        name: &str,
-        c_in: usize,
-        c_out: usize,
-        k: usize,
-        stride: usize,
-        zero: bool,
-        trainable: bool,
-    ) -> Result<Self> {
-        let init = if zero { Init::Zeros } else { Init::LecunNormal { fan_in: c_in * k * k } };
+    /// Parameters `{name}.weight` and `{name}.bias` (zero).
+    pub fn new<B: Backend>(store: &mut ParamStore<B>, name: &str, c: Conv2dConfig) -> Result<Self> {
+        let k = c.kernel;
+        let init = if c.zero_init { Init::Zeros } else { Init::LecunNormal { fan_in: c.in_channels * k * k } };
         Ok(Self {
-            weight: store.add(format!("{name}.weight"), &[c_out, c_in, k, k], init, trainable)?,
-            bias: store.add(format!("{name}.bias"), &[c_out], Init::Zeros, trainable)?,
-            params: Conv2dParams { stride: [stride, stride], padding: [k / 2, k / 2] },
+            weight: store.add(format!("{name}.weight"), &[c.out_channels, c.in_channels, k, k], init)?,
+            bias: store.add(format!("{name}.bias"), &[c.out_channels], Init::Zeros)?,
+            params: Conv2dParams { stride: [c.stride, c.stride], padding: [k / 2, k / 2] },
         })
     }
 
@@ -54,21 +77,10 @@ pub struct Linear {
 
 impl Linear {
     /// LeCun-normal weights, zero bias.
-    pub fn new<B: Backend>(
-        store: &mut ParamStore<B>,
-        name: &str,
-        d_in: usize,
-        d_out: usize,
-        trainable: bool,
-    ) -> Result<Self> {
+    pub fn new<B: Backend>(store: &mut ParamStore<B>, name: &str, d_in: usize, d_out: usize) -> Result<Self> {
         Ok(Self {
-            weight: store.add(
-                format!("{name}.weight"),
-                &[d_out, d_in],
-                Init::LecunNormal { fan_in: d_in },
-                trainable,
-            )?,
-            bias: store.add(format!("{name}.bias"), &[d_out], Init::Zeros, trainable)?,
+            weight: store.add(format!("{name}.weight"), &[d_out, d_in], Init::LecunNormal { fan_in: d_in })?,
+            bias: store.add(format!("{name}.bias"), &[d_out], Init::Zeros)?,
         })
     }
 
@@ -90,20 +102,13 @@ pub struct GroupNorm {
 }
 
 impl GroupNorm {
-    /// `groups` groups over `c` channels (clamped so that it divides `c`).
-    pub fn new<B: Backend>(
-        store: &mut ParamStore<B>,
-        name: &str,
-        c: usize,
-        groups: usize,
-        eps: f32,
-        trainable: bool,
-    ) -> Result<Self> {
-        let groups = (1..=groups.min(c)).rev().find(|g| c.is_multiple_of(*g)).unwrap_or(1);
+    /// `norm.groups` groups over `c` channels (clamped so that it divides `c`), ε `norm.eps`.
+    pub fn new<B: Backend>(store: &mut ParamStore<B>, name: &str, c: usize, norm: GroupNormParams) -> Result<Self> {
+        let groups = (1..=norm.groups.min(c)).rev().find(|g| c.is_multiple_of(*g)).unwrap_or(1);
         Ok(Self {
-            gamma: store.add(format!("{name}.weight"), &[c], Init::Ones, trainable)?,
-            beta: store.add(format!("{name}.bias"), &[c], Init::Zeros, trainable)?,
-            params: GroupNormParams { groups, eps },
+            gamma: store.add(format!("{name}.weight"), &[c], Init::Ones)?,
+            beta: store.add(format!("{name}.bias"), &[c], Init::Zeros)?,
+            params: GroupNormParams { groups, eps: norm.eps },
         })
     }
 

@@ -7,6 +7,6 @@ mod embedding;
 mod layers;
 
 pub use attention::SelfAttention;
-pub use blocks::{Downsample, ResBlock, Upsample};
+pub use blocks::{Downsample, ResBlock, ResBlockConfig, Upsample};
 pub use embedding::{ClassEmbedding, sinusoidal_embedding};
-pub use layers::{Conv2d, GroupNorm, Linear};
+pub use layers::{Conv2d, Conv2dConfig, GroupNorm, Linear};

@@ -4,6 +4,7 @@
 use lisa_core::backend::{AdamWParams, Backend};
 use serde::{Deserialize, Serialize};
 
+use crate::autodiff::{Gradients, VarId};
 use crate::error::{Result, TrainError};
 use crate::params::{ParamId, ParamStore};
 
@@ -226,5 +227,60 @@ impl<B: Backend> Ema<B> {
             *s = B::axpby(d, s, 1.0 - d, &store.get(*id).value)?;
         }
         Ok(())
+    }
+}
+
+/// What every training loop runs after its backward, in one place: gradients gathered in
+/// AdamW order, clipped, the AdamW update, the EMA.
+pub struct Optimizer<B: Backend> {
+    /// AdamW moments.
+    pub adamw: AdamW<B>,
+    /// EMA of the selected weights (None: off).
+    pub ema: Option<Ema<B>>,
+    /// AdamW and the lr schedule.
+    pub config: OptimConfig,
+}
+
+impl<B: Backend> Optimizer<B> {
+    /// Zero moments for every trainable parameter of `store`; an EMA (decay `ema_decay`) of
+    /// the parameters `ema_keep` selects.
+    pub fn new(
+        store: &ParamStore<B>,
+        config: OptimConfig,
+        ema_decay: Option<f32>,
+        ema_keep: impl Fn(&str) -> bool,
+    ) -> Result<Self> {
+        config.validate()?;
+        Ok(Self {
+            adamw: AdamW::new(store)?,
+            ema: ema_decay.map(|d| Ema::new(store, d, ema_keep)).transpose()?,
+            config,
+        })
+    }
+
+    /// The gradient of each trainable parameter, in AdamW order, taken out of `grads` (the
+    /// tape's gradients of the `leaves` a [`crate::params::Bound`] reported).
+    pub fn gather(&self, leaves: Vec<(ParamId, VarId)>, grads: &mut Gradients<B>) -> Vec<Option<B::Tensor>> {
+        let by_param: std::collections::HashMap<_, _> = leaves.into_iter().collect();
+        self.adamw.moments.iter().map(|(pid, _, _)| by_param.get(pid).and_then(|vid| grads.remove(*vid))).collect()
+    }
+
+    /// Clips `grads`, updates `store` at the lr of step `completed + 1` of `total`, and the
+    /// EMA. Returns `(gradient norm before clipping, lr)`.
+    pub fn step(
+        &mut self,
+        store: &mut ParamStore<B>,
+        grads: &mut [Option<B::Tensor>],
+        completed: u64,
+        total: u64,
+    ) -> Result<(f32, f32)> {
+        let step = completed + 1;
+        let grad_norm = clip_grad_norm::<B>(grads, self.config.max_grad_norm, step)?;
+        let lr = self.config.lr_at(completed, total);
+        self.adamw.update(store, grads, lr, &self.config)?;
+        if let Some(ema) = &mut self.ema {
+            ema.update(store, step)?;
+        }
+        Ok((grad_norm, lr))
     }
 }

@@ -1,11 +1,12 @@
 //! Helpers shared by the trainer's integration tests.
 #![allow(dead_code)]
 
-use lisa_trainer::model::{HookLayer, ModelConfig, UNetConfig};
+use lisa_trainer::model::toy::{ControlConfig, ToyConfig, UNetConfig};
+use lisa_trainer::model::{DecoderConfig, HookLayer, ModelSpec};
 
 /// A tiny dual-branch model (16×16, channels (8, 16)) for fast training tests.
-pub fn tiny_model() -> ModelConfig {
-    let mut c = ModelConfig {
+pub fn tiny_model() -> ModelSpec {
+    let toy = ToyConfig {
         unet: UNetConfig {
             resolution: 16,
             channels: vec![8, 16],
@@ -14,11 +15,12 @@ pub fn tiny_model() -> ModelConfig {
             time_dim: 16,
             ..UNetConfig::default()
         },
-        ..ModelConfig::default()
+        control: ControlConfig { hint_hidden: 8, ..ControlConfig::default() },
     };
-    c.control.hint_hidden = 8;
-    c.decoder.hook = HookLayer::Down(1);
-    c.decoder.time_sinusoidal_dim = 16;
-    c.decoder.channel_floor = 4;
-    c
+    toy.to_spec(&DecoderConfig { hook: HookLayer::Down(1), time_sinusoidal_dim: 16, channel_floor: 4 })
+}
+
+/// A toy spec whose UNet is `unet` (the rest default).
+pub fn toy_spec(unet: UNetConfig) -> ModelSpec {
+    ToyConfig { unet, ..ToyConfig::default() }.to_spec(&DecoderConfig::default())
 }

@@ -2,7 +2,7 @@
 
 use cubecl::prelude::*;
 use lisa_core::backend::{AdamWParams, ArithOps, FusedOps, ReduceOps, TensorOps};
-use lisa_core::lisa::{Distance, LisaConfig, LisaLoss, SampleTerms};
+use lisa_core::lisa::{LisaConfig, LisaLoss, SampleSums, SampleTerms, sample_coefficients};
 use lisa_core::{Error, Result};
 
 use super::{CubeBackend, T, alloc, arg, check_dtype, f32_buffer, read_f32, u32_of};
@@ -118,39 +118,21 @@ impl<R: Runtime> FusedOps for CubeBackend<R> {
 }
 
 /// The LISA distance `Σ_b w_b·D_b` and the gradient coefficients `(α_b, β_b)` per sample
-/// from the per-sample sums `(Σ(d−τ)², ⟨d,τ⟩, ‖d‖², ‖τ‖²)`, `n` = all elements
-/// (lisa-method.md; the same formulas as [`lisa_core::lisa::lisa_loss_fused`]):
-/// - MSE: `D_b = Σ(d−τ)²/n`, `∂L/∂d = 2λw_b(d − τ)/n`;
-/// - cosine: `D_b = (1 − ⟨d,τ⟩/(c_d c_τ))/B` with `c = max(‖·‖, ε)`,
-///   `∂L/∂d = −λw_b/B·(τ − [‖d‖ ≥ ε]·⟨d,τ⟩/c_d²·d)/(c_d c_τ)`.
+/// from the per-sample sums `(Σ(d−τ)², ⟨d,τ⟩, ‖d‖², ‖τ‖²)` read back from the device, in
+/// f64 ([`sample_coefficients`] holds the formulas), `n` = all elements.
 fn lisa_coefficients(config: &LisaConfig, terms: &[SampleTerms<f32>], sums: &[f32], n: usize) -> (f64, Vec<f32>) {
-    let lambda = config.lambda;
     let mut distance = 0.0f64;
     let mut coef = Vec::with_capacity(terms.len() * 2);
-    match config.distance {
-        Distance::Mse => {
-            let inv_n = 1.0 / n as f64;
-            for (b, t) in terms.iter().enumerate() {
-                let w = t.weight as f64;
-                distance += w * sums[4 * b] as f64 * inv_n;
-                let a = 2.0 * lambda * w * inv_n;
-                coef.extend([a as f32, -a as f32]);
-            }
-        }
-        Distance::Cosine => {
-            let eps = config.cosine_eps;
-            let inv_b = 1.0 / terms.len() as f64;
-            for (b, t) in terms.iter().enumerate() {
-                let w = t.weight as f64;
-                let dot = sums[4 * b + 1] as f64;
-                let (nd, nt) = ((sums[4 * b + 2] as f64).sqrt(), (sums[4 * b + 3] as f64).sqrt());
-                let (cd, ct) = (nd.max(eps), nt.max(eps));
-                distance += w * (1.0 - dot / (cd * ct)) * inv_b;
-                let g = -lambda * w * inv_b;
-                let radial = if nd >= eps { dot / (cd * cd) } else { 0.0 };
-                coef.extend([(-g * radial / (cd * ct)) as f32, (g / (cd * ct)) as f32]);
-            }
-        }
+    for (t, s) in terms.iter().zip(sums.chunks_exact(4)) {
+        let sums = SampleSums {
+            squared_error: s[0] as f64,
+            dot: s[1] as f64,
+            decoded_sq: s[2] as f64,
+            target_sq: s[3] as f64,
+        };
+        let c = sample_coefficients(config, t.weight as f64, &sums, n, terms.len());
+        distance += c.distance;
+        coef.extend([c.alpha as f32, c.beta as f32]);
     }
     (distance, coef)
 }

@@ -4,15 +4,17 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use lisa_core::backend::Backend;
 use lisa_core::{Distance, TargetSpace};
 use lisa_trainer::checkpoint::{load_checkpoint, save_checkpoint};
-use lisa_trainer::model::DualModel;
+use lisa_trainer::model::{Parts, registry};
 use lisa_trainer::train::{Mode, Trainer};
 
 use crate::config::RunFile;
 use crate::eval::validate;
+use crate::image::save_png;
 use crate::progress::Progress;
 
 /// Flags of `lisa train` (names as in diffusers' `train_controlnet.py`; they override the
@@ -107,7 +109,7 @@ fn checkpoints(dir: &Path) -> Vec<(u64, PathBuf)> {
 }
 
 /// Applies the flags to the run file.
-fn apply(a: &TrainArgs, file: &mut RunFile) -> Result<(), String> {
+fn apply(a: &TrainArgs, file: &mut RunFile) -> Result<()> {
     let t = &mut file.train;
     if a.baseline {
         t.mode = Mode::Baseline;
@@ -115,11 +117,11 @@ fn apply(a: &TrainArgs, file: &mut RunFile) -> Result<(), String> {
         t.mode = Mode::Lisa;
     }
     if let Some(h) = &a.hook {
-        file.model.decoder.hook = h.parse().map_err(|e: lisa_trainer::TrainError| e.to_string())?;
+        file.model.decoder.hook = h.parse().context("--hook")?;
     }
     if let Some(l) = a.lambda {
         if !(l >= 0.0 && l.is_finite()) {
-            return Err(format!("--lambda must be finite and >= 0, got {l}"));
+            bail!("--lambda must be finite and >= 0, got {l}");
         }
         t.lisa.lambda = l;
     }
@@ -127,18 +129,18 @@ fn apply(a: &TrainArgs, file: &mut RunFile) -> Result<(), String> {
         t.lisa.target_space = match s.as_str() {
             "prediction" => TargetSpace::Prediction,
             "score" => TargetSpace::Score,
-            _ => return Err(format!("--target-space {s:?}: prediction | score")),
+            _ => bail!("--target-space {s:?}: prediction | score"),
         };
     }
     if let Some(d) = &a.distance {
         t.lisa.distance = match d.as_str() {
             "mse" => Distance::Mse,
             "cosine" => Distance::Cosine,
-            _ => return Err(format!("--distance {d:?}: mse | cosine")),
+            _ => bail!("--distance {d:?}: mse | cosine"),
         };
     }
     if let Some(s) = &a.lr_scheduler {
-        t.optim.schedule = s.parse().map_err(|e: lisa_trainer::TrainError| e.to_string())?;
+        t.optim.schedule = s.parse().context("--lr-scheduler")?;
     }
     t.lisa_subbatch = a.lisa_subbatch.or(t.lisa_subbatch);
     if let Some(d) = &a.train_data_dir {
@@ -201,35 +203,31 @@ impl ArmReport {
 }
 
 /// Trains the side branch as `file` says, from the prior at `main`, on `device`.
-pub fn train_arm<B: Backend>(
-    file: &RunFile,
-    main: &Path,
-    device: B::Device,
-    o: &LoopOptions,
-) -> Result<ArmReport, String> {
+pub fn train_arm<B: Backend>(file: &RunFile, main: &Path, device: B::Device, o: &LoopOptions) -> Result<ArmReport> {
     let mode = file.train.mode;
-    let mut model =
-        DualModel::<B>::new(&file.model, mode == Mode::Lisa, device, file.train.seed).map_err(|e| e.to_string())?;
-    model.load_main(main).map_err(|e| format!("{}: {e}", main.display()))?;
-    let mut trainer = Trainer::new(model, file.train.clone()).map_err(|e| e.to_string())?;
+    let parts = Parts::Dual { decoder: mode == Mode::Lisa };
+    let mut model = registry::build::<B>(&file.model, parts, device, file.train.seed)?;
+    model.load_main(main).with_context(|| format!("loading the prior {}", main.display()))?;
+    let data = file.open_training_set(model.as_ref())?;
+    let val_set = file.validation_set(model.sample_shape()[1]);
+    let mut trainer = Trainer::new(model, file.train.clone())?;
     let out = o.output_dir;
     if let Some(r) = o.resume {
         let dir = if r == "latest" {
             checkpoints(out)
                 .pop()
                 .map(|(_, p)| p)
-                .ok_or_else(|| format!("--resume-from-checkpoint latest: no checkpoint-* in {}", out.display()))?
+                .ok_or_else(|| anyhow!("--resume-from-checkpoint latest: no checkpoint-* in {}", out.display()))?
         } else {
             PathBuf::from(r)
         };
         if !dir.is_dir() {
-            return Err(format!("--resume-from-checkpoint: {} does not exist", dir.display()));
+            bail!("--resume-from-checkpoint: {} does not exist", dir.display());
         }
-        load_checkpoint(&mut trainer, &dir).map_err(|e| e.to_string())?;
+        load_checkpoint(&mut trainer, &dir)?;
         eprintln!("resumed from {} at step {}", dir.display(), trainer.run.state.step);
     }
-    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
-    let data = file.open_training_set()?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let t = &file.train;
     eprintln!(
         "train {} ({mode:?}, {}): {} examples, effective batch {} ({} x {}), {} steps, {} parameters trained, hook {}, lr {:.1e}",
@@ -240,7 +238,7 @@ pub fn train_arm<B: Backend>(
         t.batch_size,
         t.gradient_accumulation_steps,
         t.max_train_steps,
-        trainer.model.store.count(true),
+        trainer.model.store().count(true),
         file.model.decoder.hook,
         t.optim.lr,
     );
@@ -249,27 +247,28 @@ pub fn train_arm<B: Backend>(
         .create(true)
         .append(true)
         .open(&metrics_path)
-        .map_err(|e| format!("{}: {e}", metrics_path.display()))?;
-    let val_set = file.validation_set();
+        .with_context(|| format!("cannot open {}", metrics_path.display()))?;
+    let mut write_metrics = |line: serde_json::Value| {
+        writeln!(metrics, "{line}").with_context(|| format!("cannot write {}", metrics_path.display()))
+    };
     let wall = Instant::now();
     let mut report = ArmReport::default();
     let first = trainer.run.state.step;
     let mut progress = Progress::new(o.label, first, t.max_train_steps);
-    let validate_now = |trainer: &Trainer<B>, step: u64, report: &mut ArmReport| -> Result<f32, String> {
-        let v = validate(&trainer.model, &t.noise, &val_set, &file.validation.sampling)?;
-        v.grid.save_png(&out.join(format!("validation-{step:06}.png"))).map_err(|e| e.to_string())?;
+    let validate_now = |trainer: &Trainer<B>, step: u64, report: &mut ArmReport| -> Result<f32> {
+        let v = validate(trainer.model.as_ref(), &t.noise, &val_set, &file.validation.sampling)?;
+        save_png(&v.grid, &out.join(format!("validation-{step:06}.png")))?;
         report.validations.push((step, v.iou));
         Ok(v.iou)
     };
     if o.validate_at_start && first == 0 {
         let iou = validate_now(&trainer, 0, &mut report)?;
         progress.validation(0, iou);
-        let line = serde_json::json!({"step": 0, "iou": iou});
-        writeln!(metrics, "{line}").map_err(|e| format!("{}: {e}", metrics_path.display()))?;
+        write_metrics(serde_json::json!({"step": 0, "iou": iou}))?;
     }
     while trainer.run.state.step < t.max_train_steps {
         let step_start = Instant::now();
-        let s = trainer.step(data.as_ref()).map_err(|e| e.to_string())?;
+        let s = trainer.step(data.as_ref())?;
         report.train_seconds += step_start.elapsed().as_secs_f64();
         report.losses.push((s.step, s.loss, s.main_loss, s.lisa_loss));
         let its = (s.step - first) as f64 / report.train_seconds;
@@ -281,25 +280,26 @@ pub fn train_arm<B: Backend>(
             iou = Some(v);
         }
         progress.step(&s, its);
-        let line = serde_json::json!({"step": s.step, "loss": s.loss, "main_loss": s.main_loss, "lisa_loss": s.lisa_loss, "grad_norm": s.grad_norm, "lr": s.lr, "steps_per_s": its, "iou": iou});
-        writeln!(metrics, "{line}").map_err(|e| format!("{}: {e}", metrics_path.display()))?;
+        write_metrics(
+            serde_json::json!({"step": s.step, "loss": s.loss, "main_loss": s.main_loss, "lisa_loss": s.lisa_loss, "grad_norm": s.grad_norm, "lr": s.lr, "steps_per_s": its, "iou": iou}),
+        )?;
         if (o.checkpointing_steps > 0 && s.step % o.checkpointing_steps == 0) || last {
-            save_checkpoint(&trainer, &out.join(format!("checkpoint-{}", s.step))).map_err(|e| e.to_string())?;
+            save_checkpoint(&trainer, &out.join(format!("checkpoint-{}", s.step)))?;
             if let Some(limit) = o.checkpoints_total_limit {
                 let all = checkpoints(out);
                 for (_, old) in all.iter().take(all.len().saturating_sub(limit.max(1))) {
-                    std::fs::remove_dir_all(old).map_err(|e| format!("{}: {e}", old.display()))?;
+                    std::fs::remove_dir_all(old).with_context(|| format!("cannot remove {}", old.display()))?;
                 }
             }
         }
     }
-    progress.finish();
     report.wall_seconds = wall.elapsed().as_secs_f64();
+    progress.finish(report.wall_seconds);
     Ok(report)
 }
 
 /// Runs `lisa train`.
-pub fn run<B: Backend>(a: TrainArgs, device: B::Device) -> Result<(), String> {
+pub fn run<B: Backend>(a: TrainArgs, device: B::Device) -> Result<()> {
     let mut file = RunFile::load(a.config.as_deref())?;
     apply(&a, &mut file)?;
     let options = LoopOptions {

@@ -3,11 +3,13 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use anyhow::{Context, Result};
 use clap::Args;
 use lisa_core::backend::Backend;
 use lisa_trainer::pretrain::Pretrainer;
 
 use crate::config::RunFile;
+use crate::progress::Progress;
 
 /// Flags of `lisa pretrain` (override the run file).
 #[derive(Debug, Args)]
@@ -36,7 +38,7 @@ pub struct PretrainArgs {
 }
 
 /// Runs `lisa pretrain`.
-pub fn run<B: Backend>(a: PretrainArgs, device: B::Device) -> Result<(), String> {
+pub fn run<B: Backend>(a: PretrainArgs, device: B::Device) -> Result<()> {
     let mut file = RunFile::load(a.config.as_deref())?;
     let p = &mut file.pretrain;
     p.max_train_steps = a.max_train_steps.unwrap_or(p.max_train_steps);
@@ -46,33 +48,26 @@ pub fn run<B: Backend>(a: PretrainArgs, device: B::Device) -> Result<(), String>
     if let Some(d) = a.train_data_dir {
         file.data.dir = Some(d);
     }
-    let data = file.open_training_set()?;
-    let mut trainer =
-        Pretrainer::<B>::new(&file.model.unet, file.pretrain.clone(), device).map_err(|e| e.to_string())?;
+    let mut trainer = Pretrainer::<B>::new(&file.model, file.pretrain.clone(), device)?;
+    let data = file.open_training_set(trainer.model.as_ref())?;
     eprintln!(
         "pretrain: {} examples, batch {}, {} steps, {} parameters",
         data.len(),
         file.pretrain.batch_size,
         file.pretrain.max_train_steps,
-        trainer.store.count(true)
+        trainer.model.store().count(true)
     );
     if let Some(dir) = a.output.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     let start = Instant::now();
+    let mut progress = Progress::new("pretrain", 0, file.pretrain.max_train_steps);
     for _ in 0..file.pretrain.max_train_steps {
-        let s = trainer.step(data.as_ref()).map_err(|e| e.to_string())?;
-        if s.step % 50 == 0 || s.step == file.pretrain.max_train_steps {
-            eprintln!(
-                "step {:6}  loss {:.4}  lr {:.2e}  {:.2} it/s",
-                s.step,
-                s.loss,
-                s.lr,
-                s.step as f64 / start.elapsed().as_secs_f64()
-            );
-        }
+        let s = trainer.step(data.as_ref())?;
+        progress.step(&s, s.step as f64 / start.elapsed().as_secs_f64());
     }
-    trainer.export(&a.output).map_err(|e| e.to_string())?;
-    eprintln!("wrote {} ({:.1} min)", a.output.display(), start.elapsed().as_secs_f64() / 60.0);
+    progress.finish(start.elapsed().as_secs_f64());
+    trainer.export(&a.output)?;
+    eprintln!("wrote {}", a.output.display());
     Ok(())
 }

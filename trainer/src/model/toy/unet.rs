@@ -5,19 +5,12 @@ use lisa_core::backend::{Backend, DType, Shape};
 use super::config::UNetConfig;
 use crate::autodiff::Var;
 use crate::error::{Result, TrainError};
+use crate::model::{Conditioning, PromptEmbedding, Residuals, Skips};
 use crate::nn::{
-    ClassEmbedding, Conv2d, Downsample, GroupNorm, Linear, ResBlock, SelfAttention, Upsample, sinusoidal_embedding,
+    ClassEmbedding, Conv2d, Conv2dConfig, Downsample, GroupNorm, Linear, ResBlock, SelfAttention, Upsample,
+    sinusoidal_embedding,
 };
 use crate::params::{Bound, ParamStore};
-
-/// What a denoiser is conditioned on besides `x_t`: the timestep and the prompt ids.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Conditioning {
-    /// Timestep per sample (the DDPM index, or 1000·t for flows).
-    pub t: Vec<f32>,
-    /// Prompt ids, one list per prompt embedding, each with one id per sample.
-    pub prompts: Vec<Vec<usize>>,
-}
 
 /// Time MLP (sinusoid → Linear → SiLU → Linear) plus the prompt embeddings, summed.
 #[derive(Debug, Clone)]
@@ -30,15 +23,15 @@ pub struct TimeEmbedding {
 
 impl TimeEmbedding {
     /// Parameters under `{name}.`.
-    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, c: &UNetConfig, trainable: bool) -> Result<Self> {
+    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, c: &UNetConfig) -> Result<Self> {
         Ok(Self {
-            lin1: Linear::new(s, &format!("{name}.linear_1"), c.time_sinusoidal_dim, c.time_dim, trainable)?,
-            lin2: Linear::new(s, &format!("{name}.linear_2"), c.time_dim, c.time_dim, trainable)?,
+            lin1: Linear::new(s, &format!("{name}.linear_1"), c.time_sinusoidal_dim, c.time_dim)?,
+            lin2: Linear::new(s, &format!("{name}.linear_2"), c.time_dim, c.time_dim)?,
             prompts: c
                 .prompt_classes
                 .iter()
                 .enumerate()
-                .map(|(i, &k)| ClassEmbedding::new(s, &format!("{name}.prompt_{i}"), k, c.time_dim, trainable))
+                .map(|(i, &k)| ClassEmbedding::new(s, &format!("{name}.prompt_{i}"), k, c.time_dim))
                 .collect::<Result<_>>()?,
             sin_dim: c.time_sinusoidal_dim,
         })
@@ -47,8 +40,9 @@ impl TimeEmbedding {
     /// `silu(e_t + Σ_k emb_k(id_k))`, `[n, time_dim]` (every consumer applies SiLU first).
     pub fn forward<B: Backend>(&self, p: &Bound<'_, B>, cond: &Conditioning) -> Result<Var<B>> {
         let t = p.tape;
-        if cond.prompts.len() != self.prompts.len() || cond.prompts.iter().any(|ids| ids.len() != cond.t.len()) {
-            return Err(TrainError::Config(format!(
+        let PromptEmbedding::Classes(ids) = &cond.prompt;
+        if ids.len() != self.prompts.len() || ids.iter().any(|ids| ids.len() != cond.t.len()) {
+            return Err(TrainError::Mismatch(format!(
                 "conditioning needs {} prompt id lists of {} ids each",
                 self.prompts.len(),
                 cond.t.len()
@@ -63,20 +57,11 @@ impl TimeEmbedding {
             &device,
         )?;
         let mut e = self.lin2.forward(p, &t.silu(&self.lin1.forward(p, &t.constant(sin))?)?)?;
-        for (emb, ids) in self.prompts.iter().zip(&cond.prompts) {
+        for (emb, ids) in self.prompts.iter().zip(ids) {
             e = t.add(&e, &emb.forward(p, ids)?)?;
         }
         t.silu(&e)
     }
-}
-
-/// The encoder outputs a ControlNet taps: every level's output and the middle's.
-#[derive(Debug, Clone)]
-pub struct EncoderOutput<B: Backend> {
-    /// Level outputs (the skips), full resolution first.
-    pub levels: Vec<Var<B>>,
-    /// The middle block's output.
-    pub mid: Var<B>,
 }
 
 /// conv_in, one ResBlock per level with a stride-2 conv between levels, and the middle block.
@@ -90,14 +75,13 @@ pub struct Encoder {
 
 impl Encoder {
     /// Parameters under `{name}.`.
-    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, c: &UNetConfig, trainable: bool) -> Result<Self> {
-        let (g, eps) = (c.norm_groups, c.norm_eps);
+    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, c: &UNetConfig) -> Result<Self> {
         let mut levels = Vec::new();
         let mut prev = c.channels[0];
         for (i, &ch) in c.channels.iter().enumerate() {
-            let res = ResBlock::new(s, &format!("{name}.down.{i}.res"), prev, ch, c.time_dim, g, eps, trainable)?;
+            let res = ResBlock::new(s, &format!("{name}.down.{i}.res"), c.res_block(prev, ch))?;
             let down = if i + 1 < c.channels.len() {
-                Some(Downsample::new(s, &format!("{name}.down.{i}.downsample"), ch, trainable)?)
+                Some(Downsample::new(s, &format!("{name}.down.{i}.downsample"), ch)?)
             } else {
                 None
             };
@@ -105,20 +89,11 @@ impl Encoder {
             prev = ch;
         }
         Ok(Self {
-            conv_in: Conv2d::new(
-                s,
-                &format!("{name}.conv_in"),
-                c.image_channels,
-                c.channels[0],
-                3,
-                1,
-                false,
-                trainable,
-            )?,
+            conv_in: Conv2d::new(s, &format!("{name}.conv_in"), Conv2dConfig::new(c.image_channels, c.channels[0], 3))?,
             levels,
-            mid: ResBlock::new(s, &format!("{name}.mid.res"), prev, prev, c.time_dim, g, eps, trainable)?,
+            mid: ResBlock::new(s, &format!("{name}.mid.res"), c.res_block(prev, prev))?,
             attention: if c.attention {
-                Some(SelfAttention::new(s, &format!("{name}.mid.attention"), prev, g, eps, trainable)?)
+                Some(SelfAttention::new(s, &format!("{name}.mid.attention"), prev, c.norm())?)
             } else {
                 None
             },
@@ -133,7 +108,7 @@ impl Encoder {
         x: &Var<B>,
         silu_temb: &Var<B>,
         after_conv_in: Option<&Var<B>>,
-    ) -> Result<EncoderOutput<B>> {
+    ) -> Result<Skips<B>> {
         let t = p.tape;
         let mut h = self.conv_in.forward(p, x)?;
         if let Some(hint) = after_conv_in {
@@ -151,13 +126,9 @@ impl Encoder {
         if let Some(a) = &self.attention {
             mid = a.forward(p, &mid)?;
         }
-        Ok(EncoderOutput { levels, mid })
+        Ok(Skips { down: levels, mid })
     }
 }
-
-/// The side network's contribution, in the same layout as the encoder outputs it is added
-/// to: one residual per skip and one for the middle.
-pub type Residuals<B> = EncoderOutput<B>;
 
 /// The main UNet.
 #[derive(Debug, Clone)]
@@ -175,19 +146,17 @@ pub struct UNet {
 
 impl UNet {
     /// Parameters under `{name}.` (the main model is `main`, frozen during control training).
-    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, c: &UNetConfig, trainable: bool) -> Result<Self> {
+    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, c: &UNetConfig) -> Result<Self> {
         c.validate()?;
-        let (g, eps, td) = (c.norm_groups, c.norm_eps, c.time_dim);
-        let time = TimeEmbedding::new(s, &format!("{name}.time"), c, trainable)?;
-        let encoder = Encoder::new(s, &format!("{name}.encoder"), c, trainable)?;
+        let time = TimeEmbedding::new(s, &format!("{name}.time"), c)?;
+        let encoder = Encoder::new(s, &format!("{name}.encoder"), c)?;
         // Up path, deepest level first: ResBlock on concat(h, skip_i), then ×2 up + conv.
         let mut up = Vec::new();
         let mut prev = *c.channels.last().unwrap_or(&0);
         for i in (0..c.channels.len()).rev() {
             let ch = c.channels[i];
-            let res = ResBlock::new(s, &format!("{name}.up.{i}.res"), prev + ch, ch, td, g, eps, trainable)?;
-            let upsample =
-                if i > 0 { Some(Upsample::new(s, &format!("{name}.up.{i}.upsample"), ch, trainable)?) } else { None };
+            let res = ResBlock::new(s, &format!("{name}.up.{i}.res"), c.res_block(prev + ch, ch))?;
+            let upsample = if i > 0 { Some(Upsample::new(s, &format!("{name}.up.{i}.upsample"), ch)?) } else { None };
             up.push((res, upsample));
             prev = ch;
         }
@@ -196,16 +165,11 @@ impl UNet {
             time,
             encoder,
             up,
-            norm_out: GroupNorm::new(s, &format!("{name}.norm_out"), c.channels[0], g, eps, trainable)?,
+            norm_out: GroupNorm::new(s, &format!("{name}.norm_out"), c.channels[0], c.norm())?,
             conv_out: Conv2d::new(
                 s,
                 &format!("{name}.conv_out"),
-                c.channels[0],
-                c.image_channels,
-                3,
-                1,
-                false,
-                trainable,
+                Conv2dConfig::new(c.channels[0], c.image_channels, 3),
             )?,
         })
     }
@@ -216,7 +180,7 @@ impl UNet {
     pub fn decode<B: Backend>(
         &self,
         p: &Bound<'_, B>,
-        enc: &EncoderOutput<B>,
+        enc: &Skips<B>,
         residuals: Option<(&Residuals<B>, f32)>,
         silu_temb: &Var<B>,
     ) -> Result<Var<B>> {
@@ -229,22 +193,15 @@ impl UNet {
         };
         let scale = residuals.map_or(1.0, |(_, s)| s);
         let mut h = with(&enc.mid, residuals.map(|(r, _)| &r.mid), scale)?;
-        let levels = enc.levels.len();
+        let levels = enc.down.len();
         for (j, (res, upsample)) in self.up.iter().enumerate() {
             let i = levels - 1 - j;
-            let skip = with(&enc.levels[i], residuals.map(|(r, _)| &r.levels[i]), scale)?;
+            let skip = with(&enc.down[i], residuals.map(|(r, _)| &r.down[i]), scale)?;
             h = res.forward(p, &t.concat_channels(&[&h, &skip])?, silu_temb)?;
             if let Some(u) = upsample {
                 h = u.forward(p, &h)?;
             }
         }
         self.conv_out.forward(p, &t.silu(&self.norm_out.forward(p, &h)?)?)
-    }
-
-    /// The plain prediction `M(x_t, t, c_txt)` (no side network).
-    pub fn forward<B: Backend>(&self, p: &Bound<'_, B>, x_t: &Var<B>, cond: &Conditioning) -> Result<Var<B>> {
-        let temb = self.time.forward(p, cond)?;
-        let enc = self.encoder.forward(p, x_t, &temb, None)?;
-        self.decode(p, &enc, None, &temb)
     }
 }

@@ -5,12 +5,15 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use anyhow::{Context, Result, bail};
 use clap::Args;
+use image::RgbImage;
 use lisa_core::backend::Backend;
-use lisa_trainer::plot::{Panel, Series, line_chart};
 use lisa_trainer::train::Mode;
 
 use crate::config::RunFile;
+use crate::image::save_png;
+use crate::plot::{Panel, Series, line_chart};
 use crate::train::{ArmReport, LoopOptions, train_arm};
 
 /// The demo's run file and prior, shipped in `assets/` (found from the source tree, so the
@@ -44,12 +47,12 @@ pub struct DemoArgs {
 }
 
 /// Runs `lisa demo`.
-pub fn run<B: Backend>(a: DemoArgs, device: B::Device) -> Result<(), String> {
+pub fn run<B: Backend>(a: DemoArgs, device: B::Device) -> Result<()> {
     let config = a.config.clone().unwrap_or_else(|| Path::new(ASSETS).join("demo.toml"));
     let main = a.main.clone().unwrap_or_else(|| Path::new(ASSETS).join("prior.safetensors"));
     for (what, p) in [("run file", &config), ("prior", &main)] {
         if !p.is_file() {
-            return Err(format!("demo {what} {} not found", p.display()));
+            bail!("demo {what} {} not found", p.display());
         }
     }
     let mut file = RunFile::load(Some(&config))?;
@@ -65,7 +68,7 @@ pub fn run<B: Backend>(a: DemoArgs, device: B::Device) -> Result<(), String> {
     for (label, mode) in &arms {
         let dir = a.output_dir.join(label);
         if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
         }
         let mut arm_file = file.clone();
         arm_file.train.mode = *mode;
@@ -82,11 +85,11 @@ pub fn run<B: Backend>(a: DemoArgs, device: B::Device) -> Result<(), String> {
     }
     let labelled: Vec<(&str, &ArmReport)> = arms.iter().map(|a| a.0).zip(&reports).collect();
     let plot = a.output_dir.join("comparison.png");
-    comparison_plot(&labelled, a.threshold).save_png(&plot).map_err(|e| e.to_string())?;
+    save_png(&comparison_plot(&labelled, a.threshold)?, &plot)?;
     let summary = summarise(&labelled, a.threshold, start.elapsed().as_secs_f64(), B::name());
     let summary_path = a.output_dir.join("summary.json");
-    std::fs::write(&summary_path, serde_json::to_string_pretty(&summary).unwrap_or_default())
-        .map_err(|e| format!("{}: {e}", summary_path.display()))?;
+    std::fs::write(&summary_path, serde_json::to_string_pretty(&summary)?)
+        .with_context(|| format!("cannot write {}", summary_path.display()))?;
     println!("\ndemo on {} finished in {:.1} min", B::name(), start.elapsed().as_secs_f64() / 60.0);
     for (label, r) in &labelled {
         let reached = r.steps_to(a.threshold).map_or("not reached".to_string(), |s| format!("step {s}"));
@@ -109,7 +112,7 @@ fn colour(label: &str) -> [u8; 3] {
 
 /// IoU against step (with the threshold dashed) above the training loss (log scale,
 /// smoothed over 20 steps).
-pub fn comparison_plot(arms: &[(&str, &ArmReport)], threshold: f32) -> lisa_trainer::image::Rgb8 {
+pub fn comparison_plot(arms: &[(&str, &ArmReport)], threshold: f32) -> Result<RgbImage> {
     let iou = Panel {
         title: format!("controllability iou (dashed: {threshold:.2})"),
         series: arms
@@ -142,7 +145,7 @@ pub fn comparison_plot(arms: &[(&str, &ArmReport)], threshold: f32) -> lisa_trai
         reference: None,
         log_y: true,
     };
-    line_chart(&[iou, loss], 640, 260)
+    line_chart(&[iou, loss], 720, 300)
 }
 
 fn summarise(arms: &[(&str, &ArmReport)], threshold: f32, seconds: f64, backend: &str) -> serde_json::Value {

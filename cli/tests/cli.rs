@@ -242,7 +242,7 @@ fn bad_inputs_are_clear_errors() {
             "--prompt",
             "mauve circle with blue background",
         ]),
-        "unknown colour",
+        "outside the palette",
     );
     std::fs::remove_dir_all(d).unwrap();
 }
@@ -250,22 +250,24 @@ fn bad_inputs_are_clear_errors() {
 /// A Fill50K-format folder of `n` procedural examples (512-px style: outlines and targets
 /// written at 4× the model resolution, so the loader's resizing is exercised).
 fn fill50k_folder(dir: &Path, n: usize) {
-    use lisa_trainer::data::{Dataset, FillCircles, PALETTE};
-    use lisa_trainer::image::Rgb8;
+    use lisa_trainer::data::{Dataset, FillCircles};
+    let planar_png = |planar: &[f32], channels: usize, range: (f32, f32), path: PathBuf| {
+        let byte = |v: f32| (((v - range.0) / (range.1 - range.0)).clamp(0.0, 1.0) * 255.0).round() as u8;
+        let img = image::RgbImage::from_fn(64, 64, |x, y| {
+            let at = |c: usize| planar[(if channels == 1 { 0 } else { c }) * 64 * 64 + (y * 64 + x) as usize];
+            image::Rgb([byte(at(0)), byte(at(1)), byte(at(2))])
+        });
+        img.save(path).unwrap();
+    };
     let set = FillCircles { resolution: 64, len: n, seed: 9 };
     std::fs::create_dir_all(dir.join("source")).unwrap();
     std::fs::create_dir_all(dir.join("target")).unwrap();
     let mut lines = String::new();
     for i in 0..n {
         let e = set.get(i).unwrap();
-        let mut source = Rgb8::new(64, 64);
-        source.paste_planar(&e.hint, 1, 64, (0, 0), (0.0, 1.0));
-        source.save_png(&dir.join(format!("source/{i}.png"))).unwrap();
-        let mut target = Rgb8::new(64, 64);
-        target.paste_planar(&e.image, 3, 64, (0, 0), (-1.0, 1.0));
-        target.save_png(&dir.join(format!("target/{i}.png"))).unwrap();
-        let c = set.circle(i);
-        let prompt = format!("{} circle with {} background", PALETTE[c.fill].0, PALETTE[c.background].0);
+        planar_png(&e.hint, 1, (0.0, 1.0), dir.join(format!("source/{i}.png")));
+        planar_png(&e.image, 3, (-1.0, 1.0), dir.join(format!("target/{i}.png")));
+        let prompt = e.prompt;
         lines +=
             &format!("{{\"source\": \"source/{i}.png\", \"target\": \"target/{i}.png\", \"prompt\": \"{prompt}\"}}\n");
     }

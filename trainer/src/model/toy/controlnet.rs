@@ -3,38 +3,13 @@
 
 use lisa_core::backend::Backend;
 
-use super::config::{ControlConfig, HookLayer, UNetConfig};
-use super::unet::{Conditioning, Encoder, Residuals, TimeEmbedding};
+use super::config::{ControlConfig, UNetConfig};
+use super::unet::{Encoder, TimeEmbedding};
 use crate::autodiff::Var;
 use crate::error::{Result, TrainError};
-use crate::nn::Conv2d;
+use crate::model::{Conditioning, Residuals, SideOutput};
+use crate::nn::{Conv2d, Conv2dConfig};
 use crate::params::{Bound, ParamStore};
-
-/// What the side network returns: the residuals and the pre-zero-conv features.
-#[derive(Debug, Clone)]
-pub struct SideOutput<B: Backend> {
-    /// After the zero convs: what the main network adds.
-    pub residuals: Residuals<B>,
-    /// Before the zero convs, per level (`down_i`).
-    pub level_features: Vec<Var<B>>,
-    /// Before the middle zero conv (`mid`).
-    pub mid_feature: Var<B>,
-}
-
-impl<B: Backend> SideOutput<B> {
-    /// The pre-zero-conv feature of a hook layer.
-    pub fn feature(&self, hook: HookLayer) -> Result<&Var<B>> {
-        match hook {
-            HookLayer::Mid => Ok(&self.mid_feature),
-            HookLayer::Down(i) => self.level_features.get(i).ok_or_else(|| {
-                TrainError::Config(format!(
-                    "hook down_{i} does not exist: the model has levels down_0..down_{}",
-                    self.level_features.len() - 1
-                ))
-            }),
-        }
-    }
-}
 
 /// The side network.
 #[derive(Debug, Clone)]
@@ -52,7 +27,7 @@ pub struct ControlNet {
 
 impl ControlNet {
     /// Parameters under `{name}.` (all trainable); `time` and `encoder` are later copied from
-    /// the main network by [`super::DualModel`].
+    /// the main network by [`super::ToyModel`].
     pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, u: &UNetConfig, c: &ControlConfig) -> Result<Self> {
         if c.hint_channels == 0 || c.hint_hidden == 0 {
             return Err(TrainError::Config("control.hint_channels and hint_hidden must be > 0".into()));
@@ -64,30 +39,23 @@ impl ControlNet {
             )));
         }
         let hh = c.hint_hidden;
+        let zero_conv = |ch: usize| Conv2dConfig::new(ch, ch, 1).zero_init();
+        let deepest = *u.channels.last().unwrap_or(&1);
         Ok(Self {
-            time: TimeEmbedding::new(s, &format!("{name}.time"), u, true)?,
+            time: TimeEmbedding::new(s, &format!("{name}.time"), u)?,
             hint: [
-                Conv2d::new(s, &format!("{name}.hint.0"), c.hint_channels, hh, 3, 1, false, true)?,
-                Conv2d::new(s, &format!("{name}.hint.1"), hh, hh, 3, 1, false, true)?,
-                Conv2d::new(s, &format!("{name}.hint.2"), hh, u.channels[0], 3, 1, true, true)?,
+                Conv2d::new(s, &format!("{name}.hint.0"), Conv2dConfig::new(c.hint_channels, hh, 3))?,
+                Conv2d::new(s, &format!("{name}.hint.1"), Conv2dConfig::new(hh, hh, 3))?,
+                Conv2d::new(s, &format!("{name}.hint.2"), Conv2dConfig::new(hh, u.channels[0], 3).zero_init())?,
             ],
-            encoder: Encoder::new(s, &format!("{name}.encoder"), u, true)?,
+            encoder: Encoder::new(s, &format!("{name}.encoder"), u)?,
             zero_levels: u
                 .channels
                 .iter()
                 .enumerate()
-                .map(|(i, &ch)| Conv2d::new(s, &format!("{name}.zero_convs.{i}"), ch, ch, 1, 1, true, true))
+                .map(|(i, &ch)| Conv2d::new(s, &format!("{name}.zero_convs.{i}"), zero_conv(ch)))
                 .collect::<Result<_>>()?,
-            zero_mid: Conv2d::new(
-                s,
-                &format!("{name}.zero_mid"),
-                *u.channels.last().unwrap_or(&1),
-                *u.channels.last().unwrap_or(&1),
-                1,
-                1,
-                true,
-                true,
-            )?,
+            zero_mid: Conv2d::new(s, &format!("{name}.zero_mid"), zero_conv(deepest))?,
             conditioning_scale: c.conditioning_scale,
         })
     }
@@ -106,9 +74,8 @@ impl ControlNet {
         let h = t.silu(&self.hint[1].forward(p, &h)?)?;
         let hint_feature = self.hint[2].forward(p, &h)?;
         let enc = self.encoder.forward(p, x_t, &temb, Some(&hint_feature))?;
-        let levels =
-            enc.levels.iter().zip(&self.zero_levels).map(|(f, z)| z.forward(p, f)).collect::<Result<Vec<_>>>()?;
+        let down = enc.down.iter().zip(&self.zero_levels).map(|(f, z)| z.forward(p, f)).collect::<Result<Vec<_>>>()?;
         let mid = self.zero_mid.forward(p, &enc.mid)?;
-        Ok(SideOutput { residuals: Residuals { levels, mid }, level_features: enc.levels, mid_feature: enc.mid })
+        Ok(SideOutput { residuals: Residuals { down, mid }, features: enc })
     }
 }

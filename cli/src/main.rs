@@ -1,12 +1,16 @@
 //! `lisa`: pretrain a prior, train a ControlNet side branch with or without LISA, sample and
-//! evaluate controllability, on the fill-circles task; `lisa demo` does the whole story.
+//! evaluate controllability; `lisa demo` does the whole story on the fill-circles task.
 //!
 //! Every command prints a clear message and exits non-zero on bad input; nothing panics on
-//! user input.
+//! user input. The library behind it is `lisa-trainer`; this crate holds what only a command
+//! needs: flags, run files, progress bars, image files and plots.
 
 mod config;
 mod demo;
 mod eval;
+mod fill50k;
+mod image;
+mod plot;
 mod pretrain;
 mod progress;
 mod sample;
@@ -16,9 +20,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-/// Likelihood Score Alignment for controllable diffusion.
+/// Train ControlNet-style side networks with LISA (Likelihood Score Alignment): pretrain a
+/// prior, train with or without LISA, sample, evaluate, or run the demo.
 #[derive(Debug, Parser)]
-#[command(name = "lisa", version, about)]
+#[command(name = "lisa", version)]
 struct Cli {
     /// Which backend runs the command (wgpu and cuda need the matching cargo feature).
     #[arg(long, value_enum, global = true, default_value = "cpu")]
@@ -67,7 +72,7 @@ macro_rules! with_backend {
                 type $B = lisa_cubecl::WgpuBackend;
                 match $B::probe() {
                     Ok($device) => $body,
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => Err(anyhow::Error::from(e)),
                 }
             }
             #[cfg(feature = "cuda")]
@@ -75,12 +80,12 @@ macro_rules! with_backend {
                 type $B = lisa_cubecl::CudaBackend;
                 match $B::probe() {
                     Ok($device) => $body,
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => Err(anyhow::Error::from(e)),
                 }
             }
             #[allow(unreachable_patterns)]
-            other => Err(format!(
-                "this lisa was built without the {other:?} backend: rebuild with `--features {}`",
+            other => Err(anyhow::anyhow!(
+                "this lisa was built without the {0} backend: rebuild with `--features {0}`",
                 format!("{other:?}").to_lowercase()
             )),
         }
@@ -99,7 +104,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -1,7 +1,9 @@
 use lisa_core::Prediction;
+use lisa_core::backend::GroupNormParams;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
+use crate::nn::ResBlockConfig;
 
 /// The main (prior) UNet, in pixel space. Defaults: the reference toy configuration
 /// (32×32 RGB, channels (32, 64, 64), one ResBlock per level + a middle ResBlock,
@@ -73,6 +75,16 @@ impl UNetConfig {
     pub fn level_resolution(&self, i: usize) -> usize {
         self.resolution >> i
     }
+
+    /// Its group norms.
+    pub fn norm(&self) -> GroupNormParams {
+        GroupNormParams { groups: self.norm_groups, eps: self.norm_eps }
+    }
+
+    /// A residual block `c_in → c_out` reading the time embedding.
+    pub fn res_block(&self, in_channels: usize, out_channels: usize) -> ResBlockConfig {
+        ResBlockConfig { in_channels, out_channels, time_dim: self.time_dim, norm: self.norm() }
+    }
 }
 
 /// The ControlNet side network.
@@ -90,68 +102,5 @@ pub struct ControlConfig {
 impl Default for ControlConfig {
     fn default() -> Self {
         Self { hint_channels: 1, hint_hidden: 16, conditioning_scale: 1.0 }
-    }
-}
-
-/// Where the LISA decoder reads the side network: `down_i` (level i's output) or `mid`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub enum HookLayer {
-    /// The output of encoder level `i`, before its zero conv.
-    Down(usize),
-    /// The middle block's output, before its zero conv.
-    Mid,
-}
-
-impl std::str::FromStr for HookLayer {
-    type Err = TrainError;
-    fn from_str(s: &str) -> Result<Self> {
-        if s == "mid" {
-            return Ok(HookLayer::Mid);
-        }
-        s.strip_prefix("down_")
-            .and_then(|i| i.parse().ok())
-            .map(HookLayer::Down)
-            .ok_or_else(|| TrainError::Config(format!("unknown hook layer {s:?}: expected down_0 .. down_N or mid")))
-    }
-}
-
-impl TryFrom<String> for HookLayer {
-    type Error = TrainError;
-    fn try_from(s: String) -> Result<Self> {
-        s.parse()
-    }
-}
-
-impl From<HookLayer> for String {
-    fn from(h: HookLayer) -> String {
-        h.to_string()
-    }
-}
-
-impl std::fmt::Display for HookLayer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            HookLayer::Down(i) => write!(f, "down_{i}"),
-            HookLayer::Mid => f.write_str("mid"),
-        }
-    }
-}
-
-/// The LISA decoder (lisa-method.md §3.6).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct DecoderConfig {
-    /// The hooked side layer (`down_1`: the 16×16 level in the toy).
-    pub hook: HookLayer,
-    /// Width of the decoder's sinusoidal time features (256).
-    pub time_sinusoidal_dim: usize,
-    /// Channel floor of the upsampling stages (64 in the paper; scaled down to 16 here).
-    pub channel_floor: usize,
-}
-
-impl Default for DecoderConfig {
-    fn default() -> Self {
-        Self { hook: HookLayer::Down(1), time_sinusoidal_dim: 256, channel_floor: 16 }
     }
 }

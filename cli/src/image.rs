@@ -1,0 +1,105 @@
+//! Image files through the `image` crate: validation grids and sample sheets out, condition
+//! and target images in. The one hand-written piece is [`max_pool`]: a 1-px outline must
+//! survive a 512 → 16 downscale, which no interpolating filter guarantees.
+
+use std::io::Cursor;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use image::imageops::{self, FilterType};
+use image::{GrayImage, ImageFormat, Rgb, RgbImage};
+use lisa_trainer::weights::write_atomic;
+
+/// A canvas for grids: black, `width × height`.
+pub fn canvas(width: usize, height: usize) -> RgbImage {
+    RgbImage::new(width as u32, height as u32)
+}
+
+/// Pastes a planar image `[c, side, side]` (c = 1 or 3, values in `range = (lo, hi)`) with
+/// its top-left corner at `at = (x, y)`.
+pub fn paste_planar(
+    img: &mut RgbImage,
+    planar: &[f32],
+    channels: usize,
+    side: usize,
+    at: (usize, usize),
+    range: (f32, f32),
+) {
+    let ((x0, y0), (lo, hi)) = (at, range);
+    let plane = side * side;
+    let byte = |v: f32| (((v - lo) / (hi - lo)).clamp(0.0, 1.0) * 255.0).round() as u8;
+    for y in 0..side {
+        for x in 0..side {
+            let (px, py) = ((x0 + x) as u32, (y0 + y) as u32);
+            if px < img.width() && py < img.height() {
+                let c = |k: usize| byte(planar[(if channels == 1 { 0 } else { k }) * plane + y * side + x]);
+                img.put_pixel(px, py, Rgb([c(0), c(1), c(2)]));
+            }
+        }
+    }
+}
+
+/// Each pixel as a `k × k` block (small model outputs made visible).
+pub fn upscaled(img: &RgbImage, k: usize) -> RgbImage {
+    let k = k.max(1) as u32;
+    imageops::resize(img, img.width() * k, img.height() * k, FilterType::Nearest)
+}
+
+/// Writes a PNG atomically (temporary file, fsync, rename).
+pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
+    let mut bytes = Cursor::new(Vec::new());
+    img.write_to(&mut bytes, ImageFormat::Png).with_context(|| format!("encoding {}", path.display()))?;
+    write_atomic(path, bytes.get_ref())?;
+    Ok(())
+}
+
+/// How [`read_image`] maps a file onto the model's grid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resample {
+    /// A smooth (triangle-filter) resize: images.
+    Smooth,
+    /// The maximum of the source pixels under each output pixel: thin outlines.
+    Max,
+}
+
+/// Reads an image file (any format and mode the `image` crate decodes) as planar f32 in
+/// [0, 1], resized to `side × side`: `[1, side, side]` luminance when `grey`, else
+/// `[3, side, side]` RGB. Errors say what failed; the caller names the file.
+pub fn read_image(path: &Path, side: usize, grey: bool, resample: Resample) -> Result<Vec<f32>> {
+    let img = image::ImageReader::open(path)
+        .context("cannot open")?
+        .with_guessed_format()
+        .context("cannot read")?
+        .decode()
+        .context("not a readable image")?;
+    let s = side as u32;
+    Ok(if grey {
+        let luma = img.to_luma8();
+        let small = match resample {
+            Resample::Smooth => imageops::resize(&luma, s, s, FilterType::Triangle),
+            Resample::Max => max_pool(&luma, side),
+        };
+        small.pixels().map(|p| p.0[0] as f32 / 255.0).collect()
+    } else {
+        let rgb = match resample {
+            Resample::Smooth => imageops::resize(&img.to_rgb8(), s, s, FilterType::Triangle),
+            Resample::Max => return Err(anyhow::anyhow!("max pooling applies to grey condition images")),
+        };
+        (0..3).flat_map(|c| rgb.pixels().map(move |p| p.0[c] as f32 / 255.0)).collect()
+    })
+}
+
+/// Downscales by the maximum over each output pixel's source span `[x·w/side, (x+1)·w/side)`
+/// (at least one pixel), so that thin bright lines survive.
+pub fn max_pool(img: &GrayImage, side: usize) -> GrayImage {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let span = |i: usize, n: usize| (i * n / side, ((i + 1) * n / side).max(i * n / side + 1).min(n));
+    GrayImage::from_fn(side as u32, side as u32, |x, y| {
+        let ((x0, x1), (y0, y1)) = (span(x as usize, w), span(y as usize, h));
+        let max = (y0..y1)
+            .flat_map(|sy| (x0..x1).map(move |sx| (sx, sy)))
+            .map(|(sx, sy)| img.get_pixel(sx as u32, sy as u32).0[0])
+            .max();
+        image::Luma([max.unwrap_or(0)])
+    })
+}

@@ -1,0 +1,86 @@
+//! The progress display of training runs: an `indicatif` bar with loss, last IoU, it/s and
+//! time left when stderr is a terminal; a plain log line every 5 % of the run (and at each
+//! validation) otherwise, so logs stay readable.
+
+use std::io::IsTerminal;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use lisa_trainer::train::StepStats;
+
+/// One run's progress display.
+pub struct Progress {
+    label: String,
+    first: u64,
+    total: u64,
+    iou: Option<f32>,
+    bar: Option<ProgressBar>,
+}
+
+impl Progress {
+    /// A display for steps `first+1 ..= total`.
+    pub fn new(label: &str, first: u64, total: u64) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(total).with_position(first);
+            let style = ProgressStyle::with_template("{prefix} [{bar:24}] {pos:>6}/{len} {msg} {per_sec} eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("#>.");
+            bar.set_style(style);
+            bar.set_prefix(label.to_string());
+            bar
+        });
+        Self { label: label.to_string(), first, total, iou: None, bar }
+    }
+
+    /// Records a validation (printed on its own line).
+    pub fn validation(&mut self, step: u64, iou: f32) {
+        self.iou = Some(iou);
+        self.line(format!("{} step {step:6}  validation iou {iou:.4}", self.label));
+    }
+
+    /// Shows step `s`.
+    pub fn step(&mut self, s: &StepStats, its: f64) {
+        let iou = self.iou.map_or("  -   ".to_string(), |v| format!("{v:.4}"));
+        let losses = format!("loss {:.4} (main {:.4}, lisa {:.4})  iou {iou}", s.loss, s.main_loss, s.lisa_loss);
+        match &self.bar {
+            Some(bar) => {
+                bar.set_message(losses);
+                bar.set_position(s.step);
+            }
+            None => {
+                let todo = self.total.saturating_sub(self.first).max(1);
+                let done = s.step.saturating_sub(self.first);
+                if done.is_multiple_of((todo / 20).max(1)) || s.step == self.total {
+                    let left = self.total.saturating_sub(s.step) as f64 / its.max(1e-9);
+                    eprintln!(
+                        "{} {:>6}/{}  {losses}  {its:.2} it/s  eta {}",
+                        self.label,
+                        s.step,
+                        self.total,
+                        clock(left)
+                    );
+                }
+            }
+        }
+    }
+
+    /// Ends the display.
+    pub fn finish(&mut self, seconds: f64) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        eprintln!("{} finished in {}", self.label, clock(seconds));
+    }
+
+    fn line(&self, text: String) {
+        match &self.bar {
+            Some(bar) => bar.println(text),
+            None => eprintln!("{text}"),
+        }
+    }
+}
+
+/// `m:ss`.
+pub fn clock(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    format!("{}:{:02}", s / 60, s % 60)
+}

@@ -1,0 +1,88 @@
+//! The forward passes every architecture shares, written once over [`DualDenoiser`]:
+//! training (controlled prediction, hooked feature, LISA decoder and prior), inference
+//! and the prior alone (pretraining).
+
+use lisa_core::backend::Backend;
+
+use super::{Conditioning, DualDenoiser};
+use crate::autodiff::Var;
+use crate::error::{Result, TrainError};
+use crate::params::Bound;
+
+/// What a training forward returns.
+pub struct TrainOutputs<B: Backend> {
+    /// The controlled prediction `M(x_t; + r)` (records the graph through the residuals).
+    pub pred: Var<B>,
+    /// The hooked pre-zero-conv side feature `h` (None: built without the decoder).
+    pub hooked: Option<Var<B>>,
+    /// `D(h, t)` for the LISA samples, when LISA is on.
+    pub decoded: Option<Var<B>>,
+    /// The prior prediction `M(x_t)` of the LISA samples, without residuals (no gradient).
+    pub prior: Option<B::Tensor>,
+}
+
+/// The training forward (lisa-method.md §3 steps 3–6, §5). The main encoder runs under
+/// no-grad (frozen weights, `x_t` needs no gradient); the controlled decoder records only
+/// through the residuals; with `lisa`, the prior re-runs only the main decoder, without
+/// residuals and without recording, reusing the encoder activations.
+///
+/// `lisa_samples` (≤ batch) restricts the LISA term (prior pass and decoder) to the first
+/// that many samples of the batch: a cost option, not in the paper (None = all).
+pub fn forward_train<B: Backend>(
+    model: &dyn DualDenoiser<B>,
+    p: &Bound<'_, B>,
+    x_t: &Var<B>,
+    hint: &Var<B>,
+    cond: &Conditioning,
+    lisa: bool,
+    lisa_samples: Option<usize>,
+) -> Result<TrainOutputs<B>> {
+    let tape = p.tape;
+    let enc = tape.no_grad(|| model.encode_main(p, x_t, cond))?;
+    let side = model.side(p, x_t, hint, cond)?;
+    let pred = model.decode_main(p, &enc, Some((&side.residuals, model.conditioning_scale())))?;
+    let hooked = model.lisa_hook().map(|h| side.feature(h).cloned()).transpose()?;
+    let (decoded, prior) = match (&hooked, lisa) {
+        (Some(h), true) => {
+            let n = cond.t.len();
+            let k = lisa_samples.unwrap_or(n);
+            if k == 0 || k > n {
+                return Err(TrainError::Config(format!("lisa sub-batch {k} must lie in 1..={n}")));
+            }
+            let prior = tape.no_grad(|| model.decode_main(p, &enc.slice_batch(tape, k)?, None))?;
+            let h_k = tape.slice_batch(h, k)?;
+            (Some(model.decode_lisa(p, &h_k, &cond.t[..k])?), Some(prior.value))
+        }
+        (None, true) => {
+            return Err(TrainError::Config("LISA training needs a model built with the decoder".into()));
+        }
+        (_, false) => (None, None),
+    };
+    Ok(TrainOutputs { pred, hooked, decoded, prior })
+}
+
+/// Inference: the controlled prediction only (no decoder, no prior pass), with the
+/// residuals multiplied by `control_scale` (1 = as trained, 0 = the main model alone).
+pub fn predict<B: Backend>(
+    model: &dyn DualDenoiser<B>,
+    p: &Bound<'_, B>,
+    x_t: &Var<B>,
+    hint: &Var<B>,
+    cond: &Conditioning,
+    control_scale: f32,
+) -> Result<Var<B>> {
+    let enc = model.encode_main(p, x_t, cond)?;
+    let side = model.side(p, x_t, hint, cond)?;
+    model.decode_main(p, &enc, Some((&side.residuals, control_scale)))
+}
+
+/// The main network alone, `M(x_t, t, c)` (pretraining the prior).
+pub fn forward_prior<B: Backend>(
+    model: &dyn DualDenoiser<B>,
+    p: &Bound<'_, B>,
+    x_t: &Var<B>,
+    cond: &Conditioning,
+) -> Result<Var<B>> {
+    let enc = model.encode_main(p, x_t, cond)?;
+    model.decode_main(p, &enc, None)
+}

@@ -1,0 +1,52 @@
+//! Named LISA hooks: where the decoder reads the side network.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
+
+/// Where the LISA decoder reads the side network: `down_i`, the input of the side network's
+/// `i`-th zero conv (in the toy, encoder level `i`'s output), or `mid`, the input of the
+/// middle block's zero conv.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum HookLayer {
+    /// The output of encoder level `i`, before its zero conv.
+    Down(usize),
+    /// The middle block's output, before its zero conv.
+    Mid,
+}
+
+impl std::str::FromStr for HookLayer {
+    type Err = TrainError;
+    fn from_str(s: &str) -> Result<Self> {
+        if s == "mid" {
+            return Ok(HookLayer::Mid);
+        }
+        s.strip_prefix("down_")
+            .and_then(|i| i.parse().ok())
+            .map(HookLayer::Down)
+            .ok_or_else(|| TrainError::Config(format!("unknown hook layer {s:?}: expected down_0 .. down_N or mid")))
+    }
+}
+
+impl TryFrom<String> for HookLayer {
+    type Error = TrainError;
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+impl From<HookLayer> for String {
+    fn from(h: HookLayer) -> String {
+        h.to_string()
+    }
+}
+
+impl std::fmt::Display for HookLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HookLayer::Down(i) => write!(f, "down_{i}"),
+            HookLayer::Mid => f.write_str("mid"),
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! The toy architecture (`architecture = "toy"`): a pixel-space UNet with class-embedded
+//! prompts (fill and background colour of the fill-circles task), its ControlNet side
+//! network and the LISA decoder. The fast demo and test vehicle of the project.
+//!
+//! Parameter names: `main.{time,encoder,up,norm_out,conv_out}.*`,
+//! `side.{time,hint,encoder,zero_convs,zero_mid}.*`, `lisa.*`.
+
+mod config;
+mod controlnet;
+mod unet;
+
+use std::path::Path;
+
+use lisa_core::Prediction;
+use lisa_core::backend::Backend;
+use serde::{Deserialize, Serialize};
+
+pub use config::{ControlConfig, UNetConfig};
+pub use controlnet::ControlNet;
+pub use unet::{Encoder, TimeEmbedding, UNet};
+
+use super::{
+    Conditioning, DECODER, DecoderConfig, DualDenoiser, HookLayer, LisaDecoder, MAIN, MainEncoding, ModelSpec, Parts,
+    PromptEmbedding, Residuals, SIDE, SideOutput, Skips,
+};
+use crate::autodiff::Var;
+use crate::data::prompt_colours;
+use crate::error::{Result, TrainError};
+use crate::params::{Bound, ParamStore};
+use crate::weights::load_params;
+
+/// The registry name.
+pub const NAME: &str = "toy";
+
+/// The toy's own configuration: `[model.unet]` and `[model.control]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ToyConfig {
+    /// The main network.
+    pub unet: UNetConfig,
+    /// The side network.
+    pub control: ControlConfig,
+}
+
+impl ToyConfig {
+    /// Reads the architecture keys of `spec` (unknown keys are errors naming them).
+    pub fn from_spec(spec: &ModelSpec) -> Result<Self> {
+        serde_json::from_value(serde_json::Value::Object(spec.config.clone()))
+            .map_err(|e| TrainError::Config(format!("[model] of the toy architecture: {e}")))
+    }
+
+    /// This configuration as the `config` of a [`ModelSpec`] (through JSON text, so that
+    /// f32 values compare equal with what a checkpoint's `state.json` holds).
+    pub fn to_spec(&self, decoder: &DecoderConfig) -> ModelSpec {
+        let text = serde_json::to_string(self).unwrap_or_default();
+        let config = match serde_json::from_str(&text) {
+            Ok(serde_json::Value::Object(map)) => map,
+            _ => Default::default(),
+        };
+        ModelSpec { architecture: NAME.to_string(), decoder: decoder.clone(), config }
+    }
+
+    /// Checks sizes and that the hook names a level of this network.
+    pub fn validate(&self, decoder: &DecoderConfig) -> Result<()> {
+        self.unet.validate()?;
+        self.hook_shape(decoder.hook).map(|_| ())
+    }
+
+    /// `(channels, side)` of the side feature a hook reads.
+    fn hook_shape(&self, hook: HookLayer) -> Result<(usize, usize)> {
+        let u = &self.unet;
+        let levels = u.channels.len();
+        match hook {
+            HookLayer::Mid => Ok((u.channels[levels - 1], u.level_resolution(levels - 1))),
+            HookLayer::Down(i) if i < levels => Ok((u.channels[i], u.level_resolution(i))),
+            HookLayer::Down(i) => {
+                Err(TrainError::Config(format!("hook down_{i} does not exist: levels are down_0..down_{}", levels - 1)))
+            }
+        }
+    }
+}
+
+/// The toy dual-branch model.
+pub struct ToyModel<B: Backend> {
+    store: ParamStore<B>,
+    main: UNet,
+    side: Option<ControlNet>,
+    decoder: Option<LisaDecoder>,
+    config: ToyConfig,
+    decoder_config: DecoderConfig,
+    parts: Parts,
+}
+
+impl<B: Backend> ToyModel<B> {
+    /// Builds the parts of `spec` with seeded initial weights; the side network starts as a
+    /// copy of the main encoder, middle and embeddings.
+    pub fn new(spec: &ModelSpec, parts: Parts, device: B::Device, seed: u64) -> Result<Self> {
+        let config = ToyConfig::from_spec(spec)?;
+        config.validate(&spec.decoder)?;
+        let mut store = ParamStore::new(device, seed);
+        if parts != Parts::Prior {
+            store = store.freeze_prefix(MAIN);
+        }
+        let main = UNet::new(&mut store, "main", &config.unet)?;
+        let (mut side, mut decoder) = (None, None);
+        if let Parts::Dual { decoder: with_decoder } = parts {
+            side = Some(ControlNet::new(&mut store, "side", &config.unet, &config.control)?);
+            if with_decoder {
+                let hooked = config.hook_shape(spec.decoder.hook)?;
+                let out = (config.unet.image_channels, config.unet.resolution);
+                decoder = Some(LisaDecoder::new(&mut store, "lisa", &spec.decoder, hooked, out)?);
+            }
+        }
+        let mut model = Self { store, main, side, decoder, config, decoder_config: spec.decoder.clone(), parts };
+        model.copy_main_into_side()?;
+        Ok(model)
+    }
+
+    /// ControlNet initialisation: `side.{time,encoder}.*` ← `main.{time,encoder}.*`.
+    fn copy_main_into_side(&mut self) -> Result<()> {
+        if self.side.is_none() {
+            return Ok(());
+        }
+        let pairs: Vec<_> = self
+            .store
+            .iter()
+            .filter_map(|(id, p)| {
+                let rest = p.name.strip_prefix(MAIN)?;
+                (rest.starts_with("time.") || rest.starts_with("encoder.")).then(|| (id, format!("{SIDE}{rest}")))
+            })
+            .collect();
+        for (src, dst_name) in pairs {
+            let dst = self
+                .store
+                .find(&dst_name)
+                .ok_or_else(|| TrainError::Config(format!("side network has no {dst_name}")))?;
+            let value = self.store.get(src).value.clone();
+            self.store.get_mut(dst).value = value;
+        }
+        Ok(())
+    }
+
+    fn side_net(&self) -> Result<&ControlNet> {
+        self.side.as_ref().ok_or_else(|| TrainError::Config("this model was built without the side network".into()))
+    }
+}
+
+impl<B: Backend> DualDenoiser<B> for ToyModel<B> {
+    fn architecture(&self) -> &'static str {
+        NAME
+    }
+
+    fn spec(&self) -> ModelSpec {
+        self.config.to_spec(&self.decoder_config)
+    }
+
+    fn store(&self) -> &ParamStore<B> {
+        &self.store
+    }
+
+    fn store_mut(&mut self) -> &mut ParamStore<B> {
+        &mut self.store
+    }
+
+    fn parts(&self) -> Parts {
+        self.parts
+    }
+
+    fn sample_shape(&self) -> [usize; 3] {
+        let u = &self.config.unet;
+        [u.image_channels, u.resolution, u.resolution]
+    }
+
+    fn hint_channels(&self) -> usize {
+        self.config.control.hint_channels
+    }
+
+    fn prediction(&self) -> Prediction {
+        self.config.unet.prediction
+    }
+
+    fn conditioning_scale(&self) -> f32 {
+        self.config.control.conditioning_scale
+    }
+
+    /// `"<fill> circle with <background> background"` → the two colour ids (a colour
+    /// outside the palette, or `""`, gives the null id).
+    fn embed_prompts(&self, prompts: &[&str]) -> Result<PromptEmbedding> {
+        let classes = &self.config.unet.prompt_classes;
+        let mut ids = vec![Vec::with_capacity(prompts.len()); classes.len()];
+        for prompt in prompts {
+            let colours = prompt_colours(prompt).map_err(|e| TrainError::Mismatch(e.to_string()))?;
+            for (k, list) in ids.iter_mut().enumerate() {
+                let null = classes[k] - 1;
+                list.push(colours.get(k).copied().flatten().filter(|&c| c < null).unwrap_or(null));
+            }
+        }
+        Ok(PromptEmbedding::Classes(ids))
+    }
+
+    /// `[silu(temb), skips…, mid]`.
+    fn encode_main(&self, p: &Bound<'_, B>, x_t: &Var<B>, cond: &Conditioning) -> Result<MainEncoding<B>> {
+        let temb = self.main.time.forward(p, cond)?;
+        let enc = self.main.encoder.forward(p, x_t, &temb, None)?;
+        let mut tensors = Vec::with_capacity(enc.down.len() + 2);
+        tensors.push(temb);
+        tensors.extend(enc.down);
+        tensors.push(enc.mid);
+        Ok(MainEncoding { tensors })
+    }
+
+    fn decode_main(
+        &self,
+        p: &Bound<'_, B>,
+        enc: &MainEncoding<B>,
+        residuals: Option<(&Residuals<B>, f32)>,
+    ) -> Result<Var<B>> {
+        let [temb, down @ .., mid] = enc.tensors.as_slice() else {
+            return Err(TrainError::Autodiff("a toy encoding holds the time embedding, the skips and the middle"));
+        };
+        let skips = Skips { down: down.to_vec(), mid: mid.clone() };
+        self.main.decode(p, &skips, residuals, temb)
+    }
+
+    fn side(&self, p: &Bound<'_, B>, x_t: &Var<B>, hint: &Var<B>, cond: &Conditioning) -> Result<SideOutput<B>> {
+        self.side_net()?.forward(p, x_t, hint, cond)
+    }
+
+    fn lisa_hook(&self) -> Option<HookLayer> {
+        self.decoder.as_ref().map(|_| self.decoder_config.hook)
+    }
+
+    fn decode_lisa(&self, p: &Bound<'_, B>, feature: &Var<B>, t: &[f32]) -> Result<Var<B>> {
+        let d = self.decoder.as_ref().ok_or_else(|| TrainError::Config("built without the LISA decoder".into()))?;
+        d.forward(p, feature, t)
+    }
+
+    /// Reads a prior file (exactly the `main.*` tensors, as `lisa pretrain` writes them).
+    fn load_main(&mut self, path: &Path) -> Result<usize> {
+        let n = load_params(&mut self.store, path, |n| n.starts_with(MAIN), |_| false)?;
+        self.copy_main_into_side()?;
+        Ok(n)
+    }
+
+    /// Reads a checkpoint's `model.safetensors`; its decoder tensors are skipped when this
+    /// model was built without the decoder (inference).
+    fn load_trained(&mut self, path: &Path) -> Result<usize> {
+        let with_decoder = self.decoder.is_some();
+        load_params(
+            &mut self.store,
+            path,
+            |n| n.starts_with(SIDE) || (with_decoder && n.starts_with(DECODER)),
+            |n| !with_decoder && n.starts_with(DECODER),
+        )
+    }
+}
