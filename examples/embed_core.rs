@@ -5,7 +5,7 @@
 //! plays the LISA decoder. lisa-core never owns a buffer: it reads the framework's storage
 //! as slices and writes the gradient into a slice the framework hands it.
 //!
-//! One step, as in lisa-method.md §3: draw t and ε, make x_t, take the target y = ε, a
+//! One step, as in docs/method.md §3: draw t and ε, make x_t, take the target y = ε, a
 //! (pretend) frozen prior prediction, the LISA target τ = y − prior, the loss λ·MSE(dec, τ)
 //! and ∂L/∂dec; the framework back-propagates that into (a, b) itself and updates them.
 //!

@@ -13,16 +13,18 @@ use std::time::Instant;
 
 use lisa_core::backend::Backend;
 use lisa_trainer::data::FillCircles;
-use lisa_trainer::model::{DualModel, ModelConfig, UNetConfig};
+use lisa_trainer::model::toy::{ToyConfig, UNetConfig};
+use lisa_trainer::model::{DecoderConfig, Parts, registry};
 use lisa_trainer::train::{Mode, TrainConfig, Trainer};
 
 /// Five LISA steps of a 16×16 model on backend `B`; returns the losses.
 fn train<B: Backend>(device: B::Device) -> Result<Vec<f32>, lisa_trainer::TrainError> {
-    let config = ModelConfig {
+    let toy = ToyConfig {
         unet: UNetConfig { resolution: 16, channels: vec![16, 32], ..UNetConfig::default() },
-        ..ModelConfig::default()
+        ..ToyConfig::default()
     };
-    let model = DualModel::<B>::new(&config, true, device, 7)?;
+    let model =
+        registry::build::<B>(&toy.to_spec(&DecoderConfig::default()), Parts::Dual { decoder: true }, device, 7)?;
     let mut trainer =
         Trainer::new(model, TrainConfig { seed: 7, batch_size: 8, mode: Mode::Lisa, ..TrainConfig::default() })?;
     let data = FillCircles { resolution: 16, len: 256, seed: 1 };

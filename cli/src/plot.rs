@@ -65,44 +65,48 @@ pub fn line_chart(panels: &[Panel], width: u32, panel_height: u32) -> Result<Rgb
 type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
 
 fn draw_panel(area: &Area<'_>, p: &Panel, (x0, x1): (f64, f64)) -> Result<(), Box<dyn std::error::Error>> {
+    // A log axis is drawn as a linear axis over log10(y), labelled with 10^v: plotters' own
+    // log axis labels only whole decades, and a loss curve often spans less than one.
+    let to_axis = |y: f64| if p.log_y { y.log10() } else { y };
     let ys = p.series.iter().flat_map(|s| s.points.iter().map(|q| q.1)).filter(|v| !p.log_y || *v > 0.0);
-    let (y0, y1) = p.y_range.or_else(|| min_max(ys)).unwrap_or((0.0, 1.0));
-    let mut builder = ChartBuilder::on(area);
-    builder.caption(&p.title, ("sans-serif", 15)).margin(8).x_label_area_size(28).y_label_area_size(56);
-    let style = |s: &Series| RGBColor(s.colour[0], s.colour[1], s.colour[2]);
-    let reference = |x: f64, y: f64| (x, y);
-    macro_rules! draw {
-        ($chart:expr) => {{
-            let mut chart = $chart;
-            chart.configure_mesh().x_desc("step").label_style(("sans-serif", 12)).draw()?;
-            if let Some(r) = p.reference {
-                let dashes = (0..40).map(|i| x0 + (x1 - x0) * i as f64 / 40.0).collect::<Vec<_>>();
-                for pair in dashes.chunks(2) {
-                    if let [a, b] = pair {
-                        chart.draw_series(LineSeries::new([reference(*a, r), reference(*b, r)], &BLACK.mix(0.6)))?;
-                    }
-                }
-            }
-            for s in &p.series {
-                let colour = style(s);
-                chart
-                    .draw_series(LineSeries::new(s.points.iter().copied(), colour.stroke_width(2)))?
-                    .label(&s.label)
-                    .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], colour.stroke_width(2)));
-            }
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK.mix(0.3))
-                .label_font(("sans-serif", 12))
-                .draw()?;
-        }};
+    let (y0, y1) = p.y_range.or_else(|| min_max(ys.map(to_axis))).unwrap_or((0.0, 1.0));
+    let mut chart = ChartBuilder::on(area)
+        .caption(&p.title, ("sans-serif", 15))
+        .margin_top(8)
+        .margin_left(8)
+        .margin_right(24)
+        .x_label_area_size(30)
+        .y_label_area_size(56)
+        .build_cartesian_2d(x0..x1, y0..y1)?;
+    let y_label = |v: &f64| if p.log_y { format!("{:.3}", 10f64.powf(*v)) } else { format!("{v:.2}") };
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&y_label)
+        .label_style(("sans-serif", 12))
+        .draw()?;
+    if let Some(r) = p.reference {
+        let r = to_axis(r);
+        let dashes: Vec<f64> = (0..=40).map(|i| x0 + (x1 - x0) * i as f64 / 40.0).collect();
+        for pair in dashes.chunks_exact(2) {
+            chart.draw_series(LineSeries::new([(pair[0], r), (pair[1], r)], BLACK.mix(0.6)))?;
+        }
     }
-    if p.log_y {
-        draw!(builder.build_cartesian_2d(x0..x1, (y0.max(1e-12)..y1.max(2e-12)).log_scale())?);
-    } else {
-        draw!(builder.build_cartesian_2d(x0..x1, y0..y1)?);
+    for s in &p.series {
+        let colour = RGBColor(s.colour[0], s.colour[1], s.colour[2]);
+        let points = s.points.iter().filter(|q| !p.log_y || q.1 > 0.0).map(|&(x, y)| (x, to_axis(y)));
+        chart
+            .draw_series(LineSeries::new(points, colour.stroke_width(2)))?
+            .label(&s.label)
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], colour.stroke_width(2)));
     }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK.mix(0.3))
+        .label_font(("sans-serif", 12))
+        .draw()?;
     Ok(())
 }
 

@@ -9,7 +9,7 @@
 //!
 //! The crate is `no_std` + `alloc` (disable the default `std` feature); it performs no I/O.
 //!
-//! Notation used in every doc comment (lisa-method.md §2–3):
+//! Notation used in every doc comment (docs/method.md §2–3):
 //! `x_t = α_t·x₀ + σ_t·ε`, score `∇log p(x_t) = −ε̂/σ_t`,
 //! `∇log p(x|c) = ∇log p(x) + ∇log p(c|x)` (conditional = prior + likelihood),
 //! LISA target `τ = sg(y − prior)`, loss `L = MSE(pred, y) + λ·D(dec(h, t), τ)`.

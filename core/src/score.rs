@@ -1,4 +1,4 @@
-//! The score decomposition of a dual-branch model (lisa-method.md §2).
+//! The score decomposition of a dual-branch model (docs/method.md §2).
 //!
 //! Bayes with `x = x_t`:
 //! `∇log p(x | c_v, c_txt) = ∇log p(x | c_txt) + ∇log p(c_v | x, c_txt)`,

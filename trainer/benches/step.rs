@@ -13,7 +13,7 @@ use lisa_core::backend::prelude::*;
 use lisa_cpu::{CpuBackend as C, CpuDevice};
 use lisa_trainer::autodiff::Tape;
 use lisa_trainer::data::FillCircles;
-use lisa_trainer::model::{Conditioning, ModelSpec, Parts, PromptEmbedding, forward_prior, registry};
+use lisa_trainer::model::{Conditioning, ModelSpec, Parts, PromptEmbedding, registry};
 use lisa_trainer::train::{Mode, TrainConfig, Trainer};
 
 fn rss_kib(field: &str) -> u64 {
@@ -107,21 +107,16 @@ fn main() {
     };
     let tape = Tape::<C>::new();
     let b = model.store().bind(&tape);
-    let (temb, enc) = tape.no_grad(|| {
-        let temb = model.main.time.forward(&b, &cond).unwrap();
-        let enc = model.main.encoder.forward(&b, &tape.constant(x.clone()), &temb, None).unwrap();
-        (temb, enc)
-    });
+    let enc = tape.no_grad(|| model.encode_main(&b, &tape.constant(x.clone()), &cond).unwrap());
     let prior = median(
         (0..repeats)
             .map(|_| {
                 let s = Instant::now();
-                tape.no_grad(|| model.main.decode(&b, &enc, None, &temb).unwrap());
+                tape.no_grad(|| model.decode_main(&b, &enc, None).unwrap());
                 s.elapsed().as_secs_f64()
             })
             .collect(),
     );
-    let decoder = model.decoder.as_ref().unwrap();
     let h = C::random_normal(
         &lisa_core::backend::Shape::new([32, 64, 16, 16]),
         2,
@@ -136,7 +131,7 @@ fn main() {
                 let b = model.store().bind(&tape);
                 let s = Instant::now();
                 let hv = tape.leaf(h.clone());
-                let out = decoder.forward(&b, &hv, &cond.t).unwrap();
+                let out = model.decode_lisa(&b, &hv, &cond.t).unwrap();
                 let g = C::full(&C::shape(&out.value), 1e-3, lisa_core::backend::DType::F32, &CpuDevice).unwrap();
                 tape.backward(&[(&out, g)]).unwrap();
                 s.elapsed().as_secs_f64()

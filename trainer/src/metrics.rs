@@ -1,4 +1,4 @@
-//! Controllability metrics of the fill-circles task (lisa-method.md §6).
+//! Controllability metrics of the fill-circles task (docs/method.md §6).
 
 use crate::data::{Circle, PALETTE};
 

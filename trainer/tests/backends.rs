@@ -31,7 +31,7 @@ fn run<B: Backend>(device: B::Device) -> (Vec<f32>, Vec<(String, Vec<f32>)>) {
     let losses = (0..STEPS).map(|_| t.step(&data).unwrap().loss).collect();
     let params = t
         .model
-        .store
+        .store()
         .iter()
         .filter(|(_, p)| p.trainable)
         .map(|(_, p)| (p.name.clone(), B::to_vec(&p.value).unwrap()))

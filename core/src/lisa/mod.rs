@@ -1,4 +1,4 @@
-//! LISA: Likelihood Score Alignment (lisa-method.md §3).
+//! LISA: Likelihood Score Alignment (docs/method.md §3).
 //!
 //! A tiny decoder `D` reads the side network's pre-zero-conv feature `h` and is regressed
 //! onto the approximated likelihood score

@@ -1,4 +1,4 @@
-//! The LISA decoder (lisa-method.md §3.6): reads the side network's pre-zero-conv feature
+//! The LISA decoder (docs/method.md §3.6): reads the side network's pre-zero-conv feature
 //! `h [n, C, r, r]` and predicts the likelihood term at the model output's shape.
 //!
 //! `D(h, t) = zero_conv(stages(silu(h + W·sin₂₅₆(t))))`, with `k = log₂(out_res / r)` stages
@@ -16,7 +16,7 @@ use crate::error::{Result, TrainError};
 use crate::nn::{Conv2d, Conv2dConfig, Linear, sinusoidal_embedding};
 use crate::params::{Bound, ParamStore};
 
-/// The LISA decoder (lisa-method.md §3.6).
+/// The LISA decoder (docs/method.md §3.6).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DecoderConfig {

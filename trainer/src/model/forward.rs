@@ -21,7 +21,7 @@ pub struct TrainOutputs<B: Backend> {
     pub prior: Option<B::Tensor>,
 }
 
-/// The training forward (lisa-method.md §3 steps 3–6, §5). The main encoder runs under
+/// The training forward (docs/method.md §3.3–3.6, §5). The main encoder runs under
 /// no-grad (frozen weights, `x_t` needs no gradient); the controlled decoder records only
 /// through the residuals; with `lisa`, the prior re-runs only the main decoder, without
 /// residuals and without recording, reusing the encoder activations.

@@ -92,7 +92,7 @@ impl<B: Backend> MainEncoding<B> {
 }
 
 /// A dual-branch denoiser: the frozen main network `M`, the side network `S` and the LISA
-/// decoder `D` (lisa-method.md §1, §3, §5). The controlled prediction is
+/// decoder `D` (docs/method.md §1, §3, §5). The controlled prediction is
 /// `M_dec(M_enc(x_t), scale·S(x_t, c))`, the prior `M_dec(M_enc(x_t))`.
 pub trait DualDenoiser<B: Backend> {
     /// The registry name of the architecture (`"toy"`).

@@ -176,7 +176,7 @@ impl UNet {
 
     /// The up path over `enc`, with the side residuals (times `scale`) added to the middle
     /// output and to every skip when given: the only place the side network enters the main
-    /// network (lisa-method.md §5).
+    /// network (docs/method.md §5).
     pub fn decode<B: Backend>(
         &self,
         p: &Bound<'_, B>,
