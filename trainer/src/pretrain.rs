@@ -9,9 +9,9 @@ use serde::{Deserialize, Serialize};
 use crate::autodiff::Tape;
 use crate::data::Dataset;
 use crate::error::{Result, TrainError};
-use crate::model::{DualDenoiser, ModelSpec, Parts, forward_prior, registry};
+use crate::model::{ModelSpec, Parts, forward_prior, registry};
 use crate::optim::{OptimConfig, Optimizer};
-use crate::run::{NoisedBatch, RunStream, noise_batch};
+use crate::run::{NoisedBatch, RunStream, TrainingRun, noise_batch};
 use crate::scheduler::{NoiseConfig, NoiseProcess};
 use crate::train::StepStats;
 use crate::weights::{load_params, save_params};
@@ -50,18 +50,9 @@ impl Default for PretrainConfig {
     }
 }
 
-/// A pretraining run of the main network (parameters named `main.*`, all trainable).
-pub struct Pretrainer<B: Backend> {
-    /// The main network alone ([`Parts::Prior`]).
-    pub model: Box<dyn DualDenoiser<B>>,
-    /// AdamW moments and the EMA of every weight.
-    pub optimizer: Optimizer<B>,
-    /// Settings.
-    pub config: PretrainConfig,
-    /// Random stream and data position.
-    pub run: RunStream,
-    noise: NoiseProcess,
-}
+/// A pretraining run of the main network (parameters named `main.*`, all trainable, built
+/// with [`Parts::Prior`]; the optimizer keeps an EMA of every weight).
+pub type Pretrainer<B> = TrainingRun<B, PretrainConfig>;
 
 impl<B: Backend> Pretrainer<B> {
     /// A fresh run of the main network of `spec`.
@@ -84,8 +75,7 @@ impl<B: Backend> Pretrainer<B> {
     /// One step: `L = MSE(M(x_t, t, c_txt), y)` over a batch from `data`.
     pub fn step(&mut self, data: &dyn Dataset) -> Result<StepStats> {
         let step = self.run.state.step + 1;
-        let idx = self.run.next_indices(data.len(), self.config.batch_size)?;
-        let examples = idx.iter().map(|&i| data.get(i)).collect::<Result<Vec<_>>>()?;
+        let examples = self.next_examples(data, self.config.batch_size)?;
         let model = self.model.as_ref();
         let NoisedBatch { x_t, y, cond, .. } =
             noise_batch::<B>(&mut self.run, &self.noise, model, false, &examples, self.config.null_prompt_prob)?;
@@ -99,18 +89,12 @@ impl<B: Backend> Pretrainer<B> {
         let leaves = bound.leaves();
         let mut grads_by_leaf = tape.backward(&[(&pred, g)])?;
         let mut grads = self.optimizer.gather(leaves, &mut grads_by_leaf);
-        let (grad_norm, lr) = self.optimizer.step(
-            self.model.store_mut(),
-            &mut grads,
-            self.run.state.step,
-            self.config.max_train_steps,
-        )?;
-        self.run.state.step = step;
+        let (grad_norm, lr) = self.apply(&mut grads, self.config.max_train_steps)?;
         Ok(StepStats { step, loss, main_loss: loss, lisa_loss: 0.0, grad_norm, lr })
     }
 
     /// Writes the main model (the EMA weights when EMA is on) as safetensors, names `main.*`:
-    /// the file [`DualDenoiser::load_main`] reads.
+    /// the file [`crate::model::DualDenoiser::load_main`] reads.
     pub fn export(&self, path: &Path) -> Result<()> {
         let mut store = self.model.store().clone();
         if let Some(e) = &self.optimizer.ema {

@@ -9,7 +9,39 @@ use serde::{Deserialize, Serialize};
 use crate::data::Example;
 use crate::error::{Result, TrainError};
 use crate::model::{Conditioning, DualDenoiser};
+use crate::optim::Optimizer;
 use crate::scheduler::{NoiseProcess, add_noise};
+
+/// A training run: the model, its optimizer, the settings `C`, the random stream with the
+/// data position, and the noise process. Control training ([`crate::train::Trainer`]) and
+/// prior pretraining ([`crate::pretrain::Pretrainer`]) are its two kinds.
+pub struct TrainingRun<B: Backend, C> {
+    /// The model.
+    pub model: Box<dyn DualDenoiser<B>>,
+    /// AdamW moments and the EMA.
+    pub optimizer: Optimizer<B>,
+    /// The run's settings.
+    pub config: C,
+    /// Random stream, data order and step: the resumable position of the run.
+    pub run: RunStream,
+    pub(crate) noise: NoiseProcess,
+}
+
+impl<B: Backend, C> TrainingRun<B, C> {
+    /// Clips and applies `grads` as the run's next optimizer step (of `total_steps`, for the
+    /// lr schedule) and advances the step count. Returns `(gradient norm, lr)`.
+    pub(crate) fn apply(&mut self, grads: &mut [Option<B::Tensor>], total_steps: u64) -> Result<(f32, f32)> {
+        let done = self.run.state.step;
+        let out = self.optimizer.step(self.model.store_mut(), grads, done, total_steps)?;
+        self.run.state.step = done + 1;
+        Ok(out)
+    }
+
+    /// The next `n` examples of `data` in the run's order.
+    pub(crate) fn next_examples(&mut self, data: &dyn crate::data::Dataset, n: usize) -> Result<Vec<Example>> {
+        self.run.next_indices(data.len(), n)?.into_iter().map(|i| data.get(i)).collect()
+    }
+}
 
 /// Where a run is: everything besides weights and moments that resuming needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -111,23 +143,21 @@ pub fn noise_batch<B: Backend>(
     let hint_channels = with_hints.then(|| model.hint_channels());
     let mut image = Vec::with_capacity(n * c * h * w);
     let mut hint = Vec::with_capacity(n * hint_channels.unwrap_or(0) * h * w);
-    for e in examples {
-        if e.image.len() != c * h * w {
-            return Err(TrainError::Mismatch(format!(
-                "an example image has {} values, the model wants {c}×{h}×{w} = {}",
-                e.image.len(),
-                c * h * w
-            )));
+    let fits = |what: &str, values: &[f32], channels: usize| {
+        if values.len() == channels * h * w {
+            return Ok(());
         }
+        let want = channels * h * w;
+        Err(TrainError::Mismatch(format!(
+            "an example {what} has {} values, the model wants {channels}×{h}×{w} = {want}",
+            values.len()
+        )))
+    };
+    for e in examples {
+        fits("image", &e.image, c)?;
         image.extend_from_slice(&e.image);
         if let Some(hc) = hint_channels {
-            if e.hint.len() != hc * h * w {
-                return Err(TrainError::Mismatch(format!(
-                    "an example condition image has {} values, the model wants {hc}×{h}×{w} = {}",
-                    e.hint.len(),
-                    hc * h * w
-                )));
-            }
+            fits("condition image", &e.hint, hc)?;
             hint.extend_from_slice(&e.hint);
         }
     }

@@ -13,7 +13,7 @@ use crate::error::{Result, TrainError};
 use crate::model::{DualDenoiser, Parts, SIDE, forward_train};
 use crate::optim::{OptimConfig, Optimizer};
 pub use crate::run::TrainState;
-use crate::run::{NoisedBatch, RunStream, noise_batch};
+use crate::run::{NoisedBatch, RunStream, TrainingRun, noise_batch};
 use crate::scheduler::{NoiseConfig, NoiseProcess};
 
 /// LISA or the plain ControlNet baseline.
@@ -115,17 +115,7 @@ type MicroBatch<B> =
     (f32, lisa_core::lisa::LisaLoss<f32>, Vec<Option<<B as lisa_core::backend::BackendTypes>::Tensor>>);
 
 /// A control-training run: model, optimizer state, EMA, data position, random stream.
-pub struct Trainer<B: Backend> {
-    /// The dual-branch model.
-    pub model: Box<dyn DualDenoiser<B>>,
-    /// AdamW moments, EMA of the side weights.
-    pub optimizer: Optimizer<B>,
-    /// The run's configuration.
-    pub config: TrainConfig,
-    /// Random stream, data order and step: the resumable position of the run.
-    pub run: RunStream,
-    noise: NoiseProcess,
-}
+pub type Trainer<B> = TrainingRun<B, TrainConfig>;
 
 impl<B: Backend> Trainer<B> {
     /// A fresh run on `model` (built with the decoder iff `config.mode` is LISA).
@@ -146,8 +136,7 @@ impl<B: Backend> Trainer<B> {
         let (mut main_sum, mut lisa_sum, mut total_sum) = (0.0f32, 0.0f32, 0.0f32);
         let step = self.run.state.step + 1;
         for _ in 0..accum {
-            let idx = self.run.next_indices(data.len(), self.config.batch_size)?;
-            let examples = idx.iter().map(|&i| data.get(i)).collect::<Result<Vec<_>>>()?;
+            let examples = self.next_examples(data, self.config.batch_size)?;
             let (main, lisa, micro) = self.micro_batch(&examples, accum)?;
             main_sum += main;
             lisa_sum += lisa.distance;
@@ -163,13 +152,7 @@ impl<B: Backend> Trainer<B> {
         if !loss.is_finite() {
             return Err(TrainError::NonFinite { what: "loss", step });
         }
-        let (grad_norm, lr) = self.optimizer.step(
-            self.model.store_mut(),
-            &mut grads,
-            self.run.state.step,
-            self.config.max_train_steps,
-        )?;
-        self.run.state.step = step;
+        let (grad_norm, lr) = self.apply(&mut grads, self.config.max_train_steps)?;
         Ok(StepStats {
             step,
             loss,

@@ -1,6 +1,6 @@
 use lisa_core::backend::geometry::{
-    Conv2dGeometry, Conv2dParams, GroupNormGeometry, GroupNormParams, MatmulGeometry, Transpose, concat_channels_shape,
-    slice_channels_shape, upsample_backward_input_shape, upsample_output_shape,
+    Conv2dGeometry, Conv2dParams, GroupNormGeometry, GroupNormParams, MatmulGeometry, Transpose, slice_channels_shape,
+    upsample_backward_input_shape, upsample_output_shape,
 };
 use lisa_core::backend::{
     AdamWParams, ArithOps, BackendTypes, BinaryOp, ConvOps, DType, FusedOps, GroupNormGrads, GroupNormOutput,
@@ -263,18 +263,12 @@ impl LayoutOps for CpuBackend {
         ))
     }
     fn concat_channels(parts: &[&T]) -> Result<T> {
-        const OP: &str = "concat_channels";
-        let first = parts.first().ok_or(Error::Empty { op: OP })?;
-        for p in parts {
-            Self::expect_same_dtype(OP, first, p)?;
-        }
-        let shapes: Vec<&Shape> = parts.iter().map(|p| &p.shape).collect();
-        let out_shape = concat_channels_shape(OP, &shapes)?;
+        let (out_shape, dtype) = Self::concat_channels_check("concat_channels", parts)?;
         let batch = out_shape.dims()[0];
         let values: Vec<_> = parts.iter().map(|p| p.values()).collect();
         let slices: Vec<&[f32]> = values.iter().map(|v| &v[..]).collect();
         let per_sample: Vec<usize> = parts.iter().map(|p| p.len().checked_div(batch).unwrap_or(0)).collect();
-        Ok(CpuTensor::store(layout::concat_channels(&slices, &per_sample, batch), out_shape, first.dtype()))
+        Ok(CpuTensor::store(layout::concat_channels(&slices, &per_sample, batch), out_shape, dtype))
     }
     fn slice_channels(x: &T, start: usize, len: usize) -> Result<T> {
         let out_shape = slice_channels_shape("slice_channels", &x.shape, start, len)?;

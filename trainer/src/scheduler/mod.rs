@@ -9,6 +9,7 @@
 
 mod ddim;
 mod ddpm;
+mod discrete;
 mod euler;
 mod noise;
 mod spacing;
@@ -19,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 pub use ddim::Ddim;
 pub use ddpm::Ddpm;
+pub use discrete::SpacedSchedule;
 pub use euler::EulerFlow;
 pub use noise::{NoiseConfig, NoiseProcess, add_noise};
 pub use spacing::Spacing;
@@ -86,10 +88,10 @@ pub fn build<B: Backend>(noise: &NoiseConfig, config: &SchedulerConfig) -> Resul
     }
     match (*noise, config.sampler) {
         (NoiseConfig::Diffusion { betas, num_train_timesteps }, Sampler::Ddim { eta }) => {
-            Ok(Box::new(Ddim::new(betas, num_train_timesteps, eta, config)?))
+            Ok(Box::new(Ddim::new(SpacedSchedule::new(betas, num_train_timesteps, config)?, eta)?))
         }
         (NoiseConfig::Diffusion { betas, num_train_timesteps }, Sampler::Ddpm) => {
-            Ok(Box::new(Ddpm::new(betas, num_train_timesteps, config)?))
+            Ok(Box::new(Ddpm::new(SpacedSchedule::new(betas, num_train_timesteps, config)?)))
         }
         (NoiseConfig::Flow { shift }, Sampler::Euler) => Ok(Box::new(EulerFlow::new(shift, config)?)),
         (NoiseConfig::Flow { .. }, sampler) => Err(TrainError::Config(format!(

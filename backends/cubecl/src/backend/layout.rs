@@ -1,11 +1,9 @@
 //! Nearest upsampling and channel concat/slice.
 
 use cubecl::prelude::*;
-use lisa_core::backend::geometry::{
-    concat_channels_shape, slice_channels_shape, upsample_backward_input_shape, upsample_output_shape,
-};
-use lisa_core::backend::{LayoutOps, Shape, TensorOps};
-use lisa_core::{Error, Result};
+use lisa_core::Result;
+use lisa_core::backend::LayoutOps;
+use lisa_core::backend::geometry::{slice_channels_shape, upsample_backward_input_shape, upsample_output_shape};
 
 use super::{CubeBackend, T, alloc, arg, check_dtype, u32_of};
 use crate::kernels::layout as k;
@@ -61,12 +59,8 @@ impl<R: Runtime> LayoutOps for CubeBackend<R> {
     }
     fn concat_channels(parts: &[&T<R>]) -> Result<T<R>> {
         const OP: &str = "concat_channels";
-        let first = parts.first().ok_or(Error::Empty { op: OP })?;
-        for p in parts {
-            Self::expect_same_dtype(OP, first, p)?;
-        }
-        let shapes: Vec<&Shape> = parts.iter().map(|p| &p.shape).collect();
-        let out_shape = concat_channels_shape(OP, &shapes)?;
+        let (out_shape, _) = Self::concat_channels_check(OP, parts)?;
+        let first = parts[0];
         check_dtype(OP, &first.device, first.dtype)?;
         let out = alloc(&first.device, out_shape, first.dtype)?;
         let mut start = 0;

@@ -11,42 +11,41 @@ use crate::kernels::conv as k;
 use crate::kernels::matmul::{self as mt, TILE, matmul as mm};
 use crate::launch::{grid_1d, with_float};
 
+/// The sizes of `batch` products `op(a)·op(b)`: `op(a)` is `m×k`, `op(b)` is `k×n`.
+#[derive(Debug, Clone, Copy)]
+struct Gemm {
+    batch: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    t: Transpose,
+}
+
 /// `out[b] = op(a[b])·op(b[b])` for `batch` matrices; `a` holds `m×k` (or `k×m` when
 /// transposed), `b` holds `k×n` (or `n×k`).
 ///
 /// f32 goes to cubek's matmul (its `Auto` strategy picks a kernel for the device), with
 /// transposed operands made contiguous first; if cubek refuses the problem, and for f16/bf16,
 /// the tiled kernel of this crate runs instead (transposes as strides).
-#[allow(clippy::too_many_arguments)]
-fn gemm<R: Runtime>(
-    op: &'static str,
-    device: &CubeDevice<R>,
-    dtype: DType,
-    a: &T<R>,
-    b: &T<R>,
-    batch: usize,
-    m: usize,
-    k: usize,
-    n: usize,
-    t: Transpose,
-    out_shape: Shape,
-) -> Result<T<R>> {
+fn gemm<R: Runtime>(op: &'static str, (a, b): (&T<R>, &T<R>), g: Gemm, dtype: DType, out_shape: Shape) -> Result<T<R>> {
+    let device = &a.device;
     let out = alloc(device, out_shape, dtype)?;
     if out.is_empty() {
         return Ok(out);
     }
-    if k == 0 {
+    if g.k == 0 {
         return CubeBackend::<R>::full(&out.shape, 0.0, dtype, device);
     }
     if dtype == DType::F32 {
-        let a = if t.a { transposed(a, batch, k, m)? } else { a.clone() };
-        let b = if t.b { transposed(b, batch, n, k)? } else { b.clone() };
-        if cubek_matmul(device, &a, &b, &out, batch, m, k, n).is_ok() {
+        let a = if g.t.a { transposed(a, g.batch, g.k, g.m)? } else { a.clone() };
+        let b = if g.t.b { transposed(b, g.batch, g.n, g.k)? } else { b.clone() };
+        let contiguous = Gemm { t: Transpose::default(), ..g };
+        if cubek_matmul(device, &a, &b, &out, contiguous).is_ok() {
             return Ok(out);
         }
-        return tiled(op, device, dtype, &a, &b, &out, batch, m, k, n, Transpose::default());
+        return tiled(op, &a, &b, &out, contiguous);
     }
-    tiled(op, device, dtype, a, b, &out, batch, m, k, n, t)
+    tiled(op, a, b, &out, g)
 }
 
 /// `x [batch, rows, cols]` → `[batch, cols, rows]`, contiguous.
@@ -61,16 +60,12 @@ fn transposed<R: Runtime>(x: &T<R>, batch: usize, rows: usize, cols: usize) -> R
 }
 
 /// cubek's f32 matmul on contiguous `[batch, m, k] × [batch, k, n]`.
-#[allow(clippy::too_many_arguments)]
 fn cubek_matmul<R: Runtime>(
     device: &CubeDevice<R>,
     a: &T<R>,
     b: &T<R>,
     out: &T<R>,
-    batch: usize,
-    m: usize,
-    k: usize,
-    n: usize,
+    Gemm { batch, m, k, n, .. }: Gemm,
 ) -> std::result::Result<(), String> {
     use cubecl::std::tensor::TensorHandle;
     use cubek::matmul::definition::MatmulElems;
@@ -93,20 +88,9 @@ fn cubek_matmul<R: Runtime>(
 }
 
 /// The shared-memory tiled kernel (any dtype; transposes as strides).
-#[allow(clippy::too_many_arguments)]
-fn tiled<R: Runtime>(
-    op: &'static str,
-    device: &CubeDevice<R>,
-    dtype: DType,
-    a: &T<R>,
-    b: &T<R>,
-    out: &T<R>,
-    batch: usize,
-    m: usize,
-    k: usize,
-    n: usize,
-    t: Transpose,
-) -> Result<T<R>> {
+fn tiled<R: Runtime>(op: &'static str, a: &T<R>, b: &T<R>, out: &T<R>, g: Gemm) -> Result<T<R>> {
+    let Gemm { batch, m, k, n, t } = g;
+    let (device, dtype) = (&out.device, out.dtype);
     let (a_row, a_col) = if t.a { (1, m) } else { (k, 1) };
     let (b_row, b_col) = if t.b { (1, k) } else { (n, 1) };
     let count = CubeCount::Static(
@@ -128,7 +112,7 @@ impl<R: Runtime> MatmulOps for CubeBackend<R> {
         let dtype = Self::expect_same_dtype("matmul", a, b)?;
         check_dtype("matmul", &a.device, dtype)?;
         let g = MatmulGeometry::new("matmul", &a.shape, &b.shape, t)?;
-        gemm("matmul", &a.device, dtype, a, b, g.batch, g.m, g.k, g.n, t, g.output_shape())
+        gemm("matmul", (a, b), Gemm { batch: g.batch, m: g.m, k: g.k, n: g.n, t }, dtype, g.output_shape())
     }
 }
 
@@ -172,19 +156,8 @@ impl<R: Runtime> ConvOps for CubeBackend<R> {
         let cols = g.batch * g.oh * g.ow;
         let col = im2col(x, &g)?;
         // [c_out, rows] · [rows, n·p] = [c_out, n·p]
-        let y = gemm(
-            OP,
-            &x.device,
-            dtype,
-            weight,
-            &col,
-            1,
-            g.c_out,
-            rows,
-            cols,
-            Transpose::default(),
-            Shape::new([g.c_out, cols]),
-        )?;
+        let sizes = Gemm { batch: 1, m: g.c_out, k: rows, n: cols, t: Transpose::default() };
+        let y = gemm(OP, (weight, &col), sizes, dtype, Shape::new([g.c_out, cols]))?;
         let (count, dim) = grid_1d(out.len());
         let p = g.oh * g.ow;
         let bias_arg = arg(bias.unwrap_or(&y));
@@ -209,8 +182,8 @@ impl<R: Runtime> ConvOps for CubeBackend<R> {
         let cols = g.batch * g.oh * g.ow;
         let gy = to_cnp(grad_out, &g)?;
         // [rows, c_out] · [c_out, n·p] = [rows, n·p]
-        let t = Transpose { a: true, b: false };
-        let dcol = gemm(OP, device, dtype, weight, &gy, 1, rows, g.c_out, cols, t, Shape::new([rows, cols]))?;
+        let sizes = Gemm { batch: 1, m: rows, k: g.c_out, n: cols, t: Transpose { a: true, b: false } };
+        let dcol = gemm(OP, (weight, &gy), sizes, dtype, Shape::new([rows, cols]))?;
         let (count, dim) = grid_1d(dx.len());
         let meta = conv_table(device, &g)?;
         with_float!(dtype, F => k::col2im::launch::<F, R>(&device.client, count, dim, arg(&dcol), arg(&dx), meta));
@@ -230,8 +203,8 @@ impl<R: Runtime> ConvOps for CubeBackend<R> {
         let col = im2col(x, &g)?;
         let gy = to_cnp(grad_out, &g)?;
         // [c_out, n·p] · [rows, n·p]ᵀ = [c_out, rows]
-        let t = Transpose { a: false, b: true };
-        gemm(OP, &x.device, dtype, &gy, &col, 1, g.c_out, cols, rows, t, weight_shape.clone())
+        let sizes = Gemm { batch: 1, m: g.c_out, k: cols, n: rows, t: Transpose { a: false, b: true } };
+        gemm(OP, (&gy, &col), sizes, dtype, weight_shape.clone())
     }
 }
 
