@@ -22,6 +22,7 @@ cargo build --release --manifest-path tests/no-std-check/Cargo.toml --target-dir
 
 echo "== examples"
 cargo run --release -q -p lisa-examples --example embed_core
+cargo run -q -p lisa-examples --example embed_candle
 cargo run -q --all-features -p lisa-examples --example swap_backends
 
 echo "== docs (warnings are errors)"
