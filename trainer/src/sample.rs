@@ -1,4 +1,4 @@
-//! Sampling from the controlled model with any [`Scheduler`], with control scale and
+//! Sampling from the controlled model with any [`Scheduler`](crate::scheduler::Scheduler), with control scale and
 //! classifier-free guidance over the prompt (the empty prompt is the unconditional one).
 
 use lisa_core::backend::{Backend, DType, Shape};
