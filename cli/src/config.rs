@@ -1,9 +1,10 @@
 //! The run file (`--config run.toml`): every section optional, unknown keys and wrong types
 //! are errors naming the file, and the model section is checked when the file is read.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use lisa_core::backend::Backend;
 use lisa_trainer::data::{Dataset, FillCircles, prompt_colours};
 use lisa_trainer::model::{DualDenoiser, ModelSpec, registry, toy};
@@ -29,6 +30,10 @@ pub struct RunFile {
     pub data: DataConfig,
     /// `[validation]`: sampling settings of validation and `eval`.
     pub validation: ValidationConfig,
+    /// Whether the file describes the networks (`[model]` keys besides `decoder`); if not,
+    /// commands take them from the weights they load.
+    #[serde(skip)]
+    pub model_given: bool,
 }
 
 /// The training set: procedural fill circles, or a Fill50K-format folder.
@@ -67,14 +72,55 @@ impl Default for ValidationConfig {
     }
 }
 
+/// The most examples a procedural set may have (its shuffled order is held in memory).
+const MAX_PROCEDURAL: usize = 1 << 26;
+
+/// Fails when a batch of `batch` samples of `model` cannot fit in this machine's memory: its
+/// inputs alone may take at most an eighth of it (the activations take many times more).
+pub fn check_memory<B: Backend>(model: &dyn DualDenoiser<B>, batch: usize) -> Result<()> {
+    let [c, h, w] = model.sample_shape();
+    let bytes = [batch, c, h, w, 4].iter().try_fold(1usize, |acc, &x| acc.checked_mul(x));
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse::<usize>().ok())
+        .map_or(usize::MAX, |kib| kib.saturating_mul(1024));
+    match bytes {
+        Some(b) if b <= total / 8 => Ok(()),
+        _ => bail!(
+            "a batch of {batch} samples of {c}×{h}×{w} cannot fit in this machine's {} GiB of memory; lower the batch size or the resolution",
+            total >> 30
+        ),
+    }
+}
+
 impl RunFile {
     /// Reads a run file, or the defaults without one, and checks the model section.
     pub fn load(path: Option<&Path>) -> Result<Self> {
         let Some(path) = path else { return Ok(Self::default()) };
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read run file {}", path.display()))?;
-        let file: Self = toml::from_str(&text).with_context(|| format!("run file {}", path.display()))?;
+        let mut file: Self = toml::from_str(&text).with_context(|| format!("run file {}", path.display()))?;
         registry::validate(&file.model).with_context(|| format!("run file {}", path.display()))?;
+        if file.data.len > MAX_PROCEDURAL {
+            bail!("run file {}: [data] len {} is more than {MAX_PROCEDURAL} examples", path.display(), file.data.len);
+        }
+        let table: toml::Table = toml::from_str(&text).with_context(|| format!("run file {}", path.display()))?;
+        file.model_given =
+            table.get("model").and_then(|m| m.as_table()).is_some_and(|m| m.keys().any(|k| k != "decoder"));
         Ok(file)
+    }
+
+    /// Takes the networks from the weights file `prior` when this file does not describe them
+    /// (a prior written by `lisa pretrain` records its model); a run file that does describe
+    /// them must agree with the prior, which loading checks.
+    pub fn resolve_model(&mut self, prior: &Path) -> Result<()> {
+        if self.model_given {
+            return Ok(());
+        }
+        if let Some(spec) = registry::spec_of_weights(prior)? {
+            self.model.architecture = spec.architecture;
+            self.model.config = spec.config;
+        }
+        Ok(())
     }
 
     /// The training set for `model`: the `data.dir` folder when set (every prompt read by the
@@ -85,6 +131,7 @@ impl RunFile {
             return Ok(Box::new(FillCircles { resolution, len: self.data.len, seed: self.data.seed }));
         };
         let set = Fill50k::open(dir, resolution)?;
+        decode_all(&set)?;
         let prompts: Vec<&str> = set.prompts().collect();
         model.embed_prompts(&prompts).with_context(|| format!("{}/prompt.json", dir.display()))?;
         let outside = prompts.iter().filter(|p| prompt_colours(p).is_ok_and(|c| c.iter().any(Option::is_none))).count();
@@ -101,4 +148,23 @@ impl RunFile {
     pub fn validation_set(&self, resolution: usize) -> FillCircles {
         FillCircles { resolution, len: self.validation.samples, seed: self.validation.seed }
     }
+}
+
+/// Reads every example of a folder once, so that a truncated or unreadable file is reported
+/// now, with its line in `prompt.json`, not when first drawn (with a progress bar on a
+/// terminal).
+fn decode_all(set: &Fill50k) -> Result<()> {
+    let bar = std::io::stderr()
+        .is_terminal()
+        .then(|| indicatif::ProgressBar::new(set.len() as u64).with_message("checking the dataset"));
+    for i in 0..set.len() {
+        set.get(i).with_context(|| format!("line {} of prompt.json", set.line(i)))?;
+        if let Some(b) = &bar {
+            b.inc(1);
+        }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    Ok(())
 }

@@ -2,6 +2,7 @@
 //! with LISA (and, with `--compare`, the baseline with the same seeds, data and
 //! validation), and writes grids, metrics, a comparison plot and a summary.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -64,12 +65,11 @@ pub fn run<B: Backend>(a: DemoArgs, device: B::Device) -> Result<()> {
     if a.compare {
         arms.push(("baseline", Mode::Baseline));
     }
+    claim(&a.output_dir, &["comparison.png", "summary.json"], &["lisa", "baseline"])?;
     let mut reports = Vec::new();
     for (label, mode) in &arms {
         let dir = a.output_dir.join(label);
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
-        }
+        claim(&dir, &["metrics.jsonl", "validation-*.png", "checkpoint-*"], &[])?;
         let mut arm_file = file.clone();
         arm_file.train.mode = *mode;
         let options = LoopOptions {
@@ -80,6 +80,7 @@ pub fn run<B: Backend>(a: DemoArgs, device: B::Device) -> Result<()> {
             checkpoints_total_limit: Some(1),
             resume: None,
             label,
+            overwrite: true,
         };
         reports.push(train_arm::<B>(&arm_file, &main, device.clone(), &options)?);
     }
@@ -90,18 +91,61 @@ pub fn run<B: Backend>(a: DemoArgs, device: B::Device) -> Result<()> {
     let summary_path = a.output_dir.join("summary.json");
     std::fs::write(&summary_path, serde_json::to_string_pretty(&summary)?)
         .with_context(|| format!("cannot write {}", summary_path.display()))?;
-    println!("\ndemo on {} finished in {:.1} min", B::name(), start.elapsed().as_secs_f64() / 60.0);
+    let mut text = format!("\ndemo on {} finished in {:.1} min\n", B::name(), start.elapsed().as_secs_f64() / 60.0);
     for (label, r) in &labelled {
         let reached = r.steps_to(a.threshold).map_or("not reached".to_string(), |s| format!("step {s}"));
-        println!(
-            "  {label:9} final iou {:.4}   iou >= {:.2}: {reached:12}   {:.2} steps/s ({:.1} min training)",
+        text += &format!(
+            "  {label:9} final iou {:.4}   iou >= {:.2}: {reached:12}   {:.2} steps/s ({:.1} min training)\n",
             r.final_iou().unwrap_or(f32::NAN),
             a.threshold,
             r.losses.len() as f64 / r.train_seconds.max(1e-9),
             r.train_seconds / 60.0
         );
     }
-    println!("  grids, metrics.jsonl per arm, {} and {}", plot.display(), summary_path.display());
+    text += &format!("  grids, metrics.jsonl per arm, {} and {}\n", plot.display(), summary_path.display());
+    std::io::stdout().lock().write_all(text.as_bytes()).context("cannot write to standard output")?;
+    Ok(())
+}
+
+/// The marker of folders `lisa demo` made.
+const MARKER: &str = ".lisa-demo";
+
+/// Makes `dir` a demo folder, or checks that it is one: a folder the demo made (it holds
+/// [`MARKER`]) with nothing but the demo's `outputs` (names, `*` patterns), which it then
+/// removes, and its `subfolders` (claimed on their own). Anything else is refused, so the demo
+/// never deletes what it did not create.
+fn claim(dir: &Path, outputs: &[&str], subfolders: &[&str]) -> Result<()> {
+    let output = |name: &str| {
+        outputs.iter().any(|p| match p.split_once('*') {
+            Some((pre, post)) => name.starts_with(pre) && name.ends_with(post),
+            None => name == *p,
+        })
+    };
+    if dir.exists() {
+        let entries: Vec<_> = std::fs::read_dir(dir)
+            .with_context(|| format!("cannot read {}", dir.display()))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        let foreign: Vec<_> =
+            entries.iter().filter(|n| *n != MARKER && !output(n) && !subfolders.contains(&n.as_str())).collect();
+        let made_by_demo = entries.iter().any(|n| n == MARKER);
+        if !entries.is_empty() && (!made_by_demo || !foreign.is_empty()) {
+            bail!(
+                "{} holds files lisa demo did not write ({}); choose another --output-dir",
+                dir.display(),
+                foreign.first().map_or("no demo marker", |n| n.as_str())
+            );
+        }
+        for name in entries.iter().filter(|n| output(n)) {
+            let path = dir.join(name);
+            let removed = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+            removed.with_context(|| format!("cannot remove the earlier demo output {}", path.display()))?;
+        }
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::write(dir.join(MARKER), "written by lisa demo; it may replace its own outputs here\n")
+        .with_context(|| format!("cannot write in {}", dir.display()))?;
     Ok(())
 }
 

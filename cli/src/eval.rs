@@ -1,5 +1,6 @@
 //! `lisa eval`, and the validation that `lisa train` runs.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -80,7 +81,8 @@ pub struct ModelArgs {
 impl ModelArgs {
     /// The run file and the model these flags name.
     pub fn load<B: Backend>(&self, device: B::Device) -> Result<(RunFile, Box<dyn DualDenoiser<B>>)> {
-        let file = RunFile::load(self.config.as_deref())?;
+        let mut file = RunFile::load(self.config.as_deref())?;
+        file.resolve_model(&self.main)?;
         let model = load_model(&file, &self.main, self.checkpoint.as_deref(), device)?;
         Ok((file, model))
     }
@@ -127,10 +129,13 @@ pub fn run<B: Backend>(a: EvalArgs, device: B::Device) -> Result<()> {
     }
     let set = file.validation_set(model.sample_shape()[1]);
     let v = validate(model.as_ref(), &file.train.noise, &set, &file.validation.sampling)?;
-    println!(
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
         "iou {:.4}  colour_error {:.4}  ({} samples, {} steps)",
         v.iou, v.colour_error, file.validation.samples, file.validation.sampling.steps
-    );
+    )
+    .context("cannot write to standard output")?;
     if let Some(g) = a.grid {
         save_png(&v.grid, &g)?;
     }

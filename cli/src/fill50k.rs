@@ -17,6 +17,7 @@ struct Entry {
     source: PathBuf,
     target: PathBuf,
     prompt: String,
+    line: usize,
 }
 
 /// A Fill50K-format folder, read lazily (one example per [`Dataset::get`]).
@@ -24,6 +25,7 @@ struct Entry {
 pub struct Fill50k {
     entries: Vec<Entry>,
     resolution: usize,
+    fingerprint: String,
 }
 
 impl Fill50k {
@@ -38,6 +40,8 @@ impl Fill50k {
         }
         let list = root.join("prompt.json");
         let text = std::fs::read_to_string(&list).map_err(|source| TrainError::Io { path: list.clone(), source })?;
+        // A UTF-8 byte-order mark (some editors write one) is not part of the first line.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
         let mut entries = Vec::new();
         for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
             let at = |reason: String| TrainError::Data {
@@ -57,12 +61,18 @@ impl Fill50k {
                     return Err(at(format!("{} does not exist", p.display())));
                 }
             }
-            entries.push(Entry { source, target, prompt });
+            entries.push(Entry { source, target, prompt, line: n + 1 });
         }
         if entries.is_empty() {
             return Err(TrainError::Data { path: list, reason: "no examples listed".into() });
         }
-        Ok(Self { entries, resolution })
+        let digest = lisa_trainer::weights::digest(text.as_bytes());
+        Ok(Self { entries, resolution, fingerprint: format!("fill50k {} prompt.json sha256 {digest}", root.display()) })
+    }
+
+    /// The line of `prompt.json` that lists example `i`.
+    pub fn line(&self, i: usize) -> usize {
+        self.entries.get(i).map_or(0, |e| e.line)
     }
 
     /// Every prompt, in file order.
@@ -74,6 +84,10 @@ impl Fill50k {
 impl Dataset for Fill50k {
     fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    fn fingerprint(&self) -> String {
+        format!("{} at {} px", self.fingerprint, self.resolution)
     }
 
     fn get(&self, i: usize) -> lisa_trainer::Result<Example> {

@@ -53,6 +53,11 @@ pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The largest image side [`read_image`] decodes.
+pub const MAX_SIDE: u32 = 16384;
+/// The most memory one decoded image may take.
+pub const MAX_DECODED_BYTES: u64 = 1 << 30;
+
 /// How [`read_image`] maps a file onto the model's grid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resample {
@@ -66,12 +71,20 @@ pub enum Resample {
 /// [0, 1], resized to `side × side`: `[1, side, side]` luminance when `grey`, else
 /// `[3, side, side]` RGB. Errors say what failed; the caller names the file.
 pub fn read_image(path: &Path, side: usize, grey: bool, resample: Resample) -> Result<Vec<f32>> {
-    let img = image::ImageReader::open(path)
-        .context("cannot open")?
-        .with_guessed_format()
-        .context("cannot read")?
-        .decode()
-        .context("not a readable image")?;
+    let mut reader = image::ImageReader::open(path).context("cannot open")?.with_guessed_format().context("cannot read")?;
+    // The header's size is checked before any pixel buffer is allocated.
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    limits.max_alloc = Some(MAX_DECODED_BYTES);
+    reader.limits(limits);
+    let img = reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(_) => anyhow::anyhow!(
+            "the image is larger than lisa reads ({MAX_SIDE} px a side, {} MiB decoded)",
+            MAX_DECODED_BYTES >> 20
+        ),
+        e => anyhow::Error::from(e).context("not a readable image"),
+    })?;
     let s = side as u32;
     Ok(if grey {
         let luma = img.to_luma8();

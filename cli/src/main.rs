@@ -13,6 +13,7 @@ mod image;
 mod plot;
 mod pretrain;
 mod progress;
+mod run_dir;
 mod sample;
 mod train;
 
@@ -103,6 +104,10 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // A closed standard output (`lisa eval | head`) is the reader's choice, not a failure.
+        Err(e) if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) => {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

@@ -1,15 +1,18 @@
-//! `lisa pretrain`.
+//! `lisa pretrain`: the prior, with checkpoints and exact resume like `lisa train`; the EMA
+//! weights are exported with the model's description at the end.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use lisa_core::backend::Backend;
+use lisa_trainer::checkpoint::{list_checkpoints, load_checkpoint, save_checkpoint};
 use lisa_trainer::pretrain::Pretrainer;
 
-use crate::config::RunFile;
+use crate::config::{RunFile, check_memory};
 use crate::progress::Progress;
+use crate::run_dir::RunDir;
 
 /// Flags of `lisa pretrain` (override the run file).
 #[derive(Debug, Args)]
@@ -17,9 +20,26 @@ pub struct PretrainArgs {
     /// Run file (TOML) whose values the flags override.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Where the prior's EMA weights are written (safetensors).
-    #[arg(long, default_value = "runs/pretrain/main.safetensors")]
-    output: PathBuf,
+    /// Where the prior's EMA weights are written at the end (safetensors; default:
+    /// <output-dir>/main.safetensors). An existing file is replaced only with --overwrite.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Where checkpoints go.
+    #[arg(long, default_value = "runs/pretrain")]
+    output_dir: PathBuf,
+    /// Save a checkpoint every N steps (0: only at the end).
+    #[arg(long, default_value_t = 500)]
+    checkpointing_steps: u64,
+    /// Keep at most N of this run's checkpoints (oldest removed first).
+    #[arg(long)]
+    checkpoints_total_limit: Option<usize>,
+    /// A checkpoint directory, or "latest" (the newest in --output-dir).
+    #[arg(long)]
+    resume_from_checkpoint: Option<String>,
+    /// Replace an existing --output file, and start a new run in an --output-dir that holds
+    /// another run's checkpoints.
+    #[arg(long)]
+    overwrite: bool,
     /// Optimizer steps.
     #[arg(long)]
     max_train_steps: Option<u64>,
@@ -27,7 +47,7 @@ pub struct PretrainArgs {
     #[arg(long)]
     train_batch_size: Option<usize>,
     /// Peak learning rate.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     learning_rate: Option<f32>,
     /// Seed.
     #[arg(long)]
@@ -35,6 +55,23 @@ pub struct PretrainArgs {
     /// A Fill50K-format folder to train on (default: procedural fill circles).
     #[arg(long)]
     train_data_dir: Option<PathBuf>,
+}
+
+/// Checks before any work that `output` can be written: not a folder, not an existing file
+/// unless `overwrite`, its folder creatable and writable.
+fn check_output(output: &Path, overwrite: bool) -> Result<()> {
+    if output.is_dir() {
+        bail!("--output {} is a folder; give a file name", output.display());
+    }
+    if output.exists() && !overwrite {
+        bail!("--output {} exists; pass --overwrite to replace it, or choose another name", output.display());
+    }
+    let dir = output.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let probe = dir.join(format!(".lisa-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"").with_context(|| format!("cannot write in {}", dir.display()))?;
+    let _ = std::fs::remove_file(probe);
+    Ok(())
 }
 
 /// Runs `lisa pretrain`.
@@ -48,26 +85,55 @@ pub fn run<B: Backend>(a: PretrainArgs, device: B::Device) -> Result<()> {
     if let Some(d) = a.train_data_dir {
         file.data.dir = Some(d);
     }
+    let output = a.output.clone().unwrap_or_else(|| a.output_dir.join("main.safetensors"));
+    check_output(&output, a.overwrite)?;
     let mut trainer = Pretrainer::<B>::new(&file.model, file.pretrain.clone(), device)?;
+    check_memory(trainer.model.as_ref(), file.pretrain.batch_size)?;
     let data = file.open_training_set(trainer.model.as_ref())?;
+    let dir = RunDir::lock(&a.output_dir)?;
+    if let Some(r) = &a.resume_from_checkpoint {
+        let ckpt = if r == "latest" {
+            list_checkpoints(dir.path())
+                .pop()
+                .map(|c| c.1)
+                .ok_or_else(|| anyhow!("--resume-from-checkpoint latest: no checkpoint-* in {}", dir.path().display()))?
+        } else {
+            PathBuf::from(r)
+        };
+        load_checkpoint(&mut trainer, data.as_ref(), &ckpt)?;
+        eprintln!("resumed from {} at step {}", ckpt.display(), trainer.run.state.step);
+    } else if let Some(other) = dir.foreign_checkpoints(&trainer.run_id).first()
+        && !a.overwrite
+    {
+        bail!(
+            "{} holds another run's checkpoint ({}); resume it with --resume-from-checkpoint, start over with --overwrite, or choose another --output-dir",
+            dir.path().display(),
+            other.display()
+        );
+    }
+    let total = file.pretrain.max_train_steps;
     eprintln!(
         "pretrain: {} examples, batch {}, {} steps, {} parameters",
         data.len(),
         file.pretrain.batch_size,
-        file.pretrain.max_train_steps,
+        total,
         trainer.model.store().count(true)
     );
-    if let Some(dir) = a.output.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
     let start = Instant::now();
-    let mut progress = Progress::new("pretrain", 0, file.pretrain.max_train_steps);
-    for _ in 0..file.pretrain.max_train_steps {
+    let first = trainer.run.state.step;
+    let mut progress = Progress::new("pretrain", first, total);
+    while trainer.run.state.step < total {
         let s = trainer.step(data.as_ref())?;
-        progress.step(&s, s.step as f64 / start.elapsed().as_secs_f64());
+        progress.step(&s, (s.step - first) as f64 / start.elapsed().as_secs_f64());
+        if (a.checkpointing_steps > 0 && s.step % a.checkpointing_steps == 0) || s.step == total {
+            save_checkpoint(&trainer, data.as_ref(), &dir.path().join(format!("checkpoint-{}", s.step)))?;
+            if let Some(limit) = a.checkpoints_total_limit {
+                dir.prune(&trainer.run_id, limit)?;
+            }
+        }
     }
     progress.finish(start.elapsed().as_secs_f64());
-    trainer.export(&a.output)?;
-    eprintln!("wrote {}", a.output.display());
+    trainer.export(&output)?;
+    eprintln!("wrote {}", output.display());
     Ok(())
 }

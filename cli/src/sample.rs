@@ -10,7 +10,7 @@ use lisa_trainer::model::toy;
 use lisa_trainer::sample::{Sampler, sample};
 
 use crate::eval::ModelArgs;
-use crate::image::{Resample, canvas, paste_planar, read_image, save_png};
+use crate::image::{Resample, canvas, paste_planar, read_image, save_png, upscaled};
 
 /// Flags of `lisa sample`.
 #[derive(Debug, Args)]
@@ -30,16 +30,16 @@ pub struct SampleArgs {
     #[arg(long, default_value = "ddim")]
     sampler: String,
     /// DDIM η.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     eta: f32,
     /// Sampling steps.
     #[arg(long, default_value_t = 25)]
     steps: usize,
     /// Residual multiplier.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     control_scale: f32,
     /// Classifier-free guidance scale (1 = off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     guidance_scale: f32,
     /// Seed.
     #[arg(long, default_value_t = 0)]
@@ -78,7 +78,8 @@ pub fn run<B: Backend>(a: SampleArgs, device: B::Device) -> Result<()> {
         paste_planar(&mut out, &hints[i * r * r..(i + 1) * r * r], 1, r, (0, i * (r + 2)), (0.0, 1.0));
         paste_planar(&mut out, &images[i * 3 * r * r..(i + 1) * 3 * r * r], 3, r, (r + 2, i * (r + 2)), (-1.0, 1.0));
     }
-    save_png(&out, &a.output)?;
+    // Shown at ≥ 96 px per image, as the validation grids.
+    save_png(&upscaled(&out, (96 / r).max(1)), &a.output)?;
     eprintln!("wrote {}", a.output.display());
     Ok(())
 }

@@ -8,14 +8,17 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use lisa_core::backend::Backend;
 use lisa_core::{Distance, TargetSpace};
-use lisa_trainer::checkpoint::{load_checkpoint, save_checkpoint};
-use lisa_trainer::model::{Parts, registry};
+use lisa_trainer::checkpoint::{list_checkpoints, load_checkpoint, save_checkpoint};
+use lisa_trainer::model::{DualDenoiser, Parts, registry};
+use lisa_trainer::scheduler;
 use lisa_trainer::train::{Mode, Trainer};
+use lisa_trainer::weights::write_atomic;
 
-use crate::config::RunFile;
+use crate::config::{RunFile, check_memory};
 use crate::eval::validate;
 use crate::image::save_png;
 use crate::progress::Progress;
+use crate::run_dir::RunDir;
 
 /// Flags of `lisa train` (names as in diffusers' `train_controlnet.py`; they override the
 /// run file).
@@ -91,21 +94,10 @@ pub struct TrainArgs {
     /// Where checkpoints, grids and metrics.jsonl go.
     #[arg(long, default_value = "runs/train")]
     output_dir: PathBuf,
-}
-
-fn checkpoints(dir: &Path) -> Vec<(u64, PathBuf)> {
-    let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
-            e.path().is_dir().then(|| (step, e.path()))
-        })
-        .collect();
-    out.sort();
-    out
+    /// Start a new run in an output folder that holds another run's outputs (its
+    /// metrics.jsonl is replaced; its checkpoints are kept, except those this run rewrites).
+    #[arg(long, conflicts_with = "resume_from_checkpoint")]
+    overwrite: bool,
 }
 
 /// Applies the flags to the run file.
@@ -175,6 +167,8 @@ pub struct LoopOptions<'a> {
     pub resume: Option<&'a str>,
     /// Name shown on the progress bar.
     pub label: &'a str,
+    /// May a fresh run start in a folder that holds another run's outputs?
+    pub overwrite: bool,
 }
 
 /// What a run measured.
@@ -202,32 +196,50 @@ impl ArmReport {
     }
 }
 
-/// Trains the side branch as `file` says, from the prior at `main`, on `device`.
+/// Trains the side branch as `file` says, from the prior at `main`, on `device`. Everything
+/// that can be checked is checked before the first step.
 pub fn train_arm<B: Backend>(file: &RunFile, main: &Path, device: B::Device, o: &LoopOptions) -> Result<ArmReport> {
     let mode = file.train.mode;
     let parts = Parts::Dual { decoder: mode == Mode::Lisa };
     let mut model = registry::build::<B>(&file.model, parts, device, file.train.seed)?;
     model.load_main(main).with_context(|| format!("loading the prior {}", main.display()))?;
+    check_sampling(model.as_ref(), file)?;
+    check_memory(model.as_ref(), file.train.batch_size)?;
     let data = file.open_training_set(model.as_ref())?;
     let val_set = file.validation_set(model.sample_shape()[1]);
     let mut trainer = Trainer::new(model, file.train.clone())?;
-    let out = o.output_dir;
+    let dir = RunDir::lock(o.output_dir)?;
+    let out = dir.path();
+    let metrics_path = out.join("metrics.jsonl");
     if let Some(r) = o.resume {
-        let dir = if r == "latest" {
-            checkpoints(out)
+        let ckpt = if r == "latest" {
+            list_checkpoints(out)
                 .pop()
-                .map(|(_, p)| p)
+                .map(|c| c.1)
                 .ok_or_else(|| anyhow!("--resume-from-checkpoint latest: no checkpoint-* in {}", out.display()))?
         } else {
             PathBuf::from(r)
         };
-        if !dir.is_dir() {
-            bail!("--resume-from-checkpoint: {} does not exist", dir.display());
+        if !ckpt.is_dir() {
+            bail!("--resume-from-checkpoint: {} does not exist", ckpt.display());
         }
-        load_checkpoint(&mut trainer, &dir)?;
-        eprintln!("resumed from {} at step {}", dir.display(), trainer.run.state.step);
+        load_checkpoint(&mut trainer, data.as_ref(), &ckpt)?;
+        keep_metrics_until(&metrics_path, trainer.run.state.step)?;
+        eprintln!("resumed from {} at step {}", ckpt.display(), trainer.run.state.step);
+    } else {
+        let foreign = dir.foreign_checkpoints(&trainer.run_id);
+        let earlier = !foreign.is_empty() || metrics_path.exists();
+        if earlier && !o.overwrite {
+            bail!(
+                "{} holds another run's outputs ({}); resume it with --resume-from-checkpoint, start over with --overwrite, or choose another --output-dir",
+                out.display(),
+                foreign.first().map_or("metrics.jsonl".to_string(), |p| p.display().to_string())
+            );
+        }
+        if metrics_path.exists() {
+            std::fs::remove_file(&metrics_path).with_context(|| format!("cannot replace {}", metrics_path.display()))?;
+        }
     }
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let t = &file.train;
     eprintln!(
         "train {} ({mode:?}, {}): {} examples, effective batch {} ({} x {}), {} steps, {} parameters trained, hook {}, lr {:.1e}",
@@ -242,7 +254,6 @@ pub fn train_arm<B: Backend>(file: &RunFile, main: &Path, device: B::Device, o: 
         file.model.decoder.hook,
         t.optim.lr,
     );
-    let metrics_path = out.join("metrics.jsonl");
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -280,16 +291,11 @@ pub fn train_arm<B: Backend>(file: &RunFile, main: &Path, device: B::Device, o: 
             iou = Some(v);
         }
         progress.step(&s, its);
-        write_metrics(
-            serde_json::json!({"step": s.step, "loss": s.loss, "main_loss": s.main_loss, "lisa_loss": s.lisa_loss, "grad_norm": s.grad_norm, "lr": s.lr, "steps_per_s": its, "iou": iou}),
-        )?;
+        write_metrics(serde_json::json!({"step": s.step, "loss": s.loss, "main_loss": s.main_loss, "lisa_loss": s.lisa_loss, "grad_norm": s.grad_norm, "lr": s.lr, "steps_per_s": its, "iou": iou}))?;
         if (o.checkpointing_steps > 0 && s.step % o.checkpointing_steps == 0) || last {
-            save_checkpoint(&trainer, &out.join(format!("checkpoint-{}", s.step)))?;
+            save_checkpoint(&trainer, data.as_ref(), &out.join(format!("checkpoint-{}", s.step)))?;
             if let Some(limit) = o.checkpoints_total_limit {
-                let all = checkpoints(out);
-                for (_, old) in all.iter().take(all.len().saturating_sub(limit.max(1))) {
-                    std::fs::remove_dir_all(old).with_context(|| format!("cannot remove {}", old.display()))?;
-                }
+                dir.prune(&trainer.run_id, limit)?;
             }
         }
     }
@@ -298,10 +304,37 @@ pub fn train_arm<B: Backend>(file: &RunFile, main: &Path, device: B::Device, o: 
     Ok(report)
 }
 
+/// The validation sampler applies to this model (steps, η, scales, sampler vs noise
+/// process) and there is a validation set: checked now, not after the last step.
+pub fn check_sampling<B: Backend>(model: &dyn DualDenoiser<B>, file: &RunFile) -> Result<()> {
+    let sampling = &file.validation.sampling;
+    sampling.validate().context("[validation.sampling]")?;
+    scheduler::build::<B>(&file.train.noise, &sampling.scheduler(model.prediction())).context("[validation.sampling]")?;
+    if file.validation.samples == 0 {
+        bail!("[validation] samples must be at least 1");
+    }
+    Ok(())
+}
+
+/// Drops the lines of `metrics.jsonl` past `step` (a resumed run writes them again).
+fn keep_metrics_until(path: &Path, step: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v.get("step")?.as_u64()).is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    write_atomic(path, kept.as_bytes())?;
+    Ok(())
+}
+
 /// Runs `lisa train`.
 pub fn run<B: Backend>(a: TrainArgs, device: B::Device) -> Result<()> {
     let mut file = RunFile::load(a.config.as_deref())?;
     apply(&a, &mut file)?;
+    file.resolve_model(&a.main)?;
     let options = LoopOptions {
         output_dir: &a.output_dir,
         validation_steps: a.validation_steps,
@@ -309,6 +342,7 @@ pub fn run<B: Backend>(a: TrainArgs, device: B::Device) -> Result<()> {
         checkpointing_steps: a.checkpointing_steps,
         checkpoints_total_limit: a.checkpoints_total_limit,
         resume: a.resume_from_checkpoint.as_deref(),
+        overwrite: a.overwrite,
         label: if file.train.mode == Mode::Lisa { "lisa" } else { "baseline" },
     };
     let report = train_arm::<B>(&file, &a.main, device, &options)?;

@@ -68,12 +68,14 @@ fn pretrain_train_resume_eval_sample_end_to_end() {
         s(&cfg),
         "--output",
         s(&main),
+        "--output-dir",
+        s(&d.join("pre")),
         "--max-train-steps",
         "3",
         "--train-batch-size",
         "4",
     ]));
-    assert!(main.is_file());
+    assert!(main.is_file() && d.join("pre/checkpoint-3").is_dir());
 
     let run = d.join("run");
     let common = ["--config", s(&cfg), "--main", s(&main), "--train-batch-size", "4", "--output-dir", s(&run)];
@@ -133,6 +135,8 @@ fn pretrain_train_resume_eval_sample_end_to_end() {
     ok(&out);
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("iou "));
     assert!(d.join("eval.png").is_file());
+    // Without a run file, the model comes from the weights (the prior records it).
+    ok(&lisa(&["eval", "--main", s(&main), "--steps", "2"]));
 
     let condition = run.join("validation-000002.png");
     let sample_png = d.join("sample.png");
@@ -168,6 +172,8 @@ fn bad_inputs_are_clear_errors() {
         s(&cfg),
         "--output",
         s(&main),
+        "--output-dir",
+        s(&d.join("pre")),
         "--max-train-steps",
         "1",
         "--train-batch-size",
@@ -285,6 +291,8 @@ fn demo_compare_writes_plot_summary_grids_and_metrics() {
         s(&cfg),
         "--output",
         s(&main),
+        "--output-dir",
+        s(&d.join("pre")),
         "--max-train-steps",
         "2",
         "--train-batch-size",
@@ -324,6 +332,34 @@ fn demo_compare_writes_plot_summary_grids_and_metrics() {
     }
     // Before any step the side branch adds exactly zero: both arms start at the prior's IoU.
     assert_eq!(summary["arms"]["lisa"]["validations"][0], summary["arms"]["baseline"]["validations"][0]);
+
+    // Run again into the same folder: the demo replaces its own outputs...
+    let again = |dir: &Path| {
+        lisa(&[
+            "demo",
+            "--config",
+            s(&cfg),
+            "--main",
+            s(&main),
+            "--max-train-steps",
+            "2",
+            "--validation-steps",
+            "2",
+            "--output-dir",
+            s(dir),
+        ])
+    };
+    ok(&again(&out_dir));
+    assert!(!out_dir.join("lisa/validation-000004.png").exists(), "the earlier run's grids are replaced");
+    // ...but never deletes what it did not write.
+    std::fs::write(out_dir.join("lisa/notes.txt"), "mine").unwrap();
+    fails_with(&again(&out_dir), "did not write (notes.txt)");
+    assert!(out_dir.join("lisa/notes.txt").is_file() && out_dir.join("lisa/metrics.jsonl").is_file());
+    let foreign = d.join("mine");
+    std::fs::create_dir_all(foreign.join("lisa")).unwrap();
+    std::fs::write(foreign.join("lisa/metrics.jsonl"), "{}").unwrap();
+    fails_with(&again(&foreign), "did not write");
+    assert!(foreign.join("lisa/metrics.jsonl").is_file());
     std::fs::remove_dir_all(d).unwrap();
 }
 
@@ -340,6 +376,8 @@ fn trains_on_a_fill50k_folder_and_reports_its_bad_files() {
         s(&cfg),
         "--output",
         s(&main),
+        "--output-dir",
+        s(&d.join("pre")),
         "--max-train-steps",
         "1",
         "--train-batch-size",

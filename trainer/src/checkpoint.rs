@@ -1,79 +1,133 @@
-//! Checkpoints: weights as safetensors (readable by Python's `safetensors` and PyTorch),
-//! training state as JSON beside them; every file written to a temporary name, synced and
-//! renamed, so a crash never leaves a half-written checkpoint under the real name.
+//! Checkpoints of training runs (control training and pretraining): weights as safetensors
+//! (readable by Python's `safetensors` and PyTorch), the run's state as JSON beside them.
 //!
-//! A training checkpoint is a directory:
+//! A checkpoint is a directory:
 //!
 //! | file | content |
 //! |---|---|
-//! | `model.safetensors` | every trainable tensor (`side.*`, `lisa.*`), f32, names as in the store |
+//! | `model.safetensors` | every trainable tensor (`side.*`, `lisa.*`; `main.*` when pretraining), f32 |
 //! | `optimizer.safetensors` | AdamW moments: `<name>.exp_avg`, `<name>.exp_avg_sq` |
-//! | `ema.safetensors` | EMA shadows of `side.*` (only with EMA) |
-//! | `state.json` | format version, step, random-stream counter, data epoch/position, configs |
+//! | `ema.safetensors` | EMA shadows (only with EMA) |
+//! | `state.json` | format version, kind, run id, step, random-stream counter, data epoch and position, the dataset's length and fingerprint, the configs, and the SHA-256 of every other file |
 //!
-//! Tensor names follow the module tree: `side.encoder.down.1.res.conv1.weight`,
-//! `side.zero_convs.0.weight`, `lisa.stages.0.weight`, `main.up.2.res.norm1.bias`, …
-//! Loading validates every name, shape and dtype and reports the first mismatch.
+//! Writing: every file goes to `<dir>.partial` (each written atomically), `state.json` last,
+//! then the folder is renamed into place; a crash never leaves a half-written checkpoint under
+//! the real name. Nothing non-finite is ever written. Loading verifies every file's digest,
+//! name, shape and dtype, the model and the dataset, stages everything and changes nothing on
+//! error. A resume may change the learning rate and the number of steps; nothing else.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use lisa_core::backend::{Backend, DType};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::data::Dataset;
 use crate::error::Result;
 use crate::model::ModelSpec;
-use crate::train::{TrainConfig, TrainState, Trainer};
-use crate::weights::{bad, io, load_params, read_safetensors, save_params, to_safetensors, write_atomic};
+use crate::pretrain::PretrainConfig;
+use crate::run::{TrainState, TrainingRun};
+use crate::train::TrainConfig;
+use crate::weights::{bad, digest, io, load_tensors, parse_safetensors, to_safetensors, write_atomic};
 
-/// Version of the checkpoint layout written into `state.json`.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of the checkpoint layout written into `state.json` (1: no digests, no run id).
+pub const FORMAT_VERSION: u32 = 2;
 
-#[derive(Debug, Serialize, Deserialize)]
-struct StateFile {
-    format_version: u32,
-    state: TrainState,
-    optimizer_step: u64,
-    train: TrainConfig,
-    model: ModelSpec,
+/// The settings of a kind of training run, as checkpoints hold them.
+pub trait RunSettings: Serialize + DeserializeOwned + Clone + PartialEq {
+    /// `"train"` or `"pretrain"`.
+    const KIND: &'static str;
+    /// `self` (a checkpoint's settings) with what a resume may change taken from `current`:
+    /// the learning rate and the number of steps.
+    fn with_resumable_from(&self, current: &Self) -> Self;
 }
 
-/// Writes a training checkpoint directory (see the module docs). The directory is first
-/// written as `<dir>.partial` and renamed into place; an older checkpoint at `dir` is
-/// replaced only once the new one is complete.
-pub fn save_checkpoint<B: Backend>(trainer: &Trainer<B>, dir: &Path) -> Result<()> {
+impl RunSettings for TrainConfig {
+    const KIND: &'static str = "train";
+    fn with_resumable_from(&self, current: &Self) -> Self {
+        let mut s = self.clone();
+        s.max_train_steps = current.max_train_steps;
+        s.optim.lr = current.optim.lr;
+        s
+    }
+}
+
+impl RunSettings for PretrainConfig {
+    const KIND: &'static str = "pretrain";
+    fn with_resumable_from(&self, current: &Self) -> Self {
+        let mut s = self.clone();
+        s.max_train_steps = current.max_train_steps;
+        s.optim.lr = current.optim.lr;
+        s
+    }
+}
+
+/// The data a run was trained on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatasetId {
+    /// Number of examples.
+    pub len: usize,
+    /// [`Dataset::fingerprint`].
+    pub fingerprint: String,
+}
+
+impl DatasetId {
+    /// The id of `data`.
+    pub fn of(data: &dyn Dataset) -> Self {
+        Self { len: data.len(), fingerprint: data.fingerprint() }
+    }
+}
+
+/// `state.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StateFile<C> {
+    /// [`FORMAT_VERSION`] when written.
+    pub format_version: u32,
+    /// [`RunSettings::KIND`].
+    #[serde(default = "train_kind")]
+    pub kind: String,
+    /// The run that wrote it (runs prune only their own checkpoints).
+    #[serde(default)]
+    pub run_id: String,
+    /// Where the run is.
+    pub state: TrainState,
+    /// AdamW's step count.
+    pub optimizer_step: u64,
+    /// The run's settings.
+    #[serde(alias = "train")]
+    pub config: C,
+    /// The model.
+    pub model: ModelSpec,
+    /// The training data.
+    #[serde(default)]
+    pub dataset: Option<DatasetId>,
+    /// SHA-256 of every other file of the checkpoint.
+    #[serde(default)]
+    pub files: BTreeMap<String, String>,
+}
+
+fn train_kind() -> String {
+    "train".into()
+}
+
+/// Writes a checkpoint directory of `run` trained on `data` (see the module docs); an older
+/// checkpoint at `dir` is replaced only once the new one is complete.
+pub fn save_checkpoint<B: Backend, C: RunSettings>(
+    run: &TrainingRun<B, C>,
+    data: &dyn Dataset,
+    dir: &Path,
+) -> Result<()> {
     let partial = PathBuf::from(format!("{}.partial", dir.display()));
     if partial.exists() {
         fs::remove_dir_all(&partial).map_err(io(&partial))?;
     }
     fs::create_dir_all(&partial).map_err(io(&partial))?;
-    let store = trainer.model.store();
-    // Only trainable tensors go into model.safetensors (the frozen main model is saved once).
-    save_params(store, &partial.join("model.safetensors"), |n| {
-        store.find(n).is_some_and(|id| store.get(id).trainable)
-    })?;
-    let mut moments: Vec<(String, &B::Tensor)> = Vec::new();
-    for (id, m, v) in &trainer.optimizer.adamw.moments {
-        let name = &store.get(*id).name;
-        moments.push((format!("{name}.exp_avg"), m));
-        moments.push((format!("{name}.exp_avg_sq"), v));
+    if let Err(e) = write_files(run, data, dir, &partial) {
+        let _ = fs::remove_dir_all(&partial);
+        return Err(e);
     }
-    write_atomic(&partial.join("optimizer.safetensors"), &to_safetensors::<B>(&moments, HashMap::new())?)?;
-    if let Some(ema) = &trainer.optimizer.ema {
-        let shadows: Vec<(String, &B::Tensor)> =
-            ema.shadow.iter().map(|(id, t)| (store.get(*id).name.clone(), t)).collect();
-        write_atomic(&partial.join("ema.safetensors"), &to_safetensors::<B>(&shadows, HashMap::new())?)?;
-    }
-    let state = StateFile {
-        format_version: FORMAT_VERSION,
-        state: trainer.run.state,
-        optimizer_step: trainer.optimizer.adamw.step,
-        train: trainer.config.clone(),
-        model: trainer.model.spec(),
-    };
-    let json = serde_json::to_vec_pretty(&state).map_err(|e| bad(dir, e.to_string()))?;
-    write_atomic(&partial.join("state.json"), &json)?;
     let old = PathBuf::from(format!("{}.old", dir.display()));
     if dir.exists() {
         if old.exists() {
@@ -88,92 +142,197 @@ pub fn save_checkpoint<B: Backend>(trainer: &Trainer<B>, dir: &Path) -> Result<(
     Ok(())
 }
 
-/// The model and training configurations a checkpoint directory was written with.
-pub fn read_configs(dir: &Path) -> Result<(ModelSpec, TrainConfig, TrainState)> {
-    let state_path = dir.join("state.json");
-    let text = fs::read(&state_path).map_err(io(&state_path))?;
-    let state: StateFile =
-        serde_json::from_slice(&text).map_err(|e| bad(&state_path, format!("invalid state file ({e})")))?;
-    Ok((state.model, state.train, state.state))
+/// The files of a checkpoint of `run`, into `partial` (`state.json` last).
+fn write_files<B: Backend, C: RunSettings>(
+    run: &TrainingRun<B, C>,
+    data: &dyn Dataset,
+    dir: &Path,
+    partial: &Path,
+) -> Result<()> {
+    let store = run.model.store();
+    let name = |id| store.get(id).name.clone();
+    let mut files: Vec<(&str, Vec<(String, &B::Tensor)>)> = Vec::new();
+    // Only trainable tensors (the frozen main model is its own file).
+    files.push(("model.safetensors", store.iter().filter(|(_, p)| p.trainable).map(|(_, p)| (p.name.clone(), &p.value)).collect()));
+    let mut moments = Vec::new();
+    for (id, m, v) in &run.optimizer.adamw.moments {
+        moments.push((format!("{}.exp_avg", name(*id)), m));
+        moments.push((format!("{}.exp_avg_sq", name(*id)), v));
+    }
+    files.push(("optimizer.safetensors", moments));
+    if let Some(ema) = &run.optimizer.ema {
+        files.push(("ema.safetensors", ema.shadow.iter().map(|(id, t)| (name(*id), t)).collect()));
+    }
+    let mut digests = BTreeMap::new();
+    for (file, tensors) in files {
+        let bytes = to_safetensors::<B>(&tensors, BTreeMap::new())?;
+        write_atomic(&partial.join(file), &bytes)?;
+        digests.insert(file.to_string(), digest(&bytes));
+    }
+    let state = StateFile {
+        format_version: FORMAT_VERSION,
+        kind: C::KIND.into(),
+        run_id: run.run_id.clone(),
+        state: run.run.state,
+        optimizer_step: run.optimizer.adamw.step,
+        config: run.config.clone(),
+        model: run.model.spec(),
+        dataset: Some(DatasetId::of(data)),
+        files: digests,
+    };
+    let json = serde_json::to_vec_pretty(&state).map_err(|e| bad(dir, e.to_string()))?;
+    write_atomic(&partial.join("state.json"), &json)?;
+    Ok(())
 }
 
-/// Restores a trainer from a checkpoint directory written by [`save_checkpoint`]: weights,
-/// AdamW moments and step, EMA, data position and random-stream counter. The model and
-/// training configurations must equal the checkpoint's. On any error the trainer is left
-/// unchanged.
-pub fn load_checkpoint<B: Backend>(trainer: &mut Trainer<B>, dir: &Path) -> Result<()> {
+/// A checkpoint's `state.json`, checked for its version and kind.
+pub fn read_state<C: RunSettings>(dir: &Path) -> Result<StateFile<C>> {
     if !dir.is_dir() {
         return Err(bad(dir, "no such checkpoint directory"));
     }
+    let path = dir.join("state.json");
+    let text = fs::read(&path).map_err(io(&path))?;
+    let state: StateFile<C> =
+        serde_json::from_slice(&text).map_err(|e| bad(&path, format!("not a valid state file ({e})")))?;
+    if !(1..=FORMAT_VERSION).contains(&state.format_version) {
+        return Err(bad(
+            &path,
+            format!("format version {} (this build reads 1 to {FORMAT_VERSION})", state.format_version),
+        ));
+    }
+    if state.kind != C::KIND {
+        return Err(bad(&path, format!("a {} checkpoint, not a {} one", state.kind, C::KIND)));
+    }
+    Ok(state)
+}
+
+/// The model spec, settings and position a training checkpoint was written with.
+pub fn read_configs(dir: &Path) -> Result<(ModelSpec, TrainConfig, TrainState)> {
+    let s = read_state::<TrainConfig>(dir)?;
+    Ok((s.model, s.config, s.state))
+}
+
+/// A checkpoint file's tensors, after its digest is checked against `state.json` (format 2).
+fn read_verified<C>(state: &StateFile<C>, dir: &Path, file: &str) -> Result<BTreeMap<String, (lisa_core::Shape, Vec<f32>)>> {
+    let path = dir.join(file);
+    let bytes = fs::read(&path).map_err(io(&path))?;
+    if state.format_version >= 2 {
+        let want = state.files.get(file).ok_or_else(|| bad(&path, "not listed in state.json"))?;
+        if *want != digest(&bytes) {
+            return Err(bad(&path, "its content does not match the digest in state.json (corrupted or from another checkpoint)"));
+        }
+    }
+    Ok(parse_safetensors(&path, &bytes)?.tensors)
+}
+
+/// Restores `run` from a checkpoint written by [`save_checkpoint`]: weights, AdamW moments and
+/// step, EMA, data position, random-stream counter and run id. The model, the settings (but the
+/// learning rate and the step count) and the dataset must be the checkpoint's. On any error
+/// `run` is left unchanged.
+pub fn load_checkpoint<B: Backend, C: RunSettings>(
+    run: &mut TrainingRun<B, C>,
+    data: &dyn Dataset,
+    dir: &Path,
+) -> Result<()> {
+    let state = read_state::<C>(dir)?;
     let state_path = dir.join("state.json");
-    let text = fs::read(&state_path).map_err(io(&state_path))?;
-    let state: StateFile =
-        serde_json::from_slice(&text).map_err(|e| bad(&state_path, format!("invalid state file ({e})")))?;
-    if state.format_version != FORMAT_VERSION {
+    if state.model != run.model.spec() {
+        return Err(bad(&state_path, "the checkpoint was written for a different model"));
+    }
+    if state.config.with_resumable_from(&run.config) != run.config {
         return Err(bad(
             &state_path,
-            format!("format version {} (this build reads {FORMAT_VERSION})", state.format_version),
+            "the checkpoint was written with other settings (seed, batch, optimizer, noise or LISA settings); a resume may change only the learning rate and the number of steps",
         ));
     }
-    if state.model != trainer.model.spec() {
-        return Err(bad(&state_path, "the checkpoint was written for a different model configuration"));
-    }
-    // Everything but the run length must match: resuming continues the same run.
-    let same_run = TrainConfig { max_train_steps: trainer.config.max_train_steps, ..state.train.clone() };
-    if same_run != trainer.config {
+    let here = DatasetId::of(data);
+    if let Some(there) = &state.dataset
+        && *there != here
+    {
         return Err(bad(
             &state_path,
-            "the checkpoint was written with a different training configuration (seed, batch, optimizer, noise or LISA settings)",
+            format!(
+                "the checkpoint was trained on other data ({}, {} examples), not this one ({}, {} examples)",
+                there.fingerprint, there.len, here.fingerprint, here.len
+            ),
         ));
     }
-    // Stage everything on a copy, so that a bad file leaves the trainer untouched.
-    let mut store = trainer.model.store().clone();
+    if state.state.position >= here.len.max(1) {
+        return Err(bad(&state_path, format!("data position {} is past the dataset's {} examples", state.state.position, here.len)));
+    }
+    // Stage everything on a copy, so that a bad file leaves the run untouched.
+    let mut store = run.model.store().clone();
     let names: Vec<String> = store.iter().filter(|(_, p)| p.trainable).map(|(_, p)| p.name.clone()).collect();
-    let is_trainable = |n: &str| names.iter().any(|m| m == n);
-    load_params(&mut store, &dir.join("model.safetensors"), is_trainable, |_| false)?;
-    let opt_path = dir.join("optimizer.safetensors");
-    let mut file = read_safetensors(&opt_path)?;
+    let model_file = read_verified(&state, dir, "model.safetensors")?;
+    load_tensors(&mut store, &dir.join("model.safetensors"), model_file, |n| names.iter().any(|m| m == n), |_| false)?;
     let device = store.device().clone();
-    let mut moments = Vec::with_capacity(trainer.optimizer.adamw.moments.len());
-    for (id, m, _) in &trainer.optimizer.adamw.moments {
+    let take = |file: &mut BTreeMap<String, (lisa_core::Shape, Vec<f32>)>, path: &Path, key: String, like: &B::Tensor| -> Result<B::Tensor> {
+        let (s, v) = file.remove(&key).ok_or_else(|| bad(path, format!("missing tensor {key}")))?;
+        if s != B::shape(like) {
+            return Err(bad(path, format!("tensor {key} has shape {s}, expected {}", B::shape(like))));
+        }
+        if v.iter().any(|x| !x.is_finite()) {
+            return Err(bad(path, format!("tensor {key} holds NaN or infinite values")));
+        }
+        Ok(B::from_slice(&v, &s, DType::F32, &device)?)
+    };
+    let opt_path = dir.join("optimizer.safetensors");
+    let mut file = read_verified(&state, dir, "optimizer.safetensors")?;
+    let mut moments = Vec::with_capacity(run.optimizer.adamw.moments.len());
+    for (id, m, _) in &run.optimizer.adamw.moments {
         let name = &store.get(*id).name;
-        let shape = B::shape(m);
-        let mut take = |suffix: &str| -> Result<B::Tensor> {
-            let key = format!("{name}.{suffix}");
-            let (s, v) = file.remove(&key).ok_or_else(|| bad(&opt_path, format!("missing tensor {key}")))?;
-            if s != shape {
-                return Err(bad(&opt_path, format!("tensor {key} has shape {s}, expected {shape}")));
-            }
-            Ok(B::from_slice(&v, &s, DType::F32, &device)?)
-        };
-        moments.push((*id, take("exp_avg")?, take("exp_avg_sq")?));
+        let exp_avg = take(&mut file, &opt_path, format!("{name}.exp_avg"), m)?;
+        let exp_avg_sq = take(&mut file, &opt_path, format!("{name}.exp_avg_sq"), m)?;
+        moments.push((*id, exp_avg, exp_avg_sq));
     }
     if let Some(extra) = file.keys().next() {
         return Err(bad(&opt_path, format!("unexpected tensor {extra}")));
     }
-    let ema = match &trainer.optimizer.ema {
+    let ema = match &run.optimizer.ema {
         None => None,
         Some(e) => {
             let ema_path = dir.join("ema.safetensors");
-            let mut file = read_safetensors(&ema_path)?;
+            let mut file = read_verified(&state, dir, "ema.safetensors")?;
             let mut shadow = Vec::with_capacity(e.shadow.len());
             for (id, t) in &e.shadow {
-                let name = &store.get(*id).name;
-                let (s, v) = file.remove(name).ok_or_else(|| bad(&ema_path, format!("missing tensor {name}")))?;
-                if s != B::shape(t) {
-                    return Err(bad(&ema_path, format!("tensor {name} has shape {s}")));
-                }
-                shadow.push((*id, B::from_slice(&v, &s, DType::F32, &device)?));
+                shadow.push((*id, take(&mut file, &ema_path, store.get(*id).name.clone(), t)?));
             }
             Some(shadow)
         }
     };
-    *trainer.model.store_mut() = store;
-    trainer.optimizer.adamw.moments = moments;
-    trainer.optimizer.adamw.step = state.optimizer_step;
-    if let (Some(e), Some(shadow)) = (&mut trainer.optimizer.ema, ema) {
+    *run.model.store_mut() = store;
+    run.optimizer.adamw.moments = moments;
+    run.optimizer.adamw.step = state.optimizer_step;
+    if let (Some(e), Some(shadow)) = (&mut run.optimizer.ema, ema) {
         e.shadow = shadow;
     }
-    trainer.run.state = state.state;
+    run.run.state = state.state;
+    if !state.run_id.is_empty() {
+        run.run_id = state.run_id;
+    }
     Ok(())
+}
+
+/// The checkpoints `checkpoint-<step>` in `dir`, by step, with the run id each was written
+/// by (`None` where `state.json` cannot be read).
+pub fn list_checkpoints(dir: &Path) -> Vec<(u64, PathBuf, Option<String>)> {
+    let mut out: Vec<_> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            let path = e.path();
+            path.is_dir().then(|| {
+                let id = fs::read(path.join("state.json"))
+                    .ok()
+                    .and_then(|t| serde_json::from_slice::<HashMap<String, serde_json::Value>>(&t).ok())
+                    .and_then(|m| m.get("run_id").and_then(|v| v.as_str()).map(str::to_string));
+                (step, path, id)
+            })
+        })
+        .collect();
+    out.sort_by_key(|c| c.0);
+    out
 }

@@ -24,6 +24,11 @@ pub trait Dataset {
     }
     /// Example `i` (`i < len`).
     fn get(&self, i: usize) -> Result<Example>;
+    /// What identifies the data, for checkpoints: resuming on other data is an error. The
+    /// default names only the length; sets that can do better say what they are.
+    fn fingerprint(&self) -> String {
+        format!("{} examples", self.len())
+    }
 }
 
 /// The palette of the fill-circles task (RGB in [0, 1]); id 8 is the null prompt id.
@@ -140,6 +145,10 @@ impl FillCircles {
 impl Dataset for FillCircles {
     fn len(&self) -> usize {
         self.len
+    }
+
+    fn fingerprint(&self) -> String {
+        format!("fill-circles seed {} resolution {} length {}", self.seed, self.resolution, self.len)
     }
 
     fn get(&self, i: usize) -> Result<Example> {

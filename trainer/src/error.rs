@@ -21,12 +21,32 @@ pub enum TrainError {
     #[error("autodiff: {0}")]
     Autodiff(&'static str),
     /// A loss or gradient became NaN or infinite.
-    #[error("non-finite {what} at step {step}: training diverged (lower the learning rate?)")]
+    #[error("training diverged at step {step}: the {what} is NaN or infinite; lower the learning rate, and resume from the last checkpoint")]
     NonFinite {
         /// What was not finite.
         what: &'static str,
         /// The training step.
         step: u64,
+    },
+    /// An optimizer step made a weight non-finite.
+    #[error(
+        "training diverged at step {step}: the update made {tensor} NaN or infinite (lr {lr:e}, gradient norm {grad_norm:e}); lower the learning rate or clip gradients, and resume from the last checkpoint"
+    )]
+    Diverged {
+        /// The step whose update failed (1-based).
+        step: u64,
+        /// The first non-finite tensor.
+        tensor: String,
+        /// The learning rate of that step.
+        lr: f32,
+        /// The gradient norm before clipping.
+        grad_norm: f32,
+    },
+    /// A tensor about to be saved holds NaN or infinite values (it is not written).
+    #[error("tensor {tensor} holds NaN or infinite values; refusing to write it")]
+    NonFiniteTensor {
+        /// The tensor's name.
+        tensor: String,
     },
     /// A checkpoint is missing, truncated, or does not match the model.
     #[error("checkpoint {path}: {reason}")]

@@ -11,10 +11,10 @@ use crate::data::Dataset;
 use crate::error::{Result, TrainError};
 use crate::model::{ModelSpec, Parts, forward_prior, registry};
 use crate::optim::{OptimConfig, Optimizer};
-use crate::run::{NoisedBatch, RunStream, TrainingRun, noise_batch};
+use crate::run::{NoisedBatch, RunStream, TrainingRun, new_run_id, noise_batch};
 use crate::scheduler::{NoiseConfig, NoiseProcess};
 use crate::train::StepStats;
-use crate::weights::{load_params, save_params};
+use crate::weights::{MODEL_SPEC_KEY, load_params, save_params};
 
 /// Pretraining settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,14 +58,18 @@ impl<B: Backend> Pretrainer<B> {
     /// A fresh run of the main network of `spec`.
     pub fn new(spec: &ModelSpec, config: PretrainConfig, device: B::Device) -> Result<Self> {
         config.optim.validate()?;
-        if config.batch_size == 0 || !(0.0..1.0).contains(&config.null_prompt_prob) {
-            return Err(TrainError::Config("pretrain: batch_size >= 1 and null_prompt_prob in [0, 1) required".into()));
+        if !(1..=1 << 20).contains(&config.batch_size) || !(0.0..1.0).contains(&config.null_prompt_prob) {
+            return Err(TrainError::Config(format!(
+                "pretrain: batch_size must lie in 1..=1048576 and null_prompt_prob in [0, 1), got {} and {}",
+                config.batch_size, config.null_prompt_prob
+            )));
         }
         let model = registry::build::<B>(spec, Parts::Prior, device, config.seed)?;
         let optimizer = Optimizer::new(model.store(), config.optim.clone(), config.ema_decay, |_| true)?;
         Ok(Self {
             noise: NoiseProcess::new(&config.noise)?,
             run: RunStream::new(config.seed),
+            run_id: new_run_id(),
             model,
             optimizer,
             config,
@@ -93,8 +97,9 @@ impl<B: Backend> Pretrainer<B> {
         Ok(StepStats { step, loss, main_loss: loss, lisa_loss: 0.0, grad_norm, lr })
     }
 
-    /// Writes the main model (the EMA weights when EMA is on) as safetensors, names `main.*`:
-    /// the file [`crate::model::DualDenoiser::load_main`] reads.
+    /// Writes the main model (the EMA weights when EMA is on) as safetensors, names `main.*`,
+    /// with the model's description in the metadata: the file
+    /// [`crate::model::DualDenoiser::load_main`] reads.
     pub fn export(&self, path: &Path) -> Result<()> {
         let mut store = self.model.store().clone();
         if let Some(e) = &self.optimizer.ema {
@@ -102,7 +107,8 @@ impl<B: Backend> Pretrainer<B> {
                 store.get_mut(*id).value = shadow.clone();
             }
         }
-        save_params(&store, path, |_| true)
+        let spec = serde_json::to_string(&self.model.spec()).map_err(|e| TrainError::Serialize(e.to_string()))?;
+        save_params(&store, path, |_| true, [(MODEL_SPEC_KEY.to_string(), spec)].into()).map(|_| ())
     }
 
     /// Loads main-model weights (e.g. to continue pretraining or to evaluate).

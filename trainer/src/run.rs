@@ -24,20 +24,40 @@ pub struct TrainingRun<B: Backend, C> {
     pub config: C,
     /// Random stream, data order and step: the resumable position of the run.
     pub run: RunStream,
+    /// Identifies the run in its checkpoints (a run prunes only its own).
+    pub run_id: String,
     pub(crate) noise: NoiseProcess,
+}
+
+/// A fresh run id: the time and the process, hashed (not a source of model randomness).
+pub(crate) fn new_run_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.write_u32(std::process::id());
+    format!("{:016x}", h.finish())
 }
 
 impl<B: Backend, C> TrainingRun<B, C> {
     /// Clips and applies `grads` as the run's next optimizer step (of `total_steps`, for the
     /// lr schedule) and advances the step count. Returns `(gradient norm, lr)`.
+    /// A step whose update makes a weight non-finite is an error naming the step, the
+    /// tensor and the learning rate (the run should not be saved after it).
     pub(crate) fn apply(&mut self, grads: &mut [Option<B::Tensor>], total_steps: u64) -> Result<(f32, f32)> {
         let done = self.run.state.step;
-        let out = self.optimizer.step(self.model.store_mut(), grads, done, total_steps)?;
+        let (norm, lr) = self.optimizer.step(self.model.store_mut(), grads, done, total_steps)?;
+        let store = self.model.store();
+        for (_, p) in store.iter().filter(|(_, p)| p.trainable) {
+            if !B::item(&B::sum_squares(&p.value)?)?.is_finite() {
+                return Err(TrainError::Diverged { step: done + 1, tensor: p.name.clone(), lr, grad_norm: norm });
+            }
+        }
         self.run.state.step = done + 1;
-        Ok(out)
+        Ok((norm, lr))
     }
 
-    /// The next `n` examples of `data` in the run's order.
+    /// The next `n` examples of `data` in the run's order (an error, not a panic, if the data
+    /// position lies past the end of `data`).
     pub(crate) fn next_examples(&mut self, data: &dyn crate::data::Dataset, n: usize) -> Result<Vec<Example>> {
         self.run.next_indices(data.len(), n)?.into_iter().map(|i| data.get(i)).collect()
     }
@@ -89,7 +109,13 @@ impl RunStream {
         if data_len == 0 {
             return Err(TrainError::Mismatch("the dataset is empty".into()));
         }
-        let mut out = Vec::with_capacity(n);
+        if self.state.position >= data_len {
+            return Err(TrainError::Mismatch(format!(
+                "the run is at example {} of an epoch, but the dataset has {data_len}",
+                self.state.position
+            )));
+        }
+        let mut out = Vec::with_capacity(n.min(data_len));
         while out.len() < n {
             if self.permutation.0 != self.state.epoch || self.permutation.1.len() != data_len {
                 let mut p: Vec<usize> = (0..data_len).collect();

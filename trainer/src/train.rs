@@ -13,7 +13,7 @@ use crate::error::{Result, TrainError};
 use crate::model::{DualDenoiser, Parts, SIDE, forward_train};
 use crate::optim::{OptimConfig, Optimizer};
 pub use crate::run::TrainState;
-use crate::run::{NoisedBatch, RunStream, TrainingRun, noise_batch};
+use crate::run::{NoisedBatch, RunStream, TrainingRun, new_run_id, noise_batch};
 use crate::scheduler::{NoiseConfig, NoiseProcess};
 
 /// LISA or the plain ControlNet baseline.
@@ -77,8 +77,12 @@ impl TrainConfig {
         if self.lisa_subbatch == Some(0) {
             return Err(TrainError::Config("lisa_subbatch must be >= 1 (or unset)".into()));
         }
-        if self.batch_size == 0 || self.gradient_accumulation_steps == 0 {
-            return Err(TrainError::Config("batch_size and gradient_accumulation_steps must be >= 1".into()));
+        const MAX: usize = 1 << 20;
+        if !(1..=MAX).contains(&self.batch_size) || !(1..=MAX).contains(&self.gradient_accumulation_steps) {
+            return Err(TrainError::Config(format!(
+                "batch_size and gradient_accumulation_steps must lie in 1..={MAX}, got {} and {}",
+                self.batch_size, self.gradient_accumulation_steps
+            )));
         }
         self.lisa.validate().map_err(|e| TrainError::Config(e.to_string()))?;
         self.optim.validate()?;
@@ -126,7 +130,7 @@ impl<B: Backend> Trainer<B> {
         }
         let noise = NoiseProcess::new(&config.noise)?;
         let optimizer = Optimizer::new(model.store(), config.optim.clone(), config.ema_decay, |n| n.starts_with(SIDE))?;
-        Ok(Self { model, optimizer, run: RunStream::new(config.seed), config, noise })
+        Ok(Self { model, optimizer, run: RunStream::new(config.seed), run_id: new_run_id(), config, noise })
     }
 
     /// One optimizer step over `gradient_accumulation_steps` micro-batches from `data`.

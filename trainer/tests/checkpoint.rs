@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 mod common;
 
 use common::tiny_model;
+use lisa_core::backend::DType;
 use lisa_core::backend::prelude::*;
 use lisa_cpu::{CpuBackend as C, CpuDevice};
 use lisa_trainer::TrainError;
@@ -64,6 +65,14 @@ fn snapshot(t: &Trainer<C>) -> Vec<(String, Vec<u32>)> {
     out
 }
 
+/// Rewrites the digest of `file` in `dir/state.json` (to test what lies behind the digest).
+fn rehash(dir: &Path, file: &str) {
+    let path = dir.join("state.json");
+    let mut state: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    state["files"][file] = lisa_trainer::weights::digest(&std::fs::read(dir.join(file)).unwrap()).into();
+    std::fs::write(path, serde_json::to_vec(&state).unwrap()).unwrap();
+}
+
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("lisa-ckpt-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -82,10 +91,10 @@ fn resume_reproduces_the_uninterrupted_run_bit_for_bit() {
     for _ in 0..3 {
         first.step(&d).unwrap();
     }
-    save_checkpoint(&first, &dir.join("checkpoint-3")).unwrap();
+    save_checkpoint(&first, &d, &dir.join("checkpoint-3")).unwrap();
     drop(first);
     let mut resumed = trainer(true);
-    load_checkpoint(&mut resumed, &dir.join("checkpoint-3")).unwrap();
+    load_checkpoint(&mut resumed, &d, &dir.join("checkpoint-3")).unwrap();
     assert_eq!(resumed.run.state.step, 3);
     let stats_b: Vec<_> = (0..3).map(|_| resumed.step(&d).unwrap()).collect();
     assert_eq!(&stats_a[3..], &stats_b[..], "step statistics after resume");
@@ -96,7 +105,7 @@ fn resume_reproduces_the_uninterrupted_run_bit_for_bit() {
 fn expect_checkpoint_error(t: &mut Trainer<C>, dir: &Path, needle: &str) {
     let before = snapshot(t);
     let state = t.run.state;
-    match load_checkpoint(t, dir) {
+    match load_checkpoint(t, &data(), dir) {
         Err(e @ TrainError::Checkpoint { .. }) | Err(e @ TrainError::Io { .. }) => {
             assert!(e.to_string().contains(needle), "error {e:?} should mention {needle:?}")
         }
@@ -112,7 +121,7 @@ fn bad_checkpoints_are_rejected_and_change_nothing() {
     let mut t = trainer(false);
     t.step(&d).unwrap();
     let good = dir.join("good");
-    save_checkpoint(&t, &good).unwrap();
+    save_checkpoint(&t, &d, &good).unwrap();
     let copy = |name: &str| {
         let to = dir.join(name);
         std::fs::create_dir_all(&to).unwrap();
@@ -129,7 +138,24 @@ fn bad_checkpoints_are_rejected_and_change_nothing() {
     std::fs::write(c.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
     expect_checkpoint_error(&mut fresh, &c, "not a valid safetensors file");
 
-    // A renamed tensor.
+    // A flipped byte in tensor data: the digest in state.json no longer matches.
+    let c = copy("flipped");
+    let mut bytes = std::fs::read(c.join("model.safetensors")).unwrap();
+    let last = bytes.len() - 3;
+    bytes[last] ^= 0x40;
+    std::fs::write(c.join("model.safetensors"), &bytes).unwrap();
+    expect_checkpoint_error(&mut fresh, &c, "does not match the digest");
+
+    // Files of two checkpoints mixed: the optimizer state of a later step.
+    let c = copy("mixed");
+    let mut later = trainer(false);
+    later.step(&d).unwrap();
+    later.step(&d).unwrap();
+    save_checkpoint(&later, &d, &dir.join("later")).unwrap();
+    std::fs::copy(dir.join("later/optimizer.safetensors"), c.join("optimizer.safetensors")).unwrap();
+    expect_checkpoint_error(&mut fresh, &c, "does not match the digest");
+
+    // A renamed tensor (its digest updated, so that the names are what fails).
     let c = copy("renamed");
     let bytes = std::fs::read(c.join("model.safetensors")).unwrap();
     // Header: 8-byte little-endian length, then JSON; rename inside it, keeping the length.
@@ -140,6 +166,7 @@ fn bad_checkpoints_are_rejected_and_change_nothing() {
     let at = header.find(name).expect("tensor name in header") + 8;
     renamed[at..at + name.len()].copy_from_slice(b"side.zero_mid.bogu");
     std::fs::write(c.join("model.safetensors"), &renamed).unwrap();
+    rehash(&c, "model.safetensors");
     expect_checkpoint_error(&mut fresh, &c, "missing tensor side.zero_mid.bias");
 
     // A different model (wrong shapes): a checkpoint of a wider network.
@@ -151,22 +178,30 @@ fn bad_checkpoints_are_rejected_and_change_nothing() {
     )
     .unwrap();
     let w = dir.join("wide");
-    save_checkpoint(&wide, &w).unwrap();
+    save_checkpoint(&wide, &d, &w).unwrap();
     std::fs::copy(w.join("model.safetensors"), copy("shapes").join("model.safetensors")).unwrap();
+    rehash(&dir.join("shapes"), "model.safetensors");
     expect_checkpoint_error(&mut fresh, &dir.join("shapes"), "shape");
-    expect_checkpoint_error(&mut fresh, &w, "different model configuration");
+    expect_checkpoint_error(&mut fresh, &w, "different model");
 
     // Corrupt state, missing directory, a different run.
     let c = copy("state");
     std::fs::write(c.join("state.json"), b"{\"format_version\": 1, \"state\": ").unwrap();
-    expect_checkpoint_error(&mut fresh, &c, "invalid state file");
+    expect_checkpoint_error(&mut fresh, &c, "not a valid state file");
     expect_checkpoint_error(&mut fresh, &dir.join("nope"), "no such checkpoint directory");
     let mut other_seed = trainer(false);
     other_seed.config.seed = 99;
-    expect_checkpoint_error(&mut other_seed, &good, "different training configuration");
+    expect_checkpoint_error(&mut other_seed, &good, "other settings");
+
+    // Other data (a smaller set, as a shrunk prompt.json would be): refused, no panic.
+    let smaller = FillCircles { len: 5, ..data() };
+    let before = snapshot(&fresh);
+    let err = load_checkpoint(&mut fresh, &smaller, &good).unwrap_err().to_string();
+    assert!(err.contains("other data") && err.contains("5 examples"), "{err}");
+    assert!(snapshot(&fresh) == before);
 
     // The good one still loads.
-    load_checkpoint(&mut fresh, &good).unwrap();
+    load_checkpoint(&mut fresh, &d, &good).unwrap();
     assert_eq!(fresh.run.state.step, 1);
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -178,9 +213,9 @@ fn saving_replaces_an_old_checkpoint_only_when_complete() {
     let mut t = trainer(false);
     t.step(&d).unwrap();
     let ck = dir.join("latest");
-    save_checkpoint(&t, &ck).unwrap();
+    save_checkpoint(&t, &d, &ck).unwrap();
     t.step(&d).unwrap();
-    save_checkpoint(&t, &ck).unwrap();
+    save_checkpoint(&t, &d, &ck).unwrap();
     let names: Vec<_> =
         std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     assert_eq!(names, vec!["latest".to_string()], "no temporary or old directories left behind");
@@ -203,7 +238,7 @@ fn python_safetensors_reads_our_weights() {
     }
     let dir = tmp("python");
     let t = trainer(false);
-    save_checkpoint(&t, &dir.join("ck")).unwrap();
+    save_checkpoint(&t, &data(), &dir.join("ck")).unwrap();
     let file = dir.join("ck").join("model.safetensors");
     let ours = read_safetensors(&file).unwrap();
     let script = "import sys, safetensors.numpy as s\nd = s.load_file(sys.argv[1])\nfor k in sorted(d):\n    print(k, 'x'.join(map(str, d[k].shape)), str(d[k].dtype), repr(float(d[k].astype('float64').sum())))";
@@ -221,6 +256,70 @@ fn python_safetensors_reads_our_weights() {
         let sum: f64 = values.iter().map(|&v| v as f64).sum();
         let py: f64 = parts[3].parse().unwrap();
         assert!((sum - py).abs() <= 1e-9 * (1.0 + sum.abs()), "{name}: {sum} vs {py}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn non_finite_weights_are_never_saved_and_divergence_names_its_step() {
+    let d = data();
+    let dir = tmp("nan");
+    let mut t = trainer(true);
+    t.step(&d).unwrap();
+    save_checkpoint(&t, &d, &dir.join("checkpoint-1")).unwrap();
+    // NaN weights (as a blown-up step would leave them) cannot be written.
+    let id = t.model.store().iter().find(|(_, p)| p.trainable).map(|(id, _)| id).unwrap();
+    let shape = C::shape(&t.model.store().get(id).value);
+    t.model.store_mut().get_mut(id).value = C::full(&shape, f32::NAN, DType::F32, &CpuDevice).unwrap();
+    let err = save_checkpoint(&t, &d, &dir.join("checkpoint-2")).unwrap_err();
+    assert!(matches!(err, TrainError::NonFiniteTensor { .. }), "{err}");
+    assert!(!dir.join("checkpoint-2").exists(), "nothing is left under the checkpoint's name");
+    let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert_eq!(names, ["checkpoint-1"], "no partial folder left behind");
+
+    // A learning rate that blows the weights up: the step fails and names itself.
+    let mut wild = trainer(false);
+    wild.config.optim.lr = 1e30;
+    wild.optimizer.config.lr = 1e30;
+    wild.optimizer.config.max_grad_norm = None;
+    wild.optimizer.config.warmup_steps = 0;
+    let err = (0..4).find_map(|_| wild.step(&d).err()).expect("an lr of 1e30 must diverge");
+    assert!(err.to_string().contains("diverged at step"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_resume_may_change_the_learning_rate_and_the_run_length() {
+    let d = data();
+    let dir = tmp("lr");
+    let mut t = trainer(false);
+    t.step(&d).unwrap();
+    save_checkpoint(&t, &d, &dir.join("ck")).unwrap();
+    let mut lower = trainer(false);
+    lower.config.optim.lr = 1e-4;
+    lower.optimizer.config.lr = 1e-4;
+    lower.config.max_train_steps = 12;
+    load_checkpoint(&mut lower, &d, &dir.join("ck")).unwrap();
+    assert_eq!(lower.run.state.step, 1);
+    assert_eq!(lower.run_id, t.run_id, "the resumed run keeps its id");
+    let s = lower.step(&d).unwrap();
+    assert!(s.lr < 2e-4, "the new learning rate is used: {}", s.lr);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn identical_runs_write_identical_files() {
+    let d = data();
+    let dir = tmp("identical");
+    for name in ["a", "b"] {
+        let mut t = trainer(true);
+        t.step(&d).unwrap();
+        t.run_id = "same".into();
+        save_checkpoint(&t, &d, &dir.join(name)).unwrap();
+    }
+    for f in ["model.safetensors", "optimizer.safetensors", "ema.safetensors", "state.json"] {
+        let (a, b) = (std::fs::read(dir.join("a").join(f)).unwrap(), std::fs::read(dir.join("b").join(f)).unwrap());
+        assert!(a == b, "{f} differs between identical runs");
     }
     std::fs::remove_dir_all(dir).unwrap();
 }

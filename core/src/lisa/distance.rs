@@ -1,3 +1,4 @@
+use super::SampleSums;
 use crate::real::Real;
 use crate::slices::check_len;
 use crate::{Error, Result};
@@ -25,13 +26,22 @@ pub fn mse_loss<F: Real>(pred: &[F], target: &[F], grad: &mut [F]) -> Result<F> 
 }
 
 /// Cosine distance of one sample, `1 − ⟨d, τ⟩ / (max(‖d‖, ε)·max(‖τ‖, ε))`, in `[0, 2]`.
+/// Exact for any finite input: the sums run over `d/max|d|` and `τ/max|τ|`, so `‖d‖²` cannot
+/// overflow (it would from `|d| ≈ 1e154` in f64, `1.8e19` in f32).
 pub fn cosine_distance<F: Real>(d: &[F], tau: &[F], eps: F) -> Result<F> {
     check_len("cosine_distance", d.len(), &[tau.len()])?;
-    let (dot, dd, tt) = dot_norms(d.iter().copied().zip(tau.iter().copied()));
-    Ok(F::one() - dot / (dd.sqrt().max(eps) * tt.sqrt().max(eps)))
+    let sums = scaled_sums(d.iter().copied().zip(tau.iter().copied()));
+    let (_, _, cos) = sums.cosine(eps);
+    Ok(F::one() - cos)
 }
 
-/// `(⟨d, τ⟩, ‖d‖², ‖τ‖²)` in one pass.
-pub(super) fn dot_norms<F: Real>(pairs: impl Iterator<Item = (F, F)>) -> (F, F, F) {
-    pairs.fold((F::zero(), F::zero(), F::zero()), |(dot, dd, tt), (d, t)| (dot + d * t, dd + d * d, tt + t * t))
+/// [`SampleSums`] of the pairs `(d_i, τ_i)`, over `d/max|d|` and `τ/max|τ|` (two passes).
+pub(super) fn scaled_sums<F: Real>(pairs: impl Iterator<Item = (F, F)> + Clone) -> SampleSums<F> {
+    let (sd, st) = pairs.clone().fold((F::zero(), F::zero()), |(a, b), (d, t)| (a.max(d.abs()), b.max(t.abs())));
+    let (sd, st) = (if sd > F::zero() { sd } else { F::one() }, if st > F::zero() { st } else { F::one() });
+    let (dot, dd, tt) = pairs.fold((F::zero(), F::zero(), F::zero()), |(dot, dd, tt), (d, t)| {
+        let (d, t) = (d / sd, t / st);
+        (dot + d * t, dd + d * d, tt + t * t)
+    });
+    SampleSums { squared_error: F::zero(), dot, decoded_sq: dd, target_sq: tt, decoded_scale: sd, target_scale: st }
 }

@@ -1,4 +1,4 @@
-use super::distance::dot_norms;
+use super::distance::scaled_sums;
 use super::{Distance, LisaConfig, SampleTerms};
 use crate::real::Real;
 use crate::slices::{check_len, per_sample_len};
@@ -57,17 +57,40 @@ pub fn lisa_loss_fused<F: Real>(
     fused_impl("lisa_loss_fused", config, terms.len(), |b| terms[b], decoded, tau, grad)
 }
 
-/// What a device reduces per sample `b`: `Σ(d−τ)²`, `⟨d,τ⟩`, `‖d‖²`, `‖τ‖²`.
+/// What a device reduces per sample `b`: `Σ(d−τ)²`, and `⟨d,τ⟩`, `‖d‖²`, `‖τ‖²` over
+/// `d/s_d` and `τ/s_τ` (the scales: 1 where the sums are taken unscaled).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SampleSums<F> {
     /// `Σ_i (d_i − τ_i)²`.
     pub squared_error: F,
-    /// `⟨d, τ⟩`.
+    /// `⟨d, τ⟩/(s_d s_τ)`.
     pub dot: F,
-    /// `‖d‖²`.
+    /// `‖d‖²/s_d²`.
     pub decoded_sq: F,
-    /// `‖τ‖²`.
+    /// `‖τ‖²/s_τ²`.
     pub target_sq: F,
+    /// `s_d`.
+    pub decoded_scale: F,
+    /// `s_τ`.
+    pub target_scale: F,
+}
+
+impl<F: Real> SampleSums<F> {
+    /// Unscaled sums (`s_d = s_τ = 1`), as a device reduction returns them.
+    pub fn unscaled(squared_error: F, dot: F, decoded_sq: F, target_sq: F) -> Self {
+        Self { squared_error, dot, decoded_sq, target_sq, decoded_scale: F::one(), target_scale: F::one() }
+    }
+
+    /// `(c_d, c_τ, cos)` with `c = max(‖·‖, ε)` and `cos = ⟨d,τ⟩/(c_d c_τ)`, computed without
+    /// forming `‖d‖²` unscaled. NaN when a sum is not finite (an overflowed device sum must
+    /// fail, not read as orthogonal).
+    pub fn cosine(&self, eps: F) -> (F, F, F) {
+        if !(self.dot.is_finite() && self.decoded_sq.is_finite() && self.target_sq.is_finite()) {
+            return (F::nan(), F::nan(), F::nan());
+        }
+        let (cd, ct) = ((self.decoded_scale * self.decoded_sq.sqrt()).max(eps), (self.target_scale * self.target_sq.sqrt()).max(eps));
+        (cd, ct, self.dot * (self.decoded_scale / cd) * (self.target_scale / ct))
+    }
 }
 
 /// One sample's share of the LISA distance and its gradient, `∂L/∂d = α·d + β·τ`.
@@ -103,16 +126,12 @@ pub fn sample_coefficients<F: Real>(
         Distance::Cosine => {
             let eps = F::lit(config.cosine_eps);
             let inv_b = F::one() / F::lit(batch as f64);
-            let (nd, nt) = (sums.decoded_sq.sqrt(), sums.target_sq.sqrt());
-            let (cd, ct) = (nd.max(eps), nt.max(eps));
-            // ∂(1 − cos)/∂d = −τ/(c_d c_τ) + [‖d‖ ≥ ε]·⟨d,τ⟩·d/(c_d³ c_τ)
+            let (cd, ct, cos) = sums.cosine(eps);
+            let norm_d = sums.decoded_scale * sums.decoded_sq.sqrt();
+            // ∂(1 − cos)/∂d = −τ/(c_d c_τ) + [‖d‖ ≥ ε]·cos·d/c_d²
             let g = -lambda * weight * inv_b;
-            let radial = if nd >= eps { sums.dot / (cd * cd) } else { F::zero() };
-            SampleCoefficients {
-                distance: weight * (F::one() - sums.dot / (cd * ct)) * inv_b,
-                alpha: -g * radial / (cd * ct),
-                beta: g / (cd * ct),
-            }
+            let radial = if norm_d >= eps { cos } else { F::zero() };
+            SampleCoefficients { distance: weight * (F::one() - cos) * inv_b, alpha: -g * radial / cd / cd, beta: g / cd / ct }
         }
     }
 }
@@ -143,16 +162,14 @@ fn fused_impl<F: Real>(
                     sum = sum + diff * diff;
                     grad[i] = F::lit(2.0) * lambda * w * diff * inv_n;
                 }
-                let sums =
-                    SampleSums { squared_error: sum, dot: F::zero(), decoded_sq: F::zero(), target_sq: F::zero() };
+                let sums = SampleSums::unscaled(sum, F::zero(), F::zero(), F::zero());
                 distance = distance + sample_coefficients(config, w, &sums, decoded.len(), batch).distance;
             }
         }
         Distance::Cosine => {
             for b in 0..batch {
                 let r = b * per..(b + 1) * per;
-                let (dot, decoded_sq, target_sq) = dot_norms(r.clone().map(|i| (decoded[i], tau(b, i))));
-                let sums = SampleSums { squared_error: F::zero(), dot, decoded_sq, target_sq };
+                let sums = scaled_sums(r.clone().map(|i| (decoded[i], tau(b, i))));
                 let c = sample_coefficients(config, term(b).weight, &sums, decoded.len(), batch);
                 distance = distance + c.distance;
                 for i in r {

@@ -40,7 +40,8 @@ impl BetaSchedule {
     /// `squaredcos_cap_v2` with diffusers' clip 0.999.
     pub const COSINE: Self = BetaSchedule::SquaredCosCapV2 { max_beta: 0.999 };
 
-    /// The `num_steps` betas, computed in `F`.
+    /// The `num_steps` betas: linear and scaled-linear computed in `F` (diffusers computes
+    /// them in float32), `squaredcos_cap_v2` in f64 and cast (diffusers: Python floats).
     pub fn betas<F: Real>(&self, num_steps: usize) -> Result<Vec<F>> {
         const OP: &str = "BetaSchedule::betas";
         if num_steps == 0 {
@@ -69,16 +70,16 @@ impl BetaSchedule {
                 if !(max_beta > 0.0 && max_beta < 1.0) {
                     return Err(Error::invalid(OP, format!("max_beta must lie in (0, 1), got {max_beta}")));
                 }
-                let alpha_bar = |s: F| {
-                    let c = ((s + F::lit(0.008)) / F::lit(1.008) * F::FRAC_PI_2()).cos();
+                // In f64 and then cast, as diffusers' betas_for_alpha_bar (Python floats).
+                let alpha_bar = |s: f64| {
+                    let c = num_traits::Float::cos((s + 0.008) / 1.008 * core::f64::consts::FRAC_PI_2);
                     c * c
                 };
-                let n = F::lit(num_steps as f64);
+                let n = num_steps as f64;
                 (0..num_steps)
                     .map(|i| {
-                        let t1 = F::lit(i as f64) / n;
-                        let t2 = F::lit((i + 1) as f64) / n;
-                        (F::one() - alpha_bar(t2) / alpha_bar(t1)).min(F::lit(max_beta))
+                        let (t1, t2) = (i as f64 / n, (i + 1) as f64 / n);
+                        F::lit((1.0 - alpha_bar(t2) / alpha_bar(t1)).min(max_beta))
                     })
                     .collect()
             }

@@ -72,3 +72,27 @@ pub fn validate(spec: &ModelSpec) -> Result<()> {
 fn unknown(name: &str) -> TrainError {
     TrainError::Config(format!("unknown model architecture {name:?} (known: {})", ARCHITECTURES.join(", ")))
 }
+
+/// Whether two specs describe the same networks (architecture and its configuration, with
+/// every default filled in; the LISA decoder's settings are not compared).
+pub fn same_networks(a: &ModelSpec, b: &ModelSpec) -> Result<bool> {
+    if a.architecture != b.architecture {
+        return Ok(false);
+    }
+    match a.architecture.as_str() {
+        toy::NAME => Ok(toy::ToyConfig::from_spec(a)? == toy::ToyConfig::from_spec(b)?),
+        other => Err(unknown(other)),
+    }
+}
+
+/// The model a weights file written by lisa records (its `lisa.model_spec` metadata), if any.
+pub fn spec_of_weights(path: &std::path::Path) -> Result<Option<ModelSpec>> {
+    let meta = crate::weights::read_metadata(path)?;
+    match meta.get(crate::weights::MODEL_SPEC_KEY) {
+        None => Ok(None),
+        Some(json) => serde_json::from_str(json).map(Some).map_err(|e| TrainError::Checkpoint {
+            path: path.to_path_buf(),
+            reason: format!("its {} metadata is not a model description ({e})", crate::weights::MODEL_SPEC_KEY),
+        }),
+    }
+}

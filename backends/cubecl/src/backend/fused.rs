@@ -124,12 +124,7 @@ fn lisa_coefficients(config: &LisaConfig, terms: &[SampleTerms<f32>], sums: &[f3
     let mut distance = 0.0f64;
     let mut coef = Vec::with_capacity(terms.len() * 2);
     for (t, s) in terms.iter().zip(sums.chunks_exact(4)) {
-        let sums = SampleSums {
-            squared_error: s[0] as f64,
-            dot: s[1] as f64,
-            decoded_sq: s[2] as f64,
-            target_sq: s[3] as f64,
-        };
+        let sums = SampleSums::unscaled(s[0] as f64, s[1] as f64, s[2] as f64, s[3] as f64);
         let c = sample_coefficients(config, t.weight as f64, &sums, n, terms.len());
         distance += c.distance;
         coef.extend([c.alpha as f32, c.beta as f32]);

@@ -68,6 +68,15 @@ impl UNetConfig {
         if self.prompt_classes.contains(&0) {
             return fail("every prompt embedding needs at least one id".into());
         }
+        const MAX_SIDE: usize = 8192;
+        const MAX_WIDTH: usize = 1 << 16;
+        if self.resolution > MAX_SIDE {
+            return fail(format!("unet.resolution {} is larger than {MAX_SIDE}", self.resolution));
+        }
+        let widths = [self.image_channels, self.time_dim, self.time_sinusoidal_dim];
+        if widths.iter().chain(&self.channels).chain(&self.prompt_classes).any(|&w| w > MAX_WIDTH) {
+            return fail(format!("unet widths, time dims and prompt classes must be at most {MAX_WIDTH}"));
+        }
         Ok(())
     }
 

@@ -27,7 +27,7 @@ use crate::autodiff::Var;
 use crate::data::prompt_colours;
 use crate::error::{Result, TrainError};
 use crate::params::{Bound, ParamStore};
-use crate::weights::load_params;
+use crate::weights::{MODEL_SPEC_KEY, load_params, load_tensors, parse_safetensors};
 
 /// The registry name.
 pub const NAME: &str = "toy";
@@ -235,9 +235,30 @@ impl<B: Backend> DualDenoiser<B> for ToyModel<B> {
         d.forward(p, feature, t)
     }
 
-    /// Reads a prior file (exactly the `main.*` tensors, as `lisa pretrain` writes them).
+    /// Reads a prior file (exactly the `main.*` tensors, as `lisa pretrain` writes them); one
+    /// that records another model (its `lisa.model_spec` metadata) is refused.
     fn load_main(&mut self, path: &Path) -> Result<usize> {
-        let n = load_params(&mut self.store, path, |n| n.starts_with(MAIN), |_| false)?;
+        let bytes = std::fs::read(path).map_err(|source| TrainError::Io { path: path.to_path_buf(), source })?;
+        let file = parse_safetensors(path, &bytes)?;
+        if let Some(json) = file.metadata.get(MODEL_SPEC_KEY) {
+            let theirs: ModelSpec = serde_json::from_str(json).map_err(|e| TrainError::Checkpoint {
+                path: path.to_path_buf(),
+                reason: format!("its {MODEL_SPEC_KEY} metadata is not a model description ({e})"),
+            })?;
+            if theirs.architecture != NAME || ToyConfig::from_spec(&theirs)? != self.config {
+                return Err(TrainError::Checkpoint {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "this prior is a different model ({}, {}) from the one configured ({}, {}); drop the [model] settings to use the prior's",
+                        theirs.architecture,
+                        serde_json::Value::Object(theirs.config.clone()),
+                        NAME,
+                        serde_json::Value::Object(self.spec().config)
+                    ),
+                });
+            }
+        }
+        let n = load_tensors(&mut self.store, path, file.tensors, |n| n.starts_with(MAIN), |_| false)?;
         self.copy_main_into_side()?;
         Ok(n)
     }

@@ -1,0 +1,283 @@
+//! Nothing lost, nothing deleted, no panic: the `lisa` command against the faults a careful
+//! user meets. Runs own their checkpoints and folders; settings are checked before the first
+//! step; bad inputs are sentences naming the file or flag; a process killed with SIGKILL at
+//! any moment resumes to exactly the uninterrupted state (`LISA_KILL_TRIALS=N` for more
+//! trials than CI's 3).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+const TINY: &str = r#"
+[model.unet]
+resolution = 16
+channels = [8, 16]
+norm_groups = 4
+time_sinusoidal_dim = 16
+time_dim = 16
+
+[model.control]
+hint_hidden = 8
+
+[model.decoder]
+hook = "down_1"
+time_sinusoidal_dim = 16
+channel_floor = 4
+
+[data]
+len = 64
+
+[validation]
+samples = 2
+
+[validation.sampling]
+steps = 2
+"#;
+
+fn lisa(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lisa")).args(args).output().expect("run lisa")
+}
+
+fn ok(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "lisa failed:\n{err}");
+    err
+}
+
+/// Fails with a message containing `needle`: non-zero exit, no panic, no Rust debug dump.
+fn fails_with(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure mentioning {needle:?}, got success:\n{err}");
+    assert!(err.contains(needle), "stderr should mention {needle:?}:\n{err}");
+    assert!(!err.contains("panicked") && !err.contains(" { "), "no panic, no debug dump:\n{err}");
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A fresh folder with the tiny run file and a 2-step prior.
+fn setup(name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let d = std::env::temp_dir().join(format!("lisa-rel-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let cfg = d.join("tiny.toml");
+    std::fs::write(&cfg, TINY).unwrap();
+    let main = d.join("main.safetensors");
+    ok(&lisa(&[
+        "pretrain",
+        "--config",
+        s(&cfg),
+        "--output",
+        s(&main),
+        "--output-dir",
+        s(&d.join("pre")),
+        "--max-train-steps",
+        "2",
+        "--train-batch-size",
+        "2",
+    ]));
+    (d, cfg, main)
+}
+
+fn train(cfg: &Path, main: &Path, out: &Path, extra: &[&str]) -> Output {
+    let base = [
+        "train",
+        "--config",
+        s(cfg),
+        "--main",
+        s(main),
+        "--train-batch-size",
+        "2",
+        "--validation-steps",
+        "0",
+        "--output-dir",
+        s(out),
+    ];
+    lisa(&[&base[..], extra].concat())
+}
+
+#[test]
+fn runs_own_their_checkpoints_and_folders() {
+    let (d, cfg, main) = setup("own");
+    let run = d.join("run");
+    let limit = ["--checkpointing-steps", "1", "--checkpoints-total-limit", "2"];
+    ok(&train(&cfg, &main, &run, &[&["--max-train-steps", "4"][..], &limit].concat()));
+    assert!(run.join("checkpoint-3").is_dir() && run.join("checkpoint-4").is_dir());
+    // A new run into the same folder is refused...
+    fails_with(&train(&cfg, &main, &run, &["--max-train-steps", "2"]), "holds another run's outputs");
+    // ...and with --overwrite it runs, pruning only its own checkpoints.
+    ok(&train(&cfg, &main, &run, &[&["--max-train-steps", "2", "--overwrite"][..], &limit].concat()));
+    assert!(run.join("checkpoint-3").is_dir() && run.join("checkpoint-4").is_dir(), "the other run's stay");
+    assert!(run.join("checkpoint-1").is_dir() && run.join("checkpoint-2").is_dir());
+    // A folder in use by a live process is refused; a lock left by a dead one is taken over.
+    std::fs::write(run.join(".lisa.lock"), format!("{}\n", std::process::id())).unwrap();
+    fails_with(&train(&cfg, &main, &run, &["--resume-from-checkpoint", "latest"]), "in use by another lisa run");
+    std::fs::write(run.join(".lisa.lock"), "4000000000\n").unwrap();
+    ok(&train(&cfg, &main, &run, &["--max-train-steps", "5", "--resume-from-checkpoint", "latest"]));
+    assert!(!run.join(".lisa.lock").exists(), "the lock goes with the run");
+    // An existing prior is not overwritten by pretraining.
+    fails_with(
+        &lisa(&["pretrain", "--config", s(&cfg), "--output", s(&main), "--output-dir", s(&d.join("pre2"))]),
+        "--overwrite",
+    );
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
+fn settings_are_checked_before_the_first_step() {
+    let (d, cfg, main) = setup("early");
+    let bad = |name: &str, extra: &str| {
+        let f = d.join(name);
+        std::fs::write(&f, format!("{TINY}\n{extra}")).unwrap();
+        f
+    };
+    let cases = [
+        (bad("zero-samples.toml", "[validation]\nsamples = 0\n").to_string_lossy().replace("[validation]\nsamples = 2", ""), "samples must be at least 1"),
+    ];
+    drop(cases);
+    let zero_steps = d.join("zero-steps.toml");
+    std::fs::write(&zero_steps, TINY.replace("steps = 2", "steps = 0")).unwrap();
+    let euler = d.join("euler.toml");
+    std::fs::write(&euler, TINY.replace("steps = 2", "steps = 2\nsampler = { kind = \"euler\" }")).unwrap();
+    let nan = d.join("nan.toml");
+    std::fs::write(&nan, TINY.replace("steps = 2", "steps = 2\nguidance_scale = nan")).unwrap();
+    let no_samples = d.join("no-samples.toml");
+    std::fs::write(&no_samples, TINY.replace("samples = 2", "samples = 0")).unwrap();
+    for (file, needle) in [
+        (&zero_steps, "steps >= 1"),
+        (&euler, "the euler sampler needs a rectified flow"),
+        (&nan, "must be finite"),
+        (&no_samples, "samples must be at least 1"),
+    ] {
+        let run = d.join(format!("run-{}", file.file_stem().unwrap().to_string_lossy()));
+        fails_with(&train(file, &main, &run, &["--max-train-steps", "50"]), needle);
+        assert!(!run.join("metrics.jsonl").exists(), "{needle}: nothing trained");
+    }
+    // An output folder that is a file.
+    let file = d.join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    fails_with(&train(&cfg, &main, &file, &["--max-train-steps", "1"]), "output folder");
+    // Absurd sizes are errors, not aborts.
+    fails_with(&train(&cfg, &main, &d.join("r1"), &["--train-batch-size", "18446744073709551615"]), "batch");
+    let huge = d.join("huge.toml");
+    std::fs::write(&huge, TINY.replace("resolution = 16", "resolution = 100000")).unwrap();
+    fails_with(&lisa(&["pretrain", "--config", s(&huge), "--output-dir", s(&d.join("p"))]), "resolution");
+    let long = d.join("long.toml");
+    std::fs::write(&long, TINY.replace("len = 64", "len = 18446744073709551615")).unwrap();
+    fails_with(&lisa(&["pretrain", "--config", s(&long), "--output-dir", s(&d.join("p"))]), "len");
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
+fn bad_files_are_named_and_never_abort() {
+    let (d, cfg, main) = setup("files");
+    // A 74-byte PNG whose header claims 100000 × 100000 pixels.
+    let mut png = b"\\x89PNG\\r\\n\\x1a\\n".to_vec();
+    png.clear();
+    png.extend_from_slice(&[0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a]);
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend_from_slice(&100_000u32.to_be_bytes());
+    ihdr.extend_from_slice(&100_000u32.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    png.extend_from_slice(&13u32.to_be_bytes());
+    png.extend_from_slice(&ihdr);
+    png.extend_from_slice(&crc32(&ihdr).to_be_bytes());
+    png.extend_from_slice(&[0, 0, 0, 0, b'I', b'E', b'N', b'D', 0xae, 0x42, 0x60, 0x82]);
+    let bomb = d.join("bomb.png");
+    std::fs::write(&bomb, &png).unwrap();
+    fails_with(
+        &lisa(&["sample", "--main", s(&main), "--condition", s(&bomb), "--prompt", "red circle with blue background"]),
+        "larger than lisa reads",
+    );
+    // Negative numbers are values, checked as such.
+    let good = d.join("good.png");
+    image::GrayImage::new(16, 16).save(&good).unwrap();
+    fails_with(
+        &lisa(&["sample", "--main", s(&main), "--condition", s(&good), "--prompt", "red circle with blue background", "--eta", "-1"]),
+        "eta must lie in [0, 1]",
+    );
+    // `lisa sample` writes images at a viewable size.
+    let out = d.join("sample.png");
+    ok(&lisa(&[
+        "sample", "--main", s(&main), "--condition", s(&good), "--prompt", "Red Circle with BLUE background",
+        "--steps", "2", "--output", s(&out),
+    ]));
+    assert!(image::open(&out).unwrap().width() >= 96);
+    // A closed standard output is not an error (`lisa eval | head`).
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lisa"))
+        .args(["eval", "--main", s(&main), "--steps", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+    let _ = cfg;
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+/// The CRC-32 of PNG chunks.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in bytes {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 { 0xedb8_8320 ^ (c >> 1) } else { c >> 1 };
+        }
+    }
+    !c
+}
+
+#[test]
+fn diverging_runs_stop_with_the_step_and_keep_the_last_good_checkpoint() {
+    let (d, cfg, main) = setup("nan");
+    let run = d.join("run");
+    ok(&train(&cfg, &main, &run, &["--max-train-steps", "2", "--checkpointing-steps", "1"]));
+    fails_with(
+        &train(&cfg, &main, &run, &["--max-train-steps", "6", "--resume-from-checkpoint", "latest", "--learning-rate", "1e30"]),
+        "diverged at step",
+    );
+    assert!(!run.join("checkpoint-3").exists() || lisa_trainer::checkpoint::read_configs(&run.join("checkpoint-3")).is_ok());
+    // The last checkpoint is good: it resumes with a lower learning rate.
+    ok(&train(&cfg, &main, &run, &["--max-train-steps", "3", "--resume-from-checkpoint", "latest", "--learning-rate", "1e-4"]));
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
+fn sigkill_at_any_moment_resumes_to_the_uninterrupted_state() {
+    let trials: usize = std::env::var("LISA_KILL_TRIALS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let (d, cfg, main) = setup("kill");
+    let steps = "6";
+    let every = ["--checkpointing-steps", "1"];
+    let straight = d.join("straight");
+    ok(&train(&cfg, &main, &straight, &[&["--max-train-steps", steps][..], &every].concat()));
+    for trial in 0..trials {
+        let run = d.join(format!("killed-{trial}"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_lisa"))
+            .args(["train", "--config", s(&cfg), "--main", s(&main), "--train-batch-size", "2", "--validation-steps", "0"])
+            .args(["--output-dir", s(&run), "--max-train-steps", steps, "--checkpointing-steps", "1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Kill at a spread of moments: before, during and between the saves.
+        std::thread::sleep(Duration::from_millis(150 + 97 * trial as u64));
+        let _ = child.kill();
+        let _ = child.wait();
+        let resume = if lisa_trainer::checkpoint::list_checkpoints(&run).is_empty() { "--overwrite" } else { "--resume-from-checkpoint=latest" };
+        let extra = [&["--max-train-steps", steps, resume][..], &every].concat();
+        ok(&train(&cfg, &main, &run, &extra));
+        for f in ["model.safetensors", "optimizer.safetensors"] {
+            let a = std::fs::read(straight.join("checkpoint-6").join(f)).unwrap();
+            let b = std::fs::read(run.join("checkpoint-6").join(f)).unwrap();
+            assert!(a == b, "trial {trial}: {f} differs from the uninterrupted run");
+        }
+        let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+        let steps: Vec<u64> = metrics.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect();
+        assert_eq!(steps, (1..=6).collect::<Vec<_>>(), "trial {trial}: one metrics line per step");
+    }
+    std::fs::remove_dir_all(d).unwrap();
+}
