@@ -71,7 +71,8 @@ pub enum Resample {
 /// [0, 1], resized to `side × side`: `[1, side, side]` luminance when `grey`, else
 /// `[3, side, side]` RGB. Errors say what failed; the caller names the file.
 pub fn read_image(path: &Path, side: usize, grey: bool, resample: Resample) -> Result<Vec<f32>> {
-    let mut reader = image::ImageReader::open(path).context("cannot open")?.with_guessed_format().context("cannot read")?;
+    let mut reader =
+        image::ImageReader::open(path).context("cannot open")?.with_guessed_format().context("cannot read")?;
     // The header's size is checked before any pixel buffer is allocated.
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_SIDE);

@@ -93,10 +93,9 @@ pub fn run<B: Backend>(a: PretrainArgs, device: B::Device) -> Result<()> {
     let dir = RunDir::lock(&a.output_dir)?;
     if let Some(r) = &a.resume_from_checkpoint {
         let ckpt = if r == "latest" {
-            list_checkpoints(dir.path())
-                .pop()
-                .map(|c| c.1)
-                .ok_or_else(|| anyhow!("--resume-from-checkpoint latest: no checkpoint-* in {}", dir.path().display()))?
+            list_checkpoints(dir.path()).pop().map(|c| c.1).ok_or_else(|| {
+                anyhow!("--resume-from-checkpoint latest: no checkpoint-* in {}", dir.path().display())
+            })?
         } else {
             PathBuf::from(r)
         };

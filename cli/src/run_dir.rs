@@ -39,7 +39,8 @@ impl RunDir {
                             path.display()
                         ),
                         // A lock left by a process that is gone: take it over.
-                        _ => fs::remove_file(&lock).with_context(|| format!("cannot remove the stale lock {}", lock.display()))?,
+                        _ => fs::remove_file(&lock)
+                            .with_context(|| format!("cannot remove the stale lock {}", lock.display()))?,
                     }
                 }
                 Err(e) => {

@@ -237,7 +237,8 @@ pub fn train_arm<B: Backend>(file: &RunFile, main: &Path, device: B::Device, o: 
             );
         }
         if metrics_path.exists() {
-            std::fs::remove_file(&metrics_path).with_context(|| format!("cannot replace {}", metrics_path.display()))?;
+            std::fs::remove_file(&metrics_path)
+                .with_context(|| format!("cannot replace {}", metrics_path.display()))?;
         }
     }
     let t = &file.train;
@@ -291,7 +292,9 @@ pub fn train_arm<B: Backend>(file: &RunFile, main: &Path, device: B::Device, o: 
             iou = Some(v);
         }
         progress.step(&s, its);
-        write_metrics(serde_json::json!({"step": s.step, "loss": s.loss, "main_loss": s.main_loss, "lisa_loss": s.lisa_loss, "grad_norm": s.grad_norm, "lr": s.lr, "steps_per_s": its, "iou": iou}))?;
+        write_metrics(
+            serde_json::json!({"step": s.step, "loss": s.loss, "main_loss": s.main_loss, "lisa_loss": s.lisa_loss, "grad_norm": s.grad_norm, "lr": s.lr, "steps_per_s": its, "iou": iou}),
+        )?;
         if (o.checkpointing_steps > 0 && s.step % o.checkpointing_steps == 0) || last {
             save_checkpoint(&trainer, data.as_ref(), &out.join(format!("checkpoint-{}", s.step)))?;
             if let Some(limit) = o.checkpoints_total_limit {
@@ -309,7 +312,8 @@ pub fn train_arm<B: Backend>(file: &RunFile, main: &Path, device: B::Device, o: 
 pub fn check_sampling<B: Backend>(model: &dyn DualDenoiser<B>, file: &RunFile) -> Result<()> {
     let sampling = &file.validation.sampling;
     sampling.validate().context("[validation.sampling]")?;
-    scheduler::build::<B>(&file.train.noise, &sampling.scheduler(model.prediction())).context("[validation.sampling]")?;
+    scheduler::build::<B>(&file.train.noise, &sampling.scheduler(model.prediction()))
+        .context("[validation.sampling]")?;
     if file.validation.samples == 0 {
         bail!("[validation] samples must be at least 1");
     }
@@ -322,7 +326,10 @@ fn keep_metrics_until(path: &Path, step: u64) -> Result<()> {
     let kept: String = text
         .lines()
         .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v.get("step")?.as_u64()).is_some_and(|s| s <= step)
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get("step")?.as_u64())
+                .is_some_and(|s| s <= step)
         })
         .map(|l| format!("{l}\n"))
         .collect();

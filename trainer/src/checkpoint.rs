@@ -153,7 +153,10 @@ fn write_files<B: Backend, C: RunSettings>(
     let name = |id| store.get(id).name.clone();
     let mut files: Vec<(&str, Vec<(String, &B::Tensor)>)> = Vec::new();
     // Only trainable tensors (the frozen main model is its own file).
-    files.push(("model.safetensors", store.iter().filter(|(_, p)| p.trainable).map(|(_, p)| (p.name.clone(), &p.value)).collect()));
+    files.push((
+        "model.safetensors",
+        store.iter().filter(|(_, p)| p.trainable).map(|(_, p)| (p.name.clone(), &p.value)).collect(),
+    ));
     let mut moments = Vec::new();
     for (id, m, v) in &run.optimizer.adamw.moments {
         moments.push((format!("{}.exp_avg", name(*id)), m));
@@ -213,13 +216,20 @@ pub fn read_configs(dir: &Path) -> Result<(ModelSpec, TrainConfig, TrainState)> 
 }
 
 /// A checkpoint file's tensors, after its digest is checked against `state.json` (format 2).
-fn read_verified<C>(state: &StateFile<C>, dir: &Path, file: &str) -> Result<BTreeMap<String, (lisa_core::Shape, Vec<f32>)>> {
+fn read_verified<C>(
+    state: &StateFile<C>,
+    dir: &Path,
+    file: &str,
+) -> Result<BTreeMap<String, (lisa_core::Shape, Vec<f32>)>> {
     let path = dir.join(file);
     let bytes = fs::read(&path).map_err(io(&path))?;
     if state.format_version >= 2 {
         let want = state.files.get(file).ok_or_else(|| bad(&path, "not listed in state.json"))?;
         if *want != digest(&bytes) {
-            return Err(bad(&path, "its content does not match the digest in state.json (corrupted or from another checkpoint)"));
+            return Err(bad(
+                &path,
+                "its content does not match the digest in state.json (corrupted or from another checkpoint)",
+            ));
         }
     }
     Ok(parse_safetensors(&path, &bytes)?.tensors)
@@ -258,7 +268,10 @@ pub fn load_checkpoint<B: Backend, C: RunSettings>(
         ));
     }
     if state.state.position >= here.len.max(1) {
-        return Err(bad(&state_path, format!("data position {} is past the dataset's {} examples", state.state.position, here.len)));
+        return Err(bad(
+            &state_path,
+            format!("data position {} is past the dataset's {} examples", state.state.position, here.len),
+        ));
     }
     // Stage everything on a copy, so that a bad file leaves the run untouched.
     let mut store = run.model.store().clone();
@@ -266,7 +279,11 @@ pub fn load_checkpoint<B: Backend, C: RunSettings>(
     let model_file = read_verified(&state, dir, "model.safetensors")?;
     load_tensors(&mut store, &dir.join("model.safetensors"), model_file, |n| names.iter().any(|m| m == n), |_| false)?;
     let device = store.device().clone();
-    let take = |file: &mut BTreeMap<String, (lisa_core::Shape, Vec<f32>)>, path: &Path, key: String, like: &B::Tensor| -> Result<B::Tensor> {
+    let take = |file: &mut BTreeMap<String, (lisa_core::Shape, Vec<f32>)>,
+                path: &Path,
+                key: String,
+                like: &B::Tensor|
+     -> Result<B::Tensor> {
         let (s, v) = file.remove(&key).ok_or_else(|| bad(path, format!("missing tensor {key}")))?;
         if s != B::shape(like) {
             return Err(bad(path, format!("tensor {key} has shape {s}, expected {}", B::shape(like))));

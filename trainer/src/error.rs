@@ -21,7 +21,9 @@ pub enum TrainError {
     #[error("autodiff: {0}")]
     Autodiff(&'static str),
     /// A loss or gradient became NaN or infinite.
-    #[error("training diverged at step {step}: the {what} is NaN or infinite; lower the learning rate, and resume from the last checkpoint")]
+    #[error(
+        "training diverged at step {step}: the {what} is NaN or infinite; lower the learning rate, and resume from the last checkpoint"
+    )]
     NonFinite {
         /// What was not finite.
         what: &'static str,

@@ -110,8 +110,8 @@ fn sorted_header(mut bytes: Vec<u8>) -> Vec<u8> {
 /// A safetensors file parsed from `bytes` read from `path`: `name → (shape, f32 values)` and
 /// the string metadata.
 pub fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<SafetensorsFile> {
-    let (_, meta) = SafeTensors::read_metadata(bytes)
-        .map_err(|e| bad(path, format!("not a valid safetensors file ({e})")))?;
+    let (_, meta) =
+        SafeTensors::read_metadata(bytes).map_err(|e| bad(path, format!("not a valid safetensors file ({e})")))?;
     let st = SafeTensors::deserialize(bytes).map_err(|e| bad(path, format!("not a valid safetensors file ({e})")))?;
     let mut tensors = BTreeMap::new();
     for (name, view) in st.tensors() {
@@ -222,7 +222,8 @@ pub fn save_params<B: Backend>(
 ) -> Result<String> {
     let tensors: Vec<(String, &B::Tensor)> =
         store.iter().filter(|(_, p)| select(&p.name)).map(|(_, p)| (p.name.clone(), &p.value)).collect();
-    let mut meta = BTreeMap::from([("format".to_string(), "pt".to_string()), ("producer".to_string(), "lisa".to_string())]);
+    let mut meta =
+        BTreeMap::from([("format".to_string(), "pt".to_string()), ("producer".to_string(), "lisa".to_string())]);
     meta.extend(metadata);
     let bytes = to_safetensors::<B>(&tensors, meta)?;
     write_atomic(path, &bytes)?;

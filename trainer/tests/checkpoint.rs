@@ -136,6 +136,8 @@ fn bad_checkpoints_are_rejected_and_change_nothing() {
     let c = copy("truncated");
     let bytes = std::fs::read(c.join("model.safetensors")).unwrap();
     std::fs::write(c.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    expect_checkpoint_error(&mut fresh, &c, "does not match the digest");
+    rehash(&c, "model.safetensors");
     expect_checkpoint_error(&mut fresh, &c, "not a valid safetensors file");
 
     // A flipped byte in tensor data: the digest in state.json no longer matches.
@@ -274,7 +276,8 @@ fn non_finite_weights_are_never_saved_and_divergence_names_its_step() {
     let err = save_checkpoint(&t, &d, &dir.join("checkpoint-2")).unwrap_err();
     assert!(matches!(err, TrainError::NonFiniteTensor { .. }), "{err}");
     assert!(!dir.join("checkpoint-2").exists(), "nothing is left under the checkpoint's name");
-    let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let names: Vec<_> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     assert_eq!(names, ["checkpoint-1"], "no partial folder left behind");
 
     // A learning rate that blows the weights up: the step fails and names itself.

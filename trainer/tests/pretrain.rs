@@ -50,6 +50,6 @@ fn pretraining_learns_and_exports_a_loadable_prior() {
     other.config["unet"]["channels"] = serde_json::json!([8, 8]);
     let mut wrong = registry::build::<C>(&other, Parts::Dual { decoder: false }, CpuDevice, 0).unwrap();
     let err = wrong.load_main(&path).unwrap_err().to_string();
-    assert!(err.contains("shape"), "{err}");
+    assert!(err.contains("another model") && err.contains("unet.channels: [8,16] vs [8,8]"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }

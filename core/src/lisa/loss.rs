@@ -88,7 +88,10 @@ impl<F: Real> SampleSums<F> {
         if !(self.dot.is_finite() && self.decoded_sq.is_finite() && self.target_sq.is_finite()) {
             return (F::nan(), F::nan(), F::nan());
         }
-        let (cd, ct) = ((self.decoded_scale * self.decoded_sq.sqrt()).max(eps), (self.target_scale * self.target_sq.sqrt()).max(eps));
+        let (cd, ct) = (
+            (self.decoded_scale * self.decoded_sq.sqrt()).max(eps),
+            (self.target_scale * self.target_sq.sqrt()).max(eps),
+        );
         (cd, ct, self.dot * (self.decoded_scale / cd) * (self.target_scale / ct))
     }
 }
@@ -131,7 +134,11 @@ pub fn sample_coefficients<F: Real>(
             // ∂(1 − cos)/∂d = −τ/(c_d c_τ) + [‖d‖ ≥ ε]·cos·d/c_d²
             let g = -lambda * weight * inv_b;
             let radial = if norm_d >= eps { cos } else { F::zero() };
-            SampleCoefficients { distance: weight * (F::one() - cos) * inv_b, alpha: -g * radial / cd / cd, beta: g / cd / ct }
+            SampleCoefficients {
+                distance: weight * (F::one() - cos) * inv_b,
+                alpha: -g * radial / cd / cd,
+                beta: g / cd / ct,
+            }
         }
     }
 }

@@ -246,14 +246,19 @@ impl<B: Backend> DualDenoiser<B> for ToyModel<B> {
                 reason: format!("its {MODEL_SPEC_KEY} metadata is not a model description ({e})"),
             })?;
             if theirs.architecture != NAME || ToyConfig::from_spec(&theirs)? != self.config {
+                let diff = super::config_differences(
+                    &serde_json::Value::Object(theirs.config.clone()),
+                    &serde_json::Value::Object(self.spec().config),
+                );
                 return Err(TrainError::Checkpoint {
                     path: path.to_path_buf(),
                     reason: format!(
-                        "this prior is a different model ({}, {}) from the one configured ({}, {}); drop the [model] settings to use the prior's",
-                        theirs.architecture,
-                        serde_json::Value::Object(theirs.config.clone()),
-                        NAME,
-                        serde_json::Value::Object(self.spec().config)
+                        "this prior is another model than the one configured ({}: prior vs configured); leave the model settings out of the run file to use the prior's",
+                        if theirs.architecture != NAME {
+                            format!("architecture {} vs {NAME}", theirs.architecture)
+                        } else {
+                            diff.join(", ")
+                        }
                     ),
                 });
             }
