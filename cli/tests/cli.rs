@@ -402,12 +402,18 @@ fn trains_on_a_fill50k_folder_and_reports_its_bad_files() {
             s(&d.join("run")),
         ])
     };
+    // prompt.json with a UTF-8 byte-order mark (as some editors write it) reads the same.
+    let list = std::fs::read_to_string(data.join("prompt.json")).unwrap();
+    std::fs::write(data.join("prompt.json"), format!("\u{feff}{list}")).unwrap();
     let out = train();
     ok(&out);
     assert!(String::from_utf8_lossy(&out.stderr).contains("6 examples"));
-    // A corrupt image is named when it is read.
+    // A corrupt image is named, with its line, before any step.
     std::fs::write(data.join("target/3.png"), b"\x89PNG\r\n\x1a\nnot an image").unwrap();
+    std::fs::remove_dir_all(d.join("run")).unwrap();
     fails_with(&train(), "target/3.png");
+    fails_with(&train(), "line 4 of prompt.json");
+    assert!(!d.join("run/metrics.jsonl").exists(), "nothing trained");
     // A listed file that is missing is named when the folder is opened.
     std::fs::remove_file(data.join("source/5.png")).unwrap();
     fails_with(&train(), "source/5.png");

@@ -190,3 +190,21 @@ fn bad_configs_and_inputs_are_typed_errors() {
     ));
     assert!(matches!(mse_loss(&[f64::INFINITY], &[0.0], &mut [0.0]), Err(Error::NonFinite { .. })));
 }
+
+/// `‖d‖²` overflows from `|d| ≈ 1e154` (f64) and `1.8e19` (f32); the distance must not
+/// notice: the cosine of `[1e160, 1, 0]` with `[1, 1, 1]` is `1/√3`, whatever the scale.
+#[test]
+fn cosine_distance_is_exact_for_huge_values() {
+    let tau = [1.0f64, 1.0, 1.0];
+    let want = 1.0 - 1.0 / 3f64.sqrt();
+    let got = cosine_distance(&[1e160, 1.0, 0.0], &tau, 1e-8).unwrap();
+    assert!((got - want).abs() < 1e-12, "f64: {got} vs {want}");
+    let got = cosine_distance(&[3e20f32, 1.0, 0.0], &[1.0, 1.0, 1.0], 1e-8).unwrap();
+    assert!((got as f64 - want).abs() < 1e-6, "f32: {got} vs {want}");
+    // The fused loss and its gradient stay finite too.
+    let config = LisaConfig { distance: lisa_core::Distance::Cosine, ..LisaConfig::default() };
+    let mut grad = [0.0f32; 3];
+    let loss = lisa_loss(&config, &[SampleTerms::unit()], &[3e20f32, 1.0, 0.0], &[1.0, 1.0, 1.0], &mut grad).unwrap();
+    assert!((loss.distance as f64 - want).abs() < 1e-6, "{}", loss.distance);
+    assert!(grad.iter().all(|g| g.is_finite()));
+}

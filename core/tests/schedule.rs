@@ -151,3 +151,14 @@ proptest! {
         prop_assert!(F64_MATH.accepts(l.alpha * l.alpha + l.sigma * l.sigma, 1.0));
     }
 }
+
+/// diffusers computes `squaredcos_cap_v2` in Python floats (f64) and casts: the f32 betas
+/// must be the f64 ones rounded, also at small t where an f32 computation loses digits.
+#[test]
+fn cosine_betas_are_computed_in_f64_and_cast() {
+    let b64 = BetaSchedule::COSINE.betas::<f64>(1000).unwrap();
+    let b32 = BetaSchedule::COSINE.betas::<f32>(1000).unwrap();
+    for (i, (a, b)) in b64.iter().zip(&b32).enumerate() {
+        assert_eq!(*a as f32, *b, "beta {i}");
+    }
+}

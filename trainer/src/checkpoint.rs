@@ -142,6 +142,9 @@ pub fn save_checkpoint<B: Backend, C: RunSettings>(
     Ok(())
 }
 
+/// Tensors with the names they are saved under.
+type NamedTensors<'a, B> = Vec<(String, &'a <B as lisa_core::backend::BackendTypes>::Tensor)>;
+
 /// The files of a checkpoint of `run`, into `partial` (`state.json` last).
 fn write_files<B: Backend, C: RunSettings>(
     run: &TrainingRun<B, C>,
@@ -151,7 +154,7 @@ fn write_files<B: Backend, C: RunSettings>(
 ) -> Result<()> {
     let store = run.model.store();
     let name = |id| store.get(id).name.clone();
-    let mut files: Vec<(&str, Vec<(String, &B::Tensor)>)> = Vec::new();
+    let mut files: Vec<(&str, NamedTensors<'_, B>)> = Vec::new();
     // Only trainable tensors (the frozen main model is its own file).
     files.push((
         "model.safetensors",

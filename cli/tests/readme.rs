@@ -1,0 +1,104 @@
+//! Every `lisa …` line of the README's command block runs as written, on a tiny model: the
+//! run file and the shipped prior are swapped for tiny ones and the step counts shortened
+//! (6000 → 2, 600 → 2, 900 → 4), nothing else.
+
+use std::path::Path;
+use std::process::Command;
+
+const TINY: &str = r#"
+[model.unet]
+resolution = 16
+channels = [8, 16]
+norm_groups = 4
+time_sinusoidal_dim = 16
+time_dim = 16
+
+[model.control]
+hint_hidden = 8
+
+[model.decoder]
+time_sinusoidal_dim = 16
+channel_floor = 4
+
+[data]
+len = 32
+
+[pretrain]
+batch_size = 2
+
+[train]
+batch_size = 2
+
+[validation]
+samples = 2
+
+[validation.sampling]
+steps = 2
+"#;
+
+/// The command block of the README's "The `lisa` command" section.
+fn readme_commands() -> Vec<String> {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
+    let section = readme.split("## The `lisa` command").nth(1).expect("the README has a `lisa` command section");
+    let block = section.split("```").nth(1).expect("a command block");
+    block.lines().filter(|l| l.starts_with("lisa ")).map(str::to_string).collect()
+}
+
+/// Splits a command line into words, honouring double quotes.
+fn words(line: &str) -> Vec<String> {
+    let (mut out, mut word, mut quoted) = (Vec::new(), String::new(), false);
+    for c in line.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ' ' if !quoted => {
+                if !word.is_empty() {
+                    out.push(std::mem::take(&mut word));
+                }
+            }
+            _ => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        out.push(word);
+    }
+    out
+}
+
+fn tiny(line: &str) -> String {
+    line.replace("assets/demo.toml", "tiny.toml")
+        .replace("assets/prior.safetensors", "tiny-prior.safetensors")
+        .replace("--max-train-steps 6000", "--max-train-steps 2")
+        .replace("--max-train-steps 600 ", "--max-train-steps 2 ")
+        .replace("--max-train-steps 900 ", "--max-train-steps 4 ")
+        .replace("checkpoint-600", "checkpoint-2")
+        .replace("checkpoint-900", "checkpoint-4")
+        .replace("validation-000900", "validation-000004")
+}
+
+#[test]
+fn the_readme_commands_run_as_written() {
+    let lines = readme_commands();
+    assert!(lines.len() >= 5, "the README's command block: {lines:?}");
+    let dir = std::env::temp_dir().join(format!("lisa-readme-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("tiny.toml"), TINY).unwrap();
+    let run = |args: &[String]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_lisa")).args(args).current_dir(&dir).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "`lisa {}` failed:\n{err}", args.join(" "));
+        assert!(!err.contains("panicked"));
+    };
+    // The "shipped prior" and the demo's outputs that the last line evaluates.
+    let prior =
+        ["pretrain", "--config", "tiny.toml", "--output", "tiny-prior.safetensors", "--output-dir", "runs/tiny"];
+    run(&[&prior[..], &["--max-train-steps", "2"]].concat().iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    let demo = ["demo", "--config", "tiny.toml", "--main", "tiny-prior.safetensors", "--max-train-steps", "2"];
+    run(&demo.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    for line in &lines {
+        let w = words(&tiny(line));
+        run(&w[1..]);
+    }
+    assert!(dir.join("runs/sample.png").is_file() && dir.join("runs/lisa/eval.png").is_file());
+    std::fs::remove_dir_all(dir).unwrap();
+}
