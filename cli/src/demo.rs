@@ -15,6 +15,7 @@ use lisa_trainer::train::Mode;
 use crate::config::RunFile;
 use crate::image::save_png;
 use crate::plot::{Panel, Series, line_chart};
+use crate::run_dir::CheckpointArgs;
 use crate::train::{ArmReport, LoopOptions, train_arm};
 
 /// The demo's run file and prior, shipped in `assets/` (found from the source tree, so the
@@ -76,11 +77,13 @@ pub fn run<B: Backend>(a: DemoArgs, device: B::Device) -> Result<()> {
             output_dir: &dir,
             validation_steps: a.validation_steps,
             validate_at_start: true,
-            checkpointing_steps: 0,
-            checkpoints_total_limit: Some(1),
-            resume: None,
+            checkpoints: CheckpointArgs {
+                checkpointing_steps: 0,
+                checkpoints_total_limit: Some(1),
+                resume_from_checkpoint: None,
+                overwrite: true,
+            },
             label,
-            overwrite: true,
         };
         reports.push(train_arm::<B>(&arm_file, &main, device.clone(), &options)?);
     }

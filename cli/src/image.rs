@@ -84,7 +84,13 @@ pub fn read_image(path: &Path, side: usize, grey: bool, resample: Resample) -> R
             "the image is larger than lisa reads ({MAX_SIDE} px a side, {} MiB decoded)",
             MAX_DECODED_BYTES >> 20
         ),
-        e => anyhow::Error::from(e).context("not a readable image"),
+        // The decoders' own messages can hold debug dumps of their internals: say what failed.
+        image::ImageError::Decoding(d) => {
+            anyhow::anyhow!("not a readable image (its {} data is corrupt)", d.format_hint())
+        }
+        image::ImageError::Unsupported(_) => anyhow::anyhow!("not an image format lisa reads (PNG)"),
+        image::ImageError::IoError(e) => anyhow::Error::from(e).context("cannot read"),
+        _ => anyhow::anyhow!("not a readable image"),
     })?;
     let s = side as u32;
     Ok(if grey {

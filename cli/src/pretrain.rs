@@ -4,15 +4,15 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 use lisa_core::backend::Backend;
-use lisa_trainer::checkpoint::{list_checkpoints, load_checkpoint, save_checkpoint};
+use lisa_trainer::checkpoint::{load_checkpoint, save_checkpoint};
 use lisa_trainer::pretrain::Pretrainer;
 
 use crate::config::{RunFile, check_memory};
 use crate::progress::Progress;
-use crate::run_dir::RunDir;
+use crate::run_dir::{CheckpointArgs, RunDir};
 
 /// Flags of `lisa pretrain` (override the run file).
 #[derive(Debug, Args)]
@@ -21,25 +21,15 @@ pub struct PretrainArgs {
     #[arg(long)]
     config: Option<PathBuf>,
     /// Where the prior's EMA weights are written at the end (safetensors; default:
-    /// <output-dir>/main.safetensors). An existing file is replaced only with --overwrite.
+    /// <output-dir>/main.safetensors). An existing file is replaced only with --overwrite
+    /// (which also lets a new run start in an --output-dir holding another run's checkpoints).
     #[arg(long)]
     output: Option<PathBuf>,
     /// Where checkpoints go.
     #[arg(long, default_value = "runs/pretrain")]
     output_dir: PathBuf,
-    /// Save a checkpoint every N steps (0: only at the end).
-    #[arg(long, default_value_t = 500)]
-    checkpointing_steps: u64,
-    /// Keep at most N of this run's checkpoints (oldest removed first).
-    #[arg(long)]
-    checkpoints_total_limit: Option<usize>,
-    /// A checkpoint directory, or "latest" (the newest in --output-dir).
-    #[arg(long)]
-    resume_from_checkpoint: Option<String>,
-    /// Replace an existing --output file, and start a new run in an --output-dir that holds
-    /// another run's checkpoints.
-    #[arg(long)]
-    overwrite: bool,
+    #[command(flatten)]
+    checkpoints: CheckpointArgs,
     /// Optimizer steps.
     #[arg(long)]
     max_train_steps: Option<u64>,
@@ -86,29 +76,19 @@ pub fn run<B: Backend>(a: PretrainArgs, device: B::Device) -> Result<()> {
         file.data.dir = Some(d);
     }
     let output = a.output.clone().unwrap_or_else(|| a.output_dir.join("main.safetensors"));
-    check_output(&output, a.overwrite)?;
+    check_output(&output, a.checkpoints.overwrite)?;
     let mut trainer = Pretrainer::<B>::new(&file.model, file.pretrain.clone(), device)?;
     check_memory(trainer.model.as_ref(), file.pretrain.batch_size)?;
     let data = file.open_training_set(trainer.model.as_ref())?;
     let dir = RunDir::lock(&a.output_dir)?;
-    if let Some(r) = &a.resume_from_checkpoint {
-        let ckpt = if r == "latest" {
-            list_checkpoints(dir.path()).pop().map(|c| c.1).ok_or_else(|| {
-                anyhow!("--resume-from-checkpoint latest: no checkpoint-* in {}", dir.path().display())
-            })?
-        } else {
-            PathBuf::from(r)
-        };
-        load_checkpoint(&mut trainer, data.as_ref(), &ckpt)?;
-        eprintln!("resumed from {} at step {}", ckpt.display(), trainer.run.state.step);
-    } else if let Some(other) = dir.foreign_checkpoints(&trainer.run_id).first()
-        && !a.overwrite
-    {
-        bail!(
-            "{} holds another run's checkpoint ({}); resume it with --resume-from-checkpoint, start over with --overwrite, or choose another --output-dir",
-            dir.path().display(),
-            other.display()
-        );
+    let c = &a.checkpoints;
+    match &c.resume_from_checkpoint {
+        Some(named) => {
+            let ckpt = dir.resume_target(named)?;
+            load_checkpoint(&mut trainer, data.as_ref(), &ckpt)?;
+            eprintln!("resumed from {} at step {}", ckpt.display(), trainer.run.state.step);
+        }
+        None => dir.refuse_others(&trainer.run_id, &[], c.overwrite)?,
     }
     let total = file.pretrain.max_train_steps;
     eprintln!(
@@ -124,9 +104,9 @@ pub fn run<B: Backend>(a: PretrainArgs, device: B::Device) -> Result<()> {
     while trainer.run.state.step < total {
         let s = trainer.step(data.as_ref())?;
         progress.step(&s, (s.step - first) as f64 / start.elapsed().as_secs_f64());
-        if (a.checkpointing_steps > 0 && s.step % a.checkpointing_steps == 0) || s.step == total {
+        if c.saves_at(s.step, total) {
             save_checkpoint(&trainer, data.as_ref(), &dir.path().join(format!("checkpoint-{}", s.step)))?;
-            if let Some(limit) = a.checkpoints_total_limit {
+            if let Some(limit) = c.checkpoints_total_limit {
                 dir.prune(&trainer.run_id, limit)?;
             }
         }

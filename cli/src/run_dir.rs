@@ -56,9 +56,35 @@ impl RunDir {
         &self.path
     }
 
-    /// The checkpoints of this folder that another run wrote (none of `run_id`'s).
-    pub fn foreign_checkpoints(&self, run_id: &str) -> Vec<PathBuf> {
-        list_checkpoints(&self.path).into_iter().filter(|c| c.2.as_deref() != Some(run_id)).map(|c| c.1).collect()
+    /// The checkpoint `--resume-from-checkpoint` names: a folder, or `latest` (the newest here).
+    pub fn resume_target(&self, named: &str) -> Result<PathBuf> {
+        let dir = if named == "latest" {
+            list_checkpoints(&self.path).pop().map(|c| c.1).ok_or_else(|| {
+                anyhow::anyhow!("--resume-from-checkpoint latest: no checkpoint-* in {}", self.path.display())
+            })?
+        } else {
+            PathBuf::from(named)
+        };
+        if !dir.is_dir() {
+            bail!("--resume-from-checkpoint: {} does not exist", dir.display());
+        }
+        Ok(dir)
+    }
+
+    /// Refuses a new run (`run_id`) here while another run's checkpoints or `outputs` are
+    /// present, unless `overwrite`.
+    pub fn refuse_others(&self, run_id: &str, outputs: &[PathBuf], overwrite: bool) -> Result<()> {
+        let foreign = list_checkpoints(&self.path).into_iter().find(|c| c.2.as_deref() != Some(run_id)).map(|c| c.1);
+        if let Some(other) = foreign.or_else(|| outputs.iter().find(|p| p.exists()).cloned())
+            && !overwrite
+        {
+            bail!(
+                "{} holds another run's outputs ({}); resume it with --resume-from-checkpoint, start over with --overwrite, or choose another --output-dir",
+                self.path.display(),
+                other.display()
+            );
+        }
+        Ok(())
     }
 
     /// Removes `run_id`'s oldest checkpoints so that at most `limit` of them remain; other
@@ -75,5 +101,30 @@ impl RunDir {
 impl Drop for RunDir {
     fn drop(&mut self) {
         let _ = fs::remove_file(self.path.join(LOCK));
+    }
+}
+
+/// The checkpoint flags `lisa train` and `lisa pretrain` share.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CheckpointArgs {
+    /// Save a checkpoint every N steps (0: only at the end).
+    #[arg(long, default_value_t = 500)]
+    pub checkpointing_steps: u64,
+    /// Keep at most N of this run's checkpoints (oldest removed first; other runs' are kept).
+    #[arg(long)]
+    pub checkpoints_total_limit: Option<usize>,
+    /// A checkpoint directory, or "latest" (the newest in --output-dir).
+    #[arg(long)]
+    pub resume_from_checkpoint: Option<String>,
+    /// Start a new run in an --output-dir that holds another run's outputs (its metrics are
+    /// replaced, its checkpoints kept but for those this run rewrites).
+    #[arg(long, conflicts_with = "resume_from_checkpoint")]
+    pub overwrite: bool,
+}
+
+impl CheckpointArgs {
+    /// Whether step `step` of `total` saves a checkpoint.
+    pub fn saves_at(&self, step: u64, total: u64) -> bool {
+        (self.checkpointing_steps > 0 && step.is_multiple_of(self.checkpointing_steps)) || step == total
     }
 }

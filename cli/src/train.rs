@@ -4,11 +4,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 use lisa_core::backend::Backend;
 use lisa_core::{Distance, TargetSpace};
-use lisa_trainer::checkpoint::{list_checkpoints, load_checkpoint, save_checkpoint};
+use lisa_trainer::checkpoint::{load_checkpoint, save_checkpoint};
 use lisa_trainer::model::{DualDenoiser, Parts, registry};
 use lisa_trainer::scheduler;
 use lisa_trainer::train::{Mode, Trainer};
@@ -18,7 +18,7 @@ use crate::config::{RunFile, check_memory};
 use crate::eval::validate;
 use crate::image::save_png;
 use crate::progress::Progress;
-use crate::run_dir::RunDir;
+use crate::run_dir::{CheckpointArgs, RunDir};
 
 /// Flags of `lisa train` (names as in diffusers' `train_controlnet.py`; they override the
 /// run file).
@@ -75,15 +75,8 @@ pub struct TrainArgs {
     /// Gradient-norm clip.
     #[arg(long)]
     max_grad_norm: Option<f32>,
-    /// Save a checkpoint every N steps (0: only at the end).
-    #[arg(long, default_value_t = 500)]
-    checkpointing_steps: u64,
-    /// Keep at most N checkpoints (oldest removed first).
-    #[arg(long)]
-    checkpoints_total_limit: Option<usize>,
-    /// A checkpoint directory, or "latest" (the newest in --output-dir).
-    #[arg(long)]
-    resume_from_checkpoint: Option<String>,
+    #[command(flatten)]
+    checkpoints: CheckpointArgs,
     /// Validate (sample, IoU, grid) every N steps (0: only at the end).
     #[arg(long, default_value_t = 100)]
     validation_steps: u64,
@@ -94,10 +87,6 @@ pub struct TrainArgs {
     /// Where checkpoints, grids and metrics.jsonl go.
     #[arg(long, default_value = "runs/train")]
     output_dir: PathBuf,
-    /// Start a new run in an output folder that holds another run's outputs (its
-    /// metrics.jsonl is replaced; its checkpoints are kept, except those this run rewrites).
-    #[arg(long, conflicts_with = "resume_from_checkpoint")]
-    overwrite: bool,
 }
 
 /// Applies the flags to the run file.
@@ -159,16 +148,10 @@ pub struct LoopOptions<'a> {
     pub validation_steps: u64,
     /// Also validate before the first step (the prior alone: the side branch starts at zero).
     pub validate_at_start: bool,
-    /// Save a checkpoint every N steps (0: only at the end).
-    pub checkpointing_steps: u64,
-    /// Keep at most N checkpoints.
-    pub checkpoints_total_limit: Option<usize>,
-    /// `--resume-from-checkpoint`.
-    pub resume: Option<&'a str>,
+    /// Checkpointing, resume and overwrite.
+    pub checkpoints: CheckpointArgs,
     /// Name shown on the progress bar.
     pub label: &'a str,
-    /// May a fresh run start in a folder that holds another run's outputs?
-    pub overwrite: bool,
 }
 
 /// What a run measured.
@@ -211,31 +194,14 @@ pub fn train_arm<B: Backend>(file: &RunFile, main: &Path, device: B::Device, o: 
     let dir = RunDir::lock(o.output_dir)?;
     let out = dir.path();
     let metrics_path = out.join("metrics.jsonl");
-    if let Some(r) = o.resume {
-        let ckpt = if r == "latest" {
-            list_checkpoints(out)
-                .pop()
-                .map(|c| c.1)
-                .ok_or_else(|| anyhow!("--resume-from-checkpoint latest: no checkpoint-* in {}", out.display()))?
-        } else {
-            PathBuf::from(r)
-        };
-        if !ckpt.is_dir() {
-            bail!("--resume-from-checkpoint: {} does not exist", ckpt.display());
-        }
+    let c = &o.checkpoints;
+    if let Some(named) = &c.resume_from_checkpoint {
+        let ckpt = dir.resume_target(named)?;
         load_checkpoint(&mut trainer, data.as_ref(), &ckpt)?;
         keep_metrics_until(&metrics_path, trainer.run.state.step)?;
         eprintln!("resumed from {} at step {}", ckpt.display(), trainer.run.state.step);
     } else {
-        let foreign = dir.foreign_checkpoints(&trainer.run_id);
-        let earlier = !foreign.is_empty() || metrics_path.exists();
-        if earlier && !o.overwrite {
-            bail!(
-                "{} holds another run's outputs ({}); resume it with --resume-from-checkpoint, start over with --overwrite, or choose another --output-dir",
-                out.display(),
-                foreign.first().map_or("metrics.jsonl".to_string(), |p| p.display().to_string())
-            );
-        }
+        dir.refuse_others(&trainer.run_id, std::slice::from_ref(&metrics_path), c.overwrite)?;
         if metrics_path.exists() {
             std::fs::remove_file(&metrics_path)
                 .with_context(|| format!("cannot replace {}", metrics_path.display()))?;
@@ -295,9 +261,9 @@ pub fn train_arm<B: Backend>(file: &RunFile, main: &Path, device: B::Device, o: 
         write_metrics(
             serde_json::json!({"step": s.step, "loss": s.loss, "main_loss": s.main_loss, "lisa_loss": s.lisa_loss, "grad_norm": s.grad_norm, "lr": s.lr, "steps_per_s": its, "iou": iou}),
         )?;
-        if (o.checkpointing_steps > 0 && s.step % o.checkpointing_steps == 0) || last {
+        if c.saves_at(s.step, t.max_train_steps) {
             save_checkpoint(&trainer, data.as_ref(), &out.join(format!("checkpoint-{}", s.step)))?;
-            if let Some(limit) = o.checkpoints_total_limit {
+            if let Some(limit) = c.checkpoints_total_limit {
                 dir.prune(&trainer.run_id, limit)?;
             }
         }
@@ -346,10 +312,7 @@ pub fn run<B: Backend>(a: TrainArgs, device: B::Device) -> Result<()> {
         output_dir: &a.output_dir,
         validation_steps: a.validation_steps,
         validate_at_start: false,
-        checkpointing_steps: a.checkpointing_steps,
-        checkpoints_total_limit: a.checkpoints_total_limit,
-        resume: a.resume_from_checkpoint.as_deref(),
-        overwrite: a.overwrite,
+        checkpoints: a.checkpoints.clone(),
         label: if file.train.mode == Mode::Lisa { "lisa" } else { "baseline" },
     };
     let report = train_arm::<B>(&file, &a.main, device, &options)?;

@@ -1,49 +1,9 @@
 //! The `lisa` command end to end on a tiny configuration, and its handling of bad input.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-const TINY: &str = r#"
-[model.unet]
-resolution = 16
-channels = [8, 16]
-norm_groups = 4
-time_sinusoidal_dim = 16
-time_dim = 16
-
-[model.control]
-hint_hidden = 8
-
-[model.decoder]
-hook = "down_1"
-time_sinusoidal_dim = 16
-channel_floor = 4
-
-[data]
-len = 64
-
-[validation]
-samples = 4
-
-[validation.sampling]
-steps = 3
-"#;
-
-fn lisa(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lisa")).args(args).output().expect("run lisa")
-}
-
-fn ok(out: &Output) {
-    assert!(out.status.success(), "lisa failed:\n{}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// Fails with a message containing `needle`, with a non-zero exit and no panic.
-fn fails_with(out: &Output, needle: &str) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure mentioning {needle:?}, got success:\n{err}");
-    assert!(err.contains(needle), "stderr should mention {needle:?}:\n{err}");
-    assert!(!err.contains("panicked"), "must not panic:\n{err}");
-}
+use common::{TINY, fails_with, lisa, ok, s};
 
 fn workdir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("lisa-cli-{name}-{}", std::process::id()));
@@ -51,10 +11,6 @@ fn workdir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     std::fs::write(d.join("tiny.toml"), TINY).unwrap();
     d
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 #[test]

@@ -5,36 +5,14 @@
 use std::path::Path;
 use std::process::Command;
 
-const TINY: &str = r#"
-[model.unet]
-resolution = 16
-channels = [8, 16]
-norm_groups = 4
-time_sinusoidal_dim = 16
-time_dim = 16
+mod common;
 
-[model.control]
-hint_hidden = 8
+use common::TINY;
 
-[model.decoder]
-time_sinusoidal_dim = 16
-channel_floor = 4
-
-[data]
-len = 32
-
-[pretrain]
-batch_size = 2
-
-[train]
-batch_size = 2
-
-[validation]
-samples = 2
-
-[validation.sampling]
-steps = 2
-"#;
+/// The tiny model with small batches for pretraining and training.
+fn tiny_run_file() -> String {
+    format!("{TINY}\n[pretrain]\nbatch_size = 2\n\n[train]\nbatch_size = 2\n")
+}
 
 /// The command block of the README's "The `lisa` command" section.
 fn readme_commands() -> Vec<String> {
@@ -82,7 +60,7 @@ fn the_readme_commands_run_as_written() {
     let dir = std::env::temp_dir().join(format!("lisa-readme-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("tiny.toml"), TINY).unwrap();
+    std::fs::write(dir.join("tiny.toml"), tiny_run_file()).unwrap();
     let run = |args: &[String]| {
         let out = Command::new(env!("CARGO_BIN_EXE_lisa")).args(args).current_dir(&dir).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);

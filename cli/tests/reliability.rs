@@ -7,53 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-const TINY: &str = r#"
-[model.unet]
-resolution = 16
-channels = [8, 16]
-norm_groups = 4
-time_sinusoidal_dim = 16
-time_dim = 16
+mod common;
 
-[model.control]
-hint_hidden = 8
-
-[model.decoder]
-hook = "down_1"
-time_sinusoidal_dim = 16
-channel_floor = 4
-
-[data]
-len = 64
-
-[validation]
-samples = 2
-
-[validation.sampling]
-steps = 2
-"#;
-
-fn lisa(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lisa")).args(args).output().expect("run lisa")
-}
-
-fn ok(out: &Output) -> String {
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "lisa failed:\n{err}");
-    err
-}
-
-/// Fails with a message containing `needle`: non-zero exit, no panic, no Rust debug dump.
-fn fails_with(out: &Output, needle: &str) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure mentioning {needle:?}, got success:\n{err}");
-    assert!(err.contains(needle), "stderr should mention {needle:?}:\n{err}");
-    assert!(!err.contains("panicked") && !err.contains(" { "), "no panic, no debug dump:\n{err}");
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use common::{TINY, fails_with, lisa, ok, s};
 
 /// A fresh folder with the tiny run file and a 2-step prior.
 fn setup(name: &str) -> (PathBuf, PathBuf, PathBuf) {

@@ -44,25 +44,23 @@ pub trait RunSettings: Serialize + DeserializeOwned + Clone + PartialEq {
     fn with_resumable_from(&self, current: &Self) -> Self;
 }
 
-impl RunSettings for TrainConfig {
-    const KIND: &'static str = "train";
-    fn with_resumable_from(&self, current: &Self) -> Self {
-        let mut s = self.clone();
-        s.max_train_steps = current.max_train_steps;
-        s.optim.lr = current.optim.lr;
-        s
-    }
+/// Both kinds keep the run length and the optimizer settings in the same fields.
+macro_rules! run_settings {
+    ($config:ty, $kind:literal) => {
+        impl RunSettings for $config {
+            const KIND: &'static str = $kind;
+            fn with_resumable_from(&self, current: &Self) -> Self {
+                let mut s = self.clone();
+                s.max_train_steps = current.max_train_steps;
+                s.optim.lr = current.optim.lr;
+                s
+            }
+        }
+    };
 }
 
-impl RunSettings for PretrainConfig {
-    const KIND: &'static str = "pretrain";
-    fn with_resumable_from(&self, current: &Self) -> Self {
-        let mut s = self.clone();
-        s.max_train_steps = current.max_train_steps;
-        s.optim.lr = current.optim.lr;
-        s
-    }
-}
+run_settings!(TrainConfig, "train");
+run_settings!(PretrainConfig, "pretrain");
 
 /// The data a run was trained on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,57 @@
+//! What the command's tests share: the tiny run file, running `lisa`, checking its outcome.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// A tiny model (16 × 16, channels 8/16) with a short validation.
+pub const TINY: &str = r#"
+[model.unet]
+resolution = 16
+channels = [8, 16]
+norm_groups = 4
+time_sinusoidal_dim = 16
+time_dim = 16
+
+[model.control]
+hint_hidden = 8
+
+[model.decoder]
+hook = "down_1"
+time_sinusoidal_dim = 16
+channel_floor = 4
+
+[data]
+len = 64
+
+[validation]
+samples = 2
+
+[validation.sampling]
+steps = 2
+"#;
+
+/// Runs the `lisa` binary.
+pub fn lisa(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lisa")).args(args).output().expect("run lisa")
+}
+
+/// Succeeded; returns stderr.
+pub fn ok(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "lisa failed:\n{err}");
+    err
+}
+
+/// Fails with a message containing `needle`: non-zero exit, no panic, no Rust debug dump.
+pub fn fails_with(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure mentioning {needle:?}, got success:\n{err}");
+    assert!(err.contains(needle), "stderr should mention {needle:?}:\n{err}");
+    assert!(!err.contains("panicked") && !err.contains(" { "), "no panic, no debug dump:\n{err}");
+}
+
+/// A path as a command-line argument.
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
