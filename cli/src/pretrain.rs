@@ -21,7 +21,7 @@ pub struct PretrainArgs {
     #[arg(long)]
     config: Option<PathBuf>,
     /// Where the prior's EMA weights are written at the end (safetensors; default:
-    /// <output-dir>/main.safetensors). An existing file is replaced only with --overwrite
+    /// `<output-dir>/main.safetensors`). An existing file is replaced only with --overwrite
     /// (which also lets a new run start in an --output-dir holding another run's checkpoints).
     #[arg(long)]
     output: Option<PathBuf>,
