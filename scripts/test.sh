@@ -10,7 +10,8 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 
 # wgpu runs on lavapipe (software Vulkan) where there is no GPU; cuda is compiled and its
-# suite skips without a driver (set LISA_REQUIRE_CUDA=1 on a GPU machine to make it run).
+# suite is reported as ignored without a driver (run it on a GPU machine with LISA_REQUIRE_CUDA=1,
+# or its binary with -- --include-ignored).
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 
 echo "== unit, property and integration tests (workspace, every backend compiled in)"
@@ -29,5 +30,5 @@ echo "== docs (warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features -q
 
 # One closing line for the whole run (cargo prints one per test binary).
-awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
-     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1); if ($i ~ /^ignored/) s += $(i-1) } }
+     END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
