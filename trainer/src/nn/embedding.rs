@@ -45,7 +45,7 @@ impl ClassEmbedding {
         let mut one_hot = vec![0.0f32; ids.len() * self.classes];
         for (row, &id) in ids.iter().enumerate() {
             if id >= self.classes {
-                return Err(TrainError::Config(format!("class id {id} out of range 0..{}", self.classes)));
+                return Err(TrainError::Mismatch(format!("class id {id} out of range 0..{}", self.classes)));
             }
             one_hot[row * self.classes + id] = 1.0;
         }
