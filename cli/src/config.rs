@@ -10,6 +10,7 @@ use lisa_trainer::data::{Dataset, FillCircles, prompt_colours};
 use lisa_trainer::model::{DualDenoiser, ModelSpec, registry, toy};
 use lisa_trainer::pretrain::PretrainConfig;
 use lisa_trainer::sample::SampleConfig;
+use lisa_trainer::scheduler;
 use lisa_trainer::train::TrainConfig;
 use serde::{Deserialize, Serialize};
 
@@ -93,7 +94,23 @@ pub fn check_memory<B: Backend>(model: &dyn DualDenoiser<B>, batch: usize) -> Re
     }
 }
 
+/// The most validation samples (they are sampled as one batch).
+const MAX_VALIDATION_SAMPLES: usize = 4096;
+
 impl RunFile {
+    /// The validation sampler applies to this model (steps, η, scales, sampler vs noise
+    /// process) and there is a validation set: checked now, not after the last step.
+    pub fn check_sampling<B: Backend>(&self, model: &dyn DualDenoiser<B>) -> Result<()> {
+        let sampling = &self.validation.sampling;
+        sampling.validate().context("[validation.sampling]")?;
+        scheduler::build::<B>(&self.train.noise, &sampling.scheduler(model.prediction()))
+            .context("[validation.sampling]")?;
+        if !(1..=MAX_VALIDATION_SAMPLES).contains(&self.validation.samples) {
+            bail!("[validation] samples must lie in 1..={MAX_VALIDATION_SAMPLES}, got {}", self.validation.samples);
+        }
+        Ok(())
+    }
+
     /// Reads a run file, or the defaults without one, and checks the model section.
     pub fn load(path: Option<&Path>) -> Result<Self> {
         let Some(path) = path else { return Ok(Self::default()) };

@@ -15,7 +15,7 @@ use lisa_trainer::train::Mode;
 use crate::config::RunFile;
 use crate::image::save_png;
 use crate::plot::{Panel, Series, line_chart};
-use crate::run_dir::CheckpointArgs;
+use crate::run_dir::{CheckpointArgs, LOCK, RunDir};
 use crate::train::{ArmReport, LoopOptions, train_arm};
 
 /// The demo's run file and prior, shipped in `assets/` (found from the source tree, so the
@@ -58,6 +58,7 @@ pub fn run<B: Backend>(a: DemoArgs, device: B::Device) -> Result<()> {
         }
     }
     let mut file = RunFile::load(Some(&config))?;
+    file.resolve_model(&main)?;
     if let Some(s) = a.max_train_steps {
         file.train.max_train_steps = s;
     }
@@ -125,13 +126,17 @@ fn claim(dir: &Path, outputs: &[&str], subfolders: &[&str]) -> Result<()> {
         })
     };
     if dir.exists() {
+        // Not while another process works in it (held only for this check).
+        drop(RunDir::lock(dir)?);
         let entries: Vec<_> = std::fs::read_dir(dir)
             .with_context(|| format!("cannot read {}", dir.display()))?
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
-        let foreign: Vec<_> =
-            entries.iter().filter(|n| *n != MARKER && !output(n) && !subfolders.contains(&n.as_str())).collect();
+        // The lock file of an earlier run, and temporary files a killed write left, are the
+        // demo's own too.
+        let own = |n: &str| n == MARKER || n == LOCK || (n.starts_with('.') && n.contains(".tmp-")) || output(n);
+        let foreign: Vec<_> = entries.iter().filter(|n| !own(n) && !subfolders.contains(&n.as_str())).collect();
         let made_by_demo = entries.iter().any(|n| n == MARKER);
         if !entries.is_empty() && (!made_by_demo || !foreign.is_empty()) {
             bail!(
@@ -140,7 +145,7 @@ fn claim(dir: &Path, outputs: &[&str], subfolders: &[&str]) -> Result<()> {
                 foreign.first().map_or("no demo marker", |n| n.as_str())
             );
         }
-        for name in entries.iter().filter(|n| output(n)) {
+        for name in entries.iter().filter(|n| output(n) || (n.starts_with('.') && n.contains(".tmp-"))) {
             let path = dir.join(name);
             let removed = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
             removed.with_context(|| format!("cannot remove the earlier demo output {}", path.display()))?;

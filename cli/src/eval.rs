@@ -12,6 +12,7 @@ use lisa_trainer::metrics::{colour_error, controllability_iou};
 use lisa_trainer::model::{DualDenoiser, Parts, registry};
 use lisa_trainer::sample::{SampleConfig, sample};
 use lisa_trainer::scheduler::NoiseConfig;
+use lisa_trainer::train::TrainConfig;
 
 use crate::config::RunFile;
 use crate::image::{canvas, paste_planar, save_png, upscaled};
@@ -83,6 +84,10 @@ impl ModelArgs {
     pub fn load<B: Backend>(&self, device: B::Device) -> Result<(RunFile, Box<dyn DualDenoiser<B>>)> {
         let mut file = RunFile::load(self.config.as_deref())?;
         file.resolve_model(&self.main)?;
+        if let Some(dir) = &self.checkpoint {
+            // Sample with the noise process the side network was trained on.
+            file.train.noise = lisa_trainer::checkpoint::read_configs(dir)?.1.noise;
+        }
         let model = load_model(&file, &self.main, self.checkpoint.as_deref(), device)?;
         Ok((file, model))
     }
@@ -110,7 +115,10 @@ pub fn load_model<B: Backend>(
     device: B::Device,
 ) -> Result<Box<dyn DualDenoiser<B>>> {
     let spec = match checkpoint {
-        Some(dir) => lisa_trainer::checkpoint::read_configs(dir)?.0,
+        Some(dir) => {
+            lisa_trainer::checkpoint::verify_file::<TrainConfig>(dir, "model.safetensors")?;
+            lisa_trainer::checkpoint::read_configs(dir)?.0
+        }
         None => file.model.clone(),
     };
     let mut model = registry::build::<B>(&spec, Parts::Dual { decoder: false }, device, 0)?;
@@ -124,6 +132,7 @@ pub fn load_model<B: Backend>(
 /// Runs `lisa eval`.
 pub fn run<B: Backend>(a: EvalArgs, device: B::Device) -> Result<()> {
     let (mut file, model) = a.model.load::<B>(device)?;
+    file.check_sampling(model.as_ref())?;
     if let Some(s) = a.steps {
         file.validation.sampling.steps = s;
     }

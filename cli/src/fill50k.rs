@@ -67,7 +67,9 @@ impl Fill50k {
             return Err(TrainError::Data { path: list, reason: "no examples listed".into() });
         }
         let digest = lisa_trainer::weights::digest(text.as_bytes());
-        Ok(Self { entries, resolution, fingerprint: format!("fill50k {} prompt.json sha256 {digest}", root.display()) })
+        // The list's content, not the folder's path: the same data moved or named by a relative
+        // path is the same data.
+        Ok(Self { entries, resolution, fingerprint: format!("fill50k prompt.json sha256 {digest}") })
     }
 
     /// The line of `prompt.json` that lists example `i`.

@@ -76,7 +76,8 @@ pub fn run<B: Backend>(a: PretrainArgs, device: B::Device) -> Result<()> {
         file.data.dir = Some(d);
     }
     let output = a.output.clone().unwrap_or_else(|| a.output_dir.join("main.safetensors"));
-    check_output(&output, a.checkpoints.overwrite)?;
+    // A resumed run may replace the weights file it will write again.
+    check_output(&output, a.checkpoints.overwrite || a.checkpoints.resume_from_checkpoint.is_some())?;
     let mut trainer = Pretrainer::<B>::new(&file.model, file.pretrain.clone(), device)?;
     check_memory(trainer.model.as_ref(), file.pretrain.batch_size)?;
     let data = file.open_training_set(trainer.model.as_ref())?;
@@ -86,6 +87,7 @@ pub fn run<B: Backend>(a: PretrainArgs, device: B::Device) -> Result<()> {
         Some(named) => {
             let ckpt = dir.resume_target(named)?;
             load_checkpoint(&mut trainer, data.as_ref(), &ckpt)?;
+            dir.refuse_others(&trainer.run_id, &[], false)?;
             eprintln!("resumed from {} at step {}", ckpt.display(), trainer.run.state.step);
         }
         None => dir.refuse_others(&trainer.run_id, &[], c.overwrite)?,

@@ -1,10 +1,10 @@
-//! A run's output folder: created if missing, locked while a run writes into it (a second
-//! run is refused, a lock left by a dead process is taken over), and its checkpoints owned by
-//! the run that wrote them (the run id in their `state.json`): pruning touches only the
-//! current run's, and a new run refuses a folder that holds another run's unless told to
-//! resume or to overwrite.
+//! A run's output folder: created if missing, locked while a run writes into it (an
+//! operating-system lock on `.lisa.lock`, released by the system when the process ends, so a
+//! killed run never blocks the next), and its checkpoints owned by the run that wrote them
+//! (the run id in their `state.json`): pruning touches only the current run's, and a new run
+//! refuses a folder that holds another run's outputs unless told to resume or to overwrite.
 
-use std::fs::{self, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -12,11 +12,12 @@ use anyhow::{Context, Result, bail};
 use lisa_trainer::checkpoint::list_checkpoints;
 
 /// The lock file's name.
-const LOCK: &str = ".lisa.lock";
+pub const LOCK: &str = ".lisa.lock";
 
-/// An output folder held by this process.
+/// An output folder held by this process (for as long as this value lives).
 pub struct RunDir {
     path: PathBuf,
+    _lock: File,
 }
 
 impl RunDir {
@@ -24,31 +25,28 @@ impl RunDir {
     pub fn lock(path: &Path) -> Result<Self> {
         fs::create_dir_all(path).with_context(|| format!("cannot create the output folder {}", path.display()))?;
         let lock = path.join(LOCK);
-        for _ in 0..2 {
-            match OpenOptions::new().write(true).create_new(true).open(&lock) {
-                Ok(mut f) => {
-                    writeln!(f, "{}", std::process::id())
-                        .with_context(|| format!("cannot write in the output folder {}", path.display()))?;
-                    return Ok(Self { path: path.to_path_buf() });
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let owner = fs::read_to_string(&lock).ok().and_then(|s| s.trim().parse::<u32>().ok());
-                    match owner {
-                        Some(pid) if Path::new(&format!("/proc/{pid}")).exists() => bail!(
-                            "{} is in use by another lisa run (process {pid}); wait for it or choose another --output-dir",
-                            path.display()
-                        ),
-                        // A lock left by a process that is gone: take it over.
-                        _ => fs::remove_file(&lock)
-                            .with_context(|| format!("cannot remove the stale lock {}", lock.display()))?,
-                    }
-                }
-                Err(e) => {
-                    return Err(e).with_context(|| format!("cannot write in the output folder {}", path.display()));
-                }
-            }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock)
+            .with_context(|| format!("cannot write in the output folder {}", path.display()))?;
+        if let Err(e) = file.try_lock() {
+            let owner = fs::read_to_string(&lock).unwrap_or_default();
+            return match e {
+                fs::TryLockError::WouldBlock => bail!(
+                    "{} is in use by another lisa run (process {}); wait for it or choose another --output-dir",
+                    path.display(),
+                    owner.trim()
+                ),
+                fs::TryLockError::Error(e) => Err(e).with_context(|| format!("cannot lock {}", lock.display())),
+            };
         }
-        bail!("cannot take the lock of {}", path.display())
+        file.set_len(0)
+            .and_then(|_| writeln!(file, "{}", std::process::id()))
+            .with_context(|| format!("cannot write in the output folder {}", path.display()))?;
+        Ok(Self { path: path.to_path_buf(), _lock: file })
     }
 
     /// The folder.
@@ -71,18 +69,26 @@ impl RunDir {
         Ok(dir)
     }
 
-    /// Refuses a new run (`run_id`) here while another run's checkpoints or `outputs` are
-    /// present, unless `overwrite`.
+    /// Refuses to let run `run_id` write here while another run's checkpoints or `outputs`
+    /// are present; with `overwrite` (the user's explicit word), removes them instead.
     pub fn refuse_others(&self, run_id: &str, outputs: &[PathBuf], overwrite: bool) -> Result<()> {
-        let foreign = list_checkpoints(&self.path).into_iter().find(|c| c.2.as_deref() != Some(run_id)).map(|c| c.1);
-        if let Some(other) = foreign.or_else(|| outputs.iter().find(|p| p.exists()).cloned())
-            && !overwrite
-        {
+        let foreign: Vec<PathBuf> = list_checkpoints(&self.path)
+            .into_iter()
+            .filter(|c| c.2.as_deref() != Some(run_id))
+            .map(|c| c.1)
+            .chain(outputs.iter().filter(|p| p.exists()).cloned())
+            .collect();
+        let Some(first) = foreign.first() else { return Ok(()) };
+        if !overwrite {
             bail!(
-                "{} holds another run's outputs ({}); resume it with --resume-from-checkpoint, start over with --overwrite, or choose another --output-dir",
+                "{} holds another run's outputs ({}); resume that run with --resume-from-checkpoint, start over with --overwrite (which deletes them), or choose another --output-dir",
                 self.path.display(),
-                other.display()
+                first.display()
             );
+        }
+        for p in &foreign {
+            let removed = if p.is_dir() { fs::remove_dir_all(p) } else { fs::remove_file(p) };
+            removed.with_context(|| format!("cannot remove {}", p.display()))?;
         }
         Ok(())
     }
@@ -98,12 +104,6 @@ impl RunDir {
     }
 }
 
-impl Drop for RunDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(self.path.join(LOCK));
-    }
-}
-
 /// The checkpoint flags `lisa train` and `lisa pretrain` share.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CheckpointArgs {
@@ -116,8 +116,8 @@ pub struct CheckpointArgs {
     /// A checkpoint directory, or "latest" (the newest in --output-dir).
     #[arg(long)]
     pub resume_from_checkpoint: Option<String>,
-    /// Start a new run in an --output-dir that holds another run's outputs (its metrics are
-    /// replaced, its checkpoints kept but for those this run rewrites).
+    /// Start a new run in an --output-dir that holds another run's outputs, deleting its
+    /// checkpoints and metrics.jsonl there.
     #[arg(long, conflicts_with = "resume_from_checkpoint")]
     pub overwrite: bool,
 }

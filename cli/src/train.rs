@@ -10,7 +10,6 @@ use lisa_core::backend::Backend;
 use lisa_core::{Distance, TargetSpace};
 use lisa_trainer::checkpoint::{load_checkpoint, save_checkpoint};
 use lisa_trainer::model::{DualDenoiser, Parts, registry};
-use lisa_trainer::scheduler;
 use lisa_trainer::train::{Mode, Trainer};
 use lisa_trainer::weights::write_atomic;
 
@@ -186,9 +185,10 @@ pub fn train_arm<B: Backend>(file: &RunFile, main: &Path, device: B::Device, o: 
     let parts = Parts::Dual { decoder: mode == Mode::Lisa };
     let mut model = registry::build::<B>(&file.model, parts, device, file.train.seed)?;
     model.load_main(main).with_context(|| format!("loading the prior {}", main.display()))?;
-    check_sampling(model.as_ref(), file)?;
+    file.check_sampling(model.as_ref())?;
     check_memory(model.as_ref(), file.train.batch_size)?;
     let data = file.open_training_set(model.as_ref())?;
+    check_example_fits(model.as_ref(), data.as_ref())?;
     let val_set = file.validation_set(model.sample_shape()[1]);
     let mut trainer = Trainer::new(model, file.train.clone())?;
     let dir = RunDir::lock(o.output_dir)?;
@@ -198,7 +198,8 @@ pub fn train_arm<B: Backend>(file: &RunFile, main: &Path, device: B::Device, o: 
     if let Some(named) = &c.resume_from_checkpoint {
         let ckpt = dir.resume_target(named)?;
         load_checkpoint(&mut trainer, data.as_ref(), &ckpt)?;
-        keep_metrics_until(&metrics_path, trainer.run.state.step)?;
+        dir.refuse_others(&trainer.run_id, &[], false)?;
+        keep_metrics_until(&metrics_path, &trainer.run_id, trainer.run.state.step)?;
         eprintln!("resumed from {} at step {}", ckpt.display(), trainer.run.state.step);
     } else {
         dir.refuse_others(&trainer.run_id, std::slice::from_ref(&metrics_path), c.overwrite)?;
@@ -233,6 +234,7 @@ pub fn train_arm<B: Backend>(file: &RunFile, main: &Path, device: B::Device, o: 
     let mut report = ArmReport::default();
     let first = trainer.run.state.step;
     let mut progress = Progress::new(o.label, first, t.max_train_steps);
+    let run_id = trainer.run_id.clone();
     let validate_now = |trainer: &Trainer<B>, step: u64, report: &mut ArmReport| -> Result<f32> {
         let v = validate(trainer.model.as_ref(), &t.noise, &val_set, &file.validation.sampling)?;
         save_png(&v.grid, &out.join(format!("validation-{step:06}.png")))?;
@@ -242,7 +244,7 @@ pub fn train_arm<B: Backend>(file: &RunFile, main: &Path, device: B::Device, o: 
     if o.validate_at_start && first == 0 {
         let iou = validate_now(&trainer, 0, &mut report)?;
         progress.validation(0, iou);
-        write_metrics(serde_json::json!({"step": 0, "iou": iou}))?;
+        write_metrics(serde_json::json!({"step": 0, "iou": iou, "run": run_id}))?;
     }
     while trainer.run.state.step < t.max_train_steps {
         let step_start = Instant::now();
@@ -273,22 +275,33 @@ pub fn train_arm<B: Backend>(file: &RunFile, main: &Path, device: B::Device, o: 
     Ok(report)
 }
 
-/// The validation sampler applies to this model (steps, η, scales, sampler vs noise
-/// process) and there is a validation set: checked now, not after the last step.
-pub fn check_sampling<B: Backend>(model: &dyn DualDenoiser<B>, file: &RunFile) -> Result<()> {
-    let sampling = &file.validation.sampling;
-    sampling.validate().context("[validation.sampling]")?;
-    scheduler::build::<B>(&file.train.noise, &sampling.scheduler(model.prediction()))
-        .context("[validation.sampling]")?;
-    if file.validation.samples == 0 {
-        bail!("[validation] samples must be at least 1");
+/// The data's images and condition images have the model's channels (checked on the first
+/// example, before the folder is locked or anything trained).
+fn check_example_fits<B: Backend>(model: &dyn DualDenoiser<B>, data: &dyn lisa_trainer::data::Dataset) -> Result<()> {
+    let [c, h, w] = model.sample_shape();
+    let e = data.get(0)?;
+    if e.image.len() != c * h * w || e.hint.len() != model.hint_channels() * h * w {
+        bail!(
+            "the data has {}-channel images and {}-channel conditions; the model wants {c} and {}",
+            e.image.len() / (h * w).max(1),
+            e.hint.len() / (h * w).max(1),
+            model.hint_channels()
+        );
     }
     Ok(())
 }
 
-/// Drops the lines of `metrics.jsonl` past `step` (a resumed run writes them again).
-fn keep_metrics_until(path: &Path, step: u64) -> Result<()> {
+/// Drops the lines of `metrics.jsonl` past `step` (a resumed run writes them again); a file
+/// with another run's lines is refused, not cut.
+fn keep_metrics_until(path: &Path, run_id: &str, step: u64) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let other = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .any(|v| v.get("run").and_then(|r| r.as_str()).is_some_and(|r| r != run_id));
+    if other {
+        bail!("{} holds another run's metrics; resume a run in its own output folder", path.display());
+    }
     let kept: String = text
         .lines()
         .filter(|l| {

@@ -59,18 +59,35 @@ fn runs_own_their_checkpoints_and_folders() {
     let limit = ["--checkpointing-steps", "1", "--checkpoints-total-limit", "2"];
     ok(&train(&cfg, &main, &run, &[&["--max-train-steps", "4"][..], &limit].concat()));
     assert!(run.join("checkpoint-3").is_dir() && run.join("checkpoint-4").is_dir());
-    // A new run into the same folder is refused...
+    // A new run into the same folder is refused, and nothing is touched...
     fails_with(&train(&cfg, &main, &run, &["--max-train-steps", "2"]), "holds another run's outputs");
-    // ...and with --overwrite it runs, pruning only its own checkpoints.
+    assert!(run.join("checkpoint-4").is_dir() && run.join("metrics.jsonl").is_file());
+    // ...and --overwrite (the user's word) replaces the other run's outputs.
     ok(&train(&cfg, &main, &run, &[&["--max-train-steps", "2", "--overwrite"][..], &limit].concat()));
-    assert!(run.join("checkpoint-3").is_dir() && run.join("checkpoint-4").is_dir(), "the other run's stay");
+    assert!(!run.join("checkpoint-4").exists(), "the other run's checkpoints went with --overwrite");
     assert!(run.join("checkpoint-1").is_dir() && run.join("checkpoint-2").is_dir());
-    // A folder in use by a live process is refused; a lock left by a dead one is taken over.
-    std::fs::write(run.join(".lisa.lock"), format!("{}\n", std::process::id())).unwrap();
+    // Pruning touches only the run's own checkpoints: another run's survive a resume.
+    let other = run.join("checkpoint-9");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("state.json"), r#"{"run_id": "someone-else"}"#).unwrap();
+    fails_with(
+        &train(
+            &cfg,
+            &main,
+            &run,
+            &["--max-train-steps", "3", "--resume-from-checkpoint", s(&run.join("checkpoint-2"))],
+        ),
+        "another run's outputs",
+    );
+    std::fs::remove_dir_all(&other).unwrap();
+    // A folder in use by a live process is refused (an operating-system lock, released when
+    // its holder ends, so a killed run never blocks the next).
+    let lock =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(run.join(".lisa.lock")).unwrap();
+    lock.try_lock().unwrap();
     fails_with(&train(&cfg, &main, &run, &["--resume-from-checkpoint", "latest"]), "in use by another lisa run");
-    std::fs::write(run.join(".lisa.lock"), "4000000000\n").unwrap();
+    drop(lock);
     ok(&train(&cfg, &main, &run, &["--max-train-steps", "5", "--resume-from-checkpoint", "latest"]));
-    assert!(!run.join(".lisa.lock").exists(), "the lock goes with the run");
     // An existing prior is not overwritten by pretraining.
     fails_with(
         &lisa(&["pretrain", "--config", s(&cfg), "--output", s(&main), "--output-dir", s(&d.join("pre2"))]),
@@ -94,7 +111,7 @@ fn settings_are_checked_before_the_first_step() {
         (&zero_steps, "steps >= 1"),
         (&euler, "the euler sampler needs a rectified flow"),
         (&nan, "must be finite"),
-        (&no_samples, "samples must be at least 1"),
+        (&no_samples, "samples must lie in 1..=4096"),
     ] {
         let run = d.join(format!("run-{}", file.file_stem().unwrap().to_string_lossy()));
         fails_with(&train(file, &main, &run, &["--max-train-steps", "50"]), needle);

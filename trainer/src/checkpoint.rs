@@ -104,6 +104,43 @@ pub struct StateFile<C> {
     /// SHA-256 of every other file of the checkpoint.
     #[serde(default)]
     pub files: BTreeMap<String, String>,
+    /// SHA-256 of the frozen weights the run trained against (the prior).
+    #[serde(default)]
+    pub frozen: Option<String>,
+    /// SHA-256 of this file's own content written with this field empty.
+    #[serde(default)]
+    pub state_digest: String,
+}
+
+impl<C: RunSettings> StateFile<C> {
+    /// The file's bytes, with its own digest filled in.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let mut s = self.clone();
+        s.state_digest = String::new();
+        let unsigned = serde_json::to_vec_pretty(&s).map_err(|e| crate::TrainError::Serialize(e.to_string()))?;
+        s.state_digest = digest(&unsigned);
+        serde_json::to_vec_pretty(&s).map_err(|e| crate::TrainError::Serialize(e.to_string()))
+    }
+
+    /// Whether the digest matches the content (format 2).
+    fn intact(&self) -> bool {
+        let mut s = self.clone();
+        s.state_digest = String::new();
+        serde_json::to_vec_pretty(&s).is_ok_and(|b| digest(&b) == self.state_digest)
+    }
+}
+
+/// SHA-256 over the names and values of the frozen parameters of `store`.
+fn frozen_digest<B: Backend>(store: &crate::params::ParamStore<B>) -> Result<String> {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for (_, p) in store.iter().filter(|(_, p)| !p.trainable) {
+        h.update(p.name.as_bytes());
+        for v in B::to_vec(&p.value)? {
+            h.update(v.to_le_bytes());
+        }
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 fn train_kind() -> String {
@@ -117,12 +154,18 @@ pub fn save_checkpoint<B: Backend, C: RunSettings>(
     data: &dyn Dataset,
     dir: &Path,
 ) -> Result<()> {
+    if let Some(other) = run_id_at(dir)
+        && !other.is_empty()
+        && other != run.run_id
+    {
+        return Err(bad(dir, format!("belongs to another run ({other}); refusing to replace it")));
+    }
     let partial = PathBuf::from(format!("{}.partial", dir.display()));
     if partial.exists() {
         fs::remove_dir_all(&partial).map_err(io(&partial))?;
     }
     fs::create_dir_all(&partial).map_err(io(&partial))?;
-    if let Err(e) = write_files(run, data, dir, &partial) {
+    if let Err(e) = write_files(run, data, &partial) {
         let _ = fs::remove_dir_all(&partial);
         return Err(e);
     }
@@ -144,12 +187,7 @@ pub fn save_checkpoint<B: Backend, C: RunSettings>(
 type NamedTensors<'a, B> = Vec<(String, &'a <B as lisa_core::backend::BackendTypes>::Tensor)>;
 
 /// The files of a checkpoint of `run`, into `partial` (`state.json` last).
-fn write_files<B: Backend, C: RunSettings>(
-    run: &TrainingRun<B, C>,
-    data: &dyn Dataset,
-    dir: &Path,
-    partial: &Path,
-) -> Result<()> {
+fn write_files<B: Backend, C: RunSettings>(run: &TrainingRun<B, C>, data: &dyn Dataset, partial: &Path) -> Result<()> {
     let store = run.model.store();
     let name = |id| store.get(id).name.clone();
     let mut files: Vec<(&str, NamedTensors<'_, B>)> = Vec::new();
@@ -183,9 +221,10 @@ fn write_files<B: Backend, C: RunSettings>(
         model: run.model.spec(),
         dataset: Some(DatasetId::of(data)),
         files: digests,
+        frozen: Some(frozen_digest(store)?),
+        state_digest: String::new(),
     };
-    let json = serde_json::to_vec_pretty(&state).map_err(|e| bad(dir, e.to_string()))?;
-    write_atomic(&partial.join("state.json"), &json)?;
+    write_atomic(&partial.join("state.json"), &state.to_bytes()?)?;
     Ok(())
 }
 
@@ -204,10 +243,23 @@ pub fn read_state<C: RunSettings>(dir: &Path) -> Result<StateFile<C>> {
             format!("format version {} (this build reads 1 to {FORMAT_VERSION})", state.format_version),
         ));
     }
+    let v2_fields = !state.files.is_empty() || !state.state_digest.is_empty() || !state.run_id.is_empty();
+    if state.format_version == 1 && v2_fields {
+        return Err(bad(&path, "it claims format 1 but holds format 2 fields (a damaged file)"));
+    }
+    if state.format_version >= 2 && !state.intact() {
+        return Err(bad(&path, "its content does not match its digest (corrupted or edited)"));
+    }
     if state.kind != C::KIND {
         return Err(bad(&path, format!("a {} checkpoint, not a {} one", state.kind, C::KIND)));
     }
     Ok(state)
+}
+
+/// Checks a checkpoint's `state.json` and the digest of its `file` (what inference reads).
+pub fn verify_file<C: RunSettings>(dir: &Path, file: &str) -> Result<()> {
+    let state = read_state::<C>(dir)?;
+    read_verified(&state, dir, file).map(|_| ())
 }
 
 /// The model spec, settings and position a training checkpoint was written with.
@@ -255,6 +307,11 @@ pub fn load_checkpoint<B: Backend, C: RunSettings>(
             &state_path,
             "the checkpoint was written with other settings (seed, batch, optimizer, noise or LISA settings); a resume may change only the learning rate and the number of steps",
         ));
+    }
+    if let Some(frozen) = &state.frozen
+        && *frozen != frozen_digest(run.model.store())?
+    {
+        return Err(bad(&state_path, "the checkpoint was trained against other frozen weights (another prior)"));
     }
     let here = DatasetId::of(data);
     if let Some(there) = &state.dataset
@@ -331,6 +388,14 @@ pub fn load_checkpoint<B: Backend, C: RunSettings>(
     Ok(())
 }
 
+/// The run id in `dir/state.json` (None: no readable state file there).
+fn run_id_at(dir: &Path) -> Option<String> {
+    fs::read(dir.join("state.json"))
+        .ok()
+        .and_then(|t| serde_json::from_slice::<HashMap<String, serde_json::Value>>(&t).ok())
+        .map(|m| m.get("run_id").and_then(|v| v.as_str()).unwrap_or_default().to_string())
+}
+
 /// The checkpoints `checkpoint-<step>` in `dir`, by step, with the run id each was written
 /// by (`None` where `state.json` cannot be read).
 pub fn list_checkpoints(dir: &Path) -> Vec<(u64, PathBuf, Option<String>)> {
@@ -343,10 +408,7 @@ pub fn list_checkpoints(dir: &Path) -> Vec<(u64, PathBuf, Option<String>)> {
             let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
             let path = e.path();
             path.is_dir().then(|| {
-                let id = fs::read(path.join("state.json"))
-                    .ok()
-                    .and_then(|t| serde_json::from_slice::<HashMap<String, serde_json::Value>>(&t).ok())
-                    .and_then(|m| m.get("run_id").and_then(|v| v.as_str()).map(str::to_string));
+                let id = run_id_at(&path).filter(|id| !id.is_empty());
                 (step, path, id)
             })
         })

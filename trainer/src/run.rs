@@ -46,11 +46,27 @@ impl<B: Backend, C> TrainingRun<B, C> {
     pub(crate) fn apply(&mut self, grads: &mut [Option<B::Tensor>], total_steps: u64) -> Result<(f32, f32)> {
         let done = self.run.state.step;
         let (norm, lr) = self.optimizer.step(self.model.store_mut(), grads, done, total_steps)?;
+        // One reduction (one read-back) for all weights; the culprit is searched only on failure.
         let store = self.model.store();
+        let mut total: Option<B::Tensor> = None;
         for (_, p) in store.iter().filter(|(_, p)| p.trainable) {
-            if !B::item(&B::sum_squares(&p.value)?)?.is_finite() {
-                return Err(TrainError::Diverged { step: done + 1, tensor: p.name.clone(), lr, grad_norm: norm });
+            let sq = B::sum_squares(&p.value)?;
+            total = Some(match total {
+                Some(t) => B::add(&t, &sq)?,
+                None => sq,
+            });
+        }
+        if let Some(t) = total
+            && !B::item(&t)?.is_finite()
+        {
+            let mut culprit = String::from("a weight");
+            for (_, p) in store.iter().filter(|(_, p)| p.trainable) {
+                if !B::item(&B::sum_squares(&p.value)?)?.is_finite() {
+                    culprit = p.name.clone();
+                    break;
+                }
             }
+            return Err(TrainError::Diverged { step: done + 1, tensor: culprit, lr, grad_norm: norm });
         }
         self.run.state.step = done + 1;
         Ok((norm, lr))

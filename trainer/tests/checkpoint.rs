@@ -10,7 +10,7 @@ use lisa_core::backend::DType;
 use lisa_core::backend::prelude::*;
 use lisa_cpu::{CpuBackend as C, CpuDevice};
 use lisa_trainer::TrainError;
-use lisa_trainer::checkpoint::{load_checkpoint, save_checkpoint};
+use lisa_trainer::checkpoint::{StateFile, load_checkpoint, save_checkpoint};
 use lisa_trainer::data::FillCircles;
 use lisa_trainer::model::{Parts, registry};
 use lisa_trainer::optim::OptimConfig;
@@ -68,9 +68,9 @@ fn snapshot(t: &Trainer<C>) -> Vec<(String, Vec<u32>)> {
 /// Rewrites the digest of `file` in `dir/state.json` (to test what lies behind the digest).
 fn rehash(dir: &Path, file: &str) {
     let path = dir.join("state.json");
-    let mut state: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    state["files"][file] = lisa_trainer::weights::digest(&std::fs::read(dir.join(file)).unwrap()).into();
-    std::fs::write(path, serde_json::to_vec(&state).unwrap()).unwrap();
+    let mut state: StateFile<TrainConfig> = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    state.files.insert(file.into(), lisa_trainer::weights::digest(&std::fs::read(dir.join(file)).unwrap()));
+    std::fs::write(path, state.to_bytes().unwrap()).unwrap();
 }
 
 fn tmp(name: &str) -> PathBuf {
@@ -185,6 +185,16 @@ fn bad_checkpoints_are_rejected_and_change_nothing() {
     rehash(&dir.join("shapes"), "model.safetensors");
     expect_checkpoint_error(&mut fresh, &dir.join("shapes"), "shape");
     expect_checkpoint_error(&mut fresh, &w, "different model");
+
+    // An edited state.json (a different step), and one whose version was flipped to 1.
+    let c = copy("edited");
+    let text = std::fs::read_to_string(c.join("state.json")).unwrap();
+    std::fs::write(c.join("state.json"), text.replacen("\"step\": 1", "\"step\": 7", 1)).unwrap();
+    expect_checkpoint_error(&mut fresh, &c, "does not match its digest");
+    let c = copy("downgraded");
+    let text = std::fs::read_to_string(c.join("state.json")).unwrap();
+    std::fs::write(c.join("state.json"), text.replacen("\"format_version\": 2", "\"format_version\": 1", 1)).unwrap();
+    expect_checkpoint_error(&mut fresh, &c, "claims format 1");
 
     // Corrupt state, missing directory, a different run.
     let c = copy("state");

@@ -2,7 +2,7 @@
 
 use lisa_core::backend::Backend;
 
-use super::{Scheduler, SpacedSchedule};
+use super::{Previous, Scheduler, SpacedSchedule};
 use crate::error::{Result, TrainError};
 
 /// DDIM with stochasticity η on a discrete VP schedule.
@@ -30,7 +30,7 @@ impl<B: Backend> Scheduler<B> for Ddim {
     /// `σ_η = η·√((1−ā_prev)/(1−ā_t))·√(1 − ā_t/ā_prev)`,
     /// `x_prev = √ā_prev·x₀ + √(1 − ā_prev − σ_η²)·ε + σ_η·z`.
     fn step(&self, k: usize, pred: &B::Tensor, x: &B::Tensor) -> Result<B::Tensor> {
-        let (_, level, a_t, a_prev) = self.spaced.at(k)?;
+        let (_, level, a_t, a_prev) = self.spaced.at(k, Previous::Stride)?;
         let x0 = self.spaced.predicted_sample::<B>(level, x, pred)?;
         // ε consistent with the (clipped) x₀: ε = (x_t − α x₀)/σ.
         let eps = B::axpby(1.0 / level.sigma, x, -level.alpha / level.sigma, &x0)?;

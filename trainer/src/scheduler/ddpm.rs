@@ -3,7 +3,7 @@
 
 use lisa_core::backend::Backend;
 
-use super::{Scheduler, SpacedSchedule};
+use super::{Previous, Scheduler, SpacedSchedule};
 use crate::error::Result;
 
 /// DDPM on a discrete VP schedule.
@@ -23,11 +23,11 @@ impl<B: Backend> Scheduler<B> for Ddpm {
         &self.spaced.values
     }
 
-    /// With `α = ā_t/ā_prev`, `β = 1 − α`:
+    /// With `ā_prev` at the next listed timestep, `α = ā_t/ā_prev`, `β = 1 − α`:
     /// `x_prev = √ā_prev·β/(1−ā_t)·x₀ + √α·(1−ā_prev)/(1−ā_t)·x_t + √((1−ā_prev)/(1−ā_t)·β)·z`,
     /// no noise at `t = 0`.
     fn step(&self, k: usize, pred: &B::Tensor, x: &B::Tensor) -> Result<B::Tensor> {
-        let (t, level, a_t, a_prev) = self.spaced.at(k)?;
+        let (t, level, a_t, a_prev) = self.spaced.at(k, Previous::Listed)?;
         let (b_t, b_prev) = (1.0 - a_t, 1.0 - a_prev);
         let (alpha, beta) = (a_t / a_prev, 1.0 - a_t / a_prev);
         let x0 = self.spaced.predicted_sample::<B>(level, x, pred)?;

@@ -6,7 +6,16 @@ use lisa_core::backend::{Backend, DType};
 use lisa_core::schedule::{BetaSchedule, DiscreteVp};
 
 use super::SchedulerConfig;
-use crate::error::Result;
+use crate::error::{Result, TrainError};
+
+/// Which timestep a step goes back to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Previous {
+    /// `t − ⌊T/n⌋` (diffusers' DDIM).
+    Stride,
+    /// The next listed timestep (diffusers' DDPM `previous_timestep`).
+    Listed,
+}
 
 /// A discrete VP schedule with `n` of its `T` timesteps picked by a [`super::Spacing`].
 pub struct SpacedSchedule {
@@ -34,11 +43,18 @@ impl SpacedSchedule {
         })
     }
 
-    /// At step `k`: `(t, its level, ā_t, ā_prev)` with `ā_prev = 1` past the end.
-    pub fn at(&self, k: usize) -> Result<(usize, NoiseLevel<f32>, f32, f32)> {
-        let t = self.timesteps[k];
+    /// At step `k`: `(t, its level, ā_t, ā_prev)` with `ā_prev` at `prev`, 1 past the end.
+    pub fn at(&self, k: usize, prev: Previous) -> Result<(usize, NoiseLevel<f32>, f32, f32)> {
+        let t = *self
+            .timesteps
+            .get(k)
+            .ok_or_else(|| TrainError::Mismatch(format!("step {k} of a {}-step schedule", self.timesteps.len())))?;
         let ac = self.schedule.alphas_cumprod();
-        Ok((t, self.schedule.level(t)?, ac[t], t.checked_sub(self.ratio).map_or(1.0, |p| ac[p])))
+        let prev_t = match prev {
+            Previous::Stride => t.checked_sub(self.ratio),
+            Previous::Listed => self.timesteps.get(k + 1).copied(),
+        };
+        Ok((t, self.schedule.level(t)?, ac[t], prev_t.map_or(1.0, |p| ac[p])))
     }
 
     /// `x₀` from the model's prediction at `level`, clipped to [−1, 1] when configured.

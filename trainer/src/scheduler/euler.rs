@@ -40,6 +40,9 @@ impl<B: Backend> Scheduler<B> for EulerFlow {
 
     /// `x ← x + (t_{k+1} − t_k)·u`.
     fn step(&self, k: usize, pred: &B::Tensor, x: &B::Tensor) -> Result<B::Tensor> {
-        Ok(B::axpby(1.0, x, self.times[k + 1] - self.times[k], pred)?)
+        let (Some(t), Some(next)) = (self.times.get(k), self.times.get(k + 1)) else {
+            return Err(TrainError::Mismatch(format!("step {k} of a {}-step schedule", self.values.len())));
+        };
+        Ok(B::axpby(1.0, x, next - t, pred)?)
     }
 }

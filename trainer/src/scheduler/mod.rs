@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 pub use ddim::Ddim;
 pub use ddpm::Ddpm;
-pub use discrete::SpacedSchedule;
+pub use discrete::{Previous, SpacedSchedule};
 pub use euler::EulerFlow;
 pub use noise::{NoiseConfig, NoiseProcess, add_noise};
 pub use spacing::Spacing;

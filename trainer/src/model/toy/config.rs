@@ -55,8 +55,8 @@ impl UNetConfig {
     /// Checks sizes: ≥ 1 level, the resolution divisible by 2^(levels−1), nonzero widths.
     pub fn validate(&self) -> Result<()> {
         let fail = |m: String| Err(TrainError::Config(m));
-        if self.channels.is_empty() || self.channels.contains(&0) {
-            return fail(format!("unet.channels must be nonzero and non-empty, got {:?}", self.channels));
+        if self.channels.is_empty() || self.channels.len() > 16 || self.channels.contains(&0) {
+            return fail(format!("unet.channels must list 1 to 16 nonzero widths, got {:?}", self.channels));
         }
         let factor = 1usize << (self.channels.len() - 1);
         if self.resolution == 0 || !self.resolution.is_multiple_of(factor) {
