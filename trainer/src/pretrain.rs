@@ -11,7 +11,7 @@ use crate::data::Dataset;
 use crate::error::{Result, TrainError};
 use crate::model::{ModelSpec, Parts, forward_prior, registry};
 use crate::optim::{OptimConfig, Optimizer};
-use crate::run::{NoisedBatch, RunStream, TrainingRun, new_run_id, noise_batch};
+use crate::run::{MAX_BATCH, NoisedBatch, RunStream, StepSettings, TrainingRun, new_run_id, noise_batch};
 use crate::scheduler::{NoiseConfig, NoiseProcess};
 use crate::train::StepStats;
 use crate::weights::{MODEL_SPEC_KEY, load_params, save_params};
@@ -50,6 +50,15 @@ impl Default for PretrainConfig {
     }
 }
 
+impl StepSettings for PretrainConfig {
+    fn optim(&self) -> &OptimConfig {
+        &self.optim
+    }
+    fn total_steps(&self) -> u64 {
+        self.max_train_steps
+    }
+}
+
 /// A pretraining run of the main network (parameters named `main.*`, all trainable, built
 /// with [`Parts::Prior`]; the optimizer keeps an EMA of every weight).
 pub type Pretrainer<B> = TrainingRun<B, PretrainConfig>;
@@ -58,14 +67,14 @@ impl<B: Backend> Pretrainer<B> {
     /// A fresh run of the main network of `spec`.
     pub fn new(spec: &ModelSpec, config: PretrainConfig, device: B::Device) -> Result<Self> {
         config.optim.validate()?;
-        if !(1..=1 << 20).contains(&config.batch_size) || !(0.0..1.0).contains(&config.null_prompt_prob) {
+        if !(1..=MAX_BATCH).contains(&config.batch_size) || !(0.0..1.0).contains(&config.null_prompt_prob) {
             return Err(TrainError::Config(format!(
-                "pretrain: batch_size must lie in 1..=1048576 and null_prompt_prob in [0, 1), got {} and {}",
+                "pretrain: batch_size must lie in 1..={MAX_BATCH} and null_prompt_prob in [0, 1), got {} and {}",
                 config.batch_size, config.null_prompt_prob
             )));
         }
         let model = registry::build::<B>(spec, Parts::Prior, device, config.seed)?;
-        let optimizer = Optimizer::new(model.store(), config.optim.clone(), config.ema_decay, |_| true)?;
+        let optimizer = Optimizer::new(model.store(), config.ema_decay, |_| true)?;
         Ok(Self {
             noise: NoiseProcess::new(&config.noise)?,
             run: RunStream::new(config.seed),
@@ -93,7 +102,7 @@ impl<B: Backend> Pretrainer<B> {
         let leaves = bound.leaves();
         let mut grads_by_leaf = tape.backward(&[(&pred, g)])?;
         let mut grads = self.optimizer.gather(leaves, &mut grads_by_leaf);
-        let (grad_norm, lr) = self.apply(&mut grads, self.config.max_train_steps)?;
+        let (grad_norm, lr) = self.apply(&mut grads)?;
         Ok(StepStats { step, loss, main_loss: loss, lisa_loss: 0.0, grad_norm, lr })
     }
 

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::Example;
 use crate::error::{Result, TrainError};
 use crate::model::{Conditioning, DualDenoiser};
-use crate::optim::Optimizer;
+use crate::optim::{OptimConfig, Optimizer};
 use crate::scheduler::{NoiseProcess, add_noise};
 
 /// A training run: the model, its optimizer, the settings `C`, the random stream with the
@@ -38,14 +38,26 @@ pub(crate) fn new_run_id() -> String {
     format!("{:016x}", h.finish())
 }
 
-impl<B: Backend, C> TrainingRun<B, C> {
-    /// Clips and applies `grads` as the run's next optimizer step (of `total_steps`, for the
-    /// lr schedule) and advances the step count. Returns `(gradient norm, lr)`.
-    /// A step whose update makes a weight non-finite is an error naming the step, the
-    /// tensor and the learning rate (the run should not be saved after it).
-    pub(crate) fn apply(&mut self, grads: &mut [Option<B::Tensor>], total_steps: u64) -> Result<(f32, f32)> {
+/// What the optimizer step of a run reads from its settings (the one copy of them).
+pub trait StepSettings {
+    /// AdamW and the lr schedule.
+    fn optim(&self) -> &OptimConfig;
+    /// Steps of the run (the length of the lr schedule).
+    fn total_steps(&self) -> u64;
+}
+
+/// The most examples per (micro-)batch and micro-batches per step any run takes.
+pub const MAX_BATCH: usize = 1 << 20;
+
+impl<B: Backend, C: StepSettings> TrainingRun<B, C> {
+    /// Clips and applies `grads` as the run's next optimizer step and advances the step
+    /// count. Returns `(gradient norm, lr)`. A step whose update makes a weight non-finite
+    /// is an error naming the step, the tensor and the learning rate (the run should not be
+    /// saved after it).
+    pub(crate) fn apply(&mut self, grads: &mut [Option<B::Tensor>]) -> Result<(f32, f32)> {
         let done = self.run.state.step;
-        let (norm, lr) = self.optimizer.step(self.model.store_mut(), grads, done, total_steps)?;
+        let (config, store) = (&self.config, self.model.store_mut());
+        let (norm, lr) = self.optimizer.step(store, grads, config.optim(), done, config.total_steps())?;
         // One reduction (one read-back) for all weights; the culprit is searched only on failure.
         let store = self.model.store();
         let mut total: Option<B::Tensor> = None;
@@ -71,7 +83,9 @@ impl<B: Backend, C> TrainingRun<B, C> {
         self.run.state.step = done + 1;
         Ok((norm, lr))
     }
+}
 
+impl<B: Backend, C> TrainingRun<B, C> {
     /// The next `n` examples of `data` in the run's order (an error, not a panic, if the data
     /// position lies past the end of `data`).
     pub(crate) fn next_examples(&mut self, data: &dyn crate::data::Dataset, n: usize) -> Result<Vec<Example>> {

@@ -45,21 +45,14 @@ impl Default for SampleConfig {
 }
 
 impl SampleConfig {
-    /// Checks the values that need no model: steps ≥ 1, finite scales, η in [0, 1].
+    /// Checks what the scheduler does not: finite control and guidance scales (steps and η are
+    /// checked when [`crate::scheduler::build`] makes the scheduler).
     pub fn validate(&self) -> Result<()> {
-        if self.steps == 0 {
-            return Err(TrainError::Config("sampling needs steps >= 1".into()));
-        }
         if !self.guidance_scale.is_finite() || !self.control_scale.is_finite() {
             return Err(TrainError::Config(format!(
                 "guidance and control scales must be finite, got {} and {}",
                 self.guidance_scale, self.control_scale
             )));
-        }
-        if let Sampler::Ddim { eta } = self.sampler
-            && !(0.0..=1.0).contains(&eta)
-        {
-            return Err(TrainError::Config(format!("DDIM eta must lie in [0, 1], got {eta}")));
         }
         Ok(())
     }

@@ -13,7 +13,7 @@ use crate::error::{Result, TrainError};
 use crate::model::{DualDenoiser, Parts, SIDE, forward_train};
 use crate::optim::{OptimConfig, Optimizer};
 pub use crate::run::TrainState;
-use crate::run::{NoisedBatch, RunStream, TrainingRun, new_run_id, noise_batch};
+use crate::run::{MAX_BATCH, NoisedBatch, RunStream, StepSettings, TrainingRun, new_run_id, noise_batch};
 use crate::scheduler::{NoiseConfig, NoiseProcess};
 
 /// LISA or the plain ControlNet baseline.
@@ -77,10 +77,9 @@ impl TrainConfig {
         if self.lisa_subbatch == Some(0) {
             return Err(TrainError::Config("lisa_subbatch must be >= 1 (or unset)".into()));
         }
-        const MAX: usize = 1 << 20;
-        if !(1..=MAX).contains(&self.batch_size) || !(1..=MAX).contains(&self.gradient_accumulation_steps) {
+        if !(1..=MAX_BATCH).contains(&self.batch_size) || !(1..=MAX_BATCH).contains(&self.gradient_accumulation_steps) {
             return Err(TrainError::Config(format!(
-                "batch_size and gradient_accumulation_steps must lie in 1..={MAX}, got {} and {}",
+                "batch_size and gradient_accumulation_steps must lie in 1..={MAX_BATCH}, got {} and {}",
                 self.batch_size, self.gradient_accumulation_steps
             )));
         }
@@ -94,6 +93,15 @@ impl TrainConfig {
             )));
         }
         Ok(())
+    }
+}
+
+impl StepSettings for TrainConfig {
+    fn optim(&self) -> &OptimConfig {
+        &self.optim
+    }
+    fn total_steps(&self) -> u64 {
+        self.max_train_steps
     }
 }
 
@@ -129,7 +137,7 @@ impl<B: Backend> Trainer<B> {
             return Err(TrainError::Config("build the dual model, with the decoder exactly when mode = lisa".into()));
         }
         let noise = NoiseProcess::new(&config.noise)?;
-        let optimizer = Optimizer::new(model.store(), config.optim.clone(), config.ema_decay, |n| n.starts_with(SIDE))?;
+        let optimizer = Optimizer::new(model.store(), config.ema_decay, |n| n.starts_with(SIDE))?;
         Ok(Self { model, optimizer, run: RunStream::new(config.seed), run_id: new_run_id(), config, noise })
     }
 
@@ -156,7 +164,7 @@ impl<B: Backend> Trainer<B> {
         if !loss.is_finite() {
             return Err(TrainError::NonFinite { what: "loss", step });
         }
-        let (grad_norm, lr) = self.apply(&mut grads, self.config.max_train_steps)?;
+        let (grad_norm, lr) = self.apply(&mut grads)?;
         Ok(StepStats {
             step,
             loss,

@@ -73,18 +73,6 @@ fn unknown(name: &str) -> TrainError {
     TrainError::Config(format!("unknown model architecture {name:?} (known: {})", ARCHITECTURES.join(", ")))
 }
 
-/// Whether two specs describe the same networks (architecture and its configuration, with
-/// every default filled in; the LISA decoder's settings are not compared).
-pub fn same_networks(a: &ModelSpec, b: &ModelSpec) -> Result<bool> {
-    if a.architecture != b.architecture {
-        return Ok(false);
-    }
-    match a.architecture.as_str() {
-        toy::NAME => Ok(toy::ToyConfig::from_spec(a)? == toy::ToyConfig::from_spec(b)?),
-        other => Err(unknown(other)),
-    }
-}
-
 /// The model a weights file written by lisa records (its `lisa.model_spec` metadata), if any.
 pub fn spec_of_weights(path: &std::path::Path) -> Result<Option<ModelSpec>> {
     let meta = crate::weights::read_metadata(path)?;

@@ -237,25 +237,13 @@ pub struct Optimizer<B: Backend> {
     pub adamw: AdamW<B>,
     /// EMA of the selected weights (None: off).
     pub ema: Option<Ema<B>>,
-    /// AdamW and the lr schedule.
-    pub config: OptimConfig,
 }
 
 impl<B: Backend> Optimizer<B> {
     /// Zero moments for every trainable parameter of `store`; an EMA (decay `ema_decay`) of
     /// the parameters `ema_keep` selects.
-    pub fn new(
-        store: &ParamStore<B>,
-        config: OptimConfig,
-        ema_decay: Option<f32>,
-        ema_keep: impl Fn(&str) -> bool,
-    ) -> Result<Self> {
-        config.validate()?;
-        Ok(Self {
-            adamw: AdamW::new(store)?,
-            ema: ema_decay.map(|d| Ema::new(store, d, ema_keep)).transpose()?,
-            config,
-        })
+    pub fn new(store: &ParamStore<B>, ema_decay: Option<f32>, ema_keep: impl Fn(&str) -> bool) -> Result<Self> {
+        Ok(Self { adamw: AdamW::new(store)?, ema: ema_decay.map(|d| Ema::new(store, d, ema_keep)).transpose()? })
     }
 
     /// The gradient of each trainable parameter, in AdamW order, taken out of `grads` (the
@@ -265,19 +253,20 @@ impl<B: Backend> Optimizer<B> {
         self.adamw.moments.iter().map(|(pid, _, _)| by_param.get(pid).and_then(|vid| grads.remove(*vid))).collect()
     }
 
-    /// Clips `grads`, updates `store` at the lr of step `completed + 1` of `total`, and the
-    /// EMA. Returns `(gradient norm before clipping, lr)`.
+    /// Clips `grads`, updates `store` with `config` at the lr of step `completed + 1` of
+    /// `total`, and the EMA. Returns `(gradient norm before clipping, lr)`.
     pub fn step(
         &mut self,
         store: &mut ParamStore<B>,
         grads: &mut [Option<B::Tensor>],
+        config: &OptimConfig,
         completed: u64,
         total: u64,
     ) -> Result<(f32, f32)> {
         let step = completed + 1;
-        let grad_norm = clip_grad_norm::<B>(grads, self.config.max_grad_norm, step)?;
-        let lr = self.config.lr_at(completed, total);
-        self.adamw.update(store, grads, lr, &self.config)?;
+        let grad_norm = clip_grad_norm::<B>(grads, config.max_grad_norm, step)?;
+        let lr = config.lr_at(completed, total);
+        self.adamw.update(store, grads, lr, config)?;
         if let Some(ema) = &mut self.ema {
             ema.update(store, step)?;
         }

@@ -84,7 +84,7 @@ pub struct SchedulerConfig {
 /// error that says so.
 pub fn build<B: Backend>(noise: &NoiseConfig, config: &SchedulerConfig) -> Result<Box<dyn Scheduler<B>>> {
     if config.steps == 0 {
-        return Err(TrainError::Config("sampling needs at least one step".into()));
+        return Err(TrainError::Config("sampling needs steps >= 1".into()));
     }
     match (*noise, config.sampler) {
         (NoiseConfig::Diffusion { betas, num_train_timesteps }, Sampler::Ddim { eta }) => {
