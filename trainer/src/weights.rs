@@ -115,10 +115,16 @@ pub fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<SafetensorsFile> {
     let st = SafeTensors::deserialize(bytes).map_err(|e| bad(path, format!("not a valid safetensors file ({e})")))?;
     let mut tensors = BTreeMap::new();
     for (name, view) in st.tensors() {
-        if view.dtype() != Dtype::F32 {
-            return Err(bad(path, format!("tensor {name} has dtype {:?}, expected F32", view.dtype())));
-        }
-        let values = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        // Stored as f32, f16 or bf16 (diffusers' half-precision checkpoints); held as f32.
+        let data = view.data();
+        let values: Vec<f32> = match view.dtype() {
+            Dtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::F16 => data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::BF16 => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            other => {
+                return Err(bad(path, format!("tensor {name} has dtype {other:?}, expected F32, F16 or BF16")));
+            }
+        };
         tensors.insert(name, (Shape::new(view.shape()), values));
     }
     let metadata = meta.metadata().clone().unwrap_or_default().into_iter().collect();

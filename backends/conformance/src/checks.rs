@@ -7,52 +7,13 @@ use lisa_core::backend::{
 };
 use lisa_core::lisa::{LisaConfig, SampleTerms};
 use lisa_core::reference::{RefBackend as R, RefTensor};
-use lisa_core::tolerance::{F32_FINITE_DIFFERENCE, FD_STEP_F32, Tolerance, backend_vs_reference};
-use lisa_core::{Distance, Error, Result, Weighting};
+use lisa_core::tolerance::{Tolerance, backend_vs_reference};
+use lisa_core::{Distance, Error, Weighting};
 
-use crate::harness::{Case, Harness, assert_matches, assert_values};
+use crate::harness::{Case, Harness, assert_matches, assert_values, finite_difference, ok};
+pub use crate::sequence::{attention, gelu_family, layer_norm, matmul_broadcast, narrow_and_concat, permute};
 
 const F32: DType = DType::F32;
-
-/// The most input elements a finite-difference check perturbs (spread over the tensor).
-const FD_MAX_PROBES: usize = 48;
-
-fn dot(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
-}
-
-/// Checks `analytic` (the backend's gradient of `⟨r, f(x)⟩`) against central differences of
-/// the backend's own forward `f`, on up to [`FD_MAX_PROBES`] elements of `x`.
-fn finite_difference<B: Backend>(
-    what: &str,
-    h: &Harness<B>,
-    x: &Case<B>,
-    r: &[f32],
-    f: impl Fn(&B::Tensor) -> B::Tensor,
-    analytic: &B::Tensor,
-) {
-    let analytic = B::to_vec(analytic).expect("read back");
-    let shape = B::shape(&x.dev);
-    let n = x.host.len();
-    let stride = n.div_ceil(FD_MAX_PROBES).max(1);
-    let (mut got, mut want) = (Vec::new(), Vec::new());
-    for i in (0..n).step_by(stride) {
-        let eval = |delta: f64| {
-            let mut probe = x.host.clone();
-            probe[i] = (probe[i] as f64 + delta) as f32;
-            let t = B::from_slice(&probe, &shape, F32, &h.device).expect("probe");
-            dot(&B::to_vec(&f(&t)).expect("read back"), r)
-        };
-        want.push(((eval(FD_STEP_F32) - eval(-FD_STEP_F32)) / (2.0 * FD_STEP_F32)) as f32);
-        got.push(analytic[i]);
-    }
-    assert_values(&format!("{what} vs finite differences"), &got, &want, F32_FINITE_DIFFERENCE);
-}
-
-/// `Ok` values unwrapped with the op's name.
-fn ok<T>(what: &str, r: Result<T>) -> T {
-    r.unwrap_or_else(|e| panic!("{what}: unexpected error {e}"))
-}
 
 /// Tensor creation, read-back, reshape, cast, full.
 pub fn creation_and_readback<B: Backend>() {

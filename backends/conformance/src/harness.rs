@@ -5,7 +5,7 @@ use lisa_core::backend::prelude::*;
 use lisa_core::backend::{DType, Shape};
 use lisa_core::reference::{RefBackend, RefDevice, RefTensor};
 use lisa_core::rng::fill_normal;
-use lisa_core::tolerance::{Tolerance, backend_vs_reference};
+use lisa_core::tolerance::{F32_FINITE_DIFFERENCE, FD_STEP_F32, Tolerance, backend_vs_reference};
 
 /// Creates matching tensors on the backend under test and on the reference.
 pub struct Harness<B: Backend> {
@@ -97,4 +97,44 @@ pub fn assert_values(what: &str, got: &[f32], want: &[f32], tol: Tolerance) {
     if let Some((i, err)) = worst {
         panic!("{what}: element {i}: got {}, want {} (|err| {err:e}, tol {tol:?})", got[i], want[i]);
     }
+}
+
+/// The most input elements a finite-difference check perturbs (spread over the tensor).
+const FD_MAX_PROBES: usize = 48;
+
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
+}
+
+/// Checks `analytic` (the backend's gradient of `⟨r, f(x)⟩`) against central differences of
+/// the backend's own forward `f`, on up to [`FD_MAX_PROBES`] elements of `x`.
+pub(crate) fn finite_difference<B: Backend>(
+    what: &str,
+    h: &Harness<B>,
+    x: &Case<B>,
+    r: &[f32],
+    f: impl Fn(&B::Tensor) -> B::Tensor,
+    analytic: &B::Tensor,
+) {
+    let analytic = B::to_vec(analytic).expect("read back");
+    let shape = B::shape(&x.dev);
+    let n = x.host.len();
+    let stride = n.div_ceil(FD_MAX_PROBES).max(1);
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    for i in (0..n).step_by(stride) {
+        let eval = |delta: f64| {
+            let mut probe = x.host.clone();
+            probe[i] = (probe[i] as f64 + delta) as f32;
+            let t = B::from_slice(&probe, &shape, DType::F32, &h.device).expect("probe");
+            dot(&B::to_vec(&f(&t)).expect("read back"), r)
+        };
+        want.push(((eval(FD_STEP_F32) - eval(-FD_STEP_F32)) / (2.0 * FD_STEP_F32)) as f32);
+        got.push(analytic[i]);
+    }
+    assert_values(&format!("{what} vs finite differences"), &got, &want, F32_FINITE_DIFFERENCE);
+}
+
+/// `Ok` values unwrapped with the op's name.
+pub(crate) fn ok<T>(what: &str, r: Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("{what}: unexpected error {e}"))
 }

@@ -16,6 +16,7 @@
 
 pub mod checks;
 mod harness;
+mod sequence;
 
 pub use harness::{Case, Harness};
 
@@ -37,7 +38,8 @@ macro_rules! conformance_tests {
             creation_and_readback, random_normal_matches_reference, binary_broadcast, affine_axpby_unary,
             unary_backward, reductions, sum_to_shape, softmax, matmul, conv2d_forward, conv2d_backward,
             group_norm, upsample, concat_and_slice, mse_loss, lisa_loss, adamw, half_precision,
-            bad_inputs_are_typed_errors, nan_propagates
+            bad_inputs_are_typed_errors, nan_propagates, gelu_family, permute, narrow_and_concat, matmul_broadcast,
+            layer_norm, attention
         );
     };
     (@tests $backend:ty, $ready:expr, $attrs:tt; $($name:ident),* $(,)?) => {

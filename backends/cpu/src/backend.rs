@@ -3,8 +3,8 @@ use lisa_core::backend::geometry::{
     upsample_backward_input_shape, upsample_output_shape,
 };
 use lisa_core::backend::{
-    AdamWParams, ArithOps, BackendTypes, BinaryOp, ConvOps, DType, FusedOps, GroupNormGrads, GroupNormOutput,
-    LayoutOps, MatmulOps, NormOps, ReduceOps, Shape, TensorOps, UnaryOp,
+    AdamWParams, ArithOps, AttentionOps, BackendTypes, BinaryOp, ConvOps, DType, FusedOps, GroupNormGrads,
+    GroupNormOutput, LayoutOps, MatmulOps, NormOps, ReduceOps, Shape, TensorOps, UnaryOp,
 };
 use lisa_core::lisa::{LisaConfig, LisaLoss, SampleTerms, lisa_loss_fused};
 use lisa_core::rng::fill_normal;
@@ -247,6 +247,11 @@ impl NormOps for CpuBackend {
 }
 
 impl LayoutOps for CpuBackend {
+    fn permute(x: &T, axes: &[usize]) -> Result<T> {
+        let out_shape = Self::permute_check("permute", x, axes)?;
+        let (dims, strides) = lisa_core::backend::geometry::permute_strides(&x.shape, axes);
+        Ok(CpuTensor::store(layout::permute(&x.values(), &dims, &strides), out_shape, x.dtype()))
+    }
     fn upsample_nearest(x: &T, factor: usize) -> Result<T> {
         let out_shape = upsample_output_shape("upsample_nearest", &x.shape, factor)?;
         let d = x.shape.dims();
@@ -333,3 +338,6 @@ impl FusedOps for CpuBackend {
         result
     }
 }
+
+/// The chunked default (matmul + softmax kernels); a fused kernel is future work.
+impl AttentionOps for CpuBackend {}

@@ -190,6 +190,8 @@ pub(crate) fn unary(op: UnaryOp, x: &[f32]) -> Vec<f32> {
         UnaryOp::Exp => map(x, fast_exp),
         UnaryOp::Square => map(x, |v| v * v),
         UnaryOp::Sqrt => map(x, f32::sqrt),
+        // The GELU family through lisa-core's scalar definitions (libm's erf and tanh).
+        UnaryOp::Gelu | UnaryOp::GeluTanh | UnaryOp::QuickGelu => map(x, |v| op.apply(v)),
     }
 }
 
@@ -203,6 +205,7 @@ pub(crate) fn unary_backward(op: UnaryOp, x: &[f32], grad: &[f32]) -> Vec<f32> {
         UnaryOp::Exp => zip_map(x, grad, |v, g| g * fast_exp(v)),
         UnaryOp::Square => zip_map(x, grad, |v, g| 2.0 * v * g),
         UnaryOp::Sqrt => zip_map(x, grad, |v, g| 0.5 * g / v.sqrt()),
+        UnaryOp::Gelu | UnaryOp::GeluTanh | UnaryOp::QuickGelu => zip_map(x, grad, |v, g| g * op.derivative(v)),
     }
 }
 

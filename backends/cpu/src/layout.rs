@@ -47,3 +47,25 @@ pub(crate) fn concat_channels(parts: &[&[f32]], per_sample: &[usize], batch: usi
     });
     out
 }
+
+/// Row-major copy of a permuted view: output dim `k` has size `dims[k]` and stride
+/// `strides[k]` in `x`. Parallel over output rows (the last dim); each row is one strided
+/// gather.
+pub(crate) fn permute(x: &[f32], dims: &[usize], strides: &[usize]) -> Vec<f32> {
+    let r = dims.len();
+    let row = dims.last().copied().unwrap_or(1).max(1);
+    let inner_stride = strides.last().copied().unwrap_or(1);
+    let mut out = vec![0.0f32; x.len()];
+    out.par_chunks_mut(row).enumerate().for_each(|(i, o)| {
+        // Source offset of row `i`: decode its index over the outer dims.
+        let (mut rem, mut base) = (i, 0usize);
+        for d in (0..r.saturating_sub(1)).rev() {
+            base += (rem % dims[d]) * strides[d];
+            rem /= dims[d];
+        }
+        for (j, v) in o.iter_mut().enumerate() {
+            *v = x[base + j * inner_stride];
+        }
+    });
+    out
+}

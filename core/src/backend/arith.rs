@@ -38,6 +38,26 @@ pub enum UnaryOp {
     Square,
     /// `√x`, derivative `1/(2√x)`.
     Sqrt,
+    /// `gelu(x) = x·Φ(x) = ½x(1 + erf(x/√2))` (torch's default GELU),
+    /// `gelu'(x) = Φ(x) + x·φ(x)` with `φ` the standard normal density.
+    Gelu,
+    /// The tanh approximation `½x(1 + tanh(u))`, `u = √(2/π)(x + 0.044715x³)`
+    /// (torch's `approximate="tanh"`), derivative `½(1 + tanh u) + ½x(1 − tanh²u)·u'`.
+    GeluTanh,
+    /// `quick_gelu(x) = x·σ(1.702x)` (CLIP), derivative `σ(a)(1 + a(1 − σ(a)))`, `a = 1.702x`.
+    QuickGelu,
+}
+
+/// `√(2/π)`, the tanh-GELU's scale.
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+/// The tanh-GELU's cubic coefficient.
+const GELU_TANH_CUBIC: f32 = 0.044_715;
+/// The quick-GELU's sigmoid slope.
+const QUICK_GELU_SLOPE: f32 = 1.702;
+
+#[inline]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + num_traits::Float::exp(-x))
 }
 
 impl UnaryOp {
@@ -50,6 +70,12 @@ impl UnaryOp {
             UnaryOp::Exp => Float::exp(x),
             UnaryOp::Square => x * x,
             UnaryOp::Sqrt => Float::sqrt(x),
+            UnaryOp::Gelu => 0.5 * x * (1.0 + libm::erff(x * core::f32::consts::FRAC_1_SQRT_2)),
+            UnaryOp::GeluTanh => {
+                let u = SQRT_2_OVER_PI * (x + GELU_TANH_CUBIC * x * x * x);
+                0.5 * x * (1.0 + Float::tanh(u))
+            }
+            UnaryOp::QuickGelu => x * sigmoid(QUICK_GELU_SLOPE * x),
         }
     }
 
@@ -65,6 +91,23 @@ impl UnaryOp {
             UnaryOp::Exp => Float::exp(x),
             UnaryOp::Square => 2.0 * x,
             UnaryOp::Sqrt => 0.5 / Float::sqrt(x),
+            UnaryOp::Gelu => {
+                let cdf = 0.5 * (1.0 + libm::erff(x * core::f32::consts::FRAC_1_SQRT_2));
+                let pdf = Float::exp(-0.5 * x * x)
+                    * (0.5 * core::f32::consts::FRAC_2_SQRT_PI * core::f32::consts::FRAC_1_SQRT_2);
+                cdf + x * pdf
+            }
+            UnaryOp::GeluTanh => {
+                let u = SQRT_2_OVER_PI * (x + GELU_TANH_CUBIC * x * x * x);
+                let th = Float::tanh(u);
+                let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_CUBIC * x * x);
+                0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * du
+            }
+            UnaryOp::QuickGelu => {
+                let a = QUICK_GELU_SLOPE * x;
+                let s = sigmoid(a);
+                s * (1.0 + a * (1.0 - s))
+            }
         }
     }
 }

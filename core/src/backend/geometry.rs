@@ -271,3 +271,35 @@ pub fn slice_channels_shape(op: &'static str, x: &Shape, start: usize, len: usiz
     out[1] = len;
     Ok(Shape(out))
 }
+
+/// Validates `axes` as a permutation of `x`'s dims; returns the permuted shape
+/// `out.dims[i] = x.dims[axes[i]]`.
+pub fn permute_shape(op: &'static str, x: &Shape, axes: &[usize]) -> Result<Shape> {
+    let r = x.rank();
+    let mut seen = alloc::vec![false; r];
+    if axes.len() != r {
+        return Err(Error::invalid(op, format!("{} axes for a rank-{r} tensor {x}", axes.len())));
+    }
+    for &a in axes {
+        if a >= r || core::mem::replace(&mut seen[a], true) {
+            return Err(Error::invalid(op, format!("axes {axes:?} are not a permutation of 0..{r}")));
+        }
+    }
+    Ok(Shape(axes.iter().map(|&a| x.dims()[a]).collect()))
+}
+
+/// The inverse permutation: `inverse[axes[i]] = i` (the backward of a permute).
+pub fn inverse_permutation(axes: &[usize]) -> Vec<usize> {
+    let mut inv = alloc::vec![0; axes.len()];
+    for (i, &a) in axes.iter().enumerate() {
+        inv[a] = i;
+    }
+    inv
+}
+
+/// For a permute of `x` by `axes`: the output dims, then the strides in `x` of each output
+/// dim (`x.strides[axes[i]]`). Every backend's permute kernel walks these.
+pub fn permute_strides(x: &Shape, axes: &[usize]) -> (Vec<usize>, Vec<usize>) {
+    let strides = x.strides();
+    (axes.iter().map(|&a| x.dims()[a]).collect(), axes.iter().map(|&a| strides[a]).collect())
+}

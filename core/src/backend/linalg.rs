@@ -1,12 +1,39 @@
 use super::geometry::{Conv2dParams, Transpose};
-use super::{ReduceOps, Shape, TensorOps};
-use crate::Result;
+use super::{ArithOps, ReduceOps, Shape};
+use crate::{Error, Result};
 
 /// Batched matrix multiplication.
-pub trait MatmulOps: TensorOps {
+pub trait MatmulOps: ArithOps {
     /// `op(a) · op(b)` over the last two dims, `[.., m, k] × [.., k, n] → [.., m, n]`,
     /// with `op` the optional transpose; leading dims must be equal.
     fn matmul(a: &Self::Tensor, b: &Self::Tensor, transpose: Transpose) -> Result<Self::Tensor>;
+
+    /// *Default*: [`MatmulOps::matmul`] with numpy broadcasting of the leading dims (torch's
+    /// `matmul` for rank ≥ 2): `[.., m, k] × [.., k, n]`, the `..` broadcast together. An
+    /// operand whose leading dims are not the broadcast ones is expanded first.
+    fn matmul_broadcast(a: &Self::Tensor, b: &Self::Tensor, transpose: Transpose) -> Result<Self::Tensor> {
+        const OP: &str = "matmul_broadcast";
+        let (sa, sb) = (Self::shape(a), Self::shape(b));
+        let lead = broadcast_leading(OP, &sa, &sb)?;
+        let expand = |t: &Self::Tensor, s: &Shape| -> Result<Self::Tensor> {
+            let want = Shape::new([lead.dims(), &s.dims()[s.rank() - 2..]].concat());
+            if *s == want {
+                Ok(t.clone())
+            } else {
+                Self::add(t, &Self::zeros(&want, Self::dtype(t), &Self::device(t))?)
+            }
+        };
+        Self::matmul(&expand(a, &sa)?, &expand(b, &sb)?, transpose)
+    }
+}
+
+/// The broadcast of the leading (all but the last two) dims of `a` and `b`.
+pub fn broadcast_leading(op: &'static str, a: &Shape, b: &Shape) -> Result<Shape> {
+    if a.rank() < 2 || b.rank() < 2 {
+        return Err(Error::invalid(op, alloc::format!("matmul needs rank >= 2, got {a} and {b}")));
+    }
+    let lead = |s: &Shape| Shape::new(s.dims()[..s.rank() - 2].to_vec());
+    Shape::broadcast(op, &lead(a), &lead(b))
 }
 
 /// 2-D convolution (NCHW, cross-correlation as in torch) and its two backward kernels.

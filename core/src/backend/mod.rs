@@ -15,6 +15,7 @@
 //! them with fused kernels where it pays.
 
 mod arith;
+mod attention;
 mod dtype;
 mod fused;
 pub mod geometry;
@@ -27,11 +28,14 @@ mod tensor;
 
 pub use crate::optim::AdamWParams;
 pub use arith::{ArithOps, BinaryOp, UnaryOp};
+pub use attention::{
+    ATTENTION_SCORE_BUDGET, AttentionGrads, AttentionOps, attention_backward_chunked, attention_chunked,
+};
 pub use dtype::DType;
 pub use fused::FusedOps;
 pub use geometry::{Conv2dParams, GroupNormParams, Transpose};
 pub use layout::LayoutOps;
-pub use linalg::{ConvOps, MatmulOps};
+pub use linalg::{ConvOps, MatmulOps, broadcast_leading};
 pub use norm::{GroupNormGrads, GroupNormOutput, NormOps};
 pub use reduce::ReduceOps;
 pub use shape::Shape;
@@ -42,7 +46,8 @@ use core::fmt::Debug;
 /// Every op trait in scope at once: `use lisa_core::backend::prelude::*;`.
 pub mod prelude {
     pub use super::{
-        ArithOps, Backend, BackendTypes, ConvOps, FusedOps, LayoutOps, MatmulOps, NormOps, ReduceOps, TensorOps,
+        ArithOps, AttentionOps, Backend, BackendTypes, ConvOps, FusedOps, LayoutOps, MatmulOps, NormOps, ReduceOps,
+        TensorOps,
     };
 }
 
@@ -58,6 +63,12 @@ pub trait BackendTypes: Clone + Debug + Default + Send + Sync + 'static {
 }
 
 /// Everything the trainer needs from a backend.
-pub trait Backend: TensorOps + ArithOps + ReduceOps + MatmulOps + ConvOps + NormOps + LayoutOps + FusedOps {}
+pub trait Backend:
+    TensorOps + ArithOps + ReduceOps + MatmulOps + ConvOps + NormOps + LayoutOps + FusedOps + AttentionOps
+{
+}
 
-impl<B> Backend for B where B: TensorOps + ArithOps + ReduceOps + MatmulOps + ConvOps + NormOps + LayoutOps + FusedOps {}
+impl<B> Backend for B where
+    B: TensorOps + ArithOps + ReduceOps + MatmulOps + ConvOps + NormOps + LayoutOps + FusedOps + AttentionOps
+{
+}

@@ -4,8 +4,8 @@ use alloc::vec::Vec;
 use super::*;
 use crate::backend::geometry::{Conv2dParams, GroupNormParams, Transpose};
 use crate::backend::{
-    ArithOps, BackendTypes, BinaryOp, ConvOps, DType, FusedOps, GroupNormGrads, GroupNormOutput, LayoutOps, MatmulOps,
-    NormOps, ReduceOps, Shape, TensorOps, UnaryOp,
+    ArithOps, AttentionOps, BackendTypes, BinaryOp, ConvOps, DType, FusedOps, GroupNormGrads, GroupNormOutput,
+    LayoutOps, MatmulOps, NormOps, ReduceOps, Shape, TensorOps, UnaryOp,
 };
 use crate::rng::fill_normal;
 use crate::{Error, Result};
@@ -219,6 +219,10 @@ impl NormOps for RefBackend {
 }
 
 impl LayoutOps for RefBackend {
+    fn permute(x: &T, axes: &[usize]) -> Result<T> {
+        let (data, shape) = super::layout::permute(&x.data, &x.shape, axes)?;
+        Ok(RefTensor::rounded(data, shape, x.dtype))
+    }
     fn upsample_nearest(x: &T, factor: usize) -> Result<T> {
         let (data, shape) = upsample_nearest(&x.data, &x.shape, factor)?;
         Ok(RefTensor::rounded(data, shape, x.dtype))
@@ -243,3 +247,5 @@ impl LayoutOps for RefBackend {
 }
 
 impl FusedOps for RefBackend {}
+
+impl AttentionOps for RefBackend {}

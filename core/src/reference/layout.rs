@@ -77,3 +77,28 @@ pub fn slice_channels(x: &[f32], x_shape: &Shape, start: usize, len: usize) -> R
     }
     Ok((out, out_shape))
 }
+
+/// `x` permuted by `axes` (row-major copy); returns the output and its shape.
+pub fn permute(x: &[f32], x_shape: &Shape, axes: &[usize]) -> Result<(Vec<f32>, Shape)> {
+    const OP: &str = "permute";
+    expect_len(OP, x, x_shape)?;
+    let out_shape = crate::backend::geometry::permute_shape(OP, x_shape, axes)?;
+    let (dims, strides) = crate::backend::geometry::permute_strides(x_shape, axes);
+    let mut out = Vec::with_capacity(x.len());
+    let mut idx = vec![0usize; dims.len()];
+    let mut src = 0usize;
+    for _ in 0..x.len() {
+        out.push(x[src]);
+        // Next output multi-index, keeping the source offset in step.
+        for d in (0..dims.len()).rev() {
+            idx[d] += 1;
+            src += strides[d];
+            if idx[d] < dims[d] {
+                break;
+            }
+            src -= strides[d] * dims[d];
+            idx[d] = 0;
+        }
+    }
+    Ok((out, out_shape))
+}

@@ -12,6 +12,7 @@
 //!   `backward`, keyed by the leaf's [`VarId`].
 
 mod ops;
+mod sequence;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;

@@ -71,26 +71,31 @@ impl<B: Backend> Tape<B> {
         Ok(self.record(value, &[a], move |g| Ok(vec![Some(B::reshape(g, &original)?)])))
     }
 
-    /// `op(a)·op(b)` (batched). With `C = op(A)·op(B)`: `dA = G·op(B)ᵀ` (transposed back when
-    /// `A` was), `dB = op(A)ᵀ·G` (likewise).
+    /// `op(a)·op(b)` (batched, leading dims broadcast as torch's `matmul`). With
+    /// `C = op(A)·op(B)`: `dA = G·op(B)ᵀ` (transposed back when `A` was), `dB = op(A)ᵀ·G`
+    /// (likewise), each summed over the dims its operand was broadcast along.
     pub fn matmul(&self, a: &Var<B>, b: &Var<B>, t: Transpose) -> Result<Var<B>> {
-        let value = B::matmul(&a.value, &b.value, t)?;
+        let value = B::matmul_broadcast(&a.value, &b.value, t)?;
         let need = (a.requires_grad(), b.requires_grad());
         let (av, bv) = (a.value.clone(), b.value.clone());
         Ok(self.record(value, &[a, b], move |g| {
+            let reduce = |d: B::Tensor, like: &B::Tensor| -> lisa_core::Result<B::Tensor> {
+                let s = B::shape(like);
+                if B::shape(&d) == s { Ok(d) } else { B::sum_to_shape(&d, &s) }
+            };
             let da = if !need.0 {
                 None
             } else if t.a {
-                Some(B::matmul(&bv, g, Transpose { a: t.b, b: true })?)
+                Some(reduce(B::matmul_broadcast(&bv, g, Transpose { a: t.b, b: true })?, &av)?)
             } else {
-                Some(B::matmul(g, &bv, Transpose { a: false, b: !t.b })?)
+                Some(reduce(B::matmul_broadcast(g, &bv, Transpose { a: false, b: !t.b })?, &av)?)
             };
             let db = if !need.1 {
                 None
             } else if t.b {
-                Some(B::matmul(g, &av, Transpose { a: true, b: t.a })?)
+                Some(reduce(B::matmul_broadcast(g, &av, Transpose { a: true, b: t.a })?, &bv)?)
             } else {
-                Some(B::matmul(&av, g, Transpose { a: !t.a, b: false })?)
+                Some(reduce(B::matmul_broadcast(&av, g, Transpose { a: !t.a, b: false })?, &bv)?)
             };
             Ok(vec![da, db])
         }))

@@ -14,6 +14,7 @@ mod decoder;
 mod forward;
 mod hook;
 pub mod registry;
+pub mod sd;
 pub mod toy;
 
 use std::path::Path;

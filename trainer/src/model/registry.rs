@@ -4,7 +4,7 @@
 use lisa_core::backend::Backend;
 use serde::{Deserialize, Serialize};
 
-use super::{DecoderConfig, DualDenoiser, toy};
+use super::{DecoderConfig, DualDenoiser, sd, toy};
 use crate::error::{Result, TrainError};
 
 /// A model as run files and checkpoints describe it: the architecture's name, the LISA
@@ -46,7 +46,7 @@ pub enum Parts {
 }
 
 /// The registered architectures.
-pub const ARCHITECTURES: &[&str] = &[toy::NAME];
+pub const ARCHITECTURES: &[&str] = &[toy::NAME, sd::NAME];
 
 /// Builds `spec` with seeded initial weights on `device`.
 pub fn build<B: Backend>(
@@ -57,6 +57,7 @@ pub fn build<B: Backend>(
 ) -> Result<Box<dyn DualDenoiser<B>>> {
     match spec.architecture.as_str() {
         toy::NAME => Ok(Box::new(toy::ToyModel::new(spec, parts, device, seed)?)),
+        sd::NAME => Ok(Box::new(sd::SdModel::new(spec, parts, device, seed)?)),
         other => Err(unknown(other)),
     }
 }
@@ -65,6 +66,7 @@ pub fn build<B: Backend>(
 pub fn validate(spec: &ModelSpec) -> Result<()> {
     match spec.architecture.as_str() {
         toy::NAME => toy::ToyConfig::from_spec(spec).and_then(|c| c.validate(&spec.decoder)),
+        sd::NAME => sd::SdSpec::from_spec(spec).and_then(|c| c.validate(&spec.decoder)),
         other => Err(unknown(other)),
     }
 }

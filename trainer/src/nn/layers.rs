@@ -1,4 +1,4 @@
-use lisa_core::backend::{Backend, Conv2dParams, GroupNormParams};
+use lisa_core::backend::{Backend, Conv2dParams, GroupNormParams, Shape};
 
 use crate::autodiff::Var;
 use crate::error::Result;
@@ -66,27 +66,72 @@ impl Conv2d {
     }
 }
 
-/// Affine map `y = x·wᵀ + b`, `w [out, in]`.
+/// Affine map `y = x·wᵀ + b`, `w [out, in]` (torch's `Linear`).
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// Weight `[out, in]`.
     pub weight: ParamId,
-    /// Bias `[out]`.
-    pub bias: ParamId,
+    /// Bias `[out]` (None: `bias=False`, e.g. attention's `to_q`, `to_k`, `to_v`).
+    pub bias: Option<ParamId>,
 }
 
 impl Linear {
     /// LeCun-normal weights, zero bias.
     pub fn new<B: Backend>(store: &mut ParamStore<B>, name: &str, d_in: usize, d_out: usize) -> Result<Self> {
+        let mut l = Self::without_bias(store, name, d_in, d_out)?;
+        l.bias = Some(store.add(format!("{name}.bias"), &[d_out], Init::Zeros)?);
+        Ok(l)
+    }
+
+    /// LeCun-normal weights, no bias.
+    pub fn without_bias<B: Backend>(store: &mut ParamStore<B>, name: &str, d_in: usize, d_out: usize) -> Result<Self> {
         Ok(Self {
             weight: store.add(format!("{name}.weight"), &[d_out, d_in], Init::LecunNormal { fan_in: d_in })?,
-            bias: store.add(format!("{name}.bias"), &[d_out], Init::Zeros)?,
+            bias: None,
         })
     }
 
-    /// `[n, in] → [n, out]`.
+    /// `[.., in] → [.., out]` (leading dims flattened into rows for one matmul).
     pub fn forward<B: Backend>(&self, p: &Bound<'_, B>, x: &Var<B>) -> Result<Var<B>> {
-        p.tape.linear(x, p.p(self.weight), Some(p.p(self.bias)))
+        let t = p.tape;
+        let shape = B::shape(&x.value);
+        let bias = self.bias.map(|b| p.p(b));
+        if shape.rank() <= 2 {
+            return t.linear(x, p.p(self.weight), bias);
+        }
+        let d_in = *shape.dims().last().expect("rank > 2");
+        let rows = shape.num_elements()? / d_in.max(1);
+        let y = t.linear(&t.reshape(x, &Shape::new([rows, d_in]))?, p.p(self.weight), bias)?;
+        let mut dims = shape.dims().to_vec();
+        *dims.last_mut().expect("rank > 2") = B::shape(&y.value).dims()[1];
+        t.reshape(&y, &Shape::new(dims))
+    }
+}
+
+/// Layer normalisation over the last dim with affine `γ` (1), `β` (0) (torch's `LayerNorm`).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    /// Scale γ `[c]`.
+    pub gamma: ParamId,
+    /// Shift β `[c]`.
+    pub beta: ParamId,
+    /// Variance floor.
+    pub eps: f32,
+}
+
+impl LayerNorm {
+    /// Parameters `{name}.weight`, `{name}.bias` over `c` features.
+    pub fn new<B: Backend>(store: &mut ParamStore<B>, name: &str, c: usize, eps: f32) -> Result<Self> {
+        Ok(Self {
+            gamma: store.add(format!("{name}.weight"), &[c], Init::Ones)?,
+            beta: store.add(format!("{name}.bias"), &[c], Init::Zeros)?,
+            eps,
+        })
+    }
+
+    /// `[.., c] → [.., c]`.
+    pub fn forward<B: Backend>(&self, p: &Bound<'_, B>, x: &Var<B>) -> Result<Var<B>> {
+        p.tape.layer_norm(x, p.p(self.gamma), p.p(self.beta), self.eps)
     }
 }
 

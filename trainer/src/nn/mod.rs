@@ -5,8 +5,10 @@ mod attention;
 mod blocks;
 mod embedding;
 mod layers;
+mod transformer;
 
 pub use attention::SelfAttention;
 pub use blocks::{Downsample, ResBlock, ResBlockConfig, Upsample};
 pub use embedding::{ClassEmbedding, sinusoidal_embedding};
-pub use layers::{Conv2d, Conv2dConfig, GroupNorm, Linear};
+pub use layers::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear};
+pub use transformer::{GegluFeedForward, MultiHeadAttention, TRANSFORMER_NORM_EPS, TransformerBlock};

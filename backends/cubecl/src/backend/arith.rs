@@ -23,6 +23,9 @@ fn unary_code(op: UnaryOp) -> u32 {
         UnaryOp::Exp => k::EXP,
         UnaryOp::Square => k::SQUARE,
         UnaryOp::Sqrt => k::SQRT,
+        UnaryOp::Gelu => k::GELU,
+        UnaryOp::GeluTanh => k::GELU_TANH,
+        UnaryOp::QuickGelu => k::QUICK_GELU,
     }
 }
 

@@ -5,7 +5,7 @@ use lisa_core::Result;
 use lisa_core::backend::LayoutOps;
 use lisa_core::backend::geometry::{slice_channels_shape, upsample_backward_input_shape, upsample_output_shape};
 
-use super::{CubeBackend, T, alloc, arg, check_dtype, u32_of};
+use super::{CubeBackend, T, alloc, arg, check_dtype, table, u32_of};
 use crate::kernels::layout as k;
 use crate::launch::{grid_1d, with_float};
 
@@ -29,6 +29,21 @@ fn copy_channels<R: Runtime>(src: &T<R>, src_start: usize, len: usize, dst: &T<R
 }
 
 impl<R: Runtime> LayoutOps for CubeBackend<R> {
+    fn permute(x: &T<R>, axes: &[usize]) -> Result<T<R>> {
+        const OP: &str = "permute";
+        let out_shape = Self::permute_check(OP, x, axes)?;
+        check_dtype(OP, &x.device, x.dtype)?;
+        let out = alloc(&x.device, out_shape, x.dtype)?;
+        if !out.is_empty() {
+            let (dims, strides) = lisa_core::backend::geometry::permute_strides(&x.shape, axes);
+            let meta = table(&x.device, &[dims, strides].concat())?;
+            let (count, dim) = grid_1d(out.len());
+            with_float!(x.dtype, F => k::permute::launch::<F, R>(
+                &x.device.client, count, dim, arg(x), arg(&out), meta, u32_of(OP, axes.len())?
+            ));
+        }
+        Ok(out)
+    }
     fn upsample_nearest(x: &T<R>, factor: usize) -> Result<T<R>> {
         const OP: &str = "upsample_nearest";
         let out_shape = upsample_output_shape(OP, &x.shape, factor)?;

@@ -3,6 +3,7 @@
 //! output, launch.
 
 mod arith;
+mod attention;
 mod fused;
 mod layout;
 mod linalg;

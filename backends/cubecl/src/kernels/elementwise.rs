@@ -20,6 +20,19 @@ pub const EXP: u32 = 1;
 pub const SQUARE: u32 = 2;
 /// `√x`.
 pub const SQRT: u32 = 3;
+/// `½x(1 + erf(x/√2))`.
+pub const GELU: u32 = 4;
+/// `½x(1 + tanh(√(2/π)(x + 0.044715x³)))`.
+pub const GELU_TANH: u32 = 5;
+/// `x·σ(1.702x)`.
+pub const QUICK_GELU: u32 = 6;
+
+/// `√(2/π)`.
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+/// `1/√2`.
+const FRAC_1_SQRT_2: f32 = core::f32::consts::FRAC_1_SQRT_2;
+/// `1/√(2π)`.
+const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
 #[cube]
 fn apply_binary<N: Size>(x: Vector<f32, N>, y: Vector<f32, N>, #[comptime] op: u32) -> Vector<f32, N> {
@@ -129,6 +142,13 @@ pub fn unary<F: Float, N: Size>(x: &Array<Vector<F, N>>, out: &mut Array<Vector<
             r = Vector::exp(v);
         } else if comptime![op == SQRT] {
             r = Vector::sqrt(v);
+        } else if comptime![op == GELU] {
+            r = Vector::new(0.5) * v * (Vector::new(1.0) + Vector::erf(v * Vector::new(FRAC_1_SQRT_2)));
+        } else if comptime![op == GELU_TANH] {
+            let u = Vector::new(SQRT_2_OVER_PI) * (v + Vector::new(0.044715) * v * v * v);
+            r = Vector::new(0.5) * v * (Vector::new(1.0) + Vector::tanh(u));
+        } else if comptime![op == QUICK_GELU] {
+            r = v * sigmoid::<N>(v * Vector::new(1.702));
         }
         out[ABSOLUTE_POS] = Vector::cast_from(r);
     }
@@ -153,6 +173,18 @@ pub fn unary_backward<F: Float, N: Size>(
             d = Vector::exp(v);
         } else if comptime![op == SQRT] {
             d = Vector::new(0.5) / Vector::sqrt(v);
+        } else if comptime![op == GELU] {
+            let cdf = Vector::new(0.5) * (Vector::new(1.0) + Vector::erf(v * Vector::new(FRAC_1_SQRT_2)));
+            d = cdf + v * Vector::new(FRAC_1_SQRT_2PI) * Vector::exp(Vector::new(-0.5) * v * v);
+        } else if comptime![op == GELU_TANH] {
+            let u = Vector::new(SQRT_2_OVER_PI) * (v + Vector::new(0.044715) * v * v * v);
+            let th = Vector::tanh(u);
+            let du = Vector::new(SQRT_2_OVER_PI) * (Vector::new(1.0) + Vector::new(3.0 * 0.044715) * v * v);
+            d = Vector::new(0.5) * (Vector::new(1.0) + th) + Vector::new(0.5) * v * (Vector::new(1.0) - th * th) * du;
+        } else if comptime![op == QUICK_GELU] {
+            let a = v * Vector::new(1.702);
+            let s = sigmoid::<N>(a);
+            d = s * (Vector::new(1.0) + a * (Vector::new(1.0) - s));
         }
         out[ABSOLUTE_POS] = Vector::cast_from(g * d);
     }

@@ -62,3 +62,21 @@ pub fn copy_channels<F: Float>(
         dst[to] = src[from];
     }
 }
+
+/// `out[i] = x[Σ_k coord_k(i)·stride_k]` over the output's row-major coordinates; `meta`
+/// holds the output dims, then each output dim's stride in `x`.
+#[cube(launch)]
+pub fn permute<F: Float>(x: &Array<F>, out: &mut Array<F>, meta: &Array<u32>, rank: u32) {
+    if ABSOLUTE_POS < out.len() {
+        let r = rank as usize;
+        let mut rem = ABSOLUTE_POS;
+        let mut src = 0usize;
+        for k in 0..r {
+            let d = r - 1 - k;
+            let size = meta[d] as usize;
+            src += (rem % size) * meta[r + d] as usize;
+            rem /= size;
+        }
+        out[ABSOLUTE_POS] = x[src];
+    }
+}

@@ -40,7 +40,9 @@ impl TimeEmbedding {
     /// `silu(e_t + Σ_k emb_k(id_k))`, `[n, time_dim]` (every consumer applies SiLU first).
     pub fn forward<B: Backend>(&self, p: &Bound<'_, B>, cond: &Conditioning) -> Result<Var<B>> {
         let t = p.tape;
-        let PromptEmbedding::Classes(ids) = &cond.prompt;
+        let PromptEmbedding::Classes(ids) = &cond.prompt else {
+            return Err(TrainError::Mismatch("the toy model reads class ids, not text embeddings".into()));
+        };
         if ids.len() != self.prompts.len() || ids.iter().any(|ids| ids.len() != cond.t.len()) {
             return Err(TrainError::Mismatch(format!(
                 "conditioning needs {} prompt id lists of {} ids each",

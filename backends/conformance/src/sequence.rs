@@ -1,0 +1,259 @@
+//! Conformance checks of the transformer ops: GELU family, permute, narrow/concat along any
+//! axis, broadcast matmul, layer norm, scaled dot-product attention. Where the reference
+//! backend composes an op from others (layer norm, attention), the check also compares with
+//! a plain host computation in `f64`, so the composition itself is pinned.
+
+use lisa_core::backend::prelude::*;
+use lisa_core::backend::{Backend, DType, Shape, Transpose, UnaryOp, attention_backward_chunked, attention_chunked};
+use lisa_core::reference::{RefBackend as R, RefTensor};
+use lisa_core::tolerance::backend_vs_reference;
+use lisa_core::{Error, Result};
+
+use crate::harness::{Harness, assert_matches, assert_values, finite_difference, ok};
+
+const F32: DType = DType::F32;
+
+/// The GELU family (erf, tanh, quick) forward and backward, against the reference and
+/// finite differences, over a range that reaches the tails.
+pub fn gelu_family<B: Backend>() {
+    let mut h = Harness::<B>::default();
+    for shape in [&[1usize][..], &[3, 33], &[2, 3, 7, 7]] {
+        let x0 = h.randn(shape, F32);
+        let x = h.from_host(x0.host.iter().map(|v| 3.0 * v).collect(), &Shape::new(shape), F32);
+        let g = h.randn(shape, F32);
+        for op in [UnaryOp::Gelu, UnaryOp::GeluTanh, UnaryOp::QuickGelu] {
+            assert_matches::<B>(&format!("{op:?}"), &B::unary(op, &x.dev), &R::unary(op, &x.reference));
+            let back = B::unary_backward(op, &x.dev, &g.dev);
+            assert_matches::<B>(&format!("{op:?} backward"), &back, &R::unary_backward(op, &x.reference, &g.reference));
+            finite_difference(
+                &format!("{op:?} backward"),
+                &h,
+                &x,
+                &g.host,
+                |t| B::unary(op, t).unwrap(),
+                &back.unwrap(),
+            );
+        }
+    }
+    // Known values: torch.nn.functional.gelu(x) and approximate="tanh", x = −2, 0.5, 3.
+    let x = h.from_host(vec![-2.0, 0.5, 3.0], &Shape::new([3]), F32);
+    let gelu = ok("gelu", B::to_vec(&ok("gelu", B::unary(UnaryOp::Gelu, &x.dev))));
+    assert_values("gelu known values", &gelu, &[-0.045_500_26, 0.345_731_14, 2.995_950_4], backend_vs_reference(F32));
+    let tanh = ok("gelu tanh", B::to_vec(&ok("gelu tanh", B::unary(UnaryOp::GeluTanh, &x.dev))));
+    assert_values(
+        "gelu tanh known values",
+        &tanh,
+        &[-0.045_402_3, 0.345_714_3, 2.996_362_7],
+        backend_vs_reference(F32),
+    );
+}
+
+/// Permutations of ranks 1–4, their inverse (the backward), and bad axes.
+pub fn permute<B: Backend>() {
+    let mut h = Harness::<B>::default();
+    let cases: [(&[usize], &[usize]); 6] = [
+        (&[7], &[0]),
+        (&[3, 7], &[1, 0]),
+        (&[2, 3, 33], &[2, 0, 1]),
+        (&[2, 3, 4, 5], &[0, 2, 1, 3]),
+        (&[2, 3, 4, 5], &[3, 2, 1, 0]),
+        (&[1, 5, 1, 3], &[0, 2, 3, 1]),
+    ];
+    for (shape, axes) in cases {
+        let x = h.randn(shape, F32);
+        let what = format!("permute {shape:?} by {axes:?}");
+        let y = B::permute(&x.dev, axes);
+        assert_matches::<B>(&what, &y, &R::permute(&x.reference, axes));
+        let back = B::permute(&y.unwrap(), &lisa_core::backend::geometry::inverse_permutation(axes));
+        assert_matches::<B>(&format!("{what} and back"), &back, &Ok(x.reference.clone()));
+    }
+    let x = h.randn(&[2, 3, 4], F32);
+    for bad in [&[0usize, 1][..], &[0, 1, 1], &[0, 1, 3], &[0, 1, 2, 3]] {
+        assert!(matches!(B::permute(&x.dev, bad), Err(Error::InvalidArgument { .. })), "permute by {bad:?}");
+    }
+}
+
+/// Narrowing and concatenation along every axis (GEGLU's split and its backward).
+pub fn narrow_and_concat<B: Backend>() {
+    let mut h = Harness::<B>::default();
+    let x = h.randn(&[2, 3, 8], F32);
+    for (axis, start, len) in [(0usize, 1usize, 1usize), (1, 0, 2), (2, 4, 4), (2, 0, 1)] {
+        let what = format!("narrow axis {axis} {start}+{len}");
+        assert_matches::<B>(&what, &B::narrow(&x.dev, axis, start, len), &R::narrow(&x.reference, axis, start, len));
+        let rest = x.reference.shape().dims()[axis] - start - len;
+        let mut parts = Vec::new();
+        for (s, l) in [(0, start), (start, len), (start + len, rest)] {
+            if l > 0 {
+                parts.push(ok(&what, B::narrow(&x.dev, axis, s, l)));
+            }
+        }
+        let refs: Vec<&B::Tensor> = parts.iter().collect();
+        assert_matches::<B>(&format!("{what} rejoined"), &B::concat(&refs, axis), &Ok(x.reference.clone()));
+    }
+    assert!(matches!(B::narrow(&x.dev, 3, 0, 1), Err(Error::InvalidArgument { .. })), "axis out of range");
+    assert!(matches!(B::narrow(&x.dev, 2, 6, 3), Err(Error::InvalidArgument { .. })), "range past the end");
+    let y = h.randn(&[2, 4, 8], F32);
+    assert!(B::concat(&[&x.dev, &y.dev], 2).is_err(), "concat of unequal other dims");
+}
+
+/// Matmul with broadcast leading dims, against the reference and a host loop.
+pub fn matmul_broadcast<B: Backend>() {
+    let mut h = Harness::<B>::default();
+    let cases: [(&[usize], &[usize]); 4] =
+        [(&[2, 3, 5, 4], &[4, 6]), (&[1, 3, 5, 4], &[2, 1, 4, 6]), (&[5, 4], &[3, 4, 2]), (&[2, 5, 4], &[2, 4, 6])];
+    for (sa, sb) in cases {
+        let (a, b) = (h.randn(sa, F32), h.randn(sb, F32));
+        let what = format!("matmul_broadcast {sa:?} x {sb:?}");
+        let got = B::matmul_broadcast(&a.dev, &b.dev, Transpose::default());
+        assert_matches::<B>(&what, &got, &R::matmul_broadcast(&a.reference, &b.reference, Transpose::default()));
+        // Host: every output row from the broadcast operands.
+        let lead = lisa_core::backend::broadcast_leading("test", &Shape::new(sa), &Shape::new(sb)).unwrap();
+        let (m, k, n) = (sa[sa.len() - 2], sa[sa.len() - 1], sb[sb.len() - 1]);
+        let la = Shape::new(&sa[..sa.len() - 2]).broadcast_strides(&lead);
+        let lb = Shape::new(&sb[..sb.len() - 2]).broadcast_strides(&lead);
+        let mut want = Vec::new();
+        let count = lead.num_elements().unwrap();
+        for flat in 0..count {
+            let (mut rem, mut oa, mut ob) = (flat, 0, 0);
+            for d in (0..lead.rank()).rev() {
+                let c = rem % lead.dims()[d];
+                rem /= lead.dims()[d];
+                oa += c * la[d];
+                ob += c * lb[d];
+            }
+            for i in 0..m {
+                for j in 0..n {
+                    let s: f64 = (0..k)
+                        .map(|p| a.host[oa * m * k + i * k + p] as f64 * b.host[ob * k * n + p * n + j] as f64)
+                        .sum();
+                    want.push(s as f32);
+                }
+            }
+        }
+        assert_values(
+            &format!("{what} vs host"),
+            &ok(&what, B::to_vec(&got.unwrap())),
+            &want,
+            backend_vs_reference(F32),
+        );
+    }
+    let (a, b) = (h.randn(&[2, 5, 4], F32), h.randn(&[3, 4, 6], F32));
+    assert!(B::matmul_broadcast(&a.dev, &b.dev, Transpose::default()).is_err(), "leading dims 2 vs 3");
+}
+
+/// Layer norm forward (against a host computation) and backward (against the reference and
+/// finite differences of the backend's own forward).
+pub fn layer_norm<B: Backend>() {
+    let mut h = Harness::<B>::default();
+    for shape in [&[1usize, 1][..], &[3, 7], &[2, 5, 33], &[1, 4, 2, 16]] {
+        let c = *shape.last().unwrap();
+        let (x, gamma, beta) = (h.randn(shape, F32), h.randn(&[c], F32), h.randn(&[c], F32));
+        let eps = 1e-5;
+        let what = format!("layer_norm {shape:?}");
+        let got = ok(&what, B::layer_norm(&x.dev, &gamma.dev, &beta.dev, eps));
+        let mut want = Vec::new();
+        for row in x.host.chunks(c) {
+            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
+            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
+            let rstd = 1.0 / (var + eps as f64).sqrt();
+            for (i, &v) in row.iter().enumerate() {
+                want.push(((v as f64 - mean) * rstd * gamma.host[i] as f64 + beta.host[i] as f64) as f32);
+            }
+        }
+        assert_values(&format!("{what} vs host"), &ok(&what, B::to_vec(&got.output)), &want, backend_vs_reference(F32));
+        let g = h.randn(shape, F32);
+        let grads = ok(&what, B::layer_norm_backward(&x.dev, &gamma.dev, &got, &g.dev, eps));
+        let want_stats = R::layer_norm(&x.reference, &gamma.reference, &beta.reference, eps).unwrap();
+        let want_g = R::layer_norm_backward(&x.reference, &gamma.reference, &want_stats, &g.reference, eps).unwrap();
+        assert_matches::<B>(&format!("{what} dx"), &Ok(grads.input.clone()), &Ok(want_g.input));
+        assert_matches::<B>(&format!("{what} dgamma"), &Ok(grads.gamma.clone()), &Ok(want_g.gamma));
+        assert_matches::<B>(&format!("{what} dbeta"), &Ok(grads.beta.clone()), &Ok(want_g.beta));
+        let fwd = |x: &B::Tensor, gm: &B::Tensor, bt: &B::Tensor| B::layer_norm(x, gm, bt, eps).unwrap().output;
+        finite_difference(&format!("{what} dx"), &h, &x, &g.host, |t| fwd(t, &gamma.dev, &beta.dev), &grads.input);
+        finite_difference(&format!("{what} dgamma"), &h, &gamma, &g.host, |t| fwd(&x.dev, t, &beta.dev), &grads.gamma);
+        finite_difference(&format!("{what} dbeta"), &h, &beta, &g.host, |t| fwd(&x.dev, &gamma.dev, t), &grads.beta);
+    }
+    let (x, gamma) = (h.randn(&[2, 4], F32), h.randn(&[3], F32));
+    assert!(matches!(B::layer_norm(&x.dev, &gamma.dev, &gamma.dev, 1e-5), Err(Error::ShapeMismatch { .. })));
+}
+
+/// `softmax(s·QKᵀ)·V` on the host, in `f64`.
+fn host_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    (g, tq, tk, d, dv): (usize, usize, usize, usize, usize),
+    s: f32,
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(g * tq * dv);
+    for gi in 0..g {
+        for i in 0..tq {
+            let scores: Vec<f64> = (0..tk)
+                .map(|j| {
+                    (0..d).map(|p| q[(gi * tq + i) * d + p] as f64 * k[(gi * tk + j) * d + p] as f64).sum::<f64>()
+                        * s as f64
+                })
+                .collect();
+            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
+            let z: f64 = e.iter().sum();
+            for c in 0..dv {
+                out.push((0..tk).map(|j| e[j] / z * v[(gi * tk + j) * dv + c] as f64).sum::<f64>() as f32);
+            }
+        }
+    }
+    out
+}
+
+/// Attention (self: `t_q = t_k`; cross: `t_q ≠ t_k`, `d_v ≠ d`) forward against a host
+/// computation, backward against finite differences; the chunked paths (a budget of a few
+/// scores) against the unchunked ones; half storage against `f32`; bad shapes.
+pub fn attention<B: Backend>() {
+    let mut h = Harness::<B>::default();
+    for (g, tq, tk, d, dv) in
+        [(1usize, 1usize, 1usize, 1usize, 1usize), (2, 7, 7, 4, 4), (3, 5, 9, 8, 3), (2, 33, 6, 2, 5)]
+    {
+        let what = format!("attention g{g} q{tq} k{tk} d{d} dv{dv}");
+        let (q, k, v) = (h.randn(&[g, tq, d], F32), h.randn(&[g, tk, d], F32), h.randn(&[g, tk, dv], F32));
+        let scale = 1.0 / (d as f32).sqrt();
+        let out = ok(&what, B::attention(&q.dev, &k.dev, &v.dev, scale));
+        let want = host_attention(&q.host, &k.host, &v.host, (g, tq, tk, d, dv), scale);
+        assert_values(&format!("{what} vs host"), &ok(&what, B::to_vec(&out)), &want, backend_vs_reference(F32));
+        let chunked = attention_chunked::<B>(&q.dev, &k.dev, &v.dev, scale, 5);
+        assert_matches::<B>(
+            &format!("{what} chunked"),
+            &chunked,
+            &R::attention(&q.reference, &k.reference, &v.reference, scale),
+        );
+        let go = h.randn(&[g, tq, dv], F32);
+        let grads = ok(&what, B::attention_backward(&q.dev, &k.dev, &v.dev, &go.dev, scale));
+        let want_g = R::attention_backward(&q.reference, &k.reference, &v.reference, &go.reference, scale).unwrap();
+        let chunked_g = ok(&what, attention_backward_chunked::<B>(&q.dev, &k.dev, &v.dev, &go.dev, scale, 5));
+        for (name, got, chunk, want) in [
+            ("dq", &grads.q, &chunked_g.q, want_g.q),
+            ("dk", &grads.k, &chunked_g.k, want_g.k.clone()),
+            ("dv", &grads.v, &chunked_g.v, want_g.v.clone()),
+        ] {
+            assert_matches::<B>(&format!("{what} {name}"), &Ok(got.clone()), &Ok(want.clone()));
+            assert_matches::<B>(&format!("{what} {name} chunked"), &Ok(chunk.clone()), &Ok(want));
+        }
+        let f = |q: &B::Tensor, k: &B::Tensor, v: &B::Tensor| B::attention(q, k, v, scale).unwrap();
+        finite_difference(&format!("{what} dq"), &h, &q, &go.host, |t| f(t, &k.dev, &v.dev), &grads.q);
+        finite_difference(&format!("{what} dk"), &h, &k, &go.host, |t| f(&q.dev, t, &v.dev), &grads.k);
+        finite_difference(&format!("{what} dv"), &h, &v, &go.host, |t| f(&q.dev, &k.dev, t), &grads.v);
+    }
+    // Half storage: scores run in f32, the output is stored in the inputs' dtype.
+    if B::supports_dtype(&h.device, DType::F16) {
+        let (q, k, v) =
+            (h.randn(&[2, 6, 4], DType::F16), h.randn(&[2, 3, 4], DType::F16), h.randn(&[2, 3, 4], DType::F16));
+        let got: Result<B::Tensor> = B::attention(&q.dev, &k.dev, &v.dev, 0.5);
+        let want: Result<RefTensor> = R::attention(&q.reference, &k.reference, &v.reference, 0.5);
+        assert_matches::<B>("attention f16", &got, &want);
+    }
+    let (q, k) = (h.randn(&[2, 3, 4], F32), h.randn(&[2, 5, 3], F32));
+    assert!(matches!(B::attention(&q.dev, &k.dev, &k.dev, 1.0), Err(Error::ShapeMismatch { .. })), "d of q vs k");
+    let k1 = h.randn(&[1, 5, 4], F32);
+    assert!(matches!(B::attention(&q.dev, &k1.dev, &k1.dev, 1.0), Err(Error::ShapeMismatch { .. })), "groups");
+    let k4 = h.randn(&[2, 5, 4], F32);
+    assert!(B::attention(&q.dev, &k4.dev, &k4.dev, f32::NAN).is_err(), "NaN scale");
+}

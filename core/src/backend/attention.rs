@@ -1,0 +1,196 @@
+use alloc::vec::Vec;
+
+use super::geometry::Transpose;
+use super::{DType, LayoutOps, MatmulOps, ReduceOps, Shape};
+use crate::{Error, Result};
+
+/// The most score elements (`heads · query rows · keys`) the default attention holds at
+/// once: 2²⁴ (64 MiB in f32). Larger problems run in chunks of heads, then of query rows.
+pub const ATTENTION_SCORE_BUDGET: usize = 1 << 24;
+
+/// The gradients of [`AttentionOps::attention`].
+#[derive(Debug, Clone)]
+pub struct AttentionGrads<T> {
+    /// `∂L/∂q`, `[g, t_q, d]`.
+    pub q: T,
+    /// `∂L/∂k`, `[g, t_k, d]`.
+    pub k: T,
+    /// `∂L/∂v`, `[g, t_k, d_v]`.
+    pub v: T,
+}
+
+/// Scaled dot-product attention over `g` independent groups (batch × heads).
+///
+/// The defaults never hold more than [`ATTENTION_SCORE_BUDGET`] scores: they run over
+/// chunks of groups (and of query rows when one group is larger), and the backward
+/// recomputes the probabilities chunk by chunk instead of saving them. Scores and softmax
+/// run in `f32` whatever the storage type (diffusers' `upcast_attention`, always on).
+pub trait AttentionOps: MatmulOps + ReduceOps + LayoutOps {
+    /// `O = softmax(s·Q·Kᵀ)·V` per group: `q [g, t_q, d]`, `k [g, t_k, d]`, `v [g, t_k, d_v]`
+    /// → `[g, t_q, d_v]`, softmax over the keys.
+    fn attention(q: &Self::Tensor, k: &Self::Tensor, v: &Self::Tensor, scale: f32) -> Result<Self::Tensor> {
+        attention_chunked::<Self>(q, k, v, scale, ATTENTION_SCORE_BUDGET)
+    }
+
+    /// Backward of [`AttentionOps::attention`] from `∂L/∂O`, recomputing `P = softmax(s·QKᵀ)`:
+    /// `dV = Pᵀ·dO`, `dP = dO·Vᵀ`, `dS = P ⊙ (dP − Σ_keys dP ⊙ P)`, `dQ = s·dS·K`,
+    /// `dK = s·dSᵀ·Q`.
+    fn attention_backward(
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        grad_out: &Self::Tensor,
+        scale: f32,
+    ) -> Result<AttentionGrads<Self::Tensor>> {
+        attention_backward_chunked::<Self>(q, k, v, grad_out, scale, ATTENTION_SCORE_BUDGET)
+    }
+}
+
+/// [`AttentionOps::attention`]'s default, holding at most `budget` scores at once.
+pub fn attention_chunked<B: AttentionOps>(
+    q: &B::Tensor,
+    k: &B::Tensor,
+    v: &B::Tensor,
+    scale: f32,
+    budget: usize,
+) -> Result<B::Tensor> {
+    let geo = AttentionGeometry::new::<B>("attention", q, k, v, scale, budget)?;
+    let mut groups = Vec::new();
+    for (g0, gc) in geo.group_chunks() {
+        let (kc, vc) = (upcast::<B>(&B::narrow(k, 0, g0, gc)?)?, upcast::<B>(&B::narrow(v, 0, g0, gc)?)?);
+        let qg = B::narrow(q, 0, g0, gc)?;
+        let mut rows = Vec::new();
+        for (r0, rc) in geo.row_chunks(gc) {
+            let p = probabilities::<B>(&upcast::<B>(&B::narrow(&qg, 1, r0, rc)?)?, &kc, scale)?;
+            rows.push(B::matmul(&p, &vc, Transpose::default())?); // [gc, rc, d_v]
+        }
+        groups.push(join::<B>(rows, 1)?);
+    }
+    B::cast(&join::<B>(groups, 0)?, geo.dtype)
+}
+
+/// [`AttentionOps::attention_backward`]'s default, holding at most `budget` scores at once.
+pub fn attention_backward_chunked<B: AttentionOps>(
+    q: &B::Tensor,
+    k: &B::Tensor,
+    v: &B::Tensor,
+    grad_out: &B::Tensor,
+    scale: f32,
+    budget: usize,
+) -> Result<AttentionGrads<B::Tensor>> {
+    const OP: &str = "attention_backward";
+    let geo = AttentionGeometry::new::<B>(OP, q, k, v, scale, budget)?;
+    let d_v = B::shape(v).dims()[2];
+    Shape::new([geo.groups, geo.queries, d_v]).expect_eq(OP, &B::shape(grad_out))?;
+    let (mut dq_groups, mut dk_groups, mut dv_groups) = (Vec::new(), Vec::new(), Vec::new());
+    for (g0, gc) in geo.group_chunks() {
+        let (kc, vc) = (upcast::<B>(&B::narrow(k, 0, g0, gc)?)?, upcast::<B>(&B::narrow(v, 0, g0, gc)?)?);
+        let (qg, gg) = (B::narrow(q, 0, g0, gc)?, B::narrow(grad_out, 0, g0, gc)?);
+        let mut dq_rows: Vec<B::Tensor> = Vec::new();
+        let (mut dk, mut dv): (Option<B::Tensor>, Option<B::Tensor>) = (None, None);
+        for (r0, rc) in geo.row_chunks(gc) {
+            let qc = upcast::<B>(&B::narrow(&qg, 1, r0, rc)?)?;
+            let go = upcast::<B>(&B::narrow(&gg, 1, r0, rc)?)?;
+            let p = probabilities::<B>(&qc, &kc, scale)?; // [gc, rc, t_k]
+            let dv_part = B::matmul(&p, &go, Transpose { a: true, b: false })?; // [gc, t_k, d_v]
+            let dp = B::matmul(&go, &vc, Transpose { a: false, b: true })?; // [gc, rc, t_k]
+            let ds = B::scale(&B::softmax_last_backward(&p, &dp)?, scale)?;
+            dq_rows.push(B::matmul(&ds, &kc, Transpose::default())?); // [gc, rc, d]
+            let dk_part = B::matmul(&ds, &qc, Transpose { a: true, b: false })?; // [gc, t_k, d]
+            dk = Some(match dk {
+                Some(acc) => B::add(&acc, &dk_part)?,
+                None => dk_part,
+            });
+            dv = Some(match dv {
+                Some(acc) => B::add(&acc, &dv_part)?,
+                None => dv_part,
+            });
+        }
+        dq_groups.push(join::<B>(dq_rows, 1)?);
+        dk_groups.push(dk.ok_or(Error::Empty { op: OP })?);
+        dv_groups.push(dv.ok_or(Error::Empty { op: OP })?);
+    }
+    Ok(AttentionGrads {
+        q: B::cast(&join::<B>(dq_groups, 0)?, geo.dtype)?,
+        k: B::cast(&join::<B>(dk_groups, 0)?, geo.dtype)?,
+        v: B::cast(&join::<B>(dv_groups, 0)?, geo.dtype)?,
+    })
+}
+
+/// `softmax(s·Q·Kᵀ)` over the keys: `[gc, rc, d] × [gc, t_k, d] → [gc, rc, t_k]`.
+fn probabilities<B: AttentionOps>(q: &B::Tensor, k: &B::Tensor, scale: f32) -> Result<B::Tensor> {
+    B::softmax_last(&B::scale(&B::matmul(q, k, Transpose { a: false, b: true })?, scale)?)
+}
+
+/// `t` in `f32` (a no-op for `f32` tensors).
+fn upcast<B: AttentionOps>(t: &B::Tensor) -> Result<B::Tensor> {
+    if B::dtype(t) == DType::F32 { Ok(t.clone()) } else { B::cast(t, DType::F32) }
+}
+
+/// The chunks joined along `axis` (one chunk: itself).
+fn join<B: AttentionOps>(mut parts: Vec<B::Tensor>, axis: usize) -> Result<B::Tensor> {
+    if parts.len() == 1 {
+        return parts.pop().ok_or(Error::Empty { op: "attention" });
+    }
+    let refs: Vec<&B::Tensor> = parts.iter().collect();
+    B::concat(&refs, axis)
+}
+
+/// The validated sizes of one attention call and its chunking.
+#[derive(Debug, Clone, Copy)]
+struct AttentionGeometry {
+    groups: usize,
+    queries: usize,
+    keys: usize,
+    dtype: DType,
+    budget: usize,
+}
+
+impl AttentionGeometry {
+    fn new<B: AttentionOps>(
+        op: &'static str,
+        q: &B::Tensor,
+        k: &B::Tensor,
+        v: &B::Tensor,
+        scale: f32,
+        budget: usize,
+    ) -> Result<Self> {
+        let (sq, sk, sv) = (B::shape(q), B::shape(k), B::shape(v));
+        for s in [&sq, &sk, &sv] {
+            s.expect_rank(op, 3)?;
+        }
+        let dtype = B::expect_same_dtype(op, q, k)?;
+        B::expect_same_dtype(op, q, v)?;
+        let (g, t_q, d) = (sq.dims()[0], sq.dims()[1], sq.dims()[2]);
+        let t_k = sk.dims()[1];
+        Shape::new([g, t_k, d]).expect_eq(op, &sk)?;
+        if sv.dims()[0] != g || sv.dims()[1] != t_k {
+            return Err(Error::ShapeMismatch { op, expected: Shape::new([g, t_k, sv.dims()[2]]), got: sv });
+        }
+        if g == 0 || t_q == 0 || t_k == 0 || d == 0 || sv.dims()[2] == 0 {
+            return Err(Error::Empty { op });
+        }
+        if !scale.is_finite() {
+            return Err(Error::invalid(op, alloc::format!("scale must be finite, got {scale}")));
+        }
+        Ok(Self { groups: g, queries: t_q, keys: t_k, dtype, budget: budget.max(1) })
+    }
+
+    /// `(first group, count)` chunks holding at most the budget's scores (at least one group).
+    fn group_chunks(&self) -> impl Iterator<Item = (usize, usize)> {
+        let per_group = self.queries.saturating_mul(self.keys);
+        let size = (self.budget / per_group.max(1)).clamp(1, self.groups);
+        chunks(self.groups, size)
+    }
+
+    /// `(first row, count)` chunks of the queries for a chunk of `gc` groups.
+    fn row_chunks(&self, gc: usize) -> impl Iterator<Item = (usize, usize)> {
+        let size = (self.budget / gc.saturating_mul(self.keys).max(1)).clamp(1, self.queries);
+        chunks(self.queries, size)
+    }
+}
+
+/// `0..n` in runs of `size` (the last shorter).
+fn chunks(n: usize, size: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..n).step_by(size).map(move |s| (s, size.min(n - s)))
+}

@@ -1,0 +1,366 @@
+//! The diffusers `config.json` of `UNet2DConditionModel` and `ControlNetModel` (SD 1.x/2.x):
+//! the keys `lisa` builds from, the keys it accepts only at their default, and nothing else.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use crate::error::{Result, TrainError};
+
+/// A down block of the UNet's encoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DownBlockType {
+    /// Resnets, each followed by a spatial transformer; a downsampler unless last.
+    CrossAttnDownBlock2D,
+    /// Resnets only; a downsampler unless last.
+    DownBlock2D,
+}
+
+/// An up block of the UNet's decoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UpBlockType {
+    /// Resnets over the concatenated skip, each followed by a spatial transformer.
+    CrossAttnUpBlock2D,
+    /// Resnets over the concatenated skip.
+    UpBlock2D,
+}
+
+/// An int for every block, or one per block (`attention_head_dim`, `num_attention_heads`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PerBlock {
+    /// The same for every block.
+    All(usize),
+    /// One per down block.
+    Each(Vec<usize>),
+}
+
+impl PerBlock {
+    fn expand(&self, blocks: usize, key: &str) -> Result<Vec<usize>> {
+        match self {
+            PerBlock::All(v) => Ok(vec![*v; blocks]),
+            PerBlock::Each(v) if v.len() == blocks => Ok(v.clone()),
+            PerBlock::Each(v) => {
+                Err(TrainError::Config(format!("config.json: {key} has {} entries for {blocks} blocks", v.len())))
+            }
+        }
+    }
+}
+
+/// The settings a UNet and its ControlNet share (diffusers' names and meanings).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UNetConfig {
+    /// Latent channels in (4).
+    pub in_channels: usize,
+    /// Predicted channels (4).
+    pub out_channels: usize,
+    /// Latent side the model was trained at (64 for 512 px).
+    pub sample_size: usize,
+    /// Cosine half first in the timestep embedding (true for SD).
+    pub flip_sin_to_cos: bool,
+    /// `s` in the frequencies `exp(−ln(10⁴)·i/(half − s))` (0 for SD).
+    pub freq_shift: usize,
+    /// The encoder's blocks.
+    pub down_block_types: Vec<DownBlockType>,
+    /// The decoder's blocks.
+    pub up_block_types: Vec<UpBlockType>,
+    /// Channels per level (`[320, 640, 1280, 1280]` for SD).
+    pub block_out_channels: Vec<usize>,
+    /// Resnets per down block (up blocks have one more).
+    pub layers_per_block: usize,
+    /// Attention heads per block, resolved from `num_attention_heads` or, as diffusers does,
+    /// from `attention_head_dim` (which diffusers reads as the head count).
+    pub heads: Vec<usize>,
+    /// Width of the text embeddings (768 for SD 1.x, 1024 for SD 2.x).
+    pub cross_attention_dim: usize,
+    /// `proj_in`/`proj_out` as linear layers (SD 2.x) instead of 1×1 convs (SD 1.x).
+    pub use_linear_projection: bool,
+    /// Groups of every group norm (32).
+    pub norm_num_groups: usize,
+    /// ε of the resnets' and the output's group norms (1e-5).
+    pub norm_eps: f32,
+    /// Scores and softmax in f32 (always done here, whatever the flag).
+    pub upcast_attention: bool,
+}
+
+/// What a ControlNet adds to the shared settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ControlNetExtras {
+    /// Channels of the condition image (3).
+    pub conditioning_channels: usize,
+    /// Channels of the condition embedding's stages (`[16, 32, 96, 256]`).
+    pub conditioning_embedding_out_channels: Vec<usize>,
+}
+
+/// Keys accepted only at their default value: `(key, default)`. `null` defaults also accept
+/// the key's absence.
+const AT_DEFAULT: &[(&str, &str)] = &[
+    ("center_input_sample", "false"),
+    ("mid_block_type", "\"UNetMidBlock2DCrossAttn\""),
+    ("only_cross_attention", "false"),
+    ("downsample_padding", "1"),
+    ("mid_block_scale_factor", "1"),
+    ("act_fn", "\"silu\""),
+    ("transformer_layers_per_block", "1"),
+    ("reverse_transformer_layers_per_block", "null"),
+    ("encoder_hid_dim", "null"),
+    ("encoder_hid_dim_type", "null"),
+    ("dual_cross_attention", "false"),
+    ("class_embed_type", "null"),
+    ("addition_embed_type", "null"),
+    ("addition_time_embed_dim", "null"),
+    ("num_class_embeds", "null"),
+    ("resnet_time_scale_shift", "\"default\""),
+    ("resnet_skip_time_act", "false"),
+    ("resnet_out_scale_factor", "1"),
+    ("time_embedding_type", "\"positional\""),
+    ("time_embedding_dim", "null"),
+    ("time_embedding_act_fn", "null"),
+    ("timestep_post_act", "null"),
+    ("time_cond_proj_dim", "null"),
+    ("conv_in_kernel", "3"),
+    ("conv_out_kernel", "3"),
+    ("projection_class_embeddings_input_dim", "null"),
+    ("attention_type", "\"default\""),
+    ("class_embeddings_concat", "false"),
+    ("mid_block_only_cross_attention", "null"),
+    ("cross_attention_norm", "null"),
+    ("addition_embed_type_num_heads", "64"),
+    ("dropout", "0"),
+    ("controlnet_conditioning_channel_order", "\"rgb\""),
+    ("global_pool_conditions", "false"),
+];
+
+/// Whether `a` and `b` are the same JSON value, numbers compared as numbers (`1` = `1.0`).
+fn same_value(a: &Value, b: &Value) -> bool {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+/// The supported keys, which [`parse`] reads.
+const UNET_KEYS: &[&str] = &[
+    "in_channels",
+    "out_channels",
+    "sample_size",
+    "flip_sin_to_cos",
+    "freq_shift",
+    "down_block_types",
+    "up_block_types",
+    "block_out_channels",
+    "layers_per_block",
+    "attention_head_dim",
+    "num_attention_heads",
+    "cross_attention_dim",
+    "use_linear_projection",
+    "norm_num_groups",
+    "norm_eps",
+    "upcast_attention",
+];
+
+/// ControlNet-only supported keys.
+const CONTROLNET_KEYS: &[&str] = &["conditioning_channels", "conditioning_embedding_out_channels"];
+
+/// `config[key]` deserialised, or `default` when absent or null; errors name the key.
+fn get<T: serde::de::DeserializeOwned>(config: &Map<String, Value>, key: &str, default: Value) -> Result<T> {
+    let v = config.get(key).filter(|v| !v.is_null()).cloned().unwrap_or(default);
+    serde_json::from_value(v.clone()).map_err(|e| TrainError::Config(format!("config.json: {key} = {v}: {e}")))
+}
+
+/// Rejects every key that is neither supported nor at its default (`_`-prefixed metadata
+/// keys such as `_class_name` are ignored).
+fn check_keys(config: &Map<String, Value>, supported: &[&[&str]]) -> Result<()> {
+    for (key, value) in config {
+        if key.starts_with('_') || supported.iter().any(|s| s.contains(&key.as_str())) {
+            continue;
+        }
+        match AT_DEFAULT.iter().find(|(k, _)| k == key) {
+            Some((_, default)) => {
+                let default: Value = serde_json::from_str(default).expect("valid default JSON");
+                if !same_value(value, &default) {
+                    return Err(TrainError::Config(format!(
+                        "config.json: {key} = {value} is not supported (only {default})"
+                    )));
+                }
+            }
+            None => return Err(TrainError::Config(format!("config.json: unknown key {key} = {value}"))),
+        }
+    }
+    Ok(())
+}
+
+/// The diffusers defaults of `UNet2DConditionModel` for the keys [`UNET_KEYS`] names.
+fn unet_defaults() -> Map<String, Value> {
+    let v = json!({
+        "in_channels": 4, "out_channels": 4, "sample_size": null, "flip_sin_to_cos": true, "freq_shift": 0,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "attention_head_dim": 8,
+        "num_attention_heads": null, "cross_attention_dim": 1280, "use_linear_projection": false,
+        "norm_num_groups": 32, "norm_eps": 1e-5, "upcast_attention": false
+    });
+    v.as_object().cloned().unwrap_or_default()
+}
+
+impl UNetConfig {
+    /// From a UNet `config.json` (parsed), every key checked.
+    pub fn from_unet_json(config: &Map<String, Value>) -> Result<Self> {
+        check_keys(config, &[UNET_KEYS])?;
+        Self::parse(config, true)
+    }
+
+    /// The shared settings and the extras from a ControlNet `config.json`.
+    pub fn from_controlnet_json(config: &Map<String, Value>) -> Result<(Self, ControlNetExtras)> {
+        check_keys(config, &[UNET_KEYS, CONTROLNET_KEYS])?;
+        let shared = Self::parse(config, false)?;
+        let extras = ControlNetExtras {
+            conditioning_channels: get(config, "conditioning_channels", json!(3))?,
+            conditioning_embedding_out_channels: get(
+                config,
+                "conditioning_embedding_out_channels",
+                json!([16, 32, 96, 256]),
+            )?,
+        };
+        if extras.conditioning_channels == 0 || extras.conditioning_embedding_out_channels.is_empty() {
+            return Err(TrainError::Config(
+                "config.json: conditioning_channels and conditioning_embedding_out_channels must be non-empty".into(),
+            ));
+        }
+        Ok((shared, extras))
+    }
+
+    fn parse(config: &Map<String, Value>, unet: bool) -> Result<Self> {
+        let d = unet_defaults();
+        let g = |key: &str| d.get(key).cloned().unwrap_or(Value::Null);
+        let down_block_types: Vec<DownBlockType> = get(config, "down_block_types", g("down_block_types"))?;
+        let blocks = down_block_types.len();
+        let heads_key = if config.get("num_attention_heads").is_some_and(|v| !v.is_null()) {
+            "num_attention_heads"
+        } else {
+            "attention_head_dim"
+        };
+        let heads: PerBlock = get(config, heads_key, g("attention_head_dim"))?;
+        let block_out_channels: Vec<usize> = get(config, "block_out_channels", g("block_out_channels"))?;
+        let c = Self {
+            in_channels: get(config, "in_channels", g("in_channels"))?,
+            // A ControlNet predicts nothing itself; it shares the UNet's input.
+            out_channels: if unet { get(config, "out_channels", g("out_channels"))? } else { 0 },
+            sample_size: if unet { get(config, "sample_size", json!(64))? } else { 0 },
+            flip_sin_to_cos: get(config, "flip_sin_to_cos", g("flip_sin_to_cos"))?,
+            freq_shift: get(config, "freq_shift", g("freq_shift"))?,
+            up_block_types: if unet { get(config, "up_block_types", g("up_block_types"))? } else { Vec::new() },
+            heads: heads.expand(blocks, heads_key)?,
+            layers_per_block: get(config, "layers_per_block", g("layers_per_block"))?,
+            cross_attention_dim: get(config, "cross_attention_dim", g("cross_attention_dim"))?,
+            use_linear_projection: get(config, "use_linear_projection", g("use_linear_projection"))?,
+            norm_num_groups: get(config, "norm_num_groups", g("norm_num_groups"))?,
+            norm_eps: get(config, "norm_eps", g("norm_eps"))?,
+            upcast_attention: get(config, "upcast_attention", g("upcast_attention"))?,
+            down_block_types,
+            block_out_channels,
+        };
+        c.validate(unet)?;
+        Ok(c)
+    }
+
+    fn validate(&self, unet: bool) -> Result<()> {
+        let bad = |m: String| Err(TrainError::Config(format!("config.json: {m}")));
+        let n = self.down_block_types.len();
+        if n == 0 || self.block_out_channels.len() != n {
+            return bad(format!(
+                "block_out_channels has {} entries for {n} down_block_types",
+                self.block_out_channels.len()
+            ));
+        }
+        if unet && self.up_block_types.len() != n {
+            return bad(format!("up_block_types has {} entries for {n} down blocks", self.up_block_types.len()));
+        }
+        if self.layers_per_block == 0 || self.in_channels == 0 || (unet && self.out_channels == 0) {
+            return bad("layers_per_block, in_channels and out_channels must be positive".into());
+        }
+        if self.norm_num_groups == 0 || self.norm_eps.is_nan() || self.norm_eps <= 0.0 {
+            return bad("norm_num_groups and norm_eps must be positive".into());
+        }
+        for (i, (&c, &h)) in self.block_out_channels.iter().zip(&self.heads).enumerate() {
+            if c == 0 || !c.is_multiple_of(self.norm_num_groups) {
+                return bad(format!("block_out_channels[{i}] = {c} is not a multiple of norm_num_groups"));
+            }
+            if h == 0 || !c.is_multiple_of(h) {
+                return bad(format!("block {i}: {h} attention heads do not divide {c} channels"));
+            }
+        }
+        if self.cross_attention_dim == 0 {
+            return bad("cross_attention_dim must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// The settings a ControlNet must share with its UNet that differ, as `key: a vs b`.
+    pub fn controlnet_mismatches(&self, controlnet: &UNetConfig) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut cmp = |key: &str, a: String, b: String| {
+            if a != b {
+                out.push(format!("{key}: UNet {a} vs ControlNet {b}"));
+            }
+        };
+        cmp("in_channels", self.in_channels.to_string(), controlnet.in_channels.to_string());
+        cmp("flip_sin_to_cos", self.flip_sin_to_cos.to_string(), controlnet.flip_sin_to_cos.to_string());
+        cmp("freq_shift", self.freq_shift.to_string(), controlnet.freq_shift.to_string());
+        cmp("down_block_types", format!("{:?}", self.down_block_types), format!("{:?}", controlnet.down_block_types));
+        cmp(
+            "block_out_channels",
+            format!("{:?}", self.block_out_channels),
+            format!("{:?}", controlnet.block_out_channels),
+        );
+        cmp("layers_per_block", self.layers_per_block.to_string(), controlnet.layers_per_block.to_string());
+        cmp("attention heads", format!("{:?}", self.heads), format!("{:?}", controlnet.heads));
+        cmp("cross_attention_dim", self.cross_attention_dim.to_string(), controlnet.cross_attention_dim.to_string());
+        cmp(
+            "use_linear_projection",
+            self.use_linear_projection.to_string(),
+            controlnet.use_linear_projection.to_string(),
+        );
+        cmp("norm_num_groups", self.norm_num_groups.to_string(), controlnet.norm_num_groups.to_string());
+        cmp("norm_eps", self.norm_eps.to_string(), controlnet.norm_eps.to_string());
+        out
+    }
+
+    /// The number of skips the encoder hands the decoder: `conv_in`, one per resnet, one
+    /// per downsampler (12 for SD).
+    pub fn skip_count(&self) -> usize {
+        1 + self.down_block_types.len() * self.layers_per_block + self.down_block_types.len() - 1
+    }
+
+    /// `{"_class_name": "ControlNetModel", …}`: what diffusers' `ControlNetModel.from_unet`
+    /// writes for this UNet (the keys diffusers needs to rebuild it).
+    pub fn controlnet_json(&self, extras: &ControlNetExtras) -> Value {
+        json!({
+            "_class_name": "ControlNetModel",
+            "_diffusers_version": "0.42.1",
+            "act_fn": "silu",
+            "attention_head_dim": self.heads,
+            "block_out_channels": self.block_out_channels,
+            "conditioning_channels": extras.conditioning_channels,
+            "conditioning_embedding_out_channels": extras.conditioning_embedding_out_channels,
+            "controlnet_conditioning_channel_order": "rgb",
+            "cross_attention_dim": self.cross_attention_dim,
+            "down_block_types": self.down_block_types,
+            "downsample_padding": 1,
+            "flip_sin_to_cos": self.flip_sin_to_cos,
+            "freq_shift": self.freq_shift,
+            "global_pool_conditions": false,
+            "in_channels": self.in_channels,
+            "layers_per_block": self.layers_per_block,
+            "mid_block_scale_factor": 1,
+            "mid_block_type": "UNetMidBlock2DCrossAttn",
+            "norm_eps": self.norm_eps,
+            "norm_num_groups": self.norm_num_groups,
+            "num_attention_heads": null,
+            "only_cross_attention": false,
+            "resnet_time_scale_shift": "default",
+            "transformer_layers_per_block": 1,
+            "upcast_attention": self.upcast_attention,
+            "use_linear_projection": self.use_linear_projection
+        })
+    }
+}

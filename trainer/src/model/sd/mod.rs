@@ -1,0 +1,362 @@
+//! Stable Diffusion 1.x/2.x (`architecture = "sd"`): diffusers' `UNet2DConditionModel` as
+//! the frozen main network, `ControlNetModel` as the side network, and the LISA decoder
+//! hooked at the input of a ControlNet zero conv. Built from diffusers `config.json` files
+//! and loaded from / saved to diffusers folders with diffusers' tensor names.
+//!
+//! Parameter names: `main.<UNet name>`, `side.<ControlNet name>`, `lisa.*`.
+//! Hooks: `down_i` = the input of `controlnet_down_blocks[i]` (`down_0` … `down_11` in SD),
+//! `mid` = the input of `controlnet_mid_block` (the LISA authors' naming).
+
+mod blocks;
+mod config;
+mod controlnet;
+mod folder;
+mod unet;
+
+use std::path::Path;
+
+use lisa_core::Prediction;
+use lisa_core::backend::{Backend, Shape};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+pub use blocks::{SpatialTransformer, TRANSFORMER_GROUP_NORM_EPS, timestep_embedding};
+pub use config::{ControlNetExtras, DownBlockType, PerBlock, UNetConfig, UpBlockType};
+pub use controlnet::{ConditioningEmbedding, SdControlNet};
+pub use folder::{read_diffusers_weights, read_json_config, save_controlnet};
+pub use unet::{Encoded, SdUNet};
+
+use super::{
+    Conditioning, DECODER, DecoderConfig, DualDenoiser, HookLayer, LisaDecoder, MAIN, MainEncoding, ModelSpec, Parts,
+    PromptEmbedding, Residuals, SIDE, SideOutput, Skips,
+};
+use crate::autodiff::Var;
+use crate::error::{Result, TrainError};
+use crate::params::{Bound, ParamStore};
+use crate::weights::{load_params, load_tensors};
+
+/// The registry name.
+pub const NAME: &str = "sd";
+
+/// The `[model]` keys of the sd architecture.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SdSpec {
+    /// The UNet's diffusers `config.json`, as read.
+    pub unet: Map<String, Value>,
+    /// The ControlNet's diffusers `config.json` (None: `from_unet` with diffusers' defaults).
+    #[serde(default)]
+    pub controlnet: Option<Map<String, Value>>,
+    /// The residual multiplier during training (diffusers' `conditioning_scale`, 1).
+    #[serde(default = "one")]
+    pub conditioning_scale: f32,
+    /// What the UNet predicts (the scheduler config's `prediction_type`; epsilon).
+    #[serde(default)]
+    pub prediction: Prediction,
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+/// The parsed settings.
+#[derive(Debug, Clone)]
+struct Resolved {
+    unet: UNetConfig,
+    controlnet: UNetConfig,
+    extras: ControlNetExtras,
+}
+
+impl SdSpec {
+    /// Reads the architecture keys of `spec`.
+    pub fn from_spec(spec: &ModelSpec) -> Result<Self> {
+        serde_json::from_value(Value::Object(spec.config.clone()))
+            .map_err(|e| TrainError::Config(format!("[model] of the sd architecture: {e}")))
+    }
+
+    /// This configuration as a [`ModelSpec`].
+    pub fn to_spec(&self, decoder: &DecoderConfig) -> ModelSpec {
+        let config = match serde_json::to_value(self) {
+            Ok(Value::Object(map)) => map,
+            _ => Default::default(),
+        };
+        ModelSpec { architecture: NAME.to_string(), decoder: decoder.clone(), config }
+    }
+
+    fn resolve(&self) -> Result<Resolved> {
+        let unet = UNetConfig::from_unet_json(&self.unet)?;
+        let (controlnet, extras) = match &self.controlnet {
+            Some(c) => UNetConfig::from_controlnet_json(c)?,
+            None => UNetConfig::from_controlnet_json(&controlnet_from_unet(&self.unet))?,
+        };
+        let mismatches = unet.controlnet_mismatches(&controlnet);
+        if !mismatches.is_empty() {
+            return Err(TrainError::Config(format!("the ControlNet does not fit the UNet: {}", mismatches.join(", "))));
+        }
+        if !self.conditioning_scale.is_finite() {
+            return Err(TrainError::Config("conditioning_scale must be finite".into()));
+        }
+        Ok(Resolved { unet, controlnet, extras })
+    }
+
+    /// Checks the configs and that the hook names a zero conv of this ControlNet.
+    pub fn validate(&self, decoder: &DecoderConfig) -> Result<()> {
+        let r = self.resolve()?;
+        hook_shape(&r.unet, decoder.hook).map(|_| ())
+    }
+}
+
+/// The ControlNet `config.json` diffusers' `from_unet` derives from a UNet's.
+fn controlnet_from_unet(unet: &Map<String, Value>) -> Map<String, Value> {
+    let drop = ["out_channels", "up_block_types", "sample_size", "center_input_sample"];
+    unet.iter().filter(|(k, _)| !drop.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+/// `(channels, side)` of the ControlNet feature a hook reads, at the UNet's `sample_size`.
+fn hook_shape(u: &UNetConfig, hook: HookLayer) -> Result<(usize, usize)> {
+    let levels = u.block_out_channels.len();
+    // Skip i's (channels, level): conv_in, then per level its resnets and its downsampler.
+    let mut skips = vec![(u.block_out_channels[0], 0)];
+    for (l, &c) in u.block_out_channels.iter().enumerate() {
+        skips.extend(std::iter::repeat_n((c, l), u.layers_per_block));
+        if l + 1 < levels {
+            skips.push((c, l + 1));
+        }
+    }
+    let (c, level) = match hook {
+        HookLayer::Mid => (u.block_out_channels[levels - 1], levels - 1),
+        HookLayer::Down(i) => *skips.get(i).ok_or_else(|| {
+            TrainError::Config(format!(
+                "hook down_{i} does not exist: this ControlNet has down_0..down_{}",
+                skips.len() - 1
+            ))
+        })?,
+    };
+    Ok((c, (u.sample_size >> level).max(1)))
+}
+
+/// The SD dual-branch model.
+pub struct SdModel<B: Backend> {
+    store: ParamStore<B>,
+    unet: SdUNet,
+    controlnet: Option<SdControlNet>,
+    decoder: Option<LisaDecoder>,
+    spec: SdSpec,
+    resolved: Resolved,
+    decoder_config: DecoderConfig,
+    parts: Parts,
+}
+
+impl<B: Backend> SdModel<B> {
+    /// Builds the parts of `spec` with seeded initial weights; the ControlNet starts as a
+    /// copy of the UNet's `conv_in`, time embedding, down and middle blocks (`from_unet`).
+    pub fn new(spec: &ModelSpec, parts: Parts, device: B::Device, seed: u64) -> Result<Self> {
+        let sd = SdSpec::from_spec(spec)?;
+        let resolved = sd.resolve()?;
+        let mut store = ParamStore::new(device, seed);
+        if parts != Parts::Prior {
+            store = store.freeze_prefix(MAIN);
+        }
+        let unet = SdUNet::new(&mut store, MAIN, &resolved.unet)?;
+        let (mut controlnet, mut decoder) = (None, None);
+        if let Parts::Dual { decoder: with_decoder } = parts {
+            controlnet = Some(SdControlNet::new(&mut store, SIDE, &resolved.controlnet, &resolved.extras)?);
+            if with_decoder {
+                let hooked = hook_shape(&resolved.unet, spec.decoder.hook)?;
+                let out = (resolved.unet.out_channels, resolved.unet.sample_size);
+                decoder = Some(LisaDecoder::new(&mut store, "lisa", &spec.decoder, hooked, out)?);
+            }
+        }
+        let mut model =
+            Self { store, unet, controlnet, decoder, spec: sd, resolved, decoder_config: spec.decoder.clone(), parts };
+        model.copy_main_into_side()?;
+        Ok(model)
+    }
+
+    /// The UNet's settings.
+    pub fn unet_config(&self) -> &UNetConfig {
+        &self.resolved.unet
+    }
+
+    /// The ControlNet's extra settings.
+    pub fn controlnet_extras(&self) -> &ControlNetExtras {
+        &self.resolved.extras
+    }
+
+    /// The main UNet.
+    pub fn unet(&self) -> &SdUNet {
+        &self.unet
+    }
+
+    /// The ControlNet (None: built as the prior alone).
+    pub fn controlnet(&self) -> Result<&SdControlNet> {
+        self.controlnet.as_ref().ok_or_else(|| TrainError::Config("this model was built without the ControlNet".into()))
+    }
+
+    /// `from_unet`: `side.{conv_in,time_embedding,down_blocks,mid_block}.*` ← `main.…`.
+    fn copy_main_into_side(&mut self) -> Result<()> {
+        if self.controlnet.is_none() {
+            return Ok(());
+        }
+        const COPIED: [&str; 4] = ["conv_in.", "time_embedding.", "down_blocks.", "mid_block."];
+        let pairs: Vec<_> = self
+            .store
+            .iter()
+            .filter_map(|(id, p)| {
+                let rest = p.name.strip_prefix(MAIN)?;
+                COPIED.iter().any(|c| rest.starts_with(c)).then(|| (id, format!("{SIDE}{rest}")))
+            })
+            .collect();
+        for (src, dst_name) in pairs {
+            let dst = self
+                .store
+                .find(&dst_name)
+                .ok_or_else(|| TrainError::Config(format!("the ControlNet has no {dst_name}")))?;
+            let value = self.store.get(src).value.clone();
+            self.store.get_mut(dst).value = value;
+        }
+        Ok(())
+    }
+
+    /// Loads a diffusers ControlNet folder (or weights file) into `side.*`: a trained
+    /// ControlNet to continue from. Every tensor must be there, with the model's shapes.
+    pub fn load_controlnet(&mut self, path: &Path) -> Result<usize> {
+        self.controlnet()?;
+        let (file, tensors) = read_diffusers_weights(path)?;
+        let tensors = tensors.into_iter().map(|(k, v)| (format!("{SIDE}{k}"), v)).collect();
+        load_tensors(&mut self.store, &file, tensors, |n| n.starts_with(SIDE), |_| false)
+    }
+
+    /// Writes the ControlNet as a diffusers folder (`config.json`, f32
+    /// `diffusion_pytorch_model.safetensors`) that `ControlNetModel.from_pretrained` loads.
+    pub fn save_controlnet(&self, dir: &Path) -> Result<()> {
+        self.controlnet()?;
+        let config = self.resolved.controlnet.controlnet_json(&self.resolved.extras);
+        save_controlnet(&self.store, SIDE, &config, dir)
+    }
+
+    /// The text context `[n, tokens, dim]` of `cond`.
+    fn context(&self, cond: &Conditioning, device: &B::Device) -> Result<B::Tensor> {
+        match &cond.prompt {
+            PromptEmbedding::Text { values, tokens, dim } => {
+                let n = cond.t.len();
+                if *dim != self.resolved.unet.cross_attention_dim || values.len() != n * tokens * dim {
+                    return Err(TrainError::Mismatch(format!(
+                        "text embeddings of {} values as [{n}, {tokens}, {dim}]: the UNet reads [{n}, tokens, {}]",
+                        values.len(),
+                        self.resolved.unet.cross_attention_dim
+                    )));
+                }
+                Ok(B::from_slice(values, &Shape::new([n, *tokens, *dim]), lisa_core::backend::DType::F32, device)?)
+            }
+            _ => Err(TrainError::Mismatch("the sd model reads text embeddings, not class ids".into())),
+        }
+    }
+}
+
+impl<B: Backend> DualDenoiser<B> for SdModel<B> {
+    fn architecture(&self) -> &'static str {
+        NAME
+    }
+
+    fn spec(&self) -> ModelSpec {
+        self.spec.to_spec(&self.decoder_config)
+    }
+
+    fn store(&self) -> &ParamStore<B> {
+        &self.store
+    }
+
+    fn store_mut(&mut self) -> &mut ParamStore<B> {
+        &mut self.store
+    }
+
+    fn parts(&self) -> Parts {
+        self.parts
+    }
+
+    fn sample_shape(&self) -> [usize; 3] {
+        let u = &self.resolved.unet;
+        [u.out_channels, u.sample_size, u.sample_size]
+    }
+
+    fn hint_channels(&self) -> usize {
+        self.resolved.extras.conditioning_channels
+    }
+
+    fn prediction(&self) -> Prediction {
+        self.spec.prediction
+    }
+
+    fn conditioning_scale(&self) -> f32 {
+        self.spec.conditioning_scale
+    }
+
+    /// String prompts need the CLIP text encoder, which this architecture does not load
+    /// yet: it trains on precomputed text embeddings ([`PromptEmbedding::Text`]).
+    fn embed_prompts(&self, prompts: &[&str]) -> Result<PromptEmbedding> {
+        Err(TrainError::Config(format!(
+            "the sd architecture reads precomputed text embeddings; {} string prompt(s) need a text encoder, which is not loaded",
+            prompts.len()
+        )))
+    }
+
+    /// `[silu(temb), context, skips…, mid]`.
+    fn encode_main(&self, p: &Bound<'_, B>, x_t: &Var<B>, cond: &Conditioning) -> Result<MainEncoding<B>> {
+        let context = p.tape.constant(self.context(cond, &B::device(&x_t.value))?);
+        let enc = self.unet.encode(p, x_t, &cond.t, &context)?;
+        let mut tensors = Vec::with_capacity(enc.skips.down.len() + 3);
+        tensors.push(enc.temb);
+        tensors.push(context);
+        tensors.extend(enc.skips.down);
+        tensors.push(enc.skips.mid);
+        Ok(MainEncoding { tensors })
+    }
+
+    fn decode_main(
+        &self,
+        p: &Bound<'_, B>,
+        enc: &MainEncoding<B>,
+        residuals: Option<(&Residuals<B>, f32)>,
+    ) -> Result<Var<B>> {
+        let [temb, context, down @ .., mid] = enc.tensors.as_slice() else {
+            return Err(TrainError::Autodiff("an sd encoding holds the time embedding, the context, skips and middle"));
+        };
+        let enc = Encoded { temb: temb.clone(), skips: Skips { down: down.to_vec(), mid: mid.clone() } };
+        self.unet.decode(p, &enc, context, residuals)
+    }
+
+    fn side(&self, p: &Bound<'_, B>, x_t: &Var<B>, hint: &Var<B>, cond: &Conditioning) -> Result<SideOutput<B>> {
+        let context = p.tape.constant(self.context(cond, &B::device(&x_t.value))?);
+        self.controlnet()?.forward(p, x_t, hint, &cond.t, &context)
+    }
+
+    fn lisa_hook(&self) -> Option<HookLayer> {
+        self.decoder.as_ref().map(|_| self.decoder_config.hook)
+    }
+
+    fn decode_lisa(&self, p: &Bound<'_, B>, feature: &Var<B>, t: &[f32]) -> Result<Var<B>> {
+        let d = self.decoder.as_ref().ok_or_else(|| TrainError::Config("built without the LISA decoder".into()))?;
+        d.forward(p, feature, t)
+    }
+
+    /// Reads a diffusers UNet folder (`diffusion_pytorch_model.safetensors`, or the sharded
+    /// index) or weights file into `main.*`, then initialises the ControlNet from it.
+    fn load_main(&mut self, path: &Path) -> Result<usize> {
+        let (file, tensors) = read_diffusers_weights(path)?;
+        let tensors = tensors.into_iter().map(|(k, v)| (format!("{MAIN}{k}"), v)).collect();
+        let n = load_tensors(&mut self.store, &file, tensors, |n| n.starts_with(MAIN), |_| false)?;
+        self.copy_main_into_side()?;
+        Ok(n)
+    }
+
+    fn load_trained(&mut self, path: &Path) -> Result<usize> {
+        let with_decoder = self.decoder.is_some();
+        load_params(
+            &mut self.store,
+            path,
+            |n| n.starts_with(SIDE) || (with_decoder && n.starts_with(DECODER)),
+            |n| !with_decoder && n.starts_with(DECODER),
+        )
+    }
+}

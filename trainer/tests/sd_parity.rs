@@ -1,0 +1,149 @@
+//! Parity with diffusers (golden files made by `scripts/goldens/diffusers_sd.py` with
+//! diffusers 0.42.1 / torch 2.15.0): the SD UNet, every ControlNet residual, the UNet with
+//! residuals, the LISA hook, decoder and target, the losses, and torch-autograd gradients of
+//! the LISA loss with respect to ControlNet and decoder tensors. Two tiny layouts: SD 1.5-like
+//! (conv projections, one head count) and SD 2.1-like (linear projections, heads per block).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use lisa_core::backend::{Backend, DType, Shape};
+use lisa_core::tolerance::REFERENCE_PARITY_F32;
+use lisa_trainer::autodiff::Tape;
+use lisa_trainer::model::sd::{SdModel, read_json_config};
+use lisa_trainer::model::{
+    Conditioning, DecoderConfig, DualDenoiser, ModelSpec, Parts, PromptEmbedding, forward_train,
+};
+use lisa_trainer::weights::{load_tensors, parse_safetensors};
+
+fn fixture(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd").join(case)
+}
+
+type Host = BTreeMap<String, (Shape, Vec<f32>)>;
+
+fn read(path: &Path) -> (Host, BTreeMap<String, String>) {
+    let bytes = std::fs::read(path).unwrap();
+    let f = parse_safetensors(path, &bytes).unwrap();
+    (f.tensors, f.metadata)
+}
+
+/// `max |got − want| ≤ REFERENCE_PARITY_F32 · max |want|`, naming the worst element.
+fn assert_parity(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let scale = want.iter().fold(0f64, |m, &w| m.max((w as f64).abs()));
+    let (mut worst, mut at) = (0f64, 0usize);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let e = (g as f64 - w as f64).abs();
+        if e > worst || e.is_nan() {
+            (worst, at) = (e, i);
+        }
+    }
+    eprintln!("{what}: max |err| / max |want| = {:.2e}", worst / scale.max(f64::MIN_POSITIVE));
+    assert!(
+        worst <= REFERENCE_PARITY_F32 * scale,
+        "{what}: element {at}: got {}, want {} (max |err| {worst:e}, allowed {:e})",
+        got[at],
+        want[at],
+        REFERENCE_PARITY_F32 * scale
+    );
+}
+
+fn build<B: Backend>(case: &str, device: B::Device) -> SdModel<B> {
+    let dir = fixture(case);
+    let (_, meta) = read(&dir.join("io.safetensors"));
+    let decoder = DecoderConfig {
+        hook: meta["hook"].parse().unwrap(),
+        time_sinusoidal_dim: meta["time_sinusoidal_dim"].parse().unwrap(),
+        channel_floor: meta["channel_floor"].parse().unwrap(),
+    };
+    let mut config = serde_json::Map::new();
+    config.insert("unet".into(), read_json_config(&dir.join("unet")).unwrap().into());
+    config.insert("controlnet".into(), read_json_config(&dir.join("controlnet")).unwrap().into());
+    config.insert("conditioning_scale".into(), serde_json::json!(meta["conditioning_scale"].parse::<f32>().unwrap()));
+    let spec = ModelSpec { architecture: "sd".into(), decoder, config };
+    let mut model = SdModel::<B>::new(&spec, Parts::Dual { decoder: true }, device, 0).unwrap();
+    assert_eq!(model.load_main(&dir.join("unet")).unwrap(), 496);
+    assert_eq!(model.load_controlnet(&dir.join("controlnet")).unwrap(), 260);
+    let path = dir.join("lisa_decoder.safetensors");
+    let (dec, _) = read(&path);
+    let dec = dec.into_iter().map(|(k, v)| (format!("lisa.{k}"), v)).collect();
+    load_tensors(model.store_mut(), &path, dec, |n| n.starts_with("lisa."), |_| false).unwrap();
+    model
+}
+
+fn check_case<B: Backend>(case: &str, device: B::Device) {
+    let model = build::<B>(case, device.clone());
+    let (io, meta) = read(&fixture(case).join("io.safetensors"));
+    let tensor = |k: &str| B::from_slice(&io[k].1, &io[k].0, DType::F32, &device).unwrap();
+    let host = |k: &str| io[k].1.clone();
+    let ehs = &io["encoder_hidden_states"];
+    let cond = Conditioning {
+        t: host("timestep"),
+        prompt: PromptEmbedding::Text { values: ehs.1.clone(), tokens: ehs.0.dims()[1], dim: ehs.0.dims()[2] },
+    };
+    let scale: f32 = meta["conditioning_scale"].parse().unwrap();
+
+    let tape = Tape::<B>::new();
+    let bound = model.store().bind(&tape);
+    let (x, hint) = (tape.constant(tensor("sample")), tape.constant(tensor("controlnet_cond")));
+
+    // Every residual, as diffusers' ControlNet returns it (× conditioning_scale).
+    let side = tape.no_grad(|| model.side(&bound, &x, &hint, &cond)).unwrap();
+    for (i, r) in side.residuals.down.iter().enumerate() {
+        let got: Vec<f32> = B::to_vec(&r.value).unwrap().iter().map(|v| v * scale).collect();
+        assert_parity(&format!("{case} controlnet_down.{i}"), &got, &host(&format!("controlnet_down.{i}")));
+    }
+    let mid: Vec<f32> = B::to_vec(&side.residuals.mid.value).unwrap().iter().map(|v| v * scale).collect();
+    assert_parity(&format!("{case} controlnet_mid"), &mid, &host("controlnet_mid"));
+
+    // The training forward: controlled prediction, hook, decoder, prior.
+    let out = forward_train(&model, &bound, &x, &hint, &cond, true, None).unwrap();
+    let v = |t: &B::Tensor| B::to_vec(t).unwrap();
+    assert_parity(&format!("{case} unet_out (prior)"), &v(out.prior.as_ref().unwrap()), &host("unet_out"));
+    assert_parity(&format!("{case} unet_out_with_residuals"), &v(&out.pred.value), &host("unet_out_with_residuals"));
+    assert_parity(&format!("{case} hook_feature"), &v(&out.hooked.as_ref().unwrap().value), &host("hook_feature"));
+    let decoded = out.decoded.as_ref().unwrap();
+    assert_parity(&format!("{case} lisa_decoded"), &v(&decoded.value), &host("lisa_decoded"));
+    let target = B::sub(&tensor("noise"), out.prior.as_ref().unwrap()).unwrap();
+    assert_parity(&format!("{case} lisa_target"), &v(&target), &host("lisa_target"));
+
+    // loss = mse(pred, noise) + λ·mse(decoded, noise − prior), and its gradients.
+    let lambda: f32 = meta["lisa_lambda"].parse().unwrap();
+    let (l_diff, g_pred) = B::mse_loss(&out.pred.value, &tensor("noise")).unwrap();
+    let (l_lisa, g_dec) = B::mse_loss(&decoded.value, &target).unwrap();
+    assert_parity(&format!("{case} loss_diffusion"), &[l_diff], &host("loss_diffusion"));
+    assert_parity(&format!("{case} loss_lisa"), &[l_lisa], &host("loss_lisa"));
+    assert_parity(&format!("{case} loss"), &[l_diff + lambda * l_lisa], &host("loss"));
+    let leaves = bound.leaves();
+    let grads = tape.backward(&[(&out.pred, g_pred), (decoded, B::scale(&g_dec, lambda).unwrap())]).unwrap();
+    let mut checked = 0;
+    for (key, (_, want)) in &io {
+        let Some(name) = key.strip_prefix("grad.") else { continue };
+        let name = name.replacen("controlnet.", "side.", 1);
+        let id = model.store().find(&name).unwrap_or_else(|| panic!("{case}: no parameter {name}"));
+        let var = leaves.iter().find(|(p, _)| *p == id).map(|(_, v)| *v).unwrap();
+        let got = B::to_vec(grads.get(var).unwrap_or_else(|| panic!("{case}: no gradient reached {name}"))).unwrap();
+        assert_parity(&format!("{case} {key}"), &got, want);
+        checked += 1;
+    }
+    assert_eq!(checked, 12, "{case}: gradients checked");
+}
+
+#[test]
+fn sd15_layout_matches_diffusers_on_cpu() {
+    check_case::<lisa_cpu::CpuBackend>("sd15", Default::default());
+}
+
+#[test]
+fn sd21_layout_matches_diffusers_on_cpu() {
+    check_case::<lisa_cpu::CpuBackend>("sd21", Default::default());
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn both_layouts_match_diffusers_on_wgpu() {
+    let device = lisa_cubecl::WgpuBackend::probe().unwrap();
+    check_case::<lisa_cubecl::WgpuBackend>("sd15", device.clone());
+    check_case::<lisa_cubecl::WgpuBackend>("sd21", device);
+}
