@@ -1,0 +1,217 @@
+//! The sd architecture's loading and saving: diffusers folders in f32, f16, bf16 and
+//! sharded form, the ControlNet folder round trip, and bad input (unsupported config keys
+//! and block types, missing, extra, misshapen tensors, truncated files, a ControlNet that
+//! does not fit its UNet), each a clear error naming the culprit, with nothing changed.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use lisa_core::backend::prelude::*;
+use lisa_core::backend::{DType, Shape};
+use lisa_cpu::CpuBackend as C;
+use lisa_trainer::autodiff::Tape;
+use lisa_trainer::model::sd::{SdModel, read_diffusers_weights, read_json_config};
+use lisa_trainer::model::{Conditioning, DualDenoiser, ModelSpec, Parts, PromptEmbedding, registry};
+use lisa_trainer::weights::write_atomic;
+use safetensors::{Dtype, tensor::TensorView};
+use serde_json::{Value, json};
+
+fn fixture(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd").join(case)
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("lisa-sd-model-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn spec(unet: serde_json::Map<String, Value>, controlnet: Option<serde_json::Map<String, Value>>) -> ModelSpec {
+    let mut config = serde_json::Map::new();
+    config.insert("unet".into(), unet.into());
+    if let Some(c) = controlnet {
+        config.insert("controlnet".into(), c.into());
+    }
+    ModelSpec { architecture: "sd".into(), decoder: Default::default(), config }
+}
+
+fn unet_config() -> serde_json::Map<String, Value> {
+    read_json_config(&fixture("sd15/unet")).unwrap()
+}
+
+fn config_error(unet: serde_json::Map<String, Value>, controlnet: Option<serde_json::Map<String, Value>>) -> String {
+    let s = spec(unet, controlnet);
+    let err = registry::validate(&s).expect_err("config must be refused");
+    assert!(SdModel::<C>::new(&s, Parts::Prior, Default::default(), 0).is_err());
+    err.to_string()
+}
+
+#[test]
+fn unsupported_config_keys_and_block_types_are_named() {
+    let mut c = unet_config();
+    c.insert("class_embed_type".into(), json!("timestep"));
+    assert!(config_error(c, None).contains("class_embed_type"));
+    let mut c = unet_config();
+    c.insert("wavelet_mode".into(), json!(true));
+    assert!(config_error(c, None).contains("unknown key wavelet_mode"));
+    let mut c = unet_config();
+    c.insert("down_block_types".into(), json!(["CrossAttnDownBlock2D", "SimpleDownBlock2D", "DownBlock2D"]));
+    assert!(config_error(c, None).contains("down_block_types"));
+    let mut c = unet_config();
+    c.insert("attention_head_dim".into(), json!([1, 2]));
+    assert!(config_error(c, None).contains("attention_head_dim has 2 entries for 3 blocks"));
+    let mut c = unet_config();
+    c.insert("norm_num_groups".into(), json!(5));
+    assert!(config_error(c, None).contains("norm_num_groups"));
+    // Keys at their default and metadata keys are fine.
+    let mut c = unet_config();
+    c.insert("only_cross_attention".into(), json!(false));
+    c.insert("_name_or_path".into(), json!("somewhere"));
+    registry::validate(&spec(c, None)).unwrap();
+}
+
+#[test]
+fn a_controlnet_that_does_not_fit_the_unet_is_refused() {
+    let mut cn = read_json_config(&fixture("sd15/controlnet")).unwrap();
+    cn.insert("cross_attention_dim".into(), json!(16));
+    let err = config_error(unet_config(), Some(cn));
+    assert!(err.contains("does not fit the UNet") && err.contains("cross_attention_dim"), "{err}");
+    // sd21's ControlNet (linear projections, other heads) on sd15's UNet.
+    let err = config_error(unet_config(), Some(read_json_config(&fixture("sd21/controlnet")).unwrap()));
+    assert!(err.contains("use_linear_projection"), "{err}");
+}
+
+/// Writes `tensors` (name → (shape, values)) as safetensors with `dtype`.
+fn write_weights(path: &Path, tensors: &BTreeMap<String, (Shape, Vec<f32>)>, dtype: Dtype) {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, (s, v))| {
+            let b: Vec<u8> = match dtype {
+                Dtype::F16 => v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
+                Dtype::BF16 => v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
+                _ => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            };
+            (n.clone(), s.dims().to_vec(), b)
+        })
+        .collect();
+    let views: Vec<(&str, TensorView)> =
+        bytes.iter().map(|(n, s, b)| (n.as_str(), TensorView::new(dtype, s.clone(), b).unwrap())).collect();
+    write_atomic(path, &safetensors::tensor::serialize(views, None).unwrap()).unwrap();
+}
+
+fn prior() -> SdModel<C> {
+    SdModel::new(&spec(unet_config(), None), Parts::Prior, Default::default(), 0).unwrap()
+}
+
+/// The prior's prediction on fixed inputs.
+fn predict(model: &SdModel<C>) -> Vec<f32> {
+    let tape = Tape::<C>::new();
+    let p = model.store().bind(&tape);
+    let x = C::random_normal(&Shape::new([1, 4, 8, 8]), 7, DType::F32, &Default::default()).unwrap();
+    let ctx = C::random_normal(&Shape::new([1, 5, 12]), 8, DType::F32, &Default::default()).unwrap();
+    let cond = Conditioning {
+        t: vec![500.0],
+        prompt: PromptEmbedding::Text { values: C::to_vec(&ctx).unwrap(), tokens: 5, dim: 12 },
+    };
+    let out = lisa_trainer::model::forward_prior(model, &p, &tape.constant(x), &cond).unwrap();
+    C::to_vec(&out.value).unwrap()
+}
+
+fn store_values(model: &SdModel<C>) -> Vec<Vec<f32>> {
+    model.store().iter().map(|(_, p)| C::to_vec(&p.value).unwrap()).collect()
+}
+
+#[test]
+fn half_precision_and_sharded_folders_load_like_f32() {
+    let (_, tensors) = read_diffusers_weights(&fixture("sd15/unet")).unwrap();
+    let mut reference = prior();
+    reference.load_main(&fixture("sd15/unet")).unwrap();
+    let want = predict(&reference);
+    for (dtype, tol) in [(Dtype::F16, 2e-2f32), (Dtype::BF16, 1e-1)] {
+        let dir = scratch(&format!("{dtype:?}"));
+        write_weights(&dir.join("diffusion_pytorch_model.safetensors"), &tensors, dtype);
+        let mut m = prior();
+        assert_eq!(m.load_main(&dir).unwrap(), tensors.len());
+        let got = predict(&m);
+        let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let err = got.iter().zip(&want).fold(0f32, |a, (g, w)| a.max((g - w).abs()));
+        assert!(err <= tol * scale, "{dtype:?}: max error {err} of scale {scale}");
+    }
+    // Sharded: two files and an index, as diffusers writes large models.
+    let dir = scratch("sharded");
+    let (a, b): (BTreeMap<_, _>, BTreeMap<_, _>) =
+        tensors.clone().into_iter().partition(|(k, _)| k.starts_with("down"));
+    write_weights(&dir.join("part-1.safetensors"), &a, Dtype::F32);
+    write_weights(&dir.join("part-2.safetensors"), &b, Dtype::F32);
+    let map: serde_json::Map<String, Value> = a
+        .keys()
+        .map(|k| (k.clone(), json!("part-1.safetensors")))
+        .chain(b.keys().map(|k| (k.clone(), json!("part-2.safetensors"))))
+        .collect();
+    let index = json!({ "metadata": {}, "weight_map": map });
+    std::fs::write(dir.join("diffusion_pytorch_model.safetensors.index.json"), index.to_string()).unwrap();
+    let mut m = prior();
+    m.load_main(&dir).unwrap();
+    assert_eq!(predict(&m), want, "sharded f32 loads bit-identically");
+}
+
+#[test]
+fn bad_weights_are_named_and_change_nothing() {
+    let (_, tensors) = read_diffusers_weights(&fixture("sd15/unet")).unwrap();
+    let cases: Vec<(&str, Box<dyn Fn(&mut BTreeMap<String, (Shape, Vec<f32>)>)>, &str)> = vec![
+        ("missing", Box::new(|t| drop(t.remove("conv_out.bias"))), "missing tensor main.conv_out.bias"),
+        (
+            "extra",
+            Box::new(|t| drop(t.insert("conv_extra.weight".into(), (Shape::new([1]), vec![0.0])))),
+            "unexpected tensor main.conv_extra.weight",
+        ),
+        (
+            "shape",
+            Box::new(|t| drop(t.insert("conv_in.bias".into(), (Shape::new([7]), vec![0.0; 7])))),
+            "tensor main.conv_in.bias has shape [7]",
+        ),
+        ("nan", Box::new(|t| t.get_mut("conv_in.bias").unwrap().1[0] = f32::NAN), "main.conv_in.bias holds NaN"),
+    ];
+    for (name, edit, expect) in cases {
+        let dir = scratch(name);
+        let mut t = tensors.clone();
+        edit(&mut t);
+        write_weights(&dir.join("diffusion_pytorch_model.safetensors"), &t, Dtype::F32);
+        let mut m = prior();
+        let before = store_values(&m);
+        let err = m.load_main(&dir).expect_err(name).to_string();
+        assert!(err.contains(expect), "{name}: {err}");
+        assert!(store_values(&m) == before, "{name}: the model changed");
+    }
+    // Truncated file, a folder without weights, a missing path.
+    let dir = scratch("truncated");
+    let bytes = std::fs::read(fixture("sd15/unet/diffusion_pytorch_model.safetensors")).unwrap();
+    std::fs::write(dir.join("diffusion_pytorch_model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    let err = prior().load_main(&dir).unwrap_err().to_string();
+    assert!(err.contains("diffusion_pytorch_model.safetensors") && err.contains("not a valid safetensors"), "{err}");
+    let empty = scratch("empty");
+    assert!(prior().load_main(&empty).unwrap_err().to_string().contains("holds neither"));
+    assert!(prior().load_main(&empty.join("nope")).unwrap_err().to_string().contains("no such model folder"));
+}
+
+#[test]
+fn a_saved_controlnet_folder_reloads_identically() {
+    let s = spec(unet_config(), Some(read_json_config(&fixture("sd15/controlnet")).unwrap()));
+    let mut a = SdModel::<C>::new(&s, Parts::Dual { decoder: false }, Default::default(), 0).unwrap();
+    a.load_main(&fixture("sd15/unet")).unwrap();
+    a.load_controlnet(&fixture("sd15/controlnet")).unwrap();
+    let dir = scratch("saved-controlnet");
+    a.save_controlnet(&dir).unwrap();
+    // The config diffusers reads back: the same settings as the one we started from.
+    let saved = read_json_config(&dir).unwrap();
+    let original = read_json_config(&fixture("sd15/controlnet")).unwrap();
+    for key in ["block_out_channels", "down_block_types", "conditioning_embedding_out_channels", "cross_attention_dim"]
+    {
+        assert_eq!(saved[key], original[key], "{key}");
+    }
+    let mut b = SdModel::<C>::new(&s, Parts::Dual { decoder: false }, Default::default(), 1).unwrap();
+    b.load_main(&fixture("sd15/unet")).unwrap();
+    assert_eq!(b.load_controlnet(&dir).unwrap(), 260);
+    assert!(store_values(&a) == store_values(&b));
+}
