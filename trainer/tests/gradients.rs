@@ -13,7 +13,8 @@ use lisa_trainer::model::{
     Conditioning, DecoderConfig, DualDenoiser, HookLayer, ModelSpec, Parts, PromptEmbedding, forward_train, registry,
 };
 use lisa_trainer::nn::{
-    ClassEmbedding, Conv2d, Conv2dConfig, GroupNorm, Linear, ResBlock, ResBlockConfig, SelfAttention, Upsample,
+    ClassEmbedding, Conv2d, Conv2dConfig, GroupNorm, Linear, ResBlock, ResBlockConfig, SelfAttention, TransformerBlock,
+    Upsample,
 };
 use lisa_trainer::params::{Bound, ParamId, ParamStore};
 
@@ -172,6 +173,33 @@ fn attention_and_embeddings() {
         &mut s,
         randn(&[3, 3], 10),
         |p, x| p.tape.add(&emb.forward(p, &[0, 4, 2]).unwrap(), x).unwrap(),
+        F32_FINITE_DIFFERENCE,
+    );
+}
+
+#[test]
+fn transformer_block_and_broadcast_matmul() {
+    // The SD transformer block (layer norms, self- and cross-attention over split heads,
+    // GEGLU), every parameter and the input, with a fixed context.
+    let mut s = store();
+    let block = TransformerBlock::new(&mut s, "t", 8, 2, 6).unwrap();
+    let ctx = randn(&[2, 3, 6], 11);
+    check(
+        "transformer block",
+        &mut s,
+        randn(&[2, 5, 8], 12),
+        |p, x| block.forward(p, x, &p.tape.constant(ctx.clone())).unwrap(),
+        F32_FINITE_DIFFERENCE,
+    );
+    // Broadcast matmul: a weight [k, n] against a batch [2, 3, m, k]; its gradient sums
+    // over the broadcast dims.
+    let mut s = store();
+    let w = s.add("w", &[4, 5], lisa_trainer::params::Init::LecunNormal { fan_in: 4 }).unwrap();
+    check(
+        "broadcast matmul",
+        &mut s,
+        randn(&[2, 3, 6, 4], 13),
+        |p, x| p.tape.matmul(x, p.p(w), Default::default()).unwrap(),
         F32_FINITE_DIFFERENCE,
     );
 }
