@@ -156,10 +156,13 @@ fn half_precision_and_sharded_folders_load_like_f32() {
     assert_eq!(predict(&m), want, "sharded f32 loads bit-identically");
 }
 
+/// A change made to a weights file's tensors.
+type Edit = dyn Fn(&mut BTreeMap<String, (Shape, Vec<f32>)>);
+
 #[test]
 fn bad_weights_are_named_and_change_nothing() {
     let (_, tensors) = read_diffusers_weights(&fixture("sd15/unet")).unwrap();
-    let cases: Vec<(&str, Box<dyn Fn(&mut BTreeMap<String, (Shape, Vec<f32>)>)>, &str)> = vec![
+    let cases: Vec<(&str, Box<Edit>, &str)> = vec![
         ("missing", Box::new(|t| drop(t.remove("conv_out.bias"))), "missing tensor main.conv_out.bias"),
         (
             "extra",
