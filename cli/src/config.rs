@@ -7,14 +7,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use lisa_core::backend::Backend;
 use lisa_trainer::data::{Dataset, FillCircles, prompt_colours};
-use lisa_trainer::model::{DualDenoiser, ModelSpec, registry, toy};
+use lisa_trainer::model::{DualDenoiser, ModelSpec, registry, sd, toy};
 use lisa_trainer::pretrain::PretrainConfig;
 use lisa_trainer::sample::SampleConfig;
 use lisa_trainer::scheduler;
 use lisa_trainer::train::TrainConfig;
 use serde::{Deserialize, Serialize};
 
-use crate::fill50k::Fill50k;
+use crate::fill50k::{Fill50k, Layout};
 
 /// Everything a run file may set.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -35,6 +35,9 @@ pub struct RunFile {
     /// commands take them from the weights they load.
     #[serde(skip)]
     pub model_given: bool,
+    /// Whether the file sets `[model.decoder]`.
+    #[serde(skip)]
+    pub decoder_given: bool,
 }
 
 /// The training set: procedural fill circles, or a Fill50K-format folder.
@@ -121,8 +124,9 @@ impl RunFile {
             bail!("run file {}: [data] len {} is more than {MAX_PROCEDURAL} examples", path.display(), file.data.len);
         }
         let table: toml::Table = toml::from_str(&text).with_context(|| format!("run file {}", path.display()))?;
-        file.model_given =
-            table.get("model").and_then(|m| m.as_table()).is_some_and(|m| m.keys().any(|k| k != "decoder"));
+        let model = table.get("model").and_then(|m| m.as_table());
+        file.model_given = model.is_some_and(|m| m.keys().any(|k| k != "decoder"));
+        file.decoder_given = model.is_some_and(|m| m.contains_key("decoder"));
         Ok(file)
     }
 
@@ -140,14 +144,56 @@ impl RunFile {
         Ok(())
     }
 
+    /// Takes the model and the noise process from a diffusers pipeline folder (the sd
+    /// architecture): the UNet's config, the scheduler's betas and prediction type, the
+    /// ControlNet's config when one is given, the prompts' text embeddings. Without a hook
+    /// from the flags or the run file, the decoder reads `down_5`, as the LISA authors'.
+    /// Returns the UNet's folder.
+    pub fn use_diffusers(
+        &mut self,
+        dir: &Path,
+        controlnet: Option<&Path>,
+        text_embeddings: Option<PathBuf>,
+        hook_given: bool,
+    ) -> Result<PathBuf> {
+        if self.model_given {
+            bail!(
+                "the run file describes a [model]; with --pretrained-model-name-or-path the model comes from the folder"
+            );
+        }
+        let pipeline = sd::Pipeline::open(dir)?;
+        let controlnet = match controlnet {
+            Some(c) => Some(sd::read_json_config(c).context("--controlnet-model-name-or-path")?),
+            None => None,
+        };
+        let spec = sd::SdSpec {
+            unet: pipeline.unet.clone(),
+            controlnet,
+            conditioning_scale: 1.0,
+            prediction: pipeline.prediction,
+            text_embeddings,
+        };
+        if !hook_given {
+            self.model.decoder.hook = "down_5".parse()?;
+        }
+        self.model = spec.to_spec(&self.model.decoder);
+        registry::validate(&self.model).with_context(|| format!("the diffusers folder {}", dir.display()))?;
+        self.train.noise = pipeline.noise;
+        Ok(pipeline.unet_dir())
+    }
+
     /// The training set for `model`: the `data.dir` folder when set (every prompt read by the
     /// model once, so that one it cannot read fails now), else the procedural one.
     pub fn open_training_set<B: Backend>(&self, model: &dyn DualDenoiser<B>) -> Result<Box<dyn Dataset>> {
         let resolution = model.sample_shape()[1];
         let Some(dir) = &self.data.dir else {
+            if model.latent_space() {
+                bail!("a latent-space model trains on a dataset folder with precomputed latents (--train-data-dir)");
+            }
             return Ok(Box::new(FillCircles { resolution, len: self.data.len, seed: self.data.seed }));
         };
-        let set = Fill50k::open(dir, resolution)?;
+        let layout = Layout { image: model.sample_shape(), hint: model.hint_shape(), latents: model.latent_space() };
+        let set = Fill50k::open(dir, layout)?;
         decode_all(&set)?;
         let prompts: Vec<&str> = set.prompts().collect();
         model.embed_prompts(&prompts).with_context(|| format!("{}/prompt.json", dir.display()))?;

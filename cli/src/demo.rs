@@ -16,7 +16,7 @@ use crate::config::RunFile;
 use crate::image::save_png;
 use crate::plot::{Panel, Series, line_chart};
 use crate::run_dir::{CheckpointArgs, LOCK, RunDir};
-use crate::train::{ArmReport, LoopOptions, train_arm};
+use crate::train::{ArmReport, LoopOptions, Start, train_arm};
 
 /// The demo's run file and prior, shipped in `assets/` (found from the source tree, so the
 /// demo runs from any working directory of a clone).
@@ -86,7 +86,7 @@ pub fn run<B: Backend>(a: DemoArgs, device: B::Device) -> Result<()> {
             },
             label,
         };
-        reports.push(train_arm::<B>(&arm_file, &main, device.clone(), &options)?);
+        reports.push(train_arm::<B>(&arm_file, Start { main: &main, side: None }, device.clone(), &options)?);
     }
     let labelled: Vec<(&str, &ArmReport)> = arms.iter().map(|a| a.0).zip(&reports).collect();
     let plot = a.output_dir.join("comparison.png");

@@ -3,6 +3,10 @@
 //! paths relative to the folder; sources are the condition images (outlines on black),
 //! targets the images to generate. Images are resized to the model resolution when read
 //! (targets smoothly, outlines by max pooling, so a 1-px ring survives 512 → 16).
+//!
+//! A latent-space model (sd) trains on precomputed latents instead of the target images:
+//! `latents.safetensors` in the folder holds one tensor per example, named by its `target`
+//! field, already scaled by the VAE's `scaling_factor`.
 
 use std::path::{Path, PathBuf};
 
@@ -16,27 +20,46 @@ use crate::image::{Resample, read_image};
 struct Entry {
     source: PathBuf,
     target: PathBuf,
+    /// The `target` field as written (the latent's name).
+    target_name: String,
     prompt: String,
     line: usize,
 }
 
-/// A Fill50K-format folder, read lazily (one example per [`Dataset::get`]).
+/// What the model reads of each example.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Layout {
+    /// `[channels, side, side]` of the training image or latent.
+    pub image: [usize; 3],
+    /// `[channels, side, side]` of the condition image (1 channel: grey, max-pooled; 3: RGB,
+    /// smooth).
+    pub hint: [usize; 3],
+    /// Targets come from `latents.safetensors` (latent-space models), not from the PNGs.
+    pub latents: bool,
+}
+
+/// The name of the precomputed latents file in a dataset folder.
+pub const LATENTS_FILE: &str = "latents.safetensors";
+
+/// A Fill50K-format folder, read lazily (one example per [`Dataset::get`]; latents are read
+/// once, when opened).
 #[derive(Debug, Clone)]
 pub struct Fill50k {
     entries: Vec<Entry>,
-    resolution: usize,
+    layout: Layout,
+    latents: Option<std::collections::BTreeMap<String, Vec<f32>>>,
     fingerprint: String,
 }
 
 impl Fill50k {
     /// Reads `root/prompt.json` and checks that every listed image exists (so a missing
     /// file is reported now, with its name and line, not hours into training).
-    pub fn open(root: &Path, resolution: usize) -> lisa_trainer::Result<Self> {
+    pub fn open(root: &Path, layout: Layout) -> lisa_trainer::Result<Self> {
         if !root.is_dir() {
             return Err(TrainError::Data { path: root.to_path_buf(), reason: "dataset folder not found".into() });
         }
-        if resolution == 0 {
-            return Err(TrainError::Config("dataset resolution must be > 0".into()));
+        if layout.image.contains(&0) || layout.hint.contains(&0) || ![1, 3].contains(&layout.hint[0]) {
+            return Err(TrainError::Config(format!("dataset layout {layout:?} is not readable")));
         }
         let list = root.join("prompt.json");
         let text = std::fs::read_to_string(&list).map_err(|source| TrainError::Io { path: list.clone(), source })?;
@@ -55,13 +78,15 @@ impl Fill50k {
                     .map(str::to_string)
                     .ok_or_else(|| at(format!("no string field {k:?}")))
             };
-            let (source, target, prompt) = (root.join(field("source")?), root.join(field("target")?), field("prompt")?);
-            for p in [&source, &target] {
+            let target_name = field("target")?;
+            let (source, target, prompt) = (root.join(field("source")?), root.join(&target_name), field("prompt")?);
+            let needed: &[&PathBuf] = if layout.latents { &[&source] } else { &[&source, &target] };
+            for p in needed {
                 if !p.is_file() {
                     return Err(at(format!("{} does not exist", p.display())));
                 }
             }
-            entries.push(Entry { source, target, prompt, line: n + 1 });
+            entries.push(Entry { source, target, target_name, prompt, line: n + 1 });
         }
         if entries.is_empty() {
             return Err(TrainError::Data { path: list, reason: "no examples listed".into() });
@@ -69,7 +94,40 @@ impl Fill50k {
         let digest = lisa_trainer::weights::digest(text.as_bytes());
         // The list's content, not the folder's path: the same data moved or named by a relative
         // path is the same data.
-        Ok(Self { entries, resolution, fingerprint: format!("fill50k prompt.json sha256 {digest}") })
+        let mut fingerprint = format!("fill50k prompt.json sha256 {digest}");
+        let latents = if layout.latents {
+            let path = root.join(LATENTS_FILE);
+            let bytes = std::fs::read(&path).map_err(|source| TrainError::Io { path: path.clone(), source })?;
+            let file = lisa_trainer::weights::parse_safetensors(&path, &bytes)?;
+            fingerprint.push_str(&format!(", {LATENTS_FILE} sha256 {}", lisa_trainer::weights::digest(&bytes)));
+            let [c, h, w] = layout.image;
+            let mut table = std::collections::BTreeMap::new();
+            for e in &entries {
+                let at = |reason: String| TrainError::Data {
+                    path: PathBuf::from(format!("{}:{}", list.display(), e.line)),
+                    reason,
+                };
+                let (shape, values) = file
+                    .tensors
+                    .get(&e.target_name)
+                    .ok_or_else(|| at(format!("{} has no latent named {:?}", path.display(), e.target_name)))?;
+                if shape.dims() != [c, h, w] {
+                    return Err(at(format!(
+                        "the latent {:?} in {} is {shape}; the model reads [{c}, {h}, {w}]",
+                        e.target_name,
+                        path.display()
+                    )));
+                }
+                if values.iter().any(|v| !v.is_finite()) {
+                    return Err(at(format!("the latent {:?} holds NaN or infinite values", e.target_name)));
+                }
+                table.insert(e.target_name.clone(), values.clone());
+            }
+            Some(table)
+        } else {
+            None
+        };
+        Ok(Self { entries, layout, latents, fingerprint })
     }
 
     /// The line of `prompt.json` that lists example `i`.
@@ -89,17 +147,31 @@ impl Dataset for Fill50k {
     }
 
     fn fingerprint(&self) -> String {
-        format!("{} at {} px", self.fingerprint, self.resolution)
+        format!("{} at {:?} / {:?}", self.fingerprint, self.layout.image, self.layout.hint)
     }
 
     fn get(&self, i: usize) -> lisa_trainer::Result<Example> {
         let e = self.entries.get(i).ok_or_else(|| TrainError::Mismatch(format!("example {i} out of range")))?;
-        let read = |path: &Path, grey, resample| {
-            read_image(path, self.resolution, grey, resample)
+        let read = |path: &Path, side, grey, resample| {
+            read_image(path, side, grey, resample)
                 .map_err(|err| TrainError::Data { path: path.to_path_buf(), reason: format!("{err:#}") })
         };
-        let image = read(&e.target, false, Resample::Smooth)?.into_iter().map(|v| 2.0 * v - 1.0).collect();
-        let hint = read(&e.source, true, Resample::Max)?;
+        let image = match &self.latents {
+            Some(table) => table
+                .get(&e.target_name)
+                .cloned()
+                .ok_or_else(|| TrainError::Mismatch(format!("no latent for {:?}", e.target_name)))?,
+            None => read(&e.target, self.layout.image[1], false, Resample::Smooth)?
+                .into_iter()
+                .map(|v| 2.0 * v - 1.0)
+                .collect(),
+        };
+        // Grey outlines are max-pooled (a 1-px ring survives downscaling); RGB conditions
+        // are resized smoothly, as diffusers does.
+        let hint = match self.layout.hint[0] {
+            1 => read(&e.source, self.layout.hint[1], true, Resample::Max)?,
+            _ => read(&e.source, self.layout.hint[1], false, Resample::Smooth)?,
+        };
         Ok(Example { image, hint, prompt: e.prompt.clone() })
     }
 }

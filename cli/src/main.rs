@@ -52,7 +52,7 @@ enum Command {
     /// Pretrain the main (prior) model on images + prompts; writes its EMA weights.
     Pretrain(pretrain::PretrainArgs),
     /// Train the side branch (ControlNet) with LISA or the baseline objective.
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// Generate images for condition image(s) and a prompt.
     Sample(sample::SampleArgs),
     /// Controllability IoU and colour fidelity of a checkpoint on the fixed validation set.
@@ -98,7 +98,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(a) => with_backend!(cli.backend, B, d => demo::run::<B>(a, d)),
         Command::Pretrain(a) => with_backend!(cli.backend, B, d => pretrain::run::<B>(a, d)),
-        Command::Train(a) => with_backend!(cli.backend, B, d => train::run::<B>(a, d)),
+        Command::Train(a) => with_backend!(cli.backend, B, d => train::run::<B>(*a, d)),
         Command::Sample(a) => with_backend!(cli.backend, B, d => sample::run::<B>(a, d)),
         Command::Eval(a) => with_backend!(cli.backend, B, d => eval::run::<B>(a, d)),
     };

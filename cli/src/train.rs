@@ -27,8 +27,19 @@ pub struct TrainArgs {
     #[arg(long)]
     config: Option<PathBuf>,
     /// The pretrained prior (safetensors written by `lisa pretrain`).
-    #[arg(long)]
-    main: PathBuf,
+    #[arg(long, required_unless_present = "pretrained_model_name_or_path")]
+    main: Option<PathBuf>,
+    /// A diffusers Stable Diffusion pipeline folder (unet/, scheduler/, …): train a
+    /// ControlNet for its UNet (the sd architecture; latents and text embeddings precomputed).
+    #[arg(long, conflicts_with = "main")]
+    pretrained_model_name_or_path: Option<PathBuf>,
+    /// A diffusers ControlNet folder to start from (default: a copy of the UNet's encoder).
+    #[arg(long, requires = "pretrained_model_name_or_path")]
+    controlnet_model_name_or_path: Option<PathBuf>,
+    /// The prompts' precomputed text embeddings (one `[tokens, dim]` tensor per prompt,
+    /// named by it; `""` the null prompt). Default: prompt_embeds.safetensors in the data folder.
+    #[arg(long, requires = "pretrained_model_name_or_path")]
+    text_embeddings: Option<PathBuf>,
     /// Train with the LISA term (the default).
     #[arg(long, conflicts_with = "baseline")]
     lisa: bool,
@@ -178,13 +189,35 @@ impl ArmReport {
     }
 }
 
-/// Trains the side branch as `file` says, from the prior at `main`, on `device`. Everything
-/// that can be checked is checked before the first step.
-pub fn train_arm<B: Backend>(file: &RunFile, main: &Path, device: B::Device, o: &LoopOptions) -> Result<ArmReport> {
+/// Where a run writes its side network in the architecture's native format (a diffusers
+/// ControlNet folder for sd).
+pub const NATIVE_SIDE_DIR: &str = "controlnet";
+
+/// The pretrained weights a training run starts from.
+#[derive(Debug, Clone, Copy)]
+pub struct Start<'a> {
+    /// The main network (a `lisa pretrain` prior, or a diffusers UNet folder).
+    pub main: &'a Path,
+    /// A side network in the architecture's native format to continue from.
+    pub side: Option<&'a Path>,
+}
+
+/// Trains the side branch as `file` says, from `start`, on `device`. Everything that can be
+/// checked is checked before the first step.
+pub fn train_arm<B: Backend>(file: &RunFile, start: Start, device: B::Device, o: &LoopOptions) -> Result<ArmReport> {
     let mode = file.train.mode;
     let parts = Parts::Dual { decoder: mode == Mode::Lisa };
     let mut model = registry::build::<B>(&file.model, parts, device, file.train.seed)?;
-    model.load_main(main).with_context(|| format!("loading the prior {}", main.display()))?;
+    let main = start.main;
+    model.load_main(main).with_context(|| format!("loading the main network {}", main.display()))?;
+    if let Some(side) = start.side {
+        model.load_side(side).with_context(|| format!("loading the side network {}", side.display()))?;
+    }
+    // Pixel-space models validate by sampling; latent-space ones would need their VAE.
+    let validates = !model.latent_space();
+    if !validates {
+        eprintln!("note: no validation images for a latent-space model yet (they need the VAE); losses are logged");
+    }
     file.check_sampling(model.as_ref())?;
     check_memory(model.as_ref(), file.train.batch_size)?;
     let data = file.open_training_set(model.as_ref())?;
@@ -202,7 +235,8 @@ pub fn train_arm<B: Backend>(file: &RunFile, main: &Path, device: B::Device, o: 
         keep_metrics_until(&metrics_path, &trainer.run_id, trainer.run.state.step)?;
         eprintln!("resumed from {} at step {}", ckpt.display(), trainer.run.state.step);
     } else {
-        dir.refuse_others(&trainer.run_id, std::slice::from_ref(&metrics_path), c.overwrite)?;
+        // Outputs a new run writes: another run's are refused (or removed with --overwrite).
+        dir.refuse_others(&trainer.run_id, &[metrics_path.clone(), out.join(NATIVE_SIDE_DIR)], c.overwrite)?;
         if metrics_path.exists() {
             std::fs::remove_file(&metrics_path)
                 .with_context(|| format!("cannot replace {}", metrics_path.display()))?;
@@ -241,7 +275,7 @@ pub fn train_arm<B: Backend>(file: &RunFile, main: &Path, device: B::Device, o: 
         report.validations.push((step, v.iou));
         Ok(v.iou)
     };
-    if o.validate_at_start && first == 0 {
+    if o.validate_at_start && first == 0 && validates {
         let iou = validate_now(&trainer, 0, &mut report)?;
         progress.validation(0, iou);
         write_metrics(serde_json::json!({"step": 0, "iou": iou, "run": run_id}))?;
@@ -254,7 +288,7 @@ pub fn train_arm<B: Backend>(file: &RunFile, main: &Path, device: B::Device, o: 
         let its = (s.step - first) as f64 / report.train_seconds;
         let last = s.step == t.max_train_steps;
         let mut iou = None;
-        if (o.validation_steps > 0 && s.step % o.validation_steps == 0) || last {
+        if validates && ((o.validation_steps > 0 && s.step % o.validation_steps == 0) || last) {
             let v = validate_now(&trainer, s.step, &mut report)?;
             progress.validation(s.step, v);
             iou = Some(v);
@@ -272,6 +306,10 @@ pub fn train_arm<B: Backend>(file: &RunFile, main: &Path, device: B::Device, o: 
     }
     report.wall_seconds = wall.elapsed().as_secs_f64();
     progress.finish(report.wall_seconds);
+    let native = out.join(NATIVE_SIDE_DIR);
+    if trainer.model.export_side(&native)? {
+        eprintln!("the trained side network, in its native format: {}", native.display());
+    }
     Ok(report)
 }
 
@@ -279,13 +317,13 @@ pub fn train_arm<B: Backend>(file: &RunFile, main: &Path, device: B::Device, o: 
 /// example, before the folder is locked or anything trained).
 fn check_example_fits<B: Backend>(model: &dyn DualDenoiser<B>, data: &dyn lisa_trainer::data::Dataset) -> Result<()> {
     let [c, h, w] = model.sample_shape();
+    let [hc, hh, hw] = model.hint_shape();
     let e = data.get(0)?;
-    if e.image.len() != c * h * w || e.hint.len() != model.hint_channels() * h * w {
+    if e.image.len() != c * h * w || e.hint.len() != hc * hh * hw {
         bail!(
-            "the data has {}-channel images and {}-channel conditions; the model wants {c} and {}",
+            "the data has {}-channel images and {}-channel conditions; the model wants {c} and {hc}",
             e.image.len() / (h * w).max(1),
-            e.hint.len() / (h * w).max(1),
-            model.hint_channels()
+            e.hint.len() / (hh * hw).max(1),
         );
     }
     Ok(())
@@ -319,8 +357,23 @@ fn keep_metrics_until(path: &Path, run_id: &str, step: u64) -> Result<()> {
 /// Runs `lisa train`.
 pub fn run<B: Backend>(a: TrainArgs, device: B::Device) -> Result<()> {
     let mut file = RunFile::load(a.config.as_deref())?;
+    let hook_given = a.hook.is_some() || file.decoder_given;
     apply(&a, &mut file)?;
-    file.resolve_model(&a.main)?;
+    let (main, side) = match (&a.main, &a.pretrained_model_name_or_path) {
+        (Some(main), _) => {
+            file.resolve_model(main)?;
+            (main.clone(), None)
+        }
+        (None, Some(dir)) => {
+            let text = a
+                .text_embeddings
+                .clone()
+                .or_else(|| file.data.dir.as_ref().map(|d| d.join("prompt_embeds.safetensors")));
+            let unet = file.use_diffusers(dir, a.controlnet_model_name_or_path.as_deref(), text, hook_given)?;
+            (unet, a.controlnet_model_name_or_path.clone())
+        }
+        (None, None) => bail!("give --main (a lisa prior) or --pretrained-model-name-or-path (a diffusers folder)"),
+    };
     let options = LoopOptions {
         output_dir: &a.output_dir,
         validation_steps: a.validation_steps,
@@ -328,12 +381,12 @@ pub fn run<B: Backend>(a: TrainArgs, device: B::Device) -> Result<()> {
         checkpoints: a.checkpoints.clone(),
         label: if file.train.mode == Mode::Lisa { "lisa" } else { "baseline" },
     };
-    let report = train_arm::<B>(&file, &a.main, device, &options)?;
+    let report = train_arm::<B>(&file, Start { main: &main, side: side.as_deref() }, device, &options)?;
+    let iou = report.final_iou().map_or("none (no validation)".to_string(), |v| format!("{v:.4}"));
     eprintln!(
-        "done in {:.1} min (training {:.1} min); final iou {:.4}; outputs in {}",
+        "done in {:.1} min (training {:.1} min); final iou {iou}; outputs in {}",
         report.wall_seconds / 60.0,
         report.train_seconds / 60.0,
-        report.final_iou().unwrap_or(f32::NAN),
         a.output_dir.display()
     );
     Ok(())

@@ -196,24 +196,24 @@ pub fn noise_batch<B: Backend>(
 ) -> Result<NoisedBatch<B>> {
     let n = examples.len();
     let [c, h, w] = model.sample_shape();
-    let hint_channels = with_hints.then(|| model.hint_channels());
+    let hint_shape = with_hints.then(|| model.hint_shape());
     let mut image = Vec::with_capacity(n * c * h * w);
-    let mut hint = Vec::with_capacity(n * hint_channels.unwrap_or(0) * h * w);
-    let fits = |what: &str, values: &[f32], channels: usize| {
-        if values.len() == channels * h * w {
+    let mut hint = Vec::with_capacity(n * hint_shape.map_or(0, |[hc, hh, hw]| hc * hh * hw));
+    let fits = |what: &str, values: &[f32], [channels, h, w]: [usize; 3]| {
+        let want = channels * h * w;
+        if values.len() == want {
             return Ok(());
         }
-        let want = channels * h * w;
         Err(TrainError::Mismatch(format!(
             "an example {what} has {} values, the model wants {channels}×{h}×{w} = {want}",
             values.len()
         )))
     };
     for e in examples {
-        fits("image", &e.image, c)?;
+        fits("image", &e.image, [c, h, w])?;
         image.extend_from_slice(&e.image);
-        if let Some(hc) = hint_channels {
-            fits("condition image", &e.hint, hc)?;
+        if let Some(hs) = hint_shape {
+            fits("condition image", &e.hint, hs)?;
             hint.extend_from_slice(&e.hint);
         }
     }
@@ -235,8 +235,8 @@ pub fn noise_batch<B: Backend>(
     let device = model.store().device().clone();
     let shape = Shape::new([n, c, h, w]);
     let x0 = B::from_slice(&image, &shape, DType::F32, &device)?;
-    let hint = match hint_channels {
-        Some(hc) => Some(B::from_slice(&hint, &Shape::new([n, hc, h, w]), DType::F32, &device)?),
+    let hint = match hint_shape {
+        Some([hc, hh, hw]) => Some(B::from_slice(&hint, &Shape::new([n, hc, hh, hw]), DType::F32, &device)?),
         None => None,
     };
     let eps = B::random_normal(&shape, stream.next_seed(), DType::F32, &device)?;

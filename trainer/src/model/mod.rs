@@ -108,8 +108,19 @@ pub trait DualDenoiser<B: Backend> {
     fn parts(&self) -> Parts;
     /// `[channels, height, width]` of `x_t` and of the prediction.
     fn sample_shape(&self) -> [usize; 3];
-    /// Channels of the condition image (its side is the sample's).
+    /// Channels of the condition image.
     fn hint_channels(&self) -> usize;
+    /// `[channels, height, width]` of the condition image: by default the sample's sides
+    /// (the toy); SD's ControlNet reads images 8× the latent's side.
+    fn hint_shape(&self) -> [usize; 3] {
+        let [_, h, w] = self.sample_shape();
+        [self.hint_channels(), h, w]
+    }
+    /// Whether samples are latents (of a VAE the model does not hold) rather than pixels:
+    /// such a model trains on precomputed latents, and its samples need the VAE to be seen.
+    fn latent_space(&self) -> bool {
+        false
+    }
     /// What the main network predicts.
     fn prediction(&self) -> Prediction;
     /// The residual multiplier training uses.
@@ -139,6 +150,20 @@ pub trait DualDenoiser<B: Backend> {
     /// Loads trained side (and, when built, decoder) weights written by a training
     /// checkpoint. Returns the number of tensors read.
     fn load_trained(&mut self, path: &Path) -> Result<usize>;
+    /// Loads a side network saved in the architecture's native format (a diffusers
+    /// ControlNet folder for sd), to continue training it. Returns the number of tensors.
+    fn load_side(&mut self, path: &Path) -> Result<usize> {
+        Err(TrainError::Config(format!(
+            "the {} architecture has no native side-network format to load {} from",
+            self.architecture(),
+            path.display()
+        )))
+    }
+    /// Writes the side network in the architecture's native format into `dir` (a diffusers
+    /// ControlNet folder for sd). Returns false when the architecture has none.
+    fn export_side(&self, _dir: &Path) -> Result<bool> {
+        Ok(false)
+    }
 }
 
 /// The settings in which two model configurations differ, as `key.path: a vs b` (for errors).

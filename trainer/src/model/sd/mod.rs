@@ -11,6 +11,8 @@ mod blocks;
 mod config;
 mod controlnet;
 mod folder;
+mod pipeline;
+mod text;
 mod unet;
 
 use std::path::Path;
@@ -24,6 +26,8 @@ pub use blocks::{SpatialTransformer, TRANSFORMER_GROUP_NORM_EPS, timestep_embedd
 pub use config::{ControlNetExtras, DownBlockType, PerBlock, UNetConfig, UpBlockType};
 pub use controlnet::{ConditioningEmbedding, SdControlNet};
 pub use folder::{read_diffusers_weights, read_json_config, save_controlnet};
+pub use pipeline::Pipeline;
+pub use text::PromptTable;
 pub use unet::{Encoded, SdUNet};
 
 use super::{
@@ -53,6 +57,10 @@ pub struct SdSpec {
     /// What the UNet predicts (the scheduler config's `prediction_type`; epsilon).
     #[serde(default)]
     pub prediction: Prediction,
+    /// The precomputed text embeddings (a safetensors file, one `[tokens, dim]` tensor per
+    /// prompt, named by the prompt; `""` the null prompt), read when the model is built.
+    #[serde(default)]
+    pub text_embeddings: Option<std::path::PathBuf>,
 }
 
 fn one() -> f32 {
@@ -145,6 +153,7 @@ pub struct SdModel<B: Backend> {
     resolved: Resolved,
     decoder_config: DecoderConfig,
     parts: Parts,
+    prompts: Option<PromptTable>,
 }
 
 impl<B: Backend> SdModel<B> {
@@ -167,8 +176,21 @@ impl<B: Backend> SdModel<B> {
                 decoder = Some(LisaDecoder::new(&mut store, "lisa", &spec.decoder, hooked, out)?);
             }
         }
-        let mut model =
-            Self { store, unet, controlnet, decoder, spec: sd, resolved, decoder_config: spec.decoder.clone(), parts };
+        let prompts = match &sd.text_embeddings {
+            Some(path) => Some(PromptTable::read(path, resolved.unet.cross_attention_dim)?),
+            None => None,
+        };
+        let mut model = Self {
+            store,
+            unet,
+            controlnet,
+            decoder,
+            spec: sd,
+            resolved,
+            decoder_config: spec.decoder.clone(),
+            parts,
+            prompts,
+        };
         model.copy_main_into_side()?;
         Ok(model)
     }
@@ -292,13 +314,33 @@ impl<B: Backend> DualDenoiser<B> for SdModel<B> {
         self.spec.conditioning_scale
     }
 
-    /// String prompts need the CLIP text encoder, which this architecture does not load
-    /// yet: it trains on precomputed text embeddings ([`PromptEmbedding::Text`]).
+    /// The prompts' precomputed text embeddings ([`PromptTable`]); the CLIP text encoder
+    /// itself is not loaded yet.
     fn embed_prompts(&self, prompts: &[&str]) -> Result<PromptEmbedding> {
-        Err(TrainError::Config(format!(
-            "the sd architecture reads precomputed text embeddings; {} string prompt(s) need a text encoder, which is not loaded",
-            prompts.len()
-        )))
+        let table = self.prompts.as_ref().ok_or_else(|| {
+            TrainError::Config(
+                "the sd model reads precomputed text embeddings (text_embeddings = a safetensors file of one tensor per prompt); none were given".into(),
+            )
+        })?;
+        Ok(PromptEmbedding::Text { values: table.lookup(prompts)?, tokens: table.tokens, dim: table.dim })
+    }
+
+    fn latent_space(&self) -> bool {
+        true
+    }
+
+    fn hint_shape(&self) -> [usize; 3] {
+        let f = 1 << (self.resolved.extras.conditioning_embedding_out_channels.len() - 1);
+        let s = self.resolved.unet.sample_size * f;
+        [self.resolved.extras.conditioning_channels, s, s]
+    }
+
+    fn load_side(&mut self, path: &Path) -> Result<usize> {
+        self.load_controlnet(path)
+    }
+
+    fn export_side(&self, dir: &Path) -> Result<bool> {
+        self.save_controlnet(dir).map(|()| true)
     }
 
     /// `[silu(temb), context, skips…, mid]`.

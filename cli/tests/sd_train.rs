@@ -1,0 +1,189 @@
+//! `lisa train --pretrained-model-name-or-path`: a ControlNet with LISA for a diffusers SD
+//! pipeline folder (the tiny golden-file UNet, random weights, no download) on a Fill50K
+//! folder with precomputed latents and text embeddings; checkpoints, an exact resume, the
+//! diffusers ControlNet folder at the end, and the bad inputs of this path.
+
+use std::path::{Path, PathBuf};
+
+mod common;
+
+use common::{fails_with, lisa, ok, s};
+use lisa_core::backend::prelude::*;
+use lisa_core::backend::{DType, Shape};
+use lisa_cpu::{CpuBackend as C, CpuDevice};
+use lisa_trainer::weights::to_safetensors;
+
+fn workdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lisa-sd-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+const SCHEDULER: &str = r#"{"_class_name": "DDPMScheduler", "beta_schedule": "scaled_linear",
+  "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000,
+  "prediction_type": "epsilon", "steps_offset": 1, "clip_sample": false}"#;
+
+/// A pipeline folder with the tiny SD 1.5-like UNet of the golden files and a scheduler.
+fn pipeline(dir: &Path) -> PathBuf {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../trainer/tests/fixtures/sd/sd15/unet");
+    let p = dir.join("pipeline");
+    std::fs::create_dir_all(p.join("unet")).unwrap();
+    std::fs::create_dir_all(p.join("scheduler")).unwrap();
+    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        std::fs::copy(fixture.join(f), p.join("unet").join(f)).unwrap();
+    }
+    std::fs::write(p.join("scheduler/scheduler_config.json"), SCHEDULER).unwrap();
+    p
+}
+
+fn write_tensors(path: &Path, tensors: &[(String, Vec<usize>, u64)]) {
+    let made: Vec<(String, lisa_cpu::CpuTensor)> = tensors
+        .iter()
+        .map(|(n, shape, seed)| {
+            (n.clone(), C::random_normal(&Shape::new(shape.as_slice()), *seed, DType::F32, &CpuDevice).unwrap())
+        })
+        .collect();
+    let refs: Vec<(String, &lisa_cpu::CpuTensor)> = made.iter().map(|(n, t)| (n.clone(), t)).collect();
+    std::fs::write(path, to_safetensors::<C>(&refs, Default::default()).unwrap()).unwrap();
+}
+
+const PROMPTS: [&str; 3] = ["red circle with blue background", "a green ring", "yellow on black"];
+
+/// A Fill50K-layout folder of 3 examples: 64×64 RGB condition images (8× the 8×8 latents),
+/// `latents.safetensors` and `prompt_embeds.safetensors` (5 tokens of 12, with the null
+/// prompt).
+fn data(dir: &Path) -> PathBuf {
+    let d = dir.join("data");
+    std::fs::create_dir_all(d.join("source")).unwrap();
+    std::fs::create_dir_all(d.join("target")).unwrap();
+    let mut lines = String::new();
+    for (i, prompt) in PROMPTS.iter().enumerate() {
+        let img = image::RgbImage::from_fn(64, 64, |x, y| {
+            let r = ((x as i32 - 32).pow(2) + (y as i32 - 32).pow(2)) as f32;
+            image::Rgb(if (r.sqrt() - 10.0 - 4.0 * i as f32).abs() < 1.5 { [255, 255, 255] } else { [0, 0, 0] })
+        });
+        img.save(d.join(format!("source/{i}.png"))).unwrap();
+        img.save(d.join(format!("target/{i}.png"))).unwrap();
+        lines +=
+            &format!("{{\"source\": \"source/{i}.png\", \"target\": \"target/{i}.png\", \"prompt\": \"{prompt}\"}}\n");
+    }
+    std::fs::write(d.join("prompt.json"), lines).unwrap();
+    let latents: Vec<_> = (0..3).map(|i| (format!("target/{i}.png"), vec![4, 8, 8], 100 + i as u64)).collect();
+    write_tensors(&d.join("latents.safetensors"), &latents);
+    let mut embeds: Vec<_> =
+        PROMPTS.iter().enumerate().map(|(i, p)| (p.to_string(), vec![5, 12], 200 + i as u64)).collect();
+    embeds.push((String::new(), vec![5, 12], 300));
+    write_tensors(&d.join("prompt_embeds.safetensors"), &embeds);
+    d
+}
+
+fn train(pipe: &Path, data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let steps = if extra.contains(&"--max-train-steps") { &[][..] } else { &["--max-train-steps", "2"][..] };
+    let mut args = vec![
+        "train",
+        "--pretrained-model-name-or-path",
+        s(pipe),
+        "--train-data-dir",
+        s(data),
+        "--train-batch-size",
+        "2",
+        "--learning-rate",
+        "1e-4",
+        "--checkpointing-steps",
+        "1",
+        "--output-dir",
+        s(out),
+    ];
+    args.extend_from_slice(steps);
+    args.extend_from_slice(extra);
+    lisa(&args)
+}
+
+#[test]
+fn trains_a_controlnet_with_lisa_for_a_diffusers_folder_and_resumes_exactly() {
+    let dir = workdir("run");
+    let (pipe, data) = (pipeline(&dir), data(&dir));
+    let out = dir.join("out");
+    let err = ok(&train(&pipe, &data, &out, &[]));
+    assert!(err.contains("hook down_5"), "the LISA authors' hook by default:\n{err}");
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    for l in &lines {
+        let (loss, lisa_loss) = (l["loss"].as_f64().unwrap(), l["lisa_loss"].as_f64().unwrap());
+        assert!(loss.is_finite() && loss > 0.0 && lisa_loss.is_finite() && lisa_loss > 0.0, "{l}");
+    }
+    for ckpt in ["checkpoint-1", "checkpoint-2"] {
+        assert!(out.join(ckpt).join("state.json").is_file(), "{ckpt}");
+    }
+    // The ControlNet as a diffusers folder, loadable as the side network of the same UNet.
+    let native = out.join("controlnet");
+    let weights = std::fs::read(native.join("diffusion_pytorch_model.safetensors")).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(native.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["_class_name"], "ControlNetModel");
+    // Continue training from it: --controlnet-model-name-or-path reads the folder.
+    let more = dir.join("more");
+    ok(&train(&pipe, &data, &more, &["--controlnet-model-name-or-path", s(&native), "--max-train-steps", "1"]));
+
+    // Resume from step 1 in the same folder: the same step 2, bit for bit.
+    let ckpt = out.join("checkpoint-1");
+    ok(&train(&pipe, &data, &out, &["--resume-from-checkpoint", s(&ckpt)]));
+    let again = std::fs::read(native.join("diffusion_pytorch_model.safetensors")).unwrap();
+    assert!(weights == again, "the resumed run's ControlNet differs from the uninterrupted one");
+    let resumed: Vec<String> =
+        std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(String::from).collect();
+    let first: Vec<String> = metrics.lines().map(String::from).collect();
+    let loss = |l: &str| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap();
+    assert_eq!(loss(&resumed[1]), loss(&first[1]), "step 2's loss after resuming");
+}
+
+#[test]
+fn bad_pipelines_and_data_are_named_before_training() {
+    let dir = workdir("bad");
+    let (pipe, data) = (pipeline(&dir), data(&dir));
+    let out = dir.join("out");
+    // A folder without a scheduler.
+    let no_sched = dir.join("no-scheduler");
+    std::fs::create_dir_all(no_sched.join("unet")).unwrap();
+    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        std::fs::copy(pipe.join("unet").join(f), no_sched.join("unet").join(f)).unwrap();
+    }
+    fails_with(&train(&no_sched, &data, &out, &[]), "has no scheduler/");
+    // An unknown beta schedule.
+    std::fs::write(pipe.join("scheduler/scheduler_config.json"), SCHEDULER.replace("scaled_linear", "sigmoid"))
+        .unwrap();
+    fails_with(&train(&pipe, &data, &out, &[]), "beta_schedule \"sigmoid\" is not supported");
+    std::fs::write(pipe.join("scheduler/scheduler_config.json"), SCHEDULER).unwrap();
+    // An unsupported UNet key.
+    let cfg = std::fs::read_to_string(pipe.join("unet/config.json")).unwrap();
+    std::fs::write(
+        pipe.join("unet/config.json"),
+        cfg.replace("\"class_embed_type\": null", "\"class_embed_type\": \"timestep\""),
+    )
+    .unwrap();
+    fails_with(&train(&pipe, &data, &out, &[]), "class_embed_type");
+    std::fs::write(pipe.join("unet/config.json"), &cfg).unwrap();
+    // A prompt without an embedding.
+    let list = std::fs::read_to_string(data.join("prompt.json")).unwrap();
+    std::fs::write(data.join("prompt.json"), list.replace("a green ring", "a purple ring")).unwrap();
+    fails_with(&train(&pipe, &data, &out, &[]), "prompt \"a purple ring\" has no embedding");
+    // A target without a latent.
+    std::fs::write(data.join("prompt.json"), list.replace("target/2.png", "target/9.png")).unwrap();
+    std::fs::copy(data.join("target/2.png"), data.join("target/9.png")).unwrap();
+    fails_with(&train(&pipe, &data, &out, &[]), "has no latent named \"target/9.png\"");
+    std::fs::write(data.join("prompt.json"), &list).unwrap();
+    // A truncated UNet weights file names the file.
+    let w = std::fs::read(pipe.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    std::fs::write(pipe.join("unet/diffusion_pytorch_model.safetensors"), &w[..w.len() / 3]).unwrap();
+    fails_with(&train(&pipe, &data, &out, &[]), "diffusion_pytorch_model.safetensors");
+    std::fs::write(pipe.join("unet/diffusion_pytorch_model.safetensors"), &w).unwrap();
+    // Nothing was written for the failed runs.
+    assert!(!out.join("metrics.jsonl").exists());
+    // --main and a diffusers folder together.
+    fails_with(
+        &lisa(&["train", "--main", "x.safetensors", "--pretrained-model-name-or-path", s(&pipe)]),
+        "cannot be used with",
+    );
+}
