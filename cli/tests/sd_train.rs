@@ -187,3 +187,31 @@ fn bad_pipelines_and_data_are_named_before_training() {
         "cannot be used with",
     );
 }
+
+/// The README's `lisa train` command for SD, as written, on the tiny pipeline (folders and
+/// step count swapped for tiny ones, nothing else).
+#[test]
+fn the_readme_sd_command_runs_as_written() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
+    let section = readme.split("## Stable Diffusion ControlNets").nth(1).expect("the README's SD section");
+    let block = section.split("```").nth(1).expect("its command block").replace("\\\n", " ");
+    let line = block.lines().find(|l| l.contains("lisa -- train")).expect("the lisa train line");
+    let args: Vec<&str> = line.split("--bin lisa --").nth(1).unwrap().split_whitespace().collect();
+    let dir = workdir("readme");
+    let (pipe, data) = (pipeline(&dir), data(&dir));
+    let out = dir.join("runs/sd");
+    let args: Vec<String> = args
+        .iter()
+        .map(|a| match *a {
+            "PIPELINE" => s(&pipe).to_string(),
+            "DATA" => s(&data).to_string(),
+            "runs/sd" => s(&out).to_string(),
+            "10000" => "2".to_string(),
+            other => other.to_string(),
+        })
+        .collect();
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(&lisa(&refs));
+    assert!(out.join("controlnet/diffusion_pytorch_model.safetensors").is_file());
+    assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 2);
+}
