@@ -4,7 +4,9 @@
 //! a plain host computation in `f64`, so the composition itself is pinned.
 
 use lisa_core::backend::prelude::*;
-use lisa_core::backend::{Backend, DType, Shape, Transpose, UnaryOp, attention_backward_chunked, attention_chunked};
+use lisa_core::backend::{
+    AttentionParams, Backend, DType, Shape, Transpose, UnaryOp, attention_backward_chunked, attention_chunked,
+};
 use lisa_core::reference::{RefBackend as R, RefTensor};
 use lisa_core::tolerance::backend_vs_reference;
 use lisa_core::{Error, Result};
@@ -177,28 +179,31 @@ pub fn layer_norm<B: Backend>() {
     assert!(matches!(B::layer_norm(&x.dev, &gamma.dev, &gamma.dev, 1e-5), Err(Error::ShapeMismatch { .. })));
 }
 
-/// `softmax(s·QKᵀ)·V` on the host, in `f64`.
+/// `softmax(s·QKᵀ + M)·V` on the host, in `f64` (`M`: causal mask when asked for).
 fn host_attention(
     q: &[f32],
     k: &[f32],
     v: &[f32],
     (g, tq, tk, d, dv): (usize, usize, usize, usize, usize),
-    s: f32,
+    p: AttentionParams,
 ) -> Vec<f32> {
     let mut out = Vec::with_capacity(g * tq * dv);
     for gi in 0..g {
         for i in 0..tq {
-            let scores: Vec<f64> = (0..tk)
+            // Causal: keys after the query are left out of the softmax.
+            let visible = if p.causal { i + 1 } else { tk };
+            let scores: Vec<f64> = (0..visible)
                 .map(|j| {
-                    (0..d).map(|p| q[(gi * tq + i) * d + p] as f64 * k[(gi * tk + j) * d + p] as f64).sum::<f64>()
-                        * s as f64
+                    let dot: f64 =
+                        (0..d).map(|c| q[(gi * tq + i) * d + c] as f64 * k[(gi * tk + j) * d + c] as f64).sum();
+                    dot * p.scale as f64
                 })
                 .collect();
             let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
             let z: f64 = e.iter().sum();
             for c in 0..dv {
-                out.push((0..tk).map(|j| e[j] / z * v[(gi * tk + j) * dv + c] as f64).sum::<f64>() as f32);
+                out.push((0..visible).map(|j| e[j] / z * v[(gi * tk + j) * dv + c] as f64).sum::<f64>() as f32);
             }
         }
     }
@@ -210,12 +215,18 @@ fn host_attention(
 /// scores) against the unchunked ones; half storage against `f32`; bad shapes.
 pub fn attention<B: Backend>() {
     let mut h = Harness::<B>::default();
-    for (g, tq, tk, d, dv) in
-        [(1usize, 1usize, 1usize, 1usize, 1usize), (2, 7, 7, 4, 4), (3, 5, 9, 8, 3), (2, 33, 6, 2, 5)]
-    {
-        let what = format!("attention g{g} q{tq} k{tk} d{d} dv{dv}");
+    let cases = [
+        (1usize, 1usize, 1usize, 1usize, 1usize, false),
+        (2, 7, 7, 4, 4, false),
+        (3, 5, 9, 8, 3, false),
+        (2, 33, 6, 2, 5, false),
+        (2, 7, 7, 4, 4, true),
+        (1, 33, 33, 2, 3, true),
+    ];
+    for (g, tq, tk, d, dv, causal) in cases {
+        let what = format!("attention g{g} q{tq} k{tk} d{d} dv{dv} causal={causal}");
         let (q, k, v) = (h.randn(&[g, tq, d], F32), h.randn(&[g, tk, d], F32), h.randn(&[g, tk, dv], F32));
-        let scale = 1.0 / (d as f32).sqrt();
+        let scale = AttentionParams { causal, ..AttentionParams::new(d) };
         let out = ok(&what, B::attention(&q.dev, &k.dev, &v.dev, scale));
         let want = host_attention(&q.host, &k.host, &v.host, (g, tq, tk, d, dv), scale);
         assert_values(&format!("{what} vs host"), &ok(&what, B::to_vec(&out)), &want, backend_vs_reference(F32));
@@ -246,14 +257,21 @@ pub fn attention<B: Backend>() {
     if B::supports_dtype(&h.device, DType::F16) {
         let (q, k, v) =
             (h.randn(&[2, 6, 4], DType::F16), h.randn(&[2, 3, 4], DType::F16), h.randn(&[2, 3, 4], DType::F16));
-        let got: Result<B::Tensor> = B::attention(&q.dev, &k.dev, &v.dev, 0.5);
-        let want: Result<RefTensor> = R::attention(&q.reference, &k.reference, &v.reference, 0.5);
+        let p = AttentionParams { scale: 0.5, causal: false };
+        let got: Result<B::Tensor> = B::attention(&q.dev, &k.dev, &v.dev, p);
+        let want: Result<RefTensor> = R::attention(&q.reference, &k.reference, &v.reference, p);
         assert_matches::<B>("attention f16", &got, &want);
     }
+    let one = AttentionParams { scale: 1.0, causal: false };
     let (q, k) = (h.randn(&[2, 3, 4], F32), h.randn(&[2, 5, 3], F32));
-    assert!(matches!(B::attention(&q.dev, &k.dev, &k.dev, 1.0), Err(Error::ShapeMismatch { .. })), "d of q vs k");
+    assert!(matches!(B::attention(&q.dev, &k.dev, &k.dev, one), Err(Error::ShapeMismatch { .. })), "d of q vs k");
     let k1 = h.randn(&[1, 5, 4], F32);
-    assert!(matches!(B::attention(&q.dev, &k1.dev, &k1.dev, 1.0), Err(Error::ShapeMismatch { .. })), "groups");
+    assert!(matches!(B::attention(&q.dev, &k1.dev, &k1.dev, one), Err(Error::ShapeMismatch { .. })), "groups");
     let k4 = h.randn(&[2, 5, 4], F32);
-    assert!(B::attention(&q.dev, &k4.dev, &k4.dev, f32::NAN).is_err(), "NaN scale");
+    let nan = AttentionParams { scale: f32::NAN, causal: false };
+    assert!(B::attention(&q.dev, &k4.dev, &k4.dev, nan).is_err(), "NaN scale");
+    assert!(
+        matches!(B::attention(&q.dev, &k4.dev, &k4.dev, one.causal()), Err(Error::InvalidArgument { .. })),
+        "causal with 3 queries and 5 keys"
+    );
 }

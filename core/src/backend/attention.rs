@@ -8,6 +8,31 @@ use crate::{Error, Result};
 /// once: 2²⁴ (64 MiB in f32). Larger problems run in chunks of heads, then of query rows.
 pub const ATTENTION_SCORE_BUDGET: usize = 1 << 24;
 
+/// What a scaled dot-product attention computes besides its inputs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionParams {
+    /// The score scale `s` (`1/√d` usually).
+    pub scale: f32,
+    /// Causal: query `i` sees keys `j ≤ i` only (text encoders); needs `t_q = t_k`.
+    pub causal: bool,
+}
+
+impl AttentionParams {
+    /// Full (non-causal) attention with scale `1/√head_dim`.
+    pub fn new(head_dim: usize) -> Self {
+        Self { scale: 1.0 / (head_dim.max(1) as f32).sqrt(), causal: false }
+    }
+
+    /// The same, causal.
+    pub fn causal(self) -> Self {
+        Self { causal: true, ..self }
+    }
+}
+
+/// The score a masked key gets before the softmax: finite (no infinities on any device),
+/// and low enough that its probability is exactly 0 in f32.
+const MASKED_SCORE: f32 = -1e30;
+
 /// The gradients of [`AttentionOps::attention`].
 #[derive(Debug, Clone)]
 pub struct AttentionGrads<T> {
@@ -26,10 +51,16 @@ pub struct AttentionGrads<T> {
 /// recomputes the probabilities chunk by chunk instead of saving them. Scores and softmax
 /// run in `f32` whatever the storage type (diffusers' `upcast_attention`, always on).
 pub trait AttentionOps: MatmulOps + ReduceOps + LayoutOps {
-    /// `O = softmax(s·Q·Kᵀ)·V` per group: `q [g, t_q, d]`, `k [g, t_k, d]`, `v [g, t_k, d_v]`
-    /// → `[g, t_q, d_v]`, softmax over the keys.
-    fn attention(q: &Self::Tensor, k: &Self::Tensor, v: &Self::Tensor, scale: f32) -> Result<Self::Tensor> {
-        attention_chunked::<Self>(q, k, v, scale, ATTENTION_SCORE_BUDGET)
+    /// `O = softmax(s·Q·Kᵀ + M)·V` per group: `q [g, t_q, d]`, `k [g, t_k, d]`,
+    /// `v [g, t_k, d_v]` → `[g, t_q, d_v]`, softmax over the keys, `M` the causal mask when
+    /// asked for (`−∞` above the diagonal).
+    fn attention(
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        params: AttentionParams,
+    ) -> Result<Self::Tensor> {
+        attention_chunked::<Self>(q, k, v, params, ATTENTION_SCORE_BUDGET)
     }
 
     /// Backward of [`AttentionOps::attention`] from `∂L/∂O`, recomputing `P = softmax(s·QKᵀ)`:
@@ -40,9 +71,9 @@ pub trait AttentionOps: MatmulOps + ReduceOps + LayoutOps {
         k: &Self::Tensor,
         v: &Self::Tensor,
         grad_out: &Self::Tensor,
-        scale: f32,
+        params: AttentionParams,
     ) -> Result<AttentionGrads<Self::Tensor>> {
-        attention_backward_chunked::<Self>(q, k, v, grad_out, scale, ATTENTION_SCORE_BUDGET)
+        attention_backward_chunked::<Self>(q, k, v, grad_out, params, ATTENTION_SCORE_BUDGET)
     }
 }
 
@@ -51,17 +82,17 @@ pub fn attention_chunked<B: AttentionOps>(
     q: &B::Tensor,
     k: &B::Tensor,
     v: &B::Tensor,
-    scale: f32,
+    params: AttentionParams,
     budget: usize,
 ) -> Result<B::Tensor> {
-    let geo = AttentionGeometry::new::<B>("attention", q, k, v, scale, budget)?;
+    let geo = AttentionGeometry::new::<B>("attention", q, k, v, params, budget)?;
     let mut groups = Vec::new();
     for (g0, gc) in geo.group_chunks() {
         let (kc, vc) = (upcast::<B>(&B::narrow(k, 0, g0, gc)?)?, upcast::<B>(&B::narrow(v, 0, g0, gc)?)?);
         let qg = B::narrow(q, 0, g0, gc)?;
         let mut rows = Vec::new();
         for (r0, rc) in geo.row_chunks(gc) {
-            let p = probabilities::<B>(&upcast::<B>(&B::narrow(&qg, 1, r0, rc)?)?, &kc, scale)?;
+            let p = probabilities::<B>(&upcast::<B>(&B::narrow(&qg, 1, r0, rc)?)?, &kc, params, r0)?;
             rows.push(B::matmul(&p, &vc, Transpose::default())?); // [gc, rc, d_v]
         }
         groups.push(join::<B>(rows, 1)?);
@@ -75,11 +106,12 @@ pub fn attention_backward_chunked<B: AttentionOps>(
     k: &B::Tensor,
     v: &B::Tensor,
     grad_out: &B::Tensor,
-    scale: f32,
+    params: AttentionParams,
     budget: usize,
 ) -> Result<AttentionGrads<B::Tensor>> {
     const OP: &str = "attention_backward";
-    let geo = AttentionGeometry::new::<B>(OP, q, k, v, scale, budget)?;
+    let geo = AttentionGeometry::new::<B>(OP, q, k, v, params, budget)?;
+    let scale = params.scale;
     let d_v = B::shape(v).dims()[2];
     Shape::new([geo.groups, geo.queries, d_v]).expect_eq(OP, &B::shape(grad_out))?;
     let (mut dq_groups, mut dk_groups, mut dv_groups) = (Vec::new(), Vec::new(), Vec::new());
@@ -91,7 +123,7 @@ pub fn attention_backward_chunked<B: AttentionOps>(
         for (r0, rc) in geo.row_chunks(gc) {
             let qc = upcast::<B>(&B::narrow(&qg, 1, r0, rc)?)?;
             let go = upcast::<B>(&B::narrow(&gg, 1, r0, rc)?)?;
-            let p = probabilities::<B>(&qc, &kc, scale)?; // [gc, rc, t_k]
+            let p = probabilities::<B>(&qc, &kc, params, r0)?; // [gc, rc, t_k]
             let dv_part = B::matmul(&p, &go, Transpose { a: true, b: false })?; // [gc, t_k, d_v]
             let dp = B::matmul(&go, &vc, Transpose { a: false, b: true })?; // [gc, rc, t_k]
             let ds = B::scale(&B::softmax_last_backward(&p, &dp)?, scale)?;
@@ -117,9 +149,29 @@ pub fn attention_backward_chunked<B: AttentionOps>(
     })
 }
 
-/// `softmax(s·Q·Kᵀ)` over the keys: `[gc, rc, d] × [gc, t_k, d] → [gc, rc, t_k]`.
-fn probabilities<B: AttentionOps>(q: &B::Tensor, k: &B::Tensor, scale: f32) -> Result<B::Tensor> {
-    B::softmax_last(&B::scale(&B::matmul(q, k, Transpose { a: false, b: true })?, scale)?)
+/// `softmax(s·Q·Kᵀ + M)` over the keys for the query rows `r0 ..`: `[gc, rc, d] × [gc, t_k, d]
+/// → [gc, rc, t_k]`.
+fn probabilities<B: AttentionOps>(
+    q: &B::Tensor,
+    k: &B::Tensor,
+    params: AttentionParams,
+    r0: usize,
+) -> Result<B::Tensor> {
+    let scores = B::scale(&B::matmul(q, k, Transpose { a: false, b: true })?, params.scale)?;
+    if !params.causal {
+        return B::softmax_last(&scores);
+    }
+    // Row i of the chunk (query r0 + i) sees keys 0 ..= r0 + i.
+    let dims = B::shape(&scores);
+    let (rc, t_k) = (dims.dims()[1], dims.dims()[2]);
+    let mut mask = alloc::vec![0.0f32; rc * t_k];
+    for (i, row) in mask.chunks_mut(t_k).enumerate() {
+        for v in row.iter_mut().skip(r0 + i + 1) {
+            *v = MASKED_SCORE;
+        }
+    }
+    let mask = B::from_slice(&mask, &Shape::new([rc, t_k]), DType::F32, &B::device(&scores))?;
+    B::softmax_last(&B::add(&scores, &mask)?)
 }
 
 /// `t` in `f32` (a no-op for `f32` tensors).
@@ -152,9 +204,10 @@ impl AttentionGeometry {
         q: &B::Tensor,
         k: &B::Tensor,
         v: &B::Tensor,
-        scale: f32,
+        params: AttentionParams,
         budget: usize,
     ) -> Result<Self> {
+        let scale = params.scale;
         let (sq, sk, sv) = (B::shape(q), B::shape(k), B::shape(v));
         for s in [&sq, &sk, &sv] {
             s.expect_rank(op, 3)?;
@@ -172,6 +225,12 @@ impl AttentionGeometry {
         }
         if !scale.is_finite() {
             return Err(Error::invalid(op, alloc::format!("scale must be finite, got {scale}")));
+        }
+        if params.causal && t_q != t_k {
+            return Err(Error::invalid(
+                op,
+                alloc::format!("causal attention needs as many queries as keys, got {t_q} and {t_k}"),
+            ));
         }
         Ok(Self { groups: g, queries: t_q, keys: t_k, dtype, budget: budget.max(1) })
     }

@@ -55,6 +55,37 @@ pub trait LayoutOps: TensorOps {
     /// Channels `start .. start + len` of `x [n, c, ...]` (the backward of concat).
     fn slice_channels(x: &Self::Tensor, start: usize, len: usize) -> Result<Self::Tensor>;
 
+    /// *Default*: zero padding of the last two dims of `x [.., h, w]` by `[top, bottom, left,
+    /// right]` (torch's `F.pad(x, (left, right, top, bottom))`), as concatenations with
+    /// zeros. Its backward is a [`LayoutOps::narrow`] of each of the two dims.
+    fn pad_spatial(x: &Self::Tensor, [top, bottom, left, right]: [usize; 4]) -> Result<Self::Tensor> {
+        const OP: &str = "pad_spatial";
+        let shape = Self::shape(x);
+        let r = shape.rank();
+        if r < 2 {
+            return Err(Error::invalid(OP, alloc::format!("padding needs [.., h, w], got {shape}")));
+        }
+        let (dtype, device) = (Self::dtype(x), Self::device(x));
+        let mut out = x.clone();
+        for (axis, before, after) in [(r - 2, top, bottom), (r - 1, left, right)] {
+            if before == 0 && after == 0 {
+                continue;
+            }
+            let zeros = |n: usize, like: &Self::Tensor| -> Result<Option<Self::Tensor>> {
+                if n == 0 {
+                    return Ok(None);
+                }
+                let mut d = Self::shape(like).dims().to_vec();
+                d[axis] = n;
+                Self::zeros(&Shape::new(d), dtype, &device).map(Some)
+            };
+            let (b, a) = (zeros(before, &out)?, zeros(after, &out)?);
+            let parts: Vec<&Self::Tensor> = b.iter().chain(core::iter::once(&out)).chain(a.iter()).collect();
+            out = Self::concat(&parts, axis)?;
+        }
+        Ok(out)
+    }
+
     /// The checks every [`LayoutOps::permute`] starts with: `axes` a permutation of the
     /// dims. Returns the output shape.
     fn permute_check(op: &'static str, x: &Self::Tensor, axes: &[usize]) -> Result<Shape> {

@@ -29,7 +29,8 @@ mod tensor;
 pub use crate::optim::AdamWParams;
 pub use arith::{ArithOps, BinaryOp, UnaryOp};
 pub use attention::{
-    ATTENTION_SCORE_BUDGET, AttentionGrads, AttentionOps, attention_backward_chunked, attention_chunked,
+    ATTENTION_SCORE_BUDGET, AttentionGrads, AttentionOps, AttentionParams, attention_backward_chunked,
+    attention_chunked,
 };
 pub use dtype::DType;
 pub use fused::FusedOps;

@@ -1,7 +1,7 @@
 //! The differentiable ops of sequence models (transformer blocks): activations, axis
 //! permutation and narrowing, layer norm, scaled dot-product attention.
 
-use lisa_core::backend::{Backend, Shape, UnaryOp, geometry::inverse_permutation};
+use lisa_core::backend::{AttentionParams, Backend, Shape, UnaryOp, geometry::inverse_permutation};
 
 use super::{Tape, Var};
 use crate::error::Result;
@@ -42,6 +42,17 @@ impl<B: Backend> Tape<B> {
         }))
     }
 
+    /// Zero padding of the last two dims by `[top, bottom, left, right]`; backward crops.
+    pub fn pad_spatial(&self, a: &Var<B>, pad: [usize; 4]) -> Result<Var<B>> {
+        let value = B::pad_spatial(&a.value, pad)?;
+        let s = B::shape(&a.value);
+        let (r, h, w) = (s.rank(), s.dims()[s.rank() - 2], s.dims()[s.rank() - 1]);
+        Ok(self.record(value, &[a], move |g| {
+            let g = B::narrow(g, r - 2, pad[0], h)?;
+            Ok(vec![Some(B::narrow(&g, r - 1, pad[2], w)?)])
+        }))
+    }
+
     /// Layer norm over the last dim with affine `γ`, `β` (`[C]`).
     pub fn layer_norm(&self, x: &Var<B>, gamma: &Var<B>, beta: &Var<B>, eps: f32) -> Result<Var<B>> {
         let out = B::layer_norm(&x.value, &gamma.value, &beta.value, eps)?;
@@ -57,17 +68,18 @@ impl<B: Backend> Tape<B> {
         }))
     }
 
-    /// `softmax(s·Q·Kᵀ)·V` over groups: `q [g, t_q, d]`, `k [g, t_k, d]`, `v [g, t_k, d_v]`.
-    /// Saves only `q`, `k`, `v`: the backward recomputes the probabilities in chunks.
-    pub fn attention(&self, q: &Var<B>, k: &Var<B>, v: &Var<B>, scale: f32) -> Result<Var<B>> {
-        let value = B::attention(&q.value, &k.value, &v.value, scale)?;
+    /// `softmax(s·Q·Kᵀ + M)·V` over groups: `q [g, t_q, d]`, `k [g, t_k, d]`, `v [g, t_k, d_v]`
+    /// (`M`: the causal mask when `params.causal`). Saves only `q`, `k`, `v`: the backward
+    /// recomputes the probabilities in chunks.
+    pub fn attention(&self, q: &Var<B>, k: &Var<B>, v: &Var<B>, params: AttentionParams) -> Result<Var<B>> {
+        let value = B::attention(&q.value, &k.value, &v.value, params)?;
         let need = [q.requires_grad(), k.requires_grad(), v.requires_grad()];
         if !self.grad_enabled() || !need.iter().any(|&n| n) {
             return Ok(self.constant(value));
         }
         let (qv, kv, vv) = (q.value.clone(), k.value.clone(), v.value.clone());
         Ok(self.record(value, &[q, k, v], move |g| {
-            let grads = B::attention_backward(&qv, &kv, &vv, g, scale)?;
+            let grads = B::attention_backward(&qv, &kv, &vv, g, params)?;
             Ok(vec![need[0].then_some(grads.q), need[1].then_some(grads.k), need[2].then_some(grads.v)])
         }))
     }

@@ -12,7 +12,7 @@ pub struct ResBlockConfig {
     pub in_channels: usize,
     /// Output channels.
     pub out_channels: usize,
-    /// Width of the time embedding it reads.
+    /// Width of the time embedding it reads (0: none, as in the VAE).
     pub time_dim: usize,
     /// Its group norms.
     pub norm: GroupNormParams,
@@ -25,7 +25,7 @@ pub struct ResBlockConfig {
 pub struct ResBlock {
     norm1: GroupNorm,
     conv1: Conv2d,
-    time_proj: Linear,
+    time_proj: Option<Linear>,
     norm2: GroupNorm,
     conv2: Conv2d,
     skip: Option<Conv2d>,
@@ -38,7 +38,11 @@ impl ResBlock {
         Ok(Self {
             norm1: GroupNorm::new(s, &format!("{name}.norm1"), c_in, c.norm)?,
             conv1: Conv2d::new(s, &format!("{name}.conv1"), Conv2dConfig::new(c_in, c_out, 3))?,
-            time_proj: Linear::new(s, &format!("{name}.time_emb_proj"), c.time_dim, c_out)?,
+            time_proj: if c.time_dim > 0 {
+                Some(Linear::new(s, &format!("{name}.time_emb_proj"), c.time_dim, c_out)?)
+            } else {
+                None
+            },
             norm2: GroupNorm::new(s, &format!("{name}.norm2"), c_out, c.norm)?,
             conv2: Conv2d::new(s, &format!("{name}.conv2"), Conv2dConfig::new(c_out, c_out, 3))?,
             skip: if c_in != c_out {
@@ -51,12 +55,19 @@ impl ResBlock {
 
     /// `x [n, c_in, h, w]`, `silu_temb [n, t_dim]` (already through SiLU) → `[n, c_out, h, w]`.
     pub fn forward<B: Backend>(&self, p: &Bound<'_, B>, x: &Var<B>, silu_temb: &Var<B>) -> Result<Var<B>> {
+        self.forward_with(p, x, Some(silu_temb))
+    }
+
+    /// `x [n, c_in, h, w]` → `[n, c_out, h, w]`, with the time embedding when the block reads one.
+    pub fn forward_with<B: Backend>(&self, p: &Bound<'_, B>, x: &Var<B>, silu_temb: Option<&Var<B>>) -> Result<Var<B>> {
         let t = p.tape;
-        let h = self.conv1.forward(p, &t.silu(&self.norm1.forward(p, x)?)?)?;
-        let e = self.time_proj.forward(p, silu_temb)?; // [n, c_out]
-        let d = B::shape(&e.value);
-        let e = t.reshape(&e, &Shape::new([d.dims()[0], d.dims()[1], 1, 1]))?;
-        let h = t.add(&h, &e)?;
+        let mut h = self.conv1.forward(p, &t.silu(&self.norm1.forward(p, x)?)?)?;
+        if let (Some(proj), Some(temb)) = (&self.time_proj, silu_temb) {
+            let e = proj.forward(p, temb)?; // [n, c_out]
+            let d = B::shape(&e.value);
+            let e = t.reshape(&e, &Shape::new([d.dims()[0], d.dims()[1], 1, 1]))?;
+            h = t.add(&h, &e)?;
+        }
         let h = self.conv2.forward(p, &t.silu(&self.norm2.forward(p, &h)?)?)?;
         let skip = match &self.skip {
             Some(c) => c.forward(p, x)?,

@@ -11,8 +11,10 @@ pub struct Conv2dConfig {
     pub in_channels: usize,
     /// Output channels.
     pub out_channels: usize,
-    /// Kernel side `k` (padding `k/2`).
+    /// Kernel side `k`.
     pub kernel: usize,
+    /// Zero padding on every side (`k/2`, "same" for odd kernels, by default).
+    pub padding: usize,
     /// Stride (1).
     pub stride: usize,
     /// Zero weights (ControlNet zero convs, the LISA decoder's output conv) instead of
@@ -23,7 +25,12 @@ pub struct Conv2dConfig {
 impl Conv2dConfig {
     /// A `kernel × kernel`, stride-1, LeCun-normal convolution.
     pub fn new(in_channels: usize, out_channels: usize, kernel: usize) -> Self {
-        Self { in_channels, out_channels, kernel, stride: 1, zero_init: false }
+        Self { in_channels, out_channels, kernel, padding: kernel / 2, stride: 1, zero_init: false }
+    }
+
+    /// With `padding` zeros on every side.
+    pub fn padding(self, padding: usize) -> Self {
+        Self { padding, ..self }
     }
 
     /// With stride `stride`.
@@ -56,7 +63,7 @@ impl Conv2d {
         Ok(Self {
             weight: store.add(format!("{name}.weight"), &[c.out_channels, c.in_channels, k, k], init)?,
             bias: store.add(format!("{name}.bias"), &[c.out_channels], Init::Zeros)?,
-            params: Conv2dParams { stride: [c.stride, c.stride], padding: [k / 2, k / 2] },
+            params: Conv2dParams { stride: [c.stride, c.stride], padding: [c.padding, c.padding] },
         })
     }
 

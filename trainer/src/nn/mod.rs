@@ -11,4 +11,7 @@ pub use attention::SelfAttention;
 pub use blocks::{Downsample, ResBlock, ResBlockConfig, Upsample};
 pub use embedding::{ClassEmbedding, sinusoidal_embedding};
 pub use layers::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear};
-pub use transformer::{GegluFeedForward, MultiHeadAttention, TRANSFORMER_NORM_EPS, TransformerBlock};
+pub use transformer::{
+    AttentionConfig, AttentionNames, CLIP_ATTENTION, DIFFUSERS_ATTENTION, GegluFeedForward, MultiHeadAttention,
+    TRANSFORMER_NORM_EPS, TransformerBlock, VAE_ATTENTION,
+};

@@ -2,15 +2,66 @@
 //! `to_out.0`), the GEGLU feed-forward (`net.0.proj`, `net.2`) and the basic transformer
 //! block (`norm1`, `attn1`, `norm2`, `attn2`, `norm3`, `ff`).
 
-use lisa_core::backend::{Backend, Shape, UnaryOp};
+use lisa_core::backend::{AttentionParams, Backend, Shape, UnaryOp};
 
 use super::{LayerNorm, Linear};
 use crate::autodiff::Var;
 use crate::error::{Result, TrainError};
 use crate::params::{Bound, ParamStore};
 
-/// Multi-head scaled dot-product attention (diffusers `Attention`, no biases on q/k/v):
-/// `out = W_o·concat_h(softmax(Q_h·K_hᵀ/√d_h)·V_h) + b_o`, `Q = x·W_q`, `K, V = ctx·W_{k,v}`.
+/// The parameter names and biases of an attention layer's projections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionNames {
+    /// Query projection (`to_q`, `q_proj`).
+    pub q: &'static str,
+    /// Key projection.
+    pub k: &'static str,
+    /// Value projection.
+    pub v: &'static str,
+    /// Output projection (`to_out.0`, `out_proj`).
+    pub out: &'static str,
+    /// Whether q, k and v have biases (the output projection always has one).
+    pub qkv_bias: bool,
+}
+
+/// diffusers' `Attention` in UNet transformer blocks: no q/k/v biases.
+pub const DIFFUSERS_ATTENTION: AttentionNames =
+    AttentionNames { q: "to_q", k: "to_k", v: "to_v", out: "to_out.0", qkv_bias: false };
+/// diffusers' `Attention` in the VAE's middle block: q/k/v with biases.
+pub const VAE_ATTENTION: AttentionNames = AttentionNames { qkv_bias: true, ..DIFFUSERS_ATTENTION };
+/// transformers' `CLIPAttention`: `q_proj`, `k_proj`, `v_proj`, `out_proj`, all with biases.
+pub const CLIP_ATTENTION: AttentionNames =
+    AttentionNames { q: "q_proj", k: "k_proj", v: "v_proj", out: "out_proj", qkv_bias: true };
+
+/// The sizes and kind of a [`MultiHeadAttention`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionConfig {
+    /// Width of the queries (and of the output).
+    pub query_dim: usize,
+    /// Width of the context (= `query_dim` for self-attention).
+    pub context_dim: usize,
+    /// Number of heads.
+    pub heads: usize,
+    /// Width of each head.
+    pub head_dim: usize,
+    /// Parameter names.
+    pub names: AttentionNames,
+    /// Query `i` sees keys `j ≤ i` only (text encoders).
+    pub causal: bool,
+}
+
+impl AttentionConfig {
+    /// diffusers' non-causal attention of `heads` heads over `query_dim` (`head_dim =
+    /// query_dim / heads`) reading a context of `context_dim`.
+    pub fn diffusers(query_dim: usize, context_dim: usize, heads: usize) -> Self {
+        let head_dim = query_dim / heads.max(1);
+        Self { query_dim, context_dim, heads, head_dim, names: DIFFUSERS_ATTENTION, causal: false }
+    }
+}
+
+/// Multi-head scaled dot-product attention:
+/// `out = W_o·concat_h(softmax(Q_h·K_hᵀ/√d_h + M)·V_h) + b_o`, `Q = x·W_q (+ b_q)`,
+/// `K, V = ctx·W_{k,v} (+ b)`, `M` the causal mask when configured.
 #[derive(Debug, Clone)]
 pub struct MultiHeadAttention {
     to_q: Linear,
@@ -19,30 +70,28 @@ pub struct MultiHeadAttention {
     to_out: Linear,
     heads: usize,
     head_dim: usize,
+    causal: bool,
 }
 
 impl MultiHeadAttention {
-    /// `heads` heads of `head_dim` over queries of `query_dim` features and a context of
-    /// `context_dim` (self-attention: `context_dim = query_dim`).
-    pub fn new<B: Backend>(
-        s: &mut ParamStore<B>,
-        name: &str,
-        query_dim: usize,
-        context_dim: usize,
-        heads: usize,
-        head_dim: usize,
-    ) -> Result<Self> {
-        if heads == 0 || head_dim == 0 {
+    /// Parameters `{name}.{q,k,v,out}` as `c.names` says.
+    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, c: AttentionConfig) -> Result<Self> {
+        if c.heads == 0 || c.head_dim == 0 {
             return Err(TrainError::Config(format!("{name}: attention needs heads > 0 and head_dim > 0")));
         }
-        let inner = heads * head_dim;
+        let inner = c.heads * c.head_dim;
+        let proj = |s: &mut ParamStore<B>, which: &str, d_in: usize| -> Result<Linear> {
+            let n = format!("{name}.{which}");
+            if c.names.qkv_bias { Linear::new(s, &n, d_in, inner) } else { Linear::without_bias(s, &n, d_in, inner) }
+        };
         Ok(Self {
-            to_q: Linear::without_bias(s, &format!("{name}.to_q"), query_dim, inner)?,
-            to_k: Linear::without_bias(s, &format!("{name}.to_k"), context_dim, inner)?,
-            to_v: Linear::without_bias(s, &format!("{name}.to_v"), context_dim, inner)?,
-            to_out: Linear::new(s, &format!("{name}.to_out.0"), inner, query_dim)?,
-            heads,
-            head_dim,
+            to_q: proj(s, c.names.q, c.query_dim)?,
+            to_k: proj(s, c.names.k, c.context_dim)?,
+            to_v: proj(s, c.names.v, c.context_dim)?,
+            to_out: Linear::new(s, &format!("{name}.{}", c.names.out), inner, c.query_dim)?,
+            heads: c.heads,
+            head_dim: c.head_dim,
+            causal: c.causal,
         })
     }
 
@@ -62,7 +111,8 @@ impl MultiHeadAttention {
         let q = split(&self.to_q.forward(p, x)?, tq)?;
         let k = split(&self.to_k.forward(p, ctx)?, tk)?;
         let v = split(&self.to_v.forward(p, ctx)?, tk)?;
-        let o = t.attention(&q, &k, &v, 1.0 / (d as f32).sqrt())?; // [b·h, t, d]
+        let params = AttentionParams { causal: self.causal, ..AttentionParams::new(d) };
+        let o = t.attention(&q, &k, &v, params)?; // [b·h, t, d]
         let o = t.permute(&t.reshape(&o, &Shape::new([b, h, tq, d]))?, &[0, 2, 1, 3])?; // [b, t, h, d]
         self.to_out.forward(p, &t.reshape(&o, &Shape::new([b, tq, h * d]))?)
     }
@@ -122,13 +172,16 @@ impl TransformerBlock {
         heads: usize,
         context_dim: usize,
     ) -> Result<Self> {
-        let head_dim = dim / heads.max(1);
         let eps = TRANSFORMER_NORM_EPS;
         Ok(Self {
             norm1: LayerNorm::new(s, &format!("{name}.norm1"), dim, eps)?,
-            attn1: MultiHeadAttention::new(s, &format!("{name}.attn1"), dim, dim, heads, head_dim)?,
+            attn1: MultiHeadAttention::new(s, &format!("{name}.attn1"), AttentionConfig::diffusers(dim, dim, heads))?,
             norm2: LayerNorm::new(s, &format!("{name}.norm2"), dim, eps)?,
-            attn2: MultiHeadAttention::new(s, &format!("{name}.attn2"), dim, context_dim, heads, head_dim)?,
+            attn2: MultiHeadAttention::new(
+                s,
+                &format!("{name}.attn2"),
+                AttentionConfig::diffusers(dim, context_dim, heads),
+            )?,
             norm3: LayerNorm::new(s, &format!("{name}.norm3"), dim, eps)?,
             ff: GegluFeedForward::new(s, &format!("{name}.ff"), dim, 4 * dim)?,
         })

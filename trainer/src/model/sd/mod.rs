@@ -8,12 +8,15 @@
 //! `mid` = the input of `controlnet_mid_block` (the LISA authors' naming).
 
 mod blocks;
+mod clip;
 mod config;
 mod controlnet;
 mod folder;
 mod pipeline;
 mod text;
+mod tokenizer;
 mod unet;
+mod vae;
 
 use std::path::Path;
 
@@ -23,12 +26,15 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub use blocks::{SpatialTransformer, TRANSFORMER_GROUP_NORM_EPS, timestep_embedding};
+pub use clip::{ClipTextConfig, ClipTextModel, load_clip};
 pub use config::{ControlNetExtras, DownBlockType, PerBlock, UNetConfig, UpBlockType};
 pub use controlnet::{ConditioningEmbedding, SdControlNet};
 pub use folder::{read_diffusers_weights, read_json_config, save_controlnet};
 pub use pipeline::Pipeline;
 pub use text::PromptTable;
+pub use tokenizer::{ClipTokenizer, Encoded as TokenIds};
 pub use unet::{Encoded, SdUNet};
+pub use vae::{AutoencoderKl, VAE_NORM_EPS, VaeConfig, load_vae, modern_attention_name};
 
 use super::{
     Conditioning, DECODER, DecoderConfig, DualDenoiser, HookLayer, LisaDecoder, MAIN, MainEncoding, ModelSpec, Parts,

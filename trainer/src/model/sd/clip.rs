@@ -1,0 +1,205 @@
+//! transformers' `CLIPTextModel`: the text encoder of SD 1.x/2.x. Token and position
+//! embeddings, pre-norm transformer layers with causal self-attention and a `quick_gelu` or
+//! `gelu` MLP, a final layer norm; its `last_hidden_state` is the UNet's
+//! `encoder_hidden_states`. Frozen: it runs under no-grad, and the token lookup happens on
+//! the host.
+
+use std::path::Path;
+
+use lisa_core::backend::{Backend, DType, Shape, UnaryOp};
+use serde_json::{Map, Value};
+
+use crate::autodiff::Var;
+use crate::error::{Result, TrainError};
+use crate::nn::{AttentionConfig, CLIP_ATTENTION, LayerNorm, Linear, MultiHeadAttention};
+use crate::params::{Bound, Init, ParamId, ParamStore};
+use crate::weights::{bad, io, load_tensors, parse_safetensors};
+
+/// The supported keys of a `CLIPTextConfig`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClipTextConfig {
+    /// Tokens in the vocabulary (49408).
+    pub vocab_size: usize,
+    /// Width (768 for SD 1.x, 1024 for SD 2.x).
+    pub hidden_size: usize,
+    /// MLP width (3072 / 4096).
+    pub intermediate_size: usize,
+    /// Heads (12 / 16).
+    pub num_attention_heads: usize,
+    /// Layers (12 / 23).
+    pub num_hidden_layers: usize,
+    /// Positions (77).
+    pub max_position_embeddings: usize,
+    /// `quick_gelu` (SD 1.x) or `gelu` (SD 2.x).
+    pub hidden_act: UnaryOp,
+    /// ε of every layer norm (1e-5).
+    pub layer_norm_eps: f32,
+}
+
+impl ClipTextConfig {
+    /// From a text encoder's `config.json` (the keys that change the computation; a
+    /// `projection_dim` or the like, which `CLIPTextModel` does not use, is ignored).
+    pub fn from_json(c: &Map<String, Value>) -> Result<Self> {
+        let count = |key: &str, default: u64| -> Result<usize> {
+            match c.get(key) {
+                None | Some(Value::Null) => Ok(default as usize),
+                Some(v) => v.as_u64().filter(|&x| x > 0).map(|x| x as usize).ok_or_else(|| {
+                    TrainError::Config(format!("text_encoder config.json: {key} = {v} is not a positive count"))
+                }),
+            }
+        };
+        let act = match c.get("hidden_act").and_then(Value::as_str).unwrap_or("quick_gelu") {
+            "quick_gelu" => UnaryOp::QuickGelu,
+            "gelu" => UnaryOp::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" => UnaryOp::GeluTanh,
+            other => {
+                return Err(TrainError::Config(format!(
+                    "text_encoder config.json: hidden_act {other:?} is not supported (quick_gelu, gelu, gelu_new)"
+                )));
+            }
+        };
+        let eps = c.get("layer_norm_eps").and_then(Value::as_f64).unwrap_or(1e-5);
+        let config = Self {
+            vocab_size: count("vocab_size", 49408)?,
+            hidden_size: count("hidden_size", 512)?,
+            intermediate_size: count("intermediate_size", 2048)?,
+            num_attention_heads: count("num_attention_heads", 8)?,
+            num_hidden_layers: count("num_hidden_layers", 12)?,
+            max_position_embeddings: count("max_position_embeddings", 77)?,
+            hidden_act: act,
+            layer_norm_eps: eps as f32,
+        };
+        if !config.hidden_size.is_multiple_of(config.num_attention_heads) || !(eps > 0.0) {
+            return Err(TrainError::Config(format!(
+                "text_encoder config.json: {} heads do not divide hidden_size {} (or layer_norm_eps {eps} is not > 0)",
+                config.num_attention_heads, config.hidden_size
+            )));
+        }
+        Ok(config)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    norm1: LayerNorm,
+    attn: MultiHeadAttention,
+    norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+/// The text encoder.
+#[derive(Debug, Clone)]
+pub struct ClipTextModel {
+    config: ClipTextConfig,
+    token_embedding: ParamId,
+    position_embedding: ParamId,
+    layers: Vec<Layer>,
+    final_norm: LayerNorm,
+}
+
+impl ClipTextModel {
+    /// Parameters under `{prefix}text_model.*` with transformers' names.
+    pub fn new<B: Backend>(s: &mut ParamStore<B>, prefix: &str, c: &ClipTextConfig) -> Result<Self> {
+        let base = format!("{prefix}text_model");
+        let (d, eps) = (c.hidden_size, c.layer_norm_eps);
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let l = format!("{base}.encoder.layers.{i}");
+            let attn = AttentionConfig {
+                query_dim: d,
+                context_dim: d,
+                heads: c.num_attention_heads,
+                head_dim: d / c.num_attention_heads,
+                names: CLIP_ATTENTION,
+                causal: true,
+            };
+            layers.push(Layer {
+                norm1: LayerNorm::new(s, &format!("{l}.layer_norm1"), d, eps)?,
+                attn: MultiHeadAttention::new(s, &format!("{l}.self_attn"), attn)?,
+                norm2: LayerNorm::new(s, &format!("{l}.layer_norm2"), d, eps)?,
+                fc1: Linear::new(s, &format!("{l}.mlp.fc1"), d, c.intermediate_size)?,
+                fc2: Linear::new(s, &format!("{l}.mlp.fc2"), c.intermediate_size, d)?,
+            });
+        }
+        let init = Init::LecunNormal { fan_in: d };
+        Ok(Self {
+            token_embedding: s.add(format!("{base}.embeddings.token_embedding.weight"), &[c.vocab_size, d], init)?,
+            position_embedding: s.add(
+                format!("{base}.embeddings.position_embedding.weight"),
+                &[c.max_position_embeddings, d],
+                init,
+            )?,
+            layers,
+            final_norm: LayerNorm::new(s, &format!("{base}.final_layer_norm"), d, eps)?,
+            config: c.clone(),
+        })
+    }
+
+    /// Its settings.
+    pub fn config(&self) -> &ClipTextConfig {
+        &self.config
+    }
+
+    /// `last_hidden_state [n, t, hidden]` of token ids `ids` (`n` rows of `t` ids each, no
+    /// attention mask, as SD's pipelines call it).
+    pub fn forward<B: Backend>(&self, p: &Bound<'_, B>, ids: &[Vec<u32>]) -> Result<Var<B>> {
+        let t = p.tape;
+        let n = ids.len();
+        let len = ids.first().map_or(0, Vec::len);
+        let d = self.config.hidden_size;
+        if n == 0 || len == 0 || len > self.config.max_position_embeddings || ids.iter().any(|r| r.len() != len) {
+            return Err(TrainError::Mismatch(format!(
+                "token ids: {n} rows of {len}: expected rows of equal length 1..={}",
+                self.config.max_position_embeddings
+            )));
+        }
+        // Token + position embeddings, gathered on the host (frozen tables).
+        let table = B::to_vec(&p.p(self.token_embedding).value)?;
+        let positions = B::to_vec(&p.p(self.position_embedding).value)?;
+        let mut x = Vec::with_capacity(n * len * d);
+        for row in ids {
+            for (pos, &id) in row.iter().enumerate() {
+                let id = id as usize;
+                if id >= self.config.vocab_size {
+                    return Err(TrainError::Mismatch(format!(
+                        "token id {id} is outside the vocabulary of {}",
+                        self.config.vocab_size
+                    )));
+                }
+                x.extend(
+                    table[id * d..(id + 1) * d].iter().zip(&positions[pos * d..(pos + 1) * d]).map(|(a, b)| a + b),
+                );
+            }
+        }
+        let device = B::device(&p.p(self.token_embedding).value);
+        let mut h = t.constant(B::from_slice(&x, &Shape::new([n, len, d]), DType::F32, &device)?);
+        for l in &self.layers {
+            let a = l.attn.forward(p, &l.norm1.forward(p, &h)?, None)?;
+            h = t.add(&h, &a)?;
+            let m =
+                l.fc2.forward(p, &t.unary(self.config.hidden_act, &l.fc1.forward(p, &l.norm2.forward(p, &h)?)?)?)?;
+            h = t.add(&h, &m)?;
+        }
+        self.final_norm.forward(p, &h)
+    }
+}
+
+/// Loads a transformers text-encoder folder (`model.safetensors`) into `store` under
+/// `prefix`, all-or-nothing. `text_model.embeddings.position_ids` (a buffer some files hold)
+/// is skipped.
+pub fn load_clip<B: Backend>(store: &mut ParamStore<B>, prefix: &str, dir: &Path) -> Result<usize> {
+    let path = if dir.is_file() { dir.to_path_buf() } else { dir.join("model.safetensors") };
+    if !path.is_file() {
+        return Err(bad(dir, "holds no model.safetensors"));
+    }
+    let bytes = std::fs::read(&path).map_err(io(&path))?;
+    let file = parse_safetensors(&path, &bytes)?;
+    let tensors = file
+        .tensors
+        .into_iter()
+        .filter(|(k, _)| !k.ends_with("position_ids"))
+        .map(|(k, v)| (format!("{prefix}{k}"), v))
+        .collect();
+    load_tensors(store, &path, tensors, |n| n.starts_with(prefix), |_| false)
+}
