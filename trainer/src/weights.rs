@@ -110,11 +110,20 @@ fn sorted_header(mut bytes: Vec<u8>) -> Vec<u8> {
 /// A safetensors file parsed from `bytes` read from `path`: `name → (shape, f32 values)` and
 /// the string metadata.
 pub fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<SafetensorsFile> {
+    parse_safetensors_skipping(path, bytes, |_| false)
+}
+
+/// [`parse_safetensors`], leaving out the tensors `skip` names (integer buffers such as
+/// transformers' `position_ids`, which are no weights).
+pub fn parse_safetensors_skipping(path: &Path, bytes: &[u8], skip: impl Fn(&str) -> bool) -> Result<SafetensorsFile> {
     let (_, meta) =
         SafeTensors::read_metadata(bytes).map_err(|e| bad(path, format!("not a valid safetensors file ({e})")))?;
     let st = SafeTensors::deserialize(bytes).map_err(|e| bad(path, format!("not a valid safetensors file ({e})")))?;
     let mut tensors = BTreeMap::new();
     for (name, view) in st.tensors() {
+        if skip(&name) {
+            continue;
+        }
         // Stored as f32, f16 or bf16 (diffusers' half-precision checkpoints); held as f32.
         let data = view.data();
         let values: Vec<f32> = match view.dtype() {

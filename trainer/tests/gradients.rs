@@ -13,8 +13,8 @@ use lisa_trainer::model::{
     Conditioning, DecoderConfig, DualDenoiser, HookLayer, ModelSpec, Parts, PromptEmbedding, forward_train, registry,
 };
 use lisa_trainer::nn::{
-    ClassEmbedding, Conv2d, Conv2dConfig, GroupNorm, Linear, ResBlock, ResBlockConfig, SelfAttention, TransformerBlock,
-    Upsample,
+    AttentionConfig, CLIP_ATTENTION, ClassEmbedding, Conv2d, Conv2dConfig, GroupNorm, Linear, MultiHeadAttention,
+    ResBlock, ResBlockConfig, SelfAttention, TransformerBlock, Upsample,
 };
 use lisa_trainer::params::{Bound, ParamId, ParamStore};
 
@@ -189,6 +189,25 @@ fn transformer_block_and_broadcast_matmul() {
         &mut s,
         randn(&[2, 5, 8], 12),
         |p, x| block.forward(p, x, &p.tape.constant(ctx.clone())).unwrap(),
+        F32_FINITE_DIFFERENCE,
+    );
+    // Causal multi-head attention with biases (the CLIP layer's), and zero padding.
+    let mut s = store();
+    let causal =
+        AttentionConfig { query_dim: 8, context_dim: 8, heads: 2, head_dim: 4, names: CLIP_ATTENTION, causal: true };
+    let attn = MultiHeadAttention::new(&mut s, "c", causal).unwrap();
+    check(
+        "causal attention",
+        &mut s,
+        randn(&[2, 5, 8], 14),
+        |p, x| attn.forward(p, x, None).unwrap(),
+        F32_FINITE_DIFFERENCE,
+    );
+    check(
+        "pad",
+        &mut store(),
+        randn(&[1, 2, 3, 4], 15),
+        |p, x| p.tape.pad_spatial(x, [0, 1, 2, 1]).unwrap(),
         F32_FINITE_DIFFERENCE,
     );
     // Broadcast matmul: a weight [k, n] against a batch [2, 3, m, k]; its gradient sums

@@ -96,6 +96,25 @@ pub fn narrow_and_concat<B: Backend>() {
     assert!(matches!(B::narrow(&x.dev, 2, 6, 3), Err(Error::InvalidArgument { .. })), "range past the end");
     let y = h.randn(&[2, 4, 8], F32);
     assert!(B::concat(&[&x.dev, &y.dev], 2).is_err(), "concat of unequal other dims");
+    // Zero padding of the last two dims (the VAE's asymmetric (0, 1, 0, 1)), against a host
+    // computation, and cropped back.
+    let img = h.randn(&[2, 3, 4, 5], F32);
+    for pad in [[0usize, 1, 0, 1], [2, 0, 1, 3], [0, 0, 0, 0]] {
+        let got = ok("pad", B::pad_spatial(&img.dev, pad));
+        let (hh, ww) = (4 + pad[0] + pad[1], 5 + pad[2] + pad[3]);
+        let mut want = vec![0.0f32; 6 * hh * ww];
+        for plane in 0..6 {
+            for i in 0..4 {
+                for j in 0..5 {
+                    want[plane * hh * ww + (i + pad[0]) * ww + j + pad[2]] = img.host[plane * 20 + i * 5 + j];
+                }
+            }
+        }
+        assert_values(&format!("pad {pad:?}"), &ok("pad", B::to_vec(&got)), &want, backend_vs_reference(F32));
+        let cropped = B::narrow(&ok("crop", B::narrow(&got, 2, pad[0], 4)), 3, pad[2], 5);
+        assert_matches::<B>(&format!("pad {pad:?} cropped back"), &cropped, &Ok(img.reference.clone()));
+    }
+    assert!(B::pad_spatial(&h.randn(&[3], F32).dev, [1, 1, 1, 1]).is_err(), "padding a rank-1 tensor");
 }
 
 /// Matmul with broadcast leading dims, against the reference and a host loop.

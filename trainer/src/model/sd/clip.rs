@@ -13,7 +13,7 @@ use crate::autodiff::Var;
 use crate::error::{Result, TrainError};
 use crate::nn::{AttentionConfig, CLIP_ATTENTION, LayerNorm, Linear, MultiHeadAttention};
 use crate::params::{Bound, Init, ParamId, ParamStore};
-use crate::weights::{bad, io, load_tensors, parse_safetensors};
+use crate::weights::{bad, io, load_tensors, parse_safetensors_skipping};
 
 /// The supported keys of a `CLIPTextConfig`.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,7 +69,7 @@ impl ClipTextConfig {
             hidden_act: act,
             layer_norm_eps: eps as f32,
         };
-        if !config.hidden_size.is_multiple_of(config.num_attention_heads) || !(eps > 0.0) {
+        if !config.hidden_size.is_multiple_of(config.num_attention_heads) || eps.is_nan() || eps <= 0.0 {
             return Err(TrainError::Config(format!(
                 "text_encoder config.json: {} heads do not divide hidden_size {} (or layer_norm_eps {eps} is not > 0)",
                 config.num_attention_heads, config.hidden_size
@@ -186,20 +186,23 @@ impl ClipTextModel {
 }
 
 /// Loads a transformers text-encoder folder (`model.safetensors`) into `store` under
-/// `prefix`, all-or-nothing. `text_model.embeddings.position_ids` (a buffer some files hold)
-/// is skipped.
+/// `prefix`, all-or-nothing. Names with or without the `text_model.` prefix (transformers 5
+/// writes them without, the SD repositories hold them with) are accepted; the
+/// `position_ids` buffer some files hold is skipped.
 pub fn load_clip<B: Backend>(store: &mut ParamStore<B>, prefix: &str, dir: &Path) -> Result<usize> {
     let path = if dir.is_file() { dir.to_path_buf() } else { dir.join("model.safetensors") };
     if !path.is_file() {
         return Err(bad(dir, "holds no model.safetensors"));
     }
     let bytes = std::fs::read(&path).map_err(io(&path))?;
-    let file = parse_safetensors(&path, &bytes)?;
+    let file = parse_safetensors_skipping(&path, &bytes, |k| k.ends_with("embeddings.position_ids"))?;
     let tensors = file
         .tensors
         .into_iter()
-        .filter(|(k, _)| !k.ends_with("position_ids"))
-        .map(|(k, v)| (format!("{prefix}{k}"), v))
+        .map(|(k, v)| {
+            let k = if k.starts_with("text_model.") { k } else { format!("text_model.{k}") };
+            (format!("{prefix}{k}"), v)
+        })
         .collect();
     load_tensors(store, &path, tensors, |n| n.starts_with(prefix), |_| false)
 }

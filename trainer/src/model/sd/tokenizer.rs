@@ -95,12 +95,31 @@ impl ClipTokenizer {
                 .unwrap_or_else(|| default.to_string())
         };
         let (bos_s, eos_s, pad_s) = (special("bos_token", BOS), special("eos_token", EOS), special("pad_token", EOS));
-        // Special tokens are matched whole in the text, as transformers does.
-        inner.add_special_tokens(&[
-            AddedToken::from(bos_s.clone(), true),
-            AddedToken::from(eos_s.clone(), true),
-            AddedToken::from(pad_s.clone(), true),
-        ]);
+        if !json.is_file() {
+            // Special tokens are matched whole in the text, as transformers does: against the
+            // normalised (lower-cased) text when every declaration of the token says
+            // `"normalized": true`, else exactly.
+            let declarations: Vec<(String, bool)> = ["bos_token", "eos_token", "pad_token", "unk_token"]
+                .iter()
+                .flat_map(|k| [specials.get(*k), config.get(*k)])
+                .flatten()
+                .filter_map(|v| {
+                    let content = token_field(Some(v))?;
+                    let normalized = v.get("normalized").and_then(Value::as_bool).unwrap_or(false);
+                    Some((content, normalized))
+                })
+                .collect();
+            let mut tokens: Vec<AddedToken> = Vec::new();
+            for content in [&bos_s, &eos_s, &pad_s] {
+                if tokens.iter().any(|t| &t.content == content) {
+                    continue;
+                }
+                let mut flags = declarations.iter().filter(|(c, _)| c == content).map(|(_, n)| *n);
+                let normalized = flags.next().is_some_and(|first| first && flags.all(|n| n));
+                tokens.push(AddedToken::from(content.clone(), true).normalized(normalized));
+            }
+            inner.add_special_tokens(&tokens);
+        }
         let id = |t: &str| inner.token_to_id(t).ok_or_else(|| bad(dir, format!("the vocabulary has no token {t:?}")));
         let (bos, eos, pad) = (id(&bos_s)?, id(&eos_s)?, id(&pad_s)?);
         let max_length =
@@ -129,7 +148,7 @@ impl ClipTokenizer {
             .map_err(tk_err(dir))?;
         t.with_pre_tokenizer(Some(PreSeq::new(vec![
             PreTokenizerWrapper::Split(split),
-            PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, false)),
+            PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
         ])));
         Ok(t)
     }
