@@ -50,12 +50,28 @@ pub struct DataConfig {
     pub seed: u64,
     /// A Fill50K-format folder (source/, target/, prompt.json) to train on instead.
     pub dir: Option<PathBuf>,
+    /// Precomputed latents of its targets (latent-space models; default
+    /// `latents.safetensors` in the folder).
+    pub latents: Option<PathBuf>,
 }
 
 impl Default for DataConfig {
     fn default() -> Self {
-        Self { len: 50_000, seed: 0, dir: None }
+        Self { len: 50_000, seed: 0, dir: None, latents: None }
     }
+}
+
+/// Where the inputs of latent-space training come from.
+#[derive(Debug, Clone)]
+pub struct SdInputs {
+    /// The prompts' text embeddings.
+    pub embeddings: PathBuf,
+    /// The targets' latents.
+    pub latents: PathBuf,
+    /// The latent side, when not the UNet's `sample_size`.
+    pub latent_size: Option<usize>,
+    /// Whether the flags or the run file chose the LISA hook.
+    pub hook_given: bool,
 }
 
 /// The fixed validation set: examples and sampling seeds never used for training.
@@ -146,22 +162,20 @@ impl RunFile {
 
     /// Takes the model and the noise process from a diffusers pipeline folder (the sd
     /// architecture): the UNet's config, the scheduler's betas and prediction type, the
-    /// ControlNet's config when one is given, the prompts' text embeddings. Without a hook
-    /// from the flags or the run file, the decoder reads `down_5`, as the LISA authors'.
-    /// Returns the UNet's folder.
+    /// ControlNet's config when one is given, the prompts' text embeddings, the latents of
+    /// the data (`inputs`), the latent side. Without a hook from the flags or the run file,
+    /// the decoder reads `down_5`, as the LISA authors'.
     pub fn use_diffusers(
         &mut self,
-        dir: &Path,
+        pipeline: &sd::Pipeline,
         controlnet: Option<&Path>,
-        text_embeddings: Option<PathBuf>,
-        hook_given: bool,
-    ) -> Result<PathBuf> {
+        inputs: SdInputs,
+    ) -> Result<()> {
         if self.model_given {
             bail!(
                 "the run file describes a [model]; with --pretrained-model-name-or-path the model comes from the folder"
             );
         }
-        let pipeline = sd::Pipeline::open(dir)?;
         let controlnet = match controlnet {
             Some(c) => Some(sd::read_json_config(c).context("--controlnet-model-name-or-path")?),
             None => None,
@@ -171,15 +185,17 @@ impl RunFile {
             controlnet,
             conditioning_scale: 1.0,
             prediction: pipeline.prediction,
-            text_embeddings,
+            text_embeddings: Some(inputs.embeddings),
+            latent_size: inputs.latent_size,
         };
-        if !hook_given {
+        if !inputs.hook_given {
             self.model.decoder.hook = "down_5".parse()?;
         }
         self.model = spec.to_spec(&self.model.decoder);
-        registry::validate(&self.model).with_context(|| format!("the diffusers folder {}", dir.display()))?;
+        registry::validate(&self.model).with_context(|| format!("the diffusers folder {}", pipeline.root.display()))?;
         self.train.noise = pipeline.noise;
-        Ok(pipeline.unet_dir())
+        self.data.latents = Some(inputs.latents);
+        Ok(())
     }
 
     /// The training set for `model`: the `data.dir` folder when set (every prompt read by the
@@ -192,7 +208,12 @@ impl RunFile {
             }
             return Ok(Box::new(FillCircles { resolution, len: self.data.len, seed: self.data.seed }));
         };
-        let layout = Layout { image: model.sample_shape(), hint: model.hint_shape(), latents: model.latent_space() };
+        let latents = match (&self.data.latents, model.latent_space()) {
+            (_, false) => None,
+            (Some(file), true) => Some(file.clone()),
+            (None, true) => Some(dir.join(crate::fill50k::LATENTS_FILE)),
+        };
+        let layout = Layout { image: model.sample_shape(), hint: model.hint_shape(), latents };
         let set = Fill50k::open(dir, layout)?;
         decode_all(&set)?;
         let prompts: Vec<&str> = set.prompts().collect();

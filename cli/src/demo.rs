@@ -75,6 +75,7 @@ pub fn run<B: Backend>(a: DemoArgs, device: B::Device) -> Result<()> {
         let mut arm_file = file.clone();
         arm_file.train.mode = *mode;
         let options = LoopOptions {
+            latent_validation: None,
             output_dir: &dir,
             validation_steps: a.validation_steps,
             validate_at_start: true,

@@ -34,8 +34,8 @@ pub struct Layout {
     /// `[channels, side, side]` of the condition image (1 channel: grey, max-pooled; 3: RGB,
     /// smooth).
     pub hint: [usize; 3],
-    /// Targets come from `latents.safetensors` (latent-space models), not from the PNGs.
-    pub latents: bool,
+    /// Targets come from this latents file (latent-space models), not from the PNGs.
+    pub latents: Option<PathBuf>,
 }
 
 /// The name of the precomputed latents file in a dataset folder.
@@ -80,7 +80,7 @@ impl Fill50k {
             };
             let target_name = field("target")?;
             let (source, target, prompt) = (root.join(field("source")?), root.join(&target_name), field("prompt")?);
-            let needed: &[&PathBuf] = if layout.latents { &[&source] } else { &[&source, &target] };
+            let needed: &[&PathBuf] = if layout.latents.is_some() { &[&source] } else { &[&source, &target] };
             for p in needed {
                 if !p.is_file() {
                     return Err(at(format!("{} does not exist", p.display())));
@@ -95,8 +95,8 @@ impl Fill50k {
         // The list's content, not the folder's path: the same data moved or named by a relative
         // path is the same data.
         let mut fingerprint = format!("fill50k prompt.json sha256 {digest}");
-        let latents = if layout.latents {
-            let path = root.join(LATENTS_FILE);
+        let latents = if let Some(path) = &layout.latents {
+            let path = path.clone();
             let bytes = std::fs::read(&path).map_err(|source| TrainError::Io { path: path.clone(), source })?;
             let file = lisa_trainer::weights::parse_safetensors(&path, &bytes)?;
             fingerprint.push_str(&format!(", {LATENTS_FILE} sha256 {}", lisa_trainer::weights::digest(&bytes)));
@@ -135,6 +135,11 @@ impl Fill50k {
         self.entries.get(i).map_or(0, |e| e.line)
     }
 
+    /// `(target field, target path, line)` of every example, in file order.
+    pub fn targets(&self) -> impl Iterator<Item = (&str, &Path, usize)> {
+        self.entries.iter().map(|e| (e.target_name.as_str(), e.target.as_path(), e.line))
+    }
+
     /// Every prompt, in file order.
     pub fn prompts(&self) -> impl Iterator<Item = &str> {
         self.entries.iter().map(|e| e.prompt.as_str())
@@ -167,10 +172,10 @@ impl Dataset for Fill50k {
                 .collect(),
         };
         // Grey outlines are max-pooled (a 1-px ring survives downscaling); RGB conditions
-        // are resized smoothly, as diffusers does.
+        // are resized and centre-cropped, as diffusers' training scripts do.
         let hint = match self.layout.hint[0] {
             1 => read(&e.source, self.layout.hint[1], true, Resample::Max)?,
-            _ => read(&e.source, self.layout.hint[1], false, Resample::Smooth)?,
+            _ => read(&e.source, self.layout.hint[1], false, Resample::CenterCrop)?,
         };
         Ok(Example { image, hint, prompt: e.prompt.clone() })
     }

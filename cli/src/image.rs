@@ -65,6 +65,9 @@ pub enum Resample {
     Smooth,
     /// The maximum of the source pixels under each output pixel: thin outlines.
     Max,
+    /// The shorter side resized (smoothly) to `side`, then the centre `side × side` cut out:
+    /// diffusers' `Resize(side)` + `CenterCrop(side)` of its training scripts (aspect kept).
+    CenterCrop,
 }
 
 /// Reads an image file (any format and mode the `image` crate decodes) as planar f32 in
@@ -98,15 +101,33 @@ pub fn read_image(path: &Path, side: usize, grey: bool, resample: Resample) -> R
         let small = match resample {
             Resample::Smooth => imageops::resize(&luma, s, s, FilterType::Triangle),
             Resample::Max => max_pool(&luma, side),
+            Resample::CenterCrop => center_crop(&luma, side),
         };
         small.pixels().map(|p| p.0[0] as f32 / 255.0).collect()
     } else {
         let rgb = match resample {
             Resample::Smooth => imageops::resize(&img.to_rgb8(), s, s, FilterType::Triangle),
+            Resample::CenterCrop => center_crop(&img.to_rgb8(), side),
             Resample::Max => return Err(anyhow::anyhow!("max pooling applies to grey condition images")),
         };
         (0..3).flat_map(|c| rgb.pixels().map(move |p| p.0[c] as f32 / 255.0)).collect()
     })
+}
+
+/// The shorter side resized to `side` (the longer to `⌊side·long/short⌋`), then the centre
+/// square (offsets rounded as torchvision's `CenterCrop`).
+fn center_crop<P: image::Pixel<Subpixel = u8> + 'static>(
+    img: &image::ImageBuffer<P, Vec<u8>>,
+    side: usize,
+) -> image::ImageBuffer<P, Vec<u8>> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let (short, long) = (w.min(h).max(1), w.max(h));
+    let scaled_long = (side * long / short).max(side);
+    let (nw, nh) = if w <= h { (side, scaled_long) } else { (scaled_long, side) };
+    let resized = imageops::resize(img, nw as u32, nh as u32, FilterType::Triangle);
+    let left = ((nw - side) as f64 / 2.0).round() as u32;
+    let top = ((nh - side) as f64 / 2.0).round() as u32;
+    imageops::crop_imm(&resized, left, top, side as u32, side as u32).to_image()
 }
 
 /// Downscales by the maximum over each output pixel's source span `[x·w/side, (x+1)·w/side)`

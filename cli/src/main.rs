@@ -15,6 +15,8 @@ mod pretrain;
 mod progress;
 mod run_dir;
 mod sample;
+mod sd_cache;
+mod sd_validation;
 mod train;
 
 use std::process::ExitCode;

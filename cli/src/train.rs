@@ -13,11 +13,14 @@ use lisa_trainer::model::{DualDenoiser, Parts, registry};
 use lisa_trainer::train::{Mode, Trainer};
 use lisa_trainer::weights::write_atomic;
 
-use crate::config::{RunFile, check_memory};
+use crate::config::{RunFile, SdInputs, check_memory};
 use crate::eval::validate;
 use crate::image::save_png;
 use crate::progress::Progress;
 use crate::run_dir::{CheckpointArgs, RunDir};
+use crate::sd_cache;
+use crate::sd_validation::{LatentValidation, read_conditions, validate_latent, validation_pairs};
+use lisa_trainer::model::sd::{Pipeline, UNetConfig, Vae, VaeConfig, read_json_config};
 
 /// Flags of `lisa train` (names as in diffusers' `train_controlnet.py`; they override the
 /// run file).
@@ -36,10 +39,24 @@ pub struct TrainArgs {
     /// A diffusers ControlNet folder to start from (default: a copy of the UNet's encoder).
     #[arg(long, requires = "pretrained_model_name_or_path")]
     controlnet_model_name_or_path: Option<PathBuf>,
-    /// The prompts' precomputed text embeddings (one `[tokens, dim]` tensor per prompt,
-    /// named by it; `""` the null prompt). Default: prompt_embeds.safetensors in the data folder.
+    /// Training resolution in pixels (images resized and centre-cropped to it; default: the
+    /// UNet's sample_size × the VAE's downscale).
     #[arg(long, requires = "pretrained_model_name_or_path")]
-    text_embeddings: Option<PathBuf>,
+    resolution: Option<usize>,
+    /// Where the latents and text embeddings are cached (computed once per dataset with the
+    /// pipeline's VAE and text encoder; default: OUTPUT_DIR/cache).
+    #[arg(long, requires = "pretrained_model_name_or_path")]
+    cache_dir: Option<PathBuf>,
+    /// A condition image to validate with (repeatable; one --validation-prompt each, or one
+    /// for all).
+    #[arg(long, requires = "pretrained_model_name_or_path")]
+    validation_image: Vec<PathBuf>,
+    /// The prompt of each --validation-image.
+    #[arg(long, requires = "validation_image")]
+    validation_prompt: Vec<String>,
+    /// The share of training prompts replaced by the empty prompt (classifier-free guidance).
+    #[arg(long)]
+    proportion_empty_prompts: Option<f32>,
     /// Train with the LISA term (the default).
     #[arg(long, conflicts_with = "baseline")]
     lisa: bool,
@@ -130,6 +147,12 @@ fn apply(a: &TrainArgs, file: &mut RunFile) -> Result<()> {
             _ => bail!("--distance {d:?}: mse | cosine"),
         };
     }
+    if let Some(p) = a.proportion_empty_prompts {
+        if !(0.0..=1.0).contains(&p) {
+            bail!("--proportion-empty-prompts must lie in [0, 1], got {p}");
+        }
+        t.proportion_empty_prompts = p;
+    }
     if let Some(s) = &a.lr_scheduler {
         t.optim.schedule = s.parse().context("--lr-scheduler")?;
     }
@@ -162,6 +185,8 @@ pub struct LoopOptions<'a> {
     pub checkpoints: CheckpointArgs,
     /// Name shown on the progress bar.
     pub label: &'a str,
+    /// Validation of a latent-space model (condition images, prompts, the VAE that decodes).
+    pub latent_validation: Option<LatentValidation>,
 }
 
 /// What a run measured.
@@ -213,11 +238,22 @@ pub fn train_arm<B: Backend>(file: &RunFile, start: Start, device: B::Device, o:
     if let Some(side) = start.side {
         model.load_side(side).with_context(|| format!("loading the side network {}", side.display()))?;
     }
-    // Pixel-space models validate by sampling; latent-space ones would need their VAE.
+    // Pixel-space models validate by sampling and measuring; latent-space ones by sampling
+    // the given pairs and decoding with their VAE (or not at all when none are given).
     let validates = !model.latent_space();
-    if !validates {
-        eprintln!("note: no validation images for a latent-space model yet (they need the VAE); losses are logged");
-    }
+    let latent = match (&o.latent_validation, model.latent_space()) {
+        (Some(v), true) => {
+            let conditions = read_conditions(model.as_ref(), v)?;
+            let vae = Vae::<B>::open(&v.vae, model.store().device().clone())
+                .with_context(|| format!("loading the VAE {}", v.vae.display()))?;
+            Some((v, conditions, vae))
+        }
+        (None, true) => {
+            eprintln!("note: no --validation-image given: no validation images; losses are logged");
+            None
+        }
+        _ => None,
+    };
     file.check_sampling(model.as_ref())?;
     check_memory(model.as_ref(), file.train.batch_size)?;
     let data = file.open_training_set(model.as_ref())?;
@@ -288,7 +324,13 @@ pub fn train_arm<B: Backend>(file: &RunFile, start: Start, device: B::Device, o:
         let its = (s.step - first) as f64 / report.train_seconds;
         let last = s.step == t.max_train_steps;
         let mut iou = None;
-        if validates && ((o.validation_steps > 0 && s.step % o.validation_steps == 0) || last) {
+        let due = (o.validation_steps > 0 && s.step % o.validation_steps == 0) || last;
+        if let (Some((v, conditions, vae)), true) = (&latent, due) {
+            let grid =
+                validate_latent(trainer.model.as_ref(), &t.noise, v, conditions, vae, &file.validation.sampling)?;
+            save_png(&grid, &out.join(format!("validation-{:06}.png", s.step)))?;
+        }
+        if validates && due {
             let v = validate_now(&trainer, s.step, &mut report)?;
             progress.validation(s.step, v);
             iou = Some(v);
@@ -359,18 +401,38 @@ pub fn run<B: Backend>(a: TrainArgs, device: B::Device) -> Result<()> {
     let mut file = RunFile::load(a.config.as_deref())?;
     let hook_given = a.hook.is_some() || file.decoder_given;
     apply(&a, &mut file)?;
+    let mut latent_validation = None;
     let (main, side) = match (&a.main, &a.pretrained_model_name_or_path) {
         (Some(main), _) => {
             file.resolve_model(main)?;
             (main.clone(), None)
         }
         (None, Some(dir)) => {
-            let text = a
-                .text_embeddings
-                .clone()
-                .or_else(|| file.data.dir.as_ref().map(|d| d.join("prompt_embeds.safetensors")));
-            let unet = file.use_diffusers(dir, a.controlnet_model_name_or_path.as_deref(), text, hook_given)?;
-            (unet, a.controlnet_model_name_or_path.clone())
+            let pipeline = Pipeline::open(dir)?;
+            let data = file.data.dir.clone().context("--pretrained-model-name-or-path needs --train-data-dir")?;
+            let vae_factor = match read_json_config(&dir.join("vae")) {
+                Ok(c) => VaeConfig::from_json(&c)?.downscale(),
+                Err(_) => 8,
+            };
+            let sample_size = UNetConfig::from_unet_json(&pipeline.unet)?.sample_size;
+            let resolution = a.resolution.unwrap_or(sample_size * vae_factor);
+            if resolution == 0 || !resolution.is_multiple_of(vae_factor) {
+                bail!("--resolution {resolution} must be a positive multiple of the VAE's downscale {vae_factor}");
+            }
+            let (images, prompts) = validation_pairs(&a.validation_image, &a.validation_prompt)?;
+            let cache_dir = a.cache_dir.clone().unwrap_or_else(|| a.output_dir.join("cache"));
+            let cache = sd_cache::prepare::<B>(&pipeline, &data, &cache_dir, resolution, &prompts, device.clone())?;
+            let inputs = SdInputs {
+                embeddings: cache.embeddings,
+                latents: cache.latents,
+                latent_size: a.resolution.map(|r| r / vae_factor),
+                hook_given,
+            };
+            file.use_diffusers(&pipeline, a.controlnet_model_name_or_path.as_deref(), inputs)?;
+            if !images.is_empty() {
+                latent_validation = Some(LatentValidation { images, prompts, vae: dir.join("vae") });
+            }
+            (pipeline.unet_dir(), a.controlnet_model_name_or_path.clone())
         }
         (None, None) => bail!("give --main (a lisa prior) or --pretrained-model-name-or-path (a diffusers folder)"),
     };
@@ -378,6 +440,7 @@ pub fn run<B: Backend>(a: TrainArgs, device: B::Device) -> Result<()> {
         output_dir: &a.output_dir,
         validation_steps: a.validation_steps,
         validate_at_start: false,
+        latent_validation,
         checkpoints: a.checkpoints.clone(),
         label: if file.train.mode == Mode::Lisa { "lisa" } else { "baseline" },
     };

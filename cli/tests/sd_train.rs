@@ -188,30 +188,146 @@ fn bad_pipelines_and_data_are_named_before_training() {
     );
 }
 
-/// The README's `lisa train` command for SD, as written, on the tiny pipeline (folders and
-/// step count swapped for tiny ones, nothing else).
+/// The README's `lisa train` command for SD, as written, on the tiny full pipeline (folders
+/// and step count swapped for tiny ones, nothing else).
 #[test]
 fn the_readme_sd_command_runs_as_written() {
     let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
     let section = readme.split("## Stable Diffusion ControlNets").nth(1).expect("the README's SD section");
     let block = section.split("```").nth(1).expect("its command block").replace("\\\n", " ");
     let line = block.lines().find(|l| l.contains("lisa -- train")).expect("the lisa train line");
-    let args: Vec<&str> = line.split("--bin lisa --").nth(1).unwrap().split_whitespace().collect();
+    let args = line.split("--bin lisa --").nth(1).unwrap();
+    // Words, honouring double quotes.
+    let (mut words, mut word, mut quoted) = (Vec::new(), String::new(), false);
+    for c in args.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ' ' if !quoted => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            _ => word.push(c),
+        }
+    }
+    words.push(word);
     let dir = workdir("readme");
-    let (pipe, data) = (pipeline(&dir), data(&dir));
+    let (pipe, data) = (full_pipeline(&dir), images_only(&dir));
     let out = dir.join("runs/sd");
-    let args: Vec<String> = args
+    let args: Vec<String> = words
         .iter()
-        .map(|a| match *a {
+        .filter(|w| !w.is_empty())
+        .map(|w| match w.as_str() {
             "PIPELINE" => s(&pipe).to_string(),
-            "DATA" => s(&data).to_string(),
             "runs/sd" => s(&out).to_string(),
             "10000" => "2".to_string(),
-            other => other.to_string(),
+            other => other.replacen("DATA", s(&data), 1),
         })
         .collect();
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     ok(&lisa(&refs));
     assert!(out.join("controlnet/diffusion_pytorch_model.safetensors").is_file());
+    assert!(out.join("validation-000002.png").is_file());
     assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 2);
+}
+
+/// A complete tiny SD pipeline that lisa writes itself (random UNet weights; the VAE, text
+/// encoder and tokenizer of the golden files, whose width the UNet's cross-attention takes).
+fn full_pipeline(dir: &Path) -> PathBuf {
+    use lisa_trainer::model::sd::{SdUNet, UNetConfig, read_json_config};
+    use lisa_trainer::params::ParamStore;
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../trainer/tests/fixtures");
+    let p = dir.join("full-pipeline");
+    for part in ["unet", "scheduler", "vae", "text_encoder", "tokenizer"] {
+        std::fs::create_dir_all(p.join(part)).unwrap();
+    }
+    let mut unet = read_json_config(&fixtures.join("sd/sd15/unet")).unwrap();
+    unet.insert("cross_attention_dim".into(), serde_json::json!(32));
+    let config = UNetConfig::from_unet_json(&unet).unwrap();
+    let mut store = lisa_trainer::params::ParamStore::<C>::new(CpuDevice, 11);
+    SdUNet::new(&mut store, "", &config).unwrap();
+    let store: &ParamStore<C> = &store;
+    let tensors: Vec<(String, &lisa_cpu::CpuTensor)> = store.iter().map(|(_, q)| (q.name.clone(), &q.value)).collect();
+    std::fs::write(
+        p.join("unet/diffusion_pytorch_model.safetensors"),
+        to_safetensors::<C>(&tensors, Default::default()).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(p.join("unet/config.json"), serde_json::to_string_pretty(&unet).unwrap()).unwrap();
+    std::fs::write(p.join("scheduler/scheduler_config.json"), SCHEDULER).unwrap();
+    let copy = |from: &Path, to: &Path| {
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap().path();
+            if e.is_file() {
+                std::fs::copy(&e, to.join(e.file_name().unwrap())).unwrap();
+            }
+        }
+    };
+    copy(&fixtures.join("vae"), &p.join("vae"));
+    std::fs::remove_file(p.join("vae/io.safetensors")).unwrap();
+    copy(&fixtures.join("clip/text_encoder"), &p.join("text_encoder"));
+    copy(&fixtures.join("clip/tokenizer"), &p.join("tokenizer"));
+    p
+}
+
+/// Fill50K images only: `lisa` computes the latents and text embeddings itself.
+fn images_only(dir: &Path) -> PathBuf {
+    let d = data(dir);
+    std::fs::remove_file(d.join("latents.safetensors")).unwrap();
+    std::fs::remove_file(d.join("prompt_embeds.safetensors")).unwrap();
+    d
+}
+
+#[test]
+fn end_to_end_from_a_full_pipeline_with_cached_encoders_validation_and_resume() {
+    let dir = workdir("full");
+    let (pipe, data) = (full_pipeline(&dir), images_only(&dir));
+    let out = dir.join("out");
+    let cond = data.join("source/0.png");
+    let extra = ["--validation-image", s(&cond), "--validation-prompt", "a red circle", "--validation-steps", "2"];
+    let err = ok(&train(&pipe, &data, &out, &extra));
+    assert!(err.contains("cached 3 latents"), "{err}");
+    for f in [
+        "cache/latents.safetensors",
+        "cache/prompt_embeds.safetensors",
+        "validation-000002.png",
+        "controlnet/config.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f}:\n{err}");
+    }
+    let grid = image::open(out.join("validation-000002.png")).unwrap();
+    assert_eq!((grid.width(), grid.height()), (2 * 66, 66), "one condition | sample row of 64 px");
+    // The cache is reused by a resumed run (same data, resolution, encoders), and the resumed
+    // step 2 is the uninterrupted one.
+    let weights = std::fs::read(out.join("controlnet/diffusion_pytorch_model.safetensors")).unwrap();
+    let ckpt = out.join("checkpoint-1");
+    let err = ok(&train(&pipe, &data, &out, &[&extra[..], &["--resume-from-checkpoint", s(&ckpt)]].concat()));
+    assert!(err.contains("using the cached latents"), "{err}");
+    assert!(weights == std::fs::read(out.join("controlnet/diffusion_pytorch_model.safetensors")).unwrap());
+    // Another resolution: new latents (16×16), cropped conditions at 128 px.
+    let out2 = dir.join("out-128");
+    let err = ok(&train(
+        &pipe,
+        &data,
+        &out2,
+        &["--resolution", "128", "--max-train-steps", "1", "--proportion-empty-prompts", "0.5"],
+    ));
+    assert!(err.contains("(4×16×16)"), "{err}");
+    // A user file where the cache would go is refused, not overwritten.
+    let out3 = dir.join("out-user-file");
+    std::fs::create_dir_all(out3.join("cache")).unwrap();
+    std::fs::write(out3.join("cache/latents.safetensors"), b"mine").unwrap();
+    fails_with(&train(&pipe, &data, &out3, &[]), "latents.safetensors");
+    assert_eq!(std::fs::read(out3.join("cache/latents.safetensors")).unwrap(), b"mine");
+    // Missing encoders, a bad validation image, an out-of-range proportion.
+    std::fs::rename(pipe.join("text_encoder"), dir.join("te")).unwrap();
+    fails_with(&train(&pipe, &data, &dir.join("out4"), &[]), "has no text_encoder/");
+    std::fs::rename(dir.join("te"), pipe.join("text_encoder")).unwrap();
+    std::fs::write(dir.join("bad.png"), b"not a png").unwrap();
+    let bad = dir.join("bad.png");
+    fails_with(
+        &train(&pipe, &data, &dir.join("out5"), &["--validation-image", s(&bad), "--validation-prompt", "x"]),
+        "bad.png",
+    );
+    fails_with(&train(&pipe, &data, &dir.join("out6"), &["--proportion-empty-prompts", "1.5"]), "proportion");
 }

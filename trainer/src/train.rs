@@ -52,6 +52,9 @@ pub struct TrainConfig {
     /// Apply the LISA term to only the first N samples of each micro-batch (None: all, as
     /// in the paper). Cuts the prior pass and decoder cost by N/batch.
     pub lisa_subbatch: Option<usize>,
+    /// The share of prompts replaced by the null prompt `""` during training (diffusers'
+    /// `--proportion_empty_prompts`; 0).
+    pub proportion_empty_prompts: f32,
 }
 
 impl Default for TrainConfig {
@@ -67,6 +70,7 @@ impl Default for TrainConfig {
             noise: NoiseConfig::default(),
             ema_decay: None,
             lisa_subbatch: None,
+            proportion_empty_prompts: 0.0,
         }
     }
 }
@@ -76,6 +80,12 @@ impl TrainConfig {
     pub fn validate(&self, prediction: Prediction) -> Result<()> {
         if self.lisa_subbatch == Some(0) {
             return Err(TrainError::Config("lisa_subbatch must be >= 1 (or unset)".into()));
+        }
+        if !(0.0..=1.0).contains(&self.proportion_empty_prompts) {
+            return Err(TrainError::Config(format!(
+                "proportion_empty_prompts must lie in [0, 1], got {}",
+                self.proportion_empty_prompts
+            )));
         }
         if !(1..=MAX_BATCH).contains(&self.batch_size) || !(1..=MAX_BATCH).contains(&self.gradient_accumulation_steps) {
             return Err(TrainError::Config(format!(
@@ -182,7 +192,7 @@ impl<B: Backend> Trainer<B> {
         let model = self.model.as_ref();
         let [c, h, w] = model.sample_shape();
         let NoisedBatch { x_t, y, hint, levels, cond } =
-            noise_batch::<B>(&mut self.run, &self.noise, model, true, examples, 0.0)?;
+            noise_batch::<B>(&mut self.run, &self.noise, model, true, examples, self.config.proportion_empty_prompts)?;
         let hint = hint.ok_or(TrainError::Autodiff("noise_batch returns the hints it was asked for"))?;
         let lisa_on = self.config.mode == Mode::Lisa;
         let tape = Tape::<B>::new();

@@ -87,6 +87,36 @@ pub fn to_safetensors<B: Backend>(
     Ok(sorted_header(bytes))
 }
 
+/// Serialises host `f32` tensors `(name, shape, values)` to safetensors bytes, as
+/// [`to_safetensors`] does for device tensors (finite values only, sorted header).
+pub fn host_to_safetensors(tensors: &[(String, Shape, &[f32])], metadata: BTreeMap<String, String>) -> Result<Vec<u8>> {
+    let host: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(name, shape, values)| {
+            if values.iter().any(|v| !v.is_finite()) {
+                return Err(TrainError::NonFiniteTensor { tensor: name.clone() });
+            }
+            if shape.num_elements()? != values.len() {
+                return Err(TrainError::Serialize(format!("tensor {name}: {} values for {shape}", values.len())));
+            }
+            Ok((name.clone(), shape.dims().to_vec(), values.iter().flat_map(|v| v.to_le_bytes()).collect()))
+        })
+        .collect::<Result<_>>()?;
+    let views = host
+        .iter()
+        .map(|(n, s, b)| {
+            Ok((
+                n.as_str(),
+                TensorView::new(Dtype::F32, s.clone(), b).map_err(|e| TrainError::Serialize(e.to_string()))?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let metadata: HashMap<String, String> = metadata.into_iter().collect();
+    let bytes = safetensors::tensor::serialize(views, Some(metadata))
+        .map_err(|e| TrainError::Serialize(format!("safetensors: {e}")))?;
+    Ok(sorted_header(bytes))
+}
+
 /// The same file with its JSON header's keys in sorted order (same length: only the order of
 /// the `__metadata__` entries, which come from a hash map, can differ).
 fn sorted_header(mut bytes: Vec<u8>) -> Vec<u8> {

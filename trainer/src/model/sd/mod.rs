@@ -11,6 +11,7 @@ mod blocks;
 mod clip;
 mod config;
 mod controlnet;
+mod encoders;
 mod folder;
 mod pipeline;
 mod text;
@@ -29,6 +30,7 @@ pub use blocks::{SpatialTransformer, TRANSFORMER_GROUP_NORM_EPS, timestep_embedd
 pub use clip::{ClipTextConfig, ClipTextModel, load_clip};
 pub use config::{ControlNetExtras, DownBlockType, PerBlock, UNetConfig, UpBlockType};
 pub use controlnet::{ConditioningEmbedding, SdControlNet};
+pub use encoders::{TextEmbeddings, TextEncoder, Vae};
 pub use folder::{read_diffusers_weights, read_json_config, save_controlnet};
 pub use pipeline::Pipeline;
 pub use text::PromptTable;
@@ -67,6 +69,10 @@ pub struct SdSpec {
     /// prompt, named by the prompt; `""` the null prompt), read when the model is built.
     #[serde(default)]
     pub text_embeddings: Option<std::path::PathBuf>,
+    /// The latent side trained at, when not the UNet's `sample_size` (`--resolution` / the
+    /// VAE's downscale).
+    #[serde(default)]
+    pub latent_size: Option<usize>,
 }
 
 fn one() -> f32 {
@@ -106,6 +112,14 @@ impl SdSpec {
         let mismatches = unet.controlnet_mismatches(&controlnet);
         if !mismatches.is_empty() {
             return Err(TrainError::Config(format!("the ControlNet does not fit the UNet: {}", mismatches.join(", "))));
+        }
+        if let Some(side) = self.latent_size {
+            let factor = 1usize << (unet.block_out_channels.len() - 1);
+            if side == 0 || !side.is_multiple_of(factor) {
+                return Err(TrainError::Config(format!(
+                    "latent side {side} must be a positive multiple of {factor} (the UNet's downscale)"
+                )));
+            }
         }
         if !self.conditioning_scale.is_finite() {
             return Err(TrainError::Config("conditioning_scale must be finite".into()));
@@ -305,7 +319,8 @@ impl<B: Backend> DualDenoiser<B> for SdModel<B> {
 
     fn sample_shape(&self) -> [usize; 3] {
         let u = &self.resolved.unet;
-        [u.out_channels, u.sample_size, u.sample_size]
+        let side = self.spec.latent_size.unwrap_or(u.sample_size);
+        [u.out_channels, side, side]
     }
 
     fn hint_channels(&self) -> usize {
@@ -337,7 +352,7 @@ impl<B: Backend> DualDenoiser<B> for SdModel<B> {
 
     fn hint_shape(&self) -> [usize; 3] {
         let f = 1 << (self.resolved.extras.conditioning_embedding_out_channels.len() - 1);
-        let s = self.resolved.unet.sample_size * f;
+        let s = self.sample_shape()[1] * f;
         [self.resolved.extras.conditioning_channels, s, s]
     }
 
