@@ -9,7 +9,7 @@ use clap::Args;
 use lisa_core::backend::Backend;
 use lisa_core::{Distance, TargetSpace};
 use lisa_trainer::checkpoint::{load_checkpoint, save_checkpoint};
-use lisa_trainer::model::{DualDenoiser, Parts, registry};
+use lisa_trainer::model::{DualDenoiser, NATIVE_SIDE_DIR, Parts, registry};
 use lisa_trainer::train::{Mode, Trainer};
 use lisa_trainer::weights::write_atomic;
 
@@ -213,10 +213,6 @@ impl ArmReport {
         self.validations.iter().find(|v| v.1 >= threshold).map(|v| v.0)
     }
 }
-
-/// Where a run writes its side network in the architecture's native format (a diffusers
-/// ControlNet folder for sd).
-pub const NATIVE_SIDE_DIR: &str = "controlnet";
 
 /// The pretrained weights a training run starts from.
 #[derive(Debug, Clone, Copy)]

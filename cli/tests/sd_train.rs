@@ -116,6 +116,10 @@ fn trains_a_controlnet_with_lisa_for_a_diffusers_folder_and_resumes_exactly() {
     }
     for ckpt in ["checkpoint-1", "checkpoint-2"] {
         assert!(out.join(ckpt).join("state.json").is_file(), "{ckpt}");
+        assert!(
+            out.join(ckpt).join("controlnet/diffusion_pytorch_model.safetensors").is_file(),
+            "{ckpt}: the ControlNet"
+        );
     }
     // The ControlNet as a diffusers folder, loadable as the side network of the same UNet.
     let native = out.join("controlnet");

@@ -211,6 +211,9 @@ fn write_files<B: Backend, C: RunSettings>(run: &TrainingRun<B, C>, data: &dyn D
         write_atomic(&partial.join(file), &bytes)?;
         digests.insert(file.to_string(), digest(&bytes));
     }
+    // The side network in the architecture's native format too (a diffusers ControlNet
+    // folder for sd), inside the same atomic directory.
+    run.model.export_side(&partial.join(crate::model::NATIVE_SIDE_DIR))?;
     let state = StateFile {
         format_version: FORMAT_VERSION,
         kind: C::KIND.into(),

@@ -38,6 +38,9 @@ pub const MAIN: &str = "main.";
 pub const SIDE: &str = "side.";
 /// Name prefix of the LISA decoder's parameters.
 pub const DECODER: &str = "lisa.";
+/// The folder name of a side network in its architecture's native format, in a run's
+/// output folder and in each of its checkpoints ([`DualDenoiser::export_side`]).
+pub const NATIVE_SIDE_DIR: &str = "controlnet";
 
 /// Tensors with one entry per skip connection and one for the middle block: the main
 /// encoder's skips, the side network's residuals, and its pre-zero-conv features.
