@@ -72,6 +72,8 @@ pub struct SdInputs {
     pub latent_size: Option<usize>,
     /// Whether the flags or the run file chose the LISA hook.
     pub hook_given: bool,
+    /// The frozen networks' storage type.
+    pub mixed_precision: sd::MixedPrecision,
 }
 
 /// The fixed validation set: examples and sampling seeds never used for training.
@@ -187,6 +189,7 @@ impl RunFile {
             prediction: pipeline.prediction,
             text_embeddings: Some(inputs.embeddings),
             latent_size: inputs.latent_size,
+            mixed_precision: inputs.mixed_precision,
         };
         if !inputs.hook_given {
             self.model.decoder.hook = "down_5".parse()?;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use lisa_core::backend::{Backend, Shape};
-use lisa_trainer::model::sd::{Pipeline, TextEncoder, Vae};
+use lisa_trainer::model::sd::{MixedPrecision, Pipeline, TextEncoder, Vae};
 use lisa_trainer::weights::{digest, host_to_safetensors, read_metadata, write_atomic};
 
 use crate::fill50k::{Fill50k, LATENTS_FILE, Layout};
@@ -70,6 +70,7 @@ pub fn prepare<B: Backend>(
     cache_dir: &Path,
     resolution: usize,
     extra_prompts: &[String],
+    precision: MixedPrecision,
     device: B::Device,
 ) -> Result<Cache> {
     let (own_latents, own_embeddings) = (data.join(LATENTS_FILE), data.join(EMBEDDINGS_FILE));
@@ -92,7 +93,7 @@ pub fn prepare<B: Backend>(
         std::fs::read(data.join("prompt.json")).with_context(|| format!("reading {}/prompt.json", data.display()))?;
     let key = digest(
         format!(
-            "data {} resolution {resolution} vae {} text_encoder {} tokenizer {} extra {:?}",
+            "data {} resolution {resolution} precision {precision:?} vae {} text_encoder {} tokenizer {} extra {:?}",
             digest(&list),
             folder_digest(&root.join("vae"))?,
             folder_digest(&root.join("text_encoder"))?,
@@ -120,8 +121,9 @@ pub fn prepare<B: Backend>(
     prompts.insert(String::new());
     prompts.extend(extra_prompts.iter().cloned());
     let prompts: Vec<String> = prompts.into_iter().collect();
-    let text = TextEncoder::<B>::open(&root.join("text_encoder"), &root.join("tokenizer"), device.clone())
-        .with_context(|| format!("loading the text encoder of {}", root.display()))?;
+    let text =
+        TextEncoder::<B>::open(&root.join("text_encoder"), &root.join("tokenizer"), device.clone(), precision.dtype())
+            .with_context(|| format!("loading the text encoder of {}", root.display()))?;
     let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
     let emb = text.embed(&refs)?;
     for &i in &emb.truncated {
@@ -136,8 +138,8 @@ pub fn prepare<B: Backend>(
     write_atomic(&cache.embeddings, &host_to_safetensors(&tensors, meta.clone())?)?;
 
     // The latents of every target image (resized and centre-cropped to the resolution).
-    let vae =
-        Vae::<B>::open(&root.join("vae"), device).with_context(|| format!("loading the VAE of {}", root.display()))?;
+    let vae = Vae::<B>::open(&root.join("vae"), device, precision.dtype())
+        .with_context(|| format!("loading the VAE of {}", root.display()))?;
     let f = vae.config().block_out_channels.len();
     let factor = 1usize << (f - 1);
     if !resolution.is_multiple_of(factor) {

@@ -23,6 +23,8 @@ pub struct LatentValidation {
     pub prompts: Vec<String>,
     /// The VAE folder that decodes the samples.
     pub vae: PathBuf,
+    /// The VAE's storage type.
+    pub dtype: lisa_core::backend::DType,
 }
 
 /// Pairs the flags as diffusers does: one prompt per image, or one prompt (or one image)

@@ -20,7 +20,7 @@ use crate::progress::Progress;
 use crate::run_dir::{CheckpointArgs, RunDir};
 use crate::sd_cache;
 use crate::sd_validation::{LatentValidation, read_conditions, validate_latent, validation_pairs};
-use lisa_trainer::model::sd::{Pipeline, UNetConfig, Vae, VaeConfig, read_json_config};
+use lisa_trainer::model::sd::{MixedPrecision, Pipeline, UNetConfig, Vae, VaeConfig, read_json_config};
 
 /// Flags of `lisa train` (names as in diffusers' `train_controlnet.py`; they override the
 /// run file).
@@ -57,6 +57,10 @@ pub struct TrainArgs {
     /// The share of training prompts replaced by the empty prompt (classifier-free guidance).
     #[arg(long)]
     proportion_empty_prompts: Option<f32>,
+    /// no | fp16 | bf16: the frozen UNet, VAE and text encoder stored in half precision; the
+    /// ControlNet, the LISA decoder and the optimizer state stay in f32.
+    #[arg(long, default_value = "no", requires = "pretrained_model_name_or_path")]
+    mixed_precision: String,
     /// Train with the LISA term (the default).
     #[arg(long, conflicts_with = "baseline")]
     lisa: bool,
@@ -240,7 +244,7 @@ pub fn train_arm<B: Backend>(file: &RunFile, start: Start, device: B::Device, o:
     let latent = match (&o.latent_validation, model.latent_space()) {
         (Some(v), true) => {
             let conditions = read_conditions(model.as_ref(), v)?;
-            let vae = Vae::<B>::open(&v.vae, model.store().device().clone())
+            let vae = Vae::<B>::open(&v.vae, model.store().device().clone(), v.dtype)
                 .with_context(|| format!("loading the VAE {}", v.vae.display()))?;
             Some((v, conditions, vae))
         }
@@ -417,16 +421,20 @@ pub fn run<B: Backend>(a: TrainArgs, device: B::Device) -> Result<()> {
             }
             let (images, prompts) = validation_pairs(&a.validation_image, &a.validation_prompt)?;
             let cache_dir = a.cache_dir.clone().unwrap_or_else(|| a.output_dir.join("cache"));
-            let cache = sd_cache::prepare::<B>(&pipeline, &data, &cache_dir, resolution, &prompts, device.clone())?;
+            let precision: MixedPrecision = a.mixed_precision.parse().context("--mixed-precision")?;
+            let cache =
+                sd_cache::prepare::<B>(&pipeline, &data, &cache_dir, resolution, &prompts, precision, device.clone())?;
             let inputs = SdInputs {
                 embeddings: cache.embeddings,
                 latents: cache.latents,
                 latent_size: a.resolution.map(|r| r / vae_factor),
                 hook_given,
+                mixed_precision: precision,
             };
             file.use_diffusers(&pipeline, a.controlnet_model_name_or_path.as_deref(), inputs)?;
             if !images.is_empty() {
-                latent_validation = Some(LatentValidation { images, prompts, vae: dir.join("vae") });
+                latent_validation =
+                    Some(LatentValidation { images, prompts, vae: dir.join("vae"), dtype: precision.dtype() });
             }
             (pipeline.unet_dir(), a.controlnet_model_name_or_path.clone())
         }

@@ -317,6 +317,19 @@ fn end_to_end_from_a_full_pipeline_with_cached_encoders_validation_and_resume() 
         &["--resolution", "128", "--max-train-steps", "1", "--proportion-empty-prompts", "0.5"],
     ));
     assert!(err.contains("(4×16×16)"), "{err}");
+    // Mixed precision: the frozen UNet, VAE and text encoder in bf16 (their own cache),
+    // the ControlNet in f32 (its diffusers folder too).
+    let out_bf16 = dir.join("out-bf16");
+    let bf16 = ["--mixed-precision", "bf16", "--max-train-steps", "1", "--validation-steps", "1"];
+    let err = ok(&train(&pipe, &data, &out_bf16, &[&bf16[..], &extra[..4]].concat()));
+    assert!(err.contains("cached 3 latents") && out_bf16.join("validation-000001.png").is_file(), "{err}");
+    let line = std::fs::read_to_string(out_bf16.join("metrics.jsonl")).unwrap();
+    let loss =
+        serde_json::from_str::<serde_json::Value>(line.lines().next().unwrap()).unwrap()["loss"].as_f64().unwrap();
+    assert!(loss.is_finite() && loss > 0.0);
+    let cn = std::fs::read(out_bf16.join("controlnet/diffusion_pytorch_model.safetensors")).unwrap();
+    assert!(String::from_utf8_lossy(&cn[..2000]).contains("F32"), "the ControlNet is saved in f32");
+    fails_with(&train(&pipe, &data, &dir.join("out-bad-precision"), &["--mixed-precision", "fp8"]), "no | fp16 | bf16");
     // A user file where the cache would go is refused, not overwritten.
     let out3 = dir.join("out-user-file");
     std::fs::create_dir_all(out3.join("cache")).unwrap();

@@ -218,3 +218,64 @@ fn a_saved_controlnet_folder_reloads_identically() {
     assert_eq!(b.load_controlnet(&dir).unwrap(), 260);
     assert!(store_values(&a) == store_values(&b));
 }
+
+#[test]
+fn mixed_precision_keeps_the_controlnet_in_f32_and_stays_close_to_f32() {
+    use lisa_trainer::model::{SIDE, forward_train};
+    let (_, io) = (0, fixture("sd15/io.safetensors"));
+    let bytes = std::fs::read(&io).unwrap();
+    let io = lisa_trainer::weights::parse_safetensors(&io, &bytes).unwrap().tensors;
+    let t = |k: &str| C::from_slice(&io[k].1, &io[k].0, DType::F32, &Default::default()).unwrap();
+    let ehs = &io["encoder_hidden_states"];
+    let cond = Conditioning {
+        t: io["timestep"].1.clone(),
+        prompt: PromptEmbedding::Text { values: ehs.1.clone(), tokens: 5, dim: 12 },
+    };
+    let mut outputs = Vec::new();
+    for precision in ["no", "bf16", "fp16"] {
+        let mut s = spec(unet_config(), Some(read_json_config(&fixture("sd15/controlnet")).unwrap()));
+        s.config.insert("mixed_precision".into(), json!(precision));
+        s.decoder.hook = "mid".parse().unwrap();
+        let mut m = SdModel::<C>::new(&s, Parts::Dual { decoder: true }, Default::default(), 0).unwrap();
+        m.load_main(&fixture("sd15/unet")).unwrap();
+        m.load_controlnet(&fixture("sd15/controlnet")).unwrap();
+        for (_, p) in m.store().iter() {
+            let want = match (p.name.starts_with("main."), precision) {
+                (true, "bf16") => DType::BF16,
+                (true, "fp16") => DType::F16,
+                _ => DType::F32,
+            };
+            assert_eq!(C::dtype(&p.value), want, "{precision}: {}", p.name);
+        }
+        let tape = Tape::<C>::new();
+        let bound = m.store().bind(&tape);
+        let out = forward_train(
+            &m,
+            &bound,
+            &tape.constant(t("sample")),
+            &tape.constant(t("controlnet_cond")),
+            &cond,
+            true,
+            None,
+        )
+        .unwrap();
+        assert_eq!(C::dtype(&out.pred.value), DType::F32);
+        let (_, g) = C::mse_loss(&out.pred.value, &t("noise")).unwrap();
+        let leaves = bound.leaves();
+        let grads = tape.backward(&[(&out.pred, g)]).unwrap();
+        let id = m.store().find(&format!("{SIDE}controlnet_down_blocks.0.weight")).unwrap();
+        let var = leaves.iter().find(|(p, _)| *p == id).unwrap().1;
+        let grad = C::to_vec(grads.get(var).unwrap()).unwrap();
+        assert!(grad.iter().all(|v| v.is_finite()) && grad.iter().any(|v| *v != 0.0), "{precision}: side gradient");
+        outputs.push((C::to_vec(&out.pred.value).unwrap(), grad));
+    }
+    let (want, want_grad) = &outputs[0];
+    for ((got, grad), (precision, tol)) in outputs[1..].iter().zip([("bf16", 6e-2), ("fp16", 1e-2)]) {
+        let rel = |a: &[f32], b: &[f32]| {
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+        };
+        assert!(rel(got, want) < tol, "{precision}: prediction differs by {} of scale", rel(got, want));
+        assert!(rel(grad, want_grad) < 4.0 * tol, "{precision}: gradient differs by {}", rel(grad, want_grad));
+    }
+}

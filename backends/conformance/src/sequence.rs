@@ -194,6 +194,20 @@ pub fn layer_norm<B: Backend>() {
         finite_difference(&format!("{what} dgamma"), &h, &gamma, &g.host, |t| fwd(&x.dev, t, &beta.dev), &grads.gamma);
         finite_difference(&format!("{what} dbeta"), &h, &beta, &g.host, |t| fwd(&x.dev, &gamma.dev, t), &grads.beta);
     }
+    // Half storage (mixed precision): forward and backward in the input's dtype.
+    for dtype in [DType::F16, DType::BF16] {
+        if !B::supports_dtype(&h.device, dtype) {
+            continue;
+        }
+        let (x, gamma, beta, g) =
+            (h.randn(&[3, 16], dtype), h.randn(&[16], dtype), h.randn(&[16], dtype), h.randn(&[3, 16], dtype));
+        let got = ok("half layer_norm", B::layer_norm(&x.dev, &gamma.dev, &beta.dev, 1e-5));
+        let want = R::layer_norm(&x.reference, &gamma.reference, &beta.reference, 1e-5).unwrap();
+        assert_matches::<B>(&format!("{dtype} layer_norm"), &Ok(got.output.clone()), &Ok(want.output.clone()));
+        let grads = ok("half layer_norm backward", B::layer_norm_backward(&x.dev, &gamma.dev, &got, &g.dev, 1e-5));
+        let want_g = R::layer_norm_backward(&x.reference, &gamma.reference, &want, &g.reference, 1e-5).unwrap();
+        assert_matches::<B>(&format!("{dtype} layer_norm dx"), &Ok(grads.input), &Ok(want_g.input));
+    }
     let (x, gamma) = (h.randn(&[2, 4], F32), h.randn(&[3], F32));
     assert!(matches!(B::layer_norm(&x.dev, &gamma.dev, &gamma.dev, 1e-5), Err(Error::ShapeMismatch { .. })));
 }

@@ -20,7 +20,7 @@ pub struct AttentionParams {
 impl AttentionParams {
     /// Full (non-causal) attention with scale `1/√head_dim`.
     pub fn new(head_dim: usize) -> Self {
-        Self { scale: 1.0 / (head_dim.max(1) as f32).sqrt(), causal: false }
+        Self { scale: 1.0 / libm::sqrtf(head_dim.max(1) as f32), causal: false }
     }
 
     /// The same, causal.

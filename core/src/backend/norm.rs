@@ -93,8 +93,12 @@ pub trait NormOps: ReduceOps {
         let mut row = shape.dims().to_vec();
         *row.last_mut().expect("rank checked") = 1;
         let row = Shape::new(row);
-        let centred = Self::sub(x, &Self::reshape(&stats.mean, &row)?)?;
-        let x_hat = Self::mul(&centred, &Self::reshape(&stats.rstd, &row)?)?;
+        // The statistics may be kept in f32 for a half-precision input: compute x̂ in the
+        // input's dtype.
+        let dtype = Self::dtype(x);
+        let mean = Self::cast(&Self::reshape(&stats.mean, &row)?, dtype)?;
+        let rstd = Self::cast(&Self::reshape(&stats.rstd, &row)?, dtype)?;
+        let x_hat = Self::mul(&Self::sub(x, &mean)?, &rstd)?;
         let channels = Shape::new([c]);
         Ok(GroupNormGrads {
             input: Self::reshape(&input, &shape)?,

@@ -1,7 +1,7 @@
 //! The differentiable ops of sequence models (transformer blocks): activations, axis
 //! permutation and narrowing, layer norm, scaled dot-product attention.
 
-use lisa_core::backend::{AttentionParams, Backend, Shape, UnaryOp, geometry::inverse_permutation};
+use lisa_core::backend::{AttentionParams, Backend, DType, Shape, UnaryOp, geometry::inverse_permutation};
 
 use super::{Tape, Var};
 use crate::error::Result;
@@ -12,6 +12,17 @@ impl<B: Backend> Tape<B> {
         let value = B::unary(op, &a.value)?;
         let x = a.value.clone();
         Ok(self.record(value, &[a], move |g| Ok(vec![Some(B::unary_backward(op, &x, g)?)])))
+    }
+
+    /// `a` stored as `dtype` (mixed precision: a half-precision frozen network between f32
+    /// ones); backward casts the gradient back to `a`'s dtype. A no-op when equal.
+    pub fn cast(&self, a: &Var<B>, dtype: DType) -> Result<Var<B>> {
+        let from = B::dtype(&a.value);
+        if from == dtype {
+            return Ok(a.clone());
+        }
+        let value = B::cast(&a.value, dtype)?;
+        Ok(self.record(value, &[a], move |g| Ok(vec![Some(B::cast(g, from)?)])))
     }
 
     /// The dims of `a` reordered (`out.dims[i] = a.dims[axes[i]]`); backward permutes back.

@@ -67,9 +67,10 @@ impl Conv2d {
         })
     }
 
-    /// `[n, c_in, h, w] → [n, c_out, h/stride, w/stride]`.
+    /// `[n, c_in, h, w] → [n, c_out, h/stride, w/stride]`, in the weights' dtype.
     pub fn forward<B: Backend>(&self, p: &Bound<'_, B>, x: &Var<B>) -> Result<Var<B>> {
-        p.tape.conv2d(x, p.p(self.weight), Some(p.p(self.bias)), self.params)
+        let x = in_dtype_of(p, x, self.weight)?;
+        p.tape.conv2d(&x, p.p(self.weight), Some(p.p(self.bias)), self.params)
     }
 }
 
@@ -101,6 +102,7 @@ impl Linear {
     /// `[.., in] → [.., out]` (leading dims flattened into rows for one matmul).
     pub fn forward<B: Backend>(&self, p: &Bound<'_, B>, x: &Var<B>) -> Result<Var<B>> {
         let t = p.tape;
+        let x = &in_dtype_of(p, x, self.weight)?;
         let shape = B::shape(&x.value);
         let bias = self.bias.map(|b| p.p(b));
         if shape.rank() <= 2 {
@@ -136,9 +138,10 @@ impl LayerNorm {
         })
     }
 
-    /// `[.., c] → [.., c]`.
+    /// `[.., c] → [.., c]`, in the weights' dtype.
     pub fn forward<B: Backend>(&self, p: &Bound<'_, B>, x: &Var<B>) -> Result<Var<B>> {
-        p.tape.layer_norm(x, p.p(self.gamma), p.p(self.beta), self.eps)
+        let x = in_dtype_of(p, x, self.gamma)?;
+        p.tape.layer_norm(&x, p.p(self.gamma), p.p(self.beta), self.eps)
     }
 }
 
@@ -164,8 +167,15 @@ impl GroupNorm {
         })
     }
 
-    /// `[n, c, …] → [n, c, …]`.
+    /// `[n, c, …] → [n, c, …]`, in the weights' dtype.
     pub fn forward<B: Backend>(&self, p: &Bound<'_, B>, x: &Var<B>) -> Result<Var<B>> {
-        p.tape.group_norm(x, p.p(self.gamma), p.p(self.beta), self.params)
+        let x = in_dtype_of(p, x, self.gamma)?;
+        p.tape.group_norm(&x, p.p(self.gamma), p.p(self.beta), self.params)
     }
+}
+
+/// `x` in the dtype of parameter `w` (mixed precision: a layer computes in its weights'
+/// storage type, and its input is cast on the way in, differentiably).
+fn in_dtype_of<B: Backend>(p: &Bound<'_, B>, x: &Var<B>, w: ParamId) -> Result<Var<B>> {
+    p.tape.cast(x, B::dtype(&p.p(w).value))
 }

@@ -172,8 +172,9 @@ impl ClipTextModel {
                 );
             }
         }
-        let device = B::device(&p.p(self.token_embedding).value);
-        let mut h = t.constant(B::from_slice(&x, &Shape::new([n, len, d]), DType::F32, &device)?);
+        let table = &p.p(self.token_embedding).value;
+        let (device, dtype) = (B::device(table), B::dtype(table));
+        let mut h = t.constant(B::from_slice(&x, &Shape::new([n, len, d]), dtype, &device)?);
         for l in &self.layers {
             let a = l.attn.forward(p, &l.norm1.forward(p, &h)?, None)?;
             h = t.add(&h, &a)?;
@@ -181,7 +182,7 @@ impl ClipTextModel {
                 l.fc2.forward(p, &t.unary(self.config.hidden_act, &l.fc1.forward(p, &l.norm2.forward(p, &h)?)?)?)?;
             h = t.add(&h, &m)?;
         }
-        self.final_norm.forward(p, &h)
+        t.cast(&self.final_norm.forward(p, &h)?, DType::F32)
     }
 }
 

@@ -24,12 +24,13 @@ pub struct Vae<B: Backend> {
 }
 
 impl<B: Backend> Vae<B> {
-    /// From a diffusers `vae/` folder.
-    pub fn open(dir: &Path, device: B::Device) -> Result<Self> {
+    /// From a diffusers `vae/` folder, its weights stored as `dtype`.
+    pub fn open(dir: &Path, device: B::Device, dtype: DType) -> Result<Self> {
         let config = VaeConfig::from_json(&read_json_config(dir)?)?;
         let mut store = ParamStore::new(device, 0).freeze_prefix("");
         let model = AutoencoderKl::new(&mut store, "", &config)?;
         load_vae(&mut store, "", dir)?;
+        cast_all(&mut store, dtype)?;
         Ok(Self { store, model })
     }
 
@@ -58,7 +59,7 @@ impl<B: Backend> Vae<B> {
                 self.store.device(),
             )?;
             let z = tape.no_grad(|| self.model.latents(&p, &tape.constant(x)))?;
-            out.extend(B::to_vec(&z.value)?);
+            out.extend(B::to_vec(&B::cast(&z.value, DType::F32)?)?);
         }
         Ok(out)
     }
@@ -85,7 +86,7 @@ impl<B: Backend> Vae<B> {
             let p = self.store.bind(&tape);
             let z = B::scale(&z, 1.0 / self.config().scaling_factor)?;
             let img = tape.no_grad(|| self.model.decode(&p, &tape.constant(z)))?;
-            out.extend(B::to_vec(&img.value)?);
+            out.extend(B::to_vec(&B::cast(&img.value, DType::F32)?)?);
         }
         Ok(out)
     }
@@ -112,8 +113,9 @@ pub struct TextEmbeddings {
 }
 
 impl<B: Backend> TextEncoder<B> {
-    /// From a pipeline's `text_encoder/` and `tokenizer/` folders.
-    pub fn open(text_encoder: &Path, tokenizer: &Path, device: B::Device) -> Result<Self> {
+    /// From a pipeline's `text_encoder/` and `tokenizer/` folders, its weights stored as
+    /// `dtype`.
+    pub fn open(text_encoder: &Path, tokenizer: &Path, device: B::Device, dtype: DType) -> Result<Self> {
         let config = ClipTextConfig::from_json(&read_json_config(text_encoder)?)?;
         let tokenizer = ClipTokenizer::from_dir(tokenizer)?;
         if tokenizer.max_length() > config.max_position_embeddings {
@@ -126,6 +128,7 @@ impl<B: Backend> TextEncoder<B> {
         let mut store = ParamStore::new(device, 0).freeze_prefix("");
         let model = ClipTextModel::new(&mut store, "", &config)?;
         load_clip(&mut store, "", text_encoder)?;
+        cast_all(&mut store, dtype)?;
         Ok(Self { store, model, tokenizer })
     }
 
@@ -146,4 +149,20 @@ impl<B: Backend> TextEncoder<B> {
         }
         Ok(TextEmbeddings { values, tokens: self.tokenizer.max_length(), dim: self.dim(), truncated: ids.truncated })
     }
+}
+
+/// Every tensor of a frozen store in `dtype` (mixed precision).
+fn cast_all<B: Backend>(store: &mut ParamStore<B>, dtype: DType) -> Result<()> {
+    if dtype == DType::F32 {
+        return Ok(());
+    }
+    if !B::supports_dtype(store.device(), dtype) {
+        return Err(TrainError::Config(format!("this backend's device cannot store {dtype}")));
+    }
+    let ids: Vec<_> = store.iter().map(|(id, _)| id).collect();
+    for id in ids {
+        let v = B::cast(&store.get(id).value, dtype)?;
+        store.get_mut(id).value = v;
+    }
+    Ok(())
 }

@@ -22,7 +22,7 @@ mod vae;
 use std::path::Path;
 
 use lisa_core::Prediction;
-use lisa_core::backend::{Backend, Shape};
+use lisa_core::backend::{Backend, DType, Shape};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -73,10 +73,51 @@ pub struct SdSpec {
     /// VAE's downscale).
     #[serde(default)]
     pub latent_size: Option<usize>,
+    /// The frozen UNet's storage type.
+    #[serde(default)]
+    pub mixed_precision: MixedPrecision,
 }
 
 fn one() -> f32 {
     1.0
+}
+
+/// The storage type of the frozen networks (diffusers' `--mixed_precision`): the UNet (and,
+/// in the command, the VAE and the text encoder) in half precision; the ControlNet, the LISA
+/// decoder and the optimizer state stay in f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MixedPrecision {
+    /// Everything in f32.
+    #[default]
+    No,
+    /// IEEE half.
+    Fp16,
+    /// bfloat16.
+    Bf16,
+}
+
+impl MixedPrecision {
+    /// The storage type of the frozen networks.
+    pub fn dtype(self) -> DType {
+        match self {
+            MixedPrecision::No => DType::F32,
+            MixedPrecision::Fp16 => DType::F16,
+            MixedPrecision::Bf16 => DType::BF16,
+        }
+    }
+}
+
+impl std::str::FromStr for MixedPrecision {
+    type Err = TrainError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "no" => Ok(Self::No),
+            "fp16" => Ok(Self::Fp16),
+            "bf16" => Ok(Self::Bf16),
+            other => Err(TrainError::Config(format!("mixed precision {other:?}: no | fp16 | bf16"))),
+        }
+    }
 }
 
 /// The parsed settings.
@@ -212,7 +253,26 @@ impl<B: Backend> SdModel<B> {
             prompts,
         };
         model.copy_main_into_side()?;
+        model.cast_main()?;
         Ok(model)
+    }
+
+    /// The frozen UNet in its storage type (after the ControlNet copied it in f32).
+    fn cast_main(&mut self) -> Result<()> {
+        let dtype = self.spec.mixed_precision.dtype();
+        if dtype == DType::F32 {
+            return Ok(());
+        }
+        let device = self.store.device().clone();
+        if !B::supports_dtype(&device, dtype) {
+            return Err(TrainError::Config(format!("this backend's device cannot store {dtype}")));
+        }
+        let ids: Vec<_> = self.store.iter().filter(|(_, p)| p.name.starts_with(MAIN)).map(|(id, _)| id).collect();
+        for id in ids {
+            let v = B::cast(&self.store.get(id).value, dtype)?;
+            self.store.get_mut(id).value = v;
+        }
+        Ok(())
     }
 
     /// The UNet's settings.
@@ -410,6 +470,7 @@ impl<B: Backend> DualDenoiser<B> for SdModel<B> {
         let tensors = tensors.into_iter().map(|(k, v)| (format!("{MAIN}{k}"), v)).collect();
         let n = load_tensors(&mut self.store, &file, tensors, |n| n.starts_with(MAIN), |_| false)?;
         self.copy_main_into_side()?;
+        self.cast_main()?;
         Ok(n)
     }
 

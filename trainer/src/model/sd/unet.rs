@@ -2,7 +2,7 @@
 //! [`SdUNet::encode`] (time embedding, `conv_in`, down blocks, middle block) and
 //! [`SdUNet::decode`] (residuals added to the skips and the middle, up blocks, output).
 
-use lisa_core::backend::{Backend, GroupNormParams};
+use lisa_core::backend::{Backend, DType, GroupNormParams};
 
 use super::blocks::{DownBlock, MidBlock, TimeEmbedding, UpBlock};
 use super::config::UNetConfig;
@@ -92,10 +92,13 @@ impl SdUNet {
                     skips.len()
                 )));
             }
+            // Residuals (f32, from the ControlNet) in the skips' storage type.
             for (s, res) in skips.iter_mut().zip(&r.down) {
-                *s = t.add(s, &scaled(t, res, scale)?)?;
+                let res = t.cast(&scaled(t, res, scale)?, B::dtype(&s.value))?;
+                *s = t.add(s, &res)?;
             }
-            h = t.add(&h, &scaled(t, &r.mid, scale)?)?;
+            let res = t.cast(&scaled(t, &r.mid, scale)?, B::dtype(&h.value))?;
+            h = t.add(&h, &res)?;
         }
         for block in &self.up {
             let k = block.skips();
@@ -105,7 +108,8 @@ impl SdUNet {
             skips.truncate(rest);
         }
         let h = t.silu(&self.norm_out.forward(p, &h)?)?;
-        self.conv_out.forward(p, &h)
+        // The prediction in f32 whatever the UNet's storage type (losses, samplers).
+        t.cast(&self.conv_out.forward(p, &h)?, DType::F32)
     }
 }
 
