@@ -57,6 +57,10 @@ pub struct TrainArgs {
     /// The share of training prompts replaced by the empty prompt (classifier-free guidance).
     #[arg(long)]
     proportion_empty_prompts: Option<f32>,
+    /// Recompute the side network's activations in the backward instead of holding them
+    /// (less memory, one more side-network forward per step; the same training).
+    #[arg(long)]
+    gradient_checkpointing: bool,
     /// no | fp16 | bf16: the frozen UNet, VAE and text encoder stored in half precision; the
     /// ControlNet, the LISA decoder and the optimizer state stay in f32.
     #[arg(long, default_value = "no", requires = "pretrained_model_name_or_path")]
@@ -150,6 +154,9 @@ fn apply(a: &TrainArgs, file: &mut RunFile) -> Result<()> {
             "cosine" => Distance::Cosine,
             _ => bail!("--distance {d:?}: mse | cosine"),
         };
+    }
+    if a.gradient_checkpointing {
+        t.gradient_checkpointing = true;
     }
     if let Some(p) = a.proportion_empty_prompts {
         if !(0.0..=1.0).contains(&p) {

@@ -320,7 +320,8 @@ fn end_to_end_from_a_full_pipeline_with_cached_encoders_validation_and_resume() 
     // Mixed precision: the frozen UNet, VAE and text encoder in bf16 (their own cache),
     // the ControlNet in f32 (its diffusers folder too).
     let out_bf16 = dir.join("out-bf16");
-    let bf16 = ["--mixed-precision", "bf16", "--max-train-steps", "1", "--validation-steps", "1"];
+    let bf16 =
+        ["--mixed-precision", "bf16", "--gradient-checkpointing", "--max-train-steps", "1", "--validation-steps", "1"];
     let err = ok(&train(&pipe, &data, &out_bf16, &[&bf16[..], &extra[..4]].concat()));
     assert!(err.contains("cached 3 latents") && out_bf16.join("validation-000001.png").is_file(), "{err}");
     let line = std::fs::read_to_string(out_bf16.join("metrics.jsonl")).unwrap();

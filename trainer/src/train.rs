@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::autodiff::Tape;
 use crate::data::{Dataset, Example};
 use crate::error::{Result, TrainError};
-use crate::model::{DualDenoiser, Parts, SIDE, forward_train};
+use crate::model::{DualDenoiser, Parts, SIDE, forward_train, forward_train_checkpointed, replay_side};
 use crate::optim::{OptimConfig, Optimizer};
 pub use crate::run::TrainState;
 use crate::run::{MAX_BATCH, NoisedBatch, RunStream, StepSettings, TrainingRun, new_run_id, noise_batch};
@@ -55,6 +55,9 @@ pub struct TrainConfig {
     /// The share of prompts replaced by the null prompt `""` during training (diffusers'
     /// `--proportion_empty_prompts`; 0).
     pub proportion_empty_prompts: f32,
+    /// Recompute the side network's activations in the backward instead of holding them
+    /// (diffusers' `--gradient_checkpointing`): less memory, one more side forward per step.
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainConfig {
@@ -71,6 +74,7 @@ impl Default for TrainConfig {
             ema_decay: None,
             lisa_subbatch: None,
             proportion_empty_prompts: 0.0,
+            gradient_checkpointing: false,
         }
     }
 }
@@ -197,15 +201,14 @@ impl<B: Backend> Trainer<B> {
         let lisa_on = self.config.mode == Mode::Lisa;
         let tape = Tape::<B>::new();
         let bound = model.store().bind(&tape);
-        let out = forward_train(
-            model,
-            &bound,
-            &tape.constant(x_t),
-            &tape.constant(hint),
-            &cond,
-            lisa_on,
-            self.config.lisa_subbatch.map(|k| k.min(n)),
-        )?;
+        let (x_var, hint_var) = (tape.constant(x_t.clone()), tape.constant(hint.clone()));
+        let subbatch = self.config.lisa_subbatch.map(|k| k.min(n));
+        let (out, side_leaves) = if self.config.gradient_checkpointing {
+            let (out, leaves) = forward_train_checkpointed(model, &bound, &x_var, &hint_var, &cond, lisa_on, subbatch)?;
+            (out, Some(leaves))
+        } else {
+            (forward_train(model, &bound, &x_var, &hint_var, &cond, lisa_on, subbatch)?, None)
+        };
         let inv = 1.0 / accum as f32;
         let (main, g_pred) = B::mse_loss(&out.pred.value, &y)?;
         let mut roots = vec![(&out.pred, B::scale(&g_pred, inv)?)];
@@ -229,7 +232,18 @@ impl<B: Backend> Trainer<B> {
         }
         let leaves = bound.leaves();
         let mut g = tape.backward(&roots)?;
-        let grads = self.optimizer.gather(leaves, &mut g);
+        let mut grads = self.optimizer.gather(leaves, &mut g);
+        if let Some(side_leaves) = side_leaves {
+            // The side network again, recorded, seeded with its outputs' gradients.
+            drop(out);
+            let (leaves, mut g2) = replay_side(model, &side_leaves, &mut g, &x_t, &hint, &cond)?;
+            for (slot, extra) in grads.iter_mut().zip(self.optimizer.gather(leaves, &mut g2)) {
+                *slot = match (slot.take(), extra) {
+                    (Some(a), Some(b)) => Some(B::add(&a, &b)?),
+                    (a, b) => a.or(b),
+                };
+            }
+        }
         Ok((main, lisa, grads))
     }
 }

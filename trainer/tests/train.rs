@@ -59,3 +59,21 @@ fn ema_warms_up_like_diffusers() {
     assert!((ema.decay_at(101) - 101.0 / 110.0).abs() < 1e-6);
     assert_eq!(ema.decay_at(1_000_000), 0.999, "capped at the configured decay");
 }
+
+#[test]
+fn gradient_checkpointing_gives_the_same_training() {
+    let data = FillCircles { resolution: 16, len: 64, seed: 5 };
+    for mode in [Mode::Lisa, Mode::Baseline] {
+        let mut a = trainer(mode, 0.2, 3);
+        let mut b = trainer(mode, 0.2, 3);
+        b.config.gradient_checkpointing = true;
+        for _ in 0..3 {
+            let (sa, sb) = (a.step(&data).unwrap(), b.step(&data).unwrap());
+            assert_eq!((sa.loss, sa.grad_norm), (sb.loss, sb.grad_norm), "{mode:?}");
+        }
+        for (_, p) in a.model.store().iter() {
+            let q = b.model.store().get(b.model.store().find(&p.name).unwrap());
+            assert_eq!(C::to_vec(&p.value).unwrap(), C::to_vec(&q.value).unwrap(), "{mode:?}: {} differs", p.name);
+        }
+    }
+}

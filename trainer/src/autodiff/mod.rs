@@ -75,6 +75,12 @@ pub struct Gradients<B: Backend> {
     grads: HashMap<VarId, B::Tensor>,
 }
 
+impl<B: Backend> Default for Gradients<B> {
+    fn default() -> Self {
+        Self { grads: HashMap::new() }
+    }
+}
+
 impl<B: Backend> Gradients<B> {
     /// The gradient of a leaf, if any gradient reached it.
     pub fn get(&self, id: VarId) -> Option<&B::Tensor> {

@@ -4,7 +4,7 @@
 
 use lisa_core::backend::Backend;
 
-use super::{Conditioning, DualDenoiser};
+use super::{Conditioning, DualDenoiser, Residuals};
 use crate::autodiff::Var;
 use crate::error::{Result, TrainError};
 use crate::params::Bound;
@@ -59,6 +59,93 @@ pub fn forward_train<B: Backend>(
         (_, false) => (None, None),
     };
     Ok(TrainOutputs { pred, hooked, decoded, prior })
+}
+
+/// The side network's outputs as leaves of the training tape (gradient checkpointing): the
+/// residuals and the hooked feature, whose gradients seed the replay of the side network.
+pub struct SideLeaves<B: Backend> {
+    /// One leaf per residual (`down_i`, then `mid`), as the main decoder read them.
+    pub residuals: Residuals<B>,
+    /// The hooked feature the LISA decoder read, when it did.
+    pub hooked: Option<Var<B>>,
+}
+
+/// [`forward_train`] with the side network run without recording (gradient checkpointing,
+/// diffusers' `--gradient_checkpointing` for the ControlNet): its activations are freed at
+/// once, and its outputs enter the rest of the graph as leaves. After the backward, their
+/// gradients seed [`replay_side`], which runs the side network again, recorded, and
+/// backpropagates into its parameters: the same gradients for one more side forward, and
+/// the side network's activations never held together with the main decoder's.
+pub fn forward_train_checkpointed<B: Backend>(
+    model: &dyn DualDenoiser<B>,
+    p: &Bound<'_, B>,
+    x_t: &Var<B>,
+    hint: &Var<B>,
+    cond: &Conditioning,
+    lisa: bool,
+    lisa_samples: Option<usize>,
+) -> Result<(TrainOutputs<B>, SideLeaves<B>)> {
+    let tape = p.tape;
+    let enc = tape.no_grad(|| model.encode_main(p, x_t, cond))?;
+    let side = tape.no_grad(|| model.side(p, x_t, hint, cond))?;
+    let leaf = |v: &Var<B>| tape.leaf(v.value.clone());
+    let residuals = Residuals { down: side.residuals.down.iter().map(leaf).collect(), mid: leaf(&side.residuals.mid) };
+    let pred = model.decode_main(p, &enc, Some((&residuals, model.conditioning_scale())))?;
+    let hooked = model.lisa_hook().map(|h| side.feature(h).map(leaf)).transpose()?;
+    let (decoded, prior) = match (&hooked, lisa) {
+        (Some(h), true) => {
+            let n = cond.t.len();
+            let k = lisa_samples.unwrap_or(n);
+            if k == 0 || k > n {
+                return Err(TrainError::Config(format!("lisa sub-batch {k} must lie in 1..={n}")));
+            }
+            let prior = tape.no_grad(|| model.decode_main(p, &enc.slice_batch(tape, k)?, None))?;
+            let h_k = tape.slice_batch(h, k)?;
+            (Some(model.decode_lisa(p, &h_k, &cond.t[..k])?), Some(prior.value))
+        }
+        (None, true) => {
+            return Err(TrainError::Config("LISA training needs a model built with the decoder".into()));
+        }
+        (_, false) => (None, None),
+    };
+    let out = TrainOutputs { pred, hooked: hooked.clone(), decoded, prior };
+    Ok((out, SideLeaves { residuals, hooked }))
+}
+
+/// What [`replay_side`] returns: the replay tape's parameter leaves and their gradients.
+pub type ReplayedSide<B> = (Vec<(crate::params::ParamId, crate::autodiff::VarId)>, crate::autodiff::Gradients<B>);
+
+/// The second half of gradient checkpointing: the side network again on a fresh tape, with
+/// `grads` (of the [`SideLeaves`], taken from the first backward) as the seeds of its
+/// backward. Returns the tape's parameter leaves and their gradients.
+pub fn replay_side<B: Backend>(
+    model: &dyn DualDenoiser<B>,
+    leaves: &SideLeaves<B>,
+    grads: &mut crate::autodiff::Gradients<B>,
+    x_t: &B::Tensor,
+    hint: &B::Tensor,
+    cond: &Conditioning,
+) -> Result<ReplayedSide<B>> {
+    let tape = crate::autodiff::Tape::<B>::new();
+    let p = model.store().bind(&tape);
+    let side = model.side(&p, &tape.constant(x_t.clone()), &tape.constant(hint.clone()), cond)?;
+    let mut roots = Vec::new();
+    let outputs = side.residuals.down.iter().chain(std::iter::once(&side.residuals.mid));
+    let seeds = leaves.residuals.down.iter().chain(std::iter::once(&leaves.residuals.mid));
+    for (out, leaf) in outputs.zip(seeds) {
+        if let Some(g) = leaf.id().and_then(|id| grads.remove(id)) {
+            roots.push((out.clone(), g));
+        }
+    }
+    if let (Some(h), Some(hook)) = (&leaves.hooked, model.lisa_hook())
+        && let Some(g) = h.id().and_then(|id| grads.remove(id))
+    {
+        roots.push((side.feature(hook)?.clone(), g));
+    }
+    let refs: Vec<(&Var<B>, B::Tensor)> = roots.iter().map(|(v, g)| (v, g.clone())).collect();
+    let param_leaves = p.leaves();
+    let g = if refs.is_empty() { crate::autodiff::Gradients::default() } else { tape.backward(&refs)? };
+    Ok((param_leaves, g))
 }
 
 /// Inference: the controlled prediction only (no decoder, no prior pass), with the

@@ -24,7 +24,9 @@ use lisa_core::backend::Backend;
 
 pub use conditioning::{Conditioning, PromptEmbedding};
 pub use decoder::{DecoderConfig, LisaDecoder};
-pub use forward::{TrainOutputs, forward_prior, forward_train, predict};
+pub use forward::{
+    SideLeaves, TrainOutputs, forward_prior, forward_train, forward_train_checkpointed, predict, replay_side,
+};
 pub use hook::HookLayer;
 pub use registry::{ModelSpec, Parts};
 
