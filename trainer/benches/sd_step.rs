@@ -10,6 +10,8 @@
 //! decoder), and AdamW on every trainable tensor. LISA adds the prior pass (the UNet decoder
 //! again, without residuals, no grad) and the decoder hooked at `down_5` (as the LISA
 //! authors do). Prints the step times, their ratio and the peak resident memory.
+//! `LISA_BENCH_ARMS=lisa-ckpt` runs the LISA step with gradient checkpointing (one arm per
+//! process gives each arm's own peak memory).
 #![allow(missing_docs)]
 
 use std::time::Instant;
@@ -18,7 +20,10 @@ use lisa_core::backend::prelude::*;
 use lisa_core::backend::{AdamWParams, DType, Shape};
 use lisa_cpu::{CpuBackend as C, CpuDevice};
 use lisa_trainer::autodiff::Tape;
-use lisa_trainer::model::{Conditioning, DecoderConfig, ModelSpec, Parts, PromptEmbedding, forward_train, registry};
+use lisa_trainer::model::{
+    Conditioning, DecoderConfig, ModelSpec, Parts, PromptEmbedding, forward_train, forward_train_checkpointed,
+    registry, replay_side,
+};
 use serde_json::json;
 
 fn rss_kib(field: &str) -> u64 {
@@ -67,7 +72,20 @@ fn main() {
         rayon::current_num_threads()
     );
     let mut results = Vec::new();
-    for lisa in [false, true] {
+    // `LISA_BENCH_ARMS`: a comma list of baseline, lisa, lisa-ckpt (gradient checkpointing);
+    // run one arm per process to compare peak memory.
+    let arms = std::env::var("LISA_BENCH_ARMS").unwrap_or_else(|_| "baseline,lisa".into());
+    let arms: Vec<(bool, bool, String)> = arms
+        .split(',')
+        .map(|a| match a.trim() {
+            "baseline" => (false, false, "baseline".to_string()),
+            "lisa" => (true, false, "LISA".to_string()),
+            "lisa-ckpt" => (true, true, "LISA+ckpt".to_string()),
+            other => panic!("LISA_BENCH_ARMS: unknown arm {other:?} (baseline, lisa, lisa-ckpt)"),
+        })
+        .collect();
+    for (lisa, ckpt, label) in &arms {
+        let (lisa, ckpt) = (*lisa, *ckpt);
         let mut model = registry::build::<C>(&spec, Parts::Dual { decoder: lisa }, CpuDevice, 0).unwrap();
         let count = |prefix: &str| -> usize {
             model
@@ -111,9 +129,14 @@ fn main() {
             let grads = {
                 let tape = Tape::<C>::new();
                 let bound = model.store().bind(&tape);
-                let out =
-                    forward_train(model.as_ref(), &bound, &tape.constant(x), &tape.constant(hint), &cond, lisa, None)
-                        .unwrap();
+                let (xv, hv) = (tape.constant(x.clone()), tape.constant(hint.clone()));
+                let (out, side_leaves) = if ckpt {
+                    let (o, l) =
+                        forward_train_checkpointed(model.as_ref(), &bound, &xv, &hv, &cond, lisa, None).unwrap();
+                    (o, Some(l))
+                } else {
+                    (forward_train(model.as_ref(), &bound, &xv, &hv, &cond, lisa, None).unwrap(), None)
+                };
                 let (_, g_pred) = C::mse_loss(&out.pred.value, &noise).unwrap();
                 let mut roots = vec![(&out.pred, g_pred)];
                 if let (Some(dec), Some(prior)) = (&out.decoded, &out.prior) {
@@ -123,7 +146,15 @@ fn main() {
                 }
                 let leaves = bound.leaves();
                 let mut g = tape.backward(&roots).unwrap();
-                leaves.into_iter().map(|(p, v)| (p, g.remove(v))).collect::<Vec<_>>()
+                let mut grads: Vec<_> = leaves.into_iter().map(|(p, v)| (p, g.remove(v))).collect();
+                if let Some(side_leaves) = side_leaves {
+                    drop(roots);
+                    drop(out);
+                    let (leaves, mut g2) = replay_side(model.as_ref(), &side_leaves, &mut g, &x, &hint, &cond).unwrap();
+                    grads.extend(leaves.into_iter().map(|(p, v)| (p, g2.remove(v))));
+                }
+                grads.retain(|(_, g)| g.is_some());
+                grads
             };
             let hp =
                 AdamWParams { lr: 1e-5, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2, step: s as u64 + 1 };
@@ -138,12 +169,14 @@ fn main() {
         let median = times[times.len() / 2];
         println!(
             "  {:<8} step {:>8.2} s (median of {steps}; all: {:?}), peak RSS {:.2} GiB",
-            if lisa { "LISA" } else { "baseline" },
+            label,
             median,
             times.iter().map(|t| format!("{t:.2}")).collect::<Vec<_>>(),
             rss_kib("VmHWM:") as f64 / (1 << 20) as f64
         );
         results.push(median);
     }
-    println!("  LISA / baseline step time: {:.3}", results[1] / results[0]);
+    if results.len() >= 2 {
+        println!("  {} / {} step time: {:.3}", arms[1].2, arms[0].2, results[1] / results[0]);
+    }
 }
