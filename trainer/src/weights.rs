@@ -61,30 +61,11 @@ pub fn to_safetensors<B: Backend>(
     tensors: &[(String, &B::Tensor)],
     metadata: BTreeMap<String, String>,
 ) -> Result<Vec<u8>> {
-    let host: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .iter()
-        .map(|(name, t)| {
-            let values = B::to_vec(t)?;
-            if values.iter().any(|v| !v.is_finite()) {
-                return Err(TrainError::NonFiniteTensor { tensor: name.clone() });
-            }
-            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            Ok((name.clone(), B::shape(t).dims().to_vec(), bytes))
-        })
-        .collect::<Result<_>>()?;
-    let views = host
-        .iter()
-        .map(|(n, s, b)| {
-            Ok((
-                n.as_str(),
-                TensorView::new(Dtype::F32, s.clone(), b).map_err(|e| TrainError::Serialize(e.to_string()))?,
-            ))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let metadata: HashMap<String, String> = metadata.into_iter().collect();
-    let bytes = safetensors::tensor::serialize(views, Some(metadata))
-        .map_err(|e| TrainError::Serialize(format!("safetensors: {e}")))?;
-    Ok(sorted_header(bytes))
+    let host: Vec<(String, Shape, Vec<f32>)> =
+        tensors.iter().map(|(name, t)| Ok((name.clone(), B::shape(t), B::to_vec(t)?))).collect::<Result<_>>()?;
+    let views: Vec<(String, Shape, &[f32])> =
+        host.iter().map(|(n, s, v)| (n.clone(), s.clone(), v.as_slice())).collect();
+    host_to_safetensors(&views, metadata)
 }
 
 /// Serialises host `f32` tensors `(name, shape, values)` to safetensors bytes, as

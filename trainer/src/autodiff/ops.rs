@@ -185,25 +185,10 @@ impl<B: Backend> Tape<B> {
         }))
     }
 
-    /// Channels `start .. start + len` of `x [n, c, …]`; backward pads the gradient with zeros.
+    /// Channels `start .. start + len` of `x [n, c, …]` ([`Tape::narrow`] of dim 1); backward
+    /// pads the gradient with zeros.
     pub fn slice_channels(&self, x: &Var<B>, start: usize, len: usize) -> Result<Var<B>> {
-        let value = B::slice_channels(&x.value, start, len)?;
-        let shape = B::shape(&x.value);
-        let dtype = B::dtype(&x.value);
-        Ok(self.record(value, &[x], move |g| {
-            let device = B::device(g);
-            let pad = |c: usize| -> lisa_core::Result<Option<B::Tensor>> {
-                if c == 0 {
-                    return Ok(None);
-                }
-                let mut d = shape.dims().to_vec();
-                d[1] = c;
-                B::zeros(&Shape::new(d), dtype, &device).map(Some)
-            };
-            let (before, after) = (pad(start)?, pad(shape.dims()[1] - start - len)?);
-            let parts: Vec<&B::Tensor> = before.iter().chain(std::iter::once(g)).chain(after.iter()).collect();
-            Ok(vec![Some(B::concat_channels(&parts)?)])
-        }))
+        self.narrow(x, 1, start, len)
     }
 
     /// The first `k` samples of a batch `x [n, …]` (batch is the outermost, contiguous dim).

@@ -42,22 +42,7 @@ pub fn forward_train<B: Backend>(
     let side = model.side(p, x_t, hint, cond)?;
     let pred = model.decode_main(p, &enc, Some((&side.residuals, model.conditioning_scale())))?;
     let hooked = model.lisa_hook().map(|h| side.feature(h).cloned()).transpose()?;
-    let (decoded, prior) = match (&hooked, lisa) {
-        (Some(h), true) => {
-            let n = cond.t.len();
-            let k = lisa_samples.unwrap_or(n);
-            if k == 0 || k > n {
-                return Err(TrainError::Config(format!("lisa sub-batch {k} must lie in 1..={n}")));
-            }
-            let prior = tape.no_grad(|| model.decode_main(p, &enc.slice_batch(tape, k)?, None))?;
-            let h_k = tape.slice_batch(h, k)?;
-            (Some(model.decode_lisa(p, &h_k, &cond.t[..k])?), Some(prior.value))
-        }
-        (None, true) => {
-            return Err(TrainError::Config("LISA training needs a model built with the decoder".into()));
-        }
-        (_, false) => (None, None),
-    };
+    let (decoded, prior) = lisa_term(model, p, &enc, hooked.as_ref(), cond, lisa, lisa_samples)?;
     Ok(TrainOutputs { pred, hooked, decoded, prior })
 }
 
@@ -92,22 +77,7 @@ pub fn forward_train_checkpointed<B: Backend>(
     let residuals = Residuals { down: side.residuals.down.iter().map(leaf).collect(), mid: leaf(&side.residuals.mid) };
     let pred = model.decode_main(p, &enc, Some((&residuals, model.conditioning_scale())))?;
     let hooked = model.lisa_hook().map(|h| side.feature(h).map(leaf)).transpose()?;
-    let (decoded, prior) = match (&hooked, lisa) {
-        (Some(h), true) => {
-            let n = cond.t.len();
-            let k = lisa_samples.unwrap_or(n);
-            if k == 0 || k > n {
-                return Err(TrainError::Config(format!("lisa sub-batch {k} must lie in 1..={n}")));
-            }
-            let prior = tape.no_grad(|| model.decode_main(p, &enc.slice_batch(tape, k)?, None))?;
-            let h_k = tape.slice_batch(h, k)?;
-            (Some(model.decode_lisa(p, &h_k, &cond.t[..k])?), Some(prior.value))
-        }
-        (None, true) => {
-            return Err(TrainError::Config("LISA training needs a model built with the decoder".into()));
-        }
-        (_, false) => (None, None),
-    };
+    let (decoded, prior) = lisa_term(model, p, &enc, hooked.as_ref(), cond, lisa, lisa_samples)?;
     let out = TrainOutputs { pred, hooked: hooked.clone(), decoded, prior };
     Ok((out, SideLeaves { residuals, hooked }))
 }
@@ -146,6 +116,39 @@ pub fn replay_side<B: Backend>(
     let param_leaves = p.leaves();
     let g = if refs.is_empty() { crate::autodiff::Gradients::default() } else { tape.backward(&refs)? };
     Ok((param_leaves, g))
+}
+
+/// The decoder output `D(h, t)` and the prior prediction of the LISA samples.
+type LisaTerm<B> = (Option<Var<B>>, Option<<B as lisa_core::backend::BackendTypes>::Tensor>);
+
+/// The LISA half of a training forward, shared by [`forward_train`] and
+/// [`forward_train_checkpointed`]: with `lisa`, the prior (the main decoder again, without
+/// residuals, no grad, reusing `enc`) and `D(h, t)` of the hooked feature, both for the
+/// first `lisa_samples` samples; `(None, None)` without.
+fn lisa_term<B: Backend>(
+    model: &dyn DualDenoiser<B>,
+    p: &Bound<'_, B>,
+    enc: &super::MainEncoding<B>,
+    hooked: Option<&Var<B>>,
+    cond: &Conditioning,
+    lisa: bool,
+    lisa_samples: Option<usize>,
+) -> Result<LisaTerm<B>> {
+    let tape = p.tape;
+    match (hooked, lisa) {
+        (Some(h), true) => {
+            let n = cond.t.len();
+            let k = lisa_samples.unwrap_or(n);
+            if k == 0 || k > n {
+                return Err(TrainError::Config(format!("lisa sub-batch {k} must lie in 1..={n}")));
+            }
+            let prior = tape.no_grad(|| model.decode_main(p, &enc.slice_batch(tape, k)?, None))?;
+            let h_k = tape.slice_batch(h, k)?;
+            Ok((Some(model.decode_lisa(p, &h_k, &cond.t[..k])?), Some(prior.value)))
+        }
+        (None, true) => Err(TrainError::Config("LISA training needs a model built with the decoder".into())),
+        (_, false) => Ok((None, None)),
+    }
 }
 
 /// Inference: the controlled prediction only (no decoder, no prior pass), with the
