@@ -7,7 +7,7 @@
 # Environment:
 #   LISA_BENCH_ROUNDS=2     rounds (each = one lisa bench run + one torch run)
 #   LISA_BENCH_K=10         timed steps per measurement on both sides (after 3 warm-up steps)
-#   LISA_BENCH_SAMPLE_REPEATS=3   timed DDIM-25 runs (torch; lisa's bench does not sample yet)
+#   LISA_BENCH_SAMPLE_REPEATS=3   timed DDIM-25 runs of 64 images on both sides
 #   LISA_BENCH_THREADS=N    threads for both (default: every CPU; lisa via RAYON_NUM_THREADS)
 #   LISA_BENCH_PYTHON=...   a python with torch (skips setup.sh), e.g. /work/pyref/bin/python
 #   LISA_BENCH_VENV=...     where setup.sh puts its venv (default ~/.cache/lisa-bench-venv)
@@ -107,13 +107,19 @@ TORCH_FILES=()
 for r in $(seq 1 "$ROUNDS"); do
     echo "== round $r/$ROUNDS: lisa"
     quiet_note
-    (cd "$ROOT" && RAYON_NUM_THREADS="$THREADS" LISA_BENCH_STEPS=$((K + WARMUP)) \
-        "$BENCH_BIN" --bench) >"$OUT/lisa.$r.txt" 2>"$OUT/lisa.$r.err" || {
-        cat "$OUT/lisa.$r.txt"
-        tail -30 "$OUT/lisa.$r.err"
-        exit 1
-    }
-    grep -E '^\||LISA /|prior pass|LISA decoder|peak RSS|DDIM|pretrain' "$OUT/lisa.$r.txt" | sed 's/^/  /'
+    # One process per arm, so that each arm's peak RSS is its own (as torch_toy.py does).
+    : >"$OUT/lisa.$r.txt"
+    for arm in baseline lisa lisa_sub16 parts pretrain sample; do
+        (cd "$ROOT" && RAYON_NUM_THREADS="$THREADS" LISA_BENCH_STEPS=$((K + WARMUP)) LISA_BENCH_ARMS=$arm \
+            LISA_BENCH_SAMPLE_REPEATS="$SAMPLE_REPEATS" "$BENCH_BIN" --bench) >"$OUT/lisa.$r.$arm.txt" \
+            2>"$OUT/lisa.$r.$arm.err" || {
+            cat "$OUT/lisa.$r.$arm.txt"
+            tail -30 "$OUT/lisa.$r.$arm.err"
+            exit 1
+        }
+        cat "$OUT/lisa.$r.$arm.txt" >>"$OUT/lisa.$r.txt"
+        grep -E '^\| [A-Za-z]|peak RSS of arm' "$OUT/lisa.$r.$arm.txt" | grep -v '^| arm' | sed 's/^/  /'
+    done
     echo "== round $r/$ROUNDS: torch"
     quiet_note
     "$PY" "$HERE/torch_toy.py" --steps "$K" --warmup "$WARMUP" --sample-repeats "$SAMPLE_REPEATS" \

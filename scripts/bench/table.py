@@ -5,16 +5,17 @@ issue's targets. Standard library only; compare.sh calls it.
 
     python table.py --lisa r1.txt r2.txt --torch r1.json r2.json
 
-Lines read from lisa's output (trainer/benches/step.rs's format):
+Lines read from lisa's output (trainer/benches/step.rs's format; compare.sh runs one arm per
+process and concatenates their outputs into one file per round):
     | baseline | 0.123 s | 100 MiB | 120 MiB |
     | LISA | 0.150 s | ... |
     | LISA, sub-batch 16 | 0.140 s | ... |
-    prior pass (main up path, no grad): 12.3 ms = 8% of the LISA step
-    LISA decoder (forward + backward): 4.5 ms = 3% of the LISA step
-    peak RSS of the process: 123 MiB
-and, once the Rust bench prints them (it does not yet), any of
-    | pretraining step | 0.123 s | ... |            (or a line "pretraining step ...: 123 ms")
+    | pretraining step | 0.123 s | ... |
+    prior pass (main up path, no grad): 12.3 ms
+    LISA decoder (forward + backward): 4.5 ms
     DDIM-25 sampling of 64 images: 4.56 s
+    peak RSS of arm baseline: 123 MiB           (one per process when it ran one arm)
+    peak RSS of the process: 123 MiB            (older outputs: every arm in one process)
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import json
 import re
 
 NOT_MEASURED = "not measured by lisa's bench yet"
+TRAINING_ARMS = ("baseline", "lisa", "lisa_sub16", "prior_pass", "decoder")
+LISA_TRAINING_ARMS = ("baseline", "lisa", "lisa_sub16", "parts")
 
 
 def seconds(value, unit):
@@ -57,16 +60,25 @@ def parse_lisa(text):
             m = re.match(pat, line)
             if m and key not in out:
                 out[key] = seconds(m.group(1), m.group(2))
+        m = re.match(r"^peak RSS of arm (\w+):\s*(\d+) MiB", line)
+        if m:
+            out[f"{m.group(1)}_peak_rss_mib"] = int(m.group(2))
         m = re.match(r"^peak RSS of the process:\s*(\d+) MiB", line)
         if m:
-            out["peak_rss_mib"] = int(m.group(1))
+            out["process_peak_rss_mib"] = max(out.get("process_peak_rss_mib", 0), int(m.group(1)))
         m = re.match(r"^reference toy configuration, (.*)$", line)
         if m:
-            out["header"] = m.group(1)
+            out.setdefault("header", m.group(1))
+    # The training arms' peak: the largest per-arm peak ("parts" = prior pass + decoder), or, for
+    # an output of every arm in one process, that process's peak.
+    peaks = [out[f"{k}_peak_rss_mib"] for k in LISA_TRAINING_ARMS if f"{k}_peak_rss_mib" in out]
+    if peaks:
+        out["peak_rss_mib"] = max(peaks)
+    elif "process_peak_rss_mib" in out:
+        out["peak_rss_mib"] = out["process_peak_rss_mib"]
     return out
 
 
-TRAINING_ARMS = ("baseline", "lisa", "lisa_sub16", "prior_pass", "decoder")
 
 
 def parse_torch(path):
@@ -148,23 +160,26 @@ def main():
     row("LISA decoder forward + backward", "decoder")
     row("prior pretraining step (batch 32)", "pretrain", "≤ 1.0× torch", 1.0)
     row("DDIM-25 sampling, 64 images", "sample", "≤ 1.0× torch", 1.0)
-    lp, _ = agg(lisa, "peak_rss_mib")
-    tp, _ = agg(torch, "peak_rss_mib")
-    if lp is not None and tp:
-        r = lp / tp
-        print(f"| peak RSS, training arms | {lp:.0f} MiB | {tp:.0f} MiB | {r:.2f}× | ≤ 1/3 of torch | "
-              f"{'yes' if r <= 1 / 3 else 'NO'} |")
-    else:
-        print(f"| peak RSS, training arms | {NOT_MEASURED if lp is None else f'{lp:.0f} MiB'} | "
-              f"{'-' if tp is None else f'{tp:.0f} MiB'} | - | ≤ 1/3 of torch | - |")
-    for key, label in (("pretrain", "pretraining"), ("sample", "sampling")):
-        tv, _ = agg(torch, f"{key}_peak_rss_mib")
-        if tv is not None:
-            print(f"| peak RSS, {label} | {NOT_MEASURED} | {tv:.0f} MiB | - | ≤ 1/3 of torch | - |")
+
+    def rss_row(label, lisa_key, torch_key):
+        lp, _ = agg(lisa, lisa_key)
+        tp, _ = agg(torch, torch_key)
+        if lp is not None and tp:
+            r = lp / tp
+            print(f"| peak RSS, {label} | {lp:.0f} MiB | {tp:.0f} MiB | {r:.2f}× | ≤ 1/3 of torch | "
+                  f"{'yes' if r <= 1 / 3 else 'NO'} |")
+        else:
+            print(f"| peak RSS, {label} | {NOT_MEASURED if lp is None else f'{lp:.0f} MiB'} | "
+                  f"{'-' if tp is None else f'{tp:.0f} MiB'} | - | ≤ 1/3 of torch | - |")
+
+    rss_row("training arms", "peak_rss_mib", "peak_rss_mib")
+    rss_row("pretraining", "pretrain_peak_rss_mib", "pretrain_peak_rss_mib")
+    rss_row("sampling", "sample_peak_rss_mib", "sample_peak_rss_mib")
 
     print("\nNotes:")
-    print("- lisa's peak RSS is its bench process's VmHWM (baseline, LISA, sub-batch 16, prior pass and")
-    print("  decoder arms in one process); torch's is the largest ru_maxrss of the same arms, each run in")
+    print("- Peak RSS: each measurement runs in its own process on both sides (lisa: VmHWM, torch:")
+    print("  ru_maxrss); 'training arms' is the largest over baseline, LISA, sub-batch 16, prior pass and")
+    print("  decoder. torch's figures include the resident set of `import torch`: each arm ran in")
     ti, _ = agg(torch, "rss_after_import_mib")
     if ti is not None:
         print(f"  its own subprocess; {ti:.0f} MiB of it is `import torch` alone (RSS before any model).")

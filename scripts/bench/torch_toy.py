@@ -432,7 +432,8 @@ class Data:
     def __init__(self, torch, c, seed=0):
         self.torch = torch
         self.c = c
-        self.gen = torch.Generator().manual_seed(seed)
+        # On the default device (--device): a CPU generator cannot feed CUDA tensors.
+        self.gen = torch.Generator(device=torch.get_default_device()).manual_seed(seed)
         self.palette = torch.tensor(PALETTE, dtype=torch.float32)
         T = c["num_train_timesteps"]
         betas = torch.linspace(c["beta_start"], c["beta_end"], T, dtype=torch.float32)
@@ -596,7 +597,7 @@ def sample(torch, model, data, hint, ids, c, steps=None):
             residuals, _ = model.side(x, hint, tt, ids)
             eps = model.main.decode(enc, residuals, c["control_scale"])
             a_t = ac[t]
-            a_prev = ac[t - ratio] if t - ratio >= 0 else torch.tensor(1.0)
+            a_prev = ac[t - ratio] if t - ratio >= 0 else torch.tensor(1.0, device=x.device)
             alpha, sigma = a_t.sqrt(), (1.0 - a_t).sqrt()
             x0 = (x - sigma * eps) / alpha
             if c["clip_sample"]:
@@ -637,20 +638,30 @@ def measure(name, args):
 
     threads = args.threads or cpu_threads()
     torch.set_num_threads(threads)
+    if args.device != "cpu":
+        # Models, data and noise are created on the device; each timed call ends synchronised.
+        torch.set_default_device(args.device)
     torch.manual_seed(0)
+
+    def sync():
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
     _torch, F, ToyModel = build_modules()
     rss_import = rss_kib()
     c = CONFIG
     times = []
-    out = {"measurement": name, "description": DESCRIPTIONS[name], "threads": threads}
+    out = {"measurement": name, "description": DESCRIPTIONS[name], "threads": threads, "device": args.device}
 
     def timed(fn, warmup, repeats):
         for _ in range(warmup):
             fn()
+        sync()
         out["rss_after_warmup_kib"] = rss_kib()
         for _ in range(repeats):
             s = time.perf_counter()
             fn()
+            sync()
             times.append(time.perf_counter() - s)
 
     if name in ("baseline", "lisa", "lisa_sub16"):
@@ -695,10 +706,11 @@ def measure(name, args):
         # warm-up: a few denoising steps (a full extra run would double the cost)
         for _ in range(max(args.warmup, 1)):
             sample(torch, model, data, hint, ids, c, steps=2)
+        sync()
         out["rss_after_warmup_kib"] = rss_kib()
         for _ in range(args.sample_repeats):
             s = time.perf_counter()
-            sample(torch, model, data, hint, ids, c)
+            sample(torch, model, data, hint, ids, c).cpu()  # the images on the host, as lisa's bench
             times.append(time.perf_counter() - s)
     else:
         raise SystemExit(f"unknown measurement {name!r} (known: {', '.join(MEASUREMENTS)})")
@@ -724,6 +736,9 @@ def environment():
         info["torch"] = torch.__version__
         info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         info["mkldnn"] = torch.backends.mkldnn.is_available()
+        if torch.cuda.is_available():
+            info["cuda_device"] = torch.cuda.get_device_name(0)
+            info["cuda"] = torch.version.cuda
     except Exception as e:  # noqa: BLE001
         info["torch"] = f"unavailable ({e})"
     return info
@@ -794,6 +809,7 @@ def main():
     ap.add_argument("--sample-repeats", type=int, default=int(os.environ.get("LISA_BENCH_SAMPLE_REPEATS", 3)),
                     help="timed full DDIM-25 runs (default 3)")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: CPUs available)")
+    ap.add_argument("--device", default="cpu", help="torch device: cpu (default) or cuda")
     ap.add_argument("--only", default=",".join(MEASUREMENTS), help="comma-separated measurements")
     ap.add_argument("--measure", help="run one measurement in this process and print its JSON")
     ap.add_argument("--json", help="also write every result as JSON to this file")
@@ -818,7 +834,7 @@ def main():
     for name in [m for m in args.only.split(",") if m]:
         cmd = [sys.executable, os.path.abspath(__file__), "--measure", name, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--sample-repeats", str(args.sample_repeats),
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads), "--device", args.device]
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
             sys.stderr.write(p.stderr)

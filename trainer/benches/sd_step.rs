@@ -56,6 +56,7 @@ fn config(full: bool) -> (serde_json::Value, usize, usize) {
 }
 
 fn main() {
+    lisa_cpu::keep_freed_memory(); // as the `lisa` command does
     let full = std::env::args().any(|a| a == "--bench");
     let steps: usize = std::env::var("LISA_BENCH_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
     let steps = if full { steps.max(1) } else { 1 };

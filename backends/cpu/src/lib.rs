@@ -9,6 +9,7 @@
 //! thread count: every reduction uses a fixed partition of the data and sums the parts in a
 //! fixed order, and random numbers are counter-based ([`lisa_core::rng`]).
 
+mod allocator;
 mod backend;
 mod conv;
 mod elementwise;
@@ -20,6 +21,7 @@ mod reduce;
 mod sums;
 mod tensor;
 
+pub use allocator::keep_freed_memory;
 pub use backend::{CpuBackend, CpuDevice};
 pub use tensor::CpuTensor;
 

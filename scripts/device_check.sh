@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# The device check: lisa on a CUDA GPU, in one short run.
+#
+#   scripts/device_check.sh build   # on the build machine (no GPU needed): the CUDA binaries,
+#                                   # stripped and compressed into target/device-check/ (< 64 MiB)
+#   scripts/device_check.sh run     # on the GPU machine, from the repository root with
+#                                   # target/device-check/ copied there; no cargo needed
+#
+# `run` does, each stage under its own time limit (the whole at most ~8 minutes):
+#   1. the backend conformance suite on CUDA (every check of lisa-conformance, forward, backward,
+#      finite differences, bad inputs), with a missing GPU fatal (LISA_REQUIRE_CUDA=1);
+#   2. the toy step benchmark (trainer/benches/step.rs) on CUDA: baseline, LISA, LISA
+#      sub-batch 16, prior pass + decoder, pretraining step, DDIM-25 sampling of 64 images;
+#   3. the PyTorch reference of the same configuration (scripts/bench/torch_toy.py) on CUDA, when
+#      a Python with a CUDA-enabled torch is on the machine (LISA_BENCH_PYTHON, else python3);
+#      otherwise it says so and prints lisa's figures alone;
+#   4. the table of ratios (scripts/bench/table.py), with the GPU's name above it.
+# Exit status: non-zero when the conformance suite or the benchmark fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=target/device-check
+
+build() {
+    echo "== building the CUDA binaries (bench profile, cuda feature)"
+    mkdir -p "$OUT_DIR"
+    local conf bench
+    # One profile for both (bench = release + line tables) so that the dependencies build once.
+    cargo test --profile bench -p lisa-cubecl --features cuda --test conformance_cuda --no-run \
+        --message-format=json >"$OUT_DIR/build.json" 2>"$OUT_DIR/build.log" || fail_build
+    conf="$(exe_of conformance_cuda <"$OUT_DIR/build.json")"
+    cargo bench -p lisa-trainer --features cuda --bench step --no-run \
+        --message-format=json >"$OUT_DIR/build.json" 2>"$OUT_DIR/build.log" || fail_build
+    bench="$(exe_of step <"$OUT_DIR/build.json")"
+    rm -f "$OUT_DIR/build.json" "$OUT_DIR/build.log"
+    [ -x "$conf" ] && [ -x "$bench" ] || {
+        echo "device_check: cargo built no conformance_cuda or step executable" >&2
+        exit 1
+    }
+    for pair in "conformance_cuda:$conf" "step_cuda:$bench"; do
+        local name="${pair%%:*}" exe="${pair#*:}"
+        cp "$exe" "$OUT_DIR/$name"
+        strip --strip-debug "$OUT_DIR/$name"
+        xz -T0 -6 -f "$OUT_DIR/$name"
+    done
+    git rev-parse HEAD >"$OUT_DIR/commit" 2>/dev/null || echo unknown >"$OUT_DIR/commit"
+    ls -l "$OUT_DIR"
+    echo "carry target/device-check to the GPU machine and run: scripts/device_check.sh run"
+}
+
+fail_build() {
+    tail -30 "$OUT_DIR/build.log" >&2
+    echo "device_check: the CUDA build failed (log above)" >&2
+    exit 1
+}
+
+# The executable of the artifact named $1 in cargo's JSON messages on stdin.
+exe_of() {
+    python3 -c '
+import json, sys
+exe = ""
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and (m.get("target") or {}).get("name") == sys.argv[1] and m.get("executable"):
+        exe = m["executable"]
+print(exe)' "$1"
+}
+
+run() {
+    [ -f "$OUT_DIR/conformance_cuda.xz" ] && [ -f "$OUT_DIR/step_cuda.xz" ] || {
+        echo "device_check: no binaries in $OUT_DIR: run 'scripts/device_check.sh build' on the build machine first" >&2
+        exit 2
+    }
+    local work
+    work="$(mktemp -d "${TMPDIR:-/tmp}/lisa-device.XXXXXX")"
+    for name in conformance_cuda step_cuda; do
+        xz -dc "$OUT_DIR/$name.xz" >"$work/$name"
+        chmod +x "$work/$name"
+    done
+    echo "== machine"
+    echo "binaries built from commit $(cat "$OUT_DIR/commit" 2>/dev/null || echo unknown)"
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | sed 's/^/GPU: /'
+    else
+        echo "GPU: nvidia-smi not found"
+    fi
+    echo "CPU: $(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1) ($(nproc) CPUs)"
+    local status=0
+
+    echo "== 1. conformance suite on CUDA"
+    if LISA_REQUIRE_CUDA=1 timeout 240 "$work/conformance_cuda" --include-ignored --test-threads 1 \
+        >"$work/conformance.txt" 2>&1; then
+        grep -E '^test result:' "$work/conformance.txt"
+    else
+        status=1
+        grep -E 'FAILED|panicked|^test result:|error' "$work/conformance.txt" | head -40
+        echo "conformance on CUDA: FAILED (exit or timeout; full output above was cut to the failures)"
+    fi
+
+    echo "== 2. toy step benchmark on CUDA"
+    if LISA_BENCH_BACKEND=cuda LISA_BENCH_STEPS="${LISA_BENCH_STEPS:-13}" LISA_BENCH_SAMPLE_REPEATS=3 \
+        timeout 200 "$work/step_cuda" --bench >"$work/lisa.txt" 2>"$work/lisa.err"; then
+        cat "$work/lisa.txt"
+    else
+        status=1
+        cat "$work/lisa.txt"
+        tail -20 "$work/lisa.err"
+        echo "step benchmark on CUDA: FAILED (exit or timeout)"
+    fi
+
+    echo "== 3. PyTorch reference on CUDA"
+    local py="${LISA_BENCH_PYTHON:-python3}"
+    if "$py" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' >/dev/null 2>&1; then
+        timeout 150 "$py" scripts/bench/torch_toy.py --device cuda --steps 10 --warmup 3 --sample-repeats 3 \
+            --only baseline,lisa,lisa_sub16,prior_pass,decoder,pretrain,sample --json "$work/torch.json" \
+            | grep -E '^  |^torch' || echo "PyTorch reference on CUDA: failed or timed out"
+    else
+        echo "PyTorch reference: not run (no Python with a CUDA-enabled torch here; set LISA_BENCH_PYTHON)"
+    fi
+
+    echo "== 4. ratios (lisa-cubecl on CUDA vs PyTorch on CUDA)"
+    if [ -s "$work/torch.json" ] && [ -s "$work/lisa.txt" ]; then
+        python3 scripts/bench/table.py --lisa "$work/lisa.txt" --torch "$work/torch.json" | sed -n '1,20p'
+    else
+        echo "no ratios: the PyTorch side did not run (lisa's figures are in section 2)"
+    fi
+    rm -rf "$work"
+    return $status
+}
+
+case "${1:-}" in
+    build) build ;;
+    run) run ;;
+    *)
+        echo "usage: scripts/device_check.sh build|run" >&2
+        exit 2
+        ;;
+esac
