@@ -73,6 +73,10 @@ run() {
         echo "device_check: no binaries in $OUT_DIR: run 'scripts/device_check.sh build' on the build machine first" >&2
         exit 2
     }
+    if [ ! -e /proc/driver/nvidia/version ] && [ ! -e /dev/nvidiactl ]; then
+        echo "device_check: no NVIDIA driver on this machine; run this on the GPU machine" >&2
+        exit 2
+    fi
     local work
     work="$(mktemp -d "${TMPDIR:-/tmp}/lisa-device.XXXXXX")"
     for name in conformance_cuda step_cuda; do
@@ -95,8 +99,9 @@ run() {
         grep -E '^test result:' "$work/conformance.txt"
     else
         status=1
-        grep -E 'FAILED|panicked|^test result:|error' "$work/conformance.txt" | head -40
-        echo "conformance on CUDA: FAILED (exit or timeout; full output above was cut to the failures)"
+        grep -E '^test .* FAILED|^test result:' "$work/conformance.txt" | head -30
+        grep -m3 -A2 'panicked at' "$work/conformance.txt" || true
+        echo "conformance on CUDA: FAILED (failing checks and the first panics above, or the time limit)"
     fi
 
     echo "== 2. toy step benchmark on CUDA"
