@@ -133,9 +133,15 @@ fn for_each_image(
     per_image: impl Fn(usize, &mut [f32], &mut Vec<f32>, bool) + Sync,
 ) {
     if parallel_over_images(batch) {
-        out.par_chunks_mut(out_per_image)
-            .enumerate()
-            .for_each_init(|| vec![0.0f32; scratch_len], |scratch, (n, o)| per_image(n, o, scratch, false));
+        // One contiguous run of images per thread, each with one scratch buffer (a scratch per
+        // rayon split was allocated and zeroed up to once per image).
+        let per_task = batch.div_ceil(rayon::current_num_threads());
+        out.par_chunks_mut(out_per_image * per_task).enumerate().for_each(|(t, run)| {
+            let mut scratch = vec![0.0f32; scratch_len];
+            for (i, o) in run.chunks_mut(out_per_image).enumerate() {
+                per_image(t * per_task + i, o, &mut scratch, false);
+            }
+        });
     } else {
         let mut scratch = vec![0.0f32; scratch_len];
         for (n, o) in out.chunks_mut(out_per_image).enumerate() {
