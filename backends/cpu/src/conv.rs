@@ -14,7 +14,7 @@
 use lisa_core::backend::geometry::Conv2dGeometry;
 use rayon::prelude::*;
 
-use crate::gemm::{MatRef, gemm_into};
+use crate::gemm::{MatRef, gemm_into, gemm_into_col_major};
 
 /// Number of image groups the weight gradient is split into (fixed: determinism).
 const WEIGHT_GRAD_GROUPS: usize = 8;
@@ -195,10 +195,11 @@ pub(crate) fn conv2d_backward_data(g: &Conv2dGeometry, dy: &[f32], w: &[f32]) ->
 
 /// Backward weight: `dW = Σ_n dy[n] · cols[n]ᵀ` over fixed groups of images.
 ///
-/// `cols[n]` is transposed into `[P, K]` first: both operands of this product run along the
-/// reduction axis `P`, a layout the GEMM can only pack element by element (that packing was
-/// 30 % of the toy pretraining step); after the transpose the right operand is row-major
-/// like the forward's, and the transpose costs one pass over `K × P`.
+/// Both `dy[n] [c_out, P]` and `cols[n] [K, P]` run along the reduction axis `P`, a layout the
+/// GEMM packs element by element when it is its left operand (that packing was 30 % of the toy
+/// pretraining step). So the small one, `dy[n]`, is transposed to `[P, c_out]` (`K/c_out`
+/// times less to move than `cols[n]`), and the group's sum is accumulated column-major as
+/// `dWᵀ [K, c_out]`, transposed once per group at the end.
 pub(crate) fn conv2d_backward_weight(g: &Conv2dGeometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let (k, p, in_img) = (g.c_in * g.kh * g.kw, g.oh * g.ow, g.c_in * g.h * g.w);
     let pointwise = is_pointwise(g);
@@ -209,9 +210,9 @@ pub(crate) fn conv2d_backward_weight(g: &Conv2dGeometry, x: &[f32], dy: &[f32]) 
     let partials: Vec<Vec<f32>> = (0..groups)
         .into_par_iter()
         .map(|grp| {
-            let mut dw = vec![0.0f32; g.c_out * k];
+            let mut dw_t = vec![0.0f32; k * g.c_out]; // [K, c_out] = dW column-major
             let mut cols = vec![0.0f32; if pointwise { 0 } else { k * p }];
-            let mut cols_t = vec![0.0f32; k * p]; // [P, K]
+            let mut dy_t = vec![0.0f32; p * g.c_out]; // [P, c_out]
             for (i, n) in (grp * per_group..((grp + 1) * per_group).min(g.batch)).enumerate() {
                 let x_n = &x[n * in_img..(n + 1) * in_img];
                 let cols: &[f32] = if pointwise {
@@ -220,10 +221,17 @@ pub(crate) fn conv2d_backward_weight(g: &Conv2dGeometry, x: &[f32], dy: &[f32]) 
                     im2col(g, x_n, &mut cols);
                     &cols
                 };
-                transpose_into(cols, k, p, &mut cols_t);
-                let dy_n = MatRef::row_major(&dy[n * g.c_out * p..(n + 1) * g.c_out * p], g.c_out, p);
-                gemm_into(&mut dw, i > 0, dy_n, MatRef::row_major(&cols_t, p, k), par_gemm);
+                transpose_into(&dy[n * g.c_out * p..(n + 1) * g.c_out * p], g.c_out, p, &mut dy_t);
+                gemm_into_col_major(
+                    &mut dw_t,
+                    i > 0,
+                    MatRef::transposed(&dy_t, g.c_out, p),
+                    MatRef::transposed(cols, p, k),
+                    par_gemm,
+                );
             }
+            let mut dw = vec![0.0f32; g.c_out * k];
+            transpose_into(&dw_t, k, g.c_out, &mut dw);
             dw
         })
         .collect();

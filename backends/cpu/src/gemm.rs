@@ -40,6 +40,25 @@ impl<'a> MatRef<'a> {
 
 /// `dst (m × n, row-major) = [dst +] a (m × k) · b (k × n)`.
 pub(crate) fn gemm_into(dst: &mut [f32], accumulate: bool, a: MatRef<'_>, b: MatRef<'_>, parallel: bool) {
+    gemm_strided(dst, Layout::RowMajor, accumulate, a, b, parallel)
+}
+
+/// `dst (m × n, column-major: element (i, j) at i + j·m) = [dst +] a (m × k) · b (k × n)`.
+///
+/// The `gemm` crate computes into a column-major destination as given, and packs its left
+/// operand fast when that operand's rows are contiguous (row stride 1); a row-major
+/// destination makes it transpose the whole product (`dstᵀ = bᵀ·aᵀ`), which swaps the roles.
+pub(crate) fn gemm_into_col_major(dst: &mut [f32], accumulate: bool, a: MatRef<'_>, b: MatRef<'_>, parallel: bool) {
+    gemm_strided(dst, Layout::ColMajor, accumulate, a, b, parallel)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    RowMajor,
+    ColMajor,
+}
+
+fn gemm_strided(dst: &mut [f32], layout: Layout, accumulate: bool, a: MatRef<'_>, b: MatRef<'_>, parallel: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert!(b.rows == k && dst.len() >= m * n, "gemm_into: {m}x{k} · {}x{n} into {}", b.rows, dst.len());
     if m == 0 || n == 0 {
@@ -52,9 +71,14 @@ pub(crate) fn gemm_into(dst: &mut [f32], accumulate: bool, a: MatRef<'_>, b: Mat
         return;
     }
     let parallelism = if parallel { Parallelism::Rayon(0) } else { Parallelism::None };
+    let (dst_cs, dst_rs) = match layout {
+        Layout::RowMajor => (1, n as isize),
+        Layout::ColMajor => (m as isize, 1),
+    };
     // SAFETY: `a` and `b` were bounds-checked at construction (every element (i, j) with
     // i < rows, j < cols lies inside their slices), `b.rows == k` was asserted above, and
-    // `dst` holds at least m·n elements addressed row-major (row stride n, column stride 1).
+    // `dst` holds at least m·n elements addressed row-major (row stride n, column stride 1)
+    // or column-major (row stride 1, column stride m).
     // The three slices cannot alias: `dst` is a unique `&mut`, `a`/`b` shared borrows.
     // Strides fit `isize` because they index into live allocations (≤ isize::MAX bytes).
     unsafe {
@@ -63,8 +87,8 @@ pub(crate) fn gemm_into(dst: &mut [f32], accumulate: bool, a: MatRef<'_>, b: Mat
             n,
             k,
             dst.as_mut_ptr(),
-            1,
-            n as isize,
+            dst_cs,
+            dst_rs,
             accumulate,
             a.data.as_ptr(),
             a.col_stride as isize,
