@@ -67,12 +67,12 @@ fn im2col(g: &Conv2dGeometry, x: &[f32], cols: &mut [f32]) {
     }
 }
 
-/// Scatter-adds `cols [K, P]` back into one image `dx [c_in, h, w]` (the adjoint of im2col).
+/// Scatter-adds `cols [K, P]` into one image `dx [c_in, h, w]` (the adjoint of im2col); `dx`
+/// comes zeroed (a fresh output buffer), so it is not cleared again here.
 fn col2im(g: &Conv2dGeometry, cols: &[f32], dx: &mut [f32]) {
     let [sh, sw] = g.params.stride;
     let [ph, pw] = g.params.padding;
     let p = g.oh * g.ow;
-    dx.fill(0.0);
     for c in 0..g.c_in {
         let plane = &mut dx[c * g.h * g.w..(c + 1) * g.h * g.w];
         for u in 0..g.kh {
