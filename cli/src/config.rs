@@ -136,12 +136,17 @@ impl RunFile {
     pub fn load(path: Option<&Path>) -> Result<Self> {
         let Some(path) = path else { return Ok(Self::default()) };
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read run file {}", path.display()))?;
-        let mut file: Self = toml::from_str(&text).with_context(|| format!("run file {}", path.display()))?;
-        registry::validate(&file.model).with_context(|| format!("run file {}", path.display()))?;
+        Self::from_toml(&text, &format!("run file {}", path.display()))
+    }
+
+    /// Parses a run file's text; errors name `origin`.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
+        let mut file: Self = toml::from_str(text).with_context(|| origin.to_string())?;
+        registry::validate(&file.model).with_context(|| origin.to_string())?;
         if file.data.len > MAX_PROCEDURAL {
-            bail!("run file {}: [data] len {} is more than {MAX_PROCEDURAL} examples", path.display(), file.data.len);
+            bail!("{origin}: [data] len {} is more than {MAX_PROCEDURAL} examples", file.data.len);
         }
-        let table: toml::Table = toml::from_str(&text).with_context(|| format!("run file {}", path.display()))?;
+        let table: toml::Table = toml::from_str(text).with_context(|| origin.to_string())?;
         let model = table.get("model").and_then(|m| m.as_table());
         file.model_given = model.is_some_and(|m| m.keys().any(|k| k != "decoder"));
         file.decoder_given = model.is_some_and(|m| m.contains_key("decoder"));

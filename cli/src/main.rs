@@ -17,6 +17,7 @@ mod run_dir;
 mod sample;
 mod sd_cache;
 mod sd_validation;
+mod study;
 mod train;
 
 use std::process::ExitCode;
@@ -59,6 +60,9 @@ enum Command {
     Sample(sample::SampleArgs),
     /// Controllability IoU and colour fidelity of a checkpoint on the fixed validation set.
     Eval(eval::EvalArgs),
+    /// A grid of arms x seeds of control training (a TOML study file), resumable, with a
+    /// summary over seeds (steps to IoU thresholds, speed-up against a reference arm) and a plot.
+    Study(study::StudyArgs),
 }
 
 /// Runs `$body` with `$B` bound to the chosen backend type and `$device` to its device.
@@ -105,6 +109,7 @@ fn main() -> ExitCode {
         Command::Train(a) => with_backend!(cli.backend, B, d => train::run::<B>(*a, d)),
         Command::Sample(a) => with_backend!(cli.backend, B, d => sample::run::<B>(a, d)),
         Command::Eval(a) => with_backend!(cli.backend, B, d => eval::run::<B>(a, d)),
+        Command::Study(a) => with_backend!(cli.backend, B, d => study::run::<B>(a, d)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -312,16 +312,17 @@ pub fn train_arm<B: Backend>(file: &RunFile, start: Start, device: B::Device, o:
     let first = trainer.run.state.step;
     let mut progress = Progress::new(o.label, first, t.max_train_steps);
     let run_id = trainer.run_id.clone();
-    let validate_now = |trainer: &Trainer<B>, step: u64, report: &mut ArmReport| -> Result<f32> {
+    // IoU and colour error of one validation.
+    let validate_now = |trainer: &Trainer<B>, step: u64, report: &mut ArmReport| -> Result<(f32, f32)> {
         let v = validate(trainer.model.as_ref(), &t.noise, &val_set, &file.validation.sampling)?;
         save_png(&v.grid, &out.join(format!("validation-{step:06}.png")))?;
         report.validations.push((step, v.iou));
-        Ok(v.iou)
+        Ok((v.iou, v.colour_error))
     };
     if o.validate_at_start && first == 0 && validates {
-        let iou = validate_now(&trainer, 0, &mut report)?;
+        let (iou, colour) = validate_now(&trainer, 0, &mut report)?;
         progress.validation(0, iou);
-        write_metrics(serde_json::json!({"step": 0, "iou": iou, "run": run_id}))?;
+        write_metrics(serde_json::json!({"step": 0, "iou": iou, "colour_error": colour, "run": run_id}))?;
     }
     while trainer.run.state.step < t.max_train_steps {
         let step_start = Instant::now();
@@ -330,7 +331,7 @@ pub fn train_arm<B: Backend>(file: &RunFile, start: Start, device: B::Device, o:
         report.losses.push((s.step, s.loss, s.main_loss, s.lisa_loss));
         let its = (s.step - first) as f64 / report.train_seconds;
         let last = s.step == t.max_train_steps;
-        let mut iou = None;
+        let (mut iou, mut colour) = (None, None);
         let due = (o.validation_steps > 0 && s.step % o.validation_steps == 0) || last;
         if let (Some((v, conditions, vae)), true) = (&latent, due) {
             let grid =
@@ -338,13 +339,13 @@ pub fn train_arm<B: Backend>(file: &RunFile, start: Start, device: B::Device, o:
             save_png(&grid, &out.join(format!("validation-{:06}.png", s.step)))?;
         }
         if validates && due {
-            let v = validate_now(&trainer, s.step, &mut report)?;
+            let (v, c) = validate_now(&trainer, s.step, &mut report)?;
             progress.validation(s.step, v);
-            iou = Some(v);
+            (iou, colour) = (Some(v), Some(c));
         }
         progress.step(&s, its);
         write_metrics(
-            serde_json::json!({"step": s.step, "loss": s.loss, "main_loss": s.main_loss, "lisa_loss": s.lisa_loss, "grad_norm": s.grad_norm, "lr": s.lr, "steps_per_s": its, "iou": iou}),
+            serde_json::json!({"step": s.step, "loss": s.loss, "main_loss": s.main_loss, "lisa_loss": s.lisa_loss, "grad_norm": s.grad_norm, "lr": s.lr, "steps_per_s": its, "iou": iou, "colour_error": colour}),
         )?;
         if c.saves_at(s.step, t.max_train_steps) {
             save_checkpoint(&trainer, data.as_ref(), &out.join(format!("checkpoint-{}", s.step)))?;
