@@ -141,7 +141,7 @@ pub fn run<B: Backend>(a: StudyArgs, device: B::Device) -> Result<()> {
         None => study.arms.iter().find(|a| a.name == "baseline").map(|a| a.name.clone()),
     };
 
-    claim(&a.output_dir)?;
+    claim(&a.output_dir, !a.dry_run)?;
     let mut stdout = std::io::stdout().lock();
     for run in &plan {
         let state = if run.dir(&a.output_dir).join(DONE).is_file() { "done" } else { "to run" };
@@ -476,7 +476,10 @@ fn colour_of(order: &[String], arm: &str) -> [u8; 3] {
     match arm {
         "baseline" => PALETTE[0],
         "lisa" => PALETTE[1],
-        _ => PALETTE[2 + order.iter().position(|a| a == arm).unwrap_or(0) % (PALETTE.len() - 2)],
+        _ => {
+            let others = order.iter().filter(|a| *a != "baseline" && *a != "lisa");
+            PALETTE[2 + others.take_while(|a| *a != arm).count() % (PALETTE.len() - 2)]
+        }
     }
 }
 
@@ -519,9 +522,10 @@ fn band_plot(order: &[String], results: &Results, thresholds: &[f32]) -> Result<
     line_chart(&[panel], 860, 420)
 }
 
-/// Makes `dir` a study folder or checks that it is one (it holds [`MARKER`]): an existing
-/// folder with other contents and no marker is refused, so nothing the user made is touched.
-fn claim(dir: &Path) -> Result<()> {
+/// Checks that `dir` is a study folder (it holds [`MARKER`]), or absent or empty, and with
+/// `create` makes it one: a folder with other contents and no marker is refused, so nothing
+/// the user made is touched.
+fn claim(dir: &Path, create: bool) -> Result<()> {
     if dir.exists() {
         let entries: Vec<String> = std::fs::read_dir(dir)
             .with_context(|| format!("cannot read {}", dir.display()))?
@@ -532,6 +536,9 @@ fn claim(dir: &Path) -> Result<()> {
         if !entries.is_empty() && !entries.iter().any(|n| n == MARKER) {
             bail!("{} holds files lisa study did not write; choose another --output-dir", dir.display());
         }
+    }
+    if !create {
+        return Ok(());
     }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let marker = dir.join(MARKER);

@@ -1,6 +1,6 @@
 //! Every `lisa …` line of the README's command block runs as written, on a tiny model: the
 //! run file and the shipped prior are swapped for tiny ones and the step counts shortened
-//! (6000 → 2, 600 → 2, 900 → 4), nothing else.
+//! (6000 → 2, 600 → 2, 900 → 4), and the study file for a two-step one, nothing else.
 
 use std::path::Path;
 use std::process::Command;
@@ -42,8 +42,27 @@ fn words(line: &str) -> Vec<String> {
     out
 }
 
+/// A two-step study of the tiny model, in place of the shipped study files.
+const TINY_STUDY: &str = r#"
+base = "tiny.toml"
+main = "tiny-prior.safetensors"
+seeds = [0, 1]
+validation_steps = 2
+
+[[arm]]
+name = "baseline"
+set.train.mode = "baseline"
+set.train.max_train_steps = 2
+
+[[arm]]
+name = "lisa"
+set.train.mode = "lisa"
+set.train.max_train_steps = 2
+"#;
+
 fn tiny(line: &str) -> String {
-    line.replace("assets/demo.toml", "tiny.toml")
+    line.replace("assets/studies/lambda.toml", "tiny-study.toml")
+        .replace("assets/demo.toml", "tiny.toml")
         .replace("assets/prior.safetensors", "tiny-prior.safetensors")
         .replace("--max-train-steps 6000", "--max-train-steps 2")
         .replace("--max-train-steps 600 ", "--max-train-steps 2 ")
@@ -61,6 +80,7 @@ fn the_readme_commands_run_as_written() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("tiny.toml"), tiny_run_file()).unwrap();
+    std::fs::write(dir.join("tiny-study.toml"), TINY_STUDY).unwrap();
     let run = |args: &[String]| {
         let out = Command::new(env!("CARGO_BIN_EXE_lisa")).args(args).current_dir(&dir).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
@@ -78,5 +98,6 @@ fn the_readme_commands_run_as_written() {
         run(&w[1..]);
     }
     assert!(dir.join("runs/sample.png").is_file() && dir.join("runs/lisa/eval.png").is_file());
+    assert!(dir.join("runs/study-lambda/summary.json").is_file());
     std::fs::remove_dir_all(dir).unwrap();
 }
