@@ -100,6 +100,9 @@ struct RunResult {
     validations: Vec<(u64, f32, f32)>,
     /// Mean LISA loss and main loss over the last tenth of the steps.
     final_losses: (f64, f64),
+    /// `1 − mean LISA distance / mean distance of a zero decoder` over the last tenth of the
+    /// steps: the share of τ the decoder explains (NaN without LISA).
+    explained: f64,
     /// Training seconds per step (validation excluded).
     seconds_per_step: f64,
 }
@@ -307,7 +310,7 @@ fn read_run(dir: &Path) -> Result<RunResult> {
     let path = dir.join("metrics.jsonl");
     let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut validations = Vec::new();
-    let mut losses = Vec::new();
+    let mut losses: Vec<(f64, f64, f64)> = Vec::new();
     let mut steps_per_s = f64::NAN;
     for line in text.lines() {
         let v: serde_json::Value =
@@ -317,15 +320,22 @@ fn read_run(dir: &Path) -> Result<RunResult> {
             validations.push((step, iou as f32, v["colour_error"].as_f64().unwrap_or(f64::NAN) as f32));
         }
         if let (Some(lisa), Some(main)) = (v["lisa_loss"].as_f64(), v["main_loss"].as_f64()) {
-            losses.push((lisa, main));
+            losses.push((lisa, main, v["lisa_zero_distance"].as_f64().unwrap_or(f64::NAN)));
         }
         if let Some(rate) = v["steps_per_s"].as_f64() {
             steps_per_s = rate;
         }
     }
     let tail = &losses[losses.len() - losses.len().div_ceil(10)..];
-    let mean = |f: fn(&(f64, f64)) -> f64| tail.iter().map(f).sum::<f64>() / tail.len().max(1) as f64;
-    Ok(RunResult { validations, final_losses: (mean(|l| l.0), mean(|l| l.1)), seconds_per_step: 1.0 / steps_per_s })
+    let mean = |f: fn(&(f64, f64, f64)) -> f64| tail.iter().map(f).sum::<f64>() / tail.len().max(1) as f64;
+    let zero = mean(|l| l.2);
+    let explained = if zero > 0.0 { 1.0 - mean(|l| l.0) / zero } else { f64::NAN };
+    Ok(RunResult {
+        validations,
+        final_losses: (mean(|l| l.0), mean(|l| l.1)),
+        explained,
+        seconds_per_step: 1.0 / steps_per_s,
+    })
 }
 
 /// Mean and sample standard deviation.
@@ -411,6 +421,7 @@ fn summarise(
                 "speedup_to_reference_final_iou": speedup,
                 "final_lisa_loss": stat(&runs.iter().map(|(_, r)| r.final_losses.0).collect::<Vec<_>>()),
                 "final_main_loss": stat(&runs.iter().map(|(_, r)| r.final_losses.1).collect::<Vec<_>>()),
+                "final_tau_explained": stat(&runs.iter().map(|(_, r)| r.explained).filter(|v| v.is_finite()).collect::<Vec<_>>()),
                 "iou_curve": curve,
             }),
         );
@@ -446,8 +457,8 @@ fn summary_table(order: &[String], summary: &serde_json::Value, thresholds: &[f3
     for t in thresholds {
         out += &format!("steps to IoU {t:.2} (reached) | ");
     }
-    out += "speed-up to the reference's final IoU | step time ratio |\n";
-    out += &"|---".repeat(5 + thresholds.len());
+    out += "speed-up to the reference's final IoU | step time ratio | τ explained by the decoder |\n";
+    out += &"|---".repeat(6 + thresholds.len());
     out += "|\n";
     for arm in order {
         let a = &summary["arms"][arm];
@@ -463,7 +474,7 @@ fn summary_table(order: &[String], summary: &serde_json::Value, thresholds: &[f3
         }
         let speedup = a["speedup_to_reference_final_iou"].as_f64().map_or("-".into(), |v| format!("{v:.2}×"));
         let ratio = a["step_time_ratio"].as_f64().map_or("-".into(), |v| format!("{v:.2}"));
-        out += &format!("{speedup} | {ratio} |\n");
+        out += &format!("{speedup} | {ratio} | {} |\n", pm(&a["final_tau_explained"]));
     }
     out
 }

@@ -345,7 +345,7 @@ pub fn train_arm<B: Backend>(file: &RunFile, start: Start, device: B::Device, o:
         }
         progress.step(&s, its);
         write_metrics(
-            serde_json::json!({"step": s.step, "loss": s.loss, "main_loss": s.main_loss, "lisa_loss": s.lisa_loss, "grad_norm": s.grad_norm, "lr": s.lr, "steps_per_s": its, "iou": iou, "colour_error": colour}),
+            serde_json::json!({"step": s.step, "loss": s.loss, "main_loss": s.main_loss, "lisa_loss": s.lisa_loss, "lisa_zero_distance": s.lisa_zero_distance, "grad_norm": s.grad_norm, "lr": s.lr, "steps_per_s": its, "iou": iou, "colour_error": colour}),
         )?;
         if c.saves_at(s.step, t.max_train_steps) {
             save_checkpoint(&trainer, data.as_ref(), &out.join(format!("checkpoint-{}", s.step)))?;

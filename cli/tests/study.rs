@@ -97,6 +97,8 @@ fn study_runs_the_grid_skips_finished_runs_and_resumes_exactly() {
     }
     assert!(summary["arms"]["lisa"]["final_lisa_loss"]["mean"].as_f64().unwrap() > 0.0);
     assert_eq!(summary["arms"]["baseline"]["final_lisa_loss"]["mean"].as_f64().unwrap(), 0.0);
+    assert_eq!(summary["arms"]["lisa"]["final_tau_explained"]["n"], 2);
+    assert!(summary["arms"]["baseline"]["final_tau_explained"].is_null());
     assert!(out.join("study.png").is_file());
     let table = String::from_utf8_lossy(&first.stdout);
     assert!(table.contains("| lisa |") && table.contains("| baseline |"), "{table}");

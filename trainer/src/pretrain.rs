@@ -103,7 +103,7 @@ impl<B: Backend> Pretrainer<B> {
         let mut grads_by_leaf = tape.backward(&[(&pred, g)])?;
         let mut grads = self.optimizer.gather(leaves, &mut grads_by_leaf);
         let (grad_norm, lr) = self.apply(&mut grads)?;
-        Ok(StepStats { step, loss, main_loss: loss, lisa_loss: 0.0, grad_norm, lr })
+        Ok(StepStats { step, loss, main_loss: loss, lisa_loss: 0.0, lisa_zero_distance: 0.0, grad_norm, lr })
     }
 
     /// Writes the main model (the EMA weights when EMA is on) as safetensors, names `main.*`,

@@ -130,15 +130,21 @@ pub struct StepStats {
     pub main_loss: f32,
     /// LISA distance before λ (0 in baseline mode).
     pub lisa_loss: f32,
+    /// The LISA distance a decoder that outputs zeros would have on the same samples (0 in
+    /// baseline mode): `1 − lisa_loss / lisa_zero_distance` is the share of its target `τ`
+    /// the decoder explains (for MSE, `lisa_zero_distance` is the weighted mean of `τ²`).
+    #[serde(default)]
+    pub lisa_zero_distance: f32,
     /// Global gradient norm before clipping.
     pub grad_norm: f32,
     /// Learning rate used.
     pub lr: f32,
 }
 
-/// `(main loss, LISA term, per-parameter gradients)` of one micro-batch.
+/// `(main loss, LISA term, LISA distance of a zero decoder, per-parameter gradients)` of one
+/// micro-batch.
 type MicroBatch<B> =
-    (f32, lisa_core::lisa::LisaLoss<f32>, Vec<Option<<B as lisa_core::backend::BackendTypes>::Tensor>>);
+    (f32, lisa_core::lisa::LisaLoss<f32>, f32, Vec<Option<<B as lisa_core::backend::BackendTypes>::Tensor>>);
 
 /// A control-training run: model, optimizer state, EMA, data position, random stream.
 pub type Trainer<B> = TrainingRun<B, TrainConfig>;
@@ -159,13 +165,14 @@ impl<B: Backend> Trainer<B> {
     pub fn step(&mut self, data: &dyn Dataset) -> Result<StepStats> {
         let accum = self.config.gradient_accumulation_steps;
         let mut grads: Vec<Option<B::Tensor>> = vec![None; self.optimizer.adamw.moments.len()];
-        let (mut main_sum, mut lisa_sum, mut total_sum) = (0.0f32, 0.0f32, 0.0f32);
+        let (mut main_sum, mut lisa_sum, mut zero_sum, mut total_sum) = (0.0f32, 0.0f32, 0.0f32, 0.0f32);
         let step = self.run.state.step + 1;
         for _ in 0..accum {
             let examples = self.next_examples(data, self.config.batch_size)?;
-            let (main, lisa, micro) = self.micro_batch(&examples, accum)?;
+            let (main, lisa, zero, micro) = self.micro_batch(&examples, accum)?;
             main_sum += main;
             lisa_sum += lisa.distance;
+            zero_sum += zero;
             total_sum += main + lisa.weighted;
             for (slot, g) in grads.iter_mut().zip(micro) {
                 *slot = match (slot.take(), g) {
@@ -184,6 +191,7 @@ impl<B: Backend> Trainer<B> {
             loss,
             main_loss: main_sum / accum as f32,
             lisa_loss: lisa_sum / accum as f32,
+            lisa_zero_distance: zero_sum / accum as f32,
             grad_norm,
             lr,
         })
@@ -213,6 +221,7 @@ impl<B: Backend> Trainer<B> {
         let (main, g_pred) = B::mse_loss(&out.pred.value, &y)?;
         let mut roots = vec![(&out.pred, B::scale(&g_pred, inv)?)];
         let mut lisa = lisa_core::lisa::LisaLoss { weighted: 0.0, distance: 0.0 };
+        let mut zero_distance = 0.0;
         if let (Some(dec), Some(prior)) = (&out.decoded, &out.prior) {
             // The LISA samples are the first k of the batch (all of it unless sub-batched).
             let k = B::shape(&dec.value).dims()[0];
@@ -228,6 +237,9 @@ impl<B: Backend> Trainer<B> {
             };
             let (l, g_dec) = B::lisa_loss(&self.config.lisa, &terms, &dec.value, &y_k, prior)?;
             lisa = l;
+            // What the decoder is measured against: the same distance for an all-zero output.
+            let zeros = B::full(&B::shape(&dec.value), 0.0, B::dtype(&dec.value), &B::device(&dec.value))?;
+            zero_distance = B::lisa_loss(&self.config.lisa, &terms, &zeros, &y_k, prior)?.0.distance;
             roots.push((dec, B::scale(&g_dec, inv)?));
         }
         let leaves = bound.leaves();
@@ -244,6 +256,6 @@ impl<B: Backend> Trainer<B> {
                 };
             }
         }
-        Ok((main, lisa, grads))
+        Ok((main, lisa, zero_distance, grads))
     }
 }

@@ -77,3 +77,21 @@ fn gradient_checkpointing_gives_the_same_training() {
         }
     }
 }
+
+/// The decoder's reference: at the first step its zero-initialised output convolution makes
+/// it output zeros, so its distance is exactly the zero decoder's; as it learns, it explains
+/// part of τ (a distance below the zero decoder's); the baseline reports neither.
+#[test]
+fn lisa_distance_is_measured_against_a_zero_decoder() {
+    let data = FillCircles { resolution: 16, len: 256, seed: 5 };
+    let mut t = trainer(Mode::Lisa, 1.0, 3);
+    let first = t.step(&data).unwrap();
+    assert!(first.lisa_zero_distance > 0.0);
+    assert_eq!(first.lisa_loss, first.lisa_zero_distance, "the decoder starts at zero output");
+    let later: Vec<_> = (0..40).map(|_| t.step(&data).unwrap()).collect();
+    let ratio: f32 = later[30..].iter().map(|s| s.lisa_loss).sum::<f32>()
+        / later[30..].iter().map(|s| s.lisa_zero_distance).sum::<f32>();
+    assert!(ratio < 1.0, "after 40 steps the decoder explains some of τ: distance / zero distance = {ratio}");
+    let base = trainer(Mode::Baseline, 1.0, 3).step(&data).unwrap();
+    assert_eq!((base.lisa_loss, base.lisa_zero_distance), (0.0, 0.0));
+}
