@@ -14,7 +14,7 @@ use lisa_trainer::train::Mode;
 
 use crate::config::RunFile;
 use crate::image::save_png;
-use crate::plot::{Panel, Series, line_chart};
+use crate::plot::{BASELINE_BLUE, LISA_ORANGE, Panel, Series, line_chart};
 use crate::run_dir::{CheckpointArgs, LOCK, RunDir};
 use crate::train::{ArmReport, LoopOptions, Start, train_arm};
 
@@ -160,7 +160,7 @@ fn claim(dir: &Path, outputs: &[&str], subfolders: &[&str]) -> Result<()> {
 
 /// LISA in orange, the baseline in blue, as everywhere in this project's figures.
 fn colour(label: &str) -> [u8; 3] {
-    if label == "lisa" { [230, 120, 20] } else { [40, 90, 200] }
+    if label == "lisa" { LISA_ORANGE } else { BASELINE_BLUE }
 }
 
 /// IoU against step (with the threshold dashed) above the training loss (log scale,

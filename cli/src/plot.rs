@@ -8,6 +8,11 @@ use image::RgbImage;
 use plotters::prelude::*;
 use plotters::style::{FontStyle, register_font};
 
+/// The LISA arm's colour in every figure of the project.
+pub const LISA_ORANGE: [u8; 3] = [230, 120, 20];
+/// The baseline arm's colour in every figure of the project.
+pub const BASELINE_BLUE: [u8; 3] = [40, 90, 200];
+
 /// One line of a chart.
 #[derive(Debug, Clone)]
 pub struct Series {

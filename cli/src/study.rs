@@ -19,7 +19,7 @@ use serde::Deserialize;
 
 use crate::config::RunFile;
 use crate::image::save_png;
-use crate::plot::{Panel, Series, line_chart};
+use crate::plot::{BASELINE_BLUE, LISA_ORANGE, Panel, Series, line_chart};
 use crate::run_dir::{CheckpointArgs, LOCK, RunDir};
 use crate::train::{LoopOptions, Start, train_arm};
 use lisa_trainer::weights::write_atomic;
@@ -479,17 +479,17 @@ fn summary_table(order: &[String], summary: &serde_json::Value, thresholds: &[f3
     out
 }
 
-/// Arm colours: the project's LISA orange and baseline blue first, then others.
-const PALETTE: [[u8; 3]; 6] =
-    [[40, 90, 200], [230, 120, 20], [40, 160, 60], [180, 40, 160], [120, 120, 120], [200, 40, 40]];
+/// Colours of arms other than `baseline` and `lisa`, in study-file order.
+const OTHERS: [[u8; 3]; 4] = [[40, 160, 60], [180, 40, 160], [120, 120, 120], [200, 40, 40]];
 
+/// The project's baseline blue and LISA orange, then [`OTHERS`].
 fn colour_of(order: &[String], arm: &str) -> [u8; 3] {
     match arm {
-        "baseline" => PALETTE[0],
-        "lisa" => PALETTE[1],
+        "baseline" => BASELINE_BLUE,
+        "lisa" => LISA_ORANGE,
         _ => {
             let others = order.iter().filter(|a| *a != "baseline" && *a != "lisa");
-            PALETTE[2 + others.take_while(|a| *a != arm).count() % (PALETTE.len() - 2)]
+            OTHERS[others.take_while(|a| *a != arm).count() % OTHERS.len()]
         }
     }
 }

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 mod common;
 
-use common::{TINY, fails_with, lisa, ok, s};
+use common::{TINY, fails_with, lisa, ok, s, tiny_prior};
 
 fn workdir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("lisa-cli-{name}-{}", std::process::id()));
@@ -17,20 +17,7 @@ fn workdir(name: &str) -> PathBuf {
 fn pretrain_train_resume_eval_sample_end_to_end() {
     let d = workdir("e2e");
     let cfg = d.join("tiny.toml");
-    let main = d.join("main.safetensors");
-    ok(&lisa(&[
-        "pretrain",
-        "--config",
-        s(&cfg),
-        "--output",
-        s(&main),
-        "--output-dir",
-        s(&d.join("pre")),
-        "--max-train-steps",
-        "3",
-        "--train-batch-size",
-        "4",
-    ]));
+    let main = tiny_prior(&d, 3, 4);
     assert!(main.is_file() && d.join("pre/checkpoint-3").is_dir());
 
     let run = d.join("run");
@@ -121,20 +108,7 @@ fn pretrain_train_resume_eval_sample_end_to_end() {
 fn bad_inputs_are_clear_errors() {
     let d = workdir("bad");
     let cfg = d.join("tiny.toml");
-    let main = d.join("main.safetensors");
-    ok(&lisa(&[
-        "pretrain",
-        "--config",
-        s(&cfg),
-        "--output",
-        s(&main),
-        "--output-dir",
-        s(&d.join("pre")),
-        "--max-train-steps",
-        "1",
-        "--train-batch-size",
-        "2",
-    ]));
+    let main = tiny_prior(&d, 1, 2);
     let train = |extra: &[&str]| {
         lisa(
             &[
@@ -240,20 +214,7 @@ fn fill50k_folder(dir: &Path, n: usize) {
 fn demo_compare_writes_plot_summary_grids_and_metrics() {
     let d = workdir("demo");
     let cfg = d.join("tiny.toml");
-    let main = d.join("main.safetensors");
-    ok(&lisa(&[
-        "pretrain",
-        "--config",
-        s(&cfg),
-        "--output",
-        s(&main),
-        "--output-dir",
-        s(&d.join("pre")),
-        "--max-train-steps",
-        "2",
-        "--train-batch-size",
-        "2",
-    ]));
+    let main = tiny_prior(&d, 2, 2);
     let out_dir = d.join("demo");
     let out = lisa(&[
         "demo",
@@ -323,22 +284,9 @@ fn demo_compare_writes_plot_summary_grids_and_metrics() {
 fn trains_on_a_fill50k_folder_and_reports_its_bad_files() {
     let d = workdir("fill50k");
     let cfg = d.join("tiny.toml");
-    let main = d.join("main.safetensors");
     let data = d.join("fill50k");
     fill50k_folder(&data, 6);
-    ok(&lisa(&[
-        "pretrain",
-        "--config",
-        s(&cfg),
-        "--output",
-        s(&main),
-        "--output-dir",
-        s(&d.join("pre")),
-        "--max-train-steps",
-        "1",
-        "--train-batch-size",
-        "2",
-    ]));
+    let main = tiny_prior(&d, 1, 2);
     let train = || {
         lisa(&[
             "train",

@@ -9,7 +9,7 @@ use std::process::{Command, Output, Stdio};
 
 mod common;
 
-use common::{TINY, fails_with, lisa, ok, s};
+use common::{TINY, fails_with, lisa, ok, s, tiny_prior};
 
 /// A fresh folder with the tiny run file and a 2-step prior.
 fn setup(name: &str) -> (PathBuf, PathBuf, PathBuf) {
@@ -18,20 +18,7 @@ fn setup(name: &str) -> (PathBuf, PathBuf, PathBuf) {
     std::fs::create_dir_all(&d).unwrap();
     let cfg = d.join("tiny.toml");
     std::fs::write(&cfg, TINY).unwrap();
-    let main = d.join("main.safetensors");
-    ok(&lisa(&[
-        "pretrain",
-        "--config",
-        s(&cfg),
-        "--output",
-        s(&main),
-        "--output-dir",
-        s(&d.join("pre")),
-        "--max-train-steps",
-        "2",
-        "--train-batch-size",
-        "2",
-    ]));
+    let main = tiny_prior(&d, 2, 2);
     (d, cfg, main)
 }
 

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 mod common;
 
-use common::{TINY, fails_with, lisa, ok, s};
+use common::{TINY, fails_with, lisa, ok, s, tiny_prior};
 
 fn workdir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("lisa-study-{name}-{}", std::process::id()));
@@ -35,22 +35,6 @@ max_train_steps = 4
 lisa = { lambda = 1.0 }
 "#;
 
-fn prior(d: &Path) {
-    ok(&lisa(&[
-        "pretrain",
-        "--config",
-        s(&d.join("tiny.toml")),
-        "--output",
-        s(&d.join("main.safetensors")),
-        "--output-dir",
-        s(&d.join("pre")),
-        "--max-train-steps",
-        "2",
-        "--train-batch-size",
-        "2",
-    ]));
-}
-
 fn rows(out: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(out.join("results.jsonl"))
         .unwrap()
@@ -62,7 +46,7 @@ fn rows(out: &Path) -> Vec<serde_json::Value> {
 #[test]
 fn study_runs_the_grid_skips_finished_runs_and_resumes_exactly() {
     let d = workdir("grid");
-    prior(&d);
+    tiny_prior(&d, 2, 2);
     std::fs::write(d.join("study.toml"), STUDY).unwrap();
     let out = d.join("out");
     let study = || lisa(&["study", "--config", s(&d.join("study.toml")), "--output-dir", s(&out)]);
@@ -127,7 +111,7 @@ fn study_runs_the_grid_skips_finished_runs_and_resumes_exactly() {
 #[test]
 fn study_refuses_bad_files_and_folders_it_did_not_make() {
     let d = workdir("bad");
-    prior(&d);
+    tiny_prior(&d, 2, 2);
     let run = |text: &str, out: &Path| {
         std::fs::write(d.join("study.toml"), text).unwrap();
         lisa(&["study", "--config", s(&d.join("study.toml")), "--output-dir", s(out), "--dry-run"])

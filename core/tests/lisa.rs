@@ -45,7 +45,7 @@ proptest! {
         let d = vec![0.0; 12];
         let mut g = vec![0.0; 12];
         let l = lisa_loss_fused(&LisaConfig::default(), &terms, &d, &y, &y, &mut g).unwrap();
-        prop_assert_eq!(l, LisaLoss { weighted: 0.0, distance: 0.0 });
+        prop_assert_eq!(l, LisaLoss { weighted: 0.0, distance: 0.0, zero_distance: 0.0 });
     }
 
     #[test]
@@ -207,4 +207,18 @@ fn cosine_distance_is_exact_for_huge_values() {
     let loss = lisa_loss(&config, &[SampleTerms::unit()], &[3e20f32, 1.0, 0.0], &[1.0, 1.0, 1.0], &mut grad).unwrap();
     assert!((loss.distance as f64 - want).abs() < 1e-6, "{}", loss.distance);
     assert!(grad.iter().all(|g| g.is_finite()));
+}
+
+proptest! {
+    /// `zero_distance` is the distance an all-zero decoder output has with the same `τ`.
+    #[test]
+    fn zero_distance_is_the_distance_of_a_zero_decoder((d, y, prior, terms) in batch(), cosine in any::<bool>()) {
+        let cfg = config(if cosine { Distance::Cosine } else { Distance::Mse }, 0.7);
+        let mut grad = vec![0.0; d.len()];
+        let l = lisa_loss_fused(&cfg, &terms, &d, &y, &prior, &mut grad).unwrap();
+        let zeros = vec![0.0; d.len()];
+        let z = lisa_loss_fused(&cfg, &terms, &zeros, &y, &prior, &mut grad).unwrap();
+        prop_assert!((l.zero_distance - z.distance).abs() <= 1e-9 * z.distance.abs().max(1.0), "{} vs {}", l.zero_distance, z.distance);
+        prop_assert_eq!(z.zero_distance, z.distance);
+    }
 }

@@ -141,10 +141,9 @@ pub struct StepStats {
     pub lr: f32,
 }
 
-/// `(main loss, LISA term, LISA distance of a zero decoder, per-parameter gradients)` of one
-/// micro-batch.
+/// `(main loss, LISA term, per-parameter gradients)` of one micro-batch.
 type MicroBatch<B> =
-    (f32, lisa_core::lisa::LisaLoss<f32>, f32, Vec<Option<<B as lisa_core::backend::BackendTypes>::Tensor>>);
+    (f32, lisa_core::lisa::LisaLoss<f32>, Vec<Option<<B as lisa_core::backend::BackendTypes>::Tensor>>);
 
 /// A control-training run: model, optimizer state, EMA, data position, random stream.
 pub type Trainer<B> = TrainingRun<B, TrainConfig>;
@@ -169,10 +168,10 @@ impl<B: Backend> Trainer<B> {
         let step = self.run.state.step + 1;
         for _ in 0..accum {
             let examples = self.next_examples(data, self.config.batch_size)?;
-            let (main, lisa, zero, micro) = self.micro_batch(&examples, accum)?;
+            let (main, lisa, micro) = self.micro_batch(&examples, accum)?;
             main_sum += main;
             lisa_sum += lisa.distance;
-            zero_sum += zero;
+            zero_sum += lisa.zero_distance;
             total_sum += main + lisa.weighted;
             for (slot, g) in grads.iter_mut().zip(micro) {
                 *slot = match (slot.take(), g) {
@@ -220,8 +219,7 @@ impl<B: Backend> Trainer<B> {
         let inv = 1.0 / accum as f32;
         let (main, g_pred) = B::mse_loss(&out.pred.value, &y)?;
         let mut roots = vec![(&out.pred, B::scale(&g_pred, inv)?)];
-        let mut lisa = lisa_core::lisa::LisaLoss { weighted: 0.0, distance: 0.0 };
-        let mut zero_distance = 0.0;
+        let mut lisa = lisa_core::lisa::LisaLoss { weighted: 0.0, distance: 0.0, zero_distance: 0.0 };
         if let (Some(dec), Some(prior)) = (&out.decoded, &out.prior) {
             // The LISA samples are the first k of the batch (all of it unless sub-batched).
             let k = B::shape(&dec.value).dims()[0];
@@ -237,9 +235,6 @@ impl<B: Backend> Trainer<B> {
             };
             let (l, g_dec) = B::lisa_loss(&self.config.lisa, &terms, &dec.value, &y_k, prior)?;
             lisa = l;
-            // What the decoder is measured against: the same distance for an all-zero output.
-            let zeros = B::full(&B::shape(&dec.value), 0.0, B::dtype(&dec.value), &B::device(&dec.value))?;
-            zero_distance = B::lisa_loss(&self.config.lisa, &terms, &zeros, &y_k, prior)?.0.distance;
             roots.push((dec, B::scale(&g_dec, inv)?));
         }
         let leaves = bound.leaves();
@@ -256,6 +251,6 @@ impl<B: Backend> Trainer<B> {
                 };
             }
         }
-        Ok((main, lisa, zero_distance, grads))
+        Ok((main, lisa, grads))
     }
 }

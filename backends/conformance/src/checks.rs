@@ -384,8 +384,8 @@ pub fn lisa_loss<B: Backend>() {
             let (lr, gr) = R::lisa_loss(cfg, &terms, &d.reference, &y.reference, &prior.reference).unwrap();
             assert_values(
                 "lisa value",
-                &[lb.weighted, lb.distance],
-                &[lr.weighted, lr.distance],
+                &[lb.weighted, lb.distance, lb.zero_distance],
+                &[lr.weighted, lr.distance, lr.zero_distance],
                 backend_vs_reference(F32),
             );
             assert_matches::<B>("lisa grad", &Ok(gb.clone()), &Ok(gr));

@@ -1,7 +1,7 @@
 //! What the command's tests share: the tiny run file, running `lisa`, checking its outcome.
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// A tiny model (16 × 16, channels 8/16) with a short validation.
@@ -30,6 +30,26 @@ samples = 2
 [validation.sampling]
 steps = 2
 "#;
+
+/// Pretrains the prior of the tiny run file `dir/tiny.toml` for `steps` steps at batch
+/// `batch` (checkpoints in `dir/pre`) and returns its path, `dir/main.safetensors`.
+pub fn tiny_prior(dir: &Path, steps: u32, batch: u32) -> PathBuf {
+    let main = dir.join("main.safetensors");
+    ok(&lisa(&[
+        "pretrain",
+        "--config",
+        s(&dir.join("tiny.toml")),
+        "--output",
+        s(&main),
+        "--output-dir",
+        s(&dir.join("pre")),
+        "--max-train-steps",
+        &steps.to_string(),
+        "--train-batch-size",
+        &batch.to_string(),
+    ]));
+    main
+}
 
 /// Runs the `lisa` binary.
 pub fn lisa(args: &[&str]) -> Output {

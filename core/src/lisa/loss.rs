@@ -11,6 +11,10 @@ pub struct LisaLoss<F> {
     pub weighted: F,
     /// `Σ_b w_b·D_b` before λ (what to log as "LISA loss").
     pub distance: F,
+    /// The same distance for a decoder that outputs zeros (`D_b(0, τ_b)`: `‖τ_b‖²/N·w_b` for
+    /// MSE, `w_b/B` for cosine), from the same per-sample sums: `1 − distance/zero_distance`
+    /// is the share of `τ` the decoder explains.
+    pub zero_distance: F,
 }
 
 /// The LISA term and its gradient w.r.t. the decoder output, given a precomputed `τ`.
@@ -76,6 +80,19 @@ pub struct SampleSums<F> {
 }
 
 impl<F: Real> SampleSums<F> {
+    /// The sums an all-zero decoder output would give with the same `τ`: `Σ(0 − τ)² = ‖τ‖²`,
+    /// no dot product, no `‖d‖`.
+    pub fn of_zero_decoder(&self) -> Self {
+        Self {
+            squared_error: self.target_sq * self.target_scale * self.target_scale,
+            dot: F::zero(),
+            decoded_sq: F::zero(),
+            target_sq: self.target_sq,
+            decoded_scale: F::one(),
+            target_scale: self.target_scale,
+        }
+    }
+
     /// Unscaled sums (`s_d = s_τ = 1`), as a device reduction returns them.
     pub fn unscaled(squared_error: F, dot: F, decoded_sq: F, target_sq: F) -> Self {
         Self { squared_error, dot, decoded_sq, target_sq, decoded_scale: F::one(), target_scale: F::one() }
@@ -155,7 +172,8 @@ fn fused_impl<F: Real>(
     config.validate()?;
     let per = per_sample_len(op, decoded.len(), batch)?;
     let lambda = F::lit(config.lambda);
-    let mut distance = F::zero();
+    let (mut distance, mut zero_distance) = (F::zero(), F::zero());
+    let n = decoded.len();
     match config.distance {
         Distance::Mse => {
             // One pass: the sum and `∂L/∂d = α_b(d − τ)` with α_b of [`sample_coefficients`],
@@ -163,22 +181,29 @@ fn fused_impl<F: Real>(
             let inv_n = F::one() / F::lit(decoded.len() as f64);
             for b in 0..batch {
                 let w = term(b).weight;
-                let mut sum = F::zero();
+                let (mut sum, mut tau_sq) = (F::zero(), F::zero());
                 for i in b * per..(b + 1) * per {
-                    let diff = decoded[i] - tau(b, i);
+                    let t = tau(b, i);
+                    let diff = decoded[i] - t;
                     sum = sum + diff * diff;
+                    tau_sq = tau_sq + t * t;
                     grad[i] = F::lit(2.0) * lambda * w * diff * inv_n;
                 }
-                let sums = SampleSums::unscaled(sum, F::zero(), F::zero(), F::zero());
-                distance = distance + sample_coefficients(config, w, &sums, decoded.len(), batch).distance;
+                let sums = SampleSums::unscaled(sum, F::zero(), F::zero(), tau_sq);
+                distance = distance + sample_coefficients(config, w, &sums, n, batch).distance;
+                zero_distance =
+                    zero_distance + sample_coefficients(config, w, &sums.of_zero_decoder(), n, batch).distance;
             }
         }
         Distance::Cosine => {
             for b in 0..batch {
                 let r = b * per..(b + 1) * per;
                 let sums = scaled_sums(r.clone().map(|i| (decoded[i], tau(b, i))));
-                let c = sample_coefficients(config, term(b).weight, &sums, decoded.len(), batch);
+                let w = term(b).weight;
+                let c = sample_coefficients(config, w, &sums, n, batch);
                 distance = distance + c.distance;
+                zero_distance =
+                    zero_distance + sample_coefficients(config, w, &sums.of_zero_decoder(), n, batch).distance;
                 for i in r {
                     grad[i] = c.alpha * decoded[i] + c.beta * tau(b, i);
                 }
@@ -189,5 +214,5 @@ fn fused_impl<F: Real>(
     if !weighted.is_finite() || !distance.is_finite() {
         return Err(Error::NonFinite { op });
     }
-    Ok(LisaLoss { weighted, distance })
+    Ok(LisaLoss { weighted, distance, zero_distance })
 }

@@ -67,7 +67,7 @@ impl<R: Runtime> FusedOps for CubeBackend<R> {
             arg(decoded), arg(y), arg(prior), scale_arg(), sums_arg, u32_of(OP, per)?, BLOCK
         ));
         let s = read_f32(device, sums, batch * 4)?;
-        let (distance, coef) = lisa_coefficients(config, terms, &s, len);
+        let (distance, zero_distance, coef) = lisa_coefficients(config, terms, &s, len);
         let weighted = config.lambda * distance;
         if !weighted.is_finite() || !distance.is_finite() {
             return Err(Error::NonFinite { op: OP });
@@ -81,7 +81,9 @@ impl<R: Runtime> FusedOps for CubeBackend<R> {
             &device.client, count, dim, arg(decoded), arg(y), arg(prior), scale_arg(), coef_arg, arg(&grad),
             u32_of(OP, per)?
         ));
-        Ok((LisaLoss { weighted: weighted as f32, distance: distance as f32 }, grad))
+        let loss =
+            LisaLoss { weighted: weighted as f32, distance: distance as f32, zero_distance: zero_distance as f32 };
+        Ok((loss, grad))
     }
 
     /// Out of place (new buffers for `param`, `m`, `v`), so clones of the old tensors keep
@@ -120,14 +122,15 @@ impl<R: Runtime> FusedOps for CubeBackend<R> {
 /// The LISA distance `Σ_b w_b·D_b` and the gradient coefficients `(α_b, β_b)` per sample
 /// from the per-sample sums `(Σ(d−τ)², ⟨d,τ⟩, ‖d‖², ‖τ‖²)` read back from the device, in
 /// f64 ([`sample_coefficients`] holds the formulas), `n` = all elements.
-fn lisa_coefficients(config: &LisaConfig, terms: &[SampleTerms<f32>], sums: &[f32], n: usize) -> (f64, Vec<f32>) {
-    let mut distance = 0.0f64;
+fn lisa_coefficients(config: &LisaConfig, terms: &[SampleTerms<f32>], sums: &[f32], n: usize) -> (f64, f64, Vec<f32>) {
+    let (mut distance, mut zero_distance) = (0.0f64, 0.0f64);
     let mut coef = Vec::with_capacity(terms.len() * 2);
     for (t, s) in terms.iter().zip(sums.chunks_exact(4)) {
         let sums = SampleSums::unscaled(s[0] as f64, s[1] as f64, s[2] as f64, s[3] as f64);
         let c = sample_coefficients(config, t.weight as f64, &sums, n, terms.len());
         distance += c.distance;
+        zero_distance += sample_coefficients(config, t.weight as f64, &sums.of_zero_decoder(), n, terms.len()).distance;
         coef.extend([c.alpha as f32, c.beta as f32]);
     }
-    (distance, coef)
+    (distance, zero_distance, coef)
 }
