@@ -14,7 +14,9 @@
 #   3. the PyTorch reference of the same configuration (scripts/bench/torch_toy.py) on CUDA, when
 #      a Python with a CUDA-enabled torch is on the machine (LISA_BENCH_PYTHON, else python3);
 #      otherwise it says so and prints lisa's figures alone;
-#   4. the table of ratios (scripts/bench/table.py), with the GPU's name above it.
+#   4. the table of ratios (scripts/bench/table.py), with the GPU's name above it;
+#   5. stages 2-4 again for the training and sampling arms with TF32 tensor cores allowed on
+#      both sides (LISA_BENCH_TF32=1, torch_toy.py --tf32); stages 2-4 compare exact f32.
 # Exit status: non-zero when the conformance suite or the benchmark fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,6 +47,15 @@ build() {
     git rev-parse HEAD >"$OUT_DIR/commit" 2>/dev/null || echo unknown >"$OUT_DIR/commit"
     ls -l "$OUT_DIR"
     echo "carry target/device-check to the GPU machine and run: scripts/device_check.sh run"
+}
+
+# The table of lisa/torch ratios from a bench output ($1) and a torch_toy.py JSON ($2).
+ratios() {
+    if [ -s "$2" ] && [ -s "$1" ]; then
+        python3 scripts/bench/table.py --lisa "$1" --torch "$2" | sed -n '1,20p'
+    else
+        echo "no ratios: the PyTorch side did not run (lisa's figures are above)"
+    fi
 }
 
 fail_build() {
@@ -78,10 +89,23 @@ run() {
         exit 2
     fi
     local work
-    work="$(mktemp -d "${TMPDIR:-/tmp}/lisa-device.XXXXXX")"
+    # LISA_DEVICE_LOG_DIR keeps the full logs (conformance, benchmark, PyTorch) after the run.
+    work="${LISA_DEVICE_LOG_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/lisa-device.XXXXXX")}"
+    mkdir -p "$work"
+    # cudarc opens libcuda and libnvrtc by name at run time: when the loader does not know
+    # libnvrtc, add the folders that hold it (the CUDA toolkit's, the Python wheels').
+    if ! ldconfig -p 2>/dev/null | grep -q 'libnvrtc\.so'; then
+        local nvrtc_dirs
+        nvrtc_dirs="$(find /usr/local/cuda* /usr/lib /opt -name 'libnvrtc.so*' 2>/dev/null |
+            xargs -r -n1 dirname | sort -u | paste -sd: || true)"
+        [ -n "$nvrtc_dirs" ] && export LD_LIBRARY_PATH="$nvrtc_dirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        echo "libnvrtc from: ${nvrtc_dirs:-not found}"
+    fi
+    local bin
+    bin="$(mktemp -d "${TMPDIR:-/tmp}/lisa-device-bin.XXXXXX")"
     for name in conformance_cuda step_cuda; do
-        xz -dc "$OUT_DIR/$name.xz" >"$work/$name"
-        chmod +x "$work/$name"
+        xz -dc "$OUT_DIR/$name.xz" >"$bin/$name"
+        chmod +x "$bin/$name"
     done
     echo "== machine"
     echo "binaries built from commit $(cat "$OUT_DIR/commit" 2>/dev/null || echo unknown)"
@@ -94,7 +118,7 @@ run() {
     local status=0
 
     echo "== 1. conformance suite on CUDA"
-    if LISA_REQUIRE_CUDA=1 timeout 240 "$work/conformance_cuda" --include-ignored --test-threads 1 \
+    if LISA_REQUIRE_CUDA=1 timeout 200 "$bin/conformance_cuda" --include-ignored --test-threads 1 \
         >"$work/conformance.txt" 2>&1; then
         grep -E '^test result:' "$work/conformance.txt"
     else
@@ -106,32 +130,48 @@ run() {
 
     echo "== 2. toy step benchmark on CUDA"
     if LISA_BENCH_BACKEND=cuda LISA_BENCH_STEPS="${LISA_BENCH_STEPS:-13}" LISA_BENCH_SAMPLE_REPEATS=3 \
-        timeout 200 "$work/step_cuda" --bench >"$work/lisa.txt" 2>"$work/lisa.err"; then
+        timeout 180 "$bin/step_cuda" --bench >"$work/lisa.txt" 2>"$work/lisa.err"; then
         cat "$work/lisa.txt"
     else
         status=1
         cat "$work/lisa.txt"
-        tail -20 "$work/lisa.err"
+        tail -20 "$work/lisa.err" | cut -c1-400
         echo "step benchmark on CUDA: FAILED (exit or timeout)"
     fi
 
     echo "== 3. PyTorch reference on CUDA"
     local py="${LISA_BENCH_PYTHON:-python3}"
+    local torch_ok=""
     if "$py" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' >/dev/null 2>&1; then
-        timeout 150 "$py" scripts/bench/torch_toy.py --device cuda --steps 10 --warmup 3 --sample-repeats 3 \
+        torch_ok=1
+        timeout 120 "$py" scripts/bench/torch_toy.py --device cuda --steps 10 --warmup 3 --sample-repeats 3 \
             --only baseline,lisa,lisa_sub16,prior_pass,decoder,pretrain,sample --json "$work/torch.json" \
             | grep -E '^  |^torch' || echo "PyTorch reference on CUDA: failed or timed out"
     else
         echo "PyTorch reference: not run (no Python with a CUDA-enabled torch here; set LISA_BENCH_PYTHON)"
     fi
 
-    echo "== 4. ratios (lisa-cubecl on CUDA vs PyTorch on CUDA)"
-    if [ -s "$work/torch.json" ] && [ -s "$work/lisa.txt" ]; then
-        python3 scripts/bench/table.py --lisa "$work/lisa.txt" --torch "$work/torch.json" | sed -n '1,20p'
+    echo "== 4. ratios (lisa-cubecl on CUDA vs PyTorch on CUDA, both exact f32)"
+    ratios "$work/lisa.txt" "$work/torch.json"
+
+    echo "== 5. the same with TF32 tensor cores allowed on both sides (training and sampling arms)"
+    if LISA_BENCH_BACKEND=cuda LISA_BENCH_TF32=1 LISA_BENCH_ARMS=baseline,lisa,pretrain,sample \
+        LISA_BENCH_STEPS="${LISA_BENCH_STEPS:-13}" LISA_BENCH_SAMPLE_REPEATS=3 \
+        timeout 120 "$bin/step_cuda" --bench >"$work/lisa_tf32.txt" 2>"$work/lisa_tf32.err"; then
+        if [ -n "$torch_ok" ]; then
+            timeout 100 "$py" scripts/bench/torch_toy.py --device cuda --tf32 --steps 10 --warmup 3 \
+                --sample-repeats 3 --only baseline,lisa,pretrain,sample --json "$work/torch_tf32.json" \
+                >/dev/null || echo "PyTorch reference with TF32: failed or timed out"
+        fi
+        ratios "$work/lisa_tf32.txt" "$work/torch_tf32.json"
     else
-        echo "no ratios: the PyTorch side did not run (lisa's figures are in section 2)"
+        status=1
+        cat "$work/lisa_tf32.txt"
+        tail -5 "$work/lisa_tf32.err" | cut -c1-400
+        echo "step benchmark on CUDA with TF32: FAILED (exit or timeout)"
     fi
-    rm -rf "$work"
+    rm -rf "$bin"
+    [ -n "${LISA_DEVICE_LOG_DIR:-}" ] || rm -rf "$work"
     return $status
 }
 

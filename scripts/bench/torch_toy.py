@@ -641,6 +641,11 @@ def measure(name, args):
     if args.device != "cpu":
         # Models, data and noise are created on the device; each timed call ends synchronised.
         torch.set_default_device(args.device)
+    if args.device.startswith("cuda"):
+        # Exact f32 unless --tf32, for matmuls and cuDNN convolutions alike (cuDNN's own
+        # default allows TF32; lisa's default is exact, so the default comparison is f32 to f32).
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
     torch.manual_seed(0)
 
     def sync():
@@ -810,6 +815,8 @@ def main():
                     help="timed full DDIM-25 runs (default 3)")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: CPUs available)")
     ap.add_argument("--device", default="cpu", help="torch device: cpu (default) or cuda")
+    ap.add_argument("--tf32", action="store_true",
+                    help="on CUDA, allow TF32 tensor cores in matmuls and convolutions (default: exact f32)")
     ap.add_argument("--only", default=",".join(MEASUREMENTS), help="comma-separated measurements")
     ap.add_argument("--measure", help="run one measurement in this process and print its JSON")
     ap.add_argument("--json", help="also write every result as JSON to this file")
@@ -825,8 +832,10 @@ def main():
 
     env = environment()
     env["threads_used"] = args.threads or env["threads"]
+    env["f32_matmul"] = "tf32" if args.tf32 else "exact"
     print(f"torch {env.get('torch')}, CPU capability {env.get('torch_cpu_capability')}, "
-          f"{args.threads or env['threads']} threads, python {env['python']}")
+          f"{args.threads or env['threads']} threads, python {env['python']}"
+          + (f", {env['cuda_device']}, f32 matmul {env['f32_matmul']}" if args.device.startswith("cuda") else ""))
     print("configuration: " + json.dumps({k: CONFIG[k] for k in (
         "resolution", "channels", "batch_size", "hook", "lisa_lambda", "sample_steps", "sample_images")}))
     params = param_report()
@@ -834,7 +843,7 @@ def main():
     for name in [m for m in args.only.split(",") if m]:
         cmd = [sys.executable, os.path.abspath(__file__), "--measure", name, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--sample-repeats", str(args.sample_repeats),
-               "--threads", str(args.threads), "--device", args.device]
+               "--threads", str(args.threads), "--device", args.device] + (["--tf32"] if args.tf32 else [])
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
             sys.stderr.write(p.stderr)

@@ -17,7 +17,8 @@
 //! `LISA_BENCH_SAMPLE_REPEATS` (default 3), `LISA_BENCH_BACKEND=cpu|wgpu|cuda` (default cpu;
 //! the GPU ones need the trainer's `wgpu`/`cuda` feature), `LISA_BENCH_MEMORY_STEPS=N` (one
 //! LISA run of N steps printing the resident memory as it goes: flat memory = no leak),
-//! `LISA_BENCH_DEFAULT_MALLOC=1` (skip `lisa_cpu::keep_freed_memory`, for comparison).
+//! `LISA_BENCH_DEFAULT_MALLOC=1` (skip `lisa_cpu::keep_freed_memory`, for comparison),
+//! `LISA_BENCH_TF32=1` (CUDA: f32 products on TF32 tensor cores; default exact f32).
 #![allow(missing_docs)]
 
 use std::time::Instant;
@@ -291,7 +292,20 @@ fn main() {
         },
         #[cfg(feature = "cuda")]
         "cuda" => match lisa_cubecl::CudaBackend::probe() {
-            Ok(d) => run_arms::<lisa_cubecl::CudaBackend>(d, "CUDA", kept),
+            Ok(d) => {
+                // LISA_BENCH_TF32=1: f32 products on TF32 tensor cores (default: exact f32).
+                let tf32 = std::env::var("LISA_BENCH_TF32").is_ok_and(|v| v == "1");
+                lisa_cubecl::set_f32_matmul(if tf32 {
+                    lisa_cubecl::F32Matmul::Tf32
+                } else {
+                    lisa_cubecl::F32Matmul::Exact
+                });
+                run_arms::<lisa_cubecl::CudaBackend>(
+                    d,
+                    if tf32 { "CUDA (TF32 matmul)" } else { "CUDA (exact f32 matmul)" },
+                    kept,
+                )
+            }
             Err(e) => {
                 eprintln!("LISA_BENCH_BACKEND=cuda: {e}");
                 std::process::exit(2);

@@ -24,8 +24,8 @@ struct Gemm {
 /// `out[b] = op(a[b])·op(b[b])` for `batch` matrices; `a` holds `m×k` (or `k×m` when
 /// transposed), `b` holds `k×n` (or `n×k`).
 ///
-/// f32 goes to cubek's matmul (its `Auto` strategy picks a kernel for the device), with
-/// transposed operands made contiguous first; if cubek refuses the problem, and for f16/bf16,
+/// f32 goes to cubek's matmul (exact f32 by default; tensor cores with TF32 operands when the
+/// process opted in with [`crate::set_f32_matmul`]), with transposed operands made contiguous first; if cubek refuses the problem, and for f16/bf16,
 /// the tiled kernel of this crate runs instead (transposes as strides).
 fn gemm<R: Runtime>(op: &'static str, (a, b): (&T<R>, &T<R>), g: Gemm, dtype: DType, out_shape: Shape) -> Result<T<R>> {
     let device = &a.device;
@@ -59,7 +59,9 @@ fn transposed<R: Runtime>(x: &T<R>, batch: usize, rows: usize, cols: usize) -> R
     Ok(out)
 }
 
-/// cubek's f32 matmul on contiguous `[batch, m, k] × [batch, k, n]`.
+/// cubek's f32 matmul on contiguous `[batch, m, k] × [batch, k, n]`: its unit kernel (every
+/// multiply-add in f32) unless TF32 is allowed; then its `Auto` strategy, which takes the
+/// tensor-core kernel (operands rounded to TF32) where the device has one.
 fn cubek_matmul<R: Runtime>(
     device: &CubeDevice<R>,
     a: &T<R>,
@@ -76,8 +78,12 @@ fn cubek_matmul<R: Runtime>(
     let lhs = TensorHandle::<R>::new_contiguous(vec![batch, m, k], a.handle.clone(), st);
     let rhs = TensorHandle::<R>::new_contiguous(vec![batch, k, n], b.handle.clone(), st);
     let dst = TensorHandle::<R>::new_contiguous(vec![batch, m, n], out.handle.clone(), st);
+    let strategy = match crate::f32_matmul() {
+        crate::F32Matmul::Exact => Strategy::SimpleUnit(Default::default()),
+        crate::F32Matmul::Tf32 => Strategy::Auto,
+    };
     launch_ref::<R>(
-        &Strategy::Auto,
+        &strategy,
         &device.client,
         InputBinding::Normal(lhs.binding(), st),
         InputBinding::Normal(rhs.binding(), st),

@@ -127,7 +127,9 @@ pub fn axpby<F: Float, N: Size>(
 
 #[cube]
 fn sigmoid<N: Size>(x: Vector<f32, N>) -> Vector<f32, N> {
-    Vector::new(1.0) / (Vector::new(1.0) + Vector::exp(-x))
+    // `0 - x`, not `-x`: cubecl's CUDA code generator writes a unary minus on a vector type
+    // (`float_4`), which has no such operator in CUDA C++ and fails to compile.
+    Vector::new(1.0) / (Vector::new(1.0) + Vector::exp(Vector::new(0.0) - x))
 }
 
 /// `out = f(x)`.
