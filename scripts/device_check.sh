@@ -5,6 +5,7 @@
 #                                   # stripped and compressed into target/device-check/ (< 64 MiB)
 #   scripts/device_check.sh run     # on the GPU machine, from the repository root with
 #                                   # target/device-check/ copied there; no cargo needed
+#   scripts/device_check.sh gemm    # on the GPU machine: the toy step with each f32 GEMM kernel
 #
 # `run` does, each stage under its own time limit (the whole at most ~8 minutes):
 #   1. the backend conformance suite on CUDA (every check of lisa-conformance, forward, backward,
@@ -175,11 +176,47 @@ run() {
     return $status
 }
 
+# The toy baseline step with each f32 GEMM kernel lisa-cubecl can use (LISA_CUBECL_F32_GEMM),
+# and the conformance suite with the exact ones (the others round to TF32, beyond f32 tolerance).
+gemm_kernels() {
+    [ -f "$OUT_DIR/conformance_cuda.xz" ] && [ -f "$OUT_DIR/step_cuda.xz" ] || {
+        echo "device_check: no binaries in $OUT_DIR: run 'scripts/device_check.sh build' first" >&2
+        exit 2
+    }
+    local bin
+    bin="$(mktemp -d "${TMPDIR:-/tmp}/lisa-device-bin.XXXXXX")"
+    for name in conformance_cuda step_cuda; do
+        xz -dc "$OUT_DIR/$name.xz" >"$bin/$name"
+        chmod +x "$bin/$name"
+    done
+    nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | sed 's/^/GPU: /'
+    echo "| f32 GEMM kernel | baseline step | pretraining step |"
+    echo "|---|---|---|"
+    local kernel
+    for kernel in tiled simple_unit double_unit auto simple_cyclic_cmma double_cyclic_cmma \
+        ordered_double_cmma simple_tma_cmma specialized_tma_cmma; do
+        local out
+        out="$(LISA_CUBECL_F32_GEMM=$kernel LISA_BENCH_BACKEND=cuda LISA_BENCH_ARMS=baseline,pretrain \
+            LISA_BENCH_STEPS=8 timeout 60 "$bin/step_cuda" --bench 2>&1)" || true
+        local base pre
+        base="$(sed -n 's/^| baseline | \([^|]*\) |.*/\1/p' <<<"$out")"
+        pre="$(sed -n 's/^| pretraining step | \([^|]*\) |.*/\1/p' <<<"$out")"
+        echo "| $kernel | ${base:-failed} | ${pre:-failed} |"
+    done
+    for kernel in tiled double_unit; do
+        echo "conformance with LISA_CUBECL_F32_GEMM=$kernel:"
+        LISA_CUBECL_F32_GEMM=$kernel LISA_REQUIRE_CUDA=1 timeout 100 "$bin/conformance_cuda" --include-ignored \
+            --test-threads 1 2>&1 | grep -E '^test .* FAILED|^test result:' || true
+    done
+    rm -rf "$bin"
+}
+
 case "${1:-}" in
     build) build ;;
     run) run ;;
+    gemm) gemm_kernels ;;
     *)
-        echo "usage: scripts/device_check.sh build|run" >&2
+        echo "usage: scripts/device_check.sh build|run|gemm" >&2
         exit 2
         ;;
 esac

@@ -300,11 +300,12 @@ fn main() {
                 } else {
                     lisa_cubecl::F32Matmul::Exact
                 });
-                run_arms::<lisa_cubecl::CudaBackend>(
-                    d,
-                    if tf32 { "CUDA (TF32 matmul)" } else { "CUDA (exact f32 matmul)" },
-                    kept,
-                )
+                let label = match std::env::var("LISA_CUBECL_F32_GEMM") {
+                    Ok(kernel) => format!("CUDA (f32 GEMM kernel {kernel})"),
+                    Err(_) if tf32 => "CUDA (TF32 matmul)".to_string(),
+                    Err(_) => "CUDA (exact f32 matmul)".to_string(),
+                };
+                run_arms::<lisa_cubecl::CudaBackend>(d, &label, kept)
             }
             Err(e) => {
                 eprintln!("LISA_BENCH_BACKEND=cuda: {e}");

@@ -33,3 +33,57 @@ pub fn set_f32_matmul(mode: F32Matmul) {
 pub fn f32_matmul() -> F32Matmul {
     if ALLOW_TF32.load(Ordering::Relaxed) { F32Matmul::Tf32 } else { F32Matmul::Exact }
 }
+
+/// The kernel that computes one f32 product.
+pub(crate) enum F32Gemm {
+    /// One of cubek's matmul strategies.
+    Cubek(cubek::matmul::launch::Strategy),
+    /// This crate's shared-memory tiled kernel.
+    Tiled,
+}
+
+/// The names `LISA_CUBECL_F32_GEMM` accepts.
+pub const F32_GEMM_KERNELS: &[&str] = &[
+    "tiled",
+    "simple_unit",
+    "double_unit",
+    "auto",
+    "simple_cyclic_cmma",
+    "double_cyclic_cmma",
+    "ordered_double_cmma",
+    "simple_tma_cmma",
+    "specialized_tma_cmma",
+];
+
+/// The f32 GEMM kernel: `LISA_CUBECL_F32_GEMM` when set (a benchmarking knob: one of
+/// [`F32_GEMM_KERNELS`]; the `cmma` ones and `auto` round operands to TF32 where the GPU has
+/// TF32 tensor cores), else cubek's unit matmul for [`F32Matmul::Exact`] and cubek's `Auto`
+/// strategy for [`F32Matmul::Tf32`]. An unknown name is an error naming the known ones.
+pub(crate) fn f32_gemm() -> Result<F32Gemm, String> {
+    use cubek::matmul::launch::Strategy as S;
+    static CHOSEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let chosen = CHOSEN.get_or_init(|| std::env::var("LISA_CUBECL_F32_GEMM").ok().filter(|s| !s.is_empty()));
+    let Some(name) = chosen else {
+        return Ok(F32Gemm::Cubek(match f32_matmul() {
+            F32Matmul::Exact => S::SimpleUnit(Default::default()),
+            F32Matmul::Tf32 => S::Auto,
+        }));
+    };
+    Ok(match name.as_str() {
+        "tiled" => F32Gemm::Tiled,
+        "simple_unit" => F32Gemm::Cubek(S::SimpleUnit(Default::default())),
+        "double_unit" => F32Gemm::Cubek(S::DoubleUnit(Default::default())),
+        "auto" => F32Gemm::Cubek(S::Auto),
+        "simple_cyclic_cmma" => F32Gemm::Cubek(S::SimpleCyclicCmma(Default::default())),
+        "double_cyclic_cmma" => F32Gemm::Cubek(S::DoubleCyclicCmma(Default::default())),
+        "ordered_double_cmma" => F32Gemm::Cubek(S::OrderedDoubleCmma(Default::default())),
+        "simple_tma_cmma" => F32Gemm::Cubek(S::SimpleTmaCmma(Default::default())),
+        "specialized_tma_cmma" => F32Gemm::Cubek(S::SpecializedTmaCmma(Default::default())),
+        other => {
+            return Err(format!(
+                "LISA_CUBECL_F32_GEMM={other:?} is not a kernel (known: {})",
+                F32_GEMM_KERNELS.join(", ")
+            ));
+        }
+    })
+}

@@ -10,6 +10,7 @@ use crate::device::CubeDevice;
 use crate::kernels::conv as k;
 use crate::kernels::matmul::{self as mt, TILE, matmul as mm};
 use crate::launch::{grid_1d, with_float};
+use crate::precision::{F32Gemm, f32_gemm};
 
 /// The sizes of `batch` products `op(a)·op(b)`: `op(a)` is `m×k`, `op(b)` is `k×n`.
 #[derive(Debug, Clone, Copy)]
@@ -37,10 +38,14 @@ fn gemm<R: Runtime>(op: &'static str, (a, b): (&T<R>, &T<R>), g: Gemm, dtype: DT
         return CubeBackend::<R>::full(&out.shape, 0.0, dtype, device);
     }
     if dtype == DType::F32 {
+        let strategy = match f32_gemm().map_err(|m| lisa_core::Error::invalid(op, m))? {
+            F32Gemm::Tiled => return tiled(op, a, b, &out, g),
+            F32Gemm::Cubek(strategy) => strategy,
+        };
         let a = if g.t.a { transposed(a, g.batch, g.k, g.m)? } else { a.clone() };
         let b = if g.t.b { transposed(b, g.batch, g.n, g.k)? } else { b.clone() };
         let contiguous = Gemm { t: Transpose::default(), ..g };
-        if cubek_matmul(device, &a, &b, &out, contiguous).is_ok() {
+        if cubek_matmul(device, &strategy, (&a, &b), &out, contiguous).is_ok() {
             return Ok(out);
         }
         return tiled(op, &a, &b, &out, contiguous);
@@ -59,31 +64,25 @@ fn transposed<R: Runtime>(x: &T<R>, batch: usize, rows: usize, cols: usize) -> R
     Ok(out)
 }
 
-/// cubek's f32 matmul on contiguous `[batch, m, k] × [batch, k, n]`: its unit kernel (every
-/// multiply-add in f32) unless TF32 is allowed; then its `Auto` strategy, which takes the
-/// tensor-core kernel (operands rounded to TF32) where the device has one.
+/// cubek's f32 matmul with `strategy` ([`f32_gemm`]) on contiguous `[batch, m, k] × [batch, k, n]`.
 fn cubek_matmul<R: Runtime>(
     device: &CubeDevice<R>,
-    a: &T<R>,
-    b: &T<R>,
+    strategy: &cubek::matmul::launch::Strategy,
+    (a, b): (&T<R>, &T<R>),
     out: &T<R>,
     Gemm { batch, m, k, n, .. }: Gemm,
 ) -> std::result::Result<(), String> {
     use cubecl::std::tensor::TensorHandle;
     use cubek::matmul::definition::MatmulElems;
-    use cubek::matmul::launch::{Strategy, launch_ref};
+    use cubek::matmul::launch::launch_ref;
     use cubek::std::InputBinding;
     let f = f32::as_type_native_unchecked();
     let st = f.storage_type();
     let lhs = TensorHandle::<R>::new_contiguous(vec![batch, m, k], a.handle.clone(), st);
     let rhs = TensorHandle::<R>::new_contiguous(vec![batch, k, n], b.handle.clone(), st);
     let dst = TensorHandle::<R>::new_contiguous(vec![batch, m, n], out.handle.clone(), st);
-    let strategy = match crate::f32_matmul() {
-        crate::F32Matmul::Exact => Strategy::SimpleUnit(Default::default()),
-        crate::F32Matmul::Tf32 => Strategy::Auto,
-    };
     launch_ref::<R>(
-        &strategy,
+        strategy,
         &device.client,
         InputBinding::Normal(lhs.binding(), st),
         InputBinding::Normal(rhs.binding(), st),
