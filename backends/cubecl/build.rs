@@ -6,8 +6,16 @@
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(lisa_cuda_driver)");
     println!("cargo::rerun-if-env-changed=LISA_REQUIRE_CUDA");
-    println!("cargo::rerun-if-changed=/proc/driver/nvidia/version");
-    let driver = std::path::Path::new("/proc/driver/nvidia/version").exists()
+    // A missing path in rerun-if-changed makes cargo rerun this script, and rebuild this crate
+    // and every crate above it, on every invocation: watch the driver file only where it
+    // exists. (A driver installed after the first build: `cargo clean -p lisa-cubecl`.)
+    let version = std::path::Path::new("/proc/driver/nvidia/version");
+    if version.exists() {
+        println!("cargo::rerun-if-changed=/proc/driver/nvidia/version");
+    } else {
+        println!("cargo::rerun-if-changed=build.rs");
+    }
+    let driver = version.exists()
         || std::path::Path::new("/dev/nvidiactl").exists()
         || std::env::var("LISA_REQUIRE_CUDA").is_ok_and(|v| v == "1");
     if driver {

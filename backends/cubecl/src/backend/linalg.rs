@@ -25,9 +25,10 @@ struct Gemm {
 /// `out[b] = op(a[b])·op(b[b])` for `batch` matrices; `a` holds `m×k` (or `k×m` when
 /// transposed), `b` holds `k×n` (or `n×k`).
 ///
-/// f32 goes to cubek's matmul (exact f32 by default; tensor cores with TF32 operands when the
-/// process opted in with [`crate::set_f32_matmul`]), with transposed operands made contiguous first; if cubek refuses the problem, and for f16/bf16,
-/// the tiled kernel of this crate runs instead (transposes as strides).
+/// The tiled kernel of this crate runs every dtype (transposes as strides); f32 goes to cubek's
+/// TF32 tensor-core matmul instead when the process opted in ([`crate::set_f32_matmul`]) or
+/// `LISA_CUBECL_F32_GEMM` names a cubek kernel ([`f32_gemm`]), with transposed operands made
+/// contiguous first, and back to the tiled kernel if cubek refuses the problem.
 fn gemm<R: Runtime>(op: &'static str, (a, b): (&T<R>, &T<R>), g: Gemm, dtype: DType, out_shape: Shape) -> Result<T<R>> {
     let device = &a.device;
     let out = alloc(device, out_shape, dtype)?;
