@@ -179,6 +179,7 @@ pub fn comparison_plot(arms: &[(&str, &ArmReport)], threshold: f32) -> Result<Rg
         y_range: Some((0.0, 1.0)),
         reference: Some(threshold as f64),
         log_y: false,
+        ..Panel::default()
     };
     let loss = Panel {
         title: "diffusion loss (mean of 20 steps)".into(),
@@ -197,6 +198,7 @@ pub fn comparison_plot(arms: &[(&str, &ArmReport)], threshold: f32) -> Result<Rg
         y_range: None,
         reference: None,
         log_y: true,
+        ..Panel::default()
     };
     line_chart(&[iou, loss], 720, 300)
 }

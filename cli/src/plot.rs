@@ -37,6 +37,23 @@ pub struct Panel {
     pub reference: Option<f64>,
     /// A logarithmic y axis (losses).
     pub log_y: bool,
+    /// The x axis' label and tick decimals (default: "step", whole numbers).
+    pub x_axis: XAxis,
+}
+
+/// The x axis of a panel.
+#[derive(Debug, Clone, Copy)]
+pub struct XAxis {
+    /// Text under the axis.
+    pub label: &'static str,
+    /// Decimals of the tick labels.
+    pub decimals: usize,
+}
+
+impl Default for XAxis {
+    fn default() -> Self {
+        XAxis { label: "step", decimals: 0 }
+    }
 }
 
 static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
@@ -86,8 +103,8 @@ fn draw_panel(area: &Area<'_>, p: &Panel, (x0, x1): (f64, f64)) -> Result<(), Bo
     let y_label = |v: &f64| if p.log_y { format!("{:.3}", 10f64.powf(*v)) } else { format!("{v:.2}") };
     chart
         .configure_mesh()
-        .x_desc("step")
-        .x_label_formatter(&|v| format!("{v:.0}"))
+        .x_desc(p.x_axis.label)
+        .x_label_formatter(&|v| format!("{v:.*}", p.x_axis.decimals))
         .y_label_formatter(&y_label)
         .label_style(("sans-serif", 12))
         .draw()?;

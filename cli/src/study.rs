@@ -19,7 +19,7 @@ use serde::Deserialize;
 
 use crate::config::RunFile;
 use crate::image::save_png;
-use crate::plot::{BASELINE_BLUE, LISA_ORANGE, Panel, Series, line_chart};
+use crate::plot::{BASELINE_BLUE, LISA_ORANGE, Panel, Series, XAxis, line_chart};
 use crate::run_dir::{CheckpointArgs, LOCK, RunDir};
 use crate::train::{LoopOptions, Start, train_arm};
 use lisa_trainer::weights::write_atomic;
@@ -105,7 +105,13 @@ struct RunResult {
     explained: f64,
     /// Training seconds per step (validation excluded).
     seconds_per_step: f64,
+    /// The shares of τ per timestep bucket at each validation that logged them:
+    /// `(step, decoder shares (None without a decoder), control shares)`.
+    tau_shares: Vec<TauRow>,
 }
+
+/// `(step, decoder share per bucket (None without a decoder), control share per bucket)`.
+type TauRow = (u64, Vec<Option<f64>>, Vec<f64>);
 
 impl RunResult {
     fn steps_to(&self, iou: f32) -> Option<u64> {
@@ -164,10 +170,13 @@ pub fn run<B: Backend>(a: StudyArgs, device: B::Device) -> Result<()> {
     for run in &plan {
         let r = read_run(&run.dir(&a.output_dir))?;
         for &(step, iou, colour) in &r.validations {
-            rows += &format!(
-                "{}\n",
-                serde_json::json!({"arm": run.arm, "seed": run.seed, "step": step, "iou": iou, "colour_error": colour})
-            );
+            let mut row =
+                serde_json::json!({"arm": run.arm, "seed": run.seed, "step": step, "iou": iou, "colour_error": colour});
+            if let Some((_, dec, ctrl)) = r.tau_shares.iter().find(|t| t.0 == step) {
+                row["tau_share_decoder"] = serde_json::json!(dec);
+                row["tau_share_control"] = serde_json::json!(ctrl);
+            }
+            rows += &format!("{row}\n");
         }
         results.entry(run.arm.clone()).or_default().push((run.seed, r));
     }
@@ -176,6 +185,9 @@ pub fn run<B: Backend>(a: StudyArgs, device: B::Device) -> Result<()> {
     let summary = summarise(&order, &results, &study.thresholds, reference.as_deref(), B::name());
     write_atomic(&a.output_dir.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
     save_png(&band_plot(&order, &results, &study.thresholds)?, &a.output_dir.join("study.png"))?;
+    if let Some(panel) = tau_share_panel(&order, &results) {
+        save_png(&line_chart(&[panel], 860, 420)?, &a.output_dir.join("tau_share.png"))?;
+    }
     let table = summary_table(&order, &summary, &study.thresholds);
     std::io::stdout().lock().write_all(table.as_bytes()).context("cannot write to standard output")?;
     Ok(())
@@ -312,6 +324,7 @@ fn read_run(dir: &Path) -> Result<RunResult> {
     let mut validations = Vec::new();
     let mut losses: Vec<(f64, f64, f64)> = Vec::new();
     let mut steps_per_s = f64::NAN;
+    let mut tau_shares = Vec::new();
     for line in text.lines() {
         let v: serde_json::Value =
             serde_json::from_str(line).with_context(|| format!("{}: bad line", path.display()))?;
@@ -325,6 +338,10 @@ fn read_run(dir: &Path) -> Result<RunResult> {
         if let Some(rate) = v["steps_per_s"].as_f64() {
             steps_per_s = rate;
         }
+        if let (Some(dec), Some(ctrl)) = (v["tau_share_decoder"].as_array(), v["tau_share_control"].as_array()) {
+            let control = ctrl.iter().map(|c| c.as_f64().unwrap_or(f64::NAN)).collect();
+            tau_shares.push((step, dec.iter().map(serde_json::Value::as_f64).collect(), control));
+        }
     }
     let tail = &losses[losses.len() - losses.len().div_ceil(10)..];
     let mean = |f: fn(&(f64, f64, f64)) -> f64| tail.iter().map(f).sum::<f64>() / tail.len().max(1) as f64;
@@ -335,6 +352,7 @@ fn read_run(dir: &Path) -> Result<RunResult> {
         final_losses: (mean(|l| l.0), mean(|l| l.1)),
         explained,
         seconds_per_step: 1.0 / steps_per_s,
+        tau_shares,
     })
 }
 
@@ -422,6 +440,7 @@ fn summarise(
                 "final_lisa_loss": stat(&runs.iter().map(|(_, r)| r.final_losses.0).collect::<Vec<_>>()),
                 "final_main_loss": stat(&runs.iter().map(|(_, r)| r.final_losses.1).collect::<Vec<_>>()),
                 "final_tau_explained": stat(&runs.iter().map(|(_, r)| r.explained).filter(|v| v.is_finite()).collect::<Vec<_>>()),
+                "final_tau_share_by_bucket": final_tau_shares(runs),
                 "iou_curve": curve,
             }),
         );
@@ -432,6 +451,26 @@ fn summarise(
         "reference_final_iou": target,
         "thresholds": thresholds,
         "arms": arms,
+    })
+}
+
+/// Per timestep bucket, over seeds, the shares of τ at each run's last validation that logged
+/// them: `{"decoder": [stat per bucket], "control": [stat per bucket]}` (decoder empty for a
+/// baseline).
+fn final_tau_shares(runs: &[(u64, RunResult)]) -> serde_json::Value {
+    let finals: Vec<&TauRow> = runs.iter().filter_map(|(_, r)| r.tau_shares.last()).collect();
+    let buckets = finals.iter().map(|f| f.2.len()).min().unwrap_or(0);
+    let per_bucket = |pick: &dyn Fn(&TauRow, usize) -> Option<f64>| {
+        (0..buckets)
+            .map(|b| finals.iter().filter_map(|f| pick(f, b)).filter(|v| v.is_finite()).collect::<Vec<_>>())
+            .filter(|v| !v.is_empty())
+            .map(|v| stat(&v))
+            .collect::<Vec<_>>()
+    };
+    serde_json::json!({
+        "buckets": buckets,
+        "decoder": per_bucket(&|f, b| f.1.get(b).copied().flatten()),
+        "control": per_bucket(&|f, b| f.2.get(b).copied()),
     })
 }
 
@@ -475,6 +514,28 @@ fn summary_table(order: &[String], summary: &serde_json::Value, thresholds: &[f3
         let speedup = a["speedup_to_reference_final_iou"].as_f64().map_or("-".into(), |v| format!("{v:.2}×"));
         let ratio = a["step_time_ratio"].as_f64().map_or("-".into(), |v| format!("{v:.2}"));
         out += &format!("{speedup} | {ratio} | {} |\n", pm(&a["final_tau_explained"]));
+    }
+    let buckets =
+        order.iter().filter_map(|arm| summary["arms"][arm]["final_tau_share_by_bucket"]["buckets"].as_u64()).max();
+    if let Some(n @ 1..) = buckets {
+        out += "\nshare of τ explained at the last validation, per timestep bucket (t/T), mean ± std over seeds\n| arm | by |";
+        for b in 0..n {
+            out += &format!(" {:.1}–{:.1} |", b as f64 / n as f64, (b + 1) as f64 / n as f64);
+        }
+        out += "\n";
+        out += &"|---".repeat(2 + n as usize);
+        out += "|\n";
+        for arm in order {
+            let shares = &summary["arms"][arm]["final_tau_share_by_bucket"];
+            for (by, key) in [("the control residuals", "control"), ("the LISA decoder", "decoder")] {
+                let Some(cells) = shares[key].as_array().filter(|c| !c.is_empty()) else { continue };
+                out += &format!("| {arm} | {by} |");
+                for c in cells {
+                    out += &format!(" {} |", pm(c));
+                }
+                out += "\n";
+            }
+        }
     }
     out
 }
@@ -529,8 +590,43 @@ fn band_plot(order: &[String], results: &Results, thresholds: &[f32]) -> Result<
         y_range: Some((0.0, 1.0)),
         reference: thresholds.iter().copied().reduce(f32::max).map(f64::from),
         log_y: false,
+        ..Panel::default()
     };
     line_chart(&[panel], 860, 420)
+}
+
+/// The shares of τ at the last validation against the timestep bucket's centre (t/T): per
+/// arm the control residuals' (mean over seeds) and, lighter, the LISA decoder's. None when no
+/// run logged them.
+fn tau_share_panel(order: &[String], results: &Results) -> Option<Panel> {
+    let mut series = Vec::new();
+    for arm in order {
+        let Some(runs) = results.get(arm) else { continue };
+        let shares = final_tau_shares(runs);
+        let n = shares["buckets"].as_u64().unwrap_or(0) as f64;
+        let colour = colour_of(order, arm);
+        let light = colour.map(|c| ((c as u16 + 2 * 255) / 3) as u8);
+        for (key, label, colour) in [("control", "control residuals", colour), ("decoder", "LISA decoder", light)] {
+            let points: Vec<(f64, f64)> = shares[key]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .enumerate()
+                .filter_map(|(b, s)| s["mean"].as_f64().map(|m| ((b as f64 + 0.5) / n, m)))
+                .collect();
+            if !points.is_empty() {
+                series.push(Series { label: format!("{arm}: {label}"), colour, points });
+            }
+        }
+    }
+    (!series.is_empty()).then(|| Panel {
+        title: "share of τ explained at the last validation, by timestep t/T (mean over seeds)".into(),
+        series,
+        y_range: None,
+        reference: Some(0.0),
+        log_y: false,
+        x_axis: XAxis { label: "timestep t/T (bucket centre)", decimals: 1 },
+    })
 }
 
 /// Checks that `dir` is a study folder (it holds [`MARKER`]), or absent or empty, and with

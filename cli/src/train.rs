@@ -9,7 +9,9 @@ use clap::Args;
 use lisa_core::backend::Backend;
 use lisa_core::{Distance, TargetSpace};
 use lisa_trainer::checkpoint::{load_checkpoint, save_checkpoint};
+use lisa_trainer::data::Dataset;
 use lisa_trainer::model::{DualDenoiser, NATIVE_SIDE_DIR, Parts, registry};
+use lisa_trainer::tau_share::{TauShare, tau_shares};
 use lisa_trainer::train::{Mode, Trainer};
 use lisa_trainer::weights::write_atomic;
 
@@ -312,17 +314,22 @@ pub fn train_arm<B: Backend>(file: &RunFile, start: Start, device: B::Device, o:
     let first = trainer.run.state.step;
     let mut progress = Progress::new(o.label, first, t.max_train_steps);
     let run_id = trainer.run_id.clone();
-    // IoU and colour error of one validation.
-    let validate_now = |trainer: &Trainer<B>, step: u64, report: &mut ArmReport| -> Result<(f32, f32)> {
+    let val_examples = (0..val_set.len).map(|i| val_set.get(i)).collect::<lisa_trainer::error::Result<Vec<_>>>()?;
+    // IoU, colour error and the shares of τ per timestep bucket of one validation.
+    let validate_now = |trainer: &Trainer<B>, step: u64, report: &mut ArmReport| -> Result<(f32, f32, TauShares)> {
         let v = validate(trainer.model.as_ref(), &t.noise, &val_set, &file.validation.sampling)?;
         save_png(&v.grid, &out.join(format!("validation-{step:06}.png")))?;
         report.validations.push((step, v.iou));
-        Ok((v.iou, v.colour_error))
+        let shares =
+            tau_shares(trainer.model.as_ref(), &t.lisa, &t.noise, &val_examples, TAU_BUCKETS, file.validation.seed)?;
+        Ok((v.iou, v.colour_error, TauShares(shares)))
     };
     if o.validate_at_start && first == 0 && validates {
-        let (iou, colour) = validate_now(&trainer, 0, &mut report)?;
+        let (iou, colour, shares) = validate_now(&trainer, 0, &mut report)?;
         progress.validation(0, iou);
-        write_metrics(serde_json::json!({"step": 0, "iou": iou, "colour_error": colour, "run": run_id}))?;
+        let mut row = serde_json::json!({"step": 0, "iou": iou, "colour_error": colour, "run": run_id});
+        shares.write_into(&mut row);
+        write_metrics(row)?;
     }
     while trainer.run.state.step < t.max_train_steps {
         let step_start = Instant::now();
@@ -331,7 +338,7 @@ pub fn train_arm<B: Backend>(file: &RunFile, start: Start, device: B::Device, o:
         report.losses.push((s.step, s.loss, s.main_loss, s.lisa_loss));
         let its = (s.step - first) as f64 / report.train_seconds;
         let last = s.step == t.max_train_steps;
-        let (mut iou, mut colour) = (None, None);
+        let (mut iou, mut colour, mut shares) = (None, None, None);
         let due = (o.validation_steps > 0 && s.step % o.validation_steps == 0) || last;
         if let (Some((v, conditions, vae)), true) = (&latent, due) {
             let grid =
@@ -339,14 +346,16 @@ pub fn train_arm<B: Backend>(file: &RunFile, start: Start, device: B::Device, o:
             save_png(&grid, &out.join(format!("validation-{:06}.png", s.step)))?;
         }
         if validates && due {
-            let (v, c) = validate_now(&trainer, s.step, &mut report)?;
+            let (v, c, tau) = validate_now(&trainer, s.step, &mut report)?;
             progress.validation(s.step, v);
-            (iou, colour) = (Some(v), Some(c));
+            (iou, colour, shares) = (Some(v), Some(c), Some(tau));
         }
         progress.step(&s, its);
-        write_metrics(
-            serde_json::json!({"step": s.step, "loss": s.loss, "main_loss": s.main_loss, "lisa_loss": s.lisa_loss, "lisa_zero_distance": s.lisa_zero_distance, "grad_norm": s.grad_norm, "lr": s.lr, "steps_per_s": its, "iou": iou, "colour_error": colour}),
-        )?;
+        let mut row = serde_json::json!({"step": s.step, "loss": s.loss, "main_loss": s.main_loss, "lisa_loss": s.lisa_loss, "lisa_zero_distance": s.lisa_zero_distance, "grad_norm": s.grad_norm, "lr": s.lr, "steps_per_s": its, "iou": iou, "colour_error": colour});
+        if let Some(shares) = shares {
+            shares.write_into(&mut row);
+        }
+        write_metrics(row)?;
         if c.saves_at(s.step, t.max_train_steps) {
             save_checkpoint(&trainer, data.as_ref(), &out.join(format!("checkpoint-{}", s.step)))?;
             if let Some(limit) = c.checkpoints_total_limit {
@@ -465,4 +474,21 @@ pub fn run<B: Backend>(a: TrainArgs, device: B::Device) -> Result<()> {
         a.output_dir.display()
     );
     Ok(())
+}
+
+/// Timestep buckets of the τ shares logged with every validation of the toy.
+pub const TAU_BUCKETS: usize = 5;
+
+/// The shares of τ of one validation, per timestep bucket (trainer/src/tau_share.rs).
+struct TauShares(Vec<TauShare>);
+
+impl TauShares {
+    /// Adds `tau_zero_distance`, `tau_share_decoder` (null entries without a decoder) and
+    /// `tau_share_control` to a metrics row: one value per bucket, low timesteps first.
+    fn write_into(&self, row: &mut serde_json::Value) {
+        let column = |f: fn(&TauShare) -> Option<f32>| self.0.iter().map(f).collect::<Vec<_>>();
+        row["tau_zero_distance"] = serde_json::json!(column(|s| Some(s.zero_distance)));
+        row["tau_share_decoder"] = serde_json::json!(column(|s| s.decoder));
+        row["tau_share_control"] = serde_json::json!(column(|s| Some(s.control)));
+    }
 }

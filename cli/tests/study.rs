@@ -83,9 +83,30 @@ fn study_runs_the_grid_skips_finished_runs_and_resumes_exactly() {
     assert_eq!(summary["arms"]["baseline"]["final_lisa_loss"]["mean"].as_f64().unwrap(), 0.0);
     assert_eq!(summary["arms"]["lisa"]["final_tau_explained"]["n"], 2);
     assert!(summary["arms"]["baseline"]["final_tau_explained"].is_null());
-    assert!(out.join("study.png").is_file());
+    // The shares of τ per timestep bucket, at every validation: zero before any step (zero
+    // convolutions, zero-initialised decoder output), no decoder share in the baseline.
+    for r in &before {
+        let (control, decoder) =
+            (r["tau_share_control"].as_array().unwrap(), r["tau_share_decoder"].as_array().unwrap());
+        assert_eq!((control.len(), decoder.len()), (5, 5), "{r}");
+        assert_eq!(decoder.iter().all(|d| d.is_null()), r["arm"] == "baseline", "{r}");
+        if r["step"] == 0 {
+            assert!(control.iter().chain(decoder).all(|v| v.is_null() || v.as_f64() == Some(0.0)), "{r}");
+        }
+    }
+    let shares =
+        |arm: &str, by: &str| summary["arms"][arm]["final_tau_share_by_bucket"][by].as_array().unwrap().clone();
+    assert_eq!(shares("lisa", "decoder").len(), 5);
+    assert!(shares("lisa", "control").iter().chain(&shares("lisa", "decoder")).all(|b| b["n"] == 2));
+    assert!(shares("baseline", "decoder").is_empty());
+    assert_eq!(shares("baseline", "control").len(), 5);
+    assert!(out.join("study.png").is_file() && out.join("tau_share.png").is_file());
     let table = String::from_utf8_lossy(&first.stdout);
     assert!(table.contains("| lisa |") && table.contains("| baseline |"), "{table}");
+    assert!(
+        table.contains("| lisa | the LISA decoder |") && table.contains("| baseline | the control residuals |"),
+        "{table}"
+    );
 
     // Again: every run is done, nothing trains, the same rows.
     let again = study();

@@ -19,6 +19,7 @@ pub mod pretrain;
 pub mod run;
 pub mod sample;
 pub mod scheduler;
+pub mod tau_share;
 pub mod train;
 pub mod weights;
 

@@ -194,7 +194,25 @@ pub fn noise_batch<B: Backend>(
     examples: &[Example],
     null_prompt_prob: f32,
 ) -> Result<NoisedBatch<B>> {
+    noise_batch_at(stream, noise, model, with_hints, examples, null_prompt_prob, None)
+}
+
+/// [`noise_batch`] with the timesteps' uniform draws given (`Some`, one per example, each in
+/// `[0, 1)`: [`NoiseProcess::draw`] maps them to timesteps monotonically) instead of drawn
+/// from `stream`; the noise still comes from `stream`.
+pub fn noise_batch_at<B: Backend>(
+    stream: &mut RunStream,
+    noise: &NoiseProcess,
+    model: &dyn DualDenoiser<B>,
+    with_hints: bool,
+    examples: &[Example],
+    null_prompt_prob: f32,
+    t_uniforms: Option<&[f32]>,
+) -> Result<NoisedBatch<B>> {
     let n = examples.len();
+    if t_uniforms.is_some_and(|u| u.len() != n || u.iter().any(|v| !(0.0..1.0).contains(v))) {
+        return Err(TrainError::Mismatch(format!("noise_batch_at wants {n} timestep draws in [0, 1)")));
+    }
     let [c, h, w] = model.sample_shape();
     let hint_shape = with_hints.then(|| model.hint_shape());
     let mut image = Vec::with_capacity(n * c * h * w);
@@ -227,7 +245,11 @@ pub fn noise_batch<B: Backend>(
     let prompt = model.embed_prompts(&prompts)?;
     let mut t_embed = Vec::with_capacity(n);
     let mut levels = Vec::with_capacity(n);
-    for v in stream.uniforms(n) {
+    let draws = match t_uniforms {
+        Some(u) => u.to_vec(),
+        None => stream.uniforms(n),
+    };
+    for v in draws {
         let (t, level) = noise.draw(v)?;
         t_embed.push(t);
         levels.push(level);
