@@ -108,6 +108,8 @@ struct RunResult {
     /// The shares of τ per timestep bucket at each validation that logged them:
     /// `(step, decoder shares (None without a decoder), control shares)`.
     tau_shares: Vec<TauRow>,
+    /// `(step, held-out R² of the linear probe per target: centre x, centre y, radius)`.
+    probe_r2: Vec<(u64, Vec<f64>)>,
 }
 
 /// `(step, decoder share per bucket (None without a decoder), control share per bucket)`.
@@ -176,6 +178,9 @@ pub fn run<B: Backend>(a: StudyArgs, device: B::Device) -> Result<()> {
                 row["tau_share_decoder"] = serde_json::json!(dec);
                 row["tau_share_control"] = serde_json::json!(ctrl);
             }
+            if let Some((_, r2)) = r.probe_r2.iter().find(|p| p.0 == step) {
+                row["probe_r2"] = serde_json::json!(r2);
+            }
             rows += &format!("{row}\n");
         }
         results.entry(run.arm.clone()).or_default().push((run.seed, r));
@@ -187,6 +192,9 @@ pub fn run<B: Backend>(a: StudyArgs, device: B::Device) -> Result<()> {
     save_png(&band_plot(&order, &results, &study.thresholds)?, &a.output_dir.join("study.png"))?;
     if let Some(panel) = tau_share_panel(&order, &results) {
         save_png(&line_chart(&[panel], 860, 420)?, &a.output_dir.join("tau_share.png"))?;
+    }
+    if let Some(panel) = probe_panel(&order, &results) {
+        save_png(&line_chart(&[panel], 860, 420)?, &a.output_dir.join("probe.png"))?;
     }
     let table = summary_table(&order, &summary, &study.thresholds);
     std::io::stdout().lock().write_all(table.as_bytes()).context("cannot write to standard output")?;
@@ -325,6 +333,7 @@ fn read_run(dir: &Path) -> Result<RunResult> {
     let mut losses: Vec<(f64, f64, f64)> = Vec::new();
     let mut steps_per_s = f64::NAN;
     let mut tau_shares = Vec::new();
+    let mut probe_r2 = Vec::new();
     for line in text.lines() {
         let v: serde_json::Value =
             serde_json::from_str(line).with_context(|| format!("{}: bad line", path.display()))?;
@@ -342,6 +351,9 @@ fn read_run(dir: &Path) -> Result<RunResult> {
             let control = ctrl.iter().map(|c| c.as_f64().unwrap_or(f64::NAN)).collect();
             tau_shares.push((step, dec.iter().map(serde_json::Value::as_f64).collect(), control));
         }
+        if let Some(r2) = v["probe_r2"].as_array() {
+            probe_r2.push((step, r2.iter().map(|c| c.as_f64().unwrap_or(f64::NAN)).collect()));
+        }
     }
     let tail = &losses[losses.len() - losses.len().div_ceil(10)..];
     let mean = |f: fn(&(f64, f64, f64)) -> f64| tail.iter().map(f).sum::<f64>() / tail.len().max(1) as f64;
@@ -353,6 +365,7 @@ fn read_run(dir: &Path) -> Result<RunResult> {
         explained,
         seconds_per_step: 1.0 / steps_per_s,
         tau_shares,
+        probe_r2,
     })
 }
 
@@ -441,6 +454,11 @@ fn summarise(
                 "final_main_loss": stat(&runs.iter().map(|(_, r)| r.final_losses.1).collect::<Vec<_>>()),
                 "final_tau_explained": stat(&runs.iter().map(|(_, r)| r.explained).filter(|v| v.is_finite()).collect::<Vec<_>>()),
                 "final_tau_share_by_bucket": final_tau_shares(runs),
+                "final_probe_r2": final_probe_r2(runs),
+                "probe_r2_curve": probe_curve(runs)
+                    .into_iter()
+                    .map(|(step, vals)| serde_json::json!({"step": step, "mean_r2": stat(&vals)}))
+                    .collect::<Vec<_>>(),
                 "iou_curve": curve,
             }),
         );
@@ -472,6 +490,25 @@ fn final_tau_shares(runs: &[(u64, RunResult)]) -> serde_json::Value {
         "decoder": per_bucket(&|f, b| f.1.get(b).copied().flatten()),
         "control": per_bucket(&|f, b| f.2.get(b).copied()),
     })
+}
+
+/// Per probe target (centre x, centre y, radius), over seeds, the held-out R² at each run's
+/// last validation that logged it.
+fn final_probe_r2(runs: &[(u64, RunResult)]) -> Vec<serde_json::Value> {
+    let finals: Vec<&Vec<f64>> = runs.iter().filter_map(|(_, r)| r.probe_r2.last().map(|p| &p.1)).collect();
+    let targets = finals.iter().map(|f| f.len()).min().unwrap_or(0);
+    (0..targets).map(|c| stat(&finals.iter().map(|f| f[c]).collect::<Vec<_>>())).collect()
+}
+
+/// The probe's R² averaged over its targets, of every seed at each step all seeds logged.
+fn probe_curve(runs: &[(u64, RunResult)]) -> Vec<(u64, Vec<f64>)> {
+    let mut by_step: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
+    for (_, r) in runs {
+        for (step, r2) in &r.probe_r2 {
+            by_step.entry(*step).or_default().push(r2.iter().sum::<f64>() / r2.len().max(1) as f64);
+        }
+    }
+    by_step.into_iter().filter(|(_, v)| v.len() == runs.len()).collect()
 }
 
 /// The IoU of every seed at each validated step all seeds share.
@@ -514,6 +551,20 @@ fn summary_table(order: &[String], summary: &serde_json::Value, thresholds: &[f3
         let speedup = a["speedup_to_reference_final_iou"].as_f64().map_or("-".into(), |v| format!("{v:.2}×"));
         let ratio = a["step_time_ratio"].as_f64().map_or("-".into(), |v| format!("{v:.2}"));
         out += &format!("{speedup} | {ratio} | {} |\n", pm(&a["final_tau_explained"]));
+    }
+    if order.iter().any(|arm| summary["arms"][arm]["final_probe_r2"].as_array().is_some_and(|a| !a.is_empty())) {
+        out += "\nlinear probe from the hooked side feature to the circle, held-out R² at the last validation\n";
+        out += "| arm | centre x | centre y | radius |\n|---|---|---|---|\n";
+        for arm in order {
+            let Some(r2) = summary["arms"][arm]["final_probe_r2"].as_array().filter(|a| !a.is_empty()) else {
+                continue;
+            };
+            out += &format!("| {arm} |");
+            for c in r2 {
+                out += &format!(" {} |", pm(c));
+            }
+            out += "\n";
+        }
     }
     let buckets =
         order.iter().filter_map(|arm| summary["arms"][arm]["final_tau_share_by_bucket"]["buckets"].as_u64()).max();
@@ -593,6 +644,45 @@ fn band_plot(order: &[String], results: &Results, thresholds: &[f32]) -> Result<
         ..Panel::default()
     };
     line_chart(&[panel], 860, 420)
+}
+
+/// The probe's held-out R² (mean over centre x, centre y, radius) against step: per arm the
+/// mean over seeds and, lighter, the lowest and highest seed. None when no run logged it.
+fn probe_panel(order: &[String], results: &Results) -> Option<Panel> {
+    let mut series = Vec::new();
+    for arm in order {
+        let Some(runs) = results.get(arm) else { continue };
+        let curve = probe_curve(runs);
+        if curve.is_empty() {
+            continue;
+        }
+        let colour = colour_of(order, arm);
+        let light = colour.map(|c| ((c as u16 + 2 * 255) / 3) as u8);
+        let pick = |f: fn(&[f64]) -> f64| curve.iter().map(|(s, v)| (*s as f64, f(v))).collect::<Vec<_>>();
+        series.push(Series {
+            label: format!("{arm} (lowest seed)"),
+            colour: light,
+            points: pick(|v| v.iter().copied().fold(f64::INFINITY, f64::min)),
+        });
+        series.push(Series {
+            label: format!("{arm} (highest seed)"),
+            colour: light,
+            points: pick(|v| v.iter().copied().fold(f64::NEG_INFINITY, f64::max)),
+        });
+        series.push(Series {
+            label: format!("{arm} (mean of {} seeds)", runs.len()),
+            colour,
+            points: pick(|v| mean_std(v).0),
+        });
+    }
+    (!series.is_empty()).then(|| Panel {
+        title: "linear probe, side feature → circle centre and radius: held-out R² (mean of the three)".into(),
+        series,
+        y_range: None,
+        reference: None,
+        log_y: false,
+        ..Panel::default()
+    })
 }
 
 /// The shares of τ at the last validation against the timestep bucket's centre (t/T): per

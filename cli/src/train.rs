@@ -9,8 +9,9 @@ use clap::Args;
 use lisa_core::backend::Backend;
 use lisa_core::{Distance, TargetSpace};
 use lisa_trainer::checkpoint::{load_checkpoint, save_checkpoint};
-use lisa_trainer::data::Dataset;
+use lisa_trainer::data::{Dataset, FillCircles};
 use lisa_trainer::model::{DualDenoiser, NATIVE_SIDE_DIR, Parts, registry};
+use lisa_trainer::probe::{ridge_probe, side_features};
 use lisa_trainer::tau_share::{TauShare, tau_shares};
 use lisa_trainer::train::{Mode, Trainer};
 use lisa_trainer::weights::write_atomic;
@@ -315,6 +316,14 @@ pub fn train_arm<B: Backend>(file: &RunFile, start: Start, device: B::Device, o:
     let mut progress = Progress::new(o.label, first, t.max_train_steps);
     let run_id = trainer.run_id.clone();
     let val_examples = (0..val_set.len).map(|i| val_set.get(i)).collect::<lisa_trainer::error::Result<Vec<_>>>()?;
+    // The linear probe's examples: their own circles, not the validation set's.
+    let probe_set = FillCircles { len: PROBE_EXAMPLES, seed: val_set.seed.wrapping_add(1), ..val_set.clone() };
+    let probe_examples =
+        (0..probe_set.len).map(|i| probe_set.get(i)).collect::<lisa_trainer::error::Result<Vec<_>>>()?;
+    let probe_targets: Vec<Vec<f64>> = (0..probe_set.len)
+        .map(|i| probe_set.circle(i))
+        .map(|c| vec![c.cx as f64, c.cy as f64, c.radius as f64])
+        .collect();
     // IoU, colour error and the shares of τ per timestep bucket of one validation.
     let validate_now = |trainer: &Trainer<B>, step: u64, report: &mut ArmReport| -> Result<(f32, f32, TauShares)> {
         let v = validate(trainer.model.as_ref(), &t.noise, &val_set, &file.validation.sampling)?;
@@ -322,7 +331,11 @@ pub fn train_arm<B: Backend>(file: &RunFile, start: Start, device: B::Device, o:
         report.validations.push((step, v.iou));
         let shares =
             tau_shares(trainer.model.as_ref(), &t.lisa, &t.noise, &val_examples, TAU_BUCKETS, file.validation.seed)?;
-        Ok((v.iou, v.colour_error, TauShares(shares)))
+        let hook = file.model.decoder.hook;
+        let (features, dim) =
+            side_features(trainer.model.as_ref(), hook, &t.noise, &probe_examples, PROBE_T, file.validation.seed)?;
+        let probe = ridge_probe(&features, dim, &probe_targets)?;
+        Ok((v.iou, v.colour_error, TauShares(shares, probe.r2)))
     };
     if o.validate_at_start && first == 0 && validates {
         let (iou, colour, shares) = validate_now(&trainer, 0, &mut report)?;
@@ -479,16 +492,24 @@ pub fn run<B: Backend>(a: TrainArgs, device: B::Device) -> Result<()> {
 /// Timestep buckets of the τ shares logged with every validation of the toy.
 pub const TAU_BUCKETS: usize = 5;
 
-/// The shares of τ of one validation, per timestep bucket (trainer/src/tau_share.rs).
-struct TauShares(Vec<TauShare>);
+/// Examples of the linear probe from side features to the circle (trainer/src/probe.rs).
+pub const PROBE_EXAMPLES: usize = 256;
+/// The timestep fraction t/T at which the probe reads the side features.
+pub const PROBE_T: f32 = 0.5;
+
+/// One validation's analysis: the shares of τ per timestep bucket (trainer/src/tau_share.rs)
+/// and the linear probe's held-out R² for the circle's centre x, centre y and radius.
+struct TauShares(Vec<TauShare>, Vec<f64>);
 
 impl TauShares {
     /// Adds `tau_zero_distance`, `tau_share_decoder` (null entries without a decoder) and
-    /// `tau_share_control` to a metrics row: one value per bucket, low timesteps first.
+    /// `tau_share_control` to a metrics row (one value per bucket, low timesteps first), and
+    /// `probe_r2` (centre x, centre y, radius).
     fn write_into(&self, row: &mut serde_json::Value) {
         let column = |f: fn(&TauShare) -> Option<f32>| self.0.iter().map(f).collect::<Vec<_>>();
         row["tau_zero_distance"] = serde_json::json!(column(|s| Some(s.zero_distance)));
         row["tau_share_decoder"] = serde_json::json!(column(|s| s.decoder));
         row["tau_share_control"] = serde_json::json!(column(|s| Some(s.control)));
+        row["probe_r2"] = serde_json::json!(self.1);
     }
 }

@@ -100,13 +100,21 @@ fn study_runs_the_grid_skips_finished_runs_and_resumes_exactly() {
     assert!(shares("lisa", "control").iter().chain(&shares("lisa", "decoder")).all(|b| b["n"] == 2));
     assert!(shares("baseline", "decoder").is_empty());
     assert_eq!(shares("baseline", "control").len(), 5);
-    assert!(out.join("study.png").is_file() && out.join("tau_share.png").is_file());
+    // The linear probe at every validation, and over seeds at the end.
+    assert!(before.iter().all(|r| r["probe_r2"].as_array().is_some_and(|a| a.len() == 3)), "{before:?}");
+    for arm in ["baseline", "lisa"] {
+        let r2 = summary["arms"][arm]["final_probe_r2"].as_array().unwrap();
+        assert!(r2.len() == 3 && r2.iter().all(|c| c["n"] == 2 && c["mean"].as_f64().unwrap() <= 1.0), "{r2:?}");
+        assert_eq!(summary["arms"][arm]["probe_r2_curve"].as_array().unwrap().len(), 3);
+    }
+    assert!(out.join("study.png").is_file() && out.join("tau_share.png").is_file() && out.join("probe.png").is_file());
     let table = String::from_utf8_lossy(&first.stdout);
     assert!(table.contains("| lisa |") && table.contains("| baseline |"), "{table}");
     assert!(
         table.contains("| lisa | the LISA decoder |") && table.contains("| baseline | the control residuals |"),
         "{table}"
     );
+    assert!(table.contains("linear probe"), "{table}");
 
     // Again: every run is done, nothing trains, the same rows.
     let again = study();

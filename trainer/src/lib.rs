@@ -16,6 +16,7 @@ pub mod nn;
 pub mod optim;
 pub mod params;
 pub mod pretrain;
+pub mod probe;
 pub mod run;
 pub mod sample;
 pub mod scheduler;
