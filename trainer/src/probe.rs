@@ -216,7 +216,7 @@ mod tests {
         cholesky_solve(&mut a, 2, &mut b, 1).unwrap();
         assert!((b[0] - 0.5).abs() < 1e-12 && b[1].abs() < 1e-12, "{b:?}");
         let mut singular = vec![1.0, 1.0, 1.0, 1.0];
-        assert!(cholesky_solve(&mut singular, 2, &mut vec![1.0, 1.0], 1).is_err());
+        assert!(cholesky_solve(&mut singular, 2, &mut [1.0, 1.0], 1).is_err());
     }
 
     #[test]
