@@ -606,6 +606,26 @@ fn colour_of(order: &[String], arm: &str) -> [u8; 3] {
     }
 }
 
+/// The lines of one arm's curve over seeds: the lowest and the highest seed (lighter), then
+/// the mean.
+fn seed_band(arm: &str, colour: [u8; 3], seeds: usize, curve: &[(u64, Vec<f64>)]) -> [Series; 3] {
+    let light = colour.map(|c| ((c as u16 + 2 * 255) / 3) as u8);
+    let pick = |f: fn(&[f64]) -> f64| curve.iter().map(|(s, v)| (*s as f64, f(v))).collect::<Vec<_>>();
+    [
+        Series {
+            label: format!("{arm} (lowest seed)"),
+            colour: light,
+            points: pick(|v| v.iter().copied().fold(f64::INFINITY, f64::min)),
+        },
+        Series {
+            label: format!("{arm} (highest seed)"),
+            colour: light,
+            points: pick(|v| v.iter().copied().fold(f64::NEG_INFINITY, f64::max)),
+        },
+        Series { label: format!("{arm} (mean of {seeds} seeds)"), colour, points: pick(|v| mean_std(v).0) },
+    ]
+}
+
 /// IoU against step: per arm the mean over seeds and, lighter, the lowest and highest seed
 /// (the band); thresholds dashed (the first).
 fn band_plot(order: &[String], results: &Results, thresholds: &[f32]) -> Result<image::RgbImage> {
@@ -613,24 +633,7 @@ fn band_plot(order: &[String], results: &Results, thresholds: &[f32]) -> Result<
     for arm in order {
         let Some(runs) = results.get(arm) else { continue };
         let curve = curve_steps(runs);
-        let colour = colour_of(order, arm);
-        let light = colour.map(|c| ((c as u16 + 2 * 255) / 3) as u8);
-        let pick = |f: fn(&[f64]) -> f64| curve.iter().map(|(s, v)| (*s as f64, f(v))).collect::<Vec<_>>();
-        series.push(Series {
-            label: format!("{arm} (lowest seed)"),
-            colour: light,
-            points: pick(|v| v.iter().copied().fold(f64::INFINITY, f64::min)),
-        });
-        series.push(Series {
-            label: format!("{arm} (highest seed)"),
-            colour: light,
-            points: pick(|v| v.iter().copied().fold(f64::NEG_INFINITY, f64::max)),
-        });
-        series.push(Series {
-            label: format!("{arm} (mean of {} seeds)", runs.len()),
-            colour,
-            points: pick(|v| mean_std(v).0),
-        });
+        series.extend(seed_band(arm, colour_of(order, arm), runs.len(), &curve));
     }
     let panel = Panel {
         title: format!(
@@ -656,24 +659,7 @@ fn probe_panel(order: &[String], results: &Results) -> Option<Panel> {
         if curve.is_empty() {
             continue;
         }
-        let colour = colour_of(order, arm);
-        let light = colour.map(|c| ((c as u16 + 2 * 255) / 3) as u8);
-        let pick = |f: fn(&[f64]) -> f64| curve.iter().map(|(s, v)| (*s as f64, f(v))).collect::<Vec<_>>();
-        series.push(Series {
-            label: format!("{arm} (lowest seed)"),
-            colour: light,
-            points: pick(|v| v.iter().copied().fold(f64::INFINITY, f64::min)),
-        });
-        series.push(Series {
-            label: format!("{arm} (highest seed)"),
-            colour: light,
-            points: pick(|v| v.iter().copied().fold(f64::NEG_INFINITY, f64::max)),
-        });
-        series.push(Series {
-            label: format!("{arm} (mean of {} seeds)", runs.len()),
-            colour,
-            points: pick(|v| mean_std(v).0),
-        });
+        series.extend(seed_band(arm, colour_of(order, arm), runs.len(), &curve));
     }
     (!series.is_empty()).then(|| Panel {
         title: "linear probe, side feature → circle centre and radius: held-out R² (mean of the three)".into(),
