@@ -145,12 +145,24 @@ fn weightings_follow_their_formulas() {
         assert_close1("min-snr x0", w(Prediction::Sample), snr.min(gamma), tol);
         let plain = LisaConfig { weighting: Weighting::Snr, ..LisaConfig::default() };
         assert_close1("snr", plain.sample_terms(Prediction::Epsilon, level).unwrap().weight, snr, tol);
+        let noisy = LisaConfig { weighting: Weighting::NoiseVariance, ..LisaConfig::default() };
+        let w_noise = noisy.sample_terms(Prediction::Epsilon, level).unwrap().weight;
+        assert_close1("noise variance", w_noise, level.sigma * level.sigma, tol);
         let unit = LisaConfig::default().sample_terms(Prediction::Epsilon, level).unwrap();
         assert_eq!(unit, SampleTerms::unit());
         let score_space = LisaConfig { target_space: TargetSpace::Score, ..LisaConfig::default() };
         let s = score_space.sample_terms(Prediction::Epsilon, level).unwrap();
         assert_close1("score-space scale", s.target_scale, -1.0 / level.sigma, tol);
     }
+    // The noise-variance weight grows with the noise: 0 at a clean sample.
+    let noisy = LisaConfig { weighting: Weighting::NoiseVariance, ..LisaConfig::default() };
+    let ws: Vec<f64> = [0.0, 0.2, 0.5, 0.9]
+        .iter()
+        .map(|&t| {
+            noisy.sample_terms(Prediction::FlowVelocity, RectifiedFlow::default().level(t).unwrap()).unwrap().weight
+        })
+        .collect();
+    assert!(ws[0] == 0.0 && ws.windows(2).all(|w| w[0] < w[1]), "{ws:?}");
     let flow = RectifiedFlow::default().level(0.4).unwrap();
     let min_snr = LisaConfig { weighting: Weighting::MinSnr { gamma: 5.0 }, ..LisaConfig::default() };
     let w = min_snr.sample_terms(Prediction::FlowVelocity, flow).unwrap().weight;

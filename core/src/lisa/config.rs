@@ -51,6 +51,10 @@ pub enum Weighting {
         /// The clamp γ (5 in the paper).
         gamma: f64,
     },
+    /// `w = σ²`, the noise variance: 0 for a clean sample, growing toward pure noise (1 for VP
+    /// diffusion, `t²` for flow). Weights the LISA term toward high noise; under uniform
+    /// timesteps its mean is below 1 (≈ 0.72 for the DDPM linear schedule), so it also weakens λ.
+    NoiseVariance,
 }
 
 /// Everything that configures the LISA term.
@@ -132,6 +136,7 @@ impl LisaConfig {
                 let c = kind.to_sample(level)?.pred;
                 snr.min(F::lit(gamma)) * c * c
             }
+            Weighting::NoiseVariance => level.sigma * level.sigma,
         };
         Ok(SampleTerms { target_scale, weight })
     }
