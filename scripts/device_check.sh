@@ -50,6 +50,25 @@ build() {
     echo "carry target/device-check to the GPU machine and run: scripts/device_check.sh run"
 }
 
+# Stops unless `build` left the compressed binaries in $OUT_DIR.
+have_binaries() {
+    [ -f "$OUT_DIR/conformance_cuda.xz" ] && [ -f "$OUT_DIR/step_cuda.xz" ] || {
+        echo "device_check: no binaries in $OUT_DIR: run 'scripts/device_check.sh build' on the build machine first" >&2
+        exit 2
+    }
+}
+
+# Decompresses the binaries into a fresh temporary folder and prints its path.
+unpack_binaries() {
+    local bin name
+    bin="$(mktemp -d "${TMPDIR:-/tmp}/lisa-device-bin.XXXXXX")"
+    for name in conformance_cuda step_cuda; do
+        xz -dc "$OUT_DIR/$name.xz" >"$bin/$name"
+        chmod +x "$bin/$name"
+    done
+    echo "$bin"
+}
+
 # The table of lisa/torch ratios from a bench output ($1) and a torch_toy.py JSON ($2).
 ratios() {
     if [ -s "$2" ] && [ -s "$1" ]; then
@@ -81,10 +100,7 @@ print(exe)' "$1"
 }
 
 run() {
-    [ -f "$OUT_DIR/conformance_cuda.xz" ] && [ -f "$OUT_DIR/step_cuda.xz" ] || {
-        echo "device_check: no binaries in $OUT_DIR: run 'scripts/device_check.sh build' on the build machine first" >&2
-        exit 2
-    }
+    have_binaries
     if [ ! -e /proc/driver/nvidia/version ] && [ ! -e /dev/nvidiactl ]; then
         echo "device_check: no NVIDIA driver on this machine; run this on the GPU machine" >&2
         exit 2
@@ -103,11 +119,7 @@ run() {
         echo "libnvrtc from: ${nvrtc_dirs:-not found}"
     fi
     local bin
-    bin="$(mktemp -d "${TMPDIR:-/tmp}/lisa-device-bin.XXXXXX")"
-    for name in conformance_cuda step_cuda; do
-        xz -dc "$OUT_DIR/$name.xz" >"$bin/$name"
-        chmod +x "$bin/$name"
-    done
+    bin="$(unpack_binaries)"
     echo "== machine"
     echo "binaries built from commit $(cat "$OUT_DIR/commit" 2>/dev/null || echo unknown)"
     if command -v nvidia-smi >/dev/null 2>&1; then
@@ -179,16 +191,9 @@ run() {
 # The toy baseline step with each f32 GEMM kernel lisa-cubecl can use (LISA_CUBECL_F32_GEMM),
 # and the conformance suite with the exact ones (the others round to TF32, beyond f32 tolerance).
 gemm_kernels() {
-    [ -f "$OUT_DIR/conformance_cuda.xz" ] && [ -f "$OUT_DIR/step_cuda.xz" ] || {
-        echo "device_check: no binaries in $OUT_DIR: run 'scripts/device_check.sh build' first" >&2
-        exit 2
-    }
+    have_binaries
     local bin
-    bin="$(mktemp -d "${TMPDIR:-/tmp}/lisa-device-bin.XXXXXX")"
-    for name in conformance_cuda step_cuda; do
-        xz -dc "$OUT_DIR/$name.xz" >"$bin/$name"
-        chmod +x "$bin/$name"
-    done
+    bin="$(unpack_binaries)"
     nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | sed 's/^/GPU: /'
     echo "| f32 GEMM kernel | baseline step | pretraining step |"
     echo "|---|---|---|"

@@ -606,10 +606,15 @@ fn colour_of(order: &[String], arm: &str) -> [u8; 3] {
     }
 }
 
+/// `colour` two thirds of the way to white: the seed ranges and the decoder's lines.
+fn lighter(colour: [u8; 3]) -> [u8; 3] {
+    colour.map(|c| ((c as u16 + 2 * 255) / 3) as u8)
+}
+
 /// The lines of one arm's curve over seeds: the lowest and the highest seed (lighter), then
 /// the mean.
 fn seed_band(arm: &str, colour: [u8; 3], seeds: usize, curve: &[(u64, Vec<f64>)]) -> [Series; 3] {
-    let light = colour.map(|c| ((c as u16 + 2 * 255) / 3) as u8);
+    let light = lighter(colour);
     let pick = |f: fn(&[f64]) -> f64| curve.iter().map(|(s, v)| (*s as f64, f(v))).collect::<Vec<_>>();
     [
         Series {
@@ -681,7 +686,7 @@ fn tau_share_panel(order: &[String], results: &Results) -> Option<Panel> {
         let shares = final_tau_shares(runs);
         let n = shares["buckets"].as_u64().unwrap_or(0) as f64;
         let colour = colour_of(order, arm);
-        let light = colour.map(|c| ((c as u16 + 2 * 255) / 3) as u8);
+        let light = lighter(colour);
         for (key, label, colour) in [("control", "control residuals", colour), ("decoder", "LISA decoder", light)] {
             let points: Vec<(f64, f64)> = shares[key]
                 .as_array()
