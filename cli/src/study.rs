@@ -82,11 +82,14 @@ fn default_thresholds() -> Vec<f32> {
     vec![0.5, 0.6, 0.7]
 }
 
-/// One arm: a name and the run-file keys it sets over the base.
+/// One arm: a name, the run-file keys it sets over the base, and optionally its own prior.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ArmSpec {
     name: String,
+    /// This arm's pretrained prior (default: the study's `main`); relative paths from the study
+    /// file's folder. Its model description decides the networks, as for the study's prior.
+    main: Option<PathBuf>,
     /// Run-file keys, as in a run file (`set.train.mode = "baseline"`,
     /// `[arm.set.model.decoder] hook = "mid"`).
     #[serde(default)]
@@ -143,7 +146,7 @@ pub fn run<B: Backend>(a: StudyArgs, device: B::Device) -> Result<()> {
         .with_context(|| format!("cannot read the base run file {}", base_path.display()))?;
     let base: toml::Table =
         toml::from_str(&base_text).with_context(|| format!("base run file {}", base_path.display()))?;
-    let plan = plan(&study, &base, &main, &a.config)?;
+    let plan = plan(&study, &base, &main, &a.config, &relative)?;
     let reference = match &study.reference {
         Some(r) if !study.arms.iter().any(|a| &a.name == r) => {
             bail!("study file {}: reference arm {r:?} is not one of the arms", a.config.display())
@@ -163,7 +166,7 @@ pub fn run<B: Backend>(a: StudyArgs, device: B::Device) -> Result<()> {
     }
     drop(stdout);
     for run in &plan {
-        run_one::<B>(run, &study, &main, &a.output_dir, device.clone())?;
+        run_one::<B>(run, &study, &a.output_dir, device.clone())?;
     }
 
     // Read every run back from its metrics (complete whether or not it was resumed).
@@ -205,9 +208,11 @@ pub fn run<B: Backend>(a: StudyArgs, device: B::Device) -> Result<()> {
 struct PlannedRun {
     arm: String,
     seed: u64,
-    /// The resolved run file (base + arm + seed), as TOML.
+    /// The resolved run file (base + arm + seed), as TOML, after a comment naming the prior.
     run_file: String,
     file: RunFile,
+    /// The arm's prior.
+    main: PathBuf,
 }
 
 impl PlannedRun {
@@ -217,7 +222,13 @@ impl PlannedRun {
 }
 
 /// Every run, each run file resolved and checked before anything trains.
-fn plan(study: &StudyFile, base: &toml::Table, main: &Path, origin: &Path) -> Result<Vec<PlannedRun>> {
+fn plan(
+    study: &StudyFile,
+    base: &toml::Table,
+    main: &Path,
+    origin: &Path,
+    relative: &dyn Fn(&Path) -> PathBuf,
+) -> Result<Vec<PlannedRun>> {
     let origin = origin.display();
     if study.seeds.is_empty() || study.arms.is_empty() {
         bail!("study file {origin}: needs at least one seed and one [[arm]]");
@@ -246,6 +257,10 @@ fn plan(study: &StudyFile, base: &toml::Table, main: &Path, origin: &Path) -> Re
         if !names.insert(arm.name.as_str()) {
             bail!("study file {origin}: arm {:?} is defined twice", arm.name);
         }
+        let main = arm.main.as_deref().map(relative).unwrap_or_else(|| main.to_path_buf());
+        if !main.is_file() {
+            bail!("study file {origin}: the prior {} of arm {:?} does not exist", main.display(), arm.name);
+        }
         for &seed in &study.seeds {
             let mut table = base.clone();
             merge(&mut table, &arm.set);
@@ -257,8 +272,10 @@ fn plan(study: &StudyFile, base: &toml::Table, main: &Path, origin: &Path) -> Re
             train.insert("seed".into(), toml::Value::Integer(seed as i64));
             let run_file = toml::to_string(&table)?;
             let mut file = RunFile::from_toml(&run_file, &format!("study file {origin}, arm {:?}", arm.name))?;
-            file.resolve_model(main)?;
-            plan.push(PlannedRun { arm: arm.name.clone(), seed, run_file, file });
+            file.resolve_model(&main)?;
+            // The prior is part of the settings: a run whose prior changed is not resumed.
+            let run_file = format!("# prior: {}\n{run_file}", main.display());
+            plan.push(PlannedRun { arm: arm.name.clone(), seed, run_file, file, main: main.clone() });
         }
     }
     Ok(plan)
@@ -277,7 +294,7 @@ fn merge(into: &mut toml::Table, over: &toml::Table) {
 }
 
 /// Trains one run unless it is done; resumes it from its latest checkpoint if it started.
-fn run_one<B: Backend>(run: &PlannedRun, study: &StudyFile, main: &Path, out: &Path, device: B::Device) -> Result<()> {
+fn run_one<B: Backend>(run: &PlannedRun, study: &StudyFile, out: &Path, device: B::Device) -> Result<()> {
     let dir = run.dir(out);
     if dir.join(DONE).is_file() {
         return Ok(());
@@ -318,7 +335,7 @@ fn run_one<B: Backend>(run: &PlannedRun, study: &StudyFile, main: &Path, out: &P
         },
         label: &label,
     };
-    train_arm::<B>(&run.file, Start { main, side: None }, device, &options)?;
+    train_arm::<B>(&run.file, Start { main: &run.main, side: None }, device, &options)?;
     let done = serde_json::json!({"arm": run.arm, "seed": run.seed, "backend": B::name()});
     write_atomic(&dir.join(DONE), serde_json::to_string_pretty(&done)?.as_bytes())?;
     Ok(())

@@ -329,14 +329,26 @@ pub fn train_arm<B: Backend>(file: &RunFile, start: Start, device: B::Device, o:
         let v = validate(trainer.model.as_ref(), &t.noise, &val_set, &file.validation.sampling)?;
         save_png(&v.grid, &out.join(format!("validation-{step:06}.png")))?;
         report.validations.push((step, v.iou));
-        let shares =
-            tau_shares(trainer.model.as_ref(), &t.lisa, &t.noise, &val_examples, TAU_BUCKETS, file.validation.seed)?;
+        let norm = trainer.measured_tau_norm();
+        let shares = tau_shares(
+            trainer.model.as_ref(),
+            &t.lisa,
+            &t.noise,
+            norm,
+            &val_examples,
+            TAU_BUCKETS,
+            file.validation.seed,
+        )?;
         let hook = file.model.decoder.hook;
         let (features, dim) =
             side_features(trainer.model.as_ref(), hook, &t.noise, &probe_examples, PROBE_T, file.validation.seed)?;
         let probe = ridge_probe(&features, dim, &probe_targets)?;
         Ok((v.iou, v.colour_error, TauShares(shares, probe.r2)))
     };
+    if let Some(norm) = trainer.tau_norm(data.as_ref())? {
+        let rms: Vec<String> = norm.rms().iter().map(|r| format!("{r:.3}")).collect();
+        println!("{}: τ's scale per timestep bucket, low noise first: {}", o.label, rms.join(" "));
+    }
     if o.validate_at_start && first == 0 && validates {
         let (iou, colour, shares) = validate_now(&trainer, 0, &mut report)?;
         progress.validation(0, iou);

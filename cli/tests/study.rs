@@ -116,6 +116,10 @@ fn study_runs_the_grid_skips_finished_runs_and_resumes_exactly() {
     );
     assert!(table.contains("linear probe"), "{table}");
 
+    // Each run keeps its settings, the prior first.
+    let kept = std::fs::read_to_string(out.join("lisa/seed-0/run.toml")).unwrap();
+    assert!(kept.starts_with("# prior: ") && kept.lines().next().unwrap().ends_with("main.safetensors"), "{kept}");
+
     // Again: every run is done, nothing trains, the same rows.
     let again = study();
     let err = ok(&again);
@@ -155,6 +159,12 @@ fn study_refuses_bad_files_and_folders_it_did_not_make() {
     fails_with(&run(&STUDY.replace("thresholds = [0.1, 0.9]", "thresholds = [1.5]"), &out), "thresholds");
     fails_with(&run(&format!("reference = \"nope\"\n{STUDY}"), &out), "reference arm");
     fails_with(&run(&STUDY.replace("main.safetensors", "missing.safetensors"), &out), "does not exist");
+    let arm_prior = |file: &str| STUDY.replace("name = \"lisa\"", &format!("name = \"lisa\"\nmain = \"{file}\""));
+    fails_with(&run(&arm_prior("missing.safetensors"), &out), "of arm \"lisa\" does not exist");
+    // An arm's own prior (here a copy of the study's) is planned like any other.
+    std::fs::copy(d.join("main.safetensors"), d.join("other.safetensors")).unwrap();
+    let own = run(&arm_prior("other.safetensors"), &out);
+    assert_eq!(String::from_utf8_lossy(&own.stdout).matches("to run").count(), 4, "{own:?}");
 
     // A folder with the user's files and no study marker is never written into.
     let theirs = d.join("theirs");

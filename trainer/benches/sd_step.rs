@@ -63,7 +63,12 @@ fn main() {
     let (unet, side, tokens) = config(full);
     let mut spec_config = serde_json::Map::new();
     spec_config.insert("unet".into(), unet);
-    let decoder = DecoderConfig { hook: "down_5".parse().unwrap(), time_sinusoidal_dim: 256, channel_floor: 64 };
+    let decoder = DecoderConfig {
+        hook: "down_5".parse().unwrap(),
+        time_sinusoidal_dim: 256,
+        channel_floor: 64,
+        ..DecoderConfig::default()
+    };
     let spec = ModelSpec { architecture: "sd".into(), decoder, config: spec_config };
     println!(
         "sd_step: {} ({}x{} latents, {tokens} tokens, batch 1, f32), {steps} step(s) per arm, CPU backend, {} threads",

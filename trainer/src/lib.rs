@@ -20,6 +20,7 @@ pub mod probe;
 pub mod run;
 pub mod sample;
 pub mod scheduler;
+pub mod tau_norm;
 pub mod tau_share;
 pub mod train;
 pub mod weights;

@@ -79,6 +79,7 @@ impl<B: Backend> Pretrainer<B> {
             noise: NoiseProcess::new(&config.noise)?,
             run: RunStream::new(config.seed),
             run_id: new_run_id(),
+            tau_norm: None,
             model,
             optimizer,
             config,

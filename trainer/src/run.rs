@@ -27,6 +27,8 @@ pub struct TrainingRun<B: Backend, C> {
     /// Identifies the run in its checkpoints (a run prunes only its own).
     pub run_id: String,
     pub(crate) noise: NoiseProcess,
+    /// Control training's per-timestep scale of `τ`, once measured (never in pretraining).
+    pub(crate) tau_norm: Option<crate::tau_norm::TauNorm>,
 }
 
 /// A fresh run id: the time and the process, hashed (not a source of model randomness).

@@ -13,16 +13,16 @@
 //! schedule; every bucket noises the same examples with noise fixed by a seed, so two calls on
 //! the same model give the same numbers, and two models are compared on the same draws.
 
-use lisa_core::LisaConfig;
 use lisa_core::backend::Backend;
-use lisa_core::lisa::SampleTerms;
+use lisa_core::{LisaConfig, NoiseLevel};
 
 use crate::autodiff::Tape;
 use crate::data::Example;
 use crate::error::{Result, TrainError};
 use crate::model::DualDenoiser;
-use crate::run::{RunStream, noise_batch_at};
+use crate::run::{NoisedBatch, RunStream, noise_batch_at};
 use crate::scheduler::{NoiseConfig, NoiseProcess, add_noise};
+use crate::tau_norm::{TauNorm, lisa_terms};
 
 /// The shares of `τ` in one bucket of timesteps.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -40,11 +40,13 @@ pub struct TauShare {
 }
 
 /// The shares of `τ` on `examples` in `buckets` equal buckets of timesteps (module docs);
-/// `seed` fixes the timesteps within each bucket and the noise.
+/// `seed` fixes the timesteps within each bucket and the noise. `norm`: the run's per-timestep
+/// normalisation of `τ`, when it has one (the decoder predicts in those units).
 pub fn tau_shares<B: Backend>(
     model: &dyn DualDenoiser<B>,
     lisa: &LisaConfig,
     noise: &NoiseConfig,
+    norm: Option<&TauNorm>,
     examples: &[Example],
     buckets: usize,
     seed: u64,
@@ -56,16 +58,11 @@ pub fn tau_shares<B: Backend>(
         )));
     }
     let process = NoiseProcess::new(noise)?;
-    let n = examples.len();
     let kind = model.prediction();
     (0..buckets)
         .map(|b| {
             let (from, to) = (b as f32 / buckets as f32, (b + 1) as f32 / buckets as f32);
-            let mut stream = RunStream::new(seed.wrapping_add(b as u64));
-            // Draws inside [from, to), kept below `to` in f32.
-            let draws: Vec<f32> =
-                stream.uniforms(n).into_iter().map(|v| (from + v * (to - from)).min(to.next_down())).collect();
-            let batch = noise_batch_at(&mut stream, &process, model, true, examples, 0.0, Some(&draws))?;
+            let batch = bucket_batch::<B>(&process, model, examples, (from, to), seed.wrapping_add(b as u64), true)?;
             let hint = batch.hint.ok_or(TrainError::Autodiff("noise_batch_at returns the hints it was asked for"))?;
             let tape = Tape::<B>::new();
             let p = model.store().bind(&tape);
@@ -83,15 +80,13 @@ pub fn tau_shares<B: Backend>(
                 };
                 Ok((pred.value, prior.value, decoded))
             })?;
-            let terms = batch
-                .levels
-                .iter()
-                .map(|&l| lisa.sample_terms(kind, l))
-                .collect::<lisa_core::Result<Vec<SampleTerms<f32>>>>()?;
+            let terms = lisa_terms(lisa, kind, &batch.levels, norm)?;
             // s_t·(pred − prior), per sample: the residuals' effect in τ's units (the terms
             // above were computed from the same levels, so the NaN fallback never applies).
-            let scale =
-                |l: &lisa_core::NoiseLevel<f32>| lisa.sample_terms(kind, *l).map_or(f32::NAN, |t| t.target_scale);
+            let scale = |l: &NoiseLevel<f32>| {
+                let s = lisa.sample_terms(kind, *l).map_or(f32::NAN, |t| t.target_scale);
+                norm.map_or(s, |n| s * n.factor(l))
+            };
             let control_out = add_noise::<B>(&pred, &prior, |l| (scale(l), -scale(l)), &batch.levels)?;
             let (control, _) = B::lisa_loss(lisa, &terms, &control_out, &batch.y, &prior)?;
             let zero = control.zero_distance;
@@ -103,4 +98,22 @@ pub fn tau_shares<B: Backend>(
             Ok(TauShare { from, to, zero_distance: zero, decoder, control: share(control.distance) })
         })
         .collect()
+}
+
+/// `examples` noised at timesteps drawn uniformly inside the bucket `[from, to)` of the
+/// schedule (fractions), draws and noise from a stream seeded with `seed`; with the condition
+/// images when `with_hints`.
+pub(crate) fn bucket_batch<B: Backend>(
+    process: &NoiseProcess,
+    model: &dyn DualDenoiser<B>,
+    examples: &[Example],
+    (from, to): (f32, f32),
+    seed: u64,
+    with_hints: bool,
+) -> Result<NoisedBatch<B>> {
+    let mut stream = RunStream::new(seed);
+    // Draws inside [from, to), kept below `to` in f32.
+    let draws: Vec<f32> =
+        stream.uniforms(examples.len()).into_iter().map(|v| (from + v * (to - from)).min(to.next_down())).collect();
+    noise_batch_at(&mut stream, process, model, with_hints, examples, 0.0, Some(&draws))
 }

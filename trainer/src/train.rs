@@ -3,18 +3,18 @@
 //! AdamW, EMA. A baseline mode does everything the same without the decoder and the prior.
 
 use lisa_core::backend::{Backend, Shape};
-use lisa_core::lisa::SampleTerms;
 use lisa_core::{LisaConfig, Prediction};
 use serde::{Deserialize, Serialize};
 
 use crate::autodiff::Tape;
 use crate::data::{Dataset, Example};
 use crate::error::{Result, TrainError};
-use crate::model::{DualDenoiser, Parts, SIDE, forward_train, forward_train_checkpointed, replay_side};
+use crate::model::{DECODER, DualDenoiser, Parts, SIDE, forward_train, forward_train_checkpointed, replay_side};
 use crate::optim::{OptimConfig, Optimizer};
 pub use crate::run::TrainState;
 use crate::run::{MAX_BATCH, NoisedBatch, RunStream, StepSettings, TrainingRun, new_run_id, noise_batch};
 use crate::scheduler::{NoiseConfig, NoiseProcess};
+use crate::tau_norm::{TauNorm, TauNormConfig, lisa_terms};
 
 /// LISA or the plain ControlNet baseline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -58,6 +58,11 @@ pub struct TrainConfig {
     /// Recompute the side network's activations in the backward instead of holding them
     /// (diffusers' `--gradient_checkpointing`): less memory, one more side forward per step.
     pub gradient_checkpointing: bool,
+    /// The LISA decoder's learning rate as a multiple of the side network's (1).
+    pub decoder_lr_scale: f32,
+    /// Divide `τ` by its root mean square at each timestep, measured on the prior before the
+    /// first step, so the decoder's target has unit scale everywhere (None: off, the paper).
+    pub normalize_tau: Option<TauNormConfig>,
 }
 
 impl Default for TrainConfig {
@@ -75,6 +80,8 @@ impl Default for TrainConfig {
             lisa_subbatch: None,
             proportion_empty_prompts: 0.0,
             gradient_checkpointing: false,
+            decoder_lr_scale: 1.0,
+            normalize_tau: None,
         }
     }
 }
@@ -99,6 +106,12 @@ impl TrainConfig {
         }
         self.lisa.validate().map_err(|e| TrainError::Config(e.to_string()))?;
         self.optim.validate()?;
+        if !(self.decoder_lr_scale > 0.0 && self.decoder_lr_scale.is_finite()) {
+            return Err(TrainError::Config(format!("decoder_lr_scale must be > 0, got {}", self.decoder_lr_scale)));
+        }
+        if let Some(n) = &self.normalize_tau {
+            n.validate()?;
+        }
         let flow = matches!(self.noise, NoiseConfig::Flow { .. });
         if flow != (prediction == Prediction::FlowVelocity) {
             let process = if flow { "a rectified flow" } else { "a diffusion schedule" };
@@ -156,8 +169,34 @@ impl<B: Backend> Trainer<B> {
             return Err(TrainError::Config("build the dual model, with the decoder exactly when mode = lisa".into()));
         }
         let noise = NoiseProcess::new(&config.noise)?;
-        let optimizer = Optimizer::new(model.store(), config.ema_decay, |n| n.starts_with(SIDE))?;
-        Ok(Self { model, optimizer, run: RunStream::new(config.seed), run_id: new_run_id(), config, noise })
+        let mut optimizer = Optimizer::new(model.store(), config.ema_decay, |n| n.starts_with(SIDE))?;
+        if config.decoder_lr_scale != 1.0 {
+            optimizer.adamw.scale_lr(model.store(), |n| n.starts_with(DECODER), config.decoder_lr_scale)?;
+        }
+        let run = RunStream::new(config.seed);
+        Ok(Self { model, optimizer, run, run_id: new_run_id(), config, noise, tau_norm: None })
+    }
+
+    /// The run's per-timestep scale of `τ` (`normalize_tau`; None when off or in baseline
+    /// mode), measured on `data` at the first call (the first step calls it): the same numbers
+    /// for the same model, data and seed, so a resumed run measures what it measured before.
+    pub fn tau_norm(&mut self, data: &dyn Dataset) -> Result<Option<&TauNorm>> {
+        let Some(cfg) = self.config.normalize_tau.filter(|_| self.config.mode == Mode::Lisa) else {
+            return Ok(None);
+        };
+        if self.tau_norm.is_none() {
+            let examples = (0..cfg.examples.min(data.len())).map(|i| data.get(i)).collect::<Result<Vec<_>>>()?;
+            let (model, lisa) = (self.model.as_ref(), &self.config.lisa);
+            let norm =
+                TauNorm::measure(model, lisa, &self.noise, &examples, &cfg, self.config.batch_size, self.config.seed)?;
+            self.tau_norm = Some(norm);
+        }
+        Ok(self.tau_norm.as_ref())
+    }
+
+    /// The per-timestep scale of `τ` if [`Trainer::tau_norm`] has measured it.
+    pub fn measured_tau_norm(&self) -> Option<&TauNorm> {
+        self.tau_norm.as_ref()
     }
 
     /// One optimizer step over `gradient_accumulation_steps` micro-batches from `data`.
@@ -166,6 +205,7 @@ impl<B: Backend> Trainer<B> {
         let mut grads: Vec<Option<B::Tensor>> = vec![None; self.optimizer.adamw.moments.len()];
         let (mut main_sum, mut lisa_sum, mut zero_sum, mut total_sum) = (0.0f32, 0.0f32, 0.0f32, 0.0f32);
         let step = self.run.state.step + 1;
+        self.tau_norm(data)?;
         for _ in 0..accum {
             let examples = self.next_examples(data, self.config.batch_size)?;
             let (main, lisa, micro) = self.micro_batch(&examples, accum)?;
@@ -223,10 +263,7 @@ impl<B: Backend> Trainer<B> {
         if let (Some(dec), Some(prior)) = (&out.decoded, &out.prior) {
             // The LISA samples are the first k of the batch (all of it unless sub-batched).
             let k = B::shape(&dec.value).dims()[0];
-            let terms = levels[..k]
-                .iter()
-                .map(|&l| self.config.lisa.sample_terms(model.prediction(), l))
-                .collect::<lisa_core::Result<Vec<SampleTerms<f32>>>>()?;
+            let terms = lisa_terms(&self.config.lisa, model.prediction(), &levels[..k], self.tau_norm.as_ref())?;
             let y_k = if k == n {
                 y.clone()
             } else {

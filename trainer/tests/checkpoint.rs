@@ -14,12 +14,18 @@ use lisa_trainer::checkpoint::{StateFile, load_checkpoint, save_checkpoint};
 use lisa_trainer::data::FillCircles;
 use lisa_trainer::model::{Parts, registry};
 use lisa_trainer::optim::OptimConfig;
+use lisa_trainer::tau_norm::TauNormConfig;
 use lisa_trainer::train::{Mode, TrainConfig, Trainer};
 use lisa_trainer::weights::read_safetensors;
 
 fn trainer(ema: bool) -> Trainer<C> {
+    trainer_with(ema, |_| {})
+}
+
+/// [`trainer`] with `options` applied to its settings.
+fn trainer_with(ema: bool, options: impl FnOnce(&mut TrainConfig)) -> Trainer<C> {
     let model = registry::build::<C>(&tiny_model(), Parts::Dual { decoder: true }, CpuDevice, 7).unwrap();
-    let cfg = TrainConfig {
+    let mut cfg = TrainConfig {
         seed: 7,
         batch_size: 6,
         gradient_accumulation_steps: 2,
@@ -34,6 +40,7 @@ fn trainer(ema: bool) -> Trainer<C> {
         },
         ..TrainConfig::default()
     };
+    options(&mut cfg);
     Trainer::new(model, cfg).unwrap()
 }
 
@@ -82,18 +89,31 @@ fn tmp(name: &str) -> PathBuf {
 
 #[test]
 fn resume_reproduces_the_uninterrupted_run_bit_for_bit() {
+    resume_matches_straight("resume", |_| {});
+}
+
+#[test]
+fn resume_with_a_normalised_tau_and_a_decoder_lr_reproduces_the_run() {
+    // τ's scale is measured again after the resume: it must come out the same.
+    resume_matches_straight("resume-options", |c| {
+        c.decoder_lr_scale = 4.0;
+        c.normalize_tau = Some(TauNormConfig { buckets: 4, examples: 8 });
+    });
+}
+
+fn resume_matches_straight(name: &str, options: impl Fn(&mut TrainConfig)) {
     let d = data();
-    let mut straight = trainer(true);
+    let mut straight = trainer_with(true, &options);
     let stats_a: Vec<_> = (0..6).map(|_| straight.step(&d).unwrap()).collect();
 
-    let dir = tmp("resume");
-    let mut first = trainer(true);
+    let dir = tmp(name);
+    let mut first = trainer_with(true, &options);
     for _ in 0..3 {
         first.step(&d).unwrap();
     }
     save_checkpoint(&first, &d, &dir.join("checkpoint-3")).unwrap();
     drop(first);
-    let mut resumed = trainer(true);
+    let mut resumed = trainer_with(true, &options);
     load_checkpoint(&mut resumed, &d, &dir.join("checkpoint-3")).unwrap();
     assert_eq!(resumed.run.state.step, 3);
     let stats_b: Vec<_> = (0..3).map(|_| resumed.step(&d).unwrap()).collect();

@@ -236,7 +236,12 @@ fn tiny_config() -> ModelSpec {
         },
         control: ControlConfig { hint_hidden: 4, ..ControlConfig::default() },
     };
-    toy.to_spec(&DecoderConfig { hook: HookLayer::Down(1), time_sinusoidal_dim: 8, channel_floor: 2 })
+    toy.to_spec(&DecoderConfig {
+        hook: HookLayer::Down(1),
+        time_sinusoidal_dim: 8,
+        channel_floor: 2,
+        ..DecoderConfig::default()
+    })
 }
 
 struct Inputs {

@@ -56,6 +56,7 @@ fn build<B: Backend>(case: &str, device: B::Device) -> SdModel<B> {
         hook: meta["hook"].parse().unwrap(),
         time_sinusoidal_dim: meta["time_sinusoidal_dim"].parse().unwrap(),
         channel_floor: meta["channel_floor"].parse().unwrap(),
+        ..DecoderConfig::default()
     };
     let mut config = serde_json::Map::new();
     config.insert("unet".into(), read_json_config(&dir.join("unet")).unwrap().into());

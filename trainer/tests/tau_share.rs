@@ -35,7 +35,8 @@ fn examples(n: usize) -> Vec<Example> {
 fn untrained_shares_are_zero_and_training_moves_them() {
     let mut t = trainer(Mode::Lisa);
     let val = examples(8);
-    let shares = |t: &Trainer<C>| tau_shares(t.model.as_ref(), &t.config.lisa, &t.config.noise, &val, 4, 5).unwrap();
+    let shares =
+        |t: &Trainer<C>| tau_shares(t.model.as_ref(), &t.config.lisa, &t.config.noise, None, &val, 4, 5).unwrap();
     let before = shares(&t);
     assert_eq!(before.len(), 4);
     for (b, s) in before.iter().enumerate() {
@@ -63,7 +64,7 @@ fn untrained_shares_are_zero_and_training_moves_them() {
 #[test]
 fn a_baseline_model_has_no_decoder_share() {
     let t = trainer(Mode::Baseline);
-    let shares = tau_shares(t.model.as_ref(), &t.config.lisa, &t.config.noise, &examples(4), 2, 0).unwrap();
+    let shares = tau_shares(t.model.as_ref(), &t.config.lisa, &t.config.noise, None, &examples(4), 2, 0).unwrap();
     assert!(shares.iter().all(|s| s.decoder.is_none() && s.control == 0.0), "{shares:?}");
 }
 
@@ -72,6 +73,6 @@ fn no_buckets_or_no_examples_is_an_error() {
     let t = trainer(Mode::Lisa);
     let (lisa, noise) = (&t.config.lisa, &t.config.noise);
     let message = |r: lisa_trainer::error::Result<_>| r.map(|_: Vec<_>| ()).unwrap_err().to_string();
-    assert!(message(tau_shares(t.model.as_ref(), lisa, noise, &examples(4), 0, 0)).contains("bucket"));
-    assert!(message(tau_shares(t.model.as_ref(), lisa, noise, &[], 3, 0)).contains("example"));
+    assert!(message(tau_shares(t.model.as_ref(), lisa, noise, None, &examples(4), 0, 0)).contains("bucket"));
+    assert!(message(tau_shares(t.model.as_ref(), lisa, noise, None, &[], 3, 0)).contains("example"));
 }

@@ -3,8 +3,9 @@
 //!
 //! `D(h, t) = zero_conv(stages(silu(h + W·sin₂₅₆(t))))`, with `k = log₂(out_res / r)` stages
 //! of `[conv (1×1 if C ≥ 512 else 3×3) → SiLU → nearest ×2]`, channels halved each stage
-//! down to a floor; one `3×3 conv → SiLU` when `k = 0`; the last conv is zero-initialised,
-//! so `D ≡ 0` at step 0. It exists only for training: inference never builds it.
+//! down to a floor; one `3×3 conv → SiLU` when `k = 0`; the last conv is zero-initialised
+//! (the paper's choice, so `D ≡ 0` at step 0; [`OutputInit`] offers LeCun-normal instead). It
+//! exists only for training: inference never builds it.
 
 use lisa_core::backend::{Backend, DType, Shape};
 
@@ -26,12 +27,27 @@ pub struct DecoderConfig {
     pub time_sinusoidal_dim: usize,
     /// Channel floor of the upsampling stages (64 in the paper; scaled down to 16 here).
     pub channel_floor: usize,
+    /// How the output convolution starts (zero, as in the paper).
+    pub output_init: OutputInit,
 }
 
 impl Default for DecoderConfig {
     fn default() -> Self {
-        Self { hook: HookLayer::Down(1), time_sinusoidal_dim: 256, channel_floor: 16 }
+        Self { hook: HookLayer::Down(1), time_sinusoidal_dim: 256, channel_floor: 16, output_init: OutputInit::Zero }
     }
+}
+
+/// The initial weights of the decoder's output convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputInit {
+    /// Zero weights and bias: `D ≡ 0` at step 0, and the gradient reaching the side network
+    /// through the decoder is zero until the output convolution has grown (the paper).
+    #[default]
+    Zero,
+    /// LeCun-normal weights, zero bias, like the decoder's other convolutions: the side
+    /// network receives LISA's gradient from the first step.
+    LecunNormal,
 }
 
 /// The decoder.
@@ -78,7 +94,11 @@ impl LisaDecoder {
             config: c.clone(),
             time_proj: Linear::new(s, &format!("{name}.time_proj"), c.time_sinusoidal_dim, c_h)?,
             stages,
-            out: Conv2d::new(s, &format!("{name}.conv_out"), Conv2dConfig::new(ch, out_channels, 3).zero_init())?,
+            out: {
+                let out = Conv2dConfig::new(ch, out_channels, 3);
+                let out = if c.output_init == OutputInit::Zero { out.zero_init() } else { out };
+                Conv2d::new(s, &format!("{name}.conv_out"), out)?
+            },
         })
     }
 

@@ -23,7 +23,7 @@ use lisa_core::Prediction;
 use lisa_core::backend::Backend;
 
 pub use conditioning::{Conditioning, PromptEmbedding};
-pub use decoder::{DecoderConfig, LisaDecoder};
+pub use decoder::{DecoderConfig, LisaDecoder, OutputInit};
 pub use forward::{
     SideLeaves, TrainOutputs, forward_prior, forward_train, forward_train_checkpointed, predict, replay_side,
 };

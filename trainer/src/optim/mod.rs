@@ -119,6 +119,10 @@ pub struct AdamW<B: Backend> {
     pub moments: Vec<(ParamId, B::Tensor, B::Tensor)>,
     /// Completed optimizer steps.
     pub step: u64,
+    /// Each parameter's learning rate as a multiple of the step's (1 unless
+    /// [`AdamW::scale_lr`] set it; torch's parameter groups with their own `lr`). Part of the
+    /// configuration, not of the state: checkpoints do not hold it.
+    pub lr_scales: Vec<f32>,
 }
 
 impl<B: Backend> AdamW<B> {
@@ -128,8 +132,25 @@ impl<B: Backend> AdamW<B> {
             .iter()
             .filter(|(_, p)| p.trainable)
             .map(|(id, p)| Ok((id, B::zeros_like(&p.value)?, B::zeros_like(&p.value)?)))
-            .collect::<Result<_>>()?;
-        Ok(Self { moments, step: 0 })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { lr_scales: vec![1.0; moments.len()], moments, step: 0 })
+    }
+
+    /// Multiplies the learning rate of the parameters whose name `select` accepts by `factor`
+    /// (AdamW's decoupled weight decay follows, as in a torch parameter group). Returns how
+    /// many parameters it touched.
+    pub fn scale_lr(&mut self, store: &ParamStore<B>, select: impl Fn(&str) -> bool, factor: f32) -> Result<usize> {
+        if !(factor > 0.0 && factor.is_finite()) {
+            return Err(TrainError::Config(format!("a learning-rate scale must be > 0 and finite, got {factor}")));
+        }
+        let mut touched = 0;
+        for ((id, _, _), scale) in self.moments.iter().zip(&mut self.lr_scales) {
+            if select(&store.get(*id).name) {
+                *scale *= factor;
+                touched += 1;
+            }
+        }
+        Ok(touched)
     }
 
     /// One step with learning rate `lr` (the fused backend op per tensor). `grads` are in the
@@ -153,7 +174,8 @@ impl<B: Backend> AdamW<B> {
             weight_decay: cfg.weight_decay,
             step: self.step,
         };
-        for ((id, m, v), g) in self.moments.iter_mut().zip(grads) {
+        for (((id, m, v), g), &scale) in self.moments.iter_mut().zip(grads).zip(&self.lr_scales) {
+            let hp = AdamWParams { lr: lr * scale, ..hp };
             let param = store.get_mut(*id);
             let zero;
             let g = match g {

@@ -17,7 +17,12 @@ pub fn tiny_model() -> ModelSpec {
         },
         control: ControlConfig { hint_hidden: 8, ..ControlConfig::default() },
     };
-    toy.to_spec(&DecoderConfig { hook: HookLayer::Down(1), time_sinusoidal_dim: 16, channel_floor: 4 })
+    toy.to_spec(&DecoderConfig {
+        hook: HookLayer::Down(1),
+        time_sinusoidal_dim: 16,
+        channel_floor: 4,
+        ..DecoderConfig::default()
+    })
 }
 
 /// A toy spec whose UNet is `unet` (the rest default).
