@@ -205,8 +205,10 @@ const fn conv_case(input: [usize; 4], c_out: usize, kernel: [usize; 2], stride: 
     ConvCase { n, c_in, h, w, c_out, kh, kw, stride, pad }
 }
 
-/// Odd sizes, 1×1, rectangular kernels, stride 2, batch 1 and a batch above any thread count.
-const CONV_CASES: [ConvCase; 9] = [
+/// Odd sizes, 1×1, rectangular kernels, stride 2, batch 1 and a batch above any thread count,
+/// padding up to and beyond `k − 1` (the CPU backend's backward data runs stride-1 cases with
+/// `pad < k` as a forward convolution, the others by col2im).
+const CONV_CASES: [ConvCase; 11] = [
     conv_case([1, 1, 1, 1], 1, [1, 1], 1, 0),
     conv_case([2, 3, 7, 7], 4, [3, 3], 1, 1),
     conv_case([3, 2, 8, 8], 5, [3, 3], 2, 1),
@@ -216,6 +218,8 @@ const CONV_CASES: [ConvCase; 9] = [
     conv_case([2, 33, 4, 4], 7, [3, 3], 1, 1),
     conv_case([33, 3, 3, 3], 1, [3, 3], 1, 1),
     conv_case([2, 4, 9, 9], 6, [3, 3], 2, 1),
+    conv_case([2, 3, 5, 6], 4, [3, 3], 1, 2),
+    conv_case([2, 3, 4, 5], 2, [1, 1], 1, 1),
 ];
 
 fn conv_inputs<B: Backend>(h: &mut Harness<B>, c: ConvCase) -> (Case<B>, Case<B>, Case<B>, Conv2dParams) {

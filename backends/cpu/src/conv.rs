@@ -6,6 +6,9 @@
 //! - backward weight: `dW (c_out × K) = Σ_n dy[n] · cols[n]ᵀ`
 //!
 //! A 1×1 kernel with stride 1 and no padding needs no im2col: `cols[n]` is `x[n]` itself.
+//! The backward data of any other stride-1 convolution runs as a forward convolution of `dy`
+//! (flipped, transposed kernel; [`as_forward_of_dy`]): im2col's plain copies of `dy` instead of
+//! col2im's scatter-adds into a zeroed `dx`.
 //! Images run in parallel (single-threaded GEMMs) when there are at least as many images as
 //! threads; otherwise images run in turn with multi-threaded GEMMs. The weight gradient sums
 //! fixed groups of images in parallel and adds the group partials in order, so the result
@@ -120,33 +123,65 @@ fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
     }
 }
 
+thread_local! {
+    /// Each thread's im2col / transpose scratch, kept between calls: every user overwrites the
+    /// part it takes before reading it, so reusing it saves an allocation and a zeroing pass
+    /// over a buffer the size of the whole lowered image per call.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The largest scratch a thread keeps between calls (4 Mi floats, 16 MiB): bigger ones (SD's
+/// 64×64 levels) are allocated per call, so idle threads do not hold them, and their zeroing
+/// is small next to the GEMMs of such layers.
+const SCRATCH_KEPT: usize = 4 << 20;
+
+/// Runs `f` on `len` floats of this thread's scratch (stale values: `f` must write before it
+/// reads). A thread that re-enters while its scratch is lent (rayon may run another task of
+/// the same loop on a thread waiting inside a parallel GEMM) gets a fresh buffer instead.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    if len > SCRATCH_KEPT {
+        return f(&mut vec![0.0f32; len]);
+    }
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+            f(&mut buf[..len])
+        }
+        Err(_) => f(&mut vec![0.0f32; len]),
+    })
+}
+
 fn parallel_over_images(batch: usize) -> bool {
     batch >= rayon::current_num_threads()
 }
 
-/// Runs `per_image(n, out_n, scratch)` for every image, in parallel over images or in turn.
+/// Runs `per_image(n, out_n, scratch, parallel_gemm)` for every image, in parallel over images
+/// or in turn; `scratch` holds `scratch_len` floats of stale values.
 fn for_each_image(
     batch: usize,
     out: &mut [f32],
     out_per_image: usize,
     scratch_len: usize,
-    per_image: impl Fn(usize, &mut [f32], &mut Vec<f32>, bool) + Sync,
+    per_image: impl Fn(usize, &mut [f32], &mut [f32], bool) + Sync,
 ) {
     if parallel_over_images(batch) {
-        // One contiguous run of images per thread, each with one scratch buffer (a scratch per
-        // rayon split was allocated and zeroed up to once per image).
+        // One contiguous run of images per thread, each with one scratch buffer.
         let per_task = batch.div_ceil(rayon::current_num_threads());
         out.par_chunks_mut(out_per_image * per_task).enumerate().for_each(|(t, run)| {
-            let mut scratch = vec![0.0f32; scratch_len];
-            for (i, o) in run.chunks_mut(out_per_image).enumerate() {
-                per_image(t * per_task + i, o, &mut scratch, false);
-            }
+            with_scratch(scratch_len, |scratch| {
+                for (i, o) in run.chunks_mut(out_per_image).enumerate() {
+                    per_image(t * per_task + i, o, scratch, false);
+                }
+            })
         });
     } else {
-        let mut scratch = vec![0.0f32; scratch_len];
-        for (n, o) in out.chunks_mut(out_per_image).enumerate() {
-            per_image(n, o, &mut scratch, true);
-        }
+        with_scratch(scratch_len, |scratch| {
+            for (n, o) in out.chunks_mut(out_per_image).enumerate() {
+                per_image(n, o, scratch, true);
+            }
+        })
     }
 }
 
@@ -174,8 +209,33 @@ pub(crate) fn conv2d(g: &Conv2dGeometry, x: &[f32], w: &[f32], bias: Option<&[f3
     y
 }
 
-/// Backward data: `dx = col2im(Wᵀ · dy)`.
+/// For a stride-1 convolution whose padding is at most `k − 1` on each axis, the geometry of
+/// its backward data as a forward convolution: `dx = W' ⋆ dy` with
+/// `W'[ci, co, u, v] = W[co, ci, kh−1−u, kw−1−v]` and padding `k − 1 − p` (the transposed
+/// convolution of a stride-1 convolution is a convolution), and `W'`.
+fn as_forward_of_dy(g: &Conv2dGeometry, w: &[f32]) -> Option<(Conv2dGeometry, Vec<f32>)> {
+    let [ph, pw] = g.params.padding;
+    if g.params.stride != [1, 1] || is_pointwise(g) || ph >= g.kh || pw >= g.kw {
+        return None;
+    }
+    let params = lisa_core::backend::Conv2dParams { stride: [1, 1], padding: [g.kh - 1 - ph, g.kw - 1 - pw] };
+    let flipped = Conv2dGeometry { c_in: g.c_out, h: g.oh, w: g.ow, c_out: g.c_in, oh: g.h, ow: g.w, params, ..*g };
+    let taps = g.kh * g.kw;
+    let mut w_t = Vec::with_capacity(w.len()); // [c_in, c_out, kh, kw]
+    for ci in 0..g.c_in {
+        for co in 0..g.c_out {
+            let kernel = &w[(co * g.c_in + ci) * taps..][..taps];
+            w_t.extend(kernel.iter().rev());
+        }
+    }
+    Some((flipped, w_t))
+}
+
+/// Backward data: `dx = col2im(Wᵀ · dy)`, or a forward convolution of `dy` for stride 1.
 pub(crate) fn conv2d_backward_data(g: &Conv2dGeometry, dy: &[f32], w: &[f32]) -> Vec<f32> {
+    if let Some((flipped, w_t)) = as_forward_of_dy(g, w) {
+        return conv2d(&flipped, dy, &w_t, None);
+    }
     let (k, p, in_img) = (g.c_in * g.kh * g.kw, g.oh * g.ow, g.c_in * g.h * g.w);
     let pointwise = is_pointwise(g);
     let mut dx = vec![0.0f32; g.batch * in_img];
@@ -211,25 +271,28 @@ pub(crate) fn conv2d_backward_weight(g: &Conv2dGeometry, x: &[f32], dy: &[f32]) 
         .into_par_iter()
         .map(|grp| {
             let mut dw_t = vec![0.0f32; k * g.c_out]; // [K, c_out] = dW column-major
-            let mut cols = vec![0.0f32; if pointwise { 0 } else { k * p }];
-            let mut dy_t = vec![0.0f32; p * g.c_out]; // [P, c_out]
-            for (i, n) in (grp * per_group..((grp + 1) * per_group).min(g.batch)).enumerate() {
-                let x_n = &x[n * in_img..(n + 1) * in_img];
-                let cols: &[f32] = if pointwise {
-                    x_n
-                } else {
-                    im2col(g, x_n, &mut cols);
-                    &cols
-                };
-                transpose_into(&dy[n * g.c_out * p..(n + 1) * g.c_out * p], g.c_out, p, &mut dy_t);
-                gemm_into_col_major(
-                    &mut dw_t,
-                    i > 0,
-                    MatRef::transposed(&dy_t, g.c_out, p),
-                    MatRef::transposed(cols, p, k),
-                    par_gemm,
-                );
-            }
+            let cols_len = if pointwise { 0 } else { k * p };
+            // [K, P] lowered image, then [P, c_out] transposed dy.
+            with_scratch(cols_len + p * g.c_out, |scratch| {
+                let (cols, dy_t) = scratch.split_at_mut(cols_len);
+                for (i, n) in (grp * per_group..((grp + 1) * per_group).min(g.batch)).enumerate() {
+                    let x_n = &x[n * in_img..(n + 1) * in_img];
+                    let cols: &[f32] = if pointwise {
+                        x_n
+                    } else {
+                        im2col(g, x_n, cols);
+                        cols
+                    };
+                    transpose_into(&dy[n * g.c_out * p..(n + 1) * g.c_out * p], g.c_out, p, dy_t);
+                    gemm_into_col_major(
+                        &mut dw_t,
+                        i > 0,
+                        MatRef::transposed(dy_t, g.c_out, p),
+                        MatRef::transposed(cols, p, k),
+                        par_gemm,
+                    );
+                }
+            });
             let mut dw = vec![0.0f32; g.c_out * k];
             transpose_into(&dw_t, k, g.c_out, &mut dw);
             dw
