@@ -40,6 +40,10 @@ fn im2col(g: &Conv2dGeometry, x: &[f32], cols: &mut [f32]) {
     let [sh, sw] = g.params.stride;
     let [ph, pw] = g.params.padding;
     let p = g.oh * g.ow;
+    // Stride 1 with rows as wide as the input's ("same" width): a tap's valid rows are one
+    // contiguous run of the input plane, so it is copied in one piece and the columns the
+    // kernel reads from padding are zeroed after (instead of one short copy per row).
+    let whole_rows = sh == 1 && sw == 1 && g.ow == g.w;
     for c in 0..g.c_in {
         let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
         for u in 0..g.kh {
@@ -49,6 +53,19 @@ fn im2col(g: &Conv2dGeometry, x: &[f32], cols: &mut [f32]) {
                 let row = &mut cols[((c * g.kh + u) * g.kw + v) * p..][..p];
                 row[..i0 * g.ow].fill(0.0);
                 row[i1 * g.ow..].fill(0.0);
+                if whole_rows && i0 < i1 && j0 < j1 {
+                    // Output (i, j) reads input (i + u − ph, j + v − pw); the run from (i0, j0)
+                    // to (i1 − 1, j1 − 1) is contiguous on both sides (row stride w = ow).
+                    let (start, end) = (i0 * g.ow + j0, (i1 - 1) * g.ow + j1);
+                    let src = (i0 + u - ph) * g.w + j0 + v - pw;
+                    row[start..end].copy_from_slice(&plane[src..src + (end - start)]);
+                    for i in i0..i1 {
+                        let out_row = &mut row[i * g.ow..(i + 1) * g.ow];
+                        out_row[..j0].fill(0.0);
+                        out_row[j1..].fill(0.0);
+                    }
+                    continue;
+                }
                 for i in i0..i1 {
                     let src = &plane[(sh * i + u - ph) * g.w..][..g.w];
                     let out_row = &mut row[i * g.ow..(i + 1) * g.ow];
