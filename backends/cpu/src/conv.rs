@@ -204,6 +204,9 @@ fn for_each_image(
 
 /// Forward: `y = W ⋆ x + b`, `x [n, c_in, h, w]`, `w [c_out, c_in, kh, kw]`.
 pub(crate) fn conv2d(g: &Conv2dGeometry, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    if crate::direct_conv::applies(g) {
+        return crate::direct_conv::conv2d(g, x, w, bias);
+    }
     let (k, p, in_img) = (g.c_in * g.kh * g.kw, g.oh * g.ow, g.c_in * g.h * g.w);
     let pointwise = is_pointwise(g);
     let mut y = vec![0.0f32; g.batch * g.c_out * p];

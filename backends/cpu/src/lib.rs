@@ -12,6 +12,7 @@
 mod allocator;
 mod backend;
 mod conv;
+mod direct_conv;
 mod elementwise;
 mod fused;
 mod gemm;
