@@ -89,6 +89,13 @@ pub struct TrainArgs {
     /// Apply LISA to the first N samples of each batch only.
     #[arg(long)]
     lisa_subbatch: Option<usize>,
+    /// The LISA decoder's learning rate as a multiple of the side network's.
+    #[arg(long, allow_negative_numbers = true)]
+    decoder_lr_scale: Option<f32>,
+    /// Divide τ by its scale at each timestep (measured on the prior before the first step;
+    /// `[train.normalize_tau]` sets its buckets and examples).
+    #[arg(long)]
+    normalize_tau: bool,
     /// Seed.
     #[arg(long)]
     seed: Option<u64>,
@@ -171,6 +178,15 @@ fn apply(a: &TrainArgs, file: &mut RunFile) -> Result<()> {
         t.optim.schedule = s.parse().context("--lr-scheduler")?;
     }
     t.lisa_subbatch = a.lisa_subbatch.or(t.lisa_subbatch);
+    if let Some(f) = a.decoder_lr_scale {
+        if !(f > 0.0 && f.is_finite()) {
+            bail!("--decoder-lr-scale must be > 0 and finite, got {f}");
+        }
+        t.decoder_lr_scale = f;
+    }
+    if a.normalize_tau && t.normalize_tau.is_none() {
+        t.normalize_tau = Some(Default::default());
+    }
     if let Some(d) = &a.train_data_dir {
         file.data.dir = Some(d.clone());
     }

@@ -135,6 +135,7 @@ fn bad_inputs_are_clear_errors() {
     fails_with(&train(&["--lambda", "-0.5"]), "--lambda must be finite and >= 0");
     fails_with(&train(&["--resume-from-checkpoint", s(&d.join("nowhere"))]), "does not exist");
     fails_with(&train(&["--distance", "l1"]), "mse | cosine");
+    fails_with(&train(&["--decoder-lr-scale", "0"]), "--decoder-lr-scale must be > 0");
     fails_with(&train(&["--train-data-dir", s(&d.join("no-such-folder"))]), "dataset folder not found");
     // A backend this machine cannot run (or this binary was built without) is an error.
     fails_with(&lisa(&["--backend", "cuda", "pretrain", "--config", s(&cfg), "--max-train-steps", "1"]), "cuda");

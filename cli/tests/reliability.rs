@@ -201,6 +201,22 @@ fn crc32(bytes: &[u8]) -> u32 {
 }
 
 #[test]
+fn the_decoder_lr_and_tau_normalisation_flags_reach_the_run() {
+    let (d, cfg, main) = setup("options");
+    let run = d.join("run");
+    let out = train(&cfg, &main, &run, &["--max-train-steps", "1", "--normalize-tau", "--decoder-lr-scale", "3"]);
+    ok(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().find(|l| l.contains("τ's scale per timestep bucket")).expect("the τ scales are printed");
+    let scales: Vec<f32> = line.rsplit(": ").next().unwrap().split(' ').map(|v| v.parse().unwrap()).collect();
+    assert!(scales.len() == 20 && scales.iter().all(|v| *v > 0.0), "{line}");
+    let state = std::fs::read_to_string(run.join("checkpoint-1/state.json")).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+    assert_eq!(state["config"]["decoder_lr_scale"], 3.0, "{state}");
+    assert_eq!(state["config"]["normalize_tau"]["buckets"], 20, "{state}");
+}
+
+#[test]
 fn diverging_runs_stop_with_the_step_and_keep_the_last_good_checkpoint() {
     let (d, cfg, main) = setup("nan");
     let run = d.join("run");
