@@ -87,6 +87,17 @@ fn im2col(g: &Conv2dGeometry, x: &[f32], cols: &mut [f32]) {
     }
 }
 
+/// One image `x_n [c_in, h, w]` as the GEMM's `[K, P]` operand: itself for a pointwise
+/// convolution, else lowered into `cols` by im2col.
+fn lowered<'a>(g: &Conv2dGeometry, x_n: &'a [f32], cols: &'a mut [f32]) -> &'a [f32] {
+    if is_pointwise(g) {
+        x_n
+    } else {
+        im2col(g, x_n, cols);
+        cols
+    }
+}
+
 /// Scatter-adds `cols [K, P]` into one image `dx [c_in, h, w]` (the adjoint of im2col); `dx`
 /// comes zeroed (a fresh output buffer), so it is not cleared again here.
 fn col2im(g: &Conv2dGeometry, cols: &[f32], dx: &mut [f32]) {
@@ -212,13 +223,7 @@ pub(crate) fn conv2d(g: &Conv2dGeometry, x: &[f32], w: &[f32], bias: Option<&[f3
     let mut y = vec![0.0f32; g.batch * g.c_out * p];
     let scratch = if pointwise { 0 } else { k * p };
     for_each_image(g.batch, &mut y, g.c_out * p, scratch, |n, y_n, cols, par| {
-        let x_n = &x[n * in_img..(n + 1) * in_img];
-        let cols: &[f32] = if pointwise {
-            x_n
-        } else {
-            im2col(g, x_n, cols);
-            cols
-        };
+        let cols = lowered(g, &x[n * in_img..(n + 1) * in_img], cols);
         gemm_into(y_n, false, MatRef::row_major(w, g.c_out, k), MatRef::row_major(cols, k, p), par);
         if let Some(b) = bias {
             for (row, &bv) in y_n.chunks_mut(p).zip(b) {
@@ -296,13 +301,7 @@ pub(crate) fn conv2d_backward_weight(g: &Conv2dGeometry, x: &[f32], dy: &[f32]) 
             with_scratch(cols_len + p * g.c_out, |scratch| {
                 let (cols, dy_t) = scratch.split_at_mut(cols_len);
                 for (i, n) in (grp * per_group..((grp + 1) * per_group).min(g.batch)).enumerate() {
-                    let x_n = &x[n * in_img..(n + 1) * in_img];
-                    let cols: &[f32] = if pointwise {
-                        x_n
-                    } else {
-                        im2col(g, x_n, cols);
-                        cols
-                    };
+                    let cols = lowered(g, &x[n * in_img..(n + 1) * in_img], cols);
                     transpose_into(&dy[n * g.c_out * p..(n + 1) * g.c_out * p], g.c_out, p, dy_t);
                     gemm_into_col_major(
                         &mut dw_t,
