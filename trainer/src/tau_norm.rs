@@ -4,25 +4,17 @@
 //! `τ = s_t·(y − M(x_t))` depends only on the frozen prior `M` and the data, so its scale per
 //! timestep is a fixed property of the run: it is measured once, before the first step, on
 //! `examples` training examples in `buckets` equal buckets of timesteps (each bucket noising
-//! the same examples with its own fixed draws and noise), as `rms_b = √(mean τ²)`. Training
+//! the same examples with its own fixed draws and noise), as `rms_b = √(mean τ²)`
+//! ([`crate::tau_share::measure_tau_norm`]). Training
 //! then uses `τ / rms_b` (and the decoder predicts in those units): the per-sample target scale
 //! `s_t` becomes `s_t / rms_b` for the bucket that holds the sample's noise level. The
 //! measurement uses its own random streams, so turning it on changes nothing else in the run.
 
-use lisa_core::backend::Backend;
 use lisa_core::lisa::SampleTerms;
 use lisa_core::{LisaConfig, NoiseLevel, Prediction};
 use serde::{Deserialize, Serialize};
 
-use crate::autodiff::Tape;
-use crate::data::Example;
 use crate::error::{Result, TrainError};
-use crate::model::DualDenoiser;
-use crate::scheduler::{NoiseProcess, add_noise};
-use crate::tau_share::bucket_batch;
-
-/// Offsets the measurement's seeds from the run's (its draws are not the training draws).
-const SEED_OFFSET: u64 = 0x7461_755f_6e6f_726d;
 
 /// How `τ`'s scale per timestep is measured (`[train.normalize_tau]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,58 +56,26 @@ pub struct TauNorm {
 }
 
 impl TauNorm {
-    /// Measures `τ`'s root mean square per bucket on `examples` (module docs), in chunks of
-    /// `chunk` examples per forward pass.
-    pub fn measure<B: Backend>(
-        model: &dyn DualDenoiser<B>,
-        lisa: &LisaConfig,
-        process: &NoiseProcess,
-        examples: &[Example],
-        config: &TauNormConfig,
-        chunk: usize,
-        seed: u64,
-    ) -> Result<Self> {
-        config.validate()?;
-        if examples.is_empty() || chunk == 0 {
-            return Err(TrainError::Config("measuring τ's scale needs at least one example".into()));
-        }
-        let kind = model.prediction();
-        let buckets = config.buckets;
-        let mut sigma_from = Vec::with_capacity(buckets);
-        let mut rms = Vec::with_capacity(buckets);
-        for b in 0..buckets {
-            let range = (b as f32 / buckets as f32, (b + 1) as f32 / buckets as f32);
-            sigma_from.push(process.draw(range.0)?.1.sigma);
-            let (mut sum, mut count) = (0.0f64, 0usize);
-            for (i, part) in examples.chunks(chunk).enumerate() {
-                let stream_seed =
-                    seed.wrapping_add(SEED_OFFSET).wrapping_add((b * examples.len().div_ceil(chunk) + i) as u64);
-                let batch = bucket_batch::<B>(process, model, part, range, stream_seed, false)?;
-                let tape = Tape::<B>::new();
-                let p = model.store().bind(&tape);
-                // [n, c, h, w]: the prior's prediction.
-                let prior = tape.no_grad(|| -> Result<_> {
-                    let x = tape.constant(batch.x_t.clone());
-                    let enc = model.encode_main(&p, &x, &batch.cond)?;
-                    Ok(model.decode_main(&p, &enc, None)?.value)
-                })?;
-                let scale = |l: &NoiseLevel<f32>| lisa.sample_terms(kind, *l).map_or(f32::NAN, |t| t.target_scale);
-                // τ = s_t·(y − prior), [n, c, h, w].
-                let tau = add_noise::<B>(&batch.y, &prior, |l| (scale(l), -scale(l)), &batch.levels)?;
-                sum += B::item(&B::sum_squares(&tau)?)? as f64;
-                count += B::shape(&tau).num_elements()?;
-            }
-            let r = (sum / count as f64).sqrt() as f32;
-            if !(r.is_finite() && r > 0.0) {
-                return Err(TrainError::Config(format!(
-                    "τ's scale in timestep bucket {b} of {buckets} is {r}: it cannot be normalised"
-                )));
-            }
-            rms.push(r);
-        }
-        if sigma_from.windows(2).any(|w| w[1] <= w[0]) {
+    /// From the σ at which each bucket starts (strictly increasing) and `√(mean τ²)` per
+    /// bucket (finite, > 0); [`crate::tau_share::measure_tau_norm`] measures both.
+    pub fn new(sigma_from: Vec<f32>, rms: Vec<f32>) -> Result<Self> {
+        if sigma_from.is_empty() || sigma_from.len() != rms.len() {
             return Err(TrainError::Config(format!(
-                "the noise levels do not grow across the {buckets} timestep buckets: use fewer buckets"
+                "τ's scale needs one σ and one rms per bucket, got {} and {}",
+                sigma_from.len(),
+                rms.len()
+            )));
+        }
+        if let Some((b, r)) = rms.iter().enumerate().find(|(_, r)| !(r.is_finite() && **r > 0.0)) {
+            return Err(TrainError::Config(format!(
+                "τ's scale in timestep bucket {b} of {} is {r}: it cannot be normalised",
+                rms.len()
+            )));
+        }
+        if sigma_from.windows(2).any(|w| !(w[1] > w[0])) {
+            return Err(TrainError::Config(format!(
+                "the noise levels do not grow across the {} timestep buckets: use fewer buckets",
+                rms.len()
             )));
         }
         Ok(Self { sigma_from, rms })

@@ -22,7 +22,7 @@ use crate::error::{Result, TrainError};
 use crate::model::DualDenoiser;
 use crate::run::{NoisedBatch, RunStream, noise_batch_at};
 use crate::scheduler::{NoiseConfig, NoiseProcess, add_noise};
-use crate::tau_norm::{TauNorm, lisa_terms};
+use crate::tau_norm::{TauNorm, TauNormConfig, lisa_terms};
 
 /// The shares of `τ` in one bucket of timesteps.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -116,4 +116,54 @@ pub(crate) fn bucket_batch<B: Backend>(
     let draws: Vec<f32> =
         stream.uniforms(examples.len()).into_iter().map(|v| (from + v * (to - from)).min(to.next_down())).collect();
     noise_batch_at(&mut stream, process, model, with_hints, examples, 0.0, Some(&draws))
+}
+
+/// Offsets the τ-scale measurement's seeds from the run's (its draws are not the training draws).
+const TAU_NORM_SEED_OFFSET: u64 = 0x7461_755f_6e6f_726d;
+
+/// Measures `τ`'s root mean square per bucket of timesteps on `examples`, in chunks of `chunk`
+/// examples per forward pass, for [`TauNorm`] (crate::tau_norm's docs): every bucket noises
+/// the same examples with its own draws and noise, seeded from `seed`.
+pub fn measure_tau_norm<B: Backend>(
+    model: &dyn DualDenoiser<B>,
+    lisa: &LisaConfig,
+    process: &NoiseProcess,
+    examples: &[Example],
+    config: &TauNormConfig,
+    chunk: usize,
+    seed: u64,
+) -> Result<TauNorm> {
+    config.validate()?;
+    if examples.is_empty() || chunk == 0 {
+        return Err(TrainError::Config("measuring τ's scale needs at least one example".into()));
+    }
+    let kind = model.prediction();
+    let buckets = config.buckets;
+    let chunks = examples.len().div_ceil(chunk);
+    let mut sigma_from = Vec::with_capacity(buckets);
+    let mut rms = Vec::with_capacity(buckets);
+    for b in 0..buckets {
+        let range = (b as f32 / buckets as f32, (b + 1) as f32 / buckets as f32);
+        sigma_from.push(process.draw(range.0)?.1.sigma);
+        let (mut sum, mut count) = (0.0f64, 0usize);
+        for (i, part) in examples.chunks(chunk).enumerate() {
+            let stream_seed = seed.wrapping_add(TAU_NORM_SEED_OFFSET).wrapping_add((b * chunks + i) as u64);
+            let batch = bucket_batch::<B>(process, model, part, range, stream_seed, false)?;
+            let tape = Tape::<B>::new();
+            let p = model.store().bind(&tape);
+            // [n, c, h, w]: the prior's prediction.
+            let prior = tape.no_grad(|| -> Result<_> {
+                let x = tape.constant(batch.x_t.clone());
+                let enc = model.encode_main(&p, &x, &batch.cond)?;
+                Ok(model.decode_main(&p, &enc, None)?.value)
+            })?;
+            let scale = |l: &NoiseLevel<f32>| lisa.sample_terms(kind, *l).map_or(f32::NAN, |t| t.target_scale);
+            // τ = s_t·(y − prior), [n, c, h, w].
+            let tau = add_noise::<B>(&batch.y, &prior, |l| (scale(l), -scale(l)), &batch.levels)?;
+            sum += B::item(&B::sum_squares(&tau)?)? as f64;
+            count += B::shape(&tau).num_elements()?;
+        }
+        rms.push((sum / count as f64).sqrt() as f32);
+    }
+    TauNorm::new(sigma_from, rms)
 }

@@ -15,6 +15,7 @@ pub use crate::run::TrainState;
 use crate::run::{MAX_BATCH, NoisedBatch, RunStream, StepSettings, TrainingRun, new_run_id, noise_batch};
 use crate::scheduler::{NoiseConfig, NoiseProcess};
 use crate::tau_norm::{TauNorm, TauNormConfig, lisa_terms};
+use crate::tau_share::measure_tau_norm;
 
 /// LISA or the plain ControlNet baseline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -188,7 +189,7 @@ impl<B: Backend> Trainer<B> {
             let examples = (0..cfg.examples.min(data.len())).map(|i| data.get(i)).collect::<Result<Vec<_>>>()?;
             let (model, lisa) = (self.model.as_ref(), &self.config.lisa);
             let norm =
-                TauNorm::measure(model, lisa, &self.noise, &examples, &cfg, self.config.batch_size, self.config.seed)?;
+                measure_tau_norm(model, lisa, &self.noise, &examples, &cfg, self.config.batch_size, self.config.seed)?;
             self.tau_norm = Some(norm);
         }
         Ok(self.tau_norm.as_ref())

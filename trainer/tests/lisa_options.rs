@@ -12,7 +12,7 @@ use lisa_trainer::model::{DECODER, OutputInit, Parts, SIDE, registry};
 use lisa_trainer::optim::OptimConfig;
 use lisa_trainer::scheduler::NoiseProcess;
 use lisa_trainer::tau_norm::{TauNorm, TauNormConfig};
-use lisa_trainer::tau_share::tau_shares;
+use lisa_trainer::tau_share::{measure_tau_norm, tau_shares};
 use lisa_trainer::train::{Mode, TrainConfig, Trainer};
 
 fn trainer(output_init: OutputInit, options: impl FnOnce(&mut TrainConfig)) -> Trainer<C> {
@@ -140,7 +140,7 @@ fn measuring_tau_is_repeatable_and_bad_settings_are_refused() {
     let ex = examples(12);
     let cfg = TauNormConfig { buckets: 3, examples: 12 };
     let measure =
-        |cfg: &TauNormConfig, chunk| TauNorm::measure(t.model.as_ref(), &t.config.lisa, &process, &ex, cfg, chunk, 5);
+        |cfg: &TauNormConfig, chunk| measure_tau_norm(t.model.as_ref(), &t.config.lisa, &process, &ex, cfg, chunk, 5);
     let a = measure(&cfg, 5).unwrap();
     assert_eq!(a, measure(&cfg, 5).unwrap(), "the same draws each time");
     assert!(a.rms().iter().all(|r| r.is_finite() && *r > 0.0));
@@ -150,4 +150,17 @@ fn measuring_tau_is_repeatable_and_bad_settings_are_refused() {
         let err = Trainer::new(model, TrainConfig { normalize_tau: Some(bad), ..TrainConfig::default() });
         assert!(err.map(|_| ()).unwrap_err().to_string().contains("normalize_tau"));
     }
+}
+
+#[test]
+fn a_tau_scale_table_must_grow_in_sigma_and_be_positive() {
+    let err = |s: Vec<f32>, r: Vec<f32>| TauNorm::new(s, r).unwrap_err().to_string();
+    assert!(err(vec![0.1, 0.1], vec![1.0, 1.0]).contains("do not grow"));
+    assert!(err(vec![0.1, 0.2], vec![1.0, 0.0]).contains("cannot be normalised"));
+    assert!(err(vec![0.1, 0.2], vec![1.0, f32::NAN]).contains("cannot be normalised"));
+    assert!(err(vec![0.1], vec![1.0, 2.0]).contains("one σ and one rms per bucket"));
+    let norm = TauNorm::new(vec![0.1, 0.5], vec![2.0, 4.0]).unwrap();
+    let level = |sigma: f32| lisa_core::NoiseLevel { alpha: (1.0 - sigma * sigma).sqrt(), sigma };
+    assert_eq!((norm.bucket(&level(0.05)), norm.bucket(&level(0.3)), norm.bucket(&level(0.9))), (0, 0, 1));
+    assert_eq!(norm.factor(&level(0.7)), 0.25);
 }
