@@ -72,7 +72,7 @@ impl TauNorm {
                 rms.len()
             )));
         }
-        if sigma_from.windows(2).any(|w| !(w[1] > w[0])) {
+        if sigma_from.windows(2).any(|w| w[0].partial_cmp(&w[1]) != Some(std::cmp::Ordering::Less)) {
             return Err(TrainError::Config(format!(
                 "the noise levels do not grow across the {} timestep buckets: use fewer buckets",
                 rms.len()
