@@ -83,11 +83,7 @@ pub fn tau_shares<B: Backend>(
             let terms = lisa_terms(lisa, kind, &batch.levels, norm)?;
             // s_t·(pred − prior), per sample: the residuals' effect in τ's units (the terms
             // above were computed from the same levels, so the NaN fallback never applies).
-            let scale = |l: &NoiseLevel<f32>| {
-                let s = lisa.sample_terms(kind, *l).map_or(f32::NAN, |t| t.target_scale);
-                norm.map_or(s, |n| s * n.factor(l))
-            };
-            let control_out = add_noise::<B>(&pred, &prior, |l| (scale(l), -scale(l)), &batch.levels)?;
+            let control_out = in_tau_units::<B>(&pred, &prior, lisa, kind, norm, &batch.levels)?;
             let (control, _) = B::lisa_loss(lisa, &terms, &control_out, &batch.y, &prior)?;
             let zero = control.zero_distance;
             let share = |distance: f32| if zero > 0.0 { 1.0 - distance / zero } else { f32::NAN };
@@ -157,13 +153,32 @@ pub fn measure_tau_norm<B: Backend>(
                 let enc = model.encode_main(&p, &x, &batch.cond)?;
                 Ok(model.decode_main(&p, &enc, None)?.value)
             })?;
-            let scale = |l: &NoiseLevel<f32>| lisa.sample_terms(kind, *l).map_or(f32::NAN, |t| t.target_scale);
             // τ = s_t·(y − prior), [n, c, h, w].
-            let tau = add_noise::<B>(&batch.y, &prior, |l| (scale(l), -scale(l)), &batch.levels)?;
+            let tau = in_tau_units::<B>(&batch.y, &prior, lisa, kind, None, &batch.levels)?;
             sum += B::item(&B::sum_squares(&tau)?)? as f64;
             count += B::shape(&tau).num_elements()?;
         }
         rms.push((sum / count as f64).sqrt() as f32);
     }
     TauNorm::new(sigma_from, rms)
+}
+
+/// `s_b·(a − b)` per sample `[n, …]`: a difference from the prior in τ's units (the target
+/// scale of [`LisaConfig::sample_terms`], divided by τ's scale at the level when `norm` is
+/// given, as [`lisa_terms`] does). A level the terms reject gives NaN, which neither caller
+/// lets through: [`tau_shares`] computes the same levels' terms first (an error there), and a
+/// NaN scale is refused by [`TauNorm::new`].
+fn in_tau_units<B: Backend>(
+    a: &B::Tensor,
+    b: &B::Tensor,
+    lisa: &LisaConfig,
+    kind: lisa_core::Prediction,
+    norm: Option<&TauNorm>,
+    levels: &[NoiseLevel<f32>],
+) -> Result<B::Tensor> {
+    let scale = |l: &NoiseLevel<f32>| {
+        let s = lisa.sample_terms(kind, *l).map_or(f32::NAN, |t| t.target_scale);
+        norm.map_or(s, |n| s * n.factor(l))
+    };
+    add_noise::<B>(a, b, |l| (scale(l), -scale(l)), levels)
 }
