@@ -17,7 +17,9 @@
 #      otherwise it says so and prints lisa's figures alone;
 #   4. the table of ratios (scripts/bench/table.py), with the GPU's name above it;
 #   5. stages 2-4 again for the training and sampling arms with TF32 tensor cores allowed on
-#      both sides (LISA_BENCH_TF32=1, torch_toy.py --tf32); stages 2-4 compare exact f32.
+#      both sides (LISA_BENCH_TF32=1, torch_toy.py --tf32); stages 2-4 compare exact f32;
+#   6. the op benchmark (backends/cubecl/benches/ops.rs) on CUDA next to lisa-cpu on the same
+#      machine: GEMM, convolutions, element-wise ops, and the cost of one launch of a tiny op.
 # Exit status: non-zero when the conformance suite or the benchmark fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +28,7 @@ OUT_DIR=target/device-check
 build() {
     echo "== building the CUDA binaries (bench profile, cuda feature)"
     mkdir -p "$OUT_DIR"
-    local conf bench
+    local conf bench ops
     # One profile for both (bench = release + line tables) so that the dependencies build once.
     cargo test --profile bench -p lisa-cubecl --features cuda --test conformance_cuda --no-run \
         --message-format=json >"$OUT_DIR/build.json" 2>"$OUT_DIR/build.log" || fail_build
@@ -34,12 +36,15 @@ build() {
     cargo bench -p lisa-trainer --features cuda --bench step --no-run \
         --message-format=json >"$OUT_DIR/build.json" 2>"$OUT_DIR/build.log" || fail_build
     bench="$(exe_of step <"$OUT_DIR/build.json")"
+    cargo bench -p lisa-cubecl --features cuda --bench ops --no-run \
+        --message-format=json >"$OUT_DIR/build.json" 2>"$OUT_DIR/build.log" || fail_build
+    ops="$(exe_of ops <"$OUT_DIR/build.json")"
     rm -f "$OUT_DIR/build.json" "$OUT_DIR/build.log"
-    [ -x "$conf" ] && [ -x "$bench" ] || {
-        echo "device_check: cargo built no conformance_cuda or step executable" >&2
+    [ -x "$conf" ] && [ -x "$bench" ] && [ -x "$ops" ] || {
+        echo "device_check: cargo built no conformance_cuda, step or ops executable" >&2
         exit 1
     }
-    for pair in "conformance_cuda:$conf" "step_cuda:$bench"; do
+    for pair in "conformance_cuda:$conf" "step_cuda:$bench" "ops_cuda:$ops"; do
         local name="${pair%%:*}" exe="${pair#*:}"
         cp "$exe" "$OUT_DIR/$name"
         strip --strip-debug "$OUT_DIR/$name"
@@ -52,7 +57,7 @@ build() {
 
 # Stops unless `build` left the compressed binaries in $OUT_DIR.
 have_binaries() {
-    [ -f "$OUT_DIR/conformance_cuda.xz" ] && [ -f "$OUT_DIR/step_cuda.xz" ] || {
+    [ -f "$OUT_DIR/conformance_cuda.xz" ] && [ -f "$OUT_DIR/step_cuda.xz" ] && [ -f "$OUT_DIR/ops_cuda.xz" ] || {
         echo "device_check: no binaries in $OUT_DIR: run 'scripts/device_check.sh build' on the build machine first" >&2
         exit 2
     }
@@ -62,7 +67,7 @@ have_binaries() {
 unpack_binaries() {
     local bin name
     bin="$(mktemp -d "${TMPDIR:-/tmp}/lisa-device-bin.XXXXXX")"
-    for name in conformance_cuda step_cuda; do
+    for name in conformance_cuda step_cuda ops_cuda; do
         xz -dc "$OUT_DIR/$name.xz" >"$bin/$name"
         chmod +x "$bin/$name"
     done
@@ -182,6 +187,15 @@ run() {
         cat "$work/lisa_tf32.txt"
         tail -5 "$work/lisa_tf32.err" | cut -c1-400
         echo "step benchmark on CUDA with TF32: FAILED (exit or timeout)"
+    fi
+
+    echo "== 6. op benchmark: lisa-cpu and lisa-cubecl on CUDA, same machine"
+    if timeout 150 "$bin/ops_cuda" --bench >"$work/ops.txt" 2>&1; then
+        cat "$work/ops.txt"
+    else
+        status=1
+        tail -30 "$work/ops.txt" | cut -c1-400
+        echo "op benchmark: FAILED (exit or timeout)"
     fi
     rm -rf "$bin"
     [ -n "${LISA_DEVICE_LOG_DIR:-}" ] || rm -rf "$work"

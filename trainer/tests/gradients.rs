@@ -112,6 +112,28 @@ fn conv_linear_norm_upsample() {
     let mut s = store();
     let up = Upsample::new(&mut s, "u", 2).unwrap();
     check("upsample", &mut s, randn(&[1, 2, 3, 3], 5), |p, x| up.forward(p, x).unwrap(), F32_FINITE_DIFFERENCE);
+    // A 1×1 convolution after the upsampling runs before it (same values).
+    let mut s = store();
+    let point = Conv2d::new(&mut s, "p", Conv2dConfig::new(2, 3, 1)).unwrap();
+    let x = randn(&[2, 2, 3, 4], 6);
+    check("1x1 after upsample", &mut s, x, |p, x| point.forward_upsampled(p, x).unwrap(), F32_FINITE_DIFFERENCE);
+}
+
+/// `forward_upsampled` computes `conv(upsample(x))` for the kernels it treats specially.
+#[test]
+fn upsampled_convolutions_equal_upsample_then_convolve() {
+    for k in [1, 3] {
+        let mut s = store();
+        let conv = Conv2d::new(&mut s, "c", Conv2dConfig::new(3, 5, k)).unwrap();
+        s.get_mut(conv.bias).value = randn(&[5], 7); // nonzero, so a misplaced bias shows
+        let tape = Tape::<C>::new();
+        let p = s.bind(&tape);
+        let x = tape.constant(randn(&[2, 3, 4, 6], 8));
+        let fused = C::to_vec(&conv.forward_upsampled(&p, &x).unwrap().value).unwrap();
+        let plain = C::to_vec(&conv.forward(&p, &tape.upsample(&x, 2).unwrap()).unwrap().value).unwrap();
+        let err = fused.iter().zip(&plain).map(|(a, b)| (a - b).abs() / (1.0 + b.abs())).fold(0.0f32, f32::max);
+        assert!(err < 1e-5, "{k}x{k}: relative difference {err}");
+    }
 }
 
 #[test]

@@ -340,6 +340,36 @@ pub fn upsample<B: Backend>() {
     }
 }
 
+/// Nearest ×2 upsampling + 3×3 convolution as one op (and both its backwards) against the
+/// reference's composition, finite differences, and a bad kernel refused.
+pub fn upsample_conv<B: Backend>() {
+    let mut h = Harness::<B>::default();
+    // [n, c_in, h, w] and c_out: one pixel, odd sides, rows of 13 and 40, 17 output channels.
+    let cases: [([usize; 4], usize); 5] =
+        [([1, 1, 1, 1], 1), ([2, 3, 3, 5], 4), ([1, 4, 7, 13], 2), ([2, 5, 4, 40], 3), ([1, 3, 6, 6], 17)];
+    for (shape, c_out) in cases {
+        let (x, w, b) = (h.randn(&shape, F32), h.randn(&[c_out, shape[1], 3, 3], F32), h.randn(&[c_out], F32));
+        let what = format!("upsample_conv2d {shape:?} -> {c_out}");
+        let y = ok(&what, B::upsample_conv2d(&x.dev, &w.dev, Some(&b.dev)));
+        let want = R::upsample_conv2d(&x.reference, &w.reference, Some(&b.reference));
+        assert_matches::<B>(&what, &Ok(y.clone()), &want);
+        let g = h.randn(B::shape(&y).dims(), F32);
+        let dx = B::upsample_conv2d_backward_data(&g.dev, &w.dev, &B::shape(&x.dev));
+        let want_dx = R::upsample_conv2d_backward_data(&g.reference, &w.reference, x.reference.shape());
+        assert_matches::<B>(&format!("{what} dx"), &dx, &want_dx);
+        let dw = B::upsample_conv2d_backward_weight(&x.dev, &g.dev, &B::shape(&w.dev));
+        let want_dw = R::upsample_conv2d_backward_weight(&x.reference, &g.reference, w.reference.shape());
+        assert_matches::<B>(&format!("{what} dw"), &dw, &want_dw);
+        let fwd = |x: &B::Tensor, w: &B::Tensor| B::upsample_conv2d(x, w, None).unwrap();
+        finite_difference(&format!("{what} dx"), &h, &x, &g.host, |t| fwd(t, &w.dev), &dx.unwrap());
+        finite_difference(&format!("{what} dw"), &h, &w, &g.host, |t| fwd(&x.dev, t), &dw.unwrap());
+    }
+    let (x, w1) = (h.randn(&[1, 2, 4, 4], F32), h.randn(&[3, 2, 1, 1], F32));
+    assert!(B::upsample_conv2d(&x.dev, &w1.dev, None).is_err(), "a 1×1 kernel must be refused");
+    let w_bad = h.randn(&[3, 5, 3, 3], F32);
+    assert!(B::upsample_conv2d(&x.dev, &w_bad.dev, None).is_err(), "mismatched input channels must be refused");
+}
+
 /// Channel concat and slice (its backward).
 pub fn concat_and_slice<B: Backend>() {
     let mut h = Harness::<B>::default();

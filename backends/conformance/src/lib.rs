@@ -37,7 +37,7 @@ macro_rules! conformance_tests {
         $crate::conformance_tests!(@tests $backend, $ready, [$($($attr),*)?];
             creation_and_readback, random_normal_matches_reference, binary_broadcast, affine_axpby_unary,
             unary_backward, reductions, sum_to_shape, softmax, matmul, conv2d_forward, conv2d_backward,
-            group_norm, upsample, concat_and_slice, mse_loss, lisa_loss, adamw, half_precision,
+            group_norm, upsample, upsample_conv, concat_and_slice, mse_loss, lisa_loss, adamw, half_precision,
             bad_inputs_are_typed_errors, nan_propagates, gelu_family, permute, narrow_and_concat, matmul_broadcast,
             layer_norm, attention
         );

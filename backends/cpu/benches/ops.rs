@@ -207,6 +207,38 @@ fn main() {
         );
     }
 
+    // The UNet's Upsample blocks (nearest ×2, then 3×3 at the doubled size), as the one op
+    // (sub-pixel kernels on the low-resolution input) and as the two ops it replaces. Rates
+    // count the upsampled convolution's FLOPs for both, so they compare as times do.
+    for (c, hw) in [(64usize, 8usize), (64, 16)] {
+        let x = randn(&[batch, c, hw, hw], 3);
+        let w = randn(&[c, c, 3, 3], 4);
+        let y = C::upsample_conv2d(&x, &w, None).unwrap();
+        let up = C::upsample_nearest(&x, 2).unwrap();
+        let flops = 2.0 * (batch * c * 4 * hw * hw * c * 9) as f64;
+        let label = format!("[{batch},{c},{hw},{hw}]→×2→{c}");
+        let fused = [
+            median_secs(|| drop(black_box(C::upsample_conv2d(&x, &w, None).unwrap()))),
+            median_secs(|| drop(black_box(C::upsample_conv2d_backward_data(&y, &w, &C::shape(&x)).unwrap()))),
+            median_secs(|| drop(black_box(C::upsample_conv2d_backward_weight(&x, &y, &C::shape(&w)).unwrap()))),
+        ];
+        let two_ops = [
+            median_secs(|| drop(black_box(C::conv2d(&C::upsample_nearest(&x, 2).unwrap(), &w, None, p).unwrap()))),
+            median_secs(|| {
+                let d_up = C::conv2d_backward_data(&y, &w, &C::shape(&up), p).unwrap();
+                drop(black_box(C::upsample_nearest_backward(&d_up, 2).unwrap()));
+            }),
+            median_secs(|| {
+                let up = C::upsample_nearest(&x, 2).unwrap();
+                drop(black_box(C::conv2d_backward_weight(&up, &y, &C::shape(&w), p).unwrap()));
+            }),
+        ];
+        for (k, what) in ["fwd", "bwd data", "bwd weight"].iter().enumerate() {
+            r.compute(&format!("upsample conv {what}"), &label, flops, fused[k]);
+            r.compute(&format!("upsample, conv {what}"), &label, flops, two_ops[k]);
+        }
+    }
+
     let (c, hw) = (64usize, 16usize);
     let x = randn(&[batch, c, hw, hw], 5);
     let (gamma, beta) = (randn(&[c], 6), randn(&[c], 7));

@@ -4,7 +4,8 @@ use lisa_core::backend::geometry::{
 };
 use lisa_core::backend::{
     AdamWParams, ArithOps, AttentionOps, BackendTypes, BinaryOp, ConvOps, DType, FusedOps, GroupNormGrads,
-    GroupNormOutput, LayoutOps, MatmulOps, NormOps, ReduceOps, Shape, TensorOps, UnaryOp,
+    GroupNormOutput, LayoutOps, MatmulOps, NormOps, ReduceOps, Shape, TensorOps, UnaryOp, UpsampleConvOps,
+    check_upsample_conv_kernel, upsampled_shape,
 };
 use lisa_core::lisa::{LisaConfig, LisaLoss, SampleTerms, lisa_loss_fused};
 use lisa_core::rng::fill_normal;
@@ -13,7 +14,7 @@ use rayon::prelude::*;
 
 use crate::gemm::{MatRef, gemm_into};
 use crate::tensor::CpuTensor;
-use crate::{CHUNK, conv, elementwise, fused, layout, norm, reduce};
+use crate::{CHUNK, conv, elementwise, fused, layout, norm, reduce, upsample_conv};
 
 /// The CPU backend.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -341,3 +342,56 @@ impl FusedOps for CpuBackend {
 
 /// The chunked default (matmul + softmax kernels); a fused kernel is future work.
 impl AttentionOps for CpuBackend {}
+
+/// On the low-resolution input: four sub-pixel 2×2 kernels as one convolution (see
+/// `upsample_conv.rs`), 16 instead of 36 taps per 2×2 output block.
+impl UpsampleConvOps for CpuBackend {
+    fn upsample_conv2d(x: &T, weight: &T, bias: Option<&T>) -> Result<T> {
+        const OP: &str = "upsample_conv2d";
+        let dtype = Self::expect_same_dtype(OP, x, weight)?;
+        let g4 = upsample_conv_geometry(OP, &x.shape, &weight.shape)?;
+        let bias_values = match bias {
+            Some(b) => {
+                Self::expect_same_dtype(OP, x, b)?;
+                Shape::new([g4.c_out / 4]).expect_eq(OP, &b.shape)?;
+                Some(b.values())
+            }
+            None => None,
+        };
+        let y = upsample_conv::forward(&g4, &x.values(), &weight.values(), bias_values.as_deref());
+        Ok(CpuTensor::store(y, upsample_conv_output(&g4)?, dtype))
+    }
+    fn upsample_conv2d_backward_data(grad_out: &T, weight: &T, input_shape: &Shape) -> Result<T> {
+        const OP: &str = "upsample_conv2d_backward_data";
+        let dtype = Self::expect_same_dtype(OP, grad_out, weight)?;
+        let g4 = upsample_conv_geometry(OP, input_shape, &weight.shape)?;
+        upsample_conv_output(&g4)?.expect_eq(OP, &grad_out.shape)?;
+        let dx = upsample_conv::backward_data(&g4, &grad_out.values(), &weight.values());
+        Ok(CpuTensor::store(dx, input_shape.clone(), dtype))
+    }
+    fn upsample_conv2d_backward_weight(x: &T, grad_out: &T, weight_shape: &Shape) -> Result<T> {
+        const OP: &str = "upsample_conv2d_backward_weight";
+        let dtype = Self::expect_same_dtype(OP, x, grad_out)?;
+        let g4 = upsample_conv_geometry(OP, &x.shape, weight_shape)?;
+        upsample_conv_output(&g4)?.expect_eq(OP, &grad_out.shape)?;
+        let dw = upsample_conv::backward_weight(&g4, &x.values(), &grad_out.values());
+        Ok(CpuTensor::store(dw, weight_shape.clone(), dtype))
+    }
+}
+
+/// The four phases' 2×2 convolution for `x [n, c_in, h, w]` and `w [c_out, c_in, 3, 3]`,
+/// refusing a kernel that is not 3×3 or whose input channels differ from `x`'s.
+fn upsample_conv_geometry(op: &'static str, x: &Shape, w: &Shape) -> Result<Conv2dGeometry> {
+    check_upsample_conv_kernel(op, w)?;
+    x.expect_rank(op, 4)?;
+    let (c_out, c_in) = (w.dims()[0], w.dims()[1]);
+    if x.dims()[1] != c_in {
+        return Err(Error::invalid(op, format!("input has {} channels, the kernel {c_in}", x.dims()[1])));
+    }
+    upsample_conv::phase_geometry(op, x, c_out)
+}
+
+/// `[n, c_out, 2h, 2w]` for the phases' geometry.
+fn upsample_conv_output(g4: &Conv2dGeometry) -> Result<Shape> {
+    upsampled_shape("upsample_conv2d", &Shape::new([g4.batch, g4.c_out / 4, g4.h, g4.w]))
+}

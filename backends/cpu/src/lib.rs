@@ -22,6 +22,7 @@ mod norm;
 mod reduce;
 mod sums;
 mod tensor;
+mod upsample_conv;
 
 pub use allocator::keep_freed_memory;
 pub use backend::{CpuBackend, CpuDevice};

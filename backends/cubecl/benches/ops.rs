@@ -104,6 +104,49 @@ fn bench<B: Backend>(device: B::Device) {
     });
     let elems: usize = gn.iter().product();
     row(name, "group norm", &format!("{gn:?}"), s, (3 * 4 * elems) as f64, "GB/s");
+    launch_overhead::<B>(&device);
+}
+
+/// Per-launch cost of tiny ops: `launches` of them back to back and one synchronisation at the
+/// end, so the time is the host's and the runtime's cost per launch (the device's work on 1,024
+/// values takes microseconds). On a GPU a training step launches ~600 kernels; this says how much
+/// of a step that alone can cost, and whether ops that upload a shape table per launch
+/// (broadcast add, convolution) cost more than plain element-wise ones.
+fn launch_overhead<B: Backend>(device: &B::Device) {
+    let name = B::name();
+    let launches = if quick() { 4 } else { 400 };
+    let x = randn::<B>(&[4, 16, 4, 4], 12, device); // [batch, channels, h, w]: 1,024 values
+    let bias = randn::<B>(&[1, 16, 1, 1], 13, device);
+    let wt = randn::<B>(&[16, 16, 3, 3], 14, device);
+    let (gamma, beta) = (randn::<B>(&[16], 15, device), randn::<B>(&[16], 16, device));
+    let p = Conv2dParams::same(3);
+    let gp = GroupNormParams { groups: 4, eps: 1e-5 };
+    let per_launch = |f: &mut dyn FnMut()| {
+        median_secs(|| {
+            for _ in 0..launches {
+                f();
+            }
+            B::sync(device).expect("sync");
+        }) / launches as f64
+    };
+    type Op<'a> = (&'static str, Box<dyn FnMut() + 'a>);
+    let ops: [Op<'_>; 5] = [
+        ("silu", Box::new(|| drop(B::silu(&x).unwrap()))),
+        ("add, same shape", Box::new(|| drop(B::add(&x, &x).unwrap()))),
+        ("add, broadcast [1,16,1,1]", Box::new(|| drop(B::add(&x, &bias).unwrap()))),
+        ("conv2d 3x3 16->16", Box::new(|| drop(B::conv2d(&x, &wt, None, p).unwrap()))),
+        ("group norm, 4 groups", Box::new(|| drop(B::group_norm(&x, &gamma, &beta, gp).unwrap()))),
+    ];
+    for (op, mut f) in ops {
+        let s = per_launch(&mut *f);
+        println!(
+            "{name:>6}  launch: {op:<28} [4,16,4,4] {:>9.1} us per op ({launches} back to back, one sync)",
+            s * 1e6
+        );
+    }
+    let one = randn::<B>(&[1], 17, device);
+    let s = median_secs(|| drop(B::to_vec(&one).unwrap()));
+    println!("{name:>6}  launch: {:<28} [1]        {:>9.1} us per read", "read one value to the host", s * 1e6);
 }
 
 fn main() {

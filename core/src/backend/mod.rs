@@ -25,6 +25,7 @@ mod norm;
 mod reduce;
 mod shape;
 mod tensor;
+mod upsample_conv;
 
 pub use crate::optim::AdamWParams;
 pub use arith::{ArithOps, BinaryOp, UnaryOp};
@@ -41,6 +42,7 @@ pub use norm::{GroupNormGrads, GroupNormOutput, NormOps};
 pub use reduce::ReduceOps;
 pub use shape::Shape;
 pub use tensor::TensorOps;
+pub use upsample_conv::{UpsampleConvOps, check_kernel as check_upsample_conv_kernel, upsampled_shape};
 
 use core::fmt::Debug;
 
@@ -48,7 +50,7 @@ use core::fmt::Debug;
 pub mod prelude {
     pub use super::{
         ArithOps, AttentionOps, Backend, BackendTypes, ConvOps, FusedOps, LayoutOps, MatmulOps, NormOps, ReduceOps,
-        TensorOps,
+        TensorOps, UpsampleConvOps,
     };
 }
 
@@ -65,11 +67,20 @@ pub trait BackendTypes: Clone + Debug + Default + Send + Sync + 'static {
 
 /// Everything the trainer needs from a backend.
 pub trait Backend:
-    TensorOps + ArithOps + ReduceOps + MatmulOps + ConvOps + NormOps + LayoutOps + FusedOps + AttentionOps
+    TensorOps + ArithOps + ReduceOps + MatmulOps + ConvOps + NormOps + LayoutOps + FusedOps + AttentionOps + UpsampleConvOps
 {
 }
 
 impl<B> Backend for B where
-    B: TensorOps + ArithOps + ReduceOps + MatmulOps + ConvOps + NormOps + LayoutOps + FusedOps + AttentionOps
+    B: TensorOps
+        + ArithOps
+        + ReduceOps
+        + MatmulOps
+        + ConvOps
+        + NormOps
+        + LayoutOps
+        + FusedOps
+        + AttentionOps
+        + UpsampleConvOps
 {
 }

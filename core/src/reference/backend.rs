@@ -249,3 +249,6 @@ impl LayoutOps for RefBackend {
 impl FusedOps for RefBackend {}
 
 impl AttentionOps for RefBackend {}
+
+/// The definition: upsample, then convolve.
+impl crate::backend::UpsampleConvOps for RefBackend {}

@@ -140,6 +140,37 @@ impl<B: Backend> Tape<B> {
         }))
     }
 
+    /// Nearest ×2 upsampling, then a 3×3 "same" convolution, as one op
+    /// ([`UpsampleConvOps`]): `x [n, c_in, h, w]`, `w [c_out, c_in, 3, 3]` → `[n, c_out, 2h, 2w]`.
+    /// Saves the low-resolution `x` (not its upsampled copy) for `∂L/∂w`.
+    pub fn upsample_conv2d(&self, x: &Var<B>, w: &Var<B>, b: Option<&Var<B>>) -> Result<Var<B>> {
+        let value = B::upsample_conv2d(&x.value, &w.value, b.map(|b| &b.value))?;
+        let need = [x.requires_grad(), w.requires_grad(), b.is_some_and(|b| b.requires_grad())];
+        let (xs, ws) = (B::shape(&x.value), B::shape(&w.value));
+        let wv = need[0].then(|| w.value.clone());
+        let xv = need[1].then(|| x.value.clone());
+        let inputs: Vec<&Var<B>> = match b {
+            Some(b) => vec![x, w, b],
+            None => vec![x, w],
+        };
+        let has_bias = b.is_some();
+        Ok(self.record(value, &inputs, move |g| {
+            let dx = match &wv {
+                Some(w) => Some(B::upsample_conv2d_backward_data(g, w, &xs)?),
+                None => None,
+            };
+            let dw = match &xv {
+                Some(x) => Some(B::upsample_conv2d_backward_weight(x, g, &ws)?),
+                None => None,
+            };
+            let mut out = vec![dx, dw];
+            if has_bias {
+                out.push(if need[2] { Some(B::conv2d_backward_bias(g)?) } else { None });
+            }
+            Ok(out)
+        }))
+    }
+
     /// Group norm with affine `γ`, `β`.
     pub fn group_norm(&self, x: &Var<B>, gamma: &Var<B>, beta: &Var<B>, p: GroupNormParams) -> Result<Var<B>> {
         let out = B::group_norm(&x.value, &gamma.value, &beta.value, p)?;

@@ -113,12 +113,15 @@ impl LisaDecoder {
         let e = self.time_proj.forward(p, &tape.constant(sin))?;
         let e = tape.reshape(&e, &Shape::new([n, c, 1, 1]))?;
         let mut x = tape.silu(&tape.add(h, &e)?)?;
+        // A stage's ×2 upsampling runs inside the convolution that follows it.
+        let conv_after = |conv: &Conv2d, x: &Var<B>, upsampled: bool| {
+            if upsampled { conv.forward_upsampled(p, x) } else { conv.forward(p, x) }
+        };
+        let mut upsample_pending = false;
         for (conv, upsample) in &self.stages {
-            x = tape.silu(&conv.forward(p, &x)?)?;
-            if *upsample {
-                x = tape.upsample(&x, 2)?;
-            }
+            x = tape.silu(&conv_after(conv, &x, upsample_pending)?)?;
+            upsample_pending = *upsample;
         }
-        self.out.forward(p, &x)
+        conv_after(&self.out, &x, upsample_pending)
     }
 }

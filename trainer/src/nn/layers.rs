@@ -72,6 +72,24 @@ impl Conv2d {
         let x = in_dtype_of(p, x, self.weight)?;
         p.tape.conv2d(&x, p.p(self.weight), Some(p.p(self.bias)), self.params)
     }
+
+    /// `conv(upsample_nearest(x, 2))`: `[n, c_in, h, w] → [n, c_out, 2h, 2w]`. A 3×3 "same"
+    /// convolution runs as one op ([`crate::autodiff::Tape::upsample_conv2d`]: the backend may
+    /// run it on the low-resolution input); a 1×1 one convolves first and upsamples the result
+    /// (the same values, a quarter of the work); other kernels upsample first.
+    pub fn forward_upsampled<B: Backend>(&self, p: &Bound<'_, B>, x: &Var<B>) -> Result<Var<B>> {
+        let x = in_dtype_of(p, x, self.weight)?;
+        let (w, b) = (p.p(self.weight), Some(p.p(self.bias)));
+        let shape = B::shape(&w.value);
+        let kernel = &shape.dims()[2..];
+        if kernel == [3, 3] && self.params == Conv2dParams::same(3) {
+            p.tape.upsample_conv2d(&x, w, b)
+        } else if kernel == [1, 1] && self.params == Conv2dParams::same(1) {
+            p.tape.upsample(&p.tape.conv2d(&x, w, b, self.params)?, 2)
+        } else {
+            p.tape.conv2d(&p.tape.upsample(&x, 2)?, w, b, self.params)
+        }
+    }
 }
 
 /// Affine map `y = x·wᵀ + b`, `w [out, in]` (torch's `Linear`).
