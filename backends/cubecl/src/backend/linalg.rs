@@ -3,7 +3,7 @@
 use cubecl::prelude::*;
 use lisa_core::Result;
 use lisa_core::backend::geometry::{Conv2dGeometry, MatmulGeometry};
-use lisa_core::backend::{Conv2dParams, ConvOps, DType, MatmulOps, Shape, TensorOps, Transpose};
+use lisa_core::backend::{Conv2dParams, ConvOps, DType, MatmulOps, ReduceOps, Shape, TensorOps, Transpose};
 
 use super::{CubeBackend, T, alloc, arg, check_dtype, table, u32_of};
 use crate::device::CubeDevice;
@@ -131,18 +131,24 @@ fn conv_table<R: Runtime>(device: &CubeDevice<R>, g: &Conv2dGeometry) -> Result<
     )
 }
 
-/// `x [n, c, h, w]` → columns `[c·kh·kw, n·oh·ow]`.
-fn im2col<R: Runtime>(x: &T<R>, g: &Conv2dGeometry) -> Result<T<R>> {
+/// `x [n, c, h, w]` → columns `[c·kh·kw, n·oh·ow]`, or with `per_image` `[n, c·kh·kw, oh·ow]`.
+fn im2col<R: Runtime>(x: &T<R>, g: &Conv2dGeometry, per_image: bool) -> Result<T<R>> {
     let rows = g.c_in * g.kh * g.kw;
-    let cols = g.batch * g.oh * g.ow;
-    let col = alloc(&x.device, Shape::new([rows, cols]), x.dtype)?;
+    let p = g.oh * g.ow;
+    let shape = if per_image { Shape::new([g.batch, rows, p]) } else { Shape::new([rows, g.batch * p]) };
+    let col = alloc(&x.device, shape, x.dtype)?;
     if !col.is_empty() {
         let (count, dim) = grid_1d(col.len());
         let meta = conv_table(&x.device, g)?;
-        with_float!(x.dtype, F => k::im2col::launch::<F, R>(&x.device.client, count, dim, arg(x), arg(&col), meta));
+        with_float!(x.dtype, F => k::im2col::launch::<F, R>(
+            &x.device.client, count, dim, arg(x), arg(&col), meta, per_image
+        ));
     }
     Ok(col)
 }
+
+/// The most values the weight gradient's per-image partial products may hold (64 MiB of f32).
+const PER_IMAGE_PARTIALS_MAX: usize = 16 << 20;
 
 impl<R: Runtime> ConvOps for CubeBackend<R> {
     fn conv2d(x: &T<R>, weight: &T<R>, bias: Option<&T<R>>, params: Conv2dParams) -> Result<T<R>> {
@@ -160,7 +166,7 @@ impl<R: Runtime> ConvOps for CubeBackend<R> {
         }
         let rows = g.c_in * g.kh * g.kw;
         let cols = g.batch * g.oh * g.ow;
-        let col = im2col(x, &g)?;
+        let col = im2col(x, &g, false)?;
         // [c_out, rows] · [rows, n·p] = [c_out, n·p]
         let sizes = Gemm { batch: 1, m: g.c_out, k: rows, n: cols, t: Transpose::default() };
         let y = gemm(OP, (weight, &col), sizes, dtype, Shape::new([g.c_out, cols]))?;
@@ -195,6 +201,15 @@ impl<R: Runtime> ConvOps for CubeBackend<R> {
         with_float!(dtype, F => k::col2im::launch::<F, R>(&device.client, count, dim, arg(&dcol), arg(&dx), meta));
         Ok(dx)
     }
+    /// `∂L/∂b[o] = Σ_{n,i,j} ∂L/∂y[n, o, i, j]` in two sums (over pixels, then images), so that
+    /// `n·c_out` threads share the work rather than `c_out`.
+    fn conv2d_backward_bias(grad_out: &T<R>) -> Result<T<R>> {
+        const OP: &str = "conv2d_backward_bias";
+        grad_out.shape.expect_rank(OP, 4)?;
+        let (n, c) = (grad_out.shape.dims()[0], grad_out.shape.dims()[1]);
+        let per_image = Self::sum_to_shape(grad_out, &Shape::new([n, c, 1, 1]))?;
+        Self::reshape(&Self::sum_to_shape(&per_image, &Shape::new([1, c, 1, 1]))?, &Shape::new([c]))
+    }
     fn conv2d_backward_weight(x: &T<R>, grad_out: &T<R>, weight_shape: &Shape, params: Conv2dParams) -> Result<T<R>> {
         const OP: &str = "conv2d_backward_weight";
         let dtype = Self::expect_same_dtype(OP, x, grad_out)?;
@@ -206,7 +221,20 @@ impl<R: Runtime> ConvOps for CubeBackend<R> {
         if weight_shape.num_elements()? == 0 || cols == 0 {
             return Self::full(weight_shape, 0.0, dtype, &x.device);
         }
-        let col = im2col(x, &g)?;
+        let partials = g.batch.saturating_mul(g.c_out).saturating_mul(rows);
+        if g.batch > 1 && partials <= PER_IMAGE_PARTIALS_MAX {
+            // The reduction (n·p long) split over images: one product per image, in parallel,
+            // then their sum. A single product with a [c_out, rows] output has too few tiles
+            // to fill a GPU while each walks all n·p columns.
+            let col = im2col(x, &g, true)?;
+            let p = g.oh * g.ow;
+            // [n][c_out, p] · [n][rows, p]ᵀ = [n][c_out, rows]; grad_out is already [n, c_out, p].
+            let sizes = Gemm { batch: g.batch, m: g.c_out, k: p, n: rows, t: Transpose { a: false, b: true } };
+            let per_image = gemm(OP, (grad_out, &col), sizes, dtype, Shape::new([g.batch, g.c_out, rows]))?;
+            let dw = Self::sum_to_shape(&per_image, &Shape::new([1, g.c_out, rows]))?;
+            return Self::reshape(&dw, weight_shape);
+        }
+        let col = im2col(x, &g, false)?;
         let gy = to_cnp(grad_out, &g)?;
         // [c_out, n·p] · [rows, n·p]ᵀ = [c_out, rows]
         let sizes = Gemm { batch: 1, m: g.c_out, k: cols, n: rows, t: Transpose { a: false, b: true } };

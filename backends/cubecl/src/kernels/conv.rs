@@ -10,9 +10,11 @@ fn g(meta: &Array<u32>, i: usize) -> usize {
 }
 
 /// `col[(ci·kh + u)·kw + v, (b·oh + i)·ow + j] = x[b, ci, i·sh + u − ph, j·sw + v − pw]`
-/// (0 outside the image). One thread per element of `col`.
+/// (0 outside the image). One thread per element of `col`. With `per_image`, the layout is
+/// `[n, c·kh·kw, oh·ow]` instead: one column matrix per image (the weight gradient's split of
+/// its long reduction over images).
 #[cube(launch)]
-pub fn im2col<F: Float>(x: &Array<F>, col: &mut Array<F>, meta: &Array<u32>) {
+pub fn im2col<F: Float>(x: &Array<F>, col: &mut Array<F>, meta: &Array<u32>, #[comptime] per_image: bool) {
     if ABSOLUTE_POS < col.len() {
         let n = g(meta, 0);
         let c = g(meta, 1);
@@ -26,14 +28,21 @@ pub fn im2col<F: Float>(x: &Array<F>, col: &mut Array<F>, meta: &Array<u32>) {
         let sw = g(meta, 9);
         let ph = g(meta, 10);
         let pw = g(meta, 11);
-        let cols = n * oh * ow;
-        let r = ABSOLUTE_POS / cols;
-        let q = ABSOLUTE_POS % cols;
+        let p = oh * ow;
+        let q = ABSOLUTE_POS % p;
+        // `t = r·n + b` (columns `[rows, n·p]`) or `b·rows + r` (per image `[n, rows, p]`).
+        let t = ABSOLUTE_POS / p;
+        let mut r = t / n;
+        let mut b = t % n;
+        if comptime![per_image] {
+            let rows = c * kh * kw;
+            r = t % rows;
+            b = t / rows;
+        }
         let ci = r / (kh * kw);
         let u = (r / kw) % kh;
         let v = r % kw;
-        let b = q / (oh * ow);
-        let i = (q / ow) % oh;
+        let i = q / ow;
         let j = q % ow;
         // Unsigned: `ih + ph` is the padded row, in range when ≥ ph and < h + ph.
         let ihp = i * sh + u;
