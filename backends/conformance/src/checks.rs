@@ -124,6 +124,14 @@ pub fn reductions<B: Backend>() {
         assert_matches::<B>("mean", &B::mean(&x.dev), &R::mean(&x.reference));
         assert_matches::<B>("sum_squares", &B::sum_squares(&x.dev), &R::sum_squares(&x.reference));
     }
+    // The sum of squares over many tensors (a model's gradient norm; each part counts, so a
+    // dropped one shows), and over none.
+    let parts: Vec<_> = [&[3usize, 4][..], &[7], &[33, 3], &[2, 5, 3, 3]].iter().map(|s| h.randn(s, F32)).collect();
+    let dev: Vec<&B::Tensor> = parts.iter().map(|p| &p.dev).collect();
+    let reference: Vec<&RefTensor> = parts.iter().map(|p| &p.reference).collect();
+    let (got, want) = (ok("sum_squares_all", B::sum_squares_all(&dev)), R::sum_squares_all(&reference).unwrap());
+    assert_values("sum_squares_all", &[got as f32], &[want as f32], backend_vs_reference(F32));
+    assert_eq!(ok("sum_squares_all of none", B::sum_squares_all(&[])), 0.0);
 }
 
 /// sum_to_shape (the backward of broadcasting), including rank reduction.

@@ -21,6 +21,18 @@ pub trait FusedOps: ReduceOps {
         Ok((loss, Self::scale(&diff, 2.0 / n as f32)?))
     }
 
+    /// *Default*: `Σ_i Σ t_i²` over all `tensors`: each tensor's sum of squares read back as
+    /// `f32` and added in `f64`, in order (the gradient norm of a whole model). A device
+    /// backend overrides it to read all the partial sums in one transfer, adding them the same
+    /// way, so that the host waits for the device once, not once per tensor.
+    fn sum_squares_all(tensors: &[&Self::Tensor]) -> Result<f64> {
+        let mut total = 0.0f64;
+        for t in tensors {
+            total += Self::item(&Self::sum_squares(t)?)? as f64;
+        }
+        Ok(total)
+    }
+
     /// *Default*: the fused LISA target + loss + backward ([`crate::lisa::lisa_loss_fused`]):
     /// `τ = scale_b·(y − prior)`, returns the term and `∂L/∂decoded`.
     /// `decoded`, `y`, `prior`: `[B, …]` equal shapes, `B = terms.len()`.

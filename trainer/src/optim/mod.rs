@@ -194,11 +194,8 @@ impl<B: Backend> AdamW<B> {
 /// `‖g‖₂` over all tensors, and the factor `min(1, max/(‖g‖ + 1e-6))` torch's
 /// `clip_grad_norm_` applies. Errors on a non-finite norm.
 pub fn clip_grad_norm<B: Backend>(grads: &mut [Option<B::Tensor>], max_norm: Option<f32>, step: u64) -> Result<f32> {
-    let mut sq = 0.0f64;
-    for g in grads.iter().flatten() {
-        sq += B::item(&B::sum_squares(g)?)? as f64;
-    }
-    let norm = sq.sqrt() as f32;
+    let present: Vec<&B::Tensor> = grads.iter().flatten().collect();
+    let norm = B::sum_squares_all(&present)?.sqrt() as f32;
     if !norm.is_finite() {
         return Err(TrainError::NonFinite { what: "gradient norm", step });
     }

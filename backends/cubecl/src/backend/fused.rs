@@ -1,7 +1,7 @@
 //! The fused training ops: MSE, LISA and AdamW.
 
 use cubecl::prelude::*;
-use lisa_core::backend::{AdamWParams, ArithOps, FusedOps, ReduceOps, TensorOps};
+use lisa_core::backend::{AdamWParams, ArithOps, FusedOps, LayoutOps, ReduceOps, Shape, TensorOps};
 use lisa_core::lisa::{LisaConfig, LisaLoss, SampleSums, SampleTerms, sample_coefficients};
 use lisa_core::{Error, Result};
 
@@ -10,6 +10,20 @@ use crate::kernels::{BLOCK, fused as k};
 use crate::launch::{grid_1d, vector_width, with_float};
 
 impl<R: Runtime> FusedOps for CubeBackend<R> {
+    /// The per-tensor sums of squares stay on the device, joined into one vector, read back
+    /// once and added in `f64` in order (the default's arithmetic, one synchronisation).
+    fn sum_squares_all(tensors: &[&T<R>]) -> Result<f64> {
+        if tensors.is_empty() {
+            return Ok(0.0);
+        }
+        let one = Shape::new([1]);
+        let partials =
+            tensors.iter().map(|t| Self::reshape(&Self::sum_squares(t)?, &one)).collect::<Result<Vec<_>>>()?;
+        let refs: Vec<&T<R>> = partials.iter().collect();
+        let joined = Self::concat(&refs, 0)?;
+        Ok(Self::to_vec(&joined)?.iter().map(|&v| v as f64).sum())
+    }
+
     /// `L = mean((p − y)²)`, `∂L/∂p = 2(p − y)/N`: one axpby kernel for the gradient, one
     /// two-stage tree sum of its squares.
     fn mse_loss(pred: &T<R>, target: &T<R>) -> Result<(f32, T<R>)> {
