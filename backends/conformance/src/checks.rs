@@ -331,7 +331,35 @@ pub fn group_norm<B: Backend>() {
         finite_difference(&format!("{what} dx"), &h, &x, &g.host, |t| fwd(t, &gamma.dev, &beta.dev), &grads.input);
         finite_difference(&format!("{what} dgamma"), &h, &gamma, &g.host, |t| fwd(&x.dev, t, &beta.dev), &grads.gamma);
         finite_difference(&format!("{what} dbeta"), &h, &beta, &g.host, |t| fwd(&x.dev, &gamma.dev, t), &grads.beta);
+        group_norm_silu_matches::<B>(&h, &what, (&x, &gamma, &beta), &g, p);
     }
+}
+
+/// Group norm + SiLU as one op (forward, statistics, backward) against the reference's
+/// composition and finite differences.
+fn group_norm_silu_matches<B: Backend>(
+    h: &Harness<B>,
+    what: &str,
+    (x, gamma, beta): (&Case<B>, &Case<B>, &Case<B>),
+    g: &Case<B>,
+    p: GroupNormParams,
+) {
+    let what = format!("{what} + silu");
+    let got = ok(&what, B::group_norm_silu(&x.dev, &gamma.dev, &beta.dev, p));
+    let want = R::group_norm_silu(&x.reference, &gamma.reference, &beta.reference, p).unwrap();
+    assert_matches::<B>(&what, &Ok(got.output.clone()), &Ok(want.output.clone()));
+    assert_matches::<B>(&format!("{what} mean"), &Ok(got.mean.clone()), &Ok(want.mean.clone()));
+    assert_matches::<B>(&format!("{what} rstd"), &Ok(got.rstd.clone()), &Ok(want.rstd.clone()));
+    let grads = ok(&what, B::group_norm_silu_backward(&x.dev, &gamma.dev, &beta.dev, &got, &g.dev, p));
+    let want_g =
+        R::group_norm_silu_backward(&x.reference, &gamma.reference, &beta.reference, &want, &g.reference, p).unwrap();
+    assert_matches::<B>(&format!("{what} dx"), &Ok(grads.input.clone()), &Ok(want_g.input));
+    assert_matches::<B>(&format!("{what} dgamma"), &Ok(grads.gamma.clone()), &Ok(want_g.gamma));
+    assert_matches::<B>(&format!("{what} dbeta"), &Ok(grads.beta.clone()), &Ok(want_g.beta));
+    let fwd = |x: &B::Tensor, gm: &B::Tensor, bt: &B::Tensor| B::group_norm_silu(x, gm, bt, p).unwrap().output;
+    finite_difference(&format!("{what} dx"), h, x, &g.host, |t| fwd(t, &gamma.dev, &beta.dev), &grads.input);
+    finite_difference(&format!("{what} dgamma"), h, gamma, &g.host, |t| fwd(&x.dev, t, &beta.dev), &grads.gamma);
+    finite_difference(&format!("{what} dbeta"), h, beta, &g.host, |t| fwd(&x.dev, &gamma.dev, t), &grads.beta);
 }
 
 /// Nearest upsampling and its backward.

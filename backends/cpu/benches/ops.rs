@@ -263,6 +263,40 @@ fn main() {
         }),
     );
     r.memory(
+        "group norm + silu fused",
+        &label,
+        2.0 * bytes,
+        median_secs(|| {
+            black_box(C::group_norm_silu(&x, &gamma, &beta, gn).unwrap());
+        }),
+    );
+    r.memory(
+        "group norm, then silu",
+        &label,
+        2.0 * bytes,
+        median_secs(|| {
+            black_box(C::silu(&C::group_norm(&x, &gamma, &beta, gn).unwrap().output).unwrap());
+        }),
+    );
+    let fused_stats = C::group_norm_silu(&x, &gamma, &beta, gn).unwrap();
+    r.memory(
+        "group norm + silu fused bwd",
+        &label,
+        3.0 * bytes,
+        median_secs(|| {
+            black_box(C::group_norm_silu_backward(&x, &gamma, &beta, &fused_stats, &x, gn).unwrap());
+        }),
+    );
+    r.memory(
+        "silu bwd, then group norm bwd",
+        &label,
+        3.0 * bytes,
+        median_secs(|| {
+            let dz = C::silu_backward(&stats.output, &x).unwrap();
+            black_box(C::group_norm_backward(&x, &gamma, &stats, &dz, gn).unwrap());
+        }),
+    );
+    r.memory(
         "silu",
         &label,
         2.0 * bytes,

@@ -245,6 +245,43 @@ impl NormOps for CpuBackend {
             beta: CpuTensor::store(db, gamma.shape.clone(), dtype),
         })
     }
+    fn group_norm_silu(x: &T, gamma: &T, beta: &T, params: GroupNormParams) -> Result<GroupNormOutput<T>> {
+        const OP: &str = "group_norm_silu";
+        let dtype = Self::expect_same_dtype(OP, x, gamma)?;
+        Self::expect_same_dtype(OP, x, beta)?;
+        let g = GroupNormGeometry::new(OP, &x.shape, &gamma.shape, &beta.shape, params)?;
+        let (a, mean, rstd) = norm::group_norm_silu(&g, &x.values(), &gamma.values(), &beta.values(), params.eps);
+        Ok(GroupNormOutput {
+            output: CpuTensor::store(a, x.shape.clone(), dtype),
+            mean: CpuTensor::store(mean, g.stats_shape(), DType::F32),
+            rstd: CpuTensor::store(rstd, g.stats_shape(), DType::F32),
+        })
+    }
+    fn group_norm_silu_backward(
+        x: &T,
+        gamma: &T,
+        beta: &T,
+        stats: &GroupNormOutput<T>,
+        grad_out: &T,
+        params: GroupNormParams,
+    ) -> Result<GroupNormGrads<T>> {
+        const OP: &str = "group_norm_silu_backward";
+        let dtype = Self::expect_same_dtype(OP, x, gamma)?;
+        Self::expect_same_dtype(OP, x, beta)?;
+        Self::expect_same_dtype(OP, x, grad_out)?;
+        same_shape(OP, x, grad_out)?;
+        let g = GroupNormGeometry::new(OP, &x.shape, &gamma.shape, &beta.shape, params)?;
+        g.stats_shape().expect_eq(OP, &stats.mean.shape)?;
+        g.stats_shape().expect_eq(OP, &stats.rstd.shape)?;
+        let (xv, gv, mean, rstd) = (x.values(), gamma.values(), stats.mean.values(), stats.rstd.values());
+        let dz = norm::silu_grad_before_norm(&g, &xv, &gv, &beta.values(), (&mean, &rstd), &grad_out.values());
+        let (dx, dg, db) = norm::group_norm_backward(&g, &xv, &gv, &mean, &rstd, &dz);
+        Ok(GroupNormGrads {
+            input: CpuTensor::store(dx, x.shape.clone(), dtype),
+            gamma: CpuTensor::store(dg, gamma.shape.clone(), dtype),
+            beta: CpuTensor::store(db, gamma.shape.clone(), dtype),
+        })
+    }
 }
 
 impl LayoutOps for CpuBackend {

@@ -81,6 +81,29 @@ fn map_chunk(out: &mut [f32], x: &[f32], f: &impl Fn(f32) -> f32) {
     }
 }
 
+/// `v[i] ← silu(v[i])` in place (a slice already in cache), compiled for AVX2+FMA when the
+/// CPU has them.
+pub(crate) fn silu_in_place(v: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd::has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        unsafe { simd::update_avx2(v, &|z| silu(z)) };
+        return;
+    }
+    v.iter_mut().for_each(|z| *z = silu(*z));
+}
+
+/// `v[i] ← g[i]·silu'(v[i])` in place: `v` holds the pre-activation, then its gradient.
+pub(crate) fn silu_backward_in_place(v: &mut [f32], g: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd::has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        unsafe { simd::update_zip_avx2(v, g, &|z, g| g * silu_derivative(z)) };
+        return;
+    }
+    v.iter_mut().zip(g).for_each(|(z, &g)| *z = g * silu_derivative(*z));
+}
+
 /// `out[i] = f(x[i], y[i])` over one chunk, compiled for AVX2+FMA when available.
 #[inline(always)]
 fn zip_map_chunk(out: &mut [f32], x: &[f32], y: &[f32], f: &impl Fn(f32, f32) -> f32) {
@@ -109,6 +132,22 @@ mod simd {
     #[target_feature(enable = "avx2,fma")]
     pub(crate) fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
         f()
+    }
+
+    /// `v[i] ← f(v[i])`, compiled with AVX2+FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn update_avx2(v: &mut [f32], f: &impl Fn(f32) -> f32) {
+        for z in v.iter_mut() {
+            *z = f(*z);
+        }
+    }
+
+    /// `v[i] ← f(v[i], y[i])`, compiled with AVX2+FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn update_zip_avx2(v: &mut [f32], y: &[f32], f: &impl Fn(f32, f32) -> f32) {
+        for (z, &y) in v.iter_mut().zip(y) {
+            *z = f(*z, y);
+        }
     }
 
     /// The scalar loop, compiled with AVX2+FMA so that LLVM vectorises it 8-wide.
@@ -183,10 +222,23 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + fast_exp(-x))
 }
 
+/// `silu(x) = x·σ(x)`.
+#[inline(always)]
+pub(crate) fn silu(x: f32) -> f32 {
+    x * sigmoid(x)
+}
+
+/// `silu'(x) = σ(x)·(1 + x·(1 − σ(x)))`.
+#[inline(always)]
+pub(crate) fn silu_derivative(x: f32) -> f32 {
+    let s = sigmoid(x);
+    s * (1.0 + x * (1.0 - s))
+}
+
 /// `f(x)` elementwise (one monomorphised loop per function).
 pub(crate) fn unary(op: UnaryOp, x: &[f32]) -> Vec<f32> {
     match op {
-        UnaryOp::Silu => map(x, |v| v * sigmoid(v)),
+        UnaryOp::Silu => map(x, silu),
         UnaryOp::Exp => map(x, fast_exp),
         UnaryOp::Square => map(x, |v| v * v),
         UnaryOp::Sqrt => map(x, f32::sqrt),
@@ -198,10 +250,7 @@ pub(crate) fn unary(op: UnaryOp, x: &[f32]) -> Vec<f32> {
 /// `grad · f'(x)` elementwise.
 pub(crate) fn unary_backward(op: UnaryOp, x: &[f32], grad: &[f32]) -> Vec<f32> {
     match op {
-        UnaryOp::Silu => zip_map(x, grad, |v, g| {
-            let s = sigmoid(v);
-            g * s * (1.0 + v * (1.0 - s))
-        }),
+        UnaryOp::Silu => zip_map(x, grad, |v, g| g * silu_derivative(v)),
         UnaryOp::Exp => zip_map(x, grad, |v, g| g * fast_exp(v)),
         UnaryOp::Square => zip_map(x, grad, |v, g| 2.0 * v * g),
         UnaryOp::Sqrt => zip_map(x, grad, |v, g| 0.5 * g / v.sqrt()),

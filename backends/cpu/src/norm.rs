@@ -5,7 +5,7 @@
 use lisa_core::backend::geometry::GroupNormGeometry;
 use rayon::prelude::*;
 
-use crate::elementwise::vectorised;
+use crate::elementwise::{silu_backward_in_place, silu_in_place, vectorised};
 use crate::sums::{sum_map, sum_zip};
 
 /// Forward: returns `(y, mean [n·g], rstd [n·g])`; statistics accumulate in f64, two passes.
@@ -15,6 +15,31 @@ pub(crate) fn group_norm(
     gamma: &[f32],
     beta: &[f32],
     eps: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    normalise_groups(g, x, gamma, beta, eps, |_| {})
+}
+
+/// `a = silu(group_norm(x))`: the activation applied as each value is normalised (one pass
+/// over `x`, no normalised copy): returns `(a, mean, rstd)`.
+pub(crate) fn group_norm_silu(
+    g: &GroupNormGeometry,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    normalise_groups(g, x, gamma, beta, eps, silu_in_place)
+}
+
+/// `y = (x − μ)·rstd·γ + β` per (sample, group), each group's slice then passed to `then`
+/// while in cache, with the statistics.
+fn normalise_groups(
+    g: &GroupNormGeometry,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+    then: impl Fn(&mut [f32]) + Sync,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let len = g.group_len();
     let cpg = g.channels / g.groups;
@@ -37,12 +62,43 @@ pub(crate) fn group_norm(
                         *y = x * scale + shift;
                     }
                 }
+                then(y);
                 (mean, rstd)
             })
         })
         .collect();
     let (mean, rstd) = stats.into_iter().unzip();
     (y, mean, rstd)
+}
+
+/// `∂L/∂z = g·silu'(z)` with the pre-activation `z = (x − μ)·rstd·γ + β` recomputed per group
+/// from the statistics (the backward of [`group_norm_silu`] up to the norm).
+pub(crate) fn silu_grad_before_norm(
+    g: &GroupNormGeometry,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    (mean, rstd): (&[f32], &[f32]),
+    grad: &[f32],
+) -> Vec<f32> {
+    let (len, cpg) = (g.group_len(), g.channels / g.groups);
+    let mut dz = vec![0.0f32; x.len()];
+    dz.par_chunks_mut(len).zip(x.par_chunks(len).zip(grad.par_chunks(len))).enumerate().for_each(
+        |(k, (dz, (x, grad)))| {
+            vectorised(|| {
+                let group = k % g.groups;
+                for (c_local, (dz, x)) in dz.chunks_mut(g.spatial).zip(x.chunks(g.spatial)).enumerate() {
+                    let ch = group * cpg + c_local;
+                    let (scale, shift) = (rstd[k] * gamma[ch], beta[ch] - mean[k] * rstd[k] * gamma[ch]);
+                    for (d, &x) in dz.iter_mut().zip(x) {
+                        *d = x * scale + shift;
+                    }
+                }
+                silu_backward_in_place(dz, grad);
+            })
+        },
+    );
+    dz
 }
 
 /// Backward: `dx = rstd·(ĝ − mean ĝ − x̂·mean(ĝx̂))`, `dγ = Σ g·x̂`, `dβ = Σ g` (per channel,

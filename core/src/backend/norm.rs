@@ -45,6 +45,35 @@ pub trait NormOps: ReduceOps {
         params: GroupNormParams,
     ) -> Result<GroupNormGrads<Self::Tensor>>;
 
+    /// *Default*: `a = silu(group_norm(x))` (the pair every ResBlock applies), with the
+    /// statistics of the norm: `output` holds `a`, `mean` and `rstd` the group statistics. A
+    /// backend may fuse the two into one pass over `x`; the pre-activation is never needed
+    /// afterwards, because the backward recomputes it from the statistics.
+    fn group_norm_silu(
+        x: &Self::Tensor,
+        gamma: &Self::Tensor,
+        beta: &Self::Tensor,
+        params: GroupNormParams,
+    ) -> Result<GroupNormOutput<Self::Tensor>> {
+        let z = Self::group_norm(x, gamma, beta, params)?;
+        Ok(GroupNormOutput { output: Self::silu(&z.output)?, mean: z.mean, rstd: z.rstd })
+    }
+
+    /// *Default*: the backward of [`NormOps::group_norm_silu`]: `z = group_norm(x)` recomputed,
+    /// `∂L/∂z = g·silu'(z)`, then [`NormOps::group_norm_backward`]. `stats` are the forward's.
+    fn group_norm_silu_backward(
+        x: &Self::Tensor,
+        gamma: &Self::Tensor,
+        beta: &Self::Tensor,
+        stats: &GroupNormOutput<Self::Tensor>,
+        grad_out: &Self::Tensor,
+        params: GroupNormParams,
+    ) -> Result<GroupNormGrads<Self::Tensor>> {
+        let z = Self::group_norm(x, gamma, beta, params)?.output;
+        let dz = Self::silu_backward(&z, grad_out)?;
+        Self::group_norm_backward(x, gamma, stats, &dz, params)
+    }
+
     /// *Default*: layer norm over the last dim of `x [.., C]` (torch's `LayerNorm(C)`):
     /// `y = (x − μ)·rstd·γ + β` with `μ`, `rstd = 1/√(var + ε)` per row (biased variance),
     /// `γ, β [C]`. Composed as a one-group [`NormOps::group_norm`] of the `[rows, 1, C, 1]`

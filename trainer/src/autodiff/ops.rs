@@ -141,7 +141,7 @@ impl<B: Backend> Tape<B> {
     }
 
     /// Nearest ×2 upsampling, then a 3×3 "same" convolution, as one op
-    /// ([`UpsampleConvOps`]): `x [n, c_in, h, w]`, `w [c_out, c_in, 3, 3]` → `[n, c_out, 2h, 2w]`.
+    /// ([`lisa_core::backend::UpsampleConvOps`]): `x [n, c_in, h, w]`, `w [c_out, c_in, 3, 3]` → `[n, c_out, 2h, 2w]`.
     /// Saves the low-resolution `x` (not its upsampled copy) for `∂L/∂w`.
     pub fn upsample_conv2d(&self, x: &Var<B>, w: &Var<B>, b: Option<&Var<B>>) -> Result<Var<B>> {
         let value = B::upsample_conv2d(&x.value, &w.value, b.map(|b| &b.value))?;
@@ -168,6 +168,22 @@ impl<B: Backend> Tape<B> {
                 out.push(if need[2] { Some(B::conv2d_backward_bias(g)?) } else { None });
             }
             Ok(out)
+        }))
+    }
+
+    /// `silu(group_norm(x))` as one op ([`lisa_core::backend::NormOps::group_norm_silu`]): the backward recomputes
+    /// the pre-activation from `x` and the statistics, so it is never stored.
+    pub fn group_norm_silu(&self, x: &Var<B>, gamma: &Var<B>, beta: &Var<B>, p: GroupNormParams) -> Result<Var<B>> {
+        let out = B::group_norm_silu(&x.value, &gamma.value, &beta.value, p)?;
+        let value = out.output.clone();
+        let need = [x.requires_grad(), gamma.requires_grad(), beta.requires_grad()];
+        if !self.grad_enabled() || !need.iter().any(|&n| n) {
+            return Ok(self.constant(value));
+        }
+        let (xv, gv, bv) = (x.value.clone(), gamma.value.clone(), beta.value.clone());
+        Ok(self.record(value, &[x, gamma, beta], move |g| {
+            let grads = B::group_norm_silu_backward(&xv, &gv, &bv, &out, g, p)?;
+            Ok(vec![need[0].then_some(grads.input), need[1].then_some(grads.gamma), need[2].then_some(grads.beta)])
         }))
     }
 

@@ -61,14 +61,14 @@ impl ResBlock {
     /// `x [n, c_in, h, w]` → `[n, c_out, h, w]`, with the time embedding when the block reads one.
     pub fn forward_with<B: Backend>(&self, p: &Bound<'_, B>, x: &Var<B>, silu_temb: Option<&Var<B>>) -> Result<Var<B>> {
         let t = p.tape;
-        let mut h = self.conv1.forward(p, &t.silu(&self.norm1.forward(p, x)?)?)?;
+        let mut h = self.conv1.forward(p, &self.norm1.forward_silu(p, x)?)?;
         if let (Some(proj), Some(temb)) = (&self.time_proj, silu_temb) {
             let e = proj.forward(p, temb)?; // [n, c_out]
             let d = B::shape(&e.value);
             let e = t.reshape(&e, &Shape::new([d.dims()[0], d.dims()[1], 1, 1]))?;
             h = t.add(&h, &e)?;
         }
-        let h = self.conv2.forward(p, &t.silu(&self.norm2.forward(p, &h)?)?)?;
+        let h = self.conv2.forward(p, &self.norm2.forward_silu(p, &h)?)?;
         let skip = match &self.skip {
             Some(c) => c.forward(p, x)?,
             None => x.clone(),

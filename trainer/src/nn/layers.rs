@@ -190,6 +190,12 @@ impl GroupNorm {
         let x = in_dtype_of(p, x, self.gamma)?;
         p.tape.group_norm(&x, p.p(self.gamma), p.p(self.beta), self.params)
     }
+
+    /// `silu(group_norm(x))` as one op (the norm-then-activation of every ResBlock).
+    pub fn forward_silu<B: Backend>(&self, p: &Bound<'_, B>, x: &Var<B>) -> Result<Var<B>> {
+        let x = in_dtype_of(p, x, self.gamma)?;
+        p.tape.group_norm_silu(&x, p.p(self.gamma), p.p(self.beta), self.params)
+    }
 }
 
 /// `x` in the dtype of parameter `w` (mixed precision: a layer computes in its weights'

@@ -3,7 +3,7 @@
 use cubecl::prelude::*;
 use lisa_core::Result;
 use lisa_core::backend::geometry::GroupNormGeometry;
-use lisa_core::backend::{DType, GroupNormGrads, GroupNormOutput, GroupNormParams, NormOps, TensorOps};
+use lisa_core::backend::{ArithOps, DType, GroupNormGrads, GroupNormOutput, GroupNormParams, NormOps, TensorOps};
 
 use super::{CubeBackend, T, alloc, arg, check_dtype, u32_of};
 use crate::kernels::{BLOCK, norm as k};
@@ -41,6 +41,37 @@ impl<R: Runtime> NormOps for CubeBackend<R> {
             );
         });
         Ok(GroupNormOutput { output, mean, rstd })
+    }
+
+    /// The pre-activation recomputed from the forward's statistics (one affine kernel, no new
+    /// statistics), then SiLU's and the norm's backwards.
+    fn group_norm_silu_backward(
+        x: &T<R>,
+        gamma: &T<R>,
+        beta: &T<R>,
+        stats: &GroupNormOutput<T<R>>,
+        grad_out: &T<R>,
+        params: GroupNormParams,
+    ) -> Result<GroupNormGrads<T<R>>> {
+        const OP: &str = "group_norm_silu_backward";
+        let dtype = Self::expect_same_dtype(OP, x, gamma)?;
+        Self::expect_same_dtype(OP, x, beta)?;
+        x.shape.expect_eq(OP, &grad_out.shape)?;
+        let g = GroupNormGeometry::new(OP, &x.shape, &gamma.shape, &beta.shape, params)?;
+        g.stats_shape().expect_eq(OP, &stats.mean.shape)?;
+        g.stats_shape().expect_eq(OP, &stats.rstd.shape)?;
+        check_dtype(OP, &x.device, dtype)?;
+        let z = alloc(&x.device, x.shape.clone(), dtype)?;
+        if !z.is_empty() && g.group_len() > 0 {
+            let (mean, rstd) = (Self::cast(&stats.mean, DType::F32)?, Self::cast(&stats.rstd, DType::F32)?);
+            let (count, dim) = grid_1d(z.len());
+            with_float!(dtype, F => k::group_norm_apply::launch::<F, R>(
+                &x.device.client, count, dim, arg(x), arg(gamma), arg(beta), arg(&mean), arg(&rstd), arg(&z),
+                u32_of(OP, g.channels)?, u32_of(OP, g.spatial)?, u32_of(OP, g.channels / g.groups)?
+            ));
+        }
+        let dz = Self::silu_backward(&z, grad_out)?;
+        Self::group_norm_backward(x, gamma, stats, &dz, params)
     }
     fn group_norm_backward(
         x: &T<R>,

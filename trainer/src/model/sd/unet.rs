@@ -107,7 +107,7 @@ impl SdUNet {
             h = block.forward(p, &h, &skips[rest..], &enc.temb, context)?;
             skips.truncate(rest);
         }
-        let h = t.silu(&self.norm_out.forward(p, &h)?)?;
+        let h = self.norm_out.forward_silu(p, &h)?;
         // The prediction in f32 whatever the UNet's storage type (losses, samplers).
         t.cast(&self.conv_out.forward(p, &h)?, DType::F32)
     }

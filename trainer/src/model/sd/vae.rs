@@ -306,7 +306,7 @@ impl AutoencoderKl {
             }
         }
         let h = self.enc_mid.forward(p, &h)?;
-        let h = self.enc_conv_out.forward(p, &t.silu(&self.enc_norm_out.forward(p, &h)?)?)?;
+        let h = self.enc_conv_out.forward(p, &self.enc_norm_out.forward_silu(p, &h)?)?;
         let moments = self.quant_conv.forward(p, &h)?;
         let lc = self.config.latent_channels;
         let mean = t.slice_channels(&moments, 0, lc)?;
@@ -330,7 +330,6 @@ impl AutoencoderKl {
 
     /// `z [n, latent, h, w]` (unscaled) → images `[n, c_out, f·h, f·w]`, about [−1, 1].
     pub fn decode<B: Backend>(&self, p: &Bound<'_, B>, z: &Var<B>) -> Result<Var<B>> {
-        let t = p.tape;
         let s = B::shape(&z.value);
         if s.rank() != 4 || s.dims()[1] != self.config.latent_channels {
             return Err(TrainError::Mismatch(format!(
@@ -348,7 +347,7 @@ impl AutoencoderKl {
                 h = u.forward(p, &h)?;
             }
         }
-        self.dec_conv_out.forward(p, &t.silu(&self.dec_norm_out.forward(p, &h)?)?)
+        self.dec_conv_out.forward(p, &self.dec_norm_out.forward_silu(p, &h)?)
     }
 }
 

@@ -204,6 +204,6 @@ impl UNet {
                 h = u.forward(p, &h)?;
             }
         }
-        self.conv_out.forward(p, &t.silu(&self.norm_out.forward(p, &h)?)?)
+        self.conv_out.forward(p, &self.norm_out.forward_silu(p, &h)?)
     }
 }
