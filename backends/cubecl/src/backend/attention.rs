@@ -8,6 +8,3 @@ use lisa_core::backend::AttentionOps;
 use super::CubeBackend;
 
 impl<R: Runtime> AttentionOps for CubeBackend<R> {}
-
-/// The definition (upsample, then convolve); a sub-pixel kernel is future work.
-impl<R: Runtime> lisa_core::backend::UpsampleConvOps for CubeBackend<R> {}

@@ -242,6 +242,10 @@ impl<R: Runtime> ConvOps for CubeBackend<R> {
     }
 }
 
+/// Upsampling convolutions by the definition (upsample, then convolve); the sub-pixel form
+/// lisa-cpu uses is future work here.
+impl<R: Runtime> lisa_core::backend::UpsampleConvOps for CubeBackend<R> {}
+
 /// `[n, c_out, oh, ow]` → `[c_out, n·oh·ow]`.
 fn to_cnp<R: Runtime>(grad_out: &T<R>, g: &Conv2dGeometry) -> Result<T<R>> {
     const OP: &str = "conv2d backward";
