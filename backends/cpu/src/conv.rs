@@ -14,10 +14,12 @@
 //! fixed groups of images in parallel and adds the group partials in order, so the result
 //! does not depend on the thread count.
 
+use std::mem::MaybeUninit;
+
 use lisa_core::backend::geometry::Conv2dGeometry;
 use rayon::prelude::*;
 
-use crate::gemm::{MatRef, gemm_into, gemm_into_col_major};
+use crate::gemm::{MatRef, gemm_into, gemm_into_col_major, gemm_into_uninit};
 
 /// Number of image groups the weight gradient is split into (fixed: determinism).
 const WEIGHT_GRAD_GROUPS: usize = 8;
@@ -187,12 +189,12 @@ fn parallel_over_images(batch: usize) -> bool {
 
 /// Runs `per_image(n, out_n, scratch, parallel_gemm)` for every image, in parallel over images
 /// or in turn; `scratch` holds `scratch_len` floats of stale values.
-fn for_each_image(
+fn for_each_image<T: Send>(
     batch: usize,
-    out: &mut [f32],
+    out: &mut [T],
     out_per_image: usize,
     scratch_len: usize,
-    per_image: impl Fn(usize, &mut [f32], &mut [f32], bool) + Sync,
+    per_image: impl Fn(usize, &mut [T], &mut [f32], bool) + Sync,
 ) {
     if parallel_over_images(batch) {
         // One contiguous run of images per thread, each with one scratch buffer.
@@ -220,18 +222,33 @@ pub(crate) fn conv2d(g: &Conv2dGeometry, x: &[f32], w: &[f32], bias: Option<&[f3
     }
     let (k, p, in_img) = (g.c_in * g.kh * g.kw, g.oh * g.ow, g.c_in * g.h * g.w);
     let pointwise = is_pointwise(g);
-    let mut y = vec![0.0f32; g.batch * g.c_out * p];
+    let len = g.batch * g.c_out * p;
+    // Not zeroed first: each image's GEMM writes its whole block (and reads none of it).
+    let mut y = Vec::<f32>::with_capacity(len);
     let scratch = if pointwise { 0 } else { k * p };
-    for_each_image(g.batch, &mut y, g.c_out * p, scratch, |n, y_n, cols, par| {
+    for_each_image(g.batch, &mut y.spare_capacity_mut()[..len], g.c_out * p, scratch, |n, y_n, cols, par| {
         let cols = lowered(g, &x[n * in_img..(n + 1) * in_img], cols);
-        gemm_into(y_n, false, MatRef::row_major(w, g.c_out, k), MatRef::row_major(cols, k, p), par);
+        gemm_into_uninit(y_n, MatRef::row_major(w, g.c_out, k), MatRef::row_major(cols, k, p), par);
+        // SAFETY: the GEMM just wrote every element of `y_n`.
+        let y_n = unsafe { assume_written(y_n) };
         if let Some(b) = bias {
             for (row, &bv) in y_n.chunks_mut(p).zip(b) {
                 row.iter_mut().for_each(|v| *v += bv);
             }
         }
     });
+    // SAFETY: the images' blocks cover all `len` elements, and each was written above.
+    unsafe { y.set_len(len) };
     y
+}
+
+/// `s` as initialised values.
+///
+/// # Safety
+/// Every element of `s` must have been written.
+unsafe fn assume_written(s: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    // SAFETY: `MaybeUninit<f32>` has `f32`'s layout, and the caller guarantees initialisation.
+    unsafe { &mut *(s as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
 
 /// For a stride-1 convolution whose padding is at most `k − 1` on each axis, the geometry of

@@ -1,6 +1,7 @@
 //! A safe, bounds-checked front to `gemm::gemm` for strided f32 matrices.
 
 use gemm::Parallelism;
+use std::mem::MaybeUninit;
 
 /// A read-only strided matrix: element `(i, j)` is `data[i·row_stride + j·col_stride]`.
 #[derive(Clone, Copy)]
@@ -58,6 +59,24 @@ enum Layout {
     ColMajor,
 }
 
+/// `dst (m × n, row-major) = a (m × k) · b (k × n)` into memory not yet written: every one of
+/// the `m·n` elements is written and none is read, so the caller need not zero it first (the
+/// convolutions' outputs).
+pub(crate) fn gemm_into_uninit(dst: &mut [MaybeUninit<f32>], a: MatRef<'_>, b: MatRef<'_>, parallel: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert!(b.rows == k && dst.len() >= m * n, "gemm_into_uninit: {m}x{k} · {}x{n} into {}", b.rows, dst.len());
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        dst[..m * n].fill(MaybeUninit::new(0.0));
+        return;
+    }
+    // SAFETY: as in `gemm_strided`; with `accumulate = false` the `gemm` crate writes `dst`
+    // without reading it, so its elements need not be initialised.
+    unsafe { raw_gemm(dst.as_mut_ptr().cast::<f32>(), Layout::RowMajor, false, a, b, parallel) }
+}
+
 fn gemm_strided(dst: &mut [f32], layout: Layout, accumulate: bool, a: MatRef<'_>, b: MatRef<'_>, parallel: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert!(b.rows == k && dst.len() >= m * n, "gemm_into: {m}x{k} · {}x{n} into {}", b.rows, dst.len());
@@ -70,23 +89,34 @@ fn gemm_strided(dst: &mut [f32], layout: Layout, accumulate: bool, a: MatRef<'_>
         }
         return;
     }
+    // SAFETY: `dst` holds at least m·n initialised elements (asserted above).
+    unsafe { raw_gemm(dst.as_mut_ptr(), layout, accumulate, a, b, parallel) }
+}
+
+/// The `gemm` crate's product into `dst`, for `m, n, k > 0`.
+///
+/// # Safety
+/// `dst` must be valid for writes of `m·n` elements in `layout` (and for reads when
+/// `accumulate`), and must not alias `a` or `b`.
+unsafe fn raw_gemm(dst: *mut f32, layout: Layout, accumulate: bool, a: MatRef<'_>, b: MatRef<'_>, parallel: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    debug_assert!(b.rows == k && m > 0 && n > 0 && k > 0);
     let parallelism = if parallel { Parallelism::Rayon(0) } else { Parallelism::None };
     let (dst_cs, dst_rs) = match layout {
         Layout::RowMajor => (1, n as isize),
         Layout::ColMajor => (m as isize, 1),
     };
     // SAFETY: `a` and `b` were bounds-checked at construction (every element (i, j) with
-    // i < rows, j < cols lies inside their slices), `b.rows == k` was asserted above, and
-    // `dst` holds at least m·n elements addressed row-major (row stride n, column stride 1)
-    // or column-major (row stride 1, column stride m).
-    // The three slices cannot alias: `dst` is a unique `&mut`, `a`/`b` shared borrows.
-    // Strides fit `isize` because they index into live allocations (≤ isize::MAX bytes).
+    // i < rows, j < cols lies inside their slices), `b.rows == k` (the callers assert it),
+    // and `dst` is valid for m·n elements addressed row-major (row stride n, column stride 1)
+    // or column-major (row stride 1, column stride m) and does not alias `a`/`b` (this
+    // function's contract). Strides fit `isize` because they index into live allocations.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             dst_cs,
             dst_rs,
             accumulate,
