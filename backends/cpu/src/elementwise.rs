@@ -1,5 +1,7 @@
 //! Elementwise kernels: broadcast binary ops, affine, unary functions and their backward.
 
+use std::mem::MaybeUninit;
+
 use lisa_core::Result;
 use lisa_core::backend::{BinaryOp, Shape, UnaryOp};
 use rayon::prelude::*;
@@ -67,9 +69,10 @@ pub(crate) fn binary(
     Ok(out)
 }
 
-/// `out[i] = f(x[i])` over one chunk, compiled for AVX2+FMA when the CPU has them.
+/// `out[i] = f(x[i])` over one chunk (every element of `out` written), compiled for AVX2+FMA
+/// when the CPU has them.
 #[inline(always)]
-fn map_chunk(out: &mut [f32], x: &[f32], f: &impl Fn(f32) -> f32) {
+fn map_chunk(out: &mut [MaybeUninit<f32>], x: &[f32], f: &impl Fn(f32) -> f32) {
     #[cfg(target_arch = "x86_64")]
     if simd::has_avx2_fma() {
         // SAFETY: the CPU supports AVX2 and FMA (checked just above).
@@ -77,7 +80,7 @@ fn map_chunk(out: &mut [f32], x: &[f32], f: &impl Fn(f32) -> f32) {
         return;
     }
     for (o, &x) in out.iter_mut().zip(x) {
-        *o = f(x);
+        o.write(f(x));
     }
 }
 
@@ -104,9 +107,10 @@ pub(crate) fn silu_backward_in_place(v: &mut [f32], g: &[f32]) {
     v.iter_mut().zip(g).for_each(|(z, &g)| *z = g * silu_derivative(*z));
 }
 
-/// `out[i] = f(x[i], y[i])` over one chunk, compiled for AVX2+FMA when available.
+/// `out[i] = f(x[i], y[i])` over one chunk (every element written), compiled for AVX2+FMA
+/// when available.
 #[inline(always)]
-fn zip_map_chunk(out: &mut [f32], x: &[f32], y: &[f32], f: &impl Fn(f32, f32) -> f32) {
+fn zip_map_chunk(out: &mut [MaybeUninit<f32>], x: &[f32], y: &[f32], f: &impl Fn(f32, f32) -> f32) {
     #[cfg(target_arch = "x86_64")]
     if simd::has_avx2_fma() {
         // SAFETY: the CPU supports AVX2 and FMA (checked just above).
@@ -114,12 +118,13 @@ fn zip_map_chunk(out: &mut [f32], x: &[f32], y: &[f32], f: &impl Fn(f32, f32) ->
         return;
     }
     for ((o, &x), &y) in out.iter_mut().zip(x).zip(y) {
-        *o = f(x, y);
+        o.write(f(x, y));
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
+    use std::mem::MaybeUninit;
     use std::sync::OnceLock;
 
     pub(super) fn has_avx2_fma() -> bool {
@@ -152,17 +157,17 @@ mod simd {
 
     /// The scalar loop, compiled with AVX2+FMA so that LLVM vectorises it 8-wide.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn map_avx2(out: &mut [f32], x: &[f32], f: &impl Fn(f32) -> f32) {
+    pub(super) fn map_avx2(out: &mut [MaybeUninit<f32>], x: &[f32], f: &impl Fn(f32) -> f32) {
         for (o, &x) in out.iter_mut().zip(x) {
-            *o = f(x);
+            o.write(f(x));
         }
     }
 
     /// The scalar two-input loop, compiled with AVX2+FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn zip_map_avx2(out: &mut [f32], x: &[f32], y: &[f32], f: &impl Fn(f32, f32) -> f32) {
+    pub(super) fn zip_map_avx2(out: &mut [MaybeUninit<f32>], x: &[f32], y: &[f32], f: &impl Fn(f32, f32) -> f32) {
         for ((o, &x), &y) in out.iter_mut().zip(x).zip(y) {
-            *o = f(x, y);
+            o.write(f(x, y));
         }
     }
 }
@@ -178,20 +183,29 @@ pub(crate) fn vectorised<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// `f(x)` for every element, in parallel.
+/// `f(x)` for every element, in parallel (into a buffer written once, not zeroed first).
 pub(crate) fn map(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0.0f32; x.len()];
-    out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| map_chunk(o, x, &f));
+    let mut out = Vec::<f32>::with_capacity(x.len());
+    out.spare_capacity_mut()[..x.len()]
+        .par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(o, x)| map_chunk(o, x, &f));
+    // SAFETY: the chunks cover all `x.len()` elements and `map_chunk` wrote each of them.
+    unsafe { out.set_len(x.len()) };
     out
 }
 
-/// `f(x, y)` for every pair of elements of equal-length slices, in parallel.
+/// `f(x, y)` for every pair of elements of equal-length slices, in parallel (written once).
 pub(crate) fn zip_map(x: &[f32], y: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0.0f32; x.len()];
-    out.par_chunks_mut(CHUNK)
+    assert_eq!(x.len(), y.len(), "zip_map: lengths");
+    let mut out = Vec::<f32>::with_capacity(x.len());
+    out.spare_capacity_mut()[..x.len()]
+        .par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .zip(y.par_chunks(CHUNK))
         .for_each(|((o, x), y)| zip_map_chunk(o, x, y, &f));
+    // SAFETY: the chunks cover all `x.len()` elements and `zip_map_chunk` wrote each of them.
+    unsafe { out.set_len(x.len()) };
     out
 }
 
