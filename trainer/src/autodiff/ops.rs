@@ -113,40 +113,40 @@ impl<B: Backend> Tape<B> {
     /// 2-D convolution with optional bias.
     pub fn conv2d(&self, x: &Var<B>, w: &Var<B>, b: Option<&Var<B>>, p: Conv2dParams) -> Result<Var<B>> {
         let value = B::conv2d(&x.value, &w.value, b.map(|b| &b.value), p)?;
-        let need = [x.requires_grad(), w.requires_grad(), b.is_some_and(|b| b.requires_grad())];
         let (xs, ws) = (B::shape(&x.value), B::shape(&w.value));
-        // Save only what the needed gradients read: w for dx, x for dw.
-        let wv = need[0].then(|| w.value.clone());
-        let xv = need[1].then(|| x.value.clone());
-        let inputs: Vec<&Var<B>> = match b {
-            Some(b) => vec![x, w, b],
-            None => vec![x, w],
-        };
-        let has_bias = b.is_some();
-        Ok(self.record(value, &inputs, move |g| {
-            let dx = match &wv {
-                Some(w) => Some(B::conv2d_backward_data(g, w, &xs, p)?),
-                None => None,
-            };
-            let dw = match &xv {
-                Some(x) => Some(B::conv2d_backward_weight(x, g, &ws, p)?),
-                None => None,
-            };
-            let mut out = vec![dx, dw];
-            if has_bias {
-                out.push(if need[2] { Some(B::conv2d_backward_bias(g)?) } else { None });
-            }
-            Ok(out)
-        }))
+        self.record_convolution(
+            value,
+            (x, w, b),
+            move |g, w| B::conv2d_backward_data(g, w, &xs, p),
+            move |x, g| B::conv2d_backward_weight(x, g, &ws, p),
+        )
     }
 
     /// Nearest ×2 upsampling, then a 3×3 "same" convolution, as one op
-    /// ([`lisa_core::backend::UpsampleConvOps`]): `x [n, c_in, h, w]`, `w [c_out, c_in, 3, 3]` → `[n, c_out, 2h, 2w]`.
-    /// Saves the low-resolution `x` (not its upsampled copy) for `∂L/∂w`.
+    /// ([`lisa_core::backend::UpsampleConvOps`]): `x [n, c_in, h, w]`, `w [c_out, c_in, 3, 3]` →
+    /// `[n, c_out, 2h, 2w]`. Saves the low-resolution `x` (not its upsampled copy) for `∂L/∂w`.
     pub fn upsample_conv2d(&self, x: &Var<B>, w: &Var<B>, b: Option<&Var<B>>) -> Result<Var<B>> {
         let value = B::upsample_conv2d(&x.value, &w.value, b.map(|b| &b.value))?;
-        let need = [x.requires_grad(), w.requires_grad(), b.is_some_and(|b| b.requires_grad())];
         let (xs, ws) = (B::shape(&x.value), B::shape(&w.value));
+        self.record_convolution(
+            value,
+            (x, w, b),
+            move |g, w| B::upsample_conv2d_backward_data(g, w, &xs),
+            move |x, g| B::upsample_conv2d_backward_weight(x, g, &ws),
+        )
+    }
+
+    /// Records a convolution-like op `y = f(x, w) + b`: `∂L/∂x = data(∂L/∂y, w)`,
+    /// `∂L/∂w = weight(x, ∂L/∂y)`, `∂L/∂b` the sum over batch and pixels. Saves only what the
+    /// needed gradients read: `w` for `∂L/∂x`, `x` for `∂L/∂w`.
+    fn record_convolution(
+        &self,
+        value: B::Tensor,
+        (x, w, b): (&Var<B>, &Var<B>, Option<&Var<B>>),
+        data: impl Fn(&B::Tensor, &B::Tensor) -> lisa_core::Result<B::Tensor> + 'static,
+        weight: impl Fn(&B::Tensor, &B::Tensor) -> lisa_core::Result<B::Tensor> + 'static,
+    ) -> Result<Var<B>> {
+        let need = [x.requires_grad(), w.requires_grad(), b.is_some_and(|b| b.requires_grad())];
         let wv = need[0].then(|| w.value.clone());
         let xv = need[1].then(|| x.value.clone());
         let inputs: Vec<&Var<B>> = match b {
@@ -155,14 +155,8 @@ impl<B: Backend> Tape<B> {
         };
         let has_bias = b.is_some();
         Ok(self.record(value, &inputs, move |g| {
-            let dx = match &wv {
-                Some(w) => Some(B::upsample_conv2d_backward_data(g, w, &xs)?),
-                None => None,
-            };
-            let dw = match &xv {
-                Some(x) => Some(B::upsample_conv2d_backward_weight(x, g, &ws)?),
-                None => None,
-            };
+            let dx = wv.as_ref().map(|w| data(g, w)).transpose()?;
+            let dw = xv.as_ref().map(|x| weight(x, g)).transpose()?;
             let mut out = vec![dx, dw];
             if has_bias {
                 out.push(if need[2] { Some(B::conv2d_backward_bias(g)?) } else { None });
