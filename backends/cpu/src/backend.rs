@@ -208,15 +208,7 @@ impl ConvOps for CpuBackend {
 
 impl NormOps for CpuBackend {
     fn group_norm(x: &T, gamma: &T, beta: &T, params: GroupNormParams) -> Result<GroupNormOutput<T>> {
-        let dtype = Self::expect_same_dtype("group_norm", x, gamma)?;
-        Self::expect_same_dtype("group_norm", x, beta)?;
-        let g = GroupNormGeometry::new("group_norm", &x.shape, &gamma.shape, &beta.shape, params)?;
-        let (y, mean, rstd) = norm::group_norm(&g, &x.values(), &gamma.values(), &beta.values(), params.eps);
-        Ok(GroupNormOutput {
-            output: CpuTensor::store(y, x.shape.clone(), dtype),
-            mean: CpuTensor::store(mean, g.stats_shape(), DType::F32),
-            rstd: CpuTensor::store(rstd, g.stats_shape(), DType::F32),
-        })
+        group_norm_with("group_norm", (x, gamma, beta), params, norm::group_norm)
     }
     fn group_norm_backward(
         x: &T,
@@ -246,16 +238,7 @@ impl NormOps for CpuBackend {
         })
     }
     fn group_norm_silu(x: &T, gamma: &T, beta: &T, params: GroupNormParams) -> Result<GroupNormOutput<T>> {
-        const OP: &str = "group_norm_silu";
-        let dtype = Self::expect_same_dtype(OP, x, gamma)?;
-        Self::expect_same_dtype(OP, x, beta)?;
-        let g = GroupNormGeometry::new(OP, &x.shape, &gamma.shape, &beta.shape, params)?;
-        let (a, mean, rstd) = norm::group_norm_silu(&g, &x.values(), &gamma.values(), &beta.values(), params.eps);
-        Ok(GroupNormOutput {
-            output: CpuTensor::store(a, x.shape.clone(), dtype),
-            mean: CpuTensor::store(mean, g.stats_shape(), DType::F32),
-            rstd: CpuTensor::store(rstd, g.stats_shape(), DType::F32),
-        })
+        group_norm_with("group_norm_silu", (x, gamma, beta), params, norm::group_norm_silu)
     }
     fn group_norm_silu_backward(
         x: &T,
@@ -282,6 +265,27 @@ impl NormOps for CpuBackend {
             beta: CpuTensor::store(db, gamma.shape.clone(), dtype),
         })
     }
+}
+
+/// `(geometry, x, γ, β, ε) → (output, mean, rstd)`: `norm::group_norm` or `norm::group_norm_silu`.
+type GroupNormKernel = fn(&GroupNormGeometry, &[f32], &[f32], &[f32], f32) -> (Vec<f32>, Vec<f32>, Vec<f32>);
+
+/// A group-norm forward with its checks: the output in `x`'s dtype, the statistics in f32.
+fn group_norm_with(
+    op: &'static str,
+    (x, gamma, beta): (&T, &T, &T),
+    params: GroupNormParams,
+    kernel: GroupNormKernel,
+) -> Result<GroupNormOutput<T>> {
+    let dtype = CpuBackend::expect_same_dtype(op, x, gamma)?;
+    CpuBackend::expect_same_dtype(op, x, beta)?;
+    let g = GroupNormGeometry::new(op, &x.shape, &gamma.shape, &beta.shape, params)?;
+    let (y, mean, rstd) = kernel(&g, &x.values(), &gamma.values(), &beta.values(), params.eps);
+    Ok(GroupNormOutput {
+        output: CpuTensor::store(y, x.shape.clone(), dtype),
+        mean: CpuTensor::store(mean, g.stats_shape(), DType::F32),
+        rstd: CpuTensor::store(rstd, g.stats_shape(), DType::F32),
+    })
 }
 
 impl LayoutOps for CpuBackend {
@@ -396,13 +400,13 @@ impl UpsampleConvOps for CpuBackend {
             None => None,
         };
         let y = upsample_conv::forward(&g4, &x.values(), &weight.values(), bias_values.as_deref());
-        Ok(CpuTensor::store(y, upsample_conv_output(&g4)?, dtype))
+        Ok(CpuTensor::store(y, upsample_conv_output(OP, &g4)?, dtype))
     }
     fn upsample_conv2d_backward_data(grad_out: &T, weight: &T, input_shape: &Shape) -> Result<T> {
         const OP: &str = "upsample_conv2d_backward_data";
         let dtype = Self::expect_same_dtype(OP, grad_out, weight)?;
         let g4 = upsample_conv_geometry(OP, input_shape, &weight.shape)?;
-        upsample_conv_output(&g4)?.expect_eq(OP, &grad_out.shape)?;
+        upsample_conv_output(OP, &g4)?.expect_eq(OP, &grad_out.shape)?;
         let dx = upsample_conv::backward_data(&g4, &grad_out.values(), &weight.values());
         Ok(CpuTensor::store(dx, input_shape.clone(), dtype))
     }
@@ -410,7 +414,7 @@ impl UpsampleConvOps for CpuBackend {
         const OP: &str = "upsample_conv2d_backward_weight";
         let dtype = Self::expect_same_dtype(OP, x, grad_out)?;
         let g4 = upsample_conv_geometry(OP, &x.shape, weight_shape)?;
-        upsample_conv_output(&g4)?.expect_eq(OP, &grad_out.shape)?;
+        upsample_conv_output(OP, &g4)?.expect_eq(OP, &grad_out.shape)?;
         let dw = upsample_conv::backward_weight(&g4, &x.values(), &grad_out.values());
         Ok(CpuTensor::store(dw, weight_shape.clone(), dtype))
     }
@@ -429,6 +433,6 @@ fn upsample_conv_geometry(op: &'static str, x: &Shape, w: &Shape) -> Result<Conv
 }
 
 /// `[n, c_out, 2h, 2w]` for the phases' geometry.
-fn upsample_conv_output(g4: &Conv2dGeometry) -> Result<Shape> {
-    upsampled_shape("upsample_conv2d", &Shape::new([g4.batch, g4.c_out / 4, g4.h, g4.w]))
+fn upsample_conv_output(op: &'static str, g4: &Conv2dGeometry) -> Result<Shape> {
+    upsampled_shape(op, &Shape::new([g4.batch, g4.c_out / 4, g4.h, g4.w]))
 }

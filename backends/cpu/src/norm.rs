@@ -42,7 +42,6 @@ fn normalise_groups(
     then: impl Fn(&mut [f32]) + Sync,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let len = g.group_len();
-    let cpg = g.channels / g.groups;
     let mut y = vec![0.0f32; x.len()];
     let stats: Vec<(f32, f32)> = y
         .par_chunks_mut(len)
@@ -54,14 +53,7 @@ fn normalise_groups(
                 let var = sum_map(x, |v| (v as f64 - mean) * (v as f64 - mean)) / len as f64;
                 let rstd = (1.0 / (var + eps as f64).sqrt()) as f32;
                 let mean = mean as f32;
-                let group = k % g.groups;
-                for (c_local, (y, x)) in y.chunks_mut(g.spatial).zip(x.chunks(g.spatial)).enumerate() {
-                    let ch = group * cpg + c_local;
-                    let (scale, shift) = (rstd * gamma[ch], beta[ch] - mean * rstd * gamma[ch]);
-                    for (y, &x) in y.iter_mut().zip(x) {
-                        *y = x * scale + shift;
-                    }
-                }
+                affine_group(g, k, (mean, rstd), (gamma, beta), x, y);
                 then(y);
                 (mean, rstd)
             })
@@ -81,24 +73,38 @@ pub(crate) fn silu_grad_before_norm(
     (mean, rstd): (&[f32], &[f32]),
     grad: &[f32],
 ) -> Vec<f32> {
-    let (len, cpg) = (g.group_len(), g.channels / g.groups);
+    let len = g.group_len();
     let mut dz = vec![0.0f32; x.len()];
     dz.par_chunks_mut(len).zip(x.par_chunks(len).zip(grad.par_chunks(len))).enumerate().for_each(
         |(k, (dz, (x, grad)))| {
             vectorised(|| {
-                let group = k % g.groups;
-                for (c_local, (dz, x)) in dz.chunks_mut(g.spatial).zip(x.chunks(g.spatial)).enumerate() {
-                    let ch = group * cpg + c_local;
-                    let (scale, shift) = (rstd[k] * gamma[ch], beta[ch] - mean[k] * rstd[k] * gamma[ch]);
-                    for (d, &x) in dz.iter_mut().zip(x) {
-                        *d = x * scale + shift;
-                    }
-                }
+                affine_group(g, k, (mean[k], rstd[k]), (gamma, beta), x, dz);
                 silu_backward_in_place(dz, grad);
             })
         },
     );
     dz
+}
+
+/// `y = (x − μ)·rstd·γ_c + β_c` over the `k`-th (sample, group) slice: `x`, `y` hold its
+/// `channels/groups` planes of `spatial` values.
+#[inline(always)]
+fn affine_group(
+    g: &GroupNormGeometry,
+    k: usize,
+    (mean, rstd): (f32, f32),
+    (gamma, beta): (&[f32], &[f32]),
+    x: &[f32],
+    y: &mut [f32],
+) {
+    let first = (k % g.groups) * (g.channels / g.groups);
+    for (c_local, (y, x)) in y.chunks_mut(g.spatial).zip(x.chunks(g.spatial)).enumerate() {
+        let ch = first + c_local;
+        let (scale, shift) = (rstd * gamma[ch], beta[ch] - mean * rstd * gamma[ch]);
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = x * scale + shift;
+        }
+    }
 }
 
 /// Backward: `dx = rstd·(ĝ − mean ĝ − x̂·mean(ĝx̂))`, `dγ = Σ g·x̂`, `dβ = Σ g` (per channel,
