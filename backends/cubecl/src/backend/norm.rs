@@ -28,18 +28,13 @@ impl<R: Runtime> NormOps for CubeBackend<R> {
                 rstd: Self::full(&g.stats_shape(), 0.0, DType::F32, device)?,
             });
         }
-        let cpg = g.channels / g.groups;
         with_float!(dtype, F => {
             k::group_stats::launch::<F, R>(
                 &device.client, CubeCount::Static(u32_of(OP, groups)?, 1, 1), CubeDim::new_1d(BLOCK),
                 arg(x), arg(&mean), arg(&rstd), u32_of(OP, g.group_len())?, params.eps, BLOCK
             );
-            let (count, dim) = grid_1d(output.len());
-            k::group_norm_apply::launch::<F, R>(
-                &device.client, count, dim, arg(x), arg(gamma), arg(beta), arg(&mean), arg(&rstd), arg(&output),
-                u32_of(OP, g.channels)?, u32_of(OP, g.spatial)?, u32_of(OP, cpg)?
-            );
         });
+        apply_affine(OP, &g, (x, gamma, beta), (&mean, &rstd), &output)?;
         Ok(GroupNormOutput { output, mean, rstd })
     }
 
@@ -64,11 +59,7 @@ impl<R: Runtime> NormOps for CubeBackend<R> {
         let z = alloc(&x.device, x.shape.clone(), dtype)?;
         if !z.is_empty() && g.group_len() > 0 {
             let (mean, rstd) = (Self::cast(&stats.mean, DType::F32)?, Self::cast(&stats.rstd, DType::F32)?);
-            let (count, dim) = grid_1d(z.len());
-            with_float!(dtype, F => k::group_norm_apply::launch::<F, R>(
-                &x.device.client, count, dim, arg(x), arg(gamma), arg(beta), arg(&mean), arg(&rstd), arg(&z),
-                u32_of(OP, g.channels)?, u32_of(OP, g.spatial)?, u32_of(OP, g.channels / g.groups)?
-            ));
+            apply_affine(OP, &g, (x, gamma, beta), (&mean, &rstd), &z)?;
         }
         let dz = Self::silu_backward(&z, grad_out)?;
         Self::group_norm_backward(x, gamma, stats, &dz, params)
@@ -124,4 +115,20 @@ impl<R: Runtime> NormOps for CubeBackend<R> {
         });
         Ok(GroupNormGrads { input, gamma: dgamma, beta: dbeta })
     }
+}
+
+/// `out = (x − μ)·rstd·γ + β` from f32 statistics `[n, groups]` (one kernel).
+fn apply_affine<R: Runtime>(
+    op: &'static str,
+    g: &GroupNormGeometry,
+    (x, gamma, beta): (&T<R>, &T<R>, &T<R>),
+    (mean, rstd): (&T<R>, &T<R>),
+    out: &T<R>,
+) -> Result<()> {
+    let (count, dim) = grid_1d(out.len());
+    with_float!(out.dtype, F => k::group_norm_apply::launch::<F, R>(
+        &x.device.client, count, dim, arg(x), arg(gamma), arg(beta), arg(mean), arg(rstd), arg(out),
+        u32_of(op, g.channels)?, u32_of(op, g.spatial)?, u32_of(op, g.channels / g.groups)?
+    ));
+    Ok(())
 }
