@@ -3,7 +3,8 @@
 
 use lisa_core::backend::prelude::*;
 use lisa_core::backend::{
-    AdamWParams, Backend, BinaryOp, Conv2dParams, DType, GroupNormParams, Shape, Transpose, UnaryOp,
+    AdamWParams, Backend, BinaryOp, Conv2dParams, DType, GroupNormGrads, GroupNormOutput, GroupNormParams, Shape,
+    Transpose, UnaryOp,
 };
 use lisa_core::lisa::{LisaConfig, SampleTerms};
 use lisa_core::reference::{RefBackend as R, RefTensor};
@@ -300,7 +301,8 @@ pub fn conv2d_backward<B: Backend>() {
     }
 }
 
-/// Group norm forward and backward (input, γ, β).
+/// Group norm, and group norm + SiLU as one op: forward, statistics and backward (input, γ,
+/// β) against the reference and finite differences.
 pub fn group_norm<B: Backend>() {
     let mut h = Harness::<B>::default();
     let cases: [(&[usize], usize); 6] = [
@@ -311,52 +313,67 @@ pub fn group_norm<B: Backend>() {
         (&[1, 32, 8, 8], 8),
         (&[5, 6], 3),
     ];
+    let plain = NormOp::<B> {
+        suffix: "",
+        dev: B::group_norm,
+        reference: R::group_norm,
+        dev_backward: |x, gm, _, stats, g, p| B::group_norm_backward(x, gm, stats, g, p),
+        reference_backward: |x, gm, _, stats, g, p| R::group_norm_backward(x, gm, stats, g, p),
+    };
+    let with_silu = NormOp::<B> {
+        suffix: " + silu",
+        dev: B::group_norm_silu,
+        reference: R::group_norm_silu,
+        dev_backward: B::group_norm_silu_backward,
+        reference_backward: R::group_norm_silu_backward,
+    };
     for (shape, groups) in cases {
         let p = GroupNormParams { groups, eps: 1e-5 };
         let c = shape[1];
         let (x, gamma, beta) = (h.randn(shape, F32), h.randn(&[c], F32), h.randn(&[c], F32));
-        let what = format!("group_norm {shape:?}/{groups}");
-        let got = ok(&what, B::group_norm(&x.dev, &gamma.dev, &beta.dev, p));
-        let want = R::group_norm(&x.reference, &gamma.reference, &beta.reference, p).unwrap();
-        assert_matches::<B>(&what, &Ok(got.output.clone()), &Ok(want.output.clone()));
-        assert_matches::<B>(&format!("{what} mean"), &Ok(got.mean.clone()), &Ok(want.mean.clone()));
-        assert_matches::<B>(&format!("{what} rstd"), &Ok(got.rstd.clone()), &Ok(want.rstd.clone()));
         let g = h.randn(shape, F32);
-        let grads = ok(&what, B::group_norm_backward(&x.dev, &gamma.dev, &got, &g.dev, p));
-        let want_g = R::group_norm_backward(&x.reference, &gamma.reference, &want, &g.reference, p).unwrap();
-        assert_matches::<B>(&format!("{what} dx"), &Ok(grads.input.clone()), &Ok(want_g.input));
-        assert_matches::<B>(&format!("{what} dgamma"), &Ok(grads.gamma.clone()), &Ok(want_g.gamma));
-        assert_matches::<B>(&format!("{what} dbeta"), &Ok(grads.beta.clone()), &Ok(want_g.beta));
-        let fwd = |x: &B::Tensor, gm: &B::Tensor, bt: &B::Tensor| B::group_norm(x, gm, bt, p).unwrap().output;
-        finite_difference(&format!("{what} dx"), &h, &x, &g.host, |t| fwd(t, &gamma.dev, &beta.dev), &grads.input);
-        finite_difference(&format!("{what} dgamma"), &h, &gamma, &g.host, |t| fwd(&x.dev, t, &beta.dev), &grads.gamma);
-        finite_difference(&format!("{what} dbeta"), &h, &beta, &g.host, |t| fwd(&x.dev, &gamma.dev, t), &grads.beta);
-        group_norm_silu_matches::<B>(&h, &what, (&x, &gamma, &beta), &g, p);
+        for op in [&plain, &with_silu] {
+            let what = format!("group_norm {shape:?}/{groups}{}", op.suffix);
+            norm_matches(&h, &what, op, (&x, &gamma, &beta), &g, p);
+        }
     }
 }
 
-/// Group norm + SiLU as one op (forward, statistics, backward) against the reference's
-/// composition and finite differences.
-fn group_norm_silu_matches<B: Backend>(
+type NormForward<T> = fn(&T, &T, &T, GroupNormParams) -> lisa_core::Result<GroupNormOutput<T>>;
+type NormBackward<T> = fn(&T, &T, &T, &GroupNormOutput<T>, &T, GroupNormParams) -> lisa_core::Result<GroupNormGrads<T>>;
+
+/// A group-norm op of the suite, on the backend and on the reference: forward `(x, γ, β)`,
+/// backward `(x, γ, β, statistics, ∂L/∂y)`.
+struct NormOp<B: Backend> {
+    suffix: &'static str,
+    dev: NormForward<B::Tensor>,
+    reference: NormForward<RefTensor>,
+    dev_backward: NormBackward<B::Tensor>,
+    reference_backward: NormBackward<RefTensor>,
+}
+
+/// `op`'s output, statistics and gradients against the reference, and its gradients against
+/// finite differences, seeded with `∂L/∂y = g`.
+fn norm_matches<B: Backend>(
     h: &Harness<B>,
     what: &str,
+    op: &NormOp<B>,
     (x, gamma, beta): (&Case<B>, &Case<B>, &Case<B>),
     g: &Case<B>,
     p: GroupNormParams,
 ) {
-    let what = format!("{what} + silu");
-    let got = ok(&what, B::group_norm_silu(&x.dev, &gamma.dev, &beta.dev, p));
-    let want = R::group_norm_silu(&x.reference, &gamma.reference, &beta.reference, p).unwrap();
-    assert_matches::<B>(&what, &Ok(got.output.clone()), &Ok(want.output.clone()));
+    let got = ok(what, (op.dev)(&x.dev, &gamma.dev, &beta.dev, p));
+    let want = (op.reference)(&x.reference, &gamma.reference, &beta.reference, p).unwrap();
+    assert_matches::<B>(what, &Ok(got.output.clone()), &Ok(want.output.clone()));
     assert_matches::<B>(&format!("{what} mean"), &Ok(got.mean.clone()), &Ok(want.mean.clone()));
     assert_matches::<B>(&format!("{what} rstd"), &Ok(got.rstd.clone()), &Ok(want.rstd.clone()));
-    let grads = ok(&what, B::group_norm_silu_backward(&x.dev, &gamma.dev, &beta.dev, &got, &g.dev, p));
+    let grads = ok(what, (op.dev_backward)(&x.dev, &gamma.dev, &beta.dev, &got, &g.dev, p));
     let want_g =
-        R::group_norm_silu_backward(&x.reference, &gamma.reference, &beta.reference, &want, &g.reference, p).unwrap();
+        (op.reference_backward)(&x.reference, &gamma.reference, &beta.reference, &want, &g.reference, p).unwrap();
     assert_matches::<B>(&format!("{what} dx"), &Ok(grads.input.clone()), &Ok(want_g.input));
     assert_matches::<B>(&format!("{what} dgamma"), &Ok(grads.gamma.clone()), &Ok(want_g.gamma));
     assert_matches::<B>(&format!("{what} dbeta"), &Ok(grads.beta.clone()), &Ok(want_g.beta));
-    let fwd = |x: &B::Tensor, gm: &B::Tensor, bt: &B::Tensor| B::group_norm_silu(x, gm, bt, p).unwrap().output;
+    let fwd = |x: &B::Tensor, gm: &B::Tensor, bt: &B::Tensor| (op.dev)(x, gm, bt, p).unwrap().output;
     finite_difference(&format!("{what} dx"), h, x, &g.host, |t| fwd(t, &gamma.dev, &beta.dev), &grads.input);
     finite_difference(&format!("{what} dgamma"), h, gamma, &g.host, |t| fwd(&x.dev, t, &beta.dev), &grads.gamma);
     finite_difference(&format!("{what} dbeta"), h, beta, &g.host, |t| fwd(&x.dev, &gamma.dev, t), &grads.beta);
