@@ -1,7 +1,7 @@
 //! The differentiable ops: forward through the backend, backward beside it.
 //! Each backward computes only the gradients its inputs need.
 
-use lisa_core::backend::{BinaryOp, Conv2dParams, GroupNormParams, Shape, Transpose};
+use lisa_core::backend::{BinaryOp, Conv2dParams, GroupNormGrads, GroupNormOutput, GroupNormParams, Shape, Transpose};
 
 use super::{Tape, Var};
 use crate::error::Result;
@@ -165,33 +165,40 @@ impl<B: Backend> Tape<B> {
         }))
     }
 
-    /// `silu(group_norm(x))` as one op ([`lisa_core::backend::NormOps::group_norm_silu`]): the backward recomputes
-    /// the pre-activation from `x` and the statistics, so it is never stored.
+    /// `silu(group_norm(x))` as one op ([`lisa_core::backend::NormOps::group_norm_silu`]): the
+    /// backward recomputes the pre-activation from `x` and the statistics, so it is never stored.
     pub fn group_norm_silu(&self, x: &Var<B>, gamma: &Var<B>, beta: &Var<B>, p: GroupNormParams) -> Result<Var<B>> {
         let out = B::group_norm_silu(&x.value, &gamma.value, &beta.value, p)?;
-        let value = out.output.clone();
-        let need = [x.requires_grad(), gamma.requires_grad(), beta.requires_grad()];
-        if !self.grad_enabled() || !need.iter().any(|&n| n) {
-            return Ok(self.constant(value));
-        }
         let (xv, gv, bv) = (x.value.clone(), gamma.value.clone(), beta.value.clone());
-        Ok(self.record(value, &[x, gamma, beta], move |g| {
-            let grads = B::group_norm_silu_backward(&xv, &gv, &bv, &out, g, p)?;
-            Ok(vec![need[0].then_some(grads.input), need[1].then_some(grads.gamma), need[2].then_some(grads.beta)])
-        }))
+        self.record_group_norm(out, (x, gamma, beta), move |stats, g| {
+            B::group_norm_silu_backward(&xv, &gv, &bv, stats, g, p)
+        })
     }
 
     /// Group norm with affine `γ`, `β`.
     pub fn group_norm(&self, x: &Var<B>, gamma: &Var<B>, beta: &Var<B>, p: GroupNormParams) -> Result<Var<B>> {
         let out = B::group_norm(&x.value, &gamma.value, &beta.value, p)?;
+        let (xv, gv) = (x.value.clone(), gamma.value.clone());
+        self.record_group_norm(out, (x, gamma, beta), move |stats, g| B::group_norm_backward(&xv, &gv, stats, g, p))
+    }
+
+    /// Records a group-norm-like op whose forward returned `out` (output and statistics):
+    /// a constant when nothing needs a gradient, else `backward(statistics, ∂L/∂y)` gives the
+    /// gradients of `x`, `γ`, `β`, each kept where it is needed.
+    fn record_group_norm(
+        &self,
+        out: GroupNormOutput<B::Tensor>,
+        (x, gamma, beta): (&Var<B>, &Var<B>, &Var<B>),
+        backward: impl FnOnce(&GroupNormOutput<B::Tensor>, &B::Tensor) -> lisa_core::Result<GroupNormGrads<B::Tensor>>
+        + 'static,
+    ) -> Result<Var<B>> {
         let value = out.output.clone();
         let need = [x.requires_grad(), gamma.requires_grad(), beta.requires_grad()];
         if !self.grad_enabled() || !need.iter().any(|&n| n) {
             return Ok(self.constant(value));
         }
-        let (xv, gv) = (x.value.clone(), gamma.value.clone());
         Ok(self.record(value, &[x, gamma, beta], move |g| {
-            let grads = B::group_norm_backward(&xv, &gv, &out, g, p)?;
+            let grads = backward(&out, g)?;
             Ok(vec![need[0].then_some(grads.input), need[1].then_some(grads.gamma), need[2].then_some(grads.beta)])
         }))
     }
