@@ -133,7 +133,7 @@ impl ReduceOps for CpuBackend {
         let v = t.values();
         let partials: Vec<f64> = v
             .par_chunks(CHUNK)
-            .map(|c| crate::elementwise::vectorised(|| crate::sums::sum_map(c, |x| (x as f64) * (x as f64))))
+            .map(|c| crate::simd::vectorised(|| crate::sums::sum_map(c, |x| (x as f64) * (x as f64))))
             .collect();
         Ok(CpuTensor::store(vec![partials.iter().sum::<f64>() as f32], Shape::scalar(), t.dtype()))
     }

@@ -20,6 +20,7 @@ use lisa_core::backend::geometry::Conv2dGeometry;
 use rayon::prelude::*;
 
 use crate::gemm::{MatRef, gemm_into, gemm_into_col_major, gemm_into_uninit};
+use crate::uninit::{assume_written, written_once};
 
 /// Number of image groups the weight gradient is split into (fixed: determinism).
 const WEIGHT_GRAD_GROUPS: usize = 8;
@@ -223,32 +224,24 @@ pub(crate) fn conv2d(g: &Conv2dGeometry, x: &[f32], w: &[f32], bias: Option<&[f3
     let (k, p, in_img) = (g.c_in * g.kh * g.kw, g.oh * g.ow, g.c_in * g.h * g.w);
     let pointwise = is_pointwise(g);
     let len = g.batch * g.c_out * p;
-    // Not zeroed first: each image's GEMM writes its whole block (and reads none of it).
-    let mut y = Vec::<f32>::with_capacity(len);
     let scratch = if pointwise { 0 } else { k * p };
-    for_each_image(g.batch, &mut y.spare_capacity_mut()[..len], g.c_out * p, scratch, |n, y_n, cols, par| {
-        let cols = lowered(g, &x[n * in_img..(n + 1) * in_img], cols);
-        gemm_into_uninit(y_n, MatRef::row_major(w, g.c_out, k), MatRef::row_major(cols, k, p), par);
-        // SAFETY: the GEMM just wrote every element of `y_n`.
-        let y_n = unsafe { assume_written(y_n) };
-        if let Some(b) = bias {
-            for (row, &bv) in y_n.chunks_mut(p).zip(b) {
-                row.iter_mut().for_each(|v| *v += bv);
+    let write = |y: &mut [MaybeUninit<f32>]| {
+        for_each_image(g.batch, y, g.c_out * p, scratch, |n, y_n, cols, par| {
+            let cols = lowered(g, &x[n * in_img..(n + 1) * in_img], cols);
+            gemm_into_uninit(y_n, MatRef::row_major(w, g.c_out, k), MatRef::row_major(cols, k, p), par);
+            // SAFETY: the GEMM just wrote every element of `y_n`.
+            let y_n = unsafe { assume_written(y_n) };
+            if let Some(b) = bias {
+                for (row, &bv) in y_n.chunks_mut(p).zip(b) {
+                    row.iter_mut().for_each(|v| *v += bv);
+                }
             }
-        }
-    });
-    // SAFETY: the images' blocks cover all `len` elements, and each was written above.
-    unsafe { y.set_len(len) };
+        })
+    };
+    // SAFETY: each image's GEMM writes its whole block (reading none of it); the images'
+    // blocks cover all `len` elements.
+    let (y, ()) = unsafe { written_once(len, write) };
     y
-}
-
-/// `s` as initialised values.
-///
-/// # Safety
-/// Every element of `s` must have been written.
-unsafe fn assume_written(s: &mut [MaybeUninit<f32>]) -> &mut [f32] {
-    // SAFETY: `MaybeUninit<f32>` has `f32`'s layout, and the caller guarantees initialisation.
-    unsafe { &mut *(s as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
 
 /// For a stride-1 convolution whose padding is at most `k − 1` on each axis, the geometry of

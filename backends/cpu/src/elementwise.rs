@@ -7,6 +7,8 @@ use lisa_core::backend::{BinaryOp, Shape, UnaryOp};
 use rayon::prelude::*;
 
 use crate::CHUNK;
+use crate::simd::vectorised;
+use crate::uninit::written_once;
 
 /// Offset of row `row` (multi-index over all dims but the last) under `strides`.
 fn row_offset(dims: &[usize], strides: &[usize], mut row: usize) -> usize {
@@ -27,14 +29,31 @@ pub(crate) fn binary(
     sb: &Shape,
     out_shape: &Shape,
 ) -> Result<Vec<f32>> {
-    let n = out_shape.num_elements()?;
-    let mut out = vec![0.0f32; n];
-    if n == 0 {
-        return Ok(out);
+    // One loop per op (chosen here, not per element), so that each vectorises.
+    match op {
+        BinaryOp::Add => broadcast_zip(a, sa, b, sb, out_shape, |x, y| x + y),
+        BinaryOp::Sub => broadcast_zip(a, sa, b, sb, out_shape, |x, y| x - y),
+        BinaryOp::Mul => broadcast_zip(a, sa, b, sb, out_shape, |x, y| x * y),
+        BinaryOp::Div => broadcast_zip(a, sa, b, sb, out_shape, |x, y| x / y),
     }
-    // Fast paths: equal shapes, or one side a single element.
+}
+
+/// `f(a, b)` into `out` of the broadcast shape `out_shape`.
+fn broadcast_zip(
+    a: &[f32],
+    sa: &Shape,
+    b: &[f32],
+    sb: &Shape,
+    out_shape: &Shape,
+    f: impl Fn(f32, f32) -> f32 + Sync,
+) -> Result<Vec<f32>> {
+    let n = out_shape.num_elements()?;
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    // Fast path: equal shapes.
     if sa == sb {
-        return Ok(zip_map(a, b, |x, y| op.apply(x, y)));
+        return Ok(zip_map(a, b, f));
     }
     // General path: rows of the last output dim; each side steps by 0 or 1 inside a row.
     let dims = out_shape.dims();
@@ -44,169 +63,94 @@ pub(crate) fn binary(
         None => (1, 0, 0), // rank 0: a single element
     };
     let rows_per_task = (CHUNK / last.max(1)).max(1);
-    out.par_chunks_mut(rows_per_task * last).enumerate().for_each(|(task, chunk)| {
-        for (r, row) in chunk.chunks_mut(last).enumerate() {
-            let row_index = task * rows_per_task + r;
-            let (oa, ob) = (row_offset(dims, &ta, row_index), row_offset(dims, &tb, row_index));
-            match (inner_a, inner_b) {
-                (1, 1) => row
-                    .iter_mut()
-                    .zip(&a[oa..oa + last])
-                    .zip(&b[ob..ob + last])
-                    .for_each(|((o, &x), &y)| *o = op.apply(x, y)),
-                (1, _) => {
-                    let y = b[ob];
-                    row.iter_mut().zip(&a[oa..oa + last]).for_each(|(o, &x)| *o = op.apply(x, y));
+    let write = |out: &mut [MaybeUninit<f32>]| {
+        out.par_chunks_mut(rows_per_task * last).enumerate().for_each(|(task, chunk)| {
+            vectorised(|| {
+                for (r, row) in chunk.chunks_mut(last).enumerate() {
+                    let row_index = task * rows_per_task + r;
+                    let (oa, ob) = (row_offset(dims, &ta, row_index), row_offset(dims, &tb, row_index));
+                    match (inner_a, inner_b) {
+                        (1, 1) => {
+                            row.iter_mut().zip(&a[oa..oa + last]).zip(&b[ob..ob + last]).for_each(|((o, &x), &y)| {
+                                o.write(f(x, y));
+                            })
+                        }
+                        (1, _) => {
+                            let y = b[ob];
+                            row.iter_mut().zip(&a[oa..oa + last]).for_each(|(o, &x)| {
+                                o.write(f(x, y));
+                            });
+                        }
+                        (_, 1) => {
+                            let x = a[oa];
+                            row.iter_mut().zip(&b[ob..ob + last]).for_each(|(o, &y)| {
+                                o.write(f(x, y));
+                            });
+                        }
+                        _ => row.iter_mut().for_each(|o| {
+                            o.write(f(a[oa], b[ob]));
+                        }),
+                    }
                 }
-                (_, 1) => {
-                    let x = a[oa];
-                    row.iter_mut().zip(&b[ob..ob + last]).for_each(|(o, &y)| *o = op.apply(x, y));
-                }
-                _ => row.iter_mut().for_each(|o| *o = op.apply(a[oa], b[ob])),
-            }
-        }
-    });
-    Ok(out)
+            })
+        })
+    };
+    // SAFETY: the chunks are whole rows covering all `n` elements (`n` is a multiple of
+    // `last`), and every row writes each of its elements.
+    Ok(unsafe { written_once(n, write) }.0)
 }
 
-/// `out[i] = f(x[i])` over one chunk (every element of `out` written), compiled for AVX2+FMA
-/// when the CPU has them.
+/// `out[i] = f(x[i])` over one chunk (every element of `out` written), vectorised for the
+/// CPU's widest vector registers (`simd.rs`).
 #[inline(always)]
 fn map_chunk(out: &mut [MaybeUninit<f32>], x: &[f32], f: &impl Fn(f32) -> f32) {
-    #[cfg(target_arch = "x86_64")]
-    if simd::has_avx2_fma() {
-        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-        unsafe { simd::map_avx2(out, x, f) };
-        return;
-    }
-    for (o, &x) in out.iter_mut().zip(x) {
-        o.write(f(x));
-    }
+    vectorised(|| {
+        for (o, &x) in out.iter_mut().zip(x) {
+            o.write(f(x));
+        }
+    })
 }
 
-/// `v[i] ← silu(v[i])` in place (a slice already in cache), compiled for AVX2+FMA when the
-/// CPU has them.
+/// `v[i] ← silu(v[i])` in place (a slice already in cache), vectorised.
 pub(crate) fn silu_in_place(v: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if simd::has_avx2_fma() {
-        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-        unsafe { simd::update_avx2(v, &|z| silu(z)) };
-        return;
-    }
-    v.iter_mut().for_each(|z| *z = silu(*z));
+    vectorised(|| v.iter_mut().for_each(|z| *z = silu(*z)))
 }
 
 /// `v[i] ← g[i]·silu'(v[i])` in place: `v` holds the pre-activation, then its gradient.
 pub(crate) fn silu_backward_in_place(v: &mut [f32], g: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if simd::has_avx2_fma() {
-        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-        unsafe { simd::update_zip_avx2(v, g, &|z, g| g * silu_derivative(z)) };
-        return;
-    }
-    v.iter_mut().zip(g).for_each(|(z, &g)| *z = g * silu_derivative(*z));
+    vectorised(|| v.iter_mut().zip(g).for_each(|(z, &g)| *z = g * silu_derivative(*z)))
 }
 
-/// `out[i] = f(x[i], y[i])` over one chunk (every element written), compiled for AVX2+FMA
-/// when available.
+/// `out[i] = f(x[i], y[i])` over one chunk (every element written), vectorised.
 #[inline(always)]
 fn zip_map_chunk(out: &mut [MaybeUninit<f32>], x: &[f32], y: &[f32], f: &impl Fn(f32, f32) -> f32) {
-    #[cfg(target_arch = "x86_64")]
-    if simd::has_avx2_fma() {
-        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-        unsafe { simd::zip_map_avx2(out, x, y, f) };
-        return;
-    }
-    for ((o, &x), &y) in out.iter_mut().zip(x).zip(y) {
-        o.write(f(x, y));
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod simd {
-    use std::mem::MaybeUninit;
-    use std::sync::OnceLock;
-
-    pub(super) fn has_avx2_fma() -> bool {
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-    }
-
-    /// Runs `f` inside a function compiled with AVX2+FMA: `f` (a closure called once) is
-    /// inlined here, so its loops are vectorised 8-wide.
-    #[target_feature(enable = "avx2,fma")]
-    pub(crate) fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
-        f()
-    }
-
-    /// `v[i] ← f(v[i])`, compiled with AVX2+FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn update_avx2(v: &mut [f32], f: &impl Fn(f32) -> f32) {
-        for z in v.iter_mut() {
-            *z = f(*z);
-        }
-    }
-
-    /// `v[i] ← f(v[i], y[i])`, compiled with AVX2+FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn update_zip_avx2(v: &mut [f32], y: &[f32], f: &impl Fn(f32, f32) -> f32) {
-        for (z, &y) in v.iter_mut().zip(y) {
-            *z = f(*z, y);
-        }
-    }
-
-    /// The scalar loop, compiled with AVX2+FMA so that LLVM vectorises it 8-wide.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn map_avx2(out: &mut [MaybeUninit<f32>], x: &[f32], f: &impl Fn(f32) -> f32) {
-        for (o, &x) in out.iter_mut().zip(x) {
-            o.write(f(x));
-        }
-    }
-
-    /// The scalar two-input loop, compiled with AVX2+FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn zip_map_avx2(out: &mut [MaybeUninit<f32>], x: &[f32], y: &[f32], f: &impl Fn(f32, f32) -> f32) {
+    vectorised(|| {
         for ((o, &x), &y) in out.iter_mut().zip(x).zip(y) {
             o.write(f(x, y));
         }
-    }
-}
-
-/// Runs `f`, compiled for AVX2+FMA when the CPU has them (for loop-heavy kernel bodies).
-#[inline(always)]
-pub(crate) fn vectorised<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    if simd::has_avx2_fma() {
-        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-        return unsafe { simd::with_avx2(f) };
-    }
-    f()
+    })
 }
 
 /// `f(x)` for every element, in parallel (into a buffer written once, not zeroed first).
 pub(crate) fn map(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
-    let mut out = Vec::<f32>::with_capacity(x.len());
-    out.spare_capacity_mut()[..x.len()]
-        .par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(o, x)| map_chunk(o, x, &f));
-    // SAFETY: the chunks cover all `x.len()` elements and `map_chunk` wrote each of them.
-    unsafe { out.set_len(x.len()) };
-    out
+    let write = |out: &mut [MaybeUninit<f32>]| {
+        out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| map_chunk(o, x, &f))
+    };
+    // SAFETY: the chunks cover all `x.len()` elements and `map_chunk` writes each of them.
+    unsafe { written_once(x.len(), write) }.0
 }
 
 /// `f(x, y)` for every pair of elements of equal-length slices, in parallel (written once).
 pub(crate) fn zip_map(x: &[f32], y: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
     assert_eq!(x.len(), y.len(), "zip_map: lengths");
-    let mut out = Vec::<f32>::with_capacity(x.len());
-    out.spare_capacity_mut()[..x.len()]
-        .par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .zip(y.par_chunks(CHUNK))
-        .for_each(|((o, x), y)| zip_map_chunk(o, x, y, &f));
-    // SAFETY: the chunks cover all `x.len()` elements and `zip_map_chunk` wrote each of them.
-    unsafe { out.set_len(x.len()) };
-    out
+    let write = |out: &mut [MaybeUninit<f32>]| {
+        out.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .zip(y.par_chunks(CHUNK))
+            .for_each(|((o, x), y)| zip_map_chunk(o, x, y, &f))
+    };
+    // SAFETY: the chunks cover all `x.len()` elements and `zip_map_chunk` writes each of them.
+    unsafe { written_once(x.len(), write) }.0
 }
 
 /// `eˣ` in f32 without a libm call, so that loops over it vectorise: `eˣ = 2ⁿ·eʳ` with

@@ -5,7 +5,7 @@ use lisa_core::optim::{AdamWParams, AdamWStep};
 use rayon::prelude::*;
 
 use crate::CHUNK;
-use crate::elementwise::vectorised;
+use crate::simd::vectorised;
 
 /// `(mean((p − y)²), 2(p − y)/N)` in one pass (f64 partials per fixed chunk).
 pub(crate) fn mse_loss(p: &[f32], y: &[f32]) -> (f64, Vec<f32>) {

@@ -1,6 +1,10 @@
 //! Nearest upsampling (and its backward) and channel concat/slice, NCHW.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
+
+use crate::uninit::written_once;
 
 /// `[planes, h, w] → [planes, f·h, f·w]`, parallel over planes.
 pub(crate) fn upsample_nearest(x: &[f32], h: usize, w: usize, f: usize) -> Vec<f32> {
@@ -36,16 +40,22 @@ pub(crate) fn upsample_nearest_backward(g: &[f32], oh: usize, ow: usize, f: usiz
 
 /// Concatenates per-sample blocks: part `k` contributes `per_sample[k]` values per sample.
 pub(crate) fn concat_channels(parts: &[&[f32]], per_sample: &[usize], batch: usize) -> Vec<f32> {
+    assert_eq!(parts.len(), per_sample.len(), "concat_channels: one length per part");
     let total: usize = per_sample.iter().sum();
-    let mut out = vec![0.0f32; batch * total];
-    out.par_chunks_mut(total.max(1)).enumerate().for_each(|(n, o)| {
-        let mut at = 0;
-        for (part, &len) in parts.iter().zip(per_sample) {
-            o[at..at + len].copy_from_slice(&part[n * len..(n + 1) * len]);
-            at += len;
-        }
-    });
-    out
+    let write = |out: &mut [MaybeUninit<f32>]| {
+        out.par_chunks_mut(total.max(1)).enumerate().for_each(|(n, o)| {
+            let mut at = 0;
+            for (part, &len) in parts.iter().zip(per_sample) {
+                for (d, &v) in o[at..at + len].iter_mut().zip(&part[n * len..(n + 1) * len]) {
+                    d.write(v);
+                }
+                at += len;
+            }
+        })
+    };
+    // SAFETY: each sample's block of `total` values is written part after part, and the
+    // parts' lengths sum to `total` (one length per part, asserted).
+    unsafe { written_once(batch * total, write) }.0
 }
 
 /// Row-major copy of a permuted view: output dim `k` has size `dims[k]` and stride

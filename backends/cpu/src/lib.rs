@@ -20,13 +20,16 @@ mod gemm;
 mod layout;
 mod norm;
 mod reduce;
+mod simd;
 mod sums;
 mod tensor;
+mod uninit;
 mod upsample_conv;
 
 pub use allocator::keep_freed_memory;
 pub use backend::{CpuBackend, CpuDevice};
 pub use direct_conv::{direct_conv_available, set_direct_conv};
+pub use simd::{Isa, detected_isa, isa, set_isa_cap};
 pub use tensor::CpuTensor;
 
 /// Elements per parallel task for memory-bound elementwise work (fixed, so that chunked

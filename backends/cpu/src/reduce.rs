@@ -5,7 +5,7 @@ use lisa_core::{Error, Result};
 use rayon::prelude::*;
 
 use crate::CHUNK;
-use crate::elementwise::vectorised;
+use crate::simd::vectorised;
 use crate::sums::sum_map;
 
 /// `Σ x` in f64: fixed chunks summed in parallel, partials added in order.

@@ -19,12 +19,15 @@
 //! interleaving's adjoint `dy4`, with the weight gradient mapped back by the kernel sums'
 //! adjoint.
 
+use std::mem::MaybeUninit;
+
 use lisa_core::backend::geometry::Conv2dGeometry;
 use lisa_core::backend::{Conv2dParams, Shape};
 use lisa_core::{Error, Result};
 use rayon::prelude::*;
 
 use crate::conv;
+use crate::uninit::written_once;
 
 /// `FEEDS[a][u][p]`: kernel row `p` of the 3×3 kernel contributes to row `u` of phase `a`'s
 /// 2×2 kernel (the same table serves columns).
@@ -86,24 +89,27 @@ pub(crate) fn phase_kernels_adjoint(dw4: &[f32], c_out: usize, c_in: usize) -> V
 /// `y4 [n, 4·c_out, h + 1, w + 1] → y [n, c_out, 2h, 2w]` (+ bias), see the module docs.
 pub(crate) fn interleave(y4: &[f32], batch: usize, c_out: usize, h: usize, w: usize, bias: Option<&[f32]>) -> Vec<f32> {
     let (plane4, ow) = ((h + 1) * (w + 1), 2 * w);
-    let mut y = vec![0.0f32; batch * c_out * 4 * h * w];
-    y.par_chunks_mut(4 * h * w).enumerate().for_each(|(plane, out)| {
-        let (n, o) = (plane / c_out, plane % c_out);
-        let bv = bias.map_or(0.0, |b| b[o]);
-        for a in 0..2 {
-            for b in 0..2 {
-                let src = &y4[(n * 4 * c_out + (2 * a + b) * c_out + o) * plane4..][..plane4];
-                for i in 0..h {
-                    let row = &src[(i + a) * (w + 1) + b..][..w];
-                    let dst = &mut out[(2 * i + a) * ow..][..ow];
-                    for (j, &v) in row.iter().enumerate() {
-                        dst[2 * j + b] = v + bv;
+    let write = |y: &mut [MaybeUninit<f32>]| {
+        y.par_chunks_mut(4 * h * w).enumerate().for_each(|(plane, out)| {
+            let (n, o) = (plane / c_out, plane % c_out);
+            let bv = bias.map_or(0.0, |b| b[o]);
+            for a in 0..2 {
+                for b in 0..2 {
+                    let src = &y4[(n * 4 * c_out + (2 * a + b) * c_out + o) * plane4..][..plane4];
+                    for i in 0..h {
+                        let row = &src[(i + a) * (w + 1) + b..][..w];
+                        let dst = &mut out[(2 * i + a) * ow..][..ow];
+                        for (j, &v) in row.iter().enumerate() {
+                            dst[2 * j + b].write(v + bv);
+                        }
                     }
                 }
             }
-        }
-    });
-    y
+        })
+    };
+    // SAFETY: in each output plane, phase (a, b), row i and column j write element
+    // (2i + a, 2j + b): over a, b ∈ {0, 1}, i < h, j < w that is every element of the plane.
+    unsafe { written_once(batch * c_out * 4 * h * w, write) }.0
 }
 
 /// The adjoint of [`interleave`] (without the bias): `dy [n, c_out, 2h, 2w] →

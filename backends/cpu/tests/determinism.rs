@@ -1,8 +1,10 @@
-//! Results do not depend on the number of threads: bit-for-bit equal under 1, 2 and 3
-//! threads (what exact checkpoint resume on the CPU relies on).
+//! Results do not depend on the number of threads, nor on the vector instructions the loop
+//! kernels were compiled for: bit-for-bit equal under 1, 2 and 3 threads and under every
+//! instruction-set tier the CPU has (what exact checkpoint resume on the CPU relies on, also
+//! when a run is resumed on another machine).
 
 use lisa_core::backend::prelude::*;
-use lisa_core::backend::{Conv2dParams, DType, GroupNormParams, Shape, Transpose};
+use lisa_core::backend::{AdamWParams, Conv2dParams, DType, GroupNormParams, Shape, Transpose, UnaryOp};
 use lisa_cpu::{CpuBackend as C, CpuDevice};
 
 fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
@@ -29,7 +31,25 @@ fn run_all() -> Vec<Vec<u32>> {
     let gn_grads = C::group_norm_backward(&x, &gamma, &stats, &gx, gn).unwrap();
     let a = C::random_normal(&Shape::new([300, 200]), 5, DType::F32, &d).unwrap();
     let b = C::random_normal(&Shape::new([200, 100]), 6, DType::F32, &d).unwrap();
+    let act = C::group_norm_silu(&x, &gamma, &beta, gn).unwrap();
+    let act_grads = C::group_norm_silu_backward(&x, &gamma, &beta, &act, &gx, gn).unwrap();
+    // [33, 8, 1, 1] broadcast over the planes (a ResBlock's time-embedding add), odd lengths.
+    let per_channel = C::random_normal(&Shape::new([33, 8, 1, 1]), 7, DType::F32, &d).unwrap();
+    let (mut param, mut m, mut v) = (gx.clone(), C::silu(&gx).unwrap(), C::mul(&x, &x).unwrap());
+    for step in 1..=2 {
+        C::adamw_update(&mut param, &mut m, &mut v, &x, &AdamWParams { step, ..AdamWParams::default() }).unwrap();
+    }
     vec![
+        bits(&C::silu(&x).unwrap()),
+        bits(&C::silu_backward(&x, &gx).unwrap()),
+        bits(&C::unary(UnaryOp::Exp, &x).unwrap()),
+        bits(&C::add(&x, &gx).unwrap()),
+        bits(&C::mul(&x, &per_channel).unwrap()),
+        bits(&act.output),
+        bits(&act_grads.input),
+        bits(&act_grads.beta),
+        bits(&param),
+        bits(&v),
         bits(&x),
         bits(&y),
         bits(&C::conv2d_backward_data(&g, &w, &C::shape(&x), p).unwrap()),
@@ -43,6 +63,7 @@ fn run_all() -> Vec<Vec<u32>> {
         bits(&C::sum_to_shape(&x, &Shape::new([1, 8, 1, 1])).unwrap()),
         bits(&C::matmul(&a, &b, Transpose::default()).unwrap()),
         bits(&C::mse_loss(&x, &gx).unwrap().1),
+        vec![C::sum_squares_all(&[&x, &g, &gx]).unwrap().to_bits() as u32],
     ]
 }
 
@@ -53,6 +74,29 @@ fn results_are_bitwise_independent_of_thread_count() {
         let many = in_pool(threads, run_all);
         for (i, (a, b)) in one.iter().zip(&many).enumerate() {
             assert!(a == b, "op #{i} differs between 1 and {threads} threads");
+        }
+    }
+}
+
+#[test]
+fn results_are_bitwise_independent_of_the_instruction_set_tier() {
+    use lisa_cpu::{Isa, detected_isa, set_isa_cap};
+    let widest = detected_isa();
+    let tiers: Vec<Isa> = [Isa::Baseline, Isa::Avx2, Isa::Avx512].into_iter().filter(|&t| t <= widest).collect();
+    if tiers.len() < 2 {
+        eprintln!("skipped: this CPU has only the {} tier", widest.name());
+        return;
+    }
+    let mut results = Vec::new();
+    for &tier in &tiers {
+        assert_eq!(set_isa_cap(tier), tier);
+        results.push((tier, in_pool(2, run_all)));
+    }
+    set_isa_cap(widest);
+    let (first, reference) = &results[0];
+    for (tier, r) in &results[1..] {
+        for (i, (a, b)) in reference.iter().zip(r).enumerate() {
+            assert!(a == b, "op #{i} differs between the {} and {} tiers", first.name(), tier.name());
         }
     }
 }
