@@ -109,7 +109,7 @@ for r in $(seq 1 "$ROUNDS"); do
     quiet_note
     # One process per arm, so that each arm's peak RSS is its own (as torch_toy.py does).
     : >"$OUT/lisa.$r.txt"
-    for arm in baseline lisa lisa_sub16 parts pretrain sample; do
+    for arm in baseline lisa lisa_sub16 pair parts pretrain sample; do
         (cd "$ROOT" && RAYON_NUM_THREADS="$THREADS" LISA_BENCH_STEPS=$((K + WARMUP)) LISA_BENCH_ARMS=$arm \
             LISA_BENCH_SAMPLE_REPEATS="$SAMPLE_REPEATS" "$BENCH_BIN" --bench) >"$OUT/lisa.$r.$arm.txt" \
             2>"$OUT/lisa.$r.$arm.err" || {
@@ -123,7 +123,7 @@ for r in $(seq 1 "$ROUNDS"); do
     echo "== round $r/$ROUNDS: torch"
     quiet_note
     "$PY" "$HERE/torch_toy.py" --steps "$K" --warmup "$WARMUP" --sample-repeats "$SAMPLE_REPEATS" \
-        --threads "$THREADS" --only baseline,lisa,lisa_sub16,prior_pass,decoder,pretrain,sample \
+        --threads "$THREADS" --only baseline,lisa,lisa_sub16,pair,prior_pass,decoder,pretrain,sample \
         --json "$OUT/torch.$r.json" | grep -E '^  ' || true
     [ -s "$OUT/torch.$r.json" ] || { echo "torch run $r failed"; exit 1; }
     LISA_FILES+=("$OUT/lisa.$r.txt")

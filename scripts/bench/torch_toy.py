@@ -100,11 +100,12 @@ PALETTE = [
 ]
 NULL_ID = 8
 
-MEASUREMENTS = ["baseline", "lisa", "lisa_sub16", "prior_pass", "decoder", "pretrain", "sample"]
+MEASUREMENTS = ["baseline", "lisa", "lisa_sub16", "pair", "prior_pass", "decoder", "pretrain", "sample"]
 DESCRIPTIONS = {
     "baseline": "baseline ControlNet step (batch 32)",
     "lisa": "LISA step (batch 32, lambda 0.2)",
     "lisa_sub16": "LISA step, LISA sub-batch 16",
+    "pair": "baseline and LISA steps alternated in one process (median over pairs of LISA/baseline)",
     "prior_pass": "prior pass (main up path, no grad, batch 32)",
     "decoder": "LISA decoder forward + backward (batch 32)",
     "pretrain": "prior pretraining step (batch 32)",
@@ -674,6 +675,35 @@ def measure(name, args):
         tr = ControlTrainer(torch, F, ToyModel, mode, 16 if name == "lisa_sub16" else None)
         out["trainable_params"] = sum(p.numel() for p in tr.trainable)
         timed(tr.step, args.warmup, args.steps)
+    elif name == "pair":
+        # As benches/step.rs's `pair` arm: both trainers in one process, steps alternated (the
+        # order swapped every pair); median_s is the LISA step's, paired_ratio the median ratio.
+        base = ControlTrainer(torch, F, ToyModel, "baseline")
+        lisa = ControlTrainer(torch, F, ToyModel, "lisa")
+
+        def one(tr):
+            s = time.perf_counter()
+            tr.step()
+            sync()
+            return time.perf_counter() - s
+
+        for _ in range(args.warmup):
+            one(base)
+            one(lisa)
+        out["rss_after_warmup_kib"] = rss_kib()
+        ratios, base_times = [], []
+        for i in range(args.steps):
+            if i % 2 == 0:
+                tb = one(base)
+                tl = one(lisa)
+            else:
+                tl = one(lisa)
+                tb = one(base)
+            ratios.append(tl / tb)
+            base_times.append(tb)
+            times.append(tl)
+        out["paired_ratio"] = statistics.median(ratios)
+        out["paired_baseline_s"] = statistics.median(base_times)
     elif name == "pretrain":
         tr = Pretrainer(torch, F, ToyModel)
         out["trainable_params"] = sum(p.numel() for p in tr.params)
@@ -850,6 +880,10 @@ def main():
             raise SystemExit(f"measurement {name} failed")
         r = json.loads(p.stdout.strip().splitlines()[-1])
         results[name] = r
+        if "paired_ratio" in r:
+            print(f"  {DESCRIPTIONS[name]}: {r['paired_ratio']:.3f} over {len(r['times_s'])} pairs "
+                  f"(baseline {r['paired_baseline_s'] * 1e3:.1f} ms, LISA {r['median_s'] * 1e3:.1f} ms)", flush=True)
+            continue
         print(f"  {DESCRIPTIONS[name]}: median {r['median_s'] * 1e3:.1f} ms over {len(r['times_s'])}, "
               f"peak RSS {r['peak_rss_kib'] / 1024:.0f} MiB (after import {r['rss_after_import_kib'] / 1024:.0f} MiB)",
               flush=True)

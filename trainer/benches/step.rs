@@ -4,6 +4,8 @@
 //!
 //! Arms (`LISA_BENCH_ARMS=baseline,lisa,...`, default all):
 //! - `baseline`, `lisa`, `lisa_sub16`: the ControlNet training step (median of the timed steps),
+//! - `pair`: baseline and LISA steps alternated in one process; the median over pairs of
+//!   their ratio (the "LISA / own baseline" figure, free of the drift between two runs),
 //! - `parts`: the prior pass (main up path, no grad) and the LISA decoder forward + backward on
 //!   their own,
 //! - `pretrain`: the prior pretraining step (main network alone, all trainable, EMA),
@@ -33,7 +35,7 @@ use lisa_trainer::sample::{SampleConfig, sample};
 use lisa_trainer::scheduler::NoiseConfig;
 use lisa_trainer::train::{Mode, TrainConfig, Trainer};
 
-const ARMS: [&str; 6] = ["baseline", "lisa", "lisa_sub16", "parts", "pretrain", "sample"];
+const ARMS: [&str; 7] = ["baseline", "lisa", "lisa_sub16", "pair", "parts", "pretrain", "sample"];
 /// Images per sampling run (the "DDIM-25 sampling of 64 images").
 const SAMPLE_IMAGES: usize = 64;
 
@@ -85,7 +87,7 @@ impl<B: Backend> Bench<'_, B> {
         3.min(self.steps.saturating_sub(1)) // at least one timed step
     }
 
-    fn control(&self, mode: Mode, subbatch: Option<usize>) -> (f64, u64, u64) {
+    fn trainer(&self, mode: Mode, subbatch: Option<usize>) -> Trainer<B> {
         let model = registry::build::<B>(
             &ModelSpec::default(),
             Parts::Dual { decoder: mode == Mode::Lisa },
@@ -95,7 +97,41 @@ impl<B: Backend> Bench<'_, B> {
         .unwrap();
         let config =
             TrainConfig { mode, lisa_subbatch: subbatch, max_train_steps: self.steps as u64, ..TrainConfig::default() };
-        let mut t = Trainer::new(model, config).unwrap();
+        Trainer::new(model, config).unwrap()
+    }
+
+    /// Baseline and LISA steps alternated in one process (a baseline and a LISA trainer, the
+    /// order swapped every pair), so that both see the same machine at the same time: the
+    /// median over pairs of `LISA step / baseline step`, and each arm's median step.
+    fn paired(&self) -> (f64, f64, f64) {
+        let (mut base, mut lisa) = (self.trainer(Mode::Baseline, None), self.trainer(Mode::Lisa, None));
+        let timed = |t: &mut Trainer<B>| {
+            let s = Instant::now();
+            t.step(self.data).unwrap();
+            s.elapsed().as_secs_f64()
+        };
+        for _ in 0..self.warm() {
+            timed(&mut base);
+            timed(&mut lisa);
+        }
+        let (mut ratios, mut b, mut l) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..self.steps - self.warm() {
+            let (tb, tl) = if i % 2 == 0 {
+                let tb = timed(&mut base);
+                (tb, timed(&mut lisa))
+            } else {
+                let tl = timed(&mut lisa);
+                (timed(&mut base), tl)
+            };
+            ratios.push(tl / tb);
+            b.push(tb);
+            l.push(tl);
+        }
+        (median(ratios), median(b), median(l))
+    }
+
+    fn control(&self, mode: Mode, subbatch: Option<usize>) -> (f64, u64, u64) {
+        let mut t = self.trainer(mode, subbatch);
         // The step reads its loss and the weights' sum of squares back: it ends synchronised.
         time_steps(self.warm(), self.steps - self.warm(), || {
             t.step(self.data).unwrap();
@@ -241,6 +277,13 @@ fn run_arms<B: Backend>(device: B::Device, backend: &str, kept: bool) {
             "lisa_sub16" => ("LISA, sub-batch 16", bench.control(Mode::Lisa, Some(16))),
             "pretrain" => ("pretraining step", bench.pretrain()),
             "sample" => (sample_label.as_str(), bench.sample()),
+            "pair" => {
+                let (ratio, b, l) = bench.paired();
+                times.insert("pair", ratio);
+                println!("| baseline, paired with LISA | {b:.3} s | - | - |");
+                println!("| LISA, paired with baseline | {l:.3} s | - | - |");
+                continue;
+            }
             _ => {
                 let (prior, dec) = bench.parts(if smoke { 1 } else { 7 });
                 times.insert("prior", prior);
@@ -260,6 +303,9 @@ fn run_arms<B: Backend>(device: B::Device, backend: &str, kept: bool) {
             print!("; LISA sub-batch 16 / baseline = {:.3}", h / b);
         }
         println!();
+    }
+    if let Some(r) = times.get("pair") {
+        println!("LISA / baseline, paired steps: {r:.3} (median over pairs)");
     }
     if let Some(p) = times.get("prior") {
         println!("prior pass (main up path, no grad): {:.1} ms", p * 1e3);
