@@ -171,9 +171,18 @@ fn main() {
         r.compute("gemm", &format!("{n}³"), 2.0 * (n as f64).powi(3), secs);
     }
 
-    // The trainer's UNet shapes: batch 32, 32×32 / 16×16 / 8×8 maps, 32..128 channels, 3×3.
+    // The trainer's UNet shapes: batch 32, 32×32 / 16×16 / 8×8 maps, 32..128 channels, 3×3,
+    // and the output convolution to 3 image channels.
     let batch = if quick() { 4 } else { 32 };
-    let conv_shapes = [(32usize, 32usize, 32usize), (64, 64, 16), (128, 64, 16), (64, 64, 8), (128, 128, 8)];
+    let conv_shapes = [
+        (32usize, 32usize, 32usize),
+        (96, 32, 32),
+        (64, 64, 16),
+        (128, 64, 16),
+        (64, 64, 8),
+        (128, 128, 8),
+        (32, 3, 32),
+    ];
     let p = Conv2dParams::same(3);
     for (c_in, c_out, hw) in conv_shapes {
         let x = randn(&[batch, c_in, hw, hw], 3);
