@@ -25,6 +25,7 @@ use lisa_core::backend::geometry::Conv2dGeometry;
 use rayon::prelude::*;
 
 use crate::gemm::{MatRef, gemm_into, gemm_into_col_major, gemm_into_uninit};
+use crate::simd::vectorised;
 use crate::uninit::{assume_written, written_once};
 
 /// Number of image groups the weight gradient is split into (fixed: determinism).
@@ -106,39 +107,46 @@ fn lowered<'a>(g: &Conv2dGeometry, x_n: &'a [f32], cols: &'a mut [f32]) -> &'a [
     }
 }
 
-/// Scatter-adds `cols [K, P]` into one image `dx [c_in, h, w]` (the adjoint of im2col); `dx`
-/// comes zeroed (a fresh output buffer), so it is not cleared again here.
-fn col2im(g: &Conv2dGeometry, cols: &[f32], dx: &mut [f32]) {
+/// Scatter-adds `cols [K, P]` into one image `dx [c_in, h, w]` (the adjoint of im2col). `dx`
+/// may come uninitialised: the image is zeroed here, just before the taps are added (one
+/// image at a time, while it is in cache, instead of the whole output at allocation).
+fn col2im<'d>(g: &Conv2dGeometry, cols: &[f32], dx: &'d mut [MaybeUninit<f32>]) -> &'d mut [f32] {
     let [sh, sw] = g.params.stride;
     let [ph, pw] = g.params.padding;
     let p = g.oh * g.ow;
-    for c in 0..g.c_in {
-        let plane = &mut dx[c * g.h * g.w..(c + 1) * g.h * g.w];
-        for u in 0..g.kh {
-            let (i0, i1) = valid_range(g.oh, g.h, u, sh, ph);
-            for v in 0..g.kw {
-                let (j0, j1) = valid_range(g.ow, g.w, v, sw, pw);
-                if j0 >= j1 {
-                    continue;
-                }
-                let row = &cols[((c * g.kh + u) * g.kw + v) * p..][..p];
-                let q0 = sw * j0 + v - pw;
-                for i in i0..i1 {
-                    let dst = &mut plane[(sh * i + u - ph) * g.w..][..g.w];
-                    let src = &row[i * g.ow + j0..i * g.ow + j1];
-                    if sw == 1 {
-                        for (d, &s) in dst[q0..q0 + (j1 - j0)].iter_mut().zip(src) {
-                            *d += s;
-                        }
-                    } else {
-                        for (&s, q) in src.iter().zip((q0..).step_by(sw)) {
-                            dst[q] += s;
+    let dx = &mut dx[..g.c_in * g.h * g.w];
+    dx.fill(MaybeUninit::new(0.0));
+    // SAFETY: every element was just written (zero).
+    let dx = unsafe { assume_written(dx) };
+    vectorised(|| {
+        for (c, plane) in dx.chunks_mut(g.h * g.w).enumerate() {
+            for u in 0..g.kh {
+                let (i0, i1) = valid_range(g.oh, g.h, u, sh, ph);
+                for v in 0..g.kw {
+                    let (j0, j1) = valid_range(g.ow, g.w, v, sw, pw);
+                    if j0 >= j1 {
+                        continue;
+                    }
+                    let row = &cols[((c * g.kh + u) * g.kw + v) * p..][..p];
+                    let q0 = sw * j0 + v - pw;
+                    for i in i0..i1 {
+                        let dst = &mut plane[(sh * i + u - ph) * g.w..][..g.w];
+                        let src = &row[i * g.ow + j0..i * g.ow + j1];
+                        if sw == 1 {
+                            for (d, &s) in dst[q0..q0 + (j1 - j0)].iter_mut().zip(src) {
+                                *d += s;
+                            }
+                        } else {
+                            for (&s, q) in src.iter().zip((q0..).step_by(sw)) {
+                                dst[q] += s;
+                            }
                         }
                     }
                 }
             }
         }
-    }
+    });
+    dx
 }
 
 /// `dst [cols, rows] = srcᵀ` for a row-major `src [rows, cols]`, in square tiles so that
@@ -302,19 +310,22 @@ pub(crate) fn conv2d_backward_data(g: &Conv2dGeometry, dy: &[f32], w: &[f32]) ->
 fn backward_data_by_col2im(g: &Conv2dGeometry, dy: &[f32], w: &[f32]) -> Vec<f32> {
     let (k, p, in_img) = (g.c_in * g.kh * g.kw, g.oh * g.ow, g.c_in * g.h * g.w);
     let pointwise = is_pointwise(g);
-    let mut dx = vec![0.0f32; g.batch * in_img];
     let scratch = if pointwise { 0 } else { k * p };
-    for_each_image(g.batch, &mut dx, in_img, scratch, |n, dx_n, dcols, par| {
-        let dy_n = MatRef::row_major(&dy[n * g.c_out * p..(n + 1) * g.c_out * p], g.c_out, p);
-        let w_t = MatRef::transposed(w, k, g.c_out);
-        if pointwise {
-            gemm_into(dx_n, false, w_t, dy_n, par);
-        } else {
-            gemm_into(dcols, false, w_t, dy_n, par);
-            col2im(g, dcols, dx_n);
-        }
-    });
-    dx
+    let write = |dx: &mut [MaybeUninit<f32>]| {
+        for_each_image(g.batch, dx, in_img, scratch, |n, dx_n, dcols, par| {
+            let dy_n = MatRef::row_major(&dy[n * g.c_out * p..(n + 1) * g.c_out * p], g.c_out, p);
+            let w_t = MatRef::transposed(w, k, g.c_out);
+            if pointwise {
+                gemm_into_uninit(dx_n, w_t, dy_n, par);
+            } else {
+                gemm_into(dcols, false, w_t, dy_n, par);
+                col2im(g, dcols, dx_n);
+            }
+        })
+    };
+    // SAFETY: per image, the pointwise GEMM writes its whole `[c_in, P]` block, and col2im
+    // writes every element of its image; the images' blocks cover the output.
+    unsafe { written_once(g.batch * in_img, write) }.0
 }
 
 /// Backward weight: `dW = Σ_n dy[n] · cols[n]ᵀ` over fixed groups of images.
