@@ -54,7 +54,7 @@ pub fn random_normal_matches_reference<B: Backend>() {
 /// Broadcast binary ops over shape pairs with stretched dims on either side.
 pub fn binary_broadcast<B: Backend>() {
     let mut h = Harness::<B>::default();
-    let pairs: [(&[usize], &[usize]); 8] = [
+    let pairs: [(&[usize], &[usize]); 9] = [
         (&[3, 7], &[3, 7]),
         (&[2, 3, 4], &[4]),
         (&[2, 3, 1], &[1, 1, 5]),
@@ -63,6 +63,8 @@ pub fn binary_broadcast<B: Backend>() {
         (&[4, 1, 3, 1], &[7, 1]),
         (&[2, 3, 4, 5], &[2, 3, 1, 1]),
         (&[33, 1], &[1, 7]),
+        // One value per plane, planes longer than a CPU work chunk (16384).
+        (&[2, 2, 130, 130], &[2, 2, 1, 1]),
     ];
     for (sa, sb) in pairs {
         let (a, b) = (h.randn(sa, F32), h.randn(sb, F32));

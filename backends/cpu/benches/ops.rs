@@ -337,6 +337,16 @@ fn main() {
             black_box(C::add(&x, &x).unwrap());
         }),
     );
+    // One value per plane (a ResBlock's time-embedding add).
+    let per_plane = randn(&[batch, c, 1, 1], 6);
+    r.memory(
+        "add, one value per plane",
+        &label,
+        2.0 * bytes,
+        median_secs(|| {
+            black_box(C::add(&x, &per_plane).unwrap());
+        }),
+    );
 
     let n = if quick() { 1 << 18 } else { 2_000_000 };
     let (mut p_, mut m, mut v) = (

@@ -51,9 +51,20 @@ fn broadcast_zip(
     if n == 0 {
         return Ok(Vec::new());
     }
-    // Fast path: equal shapes.
+    // Fast paths: equal shapes; one side full and the other one value per plane of trailing
+    // dims (a ResBlock's time-embedding add: [n, c, 1, 1] over [n, c, h, w]).
     if sa == sb {
         return Ok(zip_map(a, b, f));
+    }
+    if sa == out_shape
+        && let Some(plane) = per_plane(sb, out_shape)
+    {
+        return Ok(zip_per_plane(a, b, plane, f));
+    }
+    if sb == out_shape
+        && let Some(plane) = per_plane(sa, out_shape)
+    {
+        return Ok(zip_per_plane(b, a, plane, |y, x| f(x, y)));
     }
     // General path: rows of the last output dim; each side steps by 0 or 1 inside a row.
     let dims = out_shape.dims();
@@ -98,6 +109,41 @@ fn broadcast_zip(
     // SAFETY: the chunks are whole rows covering all `n` elements (`n` is a multiple of
     // `last`), and every row writes each of its elements.
     Ok(unsafe { written_once(n, write) }.0)
+}
+
+/// `Some(plane)` when `s`, broadcast to `out`, holds one value per `plane` consecutive elements
+/// of `out`: `s` is `out`'s leading dims followed by ones (missing leading dims count as ones
+/// only where `out`'s are ones too).
+fn per_plane(s: &Shape, out: &Shape) -> Option<usize> {
+    let (dims, od) = (s.dims(), out.dims());
+    if dims.len() > od.len() {
+        return None;
+    }
+    let padded: Vec<usize> = std::iter::repeat_n(1, od.len() - dims.len()).chain(dims.iter().copied()).collect();
+    let kept = padded.iter().rposition(|&d| d != 1).map_or(0, |i| i + 1);
+    (padded[..kept] == od[..kept]).then(|| od[kept..].iter().product())
+}
+
+/// `out[i] = f(full[i], per_plane[i / plane])`, in parallel chunks (written once).
+fn zip_per_plane(full: &[f32], per_plane: &[f32], plane: usize, f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    let write = |out: &mut [MaybeUninit<f32>]| {
+        out.par_chunks_mut(CHUNK).zip(full.par_chunks(CHUNK)).enumerate().for_each(|(task, (o, x))| {
+            vectorised(|| {
+                // Runs of the chunk that lie in one plane.
+                let (mut at, mut done) = (task * CHUNK, 0);
+                while done < o.len() {
+                    let run = (plane - at % plane).min(o.len() - done);
+                    let y = per_plane[at / plane];
+                    for (o, &x) in o[done..done + run].iter_mut().zip(&x[done..done + run]) {
+                        o.write(f(x, y));
+                    }
+                    (at, done) = (at + run, done + run);
+                }
+            })
+        })
+    };
+    // SAFETY: the chunks cover all `full.len()` elements, and each chunk's runs cover it.
+    unsafe { written_once(full.len(), write) }.0
 }
 
 /// `out[i] = f(x[i])` over one chunk (every element of `out` written), vectorised for the
