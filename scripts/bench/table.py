@@ -173,6 +173,9 @@ def main():
         tcell = f"{tp:.3f}" if tp is not None else "-"
         print(f"| LISA step / own baseline, paired steps | {lp:.3f} | {tcell} | - | lisa ≤ 1.25 | "
               f"{'yes' if lp <= 1.25 else 'NO'} |")
+    elif lb and ll:
+        print(f"| LISA step / own baseline (no paired run: separate runs) | {ll / lb:.3f} | - | - | "
+              f"lisa ≤ 1.25 | {'yes' if ll / lb <= 1.25 else 'NO'} |")
     row("LISA step, sub-batch 16", "lisa_sub16")
     row("prior pass (main up path, no grad)", "prior_pass")
     row("LISA decoder forward + backward", "decoder")

@@ -6,9 +6,9 @@
 //! - backward weight: `dW (c_out × K) = Σ_n dy[n] · cols[n]ᵀ`
 //!
 //! A 1×1 kernel with stride 1 and no padding needs no im2col: `cols[n]` is `x[n]` itself.
-//! The backward data of any other stride-1 convolution runs as a forward convolution of `dy`
-//! (flipped, transposed kernel; [`as_forward_of_dy`]): im2col's plain copies of `dy` instead of
-//! col2im's scatter-adds into a zeroed `dx`. Conversely, the forward of a stride-1
+//! The backward data of a stride-1 convolution with at least as many input as output channels
+//! runs as a forward convolution of `dy` (flipped, transposed kernel; [`as_forward_of_dy`]):
+//! im2col's plain copies of `dy` instead of col2im's scatter-adds. Conversely, the forward of a stride-1
 //! convolution with fewer output than input channels runs as the backward data of the flipped
 //! convolution: `y = col2im(W'ᵀ · x[n])`, a `[c_out·kh·kw, c_in]` product of `x` itself (no
 //! im2col) scattered into `y` — the lowered matrix has `c_out·kh·kw` rows instead of
@@ -298,9 +298,13 @@ fn add_bias(y: &mut [f32], b: &[f32], plane: usize) {
     }
 }
 
-/// Backward data: `dx = col2im(Wᵀ · dy)`, or a forward convolution of `dy` for stride 1.
+/// Backward data: for stride 1 with at least as many input as output channels, a forward
+/// convolution of `dy` (im2col of `dy`, `c_out·kh·kw` rows); otherwise `dx = col2im(Wᵀ · dy)`
+/// (the mirror image of [`conv2d`]'s choice: the lowered side is the narrower one).
 pub(crate) fn conv2d_backward_data(g: &Conv2dGeometry, dy: &[f32], w: &[f32]) -> Vec<f32> {
-    if let Some((flipped, w_t)) = as_forward_of_dy(g, w) {
+    if g.c_in >= g.c_out
+        && let Some((flipped, w_t)) = as_forward_of_dy(g, w)
+    {
         return conv2d(&flipped, dy, &w_t, None);
     }
     backward_data_by_col2im(g, dy, w)

@@ -79,6 +79,8 @@ pub(crate) fn silu_grad_before_norm(
     grad: &[f32],
 ) -> Vec<f32> {
     let len = g.group_len();
+    // `zip` stops at the shorter input: equal lengths make every slice of `dz` written.
+    assert!(x.len() == grad.len(), "silu_grad_before_norm: lengths {} and {}", x.len(), grad.len());
     let write = |dz: &mut [MaybeUninit<f32>]| {
         dz.par_chunks_mut(len).zip(x.par_chunks(len).zip(grad.par_chunks(len))).enumerate().for_each(
             |(k, (dz, (x, grad)))| {

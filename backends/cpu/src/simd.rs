@@ -10,7 +10,8 @@
 //! Same numbers on every tier: the kernels' arithmetic is element by element, and their sums
 //! keep a fixed number of partial sums added in a fixed order (`sums.rs`); Rust does not fuse
 //! `a·b + c` into an FMA or reassociate float sums on its own, so a wider register changes
-//! how many elements one instruction handles, never a result (checked by the test below).
+//! how many elements one instruction handles, never a result (`tests/determinism.rs` runs the
+//! ops under every tier the CPU has and compares the bits).
 //!
 //! `LISA_CPU_ISA=avx2` or `=baseline` (read once), or [`set_isa_cap`], caps the tier: for
 //! comparing tiers within one machine and one binary. The `gemm` crate dispatches its own
@@ -110,7 +111,12 @@ pub fn isa() -> Isa {
                     Isa::Avx512
                 }
             };
-            set_isa_cap(cap)
+            let isa = cap.min(detected_isa());
+            // A concurrent `set_isa_cap` wins over the environment's default.
+            match IN_USE.compare_exchange(0, isa.code(), Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => isa,
+                Err(code) => Isa::from_code(code),
+            }
         }
         code => Isa::from_code(code),
     }

@@ -1,7 +1,8 @@
-//! Results do not depend on the number of threads, nor on the vector instructions the loop
-//! kernels were compiled for: bit-for-bit equal under 1, 2 and 3 threads and under every
-//! instruction-set tier the CPU has (what exact checkpoint resume on the CPU relies on, also
-//! when a run is resumed on another machine).
+//! Results do not depend on the number of threads, nor on the tier of vector instructions
+//! lisa-cpu's own loop kernels were compiled for: bit-for-bit equal under 1, 2 and 3 threads
+//! and under every tier the CPU has (what exact checkpoint resume on the CPU relies on). The
+//! `gemm` crate chooses its kernels by CPU on its own, so another machine may still round the
+//! products differently.
 
 use lisa_core::backend::prelude::*;
 use lisa_core::backend::{AdamWParams, Conv2dParams, DType, GroupNormParams, Shape, Transpose, UnaryOp};
@@ -39,7 +40,14 @@ fn run_all() -> Vec<Vec<u32>> {
     for step in 1..=2 {
         C::adamw_update(&mut param, &mut m, &mut v, &x, &AdamWParams { step, ..AdamWParams::default() }).unwrap();
     }
+    // Fewer output than input channels (the forward by col2im), with a bias; a broadcast that
+    // takes the general path ([8, 1, 16] over [33, 8, 16, 16]).
+    let narrow = C::random_normal(&Shape::new([4, 8, 3, 3]), 8, DType::F32, &d).unwrap();
+    let narrow_bias = C::random_normal(&Shape::new([4]), 9, DType::F32, &d).unwrap();
+    let rows = C::random_normal(&Shape::new([8, 1, 16]), 10, DType::F32, &d).unwrap();
     vec![
+        bits(&C::conv2d(&x, &narrow, Some(&narrow_bias), p).unwrap()),
+        bits(&C::sub(&x, &rows).unwrap()),
         bits(&C::silu(&x).unwrap()),
         bits(&C::silu_backward(&x, &gx).unwrap()),
         bits(&C::unary(UnaryOp::Exp, &x).unwrap()),
