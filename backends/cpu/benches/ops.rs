@@ -216,6 +216,22 @@ fn main() {
         );
     }
 
+    // A decoder ResBlock's 1×1 skip convolution (after the concat): a plain GEMM per image.
+    for (c_in, c_out, hw) in [(96usize, 32usize, 32usize), (128, 64, 16)] {
+        let x = randn(&[batch, c_in, hw, hw], 3);
+        let w = randn(&[c_out, c_in, 1, 1], 4);
+        let p1 = Conv2dParams { stride: [1, 1], padding: [0, 0] };
+        let flops = 2.0 * (batch * c_out * hw * hw * c_in) as f64;
+        r.compute(
+            "conv2d 1×1 fwd",
+            &format!("[{batch},{c_in},{hw},{hw}]→{c_out}"),
+            flops,
+            median_secs(|| {
+                black_box(C::conv2d(&x, &w, None, p1).unwrap());
+            }),
+        );
+    }
+
     // The UNet's Upsample blocks (nearest ×2, then 3×3 at the doubled size), as the one op
     // (sub-pixel kernels on the low-resolution input) and as the two ops it replaces. Rates
     // count the upsampled convolution's FLOPs for both, so they compare as times do.

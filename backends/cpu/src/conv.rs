@@ -13,7 +13,8 @@
 //! convolution: `y = col2im(W'ᵀ · x[n])`, a `[c_out·kh·kw, c_in]` product of `x` itself (no
 //! im2col) scattered into `y` — the lowered matrix has `c_out·kh·kw` rows instead of
 //! `c_in·kh·kw`, and the GEMM is `kh·kw` times wider in `c_out` (a 96 → 32 layer at 32×32: 7.1
-//! → 5.0 ms; the output convolution 32 → 3: 0.6 → 0.27 ms, `cargo bench -p lisa-cpu`).
+//! → 5.0 ms; the output convolution 32 → 3: 0.6 → 0.27 ms, `cargo bench -p lisa-cpu`). Its
+//! weight gradient likewise is the flipped convolution's, with the kernels flipped back.
 //! Images run in parallel (single-threaded GEMMs) when there are at least as many images as
 //! threads; otherwise images run in turn with multi-threaded GEMMs. The weight gradient sums
 //! fixed groups of images in parallel and adds the group partials in order, so the result
@@ -274,21 +275,31 @@ pub(crate) fn conv2d(g: &Conv2dGeometry, x: &[f32], w: &[f32], bias: Option<&[f3
 /// `W'[ci, co, u, v] = W[co, ci, kh−1−u, kw−1−v]` and padding `k − 1 − p` (the transposed
 /// convolution of a stride-1 convolution is a convolution), and `W'`.
 fn as_forward_of_dy(g: &Conv2dGeometry, w: &[f32]) -> Option<(Conv2dGeometry, Vec<f32>)> {
+    let flipped = flipped_geometry(g)?;
+    Some((flipped, flip_kernels(w, g.c_out, g.c_in, g.kh * g.kw)))
+}
+
+/// The geometry of [`as_forward_of_dy`]'s convolution: from `dy`'s grid (`c_out` channels) to
+/// `x`'s (`c_in`), padding `k − 1 − p`; None unless stride 1, not pointwise, padding < k.
+fn flipped_geometry(g: &Conv2dGeometry) -> Option<Conv2dGeometry> {
     let [ph, pw] = g.params.padding;
     if g.params.stride != [1, 1] || is_pointwise(g) || ph >= g.kh || pw >= g.kw {
         return None;
     }
     let params = lisa_core::backend::Conv2dParams { stride: [1, 1], padding: [g.kh - 1 - ph, g.kw - 1 - pw] };
-    let flipped = Conv2dGeometry { c_in: g.c_out, h: g.oh, w: g.ow, c_out: g.c_in, oh: g.h, ow: g.w, params, ..*g };
-    let taps = g.kh * g.kw;
-    let mut w_t = Vec::with_capacity(w.len()); // [c_in, c_out, kh, kw]
-    for ci in 0..g.c_in {
-        for co in 0..g.c_out {
-            let kernel = &w[(co * g.c_in + ci) * taps..][..taps];
-            w_t.extend(kernel.iter().rev());
+    Some(Conv2dGeometry { c_in: g.c_out, h: g.oh, w: g.ow, c_out: g.c_in, oh: g.h, ow: g.w, params, ..*g })
+}
+
+/// `[a, b, taps] → [b, a, taps reversed]`: `W'[ci, co, u, v] = W[co, ci, kh−1−u, kw−1−v]` for
+/// `a = c_out`, `b = c_in` (its own inverse, with `a` and `b` swapped).
+fn flip_kernels(w: &[f32], a: usize, b: usize, taps: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(w.len());
+    for j in 0..b {
+        for i in 0..a {
+            out.extend(w[(i * b + j) * taps..][..taps].iter().rev());
         }
     }
-    Some((flipped, w_t))
+    out
 }
 
 /// `y[c, :] += b[c]` over the `plane`-value planes of one image.
@@ -340,6 +351,15 @@ fn backward_data_by_col2im(g: &Conv2dGeometry, dy: &[f32], w: &[f32]) -> Vec<f32
 /// times less to move than `cols[n]`), and the group's sum is accumulated column-major as
 /// `dWᵀ [K, c_out]`, transposed once per group at the end.
 pub(crate) fn conv2d_backward_weight(g: &Conv2dGeometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    if g.c_out < g.c_in
+        && let Some(flipped) = flipped_geometry(g)
+    {
+        // Fewer outputs than inputs: the weight gradient of the flipped convolution (input
+        // `dy`, output gradient `x`) holds the same sums, `dW'[ci, co, u', v'] =
+        // dW[co, ci, kh−1−u', kw−1−v']`, and lowers `dy` (`c_out·kh·kw` rows) instead of `x`.
+        let dw_flipped = conv2d_backward_weight(&flipped, dy, x);
+        return flip_kernels(&dw_flipped, g.c_in, g.c_out, g.kh * g.kw);
+    }
     let (k, p, in_img) = (g.c_in * g.kh * g.kw, g.oh * g.ow, g.c_in * g.h * g.w);
     let pointwise = is_pointwise(g);
     let groups = WEIGHT_GRAD_GROUPS.min(g.batch);
