@@ -6,6 +6,7 @@
 //! with a multi-threaded copy. Set `LISA_BENCH_QUICK=1` for a fast smoke run; without
 //! `--bench` on the command line (i.e. under `cargo test --all-targets`) it also runs quick,
 //! so the tests keep the benchmark working without spending minutes on it.
+//! `LISA_BENCH_SD_ROWS=1` runs only SD 1.5's widest decoder convolutions instead (batch 1).
 #![allow(missing_docs)]
 
 use std::hint::black_box;
@@ -230,6 +231,26 @@ fn main() {
                 black_box(C::conv2d(&x, &w, None, p1).unwrap());
             }),
         );
+    }
+
+    // `LISA_BENCH_SD_ROWS=1`: only SD 1.5's decoder convolutions after a concat, batch 1 (the
+    // widest layers of its up path; minutes, not part of the default run).
+    if std::env::var_os("LISA_BENCH_SD_ROWS").is_some() {
+        let sd = [(640usize, 320usize, 64usize), (960, 320, 64), (1920, 1280, 16), (2560, 1280, 8)];
+        for (c_in, c_out, hw) in sd {
+            let (x, w) = (randn(&[1, c_in, hw, hw], 3), randn(&[c_out, c_in, 3, 3], 4));
+            let p = Conv2dParams::same(3);
+            let y = C::conv2d(&x, &w, None, p).unwrap();
+            let flops = 2.0 * (c_out * hw * hw * c_in * 9) as f64;
+            let label = format!("[1,{c_in},{hw},{hw}]→{c_out}");
+            let (xs, ws) = (C::shape(&x), C::shape(&w));
+            r.compute("SD conv2d fwd", &label, flops, median_secs(|| drop(black_box(C::conv2d(&x, &w, None, p)))));
+            let data = median_secs(|| drop(black_box(C::conv2d_backward_data(&y, &w, &xs, p))));
+            r.compute("SD conv2d bwd data", &label, flops, data);
+            let weight = median_secs(|| drop(black_box(C::conv2d_backward_weight(&x, &y, &ws, p))));
+            r.compute("SD conv2d bwd weight", &label, flops, weight);
+        }
+        return;
     }
 
     // The UNet's Upsample blocks (nearest ×2, then 3×3 at the doubled size), as the one op
