@@ -151,8 +151,9 @@ fn col2im<'d>(g: &Conv2dGeometry, cols: &[f32], dx: &'d mut [MaybeUninit<f32>]) 
 }
 
 /// `dst [cols, rows] = srcᵀ` for a row-major `src [rows, cols]`, in square tiles so that
-/// both sides stay in cache.
-fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+/// both sides stay in cache; `put` stores one value (into initialised or fresh memory). Every
+/// element of `dst[..rows·cols]` is stored once.
+fn transpose_into<T>(src: &[f32], rows: usize, cols: usize, dst: &mut [T], put: impl Fn(&mut T, f32)) {
     const TILE: usize = 32;
     for r0 in (0..rows).step_by(TILE) {
         let r1 = (r0 + TILE).min(rows);
@@ -161,11 +162,34 @@ fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
             for r in r0..r1 {
                 let row = &src[r * cols..][c0..c1];
                 for (c, &v) in (c0..c1).zip(row) {
-                    dst[c * rows + r] = v;
+                    put(&mut dst[c * rows + r], v);
                 }
             }
         }
     }
+}
+
+/// [`transpose_into`] a fresh matrix, in parallel over blocks of `dst` rows.
+fn transposed(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const BLOCK: usize = 64; // dst rows (src columns) per task
+    let write = |dst: &mut [MaybeUninit<f32>]| {
+        dst.par_chunks_mut(BLOCK * rows.max(1)).enumerate().for_each(|(b, block)| {
+            let c0 = b * BLOCK;
+            let c1 = (c0 + BLOCK).min(cols);
+            // The block holds dst rows c0..c1: transpose src's columns c0..c1 into it.
+            for r0 in (0..rows).step_by(32) {
+                let r1 = (r0 + 32).min(rows);
+                for r in r0..r1 {
+                    for (c, &v) in (c0..c1).zip(&src[r * cols + c0..r * cols + c1]) {
+                        block[(c - c0) * rows + r].write(v);
+                    }
+                }
+            }
+        })
+    };
+    // SAFETY: block `b` holds dst rows `c0..c1` (all `rows` elements each), and every (r, c)
+    // with r < rows, c in c0..c1 is written; the blocks cover all `cols` dst rows.
+    unsafe { written_once(rows * cols, write) }.0
 }
 
 thread_local! {
@@ -401,7 +425,8 @@ fn backward_weight_lowering_x(g: &Conv2dGeometry, x: &[f32], dy: &[f32]) -> Vec<
                 let (cols, dy_t) = scratch.split_at_mut(cols_len);
                 for (i, n) in (grp * per_group..((grp + 1) * per_group).min(g.batch)).enumerate() {
                     let cols = lowered(g, &x[n * in_img..(n + 1) * in_img], cols);
-                    transpose_into(&dy[n * g.c_out * p..(n + 1) * g.c_out * p], g.c_out, p, dy_t);
+                    let dy_n = &dy[n * g.c_out * p..(n + 1) * g.c_out * p];
+                    transpose_into(dy_n, g.c_out, p, dy_t, |d, v| *d = v);
                     gemm_into_col_major(
                         &mut dw_t,
                         i > 0,
@@ -411,14 +436,13 @@ fn backward_weight_lowering_x(g: &Conv2dGeometry, x: &[f32], dy: &[f32]) -> Vec<
                     );
                 }
             });
-            let mut dw = vec![0.0f32; g.c_out * k];
-            transpose_into(&dw_t, k, g.c_out, &mut dw);
-            dw
+            transposed(&dw_t, k, g.c_out)
         })
         .collect();
-    let mut total = vec![0.0f32; g.c_out * k];
-    for part in &partials {
-        total.iter_mut().zip(part).for_each(|(t, &v)| *t += v);
+    let mut partials = partials.into_iter();
+    let mut total = partials.next().unwrap_or_else(|| vec![0.0f32; g.c_out * k]);
+    for part in partials {
+        total.iter_mut().zip(&part).for_each(|(t, &v)| *t += v);
     }
     total
 }
