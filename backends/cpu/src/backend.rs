@@ -11,6 +11,7 @@ use lisa_core::lisa::{LisaConfig, LisaLoss, SampleTerms, lisa_loss_fused};
 use lisa_core::rng::fill_normal;
 use lisa_core::{Error, Result};
 use rayon::prelude::*;
+use std::borrow::Cow;
 
 use crate::gemm::{MatRef, gemm_into};
 use crate::tensor::CpuTensor;
@@ -217,25 +218,7 @@ impl NormOps for CpuBackend {
         grad_out: &T,
         params: GroupNormParams,
     ) -> Result<GroupNormGrads<T>> {
-        let dtype = Self::expect_same_dtype("group_norm_backward", x, gamma)?;
-        Self::expect_same_dtype("group_norm_backward", x, grad_out)?;
-        same_shape("group_norm_backward", x, grad_out)?;
-        let g = GroupNormGeometry::new("group_norm_backward", &x.shape, &gamma.shape, &gamma.shape, params)?;
-        g.stats_shape().expect_eq("group_norm_backward", &stats.mean.shape)?;
-        g.stats_shape().expect_eq("group_norm_backward", &stats.rstd.shape)?;
-        let (dx, dg, db) = norm::group_norm_backward(
-            &g,
-            &x.values(),
-            &gamma.values(),
-            &stats.mean.values(),
-            &stats.rstd.values(),
-            &grad_out.values(),
-        );
-        Ok(GroupNormGrads {
-            input: CpuTensor::store(dx, x.shape.clone(), dtype),
-            gamma: CpuTensor::store(dg, gamma.shape.clone(), dtype),
-            beta: CpuTensor::store(db, gamma.shape.clone(), dtype),
-        })
+        group_norm_backward_with("group_norm_backward", (x, gamma, None), stats, grad_out, params)
     }
     fn group_norm_silu(x: &T, gamma: &T, beta: &T, params: GroupNormParams) -> Result<GroupNormOutput<T>> {
         group_norm_with("group_norm_silu", (x, gamma, beta), params, norm::group_norm_silu)
@@ -248,23 +231,41 @@ impl NormOps for CpuBackend {
         grad_out: &T,
         params: GroupNormParams,
     ) -> Result<GroupNormGrads<T>> {
-        const OP: &str = "group_norm_silu_backward";
-        let dtype = Self::expect_same_dtype(OP, x, gamma)?;
-        Self::expect_same_dtype(OP, x, beta)?;
-        Self::expect_same_dtype(OP, x, grad_out)?;
-        same_shape(OP, x, grad_out)?;
-        let g = GroupNormGeometry::new(OP, &x.shape, &gamma.shape, &beta.shape, params)?;
-        g.stats_shape().expect_eq(OP, &stats.mean.shape)?;
-        g.stats_shape().expect_eq(OP, &stats.rstd.shape)?;
-        let (xv, gv, mean, rstd) = (x.values(), gamma.values(), stats.mean.values(), stats.rstd.values());
-        let dz = norm::silu_grad_before_norm(&g, &xv, &gv, &beta.values(), (&mean, &rstd), &grad_out.values());
-        let (dx, dg, db) = norm::group_norm_backward(&g, &xv, &gv, &mean, &rstd, &dz);
-        Ok(GroupNormGrads {
-            input: CpuTensor::store(dx, x.shape.clone(), dtype),
-            gamma: CpuTensor::store(dg, gamma.shape.clone(), dtype),
-            beta: CpuTensor::store(db, gamma.shape.clone(), dtype),
-        })
+        group_norm_backward_with("group_norm_silu_backward", (x, gamma, Some(beta)), stats, grad_out, params)
     }
+}
+
+/// A group-norm backward with its checks. With `silu_beta` (the fused pair's β), the SiLU's
+/// derivative is applied first, at the pre-activation recomputed from the statistics and β.
+fn group_norm_backward_with(
+    op: &'static str,
+    (x, gamma, silu_beta): (&T, &T, Option<&T>),
+    stats: &GroupNormOutput<T>,
+    grad_out: &T,
+    params: GroupNormParams,
+) -> Result<GroupNormGrads<T>> {
+    let dtype = CpuBackend::expect_same_dtype(op, x, gamma)?;
+    if let Some(beta) = silu_beta {
+        CpuBackend::expect_same_dtype(op, x, beta)?;
+    }
+    CpuBackend::expect_same_dtype(op, x, grad_out)?;
+    same_shape(op, x, grad_out)?;
+    let beta_shape = silu_beta.map_or(&gamma.shape, |b| &b.shape);
+    let g = GroupNormGeometry::new(op, &x.shape, &gamma.shape, beta_shape, params)?;
+    g.stats_shape().expect_eq(op, &stats.mean.shape)?;
+    g.stats_shape().expect_eq(op, &stats.rstd.shape)?;
+    let (xv, gv, mean, rstd, gout) =
+        (x.values(), gamma.values(), stats.mean.values(), stats.rstd.values(), grad_out.values());
+    let dz = match silu_beta {
+        Some(beta) => Cow::Owned(norm::silu_grad_before_norm(&g, &xv, &gv, &beta.values(), (&mean, &rstd), &gout)),
+        None => gout,
+    };
+    let (dx, dg, db) = norm::group_norm_backward(&g, &xv, &gv, &mean, &rstd, &dz);
+    Ok(GroupNormGrads {
+        input: CpuTensor::store(dx, x.shape.clone(), dtype),
+        gamma: CpuTensor::store(dg, gamma.shape.clone(), dtype),
+        beta: CpuTensor::store(db, gamma.shape.clone(), dtype),
+    })
 }
 
 /// `(geometry, x, γ, β, ε) → (output, mean, rstd)`: `norm::group_norm` or `norm::group_norm_silu`.

@@ -150,19 +150,19 @@ fn col2im<'d>(g: &Conv2dGeometry, cols: &[f32], dx: &'d mut [MaybeUninit<f32>]) 
     dx
 }
 
-/// `dst [cols, rows] = srcᵀ` for a row-major `src [rows, cols]`, in square tiles so that
-/// both sides stay in cache; `put` stores one value (into initialised or fresh memory). Every
-/// element of `dst[..rows·cols]` is stored once.
-fn transpose_into<T>(src: &[f32], rows: usize, cols: usize, dst: &mut [T], put: impl Fn(&mut T, f32)) {
-    const TILE: usize = 32;
-    for r0 in (0..rows).step_by(TILE) {
-        let r1 = (r0 + TILE).min(rows);
-        for c0 in (0..cols).step_by(TILE) {
-            let c1 = (c0 + TILE).min(cols);
+/// Side of the square tiles a transpose moves at a time (both sides stay in cache).
+const TRANSPOSE_TILE: usize = 32;
+
+/// `dst [cols, rows] = srcᵀ` for a row-major `src [rows, cols]`, in square tiles.
+fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    for r0 in (0..rows).step_by(TRANSPOSE_TILE) {
+        let r1 = (r0 + TRANSPOSE_TILE).min(rows);
+        for c0 in (0..cols).step_by(TRANSPOSE_TILE) {
+            let c1 = (c0 + TRANSPOSE_TILE).min(cols);
             for r in r0..r1 {
                 let row = &src[r * cols..][c0..c1];
                 for (c, &v) in (c0..c1).zip(row) {
-                    put(&mut dst[c * rows + r], v);
+                    dst[c * rows + r] = v;
                 }
             }
         }
@@ -177,8 +177,8 @@ fn transposed(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
             let c0 = b * BLOCK;
             let c1 = (c0 + BLOCK).min(cols);
             // The block holds dst rows c0..c1: transpose src's columns c0..c1 into it.
-            for r0 in (0..rows).step_by(32) {
-                let r1 = (r0 + 32).min(rows);
+            for r0 in (0..rows).step_by(TRANSPOSE_TILE) {
+                let r1 = (r0 + TRANSPOSE_TILE).min(rows);
                 for r in r0..r1 {
                     for (c, &v) in (c0..c1).zip(&src[r * cols + c0..r * cols + c1]) {
                         block[(c - c0) * rows + r].write(v);
@@ -426,7 +426,7 @@ fn backward_weight_lowering_x(g: &Conv2dGeometry, x: &[f32], dy: &[f32]) -> Vec<
                 for (i, n) in (grp * per_group..((grp + 1) * per_group).min(g.batch)).enumerate() {
                     let cols = lowered(g, &x[n * in_img..(n + 1) * in_img], cols);
                     let dy_n = &dy[n * g.c_out * p..(n + 1) * g.c_out * p];
-                    transpose_into(dy_n, g.c_out, p, dy_t, |d, v| *d = v);
+                    transpose_into(dy_n, g.c_out, p, dy_t);
                     gemm_into_col_major(
                         &mut dw_t,
                         i > 0,
