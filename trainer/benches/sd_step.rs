@@ -21,8 +21,8 @@ use lisa_core::backend::{AdamWParams, DType, Shape};
 use lisa_cpu::{CpuBackend as C, CpuDevice};
 use lisa_trainer::autodiff::Tape;
 use lisa_trainer::model::{
-    Conditioning, DecoderConfig, ModelSpec, Parts, PromptEmbedding, forward_train, forward_train_checkpointed,
-    registry, replay_side,
+    Conditioning, DecoderConfig, ForwardOptions, ModelSpec, Parts, PromptEmbedding, SideMode, forward_train, registry,
+    replay_side,
 };
 use serde_json::json;
 
@@ -136,13 +136,10 @@ fn main() {
                 let tape = Tape::<C>::new();
                 let bound = model.store().bind(&tape);
                 let (xv, hv) = (tape.constant(x.clone()), tape.constant(hint.clone()));
-                let (out, side_leaves) = if ckpt {
-                    let (o, l) =
-                        forward_train_checkpointed(model.as_ref(), &bound, &xv, &hv, &cond, lisa, None).unwrap();
-                    (o, Some(l))
-                } else {
-                    (forward_train(model.as_ref(), &bound, &xv, &hv, &cond, lisa, None).unwrap(), None)
-                };
+                let side = if ckpt { SideMode::Checkpointed } else { SideMode::Recorded };
+                let options = ForwardOptions { side, ..ForwardOptions::lisa(lisa) };
+                let mut out = forward_train(model.as_ref(), &bound, &xv, &hv, &cond, options).unwrap();
+                let side_leaves = out.side_leaves.take();
                 let (_, g_pred) = C::mse_loss(&out.pred.value, &noise).unwrap();
                 let mut roots = vec![(&out.pred, g_pred)];
                 if let (Some(dec), Some(prior)) = (&out.decoded, &out.prior) {

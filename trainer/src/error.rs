@@ -20,6 +20,9 @@ pub enum TrainError {
     /// Misuse of the autodiff tape (a bug in model code).
     #[error("autodiff: {0}")]
     Autodiff(&'static str),
+    /// An invariant of lisa's own code does not hold (a bug in lisa, not a user error).
+    #[error("internal error (a bug in lisa; please report it): {0}")]
+    Internal(&'static str),
     /// A loss or gradient became NaN or infinite.
     #[error(
         "training diverged at step {step}: the {what} is NaN or infinite; lower the learning rate, and resume from the last checkpoint"

@@ -6,6 +6,7 @@
 //! pretraining loops, and exact checkpoints (docs/method.md §1, §3, §5). A library only: the
 //! `lisa` command, image files and plots live in the `lisa-cli` crate.
 
+pub mod analysis;
 pub mod autodiff;
 pub mod checkpoint;
 pub mod data;
@@ -13,15 +14,13 @@ pub mod error;
 pub mod metrics;
 pub mod model;
 pub mod nn;
+pub mod objective;
 pub mod optim;
 pub mod params;
 pub mod pretrain;
-pub mod probe;
 pub mod run;
 pub mod sample;
 pub mod scheduler;
-pub mod tau_norm;
-pub mod tau_share;
 pub mod train;
 pub mod weights;
 

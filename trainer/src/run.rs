@@ -28,7 +28,7 @@ pub struct TrainingRun<B: Backend, C> {
     pub run_id: String,
     pub(crate) noise: NoiseProcess,
     /// Control training's per-timestep scale of `τ`, once measured (never in pretraining).
-    pub(crate) tau_norm: Option<crate::tau_norm::TauNorm>,
+    pub(crate) tau_norm: Option<crate::objective::TauNorm>,
 }
 
 /// A fresh run id: the time and the process, hashed (not a source of model randomness).

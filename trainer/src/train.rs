@@ -2,20 +2,19 @@
 //! `L = MSE(pred, y) + λ·LISA`, back-propagate into the side network and the decoder, clip,
 //! AdamW, EMA. A baseline mode does everything the same without the decoder and the prior.
 
-use lisa_core::backend::{Backend, Shape};
+use lisa_core::backend::Backend;
 use lisa_core::{LisaConfig, Prediction};
 use serde::{Deserialize, Serialize};
 
 use crate::autodiff::Tape;
 use crate::data::{Dataset, Example};
 use crate::error::{Result, TrainError};
-use crate::model::{DECODER, DualDenoiser, Parts, SIDE, forward_train, forward_train_checkpointed, replay_side};
+use crate::model::{DECODER, DualDenoiser, ForwardOptions, Parts, SIDE, SideMode, forward_train, replay_side};
+use crate::objective::{Objective, TauNorm, TauNormConfig, measure_tau_norm};
 use crate::optim::{OptimConfig, Optimizer};
 pub use crate::run::TrainState;
 use crate::run::{MAX_BATCH, NoisedBatch, RunStream, StepSettings, TrainingRun, new_run_id, noise_batch};
 use crate::scheduler::{NoiseConfig, NoiseProcess};
-use crate::tau_norm::{TauNorm, TauNormConfig, lisa_terms};
-use crate::tau_share::measure_tau_norm;
 
 /// LISA or the plain ControlNet baseline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -237,48 +236,37 @@ impl<B: Backend> Trainer<B> {
         })
     }
 
+    /// The run's objective (its LISA settings, the model's prediction, `τ`'s scale).
+    pub fn objective(&self) -> Objective<'_> {
+        Objective { lisa: &self.config.lisa, prediction: self.model.prediction(), norm: self.tau_norm.as_ref() }
+    }
+
     /// Forward + backward of one micro-batch; gradients are scaled by `1/accum` so that the
     /// accumulated gradient is the mean over micro-batches.
     fn micro_batch(&mut self, examples: &[Example], accum: usize) -> Result<MicroBatch<B>> {
-        let n = examples.len();
         let model = self.model.as_ref();
-        let [c, h, w] = model.sample_shape();
         let NoisedBatch { x_t, y, hint, levels, cond } =
             noise_batch::<B>(&mut self.run, &self.noise, model, true, examples, self.config.proportion_empty_prompts)?;
-        let hint = hint.ok_or(TrainError::Autodiff("noise_batch returns the hints it was asked for"))?;
-        let lisa_on = self.config.mode == Mode::Lisa;
+        let hint = hint.ok_or(TrainError::Internal("noise_batch returns the hints it was asked for"))?;
         let tape = Tape::<B>::new();
         let bound = model.store().bind(&tape);
         let (x_var, hint_var) = (tape.constant(x_t.clone()), tape.constant(hint.clone()));
-        let subbatch = self.config.lisa_subbatch.map(|k| k.min(n));
-        let (out, side_leaves) = if self.config.gradient_checkpointing {
-            let (out, leaves) = forward_train_checkpointed(model, &bound, &x_var, &hint_var, &cond, lisa_on, subbatch)?;
-            (out, Some(leaves))
-        } else {
-            (forward_train(model, &bound, &x_var, &hint_var, &cond, lisa_on, subbatch)?, None)
+        let options = ForwardOptions {
+            lisa: self.config.mode == Mode::Lisa,
+            lisa_samples: self.config.lisa_subbatch.map(|k| k.min(examples.len())),
+            side: if self.config.gradient_checkpointing { SideMode::Checkpointed } else { SideMode::Recorded },
         };
-        let inv = 1.0 / accum as f32;
-        let (main, g_pred) = B::mse_loss(&out.pred.value, &y)?;
-        let mut roots = vec![(&out.pred, B::scale(&g_pred, inv)?)];
-        let mut lisa = lisa_core::lisa::LisaLoss { weighted: 0.0, distance: 0.0, zero_distance: 0.0 };
-        if let (Some(dec), Some(prior)) = (&out.decoded, &out.prior) {
-            // The LISA samples are the first k of the batch (all of it unless sub-batched).
-            let k = B::shape(&dec.value).dims()[0];
-            let terms = lisa_terms(&self.config.lisa, model.prediction(), &levels[..k], self.tau_norm.as_ref())?;
-            let y_k = if k == n {
-                y.clone()
-            } else {
-                let flat = B::reshape(&y, &Shape::new([1, n, c * h * w]))?;
-                B::reshape(&B::slice_channels(&flat, 0, k)?, &Shape::new([k, c, h, w]))?
-            };
-            let (l, g_dec) = B::lisa_loss(&self.config.lisa, &terms, &dec.value, &y_k, prior)?;
-            lisa = l;
-            roots.push((dec, B::scale(&g_dec, inv)?));
+        let mut out = forward_train(model, &bound, &x_var, &hint_var, &cond, options)?;
+        let loss = self.objective().loss(&out, &y, &levels, 1.0 / accum as f32)?;
+        let mut roots = vec![(&out.pred, loss.grad_pred)];
+        if let (Some(dec), Some(g)) = (&out.decoded, loss.grad_decoded) {
+            roots.push((dec, g));
         }
         let leaves = bound.leaves();
         let mut g = tape.backward(&roots)?;
+        drop(roots);
         let mut grads = self.optimizer.gather(leaves, &mut g);
-        if let Some(side_leaves) = side_leaves {
+        if let Some(side_leaves) = out.side_leaves.take() {
             // The side network again, recorded, seeded with its outputs' gradients.
             drop(out);
             let (leaves, mut g2) = replay_side(model, &side_leaves, &mut g, &x_t, &hint, &cond)?;
@@ -289,6 +277,6 @@ impl<B: Backend> Trainer<B> {
                 };
             }
         }
-        Ok((main, lisa, grads))
+        Ok((loss.main, loss.lisa, grads))
     }
 }

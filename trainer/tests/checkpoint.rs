@@ -13,8 +13,8 @@ use lisa_trainer::TrainError;
 use lisa_trainer::checkpoint::{StateFile, load_checkpoint, save_checkpoint};
 use lisa_trainer::data::FillCircles;
 use lisa_trainer::model::{Parts, registry};
+use lisa_trainer::objective::TauNormConfig;
 use lisa_trainer::optim::OptimConfig;
-use lisa_trainer::tau_norm::TauNormConfig;
 use lisa_trainer::train::{Mode, TrainConfig, Trainer};
 use lisa_trainer::weights::read_safetensors;
 

@@ -10,7 +10,8 @@ use lisa_cpu::{CpuBackend as C, CpuDevice};
 use lisa_trainer::autodiff::{Tape, Var};
 use lisa_trainer::model::toy::{ControlConfig, ToyConfig, UNetConfig};
 use lisa_trainer::model::{
-    Conditioning, DecoderConfig, DualDenoiser, HookLayer, ModelSpec, Parts, PromptEmbedding, forward_train, registry,
+    Conditioning, DecoderConfig, DualDenoiser, ForwardOptions, HookLayer, ModelSpec, Parts, PromptEmbedding,
+    forward_train, registry,
 };
 use lisa_trainer::nn::{
     AttentionConfig, CLIP_ATTENTION, ClassEmbedding, Conv2d, Conv2dConfig, GroupNorm, Linear, MultiHeadAttention,
@@ -278,7 +279,7 @@ fn loss_and_grads(model: &dyn DualDenoiser<C>, inp: &Inputs, grads: bool) -> (f6
     let tape = Tape::<C>::new();
     let bound = model.store().bind(&tape);
     let (x_t, hint) = (tape.constant(inp.x_t.clone()), tape.constant(inp.hint.clone()));
-    let out = forward_train(model, &bound, &x_t, &hint, &inp.cond, true, None).unwrap();
+    let out = forward_train(model, &bound, &x_t, &hint, &inp.cond, ForwardOptions::lisa(true)).unwrap();
     let (main, g_pred) = C::mse_loss(&out.pred.value, &inp.y).unwrap();
     let dec = out.decoded.unwrap();
     let terms = [SampleTerms::unit(); 2];

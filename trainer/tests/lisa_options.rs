@@ -7,12 +7,12 @@ use common::tiny_model;
 use lisa_core::TargetSpace;
 use lisa_core::backend::prelude::*;
 use lisa_cpu::{CpuBackend as C, CpuDevice};
+use lisa_trainer::analysis::tau_share::tau_shares;
 use lisa_trainer::data::{Dataset, Example, FillCircles};
 use lisa_trainer::model::{DECODER, OutputInit, Parts, SIDE, registry};
+use lisa_trainer::objective::{TauNorm, TauNormConfig, measure_tau_norm};
 use lisa_trainer::optim::OptimConfig;
 use lisa_trainer::scheduler::NoiseProcess;
-use lisa_trainer::tau_norm::{TauNorm, TauNormConfig};
-use lisa_trainer::tau_share::{measure_tau_norm, tau_shares};
 use lisa_trainer::train::{Mode, TrainConfig, Trainer};
 
 fn trainer(output_init: OutputInit, options: impl FnOnce(&mut TrainConfig)) -> Trainer<C> {

@@ -5,7 +5,8 @@ use lisa_core::backend::{DType, Shape};
 use lisa_cpu::{CpuBackend as C, CpuDevice};
 use lisa_trainer::autodiff::Tape;
 use lisa_trainer::model::{
-    Conditioning, HookLayer, ModelSpec, Parts, PromptEmbedding, forward_prior, forward_train, predict, registry,
+    Conditioning, ForwardOptions, HookLayer, ModelSpec, Parts, PromptEmbedding, forward_prior, forward_train, predict,
+    registry,
 };
 
 fn randn(shape: &[usize], seed: u64) -> lisa_cpu::CpuTensor {
@@ -63,7 +64,7 @@ fn side_starts_as_a_copy_and_step_zero_equals_main() {
         C::to_vec(&main.value).unwrap(),
         "zero convs: controlled == main at step 0"
     );
-    let out = forward_train(model.as_ref(), &b, &x, &hint, &c, true, None).unwrap();
+    let out = forward_train(model.as_ref(), &b, &x, &hint, &c, ForwardOptions::lisa(true)).unwrap();
     assert!(
         C::to_vec(&out.decoded.unwrap().value).unwrap().iter().all(|&v| v == 0.0),
         "zero-initialised decoder output"
@@ -84,7 +85,7 @@ fn reused_encoder_prior_equals_full_main_forward() {
     let x = tape.constant(randn(&[3, 3, 32, 32], 5));
     let hint = tape.constant(randn(&[3, 1, 32, 32], 6));
     let c = cond(3);
-    let out = forward_train(model.as_ref(), &b, &x, &hint, &c, true, None).unwrap();
+    let out = forward_train(model.as_ref(), &b, &x, &hint, &c, ForwardOptions::lisa(true)).unwrap();
     let full = tape.no_grad(|| forward_prior(model.as_ref(), &b, &x, &c)).unwrap();
     assert_eq!(C::to_vec(out.prior.as_ref().unwrap()).unwrap(), C::to_vec(&full.value).unwrap());
     assert_ne!(C::to_vec(&out.pred.value).unwrap(), C::to_vec(&full.value).unwrap(), "residuals change the prediction");
@@ -104,8 +105,7 @@ fn every_hook_layer_builds_and_unknown_ones_are_rejected() {
             &tape.constant(randn(&[1, 3, 32, 32], 1)),
             &tape.constant(randn(&[1, 1, 32, 32], 2)),
             &cond(1),
-            true,
-            None,
+            ForwardOptions::lisa(true),
         )
         .unwrap();
         assert_eq!(C::shape(&out.decoded.unwrap().value).dims(), &[1, 3, 32, 32], "{hook}");
@@ -127,8 +127,15 @@ fn frozen_main_records_nothing_and_backward_releases_the_tape() {
     let x = tape.constant(randn(&[2, 3, 32, 32], 1));
     let main = forward_prior(model.as_ref(), &b, &x, &cond(2)).unwrap();
     assert!(!main.requires_grad(), "the frozen main network alone records no graph");
-    let out = forward_train(model.as_ref(), &b, &x, &tape.constant(randn(&[2, 1, 32, 32], 2)), &cond(2), false, None)
-        .unwrap();
+    let out = forward_train(
+        model.as_ref(),
+        &b,
+        &x,
+        &tape.constant(randn(&[2, 1, 32, 32], 2)),
+        &cond(2),
+        ForwardOptions::lisa(false),
+    )
+    .unwrap();
     assert!(tape.live_nodes() > 0);
     let g = C::full(&C::shape(&out.pred.value), 1.0, DType::F32, &CpuDevice).unwrap();
     tape.backward(&[(&out.pred, g)]).unwrap();
@@ -153,8 +160,16 @@ fn lisa_sub_batch_is_the_first_samples_of_the_full_batch() {
     let x = tape.constant(randn(&[4, 3, 32, 32], 5));
     let hint = tape.constant(randn(&[4, 1, 32, 32], 6));
     let c = cond(4);
-    let full = forward_train(model.as_ref(), &b, &x, &hint, &c, true, None).unwrap();
-    let part = forward_train(model.as_ref(), &b, &x, &hint, &c, true, Some(2)).unwrap();
+    let full = forward_train(model.as_ref(), &b, &x, &hint, &c, ForwardOptions::lisa(true)).unwrap();
+    let part = forward_train(
+        model.as_ref(),
+        &b,
+        &x,
+        &hint,
+        &c,
+        ForwardOptions { lisa_samples: Some(2), ..ForwardOptions::lisa(true) },
+    )
+    .unwrap();
     let first_half = |v: Vec<f32>| v[..v.len() / 2].to_vec();
     assert_eq!(
         C::to_vec(part.prior.as_ref().unwrap()).unwrap(),
@@ -165,7 +180,15 @@ fn lisa_sub_batch_is_the_first_samples_of_the_full_batch() {
         first_half(C::to_vec(&full.decoded.unwrap().value).unwrap())
     );
     assert!(
-        forward_train(model.as_ref(), &b, &x, &hint, &c, true, Some(5)).is_err(),
+        forward_train(
+            model.as_ref(),
+            &b,
+            &x,
+            &hint,
+            &c,
+            ForwardOptions { lisa_samples: Some(5), ..ForwardOptions::lisa(true) }
+        )
+        .is_err(),
         "more LISA samples than the batch"
     );
 }

@@ -221,7 +221,7 @@ fn a_saved_controlnet_folder_reloads_identically() {
 
 #[test]
 fn mixed_precision_keeps_the_controlnet_in_f32_and_stays_close_to_f32() {
-    use lisa_trainer::model::{SIDE, forward_train};
+    use lisa_trainer::model::{ForwardOptions, SIDE, forward_train};
     let (_, io) = (0, fixture("sd15/io.safetensors"));
     let bytes = std::fs::read(&io).unwrap();
     let io = lisa_trainer::weights::parse_safetensors(&io, &bytes).unwrap().tensors;
@@ -255,8 +255,7 @@ fn mixed_precision_keeps_the_controlnet_in_f32_and_stays_close_to_f32() {
             &tape.constant(t("sample")),
             &tape.constant(t("controlnet_cond")),
             &cond,
-            true,
-            None,
+            ForwardOptions::lisa(true),
         )
         .unwrap();
         assert_eq!(C::dtype(&out.pred.value), DType::F32);

@@ -12,7 +12,7 @@ use lisa_core::tolerance::REFERENCE_PARITY_F32;
 use lisa_trainer::autodiff::Tape;
 use lisa_trainer::model::sd::{SdModel, read_json_config};
 use lisa_trainer::model::{
-    Conditioning, DecoderConfig, DualDenoiser, ModelSpec, Parts, PromptEmbedding, forward_train,
+    Conditioning, DecoderConfig, DualDenoiser, ForwardOptions, ModelSpec, Parts, PromptEmbedding, forward_train,
 };
 use lisa_trainer::weights::{load_tensors, parse_safetensors};
 
@@ -99,7 +99,7 @@ fn check_case<B: Backend>(case: &str, device: B::Device) {
     assert_parity(&format!("{case} controlnet_mid"), &mid, &host("controlnet_mid"));
 
     // The training forward: controlled prediction, hook, decoder, prior.
-    let out = forward_train(&model, &bound, &x, &hint, &cond, true, None).unwrap();
+    let out = forward_train(&model, &bound, &x, &hint, &cond, ForwardOptions::lisa(true)).unwrap();
     let v = |t: &B::Tensor| B::to_vec(t).unwrap();
     assert_parity(&format!("{case} unet_out (prior)"), &v(out.prior.as_ref().unwrap()), &host("unet_out"));
     assert_parity(&format!("{case} unet_out_with_residuals"), &v(&out.pred.value), &host("unet_out_with_residuals"));

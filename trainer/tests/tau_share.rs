@@ -6,10 +6,10 @@ mod common;
 
 use common::tiny_model;
 use lisa_cpu::{CpuBackend as C, CpuDevice};
+use lisa_trainer::analysis::tau_share::tau_shares;
 use lisa_trainer::data::{Dataset, Example, FillCircles};
 use lisa_trainer::model::{Parts, registry};
 use lisa_trainer::optim::OptimConfig;
-use lisa_trainer::tau_share::tau_shares;
 use lisa_trainer::train::{Mode, TrainConfig, Trainer};
 
 fn trainer(mode: Mode) -> Trainer<C> {

@@ -9,6 +9,40 @@ use crate::autodiff::Var;
 use crate::error::{Result, TrainError};
 use crate::params::Bound;
 
+/// How a training forward runs the side network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SideMode {
+    /// Recorded on the tape: its activations are held until the backward.
+    #[default]
+    Recorded,
+    /// Gradient checkpointing (diffusers' `--gradient_checkpointing` for the ControlNet): run
+    /// without recording, its activations freed at once, its outputs entering the rest of the
+    /// graph as leaves ([`SideLeaves`]). After the backward, their gradients seed
+    /// [`replay_side`], which runs the side network again, recorded, and backpropagates into
+    /// its parameters: the same gradients for one more side forward, and the side network's
+    /// activations never held together with the main decoder's.
+    Checkpointed,
+}
+
+/// What a training forward computes beside the controlled prediction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ForwardOptions {
+    /// Compute the LISA term's inputs: the prior pass and the decoder output.
+    pub lisa: bool,
+    /// Restrict the LISA term to the first that many samples of the batch (a cost option,
+    /// not in the paper; None = all).
+    pub lisa_samples: Option<usize>,
+    /// Recorded or checkpointed side network.
+    pub side: SideMode,
+}
+
+impl ForwardOptions {
+    /// With (`true`) or without the LISA term, over the whole batch, side network recorded.
+    pub fn lisa(lisa: bool) -> Self {
+        Self { lisa, ..Self::default() }
+    }
+}
+
 /// What a training forward returns.
 pub struct TrainOutputs<B: Backend> {
     /// The controlled prediction `M(x_t; + r)` (records the graph through the residuals).
@@ -19,31 +53,47 @@ pub struct TrainOutputs<B: Backend> {
     pub decoded: Option<Var<B>>,
     /// The prior prediction `M(x_t)` of the LISA samples, without residuals (no gradient).
     pub prior: Option<B::Tensor>,
+    /// With [`SideMode::Checkpointed`], the side network's outputs as leaves, to seed
+    /// [`replay_side`] after the backward.
+    pub side_leaves: Option<SideLeaves<B>>,
 }
 
 /// The training forward (docs/method.md §3.3–3.6, §5). The main encoder runs under
 /// no-grad (frozen weights, `x_t` needs no gradient); the controlled decoder records only
 /// through the residuals; with `lisa`, the prior re-runs only the main decoder, without
-/// residuals and without recording, reusing the encoder activations.
-///
-/// `lisa_samples` (≤ batch) restricts the LISA term (prior pass and decoder) to the first
-/// that many samples of the batch: a cost option, not in the paper (None = all).
+/// residuals and without recording, reusing the encoder activations. `options.side` says
+/// whether the side network is recorded or checkpointed; `options.lisa_samples` (≤ batch)
+/// restricts the LISA term (prior pass and decoder) to the first that many samples.
 pub fn forward_train<B: Backend>(
     model: &dyn DualDenoiser<B>,
     p: &Bound<'_, B>,
     x_t: &Var<B>,
     hint: &Var<B>,
     cond: &Conditioning,
-    lisa: bool,
-    lisa_samples: Option<usize>,
+    options: ForwardOptions,
 ) -> Result<TrainOutputs<B>> {
+    let ForwardOptions { lisa, lisa_samples, side } = options;
     let tape = p.tape;
     let enc = tape.no_grad(|| model.encode_main(p, x_t, cond))?;
-    let side = model.side(p, x_t, hint, cond)?;
-    let pred = model.decode_main(p, &enc, Some((&side.residuals, model.conditioning_scale())))?;
-    let hooked = model.lisa_hook().map(|h| side.feature(h).cloned()).transpose()?;
+    let (residuals, hooked, side_leaves) = match side {
+        SideMode::Recorded => {
+            let out = model.side(p, x_t, hint, cond)?;
+            let hooked = model.lisa_hook().map(|h| out.feature(h).cloned()).transpose()?;
+            (out.residuals, hooked, None)
+        }
+        SideMode::Checkpointed => {
+            let out = tape.no_grad(|| model.side(p, x_t, hint, cond))?;
+            let leaf = |v: &Var<B>| tape.leaf(v.value.clone());
+            let residuals =
+                Residuals { down: out.residuals.down.iter().map(leaf).collect(), mid: leaf(&out.residuals.mid) };
+            let hooked = model.lisa_hook().map(|h| out.feature(h).map(leaf)).transpose()?;
+            let leaves = SideLeaves { residuals: residuals.clone(), hooked: hooked.clone() };
+            (residuals, hooked, Some(leaves))
+        }
+    };
+    let pred = model.decode_main(p, &enc, Some((&residuals, model.conditioning_scale())))?;
     let (decoded, prior) = lisa_term(model, p, &enc, hooked.as_ref(), cond, lisa, lisa_samples)?;
-    Ok(TrainOutputs { pred, hooked, decoded, prior })
+    Ok(TrainOutputs { pred, hooked, decoded, prior, side_leaves })
 }
 
 /// The side network's outputs as leaves of the training tape (gradient checkpointing): the
@@ -53,33 +103,6 @@ pub struct SideLeaves<B: Backend> {
     pub residuals: Residuals<B>,
     /// The hooked feature the LISA decoder read, when it did.
     pub hooked: Option<Var<B>>,
-}
-
-/// [`forward_train`] with the side network run without recording (gradient checkpointing,
-/// diffusers' `--gradient_checkpointing` for the ControlNet): its activations are freed at
-/// once, and its outputs enter the rest of the graph as leaves. After the backward, their
-/// gradients seed [`replay_side`], which runs the side network again, recorded, and
-/// backpropagates into its parameters: the same gradients for one more side forward, and
-/// the side network's activations never held together with the main decoder's.
-pub fn forward_train_checkpointed<B: Backend>(
-    model: &dyn DualDenoiser<B>,
-    p: &Bound<'_, B>,
-    x_t: &Var<B>,
-    hint: &Var<B>,
-    cond: &Conditioning,
-    lisa: bool,
-    lisa_samples: Option<usize>,
-) -> Result<(TrainOutputs<B>, SideLeaves<B>)> {
-    let tape = p.tape;
-    let enc = tape.no_grad(|| model.encode_main(p, x_t, cond))?;
-    let side = tape.no_grad(|| model.side(p, x_t, hint, cond))?;
-    let leaf = |v: &Var<B>| tape.leaf(v.value.clone());
-    let residuals = Residuals { down: side.residuals.down.iter().map(leaf).collect(), mid: leaf(&side.residuals.mid) };
-    let pred = model.decode_main(p, &enc, Some((&residuals, model.conditioning_scale())))?;
-    let hooked = model.lisa_hook().map(|h| side.feature(h).map(leaf)).transpose()?;
-    let (decoded, prior) = lisa_term(model, p, &enc, hooked.as_ref(), cond, lisa, lisa_samples)?;
-    let out = TrainOutputs { pred, hooked: hooked.clone(), decoded, prior };
-    Ok((out, SideLeaves { residuals, hooked }))
 }
 
 /// What [`replay_side`] returns: the replay tape's parameter leaves and their gradients.
@@ -121,8 +144,7 @@ pub fn replay_side<B: Backend>(
 /// The decoder output `D(h, t)` and the prior prediction of the LISA samples.
 type LisaTerm<B> = (Option<Var<B>>, Option<<B as lisa_core::backend::BackendTypes>::Tensor>);
 
-/// The LISA half of a training forward, shared by [`forward_train`] and
-/// [`forward_train_checkpointed`]: with `lisa`, the prior (the main decoder again, without
+/// The LISA half of a training forward: with `lisa`, the prior (the main decoder again, without
 /// residuals, no grad, reusing `enc`) and `D(h, t)` of the hooked feature, both for the
 /// first `lisa_samples` samples; `(None, None)` without.
 fn lisa_term<B: Backend>(

@@ -25,7 +25,7 @@ use lisa_core::backend::Backend;
 pub use conditioning::{Conditioning, PromptEmbedding};
 pub use decoder::{DecoderConfig, LisaDecoder, OutputInit};
 pub use forward::{
-    SideLeaves, TrainOutputs, forward_prior, forward_train, forward_train_checkpointed, predict, replay_side,
+    ForwardOptions, SideLeaves, SideMode, TrainOutputs, forward_prior, forward_train, predict, replay_side,
 };
 pub use hook::HookLayer;
 pub use registry::{ModelSpec, Parts};
@@ -83,17 +83,31 @@ impl<B: Backend> SideOutput<B> {
 
 /// The main encoder's activations, computed once per forward and consumed by the main
 /// decoder (with residuals for the controlled prediction, without for the LISA prior).
-/// Every tensor is batch-first; the layout is the architecture's own.
+/// Every tensor is batch-first.
 #[derive(Debug, Clone)]
 pub struct MainEncoding<B: Backend> {
-    /// The activations, batch first.
-    pub tensors: Vec<Var<B>>,
+    /// The time (and, where the architecture has one, class or text-pooled) embedding the
+    /// decoder's blocks read, `[n, d]`.
+    pub temb: Var<B>,
+    /// The prompt context the decoder's cross-attention reads (`[n, tokens, d]`; None for an
+    /// architecture without cross-attention).
+    pub context: Option<Var<B>>,
+    /// The encoder's skips and the middle block's output.
+    pub skips: Skips<B>,
 }
 
 impl<B: Backend> MainEncoding<B> {
     /// The first `k` samples of every tensor (the LISA sub-batch).
     pub fn slice_batch(&self, tape: &Tape<B>, k: usize) -> Result<Self> {
-        Ok(Self { tensors: self.tensors.iter().map(|v| tape.slice_batch(v, k)).collect::<Result<_>>()? })
+        let slice = |v: &Var<B>| tape.slice_batch(v, k);
+        Ok(Self {
+            temb: slice(&self.temb)?,
+            context: self.context.as_ref().map(slice).transpose()?,
+            skips: Skips {
+                down: self.skips.down.iter().map(slice).collect::<Result<_>>()?,
+                mid: slice(&self.skips.mid)?,
+            },
+        })
     }
 }
 

@@ -163,7 +163,7 @@ impl<B: Backend> AdamW<B> {
         cfg: &OptimConfig,
     ) -> Result<()> {
         if grads.len() != self.moments.len() {
-            return Err(TrainError::Autodiff("one gradient slot per trainable parameter expected"));
+            return Err(TrainError::Internal("one gradient slot per trainable parameter expected"));
         }
         self.step += 1;
         let hp = AdamWParams {

@@ -40,7 +40,7 @@ pub use vae::{AutoencoderKl, VAE_NORM_EPS, VaeConfig, load_vae, modern_attention
 
 use super::{
     Conditioning, DECODER, DecoderConfig, DualDenoiser, HookLayer, LisaDecoder, MAIN, MainEncoding, ModelSpec, Parts,
-    PromptEmbedding, Residuals, SIDE, SideOutput, Skips,
+    PromptEmbedding, Residuals, SIDE, SideOutput,
 };
 use crate::autodiff::Var;
 use crate::error::{Result, TrainError};
@@ -424,16 +424,10 @@ impl<B: Backend> DualDenoiser<B> for SdModel<B> {
         self.save_controlnet(dir).map(|()| true)
     }
 
-    /// `[silu(temb), context, skips…, mid]`.
     fn encode_main(&self, p: &Bound<'_, B>, x_t: &Var<B>, cond: &Conditioning) -> Result<MainEncoding<B>> {
         let context = p.tape.constant(self.context(cond, &B::device(&x_t.value))?);
         let enc = self.unet.encode(p, x_t, &cond.t, &context)?;
-        let mut tensors = Vec::with_capacity(enc.skips.down.len() + 3);
-        tensors.push(enc.temb);
-        tensors.push(context);
-        tensors.extend(enc.skips.down);
-        tensors.push(enc.skips.mid);
-        Ok(MainEncoding { tensors })
+        Ok(MainEncoding { temb: enc.temb, context: Some(context), skips: enc.skips })
     }
 
     fn decode_main(
@@ -442,11 +436,9 @@ impl<B: Backend> DualDenoiser<B> for SdModel<B> {
         enc: &MainEncoding<B>,
         residuals: Option<(&Residuals<B>, f32)>,
     ) -> Result<Var<B>> {
-        let [temb, context, down @ .., mid] = enc.tensors.as_slice() else {
-            return Err(TrainError::Autodiff("an sd encoding holds the time embedding, the context, skips and middle"));
-        };
-        let enc = Encoded { temb: temb.clone(), skips: Skips { down: down.to_vec(), mid: mid.clone() } };
-        self.unet.decode(p, &enc, context, residuals)
+        let context = enc.context.as_ref().ok_or(TrainError::Internal("an sd encoding carries the prompt context"))?;
+        let encoded = Encoded { temb: enc.temb.clone(), skips: enc.skips.clone() };
+        self.unet.decode(p, &encoded, context, residuals)
     }
 
     fn side(&self, p: &Bound<'_, B>, x_t: &Var<B>, hint: &Var<B>, cond: &Conditioning) -> Result<SideOutput<B>> {

@@ -103,7 +103,7 @@ impl SdUNet {
         for block in &self.up {
             let k = block.skips();
             let rest =
-                skips.len().checked_sub(k).ok_or(TrainError::Autodiff("up blocks consume more skips than exist"))?;
+                skips.len().checked_sub(k).ok_or(TrainError::Internal("up blocks consume more skips than exist"))?;
             h = block.forward(p, &h, &skips[rest..], &enc.temb, context)?;
             skips.truncate(rest);
         }

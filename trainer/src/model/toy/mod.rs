@@ -198,15 +198,10 @@ impl<B: Backend> DualDenoiser<B> for ToyModel<B> {
         Ok(PromptEmbedding::Classes(ids))
     }
 
-    /// `[silu(temb), skips…, mid]`.
     fn encode_main(&self, p: &Bound<'_, B>, x_t: &Var<B>, cond: &Conditioning) -> Result<MainEncoding<B>> {
         let temb = self.main.time.forward(p, cond)?;
         let enc = self.main.encoder.forward(p, x_t, &temb, None)?;
-        let mut tensors = Vec::with_capacity(enc.down.len() + 2);
-        tensors.push(temb);
-        tensors.extend(enc.down);
-        tensors.push(enc.mid);
-        Ok(MainEncoding { tensors })
+        Ok(MainEncoding { temb, context: None, skips: Skips { down: enc.down, mid: enc.mid } })
     }
 
     fn decode_main(
@@ -215,11 +210,7 @@ impl<B: Backend> DualDenoiser<B> for ToyModel<B> {
         enc: &MainEncoding<B>,
         residuals: Option<(&Residuals<B>, f32)>,
     ) -> Result<Var<B>> {
-        let [temb, down @ .., mid] = enc.tensors.as_slice() else {
-            return Err(TrainError::Autodiff("a toy encoding holds the time embedding, the skips and the middle"));
-        };
-        let skips = Skips { down: down.to_vec(), mid: mid.clone() };
-        self.main.decode(p, &skips, residuals, temb)
+        self.main.decode(p, &enc.skips, residuals, &enc.temb)
     }
 
     fn side(&self, p: &Bound<'_, B>, x_t: &Var<B>, hint: &Var<B>, cond: &Conditioning) -> Result<SideOutput<B>> {

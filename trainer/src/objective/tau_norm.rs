@@ -5,16 +5,21 @@
 //! timestep is a fixed property of the run: it is measured once, before the first step, on
 //! `examples` training examples in `buckets` equal buckets of timesteps (each bucket noising
 //! the same examples with its own fixed draws and noise), as `rms_b = √(mean τ²)`
-//! ([`crate::tau_share::measure_tau_norm`]). Training
+//! ([`measure_tau_norm`]). Training
 //! then uses `τ / rms_b` (and the decoder predicts in those units): the per-sample target scale
 //! `s_t` becomes `s_t / rms_b` for the bucket that holds the sample's noise level. The
 //! measurement uses its own random streams, so turning it on changes nothing else in the run.
 
-use lisa_core::lisa::SampleTerms;
-use lisa_core::{LisaConfig, NoiseLevel, Prediction};
+use lisa_core::backend::Backend;
+use lisa_core::{LisaConfig, NoiseLevel};
 use serde::{Deserialize, Serialize};
 
+use super::{bucket_batch, in_tau_units};
+use crate::autodiff::Tape;
+use crate::data::Example;
 use crate::error::{Result, TrainError};
+use crate::model::DualDenoiser;
+use crate::scheduler::NoiseProcess;
 
 /// How `τ`'s scale per timestep is measured (`[train.normalize_tau]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,7 +62,7 @@ pub struct TauNorm {
 
 impl TauNorm {
     /// From the σ at which each bucket starts (strictly increasing) and `√(mean τ²)` per
-    /// bucket (finite, > 0); [`crate::tau_share::measure_tau_norm`] measures both.
+    /// bucket (finite, > 0); [`measure_tau_norm`] measures both.
     pub fn new(sigma_from: Vec<f32>, rms: Vec<f32>) -> Result<Self> {
         if sigma_from.is_empty() || sigma_from.len() != rms.len() {
             return Err(TrainError::Config(format!(
@@ -97,22 +102,51 @@ impl TauNorm {
     }
 }
 
-/// The LISA term's per-sample factors for `levels`: [`LisaConfig::sample_terms`], with `τ`
-/// divided by its scale at each level when `norm` is given.
-pub fn lisa_terms(
+/// Offsets the τ-scale measurement's seeds from the run's (its draws are not the training draws).
+const TAU_NORM_SEED_OFFSET: u64 = 0x7461_755f_6e6f_726d;
+
+/// Measures `τ`'s root mean square per bucket of timesteps on `examples`, in chunks of `chunk`
+/// examples per forward pass, for [`TauNorm`] (crate::tau_norm's docs): every bucket noises
+/// the same examples with its own draws and noise, seeded from `seed`.
+pub fn measure_tau_norm<B: Backend>(
+    model: &dyn DualDenoiser<B>,
     lisa: &LisaConfig,
-    kind: Prediction,
-    levels: &[NoiseLevel<f32>],
-    norm: Option<&TauNorm>,
-) -> Result<Vec<SampleTerms<f32>>> {
-    levels
-        .iter()
-        .map(|l| {
-            let mut terms = lisa.sample_terms(kind, *l)?;
-            if let Some(n) = norm {
-                terms.target_scale *= n.factor(l);
-            }
-            Ok(terms)
-        })
-        .collect()
+    process: &NoiseProcess,
+    examples: &[Example],
+    config: &TauNormConfig,
+    chunk: usize,
+    seed: u64,
+) -> Result<TauNorm> {
+    config.validate()?;
+    if examples.is_empty() || chunk == 0 {
+        return Err(TrainError::Config("measuring τ's scale needs at least one example".into()));
+    }
+    let kind = model.prediction();
+    let buckets = config.buckets;
+    let chunks = examples.len().div_ceil(chunk);
+    let mut sigma_from = Vec::with_capacity(buckets);
+    let mut rms = Vec::with_capacity(buckets);
+    for b in 0..buckets {
+        let range = (b as f32 / buckets as f32, (b + 1) as f32 / buckets as f32);
+        sigma_from.push(process.draw(range.0)?.1.sigma);
+        let (mut sum, mut count) = (0.0f64, 0usize);
+        for (i, part) in examples.chunks(chunk).enumerate() {
+            let stream_seed = seed.wrapping_add(TAU_NORM_SEED_OFFSET).wrapping_add((b * chunks + i) as u64);
+            let batch = bucket_batch::<B>(process, model, part, range, stream_seed, false)?;
+            let tape = Tape::<B>::new();
+            let p = model.store().bind(&tape);
+            // [n, c, h, w]: the prior's prediction.
+            let prior = tape.no_grad(|| -> Result<_> {
+                let x = tape.constant(batch.x_t.clone());
+                let enc = model.encode_main(&p, &x, &batch.cond)?;
+                Ok(model.decode_main(&p, &enc, None)?.value)
+            })?;
+            // τ = s_t·(y − prior), [n, c, h, w].
+            let tau = in_tau_units::<B>(&batch.y, &prior, lisa, kind, None, &batch.levels)?;
+            sum += B::item(&B::sum_squares(&tau)?)? as f64;
+            count += B::shape(&tau).num_elements()?;
+        }
+        rms.push((sum / count as f64).sqrt() as f32);
+    }
+    TauNorm::new(sigma_from, rms)
 }

@@ -13,16 +13,15 @@
 //! schedule; every bucket noises the same examples with noise fixed by a seed, so two calls on
 //! the same model give the same numbers, and two models are compared on the same draws.
 
+use lisa_core::LisaConfig;
 use lisa_core::backend::Backend;
-use lisa_core::{LisaConfig, NoiseLevel};
 
 use crate::autodiff::Tape;
 use crate::data::Example;
 use crate::error::{Result, TrainError};
 use crate::model::DualDenoiser;
-use crate::run::{NoisedBatch, RunStream, noise_batch_at};
-use crate::scheduler::{NoiseConfig, NoiseProcess, add_noise};
-use crate::tau_norm::{TauNorm, TauNormConfig, lisa_terms};
+use crate::objective::{TauNorm, bucket_batch, in_tau_units, lisa_terms};
+use crate::scheduler::{NoiseConfig, NoiseProcess};
 
 /// The shares of `τ` in one bucket of timesteps.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -63,7 +62,7 @@ pub fn tau_shares<B: Backend>(
         .map(|b| {
             let (from, to) = (b as f32 / buckets as f32, (b + 1) as f32 / buckets as f32);
             let batch = bucket_batch::<B>(&process, model, examples, (from, to), seed.wrapping_add(b as u64), true)?;
-            let hint = batch.hint.ok_or(TrainError::Autodiff("noise_batch_at returns the hints it was asked for"))?;
+            let hint = batch.hint.ok_or(TrainError::Internal("noise_batch_at returns the hints it was asked for"))?;
             let tape = Tape::<B>::new();
             let p = model.store().bind(&tape);
             let cond = &batch.cond;
@@ -94,91 +93,4 @@ pub fn tau_shares<B: Backend>(
             Ok(TauShare { from, to, zero_distance: zero, decoder, control: share(control.distance) })
         })
         .collect()
-}
-
-/// `examples` noised at timesteps drawn uniformly inside the bucket `[from, to)` of the
-/// schedule (fractions), draws and noise from a stream seeded with `seed`; with the condition
-/// images when `with_hints`.
-pub(crate) fn bucket_batch<B: Backend>(
-    process: &NoiseProcess,
-    model: &dyn DualDenoiser<B>,
-    examples: &[Example],
-    (from, to): (f32, f32),
-    seed: u64,
-    with_hints: bool,
-) -> Result<NoisedBatch<B>> {
-    let mut stream = RunStream::new(seed);
-    // Draws inside [from, to), kept below `to` in f32.
-    let draws: Vec<f32> =
-        stream.uniforms(examples.len()).into_iter().map(|v| (from + v * (to - from)).min(to.next_down())).collect();
-    noise_batch_at(&mut stream, process, model, with_hints, examples, 0.0, Some(&draws))
-}
-
-/// Offsets the τ-scale measurement's seeds from the run's (its draws are not the training draws).
-const TAU_NORM_SEED_OFFSET: u64 = 0x7461_755f_6e6f_726d;
-
-/// Measures `τ`'s root mean square per bucket of timesteps on `examples`, in chunks of `chunk`
-/// examples per forward pass, for [`TauNorm`] (crate::tau_norm's docs): every bucket noises
-/// the same examples with its own draws and noise, seeded from `seed`.
-pub fn measure_tau_norm<B: Backend>(
-    model: &dyn DualDenoiser<B>,
-    lisa: &LisaConfig,
-    process: &NoiseProcess,
-    examples: &[Example],
-    config: &TauNormConfig,
-    chunk: usize,
-    seed: u64,
-) -> Result<TauNorm> {
-    config.validate()?;
-    if examples.is_empty() || chunk == 0 {
-        return Err(TrainError::Config("measuring τ's scale needs at least one example".into()));
-    }
-    let kind = model.prediction();
-    let buckets = config.buckets;
-    let chunks = examples.len().div_ceil(chunk);
-    let mut sigma_from = Vec::with_capacity(buckets);
-    let mut rms = Vec::with_capacity(buckets);
-    for b in 0..buckets {
-        let range = (b as f32 / buckets as f32, (b + 1) as f32 / buckets as f32);
-        sigma_from.push(process.draw(range.0)?.1.sigma);
-        let (mut sum, mut count) = (0.0f64, 0usize);
-        for (i, part) in examples.chunks(chunk).enumerate() {
-            let stream_seed = seed.wrapping_add(TAU_NORM_SEED_OFFSET).wrapping_add((b * chunks + i) as u64);
-            let batch = bucket_batch::<B>(process, model, part, range, stream_seed, false)?;
-            let tape = Tape::<B>::new();
-            let p = model.store().bind(&tape);
-            // [n, c, h, w]: the prior's prediction.
-            let prior = tape.no_grad(|| -> Result<_> {
-                let x = tape.constant(batch.x_t.clone());
-                let enc = model.encode_main(&p, &x, &batch.cond)?;
-                Ok(model.decode_main(&p, &enc, None)?.value)
-            })?;
-            // τ = s_t·(y − prior), [n, c, h, w].
-            let tau = in_tau_units::<B>(&batch.y, &prior, lisa, kind, None, &batch.levels)?;
-            sum += B::item(&B::sum_squares(&tau)?)? as f64;
-            count += B::shape(&tau).num_elements()?;
-        }
-        rms.push((sum / count as f64).sqrt() as f32);
-    }
-    TauNorm::new(sigma_from, rms)
-}
-
-/// `s_b·(a − b)` per sample `[n, …]`: a difference from the prior in τ's units (the target
-/// scale of [`LisaConfig::sample_terms`], divided by τ's scale at the level when `norm` is
-/// given, as [`lisa_terms`] does). A level the terms reject gives NaN, which neither caller
-/// lets through: [`tau_shares`] computes the same levels' terms first (an error there), and a
-/// NaN scale is refused by [`TauNorm::new`].
-fn in_tau_units<B: Backend>(
-    a: &B::Tensor,
-    b: &B::Tensor,
-    lisa: &LisaConfig,
-    kind: lisa_core::Prediction,
-    norm: Option<&TauNorm>,
-    levels: &[NoiseLevel<f32>],
-) -> Result<B::Tensor> {
-    let scale = |l: &NoiseLevel<f32>| {
-        let s = lisa.sample_terms(kind, *l).map_or(f32::NAN, |t| t.target_scale);
-        norm.map_or(s, |n| s * n.factor(l))
-    };
-    add_noise::<B>(a, b, |l| (scale(l), -scale(l)), levels)
 }

@@ -43,7 +43,7 @@ pub fn side_features<B: Backend>(
     for chunk in examples.chunks(CHUNK) {
         let draws = vec![t_fraction; chunk.len()];
         let batch = noise_batch_at(&mut stream, &process, model, true, chunk, 0.0, Some(&draws))?;
-        let hint = batch.hint.ok_or(TrainError::Autodiff("noise_batch_at returns the hints it was asked for"))?;
+        let hint = batch.hint.ok_or(TrainError::Internal("noise_batch_at returns the hints it was asked for"))?;
         let tape = Tape::<B>::new();
         let p = model.store().bind(&tape);
         // [chunk, c, h, w] at the hook.
