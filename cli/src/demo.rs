@@ -10,13 +10,14 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use image::RgbImage;
 use lisa_core::backend::Backend;
+use lisa_trainer::session::RunReport;
 use lisa_trainer::train::Mode;
 
 use crate::config::RunFile;
 use crate::image::save_png;
 use crate::plot::{BASELINE_BLUE, LISA_ORANGE, Panel, Series, line_chart};
 use crate::run_dir::{CheckpointArgs, LOCK, RunDir};
-use crate::train::{ArmReport, LoopOptions, Start, train_arm};
+use crate::train::{LoopOptions, Start, train_arm};
 
 /// The demo's run file and prior, shipped in `assets/` (found from the source tree, so the
 /// demo runs from any working directory of a clone).
@@ -89,7 +90,7 @@ pub fn run<B: Backend>(a: DemoArgs, device: B::Device) -> Result<()> {
         };
         reports.push(train_arm::<B>(&arm_file, Start { main: &main, side: None }, device.clone(), &options)?);
     }
-    let labelled: Vec<(&str, &ArmReport)> = arms.iter().map(|a| a.0).zip(&reports).collect();
+    let labelled: Vec<(&str, &RunReport)> = arms.iter().map(|a| a.0).zip(&reports).collect();
     let plot = a.output_dir.join("comparison.png");
     save_png(&comparison_plot(&labelled, a.threshold)?, &plot)?;
     let summary = summarise(&labelled, a.threshold, start.elapsed().as_secs_f64(), B::name());
@@ -101,9 +102,9 @@ pub fn run<B: Backend>(a: DemoArgs, device: B::Device) -> Result<()> {
         let reached = r.steps_to(a.threshold).map_or("not reached".to_string(), |s| format!("step {s}"));
         text += &format!(
             "  {label:9} final iou {:.4}   iou >= {:.2}: {reached:12}   {:.2} steps/s ({:.1} min training)\n",
-            r.final_iou().unwrap_or(f32::NAN),
+            r.final_score().unwrap_or(f32::NAN),
             a.threshold,
-            r.losses.len() as f64 / r.train_seconds.max(1e-9),
+            r.steps_per_second(),
             r.train_seconds / 60.0
         );
     }
@@ -165,7 +166,7 @@ fn colour(label: &str) -> [u8; 3] {
 
 /// IoU against step (with the threshold dashed) above the training loss (log scale,
 /// smoothed over 20 steps).
-pub fn comparison_plot(arms: &[(&str, &ArmReport)], threshold: f32) -> Result<RgbImage> {
+pub fn comparison_plot(arms: &[(&str, &RunReport)], threshold: f32) -> Result<RgbImage> {
     let iou = Panel {
         title: format!("controllability iou (dashed: {threshold:.2})"),
         series: arms
@@ -189,9 +190,11 @@ pub fn comparison_plot(arms: &[(&str, &ArmReport)], threshold: f32) -> Result<Rg
                 label: l.to_string(),
                 colour: colour(l),
                 points: r
-                    .losses
+                    .steps
                     .chunks(20)
-                    .map(|c| (c[c.len() - 1].0 as f64, c.iter().map(|x| x.2 as f64).sum::<f64>() / c.len() as f64))
+                    .map(|c| {
+                        (c[c.len() - 1].step as f64, c.iter().map(|s| s.main_loss as f64).sum::<f64>() / c.len() as f64)
+                    })
                     .collect(),
             })
             .collect(),
@@ -203,19 +206,19 @@ pub fn comparison_plot(arms: &[(&str, &ArmReport)], threshold: f32) -> Result<Rg
     line_chart(&[iou, loss], 720, 300)
 }
 
-fn summarise(arms: &[(&str, &ArmReport)], threshold: f32, seconds: f64, backend: &str) -> serde_json::Value {
+fn summarise(arms: &[(&str, &RunReport)], threshold: f32, seconds: f64, backend: &str) -> serde_json::Value {
     let per_arm: serde_json::Map<String, serde_json::Value> = arms
         .iter()
         .map(|(l, r)| {
             (
                 l.to_string(),
                 serde_json::json!({
-                    "final_iou": r.final_iou(),
+                    "final_iou": r.final_score(),
                     "steps_to_threshold": r.steps_to(threshold),
                     "validations": r.validations,
                     "train_seconds": r.train_seconds,
                     "wall_seconds": r.wall_seconds,
-                    "steps": r.losses.len(),
+                    "steps": r.steps.len(),
                 }),
             )
         })

@@ -1,69 +1,17 @@
-//! `lisa eval`, and the validation that `lisa train` runs.
+//! `lisa eval`: the toy task's validation (the library's `validate_toy`) of a checkpoint.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use image::RgbImage;
-use lisa_core::backend::{Backend, DType, Shape};
-use lisa_trainer::data::{Dataset, FillCircles};
-use lisa_trainer::metrics::{colour_error, controllability_iou};
+use lisa_core::backend::Backend;
 use lisa_trainer::model::{DualDenoiser, Parts, registry};
-use lisa_trainer::sample::{SampleConfig, sample};
-use lisa_trainer::scheduler::NoiseConfig;
 use lisa_trainer::train::TrainConfig;
+use lisa_trainer::validation::validate_toy;
 
 use crate::config::RunFile;
-use crate::image::{canvas, paste_planar, save_png, upscaled};
-
-/// What a validation measured.
-pub struct Validation {
-    /// Mean IoU between generated circles and the conditions' discs.
-    pub iou: f32,
-    /// Mean colour error (0 = perfect).
-    pub colour_error: f32,
-    /// Condition | sample pairs, eight pairs per row.
-    pub grid: RgbImage,
-}
-
-/// Samples the validation set with fixed seeds and scores it.
-pub fn validate<B: Backend>(
-    model: &dyn DualDenoiser<B>,
-    noise: &NoiseConfig,
-    set: &FillCircles,
-    cfg: &SampleConfig,
-) -> Result<Validation> {
-    let (r, n) = (set.resolution, set.len);
-    let hint_channels = model.hint_channels();
-    let mut hints = Vec::with_capacity(n * r * r);
-    let mut prompts = Vec::with_capacity(n);
-    for i in 0..n {
-        let e = set.get(i)?;
-        hints.extend_from_slice(&e.hint);
-        prompts.push(e.prompt);
-    }
-    let hint = B::from_slice(&hints, &Shape::new([n, hint_channels, r, r]), DType::F32, model.store().device())
-        .context("the validation outlines do not fit the model's condition channels")?;
-    let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
-    let images = B::to_vec(&sample(model, noise, &hint, &prompts, cfg)?)?;
-    let per = 3 * r * r;
-    let (mut iou, mut col) = (0.0, 0.0);
-    let cols = 8.min(n).max(1);
-    let mut grid = canvas(cols * 2 * (r + 2), n.div_ceil(cols) * (r + 2));
-    for i in 0..n {
-        let img = &images[i * per..(i + 1) * per];
-        let circle = set.circle(i);
-        iou += controllability_iou(img, r, &circle);
-        col += colour_error(img, r, &circle);
-        let (x, y) = ((i % cols) * 2 * (r + 2), (i / cols) * (r + 2));
-        paste_planar(&mut grid, &hints[i * r * r..(i + 1) * r * r], 1, r, (x, y), (0.0, 1.0));
-        paste_planar(&mut grid, img, 3, r, (x + r + 2, y), (-1.0, 1.0));
-    }
-    // Shown at ≥ 96 px per image: a 16-px sample is unreadable at its own size.
-    let grid = upscaled(&grid, (96 / r).max(1));
-    Ok(Validation { iou: iou / n as f32, colour_error: col / n as f32, grid })
-}
+use crate::image::save_grid;
 
 /// The flags that name an inference model (shared by `eval` and `sample`).
 #[derive(Debug, Args)]
@@ -137,7 +85,7 @@ pub fn run<B: Backend>(a: EvalArgs, device: B::Device) -> Result<()> {
         file.validation.sampling.steps = s;
     }
     let set = file.validation_set(model.sample_shape()[1]);
-    let v = validate(model.as_ref(), &file.train.noise, &set, &file.validation.sampling)?;
+    let v = validate_toy(model.as_ref(), &file.train.noise, &set, &file.validation.sampling)?;
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
@@ -146,7 +94,7 @@ pub fn run<B: Backend>(a: EvalArgs, device: B::Device) -> Result<()> {
     )
     .context("cannot write to standard output")?;
     if let Some(g) = a.grid {
-        save_png(&v.grid, &g)?;
+        save_grid(&v.grid, &g)?;
     }
     Ok(())
 }

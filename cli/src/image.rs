@@ -7,42 +7,15 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use image::imageops::{self, FilterType};
-use image::{GrayImage, ImageFormat, Rgb, RgbImage};
+use image::{GrayImage, ImageFormat, RgbImage};
+use lisa_trainer::validation::RgbGrid;
 use lisa_trainer::weights::write_atomic;
 
-/// A canvas for grids: black, `width × height`.
-pub fn canvas(width: usize, height: usize) -> RgbImage {
-    RgbImage::new(width as u32, height as u32)
-}
-
-/// Pastes a planar image `[c, side, side]` (c = 1 or 3, values in `range = (lo, hi)`) with
-/// its top-left corner at `at = (x, y)`.
-pub fn paste_planar(
-    img: &mut RgbImage,
-    planar: &[f32],
-    channels: usize,
-    side: usize,
-    at: (usize, usize),
-    range: (f32, f32),
-) {
-    let ((x0, y0), (lo, hi)) = (at, range);
-    let plane = side * side;
-    let byte = |v: f32| (((v - lo) / (hi - lo)).clamp(0.0, 1.0) * 255.0).round() as u8;
-    for y in 0..side {
-        for x in 0..side {
-            let (px, py) = ((x0 + x) as u32, (y0 + y) as u32);
-            if px < img.width() && py < img.height() {
-                let c = |k: usize| byte(planar[(if channels == 1 { 0 } else { k }) * plane + y * side + x]);
-                img.put_pixel(px, py, Rgb([c(0), c(1), c(2)]));
-            }
-        }
-    }
-}
-
-/// Each pixel as a `k × k` block (small model outputs made visible).
-pub fn upscaled(img: &RgbImage, k: usize) -> RgbImage {
-    let k = k.max(1) as u32;
-    imageops::resize(img, img.width() * k, img.height() * k, FilterType::Nearest)
+/// Writes a validation grid (the library's RGB pixels) as a PNG, atomically.
+pub fn save_grid(grid: &RgbGrid, path: &Path) -> Result<()> {
+    let img = RgbImage::from_raw(grid.width as u32, grid.height as u32, grid.pixels.clone())
+        .with_context(|| format!("a {}×{} grid with {} bytes", grid.width, grid.height, grid.pixels.len()))?;
+    save_png(&img, path)
 }
 
 /// Writes a PNG atomically (temporary file, fsync, rename).

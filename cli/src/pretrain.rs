@@ -9,10 +9,11 @@ use clap::Args;
 use lisa_core::backend::Backend;
 use lisa_trainer::checkpoint::{load_checkpoint, save_checkpoint};
 use lisa_trainer::pretrain::Pretrainer;
+use lisa_trainer::session::{OutputDir, checkpoint_name};
 
 use crate::config::{RunFile, check_memory};
 use crate::progress::Progress;
-use crate::run_dir::{CheckpointArgs, RunDir};
+use crate::run_dir::CheckpointArgs;
 
 /// Flags of `lisa pretrain` (override the run file).
 #[derive(Debug, Args)]
@@ -81,11 +82,11 @@ pub fn run<B: Backend>(a: PretrainArgs, device: B::Device) -> Result<()> {
     let mut trainer = Pretrainer::<B>::new(&file.model, file.pretrain.clone(), device)?;
     check_memory(trainer.model.as_ref(), file.pretrain.batch_size)?;
     let data = file.open_training_set(trainer.model.as_ref())?;
-    let dir = RunDir::lock(&a.output_dir)?;
+    let dir = OutputDir::lock(&a.output_dir)?;
     let c = &a.checkpoints;
     match &c.resume_from_checkpoint {
         Some(named) => {
-            let ckpt = dir.resume_target(named)?;
+            let ckpt = dir.resume_target(&named.parse()?)?;
             load_checkpoint(&mut trainer, data.as_ref(), &ckpt)?;
             dir.refuse_others(&trainer.run_id, &[], false)?;
             eprintln!("resumed from {} at step {}", ckpt.display(), trainer.run.state.step);
@@ -106,8 +107,8 @@ pub fn run<B: Backend>(a: PretrainArgs, device: B::Device) -> Result<()> {
     while trainer.run.state.step < total {
         let s = trainer.step(data.as_ref())?;
         progress.step(&s, (s.step - first) as f64 / start.elapsed().as_secs_f64());
-        if c.saves_at(s.step, total) {
-            save_checkpoint(&trainer, data.as_ref(), &dir.path().join(format!("checkpoint-{}", s.step)))?;
+        if c.policy().saves_at(s.step, total) {
+            save_checkpoint(&trainer, data.as_ref(), &dir.path().join(checkpoint_name(s.step)))?;
             if let Some(limit) = c.checkpoints_total_limit {
                 dir.prune(&trainer.run_id, limit)?;
             }

@@ -3,9 +3,13 @@
 //! validation) otherwise, so logs stay readable.
 
 use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 
 use indicatif::{ProgressBar, ProgressStyle};
+use lisa_trainer::session::{Event, Observer};
 use lisa_trainer::train::StepStats;
+
+use crate::image::save_grid;
 
 /// One run's progress display.
 pub struct Progress {
@@ -83,4 +87,61 @@ impl Progress {
 pub fn clock(seconds: f64) -> String {
     let s = seconds.max(0.0).round() as u64;
     format!("{}:{:02}", s / 60, s % 60)
+}
+
+/// What `lisa train`, `demo` and `study` show and write of a training run: the start summary,
+/// the progress display, and each validation grid as `validation-<step>.png` in the run's
+/// output folder.
+pub struct RunDisplay {
+    progress: Progress,
+    label: String,
+    output_dir: PathBuf,
+    summary: String,
+}
+
+impl RunDisplay {
+    /// The display of the run labelled `label` writing into `output_dir`; `summary` is printed
+    /// when the run starts.
+    pub fn new(label: &str, output_dir: &Path, summary: String) -> Self {
+        Self {
+            progress: Progress::new(label, 0, 0),
+            label: label.to_string(),
+            output_dir: output_dir.to_path_buf(),
+            summary,
+        }
+    }
+}
+
+impl Observer for RunDisplay {
+    fn on_event(&mut self, event: &Event<'_>) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        match event {
+            Event::Resumed { checkpoint, step } => eprintln!("resumed from {} at step {step}", checkpoint.display()),
+            Event::Started { first_step, total_steps, .. } => {
+                eprintln!("{}", self.summary);
+                self.progress = Progress::new(&self.label, *first_step, *total_steps);
+            }
+            Event::TauScale(rms) => {
+                let rms: Vec<String> = rms.iter().map(|r| format!("{r:.3}")).collect();
+                println!("{}: τ's scale per timestep bucket, low noise first: {}", self.label, rms.join(" "));
+            }
+            Event::Validation { step, report } => {
+                if let Some(grid) = &report.grid {
+                    let path = self.output_dir.join(format!("validation-{step:06}.png"));
+                    save_grid(grid, &path).map_err(|e| format!("{e:#}"))?;
+                }
+                if let Some(score) = report.score {
+                    self.progress.validation(*step, score);
+                }
+            }
+            Event::Step { stats, steps_per_second } => self.progress.step(stats, *steps_per_second),
+            Event::Checkpoint { .. } => {}
+            Event::Finished { report, exported } => {
+                self.progress.finish(report.wall_seconds);
+                if let Some(dir) = exported {
+                    eprintln!("the trained side network, in its native format: {}", dir.display());
+                }
+            }
+        }
+        Ok(())
+    }
 }

@@ -8,9 +8,10 @@ use lisa_core::backend::{Backend, DType, Shape};
 use lisa_trainer::data::{PALETTE, prompt_colours};
 use lisa_trainer::model::toy;
 use lisa_trainer::sample::{Sampler, sample};
+use lisa_trainer::validation::RgbGrid;
 
 use crate::eval::ModelArgs;
-use crate::image::{Resample, canvas, paste_planar, read_image, save_png, upscaled};
+use crate::image::{Resample, read_image, save_grid};
 
 /// Flags of `lisa sample`.
 #[derive(Debug, Args)]
@@ -73,13 +74,13 @@ pub fn run<B: Backend>(a: SampleArgs, device: B::Device) -> Result<()> {
     let prompts = vec![a.prompt.as_str(); n];
     let images = sample(model.as_ref(), &file.train.noise, &hint, &prompts, &file.validation.sampling)?;
     let images = B::to_vec(&images)?;
-    let mut out = canvas(2 * (r + 2), n * (r + 2));
+    let mut out = RgbGrid::new(2 * (r + 2), n * (r + 2));
     for i in 0..n {
-        paste_planar(&mut out, &hints[i * r * r..(i + 1) * r * r], 1, r, (0, i * (r + 2)), (0.0, 1.0));
-        paste_planar(&mut out, &images[i * 3 * r * r..(i + 1) * 3 * r * r], 3, r, (r + 2, i * (r + 2)), (-1.0, 1.0));
+        out.paste_planar(&hints[i * r * r..(i + 1) * r * r], 1, r, (0, i * (r + 2)), (0.0, 1.0));
+        out.paste_planar(&images[i * 3 * r * r..(i + 1) * 3 * r * r], 3, r, (r + 2, i * (r + 2)), (-1.0, 1.0));
     }
     // Shown at ≥ 96 px per image, as the validation grids.
-    save_png(&upscaled(&out, (96 / r).max(1)), &a.output)?;
+    save_grid(&out.upscaled((96 / r).max(1)), &a.output)?;
     eprintln!("wrote {}", a.output.display());
     Ok(())
 }

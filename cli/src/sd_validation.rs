@@ -1,22 +1,18 @@
-//! Validation of a latent-space model: samples for fixed condition images and prompts
-//! (diffusers' `--validation_image` / `--validation_prompt`), decoded by the pipeline's VAE,
-//! written as a grid of `condition | sample` rows.
+//! The files of a latent-space model's validation: condition images and prompts (diffusers'
+//! `--validation_image` / `--validation_prompt`) and the pipeline's VAE, read for the
+//! library's `LatentValidation`.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use image::RgbImage;
-use lisa_core::backend::{Backend, DType, Shape};
+use lisa_core::backend::Backend;
 use lisa_trainer::model::DualDenoiser;
-use lisa_trainer::model::sd::Vae;
-use lisa_trainer::sample::{SampleConfig, sample};
-use lisa_trainer::scheduler::NoiseConfig;
 
-use crate::image::{Resample, canvas, paste_planar, read_image};
+use crate::image::{Resample, read_image};
 
 /// What a latent-space run validates with.
 #[derive(Debug, Clone)]
-pub struct LatentValidation {
+pub struct LatentValidationFiles {
     /// The condition images.
     pub images: Vec<PathBuf>,
     /// One prompt per image.
@@ -44,7 +40,7 @@ pub fn validation_pairs(images: &[PathBuf], prompts: &[String]) -> Result<(Vec<P
 
 /// The condition images at the model's condition shape (resized and centre-cropped), read
 /// before training starts so that a bad file stops the run now.
-pub fn read_conditions<B: Backend>(model: &dyn DualDenoiser<B>, v: &LatentValidation) -> Result<Vec<f32>> {
+pub fn read_conditions<B: Backend>(model: &dyn DualDenoiser<B>, v: &LatentValidationFiles) -> Result<Vec<f32>> {
     let [c, h, _] = model.hint_shape();
     let mut out = Vec::new();
     for path in &v.images {
@@ -53,46 +49,4 @@ pub fn read_conditions<B: Backend>(model: &dyn DualDenoiser<B>, v: &LatentValida
         out.extend(img);
     }
     Ok(out)
-}
-
-/// Samples every pair and decodes it: a grid with one `condition | sample` row per pair.
-pub fn validate_latent<B: Backend>(
-    model: &dyn DualDenoiser<B>,
-    noise: &NoiseConfig,
-    v: &LatentValidation,
-    conditions: &[f32],
-    vae: &Vae<B>,
-    cfg: &SampleConfig,
-) -> Result<RgbImage> {
-    let n = v.prompts.len();
-    let [c, h, w] = model.hint_shape();
-    let hint = B::from_slice(conditions, &Shape::new([n, c, h, w]), DType::F32, model.store().device())?;
-    let prompts: Vec<&str> = v.prompts.iter().map(String::as_str).collect();
-    let latents = sample(model, noise, &hint, &prompts, cfg)?;
-    let images = vae.images(&latents)?;
-    let side = images.len() / (n * 3).max(1);
-    let side = (side as f64).sqrt() as usize;
-    let mut grid = canvas(2 * (side + 2), n * (side + 2));
-    for i in 0..n {
-        let cond = &conditions[i * c * h * w..(i + 1) * c * h * w];
-        // The condition at the sample's size when they differ (nearest).
-        let scaled: Vec<f32> = (0..c)
-            .flat_map(|ch| {
-                (0..side * side).map(move |k| {
-                    let (y, x) = (k / side * h / side, k % side * w / side);
-                    cond[ch * h * w + y * w + x]
-                })
-            })
-            .collect();
-        paste_planar(&mut grid, &scaled, c, side, (0, i * (side + 2)), (0.0, 1.0));
-        paste_planar(
-            &mut grid,
-            &images[i * 3 * side * side..(i + 1) * 3 * side * side],
-            3,
-            side,
-            (side + 2, i * (side + 2)),
-            (-1.0, 1.0),
-        );
-    }
-    Ok(grid)
 }

@@ -1,29 +1,22 @@
 //! `lisa train`: the side branch, with LISA or the baseline objective.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use lisa_core::backend::Backend;
 use lisa_core::{Distance, TargetSpace};
-use lisa_trainer::checkpoint::{load_checkpoint, save_checkpoint};
-use lisa_trainer::data::{Dataset, FillCircles};
-use lisa_trainer::model::{DualDenoiser, NATIVE_SIDE_DIR, Parts, registry};
-use lisa_trainer::probe::{ridge_probe, side_features};
-use lisa_trainer::tau_share::{TauShare, tau_shares};
+use lisa_trainer::model::DualDenoiser;
+use lisa_trainer::model::sd::{MixedPrecision, Pipeline, UNetConfig, Vae, VaeConfig, read_json_config};
+use lisa_trainer::session::{self, RunOptions, RunReport};
 use lisa_trainer::train::{Mode, Trainer};
-use lisa_trainer::weights::write_atomic;
+use lisa_trainer::validation::{LatentValidation, ToyValidation, Validator};
 
 use crate::config::{RunFile, SdInputs, check_memory};
-use crate::eval::validate;
-use crate::image::save_png;
-use crate::progress::Progress;
-use crate::run_dir::{CheckpointArgs, RunDir};
+use crate::progress::RunDisplay;
+use crate::run_dir::CheckpointArgs;
 use crate::sd_cache;
-use crate::sd_validation::{LatentValidation, read_conditions, validate_latent, validation_pairs};
-use lisa_trainer::model::sd::{MixedPrecision, Pipeline, UNetConfig, Vae, VaeConfig, read_json_config};
+use crate::sd_validation::{LatentValidationFiles, read_conditions, validation_pairs};
 
 /// Flags of `lisa train` (names as in diffusers' `train_controlnet.py`; they override the
 /// run file).
@@ -216,32 +209,7 @@ pub struct LoopOptions<'a> {
     /// Name shown on the progress bar.
     pub label: &'a str,
     /// Validation of a latent-space model (condition images, prompts, the VAE that decodes).
-    pub latent_validation: Option<LatentValidation>,
-}
-
-/// What a run measured.
-#[derive(Debug, Clone, Default)]
-pub struct ArmReport {
-    /// `(step, IoU)` of every validation.
-    pub validations: Vec<(u64, f32)>,
-    /// `(step, loss, main loss, LISA loss)` of every step.
-    pub losses: Vec<(u64, f32, f32, f32)>,
-    /// Seconds spent in training steps (validation excluded).
-    pub train_seconds: f64,
-    /// Wall-clock seconds of the whole run.
-    pub wall_seconds: f64,
-}
-
-impl ArmReport {
-    /// The IoU of the last validation.
-    pub fn final_iou(&self) -> Option<f32> {
-        self.validations.last().map(|v| v.1)
-    }
-
-    /// The first validated step whose IoU reached `threshold`.
-    pub fn steps_to(&self, threshold: f32) -> Option<u64> {
-        self.validations.iter().find(|v| v.1 >= threshold).map(|v| v.0)
-    }
+    pub latent_validation: Option<LatentValidationFiles>,
 }
 
 /// The pretrained weights a training run starts from.
@@ -253,59 +221,47 @@ pub struct Start<'a> {
     pub side: Option<&'a Path>,
 }
 
-/// Trains the side branch as `file` says, from `start`, on `device`. Everything that can be
-/// checked is checked before the first step.
-pub fn train_arm<B: Backend>(file: &RunFile, start: Start, device: B::Device, o: &LoopOptions) -> Result<ArmReport> {
+/// Trains the side branch as `file` says, from `start`, on `device`, through the library's
+/// training run ([`session::run`]). Everything that can be checked is checked before the
+/// first step.
+pub fn train_arm<B: Backend>(file: &RunFile, start: Start, device: B::Device, o: &LoopOptions) -> Result<RunReport> {
     let mode = file.train.mode;
-    let parts = Parts::Dual { decoder: mode == Mode::Lisa };
-    let mut model = registry::build::<B>(&file.model, parts, device, file.train.seed)?;
-    let main = start.main;
-    model.load_main(main).with_context(|| format!("loading the main network {}", main.display()))?;
-    if let Some(side) = start.side {
-        model.load_side(side).with_context(|| format!("loading the side network {}", side.display()))?;
-    }
+    let mut trainer = Trainer::<B>::from_pretrained(&file.model, file.train.clone(), start.main, start.side, device)
+        .with_context(|| match start.side {
+            Some(side) => format!("starting from {} and {}", start.main.display(), side.display()),
+            None => format!("starting from {}", start.main.display()),
+        })?;
+    let model = trainer.model.as_ref();
+    let noise = &file.train.noise;
     // Pixel-space models validate by sampling and measuring; latent-space ones by sampling
     // the given pairs and decoding with their VAE (or not at all when none are given).
-    let validates = !model.latent_space();
-    let latent = match (&o.latent_validation, model.latent_space()) {
+    let mut validator: Option<Box<dyn Validator<B>>> = match (&o.latent_validation, model.latent_space()) {
         (Some(v), true) => {
-            let conditions = read_conditions(model.as_ref(), v)?;
+            let conditions = read_conditions(model, v)?;
             let vae = Vae::<B>::open(&v.vae, model.store().device().clone(), v.dtype)
                 .with_context(|| format!("loading the VAE {}", v.vae.display()))?;
-            Some((v, conditions, vae))
+            let sampling = file.validation.sampling.clone();
+            let validation = LatentValidation::new(model, noise, conditions, v.prompts.clone(), vae, sampling)
+                .context("[validation.sampling]")?;
+            Some(Box::new(validation))
         }
         (None, true) => {
             eprintln!("note: no --validation-image given: no validation images; losses are logged");
             None
         }
-        _ => None,
-    };
-    file.check_sampling(model.as_ref())?;
-    check_memory(model.as_ref(), file.train.batch_size)?;
-    let data = file.open_training_set(model.as_ref())?;
-    check_example_fits(model.as_ref(), data.as_ref())?;
-    let val_set = file.validation_set(model.sample_shape()[1]);
-    let mut trainer = Trainer::new(model, file.train.clone())?;
-    let dir = RunDir::lock(o.output_dir)?;
-    let out = dir.path();
-    let metrics_path = out.join("metrics.jsonl");
-    let c = &o.checkpoints;
-    if let Some(named) = &c.resume_from_checkpoint {
-        let ckpt = dir.resume_target(named)?;
-        load_checkpoint(&mut trainer, data.as_ref(), &ckpt)?;
-        dir.refuse_others(&trainer.run_id, &[], false)?;
-        keep_metrics_until(&metrics_path, &trainer.run_id, trainer.run.state.step)?;
-        eprintln!("resumed from {} at step {}", ckpt.display(), trainer.run.state.step);
-    } else {
-        // Outputs a new run writes: another run's are refused (or removed with --overwrite).
-        dir.refuse_others(&trainer.run_id, &[metrics_path.clone(), out.join(NATIVE_SIDE_DIR)], c.overwrite)?;
-        if metrics_path.exists() {
-            std::fs::remove_file(&metrics_path)
-                .with_context(|| format!("cannot replace {}", metrics_path.display()))?;
+        (_, false) => {
+            let set = file.validation_set(model.sample_shape()[1]);
+            let validation =
+                ToyValidation::new(model, noise, set, file.validation.sampling.clone(), file.validation.seed)
+                    .context("[validation]")?;
+            Some(Box::new(validation))
         }
-    }
+    };
+    check_memory(model, file.train.batch_size)?;
+    let data = file.open_training_set(model)?;
+    check_example_fits(model, data.as_ref())?;
     let t = &file.train;
-    eprintln!(
+    let summary = format!(
         "train {} ({mode:?}, {}): {} examples, effective batch {} ({} x {}), {} steps, {} parameters trained, hook {}, lr {:.1e}",
         o.label,
         B::name(),
@@ -314,103 +270,25 @@ pub fn train_arm<B: Backend>(file: &RunFile, start: Start, device: B::Device, o:
         t.batch_size,
         t.gradient_accumulation_steps,
         t.max_train_steps,
-        trainer.model.store().count(true),
-        file.model.decoder.hook,
+        model.store().count(true),
+        model.spec().decoder.hook,
         t.optim.lr,
     );
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .with_context(|| format!("cannot open {}", metrics_path.display()))?;
-    let mut write_metrics = |line: serde_json::Value| {
-        writeln!(metrics, "{line}").with_context(|| format!("cannot write {}", metrics_path.display()))
+    let c = &o.checkpoints;
+    let options = RunOptions {
+        output_dir: o.output_dir.to_path_buf(),
+        validation_steps: o.validation_steps,
+        validate_at_start: o.validate_at_start,
+        checkpoints: c.policy(),
+        resume: c.resume_from_checkpoint.as_deref().map(|r| r.parse()).transpose()?,
+        overwrite: c.overwrite,
     };
-    let wall = Instant::now();
-    let mut report = ArmReport::default();
-    let first = trainer.run.state.step;
-    let mut progress = Progress::new(o.label, first, t.max_train_steps);
-    let run_id = trainer.run_id.clone();
-    let val_examples = (0..val_set.len).map(|i| val_set.get(i)).collect::<lisa_trainer::error::Result<Vec<_>>>()?;
-    // The linear probe's examples: their own circles, not the validation set's.
-    let probe_set = FillCircles { len: PROBE_EXAMPLES, seed: val_set.seed.wrapping_add(1), ..val_set.clone() };
-    let probe_examples =
-        (0..probe_set.len).map(|i| probe_set.get(i)).collect::<lisa_trainer::error::Result<Vec<_>>>()?;
-    let probe_targets: Vec<Vec<f64>> = (0..probe_set.len)
-        .map(|i| probe_set.circle(i))
-        .map(|c| vec![c.cx as f64, c.cy as f64, c.radius as f64])
-        .collect();
-    // IoU, colour error and the shares of τ per timestep bucket of one validation.
-    let validate_now = |trainer: &Trainer<B>, step: u64, report: &mut ArmReport| -> Result<(f32, f32, TauShares)> {
-        let v = validate(trainer.model.as_ref(), &t.noise, &val_set, &file.validation.sampling)?;
-        save_png(&v.grid, &out.join(format!("validation-{step:06}.png")))?;
-        report.validations.push((step, v.iou));
-        let norm = trainer.measured_tau_norm();
-        let shares = tau_shares(
-            trainer.model.as_ref(),
-            &t.lisa,
-            &t.noise,
-            norm,
-            &val_examples,
-            TAU_BUCKETS,
-            file.validation.seed,
-        )?;
-        let hook = file.model.decoder.hook;
-        let (features, dim) =
-            side_features(trainer.model.as_ref(), hook, &t.noise, &probe_examples, PROBE_T, file.validation.seed)?;
-        let probe = ridge_probe(&features, dim, &probe_targets)?;
-        Ok((v.iou, v.colour_error, TauShares(shares, probe.r2)))
+    let mut display = RunDisplay::new(o.label, o.output_dir, summary);
+    let validator: Option<&mut dyn Validator<B>> = match &mut validator {
+        Some(v) => Some(v.as_mut()),
+        None => None,
     };
-    if let Some(norm) = trainer.tau_norm(data.as_ref())? {
-        let rms: Vec<String> = norm.rms().iter().map(|r| format!("{r:.3}")).collect();
-        println!("{}: τ's scale per timestep bucket, low noise first: {}", o.label, rms.join(" "));
-    }
-    if o.validate_at_start && first == 0 && validates {
-        let (iou, colour, shares) = validate_now(&trainer, 0, &mut report)?;
-        progress.validation(0, iou);
-        let mut row = serde_json::json!({"step": 0, "iou": iou, "colour_error": colour, "run": run_id});
-        shares.write_into(&mut row);
-        write_metrics(row)?;
-    }
-    while trainer.run.state.step < t.max_train_steps {
-        let step_start = Instant::now();
-        let s = trainer.step(data.as_ref())?;
-        report.train_seconds += step_start.elapsed().as_secs_f64();
-        report.losses.push((s.step, s.loss, s.main_loss, s.lisa_loss));
-        let its = (s.step - first) as f64 / report.train_seconds;
-        let last = s.step == t.max_train_steps;
-        let (mut iou, mut colour, mut shares) = (None, None, None);
-        let due = (o.validation_steps > 0 && s.step % o.validation_steps == 0) || last;
-        if let (Some((v, conditions, vae)), true) = (&latent, due) {
-            let grid =
-                validate_latent(trainer.model.as_ref(), &t.noise, v, conditions, vae, &file.validation.sampling)?;
-            save_png(&grid, &out.join(format!("validation-{:06}.png", s.step)))?;
-        }
-        if validates && due {
-            let (v, c, tau) = validate_now(&trainer, s.step, &mut report)?;
-            progress.validation(s.step, v);
-            (iou, colour, shares) = (Some(v), Some(c), Some(tau));
-        }
-        progress.step(&s, its);
-        let mut row = serde_json::json!({"step": s.step, "loss": s.loss, "main_loss": s.main_loss, "lisa_loss": s.lisa_loss, "lisa_zero_distance": s.lisa_zero_distance, "grad_norm": s.grad_norm, "lr": s.lr, "steps_per_s": its, "iou": iou, "colour_error": colour});
-        if let Some(shares) = shares {
-            shares.write_into(&mut row);
-        }
-        write_metrics(row)?;
-        if c.saves_at(s.step, t.max_train_steps) {
-            save_checkpoint(&trainer, data.as_ref(), &out.join(format!("checkpoint-{}", s.step)))?;
-            if let Some(limit) = c.checkpoints_total_limit {
-                dir.prune(&trainer.run_id, limit)?;
-            }
-        }
-    }
-    report.wall_seconds = wall.elapsed().as_secs_f64();
-    progress.finish(report.wall_seconds);
-    let native = out.join(NATIVE_SIDE_DIR);
-    if trainer.model.export_side(&native)? {
-        eprintln!("the trained side network, in its native format: {}", native.display());
-    }
-    Ok(report)
+    Ok(session::run(&mut trainer, data.as_ref(), validator, &options, &mut display)?)
 }
 
 /// The data's images and condition images have the model's channels (checked on the first
@@ -426,31 +304,6 @@ fn check_example_fits<B: Backend>(model: &dyn DualDenoiser<B>, data: &dyn lisa_t
             e.hint.len() / (hh * hw).max(1),
         );
     }
-    Ok(())
-}
-
-/// Drops the lines of `metrics.jsonl` past `step` (a resumed run writes them again); a file
-/// with another run's lines is refused, not cut.
-fn keep_metrics_until(path: &Path, run_id: &str, step: u64) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
-    let other = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .any(|v| v.get("run").and_then(|r| r.as_str()).is_some_and(|r| r != run_id));
-    if other {
-        bail!("{} holds another run's metrics; resume a run in its own output folder", path.display());
-    }
-    let kept: String = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v.get("step")?.as_u64())
-                .is_some_and(|s| s <= step)
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    write_atomic(path, kept.as_bytes())?;
     Ok(())
 }
 
@@ -492,7 +345,7 @@ pub fn run<B: Backend>(a: TrainArgs, device: B::Device) -> Result<()> {
             file.use_diffusers(&pipeline, a.controlnet_model_name_or_path.as_deref(), inputs)?;
             if !images.is_empty() {
                 latent_validation =
-                    Some(LatentValidation { images, prompts, vae: dir.join("vae"), dtype: precision.dtype() });
+                    Some(LatentValidationFiles { images, prompts, vae: dir.join("vae"), dtype: precision.dtype() });
             }
             (pipeline.unet_dir(), a.controlnet_model_name_or_path.clone())
         }
@@ -507,7 +360,7 @@ pub fn run<B: Backend>(a: TrainArgs, device: B::Device) -> Result<()> {
         label: if file.train.mode == Mode::Lisa { "lisa" } else { "baseline" },
     };
     let report = train_arm::<B>(&file, Start { main: &main, side: side.as_deref() }, device, &options)?;
-    let iou = report.final_iou().map_or("none (no validation)".to_string(), |v| format!("{v:.4}"));
+    let iou = report.final_score().map_or("none (no validation)".to_string(), |v| format!("{v:.4}"));
     eprintln!(
         "done in {:.1} min (training {:.1} min); final iou {iou}; outputs in {}",
         report.wall_seconds / 60.0,
@@ -515,29 +368,4 @@ pub fn run<B: Backend>(a: TrainArgs, device: B::Device) -> Result<()> {
         a.output_dir.display()
     );
     Ok(())
-}
-
-/// Timestep buckets of the τ shares logged with every validation of the toy.
-pub const TAU_BUCKETS: usize = 5;
-
-/// Examples of the linear probe from side features to the circle (trainer/src/probe.rs).
-pub const PROBE_EXAMPLES: usize = 256;
-/// The timestep fraction t/T at which the probe reads the side features.
-pub const PROBE_T: f32 = 0.5;
-
-/// One validation's analysis: the shares of τ per timestep bucket (trainer/src/tau_share.rs)
-/// and the linear probe's held-out R² for the circle's centre x, centre y and radius.
-struct TauShares(Vec<TauShare>, Vec<f64>);
-
-impl TauShares {
-    /// Adds `tau_zero_distance`, `tau_share_decoder` (null entries without a decoder) and
-    /// `tau_share_control` to a metrics row (one value per bucket, low timesteps first), and
-    /// `probe_r2` (centre x, centre y, radius).
-    fn write_into(&self, row: &mut serde_json::Value) {
-        let column = |f: fn(&TauShare) -> Option<f32>| self.0.iter().map(f).collect::<Vec<_>>();
-        row["tau_zero_distance"] = serde_json::json!(column(|s| Some(s.zero_distance)));
-        row["tau_share_decoder"] = serde_json::json!(column(|s| s.decoder));
-        row["tau_share_control"] = serde_json::json!(column(|s| Some(s.control)));
-        row["probe_r2"] = serde_json::json!(self.1);
-    }
 }

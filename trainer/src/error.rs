@@ -20,6 +20,14 @@ pub enum TrainError {
     /// Misuse of the autodiff tape (a bug in model code).
     #[error("autodiff: {0}")]
     Autodiff(&'static str),
+    /// A run's output folder cannot be used as asked (in use, another run's outputs, no
+    /// checkpoint to resume).
+    #[error("{0}")]
+    Output(String),
+    /// The program observing a training run stopped it (it could not show or write what the
+    /// run reported).
+    #[error("{0}")]
+    Observer(String),
     /// An invariant of lisa's own code does not hold (a bug in lisa, not a user error).
     #[error("internal error (a bug in lisa; please report it): {0}")]
     Internal(&'static str),

@@ -21,7 +21,9 @@ pub mod pretrain;
 pub mod run;
 pub mod sample;
 pub mod scheduler;
+pub mod session;
 pub mod train;
+pub mod validation;
 pub mod weights;
 
 pub use error::{Result, TrainError};

@@ -2,6 +2,8 @@
 //! `L = MSE(pred, y) + λ·LISA`, back-propagate into the side network and the decoder, clip,
 //! AdamW, EMA. A baseline mode does everything the same without the decoder and the prior.
 
+use std::path::Path;
+
 use lisa_core::backend::Backend;
 use lisa_core::{LisaConfig, Prediction};
 use serde::{Deserialize, Serialize};
@@ -9,7 +11,9 @@ use serde::{Deserialize, Serialize};
 use crate::autodiff::Tape;
 use crate::data::{Dataset, Example};
 use crate::error::{Result, TrainError};
-use crate::model::{DECODER, DualDenoiser, ForwardOptions, Parts, SIDE, SideMode, forward_train, replay_side};
+use crate::model::{
+    DECODER, DualDenoiser, ForwardOptions, ModelSpec, Parts, SIDE, SideMode, forward_train, registry, replay_side,
+};
 use crate::objective::{Objective, TauNorm, TauNormConfig, measure_tau_norm};
 use crate::optim::{OptimConfig, Optimizer};
 pub use crate::run::TrainState;
@@ -175,6 +179,26 @@ impl<B: Backend> Trainer<B> {
         }
         let run = RunStream::new(config.seed);
         Ok(Self { model, optimizer, run, run_id: new_run_id(), config, noise, tau_norm: None })
+    }
+
+    /// A fresh run from pretrained weights: `spec` built on `device` (with the decoder iff
+    /// `config.mode` is LISA, seeded with `config.seed`), its main network loaded from `main`
+    /// (a `lisa pretrain` prior, or a diffusers UNet folder) and, when given, its side network
+    /// from `side` (the architecture's native format, e.g. a diffusers ControlNet folder).
+    pub fn from_pretrained(
+        spec: &ModelSpec,
+        config: TrainConfig,
+        main: &Path,
+        side: Option<&Path>,
+        device: B::Device,
+    ) -> Result<Self> {
+        let parts = Parts::Dual { decoder: config.mode == Mode::Lisa };
+        let mut model = registry::build::<B>(spec, parts, device, config.seed)?;
+        model.load_main(main)?;
+        if let Some(side) = side {
+            model.load_side(side)?;
+        }
+        Self::new(model, config)
     }
 
     /// The run's per-timestep scale of `τ` (`normalize_tau`; None when off or in baseline

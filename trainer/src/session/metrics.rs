@@ -1,0 +1,56 @@
+//! `metrics.jsonl`: one JSON object per line, appended as the run goes (one per step, and
+//! one for a validation before the first step), each flushed to the file as written.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Result, TrainError};
+use crate::weights::write_atomic;
+
+/// The metrics file's name in a run's output folder.
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
+/// A run's metrics file, open for appending.
+pub struct MetricsLog {
+    path: PathBuf,
+    file: File,
+}
+
+impl MetricsLog {
+    /// Opens (creating if missing) `path` for appending.
+    pub fn append(path: &Path) -> Result<Self> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|source| TrainError::Io { path: path.to_path_buf(), source })?;
+        Ok(Self { path: path.to_path_buf(), file })
+    }
+
+    /// Appends one row.
+    pub fn write(&mut self, row: &serde_json::Value) -> Result<()> {
+        writeln!(self.file, "{row}").map_err(|source| TrainError::Io { path: self.path.clone(), source })
+    }
+
+    /// Drops the lines of `path` past `step` (a resumed run writes them again); a file with
+    /// another run's lines (their `run` field) is refused, not cut. A missing file is fine.
+    pub fn keep_until(path: &Path, run_id: &str, step: u64) -> Result<()> {
+        let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+        let rows: Vec<Option<serde_json::Value>> = text.lines().map(|l| serde_json::from_str(l).ok()).collect();
+        let other = rows.iter().flatten().any(|v| v.get("run").and_then(|r| r.as_str()).is_some_and(|r| r != run_id));
+        if other {
+            return Err(TrainError::Output(format!(
+                "{} holds another run's metrics; resume a run in its own output folder",
+                path.display()
+            )));
+        }
+        let kept: String = text
+            .lines()
+            .zip(&rows)
+            .filter(|(_, v)| v.as_ref().and_then(|v| v.get("step")?.as_u64()).is_some_and(|s| s <= step))
+            .map(|(l, _)| format!("{l}\n"))
+            .collect();
+        write_atomic(path, kept.as_bytes())
+    }
+}

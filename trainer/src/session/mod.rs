@@ -1,0 +1,268 @@
+//! The training run: what a program embedding `lisa-trainer` calls to train a side network
+//! the way `lisa train` does. [`run`] owns the cadence (steps, validations, checkpoints), the
+//! metrics rows (`metrics.jsonl`), checkpoint save, prune and resume in an output folder it
+//! locks ([`OutputDir`]), and reports its progress as [`Event`]s to an [`Observer`]; what it
+//! validates with is a [`Validator`]. A program keeps what touches its user: flags, progress
+//! bars, image files (the observer receives each validation grid as RGB pixels).
+
+mod metrics;
+mod output;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+pub use metrics::{METRICS_FILE, MetricsLog};
+pub use output::{CheckpointPolicy, LOCK, OutputDir, ResumeFrom, checkpoint_name};
+
+use crate::checkpoint::{load_checkpoint, save_checkpoint};
+use crate::data::Dataset;
+use crate::error::{Result, TrainError};
+use crate::model::NATIVE_SIDE_DIR;
+use crate::train::{StepStats, Trainer};
+use crate::validation::{ValidationReport, Validator};
+
+/// How a training run validates, saves and resumes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunOptions {
+    /// Checkpoints, `metrics.jsonl` and the exported side network go here.
+    pub output_dir: PathBuf,
+    /// Validate every N steps (0: only at the end; always at the last step).
+    pub validation_steps: u64,
+    /// Also validate before the first step of a fresh run (the prior alone: the side
+    /// branch starts at zero).
+    pub validate_at_start: bool,
+    /// When checkpoints are saved and how many are kept.
+    pub checkpoints: CheckpointPolicy,
+    /// Resume from a checkpoint instead of starting fresh.
+    pub resume: Option<ResumeFrom>,
+    /// Start fresh in a folder holding another run's outputs, deleting them.
+    pub overwrite: bool,
+}
+
+impl RunOptions {
+    /// A fresh run into `output_dir` that validates every `validation_steps` steps and saves
+    /// one checkpoint, at the end.
+    pub fn new(output_dir: impl Into<PathBuf>, validation_steps: u64) -> Self {
+        Self {
+            output_dir: output_dir.into(),
+            validation_steps,
+            validate_at_start: false,
+            checkpoints: CheckpointPolicy::default(),
+            resume: None,
+            overwrite: false,
+        }
+    }
+
+    /// Whether step `step` of `total` validates.
+    pub fn validates_at(&self, step: u64, total: u64) -> bool {
+        (self.validation_steps > 0 && step.is_multiple_of(self.validation_steps)) || step == total
+    }
+}
+
+/// What a run reports as it goes.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// Resumed from a checkpoint.
+    Resumed {
+        /// The checkpoint folder.
+        checkpoint: &'a Path,
+        /// The step it holds.
+        step: u64,
+    },
+    /// About to take its first step.
+    Started {
+        /// Steps already done (0 unless resumed).
+        first_step: u64,
+        /// The run's last step.
+        total_steps: u64,
+        /// Training examples.
+        examples: usize,
+        /// Parameters trained.
+        trained_parameters: usize,
+    },
+    /// `τ`'s measured scale per timestep bucket, low noise first (`normalize_tau`).
+    TauScale(&'a [f32]),
+    /// An optimizer step finished.
+    Step {
+        /// What it measured.
+        stats: &'a StepStats,
+        /// Steps per second of training time since the run (or its resume) started.
+        steps_per_second: f64,
+    },
+    /// A validation finished (before the step's [`Event::Step`]).
+    Validation {
+        /// The step validated (0: before the first).
+        step: u64,
+        /// What it measured.
+        report: &'a ValidationReport,
+    },
+    /// A checkpoint was written.
+    Checkpoint {
+        /// Its folder.
+        path: &'a Path,
+    },
+    /// The run finished: its last step is done and its side network exported.
+    Finished {
+        /// What it measured.
+        report: &'a RunReport,
+        /// The side network in the architecture's native format, when it has one.
+        exported: Option<&'a Path>,
+    },
+}
+
+/// Receives a run's [`Event`]s (progress displays, image files). An error stops the run.
+pub trait Observer {
+    /// Called for each event, in order.
+    fn on_event(&mut self, event: &Event<'_>) -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>;
+}
+
+/// An observer that ignores every event.
+impl Observer for () {
+    fn on_event(&mut self, _: &Event<'_>) -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        Ok(())
+    }
+}
+
+/// What a run measured.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunReport {
+    /// `(step, score)` of every validation that reported a score (the toy: IoU).
+    pub validations: Vec<(u64, f32)>,
+    /// The stats of every step this process ran.
+    pub steps: Vec<StepStats>,
+    /// Seconds spent in training steps (validation excluded).
+    pub train_seconds: f64,
+    /// Wall-clock seconds of the whole run.
+    pub wall_seconds: f64,
+}
+
+impl RunReport {
+    /// The score of the last validation.
+    pub fn final_score(&self) -> Option<f32> {
+        self.validations.last().map(|v| v.1)
+    }
+
+    /// The first validated step whose score reached `threshold`.
+    pub fn steps_to(&self, threshold: f32) -> Option<u64> {
+        self.validations.iter().find(|v| v.1 >= threshold).map(|v| v.0)
+    }
+
+    /// Steps per second of training time.
+    pub fn steps_per_second(&self) -> f64 {
+        self.steps.len() as f64 / self.train_seconds.max(1e-9)
+    }
+}
+
+/// Trains `trainer` on `data` up to its `max_train_steps` (docs/method.md §3), as `options`
+/// say: locks the output folder, resumes from a checkpoint or refuses (or, with `overwrite`,
+/// removes) another run's outputs there, then steps, validates with `validator` when due,
+/// appends one metrics row per step, saves and prunes checkpoints, and exports the side
+/// network in its architecture's native format at the end.
+pub fn run<B: lisa_core::backend::Backend>(
+    trainer: &mut Trainer<B>,
+    data: &dyn Dataset,
+    mut validator: Option<&mut dyn Validator<B>>,
+    options: &RunOptions,
+    observer: &mut dyn Observer,
+) -> Result<RunReport> {
+    let mut notify = |e: Event<'_>| observer.on_event(&e).map_err(|e| TrainError::Observer(e.to_string()));
+    let wall = Instant::now();
+    let dir = OutputDir::lock(&options.output_dir)?;
+    let out = dir.path();
+    let metrics_path = out.join(METRICS_FILE);
+    match &options.resume {
+        Some(from) => {
+            let ckpt = dir.resume_target(from)?;
+            load_checkpoint(trainer, data, &ckpt)?;
+            dir.refuse_others(&trainer.run_id, &[], false)?;
+            MetricsLog::keep_until(&metrics_path, &trainer.run_id, trainer.run.state.step)?;
+            notify(Event::Resumed { checkpoint: &ckpt, step: trainer.run.state.step })?;
+        }
+        None => {
+            // Outputs a new run writes: another run's are refused (or removed when told).
+            let own_outputs = [metrics_path.clone(), out.join(NATIVE_SIDE_DIR)];
+            dir.refuse_others(&trainer.run_id, &own_outputs, options.overwrite)?;
+            if metrics_path.exists() {
+                std::fs::remove_file(&metrics_path)
+                    .map_err(|source| TrainError::Io { path: metrics_path.clone(), source })?;
+            }
+        }
+    }
+    let total = trainer.config.max_train_steps;
+    let first = trainer.run.state.step;
+    notify(Event::Started {
+        first_step: first,
+        total_steps: total,
+        examples: data.len(),
+        trained_parameters: trainer.model.store().count(true),
+    })?;
+    let mut metrics = MetricsLog::append(&metrics_path)?;
+    let mut report = RunReport::default();
+    if let Some(norm) = trainer.tau_norm(data)? {
+        notify(Event::TauScale(norm.rms()))?;
+    }
+    if let Some(v) = validator.as_deref_mut()
+        && options.validate_at_start
+        && first == 0
+    {
+        let validation = v.validate(trainer)?;
+        report.validations.extend(validation.score.map(|s| (0, s)));
+        notify(Event::Validation { step: 0, report: &validation })?;
+        let mut row = validation.metrics.clone();
+        row.insert("step".into(), 0.into());
+        row.insert("run".into(), trainer.run_id.clone().into());
+        metrics.write(&row.into())?;
+    }
+    while trainer.run.state.step < total {
+        let step_start = Instant::now();
+        let stats = trainer.step(data)?;
+        report.train_seconds += step_start.elapsed().as_secs_f64();
+        let steps_per_second = (stats.step - first) as f64 / report.train_seconds;
+        let mut row = step_row(&stats, steps_per_second);
+        if let Some(v) = validator.as_deref_mut() {
+            for column in v.columns() {
+                row.insert(column.to_string(), serde_json::Value::Null);
+            }
+            if options.validates_at(stats.step, total) {
+                let validation = v.validate(trainer)?;
+                report.validations.extend(validation.score.map(|s| (stats.step, s)));
+                notify(Event::Validation { step: stats.step, report: &validation })?;
+                row.extend(validation.metrics);
+            }
+        }
+        notify(Event::Step { stats: &stats, steps_per_second })?;
+        metrics.write(&row.into())?;
+        report.steps.push(stats);
+        if options.checkpoints.saves_at(stats.step, total) {
+            let path = out.join(checkpoint_name(stats.step));
+            save_checkpoint(trainer, data, &path)?;
+            if let Some(limit) = options.checkpoints.total_limit {
+                dir.prune(&trainer.run_id, limit)?;
+            }
+            notify(Event::Checkpoint { path: &path })?;
+        }
+    }
+    let native = out.join(NATIVE_SIDE_DIR);
+    let exported = trainer.model.export_side(&native)?;
+    report.wall_seconds = wall.elapsed().as_secs_f64();
+    notify(Event::Finished { report: &report, exported: exported.then_some(native.as_path()) })?;
+    Ok(report)
+}
+
+/// The metrics row of a step: its stats and the training speed.
+fn step_row(s: &StepStats, steps_per_second: f64) -> serde_json::Map<String, serde_json::Value> {
+    let row = serde_json::json!({
+        "step": s.step,
+        "loss": s.loss,
+        "main_loss": s.main_loss,
+        "lisa_loss": s.lisa_loss,
+        "lisa_zero_distance": s.lisa_zero_distance,
+        "grad_norm": s.grad_norm,
+        "lr": s.lr,
+        "steps_per_s": steps_per_second,
+    });
+    match row {
+        serde_json::Value::Object(map) => map,
+        _ => serde_json::Map::new(),
+    }
+}
