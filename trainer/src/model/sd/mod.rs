@@ -234,7 +234,7 @@ impl<B: Backend> SdModel<B> {
             if with_decoder {
                 let hooked = hook_shape(&resolved.unet, spec.decoder.hook)?;
                 let out = (resolved.unet.out_channels, resolved.unet.sample_size);
-                decoder = Some(LisaDecoder::new(&mut store, "lisa", &spec.decoder, hooked, out)?);
+                decoder = Some(LisaDecoder::new(&mut store, DECODER, &spec.decoder, hooked, out)?);
             }
         }
         let prompts = match &sd.text_embeddings {

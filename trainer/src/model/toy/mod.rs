@@ -101,14 +101,14 @@ impl<B: Backend> ToyModel<B> {
         if parts != Parts::Prior {
             store = store.freeze_prefix(MAIN);
         }
-        let main = UNet::new(&mut store, "main", &config.unet)?;
+        let main = UNet::new(&mut store, MAIN, &config.unet)?;
         let (mut side, mut decoder) = (None, None);
         if let Parts::Dual { decoder: with_decoder } = parts {
-            side = Some(ControlNet::new(&mut store, "side", &config.unet, &config.control)?);
+            side = Some(ControlNet::new(&mut store, SIDE, &config.unet, &config.control)?);
             if with_decoder {
                 let hooked = config.hook_shape(spec.decoder.hook)?;
                 let out = (config.unet.image_channels, config.unet.resolution);
-                decoder = Some(LisaDecoder::new(&mut store, "lisa", &spec.decoder, hooked, out)?);
+                decoder = Some(LisaDecoder::new(&mut store, DECODER, &spec.decoder, hooked, out)?);
             }
         }
         let mut model = Self { store, main, side, decoder, config, decoder_config: spec.decoder.clone(), parts };
