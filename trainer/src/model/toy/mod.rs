@@ -26,7 +26,7 @@ use super::{
 use crate::autodiff::Var;
 use crate::data::prompt_colours;
 use crate::error::{Result, TrainError};
-use crate::params::{Bound, ParamStore};
+use crate::params::{Bound, ParamStore, Scope};
 use crate::weights::{MODEL_SPEC_KEY, load_params, load_tensors, parse_safetensors};
 
 /// The registry name.
@@ -121,12 +121,13 @@ impl<B: Backend> ToyModel<B> {
         if self.side.is_none() {
             return Ok(());
         }
+        let side = Scope::from(SIDE);
         let pairs: Vec<_> = self
             .store
             .iter()
             .filter_map(|(id, p)| {
                 let rest = p.name.strip_prefix(MAIN)?;
-                (rest.starts_with("time.") || rest.starts_with("encoder.")).then(|| (id, format!("{SIDE}{rest}")))
+                (rest.starts_with("time.") || rest.starts_with("encoder.")).then(|| (id, side.name(rest)))
             })
             .collect();
         for (src, dst_name) in pairs {
