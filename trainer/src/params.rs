@@ -1,10 +1,14 @@
 //! Named parameters, their per-step binding onto a tape, and seeded initialisation.
 
+mod scope;
+
 use lisa_core::backend::{Backend, DType, Shape};
 use lisa_core::rng::fill_normal;
 
 use crate::autodiff::{Tape, Var, VarId};
 use crate::error::{Result, TrainError};
+
+pub use scope::Scope;
 
 /// Index of a parameter in a [`ParamStore`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

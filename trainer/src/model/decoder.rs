@@ -15,7 +15,7 @@ use super::HookLayer;
 use crate::autodiff::Var;
 use crate::error::{Result, TrainError};
 use crate::nn::{Conv2d, Conv2dConfig, Linear, sinusoidal_embedding};
-use crate::params::{Bound, ParamStore};
+use crate::params::{Bound, ParamStore, Scope};
 
 /// The LISA decoder (docs/method.md §3.6).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,14 +62,15 @@ pub struct LisaDecoder {
 
 impl LisaDecoder {
     /// For a hooked feature of `c_h` channels at side `r_h`, decoding to `[out_channels,
-    /// out_res, out_res]` (the model output).
+    /// out_res, out_res]` (the model output); parameters under `at`.
     pub fn new<B: Backend>(
         s: &mut ParamStore<B>,
-        name: &str,
+        at: impl Into<Scope>,
         c: &DecoderConfig,
         (c_h, r_h): (usize, usize),
         (out_channels, out_res): (usize, usize),
     ) -> Result<Self> {
+        let at = at.into();
         if r_h == 0 || !out_res.is_multiple_of(r_h) || !(out_res / r_h).is_power_of_two() {
             return Err(TrainError::Config(format!(
                 "hook resolution {r_h} does not divide the output resolution {out_res} by a power of two"
@@ -79,25 +80,25 @@ impl LisaDecoder {
             return Err(TrainError::Config("decoder.time_sinusoidal_dim must be >= 2 and channel_floor > 0".into()));
         }
         let k = (out_res / r_h).trailing_zeros() as usize;
-        let mut stages = Vec::new();
+        let (mut stages, stage) = (Vec::new(), at.pp("stages"));
         let mut ch = c_h;
         if k == 0 {
-            stages.push((Conv2d::new(s, &format!("{name}.stages.0"), Conv2dConfig::new(ch, ch, 3))?, false));
+            stages.push((Conv2d::new(s, stage.pp(0), Conv2dConfig::new(ch, ch, 3))?, false));
         }
         for i in 0..k {
             let next = (ch / 2).max(c.channel_floor.min(ch));
             let kernel = if i == 0 && ch >= 512 { 1 } else { 3 };
-            stages.push((Conv2d::new(s, &format!("{name}.stages.{i}"), Conv2dConfig::new(ch, next, kernel))?, true));
+            stages.push((Conv2d::new(s, stage.pp(i), Conv2dConfig::new(ch, next, kernel))?, true));
             ch = next;
         }
         Ok(Self {
             config: c.clone(),
-            time_proj: Linear::new(s, &format!("{name}.time_proj"), c.time_sinusoidal_dim, c_h)?,
+            time_proj: Linear::new(s, at.pp("time_proj"), c.time_sinusoidal_dim, c_h)?,
             stages,
             out: {
                 let out = Conv2dConfig::new(ch, out_channels, 3);
                 let out = if c.output_init == OutputInit::Zero { out.zero_init() } else { out };
-                Conv2d::new(s, &format!("{name}.conv_out"), out)?
+                Conv2d::new(s, at.pp("conv_out"), out)?
             },
         })
     }

@@ -3,7 +3,7 @@ use lisa_core::backend::{Backend, GroupNormParams, Shape, Transpose};
 use super::{Conv2d, Conv2dConfig, GroupNorm};
 use crate::autodiff::Var;
 use crate::error::Result;
-use crate::params::{Bound, ParamStore};
+use crate::params::{Bound, ParamStore, Scope};
 
 /// Single-head spatial self-attention with a residual (DDPM's `AttnBlock`):
 /// `q, k, v = 1×1 convs of gn(x)`, `A = softmax(qᵀk/√c)`, `out = x + proj(v·Aᵀ)`.
@@ -18,15 +18,21 @@ pub struct SelfAttention {
 }
 
 impl SelfAttention {
-    /// Over `c` channels.
-    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, c: usize, norm: GroupNormParams) -> Result<Self> {
+    /// Over `c` channels, parameters under `at` (`group_norm`, `to_q`, `to_k`, `to_v`, `to_out`).
+    pub fn new<B: Backend>(
+        s: &mut ParamStore<B>,
+        at: impl Into<Scope>,
+        c: usize,
+        norm: GroupNormParams,
+    ) -> Result<Self> {
+        let at = at.into();
         let one_by_one = Conv2dConfig::new(c, c, 1);
         Ok(Self {
-            norm: GroupNorm::new(s, &format!("{name}.group_norm"), c, norm)?,
-            q: Conv2d::new(s, &format!("{name}.to_q"), one_by_one)?,
-            k: Conv2d::new(s, &format!("{name}.to_k"), one_by_one)?,
-            v: Conv2d::new(s, &format!("{name}.to_v"), one_by_one)?,
-            proj: Conv2d::new(s, &format!("{name}.to_out"), one_by_one)?,
+            norm: GroupNorm::new(s, at.pp("group_norm"), c, norm)?,
+            q: Conv2d::new(s, at.pp("to_q"), one_by_one)?,
+            k: Conv2d::new(s, at.pp("to_k"), one_by_one)?,
+            v: Conv2d::new(s, at.pp("to_v"), one_by_one)?,
+            proj: Conv2d::new(s, at.pp("to_out"), one_by_one)?,
             channels: c,
         })
     }

@@ -3,7 +3,7 @@ use lisa_core::backend::{Backend, GroupNormParams, Shape};
 use super::{Conv2d, Conv2dConfig, GroupNorm, Linear};
 use crate::autodiff::Var;
 use crate::error::Result;
-use crate::params::{Bound, ParamStore};
+use crate::params::{Bound, ParamStore, Scope};
 
 /// The widths of a [`ResBlock`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -32,21 +32,22 @@ pub struct ResBlock {
 }
 
 impl ResBlock {
-    /// Parameters under `{name}.` with diffusers' names (`norm1`, `conv1`, `time_emb_proj`, …).
-    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, c: ResBlockConfig) -> Result<Self> {
+    /// Parameters under `at` with diffusers' names (`norm1`, `conv1`, `time_emb_proj`, …).
+    pub fn new<B: Backend>(s: &mut ParamStore<B>, at: impl Into<Scope>, c: ResBlockConfig) -> Result<Self> {
+        let at = at.into();
         let (c_in, c_out) = (c.in_channels, c.out_channels);
         Ok(Self {
-            norm1: GroupNorm::new(s, &format!("{name}.norm1"), c_in, c.norm)?,
-            conv1: Conv2d::new(s, &format!("{name}.conv1"), Conv2dConfig::new(c_in, c_out, 3))?,
+            norm1: GroupNorm::new(s, at.pp("norm1"), c_in, c.norm)?,
+            conv1: Conv2d::new(s, at.pp("conv1"), Conv2dConfig::new(c_in, c_out, 3))?,
             time_proj: if c.time_dim > 0 {
-                Some(Linear::new(s, &format!("{name}.time_emb_proj"), c.time_dim, c_out)?)
+                Some(Linear::new(s, at.pp("time_emb_proj"), c.time_dim, c_out)?)
             } else {
                 None
             },
-            norm2: GroupNorm::new(s, &format!("{name}.norm2"), c_out, c.norm)?,
-            conv2: Conv2d::new(s, &format!("{name}.conv2"), Conv2dConfig::new(c_out, c_out, 3))?,
+            norm2: GroupNorm::new(s, at.pp("norm2"), c_out, c.norm)?,
+            conv2: Conv2d::new(s, at.pp("conv2"), Conv2dConfig::new(c_out, c_out, 3))?,
             skip: if c_in != c_out {
-                Some(Conv2d::new(s, &format!("{name}.conv_shortcut"), Conv2dConfig::new(c_in, c_out, 1))?)
+                Some(Conv2d::new(s, at.pp("conv_shortcut"), Conv2dConfig::new(c_in, c_out, 1))?)
             } else {
                 None
             },
@@ -82,9 +83,9 @@ impl ResBlock {
 pub struct Downsample(Conv2d);
 
 impl Downsample {
-    /// `c → c` channels.
-    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, c: usize) -> Result<Self> {
-        Ok(Self(Conv2d::new(s, &format!("{name}.conv"), Conv2dConfig::new(c, c, 3).stride(2))?))
+    /// `c → c` channels, the convolution under `at.conv`.
+    pub fn new<B: Backend>(s: &mut ParamStore<B>, at: impl Into<Scope>, c: usize) -> Result<Self> {
+        Ok(Self(Conv2d::new(s, at.into().pp("conv"), Conv2dConfig::new(c, c, 3).stride(2))?))
     }
 
     /// `[n, c, h, w] → [n, c, h/2, w/2]`.
@@ -98,9 +99,9 @@ impl Downsample {
 pub struct Upsample(Conv2d);
 
 impl Upsample {
-    /// `c → c` channels.
-    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, c: usize) -> Result<Self> {
-        Ok(Self(Conv2d::new(s, &format!("{name}.conv"), Conv2dConfig::new(c, c, 3))?))
+    /// `c → c` channels, the convolution under `at.conv`.
+    pub fn new<B: Backend>(s: &mut ParamStore<B>, at: impl Into<Scope>, c: usize) -> Result<Self> {
+        Ok(Self(Conv2d::new(s, at.into().pp("conv"), Conv2dConfig::new(c, c, 3))?))
     }
 
     /// `[n, c, h, w] → [n, c, 2h, 2w]`.

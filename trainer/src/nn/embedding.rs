@@ -2,7 +2,7 @@ use lisa_core::backend::{Backend, DType, Shape, Transpose};
 
 use crate::autodiff::Var;
 use crate::error::{Result, TrainError};
-use crate::params::{Bound, Init, ParamId, ParamStore};
+use crate::params::{Bound, Init, ParamId, ParamStore, Scope};
 
 /// Sinusoidal timestep embedding (DDPM / diffusers `get_timestep_embedding`, cos first):
 /// `e[b, i] = cos(t_b·ωᵢ)`, `e[b, half + i] = sin(t_b·ωᵢ)`, `ωᵢ = 10000^(−i/half)`.
@@ -32,10 +32,15 @@ pub struct ClassEmbedding {
 }
 
 impl ClassEmbedding {
-    /// `N(0, 1)` rows.
-    pub fn new<B: Backend>(store: &mut ParamStore<B>, name: &str, classes: usize, dim: usize) -> Result<Self> {
+    /// `N(0, 1)` rows: parameter `weight` under `at`.
+    pub fn new<B: Backend>(
+        store: &mut ParamStore<B>,
+        at: impl Into<Scope>,
+        classes: usize,
+        dim: usize,
+    ) -> Result<Self> {
         Ok(Self {
-            table: store.add(format!("{name}.weight"), &[classes, dim], Init::LecunNormal { fan_in: 1 })?,
+            table: store.add(at.into().name("weight"), &[classes, dim], Init::LecunNormal { fan_in: 1 })?,
             classes,
         })
     }

@@ -2,7 +2,7 @@ use lisa_core::backend::{Backend, Conv2dParams, GroupNormParams, Shape};
 
 use crate::autodiff::Var;
 use crate::error::Result;
-use crate::params::{Bound, Init, ParamId, ParamStore};
+use crate::params::{Bound, Init, ParamId, ParamStore, Scope};
 
 /// The shape and initialisation of a [`Conv2d`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,13 +56,14 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
-    /// Parameters `{name}.weight` and `{name}.bias` (zero).
-    pub fn new<B: Backend>(store: &mut ParamStore<B>, name: &str, c: Conv2dConfig) -> Result<Self> {
+    /// Parameters `weight` and `bias` (zero) under `at`.
+    pub fn new<B: Backend>(store: &mut ParamStore<B>, at: impl Into<Scope>, c: Conv2dConfig) -> Result<Self> {
+        let at = at.into();
         let k = c.kernel;
         let init = if c.zero_init { Init::Zeros } else { Init::LecunNormal { fan_in: c.in_channels * k * k } };
         Ok(Self {
-            weight: store.add(format!("{name}.weight"), &[c.out_channels, c.in_channels, k, k], init)?,
-            bias: store.add(format!("{name}.bias"), &[c.out_channels], Init::Zeros)?,
+            weight: store.add(at.name("weight"), &[c.out_channels, c.in_channels, k, k], init)?,
+            bias: store.add(at.name("bias"), &[c.out_channels], Init::Zeros)?,
             params: Conv2dParams { stride: [c.stride, c.stride], padding: [c.padding, c.padding] },
         })
     }
@@ -102,17 +103,24 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// LeCun-normal weights, zero bias.
-    pub fn new<B: Backend>(store: &mut ParamStore<B>, name: &str, d_in: usize, d_out: usize) -> Result<Self> {
-        let mut l = Self::without_bias(store, name, d_in, d_out)?;
-        l.bias = Some(store.add(format!("{name}.bias"), &[d_out], Init::Zeros)?);
+    /// LeCun-normal `weight`, zero `bias`, under `at`.
+    pub fn new<B: Backend>(store: &mut ParamStore<B>, at: impl Into<Scope>, d_in: usize, d_out: usize) -> Result<Self> {
+        let at = at.into();
+        let mut l = Self::without_bias(store, &at, d_in, d_out)?;
+        l.bias = Some(store.add(at.name("bias"), &[d_out], Init::Zeros)?);
         Ok(l)
     }
 
-    /// LeCun-normal weights, no bias.
-    pub fn without_bias<B: Backend>(store: &mut ParamStore<B>, name: &str, d_in: usize, d_out: usize) -> Result<Self> {
+    /// LeCun-normal `weight` under `at`, no bias.
+    pub fn without_bias<B: Backend>(
+        store: &mut ParamStore<B>,
+        at: impl Into<Scope>,
+        d_in: usize,
+        d_out: usize,
+    ) -> Result<Self> {
+        let at = at.into();
         Ok(Self {
-            weight: store.add(format!("{name}.weight"), &[d_out, d_in], Init::LecunNormal { fan_in: d_in })?,
+            weight: store.add(at.name("weight"), &[d_out, d_in], Init::LecunNormal { fan_in: d_in })?,
             bias: None,
         })
     }
@@ -147,11 +155,12 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    /// Parameters `{name}.weight`, `{name}.bias` over `c` features.
-    pub fn new<B: Backend>(store: &mut ParamStore<B>, name: &str, c: usize, eps: f32) -> Result<Self> {
+    /// Parameters `weight`, `bias` under `at` over `c` features.
+    pub fn new<B: Backend>(store: &mut ParamStore<B>, at: impl Into<Scope>, c: usize, eps: f32) -> Result<Self> {
+        let at = at.into();
         Ok(Self {
-            gamma: store.add(format!("{name}.weight"), &[c], Init::Ones)?,
-            beta: store.add(format!("{name}.bias"), &[c], Init::Zeros)?,
+            gamma: store.add(at.name("weight"), &[c], Init::Ones)?,
+            beta: store.add(at.name("bias"), &[c], Init::Zeros)?,
             eps,
         })
     }
@@ -175,12 +184,19 @@ pub struct GroupNorm {
 }
 
 impl GroupNorm {
-    /// `norm.groups` groups over `c` channels (clamped so that it divides `c`), ε `norm.eps`.
-    pub fn new<B: Backend>(store: &mut ParamStore<B>, name: &str, c: usize, norm: GroupNormParams) -> Result<Self> {
+    /// `norm.groups` groups over `c` channels (clamped so that it divides `c`), ε `norm.eps`;
+    /// parameters `weight`, `bias` under `at`.
+    pub fn new<B: Backend>(
+        store: &mut ParamStore<B>,
+        at: impl Into<Scope>,
+        c: usize,
+        norm: GroupNormParams,
+    ) -> Result<Self> {
+        let at = at.into();
         let groups = (1..=norm.groups.min(c)).rev().find(|g| c.is_multiple_of(*g)).unwrap_or(1);
         Ok(Self {
-            gamma: store.add(format!("{name}.weight"), &[c], Init::Ones)?,
-            beta: store.add(format!("{name}.bias"), &[c], Init::Zeros)?,
+            gamma: store.add(at.name("weight"), &[c], Init::Ones)?,
+            beta: store.add(at.name("bias"), &[c], Init::Zeros)?,
             params: GroupNormParams { groups, eps: norm.eps },
         })
     }

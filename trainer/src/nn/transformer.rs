@@ -7,7 +7,7 @@ use lisa_core::backend::{AttentionParams, Backend, Shape, UnaryOp};
 use super::{LayerNorm, Linear};
 use crate::autodiff::Var;
 use crate::error::{Result, TrainError};
-use crate::params::{Bound, ParamStore};
+use crate::params::{Bound, ParamStore, Scope};
 
 /// The parameter names and biases of an attention layer's projections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,21 +74,22 @@ pub struct MultiHeadAttention {
 }
 
 impl MultiHeadAttention {
-    /// Parameters `{name}.{q,k,v,out}` as `c.names` says.
-    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, c: AttentionConfig) -> Result<Self> {
+    /// Parameters `{q,k,v,out}` under `at`, named as `c.names` says.
+    pub fn new<B: Backend>(s: &mut ParamStore<B>, at: impl Into<Scope>, c: AttentionConfig) -> Result<Self> {
+        let at = at.into();
         if c.heads == 0 || c.head_dim == 0 {
-            return Err(TrainError::Config(format!("{name}: attention needs heads > 0 and head_dim > 0")));
+            return Err(TrainError::Config(format!("{at}: attention needs heads > 0 and head_dim > 0")));
         }
         let inner = c.heads * c.head_dim;
         let proj = |s: &mut ParamStore<B>, which: &str, d_in: usize| -> Result<Linear> {
-            let n = format!("{name}.{which}");
-            if c.names.qkv_bias { Linear::new(s, &n, d_in, inner) } else { Linear::without_bias(s, &n, d_in, inner) }
+            let at = at.pp(which);
+            if c.names.qkv_bias { Linear::new(s, at, d_in, inner) } else { Linear::without_bias(s, at, d_in, inner) }
         };
         Ok(Self {
             to_q: proj(s, c.names.q, c.query_dim)?,
             to_k: proj(s, c.names.k, c.context_dim)?,
             to_v: proj(s, c.names.v, c.context_dim)?,
-            to_out: Linear::new(s, &format!("{name}.{}", c.names.out), inner, c.query_dim)?,
+            to_out: Linear::new(s, at.pp(c.names.out), inner, c.query_dim)?,
             heads: c.heads,
             head_dim: c.head_dim,
             causal: c.causal,
@@ -128,11 +129,12 @@ pub struct GegluFeedForward {
 }
 
 impl GegluFeedForward {
-    /// `dim → 2·inner → dim` (`inner = 4·dim` in SD).
-    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, dim: usize, inner: usize) -> Result<Self> {
+    /// `dim → 2·inner → dim` (`inner = 4·dim` in SD), parameters `net.0.proj`, `net.2` under `at`.
+    pub fn new<B: Backend>(s: &mut ParamStore<B>, at: impl Into<Scope>, dim: usize, inner: usize) -> Result<Self> {
+        let net = at.into().pp("net");
         Ok(Self {
-            proj: Linear::new(s, &format!("{name}.net.0.proj"), dim, 2 * inner)?,
-            out: Linear::new(s, &format!("{name}.net.2"), inner, dim)?,
+            proj: Linear::new(s, net.pp(0).pp("proj"), dim, 2 * inner)?,
+            out: Linear::new(s, net.pp(2), inner, dim)?,
             inner,
         })
     }
@@ -164,26 +166,24 @@ pub struct TransformerBlock {
 pub const TRANSFORMER_NORM_EPS: f32 = 1e-5;
 
 impl TransformerBlock {
-    /// Over `dim = heads·head_dim` features with a cross-attention context of `context_dim`.
+    /// Over `dim = heads·head_dim` features with a cross-attention context of `context_dim`,
+    /// parameters under `at`.
     pub fn new<B: Backend>(
         s: &mut ParamStore<B>,
-        name: &str,
+        at: impl Into<Scope>,
         dim: usize,
         heads: usize,
         context_dim: usize,
     ) -> Result<Self> {
+        let at = at.into();
         let eps = TRANSFORMER_NORM_EPS;
         Ok(Self {
-            norm1: LayerNorm::new(s, &format!("{name}.norm1"), dim, eps)?,
-            attn1: MultiHeadAttention::new(s, &format!("{name}.attn1"), AttentionConfig::diffusers(dim, dim, heads))?,
-            norm2: LayerNorm::new(s, &format!("{name}.norm2"), dim, eps)?,
-            attn2: MultiHeadAttention::new(
-                s,
-                &format!("{name}.attn2"),
-                AttentionConfig::diffusers(dim, context_dim, heads),
-            )?,
-            norm3: LayerNorm::new(s, &format!("{name}.norm3"), dim, eps)?,
-            ff: GegluFeedForward::new(s, &format!("{name}.ff"), dim, 4 * dim)?,
+            norm1: LayerNorm::new(s, at.pp("norm1"), dim, eps)?,
+            attn1: MultiHeadAttention::new(s, at.pp("attn1"), AttentionConfig::diffusers(dim, dim, heads))?,
+            norm2: LayerNorm::new(s, at.pp("norm2"), dim, eps)?,
+            attn2: MultiHeadAttention::new(s, at.pp("attn2"), AttentionConfig::diffusers(dim, context_dim, heads))?,
+            norm3: LayerNorm::new(s, at.pp("norm3"), dim, eps)?,
+            ff: GegluFeedForward::new(s, at.pp("ff"), dim, 4 * dim)?,
         })
     }
 

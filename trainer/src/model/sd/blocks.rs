@@ -10,7 +10,7 @@ use crate::error::Result;
 use crate::nn::{
     Conv2d, Conv2dConfig, Downsample, GroupNorm, Linear, ResBlock, ResBlockConfig, TransformerBlock, Upsample,
 };
-use crate::params::{Bound, ParamStore};
+use crate::params::{Bound, ParamStore, Scope};
 
 /// diffusers' group-norm ε inside `Transformer2DModel` (whatever `norm_eps` says).
 pub const TRANSFORMER_GROUP_NORM_EPS: f32 = 1e-6;
@@ -46,12 +46,13 @@ pub struct TimeEmbedding {
 }
 
 impl TimeEmbedding {
-    /// `{prefix}time_embedding.*`, width `4·block_out_channels[0]`.
-    pub fn new<B: Backend>(s: &mut ParamStore<B>, prefix: &str, c: &UNetConfig) -> Result<Self> {
+    /// `linear_{1,2}` under `at` (`…time_embedding`), width `4·block_out_channels[0]`.
+    pub fn new<B: Backend>(s: &mut ParamStore<B>, at: impl Into<Scope>, c: &UNetConfig) -> Result<Self> {
+        let at = at.into();
         let dim = c.block_out_channels[0];
         Ok(Self {
-            linear_1: Linear::new(s, &format!("{prefix}time_embedding.linear_1"), dim, 4 * dim)?,
-            linear_2: Linear::new(s, &format!("{prefix}time_embedding.linear_2"), 4 * dim, 4 * dim)?,
+            linear_1: Linear::new(s, at.pp("linear_1"), dim, 4 * dim)?,
+            linear_2: Linear::new(s, at.pp("linear_2"), 4 * dim, 4 * dim)?,
             sinusoid_dim: dim,
             flip_sin_to_cos: c.flip_sin_to_cos,
             freq_shift: c.freq_shift,
@@ -87,21 +88,28 @@ pub struct SpatialTransformer {
 }
 
 impl SpatialTransformer {
-    /// `{name}.{norm,proj_in,transformer_blocks.0,proj_out}` over `c = heads·head_dim` channels.
-    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, c: usize, heads: usize, u: &UNetConfig) -> Result<Self> {
+    /// `{norm,proj_in,transformer_blocks.0,proj_out}` under `at` over `c = heads·head_dim` channels.
+    pub fn new<B: Backend>(
+        s: &mut ParamStore<B>,
+        at: impl Into<Scope>,
+        c: usize,
+        heads: usize,
+        u: &UNetConfig,
+    ) -> Result<Self> {
+        let at = at.into();
         let proj = |s: &mut ParamStore<B>, which: &str| -> Result<Projection> {
-            let n = format!("{name}.{which}");
+            let at = at.pp(which);
             Ok(if u.use_linear_projection {
-                Projection::Linear(Linear::new(s, &n, c, c)?)
+                Projection::Linear(Linear::new(s, at, c, c)?)
             } else {
-                Projection::Conv(Conv2d::new(s, &n, Conv2dConfig::new(c, c, 1))?)
+                Projection::Conv(Conv2d::new(s, at, Conv2dConfig::new(c, c, 1))?)
             })
         };
         let norm = GroupNormParams { groups: u.norm_num_groups, eps: TRANSFORMER_GROUP_NORM_EPS };
         Ok(Self {
-            norm: GroupNorm::new(s, &format!("{name}.norm"), c, norm)?,
+            norm: GroupNorm::new(s, at.pp("norm"), c, norm)?,
             proj_in: proj(s, "proj_in")?,
-            block: TransformerBlock::new(s, &format!("{name}.transformer_blocks.0"), c, heads, u.cross_attention_dim)?,
+            block: TransformerBlock::new(s, at.pp("transformer_blocks").pp(0), c, heads, u.cross_attention_dim)?,
             proj_out: proj(s, "proj_out")?,
         })
     }
@@ -135,17 +143,11 @@ impl SpatialTransformer {
     }
 }
 
-fn resnet<B: Backend>(
-    s: &mut ParamStore<B>,
-    name: &str,
-    c_in: usize,
-    c_out: usize,
-    u: &UNetConfig,
-) -> Result<ResBlock> {
+fn resnet<B: Backend>(s: &mut ParamStore<B>, at: Scope, c_in: usize, c_out: usize, u: &UNetConfig) -> Result<ResBlock> {
     let norm = GroupNormParams { groups: u.norm_num_groups, eps: u.norm_eps };
     ResBlock::new(
         s,
-        name,
+        at,
         ResBlockConfig { in_channels: c_in, out_channels: c_out, time_dim: 4 * u.block_out_channels[0], norm },
     )
 }
@@ -161,18 +163,25 @@ pub struct DownBlock {
 }
 
 impl DownBlock {
-    /// Level `i` of `u` under `{name}` (`…down_blocks.{i}`), reading `c_in` channels.
-    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, i: usize, c_in: usize, u: &UNetConfig) -> Result<Self> {
+    /// Level `i` of `u` under `at` (`…down_blocks.{i}`), reading `c_in` channels.
+    pub fn new<B: Backend>(
+        s: &mut ParamStore<B>,
+        at: impl Into<Scope>,
+        i: usize,
+        c_in: usize,
+        u: &UNetConfig,
+    ) -> Result<Self> {
+        let at = at.into();
         let c = u.block_out_channels[i];
         let mut block = Self { resnets: Vec::new(), attentions: Vec::new(), downsampler: None };
         for l in 0..u.layers_per_block {
-            block.resnets.push(resnet(s, &format!("{name}.resnets.{l}"), if l == 0 { c_in } else { c }, c, u)?);
+            block.resnets.push(resnet(s, at.pp("resnets").pp(l), if l == 0 { c_in } else { c }, c, u)?);
             if u.down_block_types[i] == DownBlockType::CrossAttnDownBlock2D {
-                block.attentions.push(SpatialTransformer::new(s, &format!("{name}.attentions.{l}"), c, u.heads[i], u)?);
+                block.attentions.push(SpatialTransformer::new(s, at.pp("attentions").pp(l), c, u.heads[i], u)?);
             }
         }
         if i + 1 < u.block_out_channels.len() {
-            block.downsampler = Some(Downsample::new(s, &format!("{name}.downsamplers.0"), c)?);
+            block.downsampler = Some(Downsample::new(s, at.pp("downsamplers").pp(0), c)?);
         }
         Ok(block)
     }
@@ -211,14 +220,15 @@ pub struct MidBlock {
 }
 
 impl MidBlock {
-    /// `{name}.{resnets.0, attentions.0, resnets.1}`.
-    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, u: &UNetConfig) -> Result<Self> {
+    /// `{resnets.0, attentions.0, resnets.1}` under `at`.
+    pub fn new<B: Backend>(s: &mut ParamStore<B>, at: impl Into<Scope>, u: &UNetConfig) -> Result<Self> {
+        let at = at.into();
         let c = *u.block_out_channels.last().expect("validated non-empty");
         let heads = *u.heads.last().expect("validated non-empty");
         Ok(Self {
-            resnet_0: resnet(s, &format!("{name}.resnets.0"), c, c, u)?,
-            attention: SpatialTransformer::new(s, &format!("{name}.attentions.0"), c, heads, u)?,
-            resnet_1: resnet(s, &format!("{name}.resnets.1"), c, c, u)?,
+            resnet_0: resnet(s, at.pp("resnets").pp(0), c, c, u)?,
+            attention: SpatialTransformer::new(s, at.pp("attentions").pp(0), c, heads, u)?,
+            resnet_1: resnet(s, at.pp("resnets").pp(1), c, c, u)?,
         })
     }
 
@@ -241,8 +251,9 @@ pub struct UpBlock {
 }
 
 impl UpBlock {
-    /// Up level `i` (from the deepest) under `{name}` (`…up_blocks.{i}`).
-    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, i: usize, u: &UNetConfig) -> Result<Self> {
+    /// Up level `i` (from the deepest) under `at` (`…up_blocks.{i}`).
+    pub fn new<B: Backend>(s: &mut ParamStore<B>, at: impl Into<Scope>, i: usize, u: &UNetConfig) -> Result<Self> {
+        let at = at.into();
         let n = u.block_out_channels.len();
         let rev = |k: usize| u.block_out_channels[n - 1 - k.min(n - 1)];
         let (prev, out, input) = (rev(i.saturating_sub(1)), rev(i), rev(i + 1));
@@ -253,13 +264,13 @@ impl UpBlock {
         for l in 0..layers {
             let skip = if l == layers - 1 { input } else { out };
             let c_in = if l == 0 { prev } else { out };
-            block.resnets.push(resnet(s, &format!("{name}.resnets.{l}"), c_in + skip, out, u)?);
+            block.resnets.push(resnet(s, at.pp("resnets").pp(l), c_in + skip, out, u)?);
             if u.up_block_types[i] == UpBlockType::CrossAttnUpBlock2D {
-                block.attentions.push(SpatialTransformer::new(s, &format!("{name}.attentions.{l}"), out, heads, u)?);
+                block.attentions.push(SpatialTransformer::new(s, at.pp("attentions").pp(l), out, heads, u)?);
             }
         }
         if i + 1 < n {
-            block.upsampler = Some(Upsample::new(s, &format!("{name}.upsamplers.0"), out)?);
+            block.upsampler = Some(Upsample::new(s, at.pp("upsamplers").pp(0), out)?);
         }
         Ok(block)
     }

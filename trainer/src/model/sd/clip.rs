@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 use crate::autodiff::Var;
 use crate::error::{Result, TrainError};
 use crate::nn::{AttentionConfig, CLIP_ATTENTION, LayerNorm, Linear, MultiHeadAttention};
-use crate::params::{Bound, Init, ParamId, ParamStore};
+use crate::params::{Bound, Init, ParamId, ParamStore, Scope};
 use crate::weights::{bad, io, load_tensors, parse_safetensors_skipping};
 
 /// The supported keys of a `CLIPTextConfig`.
@@ -99,13 +99,13 @@ pub struct ClipTextModel {
 }
 
 impl ClipTextModel {
-    /// Parameters under `{prefix}text_model.*` with transformers' names.
-    pub fn new<B: Backend>(s: &mut ParamStore<B>, prefix: &str, c: &ClipTextConfig) -> Result<Self> {
-        let base = format!("{prefix}text_model");
+    /// Parameters under `at.text_model` with transformers' names.
+    pub fn new<B: Backend>(s: &mut ParamStore<B>, at: impl Into<Scope>, c: &ClipTextConfig) -> Result<Self> {
+        let base = at.into().pp("text_model");
         let (d, eps) = (c.hidden_size, c.layer_norm_eps);
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
-            let l = format!("{base}.encoder.layers.{i}");
+            let l = base.pp("encoder").pp("layers").pp(i);
             let attn = AttentionConfig {
                 query_dim: d,
                 context_dim: d,
@@ -115,23 +115,23 @@ impl ClipTextModel {
                 causal: true,
             };
             layers.push(Layer {
-                norm1: LayerNorm::new(s, &format!("{l}.layer_norm1"), d, eps)?,
-                attn: MultiHeadAttention::new(s, &format!("{l}.self_attn"), attn)?,
-                norm2: LayerNorm::new(s, &format!("{l}.layer_norm2"), d, eps)?,
-                fc1: Linear::new(s, &format!("{l}.mlp.fc1"), d, c.intermediate_size)?,
-                fc2: Linear::new(s, &format!("{l}.mlp.fc2"), c.intermediate_size, d)?,
+                norm1: LayerNorm::new(s, l.pp("layer_norm1"), d, eps)?,
+                attn: MultiHeadAttention::new(s, l.pp("self_attn"), attn)?,
+                norm2: LayerNorm::new(s, l.pp("layer_norm2"), d, eps)?,
+                fc1: Linear::new(s, l.pp("mlp").pp("fc1"), d, c.intermediate_size)?,
+                fc2: Linear::new(s, l.pp("mlp").pp("fc2"), c.intermediate_size, d)?,
             });
         }
-        let init = Init::LecunNormal { fan_in: d };
+        let (init, embeddings) = (Init::LecunNormal { fan_in: d }, base.pp("embeddings"));
         Ok(Self {
-            token_embedding: s.add(format!("{base}.embeddings.token_embedding.weight"), &[c.vocab_size, d], init)?,
+            token_embedding: s.add(embeddings.pp("token_embedding").name("weight"), &[c.vocab_size, d], init)?,
             position_embedding: s.add(
-                format!("{base}.embeddings.position_embedding.weight"),
+                embeddings.pp("position_embedding").name("weight"),
                 &[c.max_position_embeddings, d],
                 init,
             )?,
             layers,
-            final_norm: LayerNorm::new(s, &format!("{base}.final_layer_norm"), d, eps)?,
+            final_norm: LayerNorm::new(s, base.pp("final_layer_norm"), d, eps)?,
             config: c.clone(),
         })
     }
@@ -187,10 +187,12 @@ impl ClipTextModel {
 }
 
 /// Loads a transformers text-encoder folder (`model.safetensors`) into `store` under
-/// `prefix`, all-or-nothing. Names with or without the `text_model.` prefix (transformers 5
+/// `at`, all-or-nothing. Names with or without the `text_model.` prefix (transformers 5
 /// writes them without, the SD repositories hold them with) are accepted; the
 /// `position_ids` buffer some files hold is skipped.
-pub fn load_clip<B: Backend>(store: &mut ParamStore<B>, prefix: &str, dir: &Path) -> Result<usize> {
+pub fn load_clip<B: Backend>(store: &mut ParamStore<B>, at: impl Into<Scope>, dir: &Path) -> Result<usize> {
+    let at = at.into();
+    let text_model = at.pp("text_model");
     let path = if dir.is_file() { dir.to_path_buf() } else { dir.join("model.safetensors") };
     if !path.is_file() {
         return Err(bad(dir, "holds no model.safetensors"));
@@ -200,10 +202,7 @@ pub fn load_clip<B: Backend>(store: &mut ParamStore<B>, prefix: &str, dir: &Path
     let tensors = file
         .tensors
         .into_iter()
-        .map(|(k, v)| {
-            let k = if k.starts_with("text_model.") { k } else { format!("text_model.{k}") };
-            (format!("{prefix}{k}"), v)
-        })
+        .map(|(k, v)| (text_model.name(k.strip_prefix("text_model.").unwrap_or(&k)), v))
         .collect();
-    load_tensors(store, &path, tensors, |n| n.starts_with(prefix), |_| false)
+    load_tensors(store, &path, tensors, |n| at.contains(n), |_| false)
 }

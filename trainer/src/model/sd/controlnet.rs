@@ -11,7 +11,7 @@ use crate::autodiff::Var;
 use crate::error::{Result, TrainError};
 use crate::model::{SideOutput, Skips};
 use crate::nn::{Conv2d, Conv2dConfig};
-use crate::params::{Bound, ParamStore};
+use crate::params::{Bound, ParamStore, Scope};
 
 /// `ControlNetConditioningEmbedding`: `conv_in`, pairs of 3×3 convs (stride 1, then 2) over
 /// `conditioning_embedding_out_channels`, each followed by SiLU, and a zero `conv_out` to
@@ -24,26 +24,27 @@ pub struct ConditioningEmbedding {
 }
 
 impl ConditioningEmbedding {
-    /// `{name}.{conv_in, blocks.*, conv_out}`.
+    /// `{conv_in, blocks.*, conv_out}` under `at`.
     pub fn new<B: Backend>(
         s: &mut ParamStore<B>,
-        name: &str,
+        at: impl Into<Scope>,
         c_img: usize,
         extras: &ControlNetExtras,
         c0: usize,
     ) -> Result<Self> {
+        let at = at.into();
         let ch = &extras.conditioning_embedding_out_channels;
-        let mut blocks = Vec::new();
+        let (mut blocks, block) = (Vec::new(), at.pp("blocks"));
         for i in 0..ch.len() - 1 {
-            blocks.push(Conv2d::new(s, &format!("{name}.blocks.{}", 2 * i), Conv2dConfig::new(ch[i], ch[i], 3))?);
+            blocks.push(Conv2d::new(s, block.pp(2 * i), Conv2dConfig::new(ch[i], ch[i], 3))?);
             let down = Conv2dConfig::new(ch[i], ch[i + 1], 3).stride(2);
-            blocks.push(Conv2d::new(s, &format!("{name}.blocks.{}", 2 * i + 1), down)?);
+            blocks.push(Conv2d::new(s, block.pp(2 * i + 1), down)?);
         }
         let last = ch[ch.len() - 1];
         Ok(Self {
-            conv_in: Conv2d::new(s, &format!("{name}.conv_in"), Conv2dConfig::new(c_img, ch[0], 3))?,
+            conv_in: Conv2d::new(s, at.pp("conv_in"), Conv2dConfig::new(c_img, ch[0], 3))?,
             blocks,
-            conv_out: Conv2d::new(s, &format!("{name}.conv_out"), Conv2dConfig::new(last, c0, 3).zero_init())?,
+            conv_out: Conv2d::new(s, at.pp("conv_out"), Conv2dConfig::new(last, c0, 3).zero_init())?,
         })
     }
 
@@ -78,19 +79,20 @@ pub struct SdControlNet {
 }
 
 impl SdControlNet {
-    /// Parameters under `{prefix}` with diffusers' names; the zero convs and the condition
+    /// Parameters under `at` with diffusers' names; the zero convs and the condition
     /// embedding's `conv_out` start at zero.
     pub fn new<B: Backend>(
         s: &mut ParamStore<B>,
-        prefix: &str,
+        at: impl Into<Scope>,
         u: &UNetConfig,
         extras: &ControlNetExtras,
     ) -> Result<Self> {
-        let (conv_in, time, down, mid) = encoder_parts(s, prefix, u)?;
+        let at = at.into();
+        let (conv_in, time, down, mid) = encoder_parts(s, &at, u)?;
         let c0 = u.block_out_channels[0];
         let cond_embedding = ConditioningEmbedding::new(
             s,
-            &format!("{prefix}controlnet_cond_embedding"),
+            at.pp("controlnet_cond_embedding"),
             extras.conditioning_channels,
             extras,
             c0,
@@ -107,12 +109,11 @@ impl SdControlNet {
             .iter()
             .enumerate()
             .map(|(i, &c)| {
-                Conv2d::new(s, &format!("{prefix}controlnet_down_blocks.{i}"), Conv2dConfig::new(c, c, 1).zero_init())
+                Conv2d::new(s, at.pp("controlnet_down_blocks").pp(i), Conv2dConfig::new(c, c, 1).zero_init())
             })
             .collect::<Result<Vec<_>>>()?;
         let c_mid = *u.block_out_channels.last().expect("validated non-empty");
-        let zero_mid =
-            Conv2d::new(s, &format!("{prefix}controlnet_mid_block"), Conv2dConfig::new(c_mid, c_mid, 1).zero_init())?;
+        let zero_mid = Conv2d::new(s, at.pp("controlnet_mid_block"), Conv2dConfig::new(c_mid, c_mid, 1).zero_init())?;
         Ok(Self {
             time,
             conv_in,

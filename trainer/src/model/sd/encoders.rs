@@ -12,7 +12,7 @@ use super::tokenizer::ClipTokenizer;
 use super::vae::{AutoencoderKl, VaeConfig, load_vae};
 use crate::autodiff::Tape;
 use crate::error::{Result, TrainError};
-use crate::params::ParamStore;
+use crate::params::{ParamStore, Scope};
 
 /// The most images or prompts one encoder call holds.
 const CHUNK: usize = 8;
@@ -28,8 +28,8 @@ impl<B: Backend> Vae<B> {
     pub fn open(dir: &Path, device: B::Device, dtype: DType) -> Result<Self> {
         let config = VaeConfig::from_json(&read_json_config(dir)?)?;
         let mut store = ParamStore::new(device, 0).freeze_prefix("");
-        let model = AutoencoderKl::new(&mut store, "", &config)?;
-        load_vae(&mut store, "", dir)?;
+        let model = AutoencoderKl::new(&mut store, Scope::root(), &config)?;
+        load_vae(&mut store, Scope::root(), dir)?;
         cast_all(&mut store, dtype)?;
         Ok(Self { store, model })
     }
@@ -126,8 +126,8 @@ impl<B: Backend> TextEncoder<B> {
             )));
         }
         let mut store = ParamStore::new(device, 0).freeze_prefix("");
-        let model = ClipTextModel::new(&mut store, "", &config)?;
-        load_clip(&mut store, "", text_encoder)?;
+        let model = ClipTextModel::new(&mut store, Scope::root(), &config)?;
+        load_clip(&mut store, Scope::root(), text_encoder)?;
         cast_all(&mut store, dtype)?;
         Ok(Self { store, model, tokenizer })
     }

@@ -44,7 +44,7 @@ use super::{
 };
 use crate::autodiff::Var;
 use crate::error::{Result, TrainError};
-use crate::params::{Bound, ParamStore};
+use crate::params::{Bound, ParamStore, Scope};
 use crate::weights::{load_params, load_tensors};
 
 /// The registry name.
@@ -234,7 +234,7 @@ impl<B: Backend> SdModel<B> {
             if with_decoder {
                 let hooked = hook_shape(&resolved.unet, spec.decoder.hook)?;
                 let out = (resolved.unet.out_channels, resolved.unet.sample_size);
-                decoder = Some(LisaDecoder::new(&mut store, "lisa", &spec.decoder, hooked, out)?);
+                decoder = Some(LisaDecoder::new(&mut store, DECODER, &spec.decoder, hooked, out)?);
             }
         }
         let prompts = match &sd.text_embeddings {
@@ -301,12 +301,13 @@ impl<B: Backend> SdModel<B> {
             return Ok(());
         }
         const COPIED: [&str; 4] = ["conv_in.", "time_embedding.", "down_blocks.", "mid_block."];
+        let side = Scope::from(SIDE);
         let pairs: Vec<_> = self
             .store
             .iter()
             .filter_map(|(id, p)| {
                 let rest = p.name.strip_prefix(MAIN)?;
-                COPIED.iter().any(|c| rest.starts_with(c)).then(|| (id, format!("{SIDE}{rest}")))
+                COPIED.iter().any(|c| rest.starts_with(c)).then(|| (id, side.name(rest)))
             })
             .collect();
         for (src, dst_name) in pairs {
@@ -325,7 +326,8 @@ impl<B: Backend> SdModel<B> {
     pub fn load_controlnet(&mut self, path: &Path) -> Result<usize> {
         self.controlnet()?;
         let (file, tensors) = read_diffusers_weights(path)?;
-        let tensors = tensors.into_iter().map(|(k, v)| (format!("{SIDE}{k}"), v)).collect();
+        let side = Scope::from(SIDE);
+        let tensors = tensors.into_iter().map(|(k, v)| (side.name(k), v)).collect();
         load_tensors(&mut self.store, &file, tensors, |n| n.starts_with(SIDE), |_| false)
     }
 
@@ -459,7 +461,8 @@ impl<B: Backend> DualDenoiser<B> for SdModel<B> {
     /// index) or weights file into `main.*`, then initialises the ControlNet from it.
     fn load_main(&mut self, path: &Path) -> Result<usize> {
         let (file, tensors) = read_diffusers_weights(path)?;
-        let tensors = tensors.into_iter().map(|(k, v)| (format!("{MAIN}{k}"), v)).collect();
+        let main = Scope::from(MAIN);
+        let tensors = tensors.into_iter().map(|(k, v)| (main.name(k), v)).collect();
         let n = load_tensors(&mut self.store, &file, tensors, |n| n.starts_with(MAIN), |_| false)?;
         self.copy_main_into_side()?;
         self.cast_main()?;

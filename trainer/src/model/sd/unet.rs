@@ -10,7 +10,7 @@ use crate::autodiff::Var;
 use crate::error::{Result, TrainError};
 use crate::model::Skips;
 use crate::nn::{Conv2d, Conv2dConfig, GroupNorm};
-use crate::params::{Bound, ParamStore};
+use crate::params::{Bound, ParamStore, Scope};
 
 /// What the encoder hands the decoder.
 #[derive(Debug, Clone)]
@@ -36,13 +36,14 @@ pub struct SdUNet {
 }
 
 impl SdUNet {
-    /// Parameters under `{prefix}` with diffusers' names (`conv_in`, `time_embedding`,
+    /// Parameters under `at` with diffusers' names (`conv_in`, `time_embedding`,
     /// `down_blocks`, `mid_block`, `up_blocks`, `conv_norm_out`, `conv_out`).
-    pub fn new<B: Backend>(s: &mut ParamStore<B>, prefix: &str, u: &UNetConfig) -> Result<Self> {
+    pub fn new<B: Backend>(s: &mut ParamStore<B>, at: impl Into<Scope>, u: &UNetConfig) -> Result<Self> {
+        let at = at.into();
         let c0 = u.block_out_channels[0];
-        let (conv_in, time, down, mid) = encoder_parts(s, prefix, u)?;
+        let (conv_in, time, down, mid) = encoder_parts(s, &at, u)?;
         let up = (0..u.up_block_types.len())
-            .map(|i| UpBlock::new(s, &format!("{prefix}up_blocks.{i}"), i, u))
+            .map(|i| UpBlock::new(s, at.pp("up_blocks").pp(i), i, u))
             .collect::<Result<Vec<_>>>()?;
         let norm = GroupNormParams { groups: u.norm_num_groups, eps: u.norm_eps };
         Ok(Self {
@@ -51,8 +52,8 @@ impl SdUNet {
             down,
             mid,
             up,
-            norm_out: GroupNorm::new(s, &format!("{prefix}conv_norm_out"), c0, norm)?,
-            conv_out: Conv2d::new(s, &format!("{prefix}conv_out"), Conv2dConfig::new(c0, u.out_channels, 3))?,
+            norm_out: GroupNorm::new(s, at.pp("conv_norm_out"), c0, norm)?,
+            conv_out: Conv2d::new(s, at.pp("conv_out"), Conv2dConfig::new(c0, u.out_channels, 3))?,
             config: u.clone(),
         })
     }
@@ -117,23 +118,23 @@ fn scaled<B: Backend>(t: &crate::autodiff::Tape<B>, v: &Var<B>, scale: f32) -> R
     if scale == 1.0 { Ok(v.clone()) } else { t.scale(v, scale) }
 }
 
-/// The parts a UNet and its ControlNet share, under `{prefix}`: `conv_in`, the time
+/// The parts a UNet and its ControlNet share, under `at`: `conv_in`, the time
 /// embedding, the down blocks and the middle block.
 pub(super) fn encoder_parts<B: Backend>(
     s: &mut ParamStore<B>,
-    prefix: &str,
+    at: &Scope,
     u: &UNetConfig,
 ) -> Result<(Conv2d, TimeEmbedding, Vec<DownBlock>, MidBlock)> {
     let c0 = u.block_out_channels[0];
-    let conv_in = Conv2d::new(s, &format!("{prefix}conv_in"), Conv2dConfig::new(u.in_channels, c0, 3))?;
-    let time = TimeEmbedding::new(s, prefix, u)?;
+    let conv_in = Conv2d::new(s, at.pp("conv_in"), Conv2dConfig::new(u.in_channels, c0, 3))?;
+    let time = TimeEmbedding::new(s, at.pp("time_embedding"), u)?;
     let mut down = Vec::with_capacity(u.down_block_types.len());
     let mut c_in = c0;
     for i in 0..u.down_block_types.len() {
-        down.push(DownBlock::new(s, &format!("{prefix}down_blocks.{i}"), i, c_in, u)?);
+        down.push(DownBlock::new(s, at.pp("down_blocks").pp(i), i, c_in, u)?);
         c_in = u.block_out_channels[i];
     }
-    let mid = MidBlock::new(s, &format!("{prefix}mid_block"), u)?;
+    let mid = MidBlock::new(s, at.pp("mid_block"), u)?;
     Ok((conv_in, time, down, mid))
 }
 

@@ -15,7 +15,7 @@ use crate::nn::{
     AttentionConfig, Conv2d, Conv2dConfig, GroupNorm, MultiHeadAttention, ResBlock, ResBlockConfig, Upsample,
     VAE_ATTENTION,
 };
-use crate::params::{Bound, ParamStore};
+use crate::params::{Bound, ParamStore, Scope};
 use crate::weights::load_tensors;
 
 /// diffusers' group-norm ε throughout the VAE.
@@ -144,8 +144,8 @@ fn norm(c: &VaeConfig) -> GroupNormParams {
     GroupNormParams { groups: c.norm_num_groups, eps: VAE_NORM_EPS }
 }
 
-fn resnet<B: Backend>(s: &mut ParamStore<B>, name: &str, c_in: usize, c_out: usize, c: &VaeConfig) -> Result<ResBlock> {
-    ResBlock::new(s, name, ResBlockConfig { in_channels: c_in, out_channels: c_out, time_dim: 0, norm: norm(c) })
+fn resnet<B: Backend>(s: &mut ParamStore<B>, at: Scope, c_in: usize, c_out: usize, c: &VaeConfig) -> Result<ResBlock> {
+    ResBlock::new(s, at, ResBlockConfig { in_channels: c_in, out_channels: c_out, time_dim: 0, norm: norm(c) })
 }
 
 /// `UNetMidBlock2D` of the VAE: resnet, single-head self-attention over the pixels with a
@@ -159,14 +159,14 @@ struct MidBlock {
 }
 
 impl MidBlock {
-    fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, ch: usize, c: &VaeConfig) -> Result<Self> {
-        let a = format!("{name}.attentions.0");
+    fn new<B: Backend>(s: &mut ParamStore<B>, at: Scope, ch: usize, c: &VaeConfig) -> Result<Self> {
+        let a = at.pp("attentions").pp(0);
         let config = AttentionConfig { names: VAE_ATTENTION, ..AttentionConfig::diffusers(ch, ch, 1) };
         Ok(Self {
-            resnet_0: resnet(s, &format!("{name}.resnets.0"), ch, ch, c)?,
-            norm: GroupNorm::new(s, &format!("{a}.group_norm"), ch, norm(c))?,
-            attention: MultiHeadAttention::new(s, &a, config)?,
-            resnet_1: resnet(s, &format!("{name}.resnets.1"), ch, ch, c)?,
+            resnet_0: resnet(s, at.pp("resnets").pp(0), ch, ch, c)?,
+            norm: GroupNorm::new(s, a.pp("group_norm"), ch, norm(c))?,
+            attention: MultiHeadAttention::new(s, a, config)?,
+            resnet_1: resnet(s, at.pp("resnets").pp(1), ch, ch, c)?,
         })
     }
 
@@ -214,23 +214,24 @@ pub struct AutoencoderKl {
 }
 
 impl AutoencoderKl {
-    /// Parameters under `{prefix}` with diffusers' names (`encoder.*`, `quant_conv`,
+    /// Parameters under `at` with diffusers' names (`encoder.*`, `quant_conv`,
     /// `post_quant_conv`, `decoder.*`).
-    pub fn new<B: Backend>(s: &mut ParamStore<B>, prefix: &str, c: &VaeConfig) -> Result<Self> {
+    pub fn new<B: Backend>(s: &mut ParamStore<B>, at: impl Into<Scope>, c: &VaeConfig) -> Result<Self> {
+        let at = at.into();
+        let (encoder, decoder) = (at.pp("encoder"), at.pp("decoder"));
         let boc = &c.block_out_channels;
         let (first, last) = (boc[0], boc[boc.len() - 1]);
-        let conv = |s: &mut ParamStore<B>, name: String, cfg: Conv2dConfig| Conv2d::new(s, &name, cfg);
         let mut enc_down = Vec::new();
         let mut ch = first;
         for (i, &out) in boc.iter().enumerate() {
+            let block = encoder.pp("down_blocks").pp(i);
             let mut resnets = Vec::new();
             for l in 0..c.layers_per_block {
-                let name = format!("{prefix}encoder.down_blocks.{i}.resnets.{l}");
-                resnets.push(resnet(s, &name, if l == 0 { ch } else { out }, out, c)?);
+                resnets.push(resnet(s, block.pp("resnets").pp(l), if l == 0 { ch } else { out }, out, c)?);
             }
             let down = if i + 1 < boc.len() {
-                let name = format!("{prefix}encoder.down_blocks.{i}.downsamplers.0.conv");
-                Some(AsymmetricDownsample(conv(s, name, Conv2dConfig::new(out, out, 3).stride(2).padding(0))?))
+                let conv = Conv2dConfig::new(out, out, 3).stride(2).padding(0);
+                Some(AsymmetricDownsample(Conv2d::new(s, block.pp("downsamplers").pp(0).pp("conv"), conv)?))
             } else {
                 None
             };
@@ -241,33 +242,30 @@ impl AutoencoderKl {
         let reversed: Vec<usize> = boc.iter().rev().copied().collect();
         let mut ch = last;
         for (i, &out) in reversed.iter().enumerate() {
+            let block = decoder.pp("up_blocks").pp(i);
             let mut resnets = Vec::new();
             for l in 0..=c.layers_per_block {
-                let name = format!("{prefix}decoder.up_blocks.{i}.resnets.{l}");
-                resnets.push(resnet(s, &name, if l == 0 { ch } else { out }, out, c)?);
+                resnets.push(resnet(s, block.pp("resnets").pp(l), if l == 0 { ch } else { out }, out, c)?);
             }
-            let up = if i + 1 < reversed.len() {
-                Some(Upsample::new(s, &format!("{prefix}decoder.up_blocks.{i}.upsamplers.0"), out)?)
-            } else {
-                None
-            };
+            let up =
+                if i + 1 < reversed.len() { Some(Upsample::new(s, block.pp("upsamplers").pp(0), out)?) } else { None };
             dec_up.push((resnets, up));
             ch = out;
         }
         let lc = c.latent_channels;
         Ok(Self {
-            enc_conv_in: conv(s, format!("{prefix}encoder.conv_in"), Conv2dConfig::new(c.in_channels, first, 3))?,
+            enc_conv_in: Conv2d::new(s, encoder.pp("conv_in"), Conv2dConfig::new(c.in_channels, first, 3))?,
             enc_down,
-            enc_mid: MidBlock::new(s, &format!("{prefix}encoder.mid_block"), last, c)?,
-            enc_norm_out: GroupNorm::new(s, &format!("{prefix}encoder.conv_norm_out"), last, norm(c))?,
-            enc_conv_out: conv(s, format!("{prefix}encoder.conv_out"), Conv2dConfig::new(last, 2 * lc, 3))?,
-            quant_conv: conv(s, format!("{prefix}quant_conv"), Conv2dConfig::new(2 * lc, 2 * lc, 1))?,
-            post_quant_conv: conv(s, format!("{prefix}post_quant_conv"), Conv2dConfig::new(lc, lc, 1))?,
-            dec_conv_in: conv(s, format!("{prefix}decoder.conv_in"), Conv2dConfig::new(lc, last, 3))?,
-            dec_mid: MidBlock::new(s, &format!("{prefix}decoder.mid_block"), last, c)?,
+            enc_mid: MidBlock::new(s, encoder.pp("mid_block"), last, c)?,
+            enc_norm_out: GroupNorm::new(s, encoder.pp("conv_norm_out"), last, norm(c))?,
+            enc_conv_out: Conv2d::new(s, encoder.pp("conv_out"), Conv2dConfig::new(last, 2 * lc, 3))?,
+            quant_conv: Conv2d::new(s, at.pp("quant_conv"), Conv2dConfig::new(2 * lc, 2 * lc, 1))?,
+            post_quant_conv: Conv2d::new(s, at.pp("post_quant_conv"), Conv2dConfig::new(lc, lc, 1))?,
+            dec_conv_in: Conv2d::new(s, decoder.pp("conv_in"), Conv2dConfig::new(lc, last, 3))?,
+            dec_mid: MidBlock::new(s, decoder.pp("mid_block"), last, c)?,
             dec_up,
-            dec_norm_out: GroupNorm::new(s, &format!("{prefix}decoder.conv_norm_out"), first, norm(c))?,
-            dec_conv_out: conv(s, format!("{prefix}decoder.conv_out"), Conv2dConfig::new(first, c.out_channels, 3))?,
+            dec_norm_out: GroupNorm::new(s, decoder.pp("conv_norm_out"), first, norm(c))?,
+            dec_conv_out: Conv2d::new(s, decoder.pp("conv_out"), Conv2dConfig::new(first, c.out_channels, 3))?,
             config: c.clone(),
         })
     }
@@ -363,9 +361,10 @@ pub fn modern_attention_name(name: &str) -> String {
     name.to_string()
 }
 
-/// Loads a diffusers VAE folder into `store` under `prefix` (old attention names renamed,
+/// Loads a diffusers VAE folder into `store` under `at` (old attention names renamed,
 /// 1×1-conv-shaped attention projections flattened), all-or-nothing.
-pub fn load_vae<B: Backend>(store: &mut ParamStore<B>, prefix: &str, dir: &Path) -> Result<usize> {
+pub fn load_vae<B: Backend>(store: &mut ParamStore<B>, at: impl Into<Scope>, dir: &Path) -> Result<usize> {
+    let at = at.into();
     let (file, tensors) = read_diffusers_weights(dir)?;
     let tensors = tensors
         .into_iter()
@@ -379,8 +378,8 @@ pub fn load_vae<B: Backend>(store: &mut ParamStore<B>, prefix: &str, dir: &Path)
             } else {
                 shape
             };
-            (format!("{prefix}{name}"), (shape, v))
+            (at.name(name), (shape, v))
         })
         .collect();
-    load_tensors(store, &file, tensors, |n| n.starts_with(prefix), |_| false)
+    load_tensors(store, &file, tensors, |n| at.contains(n), |_| false)
 }

@@ -9,7 +9,7 @@ use crate::autodiff::Var;
 use crate::error::{Result, TrainError};
 use crate::model::{Conditioning, Residuals, SideOutput};
 use crate::nn::{Conv2d, Conv2dConfig};
-use crate::params::{Bound, ParamStore};
+use crate::params::{Bound, ParamStore, Scope};
 
 /// The side network.
 #[derive(Debug, Clone)]
@@ -26,9 +26,15 @@ pub struct ControlNet {
 }
 
 impl ControlNet {
-    /// Parameters under `{name}.` (all trainable); `time` and `encoder` are later copied from
+    /// Parameters under `at` (all trainable); `time` and `encoder` are later copied from
     /// the main network by [`super::ToyModel`].
-    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, u: &UNetConfig, c: &ControlConfig) -> Result<Self> {
+    pub fn new<B: Backend>(
+        s: &mut ParamStore<B>,
+        at: impl Into<Scope>,
+        u: &UNetConfig,
+        c: &ControlConfig,
+    ) -> Result<Self> {
+        let at = at.into();
         if c.hint_channels == 0 || c.hint_hidden == 0 {
             return Err(TrainError::Config("control.hint_channels and hint_hidden must be > 0".into()));
         }
@@ -41,21 +47,22 @@ impl ControlNet {
         let hh = c.hint_hidden;
         let zero_conv = |ch: usize| Conv2dConfig::new(ch, ch, 1).zero_init();
         let deepest = *u.channels.last().unwrap_or(&1);
+        let hint = at.pp("hint");
         Ok(Self {
-            time: TimeEmbedding::new(s, &format!("{name}.time"), u)?,
+            time: TimeEmbedding::new(s, at.pp("time"), u)?,
             hint: [
-                Conv2d::new(s, &format!("{name}.hint.0"), Conv2dConfig::new(c.hint_channels, hh, 3))?,
-                Conv2d::new(s, &format!("{name}.hint.1"), Conv2dConfig::new(hh, hh, 3))?,
-                Conv2d::new(s, &format!("{name}.hint.2"), Conv2dConfig::new(hh, u.channels[0], 3).zero_init())?,
+                Conv2d::new(s, hint.pp(0), Conv2dConfig::new(c.hint_channels, hh, 3))?,
+                Conv2d::new(s, hint.pp(1), Conv2dConfig::new(hh, hh, 3))?,
+                Conv2d::new(s, hint.pp(2), Conv2dConfig::new(hh, u.channels[0], 3).zero_init())?,
             ],
-            encoder: Encoder::new(s, &format!("{name}.encoder"), u)?,
+            encoder: Encoder::new(s, at.pp("encoder"), u)?,
             zero_levels: u
                 .channels
                 .iter()
                 .enumerate()
-                .map(|(i, &ch)| Conv2d::new(s, &format!("{name}.zero_convs.{i}"), zero_conv(ch)))
+                .map(|(i, &ch)| Conv2d::new(s, at.pp("zero_convs").pp(i), zero_conv(ch)))
                 .collect::<Result<_>>()?,
-            zero_mid: Conv2d::new(s, &format!("{name}.zero_mid"), zero_conv(deepest))?,
+            zero_mid: Conv2d::new(s, at.pp("zero_mid"), zero_conv(deepest))?,
             conditioning_scale: c.conditioning_scale,
         })
     }

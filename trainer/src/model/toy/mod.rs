@@ -26,7 +26,7 @@ use super::{
 use crate::autodiff::Var;
 use crate::data::prompt_colours;
 use crate::error::{Result, TrainError};
-use crate::params::{Bound, ParamStore};
+use crate::params::{Bound, ParamStore, Scope};
 use crate::weights::{MODEL_SPEC_KEY, load_params, load_tensors, parse_safetensors};
 
 /// The registry name.
@@ -101,14 +101,14 @@ impl<B: Backend> ToyModel<B> {
         if parts != Parts::Prior {
             store = store.freeze_prefix(MAIN);
         }
-        let main = UNet::new(&mut store, "main", &config.unet)?;
+        let main = UNet::new(&mut store, MAIN, &config.unet)?;
         let (mut side, mut decoder) = (None, None);
         if let Parts::Dual { decoder: with_decoder } = parts {
-            side = Some(ControlNet::new(&mut store, "side", &config.unet, &config.control)?);
+            side = Some(ControlNet::new(&mut store, SIDE, &config.unet, &config.control)?);
             if with_decoder {
                 let hooked = config.hook_shape(spec.decoder.hook)?;
                 let out = (config.unet.image_channels, config.unet.resolution);
-                decoder = Some(LisaDecoder::new(&mut store, "lisa", &spec.decoder, hooked, out)?);
+                decoder = Some(LisaDecoder::new(&mut store, DECODER, &spec.decoder, hooked, out)?);
             }
         }
         let mut model = Self { store, main, side, decoder, config, decoder_config: spec.decoder.clone(), parts };
@@ -121,12 +121,13 @@ impl<B: Backend> ToyModel<B> {
         if self.side.is_none() {
             return Ok(());
         }
+        let side = Scope::from(SIDE);
         let pairs: Vec<_> = self
             .store
             .iter()
             .filter_map(|(id, p)| {
                 let rest = p.name.strip_prefix(MAIN)?;
-                (rest.starts_with("time.") || rest.starts_with("encoder.")).then(|| (id, format!("{SIDE}{rest}")))
+                (rest.starts_with("time.") || rest.starts_with("encoder.")).then(|| (id, side.name(rest)))
             })
             .collect();
         for (src, dst_name) in pairs {

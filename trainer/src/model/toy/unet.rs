@@ -10,7 +10,7 @@ use crate::nn::{
     ClassEmbedding, Conv2d, Conv2dConfig, Downsample, GroupNorm, Linear, ResBlock, SelfAttention, Upsample,
     sinusoidal_embedding,
 };
-use crate::params::{Bound, ParamStore};
+use crate::params::{Bound, ParamStore, Scope};
 
 /// Time MLP (sinusoid → Linear → SiLU → Linear) plus the prompt embeddings, summed.
 #[derive(Debug, Clone)]
@@ -22,16 +22,17 @@ pub struct TimeEmbedding {
 }
 
 impl TimeEmbedding {
-    /// Parameters under `{name}.`.
-    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, c: &UNetConfig) -> Result<Self> {
+    /// Parameters under `at`.
+    pub fn new<B: Backend>(s: &mut ParamStore<B>, at: impl Into<Scope>, c: &UNetConfig) -> Result<Self> {
+        let at = at.into();
         Ok(Self {
-            lin1: Linear::new(s, &format!("{name}.linear_1"), c.time_sinusoidal_dim, c.time_dim)?,
-            lin2: Linear::new(s, &format!("{name}.linear_2"), c.time_dim, c.time_dim)?,
+            lin1: Linear::new(s, at.pp("linear_1"), c.time_sinusoidal_dim, c.time_dim)?,
+            lin2: Linear::new(s, at.pp("linear_2"), c.time_dim, c.time_dim)?,
             prompts: c
                 .prompt_classes
                 .iter()
                 .enumerate()
-                .map(|(i, &k)| ClassEmbedding::new(s, &format!("{name}.prompt_{i}"), k, c.time_dim))
+                .map(|(i, &k)| ClassEmbedding::new(s, at.pp(format!("prompt_{i}")), k, c.time_dim))
                 .collect::<Result<_>>()?,
             sin_dim: c.time_sinusoidal_dim,
         })
@@ -76,26 +77,25 @@ pub struct Encoder {
 }
 
 impl Encoder {
-    /// Parameters under `{name}.`.
-    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, c: &UNetConfig) -> Result<Self> {
+    /// Parameters under `at`.
+    pub fn new<B: Backend>(s: &mut ParamStore<B>, at: impl Into<Scope>, c: &UNetConfig) -> Result<Self> {
+        let at = at.into();
         let mut levels = Vec::new();
         let mut prev = c.channels[0];
         for (i, &ch) in c.channels.iter().enumerate() {
-            let res = ResBlock::new(s, &format!("{name}.down.{i}.res"), c.res_block(prev, ch))?;
-            let down = if i + 1 < c.channels.len() {
-                Some(Downsample::new(s, &format!("{name}.down.{i}.downsample"), ch)?)
-            } else {
-                None
-            };
+            let level = at.pp("down").pp(i);
+            let res = ResBlock::new(s, level.pp("res"), c.res_block(prev, ch))?;
+            let down =
+                if i + 1 < c.channels.len() { Some(Downsample::new(s, level.pp("downsample"), ch)?) } else { None };
             levels.push((res, down));
             prev = ch;
         }
         Ok(Self {
-            conv_in: Conv2d::new(s, &format!("{name}.conv_in"), Conv2dConfig::new(c.image_channels, c.channels[0], 3))?,
+            conv_in: Conv2d::new(s, at.pp("conv_in"), Conv2dConfig::new(c.image_channels, c.channels[0], 3))?,
             levels,
-            mid: ResBlock::new(s, &format!("{name}.mid.res"), c.res_block(prev, prev))?,
+            mid: ResBlock::new(s, at.pp("mid").pp("res"), c.res_block(prev, prev))?,
             attention: if c.attention {
-                Some(SelfAttention::new(s, &format!("{name}.mid.attention"), prev, c.norm())?)
+                Some(SelfAttention::new(s, at.pp("mid").pp("attention"), prev, c.norm())?)
             } else {
                 None
             },
@@ -147,18 +147,20 @@ pub struct UNet {
 }
 
 impl UNet {
-    /// Parameters under `{name}.` (the main model is `main`, frozen during control training).
-    pub fn new<B: Backend>(s: &mut ParamStore<B>, name: &str, c: &UNetConfig) -> Result<Self> {
+    /// Parameters under `at` (the main model is `main`, frozen during control training).
+    pub fn new<B: Backend>(s: &mut ParamStore<B>, at: impl Into<Scope>, c: &UNetConfig) -> Result<Self> {
+        let at = at.into();
         c.validate()?;
-        let time = TimeEmbedding::new(s, &format!("{name}.time"), c)?;
-        let encoder = Encoder::new(s, &format!("{name}.encoder"), c)?;
+        let time = TimeEmbedding::new(s, at.pp("time"), c)?;
+        let encoder = Encoder::new(s, at.pp("encoder"), c)?;
         // Up path, deepest level first: ResBlock on concat(h, skip_i), then ×2 up + conv.
         let mut up = Vec::new();
         let mut prev = *c.channels.last().unwrap_or(&0);
         for i in (0..c.channels.len()).rev() {
             let ch = c.channels[i];
-            let res = ResBlock::new(s, &format!("{name}.up.{i}.res"), c.res_block(prev + ch, ch))?;
-            let upsample = if i > 0 { Some(Upsample::new(s, &format!("{name}.up.{i}.upsample"), ch)?) } else { None };
+            let level = at.pp("up").pp(i);
+            let res = ResBlock::new(s, level.pp("res"), c.res_block(prev + ch, ch))?;
+            let upsample = if i > 0 { Some(Upsample::new(s, level.pp("upsample"), ch)?) } else { None };
             up.push((res, upsample));
             prev = ch;
         }
@@ -167,12 +169,8 @@ impl UNet {
             time,
             encoder,
             up,
-            norm_out: GroupNorm::new(s, &format!("{name}.norm_out"), c.channels[0], c.norm())?,
-            conv_out: Conv2d::new(
-                s,
-                &format!("{name}.conv_out"),
-                Conv2dConfig::new(c.channels[0], c.image_channels, 3),
-            )?,
+            norm_out: GroupNorm::new(s, at.pp("norm_out"), c.channels[0], c.norm())?,
+            conv_out: Conv2d::new(s, at.pp("conv_out"), Conv2dConfig::new(c.channels[0], c.image_channels, 3))?,
         })
     }
 
