@@ -50,10 +50,18 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
 impl OutputDir {
     /// Creates `path` if needed and takes its lock (also the proof that it is writable).
     pub fn lock(path: &Path) -> Result<Self> {
-        fs::create_dir_all(path).map_err(io(path))?;
+        let unusable = |what: &str, e: std::io::Error| {
+            TrainError::Output(format!("cannot {what} the output folder {}: {e}", path.display()))
+        };
+        fs::create_dir_all(path).map_err(|e| unusable("create", e))?;
         let lock = path.join(LOCK);
-        let mut file =
-            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&lock).map_err(io(path))?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock)
+            .map_err(|e| unusable("write in", e))?;
         if let Err(e) = file.try_lock() {
             let owner = fs::read_to_string(&lock).unwrap_or_default();
             return match e {
@@ -65,7 +73,7 @@ impl OutputDir {
                 fs::TryLockError::Error(e) => Err(io(&lock)(e)),
             };
         }
-        file.set_len(0).and_then(|_| writeln!(file, "{}", std::process::id())).map_err(io(path))?;
+        file.set_len(0).and_then(|_| writeln!(file, "{}", std::process::id())).map_err(|e| unusable("write in", e))?;
         Ok(Self { path: path.to_path_buf(), _lock: file })
     }
 
