@@ -31,13 +31,10 @@ pub struct RunFile {
     pub data: DataConfig,
     /// `[validation]`: sampling settings of validation and `eval`.
     pub validation: ValidationConfig,
-    /// Whether the file describes the networks (`[model]` keys besides `decoder`); if not,
-    /// commands take them from the weights they load.
+    /// Whether the file describes the networks (an architecture other than the toy, or keys
+    /// of its own); if not, commands take them from the weights they load.
     #[serde(skip)]
     pub model_given: bool,
-    /// Whether the file sets `[model.decoder]`.
-    #[serde(skip)]
-    pub decoder_given: bool,
 }
 
 /// The training set: procedural fill circles, or a Fill50K-format folder.
@@ -70,8 +67,6 @@ pub struct SdInputs {
     pub latents: PathBuf,
     /// The latent side, when not the UNet's `sample_size`.
     pub latent_size: Option<usize>,
-    /// Whether the flags or the run file chose the LISA hook.
-    pub hook_given: bool,
     /// The frozen networks' storage type.
     pub mixed_precision: sd::MixedPrecision,
 }
@@ -142,14 +137,13 @@ impl RunFile {
     /// Parses a run file's text; errors name `origin`.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
         let mut file: Self = toml::from_str(text).with_context(|| origin.to_string())?;
+        // The networks are described by an architecture other than the default or by any key
+        // of the architecture's own (everything of `[model]` but `decoder`).
+        file.model_given = file.model.architecture != toy::NAME || !file.model.config.is_empty();
         registry::validate(&file.model).with_context(|| origin.to_string())?;
         if file.data.len > MAX_PROCEDURAL {
             bail!("{origin}: [data] len {} is more than {MAX_PROCEDURAL} examples", file.data.len);
         }
-        let table: toml::Table = toml::from_str(text).with_context(|| origin.to_string())?;
-        let model = table.get("model").and_then(|m| m.as_table());
-        file.model_given = model.is_some_and(|m| m.keys().any(|k| k != "decoder"));
-        file.decoder_given = model.is_some_and(|m| m.contains_key("decoder"));
         Ok(file)
     }
 
@@ -171,7 +165,7 @@ impl RunFile {
     /// architecture): the UNet's config, the scheduler's betas and prediction type, the
     /// ControlNet's config when one is given, the prompts' text embeddings, the latents of
     /// the data (`inputs`), the latent side. Without a hook from the flags or the run file,
-    /// the decoder reads `down_5`, as the LISA authors'.
+    /// the decoder reads the architecture's default (`down_5`, as the LISA authors').
     pub fn use_diffusers(
         &mut self,
         pipeline: &sd::Pipeline,
@@ -196,9 +190,6 @@ impl RunFile {
             latent_size: inputs.latent_size,
             mixed_precision: inputs.mixed_precision,
         };
-        if !inputs.hook_given {
-            self.model.decoder.hook = "down_5".parse()?;
-        }
         self.model = spec.to_spec(&self.model.decoder);
         registry::validate(&self.model).with_context(|| format!("the diffusers folder {}", pipeline.root.display()))?;
         self.train.noise = pipeline.noise;

@@ -136,7 +136,7 @@ fn apply(a: &TrainArgs, file: &mut RunFile) -> Result<()> {
         t.mode = Mode::Lisa;
     }
     if let Some(h) = &a.hook {
-        file.model.decoder.hook = h.parse().context("--hook")?;
+        file.model.decoder.hook = Some(h.parse().context("--hook")?);
     }
     if let Some(l) = a.lambda {
         if !(l >= 0.0 && l.is_finite()) {
@@ -271,7 +271,7 @@ pub fn train_arm<B: Backend>(file: &RunFile, start: Start, device: B::Device, o:
         t.gradient_accumulation_steps,
         t.max_train_steps,
         model.store().count(true),
-        model.spec().decoder.hook,
+        model.spec().hook()?,
         t.optim.lr,
     );
     let c = &o.checkpoints;
@@ -310,7 +310,6 @@ fn check_example_fits<B: Backend>(model: &dyn DualDenoiser<B>, data: &dyn lisa_t
 /// Runs `lisa train`.
 pub fn run<B: Backend>(a: TrainArgs, device: B::Device) -> Result<()> {
     let mut file = RunFile::load(a.config.as_deref())?;
-    let hook_given = a.hook.is_some() || file.decoder_given;
     apply(&a, &mut file)?;
     let mut latent_validation = None;
     let (main, side) = match (&a.main, &a.pretrained_model_name_or_path) {
@@ -339,7 +338,6 @@ pub fn run<B: Backend>(a: TrainArgs, device: B::Device) -> Result<()> {
                 embeddings: cache.embeddings,
                 latents: cache.latents,
                 latent_size: a.resolution.map(|r| r / vae_factor),
-                hook_given,
                 mixed_precision: precision,
             };
             file.use_diffusers(&pipeline, a.controlnet_model_name_or_path.as_deref(), inputs)?;

@@ -64,7 +64,7 @@ fn main() {
     let mut spec_config = serde_json::Map::new();
     spec_config.insert("unet".into(), unet);
     let decoder = DecoderConfig {
-        hook: "down_5".parse().unwrap(),
+        hook: Some("down_5".parse().unwrap()),
         time_sinusoidal_dim: 256,
         channel_floor: 64,
         ..DecoderConfig::default()

@@ -260,7 +260,7 @@ fn tiny_config() -> ModelSpec {
         control: ControlConfig { hint_hidden: 4, ..ControlConfig::default() },
     };
     toy.to_spec(&DecoderConfig {
-        hook: HookLayer::Down(1),
+        hook: Some(HookLayer::Down(1)),
         time_sinusoidal_dim: 8,
         channel_floor: 2,
         ..DecoderConfig::default()

@@ -95,7 +95,7 @@ fn reused_encoder_prior_equals_full_main_forward() {
 fn every_hook_layer_builds_and_unknown_ones_are_rejected() {
     for hook in ["down_0", "down_1", "down_2", "mid"] {
         let mut c = ModelSpec::default();
-        c.decoder.hook = hook.parse().unwrap();
+        c.decoder.hook = Some(hook.parse().unwrap());
         let model = registry::build::<C>(&c, Parts::Dual { decoder: true }, CpuDevice, 0).unwrap();
         let tape = Tape::<C>::new();
         let b = model.store().bind(&tape);
@@ -113,7 +113,7 @@ fn every_hook_layer_builds_and_unknown_ones_are_rejected() {
     assert!("down_x".parse::<HookLayer>().is_err());
     assert!("up_1".parse::<HookLayer>().is_err());
     let mut c = ModelSpec::default();
-    c.decoder.hook = HookLayer::Down(7);
+    c.decoder.hook = Some(HookLayer::Down(7));
     let err =
         registry::build::<C>(&c, Parts::Dual { decoder: true }, CpuDevice, 0).err().expect("down_7 must be rejected");
     assert!(err.to_string().contains("down_7"), "{err}");
@@ -191,4 +191,25 @@ fn lisa_sub_batch_is_the_first_samples_of_the_full_batch() {
         .is_err(),
         "more LISA samples than the batch"
     );
+}
+
+/// Each registered architecture's default hook is what a model built without a chosen hook
+/// reads, and what its spec (as checkpoints record it) names; a chosen hook wins.
+#[test]
+fn the_registry_rows_carry_each_architectures_default_hook() {
+    let names: Vec<&str> = registry::ARCHITECTURES.iter().map(|a| a.name).collect();
+    assert_eq!(names, ["toy", "sd"]);
+    let toy = registry::architecture("toy").unwrap();
+    let model = registry::build::<C>(&ModelSpec::default(), Parts::Dual { decoder: true }, CpuDevice, 0).unwrap();
+    assert_eq!(model.lisa_hook(), Some(toy.default_hook));
+    assert_eq!(model.spec().decoder.hook, Some(toy.default_hook), "the spec records the hook it resolved");
+    assert_eq!(registry::architecture("sd").unwrap().default_hook, HookLayer::Down(5), "the LISA authors' hook");
+    let mut chosen = ModelSpec::default();
+    chosen.decoder.hook = Some(HookLayer::Mid);
+    assert_eq!(chosen.hook().unwrap(), HookLayer::Mid);
+    let model = registry::build::<C>(&chosen, Parts::Dual { decoder: true }, CpuDevice, 0).unwrap();
+    assert_eq!(model.lisa_hook(), Some(HookLayer::Mid));
+    let unknown = ModelSpec { architecture: "nope".into(), ..ModelSpec::default() };
+    let err = registry::build::<C>(&unknown, Parts::Prior, CpuDevice, 0).err().unwrap().to_string();
+    assert!(err.contains("unknown model architecture") && err.contains("toy, sd"), "{err}");
 }

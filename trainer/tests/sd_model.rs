@@ -235,7 +235,7 @@ fn mixed_precision_keeps_the_controlnet_in_f32_and_stays_close_to_f32() {
     for precision in ["no", "bf16", "fp16"] {
         let mut s = spec(unet_config(), Some(read_json_config(&fixture("sd15/controlnet")).unwrap()));
         s.config.insert("mixed_precision".into(), json!(precision));
-        s.decoder.hook = "mid".parse().unwrap();
+        s.decoder.hook = Some("mid".parse().unwrap());
         let mut m = SdModel::<C>::new(&s, Parts::Dual { decoder: true }, Default::default(), 0).unwrap();
         m.load_main(&fixture("sd15/unet")).unwrap();
         m.load_controlnet(&fixture("sd15/controlnet")).unwrap();

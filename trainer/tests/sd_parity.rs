@@ -53,7 +53,7 @@ fn build<B: Backend>(case: &str, device: B::Device) -> SdModel<B> {
     let dir = fixture(case);
     let (_, meta) = read(&dir.join("io.safetensors"));
     let decoder = DecoderConfig {
-        hook: meta["hook"].parse().unwrap(),
+        hook: Some(meta["hook"].parse().unwrap()),
         time_sinusoidal_dim: meta["time_sinusoidal_dim"].parse().unwrap(),
         channel_floor: meta["channel_floor"].parse().unwrap(),
         ..DecoderConfig::default()

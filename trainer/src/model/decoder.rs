@@ -21,8 +21,10 @@ use crate::params::{Bound, ParamStore, Scope};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DecoderConfig {
-    /// The hooked side layer (`down_1`: the 16×16 level in the toy).
-    pub hook: HookLayer,
+    /// The hooked side layer (None: the architecture's default, its `DEFAULT_HOOK`, which the
+    /// registry lists: `down_1` in the toy, `down_5` in Stable Diffusion).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hook: Option<HookLayer>,
     /// Width of the decoder's sinusoidal time features (256).
     pub time_sinusoidal_dim: usize,
     /// Channel floor of the upsampling stages (64 in the paper; scaled down to 16 here).
@@ -33,7 +35,19 @@ pub struct DecoderConfig {
 
 impl Default for DecoderConfig {
     fn default() -> Self {
-        Self { hook: HookLayer::Down(1), time_sinusoidal_dim: 256, channel_floor: 16, output_init: OutputInit::Zero }
+        Self { hook: None, time_sinusoidal_dim: 256, channel_floor: 16, output_init: OutputInit::Zero }
+    }
+}
+
+impl DecoderConfig {
+    /// The hook, `default` (the architecture's) when none was chosen.
+    pub fn hook_or(&self, default: HookLayer) -> HookLayer {
+        self.hook.unwrap_or(default)
+    }
+
+    /// This configuration with the hook chosen: `default` when none was.
+    pub fn resolved(&self, default: HookLayer) -> Self {
+        Self { hook: Some(self.hook_or(default)), ..self.clone() }
     }
 }
 

@@ -4,7 +4,7 @@
 use lisa_core::backend::Backend;
 use serde::{Deserialize, Serialize};
 
-use super::{DecoderConfig, DualDenoiser, sd, toy};
+use super::{DecoderConfig, DualDenoiser, HookLayer, sd, toy};
 use crate::error::{Result, TrainError};
 
 /// A model as run files and checkpoints describe it: the architecture's name, the LISA
@@ -45,8 +45,43 @@ pub enum Parts {
     },
 }
 
-/// The registered architectures.
-pub const ARCHITECTURES: &[&str] = &[toy::NAME, sd::NAME];
+/// One registered architecture and its defaults.
+#[derive(Debug, Clone, Copy)]
+pub struct Architecture {
+    /// The name run files select it by (`[model] architecture = "…"`).
+    pub name: &'static str,
+    /// What it is, in a few words.
+    pub description: &'static str,
+    /// The side layer the LISA decoder reads when the run file names none.
+    pub default_hook: HookLayer,
+    /// Checks a spec of this architecture without building it.
+    validate: fn(&ModelSpec) -> Result<()>,
+}
+
+/// The registered architectures: the one place a new architecture is added (and one arm of
+/// [`build`], whose constructors are generic over the backend).
+pub const ARCHITECTURES: &[Architecture] = &[
+    Architecture {
+        name: toy::NAME,
+        description: "the reference pixel-space UNet + ControlNet of the fill-circles task",
+        default_hook: toy::DEFAULT_HOOK,
+        validate: |spec| toy::ToyConfig::from_spec(spec)?.validate(&spec.decoder),
+    },
+    Architecture {
+        name: sd::NAME,
+        description: "Stable Diffusion 1.x/2.x: diffusers' UNet2DConditionModel + ControlNetModel",
+        default_hook: sd::DEFAULT_HOOK,
+        validate: |spec| sd::SdSpec::from_spec(spec)?.validate(&spec.decoder),
+    },
+];
+
+/// The registered architecture called `name`.
+pub fn architecture(name: &str) -> Result<&'static Architecture> {
+    ARCHITECTURES.iter().find(|a| a.name == name).ok_or_else(|| {
+        let known: Vec<&str> = ARCHITECTURES.iter().map(|a| a.name).collect();
+        TrainError::Config(format!("unknown model architecture {name:?} (known: {})", known.join(", ")))
+    })
+}
 
 /// Builds `spec` with seeded initial weights on `device`.
 pub fn build<B: Backend>(
@@ -55,24 +90,24 @@ pub fn build<B: Backend>(
     device: B::Device,
     seed: u64,
 ) -> Result<Box<dyn DualDenoiser<B>>> {
-    match spec.architecture.as_str() {
+    let arch = architecture(&spec.architecture)?;
+    match arch.name {
         toy::NAME => Ok(Box::new(toy::ToyModel::new(spec, parts, device, seed)?)),
         sd::NAME => Ok(Box::new(sd::SdModel::new(spec, parts, device, seed)?)),
-        other => Err(unknown(other)),
+        _ => Err(TrainError::Internal("every registered architecture has a constructor in registry::build")),
     }
 }
 
 /// Checks `spec` without building it (bad keys, values and sizes are errors naming them).
 pub fn validate(spec: &ModelSpec) -> Result<()> {
-    match spec.architecture.as_str() {
-        toy::NAME => toy::ToyConfig::from_spec(spec).and_then(|c| c.validate(&spec.decoder)),
-        sd::NAME => sd::SdSpec::from_spec(spec).and_then(|c| c.validate(&spec.decoder)),
-        other => Err(unknown(other)),
-    }
+    (architecture(&spec.architecture)?.validate)(spec)
 }
 
-fn unknown(name: &str) -> TrainError {
-    TrainError::Config(format!("unknown model architecture {name:?} (known: {})", ARCHITECTURES.join(", ")))
+impl ModelSpec {
+    /// The hook the LISA decoder reads: the chosen one, or the architecture's default.
+    pub fn hook(&self) -> Result<HookLayer> {
+        Ok(self.decoder.hook_or(architecture(&self.architecture)?.default_hook))
+    }
 }
 
 /// The model a weights file written by lisa records (its `lisa.model_spec` metadata), if any.

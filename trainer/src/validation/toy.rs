@@ -121,7 +121,7 @@ impl ToyValidation {
             .map(|i| probe_set.circle(i))
             .map(|c| vec![c.cx as f64, c.cy as f64, c.radius as f64])
             .collect();
-        let hook = model.spec().decoder.hook;
+        let hook = model.spec().hook()?;
         Ok(Self { set, sampling, seed, hook, examples, probe_examples, probe_targets })
     }
 }

@@ -18,7 +18,7 @@ pub fn tiny_model() -> ModelSpec {
         control: ControlConfig { hint_hidden: 8, ..ControlConfig::default() },
     };
     toy.to_spec(&DecoderConfig {
-        hook: HookLayer::Down(1),
+        hook: Some(HookLayer::Down(1)),
         time_sinusoidal_dim: 16,
         channel_floor: 4,
         ..DecoderConfig::default()

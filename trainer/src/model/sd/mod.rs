@@ -49,6 +49,8 @@ use crate::weights::{load_params, load_tensors};
 
 /// The registry name.
 pub const NAME: &str = "sd";
+/// The side layer the LISA decoder reads when the run file names none (the input of `controlnet_down_blocks[5]`, as the LISA authors').
+pub const DEFAULT_HOOK: HookLayer = HookLayer::Down(5);
 
 /// The `[model]` keys of the sd architecture.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -171,7 +173,7 @@ impl SdSpec {
     /// Checks the configs and that the hook names a zero conv of this ControlNet.
     pub fn validate(&self, decoder: &DecoderConfig) -> Result<()> {
         let r = self.resolve()?;
-        hook_shape(&r.unet, decoder.hook).map(|_| ())
+        hook_shape(&r.unet, decoder.hook_or(DEFAULT_HOOK)).map(|_| ())
     }
 }
 
@@ -232,7 +234,7 @@ impl<B: Backend> SdModel<B> {
         if let Parts::Dual { decoder: with_decoder } = parts {
             controlnet = Some(SdControlNet::new(&mut store, SIDE, &resolved.controlnet, &resolved.extras)?);
             if with_decoder {
-                let hooked = hook_shape(&resolved.unet, spec.decoder.hook)?;
+                let hooked = hook_shape(&resolved.unet, spec.decoder.hook_or(DEFAULT_HOOK))?;
                 let out = (resolved.unet.out_channels, resolved.unet.sample_size);
                 decoder = Some(LisaDecoder::new(&mut store, DECODER, &spec.decoder, hooked, out)?);
             }
@@ -248,7 +250,7 @@ impl<B: Backend> SdModel<B> {
             decoder,
             spec: sd,
             resolved,
-            decoder_config: spec.decoder.clone(),
+            decoder_config: spec.decoder.resolved(DEFAULT_HOOK),
             parts,
             prompts,
         };
@@ -449,7 +451,7 @@ impl<B: Backend> DualDenoiser<B> for SdModel<B> {
     }
 
     fn lisa_hook(&self) -> Option<HookLayer> {
-        self.decoder.as_ref().map(|_| self.decoder_config.hook)
+        self.decoder.as_ref().map(|_| self.decoder_config.hook_or(DEFAULT_HOOK))
     }
 
     fn decode_lisa(&self, p: &Bound<'_, B>, feature: &Var<B>, t: &[f32]) -> Result<Var<B>> {

@@ -31,6 +31,8 @@ use crate::weights::{MODEL_SPEC_KEY, load_params, load_tensors, parse_safetensor
 
 /// The registry name.
 pub const NAME: &str = "toy";
+/// The side layer the LISA decoder reads when the run file names none (the second level of the reference network).
+pub const DEFAULT_HOOK: HookLayer = HookLayer::Down(1);
 
 /// The toy's own configuration: `[model.unet]` and `[model.control]`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -63,7 +65,7 @@ impl ToyConfig {
     /// Checks sizes and that the hook names a level of this network.
     pub fn validate(&self, decoder: &DecoderConfig) -> Result<()> {
         self.unet.validate()?;
-        self.hook_shape(decoder.hook).map(|_| ())
+        self.hook_shape(decoder.hook_or(DEFAULT_HOOK)).map(|_| ())
     }
 
     /// `(channels, side)` of the side feature a hook reads.
@@ -106,12 +108,13 @@ impl<B: Backend> ToyModel<B> {
         if let Parts::Dual { decoder: with_decoder } = parts {
             side = Some(ControlNet::new(&mut store, SIDE, &config.unet, &config.control)?);
             if with_decoder {
-                let hooked = config.hook_shape(spec.decoder.hook)?;
+                let hooked = config.hook_shape(spec.decoder.hook_or(DEFAULT_HOOK))?;
                 let out = (config.unet.image_channels, config.unet.resolution);
                 decoder = Some(LisaDecoder::new(&mut store, DECODER, &spec.decoder, hooked, out)?);
             }
         }
-        let mut model = Self { store, main, side, decoder, config, decoder_config: spec.decoder.clone(), parts };
+        let mut model =
+            Self { store, main, side, decoder, config, decoder_config: spec.decoder.resolved(DEFAULT_HOOK), parts };
         model.copy_main_into_side()?;
         Ok(model)
     }
@@ -219,7 +222,7 @@ impl<B: Backend> DualDenoiser<B> for ToyModel<B> {
     }
 
     fn lisa_hook(&self) -> Option<HookLayer> {
-        self.decoder.as_ref().map(|_| self.decoder_config.hook)
+        self.decoder.as_ref().map(|_| self.decoder_config.hook_or(DEFAULT_HOOK))
     }
 
     fn decode_lisa(&self, p: &Bound<'_, B>, feature: &Var<B>, t: &[f32]) -> Result<Var<B>> {
