@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use lisa_core::backend::Backend;
+use lisa_trainer::TrainError;
 use lisa_trainer::data::{Dataset, FillCircles, prompt_colours};
 use lisa_trainer::model::{DualDenoiser, ModelSpec, registry, sd, toy};
 use lisa_trainer::pretrain::PretrainConfig;
 use lisa_trainer::sample::SampleConfig;
-use lisa_trainer::scheduler;
 use lisa_trainer::train::TrainConfig;
 use serde::{Deserialize, Serialize};
 
@@ -110,21 +110,27 @@ pub fn check_memory<B: Backend>(model: &dyn DualDenoiser<B>, batch: usize) -> Re
     }
 }
 
-/// The most validation samples (they are sampled as one batch).
-const MAX_VALIDATION_SAMPLES: usize = 4096;
+/// A library error about one setting ([`TrainError::Setting`]) said the way the user set it:
+/// under the flag (`flags`: run-file key → flag, for the flags given), else under the run
+/// file's section and key. Other errors pass through.
+pub fn name_setting(e: TrainError, flags: &[(&str, &str)], file: Option<&Path>) -> anyhow::Error {
+    let TrainError::Setting { key, reason } = &e else { return e.into() };
+    if let Some((_, flag)) = flags.iter().find(|(k, _)| k == key) {
+        return anyhow::anyhow!("{flag}: {reason}");
+    }
+    let (section, field) = key.rsplit_once('.').unwrap_or(("", key));
+    match file {
+        Some(path) => anyhow::anyhow!("run file {}: [{section}] {field}: {reason}", path.display()),
+        None => anyhow::anyhow!("[{section}] {field}: {reason}"),
+    }
+}
 
 impl RunFile {
     /// The validation sampler applies to this model (steps, η, scales, sampler vs noise
-    /// process) and there is a validation set: checked now, not after the last step.
+    /// process): checked now, not after the last step.
     pub fn check_sampling<B: Backend>(&self, model: &dyn DualDenoiser<B>) -> Result<()> {
-        let sampling = &self.validation.sampling;
-        sampling.validate().context("[validation.sampling]")?;
-        scheduler::build::<B>(&self.train.noise, &sampling.scheduler(model.prediction()))
-            .context("[validation.sampling]")?;
-        if !(1..=MAX_VALIDATION_SAMPLES).contains(&self.validation.samples) {
-            bail!("[validation] samples must lie in 1..={MAX_VALIDATION_SAMPLES}, got {}", self.validation.samples);
-        }
-        Ok(())
+        lisa_trainer::validation::check_sampling(model, &self.train.noise, &self.validation.sampling)
+            .context("[validation.sampling]")
     }
 
     /// Reads a run file, or the defaults without one, and checks the model section.

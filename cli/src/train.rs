@@ -7,12 +7,14 @@ use clap::Args;
 use lisa_core::backend::Backend;
 use lisa_core::{Distance, TargetSpace};
 use lisa_trainer::model::DualDenoiser;
+use lisa_trainer::model::HookLayer;
 use lisa_trainer::model::sd::{MixedPrecision, Pipeline, UNetConfig, Vae, VaeConfig, read_json_config};
+use lisa_trainer::optim::LrSchedule;
 use lisa_trainer::session::{self, RunOptions, RunReport};
 use lisa_trainer::train::{Mode, Trainer};
 use lisa_trainer::validation::{LatentValidation, ToyValidation, Validator};
 
-use crate::config::{RunFile, SdInputs, check_memory};
+use crate::config::{RunFile, SdInputs, check_memory, name_setting};
 use crate::progress::RunDisplay;
 use crate::run_dir::CheckpointArgs;
 use crate::sd_cache;
@@ -60,25 +62,26 @@ pub struct TrainArgs {
     /// no | fp16 | bf16: the frozen UNet, VAE and text encoder stored in half precision; the
     /// ControlNet, the LISA decoder and the optimizer state stay in f32.
     #[arg(long, default_value = "no", requires = "pretrained_model_name_or_path")]
-    mixed_precision: String,
+    mixed_precision: MixedPrecision,
     /// Train with the LISA term (the default).
     #[arg(long, conflicts_with = "baseline")]
     lisa: bool,
     /// Train the plain ControlNet baseline (no decoder, no prior pass).
     #[arg(long)]
     baseline: bool,
-    /// Side layer the LISA decoder reads: down_0 .. down_N | mid.
+    /// Side layer the LISA decoder reads: down_0 .. down_N | mid (default: the
+    /// architecture's, down_1 for the toy, down_5 for Stable Diffusion).
     #[arg(long)]
-    hook: Option<String>,
+    hook: Option<HookLayer>,
     /// λ, the weight of the LISA term.
     #[arg(long, allow_negative_numbers = true)]
     lambda: Option<f64>,
     /// prediction | score.
     #[arg(long)]
-    target_space: Option<String>,
+    target_space: Option<TargetSpace>,
     /// mse | cosine.
     #[arg(long)]
-    distance: Option<String>,
+    distance: Option<Distance>,
     /// Apply LISA to the first N samples of each batch only.
     #[arg(long)]
     lisa_subbatch: Option<usize>,
@@ -106,7 +109,7 @@ pub struct TrainArgs {
     learning_rate: Option<f32>,
     /// constant | constant_with_warmup | cosine.
     #[arg(long)]
-    lr_scheduler: Option<String>,
+    lr_scheduler: Option<LrSchedule>,
     /// Warm-up steps.
     #[arg(long)]
     lr_warmup_steps: Option<u64>,
@@ -127,73 +130,59 @@ pub struct TrainArgs {
     output_dir: PathBuf,
 }
 
-/// Applies the flags to the run file.
-fn apply(a: &TrainArgs, file: &mut RunFile) -> Result<()> {
+/// Applies the flags to the run file (the library checks the values: [`check_settings`]).
+fn apply(a: &TrainArgs, file: &mut RunFile) {
     let t = &mut file.train;
     if a.baseline {
         t.mode = Mode::Baseline;
     } else if a.lisa {
         t.mode = Mode::Lisa;
     }
-    if let Some(h) = &a.hook {
-        file.model.decoder.hook = Some(h.parse().context("--hook")?);
+    if let Some(h) = a.hook {
+        file.model.decoder.hook = Some(h);
     }
-    if let Some(l) = a.lambda {
-        if !(l >= 0.0 && l.is_finite()) {
-            bail!("--lambda must be finite and >= 0, got {l}");
-        }
-        t.lisa.lambda = l;
-    }
-    if let Some(s) = &a.target_space {
-        t.lisa.target_space = match s.as_str() {
-            "prediction" => TargetSpace::Prediction,
-            "score" => TargetSpace::Score,
-            _ => bail!("--target-space {s:?}: prediction | score"),
-        };
-    }
-    if let Some(d) = &a.distance {
-        t.lisa.distance = match d.as_str() {
-            "mse" => Distance::Mse,
-            "cosine" => Distance::Cosine,
-            _ => bail!("--distance {d:?}: mse | cosine"),
-        };
-    }
-    if a.gradient_checkpointing {
-        t.gradient_checkpointing = true;
-    }
-    if let Some(p) = a.proportion_empty_prompts {
-        if !(0.0..=1.0).contains(&p) {
-            bail!("--proportion-empty-prompts must lie in [0, 1], got {p}");
-        }
-        t.proportion_empty_prompts = p;
-    }
-    if let Some(s) = &a.lr_scheduler {
-        t.optim.schedule = s.parse().context("--lr-scheduler")?;
-    }
+    t.lisa.lambda = a.lambda.unwrap_or(t.lisa.lambda);
+    t.lisa.target_space = a.target_space.unwrap_or(t.lisa.target_space);
+    t.lisa.distance = a.distance.unwrap_or(t.lisa.distance);
+    t.gradient_checkpointing |= a.gradient_checkpointing;
+    t.proportion_empty_prompts = a.proportion_empty_prompts.unwrap_or(t.proportion_empty_prompts);
+    t.optim.schedule = a.lr_scheduler.unwrap_or(t.optim.schedule);
     t.lisa_subbatch = a.lisa_subbatch.or(t.lisa_subbatch);
-    if let Some(f) = a.decoder_lr_scale {
-        if !(f > 0.0 && f.is_finite()) {
-            bail!("--decoder-lr-scale must be > 0 and finite, got {f}");
-        }
-        t.decoder_lr_scale = f;
-    }
+    t.decoder_lr_scale = a.decoder_lr_scale.unwrap_or(t.decoder_lr_scale);
     if a.normalize_tau && t.normalize_tau.is_none() {
         t.normalize_tau = Some(Default::default());
     }
-    if let Some(d) = &a.train_data_dir {
-        file.data.dir = Some(d.clone());
-    }
-    let t = &mut file.train;
     t.seed = a.seed.unwrap_or(t.seed);
     t.max_train_steps = a.max_train_steps.unwrap_or(t.max_train_steps);
     t.batch_size = a.train_batch_size.unwrap_or(t.batch_size);
     t.gradient_accumulation_steps = a.gradient_accumulation_steps.unwrap_or(t.gradient_accumulation_steps);
     t.optim.lr = a.learning_rate.unwrap_or(t.optim.lr);
     t.optim.warmup_steps = a.lr_warmup_steps.unwrap_or(t.optim.warmup_steps);
-    if let Some(c) = a.max_grad_norm {
-        t.optim.max_grad_norm = Some(c);
+    t.optim.max_grad_norm = a.max_grad_norm.or(t.optim.max_grad_norm);
+    if let Some(d) = &a.train_data_dir {
+        file.data.dir = Some(d.clone());
     }
-    Ok(())
+}
+
+/// The run-file keys the flags of `lisa train` set, when the user gave them: an invalid
+/// value is reported under the flag the user wrote.
+fn flags_given(a: &TrainArgs) -> Vec<(&'static str, &'static str)> {
+    let given = [
+        ("train.lisa.lambda", "--lambda", a.lambda.is_some()),
+        ("train.lisa_subbatch", "--lisa-subbatch", a.lisa_subbatch.is_some()),
+        ("train.decoder_lr_scale", "--decoder-lr-scale", a.decoder_lr_scale.is_some()),
+        ("train.proportion_empty_prompts", "--proportion-empty-prompts", a.proportion_empty_prompts.is_some()),
+        ("train.batch_size", "--train-batch-size", a.train_batch_size.is_some()),
+        ("train.gradient_accumulation_steps", "--gradient-accumulation-steps", a.gradient_accumulation_steps.is_some()),
+        ("train.optim.lr", "--learning-rate", a.learning_rate.is_some()),
+        ("train.optim.max_grad_norm", "--max-grad-norm", a.max_grad_norm.is_some()),
+    ];
+    given.into_iter().filter(|g| g.2).map(|(key, flag, _)| (key, flag)).collect()
+}
+
+/// The library's check of every training setting, before anything is loaded.
+fn check_settings(a: &TrainArgs, file: &RunFile) -> Result<()> {
+    file.train.validate_settings().map_err(|e| name_setting(e, &flags_given(a), a.config.as_deref()))
 }
 
 /// How a training run validates, saves and reports.
@@ -310,7 +299,8 @@ fn check_example_fits<B: Backend>(model: &dyn DualDenoiser<B>, data: &dyn lisa_t
 /// Runs `lisa train`.
 pub fn run<B: Backend>(a: TrainArgs, device: B::Device) -> Result<()> {
     let mut file = RunFile::load(a.config.as_deref())?;
-    apply(&a, &mut file)?;
+    apply(&a, &mut file);
+    check_settings(&a, &file)?;
     let mut latent_validation = None;
     let (main, side) = match (&a.main, &a.pretrained_model_name_or_path) {
         (Some(main), _) => {
@@ -331,7 +321,7 @@ pub fn run<B: Backend>(a: TrainArgs, device: B::Device) -> Result<()> {
             }
             let (images, prompts) = validation_pairs(&a.validation_image, &a.validation_prompt)?;
             let cache_dir = a.cache_dir.clone().unwrap_or_else(|| a.output_dir.join("cache"));
-            let precision: MixedPrecision = a.mixed_precision.parse().context("--mixed-precision")?;
+            let precision = a.mixed_precision;
             let cache =
                 sd_cache::prepare::<B>(&pipeline, &data, &cache_dir, resolution, &prompts, precision, device.clone())?;
             let inputs = SdInputs {

@@ -132,10 +132,19 @@ fn bad_inputs_are_clear_errors() {
     };
 
     fails_with(&train(&["--hook", "up_3"]), "unknown hook layer");
-    fails_with(&train(&["--lambda", "-0.5"]), "--lambda must be finite and >= 0");
+    fails_with(&train(&["--lambda", "-0.5"]), "--lambda: must be finite and >= 0");
     fails_with(&train(&["--resume-from-checkpoint", s(&d.join("nowhere"))]), "does not exist");
     fails_with(&train(&["--distance", "l1"]), "mse | cosine");
-    fails_with(&train(&["--decoder-lr-scale", "0"]), "--decoder-lr-scale must be > 0");
+    fails_with(&train(&["--decoder-lr-scale", "0"]), "--decoder-lr-scale: must be > 0");
+    // Choices are parsed by the flag (the library's FromStr), and the error names the flag.
+    fails_with(&train(&["--target-space", "pixels"]), "--target-space");
+    fails_with(&train(&["--lr-scheduler", "linear"]), "constant | constant_with_warmup | cosine");
+    // The same value from the run file is named by its section and key, once, by the library.
+    let bad_lambda = d.join("bad-lambda.toml");
+    std::fs::write(&bad_lambda, format!("{}\n[train.lisa]\nlambda = -1.0\n", std::fs::read_to_string(&cfg).unwrap()))
+        .unwrap();
+    let out = lisa(&["train", "--config", s(&bad_lambda), "--main", s(&main), "--output-dir", s(&d.join("r"))]);
+    fails_with(&out, "bad-lambda.toml: [train.lisa] lambda: must be finite and >= 0");
     fails_with(&train(&["--train-data-dir", s(&d.join("no-such-folder"))]), "dataset folder not found");
     // A backend this machine cannot run (or this binary was built without) is an error.
     fails_with(&lisa(&["--backend", "cuda", "pretrain", "--config", s(&cfg), "--max-train-steps", "1"]), "cuda");

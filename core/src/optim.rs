@@ -35,24 +35,24 @@ impl Default for AdamWParams {
 }
 
 impl AdamWParams {
-    /// Checks domains: lr, wd ≥ 0; β ∈ [0, 1); ε > 0; step ≥ 1.
+    /// Checks domains: lr, wd ≥ 0; β ∈ [0, 1); ε > 0; step ≥ 1. An error's `op` names the
+    /// offending field (`lr`, `weight_decay`, `betas`, `eps`, `step`).
     pub fn validate(&self) -> Result<()> {
-        const OP: &str = "AdamWParams";
-        let fail = |what: alloc::string::String| Err(Error::invalid(OP, what));
+        let fail = |field: &'static str, what: alloc::string::String| Err(Error::invalid(field, what));
         if !(self.lr >= 0.0 && self.lr.is_finite()) {
-            return fail(format!("the learning rate must be finite and >= 0, got {}", self.lr));
+            return fail("lr", format!("the learning rate must be finite and >= 0, got {}", self.lr));
         }
         if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
-            return fail(format!("weight_decay must be finite and >= 0, got {}", self.weight_decay));
+            return fail("weight_decay", format!("must be finite and >= 0, got {}", self.weight_decay));
         }
         if !((0.0..1.0).contains(&self.beta1) && (0.0..1.0).contains(&self.beta2)) {
-            return fail(format!("betas must lie in [0, 1), got {} and {}", self.beta1, self.beta2));
+            return fail("betas", format!("must lie in [0, 1), got {} and {}", self.beta1, self.beta2));
         }
         if !(self.eps > 0.0 && self.eps.is_finite()) {
-            return fail(format!("eps must be > 0, got {}", self.eps));
+            return fail("eps", format!("must be > 0, got {}", self.eps));
         }
         if self.step == 0 {
-            return fail("the step count is 1-based, got 0".into());
+            return fail("step", "the step count is 1-based, got 0".into());
         }
         Ok(())
     }

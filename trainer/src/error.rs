@@ -11,6 +11,15 @@ pub enum TrainError {
     /// A configuration value is invalid (caught before any work starts).
     #[error("invalid config: {0}")]
     Config(String),
+    /// One setting is out of its domain: `key` is its run-file path (`train.lisa.lambda`),
+    /// so that a program can name the flag or the key its user wrote.
+    #[error("{key}: {reason}")]
+    Setting {
+        /// The run-file path of the setting (`section.subsection.field`).
+        key: String,
+        /// What is wrong with its value.
+        reason: String,
+    },
     /// Run-time input does not fit the model (an example's size, a prompt it cannot read).
     #[error("{0}")]
     Mismatch(String),
@@ -85,6 +94,22 @@ pub enum TrainError {
         /// The OS error.
         source: std::io::Error,
     },
+}
+
+impl TrainError {
+    /// A [`TrainError::Setting`] error for `key`.
+    pub fn setting(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Setting { key: key.into(), reason: reason.into() }
+    }
+
+    /// A setting error for a core validation error under the run-file section `section`:
+    /// the core error's `op` names the field. Other errors pass through.
+    pub fn in_section(section: &str, e: lisa_core::Error) -> Self {
+        match e {
+            lisa_core::Error::InvalidArgument { op, reason } => Self::setting(format!("{section}.{op}"), reason),
+            other => Self::Core(other),
+        }
+    }
 }
 
 /// `Result` with [`TrainError`].

@@ -66,7 +66,7 @@ pub type Pretrainer<B> = TrainingRun<B, PretrainConfig>;
 impl<B: Backend> Pretrainer<B> {
     /// A fresh run of the main network of `spec`.
     pub fn new(spec: &ModelSpec, config: PretrainConfig, device: B::Device) -> Result<Self> {
-        config.optim.validate()?;
+        config.optim.validate("pretrain.optim")?;
         if !(1..=MAX_BATCH).contains(&config.batch_size) || !(0.0..1.0).contains(&config.null_prompt_prob) {
             return Err(TrainError::Config(format!(
                 "pretrain: batch_size must lie in 1..={MAX_BATCH} and null_prompt_prob in [0, 1), got {} and {}",

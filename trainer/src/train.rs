@@ -91,37 +91,49 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
-    /// Checks every value against the model it will train (its prediction type).
-    pub fn validate(&self, prediction: Prediction) -> Result<()> {
+    /// Checks every value that needs no model (an error names the setting's run-file key,
+    /// [`TrainError::Setting`]): what a program calls before it loads anything.
+    pub fn validate_settings(&self) -> Result<()> {
+        let bad = |key: &str, reason: String| Err(TrainError::setting(format!("train.{key}"), reason));
         if self.lisa_subbatch == Some(0) {
-            return Err(TrainError::Config("lisa_subbatch must be >= 1 (or unset)".into()));
+            return bad("lisa_subbatch", "must be >= 1 (or unset)".into());
         }
         if !(0.0..=1.0).contains(&self.proportion_empty_prompts) {
-            return Err(TrainError::Config(format!(
-                "proportion_empty_prompts must lie in [0, 1], got {}",
-                self.proportion_empty_prompts
-            )));
+            return bad(
+                "proportion_empty_prompts",
+                format!("must lie in [0, 1], got {}", self.proportion_empty_prompts),
+            );
         }
-        if !(1..=MAX_BATCH).contains(&self.batch_size) || !(1..=MAX_BATCH).contains(&self.gradient_accumulation_steps) {
-            return Err(TrainError::Config(format!(
-                "batch_size and gradient_accumulation_steps must lie in 1..={MAX_BATCH}, got {} and {}",
-                self.batch_size, self.gradient_accumulation_steps
-            )));
+        for (key, value) in
+            [("batch_size", self.batch_size), ("gradient_accumulation_steps", self.gradient_accumulation_steps)]
+        {
+            if !(1..=MAX_BATCH).contains(&value) {
+                return bad(key, format!("must lie in 1..={MAX_BATCH}, got {value}"));
+            }
         }
-        self.lisa.validate().map_err(|e| TrainError::Config(e.to_string()))?;
-        self.optim.validate()?;
+        self.lisa.validate().map_err(|e| TrainError::in_section("train.lisa", e))?;
+        self.optim.validate("train.optim")?;
         if !(self.decoder_lr_scale > 0.0 && self.decoder_lr_scale.is_finite()) {
-            return Err(TrainError::Config(format!("decoder_lr_scale must be > 0, got {}", self.decoder_lr_scale)));
+            return bad("decoder_lr_scale", format!("must be > 0 and finite, got {}", self.decoder_lr_scale));
         }
         if let Some(n) = &self.normalize_tau {
             n.validate()?;
         }
+        Ok(())
+    }
+
+    /// Checks every value against the model it will train (its prediction type).
+    pub fn validate(&self, prediction: Prediction) -> Result<()> {
+        self.validate_settings()?;
         let flow = matches!(self.noise, NoiseConfig::Flow { .. });
         if flow != (prediction == Prediction::FlowVelocity) {
             let process = if flow { "a rectified flow" } else { "a diffusion schedule" };
-            return Err(TrainError::Config(format!(
-                "the model predicts {prediction:?} but the noise process is {process}: flows need flow_velocity, diffusion models epsilon, v or sample"
-            )));
+            return Err(TrainError::setting(
+                "train.noise",
+                format!(
+                    "the model predicts {prediction:?} but the noise process is {process}: flows need flow_velocity, diffusion models epsilon, v or sample"
+                ),
+            ));
         }
         Ok(())
     }

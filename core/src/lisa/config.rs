@@ -33,6 +33,32 @@ pub enum Distance {
     Cosine,
 }
 
+impl core::str::FromStr for TargetSpace {
+    type Err = Error;
+
+    /// `prediction` | `score` (the run-file spelling).
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "prediction" => Ok(Self::Prediction),
+            "score" => Ok(Self::Score),
+            _ => Err(Error::invalid("target_space", format!("{s:?} is not one of prediction | score"))),
+        }
+    }
+}
+
+impl core::str::FromStr for Distance {
+    type Err = Error;
+
+    /// `mse` | `cosine` (the run-file spelling).
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "mse" => Ok(Self::Mse),
+            "cosine" => Ok(Self::Cosine),
+            _ => Err(Error::invalid("distance", format!("{s:?} is not one of mse | cosine"))),
+        }
+    }
+}
+
 /// Per-timestep weight `w_b` of the LISA term.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
@@ -106,17 +132,16 @@ impl<F: Real> SampleTerms<F> {
 impl LisaConfig {
     /// Checks every field's domain (λ ≥ 0 finite, γ > 0, ε > 0).
     pub fn validate(&self) -> Result<()> {
-        const OP: &str = "LisaConfig";
         if !(self.lambda >= 0.0 && self.lambda.is_finite()) {
-            return Err(Error::invalid(OP, format!("lambda must be finite and >= 0, got {}", self.lambda)));
+            return Err(Error::invalid("lambda", format!("must be finite and >= 0, got {}", self.lambda)));
         }
         if !(self.cosine_eps > 0.0 && self.cosine_eps.is_finite()) {
-            return Err(Error::invalid(OP, format!("cosine_eps must be > 0, got {}", self.cosine_eps)));
+            return Err(Error::invalid("cosine_eps", format!("must be > 0, got {}", self.cosine_eps)));
         }
         if let Weighting::MinSnr { gamma } = self.weighting
             && !(gamma > 0.0 && gamma.is_finite())
         {
-            return Err(Error::invalid(OP, format!("min-SNR gamma must be > 0, got {gamma}")));
+            return Err(Error::invalid("weighting", format!("min-SNR gamma must be > 0, got {gamma}")));
         }
         Ok(())
     }

@@ -40,11 +40,14 @@ impl Default for TauNormConfig {
 impl TauNormConfig {
     /// At least one bucket and one example, at most 1000 buckets.
     pub fn validate(&self) -> Result<()> {
-        if !(1..=1000).contains(&self.buckets) || self.examples == 0 {
-            return Err(TrainError::Config(format!(
-                "normalize_tau needs 1..=1000 buckets and at least one example, got {} and {}",
-                self.buckets, self.examples
-            )));
+        if !(1..=1000).contains(&self.buckets) {
+            return Err(TrainError::setting(
+                "train.normalize_tau.buckets",
+                format!("must lie in 1..=1000, got {}", self.buckets),
+            ));
+        }
+        if self.examples == 0 {
+            return Err(TrainError::setting("train.normalize_tau.examples", "must be at least 1, got 0"));
         }
         Ok(())
     }

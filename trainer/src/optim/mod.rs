@@ -93,7 +93,7 @@ impl OptimConfig {
     }
 
     /// Checks domains (the backend re-checks each step's hyper-parameters).
-    pub fn validate(&self) -> Result<()> {
+    pub fn validate(&self, section: &str) -> Result<()> {
         AdamWParams {
             lr: self.lr,
             beta1: self.beta1,
@@ -103,11 +103,11 @@ impl OptimConfig {
             step: 1,
         }
         .validate()
-        .map_err(|e| TrainError::Config(e.to_string()))?;
+        .map_err(|e| TrainError::in_section(section, e))?;
         if let Some(c) = self.max_grad_norm
             && !(c > 0.0 && c.is_finite())
         {
-            return Err(TrainError::Config(format!("max_grad_norm must be > 0, got {c}")));
+            return Err(TrainError::setting(format!("{section}.max_grad_norm"), format!("must be > 0, got {c}")));
         }
         Ok(())
     }
