@@ -256,9 +256,6 @@ fn for_each_image<T: Send>(
 
 /// Forward: `y = W ⋆ x + b`, `x [n, c_in, h, w]`, `w [c_out, c_in, kh, kw]`.
 pub(crate) fn conv2d(g: &Conv2dGeometry, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
-    if crate::direct_conv::applies(g) {
-        return crate::direct_conv::conv2d(g, x, w, bias);
-    }
     if g.c_out < g.c_in
         && worth_flipping(g)
         && let Some((flipped, w_t)) = as_forward_of_dy(g, w)
