@@ -23,7 +23,8 @@ cargo build --release --manifest-path tests/no-std-check/Cargo.toml --target-dir
 
 echo "== examples"
 cargo run --release -q -p lisa-examples --example embed_core
-cargo run -q -p lisa-examples --example embed_candle
+# Its own workspace (candle stays out of the main one's builds), with its own target folder.
+cargo run -q --manifest-path examples/embed-candle/Cargo.toml --target-dir target/embed-candle
 cargo run -q --all-features -p lisa-examples --example swap_backends
 
 echo "== docs (warnings are errors)"

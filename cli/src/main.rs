@@ -100,7 +100,7 @@ macro_rules! with_backend {
 }
 
 fn main() -> ExitCode {
-    // Reuse freed buffers instead of mapping fresh pages every op (15-20 % of a CPU step).
+    // Reuse freed buffers instead of mapping fresh pages every op (faster CPU steps; figures in the lisa-cpu README).
     lisa_cpu::keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {

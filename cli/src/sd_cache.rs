@@ -4,14 +4,25 @@
 //! list, the resolution, the prompts and the encoders' files are the same (a key in each
 //! file's metadata). Files the user made are never overwritten: a file in the cache folder
 //! without lisa's key is refused.
+//!
+//! The key holds the SHA-256 of every encoder file (VAE, text encoder, tokenizer: ~0.8 GB at
+//! SD 1.5's size). Reading them all on every start would cost more than the rest of it, so
+//! [`DIGESTS_FILE`] beside the cache records each file's digest with the file's size,
+//! modification time and (for `.safetensors`) the digest of its JSON header when it was
+//! hashed; a file is hashed again when any of those changed, when it is new, or when it was
+//! modified within [`SETTLED`] of its hashing (a write in the same timestamp tick could
+//! otherwise keep size, time and header).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use lisa_core::backend::{Backend, Shape};
 use lisa_trainer::model::sd::{MixedPrecision, Pipeline, TextEncoder, Vae};
 use lisa_trainer::weights::{digest, host_to_safetensors, read_metadata, write_atomic};
+use serde::{Deserialize, Serialize};
 
 use crate::fill50k::{Fill50k, LATENTS_FILE, Layout};
 use crate::image::{Resample, read_image};
@@ -30,8 +41,9 @@ pub struct Cache {
     pub embeddings: PathBuf,
 }
 
-/// The digest of every file in `dir` (sorted by name), or of nothing when absent.
-fn folder_digest(dir: &Path) -> Result<String> {
+/// The digest of every file in `dir` (sorted by name), or of nothing when absent; each file's
+/// digest from `digests` (recorded, or hashed now).
+fn folder_digest(dir: &Path, digests: &mut FileDigests) -> Result<String> {
     let mut parts = Vec::new();
     if dir.is_dir() {
         let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -40,12 +52,173 @@ fn folder_digest(dir: &Path) -> Result<String> {
             .filter(|p| p.is_file())
             .collect();
         names.sort();
+        let folder = dir.file_name().unwrap_or_default().to_string_lossy();
         for p in names {
-            let bytes = std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?;
-            parts.push(format!("{}:{}", p.file_name().unwrap_or_default().to_string_lossy(), digest(&bytes)));
+            let name = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            let file_digest = digests.digest_of(&p, &format!("{folder}/{name}"))?;
+            parts.push(format!("{name}:{file_digest}"));
         }
     }
     Ok(digest(parts.join(",").as_bytes()))
+}
+
+/// The record of the encoder files' digests, beside the cache.
+pub const DIGESTS_FILE: &str = "encoder_digests.json";
+/// The `format` of [`DIGESTS_FILE`] (a record with another `lisa.encoder_digests` format is
+/// lisa's and is rewritten; a file without one is the user's and is refused).
+const DIGESTS_FORMAT: &str = "lisa.encoder_digests.v1";
+/// A recorded digest is trusted only for a file last modified at least this long before its
+/// hashing began: a write within a timestamp's granularity of that moment (2 s on FAT) could
+/// leave size, time and header as recorded.
+const SETTLED: Duration = Duration::from_secs(3);
+
+/// What tells a file's contents apart without reading them all.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Stamp {
+    /// Bytes.
+    size: u64,
+    /// Modification time, `(seconds, nanoseconds)` since the Unix epoch (None: unknown).
+    modified: Option<(u64, u32)>,
+    /// The digest of a `.safetensors` file's JSON header (None: not one, or unreadable).
+    header: Option<String>,
+}
+
+/// A file's digest and what it looked like when its hashing began.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Recorded {
+    stamp: Stamp,
+    /// When the hashing began, `(seconds, nanoseconds)` since the Unix epoch.
+    hashed_at: (u64, u32),
+    /// The SHA-256 of the contents.
+    digest: String,
+}
+
+/// [`DIGESTS_FILE`]'s contents: per file (absolute path), its recorded digest.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Record {
+    format: String,
+    files: BTreeMap<String, Recorded>,
+}
+
+fn since_epoch(t: SystemTime) -> Option<(u64, u32)> {
+    t.duration_since(SystemTime::UNIX_EPOCH).ok().map(|d| (d.as_secs(), d.subsec_nanos()))
+}
+
+/// The digest of a `.safetensors` file's header (its first `8 + n` bytes, `n` the
+/// little-endian length they start with), or None when it has none that can be read.
+fn header_digest(path: &Path) -> Option<String> {
+    if path.extension().is_none_or(|e| e != "safetensors") {
+        return None;
+    }
+    let mut f = std::fs::File::open(path).ok()?;
+    let size = f.metadata().ok()?.len();
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).ok()?;
+    let len = u64::from_le_bytes(len);
+    if len > size.saturating_sub(8) || len > 100 << 20 {
+        return None;
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header).ok()?;
+    Some(digest(&header))
+}
+
+fn stamp(path: &Path) -> Result<Stamp> {
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(Stamp { size: meta.len(), modified: meta.modified().ok().and_then(since_epoch), header: header_digest(path) })
+}
+
+/// Whether `recorded` still gives the digest of a file that now has `now`: the same stamp, and
+/// a modification time at least [`SETTLED`] before the hashing began.
+fn still_valid(recorded: &Recorded, now: &Stamp) -> bool {
+    let at = |(s, n): (u64, u32)| Duration::new(s, n);
+    recorded.stamp == *now && now.modified.is_some_and(|m| at(m) + SETTLED <= at(recorded.hashed_at))
+}
+
+/// The encoder files' digests for one start: recorded ones reused, the others hashed and
+/// recorded.
+struct FileDigests {
+    path: PathBuf,
+    before: BTreeMap<String, Recorded>,
+    now: BTreeMap<String, Recorded>,
+    /// `(label, bytes)` of every file hashed in this start.
+    hashed: Vec<(String, u64)>,
+}
+
+impl FileDigests {
+    /// The record in `cache_dir` (empty when absent). A file there that is not lisa's record
+    /// is the user's: an error.
+    fn open(cache_dir: &Path) -> Result<Self> {
+        let path = cache_dir.join(DIGESTS_FILE);
+        let mut before = BTreeMap::new();
+        if path.exists() {
+            let refuse = || {
+                anyhow::anyhow!(
+                    "{} exists and is not lisa's record of encoder digests; choose another --cache-dir or move it",
+                    path.display()
+                )
+            };
+            let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| refuse())?;
+            if !value["format"].as_str().is_some_and(|f| f.starts_with("lisa.encoder_digests")) {
+                return Err(refuse());
+            }
+            // lisa's record in another format, or damaged: everything is hashed and it is rewritten.
+            if let Ok(record) = serde_json::from_value::<Record>(value)
+                && record.format == DIGESTS_FORMAT
+            {
+                before = record.files;
+            }
+        }
+        Ok(FileDigests { path, before, now: BTreeMap::new(), hashed: Vec::new() })
+    }
+
+    /// The digest of the file at `path` (`label` names it in messages): the recorded one if
+    /// the file still has the stamp it had then, else its contents hashed now.
+    fn digest_of(&mut self, path: &Path, label: &str) -> Result<String> {
+        let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()).to_string_lossy().into_owned();
+        let stamp = stamp(path)?;
+        if let Some(recorded) = self.before.get(&key).filter(|r| still_valid(r, &stamp)) {
+            let digest = recorded.digest.clone();
+            self.now.insert(key, recorded.clone());
+            return Ok(digest);
+        }
+        // The stamp is taken before the contents are read: a write during the read leaves a
+        // stamp that the next start does not match.
+        let hashed_at = since_epoch(SystemTime::now()).unwrap_or_default();
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let file_digest = digest(&bytes);
+        self.hashed.push((label.to_string(), bytes.len() as u64));
+        self.now.insert(key, Recorded { stamp, hashed_at, digest: file_digest.clone() });
+        Ok(file_digest)
+    }
+
+    /// Says which files were hashed, and writes the record (atomically) when it changed.
+    fn finish(self) -> Result<()> {
+        if self.hashed.is_empty() {
+            eprintln!(
+                "encoder files unchanged since their digests were recorded: {} files not re-read",
+                self.now.len()
+            );
+        } else {
+            let bytes: u64 = self.hashed.iter().map(|h| h.1).sum();
+            let names: Vec<&str> = self.hashed.iter().map(|h| h.0.as_str()).collect();
+            eprintln!(
+                "hashed {} of {} encoder files (new, or changed in size, time or header; {:.1} MB): {}",
+                self.hashed.len(),
+                self.now.len(),
+                bytes as f64 / 1e6,
+                names.join(", ")
+            );
+        }
+        if self.now != self.before {
+            let dir = self.path.parent().unwrap_or(Path::new("."));
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            let record = Record { format: DIGESTS_FORMAT.to_string(), files: self.now };
+            write_atomic(&self.path, &serde_json::to_vec_pretty(&record)?)?;
+        }
+        Ok(())
+    }
 }
 
 /// Whether `path` is a lisa cache made with `key` (`Some(false)`: lisa's, other key; `None`:
@@ -91,17 +264,19 @@ pub fn prepare<B: Backend>(
     }
     let list =
         std::fs::read(data.join("prompt.json")).with_context(|| format!("reading {}/prompt.json", data.display()))?;
+    let mut digests = FileDigests::open(cache_dir)?;
     let key = digest(
         format!(
             "data {} resolution {resolution} precision {precision:?} vae {} text_encoder {} tokenizer {} extra {:?}",
             digest(&list),
-            folder_digest(&root.join("vae"))?,
-            folder_digest(&root.join("text_encoder"))?,
-            folder_digest(&root.join("tokenizer"))?,
+            folder_digest(&root.join("vae"), &mut digests)?,
+            folder_digest(&root.join("text_encoder"), &mut digests)?,
+            folder_digest(&root.join("tokenizer"), &mut digests)?,
             extra_prompts
         )
         .as_bytes(),
     );
+    digests.finish()?;
     let cache = Cache { latents: cache_dir.join(LATENTS_FILE), embeddings: cache_dir.join(EMBEDDINGS_FILE) };
     let states = (cache_state(&cache.latents, &key)?, cache_state(&cache.embeddings, &key)?);
     if states == (Some(true), Some(true)) {
@@ -184,4 +359,69 @@ pub fn prepare<B: Backend>(
         started.elapsed().as_secs_f64()
     );
     Ok(cache)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_safetensors(path: &Path, note: &str) {
+        let values = [0.5f32; 4];
+        let meta = BTreeMap::from([("note".to_string(), note.to_string())]);
+        std::fs::write(path, host_to_safetensors(&[("w".to_string(), Shape::new([4]), &values[..])], meta).unwrap())
+            .unwrap();
+    }
+
+    fn set_modified(path: &Path, when: SystemTime) {
+        std::fs::File::options().write(true).open(path).unwrap().set_modified(when).unwrap();
+    }
+
+    /// Opens the record in `dir`, takes the digest of `file`, writes the record back; returns the
+    /// digest and whether the file was hashed.
+    fn start(dir: &Path, file: &Path) -> (String, bool) {
+        let mut digests = FileDigests::open(dir).unwrap();
+        let d = digests.digest_of(file, "w.safetensors").unwrap();
+        let hashed = !digests.hashed.is_empty();
+        digests.finish().unwrap();
+        (d, hashed)
+    }
+
+    #[test]
+    fn a_recorded_digest_holds_only_while_size_time_and_header_do() {
+        let dir = std::env::temp_dir().join(format!("lisa-sd-cache-digests-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("w.safetensors");
+        let hour_ago = SystemTime::now() - Duration::from_secs(3600);
+        write_safetensors(&file, "a");
+        set_modified(&file, hour_ago);
+        let (first, hashed) = start(&dir, &file);
+        assert!(hashed, "a new file is hashed");
+        assert_eq!(first, digest(&std::fs::read(&file).unwrap()));
+        assert_eq!(start(&dir, &file), (first.clone(), false), "unchanged: the recorded digest");
+
+        // Another header of the same size, the same modification time: hashed again.
+        write_safetensors(&file, "b");
+        set_modified(&file, hour_ago);
+        let (second, hashed) = start(&dir, &file);
+        assert!(hashed && second != first, "an edited header is seen");
+        assert_eq!(start(&dir, &file), (second.clone(), false));
+
+        // Modified just now: hashed at the next start too, until the time lies SETTLED before a
+        // hashing (a same-tick write could have kept the stamp).
+        set_modified(&file, SystemTime::now());
+        assert_eq!(start(&dir, &file), (second.clone(), true));
+        assert_eq!(start(&dir, &file), (second.clone(), true), "too recent to trust");
+        set_modified(&file, hour_ago);
+        assert_eq!(start(&dir, &file), (second.clone(), true), "another time: hashed");
+        assert_eq!(start(&dir, &file), (second, false));
+
+        // A record in another lisa format is rewritten; a file that is not lisa's is refused.
+        std::fs::write(dir.join(DIGESTS_FILE), br#"{"format": "lisa.encoder_digests.v0"}"#).unwrap();
+        assert!(start(&dir, &file).1);
+        std::fs::write(dir.join(DIGESTS_FILE), b"mine").unwrap();
+        let err = FileDigests::open(&dir).err().expect("refused").to_string();
+        assert!(err.contains("not lisa's record"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

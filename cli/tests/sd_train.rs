@@ -349,3 +349,59 @@ fn end_to_end_from_a_full_pipeline_with_cached_encoders_validation_and_resume() 
     );
     fails_with(&train(&pipe, &data, &dir.join("out6"), &["--proportion-empty-prompts", "1.5"]), "proportion");
 }
+
+/// Sets the modification time of `file` to `age` ago.
+fn backdate(file: &Path, age: std::time::Duration) {
+    let when = std::time::SystemTime::now() - age;
+    std::fs::File::options().write(true).open(file).unwrap().set_modified(when).unwrap();
+}
+
+#[test]
+fn the_input_cache_rehashes_only_encoder_files_that_changed() {
+    let dir = workdir("digests");
+    let (pipe, data) = (full_pipeline(&dir), images_only(&dir));
+    let cache = dir.join("cache");
+    // Files written in the last seconds are hashed at every start (a write within a
+    // timestamp's granularity could keep size, time and header): these were written an hour ago.
+    let hour = std::time::Duration::from_secs(3600);
+    for part in ["vae", "text_encoder", "tokenizer"] {
+        for file in std::fs::read_dir(pipe.join(part)).unwrap() {
+            backdate(&file.unwrap().path(), hour);
+        }
+    }
+    let run =
+        |out: &str| ok(&train(&pipe, &data, &dir.join(out), &["--cache-dir", s(&cache), "--max-train-steps", "1"]));
+    let err = run("out1");
+    assert!(err.contains("hashed 6 of 6 encoder files") && err.contains("cached 3 latents"), "{err}");
+    assert!(cache.join("encoder_digests.json").is_file());
+
+    // (a) A second start reads none of them again and reuses the cache.
+    let err = run("out2");
+    assert!(err.contains("encoder files unchanged since their digests were recorded: 6 files not re-read"), "{err}");
+    assert!(!err.contains("hashed") && err.contains("using the cached latents"), "{err}");
+
+    // (b) An edited weight (same size, same header, another modification time) is hashed
+    // again, alone, and the cache made from it is rebuilt.
+    let vae = pipe.join("vae/diffusion_pytorch_model.safetensors");
+    let mut bytes = std::fs::read(&vae).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    bytes[8 + header] ^= 1; // the lowest mantissa bit of the first weight
+    std::fs::write(&vae, &bytes).unwrap();
+    backdate(&vae, hour / 2);
+    let err = run("out3");
+    assert!(
+        err.contains("hashed 1 of 6 encoder files") && err.contains("vae/diffusion_pytorch_model.safetensors"),
+        "{err}"
+    );
+    assert!(err.contains("cached 3 latents"), "the key changed, so the cache is made again:\n{err}");
+
+    // The record is lisa's: a file of the user's in its place is refused, not overwritten.
+    let other = dir.join("cache-user");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("encoder_digests.json"), b"{\"mine\": 1}").unwrap();
+    fails_with(
+        &train(&pipe, &data, &dir.join("out4"), &["--cache-dir", s(&other), "--max-train-steps", "1"]),
+        "not lisa's record of encoder digests",
+    );
+    assert_eq!(std::fs::read(other.join("encoder_digests.json")).unwrap(), b"{\"mine\": 1}");
+}

@@ -219,8 +219,8 @@ const fn conv_case(input: [usize; 4], c_out: usize, kernel: [usize; 2], stride: 
 /// Odd sizes, 1×1, rectangular kernels, stride 2, batch 1 and a batch above any thread count,
 /// padding up to and beyond `k − 1` (the CPU backend's backward data runs stride-1 cases with
 /// `pad < k` as a forward convolution, the others by col2im), and rows of 12 to 40 pixels with
-/// 4, 9 and 17 output channels (its direct kernel: slots of 16 pixels taken 3, 2 or 1 at a
-/// time, blocks of 8, 4, 2, 1 channels).
+/// 4, 9 and 17 output channels (widths and channel counts that are not multiples of a vector
+/// or a register block).
 const CONV_CASES: [ConvCase; 14] = [
     conv_case([1, 1, 1, 1], 1, [1, 1], 1, 0),
     conv_case([2, 3, 7, 7], 4, [3, 3], 1, 1),

@@ -3,9 +3,9 @@
 //! A training step frees and re-allocates the same large buffers every step (activations,
 //! gradients, im2col scratch, GEMM packing). With glibc's defaults each large buffer is a
 //! fresh `mmap`: the kernel zero-fills every page on first touch and unmaps it on free. On the
-//! toy step that page-fault work was about 10 % of the samples (`scripts/bench/profile.sh`),
-//! and keeping the memory instead made the steps 15–20 % faster at the same peak resident
-//! set (see the `lisa-cpu` README for the figures and the machine).
+//! toy step that page-fault work showed in the profiles (`scripts/bench/profile.sh`), and
+//! keeping the memory instead made the steps faster at the same peak resident set (see the
+//! `lisa-cpu` README for the figures and the machine).
 
 /// Makes this process's allocator keep freed memory for reuse instead of returning it to the
 /// system at once: allocations below 256 MiB come from the heap rather than their own

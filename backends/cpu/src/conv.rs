@@ -12,9 +12,10 @@
 //! convolution with fewer output than input channels runs as the backward data of the flipped
 //! convolution: `y = col2im(W'ᵀ · x[n])`, a `[c_out·kh·kw, c_in]` product of `x` itself (no
 //! im2col) scattered into `y` — the lowered matrix has `c_out·kh·kw` rows instead of
-//! `c_in·kh·kw`, and the GEMM is `kh·kw` times wider in `c_out` (a 96 → 32 layer at 32×32: 7.1
-//! → 5.0 ms; the output convolution 32 → 3: 0.6 → 0.27 ms, `cargo bench -p lisa-cpu`). Its
-//! weight gradient likewise is the flipped convolution's, with the kernels flipped back.
+//! `c_in·kh·kw`, and the GEMM is `kh·kw` times wider in `c_out` (a decoder's 96 → 32 layer and
+//! the 3-channel output convolution gain most; `cargo bench -p lisa-cpu`, figures in the
+//! lisa-cpu README). Its weight gradient likewise is the flipped convolution's, with the
+//! kernels flipped back.
 //! Images run in parallel (single-threaded GEMMs) when there are at least as many images as
 //! threads; otherwise images run in turn with multi-threaded GEMMs. The weight gradient sums
 //! fixed groups of images in parallel and adds the group partials in order, so the result
@@ -256,9 +257,6 @@ fn for_each_image<T: Send>(
 
 /// Forward: `y = W ⋆ x + b`, `x [n, c_in, h, w]`, `w [c_out, c_in, kh, kw]`.
 pub(crate) fn conv2d(g: &Conv2dGeometry, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
-    if crate::direct_conv::applies(g) {
-        return crate::direct_conv::conv2d(g, x, w, bias);
-    }
     if g.c_out < g.c_in
         && worth_flipping(g)
         && let Some((flipped, w_t)) = as_forward_of_dy(g, w)
@@ -323,8 +321,8 @@ fn flipped_geometry(g: &Conv2dGeometry) -> Option<Conv2dGeometry> {
 /// Whether a path that copies the kernels flipped ([`flip_kernels`]: `c_in·c_out·kh·kw`
 /// strided copies per call) pays for itself: each kernel element then serves `batch·oh·ow`
 /// multiply-adds, and below [`FLIP_MIN_PIXELS`] of them the copy costs more than the path
-/// saves (SD's 8×8 and 16×16 layers at batch 1: 2560 → 1280 at 8×8 took 95 ms that way
-/// against 9 ms with im2col; the toy's layers at batch 32 serve 2048–32768).
+/// saves (SD's 8×8 and 16×16 layers at batch 1 were several times slower that way than with
+/// im2col, figures in the lisa-cpu README; the toy's layers at batch 32 serve 2048–32768).
 fn worth_flipping(g: &Conv2dGeometry) -> bool {
     g.batch * g.oh * g.ow >= FLIP_MIN_PIXELS
 }
@@ -389,10 +387,11 @@ fn backward_data_by_col2im(g: &Conv2dGeometry, dy: &[f32], w: &[f32]) -> Vec<f32
 /// Backward weight: `dW = Σ_n dy[n] · cols[n]ᵀ` over fixed groups of images.
 ///
 /// Both `dy[n] [c_out, P]` and `cols[n] [K, P]` run along the reduction axis `P`, a layout the
-/// GEMM packs element by element when it is its left operand (that packing was 30 % of the toy
-/// pretraining step). So the small one, `dy[n]`, is transposed to `[P, c_out]` (`K/c_out`
-/// times less to move than `cols[n]`), and the group's sum is accumulated column-major as
-/// `dWᵀ [K, c_out]`, transposed once per group at the end.
+/// GEMM packs element by element when it is its left operand (that packing weighed heavily in
+/// the profile of the toy pretraining step; figures in the lisa-cpu README). So the small one,
+/// `dy[n]`, is transposed to `[P, c_out]` (`K/c_out` times less to move than `cols[n]`), and
+/// the group's sum is accumulated column-major as `dWᵀ [K, c_out]`, transposed once per group
+/// at the end.
 pub(crate) fn conv2d_backward_weight(g: &Conv2dGeometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
     if g.c_out < g.c_in
         && worth_flipping(g)

@@ -2,8 +2,7 @@
 //!
 //! The default `lisa` backend: every op of the [`lisa_core::backend`] traits on the CPU in
 //! `f32` (with `f16`/`bf16` storage), multi-threaded with rayon, GEMM from the `gemm` crate,
-//! 2-D convolutions as im2col + GEMM (and plain GEMM for 1×1 kernels), or, opted in with
-//! [`set_direct_conv`], a direct AVX-512 kernel for stride-1 convolutions.
+//! 2-D convolutions as im2col + GEMM (and plain GEMM for 1×1 kernels).
 //!
 //! Threads: ops run on the current rayon pool (the global one, sized by
 //! `RAYON_NUM_THREADS`, or any pool the caller `install`s). Results do not depend on the
@@ -13,7 +12,6 @@
 mod allocator;
 mod backend;
 mod conv;
-mod direct_conv;
 mod elementwise;
 mod fused;
 mod gemm;
@@ -28,7 +26,6 @@ mod upsample_conv;
 
 pub use allocator::keep_freed_memory;
 pub use backend::{CpuBackend, CpuDevice};
-pub use direct_conv::{direct_conv_available, set_direct_conv};
 pub use simd::{Isa, detected_isa, isa, set_isa_cap};
 pub use tensor::CpuTensor;
 

@@ -60,10 +60,11 @@ pub const F32_GEMM_KERNELS: &[&str] = &[
 /// TF32 tensor cores), else this crate's tiled kernel for [`F32Matmul::Exact`] and cubek's
 /// `Auto` strategy for [`F32Matmul::Tf32`]. An unknown name is an error naming the known ones.
 ///
-/// Why the tiled kernel for exact f32: measured side by side (`scripts/device_check.sh gemm`,
-/// NVIDIA H100), the toy's baseline step took 0.134 s with it, 0.167 s with cubek's unit
-/// matmul and 0.129-0.144 s with cubek's TF32 tensor-core strategies; on lavapipe (wgpu on the
-/// CPU) the conformance suite ran 5× faster with it than with cubek's unit matmul.
+/// Why the tiled kernel for exact f32: measured side by side (`scripts/device_check.sh gemm`),
+/// the toy's step on a GPU was faster with it than with cubek's unit matmul and about as fast
+/// as with cubek's TF32 tensor-core strategies, and on lavapipe (wgpu on the CPU) the
+/// conformance suite ran several times faster with it (figures and GPU in the lisa-cubecl
+/// README).
 pub(crate) fn f32_gemm() -> Result<F32Gemm, String> {
     use cubek::matmul::launch::Strategy as S;
     static CHOSEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();

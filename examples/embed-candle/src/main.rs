@@ -9,7 +9,8 @@
 //! candle's graph through the surrogate `sum(decoded · g)` with `g` a constant tensor: its
 //! gradient w.r.t. `decoded` is exactly `g`. Plain SGD on candle `Var`s does the rest.
 //!
-//! Run: `cargo run --release -p lisa-examples --example embed_candle`
+//! Run: `cargo run --release --manifest-path examples/embed-candle/Cargo.toml` (its own
+//! workspace, so that the main one never compiles candle).
 
 use candle_core::{D, DType, Device, Tensor, Var};
 use lisa_core::lisa::{LisaLoss, SampleTerms, lisa_loss_fused};

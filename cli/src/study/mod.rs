@@ -1,0 +1,154 @@
+//! `lisa study`: a grid of arms × seeds of control training on the toy task, resumable, with
+//! one JSONL row per validation, a summary over seeds and a plot with seed bands.
+//!
+//! Each arm is the base run file with the arm's `set` table merged over it; each seed sets
+//! `[train] seed`, which seeds the data order, timesteps, noise and the decoder's weights, so
+//! every arm of one seed sees the same data, timesteps and noise. Runs live in
+//! `<output-dir>/<arm>/seed-<seed>/`; a run with `done.json` is skipped, an interrupted one
+//! resumes from its latest checkpoint, and a run whose settings changed since it started is
+//! refused (it would mix two configurations).
+
+mod plan;
+mod plot;
+mod run;
+mod summary;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use lisa_core::backend::Backend;
+
+use self::plan::{StudyFile, plan};
+use self::plot::{band_plot, probe_panel, tau_share_panel};
+use self::run::{DONE, run_one};
+use self::summary::{RunResult, read_run, summarise, summary_table};
+use crate::image::save_png;
+use crate::plot::line_chart;
+use crate::run_dir::{LOCK, RunDir};
+use lisa_trainer::weights::write_atomic;
+
+/// The demo's assets (run file and prior), the defaults of a study file.
+const ASSETS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../assets");
+/// The marker of folders `lisa study` made.
+const MARKER: &str = ".lisa-study";
+
+/// Flags of `lisa study`.
+#[derive(Debug, Args)]
+pub struct StudyArgs {
+    /// The study file (TOML): `seeds`, `[[arm]]` tables, optional `base`, `main`,
+    /// `validation_steps`, `thresholds`, `reference`, `checkpointing_steps`.
+    #[arg(long)]
+    config: PathBuf,
+    /// Where the runs, results.jsonl, summary.json and study.png go.
+    #[arg(long, default_value = "runs/study")]
+    output_dir: PathBuf,
+    /// Print the plan (each run, done or not) and train nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+/// Runs `lisa study`.
+pub fn run<B: Backend>(a: StudyArgs, device: B::Device) -> Result<()> {
+    let text =
+        std::fs::read_to_string(&a.config).with_context(|| format!("cannot read study file {}", a.config.display()))?;
+    let study: StudyFile = toml::from_str(&text).with_context(|| format!("study file {}", a.config.display()))?;
+    let here = a.config.parent().unwrap_or(Path::new("."));
+    let relative = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { here.join(p) };
+    let base_path = study.base.as_deref().map(relative).unwrap_or_else(|| Path::new(ASSETS).join("demo.toml"));
+    let main = study.main.as_deref().map(relative).unwrap_or_else(|| Path::new(ASSETS).join("prior.safetensors"));
+    if !main.is_file() {
+        bail!("study file {}: the prior {} does not exist", a.config.display(), main.display());
+    }
+    let base_text = std::fs::read_to_string(&base_path)
+        .with_context(|| format!("cannot read the base run file {}", base_path.display()))?;
+    let base: toml::Table =
+        toml::from_str(&base_text).with_context(|| format!("base run file {}", base_path.display()))?;
+    let plan = plan(&study, &base, &main, &a.config, &relative)?;
+    let reference = match &study.reference {
+        Some(r) if !study.arms.iter().any(|a| &a.name == r) => {
+            bail!("study file {}: reference arm {r:?} is not one of the arms", a.config.display())
+        }
+        Some(r) => Some(r.clone()),
+        None => study.arms.iter().find(|a| a.name == "baseline").map(|a| a.name.clone()),
+    };
+
+    claim(&a.output_dir, !a.dry_run)?;
+    let mut stdout = std::io::stdout().lock();
+    for run in &plan {
+        let state = if run.dir(&a.output_dir).join(DONE).is_file() { "done" } else { "to run" };
+        writeln!(stdout, "{:>12} seed {:<6} {state}", run.arm, run.seed).context("cannot write to standard output")?;
+    }
+    if a.dry_run {
+        return Ok(());
+    }
+    drop(stdout);
+    for run in &plan {
+        run_one::<B>(run, &study, &a.output_dir, device.clone())?;
+    }
+
+    // Read every run back from its metrics (complete whether or not it was resumed).
+    let mut results: BTreeMap<String, Vec<(u64, RunResult)>> = BTreeMap::new();
+    let mut rows = String::new();
+    for run in &plan {
+        let r = read_run(&run.dir(&a.output_dir))?;
+        for &(step, iou, colour) in &r.validations {
+            let mut row =
+                serde_json::json!({"arm": run.arm, "seed": run.seed, "step": step, "iou": iou, "colour_error": colour});
+            if let Some((_, dec, ctrl)) = r.tau_shares.iter().find(|t| t.0 == step) {
+                row["tau_share_decoder"] = serde_json::json!(dec);
+                row["tau_share_control"] = serde_json::json!(ctrl);
+            }
+            if let Some((_, r2)) = r.probe_r2.iter().find(|p| p.0 == step) {
+                row["probe_r2"] = serde_json::json!(r2);
+            }
+            rows += &format!("{row}\n");
+        }
+        results.entry(run.arm.clone()).or_default().push((run.seed, r));
+    }
+    write_atomic(&a.output_dir.join("results.jsonl"), rows.as_bytes())?;
+    let order: Vec<String> = study.arms.iter().map(|a| a.name.clone()).collect();
+    let summary = summarise(&order, &results, &study.thresholds, reference.as_deref(), B::name());
+    write_atomic(&a.output_dir.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    save_png(&band_plot(&order, &results, &study.thresholds)?, &a.output_dir.join("study.png"))?;
+    if let Some(panel) = tau_share_panel(&order, &results) {
+        save_png(&line_chart(&[panel], 860, 420)?, &a.output_dir.join("tau_share.png"))?;
+    }
+    if let Some(panel) = probe_panel(&order, &results) {
+        save_png(&line_chart(&[panel], 860, 420)?, &a.output_dir.join("probe.png"))?;
+    }
+    let table = summary_table(&order, &summary, &study.thresholds);
+    std::io::stdout().lock().write_all(table.as_bytes()).context("cannot write to standard output")?;
+    Ok(())
+}
+
+/// Checks that `dir` is a study folder (it holds [`MARKER`]), or absent or empty, and with
+/// `create` makes it one: a folder with other contents and no marker is refused, so nothing
+/// the user made is touched.
+fn claim(dir: &Path, create: bool) -> Result<()> {
+    if dir.exists() {
+        let entries: Vec<String> = std::fs::read_dir(dir)
+            .with_context(|| format!("cannot read {}", dir.display()))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != LOCK)
+            .collect();
+        if !entries.is_empty() && !entries.iter().any(|n| n == MARKER) {
+            bail!("{} holds files lisa study did not write; choose another --output-dir", dir.display());
+        }
+    }
+    if !create {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let marker = dir.join(MARKER);
+    if !marker.is_file() {
+        std::fs::write(&marker, "written by lisa study: runs resume and skip here\n")
+            .with_context(|| format!("cannot write in {}", dir.display()))?;
+    }
+    // Not while another study works here (held only for this check).
+    drop(RunDir::lock(dir)?);
+    Ok(())
+}

@@ -1,0 +1,65 @@
+//! Running one arm of the grid for one seed: skipped when done, resumed from its latest
+//! checkpoint when started, refused when its settings changed.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use lisa_core::backend::Backend;
+use lisa_trainer::weights::write_atomic;
+
+use super::plan::{PlannedRun, StudyFile};
+use crate::run_dir::CheckpointArgs;
+use crate::train::{LoopOptions, Start, train_arm};
+
+/// The resolved run file of a run, kept to detect a changed configuration on resume.
+const RUN_FILE: &str = "run.toml";
+/// Written when a run has finished.
+pub(super) const DONE: &str = "done.json";
+
+/// Trains one run unless it is done; resumes it from its latest checkpoint if it started.
+pub(super) fn run_one<B: Backend>(run: &PlannedRun, study: &StudyFile, out: &Path, device: B::Device) -> Result<()> {
+    let dir = run.dir(out);
+    if dir.join(DONE).is_file() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let kept = dir.join(RUN_FILE);
+    let started = kept.is_file();
+    if started {
+        let before = std::fs::read_to_string(&kept).with_context(|| format!("cannot read {}", kept.display()))?;
+        if before != run.run_file {
+            bail!(
+                "the settings of arm {:?} changed since {} started; finish or remove that run, or use another --output-dir",
+                run.arm,
+                dir.display()
+            );
+        }
+    } else {
+        write_atomic(&kept, run.run_file.as_bytes())?;
+    }
+    let has_checkpoint = std::fs::read_dir(&dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with("checkpoint-"));
+    let label = format!("{}/{}", run.arm, run.seed);
+    let options = LoopOptions {
+        latent_validation: None,
+        output_dir: &dir,
+        validation_steps: study.validation_steps,
+        validate_at_start: true,
+        checkpoints: CheckpointArgs {
+            checkpointing_steps: study.checkpointing_steps.unwrap_or(study.validation_steps),
+            // Two, so that a run killed while writing one still has the one before.
+            checkpoints_total_limit: Some(2),
+            resume_from_checkpoint: has_checkpoint.then(|| "latest".to_string()),
+            // A run that started here and stopped before its first checkpoint starts over:
+            // its metrics are the study's own.
+            overwrite: !has_checkpoint,
+        },
+        label: &label,
+    };
+    train_arm::<B>(&run.file, Start { main: &run.main, side: None }, device, &options)?;
+    let done = serde_json::json!({"arm": run.arm, "seed": run.seed, "backend": B::name()});
+    write_atomic(&dir.join(DONE), serde_json::to_string_pretty(&done)?.as_bytes())?;
+    Ok(())
+}
