@@ -26,6 +26,8 @@ cargo run --release -q -p lisa-examples --example embed_core
 # Its own workspace (candle stays out of the main one's builds), with its own target folder.
 cargo run -q --manifest-path examples/embed-candle/Cargo.toml --target-dir target/embed-candle
 cargo run -q --all-features -p lisa-examples --example swap_backends
+# Four LISA steps of the toy through the library alone (the dev profile: a smoke run).
+cargo run -q -p lisa-examples --example train_toy -- 4 target/example-train-toy
 
 echo "== docs (warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features -q

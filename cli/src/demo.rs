@@ -10,18 +10,15 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use image::RgbImage;
 use lisa_core::backend::Backend;
-use lisa_trainer::session::RunReport;
+use lisa_trainer::session::{LOCK, OutputDir, RunReport};
 use lisa_trainer::train::Mode;
 
 use crate::config::RunFile;
 use crate::image::save_png;
 use crate::plot::{BASELINE_BLUE, LISA_ORANGE, Panel, Series, line_chart};
-use crate::run_dir::{CheckpointArgs, LOCK, RunDir};
+use crate::run_dir::CheckpointArgs;
+use crate::shipped;
 use crate::train::{LoopOptions, Start, train_arm};
-
-/// The demo's run file and prior, shipped in `assets/` (found from the source tree, so the
-/// demo runs from any working directory of a clone).
-const ASSETS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../assets");
 
 /// Flags of `lisa demo`.
 #[derive(Debug, Args)]
@@ -29,10 +26,11 @@ pub struct DemoArgs {
     /// Also train the baseline (no LISA) with the same seeds and data, and compare.
     #[arg(long)]
     compare: bool,
-    /// Run file (default: assets/demo.toml).
+    /// Run file (default: the shipped assets/demo.toml, compiled into lisa).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// The pretrained prior (default: assets/prior.safetensors).
+    /// The pretrained prior (default: the shipped assets/prior.safetensors, compiled into lisa
+    /// and written to OUTPUT_DIR/prior.safetensors).
     #[arg(long)]
     main: Option<PathBuf>,
     /// Where grids, metrics, the plot and the summary go (each arm in its own folder).
@@ -51,14 +49,22 @@ pub struct DemoArgs {
 
 /// Runs `lisa demo`.
 pub fn run<B: Backend>(a: DemoArgs, device: B::Device) -> Result<()> {
-    let config = a.config.clone().unwrap_or_else(|| Path::new(ASSETS).join("demo.toml"));
-    let main = a.main.clone().unwrap_or_else(|| Path::new(ASSETS).join("prior.safetensors"));
-    for (what, p) in [("run file", &config), ("prior", &main)] {
-        if !p.is_file() {
+    for (what, p) in [("run file", &a.config), ("prior", &a.main)] {
+        if let Some(p) = p
+            && !p.is_file()
+        {
             bail!("demo {what} {} not found", p.display());
         }
     }
-    let mut file = RunFile::load(Some(&config))?;
+    let mut file = match &a.config {
+        Some(path) => RunFile::load(Some(path))?,
+        None => RunFile::from_toml(shipped::DEMO_RUN_FILE, shipped::DEMO_RUN_FILE_ORIGIN)?,
+    };
+    claim(&a.output_dir, &["comparison.png", "summary.json", shipped::PRIOR_FILE], &["lisa", "baseline"])?;
+    let main = match &a.main {
+        Some(path) => path.clone(),
+        None => shipped::prior_in(&a.output_dir)?,
+    };
     file.resolve_model(&main)?;
     if let Some(s) = a.max_train_steps {
         file.train.max_train_steps = s;
@@ -68,7 +74,6 @@ pub fn run<B: Backend>(a: DemoArgs, device: B::Device) -> Result<()> {
     if a.compare {
         arms.push(("baseline", Mode::Baseline));
     }
-    claim(&a.output_dir, &["comparison.png", "summary.json"], &["lisa", "baseline"])?;
     let mut reports = Vec::new();
     for (label, mode) in &arms {
         let dir = a.output_dir.join(label);
@@ -129,7 +134,7 @@ fn claim(dir: &Path, outputs: &[&str], subfolders: &[&str]) -> Result<()> {
     };
     if dir.exists() {
         // Not while another process works in it (held only for this check).
-        drop(RunDir::lock(dir)?);
+        drop(OutputDir::lock(dir)?);
         let entries: Vec<_> = std::fs::read_dir(dir)
             .with_context(|| format!("cannot read {}", dir.display()))?
             .flatten()

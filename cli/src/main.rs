@@ -17,6 +17,7 @@ mod run_dir;
 mod sample;
 mod sd_cache;
 mod sd_validation;
+mod shipped;
 mod study;
 mod train;
 

@@ -86,7 +86,7 @@ pub fn run<B: Backend>(a: PretrainArgs, device: B::Device) -> Result<()> {
     let c = &a.checkpoints;
     match &c.resume_from_checkpoint {
         Some(named) => {
-            let ckpt = dir.resume_target(&named.parse()?)?;
+            let ckpt = dir.resume_target(named)?;
             load_checkpoint(&mut trainer, data.as_ref(), &ckpt)?;
             dir.refuse_others(&trainer.run_id, &[], false)?;
             eprintln!("resumed from {} at step {}", ckpt.display(), trainer.run.state.step);

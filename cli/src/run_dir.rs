@@ -2,7 +2,7 @@
 //! lock, run-owned checkpoints, pruning, resuming) is the library's
 //! `lisa_trainer::session::OutputDir`.
 
-use lisa_trainer::session::CheckpointPolicy;
+use lisa_trainer::session::{CheckpointPolicy, ResumeFrom};
 
 /// The checkpoint flags `lisa train` and `lisa pretrain` share.
 #[derive(Debug, Clone, clap::Args)]
@@ -15,7 +15,7 @@ pub struct CheckpointArgs {
     pub checkpoints_total_limit: Option<usize>,
     /// A checkpoint directory, or "latest" (the newest in --output-dir).
     #[arg(long)]
-    pub resume_from_checkpoint: Option<String>,
+    pub resume_from_checkpoint: Option<ResumeFrom>,
     /// Start a new run in an --output-dir that holds another run's outputs, deleting its
     /// checkpoints and metrics.jsonl there.
     #[arg(long, conflicts_with = "resume_from_checkpoint")]
@@ -28,6 +28,3 @@ impl CheckpointArgs {
         CheckpointPolicy { every: self.checkpointing_steps, total_limit: self.checkpoints_total_limit }
     }
 }
-
-// The output folder under the name the commands used before it moved into the library.
-pub use lisa_trainer::session::{LOCK, OutputDir as RunDir};

@@ -269,7 +269,7 @@ pub fn train_arm<B: Backend>(file: &RunFile, start: Start, device: B::Device, o:
         validation_steps: o.validation_steps,
         validate_at_start: o.validate_at_start,
         checkpoints: c.policy(),
-        resume: c.resume_from_checkpoint.as_deref().map(|r| r.parse()).transpose()?,
+        resume: c.resume_from_checkpoint.clone(),
         overwrite: c.overwrite,
     };
     let mut display = RunDisplay::new(o.label, o.output_dir, summary);

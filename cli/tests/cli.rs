@@ -336,3 +336,26 @@ fn trains_on_a_fill50k_folder_and_reports_its_bad_files() {
     fails_with(&train(), "prompt.json:1");
     std::fs::remove_dir_all(d).unwrap();
 }
+
+/// An installed `lisa` needs no source tree: the demo's run file and prior are compiled in,
+/// and the demo runs from any working directory (the prior is written beside its outputs).
+#[test]
+fn the_demo_runs_from_any_directory_with_the_shipped_assets() {
+    let d = workdir("shipped");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lisa"))
+        .current_dir(&d)
+        .args(["demo", "--max-train-steps", "1", "--validation-steps", "1", "--output-dir", "out"])
+        .output()
+        .unwrap();
+    let err = ok(&out);
+    assert!(err.contains("train lisa") && err.contains("hook down_1"), "{err}");
+    let shipped = std::fs::read(d.join("out/prior.safetensors")).unwrap();
+    let source = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/prior.safetensors")).unwrap();
+    assert!(shipped == source, "the prior written is the shipped one");
+    assert!(d.join("out/lisa/metrics.jsonl").is_file() && d.join("out/summary.json").is_file());
+    // No source path is compiled into the command (it would break once installed).
+    for file in ["demo.rs", "study/mod.rs", "shipped.rs"] {
+        let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src").join(file)).unwrap();
+        assert!(!text.contains("env!(\"CARGO_MANIFEST_DIR\")"), "{file} reads the source tree at run time");
+    }
+}

@@ -27,11 +27,10 @@ use self::run::{DONE, run_one};
 use self::summary::{RunResult, read_run, summarise, summary_table};
 use crate::image::save_png;
 use crate::plot::line_chart;
-use crate::run_dir::{LOCK, RunDir};
+use crate::shipped;
+use lisa_trainer::session::{LOCK, OutputDir};
 use lisa_trainer::weights::write_atomic;
 
-/// The demo's assets (run file and prior), the defaults of a study file.
-const ASSETS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../assets");
 /// The marker of folders `lisa study` made.
 const MARKER: &str = ".lisa-study";
 
@@ -57,16 +56,31 @@ pub fn run<B: Backend>(a: StudyArgs, device: B::Device) -> Result<()> {
     let study: StudyFile = toml::from_str(&text).with_context(|| format!("study file {}", a.config.display()))?;
     let here = a.config.parent().unwrap_or(Path::new("."));
     let relative = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { here.join(p) };
-    let base_path = study.base.as_deref().map(relative).unwrap_or_else(|| Path::new(ASSETS).join("demo.toml"));
-    let main = study.main.as_deref().map(relative).unwrap_or_else(|| Path::new(ASSETS).join("prior.safetensors"));
+    let base = match study.base.as_deref().map(relative) {
+        Some(path) => {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read the base run file {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("base run file {}", path.display()))?
+        }
+        None => toml::from_str(shipped::DEMO_RUN_FILE).context(shipped::DEMO_RUN_FILE_ORIGIN)?,
+    };
+    // The shipped prior (compiled into lisa) goes into the study's folder, once that is
+    // claimed; a dry run of a study not yet started reads it from a temporary folder.
+    claim(&a.output_dir, !a.dry_run)?;
+    let scratch = std::env::temp_dir().join(format!("lisa-study-dry-run-{}", std::process::id()));
+    let main = match study.main.as_deref().map(relative) {
+        Some(path) => path,
+        None if a.output_dir.join(MARKER).is_file() => shipped::prior_in(&a.output_dir)?,
+        None => shipped::prior_in(&scratch)?,
+    };
     if !main.is_file() {
         bail!("study file {}: the prior {} does not exist", a.config.display(), main.display());
     }
-    let base_text = std::fs::read_to_string(&base_path)
-        .with_context(|| format!("cannot read the base run file {}", base_path.display()))?;
-    let base: toml::Table =
-        toml::from_str(&base_text).with_context(|| format!("base run file {}", base_path.display()))?;
-    let plan = plan(&study, &base, &main, &a.config, &relative)?;
+    let plan = plan(&study, &base, &main, &a.config, &relative);
+    if scratch.exists() {
+        std::fs::remove_dir_all(&scratch).with_context(|| format!("cannot remove {}", scratch.display()))?;
+    }
+    let plan = plan?;
     let reference = match &study.reference {
         Some(r) if !study.arms.iter().any(|a| &a.name == r) => {
             bail!("study file {}: reference arm {r:?} is not one of the arms", a.config.display())
@@ -75,7 +89,6 @@ pub fn run<B: Backend>(a: StudyArgs, device: B::Device) -> Result<()> {
         None => study.arms.iter().find(|a| a.name == "baseline").map(|a| a.name.clone()),
     };
 
-    claim(&a.output_dir, !a.dry_run)?;
     let mut stdout = std::io::stdout().lock();
     for run in &plan {
         let state = if run.dir(&a.output_dir).join(DONE).is_file() { "done" } else { "to run" };
@@ -149,6 +162,6 @@ fn claim(dir: &Path, create: bool) -> Result<()> {
             .with_context(|| format!("cannot write in {}", dir.display()))?;
     }
     // Not while another study works here (held only for this check).
-    drop(RunDir::lock(dir)?);
+    drop(OutputDir::lock(dir)?);
     Ok(())
 }

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use lisa_core::backend::Backend;
+use lisa_trainer::session::ResumeFrom;
 use lisa_trainer::weights::write_atomic;
 
 use super::plan::{PlannedRun, StudyFile};
@@ -51,7 +52,7 @@ pub(super) fn run_one<B: Backend>(run: &PlannedRun, study: &StudyFile, out: &Pat
             checkpointing_steps: study.checkpointing_steps.unwrap_or(study.validation_steps),
             // Two, so that a run killed while writing one still has the one before.
             checkpoints_total_limit: Some(2),
-            resume_from_checkpoint: has_checkpoint.then(|| "latest".to_string()),
+            resume_from_checkpoint: has_checkpoint.then_some(ResumeFrom::Latest),
             // A run that started here and stopped before its first checkpoint starts over:
             // its metrics are the study's own.
             overwrite: !has_checkpoint,
