@@ -29,6 +29,11 @@ cargo run -q --all-features -p lisa-examples --example swap_backends
 # Four LISA steps of the toy through the library alone (the dev profile: a smoke run).
 cargo run -q -p lisa-examples --example train_toy -- 4 target/example-train-toy
 
+echo "== install: an installed lisa runs the demo from an empty folder (README)"
+cargo install -q --locked --debug --path cli --root target/install --target-dir target
+lisa_bin="$PWD/target/install/bin/lisa"
+(cd "$(mktemp -d)" && "$lisa_bin" demo --max-train-steps 1 --validation-steps 1 --output-dir out >/dev/null)
+
 echo "== docs (warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features -q
 

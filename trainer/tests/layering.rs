@@ -154,3 +154,29 @@ fn the_cycle_finder_finds_cycles() {
     assert_eq!(find_cycle(&edges), Some(vec!["a".into(), "b".into(), "c".into(), "a".into()]));
     assert_eq!(after("use crate::{model, run::X};", "crate::"), BTreeSet::from(["model".into(), "run".into()]));
 }
+
+/// Every module `from` reaches through `edges`, itself included.
+fn reachable(edges: &BTreeMap<String, BTreeSet<String>>, from: &str) -> BTreeSet<String> {
+    let (mut seen, mut todo) = (BTreeSet::new(), vec![from.to_string()]);
+    while let Some(n) = todo.pop() {
+        if seen.insert(n.clone()) {
+            todo.extend(edges.get(&n).into_iter().flatten().cloned());
+        }
+    }
+    seen
+}
+
+/// Training (the step, the objective, the training run, the run stream) never depends on the
+/// research instruments: they measure a model and may change without touching training.
+#[test]
+fn training_does_not_depend_on_the_analysis_module() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let edges = graph(&src, "crate::", false);
+    assert!(edges.contains_key("analysis") && edges.contains_key("validation"), "the modules this test is about");
+    for training in ["train", "objective", "session", "run", "optim", "model"] {
+        let reached = reachable(&edges, training);
+        assert!(!reached.contains("analysis"), "{training} reaches analysis: {reached:?}");
+    }
+    // The toy validation is what reads the instruments.
+    assert!(reachable(&edges, "validation").contains("analysis"));
+}

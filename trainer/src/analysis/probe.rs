@@ -18,8 +18,8 @@ use crate::autodiff::Tape;
 use crate::data::Example;
 use crate::error::{Result, TrainError};
 use crate::model::{DualDenoiser, HookLayer};
-use crate::run::{RunStream, noise_batch_at};
 use crate::scheduler::{NoiseConfig, NoiseProcess};
+use crate::stream::{RunStream, noise_batch_at};
 
 /// Examples per side-network pass (bounds the memory of a probe on many examples).
 const CHUNK: usize = 64;

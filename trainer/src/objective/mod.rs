@@ -24,8 +24,8 @@ pub use tau_norm::{TauNorm, TauNormConfig, measure_tau_norm};
 use crate::data::Example;
 use crate::error::Result;
 use crate::model::{DualDenoiser, TrainOutputs};
-use crate::run::{NoisedBatch, RunStream, noise_batch_at};
 use crate::scheduler::{NoiseProcess, add_noise};
+use crate::stream::{NoisedBatch, RunStream, noise_batch_at};
 
 /// The LISA term's per-sample factors for `levels`: [`LisaConfig::sample_terms`], with `τ`
 /// divided by its scale at each level when `norm` is given.

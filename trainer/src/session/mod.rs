@@ -7,19 +7,20 @@
 
 mod metrics;
 mod output;
+mod validator;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 pub use metrics::{METRICS_FILE, MetricsLog};
 pub use output::{CheckpointPolicy, LOCK, OutputDir, ResumeFrom, checkpoint_name};
+pub use validator::{ValidationReport, Validator};
 
 use crate::checkpoint::{load_checkpoint, save_checkpoint};
 use crate::data::Dataset;
 use crate::error::{Result, TrainError};
 use crate::model::NATIVE_SIDE_DIR;
 use crate::train::{StepStats, Trainer};
-use crate::validation::{ValidationReport, Validator};
 
 /// How a training run validates, saves and resumes.
 #[derive(Debug, Clone, PartialEq, Eq)]

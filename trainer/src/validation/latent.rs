@@ -4,12 +4,14 @@
 
 use lisa_core::backend::{Backend, DType, Shape};
 
-use super::{RgbGrid, ValidationReport, Validator, check_sampling};
+use super::check_sampling;
 use crate::error::{Result, TrainError};
+use crate::grid::RgbGrid;
 use crate::model::DualDenoiser;
 use crate::model::sd::Vae;
 use crate::sample::{SampleConfig, sample};
 use crate::scheduler::NoiseConfig;
+use crate::session::{ValidationReport, Validator};
 use crate::train::Trainer;
 
 /// Sampled, VAE-decoded validation grids of a latent-space model.

@@ -5,15 +5,17 @@
 
 use lisa_core::backend::{Backend, DType, Shape};
 
-use super::{RgbGrid, ValidationReport, Validator, check_sampling};
+use super::check_sampling;
 use crate::analysis::probe::{ridge_probe, side_features};
 use crate::analysis::tau_share::{TauShare, tau_shares};
 use crate::data::{Dataset, Example, FillCircles};
 use crate::error::{Result, TrainError};
+use crate::grid::RgbGrid;
 use crate::metrics::{colour_error, controllability_iou};
 use crate::model::{DualDenoiser, HookLayer};
 use crate::sample::{SampleConfig, sample};
 use crate::scheduler::NoiseConfig;
+use crate::session::{ValidationReport, Validator};
 use crate::train::Trainer;
 
 /// Timestep buckets of the τ shares logged with every validation.
