@@ -11,6 +11,7 @@
 
 mod conditioning;
 mod decoder;
+mod dual;
 mod forward;
 mod hook;
 pub mod registry;
@@ -24,6 +25,7 @@ use lisa_core::backend::Backend;
 
 pub use conditioning::{Conditioning, PromptEmbedding};
 pub use decoder::{DecoderConfig, LisaDecoder, OutputInit};
+pub use dual::DualParts;
 pub use forward::{
     ForwardOptions, SideLeaves, SideMode, TrainOutputs, forward_prior, forward_train, predict, replay_side,
 };
@@ -119,12 +121,22 @@ pub trait DualDenoiser<B: Backend> {
     fn architecture(&self) -> &'static str;
     /// Its full configuration (with every default filled in), as checkpoints record it.
     fn spec(&self) -> ModelSpec;
+    /// The parameter store, parts and LISA decoder every architecture holds.
+    fn dual(&self) -> &DualParts<B>;
+    /// The same, mutably.
+    fn dual_mut(&mut self) -> &mut DualParts<B>;
     /// Every parameter.
-    fn store(&self) -> &ParamStore<B>;
+    fn store(&self) -> &ParamStore<B> {
+        &self.dual().store
+    }
     /// Every parameter, mutably (optimizer updates, loads).
-    fn store_mut(&mut self) -> &mut ParamStore<B>;
+    fn store_mut(&mut self) -> &mut ParamStore<B> {
+        &mut self.dual_mut().store
+    }
     /// The parts it was built with.
-    fn parts(&self) -> Parts;
+    fn parts(&self) -> Parts {
+        self.dual().parts
+    }
     /// `[channels, height, width]` of `x_t` and of the prediction.
     fn sample_shape(&self) -> [usize; 3];
     /// Channels of the condition image.
@@ -160,15 +172,21 @@ pub trait DualDenoiser<B: Backend> {
     /// `S`: the side network on `x_t` and the condition image `hint [n, c_hint, h, w]`.
     fn side(&self, p: &Bound<'_, B>, x_t: &Var<B>, hint: &Var<B>, cond: &Conditioning) -> Result<SideOutput<B>>;
     /// The hook the LISA decoder reads (None: built without the decoder).
-    fn lisa_hook(&self) -> Option<HookLayer>;
+    fn lisa_hook(&self) -> Option<HookLayer> {
+        self.dual().lisa_hook()
+    }
     /// `D(h, t)`: the LISA decoder on the hooked feature, at the prediction's shape.
-    fn decode_lisa(&self, p: &Bound<'_, B>, feature: &Var<B>, t: &[f32]) -> Result<Var<B>>;
+    fn decode_lisa(&self, p: &Bound<'_, B>, feature: &Var<B>, t: &[f32]) -> Result<Var<B>> {
+        self.dual().decode_lisa(p, feature, t)
+    }
     /// Loads the pretrained main network (and initialises the side network from it, as
     /// ControlNet does). Returns the number of tensors read.
     fn load_main(&mut self, path: &Path) -> Result<usize>;
     /// Loads trained side (and, when built, decoder) weights written by a training
     /// checkpoint. Returns the number of tensors read.
-    fn load_trained(&mut self, path: &Path) -> Result<usize>;
+    fn load_trained(&mut self, path: &Path) -> Result<usize> {
+        self.dual_mut().load_trained(path)
+    }
     /// Loads a side network saved in the architecture's native format (a diffusers
     /// ControlNet folder for sd), to continue training it. Returns the number of tensors.
     fn load_side(&mut self, path: &Path) -> Result<usize> {

@@ -39,13 +39,13 @@ pub use unet::{Encoded, SdUNet};
 pub use vae::{AutoencoderKl, VAE_NORM_EPS, VaeConfig, load_vae, modern_attention_name};
 
 use super::{
-    Conditioning, DECODER, DecoderConfig, DualDenoiser, HookLayer, LisaDecoder, MAIN, MainEncoding, ModelSpec, Parts,
-    PromptEmbedding, Residuals, SIDE, SideOutput,
+    Conditioning, DECODER, DecoderConfig, DualDenoiser, DualParts, HookLayer, LisaDecoder, MAIN, MainEncoding,
+    ModelSpec, Parts, PromptEmbedding, Residuals, SIDE, SideOutput,
 };
 use crate::autodiff::Var;
 use crate::error::{Result, TrainError};
-use crate::params::{Bound, ParamStore, Scope};
-use crate::weights::{load_params, load_tensors};
+use crate::params::{Bound, Scope};
+use crate::weights::load_tensors;
 
 /// The registry name.
 pub const NAME: &str = "sd";
@@ -208,14 +208,11 @@ fn hook_shape(u: &UNetConfig, hook: HookLayer) -> Result<(usize, usize)> {
 
 /// The SD dual-branch model.
 pub struct SdModel<B: Backend> {
-    store: ParamStore<B>,
+    dual: DualParts<B>,
     unet: SdUNet,
     controlnet: Option<SdControlNet>,
-    decoder: Option<LisaDecoder>,
     spec: SdSpec,
     resolved: Resolved,
-    decoder_config: DecoderConfig,
-    parts: Parts,
     prompts: Option<PromptTable>,
 }
 
@@ -225,10 +222,7 @@ impl<B: Backend> SdModel<B> {
     pub fn new(spec: &ModelSpec, parts: Parts, device: B::Device, seed: u64) -> Result<Self> {
         let sd = SdSpec::from_spec(spec)?;
         let resolved = sd.resolve()?;
-        let mut store = ParamStore::new(device, seed);
-        if parts != Parts::Prior {
-            store = store.freeze_prefix(MAIN);
-        }
+        let mut store = DualParts::new_store(device, seed, parts);
         let unet = SdUNet::new(&mut store, MAIN, &resolved.unet)?;
         let (mut controlnet, mut decoder) = (None, None);
         if let Parts::Dual { decoder: with_decoder } = parts {
@@ -243,17 +237,8 @@ impl<B: Backend> SdModel<B> {
             Some(path) => Some(PromptTable::read(path, resolved.unet.cross_attention_dim)?),
             None => None,
         };
-        let mut model = Self {
-            store,
-            unet,
-            controlnet,
-            decoder,
-            spec: sd,
-            resolved,
-            decoder_config: spec.decoder.resolved(DEFAULT_HOOK),
-            parts,
-            prompts,
-        };
+        let dual = DualParts { store, parts, decoder, decoder_config: spec.decoder.resolved(DEFAULT_HOOK) };
+        let mut model = Self { dual, unet, controlnet, spec: sd, resolved, prompts };
         model.copy_main_into_side()?;
         model.cast_main()?;
         Ok(model)
@@ -265,14 +250,14 @@ impl<B: Backend> SdModel<B> {
         if dtype == DType::F32 {
             return Ok(());
         }
-        let device = self.store.device().clone();
+        let device = self.dual.store.device().clone();
         if !B::supports_dtype(&device, dtype) {
             return Err(TrainError::Config(format!("this backend's device cannot store {dtype}")));
         }
-        let ids: Vec<_> = self.store.iter().filter(|(_, p)| p.name.starts_with(MAIN)).map(|(id, _)| id).collect();
+        let ids: Vec<_> = self.dual.store.iter().filter(|(_, p)| p.name.starts_with(MAIN)).map(|(id, _)| id).collect();
         for id in ids {
-            let v = B::cast(&self.store.get(id).value, dtype)?;
-            self.store.get_mut(id).value = v;
+            let v = B::cast(&self.dual.store.get(id).value, dtype)?;
+            self.dual.store.get_mut(id).value = v;
         }
         Ok(())
     }
@@ -305,6 +290,7 @@ impl<B: Backend> SdModel<B> {
         const COPIED: [&str; 4] = ["conv_in.", "time_embedding.", "down_blocks.", "mid_block."];
         let side = Scope::from(SIDE);
         let pairs: Vec<_> = self
+            .dual
             .store
             .iter()
             .filter_map(|(id, p)| {
@@ -314,11 +300,12 @@ impl<B: Backend> SdModel<B> {
             .collect();
         for (src, dst_name) in pairs {
             let dst = self
+                .dual
                 .store
                 .find(&dst_name)
                 .ok_or_else(|| TrainError::Config(format!("the ControlNet has no {dst_name}")))?;
-            let value = self.store.get(src).value.clone();
-            self.store.get_mut(dst).value = value;
+            let value = self.dual.store.get(src).value.clone();
+            self.dual.store.get_mut(dst).value = value;
         }
         Ok(())
     }
@@ -330,7 +317,7 @@ impl<B: Backend> SdModel<B> {
         let (file, tensors) = read_diffusers_weights(path)?;
         let side = Scope::from(SIDE);
         let tensors = tensors.into_iter().map(|(k, v)| (side.name(k), v)).collect();
-        load_tensors(&mut self.store, &file, tensors, |n| n.starts_with(SIDE), |_| false)
+        load_tensors(&mut self.dual.store, &file, tensors, |n| n.starts_with(SIDE), |_| false)
     }
 
     /// Writes the ControlNet as a diffusers folder (`config.json`, f32
@@ -338,7 +325,7 @@ impl<B: Backend> SdModel<B> {
     pub fn save_controlnet(&self, dir: &Path) -> Result<()> {
         self.controlnet()?;
         let config = self.resolved.controlnet.controlnet_json(&self.resolved.extras);
-        save_controlnet(&self.store, SIDE, &config, dir)
+        save_controlnet(&self.dual.store, SIDE, &config, dir)
     }
 
     /// The text context `[n, tokens, dim]` of `cond`.
@@ -361,24 +348,20 @@ impl<B: Backend> SdModel<B> {
 }
 
 impl<B: Backend> DualDenoiser<B> for SdModel<B> {
+    fn dual(&self) -> &DualParts<B> {
+        &self.dual
+    }
+
+    fn dual_mut(&mut self) -> &mut DualParts<B> {
+        &mut self.dual
+    }
+
     fn architecture(&self) -> &'static str {
         NAME
     }
 
     fn spec(&self) -> ModelSpec {
-        self.spec.to_spec(&self.decoder_config)
-    }
-
-    fn store(&self) -> &ParamStore<B> {
-        &self.store
-    }
-
-    fn store_mut(&mut self) -> &mut ParamStore<B> {
-        &mut self.store
-    }
-
-    fn parts(&self) -> Parts {
-        self.parts
+        self.spec.to_spec(&self.dual.decoder_config)
     }
 
     fn sample_shape(&self) -> [usize; 3] {
@@ -450,34 +433,15 @@ impl<B: Backend> DualDenoiser<B> for SdModel<B> {
         self.controlnet()?.forward(p, x_t, hint, &cond.t, &context)
     }
 
-    fn lisa_hook(&self) -> Option<HookLayer> {
-        self.decoder.as_ref().map(|_| self.decoder_config.hook_or(DEFAULT_HOOK))
-    }
-
-    fn decode_lisa(&self, p: &Bound<'_, B>, feature: &Var<B>, t: &[f32]) -> Result<Var<B>> {
-        let d = self.decoder.as_ref().ok_or_else(|| TrainError::Config("built without the LISA decoder".into()))?;
-        d.forward(p, feature, t)
-    }
-
     /// Reads a diffusers UNet folder (`diffusion_pytorch_model.safetensors`, or the sharded
     /// index) or weights file into `main.*`, then initialises the ControlNet from it.
     fn load_main(&mut self, path: &Path) -> Result<usize> {
         let (file, tensors) = read_diffusers_weights(path)?;
         let main = Scope::from(MAIN);
         let tensors = tensors.into_iter().map(|(k, v)| (main.name(k), v)).collect();
-        let n = load_tensors(&mut self.store, &file, tensors, |n| n.starts_with(MAIN), |_| false)?;
+        let n = load_tensors(&mut self.dual.store, &file, tensors, |n| n.starts_with(MAIN), |_| false)?;
         self.copy_main_into_side()?;
         self.cast_main()?;
         Ok(n)
-    }
-
-    fn load_trained(&mut self, path: &Path) -> Result<usize> {
-        let with_decoder = self.decoder.is_some();
-        load_params(
-            &mut self.store,
-            path,
-            |n| n.starts_with(SIDE) || (with_decoder && n.starts_with(DECODER)),
-            |n| !with_decoder && n.starts_with(DECODER),
-        )
     }
 }

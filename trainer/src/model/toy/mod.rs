@@ -20,14 +20,14 @@ pub use controlnet::ControlNet;
 pub use unet::{Encoder, TimeEmbedding, UNet};
 
 use super::{
-    Conditioning, DECODER, DecoderConfig, DualDenoiser, HookLayer, LisaDecoder, MAIN, MainEncoding, ModelSpec, Parts,
-    PromptEmbedding, Residuals, SIDE, SideOutput, Skips,
+    Conditioning, DECODER, DecoderConfig, DualDenoiser, DualParts, HookLayer, LisaDecoder, MAIN, MainEncoding,
+    ModelSpec, Parts, PromptEmbedding, Residuals, SIDE, SideOutput, Skips,
 };
 use crate::autodiff::Var;
 use crate::data::prompt_colours;
 use crate::error::{Result, TrainError};
-use crate::params::{Bound, ParamStore, Scope};
-use crate::weights::{MODEL_SPEC_KEY, load_params, load_tensors, parse_safetensors};
+use crate::params::{Bound, Scope};
+use crate::weights::{MODEL_SPEC_KEY, load_tensors, parse_safetensors};
 
 /// The registry name.
 pub const NAME: &str = "toy";
@@ -84,13 +84,10 @@ impl ToyConfig {
 
 /// The toy dual-branch model.
 pub struct ToyModel<B: Backend> {
-    store: ParamStore<B>,
+    dual: DualParts<B>,
     main: UNet,
     side: Option<ControlNet>,
-    decoder: Option<LisaDecoder>,
     config: ToyConfig,
-    decoder_config: DecoderConfig,
-    parts: Parts,
 }
 
 impl<B: Backend> ToyModel<B> {
@@ -99,10 +96,7 @@ impl<B: Backend> ToyModel<B> {
     pub fn new(spec: &ModelSpec, parts: Parts, device: B::Device, seed: u64) -> Result<Self> {
         let config = ToyConfig::from_spec(spec)?;
         config.validate(&spec.decoder)?;
-        let mut store = ParamStore::new(device, seed);
-        if parts != Parts::Prior {
-            store = store.freeze_prefix(MAIN);
-        }
+        let mut store = DualParts::new_store(device, seed, parts);
         let main = UNet::new(&mut store, MAIN, &config.unet)?;
         let (mut side, mut decoder) = (None, None);
         if let Parts::Dual { decoder: with_decoder } = parts {
@@ -113,8 +107,12 @@ impl<B: Backend> ToyModel<B> {
                 decoder = Some(LisaDecoder::new(&mut store, DECODER, &spec.decoder, hooked, out)?);
             }
         }
-        let mut model =
-            Self { store, main, side, decoder, config, decoder_config: spec.decoder.resolved(DEFAULT_HOOK), parts };
+        let mut model = Self {
+            dual: DualParts { store, parts, decoder, decoder_config: spec.decoder.resolved(DEFAULT_HOOK) },
+            main,
+            side,
+            config,
+        };
         model.copy_main_into_side()?;
         Ok(model)
     }
@@ -126,6 +124,7 @@ impl<B: Backend> ToyModel<B> {
         }
         let side = Scope::from(SIDE);
         let pairs: Vec<_> = self
+            .dual
             .store
             .iter()
             .filter_map(|(id, p)| {
@@ -135,11 +134,12 @@ impl<B: Backend> ToyModel<B> {
             .collect();
         for (src, dst_name) in pairs {
             let dst = self
+                .dual
                 .store
                 .find(&dst_name)
                 .ok_or_else(|| TrainError::Config(format!("side network has no {dst_name}")))?;
-            let value = self.store.get(src).value.clone();
-            self.store.get_mut(dst).value = value;
+            let value = self.dual.store.get(src).value.clone();
+            self.dual.store.get_mut(dst).value = value;
         }
         Ok(())
     }
@@ -150,24 +150,20 @@ impl<B: Backend> ToyModel<B> {
 }
 
 impl<B: Backend> DualDenoiser<B> for ToyModel<B> {
+    fn dual(&self) -> &DualParts<B> {
+        &self.dual
+    }
+
+    fn dual_mut(&mut self) -> &mut DualParts<B> {
+        &mut self.dual
+    }
+
     fn architecture(&self) -> &'static str {
         NAME
     }
 
     fn spec(&self) -> ModelSpec {
-        self.config.to_spec(&self.decoder_config)
-    }
-
-    fn store(&self) -> &ParamStore<B> {
-        &self.store
-    }
-
-    fn store_mut(&mut self) -> &mut ParamStore<B> {
-        &mut self.store
-    }
-
-    fn parts(&self) -> Parts {
-        self.parts
+        self.config.to_spec(&self.dual.decoder_config)
     }
 
     fn sample_shape(&self) -> [usize; 3] {
@@ -221,15 +217,6 @@ impl<B: Backend> DualDenoiser<B> for ToyModel<B> {
         self.side_net()?.forward(p, x_t, hint, cond)
     }
 
-    fn lisa_hook(&self) -> Option<HookLayer> {
-        self.decoder.as_ref().map(|_| self.decoder_config.hook_or(DEFAULT_HOOK))
-    }
-
-    fn decode_lisa(&self, p: &Bound<'_, B>, feature: &Var<B>, t: &[f32]) -> Result<Var<B>> {
-        let d = self.decoder.as_ref().ok_or_else(|| TrainError::Config("built without the LISA decoder".into()))?;
-        d.forward(p, feature, t)
-    }
-
     /// Reads a prior file (exactly the `main.*` tensors, as `lisa pretrain` writes them); one
     /// that records another model (its `lisa.model_spec` metadata) is refused.
     fn load_main(&mut self, path: &Path) -> Result<usize> {
@@ -258,20 +245,8 @@ impl<B: Backend> DualDenoiser<B> for ToyModel<B> {
                 });
             }
         }
-        let n = load_tensors(&mut self.store, path, file.tensors, |n| n.starts_with(MAIN), |_| false)?;
+        let n = load_tensors(&mut self.dual.store, path, file.tensors, |n| n.starts_with(MAIN), |_| false)?;
         self.copy_main_into_side()?;
         Ok(n)
-    }
-
-    /// Reads a checkpoint's `model.safetensors`; its decoder tensors are skipped when this
-    /// model was built without the decoder (inference).
-    fn load_trained(&mut self, path: &Path) -> Result<usize> {
-        let with_decoder = self.decoder.is_some();
-        load_params(
-            &mut self.store,
-            path,
-            |n| n.starts_with(SIDE) || (with_decoder && n.starts_with(DECODER)),
-            |n| !with_decoder && n.starts_with(DECODER),
-        )
     }
 }
