@@ -315,11 +315,7 @@ pub fn prepare<B: Backend>(
     // The latents of every target image (resized and centre-cropped to the resolution).
     let vae = Vae::<B>::open(&root.join("vae"), device, precision.dtype())
         .with_context(|| format!("loading the VAE of {}", root.display()))?;
-    let f = vae.config().block_out_channels.len();
-    let factor = 1usize << (f - 1);
-    if !resolution.is_multiple_of(factor) {
-        bail!("--resolution {resolution} is not a multiple of the VAE's downscale {factor}");
-    }
+    let side = vae.config().latent_side(resolution).context("--resolution")?;
     let mut names = Vec::new();
     let mut latents = Vec::new();
     let targets: Vec<(String, PathBuf, usize)> =
@@ -342,7 +338,6 @@ pub fn prepare<B: Backend>(
             latents.extend(vae.latents(&pixels, count, resolution)?);
         }
     }
-    let side = resolution / factor;
     let lc = vae.config().latent_channels;
     let per = lc * side * side;
     let tensors: Vec<(String, Shape, &[f32])> = names

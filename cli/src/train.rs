@@ -8,7 +8,9 @@ use lisa_core::backend::Backend;
 use lisa_core::{Distance, TargetSpace};
 use lisa_trainer::model::DualDenoiser;
 use lisa_trainer::model::HookLayer;
-use lisa_trainer::model::sd::{MixedPrecision, Pipeline, UNetConfig, Vae, VaeConfig, read_json_config};
+use lisa_trainer::model::sd::{
+    MixedPrecision, Pipeline, SD_VAE_DOWNSCALE, UNetConfig, Vae, VaeConfig, latent_side, read_json_config,
+};
 use lisa_trainer::optim::LrSchedule;
 use lisa_trainer::session::{self, RunOptions, RunReport};
 use lisa_trainer::train::{Mode, Trainer};
@@ -310,15 +312,13 @@ pub fn run<B: Backend>(a: TrainArgs, device: B::Device) -> Result<()> {
         (None, Some(dir)) => {
             let pipeline = Pipeline::open(dir)?;
             let data = file.data.dir.clone().context("--pretrained-model-name-or-path needs --train-data-dir")?;
-            let vae_factor = match read_json_config(&dir.join("vae")) {
+            let downscale = match read_json_config(&dir.join("vae")) {
                 Ok(c) => VaeConfig::from_json(&c)?.downscale(),
-                Err(_) => 8,
+                Err(_) => SD_VAE_DOWNSCALE,
             };
             let sample_size = UNetConfig::from_unet_json(&pipeline.unet)?.sample_size;
-            let resolution = a.resolution.unwrap_or(sample_size * vae_factor);
-            if resolution == 0 || !resolution.is_multiple_of(vae_factor) {
-                bail!("--resolution {resolution} must be a positive multiple of the VAE's downscale {vae_factor}");
-            }
+            let resolution = a.resolution.unwrap_or(sample_size * downscale);
+            let latent_side = latent_side(resolution, downscale).context("--resolution")?;
             let (images, prompts) = validation_pairs(&a.validation_image, &a.validation_prompt)?;
             let cache_dir = a.cache_dir.clone().unwrap_or_else(|| a.output_dir.join("cache"));
             let precision = a.mixed_precision;
@@ -327,7 +327,7 @@ pub fn run<B: Backend>(a: TrainArgs, device: B::Device) -> Result<()> {
             let inputs = SdInputs {
                 embeddings: cache.embeddings,
                 latents: cache.latents,
-                latent_size: a.resolution.map(|r| r / vae_factor),
+                latent_size: a.resolution.map(|_| latent_side),
                 mixed_precision: precision,
             };
             file.use_diffusers(&pipeline, a.controlnet_model_name_or_path.as_deref(), inputs)?;

@@ -348,6 +348,11 @@ fn end_to_end_from_a_full_pipeline_with_cached_encoders_validation_and_resume() 
         "bad.png",
     );
     fails_with(&train(&pipe, &data, &dir.join("out6"), &["--proportion-empty-prompts", "1.5"]), "proportion");
+    // One check of the resolution, by the library's VAE config, named after the flag.
+    fails_with(
+        &train(&pipe, &data, &dir.join("out7"), &["--resolution", "20"]),
+        "--resolution: 20 px is not a positive multiple of the VAE's downscale 8",
+    );
 }
 
 /// Sets the modification time of `file` to `age` ago.

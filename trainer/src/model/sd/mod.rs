@@ -36,7 +36,7 @@ pub use pipeline::Pipeline;
 pub use text::PromptTable;
 pub use tokenizer::{ClipTokenizer, Encoded as TokenIds};
 pub use unet::{Encoded, SdUNet};
-pub use vae::{AutoencoderKl, VAE_NORM_EPS, VaeConfig, load_vae, modern_attention_name};
+pub use vae::{AutoencoderKl, SD_VAE_DOWNSCALE, VAE_NORM_EPS, VaeConfig, latent_side, load_vae, modern_attention_name};
 
 use super::{
     Conditioning, DECODER, DecoderConfig, DualDenoiser, DualParts, HookLayer, LisaDecoder, MAIN, MainEncoding,

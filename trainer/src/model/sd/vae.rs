@@ -138,6 +138,26 @@ impl VaeConfig {
     pub fn downscale(&self) -> usize {
         1 << (self.block_out_channels.len() - 1)
     }
+
+    /// The latent side of images `resolution` pixels a side ([`latent_side`]).
+    pub fn latent_side(&self, resolution: usize) -> Result<usize> {
+        latent_side(resolution, self.downscale())
+    }
+}
+
+/// The downscale of Stable Diffusion's VAEs (four levels), for a pipeline whose `vae/` is not
+/// at hand.
+pub const SD_VAE_DOWNSCALE: usize = 8;
+
+/// The latent side of images `resolution` pixels a side through a VAE that downscales by
+/// `factor`: an error unless `resolution` is a positive multiple of it.
+pub fn latent_side(resolution: usize, factor: usize) -> Result<usize> {
+    if resolution == 0 || factor == 0 || !resolution.is_multiple_of(factor) {
+        return Err(TrainError::Mismatch(format!(
+            "{resolution} px is not a positive multiple of the VAE's downscale {factor}"
+        )));
+    }
+    Ok(resolution / factor)
 }
 
 fn norm(c: &VaeConfig) -> GroupNormParams {
