@@ -11,7 +11,7 @@ use lisa_trainer::checkpoint::{load_checkpoint, save_checkpoint};
 use lisa_trainer::pretrain::Pretrainer;
 use lisa_trainer::session::{OutputDir, checkpoint_name};
 
-use crate::config::{RunFile, check_memory};
+use crate::config::{RunFile, check_memory, name_setting};
 use crate::progress::Progress;
 use crate::run_dir::CheckpointArgs;
 
@@ -76,6 +76,12 @@ pub fn run<B: Backend>(a: PretrainArgs, device: B::Device) -> Result<()> {
     if let Some(d) = a.train_data_dir {
         file.data.dir = Some(d);
     }
+    let given = [
+        ("pretrain.batch_size", "--train-batch-size", a.train_batch_size.is_some()),
+        ("pretrain.optim.lr", "--learning-rate", a.learning_rate.is_some()),
+    ];
+    let flags: Vec<(&str, &str)> = given.into_iter().filter(|g| g.2).map(|(k, f, _)| (k, f)).collect();
+    file.pretrain.validate().map_err(|e| name_setting(e, &flags, a.config.as_deref()))?;
     let output = a.output.clone().unwrap_or_else(|| a.output_dir.join("main.safetensors"));
     // A resumed run may replace the weights file it will write again.
     check_output(&output, a.checkpoints.overwrite || a.checkpoints.resume_from_checkpoint.is_some())?;

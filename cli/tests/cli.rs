@@ -156,6 +156,10 @@ fn bad_inputs_are_clear_errors() {
     let wrong_type = d.join("wrong.toml");
     std::fs::write(&wrong_type, "[model.unet]\nresolution = \"big\"\n").unwrap();
     fails_with(&lisa(&["pretrain", "--config", s(&wrong_type), "--max-train-steps", "1"]), "wrong.toml");
+    fails_with(
+        &lisa(&["pretrain", "--config", s(&cfg), "--train-batch-size", "0"]),
+        "--train-batch-size: must lie in 1..=",
+    );
     let unknown_key = d.join("unknown.toml");
     std::fs::write(&unknown_key, "[train]\nlearning_rat = 1\n").unwrap();
     fails_with(&lisa(&["pretrain", "--config", s(&unknown_key), "--max-train-steps", "1"]), "unknown field");

@@ -59,6 +59,22 @@ impl StepSettings for PretrainConfig {
     }
 }
 
+impl PretrainConfig {
+    /// Checks every value (an error names the setting's run-file key, [`TrainError::Setting`]).
+    pub fn validate(&self) -> Result<()> {
+        self.optim.validate("pretrain.optim")?;
+        if !(1..=MAX_BATCH).contains(&self.batch_size) {
+            let reason = format!("must lie in 1..={MAX_BATCH}, got {}", self.batch_size);
+            return Err(TrainError::setting("pretrain.batch_size", reason));
+        }
+        if !(0.0..1.0).contains(&self.null_prompt_prob) {
+            let reason = format!("must lie in [0, 1), got {}", self.null_prompt_prob);
+            return Err(TrainError::setting("pretrain.null_prompt_prob", reason));
+        }
+        Ok(())
+    }
+}
+
 /// A pretraining run of the main network (parameters named `main.*`, all trainable, built
 /// with [`Parts::Prior`]; the optimizer keeps an EMA of every weight).
 pub type Pretrainer<B> = TrainingRun<B, PretrainConfig>;
@@ -66,13 +82,7 @@ pub type Pretrainer<B> = TrainingRun<B, PretrainConfig>;
 impl<B: Backend> Pretrainer<B> {
     /// A fresh run of the main network of `spec`.
     pub fn new(spec: &ModelSpec, config: PretrainConfig, device: B::Device) -> Result<Self> {
-        config.optim.validate("pretrain.optim")?;
-        if !(1..=MAX_BATCH).contains(&config.batch_size) || !(0.0..1.0).contains(&config.null_prompt_prob) {
-            return Err(TrainError::Config(format!(
-                "pretrain: batch_size must lie in 1..={MAX_BATCH} and null_prompt_prob in [0, 1), got {} and {}",
-                config.batch_size, config.null_prompt_prob
-            )));
-        }
+        config.validate()?;
         let model = registry::build::<B>(spec, Parts::Prior, device, config.seed)?;
         let optimizer = Optimizer::new(model.store(), config.ema_decay, |_| true)?;
         Ok(Self {
