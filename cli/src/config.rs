@@ -129,8 +129,7 @@ impl RunFile {
     /// The validation sampler applies to this model (steps, η, scales, sampler vs noise
     /// process): checked now, not after the last step.
     pub fn check_sampling<B: Backend>(&self, model: &dyn DualDenoiser<B>) -> Result<()> {
-        lisa_trainer::validation::check_sampling(model, &self.train.noise, &self.validation.sampling)
-            .context("[validation.sampling]")
+        Ok(lisa_trainer::validation::check_sampling(model, &self.train.noise, &self.validation.sampling)?)
     }
 
     /// Reads a run file, or the defaults without one, and checks the model section.

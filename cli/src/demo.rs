@@ -60,12 +60,25 @@ pub fn run<B: Backend>(a: DemoArgs, device: B::Device) -> Result<()> {
         Some(path) => RunFile::load(Some(path))?,
         None => RunFile::from_toml(shipped::DEMO_RUN_FILE, shipped::DEMO_RUN_FILE_ORIGIN)?,
     };
-    claim(&a.output_dir, &["comparison.png", "summary.json", shipped::PRIOR_FILE], &["lisa", "baseline"])?;
+    // A prior the user gave is checked before anything of an earlier demo is replaced; the
+    // shipped one is the demo's own output (written after the claim).
+    if let Some(main) = &a.main {
+        file.resolve_model(main)?;
+    }
+    // The shipped prior an earlier demo wrote here is replaced, unless it is this run's input.
+    let (outputs, kept): (&[&str], &[&str]) = match a.main {
+        Some(_) => (&["comparison.png", "summary.json"], &[shipped::PRIOR_FILE]),
+        None => (&["comparison.png", "summary.json", shipped::PRIOR_FILE], &[]),
+    };
+    claim(&a.output_dir, outputs, kept, &["lisa", "baseline"])?;
     let main = match &a.main {
         Some(path) => path.clone(),
-        None => shipped::prior_in(&a.output_dir)?,
+        None => {
+            let shipped = shipped::prior_in(&a.output_dir)?;
+            file.resolve_model(&shipped)?;
+            shipped
+        }
     };
-    file.resolve_model(&main)?;
     if let Some(s) = a.max_train_steps {
         file.train.max_train_steps = s;
     }
@@ -77,7 +90,7 @@ pub fn run<B: Backend>(a: DemoArgs, device: B::Device) -> Result<()> {
     let mut reports = Vec::new();
     for (label, mode) in &arms {
         let dir = a.output_dir.join(label);
-        claim(&dir, &["metrics.jsonl", "validation-*.png", "checkpoint-*"], &[])?;
+        claim(&dir, &["metrics.jsonl", "validation-*.png", "checkpoint-*"], &[], &[])?;
         let mut arm_file = file.clone();
         arm_file.train.mode = *mode;
         let options = LoopOptions {
@@ -123,9 +136,9 @@ const MARKER: &str = ".lisa-demo";
 
 /// Makes `dir` a demo folder, or checks that it is one: a folder the demo made (it holds
 /// [`MARKER`]) with nothing but the demo's `outputs` (names, `*` patterns), which it then
-/// removes, and its `subfolders` (claimed on their own). Anything else is refused, so the demo
+/// removes, files it `kept` (left as they are), and its `subfolders` (claimed on their own). Anything else is refused, so the demo
 /// never deletes what it did not create.
-fn claim(dir: &Path, outputs: &[&str], subfolders: &[&str]) -> Result<()> {
+fn claim(dir: &Path, outputs: &[&str], kept: &[&str], subfolders: &[&str]) -> Result<()> {
     let output = |name: &str| {
         outputs.iter().any(|p| match p.split_once('*') {
             Some((pre, post)) => name.starts_with(pre) && name.ends_with(post),
@@ -142,7 +155,9 @@ fn claim(dir: &Path, outputs: &[&str], subfolders: &[&str]) -> Result<()> {
             .collect();
         // The lock file of an earlier run, and temporary files a killed write left, are the
         // demo's own too.
-        let own = |n: &str| n == MARKER || n == LOCK || (n.starts_with('.') && n.contains(".tmp-")) || output(n);
+        let own = |n: &str| {
+            n == MARKER || n == LOCK || (n.starts_with('.') && n.contains(".tmp-")) || output(n) || kept.contains(&n)
+        };
         let foreign: Vec<_> = entries.iter().filter(|n| !own(n) && !subfolders.contains(&n.as_str())).collect();
         let made_by_demo = entries.iter().any(|n| n == MARKER);
         if !entries.is_empty() && (!made_by_demo || !foreign.is_empty()) {

@@ -27,9 +27,9 @@ pub struct SampleArgs {
     /// Output PNG (conditions and samples side by side).
     #[arg(long, default_value = "sample.png")]
     output: PathBuf,
-    /// ddim | ddpm | euler.
-    #[arg(long, default_value = "ddim")]
-    sampler: String,
+    /// The sampler (euler on rectified-flow models only).
+    #[arg(long, value_enum, default_value = "ddim")]
+    sampler: SamplerKind,
     /// DDIM η.
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     eta: f32,
@@ -47,6 +47,17 @@ pub struct SampleArgs {
     seed: u64,
 }
 
+/// The samplers `--sampler` names (the library's [`Sampler`], without its settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SamplerKind {
+    /// DDIM with `--eta`.
+    Ddim,
+    /// Ancestral DDPM.
+    Ddpm,
+    /// Euler steps of the flow ODE.
+    Euler,
+}
+
 /// Runs `lisa sample`.
 pub fn run<B: Backend>(a: SampleArgs, device: B::Device) -> Result<()> {
     let (mut file, model) = a.model.load::<B>(device)?;
@@ -54,11 +65,10 @@ pub fn run<B: Backend>(a: SampleArgs, device: B::Device) -> Result<()> {
         check_toy_prompt(&a.prompt)?;
     }
     let s = &mut file.validation.sampling;
-    s.sampler = match a.sampler.as_str() {
-        "ddim" => Sampler::Ddim { eta: a.eta },
-        "ddpm" => Sampler::Ddpm,
-        "euler" => Sampler::Euler,
-        other => bail!("unknown sampler {other:?}: ddim | ddpm | euler"),
+    s.sampler = match a.sampler {
+        SamplerKind::Ddim => Sampler::Ddim { eta: a.eta },
+        SamplerKind::Ddpm => Sampler::Ddpm,
+        SamplerKind::Euler => Sampler::Euler,
     };
     (s.steps, s.control_scale, s.guidance_scale, s.seed) = (a.steps, a.control_scale, a.guidance_scale, a.seed);
     let [_, r, _] = model.sample_shape();

@@ -276,9 +276,10 @@ pub fn prepare<B: Backend>(
         )
         .as_bytes(),
     );
-    digests.finish()?;
     let cache = Cache { latents: cache_dir.join(LATENTS_FILE), embeddings: cache_dir.join(EMBEDDINGS_FILE) };
     let states = (cache_state(&cache.latents, &key)?, cache_state(&cache.embeddings, &key)?);
+    // The digest record only once the folder is known to be lisa's cache (or new).
+    digests.finish()?;
     if states == (Some(true), Some(true)) {
         eprintln!("using the cached latents and text embeddings in {}", cache_dir.display());
         return Ok(cache);

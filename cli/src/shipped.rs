@@ -16,6 +16,12 @@ const PRIOR: &[u8] = include_bytes!("../../assets/prior.safetensors");
 /// The name the shipped prior is written under.
 pub const PRIOR_FILE: &str = "prior.safetensors";
 
+/// What names the shipped prior in a study's settings: its digest (not a path, which changes
+/// with the folder it was written to).
+pub fn prior_label() -> String {
+    format!("the shipped prior, sha256 {}", lisa_trainer::weights::digest(PRIOR))
+}
+
 /// The shipped prior as `dir/prior.safetensors` (written atomically unless it is already
 /// there with the same bytes).
 pub fn prior_in(dir: &Path) -> Result<PathBuf> {

@@ -6,11 +6,11 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use lisa_core::backend::Backend;
 use lisa_core::{Distance, TargetSpace};
-use lisa_trainer::model::DualDenoiser;
 use lisa_trainer::model::HookLayer;
 use lisa_trainer::model::sd::{
     MixedPrecision, Pipeline, SD_VAE_DOWNSCALE, UNetConfig, Vae, VaeConfig, latent_side, read_json_config,
 };
+use lisa_trainer::model::{DualDenoiser, Parts, registry};
 use lisa_trainer::optim::LrSchedule;
 use lisa_trainer::session::{self, RunOptions, RunReport};
 use lisa_trainer::train::{Mode, Trainer};
@@ -217,12 +217,14 @@ pub struct Start<'a> {
 /// first step.
 pub fn train_arm<B: Backend>(file: &RunFile, start: Start, device: B::Device, o: &LoopOptions) -> Result<RunReport> {
     let mode = file.train.mode;
-    let mut trainer = Trainer::<B>::from_pretrained(&file.model, file.train.clone(), start.main, start.side, device)
-        .with_context(|| match start.side {
-            Some(side) => format!("starting from {} and {}", start.main.display(), side.display()),
-            None => format!("starting from {}", start.main.display()),
-        })?;
-    let model = trainer.model.as_ref();
+    let parts = Parts::Dual { decoder: mode == Mode::Lisa };
+    let mut built = registry::build::<B>(&file.model, parts, device, file.train.seed)?;
+    built.load_main(start.main).with_context(|| format!("loading the main network {}", start.main.display()))?;
+    if let Some(side) = start.side {
+        built.load_side(side).with_context(|| format!("loading the side network {}", side.display()))?;
+    }
+    // Everything is checked on the model before the trainer allocates its optimizer state.
+    let model = built.as_ref();
     let noise = &file.train.noise;
     // Pixel-space models validate by sampling and measuring; latent-space ones by sampling
     // the given pairs and decoding with their VAE (or not at all when none are given).
@@ -232,8 +234,7 @@ pub fn train_arm<B: Backend>(file: &RunFile, start: Start, device: B::Device, o:
             let vae = Vae::<B>::open(&v.vae, model.store().device().clone(), v.dtype)
                 .with_context(|| format!("loading the VAE {}", v.vae.display()))?;
             let sampling = file.validation.sampling.clone();
-            let validation = LatentValidation::new(model, noise, conditions, v.prompts.clone(), vae, sampling)
-                .context("[validation.sampling]")?;
+            let validation = LatentValidation::new(model, noise, conditions, v.prompts.clone(), vae, sampling)?;
             Some(Box::new(validation))
         }
         (None, true) => {
@@ -243,8 +244,7 @@ pub fn train_arm<B: Backend>(file: &RunFile, start: Start, device: B::Device, o:
         (_, false) => {
             let set = file.validation_set(model.sample_shape()[1]);
             let validation =
-                ToyValidation::new(model, noise, set, file.validation.sampling.clone(), file.validation.seed)
-                    .context("[validation]")?;
+                ToyValidation::new(model, noise, set, file.validation.sampling.clone(), file.validation.seed)?;
             Some(Box::new(validation))
         }
     };
@@ -274,6 +274,7 @@ pub fn train_arm<B: Backend>(file: &RunFile, start: Start, device: B::Device, o:
         resume: c.resume_from_checkpoint.clone(),
         overwrite: c.overwrite,
     };
+    let mut trainer = Trainer::new(built, file.train.clone())?;
     let mut display = RunDisplay::new(o.label, o.output_dir, summary);
     let validator: Option<&mut dyn Validator<B>> = match &mut validator {
         Some(v) => Some(v.as_mut()),

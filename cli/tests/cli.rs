@@ -160,6 +160,13 @@ fn bad_inputs_are_clear_errors() {
         &lisa(&["pretrain", "--config", s(&cfg), "--train-batch-size", "0"]),
         "--train-batch-size: must lie in 1..=",
     );
+    let no_samples = d.join("no-samples.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("samples = 2", "samples = 0");
+    std::fs::write(&no_samples, text).unwrap();
+    fails_with(
+        &lisa(&["eval", "--config", s(&no_samples), "--main", s(&main)]),
+        "validation.samples: must lie in 1..=",
+    );
     let unknown_key = d.join("unknown.toml");
     std::fs::write(&unknown_key, "[train]\nlearning_rat = 1\n").unwrap();
     fails_with(&lisa(&["pretrain", "--config", s(&unknown_key), "--max-train-steps", "1"]), "unknown field");
@@ -357,6 +364,15 @@ fn the_demo_runs_from_any_directory_with_the_shipped_assets() {
     let source = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/prior.safetensors")).unwrap();
     assert!(shipped == source, "the prior written is the shipped one");
     assert!(d.join("out/lisa/metrics.jsonl").is_file() && d.join("out/summary.json").is_file());
+    // That prior, given back to the demo in the same folder, is the user's input now: kept.
+    let again = std::process::Command::new(env!("CARGO_BIN_EXE_lisa"))
+        .current_dir(&d)
+        .args(["demo", "--main", "out/prior.safetensors", "--max-train-steps", "1", "--validation-steps", "1"])
+        .args(["--output-dir", "out"])
+        .output()
+        .unwrap();
+    ok(&again);
+    assert!(std::fs::read(d.join("out/prior.safetensors")).unwrap() == source);
     // No source path is compiled into the command (it would break once installed).
     for file in ["demo.rs", "study/mod.rs", "shipped.rs"] {
         let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src").join(file)).unwrap();

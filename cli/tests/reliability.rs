@@ -98,7 +98,7 @@ fn settings_are_checked_before_the_first_step() {
         (&zero_steps, "steps >= 1"),
         (&euler, "the euler sampler needs a rectified flow"),
         (&nan, "must be finite"),
-        (&no_samples, "samples must lie in 1..=4096"),
+        (&no_samples, "validation.samples: must lie in 1..=4096"),
     ] {
         let run = d.join(format!("run-{}", file.file_stem().unwrap().to_string_lossy()));
         fails_with(&train(file, &main, &run, &["--max-train-steps", "50"]), needle);

@@ -36,7 +36,7 @@ impl Default for AdamWParams {
 
 impl AdamWParams {
     /// Checks domains: lr, wd ≥ 0; β ∈ [0, 1); ε > 0; step ≥ 1. An error's `op` names the
-    /// offending field (`lr`, `weight_decay`, `betas`, `eps`, `step`).
+    /// offending field (`lr`, `weight_decay`, `beta1`, `beta2`, `eps`, `step`).
     pub fn validate(&self) -> Result<()> {
         let fail = |field: &'static str, what: alloc::string::String| Err(Error::invalid(field, what));
         if !(self.lr >= 0.0 && self.lr.is_finite()) {
@@ -45,8 +45,11 @@ impl AdamWParams {
         if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
             return fail("weight_decay", format!("must be finite and >= 0, got {}", self.weight_decay));
         }
-        if !((0.0..1.0).contains(&self.beta1) && (0.0..1.0).contains(&self.beta2)) {
-            return fail("betas", format!("must lie in [0, 1), got {} and {}", self.beta1, self.beta2));
+        if !(0.0..1.0).contains(&self.beta1) {
+            return fail("beta1", format!("must lie in [0, 1), got {}", self.beta1));
+        }
+        if !(0.0..1.0).contains(&self.beta2) {
+            return fail("beta2", format!("must lie in [0, 1), got {}", self.beta2));
         }
         if !(self.eps > 0.0 && self.eps.is_finite()) {
             return fail("eps", format!("must be > 0, got {}", self.eps));

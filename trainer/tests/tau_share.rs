@@ -1,4 +1,4 @@
-//! The shares of τ per timestep bucket (trainer/src/tau_share.rs): zero for an untrained side
+//! The shares of τ per timestep bucket (trainer/src/analysis/tau_share.rs): zero for an untrained side
 //! network and decoder, the same on every call, measured against the same τ as the training
 //! step's LISA distance, and bad requests refused.
 

@@ -64,23 +64,22 @@ pub fn run<B: Backend>(a: StudyArgs, device: B::Device) -> Result<()> {
         }
         None => toml::from_str(shipped::DEMO_RUN_FILE).context(shipped::DEMO_RUN_FILE_ORIGIN)?,
     };
-    // The shipped prior (compiled into lisa) goes into the study's folder, once that is
-    // claimed; a dry run of a study not yet started reads it from a temporary folder.
-    claim(&a.output_dir, !a.dry_run)?;
-    let scratch = std::env::temp_dir().join(format!("lisa-study-dry-run-{}", std::process::id()));
-    let main = match study.main.as_deref().map(relative) {
-        Some(path) => path,
-        None if a.output_dir.join(MARKER).is_file() => shipped::prior_in(&a.output_dir)?,
-        None => shipped::prior_in(&scratch)?,
+    // Everything is planned and checked before the output folder is touched; the shipped prior
+    // (compiled into lisa) is read from a scratch folder for that, and goes into the study's
+    // folder once the folder is claimed.
+    let scratch = std::env::temp_dir().join(format!("lisa-study-{}", std::process::id()));
+    let (main, label) = match study.main.as_deref().map(relative) {
+        Some(path) => (path, None),
+        None => (shipped::prior_in(&scratch)?, Some(shipped::prior_label())),
     };
     if !main.is_file() {
         bail!("study file {}: the prior {} does not exist", a.config.display(), main.display());
     }
-    let plan = plan(&study, &base, &main, &a.config, &relative);
+    let plan = plan(&study, &base, &main, label.as_deref(), &a.config, &relative);
     if scratch.exists() {
         std::fs::remove_dir_all(&scratch).with_context(|| format!("cannot remove {}", scratch.display()))?;
     }
-    let plan = plan?;
+    let mut plan = plan?;
     let reference = match &study.reference {
         Some(r) if !study.arms.iter().any(|a| &a.name == r) => {
             bail!("study file {}: reference arm {r:?} is not one of the arms", a.config.display())
@@ -89,6 +88,13 @@ pub fn run<B: Backend>(a: StudyArgs, device: B::Device) -> Result<()> {
         None => study.arms.iter().find(|a| a.name == "baseline").map(|a| a.name.clone()),
     };
 
+    claim(&a.output_dir, !a.dry_run)?;
+    if label.is_some() && !a.dry_run {
+        let shipped = shipped::prior_in(&a.output_dir)?;
+        for run in plan.iter_mut().filter(|r| r.main == main) {
+            run.main = shipped.clone();
+        }
+    }
     let mut stdout = std::io::stdout().lock();
     for run in &plan {
         let state = if run.dir(&a.output_dir).join(DONE).is_file() { "done" } else { "to run" };

@@ -78,6 +78,7 @@ pub(super) fn plan(
     study: &StudyFile,
     base: &toml::Table,
     main: &Path,
+    main_label: Option<&str>,
     origin: &Path,
     relative: &dyn Fn(&Path) -> PathBuf,
 ) -> Result<Vec<PlannedRun>> {
@@ -109,7 +110,13 @@ pub(super) fn plan(
         if !names.insert(arm.name.as_str()) {
             bail!("study file {origin}: arm {:?} is defined twice", arm.name);
         }
-        let main = arm.main.as_deref().map(relative).unwrap_or_else(|| main.to_path_buf());
+        // The prior is part of the settings (a run whose prior changed is not resumed), named by
+        // its path, or by `main_label` for the study's default (the shipped prior: by digest,
+        // so that the study resumes wherever its folder is).
+        let (main, label) = match arm.main.as_deref().map(relative) {
+            Some(path) => (path.clone(), path.display().to_string()),
+            None => (main.to_path_buf(), main_label.map_or_else(|| main.display().to_string(), str::to_string)),
+        };
         if !main.is_file() {
             bail!("study file {origin}: the prior {} of arm {:?} does not exist", main.display(), arm.name);
         }
@@ -125,8 +132,7 @@ pub(super) fn plan(
             let run_file = toml::to_string(&table)?;
             let mut file = RunFile::from_toml(&run_file, &format!("study file {origin}, arm {:?}", arm.name))?;
             file.resolve_model(&main)?;
-            // The prior is part of the settings: a run whose prior changed is not resumed.
-            let run_file = format!("# prior: {}\n{run_file}", main.display());
+            let run_file = format!("# prior: {label}\n{run_file}");
             plan.push(PlannedRun { arm: arm.name.clone(), seed, run_file, file, main: main.clone() });
         }
     }

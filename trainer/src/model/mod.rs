@@ -6,8 +6,9 @@
 //! pre-zero-conv features the LISA hooks name, and the LISA decoder. Every parameter lives in
 //! one [`ParamStore`] under three prefixes: [`MAIN`], [`SIDE`], [`DECODER`].
 //!
-//! Adding an architecture: a folder under `model/` (see [`toy`]) whose type implements
-//! [`DualDenoiser`], and one line in [`registry::build`].
+//! Adding an architecture: a folder under `model/` (see [`toy`]) whose type holds a
+//! [`DualParts`] and implements [`DualDenoiser`], one row of [`registry::ARCHITECTURES`] (with
+//! its default LISA hook) and one constructor arm in [`registry::build`].
 
 mod conditioning;
 mod decoder;

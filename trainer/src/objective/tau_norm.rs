@@ -109,7 +109,7 @@ impl TauNorm {
 const TAU_NORM_SEED_OFFSET: u64 = 0x7461_755f_6e6f_726d;
 
 /// Measures `τ`'s root mean square per bucket of timesteps on `examples`, in chunks of `chunk`
-/// examples per forward pass, for [`TauNorm`] (crate::tau_norm's docs): every bucket noises
+/// examples per forward pass, for [`TauNorm`] (this module's docs): every bucket noises
 /// the same examples with its own draws and noise, seeded from `seed`.
 pub fn measure_tau_norm<B: Backend>(
     model: &dyn DualDenoiser<B>,

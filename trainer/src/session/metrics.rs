@@ -34,7 +34,8 @@ impl MetricsLog {
     }
 
     /// Drops the lines of `path` past `step` (a resumed run writes them again); a file with
-    /// another run's lines (their `run` field) is refused, not cut. A missing file is fine.
+    /// another run's lines (their `run` field: the first row each process writes has one) is
+    /// refused, not cut. A missing file is fine.
     pub fn keep_until(path: &Path, run_id: &str, step: u64) -> Result<()> {
         let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
         let rows: Vec<Option<serde_json::Value>> = text.lines().map(|l| serde_json::from_str(l).ok()).collect();

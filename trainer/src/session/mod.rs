@@ -198,6 +198,9 @@ pub fn run<B: lisa_core::backend::Backend>(
         trained_parameters: trainer.model.store().count(true),
     })?;
     let mut metrics = MetricsLog::append(&metrics_path)?;
+    // The first row each process writes names the run, so that a resume can tell this run's
+    // metrics from another's (MetricsLog::keep_until).
+    let mut tag = Some(trainer.run_id.clone());
     let mut report = RunReport::default();
     if let Some(norm) = trainer.tau_norm(data)? {
         notify(Event::TauScale(norm.rms()))?;
@@ -211,7 +214,7 @@ pub fn run<B: lisa_core::backend::Backend>(
         notify(Event::Validation { step: 0, report: &validation })?;
         let mut row = validation.metrics.clone();
         row.insert("step".into(), 0.into());
-        row.insert("run".into(), trainer.run_id.clone().into());
+        row.extend(tag.take().map(|id| ("run".to_string(), id.into())));
         metrics.write(&row.into())?;
     }
     while trainer.run.state.step < total {
@@ -232,6 +235,7 @@ pub fn run<B: lisa_core::backend::Backend>(
             }
         }
         notify(Event::Step { stats: &stats, steps_per_second })?;
+        row.extend(tag.take().map(|id| ("run".to_string(), id.into())));
         metrics.write(&row.into())?;
         report.steps.push(stats);
         if options.checkpoints.saves_at(stats.step, total) {

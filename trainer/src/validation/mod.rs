@@ -13,7 +13,7 @@ pub use crate::session::{ValidationReport, Validator};
 pub use latent::LatentValidation;
 pub use toy::{MAX_VALIDATION_SAMPLES, PROBE_EXAMPLES, PROBE_T, TAU_BUCKETS, ToyScores, ToyValidation, validate_toy};
 
-use crate::error::Result;
+use crate::error::{Result, TrainError};
 use crate::model::DualDenoiser;
 use crate::sample::SampleConfig;
 use crate::scheduler::{self, NoiseConfig};
@@ -25,7 +25,15 @@ pub fn check_sampling<B: Backend>(
     noise: &NoiseConfig,
     sampling: &SampleConfig,
 ) -> Result<()> {
-    sampling.validate()?;
-    scheduler::build::<B>(noise, &sampling.scheduler(model.prediction()))?;
+    // Errors under the run-file section they come from.
+    let keyed = |e: TrainError| match e {
+        TrainError::Config(reason) => TrainError::setting("validation.sampling", reason),
+        TrainError::Core(lisa_core::Error::InvalidArgument { reason, .. }) => {
+            TrainError::setting("validation.sampling", reason)
+        }
+        other => other,
+    };
+    sampling.validate().map_err(keyed)?;
+    scheduler::build::<B>(noise, &sampling.scheduler(model.prediction())).map_err(keyed)?;
     Ok(())
 }

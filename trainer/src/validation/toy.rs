@@ -45,6 +45,12 @@ pub fn validate_toy<B: Backend>(
     cfg: &SampleConfig,
 ) -> Result<ToyScores> {
     let (r, n) = (set.resolution, set.len);
+    if !(1..=MAX_VALIDATION_SAMPLES).contains(&n) {
+        return Err(TrainError::setting(
+            "validation.samples",
+            format!("must lie in 1..={MAX_VALIDATION_SAMPLES}, got {n}"),
+        ));
+    }
     let hint_channels = model.hint_channels();
     let mut hints = Vec::with_capacity(n * r * r);
     let mut prompts = Vec::with_capacity(n);
@@ -103,10 +109,8 @@ impl ToyValidation {
     ) -> Result<Self> {
         check_sampling(model, noise, &sampling)?;
         if !(1..=MAX_VALIDATION_SAMPLES).contains(&set.len) {
-            return Err(TrainError::Config(format!(
-                "validation samples must lie in 1..={MAX_VALIDATION_SAMPLES}, got {}",
-                set.len
-            )));
+            let reason = format!("must lie in 1..={MAX_VALIDATION_SAMPLES}, got {}", set.len);
+            return Err(TrainError::setting("validation.samples", reason));
         }
         if set.resolution != model.sample_shape()[1] {
             return Err(TrainError::Config(format!(
