@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use image::RgbImage;
 use lisa_core::backend::Backend;
-use lisa_trainer::session::{LOCK, OutputDir, RunReport};
+use lisa_trainer::session::{LOCK, OutputDir, Rollback, RunReport};
 use lisa_trainer::train::Mode;
 
 use crate::config::RunFile;
@@ -102,6 +102,7 @@ pub fn run<B: Backend>(a: DemoArgs, device: B::Device) -> Result<()> {
                 checkpointing_steps: 0,
                 checkpoints_total_limit: Some(1),
                 resume_from_checkpoint: None,
+                rollback: Rollback::MoveAside,
                 overwrite: true,
             },
             label,

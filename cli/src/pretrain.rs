@@ -95,6 +95,14 @@ pub fn run<B: Backend>(a: PretrainArgs, device: B::Device) -> Result<()> {
             let ckpt = dir.resume_target(named)?;
             load_checkpoint(&mut trainer, data.as_ref(), &ckpt)?;
             dir.refuse_others(&trainer.run_id, &[], false)?;
+            let (retired, moved_to) = dir.retire_after(&trainer.run_id, trainer.run.state.step, c.rollback)?;
+            if let (Some(first), Some(to)) = (retired.first(), moved_to) {
+                eprintln!(
+                    "this run's checkpoints after the one resumed ({}…) moved to {}",
+                    first.display(),
+                    to.display()
+                );
+            }
             eprintln!("resumed from {} at step {}", ckpt.display(), trainer.run.state.step);
         }
         None => dir.refuse_others(&trainer.run_id, &[], c.overwrite)?,

@@ -134,6 +134,21 @@ impl Observer for RunDisplay {
                 }
             }
             Event::Step { stats, steps_per_second } => self.progress.step(stats, *steps_per_second),
+            Event::RolledBack { step, retired, moved_to } => {
+                let names: Vec<String> =
+                    retired.iter().filter_map(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned()).collect();
+                match moved_to {
+                    Some(dir) => eprintln!(
+                        "resuming from step {step}: this run's later checkpoints ({}) moved to {}",
+                        names.join(", "),
+                        dir.display()
+                    ),
+                    None => eprintln!(
+                        "resuming from step {step}: this run's later checkpoints ({}) deleted",
+                        names.join(", ")
+                    ),
+                }
+            }
             Event::Checkpoint { .. } => {}
             Event::Finished { report, exported } => {
                 self.progress.finish(report.wall_seconds);

@@ -2,7 +2,7 @@
 //! lock, run-owned checkpoints, pruning, resuming) is the library's
 //! `lisa_trainer::session::OutputDir`.
 
-use lisa_trainer::session::{CheckpointPolicy, ResumeFrom};
+use lisa_trainer::session::{CheckpointPolicy, ResumeFrom, Rollback};
 
 /// The checkpoint flags `lisa train` and `lisa pretrain` share.
 #[derive(Debug, Clone, clap::Args)]
@@ -16,6 +16,10 @@ pub struct CheckpointArgs {
     /// A checkpoint directory, or "latest" (the newest in --output-dir).
     #[arg(long)]
     pub resume_from_checkpoint: Option<ResumeFrom>,
+    /// What a resume from an older checkpoint does with this run's later checkpoints (the
+    /// abandoned branch): move-aside (into OUTPUT_DIR/abandoned-<time>/) or delete.
+    #[arg(long, default_value = "move-aside")]
+    pub rollback: Rollback,
     /// Start a new run in an --output-dir that holds another run's outputs, deleting its
     /// checkpoints and metrics.jsonl there.
     #[arg(long, conflicts_with = "resume_from_checkpoint")]

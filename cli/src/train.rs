@@ -272,6 +272,7 @@ pub fn train_arm<B: Backend>(file: &RunFile, start: Start, device: B::Device, o:
         validate_at_start: o.validate_at_start,
         checkpoints: c.policy(),
         resume: c.resume_from_checkpoint.clone(),
+        rollback: c.rollback,
         overwrite: c.overwrite,
     };
     let mut trainer = Trainer::new(built, file.train.clone())?;

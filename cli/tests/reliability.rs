@@ -296,3 +296,72 @@ fn sigkill_at_any_moment_resumes_to_the_uninterrupted_state() {
     assert!(killed_mid_run > 0, "no trial was killed during its run: the kill moments missed it");
     std::fs::remove_dir_all(d).unwrap();
 }
+
+/// The checkpoint steps in `dir`.
+fn checkpoints(dir: &Path) -> Vec<u64> {
+    let mut steps: Vec<u64> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("checkpoint-")?.parse().ok())
+        .collect();
+    steps.sort_unstable();
+    steps
+}
+
+/// The `step` of every row of a metrics file.
+fn metric_steps(dir: &Path) -> Vec<u64> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .collect()
+}
+
+/// Resuming an older checkpoint abandons the run's later ones: they are moved aside (or
+/// deleted, when asked), so that pruning keeps the new branch and `latest` resumes it.
+#[test]
+fn rolling_back_retires_the_abandoned_branch() {
+    let (d, cfg, main) = setup("rollback");
+    let run = d.join("run");
+    let limit = ["--checkpointing-steps", "2", "--checkpoints-total-limit", "2"];
+    ok(&train(&cfg, &main, &run, &[&["--max-train-steps", "6"][..], &limit].concat()));
+    assert_eq!(checkpoints(&run), [4, 6]);
+    let ckpt4 = run.join("checkpoint-4");
+    let back = [s(&ckpt4), "--max-train-steps", "8"];
+    let err = ok(&train(&cfg, &main, &run, &[&["--resume-from-checkpoint"][..], &back, &limit].concat()));
+    assert!(err.contains("later checkpoints (checkpoint-6) moved to"), "{err}");
+    assert_eq!(checkpoints(&run), [6, 8], "the new branch's checkpoints, pruned among themselves");
+    let aside: Vec<PathBuf> = std::fs::read_dir(&run)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("abandoned-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "one folder for the abandoned branch");
+    assert_eq!(checkpoints(&aside[0]), [6], "nothing deleted by default");
+    assert_eq!(metric_steps(&run), (1..=8).collect::<Vec<_>>(), "each step once, no gap");
+    // `latest` resumes the new branch; with --rollback delete the abandoned one is removed.
+    let more = ["--resume-from-checkpoint", "latest", "--max-train-steps", "9"];
+    ok(&train(&cfg, &main, &run, &[&more[..], &limit].concat()));
+    assert_eq!(metric_steps(&run), (1..=9).collect::<Vec<_>>());
+    let ckpt8 = run.join("checkpoint-8");
+    let again = [s(&ckpt8), "--max-train-steps", "8", "--rollback", "delete"];
+    let err = ok(&train(&cfg, &main, &run, &[&["--resume-from-checkpoint"][..], &again, &limit].concat()));
+    assert!(err.contains("(checkpoint-9) deleted"), "{err}");
+    assert_eq!(checkpoints(&run), [8]);
+}
+
+/// A validation that cannot write its grid stops the run only after the step's metrics row
+/// and a checkpoint are written: no step is lost, and the run resumes from there.
+#[test]
+fn a_failed_last_validation_loses_no_training() {
+    let (d, cfg, main) = setup("lastgrid");
+    let run = d.join("run");
+    // The last validation's grid cannot be written: a folder holds its name.
+    std::fs::create_dir_all(run.join("validation-000003.png")).unwrap();
+    let steps = ["--max-train-steps", "3", "--checkpointing-steps", "100"];
+    fails_with(&train(&cfg, &main, &run, &steps), "validation-000003.png");
+    assert_eq!(checkpoints(&run), [3], "the final checkpoint is written before the error");
+    assert_eq!(metric_steps(&run), [1, 2, 3]);
+    ok(&train(&cfg, &main, &run, &[&steps[..], &["--resume-from-checkpoint", "latest"]].concat()));
+}

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use lisa_core::backend::Backend;
-use lisa_trainer::session::ResumeFrom;
+use lisa_trainer::session::{ResumeFrom, Rollback};
 use lisa_trainer::weights::write_atomic;
 
 use super::plan::{PlannedRun, StudyFile};
@@ -55,6 +55,7 @@ pub(super) fn run_one<B: Backend>(run: &PlannedRun, study: &StudyFile, out: &Pat
             resume_from_checkpoint: has_checkpoint.then_some(ResumeFrom::Latest),
             // A run that started here and stopped before its first checkpoint starts over:
             // its metrics are the study's own.
+            rollback: Rollback::MoveAside,
             overwrite: !has_checkpoint,
         },
         label: &label,

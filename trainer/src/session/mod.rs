@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 pub use metrics::{METRICS_FILE, MetricsLog};
-pub use output::{CheckpointPolicy, LOCK, OutputDir, ResumeFrom, checkpoint_name};
+pub use output::{CheckpointPolicy, LOCK, OutputDir, ResumeFrom, Rollback, checkpoint_name};
 pub use validator::{ValidationReport, Validator};
 
 use crate::checkpoint::{load_checkpoint, save_checkpoint};
@@ -36,6 +36,8 @@ pub struct RunOptions {
     pub checkpoints: CheckpointPolicy,
     /// Resume from a checkpoint instead of starting fresh.
     pub resume: Option<ResumeFrom>,
+    /// What a resume from an older checkpoint does with the run's later ones.
+    pub rollback: Rollback,
     /// Start fresh in a folder holding another run's outputs, deleting them.
     pub overwrite: bool,
 }
@@ -50,6 +52,7 @@ impl RunOptions {
             validate_at_start: false,
             checkpoints: CheckpointPolicy::default(),
             resume: None,
+            rollback: Rollback::default(),
             overwrite: false,
         }
     }
@@ -96,6 +99,15 @@ pub enum Event<'a> {
         step: u64,
         /// What it measured.
         report: &'a ValidationReport,
+    },
+    /// A resume from an older checkpoint retired the same run's later ones.
+    RolledBack {
+        /// The step resumed from.
+        step: u64,
+        /// The checkpoints retired.
+        retired: &'a [PathBuf],
+        /// Where they were moved (None: deleted).
+        moved_to: Option<&'a Path>,
     },
     /// A checkpoint was written.
     Checkpoint {
@@ -176,8 +188,14 @@ pub fn run<B: lisa_core::backend::Backend>(
             let ckpt = dir.resume_target(from)?;
             load_checkpoint(trainer, data, &ckpt)?;
             dir.refuse_others(&trainer.run_id, &[], false)?;
-            MetricsLog::keep_until(&metrics_path, &trainer.run_id, trainer.run.state.step)?;
-            notify(Event::Resumed { checkpoint: &ckpt, step: trainer.run.state.step })?;
+            let step = trainer.run.state.step;
+            MetricsLog::keep_until(&metrics_path, &trainer.run_id, step)?;
+            notify(Event::Resumed { checkpoint: &ckpt, step })?;
+            // The branch this resume abandons: `latest` and pruning must never pick it up.
+            let (retired, moved_to) = dir.retire_after(&trainer.run_id, step, options.rollback)?;
+            if !retired.is_empty() {
+                notify(Event::RolledBack { step, retired: &retired, moved_to: moved_to.as_deref() })?;
+            }
         }
         None => {
             // Outputs a new run writes: another run's are refused (or removed when told).
@@ -228,10 +246,27 @@ pub fn run<B: lisa_core::backend::Backend>(
                 row.insert(column.to_string(), serde_json::Value::Null);
             }
             if options.validates_at(stats.step, total) {
-                let validation = v.validate(trainer)?;
-                report.validations.extend(validation.score.map(|s| (stats.step, s)));
-                notify(Event::Validation { step: stats.step, report: &validation })?;
-                row.extend(validation.metrics);
+                let validated = v.validate(trainer).and_then(|validation| {
+                    notify(Event::Validation { step: stats.step, report: &validation })?;
+                    Ok(validation)
+                });
+                match validated {
+                    Ok(validation) => {
+                        report.validations.extend(validation.score.map(|s| (stats.step, s)));
+                        row.extend(validation.metrics);
+                    }
+                    Err(e) => {
+                        // A failed validation (an unwritable grid) loses no training: the
+                        // step's row, a checkpoint and, at the end, the export come first.
+                        row.extend(tag.take().map(|id| ("run".to_string(), id.into())));
+                        metrics.write(&row.into())?;
+                        save(&dir, trainer, data, stats.step, &options.checkpoints)?;
+                        if stats.step == total {
+                            trainer.model.export_side(&out.join(NATIVE_SIDE_DIR))?;
+                        }
+                        return Err(e);
+                    }
+                }
             }
         }
         notify(Event::Step { stats: &stats, steps_per_second })?;
@@ -239,11 +274,7 @@ pub fn run<B: lisa_core::backend::Backend>(
         metrics.write(&row.into())?;
         report.steps.push(stats);
         if options.checkpoints.saves_at(stats.step, total) {
-            let path = out.join(checkpoint_name(stats.step));
-            save_checkpoint(trainer, data, &path)?;
-            if let Some(limit) = options.checkpoints.total_limit {
-                dir.prune(&trainer.run_id, limit)?;
-            }
+            let path = save(&dir, trainer, data, stats.step, &options.checkpoints)?;
             notify(Event::Checkpoint { path: &path })?;
         }
     }
@@ -252,6 +283,22 @@ pub fn run<B: lisa_core::backend::Backend>(
     report.wall_seconds = wall.elapsed().as_secs_f64();
     notify(Event::Finished { report: &report, exported: exported.then_some(native.as_path()) })?;
     Ok(report)
+}
+
+/// Saves checkpoint `step` into `dir` and prunes the run's oldest beyond the policy's limit.
+fn save<B: lisa_core::backend::Backend>(
+    dir: &OutputDir,
+    trainer: &Trainer<B>,
+    data: &dyn Dataset,
+    step: u64,
+    policy: &CheckpointPolicy,
+) -> Result<PathBuf> {
+    let path = dir.path().join(checkpoint_name(step));
+    save_checkpoint(trainer, data, &path)?;
+    if let Some(limit) = policy.total_limit {
+        dir.prune(&trainer.run_id, limit)?;
+    }
+    Ok(path)
 }
 
 /// The metrics row of a step: its stats and the training speed.

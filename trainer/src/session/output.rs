@@ -134,6 +134,67 @@ impl OutputDir {
     }
 }
 
+/// What a resume from an older checkpoint does with the same run's checkpoints past it (the
+/// abandoned branch), so that `latest` and pruning never mix two branches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Rollback {
+    /// Move them into `abandoned-<time>/` in the output folder (nothing is deleted).
+    #[default]
+    MoveAside,
+    /// Delete them.
+    Delete,
+}
+
+impl std::str::FromStr for Rollback {
+    type Err = TrainError;
+
+    /// `move-aside` | `delete`.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "move-aside" => Ok(Self::MoveAside),
+            "delete" => Ok(Self::Delete),
+            _ => Err(TrainError::Output(format!("{s:?} is not one of move-aside | delete"))),
+        }
+    }
+}
+
+impl OutputDir {
+    /// Retires run `run_id`'s checkpoints past `step` (a resume from `step` abandons them) as
+    /// `how` says. Returns the checkpoints retired and, when moved, the folder they went to.
+    pub fn retire_after(&self, run_id: &str, step: u64, how: Rollback) -> Result<(Vec<PathBuf>, Option<PathBuf>)> {
+        let later: Vec<PathBuf> = list_checkpoints(&self.path)
+            .into_iter()
+            .filter(|c| c.0 > step && c.2.as_deref() == Some(run_id))
+            .map(|c| c.1)
+            .collect();
+        if later.is_empty() {
+            return Ok((later, None));
+        }
+        match how {
+            Rollback::Delete => {
+                for p in &later {
+                    fs::remove_dir_all(p).map_err(io(p))?;
+                }
+                Ok((later, None))
+            }
+            Rollback::MoveAside => {
+                let time =
+                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                let aside = self.path.join(format!("abandoned-{time}"));
+                if aside.exists() {
+                    return Err(TrainError::Output(format!("{} exists already; try again", aside.display())));
+                }
+                fs::create_dir(&aside).map_err(io(&aside))?;
+                for p in &later {
+                    let name = p.file_name().map(PathBuf::from).unwrap_or_default();
+                    fs::rename(p, aside.join(name)).map_err(io(p))?;
+                }
+                Ok((later, Some(aside)))
+            }
+        }
+    }
+}
+
 /// When a run saves checkpoints and how many of its own it keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CheckpointPolicy {
