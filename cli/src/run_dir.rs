@@ -17,7 +17,7 @@ pub struct CheckpointArgs {
     #[arg(long)]
     pub resume_from_checkpoint: Option<ResumeFrom>,
     /// What a resume from an older checkpoint does with this run's later checkpoints (the
-    /// abandoned branch): move-aside (into OUTPUT_DIR/abandoned-<time>/) or delete.
+    /// abandoned branch): move-aside (into `OUTPUT_DIR/abandoned-<time>/`) or delete.
     #[arg(long, default_value = "move-aside")]
     pub rollback: Rollback,
     /// Start a new run in an --output-dir that holds another run's outputs, deleting its
