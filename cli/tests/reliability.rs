@@ -365,3 +365,18 @@ fn a_failed_last_validation_loses_no_training() {
     assert_eq!(metric_steps(&run), [1, 2, 3]);
     ok(&train(&cfg, &main, &run, &[&steps[..], &["--resume-from-checkpoint", "latest"]].concat()));
 }
+
+/// `--overwrite` removes only what lisa's checkpoint format wrote: a user's folder that
+/// happens to be called `checkpoint-N` is refused, and left as it was.
+#[test]
+fn overwrite_never_deletes_a_folder_lisa_did_not_write() {
+    let (d, cfg, main) = setup("alien");
+    let run = d.join("run");
+    std::fs::create_dir_all(run.join("checkpoint-7")).unwrap();
+    std::fs::write(run.join("checkpoint-7/notes.txt"), "mine").unwrap();
+    for extra in [&["--overwrite"][..], &[]] {
+        let args = [&["--max-train-steps", "1"][..], extra].concat();
+        fails_with(&train(&cfg, &main, &run, &args), "is not a lisa checkpoint");
+    }
+    assert_eq!(std::fs::read_to_string(run.join("checkpoint-7/notes.txt")).unwrap(), "mine");
+}

@@ -100,8 +100,15 @@ impl OutputDir {
     }
 
     /// Refuses to let run `run_id` write here while another run's checkpoints or `outputs`
-    /// are present; with `overwrite` (the user's explicit word), removes them instead.
+    /// are present; with `overwrite` (the user's explicit word), removes them instead. A
+    /// `checkpoint-N` folder without a lisa `state.json` is never removed: it is refused.
     pub fn refuse_others(&self, run_id: &str, outputs: &[PathBuf], overwrite: bool) -> Result<()> {
+        if let Some(alien) = list_checkpoints(&self.path).into_iter().find(|c| c.2.is_none()) {
+            return Err(TrainError::Output(format!(
+                "{} is not a lisa checkpoint (it has no state.json lisa wrote), and lisa never deletes it; move it away or choose another --output-dir",
+                alien.1.display()
+            )));
+        }
         let foreign: Vec<PathBuf> = list_checkpoints(&self.path)
             .into_iter()
             .filter(|c| c.2.as_deref() != Some(run_id))
