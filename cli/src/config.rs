@@ -111,11 +111,11 @@ pub fn check_memory<B: Backend>(model: &dyn DualDenoiser<B>, batch: usize) -> Re
 }
 
 /// A library error about one setting ([`TrainError::Setting`]) said the way the user set it:
-/// under the flag (`flags`: run-file key → flag, for the flags given), else under the run
-/// file's section and key. Other errors pass through.
-pub fn name_setting(e: TrainError, flags: &[(&str, &str)], file: Option<&Path>) -> anyhow::Error {
+/// under the flag when the user gave it (`flags`: run-file key, flag, whether given), else
+/// under the run file's section and key. Other errors pass through.
+pub fn name_setting(e: TrainError, flags: &[(&str, &str, bool)], file: Option<&Path>) -> anyhow::Error {
     let TrainError::Setting { key, reason } = &e else { return e.into() };
-    if let Some((_, flag)) = flags.iter().find(|(k, _)| k == key) {
+    if let Some((_, flag, _)) = flags.iter().find(|(k, _, given)| *given && k == key) {
         return anyhow::anyhow!("{flag}: {reason}");
     }
     let (section, field) = key.rsplit_once('.').unwrap_or(("", key));

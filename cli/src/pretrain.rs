@@ -7,12 +7,12 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use lisa_core::backend::Backend;
-use lisa_trainer::checkpoint::{load_checkpoint, save_checkpoint};
+use lisa_trainer::checkpoint::load_checkpoint;
 use lisa_trainer::pretrain::Pretrainer;
-use lisa_trainer::session::{OutputDir, checkpoint_name};
+use lisa_trainer::session::OutputDir;
 
 use crate::config::{RunFile, check_memory, name_setting};
-use crate::progress::Progress;
+use crate::progress::{Progress, rolled_back};
 use crate::run_dir::CheckpointArgs;
 
 /// Flags of `lisa pretrain` (override the run file).
@@ -76,11 +76,10 @@ pub fn run<B: Backend>(a: PretrainArgs, device: B::Device) -> Result<()> {
     if let Some(d) = a.train_data_dir {
         file.data.dir = Some(d);
     }
-    let given = [
+    let flags = [
         ("pretrain.batch_size", "--train-batch-size", a.train_batch_size.is_some()),
         ("pretrain.optim.lr", "--learning-rate", a.learning_rate.is_some()),
     ];
-    let flags: Vec<(&str, &str)> = given.into_iter().filter(|g| g.2).map(|(k, f, _)| (k, f)).collect();
     file.pretrain.validate().map_err(|e| name_setting(e, &flags, a.config.as_deref()))?;
     let output = a.output.clone().unwrap_or_else(|| a.output_dir.join("main.safetensors"));
     // A resumed run may replace the weights file it will write again.
@@ -95,13 +94,10 @@ pub fn run<B: Backend>(a: PretrainArgs, device: B::Device) -> Result<()> {
             let ckpt = dir.resume_target(named)?;
             load_checkpoint(&mut trainer, data.as_ref(), &ckpt)?;
             dir.refuse_others(&trainer.run_id, &[], false)?;
-            let (retired, moved_to) = dir.retire_after(&trainer.run_id, trainer.run.state.step, c.rollback)?;
-            if let (Some(first), Some(to)) = (retired.first(), moved_to) {
-                eprintln!(
-                    "this run's checkpoints after the one resumed ({}…) moved to {}",
-                    first.display(),
-                    to.display()
-                );
+            let step = trainer.run.state.step;
+            let (retired, moved_to) = dir.retire_after(&trainer.run_id, step, c.rollback)?;
+            if !retired.is_empty() {
+                eprintln!("{}", rolled_back(step, &retired, moved_to.as_deref()));
             }
             eprintln!("resumed from {} at step {}", ckpt.display(), trainer.run.state.step);
         }
@@ -121,11 +117,9 @@ pub fn run<B: Backend>(a: PretrainArgs, device: B::Device) -> Result<()> {
     while trainer.run.state.step < total {
         let s = trainer.step(data.as_ref())?;
         progress.step(&s, (s.step - first) as f64 / start.elapsed().as_secs_f64());
-        if c.policy().saves_at(s.step, total) {
-            save_checkpoint(&trainer, data.as_ref(), &dir.path().join(checkpoint_name(s.step)))?;
-            if let Some(limit) = c.checkpoints_total_limit {
-                dir.prune(&trainer.run_id, limit)?;
-            }
+        let policy = c.policy();
+        if policy.saves_at(s.step, total) {
+            dir.save(&trainer, data.as_ref(), s.step, &policy)?;
         }
     }
     progress.finish(start.elapsed().as_secs_f64());

@@ -83,6 +83,15 @@ impl Progress {
     }
 }
 
+/// What a resume from step `step` did with the run's later checkpoints `retired` (moved to
+/// `moved_to`, or deleted).
+pub fn rolled_back(step: u64, retired: &[PathBuf], moved_to: Option<&Path>) -> String {
+    let names: Vec<String> =
+        retired.iter().filter_map(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned()).collect();
+    let done = moved_to.map_or("deleted".to_string(), |dir| format!("moved to {}", dir.display()));
+    format!("resuming from step {step}: this run's later checkpoints ({}) {done}", names.join(", "))
+}
+
 /// `m:ss`.
 pub fn clock(seconds: f64) -> String {
     let s = seconds.max(0.0).round() as u64;
@@ -134,21 +143,7 @@ impl Observer for RunDisplay {
                 }
             }
             Event::Step { stats, steps_per_second } => self.progress.step(stats, *steps_per_second),
-            Event::RolledBack { step, retired, moved_to } => {
-                let names: Vec<String> =
-                    retired.iter().filter_map(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned()).collect();
-                match moved_to {
-                    Some(dir) => eprintln!(
-                        "resuming from step {step}: this run's later checkpoints ({}) moved to {}",
-                        names.join(", "),
-                        dir.display()
-                    ),
-                    None => eprintln!(
-                        "resuming from step {step}: this run's later checkpoints ({}) deleted",
-                        names.join(", ")
-                    ),
-                }
-            }
+            Event::RolledBack { step, retired, moved_to } => eprintln!("{}", rolled_back(*step, retired, *moved_to)),
             Event::Checkpoint { .. } => {}
             Event::Finished { report, exported } => {
                 self.progress.finish(report.wall_seconds);

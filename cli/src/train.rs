@@ -166,10 +166,10 @@ fn apply(a: &TrainArgs, file: &mut RunFile) {
     }
 }
 
-/// The run-file keys the flags of `lisa train` set, when the user gave them: an invalid
-/// value is reported under the flag the user wrote.
-fn flags_given(a: &TrainArgs) -> Vec<(&'static str, &'static str)> {
-    let given = [
+/// The run-file keys the flags of `lisa train` set, and whether the user gave each: an
+/// invalid value is reported under the flag the user wrote.
+fn flags_given(a: &TrainArgs) -> [(&'static str, &'static str, bool); 8] {
+    [
         ("train.lisa.lambda", "--lambda", a.lambda.is_some()),
         ("train.lisa_subbatch", "--lisa-subbatch", a.lisa_subbatch.is_some()),
         ("train.decoder_lr_scale", "--decoder-lr-scale", a.decoder_lr_scale.is_some()),
@@ -178,8 +178,7 @@ fn flags_given(a: &TrainArgs) -> Vec<(&'static str, &'static str)> {
         ("train.gradient_accumulation_steps", "--gradient-accumulation-steps", a.gradient_accumulation_steps.is_some()),
         ("train.optim.lr", "--learning-rate", a.learning_rate.is_some()),
         ("train.optim.max_grad_norm", "--max-grad-norm", a.max_grad_norm.is_some()),
-    ];
-    given.into_iter().filter(|g| g.2).map(|(key, flag, _)| (key, flag)).collect()
+    ]
 }
 
 /// The library's check of every training setting, before anything is loaded.

@@ -15,21 +15,28 @@ pub const METRICS_FILE: &str = "metrics.jsonl";
 pub struct MetricsLog {
     path: PathBuf,
     file: File,
+    /// The run id, until the first row has carried it.
+    run_id: Option<String>,
 }
 
 impl MetricsLog {
-    /// Opens (creating if missing) `path` for appending.
-    pub fn append(path: &Path) -> Result<Self> {
+    /// Opens (creating if missing) `path` for appending the rows of run `run_id`.
+    pub fn append(path: &Path, run_id: &str) -> Result<Self> {
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
             .map_err(|source| TrainError::Io { path: path.to_path_buf(), source })?;
-        Ok(Self { path: path.to_path_buf(), file })
+        Ok(Self { path: path.to_path_buf(), file, run_id: Some(run_id.to_string()) })
     }
 
-    /// Appends one row.
-    pub fn write(&mut self, row: &serde_json::Value) -> Result<()> {
+    /// Appends one row. The first row this log writes also names the run (`run`), so that a
+    /// resume can tell this run's metrics from another's ([`MetricsLog::keep_until`]).
+    pub fn write(&mut self, mut row: serde_json::Map<String, serde_json::Value>) -> Result<()> {
+        if let Some(id) = self.run_id.take() {
+            row.insert("run".into(), id.into());
+        }
+        let row = serde_json::Value::Object(row);
         writeln!(self.file, "{row}").map_err(|source| TrainError::Io { path: self.path.clone(), source })
     }
 

@@ -16,7 +16,7 @@ pub use metrics::{METRICS_FILE, MetricsLog};
 pub use output::{CheckpointPolicy, LOCK, OutputDir, ResumeFrom, Rollback, checkpoint_name};
 pub use validator::{ValidationReport, Validator};
 
-use crate::checkpoint::{load_checkpoint, save_checkpoint};
+use crate::checkpoint::load_checkpoint;
 use crate::data::Dataset;
 use crate::error::{Result, TrainError};
 use crate::model::NATIVE_SIDE_DIR;
@@ -215,10 +215,7 @@ pub fn run<B: lisa_core::backend::Backend>(
         examples: data.len(),
         trained_parameters: trainer.model.store().count(true),
     })?;
-    let mut metrics = MetricsLog::append(&metrics_path)?;
-    // The first row each process writes names the run, so that a resume can tell this run's
-    // metrics from another's (MetricsLog::keep_until).
-    let mut tag = Some(trainer.run_id.clone());
+    let mut metrics = MetricsLog::append(&metrics_path, &trainer.run_id)?;
     let mut report = RunReport::default();
     if let Some(norm) = trainer.tau_norm(data)? {
         notify(Event::TauScale(norm.rms()))?;
@@ -230,10 +227,9 @@ pub fn run<B: lisa_core::backend::Backend>(
         let validation = v.validate(trainer)?;
         report.validations.extend(validation.score.map(|s| (0, s)));
         notify(Event::Validation { step: 0, report: &validation })?;
-        let mut row = validation.metrics.clone();
+        let mut row = validation.metrics;
         row.insert("step".into(), 0.into());
-        row.extend(tag.take().map(|id| ("run".to_string(), id.into())));
-        metrics.write(&row.into())?;
+        metrics.write(row)?;
     }
     while trainer.run.state.step < total {
         let step_start = Instant::now();
@@ -258,9 +254,8 @@ pub fn run<B: lisa_core::backend::Backend>(
                     Err(e) => {
                         // A failed validation (an unwritable grid) loses no training: the
                         // step's row, a checkpoint and, at the end, the export come first.
-                        row.extend(tag.take().map(|id| ("run".to_string(), id.into())));
-                        metrics.write(&row.into())?;
-                        save(&dir, trainer, data, stats.step, &options.checkpoints)?;
+                        metrics.write(row)?;
+                        dir.save(trainer, data, stats.step, &options.checkpoints)?;
                         if stats.step == total {
                             trainer.model.export_side(&out.join(NATIVE_SIDE_DIR))?;
                         }
@@ -270,11 +265,10 @@ pub fn run<B: lisa_core::backend::Backend>(
             }
         }
         notify(Event::Step { stats: &stats, steps_per_second })?;
-        row.extend(tag.take().map(|id| ("run".to_string(), id.into())));
-        metrics.write(&row.into())?;
+        metrics.write(row)?;
         report.steps.push(stats);
         if options.checkpoints.saves_at(stats.step, total) {
-            let path = save(&dir, trainer, data, stats.step, &options.checkpoints)?;
+            let path = dir.save(trainer, data, stats.step, &options.checkpoints)?;
             notify(Event::Checkpoint { path: &path })?;
         }
     }
@@ -285,36 +279,19 @@ pub fn run<B: lisa_core::backend::Backend>(
     Ok(report)
 }
 
-/// Saves checkpoint `step` into `dir` and prunes the run's oldest beyond the policy's limit.
-fn save<B: lisa_core::backend::Backend>(
-    dir: &OutputDir,
-    trainer: &Trainer<B>,
-    data: &dyn Dataset,
-    step: u64,
-    policy: &CheckpointPolicy,
-) -> Result<PathBuf> {
-    let path = dir.path().join(checkpoint_name(step));
-    save_checkpoint(trainer, data, &path)?;
-    if let Some(limit) = policy.total_limit {
-        dir.prune(&trainer.run_id, limit)?;
-    }
-    Ok(path)
-}
-
 /// The metrics row of a step: its stats and the training speed.
 fn step_row(s: &StepStats, steps_per_second: f64) -> serde_json::Map<String, serde_json::Value> {
-    let row = serde_json::json!({
-        "step": s.step,
-        "loss": s.loss,
-        "main_loss": s.main_loss,
-        "lisa_loss": s.lisa_loss,
-        "lisa_zero_distance": s.lisa_zero_distance,
-        "grad_norm": s.grad_norm,
-        "lr": s.lr,
-        "steps_per_s": steps_per_second,
-    });
-    match row {
-        serde_json::Value::Object(map) => map,
-        _ => serde_json::Map::new(),
-    }
+    [
+        ("step", s.step.into()),
+        ("loss", s.loss.into()),
+        ("main_loss", s.main_loss.into()),
+        ("lisa_loss", s.lisa_loss.into()),
+        ("lisa_zero_distance", s.lisa_zero_distance.into()),
+        ("grad_norm", s.grad_norm.into()),
+        ("lr", s.lr.into()),
+        ("steps_per_s", steps_per_second.into()),
+    ]
+    .into_iter()
+    .map(|(k, v): (&str, serde_json::Value)| (k.to_string(), v))
+    .collect()
 }

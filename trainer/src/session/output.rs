@@ -8,8 +8,12 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::checkpoint::list_checkpoints;
+use lisa_core::backend::Backend;
+
+use crate::checkpoint::{RunSettings, list_checkpoints, save_checkpoint};
+use crate::data::Dataset;
 use crate::error::{Result, TrainError};
+use crate::run::TrainingRun;
 
 /// The lock file's name.
 pub const LOCK: &str = ".lisa.lock";
@@ -103,13 +107,14 @@ impl OutputDir {
     /// are present; with `overwrite` (the user's explicit word), removes them instead. A
     /// `checkpoint-N` folder without a lisa `state.json` is never removed: it is refused.
     pub fn refuse_others(&self, run_id: &str, outputs: &[PathBuf], overwrite: bool) -> Result<()> {
-        if let Some(alien) = list_checkpoints(&self.path).into_iter().find(|c| c.2.is_none()) {
+        let checkpoints = list_checkpoints(&self.path);
+        if let Some(alien) = checkpoints.iter().find(|c| c.2.is_none()) {
             return Err(TrainError::Output(format!(
                 "{} is not a lisa checkpoint (it has no state.json lisa wrote), and lisa never deletes it; move it away or choose another --output-dir",
                 alien.1.display()
             )));
         }
-        let foreign: Vec<PathBuf> = list_checkpoints(&self.path)
+        let foreign: Vec<PathBuf> = checkpoints
             .into_iter()
             .filter(|c| c.2.as_deref() != Some(run_id))
             .map(|c| c.1)
@@ -128,6 +133,23 @@ impl OutputDir {
             removed.map_err(io(p))?;
         }
         Ok(())
+    }
+
+    /// Saves `run` as checkpoint `step` here, then removes the run's oldest checkpoints beyond
+    /// `policy`'s limit. Returns the checkpoint's folder.
+    pub fn save<B: Backend, C: RunSettings>(
+        &self,
+        run: &TrainingRun<B, C>,
+        data: &dyn Dataset,
+        step: u64,
+        policy: &CheckpointPolicy,
+    ) -> Result<PathBuf> {
+        let path = self.path.join(checkpoint_name(step));
+        save_checkpoint(run, data, &path)?;
+        if let Some(limit) = policy.total_limit {
+            self.prune(&run.run_id, limit)?;
+        }
+        Ok(path)
     }
 
     /// Removes `run_id`'s oldest checkpoints so that at most `limit` of them remain; other

@@ -37,6 +37,15 @@ pub struct ToyScores {
     pub grid: RgbGrid,
 }
 
+/// The validation set's size lies in `1..=MAX_VALIDATION_SAMPLES` (`[validation] samples`).
+fn check_samples(n: usize) -> Result<()> {
+    if !(1..=MAX_VALIDATION_SAMPLES).contains(&n) {
+        let reason = format!("must lie in 1..={MAX_VALIDATION_SAMPLES}, got {n}");
+        return Err(TrainError::setting("validation.samples", reason));
+    }
+    Ok(())
+}
+
 /// Samples the validation set `set` with the seeds `cfg` fixes and scores it.
 pub fn validate_toy<B: Backend>(
     model: &dyn DualDenoiser<B>,
@@ -45,12 +54,7 @@ pub fn validate_toy<B: Backend>(
     cfg: &SampleConfig,
 ) -> Result<ToyScores> {
     let (r, n) = (set.resolution, set.len);
-    if !(1..=MAX_VALIDATION_SAMPLES).contains(&n) {
-        return Err(TrainError::setting(
-            "validation.samples",
-            format!("must lie in 1..={MAX_VALIDATION_SAMPLES}, got {n}"),
-        ));
-    }
+    check_samples(n)?;
     let hint_channels = model.hint_channels();
     let mut hints = Vec::with_capacity(n * r * r);
     let mut prompts = Vec::with_capacity(n);
@@ -108,10 +112,7 @@ impl ToyValidation {
         seed: u64,
     ) -> Result<Self> {
         check_sampling(model, noise, &sampling)?;
-        if !(1..=MAX_VALIDATION_SAMPLES).contains(&set.len) {
-            let reason = format!("must lie in 1..={MAX_VALIDATION_SAMPLES}, got {}", set.len);
-            return Err(TrainError::setting("validation.samples", reason));
-        }
+        check_samples(set.len)?;
         if set.resolution != model.sample_shape()[1] {
             return Err(TrainError::Config(format!(
                 "the validation set is {} px, the model samples {} px",
@@ -145,19 +146,19 @@ impl<B: Backend> Validator<B> for ToyValidation {
         let (features, dim) = side_features(model, self.hook, &config.noise, &self.probe_examples, PROBE_T, self.seed)?;
         let probe = ridge_probe(&features, dim, &self.probe_targets)?;
         let column = |f: fn(&TauShare) -> Option<f32>| shares.iter().map(f).collect::<Vec<_>>();
-        let metrics = serde_json::json!({
-            "iou": scores.iou,
-            "colour_error": scores.colour_error,
+        let metrics = [
+            ("iou", scores.iou.into()),
+            ("colour_error", scores.colour_error.into()),
             // One value per bucket, low timesteps first (null entries without a decoder).
-            "tau_zero_distance": column(|s| Some(s.zero_distance)),
-            "tau_share_decoder": column(|s| s.decoder),
-            "tau_share_control": column(|s| Some(s.control)),
+            ("tau_zero_distance", column(|s| Some(s.zero_distance)).into()),
+            ("tau_share_decoder", column(|s| s.decoder).into()),
+            ("tau_share_control", column(|s| Some(s.control)).into()),
             // Held-out R² for the centre x, centre y and radius.
-            "probe_r2": probe.r2,
-        });
-        let serde_json::Value::Object(metrics) = metrics else {
-            return Err(TrainError::Internal("a JSON object literal is an object"));
-        };
+            ("probe_r2", probe.r2.into()),
+        ]
+        .into_iter()
+        .map(|(k, v): (&str, serde_json::Value)| (k.to_string(), v))
+        .collect();
         Ok(ValidationReport { score: Some(scores.iou), metrics, grid: Some(scores.grid) })
     }
 }
