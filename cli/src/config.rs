@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use lisa_core::backend::Backend;
 use lisa_trainer::TrainError;
 use lisa_trainer::data::{Dataset, FillCircles, prompt_colours};
-use lisa_trainer::model::{DualDenoiser, ModelSpec, registry, sd, toy};
+use lisa_trainer::model::{DualDenoiser, ModelSpec, registry, toy};
 use lisa_trainer::pretrain::PretrainConfig;
 use lisa_trainer::sample::SampleConfig;
 use lisa_trainer::train::TrainConfig;
@@ -58,19 +58,6 @@ impl Default for DataConfig {
     }
 }
 
-/// Where the inputs of latent-space training come from.
-#[derive(Debug, Clone)]
-pub struct SdInputs {
-    /// The prompts' text embeddings.
-    pub embeddings: PathBuf,
-    /// The targets' latents.
-    pub latents: PathBuf,
-    /// The latent side, when not the UNet's `sample_size`.
-    pub latent_size: Option<usize>,
-    /// The frozen networks' storage type.
-    pub mixed_precision: sd::MixedPrecision,
-}
-
 /// The fixed validation set: examples and sampling seeds never used for training.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -97,10 +84,7 @@ const MAX_PROCEDURAL: usize = 1 << 26;
 pub fn check_memory<B: Backend>(model: &dyn DualDenoiser<B>, batch: usize) -> Result<()> {
     let [c, h, w] = model.sample_shape();
     let bytes = [batch, c, h, w, 4].iter().try_fold(1usize, |acc, &x| acc.checked_mul(x));
-    let total = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| m.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse::<usize>().ok())
-        .map_or(usize::MAX, |kib| kib.saturating_mul(1024));
+    let total = memory_bytes();
     match bytes {
         Some(b) if b <= total / 8 => Ok(()),
         _ => bail!(
@@ -108,6 +92,14 @@ pub fn check_memory<B: Backend>(model: &dyn DualDenoiser<B>, batch: usize) -> Re
             total >> 30
         ),
     }
+}
+
+/// This machine's memory in bytes (`MemTotal` of `/proc/meminfo`; unbounded where unknown).
+pub fn memory_bytes() -> usize {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse::<usize>().ok())
+        .map_or(usize::MAX, |kib| kib.saturating_mul(1024))
 }
 
 /// A library error about one setting ([`TrainError::Setting`]) said the way the user set it:
@@ -163,42 +155,6 @@ impl RunFile {
             self.model.architecture = spec.architecture;
             self.model.config = spec.config;
         }
-        Ok(())
-    }
-
-    /// Takes the model and the noise process from a diffusers pipeline folder (the sd
-    /// architecture): the UNet's config, the scheduler's betas and prediction type, the
-    /// ControlNet's config when one is given, the prompts' text embeddings, the latents of
-    /// the data (`inputs`), the latent side. Without a hook from the flags or the run file,
-    /// the decoder reads the architecture's default (`down_5`, as the LISA authors').
-    pub fn use_diffusers(
-        &mut self,
-        pipeline: &sd::Pipeline,
-        controlnet: Option<&Path>,
-        inputs: SdInputs,
-    ) -> Result<()> {
-        if self.model_given {
-            bail!(
-                "the run file describes a [model]; with --pretrained-model-name-or-path the model comes from the folder"
-            );
-        }
-        let controlnet = match controlnet {
-            Some(c) => Some(sd::read_json_config(c).context("--controlnet-model-name-or-path")?),
-            None => None,
-        };
-        let spec = sd::SdSpec {
-            unet: pipeline.unet.clone(),
-            controlnet,
-            conditioning_scale: 1.0,
-            prediction: pipeline.prediction,
-            text_embeddings: Some(inputs.embeddings),
-            latent_size: inputs.latent_size,
-            mixed_precision: inputs.mixed_precision,
-        };
-        self.model = spec.to_spec(&self.model.decoder);
-        registry::validate(&self.model).with_context(|| format!("the diffusers folder {}", pipeline.root.display()))?;
-        self.train.noise = pipeline.noise;
-        self.data.latents = Some(inputs.latents);
         Ok(())
     }
 

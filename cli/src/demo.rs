@@ -107,7 +107,7 @@ pub fn run<B: Backend>(a: DemoArgs, device: B::Device) -> Result<()> {
             },
             label,
         };
-        reports.push(train_arm::<B>(&arm_file, Start { main: &main, side: None }, device.clone(), &options)?);
+        reports.push(train_arm::<B>(&arm_file, Start::Files { main: &main, side: None }, device.clone(), &options)?);
     }
     let labelled: Vec<(&str, &RunReport)> = arms.iter().map(|a| a.0).zip(&reports).collect();
     let plot = a.output_dir.join("comparison.png");

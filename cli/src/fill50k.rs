@@ -49,6 +49,18 @@ pub struct Fill50k {
     layout: Layout,
     latents: Option<std::collections::BTreeMap<String, Vec<f32>>>,
     fingerprint: String,
+    /// The SHA-256 of the target images' contents, in list order (None: read from latents).
+    targets_digest: Option<String>,
+}
+
+/// The SHA-256 of the files' contents, in order (each file's own digest, then one of all).
+fn contents_digest<'a>(files: impl Iterator<Item = &'a Path>) -> lisa_trainer::Result<String> {
+    let mut parts = Vec::new();
+    for path in files {
+        let bytes = std::fs::read(path).map_err(|error| TrainError::Io { path: path.to_path_buf(), error })?;
+        parts.push(lisa_trainer::weights::digest(&bytes));
+    }
+    Ok(lisa_trainer::weights::digest(parts.join(",").as_bytes()))
 }
 
 impl Fill50k {
@@ -62,7 +74,7 @@ impl Fill50k {
             return Err(TrainError::Config(format!("dataset layout {layout:?} is not readable")));
         }
         let list = root.join("prompt.json");
-        let text = std::fs::read_to_string(&list).map_err(|source| TrainError::Io { path: list.clone(), source })?;
+        let text = std::fs::read_to_string(&list).map_err(|error| TrainError::Io { path: list.clone(), error })?;
         // A UTF-8 byte-order mark (some editors write one) is not part of the first line.
         let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
         let mut entries = Vec::new();
@@ -92,12 +104,20 @@ impl Fill50k {
             return Err(TrainError::Data { path: list, reason: "no examples listed".into() });
         }
         let digest = lisa_trainer::weights::digest(text.as_bytes());
-        // The list's content, not the folder's path: the same data moved or named by a relative
-        // path is the same data.
-        let mut fingerprint = format!("fill50k prompt.json sha256 {digest}");
+        // The contents of the list and of every image read, not the folder's path: the same
+        // data moved or named by a relative path is the same data, an edited image is not.
+        let sources = contents_digest(entries.iter().map(|e| e.source.as_path()))?;
+        let mut fingerprint = format!("fill50k prompt.json sha256 {digest}, sources sha256 {sources}");
+        let targets_digest = match layout.latents {
+            Some(_) => None,
+            None => Some(contents_digest(entries.iter().map(|e| e.target.as_path()))?),
+        };
+        if let Some(targets) = &targets_digest {
+            fingerprint.push_str(&format!(", targets sha256 {targets}"));
+        }
         let latents = if let Some(path) = &layout.latents {
             let path = path.clone();
-            let bytes = std::fs::read(&path).map_err(|source| TrainError::Io { path: path.clone(), source })?;
+            let bytes = std::fs::read(&path).map_err(|error| TrainError::Io { path: path.clone(), error })?;
             let file = lisa_trainer::weights::parse_safetensors(&path, &bytes)?;
             fingerprint.push_str(&format!(", {LATENTS_FILE} sha256 {}", lisa_trainer::weights::digest(&bytes)));
             let [c, h, w] = layout.image;
@@ -127,7 +147,12 @@ impl Fill50k {
         } else {
             None
         };
-        Ok(Self { entries, layout, latents, fingerprint })
+        Ok(Self { entries, layout, latents, fingerprint, targets_digest })
+    }
+
+    /// The SHA-256 of the target images' contents (None when the targets come from latents).
+    pub fn targets_digest(&self) -> Option<&str> {
+        self.targets_digest.as_deref()
     }
 
     /// The line of `prompt.json` that lists example `i`.

@@ -12,6 +12,13 @@
 //! hashed; a file is hashed again when any of those changed, when it is new, or when it was
 //! modified within [`SETTLED`] of its hashing (a write in the same timestamp tick could
 //! otherwise keep size, time and header).
+//!
+//! A cache folder may be shared by runs: [`CACHE_LOCK`] is held shared by every run that
+//! uses the cache (for as long as it runs) and exclusively by the one that writes it, so a
+//! run never reads a cache another run is rewriting, and a run made from other inputs
+//! (another text encoder, resolution or data) cannot replace a cache a running run uses: it
+//! is refused, naming the folder. The model records the embeddings' digest and the dataset
+//! the latents', so that a resume checks them by content.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
@@ -31,14 +38,78 @@ use crate::image::{Resample, read_image};
 pub const EMBEDDINGS_FILE: &str = "prompt_embeds.safetensors";
 /// The metadata key holding what a cache was made from.
 const KEY: &str = "lisa.cache_key";
+/// The lock file in a cache folder.
+pub const CACHE_LOCK: &str = ".lisa-cache.lock";
 
-/// Where the cached inputs are.
-#[derive(Debug, Clone)]
+/// Where the cached inputs are, and the cache folder's lock, held (shared) while this lives.
+#[derive(Debug)]
 pub struct Cache {
     /// One latent per target, named by its `target` field.
     pub latents: PathBuf,
     /// One `[tokens, dim]` embedding per prompt, named by the prompt.
     pub embeddings: PathBuf,
+    /// The cache folder's lock (None: the data folder's own precomputed files).
+    pub lock: Option<std::fs::File>,
+}
+
+/// `path` made absolute with every existing part's links resolved (the part that does not
+/// exist yet appended as written), so that two spellings of one place compare equal.
+fn resolved(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut existing = absolute.as_path();
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                existing = parent;
+            }
+            _ => return absolute,
+        }
+    }
+    let mut out = std::fs::canonicalize(existing).unwrap_or_else(|_| existing.to_path_buf());
+    out.extend(rest.iter().rev());
+    out
+}
+
+/// Refuses a cache folder inside (or equal to) the data folder: lisa writes nothing among
+/// the user's data.
+fn check_outside(cache_dir: &Path, data: &Path) -> Result<()> {
+    if resolved(cache_dir).starts_with(resolved(data)) {
+        bail!(
+            "--cache-dir {} is inside the data folder {}: lisa writes nothing among your data; choose a cache folder outside it",
+            cache_dir.display(),
+            data.display()
+        );
+    }
+    Ok(())
+}
+
+/// Opens the cache folder's lock file (creating the folder).
+fn open_lock(cache_dir: &Path) -> Result<std::fs::File> {
+    std::fs::create_dir_all(cache_dir).with_context(|| format!("cannot create {}", cache_dir.display()))?;
+    let path = cache_dir.join(CACHE_LOCK);
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot write in the cache folder {}", cache_dir.display()))
+}
+
+/// Takes `lock` shared, waiting (with a note) while another run writes the cache.
+fn lock_shared(lock: &std::fs::File, cache_dir: &Path) -> Result<()> {
+    match lock.try_lock_shared() {
+        Ok(()) => Ok(()),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            eprintln!("waiting for another lisa run to finish writing the cache in {}", cache_dir.display());
+            lock.lock_shared().with_context(|| format!("cannot lock {}", cache_dir.join(CACHE_LOCK).display()))
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", cache_dir.join(CACHE_LOCK).display()))
+        }
+    }
 }
 
 /// The digest of every file in `dir` (sorted by name), or of nothing when absent; each file's
@@ -249,8 +320,9 @@ pub fn prepare<B: Backend>(
     let (own_latents, own_embeddings) = (data.join(LATENTS_FILE), data.join(EMBEDDINGS_FILE));
     if own_latents.is_file() && own_embeddings.is_file() {
         eprintln!("using the precomputed {LATENTS_FILE} and {EMBEDDINGS_FILE} of {}", data.display());
-        return Ok(Cache { latents: own_latents, embeddings: own_embeddings });
+        return Ok(Cache { latents: own_latents, embeddings: own_embeddings, lock: None });
     }
+    check_outside(cache_dir, data)?;
     let root = &pipeline.root;
     let missing: Vec<&str> =
         ["vae", "text_encoder", "tokenizer"].into_iter().filter(|c| !root.join(c).is_dir()).collect();
@@ -262,12 +334,18 @@ pub fn prepare<B: Backend>(
             data.display()
         );
     }
+    let chunk = encoding_chunk(pipeline, resolution)?;
     let list =
         std::fs::read(data.join("prompt.json")).with_context(|| format!("reading {}/prompt.json", data.display()))?;
+    let set = Fill50k::open(
+        data,
+        Layout { image: [3, resolution, resolution], hint: [3, resolution, resolution], latents: None },
+    )?;
+    let targets = set.targets_digest().unwrap_or_default();
     let mut digests = FileDigests::open(cache_dir)?;
     let key = digest(
         format!(
-            "data {} resolution {resolution} precision {precision:?} vae {} text_encoder {} tokenizer {} extra {:?}",
+            "data {} targets {targets} resolution {resolution} precision {precision:?} vae {} text_encoder {} tokenizer {} extra {:?}",
             digest(&list),
             folder_digest(&root.join("vae"), &mut digests)?,
             folder_digest(&root.join("text_encoder"), &mut digests)?,
@@ -276,23 +354,101 @@ pub fn prepare<B: Backend>(
         )
         .as_bytes(),
     );
-    let cache = Cache { latents: cache_dir.join(LATENTS_FILE), embeddings: cache_dir.join(EMBEDDINGS_FILE) };
-    let states = (cache_state(&cache.latents, &key)?, cache_state(&cache.embeddings, &key)?);
+    let (latents, embeddings) = (cache_dir.join(LATENTS_FILE), cache_dir.join(EMBEDDINGS_FILE));
+    let lock = open_lock(cache_dir)?;
+    let current = || -> Result<bool> {
+        Ok((cache_state(&latents, &key)?, cache_state(&embeddings, &key)?) == (Some(true), Some(true)))
+    };
+    lock_shared(&lock, cache_dir)?;
+    let fresh = current()?;
     // The digest record only once the folder is known to be lisa's cache (or new).
     digests.finish()?;
-    if states == (Some(true), Some(true)) {
+    let in_use = || {
+        anyhow::anyhow!(
+            "the cache in {} is in use by another lisa run made from other inputs (another text encoder, VAE, resolution or data); wait for it or choose another --cache-dir",
+            cache_dir.display()
+        )
+    };
+    if !fresh {
+        // Written under the exclusive lock, which no run using the cache lets go.
+        lock.unlock().with_context(|| format!("cannot unlock {}", cache_dir.join(CACHE_LOCK).display()))?;
+        match lock.try_lock() {
+            Ok(()) => {
+                if !current()? {
+                    let inputs = Inputs { set: &set, resolution, extra_prompts, precision, chunk };
+                    write_cache::<B>(pipeline, &inputs, cache_dir, device, &key)?;
+                }
+                lock.unlock().with_context(|| format!("cannot unlock {}", cache_dir.join(CACHE_LOCK).display()))?;
+                lock_shared(&lock, cache_dir)?;
+            }
+            Err(std::fs::TryLockError::WouldBlock) => lock_shared(&lock, cache_dir)?,
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("cannot lock {}", cache_dir.join(CACHE_LOCK).display()));
+            }
+        }
+        // Another run may have written it meanwhile: from these inputs, or from others.
+        if !current()? {
+            return Err(in_use());
+        }
+    } else {
         eprintln!("using the cached latents and text embeddings in {}", cache_dir.display());
-        return Ok(cache);
     }
-    std::fs::create_dir_all(cache_dir).with_context(|| format!("cannot create {}", cache_dir.display()))?;
+    Ok(Cache { latents, embeddings, lock: Some(lock) })
+}
+
+/// The start of a prompt, quoted, with its length when cut (a prompt may be any size).
+fn quoted_start(prompt: &str) -> String {
+    const SHOWN: usize = 60;
+    let chars = prompt.chars().count();
+    if chars <= SHOWN {
+        return format!("{prompt:?}");
+    }
+    let start: String = prompt.chars().take(SHOWN).collect();
+    format!("{start:?}… ({chars} characters)")
+}
+
+/// The most images the VAE encodes at once at `resolution` px (at most 8): what fits in half
+/// of this machine's memory, about four feature maps of the VAE's first level per image. An
+/// error when not even one image fits, before anything is encoded.
+fn encoding_chunk(pipeline: &Pipeline, resolution: usize) -> Result<usize> {
+    let width = pipeline.vae_config()?.map_or(128, |c| c.block_out_channels[0]);
+    let per_image = (width as u128) * (resolution as u128).pow(2) * 4 * 4;
+    let budget = crate::config::memory_bytes() as u128 / 2;
+    if per_image > budget {
+        bail!(
+            "encoding one {resolution} px image with the VAE needs about {:.1} GiB; this machine has {:.1} GiB; lower --resolution",
+            per_image as f64 / (1u64 << 30) as f64,
+            2.0 * budget as f64 / (1u64 << 30) as f64
+        );
+    }
+    Ok((budget / per_image.max(1)).clamp(1, 8) as usize)
+}
+
+/// What a cache is made from.
+struct Inputs<'a> {
+    set: &'a Fill50k,
+    resolution: usize,
+    extra_prompts: &'a [String],
+    precision: MixedPrecision,
+    /// Images per VAE call.
+    chunk: usize,
+}
+
+/// Computes and writes the cache made from `key`'s inputs (under the cache's exclusive lock).
+fn write_cache<B: Backend>(
+    pipeline: &Pipeline,
+    inputs: &Inputs,
+    cache_dir: &Path,
+    device: B::Device,
+    key: &str,
+) -> Result<()> {
+    let Inputs { set, resolution, extra_prompts, precision, chunk } = *inputs;
+    let root = &pipeline.root;
+    let cache = (cache_dir.join(LATENTS_FILE), cache_dir.join(EMBEDDINGS_FILE));
     let started = std::time::Instant::now();
-    let meta = BTreeMap::from([(KEY.to_string(), key.clone()), ("resolution".to_string(), resolution.to_string())]);
+    let meta = BTreeMap::from([(KEY.to_string(), key.to_string()), ("resolution".to_string(), resolution.to_string())]);
 
     // The text embeddings: every distinct prompt, the null prompt, the validation prompts.
-    let set = Fill50k::open(
-        data,
-        Layout { image: [3, resolution, resolution], hint: [3, resolution, resolution], latents: None },
-    )?;
     let mut prompts: BTreeSet<String> = set.prompts().map(str::to_string).collect();
     prompts.insert(String::new());
     prompts.extend(extra_prompts.iter().cloned());
@@ -303,7 +459,11 @@ pub fn prepare<B: Backend>(
     let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
     let emb = text.embed(&refs)?;
     for &i in &emb.truncated {
-        eprintln!("warning: prompt {:?} is longer than {} tokens and was truncated", prompts[i], emb.tokens);
+        eprintln!(
+            "warning: prompt {} is longer than {} tokens and was truncated",
+            quoted_start(&prompts[i]),
+            emb.tokens
+        );
     }
     let per = emb.tokens * emb.dim;
     let tensors: Vec<(String, Shape, &[f32])> = prompts
@@ -311,7 +471,7 @@ pub fn prepare<B: Backend>(
         .enumerate()
         .map(|(i, p)| (p.clone(), Shape::new([emb.tokens, emb.dim]), &emb.values[i * per..(i + 1) * per]))
         .collect();
-    write_atomic(&cache.embeddings, &host_to_safetensors(&tensors, meta.clone())?)?;
+    write_atomic(&cache.1, &host_to_safetensors(&tensors, meta.clone())?)?;
 
     // The latents of every target image (resized and centre-cropped to the resolution).
     let vae = Vae::<B>::open(&root.join("vae"), device, precision.dtype())
@@ -322,7 +482,7 @@ pub fn prepare<B: Backend>(
     let targets: Vec<(String, PathBuf, usize)> =
         set.targets().map(|(n, p, l)| (n.to_string(), p.to_path_buf(), l)).collect();
     let mut seen = BTreeSet::new();
-    for chunk in targets.chunks(8) {
+    for chunk in targets.chunks(chunk) {
         let mut pixels = Vec::new();
         let mut count = 0;
         for (name, path, line) in chunk {
@@ -346,7 +506,7 @@ pub fn prepare<B: Backend>(
         .enumerate()
         .map(|(i, n)| (n.clone(), Shape::new([lc, side, side]), &latents[i * per..(i + 1) * per]))
         .collect();
-    write_atomic(&cache.latents, &host_to_safetensors(&tensors, meta)?)?;
+    write_atomic(&cache.0, &host_to_safetensors(&tensors, meta)?)?;
     eprintln!(
         "cached {} latents ({lc}×{side}×{side}) and {} text embeddings in {} ({:.1} s)",
         names.len(),
@@ -354,7 +514,7 @@ pub fn prepare<B: Backend>(
         cache_dir.display(),
         started.elapsed().as_secs_f64()
     );
-    Ok(cache)
+    Ok(())
 }
 
 #[cfg(test)]

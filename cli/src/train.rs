@@ -7,16 +7,14 @@ use clap::Args;
 use lisa_core::backend::Backend;
 use lisa_core::{Distance, TargetSpace};
 use lisa_trainer::model::HookLayer;
-use lisa_trainer::model::sd::{
-    MixedPrecision, Pipeline, SD_VAE_DOWNSCALE, UNetConfig, Vae, VaeConfig, latent_side, read_json_config,
-};
+use lisa_trainer::model::sd::{MixedPrecision, Pipeline, Vae};
 use lisa_trainer::model::{DualDenoiser, Parts, registry};
 use lisa_trainer::optim::LrSchedule;
 use lisa_trainer::session::{self, RunOptions, RunReport};
 use lisa_trainer::train::{Mode, Trainer};
 use lisa_trainer::validation::{LatentValidation, ToyValidation, Validator};
 
-use crate::config::{RunFile, SdInputs, check_memory, name_setting};
+use crate::config::{RunFile, check_memory, name_setting};
 use crate::progress::RunDisplay;
 use crate::run_dir::CheckpointArgs;
 use crate::sd_cache;
@@ -202,26 +200,39 @@ pub struct LoopOptions<'a> {
     pub latent_validation: Option<LatentValidationFiles>,
 }
 
-/// The pretrained weights a training run starts from.
-#[derive(Debug, Clone, Copy)]
-pub struct Start<'a> {
-    /// The main network (a `lisa pretrain` prior, or a diffusers UNet folder).
-    pub main: &'a Path,
-    /// A side network in the architecture's native format to continue from.
-    pub side: Option<&'a Path>,
+/// What a training run starts from.
+pub enum Start<'a, B: Backend> {
+    /// Weights files: the main network (a `lisa pretrain` prior) and, optionally, a side
+    /// network in the architecture's native format to continue from.
+    Files {
+        /// The main network.
+        main: &'a Path,
+        /// The side network.
+        side: Option<&'a Path>,
+    },
+    /// A model built and loaded already (from a diffusers pipeline, before its inputs were
+    /// encoded), with the parts `file.train.mode` needs.
+    Built(Box<dyn DualDenoiser<B>>),
 }
 
 /// Trains the side branch as `file` says, from `start`, on `device`, through the library's
 /// training run ([`session::run`]). Everything that can be checked is checked before the
 /// first step.
-pub fn train_arm<B: Backend>(file: &RunFile, start: Start, device: B::Device, o: &LoopOptions) -> Result<RunReport> {
+pub fn train_arm<B: Backend>(file: &RunFile, start: Start<B>, device: B::Device, o: &LoopOptions) -> Result<RunReport> {
     let mode = file.train.mode;
-    let parts = Parts::Dual { decoder: mode == Mode::Lisa };
-    let mut built = registry::build::<B>(&file.model, parts, device, file.train.seed)?;
-    built.load_main(start.main).with_context(|| format!("loading the main network {}", start.main.display()))?;
-    if let Some(side) = start.side {
-        built.load_side(side).with_context(|| format!("loading the side network {}", side.display()))?;
-    }
+    let parts = mode_parts(mode);
+    let built = match start {
+        Start::Files { main, side } => {
+            let mut built = registry::build::<B>(&file.model, parts, device, file.train.seed)?;
+            built.load_main(main).with_context(|| format!("loading the main network {}", main.display()))?;
+            if let Some(side) = side {
+                built.load_side(side).with_context(|| format!("loading the side network {}", side.display()))?;
+            }
+            built
+        }
+        Start::Built(built) if built.parts() == parts => built,
+        Start::Built(_) => bail!("internal error (a bug in lisa): a model built with other parts than {mode:?} trains"),
+    };
     // Everything is checked on the model before the trainer allocates its optimizer state.
     let model = built.as_ref();
     let noise = &file.train.noise;
@@ -283,6 +294,11 @@ pub fn train_arm<B: Backend>(file: &RunFile, start: Start, device: B::Device, o:
     Ok(session::run(&mut trainer, data.as_ref(), validator, &options, &mut display)?)
 }
 
+/// The parts a run of `mode` trains: the LISA decoder only with LISA.
+fn mode_parts(mode: Mode) -> Parts {
+    Parts::Dual { decoder: mode == Mode::Lisa }
+}
+
 /// The data's images and condition images have the model's channels (checked on the first
 /// example, before the folder is locked or anything trained).
 fn check_example_fits<B: Backend>(model: &dyn DualDenoiser<B>, data: &dyn lisa_trainer::data::Dataset) -> Result<()> {
@@ -305,38 +321,19 @@ pub fn run<B: Backend>(a: TrainArgs, device: B::Device) -> Result<()> {
     apply(&a, &mut file);
     check_settings(&a, &file)?;
     let mut latent_validation = None;
-    let (main, side) = match (&a.main, &a.pretrained_model_name_or_path) {
+    // The input cache's lock, held (shared) for the whole run: no other run rewrites it.
+    let mut _cache_lock = None;
+    let start = match (&a.main, &a.pretrained_model_name_or_path) {
         (Some(main), _) => {
             file.resolve_model(main)?;
-            (main.clone(), None)
+            Start::Files { main, side: None }
         }
         (None, Some(dir)) => {
-            let pipeline = Pipeline::open(dir)?;
             let data = file.data.dir.clone().context("--pretrained-model-name-or-path needs --train-data-dir")?;
-            let downscale = match read_json_config(&dir.join("vae")) {
-                Ok(c) => VaeConfig::from_json(&c)?.downscale(),
-                Err(_) => SD_VAE_DOWNSCALE,
-            };
-            let sample_size = UNetConfig::from_unet_json(&pipeline.unet)?.sample_size;
-            let resolution = a.resolution.unwrap_or(sample_size * downscale);
-            let latent_side = latent_side(resolution, downscale).context("--resolution")?;
-            let (images, prompts) = validation_pairs(&a.validation_image, &a.validation_prompt)?;
-            let cache_dir = a.cache_dir.clone().unwrap_or_else(|| a.output_dir.join("cache"));
-            let precision = a.mixed_precision;
-            let cache =
-                sd_cache::prepare::<B>(&pipeline, &data, &cache_dir, resolution, &prompts, precision, device.clone())?;
-            let inputs = SdInputs {
-                embeddings: cache.embeddings,
-                latents: cache.latents,
-                latent_size: a.resolution.map(|_| latent_side),
-                mixed_precision: precision,
-            };
-            file.use_diffusers(&pipeline, a.controlnet_model_name_or_path.as_deref(), inputs)?;
-            if !images.is_empty() {
-                latent_validation =
-                    Some(LatentValidationFiles { images, prompts, vae: dir.join("vae"), dtype: precision.dtype() });
-            }
-            (pipeline.unet_dir(), a.controlnet_model_name_or_path.clone())
+            let sd = prepare_sd::<B>(&a, &mut file, dir, &data, device.clone())?;
+            latent_validation = sd.validation;
+            _cache_lock = sd.cache_lock;
+            Start::Built(sd.model)
         }
         (None, None) => bail!("give --main (a lisa prior) or --pretrained-model-name-or-path (a diffusers folder)"),
     };
@@ -348,13 +345,104 @@ pub fn run<B: Backend>(a: TrainArgs, device: B::Device) -> Result<()> {
         checkpoints: a.checkpoints.clone(),
         label: if file.train.mode == Mode::Lisa { "lisa" } else { "baseline" },
     };
-    let report = train_arm::<B>(&file, Start { main: &main, side: side.as_deref() }, device, &options)?;
-    let iou = report.final_score().map_or("none (no validation)".to_string(), |v| format!("{v:.4}"));
+    let latent = a.pretrained_model_name_or_path.is_some();
+    let report = train_arm::<B>(&file, start, device, &options)?;
+    // The toy's validation scores the circles' IoU; an SD run's validation writes grids.
+    let validated = match (latent, report.final_score()) {
+        (false, Some(v)) => format!("final iou {v:.4}"),
+        (false, None) => "no validation".to_string(),
+        (true, _) if options_validated(&a) => "validation grids written".to_string(),
+        (true, _) => "no validation images (no --validation-image)".to_string(),
+    };
     eprintln!(
-        "done in {:.1} min (training {:.1} min); final iou {iou}; outputs in {}",
+        "done in {:.1} min (training {:.1} min); {validated}; outputs in {}",
         report.wall_seconds / 60.0,
         report.train_seconds / 60.0,
         a.output_dir.display()
     );
+    Ok(())
+}
+
+fn options_validated(a: &TrainArgs) -> bool {
+    !a.validation_image.is_empty()
+}
+
+/// A model built from a diffusers pipeline, ready to train, and what its run validates with.
+struct SdStart<B: Backend> {
+    model: Box<dyn DualDenoiser<B>>,
+    validation: Option<LatentValidationFiles>,
+    cache_lock: Option<std::fs::File>,
+}
+
+/// The SD path up to the first step, in the order that spends nothing before every check:
+/// the pipeline's configs, the resolution, the ControlNet against the UNet, the hook and the
+/// text encoder's width; the memory the sizes need; the UNet's and ControlNet's weights and
+/// the validation images; only then the VAE and the text encoder encode the data (or the
+/// cache is reused), and the model reads the embeddings.
+fn prepare_sd<B: Backend>(
+    a: &TrainArgs,
+    file: &mut RunFile,
+    dir: &Path,
+    data: &Path,
+    device: B::Device,
+) -> Result<SdStart<B>> {
+    if file.model_given {
+        bail!("the run file describes a [model]; with --pretrained-model-name-or-path the model comes from the folder");
+    }
+    let in_folder = || format!("the diffusers folder {}", dir.display());
+    let pipeline = Pipeline::open(dir)?;
+    let resolution_flag = |e: lisa_trainer::TrainError| match e {
+        lisa_trainer::TrainError::Setting { key, reason } if key == "resolution" => match a.resolution {
+            Some(_) => anyhow::anyhow!("--resolution: {reason}"),
+            None => anyhow::anyhow!("the UNet's sample_size as the resolution: {reason}; give --resolution"),
+        },
+        other => anyhow::Error::from(other).context(in_folder()),
+    };
+    let size = pipeline.training_size(a.resolution).map_err(resolution_flag)?;
+    let controlnet = a.controlnet_model_name_or_path.as_deref();
+    if let Some(c) = controlnet
+        && !c.is_dir()
+    {
+        bail!("--controlnet-model-name-or-path {}: no such folder", c.display());
+    }
+    pipeline.check_text_encoder().with_context(in_folder)?;
+    let precision = a.mixed_precision;
+    file.model = pipeline.controlnet_spec(controlnet, size, precision, &file.model.decoder).map_err(resolution_flag)?;
+    file.train.noise = pipeline.noise;
+    check_sd_memory(&file.model, file.train.batch_size)?;
+    let (images, prompts) = validation_pairs(&a.validation_image, &a.validation_prompt)?;
+    let parts = mode_parts(file.train.mode);
+    let mut model =
+        pipeline.build::<B>(&file.model, parts, controlnet, device.clone(), file.train.seed).with_context(in_folder)?;
+    let validation = (!images.is_empty()).then(|| LatentValidationFiles {
+        images,
+        prompts: prompts.clone(),
+        vae: dir.join("vae"),
+        dtype: precision.dtype(),
+    });
+    if let Some(v) = &validation {
+        read_conditions::<B>(&model, v)?;
+    }
+    let cache_dir = a.cache_dir.clone().unwrap_or_else(|| a.output_dir.join("cache"));
+    let cache = sd_cache::prepare::<B>(&pipeline, data, &cache_dir, size.pixels, &prompts, precision, device)?;
+    model.read_text_embeddings(&cache.embeddings)?;
+    file.model = model.spec();
+    file.data.latents = Some(cache.latents);
+    Ok(SdStart { model: Box::new(model), validation, cache_lock: cache.lock })
+}
+
+/// Fails when the sd model of `spec` cannot train with batches of `batch` in this machine's
+/// memory (its weights, the ControlNet's optimizer state, a floor of the activations), before
+/// anything is allocated.
+fn check_sd_memory(spec: &lisa_trainer::model::ModelSpec, batch: usize) -> Result<()> {
+    let needed = lisa_trainer::model::sd::SdSpec::from_spec(spec)?.training_bytes(batch)?;
+    let total = crate::config::memory_bytes();
+    if needed > total as u128 {
+        bail!(
+            "this model at this resolution and batch size needs at least {:.1} GiB (weights, the ControlNet's optimizer state, activations); this machine has {:.1} GiB; lower --resolution or --train-batch-size, or use --mixed-precision",
+            needed as f64 / (1u64 << 30) as f64,
+            total as f64 / (1u64 << 30) as f64
+        );
+    }
     Ok(())
 }

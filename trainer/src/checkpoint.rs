@@ -25,12 +25,15 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::data::Dataset;
+use crate::differences::{differences, listed};
 use crate::error::Result;
 use crate::model::ModelSpec;
 use crate::pretrain::PretrainConfig;
 use crate::run::{TrainState, TrainingRun};
 use crate::train::TrainConfig;
-use crate::weights::{bad, digest, io, load_tensors, parse_safetensors, to_safetensors, write_atomic};
+use crate::weights::{
+    bad_checkpoint as bad, digest, io, load_tensors, parse_safetensors, to_safetensors, write_atomic,
+};
 
 /// Version of the checkpoint layout written into `state.json` (1: no digests, no run id).
 pub const FORMAT_VERSION: u32 = 2;
@@ -40,26 +43,29 @@ pub trait RunSettings: Serialize + DeserializeOwned + Clone + PartialEq {
     /// `"train"` or `"pretrain"`.
     const KIND: &'static str;
     /// `self` (a checkpoint's settings) with what a resume may change taken from `current`:
-    /// the learning rate and the number of steps.
+    /// the learning rate, the number of steps, and what computes the same training another
+    /// way (gradient checkpointing).
     fn with_resumable_from(&self, current: &Self) -> Self;
 }
 
-/// Both kinds keep the run length and the optimizer settings in the same fields.
+/// Both kinds keep the run length and the optimizer settings in the same fields; `$same`
+/// names the kind's settings that change how, not what, it computes.
 macro_rules! run_settings {
-    ($config:ty, $kind:literal) => {
+    ($config:ty, $kind:literal $(, $same:ident)*) => {
         impl RunSettings for $config {
             const KIND: &'static str = $kind;
             fn with_resumable_from(&self, current: &Self) -> Self {
                 let mut s = self.clone();
                 s.max_train_steps = current.max_train_steps;
                 s.optim.lr = current.optim.lr;
+                $(s.$same = current.$same;)*
                 s
             }
         }
     };
 }
 
-run_settings!(TrainConfig, "train");
+run_settings!(TrainConfig, "train", gradient_checkpointing);
 run_settings!(PretrainConfig, "pretrain");
 
 /// The data a run was trained on.
@@ -212,8 +218,13 @@ fn write_files<B: Backend, C: RunSettings>(run: &TrainingRun<B, C>, data: &dyn D
         digests.insert(file.to_string(), digest(&bytes));
     }
     // The side network in the architecture's native format too (a diffusers ControlNet
-    // folder for sd), inside the same atomic directory.
-    run.model.export_side(&partial.join(crate::model::NATIVE_SIDE_DIR))?;
+    // folder for sd), inside the same atomic directory, its files' digests listed as well.
+    let native = partial.join(crate::model::NATIVE_SIDE_DIR);
+    if run.model.export_side(&native)? {
+        for (name, bytes) in folder_files(&native)? {
+            digests.insert(format!("{}/{name}", crate::model::NATIVE_SIDE_DIR), digest(&bytes));
+        }
+    }
     let state = StateFile {
         format_version: FORMAT_VERSION,
         kind: C::KIND.into(),
@@ -228,6 +239,33 @@ fn write_files<B: Backend, C: RunSettings>(run: &TrainingRun<B, C>, data: &dyn D
         state_digest: String::new(),
     };
     write_atomic(&partial.join("state.json"), &state.to_bytes()?)?;
+    Ok(())
+}
+
+/// The files directly in `dir` (no subfolders), by name, with their bytes.
+fn folder_files(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io(dir))? {
+        let path = entry.map_err(io(dir))?.path();
+        if path.is_file() {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            files.push((name, fs::read(&path).map_err(io(&path))?));
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Checks that every file `state.json` lists besides `read` (those already checked as they
+/// were read) is present with its digest: the side network's native export in particular.
+fn verify_others<C>(state: &StateFile<C>, dir: &Path, read: &[&str]) -> Result<()> {
+    for (file, want) in state.files.iter().filter(|(f, _)| !read.contains(&f.as_str())) {
+        let path = dir.join(file);
+        let bytes = fs::read(&path).map_err(io(&path))?;
+        if digest(&bytes) != *want {
+            return Err(bad(&path, "its content does not match the digest in state.json (corrupted or edited)"));
+        }
+    }
     Ok(())
 }
 
@@ -302,13 +340,25 @@ pub fn load_checkpoint<B: Backend, C: RunSettings>(
 ) -> Result<()> {
     let state = read_state::<C>(dir)?;
     let state_path = dir.join("state.json");
-    if state.model != run.model.spec() {
-        return Err(bad(&state_path, "the checkpoint was written for a different model"));
-    }
-    if state.config.with_resumable_from(&run.config) != run.config {
+    let model_differs = differences(&state.model.identity(), &run.model.spec().identity());
+    if !model_differs.is_empty() {
         return Err(bad(
             &state_path,
-            "the checkpoint was written with other settings (seed, batch, optimizer, noise or LISA settings); a resume may change only the learning rate and the number of steps",
+            format!(
+                "the checkpoint was written for a different model (checkpoint vs now: {})",
+                listed(&model_differs, 4)
+            ),
+        ));
+    }
+    let resumable = state.config.with_resumable_from(&run.config);
+    if resumable != run.config {
+        let json = |c: &C| serde_json::to_value(c).unwrap_or(serde_json::Value::Null);
+        return Err(bad(
+            &state_path,
+            format!(
+                "the checkpoint was written with other settings (checkpoint vs now: {}); a resume may change only the learning rate, the number of steps and gradient checkpointing",
+                listed(&differences(&json(&resumable), &json(&run.config)), 4)
+            ),
         ));
     }
     if let Some(frozen) = &state.frozen
@@ -334,6 +384,7 @@ pub fn load_checkpoint<B: Backend, C: RunSettings>(
             format!("data position {} is past the dataset's {} examples", state.state.position, here.len),
         ));
     }
+    verify_others(&state, dir, &["model.safetensors", "optimizer.safetensors", "ema.safetensors"])?;
     // Stage everything on a copy, so that a bad file leaves the run untouched.
     let mut store = run.model.store().clone();
     let names: Vec<String> = store.iter().filter(|(_, p)| p.trainable).map(|(_, p)| p.name.clone()).collect();
@@ -391,16 +442,24 @@ pub fn load_checkpoint<B: Backend, C: RunSettings>(
     Ok(())
 }
 
-/// The run id in `dir/state.json` (None: no readable state file there).
+/// The run id and step in `dir/state.json` (None: no readable state file there; an empty id:
+/// one written before runs had ids).
 fn run_id_at(dir: &Path) -> Option<String> {
-    fs::read(dir.join("state.json"))
-        .ok()
-        .and_then(|t| serde_json::from_slice::<HashMap<String, serde_json::Value>>(&t).ok())
-        .map(|m| m.get("run_id").and_then(|v| v.as_str()).unwrap_or_default().to_string())
+    identity_at(dir).map(|(id, _)| id)
 }
 
-/// The checkpoints `checkpoint-<step>` in `dir`, by step, with the run id each was written
-/// by (`None` where `state.json` cannot be read).
+/// `(run id, step)` from `dir/state.json`, when it can be read.
+fn identity_at(dir: &Path) -> Option<(String, Option<u64>)> {
+    let text = fs::read(dir.join("state.json")).ok()?;
+    let m = serde_json::from_slice::<HashMap<String, serde_json::Value>>(&text).ok()?;
+    let id = m.get("run_id").and_then(|v| v.as_str()).unwrap_or_default().to_string();
+    let step = m.get("state").and_then(|s| s.get("step")).and_then(|s| s.as_u64());
+    Some((id, step))
+}
+
+/// The checkpoints `checkpoint-<n>` in `dir`, by step, with the run id each was written by
+/// (`None` where `state.json` cannot be read). The step is the one `state.json` records (a
+/// renamed folder is where its state says it is), the folder name's where there is none.
 pub fn list_checkpoints(dir: &Path) -> Vec<(u64, PathBuf, Option<String>)> {
     let mut out: Vec<_> = fs::read_dir(dir)
         .into_iter()
@@ -408,14 +467,14 @@ pub fn list_checkpoints(dir: &Path) -> Vec<(u64, PathBuf, Option<String>)> {
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
-            let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            let named: u64 = name.strip_prefix("checkpoint-")?.parse().ok()?;
             let path = e.path();
-            path.is_dir().then(|| {
-                let id = run_id_at(&path).filter(|id| !id.is_empty());
-                (step, path, id)
+            path.is_dir().then(|| match identity_at(&path) {
+                Some((id, step)) => (step.unwrap_or(named), path, Some(id).filter(|id| !id.is_empty())),
+                None => (named, path, None),
             })
         })
         .collect();
-    out.sort_by_key(|c| c.0);
+    out.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
     out
 }

@@ -78,6 +78,15 @@ pub enum TrainError {
         /// What is wrong.
         reason: String,
     },
+    /// A model file or folder is missing, malformed or does not fit (weights, configs,
+    /// diffusers folders, tokenizers, embeddings).
+    #[error("{path}: {reason}")]
+    File {
+        /// The file or folder.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// A data file is missing, corrupt or malformed (images, prompt lists).
     #[error("{path}: {reason}")]
     Data {
@@ -86,13 +95,14 @@ pub enum TrainError {
         /// What is wrong.
         reason: String,
     },
-    /// File-system error, with the path.
-    #[error("{path}: {source}")]
+    /// File-system error, with the path. The OS error is part of the message, not a
+    /// separate cause (a report of the chain would print it twice).
+    #[error("{path}: {error}")]
     Io {
         /// The file or folder.
         path: PathBuf,
         /// The OS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 

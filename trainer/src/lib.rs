@@ -10,6 +10,7 @@ pub mod analysis;
 pub mod autodiff;
 pub mod checkpoint;
 pub mod data;
+pub mod differences;
 pub mod error;
 pub mod grid;
 pub mod metrics;

@@ -15,10 +15,16 @@ use crate::error::{Result, TrainError};
 use crate::params::ParamStore;
 
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
-    move |source| TrainError::Io { path: path.to_path_buf(), source }
+    move |error| TrainError::Io { path: path.to_path_buf(), error }
 }
 
+/// What is wrong with a file or folder (a model's, a pipeline's: [`TrainError::File`]).
 pub(crate) fn bad(path: &Path, reason: impl Into<String>) -> TrainError {
+    TrainError::File { path: path.to_path_buf(), reason: reason.into() }
+}
+
+/// What is wrong with a checkpoint's file or folder ([`TrainError::Checkpoint`]).
+pub(crate) fn bad_checkpoint(path: &Path, reason: impl Into<String>) -> TrainError {
     TrainError::Checkpoint { path: path.to_path_buf(), reason: reason.into() }
 }
 
@@ -40,7 +46,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })();
     if let Err(source) = written {
         let _ = fs::remove_file(&tmp);
-        return Err(TrainError::Io { path: path.to_path_buf(), source });
+        return Err(TrainError::Io { path: path.to_path_buf(), error: source });
     }
     if let Ok(d) = fs::File::open(dir) {
         let _ = d.sync_all();

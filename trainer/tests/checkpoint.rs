@@ -126,7 +126,7 @@ fn expect_checkpoint_error(t: &mut Trainer<C>, dir: &Path, needle: &str) {
     let before = snapshot(t);
     let state = t.run.state;
     match load_checkpoint(t, &data(), dir) {
-        Err(e @ TrainError::Checkpoint { .. }) | Err(e @ TrainError::Io { .. }) => {
+        Err(e @ (TrainError::Checkpoint { .. } | TrainError::File { .. } | TrainError::Io { .. })) => {
             assert!(e.to_string().contains(needle), "error {e:?} should mention {needle:?}")
         }
         other => panic!("expected a checkpoint error mentioning {needle:?}, got {:?}", other.map(|_| ())),

@@ -60,7 +60,7 @@ pub(super) fn run_one<B: Backend>(run: &PlannedRun, study: &StudyFile, out: &Pat
         },
         label: &label,
     };
-    train_arm::<B>(&run.file, Start { main: &run.main, side: None }, device, &options)?;
+    train_arm::<B>(&run.file, Start::Files { main: &run.main, side: None }, device, &options)?;
     let done = serde_json::json!({"arm": run.arm, "seed": run.seed, "backend": B::name()});
     write_atomic(&dir.join(DONE), serde_json::to_string_pretty(&done)?.as_bytes())?;
     Ok(())

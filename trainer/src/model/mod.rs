@@ -203,24 +203,3 @@ pub trait DualDenoiser<B: Backend> {
         Ok(false)
     }
 }
-
-/// The settings in which two model configurations differ, as `key.path: a vs b` (for errors).
-pub(crate) fn config_differences(a: &serde_json::Value, b: &serde_json::Value) -> Vec<String> {
-    fn walk(a: &serde_json::Value, b: &serde_json::Value, at: &str, out: &mut Vec<String>) {
-        match (a, b) {
-            (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
-                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
-                for k in keys {
-                    let null = serde_json::Value::Null;
-                    let path = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
-                    walk(x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null), &path, out);
-                }
-            }
-            _ if a != b => out.push(format!("{at}: {a} vs {b}")),
-            _ => {}
-        }
-    }
-    let mut out = Vec::new();
-    walk(a, b, "", &mut out);
-    out
-}

@@ -56,6 +56,9 @@ pub struct Architecture {
     pub default_hook: HookLayer,
     /// Checks a spec of this architecture without building it.
     validate: fn(&ModelSpec) -> Result<()>,
+    /// Removes from the architecture's keys those that say where something was read from
+    /// rather than what it was (a path whose contents a digest beside it pins).
+    locations: fn(&mut serde_json::Map<String, serde_json::Value>),
 }
 
 /// The registered architectures: the one place a new architecture is added (and one arm of
@@ -66,12 +69,14 @@ pub const ARCHITECTURES: &[Architecture] = &[
         description: "the reference pixel-space UNet + ControlNet of the fill-circles task",
         default_hook: toy::DEFAULT_HOOK,
         validate: |spec| toy::ToyConfig::from_spec(spec)?.validate(&spec.decoder),
+        locations: |_| {},
     },
     Architecture {
         name: sd::NAME,
         description: "Stable Diffusion 1.x/2.x: diffusers' UNet2DConditionModel + ControlNetModel",
         default_hook: sd::DEFAULT_HOOK,
         validate: |spec| sd::SdSpec::from_spec(spec)?.validate(&spec.decoder),
+        locations: sd::SdSpec::remove_locations,
     },
 ];
 
@@ -108,6 +113,17 @@ impl ModelSpec {
     pub fn hook(&self) -> Result<HookLayer> {
         Ok(self.decoder.hook_or(architecture(&self.architecture)?.default_hook))
     }
+
+    /// What makes two specs the same model, as JSON: every key but those that only say where
+    /// a file was read from (its digest stays), so that a moved or respelled folder is the
+    /// same model and an edited file is not. An unknown architecture keeps every key.
+    pub fn identity(&self) -> serde_json::Value {
+        let mut spec = self.clone();
+        if let Ok(arch) = architecture(&self.architecture) {
+            (arch.locations)(&mut spec.config);
+        }
+        serde_json::to_value(spec).unwrap_or(serde_json::Value::Null)
+    }
 }
 
 /// The model a weights file written by lisa records (its `lisa.model_spec` metadata), if any.
@@ -115,7 +131,7 @@ pub fn spec_of_weights(path: &std::path::Path) -> Result<Option<ModelSpec>> {
     let meta = crate::weights::read_metadata(path)?;
     match meta.get(crate::weights::MODEL_SPEC_KEY) {
         None => Ok(None),
-        Some(json) => serde_json::from_str(json).map(Some).map_err(|e| TrainError::Checkpoint {
+        Some(json) => serde_json::from_str(json).map(Some).map_err(|e| TrainError::File {
             path: path.to_path_buf(),
             reason: format!("its {} metadata is not a model description ({e})", crate::weights::MODEL_SPEC_KEY),
         }),

@@ -26,7 +26,7 @@ impl MetricsLog {
             .create(true)
             .append(true)
             .open(path)
-            .map_err(|source| TrainError::Io { path: path.to_path_buf(), source })?;
+            .map_err(|error| TrainError::Io { path: path.to_path_buf(), error })?;
         Ok(Self { path: path.to_path_buf(), file, run_id: Some(run_id.to_string()) })
     }
 
@@ -37,7 +37,18 @@ impl MetricsLog {
             row.insert("run".into(), id.into());
         }
         let row = serde_json::Value::Object(row);
-        writeln!(self.file, "{row}").map_err(|source| TrainError::Io { path: self.path.clone(), source })
+        writeln!(self.file, "{row}").map_err(|error| TrainError::Io { path: self.path.clone(), error })
+    }
+
+    /// Whether `path` records no training: empty, or only JSON rows without a step past 0 (a
+    /// run stopped before its first step leaves such a file; nothing in it is worth keeping).
+    /// Any other line (not a row of lisa's) counts as content.
+    pub fn records_no_training(path: &Path) -> bool {
+        let Ok(text) = std::fs::read_to_string(path) else { return false };
+        text.lines().filter(|l| !l.trim().is_empty()).all(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .is_ok_and(|v| v.is_object() && v.get("step").and_then(|s| s.as_u64()).is_none_or(|s| s == 0))
+        })
     }
 
     /// Drops the lines of `path` past `step` (a resumed run writes them again); a file with

@@ -198,12 +198,16 @@ pub fn run<B: lisa_core::backend::Backend>(
             }
         }
         None => {
-            // Outputs a new run writes: another run's are refused (or removed when told).
-            let own_outputs = [metrics_path.clone(), out.join(NATIVE_SIDE_DIR)];
+            // Outputs a new run writes: another run's are refused (or removed when told). A
+            // metrics file of a run stopped before its first step holds nothing to keep.
+            let mut own_outputs = vec![out.join(NATIVE_SIDE_DIR)];
+            if !MetricsLog::records_no_training(&metrics_path) {
+                own_outputs.push(metrics_path.clone());
+            }
             dir.refuse_others(&trainer.run_id, &own_outputs, options.overwrite)?;
             if metrics_path.exists() {
                 std::fs::remove_file(&metrics_path)
-                    .map_err(|source| TrainError::Io { path: metrics_path.clone(), source })?;
+                    .map_err(|error| TrainError::Io { path: metrics_path.clone(), error })?;
             }
         }
     }

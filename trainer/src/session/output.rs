@@ -48,7 +48,7 @@ pub struct OutputDir {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
-    move |source| TrainError::Io { path: path.to_path_buf(), source }
+    move |error| TrainError::Io { path: path.to_path_buf(), error }
 }
 
 impl OutputDir {

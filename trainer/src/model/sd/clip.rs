@@ -6,6 +6,7 @@
 
 use std::path::Path;
 
+use super::config::MAX_WIDTH;
 use lisa_core::backend::{Backend, DType, Shape, UnaryOp};
 use serde_json::{Map, Value};
 
@@ -69,6 +70,18 @@ impl ClipTextConfig {
             hidden_act: act,
             layer_norm_eps: eps as f32,
         };
+        let limits = [
+            ("vocab_size", config.vocab_size, 1 << 20),
+            ("hidden_size", config.hidden_size, MAX_WIDTH),
+            ("intermediate_size", config.intermediate_size, 4 * MAX_WIDTH),
+            ("num_hidden_layers", config.num_hidden_layers, 256),
+            ("max_position_embeddings", config.max_position_embeddings, 1 << 14),
+        ];
+        if let Some((key, value, max)) = limits.into_iter().find(|(_, v, max)| v > max) {
+            return Err(TrainError::Config(format!(
+                "text_encoder config.json: {key} is {value}; lisa supports at most {max}"
+            )));
+        }
         if !config.hidden_size.is_multiple_of(config.num_attention_heads) || eps.is_nan() || eps <= 0.0 {
             return Err(TrainError::Config(format!(
                 "text_encoder config.json: {} heads do not divide hidden_size {} (or layer_norm_eps {eps} is not > 0)",

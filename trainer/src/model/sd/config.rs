@@ -82,6 +82,26 @@ pub struct UNetConfig {
     pub upcast_attention: bool,
 }
 
+/// The most channels of any block, and the widest cross-attention (SD 2.x: 1280 and 1024).
+pub const MAX_WIDTH: usize = 1 << 14;
+/// The most down blocks (SD: 4).
+pub const MAX_LEVELS: usize = 8;
+/// The most resnets per block (SD: 2).
+pub const MAX_LAYERS_PER_BLOCK: usize = 16;
+/// The most latent or condition channels (SD: 4; inpainting: 9).
+pub const MAX_IO_CHANNELS: usize = 1 << 10;
+/// The largest `sample_size` (SD 2.x: 96).
+pub const MAX_SAMPLE_SIZE: usize = 1 << 12;
+
+/// The parameter counts [`UNetConfig::parameter_estimate`] gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParameterEstimate {
+    /// The UNet.
+    pub unet: u128,
+    /// A ControlNet with the UNet's encoder.
+    pub controlnet: u128,
+}
+
 /// What a ControlNet adds to the shared settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ControlNetExtras {
@@ -221,6 +241,16 @@ impl UNetConfig {
                 json!([16, 32, 96, 256]),
             )?,
         };
+        let embedding = &extras.conditioning_embedding_out_channels;
+        if extras.conditioning_channels > MAX_IO_CHANNELS
+            || embedding.len() > MAX_LEVELS
+            || embedding.iter().any(|&c| c > MAX_WIDTH)
+        {
+            return Err(TrainError::Config(format!(
+                "config.json: conditioning_channels {} or conditioning_embedding_out_channels {embedding:?} beyond lisa's limits ({MAX_IO_CHANNELS} channels; {MAX_LEVELS} stages of at most {MAX_WIDTH})",
+                extras.conditioning_channels
+            )));
+        }
         if extras.conditioning_channels == 0 || extras.conditioning_embedding_out_channels.is_empty() {
             return Err(TrainError::Config(
                 "config.json: conditioning_channels and conditioning_embedding_out_channels must be non-empty".into(),
@@ -265,7 +295,22 @@ impl UNetConfig {
 
     fn validate(&self, unet: bool) -> Result<()> {
         let bad = |m: String| Err(TrainError::Config(format!("config.json: {m}")));
+        // Bounds first, so that nothing below (nor any allocation) sees an absurd size.
         let n = self.down_block_types.len();
+        let counts = [
+            ("down_block_types entries", n, MAX_LEVELS),
+            ("layers_per_block", self.layers_per_block, MAX_LAYERS_PER_BLOCK),
+            ("in_channels", self.in_channels, MAX_IO_CHANNELS),
+            ("out_channels", self.out_channels, MAX_IO_CHANNELS),
+            ("cross_attention_dim", self.cross_attention_dim, MAX_WIDTH),
+            ("sample_size", self.sample_size, MAX_SAMPLE_SIZE),
+        ];
+        let widths = self.block_out_channels.iter().map(|&c| ("a block_out_channels entry", c, MAX_WIDTH));
+        for (key, value, max) in counts.into_iter().chain(widths) {
+            if value > max {
+                return bad(format!("{key} is {value}; lisa supports at most {max}"));
+            }
+        }
         if n == 0 || self.block_out_channels.len() != n {
             return bad(format!(
                 "block_out_channels has {} entries for {n} down_block_types",
@@ -323,6 +368,42 @@ impl UNetConfig {
         cmp("norm_num_groups", self.norm_num_groups.to_string(), controlnet.norm_num_groups.to_string());
         cmp("norm_eps", self.norm_eps.to_string(), controlnet.norm_eps.to_string());
         out
+    }
+
+    /// About how many parameters the UNet and a ControlNet copied from it hold (diffusers'
+    /// blocks counted by their convolutions, attention and feed-forward weights; within a few
+    /// percent at SD's sizes): the size checked against memory before anything is allocated.
+    pub fn parameter_estimate(&self) -> ParameterEstimate {
+        let w = |c: usize| c as u128;
+        let temb = 4 * w(self.block_out_channels[0]);
+        let cross = w(self.cross_attention_dim);
+        let resnet = |ci: u128, co: u128| 9 * ci * co + 9 * co * co + temb * co + if ci == co { 0 } else { ci * co };
+        let transformer = |c: u128| 20 * c * c + 2 * cross * c;
+        let attends = |l: usize| self.down_block_types[l] == DownBlockType::CrossAttnDownBlock2D;
+        let (levels, layers) = (self.block_out_channels.len(), self.layers_per_block);
+        let mut encoder = 0u128;
+        let mut previous = w(self.block_out_channels[0]);
+        for (l, &c) in self.block_out_channels.iter().enumerate() {
+            let c = w(c);
+            for i in 0..layers {
+                encoder += resnet(if i == 0 { previous } else { c }, c) + if attends(l) { transformer(c) } else { 0 };
+            }
+            if l + 1 < levels {
+                encoder += 9 * c * c;
+            }
+            previous = c;
+        }
+        let top = w(self.block_out_channels[levels - 1]);
+        let mid = 2 * resnet(top, top) + transformer(top);
+        let mut decoder = 0u128;
+        for (l, &c) in self.block_out_channels.iter().enumerate() {
+            let c = w(c);
+            decoder += (layers as u128 + 1) * (resnet(2 * c, c) + if attends(l) { transformer(c) } else { 0 });
+            decoder += if l > 0 { 9 * c * c } else { 0 };
+        }
+        // The ControlNet's zero convs: one 1×1 per skip and the middle.
+        let zero_convs: u128 = self.block_out_channels.iter().map(|&c| w(c) * w(c) * (layers as u128 + 1)).sum();
+        ParameterEstimate { unet: encoder + mid + decoder, controlnet: encoder + mid + zero_convs }
     }
 
     /// The number of skips the encoder hands the decoder: `conv_in`, one per resnet, one

@@ -88,7 +88,7 @@ pub fn read_json_config(dir: &Path) -> Result<Map<String, Value>> {
 /// as `config.json` and the weights as f32 `diffusion_pytorch_model.safetensors`, each
 /// file replaced atomically.
 pub fn save_controlnet<B: Backend>(store: &ParamStore<B>, prefix: &str, config: &Value, dir: &Path) -> Result<()> {
-    fs::create_dir_all(dir).map_err(|source| TrainError::Io { path: dir.to_path_buf(), source })?;
+    fs::create_dir_all(dir).map_err(|error| TrainError::Io { path: dir.to_path_buf(), error })?;
     let tensors: Vec<(String, &B::Tensor)> =
         store.iter().filter_map(|(_, p)| p.name.strip_prefix(prefix).map(|n| (n.to_string(), &p.value))).collect();
     if tensors.is_empty() {

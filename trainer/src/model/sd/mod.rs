@@ -28,11 +28,14 @@ use serde_json::{Map, Value};
 
 pub use blocks::{SpatialTransformer, TRANSFORMER_GROUP_NORM_EPS, timestep_embedding};
 pub use clip::{ClipTextConfig, ClipTextModel, load_clip};
-pub use config::{ControlNetExtras, DownBlockType, PerBlock, UNetConfig, UpBlockType};
+pub use config::{
+    ControlNetExtras, DownBlockType, MAX_IO_CHANNELS, MAX_LAYERS_PER_BLOCK, MAX_LEVELS, MAX_SAMPLE_SIZE, MAX_WIDTH,
+    ParameterEstimate, PerBlock, UNetConfig, UpBlockType,
+};
 pub use controlnet::{ConditioningEmbedding, SdControlNet};
 pub use encoders::{TextEmbeddings, TextEncoder, Vae};
 pub use folder::{read_diffusers_weights, read_json_config, save_controlnet};
-pub use pipeline::Pipeline;
+pub use pipeline::{MAX_RESOLUTION, Pipeline, TrainingSize};
 pub use text::PromptTable;
 pub use tokenizer::{ClipTokenizer, Encoded as TokenIds};
 pub use unet::{Encoded, SdUNet};
@@ -49,6 +52,8 @@ use crate::weights::load_tensors;
 
 /// The registry name.
 pub const NAME: &str = "sd";
+/// Level-0 feature maps per sample [`SdSpec::training_bytes`] counts (SD keeps several dozen).
+pub const ACTIVATIONS_KEPT: u128 = 16;
 /// The side layer the LISA decoder reads when the run file names none (the input of `controlnet_down_blocks[5]`, as the LISA authors').
 pub const DEFAULT_HOOK: HookLayer = HookLayer::Down(5);
 
@@ -71,6 +76,10 @@ pub struct SdSpec {
     /// prompt, named by the prompt; `""` the null prompt), read when the model is built.
     #[serde(default)]
     pub text_embeddings: Option<std::path::PathBuf>,
+    /// The SHA-256 of the text embeddings file: filled in when the model reads it, checked
+    /// when given (a checkpoint records the embeddings by content, not by path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_embeddings_sha256: Option<String>,
     /// The latent side trained at, when not the UNet's `sample_size` (`--resolution` / the
     /// VAE's downscale).
     #[serde(default)]
@@ -137,6 +146,20 @@ impl SdSpec {
             .map_err(|e| TrainError::Config(format!("[model] of the sd architecture: {e}")))
     }
 
+    /// [`ModelSpec::identity`]'s part for sd: the embeddings' path goes where their digest
+    /// pins their contents, and diffusers' `_name_or_path` (where a config was loaded from)
+    /// goes from the UNet's and the ControlNet's configs.
+    pub fn remove_locations(config: &mut Map<String, Value>) {
+        if config.get("text_embeddings_sha256").is_some_and(Value::is_string) {
+            config.remove("text_embeddings");
+        }
+        for part in ["unet", "controlnet"] {
+            if let Some(Value::Object(c)) = config.get_mut(part) {
+                c.remove("_name_or_path");
+            }
+        }
+    }
+
     /// This configuration as a [`ModelSpec`].
     pub fn to_spec(&self, decoder: &DecoderConfig) -> ModelSpec {
         let config = match serde_json::to_value(self) {
@@ -147,10 +170,17 @@ impl SdSpec {
     }
 
     fn resolve(&self) -> Result<Resolved> {
-        let unet = UNetConfig::from_unet_json(&self.unet)?;
+        // A config error says whose config.json it is about.
+        let whose = |part: &'static str| {
+            move |e: TrainError| match e {
+                TrainError::Config(m) => TrainError::Config(format!("the {part}'s {m}")),
+                other => other,
+            }
+        };
+        let unet = UNetConfig::from_unet_json(&self.unet).map_err(whose("UNet"))?;
         let (controlnet, extras) = match &self.controlnet {
-            Some(c) => UNetConfig::from_controlnet_json(c)?,
-            None => UNetConfig::from_controlnet_json(&controlnet_from_unet(&self.unet))?,
+            Some(c) => UNetConfig::from_controlnet_json(c).map_err(whose("ControlNet"))?,
+            None => UNetConfig::from_controlnet_json(&controlnet_from_unet(&self.unet)).map_err(whose("UNet"))?,
         };
         let mismatches = unet.controlnet_mismatches(&controlnet);
         if !mismatches.is_empty() {
@@ -174,6 +204,19 @@ impl SdSpec {
     pub fn validate(&self, decoder: &DecoderConfig) -> Result<()> {
         let r = self.resolve()?;
         hook_shape(&r.unet, decoder.hook_or(DEFAULT_HOOK)).map(|_| ())
+    }
+
+    /// About how many bytes training this model takes, before anything is allocated: the
+    /// frozen UNet in its storage type; the ControlNet's weights, gradients and two AdamW
+    /// moments in f32; and per sample of a `batch`, the activations the backward keeps (about
+    /// [`ACTIVATIONS_KEPT`] feature maps of the widest level-0 size, a floor, not a bound).
+    pub fn training_bytes(&self, batch: usize) -> Result<u128> {
+        let r = self.resolve()?;
+        let params = r.unet.parameter_estimate();
+        let main_bytes = self.mixed_precision.dtype().size_bytes() as u128;
+        let side = self.latent_size.unwrap_or(r.unet.sample_size) as u128;
+        let level0 = r.unet.block_out_channels[0] as u128 * side * side * 4;
+        Ok(params.unet * main_bytes + params.controlnet * 16 + batch as u128 * ACTIVATIONS_KEPT * level0)
     }
 }
 
@@ -214,13 +257,15 @@ pub struct SdModel<B: Backend> {
     spec: SdSpec,
     resolved: Resolved,
     prompts: Option<PromptTable>,
+    /// A ControlNet was loaded: loading the UNet afterwards must not copy its encoder over it.
+    side_loaded: bool,
 }
 
 impl<B: Backend> SdModel<B> {
     /// Builds the parts of `spec` with seeded initial weights; the ControlNet starts as a
     /// copy of the UNet's `conv_in`, time embedding, down and middle blocks (`from_unet`).
     pub fn new(spec: &ModelSpec, parts: Parts, device: B::Device, seed: u64) -> Result<Self> {
-        let sd = SdSpec::from_spec(spec)?;
+        let mut sd = SdSpec::from_spec(spec)?;
         let resolved = sd.resolve()?;
         let mut store = DualParts::new_store(device, seed, parts);
         let unet = SdUNet::new(&mut store, MAIN, &resolved.unet)?;
@@ -237,8 +282,19 @@ impl<B: Backend> SdModel<B> {
             Some(path) => Some(PromptTable::read(path, resolved.unet.cross_attention_dim)?),
             None => None,
         };
+        if let Some(table) = &prompts {
+            if let Some(want) = &sd.text_embeddings_sha256
+                && *want != table.digest
+            {
+                return Err(crate::weights::bad(
+                    &table.path,
+                    format!("its SHA-256 is {}, not the {want} the model was described with", table.digest),
+                ));
+            }
+            sd.text_embeddings_sha256 = Some(table.digest.clone());
+        }
         let dual = DualParts { store, parts, decoder, decoder_config: spec.decoder.resolved(DEFAULT_HOOK) };
-        let mut model = Self { dual, unet, controlnet, spec: sd, resolved, prompts };
+        let mut model = Self { dual, unet, controlnet, spec: sd, resolved, prompts, side_loaded: false };
         model.copy_main_into_side()?;
         model.cast_main()?;
         Ok(model)
@@ -259,6 +315,17 @@ impl<B: Backend> SdModel<B> {
             let v = B::cast(&self.dual.store.get(id).value, dtype)?;
             self.dual.store.get_mut(id).value = v;
         }
+        Ok(())
+    }
+
+    /// Reads the prompts' precomputed text embeddings from `path` (a safetensors file, one
+    /// `[tokens, cross_attention_dim]` tensor per prompt); the model's spec then records them
+    /// by their digest.
+    pub fn read_text_embeddings(&mut self, path: &Path) -> Result<()> {
+        let table = PromptTable::read(path, self.resolved.unet.cross_attention_dim)?;
+        self.spec.text_embeddings = Some(path.to_path_buf());
+        self.spec.text_embeddings_sha256 = Some(table.digest.clone());
+        self.prompts = Some(table);
         Ok(())
     }
 
@@ -317,7 +384,9 @@ impl<B: Backend> SdModel<B> {
         let (file, tensors) = read_diffusers_weights(path)?;
         let side = Scope::from(SIDE);
         let tensors = tensors.into_iter().map(|(k, v)| (side.name(k), v)).collect();
-        load_tensors(&mut self.dual.store, &file, tensors, |n| n.starts_with(SIDE), |_| false)
+        let n = load_tensors(&mut self.dual.store, &file, tensors, |n| n.starts_with(SIDE), |_| false)?;
+        self.side_loaded = true;
+        Ok(n)
     }
 
     /// Writes the ControlNet as a diffusers folder (`config.json`, f32
@@ -434,13 +503,16 @@ impl<B: Backend> DualDenoiser<B> for SdModel<B> {
     }
 
     /// Reads a diffusers UNet folder (`diffusion_pytorch_model.safetensors`, or the sharded
-    /// index) or weights file into `main.*`, then initialises the ControlNet from it.
+    /// index) or weights file into `main.*`, then initialises the ControlNet from it unless a
+    /// ControlNet was loaded already (the order of the two loads does not matter).
     fn load_main(&mut self, path: &Path) -> Result<usize> {
         let (file, tensors) = read_diffusers_weights(path)?;
         let main = Scope::from(MAIN);
         let tensors = tensors.into_iter().map(|(k, v)| (main.name(k), v)).collect();
         let n = load_tensors(&mut self.dual.store, &file, tensors, |n| n.starts_with(MAIN), |_| false)?;
-        self.copy_main_into_side()?;
+        if !self.side_loaded {
+            self.copy_main_into_side()?;
+        }
         self.cast_main()?;
         Ok(n)
     }

@@ -1,17 +1,37 @@
 //! A diffusers Stable Diffusion pipeline folder (`model_index.json`, `unet/`, `scheduler/`,
-//! `vae/`, `text_encoder/`, `tokenizer/`): what training reads of it today, the UNet's
-//! config and weights and the scheduler's noise process.
+//! `vae/`, `text_encoder/`, `tokenizer/`): what training reads of it, and the model built
+//! from it. Everything that can be checked from the configs (sizes, the ControlNet against
+//! the UNet, the hook, the text encoder's width, the training resolution) is checked by
+//! [`Pipeline::controlnet_spec`] before any weight is allocated or any image encoded;
+//! [`Pipeline::build`] then loads the weights in the one right order.
 
 use std::path::{Path, PathBuf};
 
 use lisa_core::Prediction;
+use lisa_core::backend::Backend;
 use lisa_core::schedule::BetaSchedule;
 use serde_json::{Map, Value};
 
 use super::folder::read_json_config;
-use crate::error::Result;
+use super::{ClipTextConfig, MixedPrecision, SD_VAE_DOWNSCALE, SdModel, SdSpec, UNetConfig, VaeConfig, latent_side};
+use crate::error::{Result, TrainError};
+use crate::model::{DecoderConfig, DualDenoiser, ModelSpec, Parts};
 use crate::scheduler::NoiseConfig;
 use crate::weights::bad;
+
+/// The largest training resolution in pixels (SD trains at 512 to 1024).
+pub const MAX_RESOLUTION: usize = 8192;
+
+/// The size a pipeline trains at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrainingSize {
+    /// Image side in pixels.
+    pub pixels: usize,
+    /// Latent side (`pixels` / the VAE's downscale).
+    pub latent_side: usize,
+    /// Whether it was asked for (else the UNet's `sample_size`).
+    pub chosen: bool,
+}
 
 /// The parts of a pipeline folder training uses.
 #[derive(Debug, Clone)]
@@ -52,6 +72,130 @@ impl Pipeline {
     /// The UNet's folder.
     pub fn unet_dir(&self) -> PathBuf {
         self.root.join("unet")
+    }
+
+    /// The UNet's parsed config; errors name its file.
+    pub fn unet_config(&self) -> Result<UNetConfig> {
+        UNetConfig::from_unet_json(&self.unet).map_err(|e| in_file(&self.root.join("unet/config.json"), e))
+    }
+
+    /// The VAE's config (None: the folder has no `vae/`).
+    pub fn vae_config(&self) -> Result<Option<VaeConfig>> {
+        let dir = self.root.join("vae");
+        if !dir.is_dir() {
+            return Ok(None);
+        }
+        let config =
+            VaeConfig::from_json(&read_json_config(&dir)?).map_err(|e| in_file(&dir.join("config.json"), e))?;
+        Ok(Some(config))
+    }
+
+    /// The training size: `resolution` pixels, or the UNet's `sample_size` times the VAE's
+    /// downscale (SD's 8 without a `vae/`); at most [`MAX_RESOLUTION`], a multiple of the
+    /// VAE's downscale. The UNet's own downscale is checked by [`Pipeline::controlnet_spec`].
+    pub fn training_size(&self, resolution: Option<usize>) -> Result<TrainingSize> {
+        let downscale = self.vae_config()?.map_or(SD_VAE_DOWNSCALE, |c| c.downscale());
+        let pixels = match resolution {
+            Some(r) => r,
+            None => self.unet_config()?.sample_size.saturating_mul(downscale),
+        };
+        if pixels > MAX_RESOLUTION {
+            return Err(TrainError::setting(
+                "resolution",
+                format!("{pixels} px is more than lisa trains at (at most {MAX_RESOLUTION})"),
+            ));
+        }
+        let side = latent_side(pixels, downscale).map_err(|e| TrainError::setting("resolution", e.to_string()))?;
+        Ok(TrainingSize { pixels, latent_side: side, chosen: resolution.is_some() })
+    }
+
+    /// Checks that the text encoder (when the folder has one) makes embeddings as wide as the
+    /// UNet's cross-attention reads.
+    pub fn check_text_encoder(&self) -> Result<()> {
+        let dir = self.root.join("text_encoder");
+        if !dir.is_dir() {
+            return Ok(());
+        }
+        let path = dir.join("config.json");
+        let text = ClipTextConfig::from_json(&read_json_config(&dir)?).map_err(|e| in_file(&path, e))?;
+        let unet = self.unet_config()?;
+        if text.hidden_size != unet.cross_attention_dim {
+            return Err(bad(
+                &path,
+                format!(
+                    "the text encoder's hidden_size {} is not the UNet's cross_attention_dim {}",
+                    text.hidden_size, unet.cross_attention_dim
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The sd model that trains a ControlNet for this pipeline's UNet at `size`: the
+    /// ControlNet's config from the folder `controlnet` (None: the UNet's encoder, as
+    /// diffusers' `from_unet`), the frozen networks stored as `precision` says, the LISA
+    /// decoder as `decoder` says. Checked whole (every config, the ControlNet against the UNet,
+    /// the hook, the latent side against the UNet's downscale) before anything is allocated;
+    /// the text embeddings come later ([`SdModel::read_text_embeddings`]).
+    pub fn controlnet_spec(
+        &self,
+        controlnet: Option<&Path>,
+        size: TrainingSize,
+        precision: MixedPrecision,
+        decoder: &DecoderConfig,
+    ) -> Result<ModelSpec> {
+        self.unet_config()?;
+        let controlnet = match controlnet {
+            Some(dir) => Some(read_json_config(dir)?),
+            None => None,
+        };
+        let spec = SdSpec {
+            unet: self.unet.clone(),
+            controlnet,
+            conditioning_scale: 1.0,
+            prediction: self.prediction,
+            text_embeddings: None,
+            text_embeddings_sha256: None,
+            latent_size: size.chosen.then_some(size.latent_side),
+            mixed_precision: precision,
+        };
+        spec.validate(decoder).map_err(|e| match e {
+            TrainError::Config(m) if m.starts_with("latent side") => {
+                TrainError::setting("resolution", format!("{} px: {m}", size.pixels))
+            }
+            other => other,
+        })?;
+        Ok(spec.to_spec(decoder))
+    }
+
+    /// Builds `spec` (from [`Pipeline::controlnet_spec`]) on `device` and loads the UNet's
+    /// weights, then the ControlNet's from `controlnet` (None: the ControlNet is the UNet's
+    /// encoder). Every weight file is checked (names, shapes, values) as it is read.
+    pub fn build<B: Backend>(
+        &self,
+        spec: &ModelSpec,
+        parts: Parts,
+        controlnet: Option<&Path>,
+        device: B::Device,
+        seed: u64,
+    ) -> Result<SdModel<B>> {
+        let mut model = SdModel::<B>::new(spec, parts, device, seed)?;
+        model.load_main(&self.unet_dir())?;
+        if let Some(dir) = controlnet {
+            model.load_controlnet(dir)?;
+        }
+        Ok(model)
+    }
+}
+
+/// A config error said about the file it came from.
+fn in_file(path: &Path, e: TrainError) -> TrainError {
+    match e {
+        TrainError::Config(m) => {
+            let m = m.strip_prefix("config.json: ").map(str::to_string).unwrap_or(m);
+            bad(path, m)
+        }
+        other => other,
     }
 }
 

@@ -8,6 +8,7 @@ use std::path::Path;
 use lisa_core::backend::{Backend, GroupNormParams, Shape};
 use serde_json::{Map, Value, json};
 
+use super::config::{MAX_IO_CHANNELS, MAX_LAYERS_PER_BLOCK, MAX_LEVELS, MAX_WIDTH};
 use super::folder::read_diffusers_weights;
 use crate::autodiff::Var;
 use crate::error::{Result, TrainError};
@@ -121,6 +122,16 @@ impl VaeConfig {
                 })? as f32,
                 block_out_channels: boc,
             };
+        let c = &config;
+        let too_big = [c.in_channels, c.out_channels, c.latent_channels].iter().any(|&x| x > MAX_IO_CHANNELS)
+            || n > MAX_LEVELS
+            || c.layers_per_block > MAX_LAYERS_PER_BLOCK
+            || c.block_out_channels.iter().any(|&x| x > MAX_WIDTH);
+        if too_big {
+            return Err(TrainError::Config(format!(
+                "vae config.json: sizes beyond lisa's limits (at most {MAX_LEVELS} blocks of {MAX_WIDTH} channels, {MAX_LAYERS_PER_BLOCK} layers each, {MAX_IO_CHANNELS} image or latent channels)"
+            )));
+        }
         if n == 0
             || config.layers_per_block == 0
             || config.norm_num_groups == 0

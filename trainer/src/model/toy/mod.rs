@@ -220,19 +220,19 @@ impl<B: Backend> DualDenoiser<B> for ToyModel<B> {
     /// Reads a prior file (exactly the `main.*` tensors, as `lisa pretrain` writes them); one
     /// that records another model (its `lisa.model_spec` metadata) is refused.
     fn load_main(&mut self, path: &Path) -> Result<usize> {
-        let bytes = std::fs::read(path).map_err(|source| TrainError::Io { path: path.to_path_buf(), source })?;
+        let bytes = std::fs::read(path).map_err(|error| TrainError::Io { path: path.to_path_buf(), error })?;
         let file = parse_safetensors(path, &bytes)?;
         if let Some(json) = file.metadata.get(MODEL_SPEC_KEY) {
-            let theirs: ModelSpec = serde_json::from_str(json).map_err(|e| TrainError::Checkpoint {
+            let theirs: ModelSpec = serde_json::from_str(json).map_err(|e| TrainError::File {
                 path: path.to_path_buf(),
                 reason: format!("its {MODEL_SPEC_KEY} metadata is not a model description ({e})"),
             })?;
             if theirs.architecture != NAME || ToyConfig::from_spec(&theirs)? != self.config {
-                let diff = super::config_differences(
+                let diff = crate::differences::differences(
                     &serde_json::Value::Object(theirs.config.clone()),
                     &serde_json::Value::Object(self.spec().config),
                 );
-                return Err(TrainError::Checkpoint {
+                return Err(TrainError::File {
                     path: path.to_path_buf(),
                     reason: format!(
                         "this prior is another model than the one configured ({}: prior vs configured); leave the model settings out of the run file to use the prior's",
