@@ -333,6 +333,30 @@ fn trains_on_a_fill50k_folder_and_reports_its_bad_files() {
     let out = train();
     ok(&out);
     assert!(String::from_utf8_lossy(&out.stderr).contains("6 examples"));
+    // The data is known by its contents, images included: a resume on an edited image (same
+    // prompt.json) is refused, naming the data.
+    std::fs::copy(data.join("target/1.png"), data.join("target/0.png")).unwrap();
+    let run = d.join("run");
+    let resume = [
+        "train",
+        "--config",
+        s(&cfg),
+        "--main",
+        s(&main),
+        "--train-data-dir",
+        s(&data),
+        "--max-train-steps",
+        "3",
+        "--train-batch-size",
+        "6",
+        "--validation-steps",
+        "0",
+        "--output-dir",
+        s(&run),
+        "--resume-from-checkpoint",
+        "latest",
+    ];
+    fails_with(&lisa(&resume), "trained on other data");
     // A corrupt image is named, with its line, before any step.
     std::fs::write(data.join("target/3.png"), b"\x89PNG\r\n\x1a\nnot an image").unwrap();
     std::fs::remove_dir_all(d.join("run")).unwrap();

@@ -380,3 +380,59 @@ fn overwrite_never_deletes_a_folder_lisa_did_not_write() {
     }
     assert_eq!(std::fs::read_to_string(run.join("checkpoint-7/notes.txt")).unwrap(), "mine");
 }
+
+/// `latest` is the checkpoint whose `state.json` records the highest step, whatever its
+/// folder is called: a folder renamed by hand does not steer a resume.
+#[test]
+fn latest_reads_the_step_from_the_state_not_the_folder_name() {
+    let (d, cfg, main) = setup("latest-state");
+    let run = d.join("run");
+    ok(&train(&cfg, &main, &run, &["--max-train-steps", "2", "--checkpointing-steps", "1"]));
+    std::fs::rename(run.join("checkpoint-1"), run.join("checkpoint-9")).unwrap();
+    let err = ok(&train(&cfg, &main, &run, &["--max-train-steps", "3", "--resume-from-checkpoint", "latest"]));
+    assert!(err.contains("checkpoint-2"), "resumed from step 2, not the folder named 9:\n{err}");
+    assert_eq!(metric_steps(&run), [1, 2, 3]);
+}
+
+/// A run stopped before its first step leaves a metrics file without a step: nothing worth
+/// keeping, so the next start needs no --overwrite. A file with steps is still refused.
+#[test]
+fn a_run_stopped_before_its_first_step_can_start_again() {
+    let (d, cfg, main) = setup("restart-empty");
+    let run = d.join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    for leftover in ["", "\n", "{\"run\": \"r-old\"}\n"] {
+        std::fs::write(run.join("metrics.jsonl"), leftover).unwrap();
+        ok(&train(&cfg, &main, &run, &["--max-train-steps", "1"]));
+        assert_eq!(metric_steps(&run), [1]);
+        std::fs::remove_dir_all(run.join("checkpoint-1")).unwrap();
+        std::fs::remove_dir_all(run.join("controlnet")).ok();
+    }
+    // A metrics file with a step (of a run whose checkpoints were removed) is kept.
+    fails_with(&train(&cfg, &main, &run, &["--max-train-steps", "1"]), "holds another run's outputs");
+    // A file that is not lisa's rows is kept too.
+    std::fs::write(run.join("metrics.jsonl"), "my notes\n").unwrap();
+    fails_with(&train(&cfg, &main, &run, &["--max-train-steps", "1"]), "holds another run's outputs");
+    assert_eq!(std::fs::read_to_string(run.join("metrics.jsonl")).unwrap(), "my notes\n");
+}
+
+/// A checkpoint is resumed by content: the same output folder moved, and named by a relative
+/// path from another working directory, resumes to the uninterrupted state.
+#[test]
+fn a_moved_output_folder_resumes_by_content() {
+    let (d, cfg, main) = setup("moved");
+    let (straight, run) = (d.join("straight"), d.join("run"));
+    ok(&train(&cfg, &main, &straight, &["--max-train-steps", "2"]));
+    ok(&train(&cfg, &main, &run, &["--max-train-steps", "1"]));
+    std::fs::rename(&run, d.join("moved")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_lisa"))
+        .current_dir(&d)
+        .args(["train", "--config", s(&cfg), "--main", s(&main), "--train-batch-size", "2"])
+        .args(["--validation-steps", "0", "--output-dir", "./moved", "--max-train-steps", "2"])
+        .args(["--resume-from-checkpoint", "latest"])
+        .output()
+        .unwrap();
+    ok(&out);
+    let weights = |dir: &Path| std::fs::read(dir.join("checkpoint-2/model.safetensors")).unwrap();
+    assert!(weights(&straight) == weights(&d.join("moved")), "the moved run's step 2 is the uninterrupted one");
+}

@@ -410,3 +410,142 @@ fn the_input_cache_rehashes_only_encoder_files_that_changed() {
     );
     assert_eq!(std::fs::read(other.join("encoder_digests.json")).unwrap(), b"{\"mine\": 1}");
 }
+
+/// A copy of `pipe` whose text encoder differs (the lowest bit of its first weight flipped).
+fn other_text_encoder(pipe: &Path, to: &Path) -> PathBuf {
+    for part in ["unet", "scheduler", "vae", "text_encoder", "tokenizer"] {
+        std::fs::create_dir_all(to.join(part)).unwrap();
+        for e in std::fs::read_dir(pipe.join(part)).unwrap() {
+            let e = e.unwrap().path();
+            std::fs::copy(&e, to.join(part).join(e.file_name().unwrap())).unwrap();
+        }
+    }
+    let weights = std::fs::read_dir(to.join("text_encoder"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .unwrap();
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    bytes[8 + header] ^= 1;
+    std::fs::write(&weights, &bytes).unwrap();
+    to.to_path_buf()
+}
+
+/// The SD inputs are known by their contents: a shared cache is locked and never mixes two
+/// runs' inputs, an edited cached embedding or a damaged ControlNet export is caught on
+/// resume, gradient checkpointing may change on resume, a cache never goes inside the data.
+#[test]
+fn sd_inputs_are_known_by_content_and_a_shared_cache_is_safe() {
+    let dir = workdir("content");
+    let (pipe, data) = (full_pipeline(&dir), images_only(&dir));
+    let cache = dir.join("cache");
+    let cache_arg = cache.to_str().unwrap().to_string();
+    let with_cache = |extra: &[&str]| -> Vec<String> {
+        ["--cache-dir", cache_arg.as_str()].iter().chain(extra).map(|a| a.to_string()).collect()
+    };
+    let train = |pipe: &Path, data: &Path, out: &Path, extra: Vec<String>| {
+        let refs: Vec<&str> = extra.iter().map(String::as_str).collect();
+        train(pipe, data, out, &refs)
+    };
+    let weights = |out: &Path| std::fs::read(out.join("controlnet/diffusion_pytorch_model.safetensors")).unwrap();
+
+    // Gradient checkpointing on for step 1, off for step 2: the uninterrupted training.
+    let straight = dir.join("straight");
+    let err = ok(&train(&pipe, &data, &straight, with_cache(&["--gradient-checkpointing"])));
+    assert!(err.contains("no validation images (no --validation-image)"), "{err}");
+    let out = dir.join("out");
+    ok(&train(&pipe, &data, &out, with_cache(&["--gradient-checkpointing", "--max-train-steps", "1"])));
+    ok(&train(&pipe, &data, &out, with_cache(&["--resume-from-checkpoint", "latest"])));
+    assert!(weights(&straight) == weights(&out), "switching gradient checkpointing changed the training");
+
+    // A run with another text encoder on the same cache: it remakes the cache for itself, and
+    // the first run's resume remakes its own (the same bytes again), never the other's.
+    let other = other_text_encoder(&pipe, &dir.join("other-pipeline"));
+    let err = ok(&train(&other, &data, &dir.join("out-other"), with_cache(&["--max-train-steps", "1"])));
+    assert!(err.contains("cached 3 latents"), "{err}");
+    let ckpt1 = out.join("checkpoint-1");
+    let err = ok(&train(&pipe, &data, &out, with_cache(&["--resume-from-checkpoint", s(&ckpt1)])));
+    assert!(err.contains("cached 3 latents"), "the cache is remade from this run's encoders:\n{err}");
+    assert!(weights(&straight) == weights(&out));
+
+    // While a run uses the cache (its shared lock, held here), a run made from other inputs
+    // is refused; one made from the same inputs shares it.
+    let lock = std::fs::File::open(cache.join(".lisa-cache.lock")).unwrap();
+    lock.lock_shared().unwrap();
+    fails_with(
+        &train(&other, &data, &dir.join("out-busy"), with_cache(&["--max-train-steps", "1"])),
+        "in use by another lisa run made from other inputs",
+    );
+    let err = ok(&train(&pipe, &data, &dir.join("out-shared"), with_cache(&["--max-train-steps", "1"])));
+    assert!(err.contains("using the cached latents"), "{err}");
+    lock.unlock().unwrap();
+
+    // An edited cached embedding (its cache key kept) is caught by the resume: the model
+    // records the embeddings' digest, not their path.
+    let embeds = cache.join("prompt_embeds.safetensors");
+    let original = std::fs::read(&embeds).unwrap();
+    let mut edited = original.clone();
+    let last = edited.len() - 1;
+    edited[last] ^= 1;
+    std::fs::write(&embeds, &edited).unwrap();
+    fails_with(
+        &train(&pipe, &data, &out, with_cache(&["--resume-from-checkpoint", s(&ckpt1)])),
+        "text_embeddings_sha256",
+    );
+    std::fs::write(&embeds, &original).unwrap();
+
+    // The ControlNet export inside a checkpoint is covered by its digests.
+    let export = ckpt1.join("controlnet/diffusion_pytorch_model.safetensors");
+    let good = std::fs::read(&export).unwrap();
+    let mut bad = good.clone();
+    bad[last.min(good.len() - 1)] ^= 1;
+    std::fs::write(&export, &bad).unwrap();
+    fails_with(
+        &train(&pipe, &data, &out, with_cache(&["--resume-from-checkpoint", s(&ckpt1)])),
+        "controlnet/diffusion_pytorch_model.safetensors",
+    );
+    std::fs::write(&export, &good).unwrap();
+
+    // A cache folder inside the data folder is refused, and nothing is written there.
+    let inside = data.join("cache");
+    fails_with(
+        &train(&pipe, &data, &dir.join("out-inside"), vec!["--cache-dir".into(), s(&inside).into()]),
+        "is inside the data folder",
+    );
+    assert!(!inside.exists());
+}
+
+/// Sizes and shapes are checked before anything is allocated or encoded: the resolution
+/// against the VAE's and the UNet's downscale and lisa's limit, the config's widths, the
+/// text encoder's width against the UNet's cross-attention, the ControlNet folder's
+/// existence. Nothing is cached for a refused run.
+#[test]
+fn sd_sizes_and_shapes_are_checked_before_encoding() {
+    let dir = workdir("sizes");
+    let (pipe, data) = (full_pipeline(&dir), images_only(&dir));
+    let refused = |extra: &[&str], needle: &str| {
+        let out = dir.join("out");
+        fails_with(&train(&pipe, &data, &out, extra), needle);
+        assert!(!out.join("cache").exists(), "nothing encoded for {extra:?}");
+    };
+    refused(&["--resolution", "100000"], "--resolution: 100000 px is more than lisa trains at");
+    refused(&["--resolution", "48"], "--resolution: 48 px: latent side 6 must be a positive multiple of 4");
+    refused(&["--controlnet-model-name-or-path", "no-such-controlnet"], "no-such-controlnet: no such folder");
+    let config = std::fs::read_to_string(pipe.join("unet/config.json")).unwrap();
+    let mut unet: serde_json::Value = serde_json::from_str(&config).unwrap();
+    unet["block_out_channels"] = serde_json::json!([32, 1_000_000_000, 32]);
+    std::fs::write(pipe.join("unet/config.json"), unet.to_string()).unwrap();
+    refused(&[], "lisa supports at most 16384");
+    unet["block_out_channels"] = serde_json::json!([16, 16, 16]);
+    unet["cross_attention_dim"] = serde_json::json!(48);
+    std::fs::write(pipe.join("unet/config.json"), unet.to_string()).unwrap();
+    refused(&[], "the text encoder's hidden_size 32 is not the UNet's cross_attention_dim 48");
+    std::fs::write(pipe.join("unet/config.json"), &config).unwrap();
+    // A UNet config error names its file.
+    unet = serde_json::from_str(&config).unwrap();
+    unet["norm_num_groups"] = serde_json::json!(5);
+    std::fs::write(pipe.join("unet/config.json"), unet.to_string()).unwrap();
+    refused(&[], "unet/config.json: block_out_channels[0]");
+    std::fs::write(pipe.join("unet/config.json"), &config).unwrap();
+}

@@ -278,3 +278,37 @@ fn mixed_precision_keeps_the_controlnet_in_f32_and_stays_close_to_f32() {
         assert!(rel(grad, want_grad) < 4.0 * tol, "{precision}: gradient differs by {}", rel(grad, want_grad));
     }
 }
+
+/// Loading the ControlNet before the UNet gives the same model as the usual order (the UNet's
+/// load no longer copies its encoder over a loaded ControlNet), and `Pipeline::build` loads
+/// them for a program that embeds the library.
+#[test]
+fn the_order_of_loading_unet_and_controlnet_does_not_matter() {
+    let s = spec(unet_config(), Some(read_json_config(&fixture("sd15/controlnet")).unwrap()));
+    let mut usual = SdModel::<C>::new(&s, Parts::Dual { decoder: false }, Default::default(), 0).unwrap();
+    usual.load_main(&fixture("sd15/unet")).unwrap();
+    usual.load_controlnet(&fixture("sd15/controlnet")).unwrap();
+    let mut reversed = SdModel::<C>::new(&s, Parts::Dual { decoder: false }, Default::default(), 0).unwrap();
+    reversed.load_controlnet(&fixture("sd15/controlnet")).unwrap();
+    reversed.load_main(&fixture("sd15/unet")).unwrap();
+    assert!(store_values(&usual) == store_values(&reversed), "the ControlNet loaded first was overwritten");
+
+    // The same through a pipeline folder.
+    let dir = scratch("pipeline-build");
+    for part in ["unet", "scheduler"] {
+        std::fs::create_dir_all(dir.join(part)).unwrap();
+    }
+    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        std::fs::copy(fixture("sd15/unet").join(f), dir.join("unet").join(f)).unwrap();
+    }
+    std::fs::write(dir.join("scheduler/scheduler_config.json"), r#"{"prediction_type": "epsilon"}"#).unwrap();
+    let pipeline = lisa_trainer::model::sd::Pipeline::open(&dir).unwrap();
+    let controlnet = fixture("sd15/controlnet");
+    let size = pipeline.training_size(None).unwrap();
+    let built_spec =
+        pipeline.controlnet_spec(Some(&controlnet), size, Default::default(), &Default::default()).unwrap();
+    let built = pipeline
+        .build::<C>(&built_spec, Parts::Dual { decoder: false }, Some(&controlnet), Default::default(), 0)
+        .unwrap();
+    assert!(store_values(&usual) == store_values(&built));
+}
