@@ -135,10 +135,46 @@ fn study_runs_the_grid_skips_finished_runs_and_resumes_exactly() {
     assert!(ok(&resumed).contains("resumed from"), "{}", String::from_utf8_lossy(&resumed.stderr));
     assert_eq!(rows(&out), before);
 
-    // A changed arm with a run in progress is refused, not mixed.
-    std::fs::remove_file(run.join("done.json")).unwrap();
+    // A changed arm is refused, finished runs included (they are not reported as done under
+    // the new settings), the difference named.
     std::fs::write(d.join("study.toml"), STUDY.replace("lambda = 1.0", "lambda = 0.5")).unwrap();
+    fails_with(&study(), "train.lisa.lambda: 1.0 vs 0.5");
+    // A run in progress likewise.
+    std::fs::remove_file(run.join("done.json")).unwrap();
     fails_with(&study(), "changed since");
+    std::fs::write(d.join("study.toml"), STUDY).unwrap();
+    ok(&study());
+    // Another prior at the same path: its contents differ, the runs are refused.
+    let prior = std::fs::read(d.join("main.safetensors")).unwrap();
+    let mut edited = prior.clone();
+    let header = u64::from_le_bytes(prior[..8].try_into().unwrap()) as usize;
+    edited[8 + header] ^= 1; // the lowest mantissa bit of the first weight
+    std::fs::write(d.join("main.safetensors"), &edited).unwrap();
+    fails_with(&study(), "the prior");
+    std::fs::write(d.join("main.safetensors"), &prior).unwrap();
+    // More steps for one arm: its finished runs continue from their last checkpoint.
+    let longer = STUDY.replace("max_train_steps = 4\nlisa", "max_train_steps = 6\nlisa");
+    std::fs::write(d.join("study.toml"), longer).unwrap();
+    let err = ok(&study());
+    assert!(err.contains("steps: 4 vs 6; continuing from its last checkpoint"), "{err}");
+    let steps: Vec<u64> = rows(&out)
+        .iter()
+        .filter(|r| r["arm"] == "lisa" && r["seed"] == 0)
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [0, 2, 4, 6]);
+}
+
+/// Every arm's model is checked against its prior before the first arm trains.
+#[test]
+fn study_checks_every_arms_model_against_its_prior_first() {
+    let d = workdir("models");
+    tiny_prior(&d, 2, 2);
+    let other = STUDY.replace("name = \"lisa\"", "name = \"lisa\"\n[arm.set.model.unet]\nchannels = [8, 8]");
+    std::fs::write(d.join("study.toml"), other).unwrap();
+    let out = d.join("out");
+    fails_with(&lisa(&["study", "--config", s(&d.join("study.toml")), "--output-dir", s(&out)]), "another model");
+    assert!(!out.join("baseline").exists(), "the first arm did not train");
 }
 
 #[test]

@@ -21,14 +21,16 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use lisa_core::backend::Backend;
 
-use self::plan::{StudyFile, plan};
+use self::plan::{PlannedRun, StudyFile, plan};
 use self::plot::{band_plot, probe_panel, tau_share_panel};
 use self::run::{DONE, run_one};
 use self::summary::{RunResult, read_run, summarise, summary_table};
 use crate::image::save_png;
 use crate::plot::line_chart;
 use crate::shipped;
+use lisa_trainer::model::{Parts, registry};
 use lisa_trainer::session::{LOCK, OutputDir};
+use lisa_trainer::train::Mode;
 use lisa_trainer::weights::write_atomic;
 
 /// The marker of folders `lisa study` made.
@@ -75,7 +77,8 @@ pub fn run<B: Backend>(a: StudyArgs, device: B::Device) -> Result<()> {
     if !main.is_file() {
         bail!("study file {}: the prior {} does not exist", a.config.display(), main.display());
     }
-    let plan = plan(&study, &base, &main, label.as_deref(), &a.config, &relative);
+    let plan = plan(&study, &base, &main, label.as_deref(), &a.config, &relative)
+        .and_then(|plan| check_models::<B>(&plan, &device).map(|()| plan));
     if scratch.exists() {
         std::fs::remove_dir_all(&scratch).with_context(|| format!("cannot remove {}", scratch.display()))?;
     }
@@ -140,6 +143,20 @@ pub fn run<B: Backend>(a: StudyArgs, device: B::Device) -> Result<()> {
     }
     let table = summary_table(&order, &summary, &study.thresholds);
     std::io::stdout().lock().write_all(table.as_bytes()).context("cannot write to standard output")?;
+    Ok(())
+}
+
+/// Builds each arm's model and loads its prior, so that a prior that is another model than
+/// its arm describes is refused before the first arm trains (one seed per arm: seeds do not
+/// change the networks).
+fn check_models<B: Backend>(plan: &[PlannedRun], device: &B::Device) -> Result<()> {
+    let mut checked = std::collections::HashSet::new();
+    for run in plan.iter().filter(|r| checked.insert(r.arm.clone())) {
+        let parts = Parts::Dual { decoder: run.file.train.mode == Mode::Lisa };
+        let mut model = registry::build::<B>(&run.file.model, parts, device.clone(), run.file.train.seed)
+            .with_context(|| format!("arm {:?}", run.arm))?;
+        model.load_main(&run.main).with_context(|| format!("arm {:?}: its prior {}", run.arm, run.main.display()))?;
+    }
     Ok(())
 }
 

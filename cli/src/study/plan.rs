@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 
 use crate::config::RunFile;
@@ -120,6 +120,10 @@ pub(super) fn plan(
         if !main.is_file() {
             bail!("study file {origin}: the prior {} of arm {:?} does not exist", main.display(), arm.name);
         }
+        // Its contents, not its path, are what a finished run is compared by.
+        let prior_digest = lisa_trainer::weights::digest(
+            &std::fs::read(&main).with_context(|| format!("cannot read the prior {}", main.display()))?,
+        );
         for &seed in &study.seeds {
             let mut table = base.clone();
             merge(&mut table, &arm.set);
@@ -132,11 +136,54 @@ pub(super) fn plan(
             let run_file = toml::to_string(&table)?;
             let mut file = RunFile::from_toml(&run_file, &format!("study file {origin}, arm {:?}", arm.name))?;
             file.resolve_model(&main)?;
-            let run_file = format!("# prior: {label}\n{run_file}");
+            let run_file = format!("# prior: {label}\n# prior sha256: {prior_digest}\n{run_file}");
             plan.push(PlannedRun { arm: arm.name.clone(), seed, run_file, file, main: main.clone() });
         }
     }
     Ok(plan)
+}
+
+/// A run file as a study keeps it (`run.toml`): the prior's name and digest, then the
+/// resolved run file.
+pub(super) struct KeptRunFile {
+    /// The prior's SHA-256 (None in files written before it was recorded).
+    pub(super) prior_digest: Option<String>,
+    /// The prior's name (a path, or the shipped prior's label).
+    pub(super) prior: String,
+    /// The run file's keys.
+    pub(super) settings: toml::Table,
+}
+
+impl KeptRunFile {
+    /// Reads the text [`plan`] writes.
+    pub(super) fn parse(text: &str) -> Result<Self> {
+        let mut prior = String::new();
+        let mut prior_digest = None;
+        for line in text.lines() {
+            if let Some(d) = line.strip_prefix("# prior sha256: ") {
+                prior_digest = Some(d.trim().to_string());
+            } else if let Some(p) = line.strip_prefix("# prior: ") {
+                prior = p.to_string();
+            }
+        }
+        Ok(Self { prior_digest, prior, settings: toml::from_str(text)? })
+    }
+
+    /// What differs from `now` (the study file's plan for the same run), by key: the prior
+    /// by its digest (by its name where a file has no digest), every setting.
+    pub(super) fn differences(&self, now: &KeptRunFile) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        let prior_differs = match (&self.prior_digest, &now.prior_digest) {
+            (Some(a), Some(b)) => a != b,
+            _ => self.prior != now.prior,
+        };
+        if prior_differs {
+            out.push(format!("the prior: {} vs {}", self.prior, now.prior));
+        }
+        let json = |t: &toml::Table| serde_json::to_value(t);
+        out.extend(lisa_trainer::differences::differences(&json(&self.settings)?, &json(&now.settings)?));
+        Ok(out)
+    }
 }
 
 /// `over` merged into `into`, tables key by key, other values replaced.

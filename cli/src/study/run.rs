@@ -5,10 +5,11 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use lisa_core::backend::Backend;
+use lisa_trainer::differences::listed;
 use lisa_trainer::session::{ResumeFrom, Rollback};
 use lisa_trainer::weights::write_atomic;
 
-use super::plan::{PlannedRun, StudyFile};
+use super::plan::{KeptRunFile, PlannedRun, StudyFile};
 use crate::run_dir::CheckpointArgs;
 use crate::train::{LoopOptions, Start, train_arm};
 
@@ -17,25 +18,47 @@ const RUN_FILE: &str = "run.toml";
 /// Written when a run has finished.
 pub(super) const DONE: &str = "done.json";
 
-/// Trains one run unless it is done; resumes it from its latest checkpoint if it started.
+/// Trains one run unless it is done; resumes it from its latest checkpoint if it started. A
+/// run made with other settings than the study file's now (the prior's contents, any key) is
+/// refused with the differences named, finished or not; one whose only change is more steps
+/// continues from its last checkpoint.
 pub(super) fn run_one<B: Backend>(run: &PlannedRun, study: &StudyFile, out: &Path, device: B::Device) -> Result<()> {
     let dir = run.dir(out);
+    let kept = dir.join(RUN_FILE);
+    if kept.is_file() {
+        let text = std::fs::read_to_string(&kept).with_context(|| format!("cannot read {}", kept.display()))?;
+        let before = KeptRunFile::parse(&text).with_context(|| format!("{} is damaged", kept.display()))?;
+        let now = KeptRunFile::parse(&run.run_file)?;
+        let changed = before.differences(&now)?;
+        let steps = |k: &KeptRunFile| k.settings.get("train")?.get("max_train_steps")?.as_integer();
+        let longer = changed.len() == 1
+            && changed[0].starts_with("train.max_train_steps:")
+            && steps(&now).unwrap_or(0) > steps(&before).unwrap_or(i64::MAX);
+        if longer {
+            eprintln!(
+                "{}: {}; continuing from its last checkpoint",
+                dir.display(),
+                changed[0].replace("train.max_train_steps", "steps")
+            );
+            write_atomic(&kept, run.run_file.as_bytes())?;
+            if dir.join(DONE).is_file() {
+                std::fs::remove_file(dir.join(DONE))
+                    .with_context(|| format!("cannot remove {}", dir.join(DONE).display()))?;
+            }
+        } else if !changed.is_empty() {
+            bail!(
+                "the settings of arm {:?} changed since {} ran (then vs now: {}); restore them, remove that run's folder to run it again, or use another --output-dir",
+                run.arm,
+                dir.display(),
+                listed(&changed, 6)
+            );
+        }
+    }
     if dir.join(DONE).is_file() {
         return Ok(());
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let kept = dir.join(RUN_FILE);
-    let started = kept.is_file();
-    if started {
-        let before = std::fs::read_to_string(&kept).with_context(|| format!("cannot read {}", kept.display()))?;
-        if before != run.run_file {
-            bail!(
-                "the settings of arm {:?} changed since {} started; finish or remove that run, or use another --output-dir",
-                run.arm,
-                dir.display()
-            );
-        }
-    } else {
+    if !kept.is_file() {
         write_atomic(&kept, run.run_file.as_bytes())?;
     }
     let has_checkpoint = std::fs::read_dir(&dir)
