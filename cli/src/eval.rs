@@ -3,15 +3,18 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 use lisa_core::backend::Backend;
-use lisa_trainer::model::{DualDenoiser, Parts, registry};
+use lisa_trainer::model::{DualDenoiser, Parts, registry, toy};
 use lisa_trainer::train::TrainConfig;
 use lisa_trainer::validation::validate_toy;
 
 use crate::config::RunFile;
 use crate::image::save_grid;
+
+/// What `eval` and `sample` run, said when given something else.
+const SUPPORTED: &str = "lisa eval and lisa sample run the toy model (a prior written by lisa pretrain, and a checkpoint of lisa train on it); a Stable Diffusion ControlNet is sampled by lisa train's validation (--validation-image) or, from its controlnet/ folder, by diffusers";
 
 /// The flags that name an inference model (shared by `eval` and `sample`).
 #[derive(Debug, Args)]
@@ -30,12 +33,28 @@ pub struct ModelArgs {
 impl ModelArgs {
     /// The run file and the model these flags name.
     pub fn load<B: Backend>(&self, device: B::Device) -> Result<(RunFile, Box<dyn DualDenoiser<B>>)> {
-        let mut file = RunFile::load(self.config.as_deref())?;
-        file.resolve_model(&self.main)?;
-        if let Some(dir) = &self.checkpoint {
-            // Sample with the noise process the side network was trained on.
-            file.train.noise = lisa_trainer::checkpoint::read_configs(dir)?.1.noise;
+        if self.main.is_dir() {
+            bail!("--main {} is a folder: {SUPPORTED}", self.main.display());
         }
+        let names = lisa_trainer::weights::tensor_names(&self.main)
+            .with_context(|| format!("--main {}", self.main.display()))?;
+        if !names.iter().any(|n| n.starts_with("main.")) {
+            bail!("--main {} is not a lisa prior (it holds no main.* tensors): {SUPPORTED}", self.main.display());
+        }
+        let mut file = RunFile::load(self.config.as_deref())?;
+        if let Some(dir) = &self.checkpoint {
+            let (spec, config, _) = lisa_trainer::checkpoint::read_configs(dir)?;
+            if spec.architecture != toy::NAME {
+                bail!(
+                    "--checkpoint {} is a checkpoint of the {} architecture: {SUPPORTED}",
+                    dir.display(),
+                    spec.architecture
+                );
+            }
+            // Sample with the noise process the side network was trained on.
+            file.train.noise = config.noise;
+        }
+        file.resolve_model(&self.main)?;
         let model = load_model(&file, &self.main, self.checkpoint.as_deref(), device)?;
         Ok((file, model))
     }

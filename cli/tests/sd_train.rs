@@ -549,3 +549,71 @@ fn sd_sizes_and_shapes_are_checked_before_encoding() {
     refused(&[], "unet/config.json: block_out_channels[0]");
     std::fs::write(pipe.join("unet/config.json"), &config).unwrap();
 }
+
+/// Messages point at the culprit: the scheduler's file (not the validation sampler), the
+/// folder (not "checkpoint"), the OS error once, the tokenizer and text encoder that are not
+/// a pair, a long prompt quoted short; `eval` and `sample` say what they run.
+#[test]
+fn sd_messages_name_the_culprit() {
+    let dir = workdir("messages");
+    let (pipe, data) = (full_pipeline(&dir), images_only(&dir));
+    let out = dir.join("out");
+    let fails = |pipe: &Path, needle: &str| -> String {
+        let run = train(pipe, &data, &out, &[]);
+        fails_with(&run, needle);
+        String::from_utf8_lossy(&run.stderr).into_owned()
+    };
+    // A scheduler the core refuses: its file is named, not [validation.sampling].
+    std::fs::write(pipe.join("scheduler/scheduler_config.json"), SCHEDULER.replace("0.012", "2.0")).unwrap();
+    let err = fails(&pipe, "scheduler/scheduler_config.json");
+    assert!(!err.contains("validation.sampling") && !err.contains("checkpoint"), "{err}");
+    std::fs::write(pipe.join("scheduler/scheduler_config.json"), SCHEDULER).unwrap();
+    // A truncated weights file of a pipeline is not called a checkpoint.
+    let w = std::fs::read(pipe.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    std::fs::write(pipe.join("unet/diffusion_pytorch_model.safetensors"), &w[..w.len() / 2]).unwrap();
+    let err = fails(&pipe, "unet/diffusion_pytorch_model.safetensors");
+    assert!(!err.contains("checkpoint"), "{err}");
+    std::fs::write(pipe.join("unet/diffusion_pytorch_model.safetensors"), &w).unwrap();
+    // A tokenizer whose ids the text encoder cannot embed: both named, before encoding.
+    let te = pipe.join("text_encoder/config.json");
+    let config = std::fs::read_to_string(&te).unwrap();
+    let mut smaller: serde_json::Value = serde_json::from_str(&config).unwrap();
+    smaller["vocab_size"] = serde_json::json!(100);
+    std::fs::write(&te, smaller.to_string()).unwrap();
+    let err = fails(&pipe, "embeds only 100 (vocab_size)");
+    assert!(err.contains("tokenizer") && err.contains("text_encoder/config.json"), "{err}");
+    assert!(!out.join("cache").exists(), "nothing encoded");
+    std::fs::write(&te, config).unwrap();
+    // An OS error is said once.
+    let err = String::from_utf8_lossy(
+        &lisa(&["train", "--main", s(&dir.join("missing.safetensors")), "--output-dir", s(&out)]).stderr,
+    )
+    .into_owned();
+    assert_eq!(err.matches("os error").count(), 1, "{err}");
+    // A very long prompt is quoted short in the truncation warning.
+    let list = std::fs::read_to_string(data.join("prompt.json")).unwrap();
+    let long = "a red circle ".repeat(200);
+    std::fs::write(data.join("prompt.json"), list.replace("a green ring", long.trim())).unwrap();
+    let err = ok(&train(&pipe, &data, &dir.join("out-long"), &["--max-train-steps", "1"]));
+    let warning = err.lines().find(|l| l.contains("was truncated")).expect("the truncation warning");
+    assert!(warning.len() < 300 && warning.contains("(2599 characters)"), "{warning}");
+    std::fs::write(data.join("prompt.json"), list).unwrap();
+    // eval and sample say what they run when given a pipeline or an SD checkpoint.
+    ok(&train(&pipe, &data, &out, &["--max-train-steps", "1"]));
+    let condition = data.join("source/0.png");
+    let unet = pipe.join("unet/diffusion_pytorch_model.safetensors");
+    for command in [&["eval"][..], &["sample", "--condition", s(&condition), "--prompt", "red"]] {
+        fails_with(&lisa(&[command, &["--main", s(&pipe)]].concat()), "run the toy model");
+        fails_with(&lisa(&[command, &["--main", s(&unet)]].concat()), "is not a lisa prior");
+    }
+    let prior = common::tiny_prior(
+        &{
+            std::fs::write(dir.join("tiny.toml"), common::TINY).unwrap();
+            dir.clone()
+        },
+        1,
+        2,
+    );
+    let ckpt = out.join("checkpoint-1");
+    fails_with(&lisa(&["eval", "--main", s(&prior), "--checkpoint", s(&ckpt)]), "of the sd architecture");
+}

@@ -107,6 +107,15 @@ pub enum TrainError {
 }
 
 impl TrainError {
+    /// This error as it happened at training step `step`: a non-finite value a core op
+    /// caught becomes [`TrainError::NonFinite`] (with the step and what to do); others pass.
+    pub fn at_step(self, step: u64) -> Self {
+        match self {
+            Self::Core(lisa_core::Error::NonFinite { op }) => Self::NonFinite { what: op, step },
+            other => other,
+        }
+    }
+
     /// A [`TrainError::Setting`] error for `key`.
     pub fn setting(key: impl Into<String>, reason: impl Into<String>) -> Self {
         Self::Setting { key: key.into(), reason: reason.into() }
@@ -124,3 +133,20 @@ impl TrainError {
 
 /// `Result` with [`TrainError`].
 pub type Result<T> = std::result::Result<T, TrainError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_non_finite_value_caught_by_a_core_op_says_the_step_and_what_to_do() {
+        let e = TrainError::Core(lisa_core::Error::NonFinite { op: "mse_loss" }).at_step(7);
+        let text = e.to_string();
+        assert!(
+            text.contains("step 7") && text.contains("mse_loss") && text.contains("lower the learning rate"),
+            "{text}"
+        );
+        let other = TrainError::Config("x".into()).at_step(7);
+        assert!(matches!(other, TrainError::Config(_)));
+    }
+}

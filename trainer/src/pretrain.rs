@@ -105,8 +105,8 @@ impl<B: Backend> Pretrainer<B> {
             noise_batch::<B>(&mut self.run, &self.noise, model, false, &examples, self.config.null_prompt_prob)?;
         let tape = Tape::<B>::new();
         let bound = model.store().bind(&tape);
-        let pred = forward_prior(model, &bound, &tape.constant(x_t), &cond)?;
-        let (loss, g) = B::mse_loss(&pred.value, &y)?;
+        let pred = forward_prior(model, &bound, &tape.constant(x_t), &cond).map_err(|e| e.at_step(step))?;
+        let (loss, g) = B::mse_loss(&pred.value, &y).map_err(|e| TrainError::from(e).at_step(step))?;
         if !loss.is_finite() {
             return Err(TrainError::NonFinite { what: "loss", step });
         }

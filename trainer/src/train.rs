@@ -244,7 +244,7 @@ impl<B: Backend> Trainer<B> {
         self.tau_norm(data)?;
         for _ in 0..accum {
             let examples = self.next_examples(data, self.config.batch_size)?;
-            let (main, lisa, micro) = self.micro_batch(&examples, accum)?;
+            let (main, lisa, micro) = self.micro_batch(&examples, accum).map_err(|e| e.at_step(step))?;
             main_sum += main;
             lisa_sum += lisa.distance;
             zero_sum += lisa.zero_distance;

@@ -172,6 +172,20 @@ pub const MODEL_SPEC_KEY: &str = "lisa.model_spec";
 
 /// The `__metadata__` of a safetensors file, reading only its header.
 pub fn read_metadata(path: &Path) -> Result<BTreeMap<String, String>> {
+    let top = read_header(path)?;
+    Ok(top
+        .get("__metadata__")
+        .and_then(|m| serde_json::from_value::<BTreeMap<String, String>>(m.clone()).ok())
+        .unwrap_or_default())
+}
+
+/// The names of the tensors in a safetensors file (its header only is read).
+pub fn tensor_names(path: &Path) -> Result<Vec<String>> {
+    Ok(read_header(path)?.into_keys().filter(|k| k != "__metadata__").collect())
+}
+
+/// The JSON header of a safetensors file, read without the tensors.
+fn read_header(path: &Path) -> Result<BTreeMap<String, serde_json::Value>> {
     use std::io::Read;
     let mut f = fs::File::open(path).map_err(io(path))?;
     let mut len = [0u8; 8];
@@ -183,12 +197,7 @@ pub fn read_metadata(path: &Path) -> Result<BTreeMap<String, String>> {
     }
     let mut header = vec![0u8; len as usize];
     f.read_exact(&mut header).map_err(io(path))?;
-    let top: BTreeMap<String, serde_json::Value> =
-        serde_json::from_slice(&header).map_err(|e| bad(path, format!("not a valid safetensors header ({e})")))?;
-    Ok(top
-        .get("__metadata__")
-        .and_then(|m| serde_json::from_value::<BTreeMap<String, String>>(m.clone()).ok())
-        .unwrap_or_default())
+    serde_json::from_slice(&header).map_err(|e| bad(path, format!("not a valid safetensors header ({e})")))
 }
 
 /// A safetensors file read into host memory: `name → (shape, f32 values)`.

@@ -33,6 +33,8 @@ pub fn check_sampling<B: Backend>(
         }
         other => other,
     };
+    // The training noise process first: its errors are its own, not the sampler's.
+    scheduler::NoiseProcess::new(noise).map_err(|e| TrainError::setting("train.noise", e.to_string()))?;
     sampling.validate().map_err(keyed)?;
     scheduler::build::<B>(noise, &sampling.scheduler(model.prediction())).map_err(keyed)?;
     Ok(())

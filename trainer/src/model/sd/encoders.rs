@@ -13,6 +13,7 @@ use super::vae::{AutoencoderKl, VaeConfig, load_vae};
 use crate::autodiff::Tape;
 use crate::error::{Result, TrainError};
 use crate::params::{ParamStore, Scope};
+use crate::weights::bad;
 
 /// The most images or prompts one encoder call holds.
 const CHUNK: usize = 8;
@@ -112,19 +113,46 @@ pub struct TextEmbeddings {
     pub truncated: Vec<usize>,
 }
 
+/// The text encoder's config and the tokenizer of a pipeline, checked to be a pair: every
+/// token id the tokenizer makes has an embedding, every position of its longest encoding a
+/// position embedding. Errors name the folders.
+pub fn read_text_pair(text_encoder: &Path, tokenizer_dir: &Path) -> Result<(ClipTextConfig, ClipTokenizer)> {
+    let config_path = text_encoder.join("config.json");
+    let config = ClipTextConfig::from_json(&read_json_config(text_encoder)?).map_err(|e| match e {
+        TrainError::Config(m) => bad(&config_path, m.split_once("config.json: ").map_or(m.clone(), |(_, r)| r.into())),
+        other => other,
+    })?;
+    let tokenizer = ClipTokenizer::from_dir(tokenizer_dir)?;
+    if tokenizer.id_bound() > config.vocab_size {
+        return Err(bad(
+            tokenizer_dir,
+            format!(
+                "the tokenizer makes token ids up to {}; the text encoder ({}) embeds only {} (vocab_size): they are not a pair",
+                tokenizer.id_bound() - 1,
+                config_path.display(),
+                config.vocab_size
+            ),
+        ));
+    }
+    if tokenizer.max_length() > config.max_position_embeddings {
+        return Err(bad(
+            tokenizer_dir,
+            format!(
+                "the tokenizer's {} tokens exceed the {} positions of the text encoder ({})",
+                tokenizer.max_length(),
+                config.max_position_embeddings,
+                config_path.display()
+            ),
+        ));
+    }
+    Ok((config, tokenizer))
+}
+
 impl<B: Backend> TextEncoder<B> {
     /// From a pipeline's `text_encoder/` and `tokenizer/` folders, its weights stored as
     /// `dtype`.
     pub fn open(text_encoder: &Path, tokenizer: &Path, device: B::Device, dtype: DType) -> Result<Self> {
-        let config = ClipTextConfig::from_json(&read_json_config(text_encoder)?)?;
-        let tokenizer = ClipTokenizer::from_dir(tokenizer)?;
-        if tokenizer.max_length() > config.max_position_embeddings {
-            return Err(TrainError::Config(format!(
-                "the tokenizer's {} tokens exceed the text encoder's {} positions",
-                tokenizer.max_length(),
-                config.max_position_embeddings
-            )));
-        }
+        let (config, tokenizer) = read_text_pair(text_encoder, tokenizer)?;
         let mut store = ParamStore::new(device, 0).freeze_prefix("");
         let model = ClipTextModel::new(&mut store, Scope::root(), &config)?;
         load_clip(&mut store, Scope::root(), text_encoder)?;

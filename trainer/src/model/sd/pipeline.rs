@@ -12,6 +12,7 @@ use lisa_core::backend::Backend;
 use lisa_core::schedule::BetaSchedule;
 use serde_json::{Map, Value};
 
+use super::encoders::read_text_pair;
 use super::folder::read_json_config;
 use super::{ClipTextConfig, MixedPrecision, SD_VAE_DOWNSCALE, SdModel, SdSpec, UNetConfig, VaeConfig, latent_side};
 use crate::error::{Result, TrainError};
@@ -66,6 +67,8 @@ impl Pipeline {
             _ => return Err(bad(&path, "is not a JSON object")),
         };
         let (noise, prediction) = noise_of(&path, &scheduler)?;
+        // The schedule itself (β range, step count) is checked here, against its file.
+        crate::scheduler::NoiseProcess::new(&noise).map_err(|e| bad(&path, e.to_string()))?;
         Ok(Self { root: root.to_path_buf(), unet, noise, prediction })
     }
 
@@ -110,14 +113,18 @@ impl Pipeline {
     }
 
     /// Checks that the text encoder (when the folder has one) makes embeddings as wide as the
-    /// UNet's cross-attention reads.
+    /// UNet's cross-attention reads, and that the tokenizer is its pair.
     pub fn check_text_encoder(&self) -> Result<()> {
         let dir = self.root.join("text_encoder");
         if !dir.is_dir() {
             return Ok(());
         }
         let path = dir.join("config.json");
-        let text = ClipTextConfig::from_json(&read_json_config(&dir)?).map_err(|e| in_file(&path, e))?;
+        let tokenizer = self.root.join("tokenizer");
+        let text = match tokenizer.is_dir() {
+            true => read_text_pair(&dir, &tokenizer)?.0,
+            false => ClipTextConfig::from_json(&read_json_config(&dir)?).map_err(|e| in_file(&path, e))?,
+        };
         let unet = self.unet_config()?;
         if text.hidden_size != unet.cross_attention_dim {
             return Err(bad(
@@ -191,9 +198,9 @@ impl Pipeline {
 /// A config error said about the file it came from.
 fn in_file(path: &Path, e: TrainError) -> TrainError {
     match e {
+        // "vae config.json: …" and the like: the path says which config.json.
         TrainError::Config(m) => {
-            let m = m.strip_prefix("config.json: ").map(str::to_string).unwrap_or(m);
-            bad(path, m)
+            bad(path, m.split_once("config.json: ").map_or(m.clone(), |(_, rest)| rest.to_string()))
         }
         other => other,
     }

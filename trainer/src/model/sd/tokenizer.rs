@@ -72,6 +72,11 @@ fn read_json(path: &Path) -> Option<serde_json::Map<String, Value>> {
 }
 
 impl ClipTokenizer {
+    /// One more than the largest token id it can produce (special tokens included).
+    pub fn id_bound(&self) -> usize {
+        self.inner.get_vocab(true).values().max().map_or(0, |&m| m as usize + 1)
+    }
+
     /// From a pipeline's `tokenizer/` folder.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
