@@ -11,7 +11,7 @@ use lisa_core::reference::{RefBackend as R, RefTensor};
 use lisa_core::tolerance::backend_vs_reference;
 use lisa_core::{Error, Result};
 
-use crate::harness::{Harness, assert_matches, assert_values, finite_difference, ok};
+use crate::harness::{Case, Harness, assert_matches, assert_values, finite_difference, ok};
 
 const F32: DType = DType::F32;
 
@@ -212,15 +212,17 @@ pub fn layer_norm<B: Backend>() {
     assert!(matches!(B::layer_norm(&x.dev, &gamma.dev, &gamma.dev, 1e-5), Err(Error::ShapeMismatch { .. })));
 }
 
-/// `softmax(s·QKᵀ + M)·V` on the host, in `f64` (`M`: causal mask when asked for).
+/// `softmax(s·QKᵀ + M)·V` and each row's log-sum-exp `ln Σ_j e^{s·q·k_j}` on the host, in
+/// `f64` (`M`: causal mask when asked for): `([g, t_q, d_v], [g, t_q])`.
 fn host_attention(
     q: &[f32],
     k: &[f32],
     v: &[f32],
     (g, tq, tk, d, dv): (usize, usize, usize, usize, usize),
     p: AttentionParams,
-) -> Vec<f32> {
+) -> (Vec<f32>, Vec<f32>) {
     let mut out = Vec::with_capacity(g * tq * dv);
+    let mut lse = Vec::with_capacity(g * tq);
     for gi in 0..g {
         for i in 0..tq {
             // Causal: keys after the query are left out of the softmax.
@@ -235,12 +237,43 @@ fn host_attention(
             let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
             let z: f64 = e.iter().sum();
+            lse.push((max + z.ln()) as f32);
             for c in 0..dv {
                 out.push((0..visible).map(|j| e[j] / z * v[(gi * tk + j) * dv + c] as f64).sum::<f64>() as f32);
             }
         }
     }
-    out
+    (out, lse)
+}
+
+/// The fused forward's output and (when it keeps one) its log-sum-exp against the host, its
+/// backward against the reference backend and finite differences.
+fn check_fused_attention<B: Backend>(
+    h: &Harness<B>,
+    what: &str,
+    (q, k, v): (&Case<B>, &Case<B>, &Case<B>),
+    go: &Case<B>,
+    dims: (usize, usize, usize, usize, usize),
+    params: AttentionParams,
+) {
+    let (want_out, want_lse) = host_attention(&q.host, &k.host, &v.host, dims, params);
+    let fwd = ok(what, B::attention_forward(&q.dev, &k.dev, &v.dev, params));
+    let tol = backend_vs_reference(F32);
+    assert_values(&format!("{what} vs host"), &ok(what, B::to_vec(&fwd.out)), &want_out, tol);
+    if let Some(lse) = &fwd.lse {
+        assert_eq!(B::shape(lse).dims(), &[dims.0, dims.1], "{what}: log-sum-exp shape");
+        assert_values(&format!("{what} log-sum-exp vs host"), &ok(what, B::to_vec(lse)), &want_lse, tol);
+    }
+    let grads = ok(what, B::attention_backward(&q.dev, &k.dev, &v.dev, &fwd, &go.dev, params));
+    let rf = R::attention_forward(&q.reference, &k.reference, &v.reference, params).unwrap();
+    let want = R::attention_backward(&q.reference, &k.reference, &v.reference, &rf, &go.reference, params).unwrap();
+    for (name, got, want) in [("dq", &grads.q, want.q), ("dk", &grads.k, want.k), ("dv", &grads.v, want.v)] {
+        assert_matches::<B>(&format!("{what} {name}"), &Ok(got.clone()), &Ok(want));
+    }
+    let f = |q: &B::Tensor, k: &B::Tensor, v: &B::Tensor| B::attention(q, k, v, params).unwrap();
+    finite_difference(&format!("{what} dq"), h, q, &go.host, |t| f(t, &k.dev, &v.dev), &grads.q);
+    finite_difference(&format!("{what} dk"), h, k, &go.host, |t| f(&q.dev, t, &v.dev), &grads.k);
+    finite_difference(&format!("{what} dv"), h, v, &go.host, |t| f(&q.dev, &k.dev, t), &grads.v);
 }
 
 /// Attention (self: `t_q = t_k`; cross: `t_q ≠ t_k`, `d_v ≠ d`) forward against a host
@@ -259,32 +292,41 @@ pub fn attention<B: Backend>() {
     for (g, tq, tk, d, dv, causal) in cases {
         let what = format!("attention g{g} q{tq} k{tk} d{d} dv{dv} causal={causal}");
         let (q, k, v) = (h.randn(&[g, tq, d], F32), h.randn(&[g, tk, d], F32), h.randn(&[g, tk, dv], F32));
+        let go = h.randn(&[g, tq, dv], F32);
         let scale = AttentionParams { causal, ..AttentionParams::new(d) };
-        let out = ok(&what, B::attention(&q.dev, &k.dev, &v.dev, scale));
-        let want = host_attention(&q.host, &k.host, &v.host, (g, tq, tk, d, dv), scale);
-        assert_values(&format!("{what} vs host"), &ok(&what, B::to_vec(&out)), &want, backend_vs_reference(F32));
+        check_fused_attention(&h, &what, (&q, &k, &v), &go, (g, tq, tk, d, dv), scale);
         let chunked = attention_chunked::<B>(&q.dev, &k.dev, &v.dev, scale, 5);
         assert_matches::<B>(
             &format!("{what} chunked"),
             &chunked,
             &R::attention(&q.reference, &k.reference, &v.reference, scale),
         );
-        let go = h.randn(&[g, tq, dv], F32);
-        let grads = ok(&what, B::attention_backward(&q.dev, &k.dev, &v.dev, &go.dev, scale));
-        let want_g = R::attention_backward(&q.reference, &k.reference, &v.reference, &go.reference, scale).unwrap();
         let chunked_g = ok(&what, attention_backward_chunked::<B>(&q.dev, &k.dev, &v.dev, &go.dev, scale, 5));
-        for (name, got, chunk, want) in [
-            ("dq", &grads.q, &chunked_g.q, want_g.q),
-            ("dk", &grads.k, &chunked_g.k, want_g.k.clone()),
-            ("dv", &grads.v, &chunked_g.v, want_g.v.clone()),
-        ] {
-            assert_matches::<B>(&format!("{what} {name}"), &Ok(got.clone()), &Ok(want.clone()));
+        let rf = R::attention_forward(&q.reference, &k.reference, &v.reference, scale).unwrap();
+        let want_g =
+            R::attention_backward(&q.reference, &k.reference, &v.reference, &rf, &go.reference, scale).unwrap();
+        for (name, chunk, want) in
+            [("dq", &chunked_g.q, want_g.q), ("dk", &chunked_g.k, want_g.k), ("dv", &chunked_g.v, want_g.v)]
+        {
             assert_matches::<B>(&format!("{what} {name} chunked"), &Ok(chunk.clone()), &Ok(want));
         }
-        let f = |q: &B::Tensor, k: &B::Tensor, v: &B::Tensor| B::attention(q, k, v, scale).unwrap();
-        finite_difference(&format!("{what} dq"), &h, &q, &go.host, |t| f(t, &k.dev, &v.dev), &grads.q);
-        finite_difference(&format!("{what} dk"), &h, &k, &go.host, |t| f(&q.dev, t, &v.dev), &grads.k);
-        finite_difference(&format!("{what} dv"), &h, &v, &go.host, |t| f(&q.dev, &k.dev, t), &grads.v);
+    }
+    // Larger than the fused kernels' tiles (on the CPU 64 query rows, 256 keys, 1024 keys per
+    // backward task; smaller on cubecl): several blocks, ragged ends, causal across blocks,
+    // SD's cross-attention shape (77 keys) and head dims 40 and 80.
+    let big = [
+        (1usize, 130usize, 300usize, 8usize, 8usize, false),
+        (2, 150, 77, 40, 40, false),
+        (1, 70, 77, 80, 80, false),
+        (1, 300, 300, 4, 4, true),
+        (1, 70, 1100, 4, 6, false),
+    ];
+    for (g, tq, tk, d, dv, causal) in big {
+        let what = format!("attention g{g} q{tq} k{tk} d{d} dv{dv} causal={causal}");
+        let (q, k, v) = (h.randn(&[g, tq, d], F32), h.randn(&[g, tk, d], F32), h.randn(&[g, tk, dv], F32));
+        let go = h.randn(&[g, tq, dv], F32);
+        let params = AttentionParams { causal, ..AttentionParams::new(d) };
+        check_fused_attention(&h, &what, (&q, &k, &v), &go, (g, tq, tk, d, dv), params);
     }
     // Half storage: scores run in f32, the output is stored in the inputs' dtype.
     if B::supports_dtype(&h.device, DType::F16) {
@@ -294,6 +336,25 @@ pub fn attention<B: Backend>() {
         let got: Result<B::Tensor> = B::attention(&q.dev, &k.dev, &v.dev, p);
         let want: Result<RefTensor> = R::attention(&q.reference, &k.reference, &v.reference, p);
         assert_matches::<B>("attention f16", &got, &want);
+        for causal in [false, true] {
+            let what = format!("attention f16 backward causal={causal}");
+            let (q, k, v) =
+                (h.randn(&[2, 70, 8], DType::F16), h.randn(&[2, 70, 8], DType::F16), h.randn(&[2, 70, 8], DType::F16));
+            let go = h.randn(&[2, 70, 8], DType::F16);
+            let p = AttentionParams { causal, ..AttentionParams::new(8) };
+            let fwd = ok(&what, B::attention_forward(&q.dev, &k.dev, &v.dev, p));
+            assert_matches::<B>(
+                &what,
+                &Ok(fwd.out.clone()),
+                &R::attention(&q.reference, &k.reference, &v.reference, p),
+            );
+            let grads = ok(&what, B::attention_backward(&q.dev, &k.dev, &v.dev, &fwd, &go.dev, p));
+            let rf = R::attention_forward(&q.reference, &k.reference, &v.reference, p).unwrap();
+            let want = R::attention_backward(&q.reference, &k.reference, &v.reference, &rf, &go.reference, p).unwrap();
+            for (name, got, want) in [("dq", &grads.q, want.q), ("dk", &grads.k, want.k), ("dv", &grads.v, want.v)] {
+                assert_matches::<B>(&format!("{what} {name}"), &Ok(got.clone()), &Ok(want));
+            }
+        }
     }
     let one = AttentionParams { scale: 1.0, causal: false };
     let (q, k) = (h.randn(&[2, 3, 4], F32), h.randn(&[2, 5, 3], F32));

@@ -3,9 +3,9 @@ use lisa_core::backend::geometry::{
     upsample_backward_input_shape, upsample_output_shape,
 };
 use lisa_core::backend::{
-    AdamWParams, ArithOps, AttentionOps, BackendTypes, BinaryOp, ConvOps, DType, FusedOps, GroupNormGrads,
-    GroupNormOutput, LayoutOps, MatmulOps, NormOps, ReduceOps, Shape, TensorOps, UnaryOp, UpsampleConvOps,
-    check_upsample_conv_kernel, upsampled_shape,
+    AdamWParams, ArithOps, AttentionDims, AttentionForward, AttentionGrads, AttentionOps, AttentionParams,
+    BackendTypes, BinaryOp, ConvOps, DType, FusedOps, GroupNormGrads, GroupNormOutput, LayoutOps, MatmulOps, NormOps,
+    ReduceOps, Shape, TensorOps, UnaryOp, UpsampleConvOps, check_upsample_conv_kernel, upsampled_shape,
 };
 use lisa_core::lisa::{LisaConfig, LisaLoss, SampleTerms, lisa_loss_fused};
 use lisa_core::rng::fill_normal;
@@ -15,7 +15,7 @@ use std::borrow::Cow;
 
 use crate::gemm::{MatRef, gemm_into};
 use crate::tensor::CpuTensor;
-use crate::{CHUNK, conv, elementwise, fused, layout, norm, reduce, upsample_conv};
+use crate::{CHUNK, attention, conv, elementwise, fused, layout, norm, reduce, upsample_conv};
 
 /// The CPU backend.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -382,8 +382,57 @@ impl FusedOps for CpuBackend {
     }
 }
 
-/// The chunked default (matmul + softmax kernels); a fused kernel is future work.
-impl AttentionOps for CpuBackend {}
+/// Fused, tiled attention ([`crate::attention`]): the forward keeps the row log-sum-exp, the
+/// backward recomputes the probabilities tile by tile.
+impl AttentionOps for CpuBackend {
+    fn attention_forward(q: &T, k: &T, v: &T, params: AttentionParams) -> Result<AttentionForward<T>> {
+        const OP: &str = "attention";
+        let dims = AttentionDims::new(OP, &q.shape, &k.shape, &v.shape, params)?;
+        let dtype = Self::expect_same_dtype(OP, q, k)?;
+        Self::expect_same_dtype(OP, q, v)?;
+        let (out, lse) = attention::forward(&q.values(), &k.values(), &v.values(), dims, params);
+        Ok(AttentionForward {
+            out: CpuTensor::store(out, dims.out_shape(), dtype),
+            lse: Some(CpuTensor::store(lse, dims.lse_shape(), DType::F32)),
+        })
+    }
+
+    fn attention_backward(
+        q: &T,
+        k: &T,
+        v: &T,
+        forward: &AttentionForward<T>,
+        grad_out: &T,
+        params: AttentionParams,
+    ) -> Result<AttentionGrads<T>> {
+        const OP: &str = "attention_backward";
+        let dims = AttentionDims::new(OP, &q.shape, &k.shape, &v.shape, params)?;
+        let dtype = Self::expect_same_dtype(OP, q, k)?;
+        Self::expect_same_dtype(OP, q, v)?;
+        Self::expect_same_dtype(OP, q, grad_out)?;
+        let lse = match &forward.lse {
+            Some(lse) => lse.clone(),
+            // A forward from another implementation: its statistics, recomputed once.
+            None => Self::attention_forward(q, k, v, params)?.lse.ok_or(Error::Empty { op: OP })?,
+        };
+        dims.check_backward(OP, &forward.out.shape, &lse.shape, &grad_out.shape)?;
+        let (dq, dk, dv) = attention::backward(
+            &q.values(),
+            &k.values(),
+            &v.values(),
+            &forward.out.values(),
+            &lse.values(),
+            &grad_out.values(),
+            dims,
+            params,
+        );
+        Ok(AttentionGrads {
+            q: CpuTensor::store(dq, q.shape.clone(), dtype),
+            k: CpuTensor::store(dk, k.shape.clone(), dtype),
+            v: CpuTensor::store(dv, v.shape.clone(), dtype),
+        })
+    }
+}
 
 /// On the low-resolution input: four sub-pixel 2×2 kernels as one convolution (see
 /// `upsample_conv.rs`), 16 instead of 36 taps per 2×2 output block.

@@ -2,7 +2,8 @@
 //!
 //! The default `lisa` backend: every op of the [`lisa_core::backend`] traits on the CPU in
 //! `f32` (with `f16`/`bf16` storage), multi-threaded with rayon, GEMM from the `gemm` crate,
-//! 2-D convolutions as im2col + GEMM (and plain GEMM for 1×1 kernels).
+//! 2-D convolutions as im2col + GEMM (and plain GEMM for 1×1 kernels), attention fused and
+//! tiled (no `[t_q, t_k]` score matrix in memory, forward or backward).
 //!
 //! Threads: ops run on the current rayon pool (the global one, sized by
 //! `RAYON_NUM_THREADS`, or any pool the caller `install`s). Results do not depend on the
@@ -10,6 +11,7 @@
 //! fixed order, and random numbers are counter-based ([`lisa_core::rng`]).
 
 mod allocator;
+mod attention;
 mod backend;
 mod conv;
 mod elementwise;

@@ -33,6 +33,18 @@ impl AttentionParams {
 /// and low enough that its probability is exactly 0 in f32.
 const MASKED_SCORE: f32 = -1e30;
 
+/// What [`AttentionOps::attention_forward`] returns: the output and what its backward needs.
+#[derive(Debug, Clone)]
+pub struct AttentionForward<T> {
+    /// `O`, `[g, t_q, d_v]`, in the inputs' dtype.
+    pub out: T,
+    /// The per-row log-sum-exp of the scaled, masked scores, `L_i = log Σ_j exp(s·q_i·k_j + M_ij)`,
+    /// `[g, t_q]` in `f32`, so that a backward can recompute `P = exp(s·QKᵀ + M − L)` tile by
+    /// tile without a second pass for the softmax statistics. `None` from the chunked default
+    /// (its backward recomputes the softmax from the scores).
+    pub lse: Option<T>,
+}
+
 /// The gradients of [`AttentionOps::attention`].
 #[derive(Debug, Clone)]
 pub struct AttentionGrads<T> {
@@ -60,19 +72,34 @@ pub trait AttentionOps: MatmulOps + ReduceOps + LayoutOps {
         v: &Self::Tensor,
         params: AttentionParams,
     ) -> Result<Self::Tensor> {
-        attention_chunked::<Self>(q, k, v, params, ATTENTION_SCORE_BUDGET)
+        Ok(Self::attention_forward(q, k, v, params)?.out)
     }
 
-    /// Backward of [`AttentionOps::attention`] from `∂L/∂O`, recomputing `P = softmax(s·QKᵀ)`:
+    /// [`AttentionOps::attention`] for training: the output with what
+    /// [`AttentionOps::attention_backward`] needs (the per-row log-sum-exp, where the
+    /// backend's kernel computes one).
+    fn attention_forward(
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        params: AttentionParams,
+    ) -> Result<AttentionForward<Self::Tensor>> {
+        Ok(AttentionForward { out: attention_chunked::<Self>(q, k, v, params, ATTENTION_SCORE_BUDGET)?, lse: None })
+    }
+
+    /// Backward of [`AttentionOps::attention`] from `∂L/∂O`, recomputing `P = softmax(s·QKᵀ + M)`
+    /// (from `forward.lse` where the backend keeps it):
     /// `dV = Pᵀ·dO`, `dP = dO·Vᵀ`, `dS = P ⊙ (dP − Σ_keys dP ⊙ P)`, `dQ = s·dS·K`,
-    /// `dK = s·dSᵀ·Q`.
+    /// `dK = s·dSᵀ·Q` (`Σ_keys dP ⊙ P = rowsum(dO ⊙ O)`).
     fn attention_backward(
         q: &Self::Tensor,
         k: &Self::Tensor,
         v: &Self::Tensor,
+        forward: &AttentionForward<Self::Tensor>,
         grad_out: &Self::Tensor,
         params: AttentionParams,
     ) -> Result<AttentionGrads<Self::Tensor>> {
+        let _ = forward;
         attention_backward_chunked::<Self>(q, k, v, grad_out, params, ATTENTION_SCORE_BUDGET)
     }
 }
@@ -188,6 +215,70 @@ fn join<B: AttentionOps>(mut parts: Vec<B::Tensor>, axis: usize) -> Result<B::Te
     B::concat(&refs, axis)
 }
 
+/// The validated sizes of one attention call: `q [groups, queries, head_dim]`,
+/// `k [groups, keys, head_dim]`, `v [groups, keys, value_dim]`. Every backend checks its
+/// inputs with it, so all reject the same calls with the same errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionDims {
+    /// Independent groups (batch × heads).
+    pub groups: usize,
+    /// Query rows per group, `t_q`.
+    pub queries: usize,
+    /// Keys (and values) per group, `t_k`.
+    pub keys: usize,
+    /// The query/key width `d`.
+    pub head_dim: usize,
+    /// The value width `d_v`.
+    pub value_dim: usize,
+}
+
+impl AttentionDims {
+    /// Checks ranks, matching sizes, non-empty sizes, a finite scale, and `t_q = t_k` when causal.
+    pub fn new(op: &'static str, q: &Shape, k: &Shape, v: &Shape, params: AttentionParams) -> Result<Self> {
+        for s in [q, k, v] {
+            s.expect_rank(op, 3)?;
+        }
+        let (g, t_q, d) = (q.dims()[0], q.dims()[1], q.dims()[2]);
+        let t_k = k.dims()[1];
+        Shape::new([g, t_k, d]).expect_eq(op, k)?;
+        if v.dims()[0] != g || v.dims()[1] != t_k {
+            return Err(Error::ShapeMismatch { op, expected: Shape::new([g, t_k, v.dims()[2]]), got: v.clone() });
+        }
+        if g == 0 || t_q == 0 || t_k == 0 || d == 0 || v.dims()[2] == 0 {
+            return Err(Error::Empty { op });
+        }
+        let scale = params.scale;
+        if !scale.is_finite() {
+            return Err(Error::invalid(op, alloc::format!("scale must be finite, got {scale}")));
+        }
+        if params.causal && t_q != t_k {
+            return Err(Error::invalid(
+                op,
+                alloc::format!("causal attention needs as many queries as keys, got {t_q} and {t_k}"),
+            ));
+        }
+        Ok(Self { groups: g, queries: t_q, keys: t_k, head_dim: d, value_dim: v.dims()[2] })
+    }
+
+    /// The output's shape, `[g, t_q, d_v]` (also `∂L/∂O`'s).
+    pub fn out_shape(&self) -> Shape {
+        Shape::new([self.groups, self.queries, self.value_dim])
+    }
+
+    /// The log-sum-exp's shape, `[g, t_q]`.
+    pub fn lse_shape(&self) -> Shape {
+        Shape::new([self.groups, self.queries])
+    }
+
+    /// The backward's other inputs: the forward's output and `∂L/∂O` `[g, t_q, d_v]`, and its
+    /// log-sum-exp `[g, t_q]`.
+    pub fn check_backward(&self, op: &'static str, out: &Shape, lse: &Shape, grad_out: &Shape) -> Result<()> {
+        self.out_shape().expect_eq(op, out)?;
+        self.out_shape().expect_eq(op, grad_out)?;
+        self.lse_shape().expect_eq(op, lse)
+    }
+}
+
 /// The validated sizes of one attention call and its chunking.
 #[derive(Debug, Clone, Copy)]
 struct AttentionGeometry {
@@ -207,32 +298,10 @@ impl AttentionGeometry {
         params: AttentionParams,
         budget: usize,
     ) -> Result<Self> {
-        let scale = params.scale;
-        let (sq, sk, sv) = (B::shape(q), B::shape(k), B::shape(v));
-        for s in [&sq, &sk, &sv] {
-            s.expect_rank(op, 3)?;
-        }
+        let dims = AttentionDims::new(op, &B::shape(q), &B::shape(k), &B::shape(v), params)?;
         let dtype = B::expect_same_dtype(op, q, k)?;
         B::expect_same_dtype(op, q, v)?;
-        let (g, t_q, d) = (sq.dims()[0], sq.dims()[1], sq.dims()[2]);
-        let t_k = sk.dims()[1];
-        Shape::new([g, t_k, d]).expect_eq(op, &sk)?;
-        if sv.dims()[0] != g || sv.dims()[1] != t_k {
-            return Err(Error::ShapeMismatch { op, expected: Shape::new([g, t_k, sv.dims()[2]]), got: sv });
-        }
-        if g == 0 || t_q == 0 || t_k == 0 || d == 0 || sv.dims()[2] == 0 {
-            return Err(Error::Empty { op });
-        }
-        if !scale.is_finite() {
-            return Err(Error::invalid(op, alloc::format!("scale must be finite, got {scale}")));
-        }
-        if params.causal && t_q != t_k {
-            return Err(Error::invalid(
-                op,
-                alloc::format!("causal attention needs as many queries as keys, got {t_q} and {t_k}"),
-            ));
-        }
-        Ok(Self { groups: g, queries: t_q, keys: t_k, dtype, budget: budget.max(1) })
+        Ok(Self { groups: dims.groups, queries: dims.queries, keys: dims.keys, dtype, budget: budget.max(1) })
     }
 
     /// `(first group, count)` chunks holding at most the budget's scores (at least one group).

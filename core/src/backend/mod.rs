@@ -30,8 +30,8 @@ mod upsample_conv;
 pub use crate::optim::AdamWParams;
 pub use arith::{ArithOps, BinaryOp, UnaryOp};
 pub use attention::{
-    ATTENTION_SCORE_BUDGET, AttentionGrads, AttentionOps, AttentionParams, attention_backward_chunked,
-    attention_chunked,
+    ATTENTION_SCORE_BUDGET, AttentionDims, AttentionForward, AttentionGrads, AttentionOps, AttentionParams,
+    attention_backward_chunked, attention_chunked,
 };
 pub use dtype::DType;
 pub use fused::FusedOps;

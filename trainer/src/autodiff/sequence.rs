@@ -80,17 +80,19 @@ impl<B: Backend> Tape<B> {
     }
 
     /// `softmax(s·Q·Kᵀ + M)·V` over groups: `q [g, t_q, d]`, `k [g, t_k, d]`, `v [g, t_k, d_v]`
-    /// (`M`: the causal mask when `params.causal`). Saves only `q`, `k`, `v`: the backward
-    /// recomputes the probabilities in chunks.
+    /// (`M`: the causal mask when `params.causal`). Saves `q`, `k`, `v`, the output and the
+    /// per-row log-sum-exp (`[g, t_q]`), never the `[t_q, t_k]` probabilities: the backward
+    /// recomputes them tile by tile.
     pub fn attention(&self, q: &Var<B>, k: &Var<B>, v: &Var<B>, params: AttentionParams) -> Result<Var<B>> {
-        let value = B::attention(&q.value, &k.value, &v.value, params)?;
         let need = [q.requires_grad(), k.requires_grad(), v.requires_grad()];
         if !self.grad_enabled() || !need.iter().any(|&n| n) {
-            return Ok(self.constant(value));
+            return Ok(self.constant(B::attention(&q.value, &k.value, &v.value, params)?));
         }
+        let forward = B::attention_forward(&q.value, &k.value, &v.value, params)?;
+        let value = forward.out.clone();
         let (qv, kv, vv) = (q.value.clone(), k.value.clone(), v.value.clone());
         Ok(self.record(value, &[q, k, v], move |g| {
-            let grads = B::attention_backward(&qv, &kv, &vv, g, params)?;
+            let grads = B::attention_backward(&qv, &kv, &vv, &forward, g, params)?;
             Ok(vec![need[0].then_some(grads.q), need[1].then_some(grads.k), need[2].then_some(grads.v)])
         }))
     }
