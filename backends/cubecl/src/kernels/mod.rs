@@ -2,6 +2,7 @@
 //! computes in `f32` and rounds once when it stores. Host-side launch code is in
 //! [`crate::backend`]; grid sizing in [`crate::launch`].
 
+pub mod attention;
 pub mod conv;
 pub mod elementwise;
 pub mod fused;
