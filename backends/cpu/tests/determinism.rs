@@ -5,7 +5,9 @@
 //! products differently.
 
 use lisa_core::backend::prelude::*;
-use lisa_core::backend::{AdamWParams, Conv2dParams, DType, GroupNormParams, Shape, Transpose, UnaryOp};
+use lisa_core::backend::{
+    AdamWParams, AttentionParams, Conv2dParams, DType, GroupNormParams, Shape, Transpose, UnaryOp,
+};
 use lisa_cpu::{CpuBackend as C, CpuDevice};
 
 fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
@@ -45,7 +47,21 @@ fn run_all() -> Vec<Vec<u32>> {
     let narrow = C::random_normal(&Shape::new([4, 8, 3, 3]), 8, DType::F32, &d).unwrap();
     let narrow_bias = C::random_normal(&Shape::new([4]), 9, DType::F32, &d).unwrap();
     let rows = C::random_normal(&Shape::new([8, 1, 16]), 10, DType::F32, &d).unwrap();
+    // Fused attention over several query blocks and key chunks (64 rows, 1024 keys a task).
+    let (aq, ak) = (Shape::new([3, 130, 40]), Shape::new([3, 1100, 40]));
+    let (q, k, vv) = (
+        C::random_normal(&aq, 11, DType::F32, &d).unwrap(),
+        C::random_normal(&ak, 12, DType::F32, &d).unwrap(),
+        C::random_normal(&ak, 13, DType::F32, &d).unwrap(),
+    );
+    let ap = AttentionParams::new(40);
+    let att = C::attention_forward(&q, &k, &vv, ap).unwrap();
+    let att_grads = C::attention_backward(&q, &k, &vv, &att, &q, ap).unwrap();
     vec![
+        bits(&att.out),
+        bits(&att_grads.q),
+        bits(&att_grads.k),
+        bits(&att_grads.v),
         bits(&C::conv2d(&x, &narrow, Some(&narrow_bias), p).unwrap()),
         bits(&C::sub(&x, &rows).unwrap()),
         bits(&C::silu(&x).unwrap()),
