@@ -6,6 +6,7 @@
 #   scripts/device_check.sh run     # on the GPU machine, from the repository root with
 #                                   # target/device-check/ copied there; no cargo needed
 #   scripts/device_check.sh gemm    # on the GPU machine: the toy step with each f32 GEMM kernel
+#   scripts/device_check.sh sd      # on the GPU machine: the SD arm alone (below), ~5 minutes
 #
 # `run` does, each stage under its own time limit (the whole at most ~8 minutes):
 #   1. the backend conformance suite on CUDA (every check of lisa-conformance, forward, backward,
@@ -20,6 +21,13 @@
 #      both sides (LISA_BENCH_TF32=1, torch_toy.py --tf32); stages 2-4 compare exact f32;
 #   6. the op benchmark (backends/cubecl/benches/ops.rs) on CUDA next to lisa-cpu on the same
 #      machine: GEMM, convolutions, element-wise ops, and the cost of one launch of a tiny op.
+# `sd` (its own command, so that each fits one device call): SD 1.5 size (random weights from
+# SD 1.5's config), 64x64 latents, batch ${LISA_SD_BATCH:-4}, 77 tokens: lisa's ControlNet
+# training step (baseline, LISA at down_5) on CUDA in f32 (fused attention; lisa has no
+# half-precision arithmetic yet), each arm with the device memory its pools reserved; then
+# PyTorch + diffusers doing the same step (scripts/bench/torch_sd_step.py: ControlNetModel.from_unet,
+# SDPA, AdamW) in f32 and under autocast bf16, with DDIM-20 sampling of 4 images, each arm
+# with torch.cuda.max_memory_allocated.
 # Exit status: non-zero when the conformance suite or the benchmark fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +36,7 @@ OUT_DIR=target/device-check
 build() {
     echo "== building the CUDA binaries (bench profile, cuda feature)"
     mkdir -p "$OUT_DIR"
-    local conf bench ops
+    local conf bench sd ops
     # One profile for both (bench = release + line tables) so that the dependencies build once.
     cargo test --profile bench -p lisa-cubecl --features cuda --test conformance_cuda --no-run \
         --message-format=json >"$OUT_DIR/build.json" 2>"$OUT_DIR/build.log" || fail_build
@@ -36,15 +44,18 @@ build() {
     cargo bench -p lisa-trainer --features cuda --bench step --no-run \
         --message-format=json >"$OUT_DIR/build.json" 2>"$OUT_DIR/build.log" || fail_build
     bench="$(exe_of step <"$OUT_DIR/build.json")"
+    cargo bench -p lisa-trainer --features cuda --bench sd_step --no-run \
+        --message-format=json >"$OUT_DIR/build.json" 2>"$OUT_DIR/build.log" || fail_build
+    sd="$(exe_of sd_step <"$OUT_DIR/build.json")"
     cargo bench -p lisa-cubecl --features cuda --bench ops --no-run \
         --message-format=json >"$OUT_DIR/build.json" 2>"$OUT_DIR/build.log" || fail_build
     ops="$(exe_of ops <"$OUT_DIR/build.json")"
     rm -f "$OUT_DIR/build.json" "$OUT_DIR/build.log"
-    [ -x "$conf" ] && [ -x "$bench" ] && [ -x "$ops" ] || {
-        echo "device_check: cargo built no conformance_cuda, step or ops executable" >&2
+    [ -x "$conf" ] && [ -x "$bench" ] && [ -x "$sd" ] && [ -x "$ops" ] || {
+        echo "device_check: cargo built no conformance_cuda, step, sd_step or ops executable" >&2
         exit 1
     }
-    for pair in "conformance_cuda:$conf" "step_cuda:$bench" "ops_cuda:$ops"; do
+    for pair in "conformance_cuda:$conf" "step_cuda:$bench" "sd_step_cuda:$sd" "ops_cuda:$ops"; do
         local name="${pair%%:*}" exe="${pair#*:}"
         cp "$exe" "$OUT_DIR/$name"
         strip --strip-debug "$OUT_DIR/$name"
@@ -57,7 +68,8 @@ build() {
 
 # Stops unless `build` left the compressed binaries in $OUT_DIR.
 have_binaries() {
-    [ -f "$OUT_DIR/conformance_cuda.xz" ] && [ -f "$OUT_DIR/step_cuda.xz" ] && [ -f "$OUT_DIR/ops_cuda.xz" ] || {
+    [ -f "$OUT_DIR/conformance_cuda.xz" ] && [ -f "$OUT_DIR/step_cuda.xz" ] && [ -f "$OUT_DIR/sd_step_cuda.xz" ] &&
+        [ -f "$OUT_DIR/ops_cuda.xz" ] || {
         echo "device_check: no binaries in $OUT_DIR: run 'scripts/device_check.sh build' on the build machine first" >&2
         exit 2
     }
@@ -67,7 +79,7 @@ have_binaries() {
 unpack_binaries() {
     local bin name
     bin="$(mktemp -d "${TMPDIR:-/tmp}/lisa-device-bin.XXXXXX")"
-    for name in conformance_cuda step_cuda ops_cuda; do
+    for name in conformance_cuda step_cuda sd_step_cuda ops_cuda; do
         xz -dc "$OUT_DIR/$name.xz" >"$bin/$name"
         chmod +x "$bin/$name"
     done
@@ -230,12 +242,51 @@ gemm_kernels() {
     rm -rf "$bin"
 }
 
+# The SD arm: lisa's SD-size training step on CUDA next to PyTorch + diffusers on the same GPU.
+sd_arm() {
+    have_binaries
+    if [ ! -e /proc/driver/nvidia/version ] && [ ! -e /dev/nvidiactl ]; then
+        echo "device_check: no NVIDIA driver on this machine; run this on the GPU machine" >&2
+        exit 2
+    fi
+    if ! ldconfig -p 2>/dev/null | grep -q 'libnvrtc\.so'; then
+        local nvrtc_dirs
+        nvrtc_dirs="$(find /usr/local/cuda* /usr/lib /opt -name 'libnvrtc.so*' 2>/dev/null |
+            xargs -r -n1 dirname | sort -u | paste -sd: || true)"
+        [ -n "$nvrtc_dirs" ] && export LD_LIBRARY_PATH="$nvrtc_dirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    fi
+    local bin batch="${LISA_SD_BATCH:-4}" status=0 arm
+    bin="$(unpack_binaries)"
+    echo "binaries built from commit $(cat "$OUT_DIR/commit" 2>/dev/null || echo unknown)"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/GPU: /'
+    echo "== SD 1.5 size, batch $batch, 64x64 latents, 77 tokens: lisa-cubecl on CUDA, f32"
+    for arm in baseline lisa; do
+        LISA_BENCH_BACKEND=cuda LISA_BENCH_BATCH="$batch" LISA_BENCH_STEPS=3 LISA_BENCH_ARMS=$arm \
+            timeout 150 "$bin/sd_step_cuda" --bench 2>&1 | grep -E 'sd_step|step|panicked|rror' | cut -c1-300 ||
+            { status=1; echo "lisa SD $arm step on CUDA: FAILED (exit or timeout)"; }
+    done
+    local py="${LISA_BENCH_PYTHON:-python3}" dtype
+    if "$py" -c 'import torch, diffusers, sys; sys.exit(0 if torch.cuda.is_available() else 1)' >/dev/null 2>&1; then
+        for dtype in f32 bf16; do
+            echo "== the same in PyTorch + diffusers on CUDA, $dtype"
+            timeout 150 "$py" scripts/bench/torch_sd_step.py --device cuda --dtype "$dtype" --batch "$batch" \
+                --steps 3 --warmup 1 --arms baseline,lisa,sample 2>&1 | grep -E 'step|torch_sd_step|rror' ||
+                echo "PyTorch + diffusers ($dtype): failed or timed out"
+        done
+    else
+        echo "PyTorch + diffusers: not run (no Python with CUDA torch and diffusers; set LISA_BENCH_PYTHON)"
+    fi
+    rm -rf "$bin"
+    return $status
+}
+
 case "${1:-}" in
     build) build ;;
     run) run ;;
     gemm) gemm_kernels ;;
+    sd) sd_arm ;;
     *)
-        echo "usage: scripts/device_check.sh build|run|gemm" >&2
+        echo "usage: scripts/device_check.sh build|run|gemm|sd" >&2
         exit 2
         ;;
 esac

@@ -407,6 +407,14 @@ fn prepare_sd<B: Backend>(
     }
     pipeline.check_text_encoder().with_context(in_folder)?;
     let precision = a.mixed_precision;
+    if precision != MixedPrecision::No {
+        eprintln!(
+            "note: --mixed-precision {0}: the frozen UNet, VAE and text encoder are stored in {0} (half the memory); \
+             the {1} backend computes in f32 (no half-precision arithmetic yet)",
+            precision.flag(),
+            B::name()
+        );
+    }
     file.model = pipeline.controlnet_spec(controlnet, size, precision, &file.model.decoder).map_err(resolution_flag)?;
     file.train.noise = pipeline.noise;
     check_sd_memory(&file.model, file.train.batch_size)?;

@@ -324,6 +324,7 @@ fn end_to_end_from_a_full_pipeline_with_cached_encoders_validation_and_resume() 
         ["--mixed-precision", "bf16", "--gradient-checkpointing", "--max-train-steps", "1", "--validation-steps", "1"];
     let err = ok(&train(&pipe, &data, &out_bf16, &[&bf16[..], &extra[..4]].concat()));
     assert!(err.contains("cached 3 latents") && out_bf16.join("validation-000001.png").is_file(), "{err}");
+    assert!(err.contains("stored in bf16") && err.contains("the cpu backend computes in f32"), "{err}");
     let line = std::fs::read_to_string(out_bf16.join("metrics.jsonl")).unwrap();
     let loss =
         serde_json::from_str::<serde_json::Value>(line.lines().next().unwrap()).unwrap()["loss"].as_f64().unwrap();

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates the Python environment of the PyTorch reference benchmark (scripts/bench/torch_toy.py):
+# Creates the Python environment of the PyTorch reference benchmarks (torch_toy.py, torch_sd_step.py):
 # a venv at ${LISA_BENCH_VENV:-$HOME/.cache/lisa-bench-venv} with torch from PyPI.
 # Never run by the tests; compare.sh runs it only when that venv has no torch and
 # LISA_BENCH_PYTHON is unset.
@@ -25,5 +25,10 @@ if [ -n "${LISA_BENCH_TORCH_INDEX:-}" ]; then
     "$VENV/bin/python" -m pip install "$SPEC" --index-url "$LISA_BENCH_TORCH_INDEX"
 else
     "$VENV/bin/python" -m pip install "$SPEC"
+fi
+# LISA_BENCH_EXTRA: more packages from PyPI (compare_sd.sh asks for diffusers).
+if [ -n "${LISA_BENCH_EXTRA:-}" ]; then
+    # shellcheck disable=SC2086 # a word list on purpose
+    "$VENV/bin/python" -m pip install ${LISA_BENCH_EXTRA}
 fi
 "$VENV/bin/python" -c 'import torch; print("setup: torch", torch.__version__, "CPU capability", torch.backends.cpu.get_cpu_capability())'

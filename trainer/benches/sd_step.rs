@@ -1,7 +1,9 @@
 //! Training-step benchmark of the sd architecture at the real SD 1.5 size (UNet 0.86 B
-//! parameters, ControlNet 0.36 B, 64×64 latents, 77 text tokens of 768, batch 1), random
-//! weights, f32, on the CPU backend:
-//! `cargo bench -p lisa-trainer --bench sd_step` (`LISA_BENCH_STEPS=N`, default 2 per arm).
+//! parameters, ControlNet 0.36 B, 64×64 latents, 77 text tokens of 768), random weights, f32:
+//! `cargo bench -p lisa-trainer --bench sd_step` (`LISA_BENCH_STEPS=N`, default 2 per arm;
+//! `LISA_BENCH_BATCH=N`, default 1; `LISA_BENCH_BACKEND=cpu|wgpu|cuda`, default cpu, the GPU
+//! ones with the trainer's feature of that name, where each arm also prints the device memory
+//! cubecl's pools reserved, the largest after any step).
 //! Without `--bench` (under `cargo test --all-targets`) it runs one step of each arm on the
 //! tiny golden-file configuration instead.
 //!
@@ -57,7 +59,47 @@ fn config(full: bool) -> (serde_json::Value, usize, usize) {
 
 fn main() {
     lisa_cpu::keep_freed_memory(); // as the `lisa` command does
+    let backend = std::env::var("LISA_BENCH_BACKEND").unwrap_or_else(|_| "cpu".into());
+    match backend.as_str() {
+        "cpu" => {
+            let label = format!("CPU backend, {} threads", rayon::current_num_threads());
+            run::<C>(CpuDevice, &label, &|| None)
+        }
+        #[cfg(feature = "wgpu")]
+        "wgpu" => match lisa_cubecl::WgpuBackend::probe() {
+            Ok(d) => {
+                let probe = d.clone();
+                run::<lisa_cubecl::WgpuBackend>(d, "wgpu backend", &move || probe.memory_reserved())
+            }
+            Err(e) => {
+                eprintln!("LISA_BENCH_BACKEND=wgpu: {e}");
+                std::process::exit(2);
+            }
+        },
+        #[cfg(feature = "cuda")]
+        "cuda" => match lisa_cubecl::CudaBackend::probe() {
+            Ok(d) => {
+                let probe = d.clone();
+                run::<lisa_cubecl::CudaBackend>(d, "CUDA backend (exact f32 matmul)", &move || probe.memory_reserved())
+            }
+            Err(e) => {
+                eprintln!("LISA_BENCH_BACKEND=cuda: {e}");
+                std::process::exit(2);
+            }
+        },
+        other => {
+            eprintln!(
+                "LISA_BENCH_BACKEND={other}: not built in (cpu always; wgpu and cuda with the trainer's feature of that name)"
+            );
+            std::process::exit(2);
+        }
+    }
+}
+
+/// The arms on backend `B`; `device_memory` reads the device's reserved memory (None on the CPU).
+fn run<B: Backend>(device: B::Device, label: &str, device_memory: &dyn Fn() -> Option<u64>) {
     let full = std::env::args().any(|a| a == "--bench");
+    let batch: usize = std::env::var("LISA_BENCH_BATCH").ok().and_then(|v| v.parse().ok()).unwrap_or(1).max(1);
     let steps: usize = std::env::var("LISA_BENCH_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
     let steps = if full { steps.max(1) } else { 1 };
     let (unet, side, tokens) = config(full);
@@ -71,11 +113,10 @@ fn main() {
     };
     let spec = ModelSpec { architecture: "sd".into(), decoder, config: spec_config };
     println!(
-        "sd_step: {} ({}x{} latents, {tokens} tokens, batch 1, f32), {steps} step(s) per arm, CPU backend, {} threads",
+        "sd_step: {} ({}x{} latents, {tokens} tokens, batch {batch}, f32), {steps} step(s) per arm, {label}",
         if full { "SD 1.5 size" } else { "tiny smoke config" },
         side,
         side,
-        rayon::current_num_threads()
     );
     let mut results = Vec::new();
     // `LISA_BENCH_ARMS`: a comma list of baseline, lisa, lisa-ckpt (gradient checkpointing);
@@ -92,13 +133,13 @@ fn main() {
         .collect();
     for (lisa, ckpt, label) in &arms {
         let (lisa, ckpt) = (*lisa, *ckpt);
-        let mut model = registry::build::<C>(&spec, Parts::Dual { decoder: lisa }, CpuDevice, 0).unwrap();
+        let mut model = registry::build::<B>(&spec, Parts::Dual { decoder: lisa }, device.clone(), 0).unwrap();
         let count = |prefix: &str| -> usize {
             model
                 .store()
                 .iter()
                 .filter(|(_, p)| p.name.starts_with(prefix))
-                .map(|(_, p)| C::shape(&p.value).num_elements().unwrap())
+                .map(|(_, p)| B::shape(&p.value).num_elements().unwrap())
                 .sum()
         };
         if !lisa {
@@ -110,42 +151,42 @@ fn main() {
         }
         // AdamW state for every trainable tensor.
         let trainable: Vec<_> = model.store().iter().filter(|(_, p)| p.trainable).map(|(id, _)| id).collect();
-        let mut moments: Vec<(lisa_cpu::CpuTensor, lisa_cpu::CpuTensor)> = trainable
+        let mut moments: Vec<(B::Tensor, B::Tensor)> = trainable
             .iter()
             .map(|&id| {
                 let v = &model.store().get(id).value;
-                (C::zeros_like(v).unwrap(), C::zeros_like(v).unwrap())
+                (B::zeros_like(v).unwrap(), B::zeros_like(v).unwrap())
             })
             .collect();
         let mut times = Vec::new();
+        let mut device_peak = 0u64;
         for s in 0..steps {
             let start = Instant::now();
-            let x = C::random_normal(&Shape::new([1, 4, side, side]), 10 + s as u64, DType::F32, &CpuDevice).unwrap();
-            let noise =
-                C::random_normal(&Shape::new([1, 4, side, side]), 20 + s as u64, DType::F32, &CpuDevice).unwrap();
-            let hint = C::full(&Shape::new([1, 3, 8 * side, 8 * side]), 0.5, DType::F32, &CpuDevice).unwrap();
-            let ctx =
-                C::random_normal(&Shape::new([1, tokens, if full { 768 } else { 12 }]), 30, DType::F32, &CpuDevice)
-                    .unwrap();
-            let dim = C::shape(&ctx).dims()[2];
+            let latents = Shape::new([batch, 4, side, side]);
+            let x = B::random_normal(&latents, 10 + s as u64, DType::F32, &device).unwrap();
+            let noise = B::random_normal(&latents, 20 + s as u64, DType::F32, &device).unwrap();
+            let hint = B::full(&Shape::new([batch, 3, 8 * side, 8 * side]), 0.5, DType::F32, &device).unwrap();
+            let ctx_shape = Shape::new([batch, tokens, if full { 768 } else { 12 }]);
+            let ctx = B::random_normal(&ctx_shape, 30, DType::F32, &device).unwrap();
+            let dim = B::shape(&ctx).dims()[2];
             let cond = Conditioning {
-                t: vec![500.0],
-                prompt: PromptEmbedding::Text { values: C::to_vec(&ctx).unwrap(), tokens, dim },
+                t: vec![500.0; batch],
+                prompt: PromptEmbedding::Text { values: B::to_vec(&ctx).unwrap(), tokens, dim },
             };
             let grads = {
-                let tape = Tape::<C>::new();
+                let tape = Tape::<B>::new();
                 let bound = model.store().bind(&tape);
                 let (xv, hv) = (tape.constant(x.clone()), tape.constant(hint.clone()));
                 let side = if ckpt { SideMode::Checkpointed } else { SideMode::Recorded };
                 let options = ForwardOptions { side, ..ForwardOptions::lisa(lisa) };
                 let mut out = forward_train(model.as_ref(), &bound, &xv, &hv, &cond, options).unwrap();
                 let side_leaves = out.side_leaves.take();
-                let (_, g_pred) = C::mse_loss(&out.pred.value, &noise).unwrap();
+                let (_, g_pred) = B::mse_loss(&out.pred.value, &noise).unwrap();
                 let mut roots = vec![(&out.pred, g_pred)];
                 if let (Some(dec), Some(prior)) = (&out.decoded, &out.prior) {
-                    let target = C::sub(&noise, prior).unwrap();
-                    let (_, g_dec) = C::mse_loss(&dec.value, &target).unwrap();
-                    roots.push((dec, C::scale(&g_dec, 0.2).unwrap()));
+                    let target = B::sub(&noise, prior).unwrap();
+                    let (_, g_dec) = B::mse_loss(&dec.value, &target).unwrap();
+                    roots.push((dec, B::scale(&g_dec, 0.2).unwrap()));
                 }
                 let leaves = bound.leaves();
                 let mut g = tape.backward(&roots).unwrap();
@@ -164,14 +205,23 @@ fn main() {
             for (i, &id) in trainable.iter().enumerate() {
                 let Some(Some(g)) = grads.iter().find(|(p, _)| *p == id).map(|(_, g)| g.clone()) else { continue };
                 let (m, v) = &mut moments[i];
-                C::adamw_update(&mut model.store_mut().get_mut(id).value, m, v, &g, &hp).unwrap();
+                B::adamw_update(&mut model.store_mut().get_mut(id).value, m, v, &g, &hp).unwrap();
+            }
+            // One value read back: the device has finished the step (a no-op wait on the CPU).
+            if let Some(&id) = trainable.first() {
+                B::to_vec(&B::sum(&model.store().get(id).value).unwrap()).unwrap();
             }
             times.push(start.elapsed().as_secs_f64());
+            device_peak = device_peak.max(device_memory().unwrap_or(0));
         }
         times.sort_by(f64::total_cmp);
         let median = times[times.len() / 2];
+        let device_mem = match device_memory() {
+            Some(_) => format!(", device memory reserved {:.2} GiB", device_peak as f64 / (1u64 << 30) as f64),
+            None => String::new(),
+        };
         println!(
-            "  {:<8} step {:>8.2} s (median of {steps}; all: {:?}), peak RSS {:.2} GiB",
+            "  {:<8} step {:>8.2} s (median of {steps}; all: {:?}), peak RSS {:.2} GiB{device_mem}",
             label,
             median,
             times.iter().map(|t| format!("{t:.2}")).collect::<Vec<_>>(),

@@ -71,6 +71,12 @@ impl<R: Runtime> CubeDevice<R> {
         R::name(&self.client)
     }
 
+    /// The bytes cubecl's memory pools hold on the device (they grow to the largest working
+    /// set and are reused); `None` when the runtime cannot say.
+    pub fn memory_reserved(&self) -> Option<u64> {
+        self.client.memory_usage().ok().map(|m| m.bytes_reserved)
+    }
+
     /// Whether kernels can load, compute and store `dtype` here.
     pub fn supports(&self, dtype: DType) -> bool {
         let props = self.client.properties();

@@ -109,6 +109,15 @@ pub enum MixedPrecision {
 }
 
 impl MixedPrecision {
+    /// The flag's value: `no`, `fp16`, `bf16`.
+    pub fn flag(self) -> &'static str {
+        match self {
+            MixedPrecision::No => "no",
+            MixedPrecision::Fp16 => "fp16",
+            MixedPrecision::Bf16 => "bf16",
+        }
+    }
+
     /// The storage type of the frozen networks.
     pub fn dtype(self) -> DType {
         match self {
