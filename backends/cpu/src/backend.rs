@@ -382,7 +382,7 @@ impl FusedOps for CpuBackend {
     }
 }
 
-/// Fused, tiled attention ([`crate::attention`]): the forward keeps the row log-sum-exp, the
+/// Fused, tiled attention (`src/attention.rs`): the forward keeps the row log-sum-exp, the
 /// backward recomputes the probabilities tile by tile.
 impl AttentionOps for CpuBackend {
     fn attention_forward(q: &T, k: &T, v: &T, params: AttentionParams) -> Result<AttentionForward<T>> {

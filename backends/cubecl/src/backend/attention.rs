@@ -1,4 +1,4 @@
-//! Attention: the fused kernels of [`crate::kernels::attention`] (forward with the row
+//! Attention: the fused kernels of `kernels/attention.rs` (forward with the row
 //! log-sum-exp; backward in three kernels), never a `[queries, keys]` matrix in memory.
 //!
 //! Stated fallback: where the kernels' shared memory (`4·16² + 16·max(d, d_v)` floats) does
