@@ -43,6 +43,7 @@ extern crate alloc;
 pub mod backend;
 mod error;
 pub mod lisa;
+pub mod loss_scale;
 pub mod optim;
 pub mod prediction;
 pub mod real;
