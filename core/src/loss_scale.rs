@@ -134,7 +134,8 @@ impl LossScaler {
 
     /// `1/S`, exact: what the gradients are multiplied by before the optimizer.
     pub fn inverse_scale(&self) -> f32 {
-        pow2(-self.state.log2)
+        // Exact: 1 over a power of two (2⁻¹²⁷ is subnormal, still exact).
+        1.0 / self.scale()
     }
 
     /// After a backward whose gradients were (`finite`) or were not all finite: skip or take
@@ -160,7 +161,7 @@ impl LossScaler {
     }
 }
 
-/// `2^e` for `e` in [`LOG2_RANGE`] (and its negation), exactly, from the f32 bit pattern.
+/// `2^e` for `e` in [`LOG2_RANGE`], exactly, from the f32 bit pattern.
 fn pow2(e: i32) -> f32 {
     let e = e.clamp(*LOG2_RANGE.start(), *LOG2_RANGE.end());
     f32::from_bits(((e + 127) as u32) << 23)
