@@ -43,6 +43,17 @@ impl Progress {
 
     /// Shows step `s`.
     pub fn step(&mut self, s: &StepStats, its: f64) {
+        if let Some(scale) = s.loss_scale {
+            if s.skipped {
+                self.line(format!(
+                    "step {}: skipped (an inf/NaN gradient at loss scale {scale}); loss scale halved to {}",
+                    s.step,
+                    scale / 2.0
+                ));
+            } else if s.scale_grew {
+                self.line(format!("step {}: loss scale doubled to {}", s.step, scale * 2.0));
+            }
+        }
         let iou = self.iou.map_or("  -   ".to_string(), |v| format!("{v:.4}"));
         let losses = format!("loss {:.4} (main {:.4}, lisa {:.4})  iou {iou}", s.loss, s.main_loss, s.lisa_loss);
         match &self.bar {

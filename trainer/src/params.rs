@@ -48,12 +48,26 @@ pub struct ParamStore<B: Backend> {
     device: B::Device,
     seed: u64,
     frozen: Vec<String>,
+    autocast: Option<DType>,
 }
 
 impl<B: Backend> ParamStore<B> {
     /// An empty store; initial values derive from `seed` and each parameter's index.
     pub fn new(device: B::Device, seed: u64) -> Self {
-        Self { params: Vec::new(), device, seed, frozen: Vec::new() }
+        Self { params: Vec::new(), device, seed, frozen: Vec::new(), autocast: None }
+    }
+
+    /// Autocast (accelerate's `--mixed_precision`): every forward bound from this store runs
+    /// its matmuls, convolutions, norms and attention with `dtype` inputs (None: each layer in
+    /// its weights' dtype, the default). The weights themselves stay as stored; f32 ones are
+    /// cast once per bind ([`Bound::weight`]) and their gradients come back in f32.
+    pub fn set_autocast(&mut self, dtype: Option<DType>) {
+        self.autocast = dtype.filter(|d| *d != DType::F32);
+    }
+
+    /// The autocast dtype, if any ([`ParamStore::set_autocast`]).
+    pub fn autocast(&self) -> Option<DType> {
+        self.autocast
     }
 
     /// Parameters added later whose names start with `prefix` are frozen (not trainable).
@@ -142,8 +156,9 @@ impl<B: Backend> ParamStore<B> {
             .params
             .iter()
             .map(|p| if p.trainable { tape.leaf(p.value.clone()) } else { tape.constant(p.value.clone()) })
-            .collect();
-        Bound { tape, vars }
+            .collect::<Vec<_>>();
+        let casts = std::cell::RefCell::new(vec![None; vars.len()]);
+        Bound { tape, vars, autocast: self.autocast, casts }
     }
 }
 
@@ -152,12 +167,48 @@ pub struct Bound<'t, B: Backend> {
     /// The tape ops record on.
     pub tape: &'t Tape<B>,
     vars: Vec<Var<B>>,
+    autocast: Option<DType>,
+    /// Each parameter's cast to the autocast dtype, made at its first use in this pass.
+    casts: std::cell::RefCell<Vec<Option<Var<B>>>>,
 }
 
 impl<'t, B: Backend> Bound<'t, B> {
     /// The bound value of a parameter.
     pub fn p(&self, id: ParamId) -> &Var<B> {
         &self.vars[id.0]
+    }
+
+    /// The dtype a layer whose weight is `w` computes in: the autocast dtype when the store
+    /// has one, else `w`'s own.
+    pub fn compute_dtype(&self, w: ParamId) -> DType {
+        self.autocast.unwrap_or_else(|| B::dtype(&self.vars[w.0].value))
+    }
+
+    /// The autocast dtype of this pass, if any ([`ParamStore::set_autocast`]).
+    pub fn autocast(&self) -> Option<DType> {
+        self.autocast
+    }
+
+    /// Parameter `id` as `dtype`: itself when stored so, else a differentiable cast made once
+    /// per pass (torch autocast's weight cache), whose backward returns the gradient in the
+    /// stored dtype (the f32 master weight's).
+    pub fn weight(&self, id: ParamId, dtype: DType) -> Result<Var<B>> {
+        let var = &self.vars[id.0];
+        if B::dtype(&var.value) == dtype {
+            return Ok(var.clone());
+        }
+        if let Some(cast) = &self.casts.borrow()[id.0]
+            && B::dtype(&cast.value) == dtype
+        {
+            return Ok(cast.clone());
+        }
+        let cast = self.tape.cast(var, dtype)?;
+        // A cast made while the tape does not record carries no gradient: not kept, so that a
+        // later recorded use casts again.
+        if cast.requires_grad() == var.requires_grad() {
+            self.casts.borrow_mut()[id.0] = Some(cast.clone());
+        }
+        Ok(cast)
     }
 
     /// The tape leaf of each trainable parameter, to read gradients after `backward`.

@@ -113,8 +113,8 @@ impl<B: Backend> Pretrainer<B> {
         let leaves = bound.leaves();
         let mut grads_by_leaf = tape.backward(&[(&pred, g)])?;
         let mut grads = self.optimizer.gather(leaves, &mut grads_by_leaf);
-        let (grad_norm, lr) = self.apply(&mut grads)?;
-        Ok(StepStats { step, loss, main_loss: loss, lisa_loss: 0.0, lisa_zero_distance: 0.0, grad_norm, lr })
+        let applied = self.apply(&mut grads)?;
+        Ok(StepStats::new(step, (loss, loss, 0.0, 0.0), applied))
     }
 
     /// Writes the main model (the EMA weights when EMA is on) as safetensors, names `main.*`,

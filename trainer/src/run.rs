@@ -3,6 +3,9 @@
 
 use lisa_core::backend::Backend;
 
+use lisa_core::backend::DType;
+use lisa_core::loss_scale::{LossScaleConfig, LossScaler, ScaleEvent};
+
 use crate::data::Example;
 use crate::error::{Result, TrainError};
 use crate::model::DualDenoiser;
@@ -44,20 +47,77 @@ pub trait StepSettings {
     fn optim(&self) -> &OptimConfig;
     /// Steps of the run (the length of the lr schedule).
     fn total_steps(&self) -> u64;
+    /// The loss scaler's settings, used when the model autocasts to fp16 (torch's defaults).
+    fn loss_scale(&self) -> LossScaleConfig {
+        LossScaleConfig::default()
+    }
+}
+
+/// What [`TrainingRun::apply`] did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Applied {
+    /// The true gradients' norm before clipping (inf or NaN on a skipped step).
+    pub grad_norm: f32,
+    /// The learning rate of the step.
+    pub lr: f32,
+    /// The loss scale the step's backward used (None: no loss scaling).
+    pub loss_scale: Option<f32>,
+    /// What the scaler did (None: no loss scaling).
+    pub event: Option<ScaleEvent>,
 }
 
 /// The most examples per (micro-)batch and micro-batches per step any run takes.
 pub const MAX_BATCH: usize = 1 << 20;
 
 impl<B: Backend, C: StepSettings> TrainingRun<B, C> {
+    /// The run's loss scaler where its model autocasts to fp16 (None otherwise): fresh, or
+    /// where the run's state left it.
+    pub(crate) fn loss_scaler(&self) -> Result<Option<LossScaler>> {
+        if self.model.store().autocast() != Some(DType::F16) {
+            return Ok(None);
+        }
+        let config = self.config.loss_scale();
+        let scaler = match self.run.state.loss_scale {
+            Some(state) => LossScaler::resume(config, state),
+            None => LossScaler::new(config),
+        };
+        scaler.map(Some).map_err(|e| TrainError::in_section("train.loss_scale", e))
+    }
+
     /// Clips and applies `grads` as the run's next optimizer step and advances the step
-    /// count. Returns `(gradient norm, lr)`. A step whose update makes a weight non-finite
-    /// is an error naming the step, the tensor and the learning rate (the run should not be
-    /// saved after it).
-    pub(crate) fn apply(&mut self, grads: &mut [Option<B::Tensor>]) -> Result<(f32, f32)> {
+    /// count. Under fp16 loss scaling the gradients are `S×` the true ones: they are unscaled,
+    /// and a step with an inf/NaN gradient is skipped (weights, moments and EMA unchanged)
+    /// while the scaler halves `S` ([`LossScaler::update`]). A step whose update makes a
+    /// weight non-finite is an error naming the step, the tensor and the learning rate (the
+    /// run should not be saved after it).
+    pub(crate) fn apply(&mut self, grads: &mut [Option<B::Tensor>]) -> Result<Applied> {
         let done = self.run.state.step;
+        let taken_before = done - self.run.state.skipped_steps;
+        let scaled_norm = crate::optim::grad_norm::<B>(grads)?;
+        let mut scaler = self.loss_scaler()?;
+        let scale = scaler.as_ref().map(|s| s.scale());
+        let inverse = scaler.as_ref().map_or(1.0, |s| s.inverse_scale());
+        let event = scaler.as_mut().map(|s| s.update(scaled_norm.is_finite()));
+        if event == Some(ScaleEvent::Skipped) {
+            self.run.state.loss_scale = scaler.map(|s| s.state());
+            self.run.state.skipped_steps += 1;
+            self.run.state.step = done + 1;
+            let lr = self.config.optim().lr_at(taken_before, self.config.total_steps());
+            return Ok(Applied { grad_norm: scaled_norm * inverse, lr, loss_scale: scale, event });
+        }
+        if !scaled_norm.is_finite() {
+            return Err(TrainError::NonFinite { what: "gradient norm", step: done + 1 });
+        }
         let (config, store) = (&self.config, self.model.store_mut());
-        let (norm, lr) = self.optimizer.step(store, grads, config.optim(), done, config.total_steps())?;
+        let (norm, lr) = self.optimizer.step(
+            store,
+            grads,
+            (scaled_norm, inverse),
+            config.optim(),
+            taken_before,
+            taken_before + 1,
+            config.total_steps(),
+        )?;
         // One reduction (one read-back) for all weights; the culprit is searched only on failure.
         let store = self.model.store();
         let mut total: Option<B::Tensor> = None;
@@ -80,8 +140,9 @@ impl<B: Backend, C: StepSettings> TrainingRun<B, C> {
             }
             return Err(TrainError::Diverged { step: done + 1, tensor: culprit, lr, grad_norm: norm });
         }
+        self.run.state.loss_scale = scaler.map(|s| s.state());
         self.run.state.step = done + 1;
-        Ok((norm, lr))
+        Ok(Applied { grad_norm: norm, lr, loss_scale: scale, event })
     }
 }
 

@@ -22,6 +22,17 @@ pub struct TrainState {
     pub epoch: u64,
     /// Position inside the epoch's permutation.
     pub position: usize,
+    /// Where fp16 loss scaling stands (None: the run does not scale its loss).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<lisa_core::loss_scale::LossScaleState>,
+    /// Steps skipped for an inf/NaN gradient under loss scaling. The lr schedule, AdamW and
+    /// the EMA count only the steps taken (accelerate skips its scheduler step too).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub skipped_steps: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// The run's random stream and data order: pure functions of `(seed, state)`.

@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use lisa_core::backend::Backend;
+use lisa_core::loss_scale::LossScaleConfig;
 use lisa_core::{LisaConfig, Prediction};
 use serde::{Deserialize, Serialize};
 
@@ -67,6 +68,9 @@ pub struct TrainConfig {
     /// Divide `τ` by its root mean square at each timestep, measured on the prior before the
     /// first step, so the decoder's target has unit scale everywhere (None: off, the paper).
     pub normalize_tau: Option<TauNormConfig>,
+    /// Dynamic loss scaling when the model autocasts to fp16 (torch `GradScaler`'s defaults:
+    /// `init_log2 = 16`, `growth_interval = 2000`); unused otherwise.
+    pub loss_scale: LossScaleConfig,
 }
 
 impl Default for TrainConfig {
@@ -86,6 +90,7 @@ impl Default for TrainConfig {
             gradient_checkpointing: false,
             decoder_lr_scale: 1.0,
             normalize_tau: None,
+            loss_scale: LossScaleConfig::default(),
         }
     }
 }
@@ -119,6 +124,7 @@ impl TrainConfig {
         if let Some(n) = &self.normalize_tau {
             n.validate()?;
         }
+        self.loss_scale.validate().map_err(|e| TrainError::in_section("train.loss_scale", e))?;
         Ok(())
     }
 
@@ -146,6 +152,9 @@ impl StepSettings for TrainConfig {
     fn total_steps(&self) -> u64 {
         self.max_train_steps
     }
+    fn loss_scale(&self) -> LossScaleConfig {
+        self.loss_scale
+    }
 }
 
 /// What one optimizer step measured.
@@ -168,6 +177,34 @@ pub struct StepStats {
     pub grad_norm: f32,
     /// Learning rate used.
     pub lr: f32,
+    /// The loss scale the step's backward used (fp16 loss scaling; None without).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f32>,
+    /// The step was skipped: a gradient was inf or NaN under loss scaling, so no weight
+    /// changed and the scale was halved.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
+    /// The loss scale doubled after this step (`growth_interval` good steps in a row).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub scale_grew: bool,
+}
+
+impl StepStats {
+    pub(crate) fn new(step: u64, losses: (f32, f32, f32, f32), applied: crate::run::Applied) -> Self {
+        let (loss, main_loss, lisa_loss, lisa_zero_distance) = losses;
+        Self {
+            step,
+            loss,
+            main_loss,
+            lisa_loss,
+            lisa_zero_distance,
+            grad_norm: applied.grad_norm,
+            lr: applied.lr,
+            loss_scale: applied.loss_scale,
+            skipped: applied.event == Some(lisa_core::loss_scale::ScaleEvent::Skipped),
+            scale_grew: applied.event == Some(lisa_core::loss_scale::ScaleEvent::Grew),
+        }
+    }
 }
 
 /// `(main loss, LISA term, per-parameter gradients)` of one micro-batch.
@@ -242,9 +279,10 @@ impl<B: Backend> Trainer<B> {
         let (mut main_sum, mut lisa_sum, mut zero_sum, mut total_sum) = (0.0f32, 0.0f32, 0.0f32, 0.0f32);
         let step = self.run.state.step + 1;
         self.tau_norm(data)?;
+        let loss_scale = self.loss_scaler()?.map_or(1.0, |s| s.scale());
         for _ in 0..accum {
             let examples = self.next_examples(data, self.config.batch_size)?;
-            let (main, lisa, micro) = self.micro_batch(&examples, accum).map_err(|e| e.at_step(step))?;
+            let (main, lisa, micro) = self.micro_batch(&examples, accum, loss_scale).map_err(|e| e.at_step(step))?;
             main_sum += main;
             lisa_sum += lisa.distance;
             zero_sum += lisa.zero_distance;
@@ -258,18 +296,12 @@ impl<B: Backend> Trainer<B> {
         }
         let loss = total_sum / accum as f32;
         if !loss.is_finite() {
+            // Not a gradient overflow that loss scaling would handle: the forward itself.
             return Err(TrainError::NonFinite { what: "loss", step });
         }
-        let (grad_norm, lr) = self.apply(&mut grads)?;
-        Ok(StepStats {
-            step,
-            loss,
-            main_loss: main_sum / accum as f32,
-            lisa_loss: lisa_sum / accum as f32,
-            lisa_zero_distance: zero_sum / accum as f32,
-            grad_norm,
-            lr,
-        })
+        let applied = self.apply(&mut grads)?;
+        let n = accum as f32;
+        Ok(StepStats::new(step, (loss, main_sum / n, lisa_sum / n, zero_sum / n), applied))
     }
 
     /// The run's objective (its LISA settings, the model's prediction, `τ`'s scale).
@@ -277,9 +309,10 @@ impl<B: Backend> Trainer<B> {
         Objective { lisa: &self.config.lisa, prediction: self.model.prediction(), norm: self.tau_norm.as_ref() }
     }
 
-    /// Forward + backward of one micro-batch; gradients are scaled by `1/accum` so that the
-    /// accumulated gradient is the mean over micro-batches.
-    fn micro_batch(&mut self, examples: &[Example], accum: usize) -> Result<MicroBatch<B>> {
+    /// Forward + backward of one micro-batch; gradients are scaled by `loss_scale/accum` so
+    /// that the accumulated gradient is the mean over micro-batches (times the loss scale,
+    /// 1 without fp16 loss scaling).
+    fn micro_batch(&mut self, examples: &[Example], accum: usize, loss_scale: f32) -> Result<MicroBatch<B>> {
         let model = self.model.as_ref();
         let NoisedBatch { x_t, y, hint, levels, cond } =
             noise_batch::<B>(&mut self.run, &self.noise, model, true, examples, self.config.proportion_empty_prompts)?;
@@ -293,7 +326,7 @@ impl<B: Backend> Trainer<B> {
             side: if self.config.gradient_checkpointing { SideMode::Checkpointed } else { SideMode::Recorded },
         };
         let mut out = forward_train(model, &bound, &x_var, &hint_var, &cond, options)?;
-        let loss = self.objective().loss(&out, &y, &levels, 1.0 / accum as f32)?;
+        let loss = self.objective().loss(&out, &y, &levels, loss_scale / accum as f32)?;
         let mut roots = vec![(&out.pred, loss.grad_pred)];
         if let (Some(dec), Some(g)) = (&out.decoded, loss.grad_decoded) {
             roots.push((dec, g));

@@ -1,15 +1,34 @@
 //! The differentiable ops: forward through the backend, backward beside it.
 //! Each backward computes only the gradients its inputs need.
 
-use lisa_core::backend::{BinaryOp, Conv2dParams, GroupNormGrads, GroupNormOutput, GroupNormParams, Shape, Transpose};
+use lisa_core::backend::{
+    BinaryOp, Conv2dParams, DType, GroupNormGrads, GroupNormOutput, GroupNormParams, Shape, Transpose,
+};
 
 use super::{Tape, Var};
 use crate::error::Result;
 use lisa_core::backend::Backend;
 
 impl<B: Backend> Tape<B> {
+    /// `a` and `b` in one dtype, torch's type promotion: operands of different dtypes are
+    /// both cast (differentiably) to the wider one, f32 for f16 with bf16. Under autocast an
+    /// f32 residual meeting a half activation is added in f32, as in torch.
+    pub fn promote(&self, a: &Var<B>, b: &Var<B>) -> Result<(Var<B>, Var<B>)> {
+        let (da, db) = (B::dtype(&a.value), B::dtype(&b.value));
+        if da == db {
+            return Ok((a.clone(), b.clone()));
+        }
+        let wide = DType::F32;
+        Ok((self.cast(a, wide)?, self.cast(b, wide)?))
+    }
+
     /// `a ∘ b` with broadcasting (add, sub, mul); backward sums over the broadcast dims.
+    /// Operands of different dtypes are promoted first ([`Tape::promote`]).
     pub fn binary(&self, op: BinaryOp, a: &Var<B>, b: &Var<B>) -> Result<Var<B>> {
+        if B::dtype(&a.value) != B::dtype(&b.value) {
+            let (a, b) = self.promote(a, b)?;
+            return self.binary(op, &a, &b);
+        }
         let value = B::binary(op, &a.value, &b.value)?;
         let (sa, sb) = (B::shape(&a.value), B::shape(&b.value));
         let need = (a.requires_grad(), b.requires_grad());
@@ -75,6 +94,10 @@ impl<B: Backend> Tape<B> {
     /// `C = op(A)·op(B)`: `dA = G·op(B)ᵀ` (transposed back when `A` was), `dB = op(A)ᵀ·G`
     /// (likewise), each summed over the dims its operand was broadcast along.
     pub fn matmul(&self, a: &Var<B>, b: &Var<B>, t: Transpose) -> Result<Var<B>> {
+        if B::dtype(&a.value) != B::dtype(&b.value) {
+            let (a, b) = self.promote(a, b)?;
+            return self.matmul(&a, &b, t);
+        }
         let value = B::matmul_broadcast(&a.value, &b.value, t)?;
         let need = (a.requires_grad(), b.requires_grad());
         let (av, bv) = (a.value.clone(), b.value.clone());

@@ -117,7 +117,7 @@ impl LisaDecoder {
         })
     }
 
-    /// `h [n, C, r, r]`, timesteps `t [n]` → `[n, c_img, R, R]`.
+    /// `h [n, C, r, r]`, timesteps `t [n]` → `[n, c_img, R, R]` (f32).
     pub fn forward<B: Backend>(&self, p: &Bound<'_, B>, h: &Var<B>, t: &[f32]) -> Result<Var<B>> {
         let tape = p.tape;
         let s = B::shape(&h.value);
@@ -137,6 +137,7 @@ impl LisaDecoder {
             x = tape.silu(&conv_after(conv, &x, upsample_pending)?)?;
             upsample_pending = *upsample;
         }
-        conv_after(&self.out, &x, upsample_pending)
+        // f32 for the LISA loss, whatever autocast computed the convolutions in.
+        tape.cast(&conv_after(&self.out, &x, upsample_pending)?, DType::F32)
     }
 }

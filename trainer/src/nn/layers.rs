@@ -70,8 +70,8 @@ impl Conv2d {
 
     /// `[n, c_in, h, w] → [n, c_out, h/stride, w/stride]`, in the weights' dtype.
     pub fn forward<B: Backend>(&self, p: &Bound<'_, B>, x: &Var<B>) -> Result<Var<B>> {
-        let x = in_dtype_of(p, x, self.weight)?;
-        p.tape.conv2d(&x, p.p(self.weight), Some(p.p(self.bias)), self.params)
+        let (x, w, b) = affine_inputs(p, x, self.weight, Some(self.bias))?;
+        p.tape.conv2d(&x, &w, b.as_ref(), self.params)
     }
 
     /// `conv(upsample_nearest(x, 2))`: `[n, c_in, h, w] → [n, c_out, 2h, 2w]`. A 3×3 "same"
@@ -79,8 +79,8 @@ impl Conv2d {
     /// run it on the low-resolution input); a 1×1 one convolves first and upsamples the result
     /// (the same values, a quarter of the work); other kernels upsample first.
     pub fn forward_upsampled<B: Backend>(&self, p: &Bound<'_, B>, x: &Var<B>) -> Result<Var<B>> {
-        let x = in_dtype_of(p, x, self.weight)?;
-        let (w, b) = (p.p(self.weight), Some(p.p(self.bias)));
+        let (x, w, b) = affine_inputs(p, x, self.weight, Some(self.bias))?;
+        let (w, b) = (&w, b.as_ref());
         let shape = B::shape(&w.value);
         let kernel = &shape.dims()[2..];
         if kernel == [3, 3] && self.params == Conv2dParams::same(3) {
@@ -128,15 +128,15 @@ impl Linear {
     /// `[.., in] → [.., out]` (leading dims flattened into rows for one matmul).
     pub fn forward<B: Backend>(&self, p: &Bound<'_, B>, x: &Var<B>) -> Result<Var<B>> {
         let t = p.tape;
-        let x = &in_dtype_of(p, x, self.weight)?;
+        let (x, w, bias) = affine_inputs(p, x, self.weight, self.bias)?;
+        let (x, bias) = (&x, bias.as_ref());
         let shape = B::shape(&x.value);
-        let bias = self.bias.map(|b| p.p(b));
         if shape.rank() <= 2 {
-            return t.linear(x, p.p(self.weight), bias);
+            return t.linear(x, &w, bias);
         }
         let d_in = *shape.dims().last().expect("rank > 2");
         let rows = shape.num_elements()? / d_in.max(1);
-        let y = t.linear(&t.reshape(x, &Shape::new([rows, d_in]))?, p.p(self.weight), bias)?;
+        let y = t.linear(&t.reshape(x, &Shape::new([rows, d_in]))?, &w, bias)?;
         let mut dims = shape.dims().to_vec();
         *dims.last_mut().expect("rank > 2") = B::shape(&y.value).dims()[1];
         t.reshape(&y, &Shape::new(dims))
@@ -167,8 +167,8 @@ impl LayerNorm {
 
     /// `[.., c] → [.., c]`, in the weights' dtype.
     pub fn forward<B: Backend>(&self, p: &Bound<'_, B>, x: &Var<B>) -> Result<Var<B>> {
-        let x = in_dtype_of(p, x, self.gamma)?;
-        p.tape.layer_norm(&x, p.p(self.gamma), p.p(self.beta), self.eps)
+        let (x, g, b) = affine_inputs(p, x, self.gamma, Some(self.beta))?;
+        p.tape.layer_norm(&x, &g, b.as_ref().expect("a bias was asked for"), self.eps)
     }
 }
 
@@ -203,19 +203,30 @@ impl GroupNorm {
 
     /// `[n, c, …] → [n, c, …]`, in the weights' dtype.
     pub fn forward<B: Backend>(&self, p: &Bound<'_, B>, x: &Var<B>) -> Result<Var<B>> {
-        let x = in_dtype_of(p, x, self.gamma)?;
-        p.tape.group_norm(&x, p.p(self.gamma), p.p(self.beta), self.params)
+        let (x, g, b) = affine_inputs(p, x, self.gamma, Some(self.beta))?;
+        p.tape.group_norm(&x, &g, b.as_ref().expect("a bias was asked for"), self.params)
     }
 
     /// `silu(group_norm(x))` as one op (the norm-then-activation of every ResBlock).
     pub fn forward_silu<B: Backend>(&self, p: &Bound<'_, B>, x: &Var<B>) -> Result<Var<B>> {
-        let x = in_dtype_of(p, x, self.gamma)?;
-        p.tape.group_norm_silu(&x, p.p(self.gamma), p.p(self.beta), self.params)
+        let (x, g, b) = affine_inputs(p, x, self.gamma, Some(self.beta))?;
+        p.tape.group_norm_silu(&x, &g, b.as_ref().expect("a bias was asked for"), self.params)
     }
 }
 
-/// `x` in the dtype of parameter `w` (mixed precision: a layer computes in its weights'
-/// storage type, and its input is cast on the way in, differentiably).
-fn in_dtype_of<B: Backend>(p: &Bound<'_, B>, x: &Var<B>, w: ParamId) -> Result<Var<B>> {
-    p.tape.cast(x, B::dtype(&p.p(w).value))
+/// `(x, weight, bias)` of a layer, in the dtype it computes in.
+type AffineInputs<B> = (Var<B>, Var<B>, Option<Var<B>>);
+
+/// A layer's input, weight and bias in the dtype it computes in ([`Bound::compute_dtype`]):
+/// its weights' storage type, or under autocast the autocast dtype. Each is cast on the way
+/// in, differentiably; a norm's statistics and every product's accumulation stay in f32 in
+/// the backends' kernels whatever the storage type.
+fn affine_inputs<B: Backend>(
+    p: &Bound<'_, B>,
+    x: &Var<B>,
+    w: ParamId,
+    b: Option<ParamId>,
+) -> Result<AffineInputs<B>> {
+    let dtype = p.compute_dtype(w);
+    Ok((p.tape.cast(x, dtype)?, p.weight(w, dtype)?, b.map(|b| p.weight(b, dtype)).transpose()?))
 }

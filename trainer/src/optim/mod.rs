@@ -194,17 +194,39 @@ impl<B: Backend> AdamW<B> {
 /// `‖g‖₂` over all tensors, and the factor `min(1, max/(‖g‖ + 1e-6))` torch's
 /// `clip_grad_norm_` applies. Errors on a non-finite norm.
 pub fn clip_grad_norm<B: Backend>(grads: &mut [Option<B::Tensor>], max_norm: Option<f32>, step: u64) -> Result<f32> {
-    let present: Vec<&B::Tensor> = grads.iter().flatten().collect();
-    let norm = B::sum_squares_all(&present)?.sqrt() as f32;
+    let norm = grad_norm::<B>(grads)?;
     if !norm.is_finite() {
         return Err(TrainError::NonFinite { what: "gradient norm", step });
     }
+    unscale_and_clip::<B>(grads, norm, 1.0, max_norm)
+}
+
+/// `‖g‖₂` over all tensors (one reduction, one read-back); inf or NaN when some gradient is.
+pub fn grad_norm<B: Backend>(grads: &[Option<B::Tensor>]) -> Result<f32> {
+    let present: Vec<&B::Tensor> = grads.iter().flatten().collect();
+    Ok(B::sum_squares_all(&present)?.sqrt() as f32)
+}
+
+/// Gradients that are `S×` the true ones (loss scaling, `inverse = 1/S`; 1 without) with
+/// finite norm `scaled_norm`: divided by `S` and clipped to `max_norm` in one pass (torch's
+/// `scaler.unscale_` then `clip_grad_norm_`). Returns the true gradients' norm.
+pub fn unscale_and_clip<B: Backend>(
+    grads: &mut [Option<B::Tensor>],
+    scaled_norm: f32,
+    inverse: f32,
+    max_norm: Option<f32>,
+) -> Result<f32> {
+    let norm = scaled_norm * inverse;
+    let mut factor = inverse;
     if let Some(max) = max_norm {
-        let factor = max / (norm + 1e-6);
-        if factor < 1.0 {
-            for g in grads.iter_mut().flatten() {
-                *g = B::scale(g, factor)?;
-            }
+        let clip = max / (norm + 1e-6);
+        if clip < 1.0 {
+            factor *= clip;
+        }
+    }
+    if factor != 1.0 {
+        for g in grads.iter_mut().flatten() {
+            *g = B::scale(g, factor)?;
         }
     }
     Ok(norm)
@@ -272,19 +294,23 @@ impl<B: Backend> Optimizer<B> {
         self.adamw.moments.iter().map(|(pid, _, _)| by_param.get(pid).and_then(|vid| grads.remove(*vid))).collect()
     }
 
-    /// Clips `grads`, updates `store` with `config` at the lr of step `completed + 1` of
-    /// `total`, and the EMA. Returns `(gradient norm before clipping, lr)`.
+    /// Unscales (by `inverse`, 1 without loss scaling) and clips `grads` whose norm is
+    /// `scaled_norm` (finite, [`grad_norm`]), updates `store` with `config` at the lr of
+    /// schedule step `schedule_step` (0-based) of `total`, and the EMA of optimizer step
+    /// `step` (1-based). Returns `(gradient norm before clipping, lr)`.
+    #[allow(clippy::too_many_arguments)]
     pub fn step(
         &mut self,
         store: &mut ParamStore<B>,
         grads: &mut [Option<B::Tensor>],
+        (scaled_norm, inverse): (f32, f32),
         config: &OptimConfig,
-        completed: u64,
+        schedule_step: u64,
+        step: u64,
         total: u64,
     ) -> Result<(f32, f32)> {
-        let step = completed + 1;
-        let grad_norm = clip_grad_norm::<B>(grads, config.max_grad_norm, step)?;
-        let lr = config.lr_at(completed, total);
+        let grad_norm = unscale_and_clip::<B>(grads, scaled_norm, inverse, config.max_grad_norm)?;
+        let lr = config.lr_at(schedule_step, total);
         self.adamw.update(store, grads, lr, config)?;
         if let Some(ema) = &mut self.ema {
             ema.update(store, step)?;

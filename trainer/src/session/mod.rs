@@ -285,7 +285,7 @@ pub fn run<B: lisa_core::backend::Backend>(
 
 /// The metrics row of a step: its stats and the training speed.
 fn step_row(s: &StepStats, steps_per_second: f64) -> serde_json::Map<String, serde_json::Value> {
-    [
+    let mut row: serde_json::Map<String, serde_json::Value> = [
         ("step", s.step.into()),
         ("loss", s.loss.into()),
         ("main_loss", s.main_loss.into()),
@@ -297,5 +297,10 @@ fn step_row(s: &StepStats, steps_per_second: f64) -> serde_json::Map<String, ser
     ]
     .into_iter()
     .map(|(k, v): (&str, serde_json::Value)| (k.to_string(), v))
-    .collect()
+    .collect();
+    if let Some(scale) = s.loss_scale {
+        row.insert("loss_scale".into(), scale.into());
+        row.insert("skipped".into(), s.skipped.into());
+    }
+    row
 }

@@ -309,16 +309,20 @@ impl<B: Backend> SdModel<B> {
         Ok(model)
     }
 
-    /// The frozen UNet in its storage type (after the ControlNet copied it in f32).
+    /// The frozen UNet in its storage type (after the ControlNet copied it in f32), and
+    /// autocast in that type for every pass (the ControlNet and the decoder keep f32 master
+    /// weights, cast once per pass).
     fn cast_main(&mut self) -> Result<()> {
         let dtype = self.spec.mixed_precision.dtype();
         if dtype == DType::F32 {
+            self.dual.store.set_autocast(None);
             return Ok(());
         }
         let device = self.dual.store.device().clone();
         if !B::supports_dtype(&device, dtype) {
             return Err(TrainError::Config(format!("this backend's device cannot store {dtype}")));
         }
+        self.dual.store.set_autocast(Some(dtype));
         let ids: Vec<_> = self.dual.store.iter().filter(|(_, p)| p.name.starts_with(MAIN)).map(|(id, _)| id).collect();
         for id in ids {
             let v = B::cast(&self.dual.store.get(id).value, dtype)?;
