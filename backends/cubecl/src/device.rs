@@ -77,6 +77,20 @@ impl<R: Runtime> CubeDevice<R> {
         self.client.memory_usage().ok().map(|m| m.bytes_reserved)
     }
 
+    /// Whether the device has tensor-core (cooperative matrix) instructions that multiply
+    /// `dtype` inputs and accumulate in f32: the path f16/bf16 matrix products take
+    /// ([`crate::half_matmul`]). False for f32 and on devices without them (lavapipe).
+    pub fn has_tensor_cores(&self, dtype: DType) -> bool {
+        let input = match dtype {
+            DType::F32 => return false,
+            DType::F16 => half::f16::as_type_native_unchecked().storage_type(),
+            DType::BF16 => half::bf16::as_type_native_unchecked().storage_type(),
+        };
+        let acc = f32::as_type_native_unchecked().storage_type();
+        let props = self.client.properties();
+        props.features.matmul.cmma.iter().any(|c| c.a_type == input && c.b_type == input && c.cd_type == acc)
+    }
+
     /// Whether kernels can load, compute and store `dtype` here.
     pub fn supports(&self, dtype: DType) -> bool {
         let props = self.client.properties();

@@ -35,7 +35,7 @@ mod tensor;
 
 pub use backend::CubeBackend;
 pub use device::{CubeDevice, Unavailable};
-pub use precision::{F32_GEMM_KERNELS, F32Matmul, f32_matmul, set_f32_matmul};
+pub use precision::{F32_GEMM_KERNELS, F32Matmul, HalfMatmul, cubek_refusals, f32_matmul, half_matmul, set_f32_matmul};
 pub use tensor::CubeTensor;
 
 /// The wgpu runtime type, for [`skip_unless_available`] and [`CubeDevice`].

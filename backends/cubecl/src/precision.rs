@@ -1,4 +1,5 @@
-//! How f32 matrix products run: exactly in f32 (the default), or with TF32 tensor cores.
+//! How matrix products run: f32 ones exactly in f32 (the default) or with TF32 tensor cores;
+//! f16/bf16 ones on tensor cores with f32 accumulation where the device has them.
 //!
 //! On GPUs with TF32 tensor cores (NVIDIA Ampere and later) cubek's fastest f32 matmul rounds
 //! both operands to TF32 (a 10-bit mantissa, relative error up to 2⁻¹¹ per operand) and
@@ -98,6 +99,63 @@ fn f32_gemm_named(name: &str) -> Result<F32Gemm, String> {
             ));
         }
     })
+}
+
+/// The kernel of f16/bf16 products: `LISA_CUBECL_HALF_GEMM` when set (a benchmarking and
+/// testing knob, one of [`F32_GEMM_KERNELS`] but `auto`), else cubek's simple cyclic CMMA
+/// matmul (half inputs on tensor cores, f32 accumulation, half output: autocast's products)
+/// where the device has tensor cores for the type, else this crate's tiled kernel (which
+/// also reads half and accumulates in f32, on CUDA cores). A cubek kernel that refuses a
+/// problem falls back to the tiled one ([`half_matmul`] says which path a device takes).
+pub(crate) fn half_gemm(tensor_cores: bool) -> Result<F32Gemm, String> {
+    use cubek::matmul::launch::Strategy as S;
+    static CHOSEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let chosen = CHOSEN.get_or_init(|| std::env::var("LISA_CUBECL_HALF_GEMM").ok().filter(|s| !s.is_empty()));
+    match chosen.as_deref() {
+        // cubek's `Auto` panics on some refusals instead of returning them.
+        Some("auto") => Err("LISA_CUBECL_HALF_GEMM=\"auto\" is not offered for half products; name a kernel".into()),
+        Some(name) => f32_gemm_named(name),
+        None if tensor_cores => Ok(F32Gemm::Cubek(S::SimpleCyclicCmma(Default::default()))),
+        None => Ok(F32Gemm::Tiled),
+    }
+}
+
+static CUBEK_REFUSALS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// Counts a product cubek refused (it then ran on the tiled kernel).
+pub(crate) fn count_cubek_refusal() {
+    CUBEK_REFUSALS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// How many matrix products in this process were meant for a cubek kernel (TF32 or half
+/// tensor cores, or the one `LISA_CUBECL_*_GEMM` names) and ran on the tiled kernel because
+/// cubek refused the problem: 0 means every one ran where it was sent.
+pub fn cubek_refusals() -> u64 {
+    CUBEK_REFUSALS.load(Ordering::Relaxed)
+}
+
+/// Which kernel an f16/bf16 matrix product runs on a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HalfMatmul {
+    /// cubek's CMMA matmul on tensor cores, f32 accumulation.
+    TensorCores,
+    /// This crate's tiled kernel: half storage, f32 arithmetic on CUDA cores (no tensor
+    /// cores for the type on this device, or `LISA_CUBECL_HALF_GEMM=tiled`).
+    Tiled,
+    /// The cubek kernel `LISA_CUBECL_HALF_GEMM` names.
+    Named,
+}
+
+/// The path f16/bf16 (`dtype`) products take on `device` (a problem cubek refuses still
+/// falls back to [`HalfMatmul::Tiled`]). For f32 see [`f32_matmul`].
+pub fn half_matmul<R: cubecl::Runtime>(device: &crate::CubeDevice<R>, dtype: lisa_core::DType) -> HalfMatmul {
+    let named = std::env::var("LISA_CUBECL_HALF_GEMM").ok().filter(|s| !s.is_empty());
+    match (named.as_deref(), device.has_tensor_cores(dtype)) {
+        (Some("tiled"), _) => HalfMatmul::Tiled,
+        (Some(_), _) => HalfMatmul::Named,
+        (None, true) => HalfMatmul::TensorCores,
+        (None, false) => HalfMatmul::Tiled,
+    }
 }
 
 #[cfg(test)]

@@ -221,12 +221,7 @@ type AffineInputs<B> = (Var<B>, Var<B>, Option<Var<B>>);
 /// its weights' storage type, or under autocast the autocast dtype. Each is cast on the way
 /// in, differentiably; a norm's statistics and every product's accumulation stay in f32 in
 /// the backends' kernels whatever the storage type.
-fn affine_inputs<B: Backend>(
-    p: &Bound<'_, B>,
-    x: &Var<B>,
-    w: ParamId,
-    b: Option<ParamId>,
-) -> Result<AffineInputs<B>> {
+fn affine_inputs<B: Backend>(p: &Bound<'_, B>, x: &Var<B>, w: ParamId, b: Option<ParamId>) -> Result<AffineInputs<B>> {
     let dtype = p.compute_dtype(w);
     Ok((p.tape.cast(x, dtype)?, p.weight(w, dtype)?, b.map(|b| p.weight(b, dtype)).transpose()?))
 }

@@ -10,7 +10,7 @@ use crate::device::CubeDevice;
 use crate::kernels::conv as k;
 use crate::kernels::matmul::{self as mt, TILE, matmul as mm};
 use crate::launch::{grid_1d, with_float};
-use crate::precision::{F32Gemm, f32_gemm};
+use crate::precision::{F32Gemm, f32_gemm, half_gemm};
 
 /// The sizes of `batch` products `op(a)·op(b)`: `op(a)` is `m×k`, `op(b)` is `k×n`.
 #[derive(Debug, Clone, Copy)]
@@ -25,10 +25,11 @@ struct Gemm {
 /// `out[b] = op(a[b])·op(b[b])` for `batch` matrices; `a` holds `m×k` (or `k×m` when
 /// transposed), `b` holds `k×n` (or `n×k`).
 ///
-/// The tiled kernel of this crate runs every dtype (transposes as strides); f32 goes to cubek's
+/// The tiled kernel of this crate runs every dtype (transposes as strides). f32 goes to cubek's
 /// TF32 tensor-core matmul instead when the process opted in ([`crate::set_f32_matmul`]) or
-/// `LISA_CUBECL_F32_GEMM` names a cubek kernel ([`f32_gemm`]), with transposed operands made
-/// contiguous first, and back to the tiled kernel if cubek refuses the problem.
+/// `LISA_CUBECL_F32_GEMM` names a cubek kernel ([`f32_gemm`]); f16/bf16 go to cubek's CMMA
+/// matmul on tensor cores where the device has them ([`half_gemm`]). Transposed operands are
+/// made contiguous first for cubek, and a problem cubek refuses runs on the tiled kernel.
 fn gemm<R: Runtime>(op: &'static str, (a, b): (&T<R>, &T<R>), g: Gemm, dtype: DType, out_shape: Shape) -> Result<T<R>> {
     let device = &a.device;
     let out = alloc(device, out_shape, dtype)?;
@@ -38,8 +39,9 @@ fn gemm<R: Runtime>(op: &'static str, (a, b): (&T<R>, &T<R>), g: Gemm, dtype: DT
     if g.k == 0 {
         return CubeBackend::<R>::full(&out.shape, 0.0, dtype, device);
     }
-    if dtype == DType::F32 {
-        let strategy = match f32_gemm().map_err(|m| lisa_core::Error::invalid(op, m))? {
+    let chosen = if dtype == DType::F32 { f32_gemm() } else { half_gemm(device.has_tensor_cores(dtype)) };
+    {
+        let strategy = match chosen.map_err(|m| lisa_core::Error::invalid(op, m))? {
             F32Gemm::Tiled => return tiled(op, a, b, &out, g),
             F32Gemm::Cubek(strategy) => strategy,
         };
@@ -49,9 +51,9 @@ fn gemm<R: Runtime>(op: &'static str, (a, b): (&T<R>, &T<R>), g: Gemm, dtype: DT
         if cubek_matmul(device, &strategy, (&a, &b), &out, contiguous).is_ok() {
             return Ok(out);
         }
-        return tiled(op, &a, &b, &out, contiguous);
+        crate::precision::count_cubek_refusal();
+        tiled(op, &a, &b, &out, contiguous)
     }
-    tiled(op, a, b, &out, g)
 }
 
 /// `x [batch, rows, cols]` → `[batch, cols, rows]`, contiguous.
@@ -65,7 +67,9 @@ fn transposed<R: Runtime>(x: &T<R>, batch: usize, rows: usize, cols: usize) -> R
     Ok(out)
 }
 
-/// cubek's f32 matmul with `strategy` ([`f32_gemm`]) on contiguous `[batch, m, k] × [batch, k, n]`.
+/// cubek's matmul with `strategy` ([`f32_gemm`], [`half_gemm`]) on contiguous
+/// `[batch, m, k] × [batch, k, n]` in the output's dtype: f32 throughout, or half inputs and
+/// output with f32 accumulation.
 fn cubek_matmul<R: Runtime>(
     device: &CubeDevice<R>,
     strategy: &cubek::matmul::launch::Strategy,
@@ -74,10 +78,14 @@ fn cubek_matmul<R: Runtime>(
     Gemm { batch, m, k, n, .. }: Gemm,
 ) -> std::result::Result<(), String> {
     use cubecl::std::tensor::TensorHandle;
-    use cubek::matmul::definition::MatmulElems;
+    use cubek::matmul::definition::{MatmulElems, MatmulGlobalElems};
     use cubek::matmul::launch::launch_ref;
     use cubek::std::InputBinding;
-    let f = f32::as_type_native_unchecked();
+    let f = match out.dtype {
+        DType::F32 => f32::as_type_native_unchecked(),
+        DType::F16 => half::f16::as_type_native_unchecked(),
+        DType::BF16 => half::bf16::as_type_native_unchecked(),
+    };
     let st = f.storage_type();
     let lhs = TensorHandle::<R>::new_contiguous(vec![batch, m, k], a.handle.clone(), st);
     let rhs = TensorHandle::<R>::new_contiguous(vec![batch, k, n], b.handle.clone(), st);
@@ -88,7 +96,12 @@ fn cubek_matmul<R: Runtime>(
         InputBinding::Normal(lhs.binding(), st),
         InputBinding::Normal(rhs.binding(), st),
         dst.binding(),
-        &mut MatmulElems::from_single_dtype(f),
+        &mut if out.dtype == DType::F32 {
+            MatmulElems::from_single_dtype(f)
+        } else {
+            // Half inputs and output, f32 in the stage and registers (the accumulator).
+            MatmulElems::from_globals(&MatmulGlobalElems { lhs: st, rhs: st, out: st })
+        },
     )
     .map_err(|e| format!("{e:?}"))
 }
