@@ -408,12 +408,7 @@ fn prepare_sd<B: Backend>(
     pipeline.check_text_encoder().with_context(in_folder)?;
     let precision = a.mixed_precision;
     if precision != MixedPrecision::No {
-        eprintln!(
-            "note: --mixed-precision {0}: the frozen UNet, VAE and text encoder are stored in {0} (half the memory); \
-             the {1} backend computes in f32 (no half-precision arithmetic yet)",
-            precision.flag(),
-            B::name()
-        );
+        eprintln!("{}", mixed_precision_note::<B>(precision, &device));
     }
     file.model = pipeline.controlnet_spec(controlnet, size, precision, &file.model.decoder).map_err(resolution_flag)?;
     file.train.noise = pipeline.noise;
@@ -437,6 +432,26 @@ fn prepare_sd<B: Backend>(
     file.model = model.spec();
     file.data.latents = Some(cache.latents);
     Ok(SdStart { model: Box::new(model), validation, cache_lock: cache.lock })
+}
+
+/// What `--mixed-precision` does on this backend and device.
+fn mixed_precision_note<B: Backend>(precision: MixedPrecision, device: &B::Device) -> String {
+    let dtype = precision.flag();
+    let how = match B::half_products(device, precision.dtype()) {
+        lisa_core::backend::HalfProducts::TensorCores => {
+            format!("the {} backend runs {dtype} products on tensor cores with f32 accumulation", B::name())
+        }
+        lisa_core::backend::HalfProducts::F32Arithmetic => format!(
+            "the {} backend has no {dtype} tensor cores here: it stores {dtype} and computes in f32 (half the activation memory, no speed-up)",
+            B::name()
+        ),
+    };
+    let scaling = if precision == MixedPrecision::Fp16 { "; the loss is scaled dynamically (GradScaler)" } else { "" };
+    format!(
+        "note: --mixed-precision {dtype}: the frozen UNet, VAE and text encoder are stored in {dtype}; \
+         the UNet, ControlNet and LISA decoder autocast (matmuls, convolutions, norms and attention take {dtype} inputs; \
+         the ControlNet and decoder keep f32 master weights){scaling}; {how}"
+    )
 }
 
 /// Fails when the sd model of `spec` cannot train with batches of `batch` in this machine's

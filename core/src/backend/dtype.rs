@@ -44,3 +44,13 @@ impl fmt::Display for DType {
         })
     }
 }
+
+/// How a device multiplies half-precision (`F16`/`BF16`) matrices: what autocast buys there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HalfProducts {
+    /// On tensor cores (half inputs, f32 accumulation): faster than f32.
+    TensorCores,
+    /// Half storage, f32 arithmetic: half the memory traffic and activation memory, the same
+    /// arithmetic speed as f32.
+    F32Arithmetic,
+}

@@ -33,7 +33,7 @@ pub use attention::{
     ATTENTION_SCORE_BUDGET, AttentionDims, AttentionForward, AttentionGrads, AttentionOps, AttentionParams,
     attention_backward_chunked, attention_chunked,
 };
-pub use dtype::DType;
+pub use dtype::{DType, HalfProducts};
 pub use fused::FusedOps;
 pub use geometry::{Conv2dParams, GroupNormParams, Transpose};
 pub use layout::LayoutOps;

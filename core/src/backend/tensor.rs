@@ -11,6 +11,12 @@ pub trait TensorOps: BackendTypes {
     /// Whether `device` can store and compute `dtype`. Ops check this before launching.
     fn supports_dtype(device: &Self::Device, dtype: DType) -> bool;
 
+    /// *Default*: how products with `dtype` inputs run on `device` (no tensor cores).
+    fn half_products(device: &Self::Device, dtype: DType) -> super::HalfProducts {
+        let _ = (device, dtype);
+        super::HalfProducts::F32Arithmetic
+    }
+
     /// A tensor of `shape` from row-major `data` (rounded to `dtype`).
     fn from_slice(data: &[f32], shape: &Shape, dtype: DType, device: &Self::Device) -> Result<Self::Tensor>;
 

@@ -19,6 +19,10 @@ impl<R: Runtime> TensorOps for CubeBackend<R> {
     fn supports_dtype(device: &CubeDevice<R>, dtype: DType) -> bool {
         device.supports(dtype)
     }
+    fn half_products(device: &CubeDevice<R>, dtype: DType) -> lisa_core::backend::HalfProducts {
+        use lisa_core::backend::HalfProducts;
+        if device.has_tensor_cores(dtype) { HalfProducts::TensorCores } else { HalfProducts::F32Arithmetic }
+    }
     fn from_slice(data: &[f32], shape: &Shape, dtype: DType, device: &CubeDevice<R>) -> Result<T<R>> {
         check_dtype("from_slice", device, dtype)?;
         let n = shape.num_elements()?;
