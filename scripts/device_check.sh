@@ -259,15 +259,22 @@ sd_arm() {
     bin="$(unpack_binaries)"
     echo "binaries built from commit $(cat "$OUT_DIR/commit" 2>/dev/null || echo unknown)"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/GPU: /'
-    echo "== SD 1.5 size, batch $batch, 64x64 latents, 77 tokens: lisa-cubecl on CUDA, f32"
-    for arm in baseline lisa; do
-        LISA_BENCH_BACKEND=cuda LISA_BENCH_BATCH="$batch" LISA_BENCH_STEPS=3 LISA_BENCH_ARMS=$arm \
-            timeout 150 "$bin/sd_step_cuda" --bench 2>&1 | grep -E 'sd_step|step|panicked|rror' | cut -c1-300 ||
-            { status=1; echo "lisa SD $arm step on CUDA: FAILED (exit or timeout)"; }
+    # LISA_SD_PRECISIONS: the precisions to run on both sides (default bf16, the target; add
+    # "no" for f32, which takes as long again and may not fit the 8-minute budget).
+    local precisions="${LISA_SD_PRECISIONS:-bf16}" precision
+    for precision in $precisions; do
+        echo "== SD 1.5 size, batch $batch, 64x64 latents, 77 tokens: lisa-cubecl on CUDA, precision $precision"
+        for arm in baseline lisa sample; do
+            LISA_BENCH_BACKEND=cuda LISA_BENCH_BATCH="$batch" LISA_BENCH_STEPS=3 LISA_BENCH_ARMS=$arm \
+                LISA_BENCH_PRECISION="$precision" LISA_BENCH_SAMPLE_IMAGES="$batch" \
+                timeout 100 "$bin/sd_step_cuda" --bench 2>&1 | grep -E 'sd_step|step|sample|panicked|rror' | cut -c1-300 ||
+                { status=1; echo "lisa SD $arm ($precision) on CUDA: FAILED (exit or timeout)"; }
+        done
     done
     local py="${LISA_BENCH_PYTHON:-python3}" dtype
     if "$py" -c 'import torch, diffusers, sys; sys.exit(0 if torch.cuda.is_available() else 1)' >/dev/null 2>&1; then
-        for dtype in f32 bf16; do
+        for precision in $precisions; do
+            dtype="$precision"; [ "$dtype" = no ] && dtype=f32
             echo "== the same in PyTorch + diffusers on CUDA, $dtype"
             timeout 150 "$py" scripts/bench/torch_sd_step.py --device cuda --dtype "$dtype" --batch "$batch" \
                 --steps 3 --warmup 1 --arms baseline,lisa,sample 2>&1 | grep -E 'step|torch_sd_step|rror' ||

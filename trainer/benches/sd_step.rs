@@ -13,7 +13,9 @@
 //! again, without residuals, no grad) and the decoder hooked at `down_5` (as the LISA
 //! authors do). Prints the step times, their ratio and the peak resident memory.
 //! `LISA_BENCH_ARMS=lisa-ckpt` runs the LISA step with gradient checkpointing (one arm per
-//! process gives each arm's own peak memory).
+//! process gives each arm's own peak memory). `LISA_BENCH_PRECISION=bf16|fp16` trains under
+//! autocast as `--mixed-precision` does (the frozen UNet stored in the half type; the loss
+//! scale of fp16 is left out: it costs one multiply per gradient).
 #![allow(missing_docs)]
 
 use std::time::Instant;
@@ -103,8 +105,11 @@ fn run<B: Backend>(device: B::Device, label: &str, device_memory: &dyn Fn() -> O
     let steps: usize = std::env::var("LISA_BENCH_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
     let steps = if full { steps.max(1) } else { 1 };
     let (unet, side, tokens) = config(full);
+    let precision = std::env::var("LISA_BENCH_PRECISION").unwrap_or_else(|_| "no".into());
+    assert!(["no", "bf16", "fp16"].contains(&precision.as_str()), "LISA_BENCH_PRECISION: no | bf16 | fp16");
     let mut spec_config = serde_json::Map::new();
     spec_config.insert("unet".into(), unet);
+    spec_config.insert("mixed_precision".into(), json!(precision));
     let decoder = DecoderConfig {
         hook: Some("down_5".parse().unwrap()),
         time_sinusoidal_dim: 256,
@@ -113,10 +118,17 @@ fn run<B: Backend>(device: B::Device, label: &str, device_memory: &dyn Fn() -> O
     };
     let spec = ModelSpec { architecture: "sd".into(), decoder, config: spec_config };
     println!(
-        "sd_step: {} ({}x{} latents, {tokens} tokens, batch {batch}, f32), {steps} step(s) per arm, {label}",
+        "sd_step: {} ({}x{} latents, {tokens} tokens, batch {batch}, {}), {steps} step(s) per arm, {label}",
         if full { "SD 1.5 size" } else { "tiny smoke config" },
         side,
         side,
+        match precision.as_str() {
+            "no" => "f32".to_string(),
+            half => {
+                let dtype = if half == "bf16" { DType::BF16 } else { DType::F16 };
+                format!("autocast {half}, half products: {:?}", B::half_products(&device, dtype))
+            }
+        },
     );
     let mut results = Vec::new();
     // `LISA_BENCH_ARMS`: a comma list of baseline, lisa, lisa-ckpt (gradient checkpointing);
@@ -128,10 +140,15 @@ fn run<B: Backend>(device: B::Device, label: &str, device_memory: &dyn Fn() -> O
             "baseline" => (false, false, "baseline".to_string()),
             "lisa" => (true, false, "LISA".to_string()),
             "lisa-ckpt" => (true, true, "LISA+ckpt".to_string()),
-            other => panic!("LISA_BENCH_ARMS: unknown arm {other:?} (baseline, lisa, lisa-ckpt)"),
+            "sample" => (false, false, "sample".to_string()),
+            other => panic!("LISA_BENCH_ARMS: unknown arm {other:?} (baseline, lisa, lisa-ckpt, sample)"),
         })
         .collect();
     for (lisa, ckpt, label) in &arms {
+        if label == "sample" {
+            sample_arm::<B>(&spec, &device, (side, tokens, if full { 768 } else { 12 }), full, device_memory);
+            continue;
+        }
         let (lisa, ckpt) = (*lisa, *ckpt);
         let mut model = registry::build::<B>(&spec, Parts::Dual { decoder: lisa }, device.clone(), 0).unwrap();
         let count = |prefix: &str| -> usize {
@@ -214,14 +231,15 @@ fn run<B: Backend>(device: B::Device, label: &str, device_memory: &dyn Fn() -> O
             times.push(start.elapsed().as_secs_f64());
             device_peak = device_peak.max(device_memory().unwrap_or(0));
         }
-        times.sort_by(f64::total_cmp);
-        let median = times[times.len() / 2];
+        let mut sorted = times.clone();
+        sorted.sort_by(f64::total_cmp);
+        let median = sorted[sorted.len() / 2];
         let device_mem = match device_memory() {
             Some(_) => format!(", device memory reserved {:.2} GiB", device_peak as f64 / (1u64 << 30) as f64),
             None => String::new(),
         };
         println!(
-            "  {:<8} step {:>8.2} s (median of {steps}; all: {:?}), peak RSS {:.2} GiB{device_mem}",
+            "  {:<8} step {:>8.2} s (median of {steps}; in order: {:?}), peak RSS {:.2} GiB{device_mem}",
             label,
             median,
             times.iter().map(|t| format!("{t:.2}")).collect::<Vec<_>>(),
@@ -229,7 +247,47 @@ fn run<B: Backend>(device: B::Device, label: &str, device_memory: &dyn Fn() -> O
         );
         results.push(median);
     }
-    if results.len() >= 2 {
+    if results.len() >= 2 && arms[1].2 != "sample" {
         println!("  {} / {} step time: {:.3}", arms[1].2, arms[0].2, results[1] / results[0]);
     }
+}
+
+/// DDIM sampling with the ControlNet, no guidance, as diffusers' pipeline does it
+/// (`LISA_BENCH_SAMPLE_STEPS`, default 20; `LISA_BENCH_SAMPLE_IMAGES`, default 4; the tiny
+/// configuration samples 2 steps of 1 image): one timed run, with the peak memory.
+fn sample_arm<B: Backend>(
+    spec: &ModelSpec,
+    device: &B::Device,
+    (side, tokens, dim): (usize, usize, usize),
+    full: bool,
+    device_memory: &dyn Fn() -> Option<u64>,
+) {
+    use lisa_trainer::sample::{SampleConfig, Sampler, sample_embedded};
+    use lisa_trainer::scheduler::NoiseConfig;
+    let var = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d).max(1);
+    let (steps, n) =
+        if full { (var("LISA_BENCH_SAMPLE_STEPS", 20), var("LISA_BENCH_SAMPLE_IMAGES", 4)) } else { (2, 1) };
+    let model = registry::build::<B>(spec, Parts::Dual { decoder: false }, device.clone(), 0).unwrap();
+    let noise = NoiseConfig::Diffusion {
+        betas: lisa_core::schedule::BetaSchedule::SD_SCALED_LINEAR,
+        num_train_timesteps: 1000,
+    };
+    let hint = B::full(&Shape::new([n, 3, 8 * side, 8 * side]), 0.5, DType::F32, device).unwrap();
+    let ctx = B::random_normal(&Shape::new([n, tokens, dim]), 30, DType::F32, device).unwrap();
+    let prompt = PromptEmbedding::Text { values: B::to_vec(&ctx).unwrap(), tokens, dim };
+    let cfg =
+        SampleConfig { sampler: Sampler::Ddim { eta: 0.0 }, steps, clip_sample: false, ..SampleConfig::default() };
+    let start = Instant::now();
+    let x = sample_embedded(model.as_ref(), &noise, &hint, &prompt, &prompt, &cfg).unwrap();
+    B::to_vec(&B::sum(&x).unwrap()).unwrap();
+    let seconds = start.elapsed().as_secs_f64();
+    let device_mem = match device_memory() {
+        Some(m) => format!(", device memory reserved {:.2} GiB", m as f64 / (1u64 << 30) as f64),
+        None => String::new(),
+    };
+    println!(
+        "  sample   DDIM-{steps} of {n} image(s) {seconds:>8.2} s ({:.3} s per step), peak RSS {:.2} GiB{device_mem}",
+        seconds / steps as f64,
+        rss_kib("VmHWM:") as f64 / (1 << 20) as f64
+    );
 }

@@ -87,9 +87,24 @@ pub fn sample<B: Backend>(
             prompts.len()
         )));
     }
-    let scheduler = build::<B>(noise, &cfg.scheduler(model.prediction()))?;
     let prompt = model.embed_prompts(prompts)?;
     let null = model.embed_prompts(&vec![""; n])?;
+    sample_embedded(model, noise, hint, &prompt, &null, cfg)
+}
+
+/// [`sample`] with the prompts already embedded (`prompt`; `null`, the empty prompt's, read
+/// only under classifier-free guidance): for programs that bring their own text encoder.
+pub fn sample_embedded<B: Backend>(
+    model: &dyn DualDenoiser<B>,
+    noise: &NoiseConfig,
+    hint: &B::Tensor,
+    prompt: &crate::model::PromptEmbedding,
+    null: &crate::model::PromptEmbedding,
+    cfg: &SampleConfig,
+) -> Result<B::Tensor> {
+    cfg.validate()?;
+    let n = B::shape(hint).dims().first().copied().unwrap_or(0);
+    let scheduler = build::<B>(noise, &cfg.scheduler(model.prediction()))?;
     let device = B::device(hint);
     let [c, h, w] = model.sample_shape();
     let mut x = B::random_normal(&Shape::new([n, c, h, w]), cfg.seed, DType::F32, &device)?;
@@ -103,11 +118,11 @@ pub fn sample<B: Backend>(
                 let cond = Conditioning { t: vec![t; n], prompt: prompt.clone() };
                 Ok(predict(model, &bound, &tape.constant(x.clone()), &hint_var, &cond, cfg.control_scale)?.value)
             };
-            let cond = eval(&prompt)?;
+            let cond = eval(prompt)?;
             if cfg.guidance_scale == 1.0 {
                 return Ok(cond);
             }
-            let uncond = eval(&null)?;
+            let uncond = eval(null)?;
             Ok(B::axpby(1.0 - cfg.guidance_scale, &uncond, cfg.guidance_scale, &cond)?)
         })
     };
