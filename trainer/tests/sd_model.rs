@@ -322,3 +322,47 @@ fn the_order_of_loading_unet_and_controlnet_does_not_matter() {
         .unwrap();
     assert!(store_values(&usual) == store_values(&built));
 }
+
+/// What a training forward holds for the backward: the frozen UNet's encoder records nothing
+/// (frozen weights, constant input: no node even with gradients on), and gradient checkpointing
+/// drops exactly the whole ControlNet's nodes (the recorded forward holds the checkpointed
+/// one's plus the side network's), so it covers every ControlNet block, as diffusers'
+/// `enable_gradient_checkpointing` on the ControlNet does. Checked in f32 and under autocast.
+#[test]
+fn the_backward_holds_only_what_it_needs_and_checkpointing_covers_the_controlnet() {
+    use lisa_trainer::model::{ForwardOptions, SideMode, forward_train};
+    let io = std::fs::read(fixture("sd15/io.safetensors")).unwrap();
+    let io = lisa_trainer::weights::parse_safetensors(&fixture("sd15/io.safetensors"), &io).unwrap().tensors;
+    let t = |k: &str| C::from_slice(&io[k].1, &io[k].0, DType::F32, &Default::default()).unwrap();
+    let ehs = &io["encoder_hidden_states"];
+    let cond = Conditioning {
+        t: io["timestep"].1.clone(),
+        prompt: PromptEmbedding::Text { values: ehs.1.clone(), tokens: 5, dim: 12 },
+    };
+    for precision in ["no", "bf16"] {
+        let mut s = spec(unet_config(), Some(read_json_config(&fixture("sd15/controlnet")).unwrap()));
+        s.config.insert("mixed_precision".into(), json!(precision));
+        s.decoder.hook = Some("mid".parse().unwrap());
+        let mut m = SdModel::<C>::new(&s, Parts::Dual { decoder: true }, Default::default(), 0).unwrap();
+        m.load_main(&fixture("sd15/unet")).unwrap();
+        let held = |side: SideMode| {
+            let tape = Tape::<C>::new();
+            let bound = m.store().bind(&tape);
+            let (x, hint) = (tape.constant(t("sample")), tape.constant(t("controlnet_cond")));
+            let options = ForwardOptions { side, ..ForwardOptions::lisa(true) };
+            let out = forward_train(&m, &bound, &x, &hint, &cond, options).unwrap();
+            assert!(out.pred.requires_grad());
+            tape.live_nodes()
+        };
+        let (recorded, checkpointed) = (held(SideMode::Recorded), held(SideMode::Checkpointed));
+        let tape = Tape::<C>::new();
+        let bound = m.store().bind(&tape);
+        let x = tape.constant(t("sample"));
+        m.encode_main(&bound, &x, &cond).unwrap();
+        assert_eq!(tape.live_nodes(), 0, "{precision}: the frozen encoder recorded nodes");
+        m.side(&bound, &x, &tape.constant(t("controlnet_cond")), &cond).unwrap();
+        let side = tape.live_nodes();
+        assert!(side > 0 && checkpointed > 0, "{precision}");
+        assert_eq!(recorded, checkpointed + side, "{precision}: checkpointing drops exactly the ControlNet's nodes");
+    }
+}
