@@ -1,0 +1,188 @@
+#!/usr/bin/env python
+"""Golden fixtures for lisa's diffusers-compatible SD3 transformer and SD3 ControlNet.
+
+Writes trainer/tests/fixtures/sd3/<case>/ for two tiny cases:
+
+  sd3   SD3-like: no qk norm, no dual attention; pos_embed_max_size 6 > the 4x4 patch grid, so
+        the positions are a centred crop; ControlNet `from_transformer` with 2 of the 3 blocks
+        (one residual per 1.5 transformer blocks, diffusers' `interval_control`) and one extra
+        conditioning channel.
+  sd35  SD3.5-like: 4 blocks, qk_norm rms_norm, dual attention in blocks 0 and 1; ControlNet
+        with 2 blocks (one residual per 2 transformer blocks). (A ControlNet with all the
+        transformer's blocks cannot be made by `from_transformer`: the last transformer block is
+        `context_pre_only`, the ControlNet's are not.)
+
+Everything is offline (models built from configs, random weights), float32, CPU, seeded. Every
+parameter is re-randomised (the zero-initialised ControlNet blocks and input embedding too) so
+that no output is zero by construction; the persistent `pos_embed.pos_embed` buffer keeps its
+sin-cos values.
+
+Each case folder: transformer/ and controlnet/ (diffusers folders: config.json and
+diffusion_pytorch_model.safetensors) and io.safetensors: the inputs (hidden_states,
+encoder_hidden_states, pooled_projections, timestep, controlnet_cond) and the outputs
+(transformer_out without residuals, controlnet_block_<i> residuals after the conditioning scale,
+controlnet_hidden_<i> = the input of controlnet_blocks[i], transformer_out_controlled).
+
+Usage: python scripts/goldens/diffusers_sd3.py [--out trainer/tests/fixtures/sd3]
+"""
+
+import argparse
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import diffusers
+from diffusers import SD3ControlNetModel, SD3Transformer2DModel
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from diffusers_sd import rms, write_safetensors  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+CONDITIONING_SCALE = 0.75
+TIMESTEPS = [750.0, 125.5]
+BATCH = 2
+SEQ = 5
+
+COMMON = dict(
+    sample_size=8,
+    patch_size=2,
+    in_channels=4,
+    out_channels=4,
+    num_layers=3,
+    attention_head_dim=4,
+    num_attention_heads=2,
+    joint_attention_dim=12,
+    caption_projection_dim=8,
+    pooled_projection_dim=10,
+    pos_embed_max_size=6,
+)
+
+CASES = {
+    "sd3": dict(config=dict(COMMON), controlnet_layers=2, extra_channels=1, seed=3000),
+    "sd35": dict(
+        config=dict(COMMON, num_layers=4, qk_norm="rms_norm", dual_attention_layers=(0, 1)),
+        controlnet_layers=2,
+        extra_channels=0,
+        seed=3500,
+    ),
+}
+
+
+@torch.no_grad()
+def randomise(model, gen):
+    """Every parameter away from 0 and 1: ndim >= 2 weights N(0, 1/fan_in); RMS-norm weights
+    1 + 0.1·N(0,1); every other 1-D tensor 0.1·N(0,1). Buffers are kept (the sin-cos table)."""
+    gammas = {f"{n}.weight" for n, m in model.named_modules() if type(m).__name__ == "RMSNorm" and m.weight is not None}
+    for name, p in model.named_parameters():
+        if p.ndim >= 2:
+            fan_in = int(np.prod(p.shape[1:]))
+            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
+        elif name in gammas:
+            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+        else:
+            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    for name, _ in model.named_buffers():
+        if name != "pos_embed.pos_embed":
+            raise RuntimeError(f"unexpected buffer {name}: the fixture would not hold it")
+
+
+def save_folder(model, path):
+    os.makedirs(path, exist_ok=True)
+    model.save_config(path)
+    tensors = dict(model.state_dict())
+    write_safetensors(os.path.join(path, "diffusion_pytorch_model.safetensors"), tensors, {"format": "pt"})
+
+
+def run(transformer, controlnet, io):
+    """The outputs of one case from its inputs."""
+    hidden = {}
+
+    def keep(i):
+        def hook(_module, args):
+            hidden[f"controlnet_hidden_{i}"] = args[0].detach().clone()
+
+        return hook
+
+    handles = [b.register_forward_pre_hook(keep(i)) for i, b in enumerate(controlnet.controlnet_blocks)]
+    common = dict(
+        encoder_hidden_states=io["encoder_hidden_states"],
+        pooled_projections=io["pooled_projections"],
+        timestep=io["timestep"],
+    )
+    out = {"transformer_out": transformer(io["hidden_states"], **common).sample}
+    blocks = controlnet(
+        io["hidden_states"], controlnet_cond=io["controlnet_cond"], conditioning_scale=CONDITIONING_SCALE, **common
+    ).controlnet_block_samples
+    for h in handles:
+        h.remove()
+    for i, b in enumerate(blocks):
+        out[f"controlnet_block_{i}"] = b
+    out.update(hidden)
+    out["transformer_out_controlled"] = transformer(
+        io["hidden_states"], block_controlnet_hidden_states=list(blocks), **common
+    ).sample
+    return out
+
+
+@torch.no_grad()
+def generate(case, spec, out_root):
+    gen = torch.Generator().manual_seed(spec["seed"])
+    transformer = SD3Transformer2DModel(**spec["config"]).eval()
+    randomise(transformer, gen)
+    folder = os.path.join(out_root, case)
+    # Saved first: `from_transformer` writes num_layers and extra_conditioning_channels into the
+    # transformer's own config (diffusers 0.42.1 mutates it in place).
+    save_folder(transformer, os.path.join(folder, "transformer"))
+    controlnet = SD3ControlNetModel.from_transformer(
+        transformer, num_layers=spec["controlnet_layers"], num_extra_conditioning_channels=spec["extra_channels"]
+    ).eval()
+    randomise(controlnet, gen)
+    c = spec["config"]
+    side = c["sample_size"]
+    io = {
+        "hidden_states": torch.randn(BATCH, c["in_channels"], side, side, generator=gen),
+        "encoder_hidden_states": torch.randn(BATCH, SEQ, c["joint_attention_dim"], generator=gen),
+        "pooled_projections": torch.randn(BATCH, c["pooled_projection_dim"], generator=gen),
+        "timestep": torch.tensor(TIMESTEPS),
+        "controlnet_cond": torch.randn(BATCH, c["in_channels"] + spec["extra_channels"], side, side, generator=gen),
+    }
+    out = run(transformer, controlnet, io)
+    save_folder(controlnet, os.path.join(folder, "controlnet"))
+    meta = {
+        "diffusers": diffusers.__version__,
+        "torch": torch.__version__,
+        "conditioning_scale": CONDITIONING_SCALE,
+        "case": case,
+    }
+    write_safetensors(os.path.join(folder, "io.safetensors"), {**io, **out}, meta)
+    for k, v in out.items():
+        assert torch.isfinite(v).all() and rms(v) > 0, k
+        print(f"  {case} {k:28s} {tuple(v.shape)} rms {rms(v):.4f}")
+    # Reload the saved folders and reproduce every output.
+    t2 = SD3Transformer2DModel.from_pretrained(os.path.join(folder, "transformer")).eval()
+    c2 = SD3ControlNetModel.from_pretrained(os.path.join(folder, "controlnet")).eval()
+    again = run(t2, c2, io)
+    for k in out:
+        err = float((again[k] - out[k]).abs().max())
+        assert err <= 1e-5, f"{case} {k}: reloaded differs by {err}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join(REPO, "trainer", "tests", "fixtures", "sd3"))
+    ap.add_argument("--case", choices=sorted(CASES), action="append")
+    args = ap.parse_args()
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, python {sys.version.split()[0]}")
+    for case in args.case or sorted(CASES):
+        generate(case, CASES[case], args.out)
+
+
+if __name__ == "__main__":
+    main()
