@@ -340,6 +340,16 @@ pub fn load_checkpoint<B: Backend, C: RunSettings>(
 ) -> Result<()> {
     let state = read_state::<C>(dir)?;
     let state_path = dir.join("state.json");
+    let taken = state.state.step.checked_sub(state.state.skipped_steps);
+    if taken != Some(state.optimizer_step) {
+        return Err(crate::weights::bad_checkpoint(
+            &state_path,
+            format!(
+                "step {} with {} skipped steps does not match the optimizer's {} steps",
+                state.state.step, state.state.skipped_steps, state.optimizer_step
+            ),
+        ));
+    }
     let model_differs = differences(&state.model.identity(), &run.model.spec().identity());
     if !model_differs.is_empty() {
         return Err(bad(

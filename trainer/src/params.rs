@@ -157,7 +157,7 @@ impl<B: Backend> ParamStore<B> {
             .iter()
             .map(|p| if p.trainable { tape.leaf(p.value.clone()) } else { tape.constant(p.value.clone()) })
             .collect::<Vec<_>>();
-        let casts = std::cell::RefCell::new(vec![None; vars.len()]);
+        let casts = std::cell::RefCell::new(vec![[None, None]; vars.len()]);
         Bound { tape, vars, autocast: self.autocast, casts }
     }
 }
@@ -168,8 +168,10 @@ pub struct Bound<'t, B: Backend> {
     pub tape: &'t Tape<B>,
     vars: Vec<Var<B>>,
     autocast: Option<DType>,
-    /// Each parameter's cast to the autocast dtype, made at its first use in this pass.
-    casts: std::cell::RefCell<Vec<Option<Var<B>>>>,
+    /// Each parameter's cast to the autocast dtype, made at its first use in this pass: one
+    /// slot for recorded use, one for use under no-grad (sampling binds once and runs every
+    /// step without recording).
+    casts: std::cell::RefCell<Vec<[Option<Var<B>>; 2]>>,
 }
 
 impl<'t, B: Backend> Bound<'t, B> {
@@ -197,16 +199,17 @@ impl<'t, B: Backend> Bound<'t, B> {
         if B::dtype(&var.value) == dtype {
             return Ok(var.clone());
         }
-        if let Some(cast) = &self.casts.borrow()[id.0]
+        let slot = usize::from(!self.tape.grad_enabled());
+        if let Some(cast) = &self.casts.borrow()[id.0][slot]
             && B::dtype(&cast.value) == dtype
         {
             return Ok(cast.clone());
         }
         let cast = self.tape.cast(var, dtype)?;
-        // A cast made while the tape does not record carries no gradient: not kept, so that a
-        // later recorded use casts again.
-        if cast.requires_grad() == var.requires_grad() {
-            self.casts.borrow_mut()[id.0] = Some(cast.clone());
+        // A cast made while the tape records carries the gradient when its weight needs one;
+        // one made under no-grad never does, and serves only no-grad uses.
+        if slot == 1 || cast.requires_grad() == var.requires_grad() {
+            self.casts.borrow_mut()[id.0][slot] = Some(cast.clone());
         }
         Ok(cast)
     }

@@ -107,13 +107,19 @@ impl<B: Backend> Pretrainer<B> {
         let bound = model.store().bind(&tape);
         let pred = forward_prior(model, &bound, &tape.constant(x_t), &cond).map_err(|e| e.at_step(step))?;
         let (loss, g) = B::mse_loss(&pred.value, &y).map_err(|e| TrainError::from(e).at_step(step))?;
-        if !loss.is_finite() {
+        let scaler = self.loss_scaler()?;
+        if !loss.is_finite() && scaler.is_none() {
             return Err(TrainError::NonFinite { what: "loss", step });
         }
+        // fp16 loss scaling, when the model autocasts to fp16 ([`TrainingRun::apply`]).
+        let g = match scaler {
+            Some(s) => B::scale(&g, s.scale()).map_err(TrainError::from)?,
+            None => g,
+        };
         let leaves = bound.leaves();
         let mut grads_by_leaf = tape.backward(&[(&pred, g)])?;
         let mut grads = self.optimizer.gather(leaves, &mut grads_by_leaf);
-        let applied = self.apply(&mut grads)?;
+        let applied = self.apply(&mut grads, loss.is_finite())?;
         Ok(StepStats::new(step, (loss, loss, 0.0, 0.0), applied))
     }
 

@@ -86,23 +86,35 @@ impl<B: Backend, C: StepSettings> TrainingRun<B, C> {
 
     /// Clips and applies `grads` as the run's next optimizer step and advances the step
     /// count. Under fp16 loss scaling the gradients are `S×` the true ones: they are unscaled,
-    /// and a step with an inf/NaN gradient is skipped (weights, moments and EMA unchanged)
-    /// while the scaler halves `S` ([`LossScaler::update`]). A step whose update makes a
-    /// weight non-finite is an error naming the step, the tensor and the learning rate (the
-    /// run should not be saved after it).
-    pub(crate) fn apply(&mut self, grads: &mut [Option<B::Tensor>]) -> Result<Applied> {
+    /// and a step whose loss (`loss_finite`) or gradients are inf or NaN is skipped (weights
+    /// and moments unchanged) while the scaler halves `S` ([`LossScaler::update`]), as torch's
+    /// `GradScaler` does; one that overflows even at the smallest scale is an error (the
+    /// non-finite values do not come from fp16's range). Without loss scaling a non-finite
+    /// gradient is an error. A step whose update makes a weight non-finite is an error naming
+    /// the step, the tensor and the learning rate (the run should not be saved after it).
+    pub(crate) fn apply(&mut self, grads: &mut [Option<B::Tensor>], loss_finite: bool) -> Result<Applied> {
         let done = self.run.state.step;
-        let taken_before = done - self.run.state.skipped_steps;
+        let taken_before = done
+            .checked_sub(self.run.state.skipped_steps)
+            .ok_or(TrainError::Internal("more skipped steps than steps"))?;
         let scaled_norm = crate::optim::grad_norm::<B>(grads)?;
         let mut scaler = self.loss_scaler()?;
         let scale = scaler.as_ref().map(|s| s.scale());
         let inverse = scaler.as_ref().map_or(1.0, |s| s.inverse_scale());
-        let event = scaler.as_mut().map(|s| s.update(scaled_norm.is_finite()));
+        let floor = scaler.as_ref().is_some_and(|s| s.state().log2 == *lisa_core::loss_scale::LOG2_RANGE.start());
+        let event = scaler.as_mut().map(|s| s.update(loss_finite && scaled_norm.is_finite()));
         if event == Some(ScaleEvent::Skipped) {
+            if floor {
+                return Err(TrainError::NonFinite { what: "gradient at the smallest loss scale", step: done + 1 });
+            }
             self.run.state.loss_scale = scaler.map(|s| s.state());
             self.run.state.skipped_steps += 1;
             self.run.state.step = done + 1;
             let lr = self.config.optim().lr_at(taken_before, self.config.total_steps());
+            if let Some(ema) = &mut self.optimizer.ema {
+                // diffusers steps its EMA on every loop step, skipped or not.
+                ema.update(self.model.store(), done + 1)?;
+            }
             return Ok(Applied { grad_norm: scaled_norm * inverse, lr, loss_scale: scale, event });
         }
         if !scaled_norm.is_finite() {
@@ -115,7 +127,7 @@ impl<B: Backend, C: StepSettings> TrainingRun<B, C> {
             (scaled_norm, inverse),
             config.optim(),
             taken_before,
-            taken_before + 1,
+            done + 1,
             config.total_steps(),
         )?;
         // One reduction (one read-back) for all weights; the culprit is searched only on failure.

@@ -104,6 +104,17 @@ pub fn sample_embedded<B: Backend>(
 ) -> Result<B::Tensor> {
     cfg.validate()?;
     let n = B::shape(hint).dims().first().copied().unwrap_or(0);
+    for (what, e) in [("prompt", prompt), ("null prompt", null)] {
+        let batch = match e {
+            crate::model::PromptEmbedding::Text { values, tokens, dim } => values.len() / (tokens * dim).max(1),
+            crate::model::PromptEmbedding::Classes(ids) => ids.first().map_or(n, Vec::len),
+        };
+        if n == 0 || batch != n {
+            return Err(TrainError::Mismatch(format!(
+                "sampling {n} condition images with {batch} {what} embeddings: one per image needed"
+            )));
+        }
+    }
     let scheduler = build::<B>(noise, &cfg.scheduler(model.prediction()))?;
     let device = B::device(hint);
     let [c, h, w] = model.sample_shape();

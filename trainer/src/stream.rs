@@ -14,7 +14,7 @@ use crate::scheduler::{NoiseProcess, add_noise};
 /// Where a run is: everything besides weights and moments that resuming needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct TrainState {
-    /// Completed optimizer steps.
+    /// Completed loop steps (optimizer steps, plus those skipped under loss scaling).
     pub step: u64,
     /// Counter of the run's random stream (each draw consumes one value).
     pub rng_counter: u64,

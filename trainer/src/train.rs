@@ -279,10 +279,26 @@ impl<B: Backend> Trainer<B> {
         let (mut main_sum, mut lisa_sum, mut zero_sum, mut total_sum) = (0.0f32, 0.0f32, 0.0f32, 0.0f32);
         let step = self.run.state.step + 1;
         self.tau_norm(data)?;
-        let loss_scale = self.loss_scaler()?.map_or(1.0, |s| s.scale());
-        for _ in 0..accum {
+        let scaling = self.loss_scaler()?.map(|s| s.scale());
+        let loss_scale = scaling.unwrap_or(1.0);
+        for k in 0..accum {
             let examples = self.next_examples(data, self.config.batch_size)?;
-            let (main, lisa, micro) = self.micro_batch(&examples, accum, loss_scale).map_err(|e| e.at_step(step))?;
+            let (main, lisa, micro) = match self.micro_batch(&examples, accum, loss_scale).map_err(|e| e.at_step(step))
+            {
+                Ok(micro) => micro,
+                // Under fp16 loss scaling a non-finite value in the forward (the losses refuse
+                // them) skips the step, as torch's GradScaler would after an inf/NaN backward:
+                // the step's remaining examples are consumed unused, the gradients dropped.
+                Err(TrainError::NonFinite { .. }) if scaling.is_some() => {
+                    for _ in k + 1..accum {
+                        self.next_examples(data, self.config.batch_size)?;
+                    }
+                    total_sum = f32::NAN;
+                    grads.iter_mut().for_each(|g| *g = None);
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
             main_sum += main;
             lisa_sum += lisa.distance;
             zero_sum += lisa.zero_distance;
@@ -295,11 +311,12 @@ impl<B: Backend> Trainer<B> {
             }
         }
         let loss = total_sum / accum as f32;
-        if !loss.is_finite() {
-            // Not a gradient overflow that loss scaling would handle: the forward itself.
+        // Under fp16 loss scaling an overflowing loss skips the step, as in torch; otherwise
+        // it is an error.
+        if !loss.is_finite() && scaling.is_none() {
             return Err(TrainError::NonFinite { what: "loss", step });
         }
-        let applied = self.apply(&mut grads)?;
+        let applied = self.apply(&mut grads, loss.is_finite())?;
         let n = accum as f32;
         Ok(StepStats::new(step, (loss, main_sum / n, lisa_sum / n, zero_sum / n), applied))
     }

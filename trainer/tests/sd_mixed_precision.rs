@@ -195,3 +195,26 @@ fn a_loss_scaled_run_resumes_exactly() {
         assert_eq!((a.loss.to_bits(), a.loss_scale, a.skipped), (b.loss.to_bits(), b.loss_scale, b.skipped));
     }
 }
+
+/// A NaN that does not come from fp16's range (here in the data): under loss scaling its steps
+/// are skipped as torch skips them, and once the scale is at its floor the run stops with an
+/// error naming the step instead of skipping forever. Without loss scaling it is an error at once.
+#[test]
+fn a_nan_in_the_data_skips_then_stops_under_fp16_and_stops_at_once_in_f32() {
+    let dir = scratch("nan");
+    let embeds = embeddings(&dir);
+    let mut data = Rings::new();
+    for e in &mut data.0 {
+        e.image[0] = f32::NAN;
+    }
+    let mut t = trainer("fp16", LossScaleConfig { init_log2: -125, growth_interval: 2000 }, &embeds);
+    let start = side_weights(&t);
+    let s = t.step(&data).unwrap();
+    assert!(s.skipped && !s.loss.is_finite(), "{s:?}");
+    assert_eq!(side_weights(&t), start);
+    let err = t.step(&data).unwrap_err().to_string();
+    assert!(err.contains("smallest loss scale") && err.contains('2'), "{err}");
+    let mut f32_run = trainer("no", LossScaleConfig::default(), &embeds);
+    let err = f32_run.step(&data).unwrap_err().to_string();
+    assert!(err.contains("loss"), "{err}");
+}

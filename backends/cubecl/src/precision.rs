@@ -109,15 +109,19 @@ fn f32_gemm_named(name: &str) -> Result<F32Gemm, String> {
 /// problem falls back to the tiled one ([`half_matmul`] says which path a device takes).
 pub(crate) fn half_gemm(tensor_cores: bool) -> Result<F32Gemm, String> {
     use cubek::matmul::launch::Strategy as S;
-    static CHOSEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    let chosen = CHOSEN.get_or_init(|| std::env::var("LISA_CUBECL_HALF_GEMM").ok().filter(|s| !s.is_empty()));
-    match chosen.as_deref() {
+    match half_gemm_named() {
         // cubek's `Auto` panics on some refusals instead of returning them.
         Some("auto") => Err("LISA_CUBECL_HALF_GEMM=\"auto\" is not offered for half products; name a kernel".into()),
-        Some(name) => f32_gemm_named(name),
+        Some(name) => f32_gemm_named(name).map_err(|m| m.replace("LISA_CUBECL_F32_GEMM", "LISA_CUBECL_HALF_GEMM")),
         None if tensor_cores => Ok(F32Gemm::Cubek(S::SimpleCyclicCmma(Default::default()))),
         None => Ok(F32Gemm::Tiled),
     }
+}
+
+/// `LISA_CUBECL_HALF_GEMM`, read once per process.
+fn half_gemm_named() -> Option<&'static str> {
+    static CHOSEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    CHOSEN.get_or_init(|| std::env::var("LISA_CUBECL_HALF_GEMM").ok().filter(|s| !s.is_empty())).as_deref()
 }
 
 static CUBEK_REFUSALS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
@@ -149,8 +153,7 @@ pub enum HalfMatmul {
 /// The path f16/bf16 (`dtype`) products take on `device` (a problem cubek refuses still
 /// falls back to [`HalfMatmul::Tiled`]). For f32 see [`f32_matmul`].
 pub fn half_matmul<R: cubecl::Runtime>(device: &crate::CubeDevice<R>, dtype: lisa_core::DType) -> HalfMatmul {
-    let named = std::env::var("LISA_CUBECL_HALF_GEMM").ok().filter(|s| !s.is_empty());
-    match (named.as_deref(), device.has_tensor_cores(dtype)) {
+    match (half_gemm_named(), device.has_tensor_cores(dtype)) {
         (Some("tiled"), _) => HalfMatmul::Tiled,
         (Some(_), _) => HalfMatmul::Named,
         (None, true) => HalfMatmul::TensorCores,

@@ -17,6 +17,7 @@ mod forward;
 mod hook;
 pub mod registry;
 pub mod sd;
+pub mod sd3;
 pub mod toy;
 
 use std::path::Path;

@@ -296,8 +296,9 @@ impl<B: Backend> Optimizer<B> {
 
     /// Unscales (by `inverse`, 1 without loss scaling) and clips `grads` whose norm is
     /// `scaled_norm` (finite, [`grad_norm`]), updates `store` with `config` at the lr of
-    /// schedule step `schedule_step` (0-based) of `total`, and the EMA of optimizer step
-    /// `step` (1-based). Returns `(gradient norm before clipping, lr)`.
+    /// schedule step `schedule_step` (0-based: the steps taken before) of `total`, and the EMA
+    /// of loop step `step` (1-based; skipped steps count, as diffusers steps its EMA on every
+    /// loop step). Returns `(gradient norm before clipping, lr)`.
     #[allow(clippy::too_many_arguments)]
     pub fn step(
         &mut self,

@@ -1,0 +1,131 @@
+//! diffusers' `SD3ControlNetModel`: the transformer's first blocks (all keeping their text
+//! tokens), the condition latents added to the image tokens through a zero-initialised patch
+//! embedding, and one zero-initialised linear `controlnet_blocks[i]` per block whose outputs,
+//! times the conditioning scale, are the residuals.
+
+use lisa_core::backend::Backend;
+
+use super::block::JointBlock;
+use super::config::{Sd3Config, Sd3ControlNetExtras};
+use super::embed::{PatchEmbed, TimeTextEmbed};
+use super::transformer::Sd3Inputs;
+use crate::autodiff::Var;
+use crate::error::{Result, TrainError};
+use crate::nn::Linear;
+use crate::params::{Bound, Init, ParamStore, Scope};
+
+/// What a ControlNet pass returns.
+#[derive(Debug, Clone)]
+pub struct Sd3ControlOutput<B: Backend> {
+    /// `controlnet_blocks[i](hidden[i]) · scale`, `[b, n, dim]` each: what the transformer adds.
+    pub residuals: Vec<Var<B>>,
+    /// The input of `controlnet_blocks[i]` (the image tokens after block `i`): the features a
+    /// LISA decoder hooks (`block_i`).
+    pub hidden: Vec<Var<B>>,
+}
+
+/// The SD3 ControlNet.
+#[derive(Debug, Clone)]
+pub struct Sd3ControlNet {
+    config: Sd3Config,
+    extras: Sd3ControlNetExtras,
+    pos_embed: PatchEmbed,
+    time_text_embed: TimeTextEmbed,
+    context_embedder: Linear,
+    blocks: Vec<JointBlock>,
+    controlnet_blocks: Vec<Linear>,
+    pos_embed_input: PatchEmbed,
+}
+
+impl Sd3ControlNet {
+    /// Every parameter under `at`: `controlnet_blocks` and `pos_embed_input` zero, the rest
+    /// initialised as the transformer's (diffusers' `from_transformer` then copies them in).
+    pub fn new<B: Backend>(
+        s: &mut ParamStore<B>,
+        at: impl Into<Scope>,
+        c: &Sd3Config,
+        extras: Sd3ControlNetExtras,
+    ) -> Result<Self> {
+        let at = at.into();
+        let d = c.inner_dim();
+        let blocks = (0..c.num_layers)
+            .map(|i| {
+                JointBlock::new(s, at.pp("transformer_blocks").pp(i), c, false, c.dual_attention_layers.contains(&i))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let controlnet_blocks = (0..c.num_layers)
+            .map(|i| {
+                let at = at.pp("controlnet_blocks").pp(i);
+                Ok(Linear {
+                    weight: s.add(at.name("weight"), &[d, d], Init::Zeros)?,
+                    bias: Some(s.add(at.name("bias"), &[d], Init::Zeros)?),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let cond_channels = c.in_channels + extras.extra_conditioning_channels;
+        let pos_embed_input = PatchEmbed::new(s, at.pp("pos_embed_input"), c, cond_channels, false)?;
+        // zero_module(pos_embed_input)
+        for id in [pos_embed_input.conv().weight, pos_embed_input.conv().bias] {
+            let value = s.get(id).value.clone();
+            s.get_mut(id).value = B::zeros_like(&value)?;
+        }
+        Ok(Self {
+            pos_embed: PatchEmbed::new(s, at.pp("pos_embed"), c, c.in_channels, true)?,
+            time_text_embed: TimeTextEmbed::new(s, at.pp("time_text_embed"), c)?,
+            context_embedder: Linear::new(
+                s,
+                at.pp("context_embedder"),
+                c.joint_attention_dim,
+                c.caption_projection_dim,
+            )?,
+            blocks,
+            controlnet_blocks,
+            pos_embed_input,
+            config: c.clone(),
+            extras,
+        })
+    }
+
+    /// The settings it was built from.
+    pub fn config(&self) -> (&Sd3Config, Sd3ControlNetExtras) {
+        (&self.config, self.extras)
+    }
+
+    /// `x [b, c, h, w]` (the noisy latents), `cond [b, c + extra, h, w]` (the VAE-encoded
+    /// condition) → the residuals (times `scale`) and the hooked features.
+    pub fn forward<B: Backend>(
+        &self,
+        p: &Bound<'_, B>,
+        x: &Var<B>,
+        cond: &Var<B>,
+        inputs: &Sd3Inputs<'_, B>,
+        scale: f32,
+    ) -> Result<Sd3ControlOutput<B>> {
+        let t = p.tape;
+        let (xs, cs) = (B::shape(&x.value), B::shape(&cond.value));
+        let want_c = self.config.in_channels + self.extras.extra_conditioning_channels;
+        if cs.rank() != 4 || cs.dims()[1] != want_c || cs.dims()[0] != xs.dims()[0] || cs.dims()[2..] != xs.dims()[2..]
+        {
+            return Err(TrainError::Mismatch(format!(
+                "the SD3 ControlNet's condition must be [b, {want_c}, h, w] like the latents {xs}, got {cs}"
+            )));
+        }
+        let mut h = self.pos_embed.forward(p, x)?;
+        let silu_temb = t.silu(&self.time_text_embed.forward(p, inputs.t, inputs.pooled)?)?;
+        let mut context = self.context_embedder.forward(p, inputs.context)?;
+        h = t.add(&h, &self.pos_embed_input.forward(p, cond)?)?;
+        let mut hidden = Vec::with_capacity(self.blocks.len());
+        for block in &self.blocks {
+            let (ctx, out) = block.forward(p, &h, &context, &silu_temb)?;
+            context = ctx.ok_or(TrainError::Internal("a ControlNet block keeps its text tokens"))?;
+            h = out;
+            hidden.push(h.clone());
+        }
+        let residuals = hidden
+            .iter()
+            .zip(&self.controlnet_blocks)
+            .map(|(h, block)| t.scale(&block.forward(p, h)?, scale))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Sd3ControlOutput { residuals, hidden })
+    }
+}

@@ -1,0 +1,157 @@
+//! Parity of lisa's SD3 transformer and SD3 ControlNet with diffusers (golden files made by
+//! `scripts/goldens/diffusers_sd3.py` with diffusers 0.42.1 / torch 2.15.0): the transformer's
+//! output without and with residuals, every ControlNet residual and the input of every
+//! `controlnet_blocks[i]`. Two tiny cases: SD3-like (positions cropped from a larger table, a
+//! residual per 1.5 blocks, an extra condition channel) and SD3.5-like (RMS qk-norm, dual
+//! attention, a residual per 2 blocks). Also: bad configs and weights are refused by name.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use lisa_core::backend::{Backend, DType, Shape};
+use lisa_core::tolerance::REFERENCE_PARITY_F32;
+use lisa_trainer::autodiff::Tape;
+use lisa_trainer::model::sd::read_json_config;
+use lisa_trainer::model::sd3::{Sd3Config, Sd3ControlNet, Sd3Inputs, Sd3Transformer, load_weights};
+use lisa_trainer::params::ParamStore;
+use lisa_trainer::weights::parse_safetensors;
+use serde_json::json;
+
+fn fixture(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd3").join(case)
+}
+
+type Host = BTreeMap<String, (Shape, Vec<f32>)>;
+
+fn read(path: &Path) -> (Host, BTreeMap<String, String>) {
+    let bytes = std::fs::read(path).unwrap();
+    let f = parse_safetensors(path, &bytes).unwrap();
+    (f.tensors, f.metadata)
+}
+
+/// `max |got − want| ≤ REFERENCE_PARITY_F32 · max |want|`, naming the worst element.
+fn assert_parity(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let scale = want.iter().fold(0f64, |m, &w| m.max((w as f64).abs()));
+    let (mut worst, mut at) = (0f64, 0usize);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let e = (g as f64 - w as f64).abs();
+        if e > worst || e.is_nan() {
+            (worst, at) = (e, i);
+        }
+    }
+    eprintln!("{what}: max |err| / max |want| = {:.2e}", worst / scale.max(f64::MIN_POSITIVE));
+    assert!(
+        worst <= REFERENCE_PARITY_F32 * scale,
+        "{what}: element {at}: got {}, want {} (max |err| {worst:e}, allowed {:e})",
+        got[at],
+        want[at],
+        REFERENCE_PARITY_F32 * scale
+    );
+}
+
+fn check_case<B: Backend>(case: &str, device: B::Device) {
+    let dir = fixture(case);
+    let (io, meta) = read(&dir.join("io.safetensors"));
+    let scale: f32 = meta["conditioning_scale"].parse().unwrap();
+    let tc = Sd3Config::from_transformer_json(&read_json_config(&dir.join("transformer")).unwrap()).unwrap();
+    let (cc, extras) = Sd3Config::from_controlnet_json(&read_json_config(&dir.join("controlnet")).unwrap()).unwrap();
+    tc.check_controlnet(&cc).unwrap();
+    let mut store = ParamStore::<B>::new(device.clone(), 0).freeze_prefix("main.");
+    let transformer = Sd3Transformer::new(&mut store, "main", &tc).unwrap();
+    let controlnet = Sd3ControlNet::new(&mut store, "side", &cc, extras).unwrap();
+    let positions = transformer.positions().to_vec();
+    let n = load_weights(&mut store, "main", &dir.join("transformer"), &positions).unwrap();
+    let m = load_weights(&mut store, "side", &dir.join("controlnet"), &positions).unwrap();
+    assert!(n > 0 && m > 0);
+
+    let t = |k: &str| B::from_slice(&io[k].1, &io[k].0, DType::F32, &device).unwrap();
+    let tape = Tape::<B>::new();
+    let p = store.bind(&tape);
+    let (x, cond) = (tape.constant(t("hidden_states")), tape.constant(t("controlnet_cond")));
+    let (context, pooled) = (tape.constant(t("encoder_hidden_states")), tape.constant(t("pooled_projections")));
+    let timesteps = io["timestep"].1.clone();
+    let inputs = Sd3Inputs { context: &context, pooled: &pooled, t: &timesteps };
+
+    let plain = transformer.forward(&p, &x, &inputs, None).unwrap();
+    assert_parity(&format!("{case} transformer_out"), &B::to_vec(&plain.value).unwrap(), &io["transformer_out"].1);
+    let out = controlnet.forward(&p, &x, &cond, &inputs, scale).unwrap();
+    for (i, (r, h)) in out.residuals.iter().zip(&out.hidden).enumerate() {
+        assert_parity(
+            &format!("{case} controlnet_block_{i}"),
+            &B::to_vec(&r.value).unwrap(),
+            &io[&format!("controlnet_block_{i}")].1,
+        );
+        assert_parity(
+            &format!("{case} controlnet_hidden_{i}"),
+            &B::to_vec(&h.value).unwrap(),
+            &io[&format!("controlnet_hidden_{i}")].1,
+        );
+    }
+    let controlled = transformer.forward(&p, &x, &inputs, Some(&out.residuals)).unwrap();
+    assert_parity(
+        &format!("{case} transformer_out_controlled"),
+        &B::to_vec(&controlled.value).unwrap(),
+        &io["transformer_out_controlled"].1,
+    );
+    // The residuals are differentiable through to the ControlNet's parameters.
+    assert!(controlled.requires_grad());
+}
+
+#[test]
+fn sd3_matches_diffusers_on_cpu() {
+    check_case::<lisa_cpu::CpuBackend>("sd3", lisa_cpu::CpuDevice);
+}
+
+#[test]
+fn sd35_matches_diffusers_on_cpu() {
+    check_case::<lisa_cpu::CpuBackend>("sd35", lisa_cpu::CpuDevice);
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn both_sd3_cases_match_diffusers_on_wgpu() {
+    if let Some(reason) = lisa_cubecl::skip_unless_available::<lisa_cubecl::WgpuRuntime>() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let device = lisa_cubecl::WgpuBackend::probe().unwrap();
+    for case in ["sd3", "sd35"] {
+        check_case::<lisa_cubecl::WgpuBackend>(case, device.clone());
+    }
+}
+
+#[test]
+fn bad_sd3_configs_and_weights_are_named() {
+    let base = read_json_config(&fixture("sd3").join("transformer")).unwrap();
+    let refused = |edit: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)| {
+        let mut c = base.clone();
+        edit(&mut c);
+        Sd3Config::from_transformer_json(&c).expect_err("must be refused").to_string()
+    };
+    assert!(refused(&|c| drop(c.insert("qk_norm".into(), json!("l2")))).contains("qk_norm"));
+    assert!(refused(&|c| drop(c.insert("wavelets".into(), json!(1)))).contains("unknown key wavelets"));
+    assert!(
+        refused(&|c| drop(c.insert("caption_projection_dim".into(), json!(12)))).contains("caption_projection_dim")
+    );
+    assert!(refused(&|c| drop(c.insert("dual_attention_layers".into(), json!([7])))).contains("block 7"));
+    assert!(refused(&|c| drop(c.insert("num_layers".into(), json!(0)))).contains("num_layers"));
+    let mut cn = read_json_config(&fixture("sd3").join("controlnet")).unwrap();
+    cn.insert("use_pos_embed".into(), json!(false));
+    assert!(Sd3Config::from_controlnet_json(&cn).unwrap_err().to_string().contains("use_pos_embed"));
+    // A ControlNet with another width does not fit.
+    let tc = Sd3Config::from_transformer_json(&base).unwrap();
+    let mut other = tc.clone();
+    other.pooled_projection_dim = 7;
+    assert!(tc.check_controlnet(&other).unwrap_err().to_string().contains("pooled_projection_dim"));
+    // A grid beyond the positions, and weights of another config, are errors naming the cause.
+    assert!(tc.grid(14).unwrap_err().to_string().contains("pos_embed_max_size"));
+    let mut small = tc.clone();
+    small.num_attention_heads = 1;
+    small.caption_projection_dim = 4;
+    let mut store = ParamStore::<lisa_cpu::CpuBackend>::new(lisa_cpu::CpuDevice, 0);
+    let t = Sd3Transformer::new(&mut store, "", &small).unwrap();
+    let positions = t.positions().to_vec();
+    let err = load_weights(&mut store, "", &fixture("sd3").join("transformer"), &positions).unwrap_err().to_string();
+    assert!(err.contains("pos_embed.pos_embed"), "{err}");
+}
