@@ -129,6 +129,65 @@ def run(transformer, controlnet, io):
     return out
 
 
+# The ControlNet tensors whose gradients the fixture pins (every kind of layer: the condition
+# embedding, the embeddings, the modulations, both attention streams, the feed-forward, the
+# zero-initialised output projection). In `sd3` (3 blocks, 2 residuals) diffusers adds residual 0
+# after blocks 0 and 1 and none after the context_pre_only block 2, so residual 1, ControlNet
+# block 1 and block 0's text output never reach the output; `sd35` (4 blocks, 2 residuals) uses
+# both, and pins those too.
+GRAD_TENSORS = [
+    "pos_embed_input.proj.weight",
+    "time_text_embed.timestep_embedder.linear_1.weight",
+    "time_text_embed.text_embedder.linear_2.bias",
+    "context_embedder.weight",
+    "transformer_blocks.0.norm1.linear.weight",
+    "transformer_blocks.0.norm1_context.linear.bias",
+    "transformer_blocks.0.attn.to_q.weight",
+    "transformer_blocks.0.attn.add_k_proj.weight",
+    "transformer_blocks.0.ff.net.0.proj.weight",
+    "controlnet_blocks.0.weight",
+]
+GRAD_TENSORS_SD35 = [
+    "transformer_blocks.0.attn.to_add_out.weight",
+    "transformer_blocks.0.ff_context.net.2.weight",
+    "transformer_blocks.0.attn.norm_q.weight",
+    "transformer_blocks.0.attn.norm_added_k.weight",
+    "transformer_blocks.0.attn2.to_v.weight",
+    "transformer_blocks.1.attn2.norm_k.weight",
+    "controlnet_blocks.1.bias",
+]
+
+
+def gradients(transformer, controlnet, io, gen):
+    """`L = Σ w ⊙ transformer(x, residuals = controlnet(x, cond))` with a fixed random `w`: the
+    weights `w` (`grad_seed`) and torch-autograd's `∂L/∂θ` for the GRAD_TENSORS (`grad.<name>`)."""
+    names = GRAD_TENSORS + (GRAD_TENSORS_SD35 if transformer.config.qk_norm else [])
+    params = dict(controlnet.named_parameters())
+    for p in controlnet.parameters():
+        p.requires_grad_(True)
+        p.grad = None
+    common = dict(
+        encoder_hidden_states=io["encoder_hidden_states"],
+        pooled_projections=io["pooled_projections"],
+        timestep=io["timestep"],
+    )
+    with torch.enable_grad():
+        blocks = controlnet(
+            io["hidden_states"], controlnet_cond=io["controlnet_cond"], conditioning_scale=CONDITIONING_SCALE, **common
+        ).controlnet_block_samples
+        out = transformer(io["hidden_states"], block_controlnet_hidden_states=list(blocks), **common).sample
+        w = torch.randn(out.shape, generator=gen)
+        (out * w).sum().backward()
+    grads = {"grad_seed": w}
+    for n in names:
+        g = params[n].grad
+        assert g is not None and rms(g) > 0, n
+        grads[f"grad.{n}"] = g.detach().clone()
+    for p in controlnet.parameters():
+        p.requires_grad_(False)
+    return grads
+
+
 @torch.no_grad()
 def generate(case, spec, out_root):
     gen = torch.Generator().manual_seed(spec["seed"])
@@ -152,6 +211,7 @@ def generate(case, spec, out_root):
         "controlnet_cond": torch.randn(BATCH, c["in_channels"] + spec["extra_channels"], side, side, generator=gen),
     }
     out = run(transformer, controlnet, io)
+    grads = gradients(transformer, controlnet, io, gen)
     save_folder(controlnet, os.path.join(folder, "controlnet"))
     meta = {
         "diffusers": diffusers.__version__,
@@ -159,8 +219,8 @@ def generate(case, spec, out_root):
         "conditioning_scale": CONDITIONING_SCALE,
         "case": case,
     }
-    write_safetensors(os.path.join(folder, "io.safetensors"), {**io, **out}, meta)
-    for k, v in out.items():
+    write_safetensors(os.path.join(folder, "io.safetensors"), {**io, **out, **grads}, meta)
+    for k, v in {**out, **grads}.items():
         assert torch.isfinite(v).all() and rms(v) > 0, k
         print(f"  {case} {k:28s} {tuple(v.shape)} rms {rms(v):.4f}")
     # Reload the saved folders and reproduce every output.

@@ -1,7 +1,8 @@
 //! Parity of lisa's SD3 transformer and SD3 ControlNet with diffusers (golden files made by
 //! `scripts/goldens/diffusers_sd3.py` with diffusers 0.42.1 / torch 2.15.0): the transformer's
 //! output without and with residuals, every ControlNet residual and the input of every
-//! `controlnet_blocks[i]`. Two tiny cases: SD3-like (positions cropped from a larger table, a
+//! `controlnet_blocks[i]`, and torch-autograd gradients of a random projection of the
+//! controlled output for 10 (SD3) and 17 (SD3.5) ControlNet tensors. Two tiny cases: SD3-like (positions cropped from a larger table, a
 //! residual per 1.5 blocks, an extra condition channel) and SD3.5-like (RMS qk-norm, dual
 //! attention, a residual per 2 blocks). Also: bad configs and weights are refused by name.
 
@@ -94,8 +95,28 @@ fn check_case<B: Backend>(case: &str, device: B::Device) {
         &B::to_vec(&controlled.value).unwrap(),
         &io["transformer_out_controlled"].1,
     );
-    // The residuals are differentiable through to the ControlNet's parameters.
-    assert!(controlled.requires_grad());
+    // Gradients of `L = Σ w ⊙ out` through the transformer into the ControlNet, against
+    // torch autograd.
+    let leaves: BTreeMap<_, _> = p.leaves().into_iter().collect();
+    let grads = tape.backward(&[(&controlled, t("grad_seed"))]).unwrap();
+    let grad_of = |name: &str| {
+        let id = store.find(&format!("side.{name}")).unwrap_or_else(|| panic!("no parameter side.{name}"));
+        grads.get(leaves[&id]).map(|g| B::to_vec(g).unwrap())
+    };
+    let mut pinned = 0;
+    for (key, (_, want)) in io.iter().filter(|(k, _)| k.starts_with("grad.")) {
+        let name = &key["grad.".len()..];
+        let got = grad_of(name).unwrap_or_else(|| panic!("{case}: no gradient reached {name}"));
+        assert_parity(&format!("{case} ∂L/∂{name}"), &got, want);
+        pinned += 1;
+    }
+    assert!(pinned >= 10, "{case}: {pinned} gradients pinned");
+    if case == "sd3" {
+        // diffusers adds residual 0 after blocks 0 and 1 and none after the last: residual 1
+        // never reaches the output, so ControlNet block 1 gets no gradient.
+        let dead = grad_of("controlnet_blocks.1.weight");
+        assert!(dead.is_none_or(|g| g.iter().all(|v| *v == 0.0)), "{case}: residual 1 reached the output");
+    }
 }
 
 #[test]
