@@ -176,3 +176,57 @@ fn bad_sd3_configs_and_weights_are_named() {
     let err = load_weights(&mut store, "", &fixture("sd3").join("transformer"), &positions).unwrap_err().to_string();
     assert!(err.contains("pos_embed.pos_embed"), "{err}");
 }
+
+/// diffusers' `from_transformer` (the first blocks and the embeddings copied, the condition
+/// embedding and the output projections zero), and the ControlNet saved as a diffusers folder
+/// and read back: the same config and bit-identical tensors (diffusers' own loader reads the
+/// folder too: `scripts/goldens/load_controlnet.py FOLDER`).
+#[test]
+fn a_controlnet_from_the_transformer_saves_and_loads_as_diffusers_does() {
+    use lisa_core::backend::prelude::*;
+    use lisa_trainer::model::sd3::{Sd3ControlNetExtras, copy_transformer_into_controlnet, save_controlnet};
+    type C = lisa_cpu::CpuBackend;
+    let dir = fixture("sd35");
+    let tc = Sd3Config::from_transformer_json(&read_json_config(&dir.join("transformer")).unwrap()).unwrap();
+    assert!(tc.controlnet_from_transformer(tc.num_layers).unwrap_err().to_string().contains("last block"));
+    let cc = tc.controlnet_from_transformer(3).unwrap();
+    assert_eq!(cc.dual_attention_layers, vec![0, 1]);
+    let extras = Sd3ControlNetExtras { extra_conditioning_channels: 1, force_zeros_for_pooled_projection: true };
+    let mut store = ParamStore::<C>::new(lisa_cpu::CpuDevice, 5).freeze_prefix("main.");
+    let transformer = Sd3Transformer::new(&mut store, "main", &tc).unwrap();
+    Sd3ControlNet::new(&mut store, "side", &cc, extras).unwrap();
+    let positions = transformer.positions().to_vec();
+    load_weights(&mut store, "main", &dir.join("transformer"), &positions).unwrap();
+    let copied = copy_transformer_into_controlnet(&mut store, "main", "side").unwrap();
+    let value = |name: &str| C::to_vec(&store.get(store.find(name).unwrap()).value).unwrap();
+    for name in [
+        "transformer_blocks.1.attn2.to_q.weight",
+        "transformer_blocks.2.ff.net.2.weight",
+        "pos_embed.proj.bias",
+        "context_embedder.weight",
+    ] {
+        assert_eq!(value(&format!("side.{name}")), value(&format!("main.{name}")), "{name} copied");
+    }
+    for name in ["side.pos_embed_input.proj.weight", "side.controlnet_blocks.2.weight"] {
+        assert!(value(name).iter().all(|v| *v == 0.0), "{name} stays zero");
+    }
+    assert!(copied > 50, "{copied} tensors copied");
+
+    let out = std::env::temp_dir().join(format!("lisa-sd3-controlnet-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    save_controlnet(&store, "side", &cc, extras, &out).unwrap();
+    let (back, back_extras) = Sd3Config::from_controlnet_json(&read_json_config(&out).unwrap()).unwrap();
+    assert_eq!((back.clone(), back_extras), (cc.clone(), extras));
+    let mut again = ParamStore::<C>::new(lisa_cpu::CpuDevice, 9);
+    Sd3ControlNet::new(&mut again, "side", &back, back_extras).unwrap();
+    load_weights(&mut again, "side", &out, &positions).unwrap();
+    for (_, p) in again.iter() {
+        assert_eq!(C::to_vec(&p.value).unwrap(), value(&p.name), "{} round trip", p.name);
+    }
+    // LISA_KEEP_SD3_CONTROLNET=1 keeps the folder, to load it with diffusers by hand.
+    if std::env::var_os("LISA_KEEP_SD3_CONTROLNET").is_none() {
+        std::fs::remove_dir_all(&out).unwrap();
+    } else {
+        eprintln!("kept {}", out.display());
+    }
+}

@@ -279,3 +279,51 @@ impl Sd3Config {
         Ok(())
     }
 }
+
+impl Sd3Config {
+    /// The config of the ControlNet diffusers' `SD3ControlNetModel.from_transformer(transformer,
+    /// num_layers, num_extra_conditioning_channels)` makes from this transformer: the same
+    /// settings with `num_layers` blocks. It must have fewer blocks than the transformer (the
+    /// transformer's last block drops the text tokens, a ControlNet's do not: diffusers itself
+    /// fails to copy that block).
+    pub fn controlnet_from_transformer(&self, num_layers: usize) -> Result<Self> {
+        if num_layers == 0 || num_layers >= self.num_layers {
+            return Err(TrainError::Config(format!(
+                "a ControlNet of {num_layers} blocks for a transformer of {}: it needs 1..={} (the last block cannot be copied)",
+                self.num_layers,
+                self.num_layers - 1
+            )));
+        }
+        Ok(Self {
+            num_layers,
+            dual_attention_layers: self.dual_attention_layers.iter().copied().filter(|&l| l < num_layers).collect(),
+            ..self.clone()
+        })
+    }
+
+    /// `{"_class_name": "SD3ControlNetModel", …}`: every key diffusers 0.42.1 writes, as its
+    /// `from_pretrained` reads them back.
+    pub fn controlnet_json(&self, extras: Sd3ControlNetExtras) -> Value {
+        json!({
+            "_class_name": "SD3ControlNetModel",
+            "_diffusers_version": "0.42.1",
+            "sample_size": self.sample_size,
+            "patch_size": self.patch_size,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "num_layers": self.num_layers,
+            "attention_head_dim": self.attention_head_dim,
+            "num_attention_heads": self.num_attention_heads,
+            "joint_attention_dim": self.joint_attention_dim,
+            "caption_projection_dim": self.caption_projection_dim,
+            "pooled_projection_dim": self.pooled_projection_dim,
+            "pos_embed_max_size": self.pos_embed_max_size,
+            "extra_conditioning_channels": extras.extra_conditioning_channels,
+            "dual_attention_layers": self.dual_attention_layers,
+            "qk_norm": self.qk_norm.map(|QkNorm::Rms| "rms_norm"),
+            "pos_embed_type": "sincos",
+            "use_pos_embed": true,
+            "force_zeros_for_pooled_projection": extras.force_zeros_for_pooled_projection,
+        })
+    }
+}

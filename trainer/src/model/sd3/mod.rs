@@ -63,3 +63,73 @@ pub fn load_weights<B: Backend>(
     let tensors = tensors.into_iter().map(|(k, v)| (at.name(k), v)).collect();
     load_tensors(store, &file, tensors, |n| at.contains(n), |_| false)
 }
+
+/// diffusers' `from_transformer`: the ControlNet under `side` takes the transformer's (under
+/// `main`) patch embedding, time and text embedding, context embedder and first blocks; its
+/// `pos_embed_input` and `controlnet_blocks` stay zero. Every copied tensor must exist on both
+/// sides with one shape. Returns how many tensors were copied.
+pub fn copy_transformer_into_controlnet<B: Backend>(
+    store: &mut ParamStore<B>,
+    main: impl Into<Scope>,
+    side: impl Into<Scope>,
+) -> Result<usize> {
+    const KEPT_ZERO: [&str; 2] = ["pos_embed_input.", "controlnet_blocks."];
+    let (main, side) = (main.into(), side.into());
+    let pairs: Vec<_> = store
+        .iter()
+        .filter(|(_, p)| side.contains(&p.name))
+        .filter_map(|(dst, p)| {
+            let rest = p.name[side.path().len()..].trim_start_matches('.').to_string();
+            (!KEPT_ZERO.iter().any(|k| rest.starts_with(k))).then_some((dst, rest))
+        })
+        .collect();
+    for (dst, rest) in &pairs {
+        let name = main.name(rest);
+        let src = store.find(&name).ok_or_else(|| {
+            crate::error::TrainError::Config(format!("the transformer has no {name} to copy into the ControlNet"))
+        })?;
+        let (from, to) = (&store.get(src).value, &store.get(*dst).value);
+        if B::shape(from) != B::shape(to) {
+            return Err(crate::error::TrainError::Config(format!(
+                "{name} has shape {}, the ControlNet's {}",
+                B::shape(from),
+                B::shape(to)
+            )));
+        }
+        let value = from.clone();
+        store.get_mut(*dst).value = value;
+    }
+    Ok(pairs.len())
+}
+
+/// Writes the ControlNet under `at` as a diffusers folder (`config.json` from `config` and
+/// `extras`, `diffusion_pytorch_model.safetensors` with diffusers' names and the positions
+/// buffer), each file atomically, so that `SD3ControlNetModel.from_pretrained(dir)` loads it.
+pub fn save_controlnet<B: Backend>(
+    store: &ParamStore<B>,
+    at: impl Into<Scope>,
+    config: &Sd3Config,
+    extras: Sd3ControlNetExtras,
+    dir: &Path,
+) -> Result<()> {
+    use lisa_core::backend::{DType, Shape};
+    let at = at.into();
+    let (dim, m) = (config.inner_dim(), config.pos_embed_max_size);
+    let table = sincos_positions(dim, m, config.sample_size / config.patch_size);
+    let positions = B::from_slice(&table, &Shape::new([1, m * m, dim]), DType::F32, store.device())?;
+    let prefix = if at.is_root() { String::new() } else { format!("{}.", at.path()) };
+    let mut weights: Vec<(String, &B::Tensor)> = vec![(POSITIONS_BUFFER.to_string(), &positions)];
+    weights.extend(
+        store.iter().filter_map(|(_, p)| p.name.strip_prefix(prefix.as_str()).map(|n| (n.to_string(), &p.value))),
+    );
+    if weights.len() == 1 {
+        return Err(crate::error::TrainError::Config(format!("no parameters under {at} to save")));
+    }
+    std::fs::create_dir_all(dir).map_err(|error| crate::error::TrainError::Io { path: dir.to_path_buf(), error })?;
+    let metadata = std::collections::BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    let bytes = crate::weights::to_safetensors::<B>(&weights, metadata)?;
+    crate::weights::write_atomic(&dir.join("diffusion_pytorch_model.safetensors"), &bytes)?;
+    let text = serde_json::to_string_pretty(&config.controlnet_json(extras))
+        .map_err(|e| crate::error::TrainError::Serialize(e.to_string()))?;
+    crate::weights::write_atomic(&dir.join("config.json"), text.as_bytes())
+}
