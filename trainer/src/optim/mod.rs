@@ -191,16 +191,6 @@ impl<B: Backend> AdamW<B> {
     }
 }
 
-/// `‖g‖₂` over all tensors, and the factor `min(1, max/(‖g‖ + 1e-6))` torch's
-/// `clip_grad_norm_` applies. Errors on a non-finite norm.
-pub fn clip_grad_norm<B: Backend>(grads: &mut [Option<B::Tensor>], max_norm: Option<f32>, step: u64) -> Result<f32> {
-    let norm = grad_norm::<B>(grads)?;
-    if !norm.is_finite() {
-        return Err(TrainError::NonFinite { what: "gradient norm", step });
-    }
-    unscale_and_clip::<B>(grads, norm, 1.0, max_norm)
-}
-
 /// `‖g‖₂` over all tensors (one reduction, one read-back); inf or NaN when some gradient is.
 pub fn grad_norm<B: Backend>(grads: &[Option<B::Tensor>]) -> Result<f32> {
     let present: Vec<&B::Tensor> = grads.iter().flatten().collect();
@@ -209,7 +199,8 @@ pub fn grad_norm<B: Backend>(grads: &[Option<B::Tensor>]) -> Result<f32> {
 
 /// Gradients that are `S×` the true ones (loss scaling, `inverse = 1/S`; 1 without) with
 /// finite norm `scaled_norm`: divided by `S` and clipped to `max_norm` in one pass (torch's
-/// `scaler.unscale_` then `clip_grad_norm_`). Returns the true gradients' norm.
+/// `scaler.unscale_` then `clip_grad_norm_`, whose factor is `min(1, max/(‖g‖ + 1e-6))`).
+/// Returns the true gradients' norm.
 pub fn unscale_and_clip<B: Backend>(
     grads: &mut [Option<B::Tensor>],
     scaled_norm: f32,

@@ -182,19 +182,23 @@ const UNET_KEYS: &[&str] = &[
 const CONTROLNET_KEYS: &[&str] = &["conditioning_channels", "conditioning_embedding_out_channels"];
 
 /// `config[key]` deserialised, or `default` when absent or null; errors name the key.
-fn get<T: serde::de::DeserializeOwned>(config: &Map<String, Value>, key: &str, default: Value) -> Result<T> {
+pub(crate) fn get<T: serde::de::DeserializeOwned>(config: &Map<String, Value>, key: &str, default: Value) -> Result<T> {
     let v = config.get(key).filter(|v| !v.is_null()).cloned().unwrap_or(default);
     serde_json::from_value(v.clone()).map_err(|e| TrainError::Config(format!("config.json: {key} = {v}: {e}")))
 }
 
-/// Rejects every key that is neither supported nor at its default (`_`-prefixed metadata
-/// keys such as `_class_name` are ignored).
-fn check_keys(config: &Map<String, Value>, supported: &[&[&str]]) -> Result<()> {
+/// Rejects every key that is neither supported nor at its default in `at_default`
+/// (`(key, default as JSON)`; `_`-prefixed metadata keys such as `_class_name` are ignored).
+pub(crate) fn check_keys(
+    config: &Map<String, Value>,
+    supported: &[&[&str]],
+    at_default: &[(&str, &str)],
+) -> Result<()> {
     for (key, value) in config {
         if key.starts_with('_') || supported.iter().any(|s| s.contains(&key.as_str())) {
             continue;
         }
-        match AT_DEFAULT.iter().find(|(k, _)| k == key) {
+        match at_default.iter().find(|(k, _)| k == key) {
             Some((_, default)) => {
                 let default: Value = serde_json::from_str(default).expect("valid default JSON");
                 if !same_value(value, &default) {
@@ -225,13 +229,13 @@ fn unet_defaults() -> Map<String, Value> {
 impl UNetConfig {
     /// From a UNet `config.json` (parsed), every key checked.
     pub fn from_unet_json(config: &Map<String, Value>) -> Result<Self> {
-        check_keys(config, &[UNET_KEYS])?;
+        check_keys(config, &[UNET_KEYS], AT_DEFAULT)?;
         Self::parse(config, true)
     }
 
     /// The shared settings and the extras from a ControlNet `config.json`.
     pub fn from_controlnet_json(config: &Map<String, Value>) -> Result<(Self, ControlNetExtras)> {
-        check_keys(config, &[UNET_KEYS, CONTROLNET_KEYS])?;
+        check_keys(config, &[UNET_KEYS, CONTROLNET_KEYS], AT_DEFAULT)?;
         let shared = Self::parse(config, false)?;
         let extras = ControlNetExtras {
             conditioning_channels: get(config, "conditioning_channels", json!(3))?,

@@ -88,14 +88,20 @@ pub fn read_json_config(dir: &Path) -> Result<Map<String, Value>> {
 /// as `config.json` and the weights as f32 `diffusion_pytorch_model.safetensors`, each
 /// file replaced atomically.
 pub fn save_controlnet<B: Backend>(store: &ParamStore<B>, prefix: &str, config: &Value, dir: &Path) -> Result<()> {
-    fs::create_dir_all(dir).map_err(|error| TrainError::Io { path: dir.to_path_buf(), error })?;
     let tensors: Vec<(String, &B::Tensor)> =
         store.iter().filter_map(|(_, p)| p.name.strip_prefix(prefix).map(|n| (n.to_string(), &p.value))).collect();
     if tensors.is_empty() {
         return Err(TrainError::Config(format!("no parameters under {prefix} to save")));
     }
+    write_diffusers_folder::<B>(&tensors, config, dir)
+}
+
+/// Writes `tensors` (named as diffusers names them) and `config` into the diffusers folder
+/// `dir`: the weights, then `config.json`, each atomically.
+pub fn write_diffusers_folder<B: Backend>(tensors: &[(String, &B::Tensor)], config: &Value, dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir).map_err(|error| TrainError::Io { path: dir.to_path_buf(), error })?;
     let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-    let bytes = to_safetensors::<B>(&tensors, metadata)?;
+    let bytes = to_safetensors::<B>(tensors, metadata)?;
     write_atomic(&dir.join(WEIGHTS_FILE), &bytes)?;
     let text = serde_json::to_string_pretty(config).map_err(|e| TrainError::Serialize(e.to_string()))?;
     write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())

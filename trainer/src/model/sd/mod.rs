@@ -32,9 +32,10 @@ pub use config::{
     ControlNetExtras, DownBlockType, MAX_IO_CHANNELS, MAX_LAYERS_PER_BLOCK, MAX_LEVELS, MAX_SAMPLE_SIZE, MAX_WIDTH,
     ParameterEstimate, PerBlock, UNetConfig, UpBlockType,
 };
+pub(crate) use config::{check_keys as check_config_keys, get as config_value};
 pub use controlnet::{ConditioningEmbedding, SdControlNet};
 pub use encoders::{TextEmbeddings, TextEncoder, Vae};
-pub use folder::{read_diffusers_weights, read_json_config, save_controlnet};
+pub use folder::{read_diffusers_weights, read_json_config, save_controlnet, write_diffusers_folder};
 pub use pipeline::{MAX_RESOLUTION, Pipeline, TrainingSize};
 pub use text::PromptTable;
 pub use tokenizer::{ClipTokenizer, Encoded as TokenIds};

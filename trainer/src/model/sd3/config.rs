@@ -4,6 +4,7 @@
 use serde_json::{Map, Value, json};
 
 use crate::error::{Result, TrainError};
+use crate::model::sd::check_config_keys as check_keys;
 
 /// The most blocks, heads, channels and positions lisa builds from a config (far above
 /// SD3.5 Large's 38 blocks of 38 heads × 64, 16 channels, 192 positions per side).
@@ -96,41 +97,21 @@ fn defaults() -> Map<String, Value> {
     v.as_object().cloned().unwrap_or_default()
 }
 
+/// `config[key]`, or diffusers' default.
 fn get<T: serde::de::DeserializeOwned>(config: &Map<String, Value>, key: &str) -> Result<T> {
-    let v = config.get(key).filter(|v| !v.is_null()).cloned().unwrap_or_else(|| defaults()[key].clone());
-    serde_json::from_value(v.clone()).map_err(|e| TrainError::Config(format!("config.json: {key} = {v}: {e}")))
-}
-
-fn check_keys(config: &Map<String, Value>, supported: &[&[&str]]) -> Result<()> {
-    for (key, value) in config {
-        if key.starts_with('_') || supported.iter().any(|s| s.contains(&key.as_str())) {
-            continue;
-        }
-        match AT_DEFAULT.iter().find(|(k, _)| k == key) {
-            Some((_, default)) => {
-                let default: Value = serde_json::from_str(default).expect("valid default JSON");
-                if *value != default {
-                    return Err(TrainError::Config(format!(
-                        "config.json: {key} = {value} is not supported (only {default})"
-                    )));
-                }
-            }
-            None => return Err(TrainError::Config(format!("config.json: unknown key {key} = {value}"))),
-        }
-    }
-    Ok(())
+    crate::model::sd::config_value(config, key, defaults()[key].clone())
 }
 
 impl Sd3Config {
     /// From an `SD3Transformer2DModel` `config.json` (parsed), every key checked.
     pub fn from_transformer_json(config: &Map<String, Value>) -> Result<Self> {
-        check_keys(config, &[KEYS])?;
+        check_keys(config, &[KEYS], AT_DEFAULT)?;
         Self::parse(config)
     }
 
     /// From an `SD3ControlNetModel` `config.json`: the shared settings and the extras.
     pub fn from_controlnet_json(config: &Map<String, Value>) -> Result<(Self, Sd3ControlNetExtras)> {
-        check_keys(config, &[KEYS, CONTROLNET_KEYS])?;
+        check_keys(config, &[KEYS, CONTROLNET_KEYS], AT_DEFAULT)?;
         let shared = Self::parse(config)?;
         let extras = Sd3ControlNetExtras {
             extra_conditioning_channels: get(config, "extra_conditioning_channels")?,

@@ -7,8 +7,7 @@ use lisa_core::backend::Backend;
 
 use super::block::JointBlock;
 use super::config::{Sd3Config, Sd3ControlNetExtras};
-use super::embed::{PatchEmbed, TimeTextEmbed};
-use super::transformer::Sd3Inputs;
+use super::embed::{Embedded, PatchEmbed, Sd3Embeddings, Sd3Inputs};
 use crate::autodiff::Var;
 use crate::error::{Result, TrainError};
 use crate::nn::Linear;
@@ -29,9 +28,7 @@ pub struct Sd3ControlOutput<B: Backend> {
 pub struct Sd3ControlNet {
     config: Sd3Config,
     extras: Sd3ControlNetExtras,
-    pos_embed: PatchEmbed,
-    time_text_embed: TimeTextEmbed,
-    context_embedder: Linear,
+    embed: Sd3Embeddings,
     blocks: Vec<JointBlock>,
     controlnet_blocks: Vec<Linear>,
     pos_embed_input: PatchEmbed,
@@ -70,14 +67,7 @@ impl Sd3ControlNet {
             s.get_mut(id).value = B::zeros_like(&value)?;
         }
         Ok(Self {
-            pos_embed: PatchEmbed::new(s, at.pp("pos_embed"), c, c.in_channels, true)?,
-            time_text_embed: TimeTextEmbed::new(s, at.pp("time_text_embed"), c)?,
-            context_embedder: Linear::new(
-                s,
-                at.pp("context_embedder"),
-                c.joint_attention_dim,
-                c.caption_projection_dim,
-            )?,
+            embed: Sd3Embeddings::new(s, &at, c)?,
             blocks,
             controlnet_blocks,
             pos_embed_input,
@@ -110,10 +100,8 @@ impl Sd3ControlNet {
                 "the SD3 ControlNet's condition must be [b, {want_c}, h, w] like the latents {xs}, got {cs}"
             )));
         }
-        let mut h = self.pos_embed.forward(p, x)?;
-        let silu_temb = t.silu(&self.time_text_embed.forward(p, inputs.t, inputs.pooled)?)?;
-        let mut context = self.context_embedder.forward(p, inputs.context)?;
-        h = t.add(&h, &self.pos_embed_input.forward(p, cond)?)?;
+        let Embedded { tokens, silu_temb, mut context } = self.embed.forward(p, x, inputs)?;
+        let mut h = t.add(&tokens, &self.pos_embed_input.forward(p, cond)?)?;
         let mut hidden = Vec::with_capacity(self.blocks.len());
         for block in &self.blocks {
             let (ctx, out) = block.forward(p, &h, &context, &silu_temb)?;

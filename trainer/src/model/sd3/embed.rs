@@ -1,7 +1,7 @@
 //! What turns SD3's inputs into tokens: the patch embedding with its cropped 2-D sin-cos
 //! positions, and the timestep + pooled-text embedding every block is modulated by.
 
-use lisa_core::backend::{Backend, Conv2dParams, DType, Shape};
+use lisa_core::backend::{Backend, DType, Shape};
 
 use super::config::Sd3Config;
 use crate::autodiff::Var;
@@ -101,11 +101,6 @@ impl PatchEmbed {
     pub fn conv(&self) -> &Conv2d {
         &self.proj
     }
-
-    /// The convolution's stride and padding.
-    pub fn params(&self) -> Conv2dParams {
-        self.proj.params
-    }
 }
 
 /// `CombinedTimestepTextProjEmbeddings`: `timestep_embedder(sinusoid₂₅₆(t)) +
@@ -144,6 +139,65 @@ impl TimeTextEmbed {
         let time = self.time_2.forward(p, &tape.silu(&self.time_1.forward(p, &sin)?)?)?;
         let text = self.text_2.forward(p, &tape.silu(&self.text_1.forward(p, pooled)?)?)?;
         tape.add(&time, &text)
+    }
+}
+
+/// What conditions a pass: the text tokens, the pooled text projections and the timesteps.
+#[derive(Debug, Clone)]
+pub struct Sd3Inputs<'a, B: Backend> {
+    /// `encoder_hidden_states [b, s, joint_attention_dim]`.
+    pub context: &'a Var<B>,
+    /// `pooled_projections [b, pooled_projection_dim]`.
+    pub pooled: &'a Var<B>,
+    /// One timestep per sample (the flow's σ·1000).
+    pub t: &'a [f32],
+}
+
+/// What the blocks of the transformer and of its ControlNet read, made alike by both:
+/// `pos_embed`, `time_text_embed` and `context_embedder` under their scope.
+#[derive(Debug, Clone)]
+pub struct Sd3Embeddings {
+    pos_embed: PatchEmbed,
+    time_text_embed: TimeTextEmbed,
+    context_embedder: Linear,
+}
+
+/// The embedded inputs of the blocks.
+pub struct Embedded<B: Backend> {
+    /// The image tokens with their positions, `[b, n, dim]`.
+    pub tokens: Var<B>,
+    /// `silu(temb)`, `[b, dim]`: what every modulation reads.
+    pub silu_temb: Var<B>,
+    /// The projected text tokens, `[b, s, dim]`.
+    pub context: Var<B>,
+}
+
+impl Sd3Embeddings {
+    /// The three embeddings under `at`.
+    pub fn new<B: Backend>(s: &mut ParamStore<B>, at: &Scope, c: &Sd3Config) -> Result<Self> {
+        Ok(Self {
+            pos_embed: PatchEmbed::new(s, at.pp("pos_embed"), c, c.in_channels, true)?,
+            time_text_embed: TimeTextEmbed::new(s, at.pp("time_text_embed"), c)?,
+            context_embedder: Linear::new(
+                s,
+                at.pp("context_embedder"),
+                c.joint_attention_dim,
+                c.caption_projection_dim,
+            )?,
+        })
+    }
+
+    /// The sin-cos table of `pos_embed`.
+    pub fn positions(&self) -> &[f32] {
+        self.pos_embed.table().expect("pos_embed has positions")
+    }
+
+    /// `x [b, c, h, w]` and the conditioning → the blocks' inputs.
+    pub fn forward<B: Backend>(&self, p: &Bound<'_, B>, x: &Var<B>, inputs: &Sd3Inputs<'_, B>) -> Result<Embedded<B>> {
+        let tokens = self.pos_embed.forward(p, x)?;
+        let silu_temb = p.tape.silu(&self.time_text_embed.forward(p, inputs.t, inputs.pooled)?)?;
+        let context = self.context_embedder.forward(p, inputs.context)?;
+        Ok(Embedded { tokens, silu_temb, context })
     }
 }
 

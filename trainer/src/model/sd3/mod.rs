@@ -18,8 +18,8 @@ use lisa_core::backend::Backend;
 pub use block::{GeluFeedForward, JointAttention, JointBlock, Modulation, RmsNorm, SD3_NORM_EPS};
 pub use config::{MAX_CHANNELS, MAX_LAYERS, MAX_WIDTH, QkNorm, Sd3Config, Sd3ControlNetExtras};
 pub use controlnet::{Sd3ControlNet, Sd3ControlOutput};
-pub use embed::{PatchEmbed, TimeTextEmbed, crop_positions, sincos_positions};
-pub use transformer::{Sd3Inputs, Sd3Transformer};
+pub use embed::{Embedded, PatchEmbed, Sd3Embeddings, Sd3Inputs, TimeTextEmbed, crop_positions, sincos_positions};
+pub use transformer::Sd3Transformer;
 
 use super::sd::read_diffusers_weights;
 use crate::error::Result;
@@ -125,11 +125,5 @@ pub fn save_controlnet<B: Backend>(
     if weights.len() == 1 {
         return Err(crate::error::TrainError::Config(format!("no parameters under {at} to save")));
     }
-    std::fs::create_dir_all(dir).map_err(|error| crate::error::TrainError::Io { path: dir.to_path_buf(), error })?;
-    let metadata = std::collections::BTreeMap::from([("format".to_string(), "pt".to_string())]);
-    let bytes = crate::weights::to_safetensors::<B>(&weights, metadata)?;
-    crate::weights::write_atomic(&dir.join("diffusion_pytorch_model.safetensors"), &bytes)?;
-    let text = serde_json::to_string_pretty(&config.controlnet_json(extras))
-        .map_err(|e| crate::error::TrainError::Serialize(e.to_string()))?;
-    crate::weights::write_atomic(&dir.join("config.json"), text.as_bytes())
+    super::sd::write_diffusers_folder::<B>(&weights, &config.controlnet_json(extras), dir)
 }

@@ -6,30 +6,17 @@ use lisa_core::backend::{Backend, Shape};
 
 use super::block::{JointBlock, Modulation, modulate, plain_layer_norm};
 use super::config::Sd3Config;
-use super::embed::{PatchEmbed, TimeTextEmbed};
+use super::embed::{Embedded, Sd3Embeddings, Sd3Inputs};
 use crate::autodiff::Var;
 use crate::error::{Result, TrainError};
 use crate::nn::Linear;
 use crate::params::{Bound, ParamStore, Scope};
 
-/// What conditions a pass: the text tokens, the pooled text projections and the timesteps.
-#[derive(Debug, Clone)]
-pub struct Sd3Inputs<'a, B: Backend> {
-    /// `encoder_hidden_states [b, s, joint_attention_dim]`.
-    pub context: &'a Var<B>,
-    /// `pooled_projections [b, pooled_projection_dim]`.
-    pub pooled: &'a Var<B>,
-    /// One timestep per sample (the flow's σ·1000).
-    pub t: &'a [f32],
-}
-
 /// The SD3 transformer: parameters with diffusers' names under its scope.
 #[derive(Debug, Clone)]
 pub struct Sd3Transformer {
     config: Sd3Config,
-    pos_embed: PatchEmbed,
-    time_text_embed: TimeTextEmbed,
-    context_embedder: Linear,
+    embed: Sd3Embeddings,
     blocks: Vec<JointBlock>,
     norm_out: Modulation,
     proj_out: Linear,
@@ -47,14 +34,7 @@ impl Sd3Transformer {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            pos_embed: PatchEmbed::new(s, at.pp("pos_embed"), c, c.in_channels, true)?,
-            time_text_embed: TimeTextEmbed::new(s, at.pp("time_text_embed"), c)?,
-            context_embedder: Linear::new(
-                s,
-                at.pp("context_embedder"),
-                c.joint_attention_dim,
-                c.caption_projection_dim,
-            )?,
+            embed: Sd3Embeddings::new(s, &at, c)?,
             blocks,
             norm_out: Modulation::new(s, at.pp("norm_out"), d, 2)?,
             proj_out: Linear::new(s, at.pp("proj_out"), d, c.patch_size * c.patch_size * c.out_channels)?,
@@ -69,7 +49,7 @@ impl Sd3Transformer {
 
     /// The sin-cos table diffusers stores as `pos_embed.pos_embed` (`[1, m·m, dim]`).
     pub fn positions(&self) -> &[f32] {
-        self.pos_embed.table().expect("the transformer has positions")
+        self.embed.positions()
     }
 
     /// `x [b, c, h, w]` → the prediction `[b, out_channels, h, w]`, with the ControlNet's
@@ -95,10 +75,7 @@ impl Sd3Transformer {
         }
         let (b, side) = (dims[0], dims[2]);
         let grid = c.grid(side)?;
-        let mut h = self.pos_embed.forward(p, x)?;
-        let temb = self.time_text_embed.forward(p, inputs.t, inputs.pooled)?;
-        let silu_temb = t.silu(&temb)?;
-        let mut context = self.context_embedder.forward(p, inputs.context)?;
+        let Embedded { tokens: mut h, silu_temb, mut context } = self.embed.forward(p, x, inputs)?;
         if let Some(r) = residuals
             && r.is_empty()
         {
