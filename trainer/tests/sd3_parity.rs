@@ -6,49 +6,21 @@
 //! residual per 1.5 blocks, an extra condition channel) and SD3.5-like (RMS qk-norm, dual
 //! attention, a residual per 2 blocks). Also: bad configs and weights are refused by name.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use lisa_core::backend::{Backend, DType, Shape};
-use lisa_core::tolerance::REFERENCE_PARITY_F32;
+use common::golden::{assert_parity, read};
+use lisa_core::backend::{Backend, DType};
 use lisa_trainer::autodiff::Tape;
 use lisa_trainer::model::sd::read_json_config;
 use lisa_trainer::model::sd3::{Sd3Config, Sd3ControlNet, Sd3Inputs, Sd3Transformer, load_weights};
 use lisa_trainer::params::ParamStore;
-use lisa_trainer::weights::parse_safetensors;
 use serde_json::json;
 
 fn fixture(case: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd3").join(case)
-}
-
-type Host = BTreeMap<String, (Shape, Vec<f32>)>;
-
-fn read(path: &Path) -> (Host, BTreeMap<String, String>) {
-    let bytes = std::fs::read(path).unwrap();
-    let f = parse_safetensors(path, &bytes).unwrap();
-    (f.tensors, f.metadata)
-}
-
-/// `max |got − want| ≤ REFERENCE_PARITY_F32 · max |want|`, naming the worst element.
-fn assert_parity(what: &str, got: &[f32], want: &[f32]) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths");
-    let scale = want.iter().fold(0f64, |m, &w| m.max((w as f64).abs()));
-    let (mut worst, mut at) = (0f64, 0usize);
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let e = (g as f64 - w as f64).abs();
-        if e > worst || e.is_nan() {
-            (worst, at) = (e, i);
-        }
-    }
-    eprintln!("{what}: max |err| / max |want| = {:.2e}", worst / scale.max(f64::MIN_POSITIVE));
-    assert!(
-        worst <= REFERENCE_PARITY_F32 * scale,
-        "{what}: element {at}: got {}, want {} (max |err| {worst:e}, allowed {:e})",
-        got[at],
-        want[at],
-        REFERENCE_PARITY_F32 * scale
-    );
 }
 
 fn check_case<B: Backend>(case: &str, device: B::Device) {

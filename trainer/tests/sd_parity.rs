@@ -4,49 +4,21 @@
 //! the LISA loss with respect to ControlNet and decoder tensors. Two tiny layouts: SD 1.5-like
 //! (conv projections, one head count) and SD 2.1-like (linear projections, heads per block).
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::path::{Path, PathBuf};
 
-use lisa_core::backend::{Backend, DType, Shape};
-use lisa_core::tolerance::REFERENCE_PARITY_F32;
+use common::golden::{assert_parity, read};
+use lisa_core::backend::{Backend, DType};
 use lisa_trainer::autodiff::Tape;
 use lisa_trainer::model::sd::{SdModel, read_json_config};
 use lisa_trainer::model::{
     Conditioning, DecoderConfig, DualDenoiser, ForwardOptions, ModelSpec, Parts, PromptEmbedding, forward_train,
 };
-use lisa_trainer::weights::{load_tensors, parse_safetensors};
+use lisa_trainer::weights::load_tensors;
 
 fn fixture(case: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd").join(case)
-}
-
-type Host = BTreeMap<String, (Shape, Vec<f32>)>;
-
-fn read(path: &Path) -> (Host, BTreeMap<String, String>) {
-    let bytes = std::fs::read(path).unwrap();
-    let f = parse_safetensors(path, &bytes).unwrap();
-    (f.tensors, f.metadata)
-}
-
-/// `max |got − want| ≤ REFERENCE_PARITY_F32 · max |want|`, naming the worst element.
-fn assert_parity(what: &str, got: &[f32], want: &[f32]) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths");
-    let scale = want.iter().fold(0f64, |m, &w| m.max((w as f64).abs()));
-    let (mut worst, mut at) = (0f64, 0usize);
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let e = (g as f64 - w as f64).abs();
-        if e > worst || e.is_nan() {
-            (worst, at) = (e, i);
-        }
-    }
-    eprintln!("{what}: max |err| / max |want| = {:.2e}", worst / scale.max(f64::MIN_POSITIVE));
-    assert!(
-        worst <= REFERENCE_PARITY_F32 * scale,
-        "{what}: element {at}: got {}, want {} (max |err| {worst:e}, allowed {:e})",
-        got[at],
-        want[at],
-        REFERENCE_PARITY_F32 * scale
-    );
 }
 
 fn build<B: Backend>(case: &str, device: B::Device) -> SdModel<B> {

@@ -3,39 +3,22 @@
 //! tokenizer (from `tokenizer.json` and from `vocab.json` + `merges.txt`) with diffusers /
 //! transformers, through golden files made by `scripts/goldens/diffusers_vae_clip.py`.
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::path::{Path, PathBuf};
 
+use common::golden::{assert_parity, read};
+use lisa_core::backend::DType;
 use lisa_core::backend::prelude::*;
-use lisa_core::backend::{DType, Shape};
-use lisa_core::tolerance::REFERENCE_PARITY_F32;
 use lisa_cpu::{CpuBackend as C, CpuDevice};
 use lisa_trainer::autodiff::Tape;
 use lisa_trainer::model::sd::{
     AutoencoderKl, ClipTextConfig, ClipTextModel, ClipTokenizer, VaeConfig, load_clip, load_vae, read_json_config,
 };
 use lisa_trainer::params::ParamStore;
-use lisa_trainer::weights::parse_safetensors;
 
 fn fixture(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(p)
-}
-
-type Host = BTreeMap<String, (Shape, Vec<f32>)>;
-
-fn read(path: &Path) -> (Host, BTreeMap<String, String>) {
-    let bytes = std::fs::read(path).unwrap();
-    let f = parse_safetensors(path, &bytes).unwrap();
-    (f.tensors, f.metadata)
-}
-
-/// `max |got − want| ≤ REFERENCE_PARITY_F32 · max |want|`.
-fn assert_parity(what: &str, got: &[f32], want: &[f32]) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths");
-    let scale = want.iter().fold(0f64, |m, &w| m.max((w as f64).abs()));
-    let worst = got.iter().zip(want).fold(0f64, |m, (&g, &w)| m.max((g as f64 - w as f64).abs()));
-    eprintln!("{what}: max |err| / max |want| = {:.2e}", worst / scale.max(f64::MIN_POSITIVE));
-    assert!(worst <= REFERENCE_PARITY_F32 * scale, "{what}: max |err| {worst:e} of scale {scale:e}");
 }
 
 fn vae(dir: &Path) -> (ParamStore<C>, AutoencoderKl) {

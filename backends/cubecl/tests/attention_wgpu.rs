@@ -4,25 +4,14 @@
 //! results, and f16 storage.
 #![cfg(feature = "wgpu")]
 
+mod common;
+
+use common::{assert_close, values};
 use lisa_core::backend::prelude::*;
 use lisa_core::backend::{AttentionDims, AttentionParams, DType, Shape};
-use lisa_core::tolerance::{Tolerance, backend_vs_reference};
+use lisa_core::tolerance::backend_vs_reference;
 use lisa_cpu::CpuBackend as C;
 use lisa_cubecl::WgpuBackend as W;
-
-/// Deterministic values in about [-1, 1].
-fn values(n: usize, seed: u32) -> Vec<f32> {
-    (0..n)
-        .map(|i| (((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed * 97) >> 8) % 2001) as f32 / 1000.0 - 1.0)
-        .collect()
-}
-
-fn assert_close(what: &str, got: &[f32], want: &[f32], tol: Tolerance) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    for (i, (&a, &b)) in got.iter().zip(want).enumerate() {
-        assert!(tol.accepts(a as f64, b as f64), "{what}[{i}]: {a} vs {b} (tolerance {tol:?})");
-    }
-}
 
 /// Forward and backward of one case on wgpu against lisa-cpu; returns whether it ran fused.
 fn check(g: usize, tq: usize, tk: usize, d: usize, causal: bool, dtype: DType) -> bool {

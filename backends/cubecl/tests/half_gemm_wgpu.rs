@@ -5,24 +5,14 @@
 //! go the same way.
 #![cfg(feature = "wgpu")]
 
+mod common;
+
+use common::{assert_close, values};
 use lisa_core::backend::prelude::*;
 use lisa_core::backend::{Conv2dParams, DType, Shape, Transpose};
-use lisa_core::tolerance::{Tolerance, backend_vs_reference};
+use lisa_core::tolerance::backend_vs_reference;
 use lisa_cpu::CpuBackend as C;
 use lisa_cubecl::{HalfMatmul, WgpuBackend as W, half_matmul};
-
-fn values(n: usize, seed: u32) -> Vec<f32> {
-    (0..n)
-        .map(|i| (((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed * 97) >> 8) % 2001) as f32 / 1000.0 - 1.0)
-        .collect()
-}
-
-fn assert_close(what: &str, got: &[f32], want: &[f32], tol: Tolerance) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    for (i, (&a, &b)) in got.iter().zip(want).enumerate() {
-        assert!(tol.accepts(a as f64, b as f64), "{what}[{i}]: {a} vs {b} (tolerance {tol:?})");
-    }
-}
 
 #[test]
 fn half_products_through_cubek_match_the_cpu_backend() {

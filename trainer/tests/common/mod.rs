@@ -1,6 +1,8 @@
 //! Helpers shared by the trainer's integration tests.
 #![allow(dead_code)]
 
+pub mod golden;
+
 use lisa_trainer::model::toy::{ControlConfig, ToyConfig, UNetConfig};
 use lisa_trainer::model::{DecoderConfig, HookLayer, ModelSpec};
 
