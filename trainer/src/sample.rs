@@ -105,10 +105,7 @@ pub fn sample_embedded<B: Backend>(
     cfg.validate()?;
     let n = B::shape(hint).dims().first().copied().unwrap_or(0);
     for (what, e) in [("prompt", prompt), ("null prompt", null)] {
-        let batch = match e {
-            crate::model::PromptEmbedding::Text { values, tokens, dim } => values.len() / (tokens * dim).max(1),
-            crate::model::PromptEmbedding::Classes(ids) => ids.first().map_or(n, Vec::len),
-        };
+        let batch = e.batch().unwrap_or(n);
         if n == 0 || batch != n {
             return Err(TrainError::Mismatch(format!(
                 "sampling {n} condition images with {batch} {what} embeddings: one per image needed"

@@ -67,7 +67,7 @@ fn check_case<B: Backend>(case: &str, device: B::Device) {
         let got: Vec<f32> = B::to_vec(&r.value).unwrap().iter().map(|v| v * scale).collect();
         assert_parity(&format!("{case} controlnet_down.{i}"), &got, &host(&format!("controlnet_down.{i}")));
     }
-    let mid: Vec<f32> = B::to_vec(&side.residuals.mid.value).unwrap().iter().map(|v| v * scale).collect();
+    let mid: Vec<f32> = B::to_vec(&side.residuals.mid().unwrap().value).unwrap().iter().map(|v| v * scale).collect();
     assert_parity(&format!("{case} controlnet_mid"), &mid, &host("controlnet_mid"));
 
     // The training forward: controlled prediction, hook, decoder, prior.

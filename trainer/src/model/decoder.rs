@@ -6,12 +6,18 @@
 //! down to a floor; one `3×3 conv → SiLU` when `k = 0`; the last conv is zero-initialised
 //! (the paper's choice, so `D ≡ 0` at step 0; [`OutputInit`] offers LeCun-normal instead). It
 //! exists only for training: inference never builds it.
+//!
+//! On a transformer's side network the hooked feature is image tokens `h [n, g·g, C]` (one
+//! per `p×p` latent patch), and the decoder works token-wise back to latent patches:
+//! `D(h, t) = unpatchify(proj_out(silu(stages.0(silu(h + W·sin₂₅₆(t))))))`, `stages.0` halving
+//! the width down to the floor, `proj_out` to `p·p·c` per token (zero-initialised likewise).
 
 use lisa_core::backend::{Backend, DType, Shape};
 
 use serde::{Deserialize, Serialize};
 
 use super::HookLayer;
+use super::sd3::unpatchify;
 use crate::autodiff::Var;
 use crate::error::{Result, TrainError};
 use crate::nn::{Conv2d, Conv2dConfig, Linear, sinusoidal_embedding};
@@ -70,8 +76,20 @@ pub struct LisaDecoder {
     /// Its configuration.
     pub config: DecoderConfig,
     time_proj: Linear,
-    stages: Vec<(Conv2d, bool)>,
-    out: Conv2d,
+    /// The hooked feature's width `C`.
+    width: usize,
+    body: Body,
+}
+
+/// What follows the time embedding: convolutions over a feature map, or linears over tokens.
+#[derive(Debug, Clone)]
+enum Body {
+    /// A UNet side network's feature map `[n, C, r, r]`: the upsampling stages (each with
+    /// whether a ×2 upsampling follows it) and the output convolution.
+    Convs { stages: Vec<(Conv2d, bool)>, out: Conv2d },
+    /// A transformer side network's tokens `[n, g·g, C]`: one hidden linear, the output
+    /// linear to `patch·patch·channels`, then the unpatchify.
+    Tokens { hidden: Linear, out: Linear, patch: usize, channels: usize },
 }
 
 impl LisaDecoder {
@@ -105,27 +123,84 @@ impl LisaDecoder {
             stages.push((Conv2d::new(s, stage.pp(i), Conv2dConfig::new(ch, next, kernel))?, true));
             ch = next;
         }
+        let out = Conv2dConfig::new(ch, out_channels, 3);
+        let out = if c.output_init == OutputInit::Zero { out.zero_init() } else { out };
         Ok(Self {
             config: c.clone(),
             time_proj: Linear::new(s, at.pp("time_proj"), c.time_sinusoidal_dim, c_h)?,
-            stages,
-            out: {
-                let out = Conv2dConfig::new(ch, out_channels, 3);
-                let out = if c.output_init == OutputInit::Zero { out.zero_init() } else { out };
-                Conv2d::new(s, at.pp("conv_out"), out)?
-            },
+            width: c_h,
+            body: Body::Convs { stages, out: Conv2d::new(s, at.pp("conv_out"), out)? },
         })
     }
 
-    /// `h [n, C, r, r]`, timesteps `t [n]` → `[n, c_img, R, R]` (f32).
+    /// For hooked tokens `c_h` wide, each standing for a `patch × patch` latent patch of
+    /// `out_channels` channels (a transformer side network); parameters under `at`.
+    pub fn for_tokens<B: Backend>(
+        s: &mut ParamStore<B>,
+        at: impl Into<Scope>,
+        c: &DecoderConfig,
+        c_h: usize,
+        (patch, out_channels): (usize, usize),
+    ) -> Result<Self> {
+        let at = at.into();
+        if c.time_sinusoidal_dim < 2 || c.channel_floor == 0 || c_h == 0 || patch == 0 || out_channels == 0 {
+            return Err(TrainError::Config(
+                "decoder.time_sinusoidal_dim must be >= 2, channel_floor > 0, and the tokens, patch and channels non-empty"
+                    .into(),
+            ));
+        }
+        let hidden_width = (c_h / 2).max(c.channel_floor.min(c_h));
+        let hidden = Linear::new(s, at.pp("stages").pp(0), c_h, hidden_width)?;
+        let out_width = patch * patch * out_channels;
+        let out = if c.output_init == OutputInit::Zero {
+            let at = at.pp("proj_out");
+            Linear {
+                weight: s.add(at.name("weight"), &[out_width, hidden_width], crate::params::Init::Zeros)?,
+                bias: Some(s.add(at.name("bias"), &[out_width], crate::params::Init::Zeros)?),
+            }
+        } else {
+            Linear::new(s, at.pp("proj_out"), hidden_width, out_width)?
+        };
+        Ok(Self {
+            config: c.clone(),
+            time_proj: Linear::new(s, at.pp("time_proj"), c.time_sinusoidal_dim, c_h)?,
+            width: c_h,
+            body: Body::Tokens { hidden, out, patch, channels: out_channels },
+        })
+    }
+
+    /// `h [n, C, r, r]` (or tokens `[n, g·g, C]`), timesteps `t [n]` → `[n, c_img, R, R]` (f32).
     pub fn forward<B: Backend>(&self, p: &Bound<'_, B>, h: &Var<B>, t: &[f32]) -> Result<Var<B>> {
         let tape = p.tape;
         let s = B::shape(&h.value);
-        let (n, c) = (s.dims()[0], s.dims()[1]);
+        let tokens = matches!(self.body, Body::Tokens { .. });
+        let rank = if tokens { 3 } else { 4 };
+        // The feature's width: channels of a map, the last axis of tokens.
+        let width = if tokens { s.dims().last() } else { s.dims().get(1) };
+        if s.rank() != rank || s.dims()[0] != t.len() || width != Some(&self.width) {
+            return Err(TrainError::Mismatch(format!(
+                "the LISA decoder reads {} {} wide for {} timesteps, got {s}",
+                if tokens { "tokens [n, g·g, C]" } else { "a feature map [n, C, r, r]" },
+                self.width,
+                t.len()
+            )));
+        }
+        let (n, c) = (t.len(), self.width);
         let dim = self.config.time_sinusoidal_dim;
         let device = B::device(&h.value);
         let sin = B::from_slice(&sinusoidal_embedding(t, dim), &Shape::new([n, dim]), DType::F32, &device)?;
         let e = self.time_proj.forward(p, &tape.constant(sin))?;
+        let (stages, out) = match &self.body {
+            Body::Convs { stages, out } => (stages, out),
+            Body::Tokens { hidden, out, patch, channels } => {
+                // [n, g·g, C] + [n, 1, C] → [n, g·g, p·p·c] → [n, c, g·p, g·p]
+                let e = tape.reshape(&e, &Shape::new([n, 1, c]))?;
+                let x = tape.silu(&tape.add(h, &e)?)?;
+                let x = tape.silu(&hidden.forward(p, &x)?)?;
+                let x = unpatchify(tape, &out.forward(p, &x)?, *patch, *channels)?;
+                return tape.cast(&x, DType::F32);
+            }
+        };
         let e = tape.reshape(&e, &Shape::new([n, c, 1, 1]))?;
         let mut x = tape.silu(&tape.add(h, &e)?)?;
         // A stage's ×2 upsampling runs inside the convolution that follows it.
@@ -133,11 +208,11 @@ impl LisaDecoder {
             if upsampled { conv.forward_upsampled(p, x) } else { conv.forward(p, x) }
         };
         let mut upsample_pending = false;
-        for (conv, upsample) in &self.stages {
+        for (conv, upsample) in stages {
             x = tape.silu(&conv_after(conv, &x, upsample_pending)?)?;
             upsample_pending = *upsample;
         }
         // f32 for the LISA loss, whatever autocast computed the convolutions in.
-        tape.cast(&conv_after(&self.out, &x, upsample_pending)?, DType::F32)
+        tape.cast(&conv_after(out, &x, upsample_pending)?, DType::F32)
     }
 }

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use lisa_core::backend::Backend;
+use lisa_core::backend::{Backend, DType};
 
 use super::{DECODER, DecoderConfig, HookLayer, LisaDecoder, MAIN, Parts, SIDE};
 use crate::autodiff::Var;
@@ -31,6 +31,27 @@ impl<B: Backend> DualParts<B> {
     pub fn new_store(device: B::Device, seed: u64, parts: Parts) -> ParamStore<B> {
         let store = ParamStore::new(device, seed);
         if parts == Parts::Prior { store } else { store.freeze_prefix(MAIN) }
+    }
+
+    /// The frozen main network in its storage type `dtype` (after the side network copied it
+    /// in f32), and autocast in that type for every pass (the side network and the decoder
+    /// keep f32 master weights, cast once per pass). f32: no autocast, nothing cast.
+    pub fn cast_main(&mut self, dtype: DType) -> Result<()> {
+        if dtype == DType::F32 {
+            self.store.set_autocast(None);
+            return Ok(());
+        }
+        let device = self.store.device().clone();
+        if !B::supports_dtype(&device, dtype) {
+            return Err(TrainError::Config(format!("this backend's device cannot store {dtype}")));
+        }
+        self.store.set_autocast(Some(dtype));
+        let ids: Vec<_> = self.store.iter().filter(|(_, p)| p.name.starts_with(MAIN)).map(|(id, _)| id).collect();
+        for id in ids {
+            let v = B::cast(&self.store.get(id).value, dtype)?;
+            self.store.get_mut(id).value = v;
+        }
+        Ok(())
     }
 
     /// The hook the LISA decoder reads (None: built without the decoder).

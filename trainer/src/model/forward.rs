@@ -84,8 +84,7 @@ pub fn forward_train<B: Backend>(
         SideMode::Checkpointed => {
             let out = tape.no_grad(|| model.side(p, x_t, hint, cond))?;
             let leaf = |v: &Var<B>| tape.leaf(v.value.clone());
-            let residuals =
-                Residuals { down: out.residuals.down.iter().map(leaf).collect(), mid: leaf(&out.residuals.mid) };
+            let residuals = out.residuals.try_map(|v| Ok(leaf(v)))?;
             let hooked = model.lisa_hook().map(|h| out.feature(h).map(leaf)).transpose()?;
             let leaves = SideLeaves { residuals: residuals.clone(), hooked: hooked.clone() };
             (residuals, hooked, Some(leaves))
@@ -123,9 +122,7 @@ pub fn replay_side<B: Backend>(
     let p = model.store().bind(&tape);
     let side = model.side(&p, &tape.constant(x_t.clone()), &tape.constant(hint.clone()), cond)?;
     let mut roots = Vec::new();
-    let outputs = side.residuals.down.iter().chain(std::iter::once(&side.residuals.mid));
-    let seeds = leaves.residuals.down.iter().chain(std::iter::once(&leaves.residuals.mid));
-    for (out, leaf) in outputs.zip(seeds) {
+    for (out, leaf) in side.residuals.all().zip(leaves.residuals.all()) {
         if let Some(g) = leaf.id().and_then(|id| grads.remove(id)) {
             roots.push((out.clone(), g));
         }

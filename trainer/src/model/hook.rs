@@ -6,7 +6,8 @@ use crate::error::{Result, TrainError};
 
 /// Where the LISA decoder reads the side network: `down_i`, the input of the side network's
 /// `i`-th zero conv (in the toy, encoder level `i`'s output), or `mid`, the input of the
-/// middle block's zero conv.
+/// middle block's zero conv (UNets); `block_i`, the input of a transformer ControlNet's
+/// `controlnet_blocks[i]` (the image tokens after its block `i`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum HookLayer {
@@ -14,6 +15,8 @@ pub enum HookLayer {
     Down(usize),
     /// The middle block's output, before its zero conv.
     Mid,
+    /// A transformer ControlNet's block `i` output, before its zero linear.
+    Block(usize),
 }
 
 impl std::str::FromStr for HookLayer {
@@ -22,10 +25,12 @@ impl std::str::FromStr for HookLayer {
         if s == "mid" {
             return Ok(HookLayer::Mid);
         }
-        s.strip_prefix("down_")
-            .and_then(|i| i.parse().ok())
-            .map(HookLayer::Down)
-            .ok_or_else(|| TrainError::Config(format!("unknown hook layer {s:?}: expected down_0 .. down_N or mid")))
+        let index = |prefix: &str| s.strip_prefix(prefix).and_then(|i| i.parse().ok());
+        index("down_").map(HookLayer::Down).or_else(|| index("block_").map(HookLayer::Block)).ok_or_else(|| {
+            TrainError::Config(format!(
+                "unknown hook layer {s:?}: expected down_0 .. down_N, mid or block_0 .. block_N"
+            ))
+        })
     }
 }
 
@@ -47,6 +52,7 @@ impl std::fmt::Display for HookLayer {
         match self {
             HookLayer::Down(i) => write!(f, "down_{i}"),
             HookLayer::Mid => f.write_str("mid"),
+            HookLayer::Block(i) => write!(f, "block_{i}"),
         }
     }
 }

@@ -48,14 +48,41 @@ pub const DECODER: &str = "lisa.";
 /// output folder and in each of its checkpoints ([`DualDenoiser::export_side`]).
 pub const NATIVE_SIDE_DIR: &str = "controlnet";
 
-/// Tensors with one entry per skip connection and one for the middle block: the main
+/// Tensors with one entry per place the side network enters the main network: the main
 /// encoder's skips, the side network's residuals, and its pre-zero-conv features.
+///
+/// A UNet has one per skip connection (`down`) and one for the middle block (`mid`). A
+/// transformer has one per side block in `down` (hooks `block_i`) and no `mid`; its main
+/// encoding keeps the tokens entering the first block as `mid`.
 #[derive(Debug, Clone)]
 pub struct Skips<B: Backend> {
-    /// Per skip (`down_i`), in the order the main decoder consumes them from the deepest.
+    /// Per skip (`down_i`), in the order the main decoder consumes them from the deepest; or
+    /// per transformer block (`block_i`).
     pub down: Vec<Var<B>>,
-    /// The middle block's.
-    pub mid: Var<B>,
+    /// The middle block's (None: a transformer's side network has no middle block).
+    pub mid: Option<Var<B>>,
+}
+
+impl<B: Backend> Skips<B> {
+    /// A UNet's skips and middle block.
+    pub fn unet(down: Vec<Var<B>>, mid: Var<B>) -> Self {
+        Self { down, mid: Some(mid) }
+    }
+
+    /// The middle block's tensor, which a UNet always has.
+    pub fn mid(&self) -> Result<&Var<B>> {
+        self.mid.as_ref().ok_or(TrainError::Internal("a UNet's skips have a middle block"))
+    }
+
+    /// Every tensor: `down` in order, then `mid` when there is one.
+    pub fn all(&self) -> impl Iterator<Item = &Var<B>> {
+        self.down.iter().chain(self.mid.as_ref())
+    }
+
+    /// `f` of every tensor, in the same places.
+    pub fn try_map(&self, f: impl Fn(&Var<B>) -> Result<Var<B>>) -> Result<Self> {
+        Ok(Self { down: self.down.iter().map(&f).collect::<Result<_>>()?, mid: self.mid.as_ref().map(&f).transpose()? })
+    }
 }
 
 /// What the side network adds to the main decoder (after the zero convs).
@@ -74,11 +101,13 @@ impl<B: Backend> SideOutput<B> {
     /// The pre-zero-conv feature a hook names.
     pub fn feature(&self, hook: HookLayer) -> Result<&Var<B>> {
         match hook {
-            HookLayer::Mid => Ok(&self.features.mid),
-            HookLayer::Down(i) => self.features.down.get(i).ok_or_else(|| {
+            HookLayer::Mid => {
+                self.features.mid.as_ref().ok_or_else(|| TrainError::Config("this side network has no mid hook".into()))
+            }
+            HookLayer::Down(i) | HookLayer::Block(i) => self.features.down.get(i).ok_or_else(|| {
                 TrainError::Config(format!(
-                    "hook down_{i} does not exist: the side network has down_0..down_{}",
-                    self.features.down.len().saturating_sub(1)
+                    "hook {hook} does not exist: the side network has {} hooked layers",
+                    self.features.down.len()
                 ))
             }),
         }
@@ -107,10 +136,7 @@ impl<B: Backend> MainEncoding<B> {
         Ok(Self {
             temb: slice(&self.temb)?,
             context: self.context.as_ref().map(slice).transpose()?,
-            skips: Skips {
-                down: self.skips.down.iter().map(slice).collect::<Result<_>>()?,
-                mid: slice(&self.skips.mid)?,
-            },
+            skips: self.skips.try_map(slice)?,
         })
     }
 }

@@ -4,7 +4,7 @@
 use lisa_core::backend::Backend;
 use serde::{Deserialize, Serialize};
 
-use super::{DecoderConfig, DualDenoiser, HookLayer, sd, toy};
+use super::{DecoderConfig, DualDenoiser, HookLayer, sd, sd3, toy};
 use crate::error::{Result, TrainError};
 
 /// A model as run files and checkpoints describe it: the architecture's name, the LISA
@@ -78,6 +78,13 @@ pub const ARCHITECTURES: &[Architecture] = &[
         validate: |spec| sd::SdSpec::from_spec(spec)?.validate(&spec.decoder),
         locations: sd::SdSpec::remove_locations,
     },
+    Architecture {
+        name: sd3::NAME,
+        description: "Stable Diffusion 3 / 3.5 (flow matching): diffusers' SD3Transformer2DModel + SD3ControlNetModel",
+        default_hook: sd3::DEFAULT_HOOK,
+        validate: |spec| sd3::Sd3Spec::from_spec(spec)?.validate(&spec.decoder),
+        locations: sd3::Sd3Spec::remove_locations,
+    },
 ];
 
 /// The registered architecture called `name`.
@@ -99,6 +106,7 @@ pub fn build<B: Backend>(
     match arch.name {
         toy::NAME => Ok(Box::new(toy::ToyModel::new(spec, parts, device, seed)?)),
         sd::NAME => Ok(Box::new(sd::SdModel::new(spec, parts, device, seed)?)),
+        sd3::NAME => Ok(Box::new(sd3::Sd3Model::new(spec, parts, device, seed)?)),
         _ => Err(TrainError::Internal("every registered architecture has a constructor in registry::build")),
     }
 }

@@ -157,7 +157,7 @@ impl SdControlNet {
         }
         let mid = self.mid.forward(p, &h, &temb, context)?;
         let down = features.iter().zip(&self.zero_convs).map(|(f, z)| z.forward(p, f)).collect::<Result<Vec<_>>>()?;
-        let residuals = Skips { down, mid: self.zero_mid.forward(p, &mid)? };
-        Ok(SideOutput { residuals, features: Skips { down: features, mid } })
+        let residuals = Skips::unet(down, self.zero_mid.forward(p, &mid)?);
+        Ok(SideOutput { residuals, features: Skips::unet(features, mid) })
     }
 }

@@ -255,6 +255,12 @@ fn hook_shape(u: &UNetConfig, hook: HookLayer) -> Result<(usize, usize)> {
                 skips.len() - 1
             ))
         })?,
+        HookLayer::Block(_) => {
+            return Err(TrainError::Config(format!(
+                "hook {hook}: a UNet ControlNet's hooks are down_0..down_{} and mid",
+                skips.len() - 1
+            )));
+        }
     };
     Ok((c, (u.sample_size >> level).max(1)))
 }
@@ -306,30 +312,8 @@ impl<B: Backend> SdModel<B> {
         let dual = DualParts { store, parts, decoder, decoder_config: spec.decoder.resolved(DEFAULT_HOOK) };
         let mut model = Self { dual, unet, controlnet, spec: sd, resolved, prompts, side_loaded: false };
         model.copy_main_into_side()?;
-        model.cast_main()?;
+        model.dual.cast_main(model.spec.mixed_precision.dtype())?;
         Ok(model)
-    }
-
-    /// The frozen UNet in its storage type (after the ControlNet copied it in f32), and
-    /// autocast in that type for every pass (the ControlNet and the decoder keep f32 master
-    /// weights, cast once per pass).
-    fn cast_main(&mut self) -> Result<()> {
-        let dtype = self.spec.mixed_precision.dtype();
-        if dtype == DType::F32 {
-            self.dual.store.set_autocast(None);
-            return Ok(());
-        }
-        let device = self.dual.store.device().clone();
-        if !B::supports_dtype(&device, dtype) {
-            return Err(TrainError::Config(format!("this backend's device cannot store {dtype}")));
-        }
-        self.dual.store.set_autocast(Some(dtype));
-        let ids: Vec<_> = self.dual.store.iter().filter(|(_, p)| p.name.starts_with(MAIN)).map(|(id, _)| id).collect();
-        for id in ids {
-            let v = B::cast(&self.dual.store.get(id).value, dtype)?;
-            self.dual.store.get_mut(id).value = v;
-        }
-        Ok(())
     }
 
     /// Reads the prompts' precomputed text embeddings from `path` (a safetensors file, one
@@ -527,7 +511,7 @@ impl<B: Backend> DualDenoiser<B> for SdModel<B> {
         if !self.side_loaded {
             self.copy_main_into_side()?;
         }
-        self.cast_main()?;
+        self.dual.cast_main(self.spec.mixed_precision.dtype())?;
         Ok(n)
     }
 }

@@ -71,7 +71,7 @@ impl SdUNet {
             h = block.forward(p, &h, &temb, context, &mut skips)?;
         }
         let mid = self.mid.forward(p, &h, &temb, context)?;
-        Ok(Encoded { temb, skips: Skips { down: skips, mid } })
+        Ok(Encoded { temb, skips: Skips::unet(skips, mid) })
     }
 
     /// The decoder over `enc`, adding `scale·residuals` to the skips and the middle output
@@ -84,7 +84,7 @@ impl SdUNet {
         residuals: Option<(&Skips<B>, f32)>,
     ) -> Result<Var<B>> {
         let t = p.tape;
-        let (mut skips, mut h) = (enc.skips.down.clone(), enc.skips.mid.clone());
+        let (mut skips, mut h) = (enc.skips.down.clone(), enc.skips.mid()?.clone());
         if let Some((r, scale)) = residuals {
             if r.down.len() != skips.len() {
                 return Err(TrainError::Mismatch(format!(
@@ -98,7 +98,7 @@ impl SdUNet {
                 let res = t.cast(&scaled(t, res, scale)?, B::dtype(&s.value))?;
                 *s = t.add(s, &res)?;
             }
-            let res = t.cast(&scaled(t, &r.mid, scale)?, B::dtype(&h.value))?;
+            let res = t.cast(&scaled(t, r.mid()?, scale)?, B::dtype(&h.value))?;
             h = t.add(&h, &res)?;
         }
         for block in &self.up {

@@ -2,13 +2,14 @@
 //! network of a flow-matching model) and `SD3ControlNetModel` (the side network), built from
 //! their `config.json` and loaded from diffusers folders with diffusers' tensor names.
 //!
-//! These are the networks and their loading; the trainable `sd3` architecture (the dual
-//! model, the LISA hook `block_i` and the pipeline with its text encoders) builds on them.
+//! The trainable `sd3` architecture ([`Sd3Model`]) joins them with the LISA decoder hooked at
+//! `block_i`; its pipeline with the text encoders builds on them.
 
 mod block;
 mod config;
 mod controlnet;
 mod embed;
+mod model;
 mod transformer;
 
 use std::path::Path;
@@ -19,7 +20,8 @@ pub use block::{GeluFeedForward, JointAttention, JointBlock, Modulation, RmsNorm
 pub use config::{MAX_CHANNELS, MAX_LAYERS, MAX_WIDTH, QkNorm, Sd3Config, Sd3ControlNetExtras};
 pub use controlnet::{Sd3ControlNet, Sd3ControlOutput};
 pub use embed::{Embedded, PatchEmbed, Sd3Embeddings, Sd3Inputs, TimeTextEmbed, crop_positions, sincos_positions};
-pub use transformer::Sd3Transformer;
+pub use model::{DEFAULT_CONTROLNET_LAYERS, DEFAULT_HOOK, NAME, Sd3Model, Sd3Spec};
+pub use transformer::{Sd3Transformer, unpatchify};
 
 use super::sd::read_diffusers_weights;
 use crate::error::Result;

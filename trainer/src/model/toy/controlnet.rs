@@ -82,7 +82,7 @@ impl ControlNet {
         let hint_feature = self.hint[2].forward(p, &h)?;
         let enc = self.encoder.forward(p, x_t, &temb, Some(&hint_feature))?;
         let down = enc.down.iter().zip(&self.zero_levels).map(|(f, z)| z.forward(p, f)).collect::<Result<Vec<_>>>()?;
-        let mid = self.zero_mid.forward(p, &enc.mid)?;
-        Ok(SideOutput { residuals: Residuals { down, mid }, features: enc })
+        let mid = self.zero_mid.forward(p, enc.mid()?)?;
+        Ok(SideOutput { residuals: Residuals::unet(down, mid), features: enc })
     }
 }

@@ -21,7 +21,7 @@ pub use unet::{Encoder, TimeEmbedding, UNet};
 
 use super::{
     Conditioning, DECODER, DecoderConfig, DualDenoiser, DualParts, HookLayer, LisaDecoder, MAIN, MainEncoding,
-    ModelSpec, Parts, PromptEmbedding, Residuals, SIDE, SideOutput, Skips,
+    ModelSpec, Parts, PromptEmbedding, Residuals, SIDE, SideOutput,
 };
 use crate::autodiff::Var;
 use crate::data::prompt_colours;
@@ -77,6 +77,9 @@ impl ToyConfig {
             HookLayer::Down(i) if i < levels => Ok((u.channels[i], u.level_resolution(i))),
             HookLayer::Down(i) => {
                 Err(TrainError::Config(format!("hook down_{i} does not exist: levels are down_0..down_{}", levels - 1)))
+            }
+            HookLayer::Block(_) => {
+                Err(TrainError::Config(format!("hook {hook}: the toy's hooks are down_0..down_{} and mid", levels - 1)))
             }
         }
     }
@@ -201,7 +204,7 @@ impl<B: Backend> DualDenoiser<B> for ToyModel<B> {
     fn encode_main(&self, p: &Bound<'_, B>, x_t: &Var<B>, cond: &Conditioning) -> Result<MainEncoding<B>> {
         let temb = self.main.time.forward(p, cond)?;
         let enc = self.main.encoder.forward(p, x_t, &temb, None)?;
-        Ok(MainEncoding { temb, context: None, skips: Skips { down: enc.down, mid: enc.mid } })
+        Ok(MainEncoding { temb, context: None, skips: enc })
     }
 
     fn decode_main(

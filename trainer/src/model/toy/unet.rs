@@ -128,7 +128,7 @@ impl Encoder {
         if let Some(a) = &self.attention {
             mid = a.forward(p, &mid)?;
         }
-        Ok(Skips { down: levels, mid })
+        Ok(Skips::unet(levels, mid))
     }
 }
 
@@ -192,7 +192,7 @@ impl UNet {
             }
         };
         let scale = residuals.map_or(1.0, |(_, s)| s);
-        let mut h = with(&enc.mid, residuals.map(|(r, _)| &r.mid), scale)?;
+        let mut h = with(enc.mid()?, residuals.map(|(r, _)| r.mid()).transpose()?, scale)?;
         let levels = enc.down.len();
         for (j, (res, upsample)) in self.up.iter().enumerate() {
             let i = levels - 1 - j;
