@@ -21,7 +21,12 @@ Each case folder: transformer/ and controlnet/ (diffusers folders: config.json a
 diffusion_pytorch_model.safetensors) and io.safetensors: the inputs (hidden_states,
 encoder_hidden_states, pooled_projections, timestep, controlnet_cond) and the outputs
 (transformer_out without residuals, controlnet_block_<i> residuals after the conditioning scale,
-controlnet_hidden_<i> = the input of controlnet_blocks[i], transformer_out_controlled).
+controlnet_hidden_<i> = the input of controlnet_blocks[i], transformer_out_controlled), and
+lisa.safetensors: LISA on the flow model. A velocity target `target` (noise - x0), the token
+LISA decoder (a port of trainer/src/model/decoder.rs, weights `decoder.*`) on the hooked
+ControlNet tokens, its output, the LISA target stopgrad(target - transformer_out), the losses
+(diffusion MSE + lambda * LISA MSE) and torch-autograd gradients of the loss for ControlNet and
+decoder tensors (`grad.controlnet.<name>`, `grad.lisa.<name>`).
 
 Usage: python scripts/goldens/diffusers_sd3.py [--out trainer/tests/fixtures/sd3]
 """
@@ -39,7 +44,7 @@ import diffusers
 from diffusers import SD3ControlNetModel, SD3Transformer2DModel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from diffusers_sd import rms, write_safetensors  # noqa: E402
+from diffusers_sd import rms, sinusoidal_embedding, write_safetensors  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -63,14 +68,61 @@ COMMON = dict(
 )
 
 CASES = {
-    "sd3": dict(config=dict(COMMON), controlnet_layers=2, extra_channels=1, seed=3000),
+    "sd3": dict(config=dict(COMMON), controlnet_layers=2, extra_channels=1, seed=3000, hook="block_1"),
     "sd35": dict(
         config=dict(COMMON, num_layers=4, qk_norm="rms_norm", dual_attention_layers=(0, 1)),
         controlnet_layers=2,
         extra_channels=0,
         seed=3500,
+        hook="block_0",
     ),
 }
+
+LISA_LAMBDA = 0.2
+TIME_SINUSOIDAL_DIM = 16
+CHANNEL_FLOOR = 2
+# The ControlNet tensors whose LISA-loss gradients lisa.safetensors pins (the hooked block's
+# path and the residuals' path) and every decoder tensor.
+LISA_CONTROLNET_GRADS = [
+    "pos_embed_input.proj.weight",
+    "time_text_embed.text_embedder.linear_1.weight",
+    "transformer_blocks.0.attn.to_k.weight",
+    "transformer_blocks.0.norm1.linear.bias",
+    "controlnet_blocks.0.weight",
+]
+LISA_DECODER_GRADS = [
+    "time_proj.weight",
+    "time_proj.bias",
+    "stages.0.weight",
+    "stages.0.bias",
+    "proj_out.weight",
+    "proj_out.bias",
+]
+
+
+class TokenLisaDecoder(nn.Module):
+    """The token LISA decoder of trainer/src/model/decoder.rs: D(h, t) = unpatchify(proj_out(
+    silu(stages.0(silu(h + time_proj(sin(t))))))), stages.0 from C to max(C // 2, min(floor, C)),
+    proj_out to patch * patch * channels per token."""
+
+    def __init__(self, width, patch, out_channels, time_sinusoidal_dim, channel_floor):
+        super().__init__()
+        hidden = max(width // 2, min(channel_floor, width))
+        self.time_sinusoidal_dim = time_sinusoidal_dim
+        self.patch, self.out_channels = patch, out_channels
+        self.time_proj = nn.Linear(time_sinusoidal_dim, width)
+        self.stages = nn.ModuleList([nn.Linear(width, hidden)])
+        self.proj_out = nn.Linear(hidden, patch * patch * out_channels)
+
+    def forward(self, h, t):
+        n = h.shape[0]
+        e = self.time_proj(sinusoidal_embedding(t, self.time_sinusoidal_dim)).reshape(n, 1, -1)
+        x = torch.nn.functional.silu(h + e)
+        x = torch.nn.functional.silu(self.stages[0](x))
+        y = self.proj_out(x)
+        g, p, c = int(round(math.sqrt(y.shape[1]))), self.patch, self.out_channels
+        y = y.reshape(n, g, g, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", y).reshape(n, c, g * p, g * p)
 
 
 @torch.no_grad()
@@ -188,6 +240,69 @@ def gradients(transformer, controlnet, io, gen):
     return grads
 
 
+def lisa(transformer, controlnet, io, spec, gen):
+    """LISA on the flow model (see the module docstring): the tensors of lisa.safetensors."""
+    c = transformer.config
+    hook = int(spec["hook"][len("block_") :])
+    decoder = TokenLisaDecoder(
+        c.num_attention_heads * c.attention_head_dim, c.patch_size, c.out_channels, TIME_SINUSOIDAL_DIM, CHANNEL_FLOOR
+    )
+    randomise(decoder, gen)
+    target = torch.randn(io["hidden_states"].shape, generator=gen)
+    cn_params = dict(controlnet.named_parameters())
+    for p in controlnet.parameters():
+        p.requires_grad_(True)
+    common = dict(
+        encoder_hidden_states=io["encoder_hidden_states"],
+        pooled_projections=io["pooled_projections"],
+        timestep=io["timestep"],
+    )
+    captured = {}
+
+    def pre_hook(_module, args):
+        captured["h"] = args[0]
+
+    handle = controlnet.controlnet_blocks[hook].register_forward_pre_hook(pre_hook)
+    with torch.enable_grad():
+        with torch.no_grad():
+            prior = transformer(io["hidden_states"], **common).sample
+        blocks = controlnet(
+            io["hidden_states"], controlnet_cond=io["controlnet_cond"], conditioning_scale=CONDITIONING_SCALE, **common
+        ).controlnet_block_samples
+        handle.remove()
+        controlled = transformer(io["hidden_states"], block_controlnet_hidden_states=list(blocks), **common).sample
+        decoded = decoder(captured["h"], io["timestep"])
+        lisa_target = (target - prior).detach()
+        loss_diffusion = torch.nn.functional.mse_loss(controlled, target)
+        loss_lisa = torch.nn.functional.mse_loss(decoded, lisa_target)
+        loss = loss_diffusion + LISA_LAMBDA * loss_lisa
+        dec_params = dict(decoder.named_parameters())
+        wrt = [cn_params[n] for n in LISA_CONTROLNET_GRADS] + [dec_params[n] for n in LISA_DECODER_GRADS]
+        grads = torch.autograd.grad(loss, wrt)
+    for p in controlnet.parameters():
+        p.requires_grad_(False)
+    out = {f"decoder.{k}": v.detach().clone() for k, v in decoder.state_dict().items()}
+    out.update(
+        target=target,
+        hook_feature=captured["h"].detach(),
+        lisa_decoded=decoded.detach(),
+        lisa_target=lisa_target,
+        loss_diffusion=loss_diffusion.detach().reshape(1),
+        loss_lisa=loss_lisa.detach().reshape(1),
+        loss=loss.detach().reshape(1),
+    )
+    names = [f"grad.controlnet.{n}" for n in LISA_CONTROLNET_GRADS] + [f"grad.lisa.{n}" for n in LISA_DECODER_GRADS]
+    out.update({n: g.detach().clone() for n, g in zip(names, grads)})
+    meta = {
+        "hook": spec["hook"],
+        "lisa_lambda": LISA_LAMBDA,
+        "time_sinusoidal_dim": TIME_SINUSOIDAL_DIM,
+        "channel_floor": CHANNEL_FLOOR,
+        "loss": "mse(transformer_out_controlled, target) + lisa_lambda * mse(lisa_decoded, target - transformer_out)",
+    }
+    return out, meta
+
+
 @torch.no_grad()
 def generate(case, spec, out_root):
     gen = torch.Generator().manual_seed(spec["seed"])
@@ -212,6 +327,8 @@ def generate(case, spec, out_root):
     }
     out = run(transformer, controlnet, io)
     grads = gradients(transformer, controlnet, io, gen)
+    # LISA draws from its own generator, so io.safetensors is the same with or without it.
+    lisa_out, lisa_meta = lisa(transformer, controlnet, io, spec, torch.Generator().manual_seed(spec["seed"] + 1))
     save_folder(controlnet, os.path.join(folder, "controlnet"))
     meta = {
         "diffusers": diffusers.__version__,
@@ -220,7 +337,8 @@ def generate(case, spec, out_root):
         "case": case,
     }
     write_safetensors(os.path.join(folder, "io.safetensors"), {**io, **out, **grads}, meta)
-    for k, v in {**out, **grads}.items():
+    write_safetensors(os.path.join(folder, "lisa.safetensors"), lisa_out, {**meta, **lisa_meta})
+    for k, v in {**out, **grads, **lisa_out}.items():
         assert torch.isfinite(v).all() and rms(v) > 0, k
         print(f"  {case} {k:28s} {tuple(v.shape)} rms {rms(v):.4f}")
     # Reload the saved folders and reproduce every output.
