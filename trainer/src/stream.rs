@@ -176,7 +176,7 @@ pub fn noise_batch_at<B: Backend>(
     let mut levels = Vec::with_capacity(n);
     let draws = match t_uniforms {
         Some(u) => u.to_vec(),
-        None => stream.uniforms(n),
+        None => stream.uniforms(n).into_iter().map(|v| noise.position(v)).collect(),
     };
     for v in draws {
         let (t, level) = noise.draw(v)?;

@@ -323,7 +323,12 @@ impl<B: Backend> Trainer<B> {
 
     /// The run's objective (its LISA settings, the model's prediction, `τ`'s scale).
     pub fn objective(&self) -> Objective<'_> {
-        Objective { lisa: &self.config.lisa, prediction: self.model.prediction(), norm: self.tau_norm.as_ref() }
+        Objective {
+            lisa: &self.config.lisa,
+            prediction: self.model.prediction(),
+            norm: self.tau_norm.as_ref(),
+            noise: Some(&self.noise),
+        }
     }
 
     /// Forward + backward of one micro-batch; gradients are scaled by `loss_scale/accum` so

@@ -64,7 +64,7 @@ fn euler_on_a_flow_model_and_mismatches_rejected() {
     cfg.config["unet"]["prediction"] = serde_json::to_value(Prediction::FlowVelocity).unwrap();
     let model = registry::build::<C>(&cfg, Parts::Dual { decoder: false }, CpuDevice, 3).unwrap();
     let hint = randn(&[1, 1, 16, 16], 7);
-    let flow = NoiseConfig::Flow { shift: Some(3.0) };
+    let flow = NoiseConfig::sd3();
     let euler = SampleConfig { sampler: Sampler::Euler, steps: 4, ..SampleConfig::default() };
     let x = sample(model.as_ref(), &flow, &hint, &["red circle with blue background"], &euler).unwrap();
     assert!(C::to_vec(&x).unwrap().iter().all(|v| v.is_finite()));

@@ -57,6 +57,9 @@ pub struct Objective<'a> {
     pub prediction: Prediction,
     /// `τ`'s measured scale per timestep (`normalize_tau`), if any.
     pub norm: Option<&'a TauNorm>,
+    /// The noise process, whose per-sample weights (a flow's weighting scheme and
+    /// preconditioning) multiply the diffusion loss; None: unweighted.
+    pub noise: Option<&'a NoiseProcess>,
 }
 
 /// One micro-batch's loss and the gradients that seed its backward.
@@ -84,8 +87,9 @@ impl Objective<'_> {
         lisa_terms(self.lisa, self.prediction, levels, self.norm)
     }
 
-    /// `L = MSE(pred, y) + λ·d(D(h, t), τ)` of a training forward's outputs against the
-    /// batch's targets `y [n, c, h, w]` at `levels` (one per sample); both gradients are
+    /// `L = MSE_w(pred, y) + λ·d(D(h, t), τ)` of a training forward's outputs against the
+    /// batch's targets `y [n, c, h, w]` at `levels` (one per sample), `MSE_w` the mean of
+    /// `w_i·(pred − y)²` with the noise process's per-sample weights `w_i` (1 without); both gradients are
     /// multiplied by `grad_scale` (`1/accumulation` for a mean over micro-batches). The LISA
     /// samples are the first `k` of the batch, `k` the decoder output's batch.
     pub fn loss<B: Backend>(
@@ -95,7 +99,18 @@ impl Objective<'_> {
         levels: &[NoiseLevel<f32>],
         grad_scale: f32,
     ) -> Result<Loss<B>> {
-        let (main, g_pred) = B::mse_loss(&out.pred.value, y)?;
+        let (main, g_pred) = match self.noise.and_then(|n| n.loss_weights(levels)) {
+            None => B::mse_loss(&out.pred.value, y)?,
+            Some(w) => {
+                // mean(w·(p − y)²) = MSE(√w·p, √w·y); its gradient in p is √w times that in √w·p.
+                let root: Vec<f32> = w.iter().map(|w| w.sqrt()).collect();
+                let device = B::device(y);
+                let root =
+                    B::from_slice(&root, &Shape::new([w.len(), 1, 1, 1]), lisa_core::backend::DType::F32, &device)?;
+                let (l, g) = B::mse_loss(&B::mul(&out.pred.value, &root)?, &B::mul(y, &root)?)?;
+                (l, B::mul(&g, &root)?)
+            }
+        };
         let grad_pred = B::scale(&g_pred, grad_scale)?;
         let mut loss = Loss {
             main,

@@ -10,7 +10,8 @@ use crate::error::{Result, TrainError};
 pub struct EulerFlow {
     /// Shifted times `t_0 = 1 > … > t_n = 0`.
     times: Vec<f32>,
-    /// The model's timestep input at each step (`1000·t` before the shift).
+    /// The model's timestep input at each step (`1000·t` of the shifted time, as
+    /// `FlowMatchEulerDiscreteScheduler`'s timesteps).
     values: Vec<f32>,
 }
 
@@ -26,10 +27,8 @@ impl EulerFlow {
         let flow = RectifiedFlow { shift };
         let n = config.steps;
         let uniform: Vec<f32> = (0..=n).map(|i| 1.0 - i as f32 / n as f32).collect();
-        Ok(Self {
-            times: uniform.iter().map(|&t| flow.shifted_time(t)).collect::<lisa_core::Result<_>>()?,
-            values: uniform[..n].iter().map(|&t| 1000.0 * t).collect(),
-        })
+        let times: Vec<f32> = uniform.iter().map(|&t| flow.shifted_time(t)).collect::<lisa_core::Result<_>>()?;
+        Ok(Self { values: times[..n].iter().map(|&t| 1000.0 * t).collect(), times })
     }
 }
 

@@ -22,7 +22,7 @@ pub use ddim::Ddim;
 pub use ddpm::Ddpm;
 pub use discrete::{Previous, SpacedSchedule};
 pub use euler::EulerFlow;
-pub use noise::{NoiseConfig, NoiseProcess, add_noise};
+pub use noise::{FlowWeighting, NoiseConfig, NoiseProcess, add_noise};
 pub use spacing::Spacing;
 
 use crate::error::{Result, TrainError};
@@ -93,7 +93,7 @@ pub fn build<B: Backend>(noise: &NoiseConfig, config: &SchedulerConfig) -> Resul
         (NoiseConfig::Diffusion { betas, num_train_timesteps }, Sampler::Ddpm) => {
             Ok(Box::new(Ddpm::new(SpacedSchedule::new(betas, num_train_timesteps, config)?)))
         }
-        (NoiseConfig::Flow { shift }, Sampler::Euler) => Ok(Box::new(EulerFlow::new(shift, config)?)),
+        (NoiseConfig::Flow { shift, .. }, Sampler::Euler) => Ok(Box::new(EulerFlow::new(shift, config)?)),
         (NoiseConfig::Flow { .. }, sampler) => Err(TrainError::Config(format!(
             "the {sampler} sampler needs a diffusion schedule; this model is a rectified flow (use euler)"
         ))),
