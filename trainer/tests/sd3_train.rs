@@ -2,7 +2,8 @@
 //! over diffusers' 1000 training times, logit-normal times, preconditioned outputs) with LISA,
 //! on the tiny SD3 fixture: the loss is the σ²-weighted velocity MSE, training moves the
 //! ControlNet and the decoder, a run resumes bit for bit from a checkpoint, and the trained
-//! ControlNet is saved as a diffusers folder that loads back unchanged.
+//! ControlNet is saved as a diffusers folder that loads back unchanged. The README's SD3
+//! `[train.noise]` block is `NoiseConfig::sd3()`.
 
 use std::path::{Path, PathBuf};
 
@@ -176,4 +177,22 @@ fn the_preconditioned_flow_loss_is_diffusers() {
     for (t, level) in batch.cond.t.iter().zip(&batch.levels) {
         assert!((t - 1000.0 * level.sigma).abs() < 1e-3);
     }
+}
+
+/// The README's SD3 section shows the run-file form of `NoiseConfig::sd3()`.
+#[test]
+fn the_readme_sd3_noise_block_is_sd3() {
+    #[derive(serde::Deserialize)]
+    struct File {
+        train: Train,
+    }
+    #[derive(serde::Deserialize)]
+    struct Train {
+        noise: NoiseConfig,
+    }
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
+    let section = readme.split("### SD3 and SD3.5").nth(1).expect("the README's SD3 section");
+    let block = section.split("```toml").nth(1).and_then(|b| b.split("```").next()).expect("a toml block");
+    let file: File = toml::from_str(block).unwrap();
+    assert_eq!(file.train.noise, NoiseConfig::sd3());
 }
