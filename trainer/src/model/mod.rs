@@ -18,6 +18,7 @@ mod hook;
 pub mod registry;
 pub mod sd;
 pub mod sd3;
+pub mod t5;
 pub mod toy;
 
 use std::path::Path;

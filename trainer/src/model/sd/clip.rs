@@ -3,6 +3,10 @@
 //! `gelu` MLP, a final layer norm; its `last_hidden_state` is the UNet's
 //! `encoder_hidden_states`. Frozen: it runs under no-grad, and the token lookup happens on
 //! the host.
+//!
+//! `CLIPTextModelWithProjection` (SD3's two CLIPs) adds `text_projection`: SD3 reads the
+//! penultimate layer's hidden states and the projected pooled output (the final-normed state
+//! at the end token).
 
 use std::path::Path;
 
@@ -35,6 +39,11 @@ pub struct ClipTextConfig {
     pub hidden_act: UnaryOp,
     /// ε of every layer norm (1e-5).
     pub layer_norm_eps: f32,
+    /// Width of `text_projection`'s output (`CLIPTextModelWithProjection`; 512).
+    pub projection_dim: usize,
+    /// The end token the pooled output is read at; 2 (old configs, SD3's) means the first
+    /// position of the largest id, as transformers does for it.
+    pub eos_token_id: u32,
 }
 
 impl ClipTextConfig {
@@ -69,6 +78,13 @@ impl ClipTextConfig {
             max_position_embeddings: count("max_position_embeddings", 77)?,
             hidden_act: act,
             layer_norm_eps: eps as f32,
+            projection_dim: count("projection_dim", 512)?,
+            eos_token_id: match c.get("eos_token_id") {
+                None | Some(Value::Null) => 2,
+                Some(v) => v.as_u64().and_then(|x| u32::try_from(x).ok()).ok_or_else(|| {
+                    TrainError::Config(format!("text_encoder config.json: eos_token_id = {v} is not a token id"))
+                })?,
+            },
         };
         let limits = [
             ("vocab_size", config.vocab_size, 1 << 20),
@@ -76,6 +92,7 @@ impl ClipTextConfig {
             ("intermediate_size", config.intermediate_size, 4 * MAX_WIDTH),
             ("num_hidden_layers", config.num_hidden_layers, 256),
             ("max_position_embeddings", config.max_position_embeddings, 1 << 14),
+            ("projection_dim", config.projection_dim, MAX_WIDTH),
         ];
         if let Some((key, value, max)) = limits.into_iter().find(|(_, v, max)| v > max) {
             return Err(TrainError::Config(format!(
@@ -109,6 +126,16 @@ pub struct ClipTextModel {
     position_embedding: ParamId,
     layers: Vec<Layer>,
     final_norm: LayerNorm,
+    /// `CLIPTextModelWithProjection`'s `text_projection` (no bias).
+    text_projection: Option<Linear>,
+}
+
+/// What SD3 reads of a `CLIPTextModelWithProjection`.
+pub struct ProjectedText<B: Backend> {
+    /// `hidden_states[-2]`: the input of the last layer, `[n, t, hidden]` (f32).
+    pub penultimate: Var<B>,
+    /// `text_embeds`: the pooled output through `text_projection`, `[n, projection_dim]` (f32).
+    pub pooled: Var<B>,
 }
 
 impl ClipTextModel {
@@ -145,8 +172,23 @@ impl ClipTextModel {
             )?,
             layers,
             final_norm: LayerNorm::new(s, base.pp("final_layer_norm"), d, eps)?,
+            text_projection: None,
             config: c.clone(),
         })
+    }
+
+    /// `CLIPTextModelWithProjection`: the same under `at.text_model`, and
+    /// `at.text_projection` (`[projection_dim, hidden]`, no bias).
+    pub fn with_projection<B: Backend>(
+        s: &mut ParamStore<B>,
+        at: impl Into<Scope>,
+        c: &ClipTextConfig,
+    ) -> Result<Self> {
+        let at = at.into();
+        let mut model = Self::new(s, &at, c)?;
+        model.text_projection =
+            Some(Linear::without_bias(s, at.pp("text_projection"), c.hidden_size, c.projection_dim)?);
+        Ok(model)
     }
 
     /// Its settings.
@@ -157,6 +199,52 @@ impl ClipTextModel {
     /// `last_hidden_state [n, t, hidden]` of token ids `ids` (`n` rows of `t` ids each, no
     /// attention mask, as SD's pipelines call it).
     pub fn forward<B: Backend>(&self, p: &Bound<'_, B>, ids: &[Vec<u32>]) -> Result<Var<B>> {
+        let (last, _) = self.layers_of(p, ids)?;
+        p.tape.cast(&last, DType::F32)
+    }
+
+    /// SD3's reading of a `CLIPTextModelWithProjection` (built by [`Self::with_projection`]):
+    /// the penultimate hidden states and `text_projection` of the final-normed state at each
+    /// row's end token.
+    pub fn forward_projected<B: Backend>(&self, p: &Bound<'_, B>, ids: &[Vec<u32>]) -> Result<ProjectedText<B>> {
+        let t = p.tape;
+        let projection = self
+            .text_projection
+            .as_ref()
+            .ok_or_else(|| TrainError::Config("this CLIP text model was built without text_projection".into()))?;
+        let (last, penultimate) = self.layers_of(p, ids)?;
+        let d = self.config.hidden_size;
+        let len = ids[0].len();
+        // [n, t, d] → the end token's row of each prompt, [n, d] (gathered on the host).
+        let all = B::to_vec(&last.value)?;
+        let mut rows = Vec::with_capacity(ids.len() * d);
+        for (r, row) in ids.iter().enumerate() {
+            let at = self.end_position(row);
+            rows.extend_from_slice(&all[(r * len + at) * d..(r * len + at + 1) * d]);
+        }
+        let (device, dtype) = (B::device(&last.value), B::dtype(&last.value));
+        let pooled = t.constant(B::from_slice(&rows, &Shape::new([ids.len(), d]), dtype, &device)?);
+        Ok(ProjectedText {
+            penultimate: t.cast(&penultimate, DType::F32)?,
+            pooled: t.cast(&projection.forward(p, &pooled)?, DType::F32)?,
+        })
+    }
+
+    /// Where the pooled output is read: the first position of the largest id when
+    /// `eos_token_id` is 2 (transformers' rule for old configs), else the first end token (the
+    /// first position when there is none).
+    fn end_position(&self, row: &[u32]) -> usize {
+        if self.config.eos_token_id == 2 {
+            let max = row.iter().copied().max().unwrap_or(0);
+            row.iter().position(|&id| id == max).unwrap_or(0)
+        } else {
+            row.iter().position(|&id| id == self.config.eos_token_id).unwrap_or(0)
+        }
+    }
+
+    /// The final-normed last hidden state and the input of the last layer (the penultimate
+    /// hidden states; the embeddings when there is one layer), in the storage type.
+    fn layers_of<B: Backend>(&self, p: &Bound<'_, B>, ids: &[Vec<u32>]) -> Result<(Var<B>, Var<B>)> {
         let t = p.tape;
         let n = ids.len();
         let len = ids.first().map_or(0, Vec::len);
@@ -188,21 +276,24 @@ impl ClipTextModel {
         let table = &p.p(self.token_embedding).value;
         let (device, dtype) = (B::device(table), B::dtype(table));
         let mut h = t.constant(B::from_slice(&x, &Shape::new([n, len, d]), dtype, &device)?);
+        let mut penultimate = h.clone();
         for l in &self.layers {
+            penultimate = h.clone();
             let a = l.attn.forward(p, &l.norm1.forward(p, &h)?, None)?;
             h = t.add(&h, &a)?;
             let m =
                 l.fc2.forward(p, &t.unary(self.config.hidden_act, &l.fc1.forward(p, &l.norm2.forward(p, &h)?)?)?)?;
             h = t.add(&h, &m)?;
         }
-        t.cast(&self.final_norm.forward(p, &h)?, DType::F32)
+        Ok((self.final_norm.forward(p, &h)?, penultimate))
     }
 }
 
 /// Loads a transformers text-encoder folder (`model.safetensors`) into `store` under
 /// `at`, all-or-nothing. Names with or without the `text_model.` prefix (transformers 5
 /// writes them without, the SD repositories hold them with) are accepted; the
-/// `position_ids` buffer some files hold is skipped.
+/// `position_ids` buffer some files hold is skipped; `text_projection.*` stays beside
+/// `text_model` (`CLIPTextModelWithProjection`).
 pub fn load_clip<B: Backend>(store: &mut ParamStore<B>, at: impl Into<Scope>, dir: &Path) -> Result<usize> {
     let at = at.into();
     let text_model = at.pp("text_model");
@@ -215,7 +306,14 @@ pub fn load_clip<B: Backend>(store: &mut ParamStore<B>, at: impl Into<Scope>, di
     let tensors = file
         .tensors
         .into_iter()
-        .map(|(k, v)| (text_model.name(k.strip_prefix("text_model.").unwrap_or(&k)), v))
+        .map(|(k, v)| {
+            let name = if k.starts_with("text_projection.") {
+                at.name(&k)
+            } else {
+                text_model.name(k.strip_prefix("text_model.").unwrap_or(&k))
+            };
+            (name, v)
+        })
         .collect();
     load_tensors(store, &path, tensors, |n| at.contains(n), |_| false)
 }

@@ -180,7 +180,7 @@ impl<B: Backend> TextEncoder<B> {
 }
 
 /// Every tensor of a frozen store in `dtype` (mixed precision).
-fn cast_all<B: Backend>(store: &mut ParamStore<B>, dtype: DType) -> Result<()> {
+pub(crate) fn cast_all<B: Backend>(store: &mut ParamStore<B>, dtype: DType) -> Result<()> {
     if dtype == DType::F32 {
         return Ok(());
     }

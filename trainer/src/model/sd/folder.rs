@@ -22,22 +22,38 @@ pub const CONFIG_FILE: &str = "config.json";
 /// Host tensors by name.
 pub type HostTensors = BTreeMap<String, (Shape, Vec<f32>)>;
 
+/// The weights file of a transformers model folder.
+pub const TRANSFORMERS_WEIGHTS_FILE: &str = "model.safetensors";
+/// Its sharded index.
+pub const TRANSFORMERS_WEIGHTS_INDEX: &str = "model.safetensors.index.json";
+
 /// The tensors of a diffusers folder (or of one safetensors file), and the path errors
 /// should name. A sharded index must list every tensor of its shards exactly once.
 pub fn read_diffusers_weights(path: &Path) -> Result<(PathBuf, HostTensors)> {
+    read_weights_folder(path, WEIGHTS_FILE, WEIGHTS_INDEX)
+}
+
+/// The same for a transformers folder (`model.safetensors` or its sharded index).
+pub fn read_transformers_weights(path: &Path) -> Result<(PathBuf, HostTensors)> {
+    read_weights_folder(path, TRANSFORMERS_WEIGHTS_FILE, TRANSFORMERS_WEIGHTS_INDEX)
+}
+
+/// The tensors of one safetensors file, or of a folder's file `single` or sharded `index`.
+fn read_weights_folder(path: &Path, single: &str, index: &str) -> Result<(PathBuf, HostTensors)> {
+    let (weights_file, weights_index) = (single, index);
     if path.is_file() {
         return Ok((path.to_path_buf(), read_file(path)?));
     }
     if !path.is_dir() {
         return Err(bad(path, "no such model folder or weights file"));
     }
-    let single = path.join(WEIGHTS_FILE);
+    let single = path.join(weights_file);
     if single.is_file() {
         return Ok((single.clone(), read_file(&single)?));
     }
-    let index = path.join(WEIGHTS_INDEX);
+    let index = path.join(weights_index);
     if !index.is_file() {
-        return Err(bad(path, format!("holds neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX}")));
+        return Err(bad(path, format!("holds neither {weights_file} nor {weights_index}")));
     }
     let text = fs::read_to_string(&index).map_err(io(&index))?;
     let parsed: Value = serde_json::from_str(&text).map_err(|e| bad(&index, format!("not JSON ({e})")))?;
@@ -58,11 +74,11 @@ pub fn read_diffusers_weights(path: &Path) -> Result<(PathBuf, HostTensors)> {
         for name in names {
             let t = tensors
                 .remove(&name)
-                .ok_or_else(|| bad(&shard, format!("lacks tensor {name} that {WEIGHTS_INDEX} lists")))?;
+                .ok_or_else(|| bad(&shard, format!("lacks tensor {name} that {weights_index} lists")))?;
             all.insert(name, t);
         }
         if let Some(extra) = tensors.keys().next() {
-            return Err(bad(&shard, format!("holds tensor {extra} that {WEIGHTS_INDEX} does not list")));
+            return Err(bad(&shard, format!("holds tensor {extra} that {weights_index} does not list")));
         }
     }
     Ok((index, all))

@@ -27,18 +27,22 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub use blocks::{SpatialTransformer, TRANSFORMER_GROUP_NORM_EPS, timestep_embedding};
-pub use clip::{ClipTextConfig, ClipTextModel, load_clip};
+pub use clip::{ClipTextConfig, ClipTextModel, ProjectedText, load_clip};
 pub use config::{
     ControlNetExtras, DownBlockType, MAX_IO_CHANNELS, MAX_LAYERS_PER_BLOCK, MAX_LEVELS, MAX_SAMPLE_SIZE, MAX_WIDTH,
     ParameterEstimate, PerBlock, UNetConfig, UpBlockType,
 };
 pub(crate) use config::{check_keys as check_config_keys, get as config_value};
 pub use controlnet::{ConditioningEmbedding, SdControlNet};
-pub use encoders::{TextEmbeddings, TextEncoder, Vae};
-pub use folder::{read_diffusers_weights, read_json_config, save_controlnet, write_diffusers_folder};
+pub(crate) use encoders::cast_all as cast_frozen;
+pub use encoders::{TextEmbeddings, TextEncoder, Vae, read_text_pair};
+pub use folder::{
+    read_diffusers_weights, read_json_config, read_transformers_weights, save_controlnet, write_diffusers_folder,
+};
 pub use pipeline::{MAX_RESOLUTION, Pipeline, TrainingSize};
 pub use text::PromptTable;
 pub use tokenizer::{ClipTokenizer, Encoded as TokenIds};
+pub(crate) use tokenizer::{read_json as read_tokenizer_json, token_field as special_token};
 pub use unet::{Encoded, SdUNet};
 pub use vae::{AutoencoderKl, SD_VAE_DOWNSCALE, VAE_NORM_EPS, VaeConfig, latent_side, load_vae, modern_attention_name};
 

@@ -56,7 +56,7 @@ fn tk_err(dir: &Path) -> impl Fn(tokenizers::Error) -> TrainError + '_ {
 
 /// A special token's content in `tokenizer_config.json` / `special_tokens_map.json`: a
 /// string, or an object with `content`.
-fn token_field(v: Option<&Value>) -> Option<String> {
+pub(crate) fn token_field(v: Option<&Value>) -> Option<String> {
     match v? {
         Value::String(s) => Some(s.clone()),
         Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
@@ -64,7 +64,7 @@ fn token_field(v: Option<&Value>) -> Option<String> {
     }
 }
 
-fn read_json(path: &Path) -> Option<serde_json::Map<String, Value>> {
+pub(crate) fn read_json(path: &Path) -> Option<serde_json::Map<String, Value>> {
     match serde_json::from_str(&std::fs::read_to_string(path).ok()?) {
         Ok(Value::Object(m)) => Some(m),
         _ => None,

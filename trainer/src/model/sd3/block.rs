@@ -68,12 +68,18 @@ impl Modulation {
 pub struct RmsNorm {
     weight: ParamId,
     dim: usize,
+    eps: f32,
 }
 
 impl RmsNorm {
-    /// `weight [d]` (ones) under `at`.
+    /// `weight [d]` (ones) under `at`, ε = [`SD3_NORM_EPS`].
     pub fn new<B: Backend>(s: &mut ParamStore<B>, at: impl Into<Scope>, dim: usize) -> Result<Self> {
-        Ok(Self { weight: s.add(at.into().name("weight"), &[dim], Init::Ones)?, dim })
+        Self::with_eps(s, at, dim, SD3_NORM_EPS)
+    }
+
+    /// The same with another ε (T5's `layer_norm_epsilon`).
+    pub fn with_eps<B: Backend>(s: &mut ParamStore<B>, at: impl Into<Scope>, dim: usize, eps: f32) -> Result<Self> {
+        Ok(Self { weight: s.add(at.into().name("weight"), &[dim], Init::Ones)?, dim, eps })
     }
 
     /// `[.., d] → [.., d]`.
@@ -84,7 +90,7 @@ impl RmsNorm {
         let x32 = t.reshape(&t.cast(x, DType::F32)?, &Shape::new([rows, self.dim]))?;
         let mean_of = t.constant(B::full(&Shape::new([self.dim, 1]), 1.0 / self.dim as f32, DType::F32, &device)?);
         let mean_sq = t.matmul(&t.unary(UnaryOp::Square, &x32)?, &mean_of, Transpose::default())?; // [rows, 1]
-        let eps = t.constant(B::full(&Shape::new([1]), SD3_NORM_EPS, DType::F32, &device)?);
+        let eps = t.constant(B::full(&Shape::new([1]), self.eps, DType::F32, &device)?);
         let rms = t.unary(UnaryOp::Sqrt, &t.add(&mean_sq, &eps)?)?;
         let normed = t.binary(BinaryOp::Div, &x32, &rms)?;
         let w = p.weight(self.weight, DType::F32)?;
