@@ -1,7 +1,9 @@
 //! Parity of the VAE (`AutoencoderKL`, current and legacy attention names), the CLIP text
 //! encoder (quick_gelu and gelu; names with and without `text_model.`) and the CLIP
 //! tokenizer (from `tokenizer.json` and from `vocab.json` + `merges.txt`) with diffusers /
-//! transformers, through golden files made by `scripts/goldens/diffusers_vae_clip.py`.
+//! transformers, through golden files made by `scripts/goldens/diffusers_vae_clip.py`; and the
+//! VAE in SD3's form (16 latent channels, no quant convs, shifted latents) through
+//! `scripts/goldens/diffusers_sd3_vae.py`.
 
 mod common;
 
@@ -46,6 +48,27 @@ fn vae_encoder_and_decoder_match_diffusers_with_current_and_legacy_names() {
         let decoded = model.decode(&p, &tape.constant(t("z"))).unwrap();
         assert_parity(&format!("{name} decoded"), &C::to_vec(&decoded.value).unwrap(), &io["decoded"].1);
     }
+}
+
+/// SD3's VAE: `(mean − shift_factor) · scaling_factor` and back, without `quant_conv` and
+/// `post_quant_conv`.
+#[test]
+fn an_sd3_vae_shifts_its_latents_and_has_no_quant_convs() {
+    let dir = fixture("sd3/vae");
+    let (io, _) = read(&dir.join("io.safetensors"));
+    let t = |k: &str| C::from_slice(&io[k].1, &io[k].0, DType::F32, &CpuDevice).unwrap();
+    let config = VaeConfig::from_json(&read_json_config(&dir.join("vae")).unwrap()).unwrap();
+    assert!(!config.use_quant_conv && !config.use_post_quant_conv && config.shift_factor == 0.0609);
+    let mut store = ParamStore::new(CpuDevice, 0).freeze_prefix("");
+    let model = AutoencoderKl::new(&mut store, "", &config).unwrap();
+    load_vae(&mut store, "", &dir.join("vae")).unwrap();
+    assert!(store.find("quant_conv.weight").is_none());
+    let tape = Tape::<C>::new();
+    let p = store.bind(&tape);
+    let latents = model.latents(&p, &tape.constant(t("image"))).unwrap();
+    assert_parity("sd3 vae latents", &C::to_vec(&latents.value).unwrap(), &io["latents"].1);
+    let decoded = model.decode_latents(&p, &tape.constant(t("latents"))).unwrap();
+    assert_parity("sd3 vae decoded", &C::to_vec(&decoded.value).unwrap(), &io["decoded"].1);
 }
 
 #[test]

@@ -40,7 +40,7 @@ impl<B: Backend> Vae<B> {
         self.model.config()
     }
 
-    /// Training latents `mean · scaling_factor` of `n` images `[3, side, side]` in [−1, 1]
+    /// Training latents `(mean − shift_factor) · scaling_factor` of `n` images `[3, side, side]` in [−1, 1]
     /// (row-major in `images`): `n · latent · (side/f)²` values.
     pub fn latents(&self, images: &[f32], n: usize, side: usize) -> Result<Vec<f32>> {
         let c = self.config().in_channels;
@@ -66,7 +66,7 @@ impl<B: Backend> Vae<B> {
     }
 
     /// Images `[n, 3, f·h, f·w]` (about [−1, 1]) of training latents `[n, latent, h, w]`
-    /// (divided by `scaling_factor` first, as diffusers' pipelines do).
+    /// (divided by `scaling_factor` and shifted back first, as diffusers' pipelines do).
     pub fn images(&self, latents: &B::Tensor) -> Result<Vec<f32>> {
         let s = B::shape(latents);
         let n = s.dims().first().copied().unwrap_or(0);
@@ -85,8 +85,7 @@ impl<B: Backend> Vae<B> {
             )?;
             let tape = Tape::<B>::new();
             let p = self.store.bind(&tape);
-            let z = B::scale(&z, 1.0 / self.config().scaling_factor)?;
-            let img = tape.no_grad(|| self.model.decode(&p, &tape.constant(z)))?;
+            let img = tape.no_grad(|| self.model.decode_latents(&p, &tape.constant(z)))?;
             out.extend(B::to_vec(&B::cast(&img.value, DType::F32)?)?);
         }
         Ok(out)

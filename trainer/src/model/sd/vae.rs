@@ -38,19 +38,23 @@ pub struct VaeConfig {
     pub layers_per_block: usize,
     /// Groups of every group norm (32).
     pub norm_num_groups: usize,
-    /// Latents are `mean · scaling_factor` (0.18215 for SD 1.x/2.x).
+    /// Latents are `(mean − shift_factor) · scaling_factor` (0.18215 for SD 1.x/2.x, 1.5305
+    /// for SD3).
     pub scaling_factor: f32,
+    /// The shift of the latents (0 when `null`, as in SD 1.x/2.x; 0.0609 for SD3).
+    pub shift_factor: f32,
+    /// Whether the encoder's moments pass a 1×1 `quant_conv` (false in SD3's VAE).
+    pub use_quant_conv: bool,
+    /// Whether the decoder's input passes a 1×1 `post_quant_conv` (false in SD3's VAE).
+    pub use_post_quant_conv: bool,
 }
 
 /// Keys accepted only at their default.
 fn at_default() -> Vec<(&'static str, Value)> {
     vec![
         ("act_fn", json!("silu")),
-        ("shift_factor", Value::Null),
         ("latents_mean", Value::Null),
         ("latents_std", Value::Null),
-        ("use_quant_conv", json!(true)),
-        ("use_post_quant_conv", json!(true)),
         ("mid_block_add_attention", json!(true)),
     ]
 }
@@ -71,6 +75,9 @@ impl VaeConfig {
             "layers_per_block",
             "norm_num_groups",
             "scaling_factor",
+            "shift_factor",
+            "use_quant_conv",
+            "use_post_quant_conv",
             "down_block_types",
             "up_block_types",
         ];
@@ -110,6 +117,12 @@ impl VaeConfig {
             }
         }
         let scaling = get("scaling_factor", json!(0.18215))?;
+        let shift = get("shift_factor", json!(0.0))?;
+        let flag = |key: &str| -> Result<bool> {
+            get(key, json!(true))?
+                .as_bool()
+                .ok_or_else(|| TrainError::Config(format!("vae config.json: {key} is not true or false")))
+        };
         let config =
             Self {
                 in_channels: parse("in_channels", json!(3))?,
@@ -120,6 +133,11 @@ impl VaeConfig {
                 scaling_factor: scaling.as_f64().filter(|v| v.is_finite() && *v > 0.0).ok_or_else(|| {
                     TrainError::Config(format!("vae config.json: scaling_factor = {scaling} must be > 0"))
                 })? as f32,
+                shift_factor: shift.as_f64().filter(|v| v.is_finite()).ok_or_else(|| {
+                    TrainError::Config(format!("vae config.json: shift_factor = {shift} is not a number"))
+                })? as f32,
+                use_quant_conv: flag("use_quant_conv")?,
+                use_post_quant_conv: flag("use_post_quant_conv")?,
                 block_out_channels: boc,
             };
         let c = &config;
@@ -235,8 +253,8 @@ pub struct AutoencoderKl {
     enc_mid: MidBlock,
     enc_norm_out: GroupNorm,
     enc_conv_out: Conv2d,
-    quant_conv: Conv2d,
-    post_quant_conv: Conv2d,
+    quant_conv: Option<Conv2d>,
+    post_quant_conv: Option<Conv2d>,
     dec_conv_in: Conv2d,
     dec_mid: MidBlock,
     dec_up: Vec<(Vec<ResBlock>, Option<Upsample>)>,
@@ -290,8 +308,14 @@ impl AutoencoderKl {
             enc_mid: MidBlock::new(s, encoder.pp("mid_block"), last, c)?,
             enc_norm_out: GroupNorm::new(s, encoder.pp("conv_norm_out"), last, norm(c))?,
             enc_conv_out: Conv2d::new(s, encoder.pp("conv_out"), Conv2dConfig::new(last, 2 * lc, 3))?,
-            quant_conv: Conv2d::new(s, at.pp("quant_conv"), Conv2dConfig::new(2 * lc, 2 * lc, 1))?,
-            post_quant_conv: Conv2d::new(s, at.pp("post_quant_conv"), Conv2dConfig::new(lc, lc, 1))?,
+            quant_conv: c
+                .use_quant_conv
+                .then(|| Conv2d::new(s, at.pp("quant_conv"), Conv2dConfig::new(2 * lc, 2 * lc, 1)))
+                .transpose()?,
+            post_quant_conv: c
+                .use_post_quant_conv
+                .then(|| Conv2d::new(s, at.pp("post_quant_conv"), Conv2dConfig::new(lc, lc, 1)))
+                .transpose()?,
             dec_conv_in: Conv2d::new(s, decoder.pp("conv_in"), Conv2dConfig::new(lc, last, 3))?,
             dec_mid: MidBlock::new(s, decoder.pp("mid_block"), last, c)?,
             dec_up,
@@ -336,7 +360,10 @@ impl AutoencoderKl {
         }
         let h = self.enc_mid.forward(p, &h)?;
         let h = self.enc_conv_out.forward(p, &self.enc_norm_out.forward_silu(p, &h)?)?;
-        let moments = self.quant_conv.forward(p, &h)?;
+        let moments = match &self.quant_conv {
+            Some(q) => q.forward(p, &h)?,
+            None => h,
+        };
         let lc = self.config.latent_channels;
         let mean = t.slice_channels(&moments, 0, lc)?;
         let logvar = t.slice_channels(&moments, lc, lc)?;
@@ -351,10 +378,27 @@ impl AutoencoderKl {
         Ok((mean, logvar))
     }
 
-    /// Training latents: `mean(x) · scaling_factor`.
+    /// Training latents: `(mean(x) − shift_factor) · scaling_factor`.
     pub fn latents<B: Backend>(&self, p: &Bound<'_, B>, x: &Var<B>) -> Result<Var<B>> {
         let (mean, _) = self.encode(p, x)?;
-        p.tape.scale(&mean, self.config.scaling_factor)
+        let shifted = self.shifted(p, &mean, -self.config.shift_factor)?;
+        p.tape.scale(&shifted, self.config.scaling_factor)
+    }
+
+    /// Images of training latents: `decode(z / scaling_factor + shift_factor)`, as diffusers'
+    /// pipelines call it.
+    pub fn decode_latents<B: Backend>(&self, p: &Bound<'_, B>, latents: &Var<B>) -> Result<Var<B>> {
+        let z = p.tape.scale(latents, 1.0 / self.config.scaling_factor)?;
+        self.decode(p, &self.shifted(p, &z, self.config.shift_factor)?)
+    }
+
+    /// `x + by` (x itself when `by` is 0, as in SD 1.x/2.x).
+    fn shifted<B: Backend>(&self, p: &Bound<'_, B>, x: &Var<B>, by: f32) -> Result<Var<B>> {
+        if by == 0.0 {
+            return Ok(x.clone());
+        }
+        let shift = B::full(&Shape::new([1]), by, B::dtype(&x.value), &B::device(&x.value))?;
+        p.tape.add(x, &p.tape.constant(shift))
     }
 
     /// `z [n, latent, h, w]` (unscaled) → images `[n, c_out, f·h, f·w]`, about [−1, 1].
@@ -366,7 +410,11 @@ impl AutoencoderKl {
                 self.config.latent_channels
             )));
         }
-        let h = self.dec_conv_in.forward(p, &self.post_quant_conv.forward(p, z)?)?;
+        let z = match &self.post_quant_conv {
+            Some(q) => q.forward(p, z)?,
+            None => z.clone(),
+        };
+        let h = self.dec_conv_in.forward(p, &z)?;
         let mut h = self.dec_mid.forward(p, &h)?;
         for (resnets, up) in &self.dec_up {
             for r in resnets {
