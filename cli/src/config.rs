@@ -50,11 +50,14 @@ pub struct DataConfig {
     /// Precomputed latents of its targets (latent-space models; default
     /// `latents.safetensors` in the folder).
     pub latents: Option<PathBuf>,
+    /// Precomputed latents of its conditions (models whose side network reads VAE-encoded
+    /// conditions, sd3; default `condition_latents.safetensors` in the folder).
+    pub condition_latents: Option<PathBuf>,
 }
 
 impl Default for DataConfig {
     fn default() -> Self {
-        Self { len: 50_000, seed: 0, dir: None, latents: None }
+        Self { len: 50_000, seed: 0, dir: None, latents: None, condition_latents: None }
     }
 }
 
@@ -173,7 +176,10 @@ impl RunFile {
             (Some(file), true) => Some(file.clone()),
             (None, true) => Some(dir.join(crate::fill50k::LATENTS_FILE)),
         };
-        let layout = Layout { image: model.sample_shape(), hint: model.hint_shape(), latents };
+        let hint_latents = model.latent_hints().then(|| {
+            self.data.condition_latents.clone().unwrap_or_else(|| dir.join(crate::fill50k::CONDITION_LATENTS_FILE))
+        });
+        let layout = Layout { image: model.sample_shape(), hint: model.hint_shape(), latents, hint_latents };
         let set = Fill50k::open(dir, layout)?;
         decode_all(&set)?;
         let prompts: Vec<&str> = set.prompts().collect();

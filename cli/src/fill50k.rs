@@ -6,7 +6,9 @@
 //!
 //! A latent-space model (sd) trains on precomputed latents instead of the target images:
 //! `latents.safetensors` in the folder holds one tensor per example, named by its `target`
-//! field, already scaled by the VAE's `scaling_factor`.
+//! field, already scaled by the VAE's `scaling_factor`. A model whose side network reads the
+//! VAE-encoded condition (sd3) reads its conditions from `condition_latents.safetensors`,
+//! named by the `source` field, the same way.
 
 use std::path::{Path, PathBuf};
 
@@ -22,6 +24,8 @@ struct Entry {
     target: PathBuf,
     /// The `target` field as written (the latent's name).
     target_name: String,
+    /// The `source` field as written (the condition latent's name).
+    source_name: String,
     prompt: String,
     line: usize,
 }
@@ -36,10 +40,44 @@ pub struct Layout {
     pub hint: [usize; 3],
     /// Targets come from this latents file (latent-space models), not from the PNGs.
     pub latents: Option<PathBuf>,
+    /// Conditions come from this latents file (a side network that reads condition latents),
+    /// not from the PNGs.
+    pub hint_latents: Option<PathBuf>,
 }
 
 /// The name of the precomputed latents file in a dataset folder.
 pub const LATENTS_FILE: &str = "latents.safetensors";
+/// The name of the precomputed condition latents file in a dataset folder.
+pub const CONDITION_LATENTS_FILE: &str = "condition_latents.safetensors";
+
+/// A latents file's tensor of every entry, named by `name(entry)`, each `shape`, finite;
+/// errors name the entry's line of `prompt.json`. Returns the table and the file's digest.
+fn latent_table(
+    path: &Path,
+    list: &Path,
+    entries: &[Entry],
+    name: impl Fn(&Entry) -> &str,
+    shape: [usize; 3],
+) -> lisa_trainer::Result<(std::collections::BTreeMap<String, Vec<f32>>, String)> {
+    let bytes = std::fs::read(path).map_err(|error| TrainError::Io { path: path.to_path_buf(), error })?;
+    let file = lisa_trainer::weights::parse_safetensors(path, &bytes)?;
+    let mut table = std::collections::BTreeMap::new();
+    for e in entries {
+        let at =
+            |reason: String| TrainError::Data { path: PathBuf::from(format!("{}:{}", list.display(), e.line)), reason };
+        let key = name(e);
+        let (s, values) =
+            file.tensors.get(key).ok_or_else(|| at(format!("{} has no latent named {key:?}", path.display())))?;
+        if s.dims() != shape {
+            return Err(at(format!("the latent {key:?} in {} is {s}; the model reads {shape:?}", path.display())));
+        }
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(at(format!("the latent {key:?} holds NaN or infinite values")));
+        }
+        table.insert(key.to_string(), values.clone());
+    }
+    Ok((table, lisa_trainer::weights::digest(&bytes)))
+}
 
 /// A Fill50K-format folder, read lazily (one example per [`Dataset::get`]; latents are read
 /// once, when opened).
@@ -48,6 +86,8 @@ pub struct Fill50k {
     entries: Vec<Entry>,
     layout: Layout,
     latents: Option<std::collections::BTreeMap<String, Vec<f32>>>,
+    /// Condition latents by `source` field.
+    hint_latents: Option<std::collections::BTreeMap<String, Vec<f32>>>,
     fingerprint: String,
     /// The SHA-256 of the target images' contents, in list order (None: read from latents).
     targets_digest: Option<String>,
@@ -70,7 +110,8 @@ impl Fill50k {
         if !root.is_dir() {
             return Err(TrainError::Data { path: root.to_path_buf(), reason: "dataset folder not found".into() });
         }
-        if layout.image.contains(&0) || layout.hint.contains(&0) || ![1, 3].contains(&layout.hint[0]) {
+        let hint_channels_ok = layout.hint_latents.is_some() || [1, 3].contains(&layout.hint[0]);
+        if layout.image.contains(&0) || layout.hint.contains(&0) || !hint_channels_ok {
             return Err(TrainError::Config(format!("dataset layout {layout:?} is not readable")));
         }
         let list = root.join("prompt.json");
@@ -90,15 +131,21 @@ impl Fill50k {
                     .map(str::to_string)
                     .ok_or_else(|| at(format!("no string field {k:?}")))
             };
-            let target_name = field("target")?;
-            let (source, target, prompt) = (root.join(field("source")?), root.join(&target_name), field("prompt")?);
-            let needed: &[&PathBuf] = if layout.latents.is_some() { &[&source] } else { &[&source, &target] };
+            let (target_name, source_name) = (field("target")?, field("source")?);
+            let (source, target, prompt) = (root.join(&source_name), root.join(&target_name), field("prompt")?);
+            let mut needed: Vec<&PathBuf> = Vec::new();
+            if layout.hint_latents.is_none() {
+                needed.push(&source);
+            }
+            if layout.latents.is_none() {
+                needed.push(&target);
+            }
             for p in needed {
                 if !p.is_file() {
                     return Err(at(format!("{} does not exist", p.display())));
                 }
             }
-            entries.push(Entry { source, target, target_name, prompt, line: n + 1 });
+            entries.push(Entry { source, source_name, target, target_name, prompt, line: n + 1 });
         }
         if entries.is_empty() {
             return Err(TrainError::Data { path: list, reason: "no examples listed".into() });
@@ -106,8 +153,19 @@ impl Fill50k {
         let digest = lisa_trainer::weights::digest(text.as_bytes());
         // The contents of the list and of every image read, not the folder's path: the same
         // data moved or named by a relative path is the same data, an edited image is not.
-        let sources = contents_digest(entries.iter().map(|e| e.source.as_path()))?;
-        let mut fingerprint = format!("fill50k prompt.json sha256 {digest}, sources sha256 {sources}");
+        let mut fingerprint = format!("fill50k prompt.json sha256 {digest}");
+        let hint_latents = match &layout.hint_latents {
+            Some(path) => {
+                let (table, sha) = latent_table(path, &list, &entries, |e| &e.source_name, layout.hint)?;
+                fingerprint.push_str(&format!(", {CONDITION_LATENTS_FILE} sha256 {sha}"));
+                Some(table)
+            }
+            None => {
+                let sources = contents_digest(entries.iter().map(|e| e.source.as_path()))?;
+                fingerprint.push_str(&format!(", sources sha256 {sources}"));
+                None
+            }
+        };
         let targets_digest = match layout.latents {
             Some(_) => None,
             None => Some(contents_digest(entries.iter().map(|e| e.target.as_path()))?),
@@ -115,39 +173,15 @@ impl Fill50k {
         if let Some(targets) = &targets_digest {
             fingerprint.push_str(&format!(", targets sha256 {targets}"));
         }
-        let latents = if let Some(path) = &layout.latents {
-            let path = path.clone();
-            let bytes = std::fs::read(&path).map_err(|error| TrainError::Io { path: path.clone(), error })?;
-            let file = lisa_trainer::weights::parse_safetensors(&path, &bytes)?;
-            fingerprint.push_str(&format!(", {LATENTS_FILE} sha256 {}", lisa_trainer::weights::digest(&bytes)));
-            let [c, h, w] = layout.image;
-            let mut table = std::collections::BTreeMap::new();
-            for e in &entries {
-                let at = |reason: String| TrainError::Data {
-                    path: PathBuf::from(format!("{}:{}", list.display(), e.line)),
-                    reason,
-                };
-                let (shape, values) = file
-                    .tensors
-                    .get(&e.target_name)
-                    .ok_or_else(|| at(format!("{} has no latent named {:?}", path.display(), e.target_name)))?;
-                if shape.dims() != [c, h, w] {
-                    return Err(at(format!(
-                        "the latent {:?} in {} is {shape}; the model reads [{c}, {h}, {w}]",
-                        e.target_name,
-                        path.display()
-                    )));
-                }
-                if values.iter().any(|v| !v.is_finite()) {
-                    return Err(at(format!("the latent {:?} holds NaN or infinite values", e.target_name)));
-                }
-                table.insert(e.target_name.clone(), values.clone());
+        let latents = match &layout.latents {
+            Some(path) => {
+                let (table, sha) = latent_table(path, &list, &entries, |e| &e.target_name, layout.image)?;
+                fingerprint.push_str(&format!(", {LATENTS_FILE} sha256 {sha}"));
+                Some(table)
             }
-            Some(table)
-        } else {
-            None
+            None => None,
         };
-        Ok(Self { entries, layout, latents, fingerprint, targets_digest })
+        Ok(Self { entries, layout, latents, hint_latents, fingerprint, targets_digest })
     }
 
     /// The SHA-256 of the target images' contents (None when the targets come from latents).
@@ -158,6 +192,11 @@ impl Fill50k {
     /// The line of `prompt.json` that lists example `i`.
     pub fn line(&self, i: usize) -> usize {
         self.entries.get(i).map_or(0, |e| e.line)
+    }
+
+    /// `(source field, source path, line)` of every example, in file order.
+    pub fn sources(&self) -> impl Iterator<Item = (&str, &Path, usize)> {
+        self.entries.iter().map(|e| (e.source_name.as_str(), e.source.as_path(), e.line))
     }
 
     /// `(target field, target path, line)` of every example, in file order.
@@ -198,9 +237,13 @@ impl Dataset for Fill50k {
         };
         // Grey outlines are max-pooled (a 1-px ring survives downscaling); RGB conditions
         // are resized and centre-cropped, as diffusers' training scripts do.
-        let hint = match self.layout.hint[0] {
-            1 => read(&e.source, self.layout.hint[1], true, Resample::Max)?,
-            _ => read(&e.source, self.layout.hint[1], false, Resample::CenterCrop)?,
+        let hint = match (&self.hint_latents, self.layout.hint[0]) {
+            (Some(table), _) => table
+                .get(&e.source_name)
+                .cloned()
+                .ok_or_else(|| TrainError::Mismatch(format!("no condition latent for {:?}", e.source_name)))?,
+            (None, 1) => read(&e.source, self.layout.hint[1], true, Resample::Max)?,
+            (None, _) => read(&e.source, self.layout.hint[1], false, Resample::CenterCrop)?,
         };
         Ok(Example { image, hint, prompt: e.prompt.clone() })
     }

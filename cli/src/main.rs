@@ -15,6 +15,7 @@ mod pretrain;
 mod progress;
 mod run_dir;
 mod sample;
+mod sd3_train;
 mod sd_cache;
 mod sd_validation;
 mod shipped;

@@ -37,7 +37,7 @@ use crate::image::{Resample, read_image};
 /// The text embeddings file's name.
 pub const EMBEDDINGS_FILE: &str = "prompt_embeds.safetensors";
 /// The metadata key holding what a cache was made from.
-const KEY: &str = "lisa.cache_key";
+pub(crate) const KEY: &str = "lisa.cache_key";
 /// The lock file in a cache folder.
 pub const CACHE_LOCK: &str = ".lisa-cache.lock";
 
@@ -74,7 +74,7 @@ fn resolved(path: &Path) -> PathBuf {
 
 /// Refuses a cache folder inside (or equal to) the data folder: lisa writes nothing among
 /// the user's data.
-fn check_outside(cache_dir: &Path, data: &Path) -> Result<()> {
+pub(crate) fn check_outside(cache_dir: &Path, data: &Path) -> Result<()> {
     if resolved(cache_dir).starts_with(resolved(data)) {
         bail!(
             "--cache-dir {} is inside the data folder {}: lisa writes nothing among your data; choose a cache folder outside it",
@@ -114,7 +114,7 @@ fn lock_shared(lock: &std::fs::File, cache_dir: &Path) -> Result<()> {
 
 /// The digest of every file in `dir` (sorted by name), or of nothing when absent; each file's
 /// digest from `digests` (recorded, or hashed now).
-fn folder_digest(dir: &Path, digests: &mut FileDigests) -> Result<String> {
+pub(crate) fn folder_digest(dir: &Path, digests: &mut FileDigests) -> Result<String> {
     let mut parts = Vec::new();
     if dir.is_dir() {
         let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -208,7 +208,7 @@ fn still_valid(recorded: &Recorded, now: &Stamp) -> bool {
 
 /// The encoder files' digests for one start: recorded ones reused, the others hashed and
 /// recorded.
-struct FileDigests {
+pub(crate) struct FileDigests {
     path: PathBuf,
     before: BTreeMap<String, Recorded>,
     now: BTreeMap<String, Recorded>,
@@ -219,7 +219,7 @@ struct FileDigests {
 impl FileDigests {
     /// The record in `cache_dir` (empty when absent). A file there that is not lisa's record
     /// is the user's: an error.
-    fn open(cache_dir: &Path) -> Result<Self> {
+    pub(crate) fn open(cache_dir: &Path) -> Result<Self> {
         let path = cache_dir.join(DIGESTS_FILE);
         let mut before = BTreeMap::new();
         if path.exists() {
@@ -265,7 +265,7 @@ impl FileDigests {
     }
 
     /// Says which files were hashed, and writes the record (atomically) when it changed.
-    fn finish(self) -> Result<()> {
+    pub(crate) fn finish(self) -> Result<()> {
         if self.hashed.is_empty() {
             eprintln!(
                 "encoder files unchanged since their digests were recorded: {} files not re-read",
@@ -339,7 +339,12 @@ pub fn prepare<B: Backend>(
         std::fs::read(data.join("prompt.json")).with_context(|| format!("reading {}/prompt.json", data.display()))?;
     let set = Fill50k::open(
         data,
-        Layout { image: [3, resolution, resolution], hint: [3, resolution, resolution], latents: None },
+        Layout {
+            image: [3, resolution, resolution],
+            hint: [3, resolution, resolution],
+            latents: None,
+            hint_latents: None,
+        },
     )?;
     let targets = set.targets_digest().unwrap_or_default();
     let mut digests = FileDigests::open(cache_dir)?;
@@ -355,9 +360,33 @@ pub fn prepare<B: Backend>(
         .as_bytes(),
     );
     let (latents, embeddings) = (cache_dir.join(LATENTS_FILE), cache_dir.join(EMBEDDINGS_FILE));
+    let files = (&[latents.as_path(), embeddings.as_path()][..], "latents and text embeddings");
+    let lock = locked_cache(cache_dir, &key, files, digests, || {
+        let inputs = Inputs { set: &set, resolution, extra_prompts, precision, chunk };
+        write_cache::<B>(pipeline, &inputs, cache_dir, device, &key)
+    })?;
+    Ok(Cache { latents, embeddings, lock: Some(lock) })
+}
+
+/// The cache folder's lock, held shared, once `files` hold the cache made from `key`: reused
+/// when they do, written by `write` (under the exclusive lock) when they do not. `digests` is
+/// saved once the folder is known to be lisa's cache (or new). A cache another run holds
+/// from other inputs is an error naming the folder; a file without lisa's key is refused.
+pub(crate) fn locked_cache(
+    cache_dir: &Path,
+    key: &str,
+    (files, what): (&[&Path], &str),
+    digests: FileDigests,
+    write: impl FnOnce() -> Result<()>,
+) -> Result<std::fs::File> {
     let lock = open_lock(cache_dir)?;
     let current = || -> Result<bool> {
-        Ok((cache_state(&latents, &key)?, cache_state(&embeddings, &key)?) == (Some(true), Some(true)))
+        for f in files {
+            if cache_state(f, key)? != Some(true) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     };
     lock_shared(&lock, cache_dir)?;
     let fresh = current()?;
@@ -375,8 +404,7 @@ pub fn prepare<B: Backend>(
         match lock.try_lock() {
             Ok(()) => {
                 if !current()? {
-                    let inputs = Inputs { set: &set, resolution, extra_prompts, precision, chunk };
-                    write_cache::<B>(pipeline, &inputs, cache_dir, device, &key)?;
+                    write()?;
                 }
                 lock.unlock().with_context(|| format!("cannot unlock {}", cache_dir.join(CACHE_LOCK).display()))?;
                 lock_shared(&lock, cache_dir)?;
@@ -391,13 +419,13 @@ pub fn prepare<B: Backend>(
             return Err(in_use());
         }
     } else {
-        eprintln!("using the cached latents and text embeddings in {}", cache_dir.display());
+        eprintln!("using the cached {what} in {}", cache_dir.display());
     }
-    Ok(Cache { latents, embeddings, lock: Some(lock) })
+    Ok(lock)
 }
 
 /// The start of a prompt, quoted, with its length when cut (a prompt may be any size).
-fn quoted_start(prompt: &str) -> String {
+pub(crate) fn quoted_start(prompt: &str) -> String {
     const SHOWN: usize = 60;
     let chars = prompt.chars().count();
     if chars <= SHOWN {
@@ -410,7 +438,7 @@ fn quoted_start(prompt: &str) -> String {
 /// The most images the VAE encodes at once at `resolution` px (at most 8): what fits in half
 /// of this machine's memory, about four feature maps of the VAE's first level per image. An
 /// error when not even one image fits, before anything is encoded.
-fn encoding_chunk(pipeline: &Pipeline, resolution: usize) -> Result<usize> {
+pub(crate) fn encoding_chunk(pipeline: &Pipeline, resolution: usize) -> Result<usize> {
     let width = pipeline.vae_config()?.map_or(128, |c| c.block_out_channels[0]);
     let per_image = (width as u128) * (resolution as u128).pow(2) * 4 * 4;
     let budget = crate::config::memory_bytes() as u128 / 2;

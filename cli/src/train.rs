@@ -8,6 +8,7 @@ use lisa_core::backend::Backend;
 use lisa_core::{Distance, TargetSpace};
 use lisa_trainer::model::HookLayer;
 use lisa_trainer::model::sd::{MixedPrecision, Pipeline, Vae};
+use lisa_trainer::model::sd3::Sd3Pipeline;
 use lisa_trainer::model::{DualDenoiser, Parts, registry};
 use lisa_trainer::optim::LrSchedule;
 use lisa_trainer::session::{self, RunOptions, RunReport};
@@ -31,7 +32,8 @@ pub struct TrainArgs {
     #[arg(long, required_unless_present = "pretrained_model_name_or_path")]
     main: Option<PathBuf>,
     /// A diffusers Stable Diffusion pipeline folder (unet/, scheduler/, …): train a
-    /// ControlNet for its UNet (the sd architecture; latents and text embeddings precomputed).
+    /// ControlNet for its UNet (the sd architecture; latents and text embeddings precomputed);
+    /// or an SD3 / SD3.5 folder (transformer/, scheduler/, …: the sd3 architecture).
     #[arg(long, conflicts_with = "main")]
     pretrained_model_name_or_path: Option<PathBuf>,
     /// A diffusers ControlNet folder to start from (default: a copy of the UNet's encoder).
@@ -63,6 +65,31 @@ pub struct TrainArgs {
     /// ControlNet, the LISA decoder and the optimizer state stay in f32.
     #[arg(long, default_value = "no", requires = "pretrained_model_name_or_path")]
     mixed_precision: MixedPrecision,
+    /// SD3: how training times are drawn or the loss weighted: logit_normal | mode |
+    /// sigma_sqrt | cosmap | none (train_controlnet_sd3.py's, logit_normal by default).
+    #[arg(long, requires = "pretrained_model_name_or_path")]
+    weighting_scheme: Option<String>,
+    /// SD3: the logit-normal's mean.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    logit_mean: f64,
+    /// SD3: the logit-normal's standard deviation.
+    #[arg(long, default_value_t = 1.0)]
+    logit_std: f64,
+    /// SD3: the mode density's scale.
+    #[arg(long, default_value_t = 1.29, allow_negative_numbers = true)]
+    mode_scale: f64,
+    /// SD3: 1 to precondition the outputs (the loss of x_t − σ·pred against x₀), 0 not to.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+    precondition_outputs: u8,
+    /// SD3: T5 tokens per prompt.
+    #[arg(long, default_value_t = 77)]
+    max_sequence_length: usize,
+    /// SD3: condition channels beyond the latents' of a ControlNet made from the transformer.
+    #[arg(long, default_value_t = 0)]
+    num_extra_conditioning_channels: usize,
+    /// SD3: blocks of a ControlNet made from the transformer (default 12, diffusers').
+    #[arg(long)]
+    controlnet_num_layers: Option<usize>,
     /// Train with the LISA term (the default).
     #[arg(long, conflicts_with = "baseline")]
     lisa: bool,
@@ -295,7 +322,7 @@ pub fn train_arm<B: Backend>(file: &RunFile, start: Start<B>, device: B::Device,
 }
 
 /// The parts a run of `mode` trains: the LISA decoder only with LISA.
-fn mode_parts(mode: Mode) -> Parts {
+pub fn mode_parts(mode: Mode) -> Parts {
     Parts::Dual { decoder: mode == Mode::Lisa }
 }
 
@@ -330,7 +357,10 @@ pub fn run<B: Backend>(a: TrainArgs, device: B::Device) -> Result<()> {
         }
         (None, Some(dir)) => {
             let data = file.data.dir.clone().context("--pretrained-model-name-or-path needs --train-data-dir")?;
-            let sd = prepare_sd::<B>(&a, &mut file, dir, &data, device.clone())?;
+            let sd = match Sd3Pipeline::is_sd3(dir) {
+                true => crate::sd3_train::prepare::<B>(&a.sd3(), &mut file, dir, &data, device.clone())?,
+                false => prepare_sd::<B>(&a, &mut file, dir, &data, device.clone())?,
+            };
             latent_validation = sd.validation;
             _cache_lock = sd.cache_lock;
             Start::Built(sd.model)
@@ -368,10 +398,33 @@ fn options_validated(a: &TrainArgs) -> bool {
 }
 
 /// A model built from a diffusers pipeline, ready to train, and what its run validates with.
-struct SdStart<B: Backend> {
-    model: Box<dyn DualDenoiser<B>>,
-    validation: Option<LatentValidationFiles>,
-    cache_lock: Option<std::fs::File>,
+pub struct SdStart<B: Backend> {
+    /// The model, loaded, its inputs read.
+    pub model: Box<dyn DualDenoiser<B>>,
+    /// What validation samples.
+    pub validation: Option<LatentValidationFiles>,
+    /// The input cache's lock, held while the run reads it.
+    pub cache_lock: Option<std::fs::File>,
+}
+
+impl TrainArgs {
+    /// The flags the SD3 path reads.
+    fn sd3(&self) -> crate::sd3_train::Sd3Args {
+        crate::sd3_train::Sd3Args {
+            controlnet: self.controlnet_model_name_or_path.clone(),
+            resolution: self.resolution,
+            cache_dir: self.cache_dir.clone().unwrap_or_else(|| self.output_dir.join("cache")),
+            validation_images: !self.validation_image.is_empty(),
+            mixed_precision: self.mixed_precision,
+            weighting_scheme: self.weighting_scheme.clone(),
+            logit: (self.logit_mean, self.logit_std),
+            mode_scale: self.mode_scale,
+            precondition_outputs: self.precondition_outputs == 1,
+            max_sequence_length: self.max_sequence_length,
+            extra_channels: self.num_extra_conditioning_channels,
+            layers: self.controlnet_num_layers,
+        }
+    }
 }
 
 /// The SD path up to the first step, in the order that spends nothing before every check:
@@ -435,7 +488,7 @@ fn prepare_sd<B: Backend>(
 }
 
 /// What `--mixed-precision` does on this backend and device.
-fn mixed_precision_note<B: Backend>(precision: MixedPrecision, device: &B::Device) -> String {
+pub fn mixed_precision_note<B: Backend>(precision: MixedPrecision, device: &B::Device) -> String {
     let dtype = precision.flag();
     let how = match B::half_products(device, precision.dtype()) {
         lisa_core::backend::HalfProducts::TensorCores => {

@@ -106,7 +106,7 @@ fn precomputed_tables_and_bad_folders() {
     std::fs::create_dir_all(&out).unwrap();
     let (text, pooled) = (out.join("prompt_embeds.safetensors"), out.join("pooled_prompt_embeds.safetensors"));
     let prompts = ["a red circle on a blue ground", "", "a red circle on a blue ground"];
-    encoders.write_tables(&prompts, &text, &pooled).unwrap();
+    encoders.write_tables(&prompts, (&text, &pooled), &Default::default()).unwrap();
     let (t, q) = (PromptTable::read(&text, 48).unwrap(), PromptTable::read(&pooled, 32).unwrap());
     assert_eq!((t.tokens, q.tokens), (77 + max_len, 1));
     let PromptEmbedding::TextPooled { values, pooled: pools, .. } = encoders.encode(&prompts).unwrap() else {

@@ -181,6 +181,11 @@ pub trait DualDenoiser<B: Backend> {
     fn latent_space(&self) -> bool {
         false
     }
+    /// Whether the side network reads the condition as VAE latents (SD3's ControlNet) rather
+    /// than as an image: such a model trains on precomputed condition latents.
+    fn latent_hints(&self) -> bool {
+        false
+    }
     /// What the main network predicts.
     fn prediction(&self) -> Prediction;
     /// The residual multiplier training uses.

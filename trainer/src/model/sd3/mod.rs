@@ -10,6 +10,7 @@ mod config;
 mod controlnet;
 mod embed;
 mod model;
+mod pipeline;
 mod text;
 mod transformer;
 
@@ -22,6 +23,7 @@ pub use config::{MAX_CHANNELS, MAX_LAYERS, MAX_WIDTH, QkNorm, Sd3Config, Sd3Cont
 pub use controlnet::{Sd3ControlNet, Sd3ControlOutput};
 pub use embed::{Embedded, PatchEmbed, Sd3Embeddings, Sd3Inputs, TimeTextEmbed, crop_positions, sincos_positions};
 pub use model::{DEFAULT_CONTROLNET_LAYERS, DEFAULT_HOOK, NAME, Sd3Model, Sd3Spec};
+pub use pipeline::{Sd3Pipeline, Sd3Training};
 pub use text::Sd3TextEncoders;
 pub use transformer::{Sd3Transformer, unpatchify};
 

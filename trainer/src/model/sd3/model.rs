@@ -224,6 +224,19 @@ impl<B: Backend> Sd3Model<B> {
         Ok(model)
     }
 
+    /// Reads the prompts' precomputed text tokens (`text`) and pooled projections (`pooled`);
+    /// the model's spec then records them by their digests.
+    pub fn read_text_embeddings(&mut self, text: &Path, pooled: &Path) -> Result<()> {
+        let mut spec = self.spec.clone();
+        spec.text_embeddings = Some(text.to_path_buf());
+        spec.pooled_text_embeddings = Some(pooled.to_path_buf());
+        spec.text_embeddings_sha256 = None;
+        spec.pooled_text_embeddings_sha256 = None;
+        self.prompts = read_prompts(&mut spec, &self.resolved.transformer)?;
+        self.spec = spec;
+        Ok(())
+    }
+
     /// The transformer's settings.
     pub fn transformer_config(&self) -> &Sd3Config {
         &self.resolved.transformer
@@ -375,6 +388,10 @@ impl<B: Backend> DualDenoiser<B> for Sd3Model<B> {
     }
 
     fn latent_space(&self) -> bool {
+        true
+    }
+
+    fn latent_hints(&self) -> bool {
         true
     }
 

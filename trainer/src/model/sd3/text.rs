@@ -158,9 +158,14 @@ impl<B: Backend> Sd3TextEncoders<B> {
 
     /// Encodes `prompts` once and writes the two tables an `sd3` model reads
     /// (`text_embeddings`: `[tokens, width]` per prompt; `pooled_text_embeddings`: `[1,
-    /// pooled_dim]`), each named by its prompt, each file atomically: T5 need not be in memory
-    /// while training.
-    pub fn write_tables(&self, prompts: &[&str], text_path: &Path, pooled_path: &Path) -> Result<()> {
+    /// pooled_dim]`), each named by its prompt, each file atomically with `metadata`: T5 need
+    /// not be in memory while training.
+    pub fn write_tables(
+        &self,
+        prompts: &[&str],
+        (text_path, pooled_path): (&Path, &Path),
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<()> {
         let unique: Vec<&str> =
             prompts.iter().copied().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
         let PromptEmbedding::TextPooled { values, tokens, dim, pooled, pooled_dim } = self.encode(&unique)? else {
@@ -187,7 +192,7 @@ impl<B: Backend> Sd3TextEncoders<B> {
         }
         for (path, table) in [(text_path, &text), (pooled_path, &pools)] {
             let refs: Vec<(String, &B::Tensor)> = table.iter().map(|(k, v)| (k.clone(), v)).collect();
-            write_atomic(path, &to_safetensors::<B>(&refs, Default::default())?)?;
+            write_atomic(path, &to_safetensors::<B>(&refs, metadata.clone())?)?;
         }
         Ok(())
     }

@@ -1,0 +1,269 @@
+//! `lisa train --pretrained-model-name-or-path` on an SD3 / SD3.5 pipeline folder: the sd3
+//! model from the folder's transformer (and a ControlNet folder or `from_transformer`),
+//! flow matching with the folder's scheduler and train_controlnet_sd3.py's weighting, and the
+//! inputs it trains on: the target latents, the condition latents (the condition images
+//! VAE-encoded, as train_controlnet_sd3.py does, from pixels in [0, 1]), and the prompts'
+//! `prompt_embeds` and `pooled_prompt_embeds`. These are the data folder's own precomputed
+//! files when it has all four, else computed once with the folder's VAE and three text
+//! encoders into the input cache (reused while the data, the resolution and the encoders'
+//! files are the same; the same lock and key as the SD path's cache).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use lisa_core::backend::{Backend, Shape};
+use lisa_trainer::data::Dataset;
+use lisa_trainer::model::sd::{MixedPrecision, Vae};
+use lisa_trainer::model::sd3::{Sd3Pipeline, Sd3TextEncoders, Sd3Training};
+use lisa_trainer::scheduler::FlowWeighting;
+use lisa_trainer::weights::{digest, host_to_safetensors, write_atomic};
+
+use crate::config::RunFile;
+use crate::fill50k::{CONDITION_LATENTS_FILE, Fill50k, LATENTS_FILE, Layout};
+use crate::image::{Resample, read_image};
+use crate::sd_cache::{EMBEDDINGS_FILE, FileDigests, KEY, check_outside, folder_digest, locked_cache};
+use crate::train::{SdStart, mixed_precision_note, mode_parts};
+
+/// The pooled text embeddings file's name.
+pub const POOLED_EMBEDDINGS_FILE: &str = "pooled_prompt_embeds.safetensors";
+/// Images the VAE encodes at once.
+const CHUNK: usize = 8;
+
+/// The flags the SD3 path reads.
+#[derive(Debug, Clone)]
+pub struct Sd3Args {
+    /// A ControlNet folder to continue from.
+    pub controlnet: Option<PathBuf>,
+    /// `--resolution`.
+    pub resolution: Option<usize>,
+    /// Where computed inputs are cached.
+    pub cache_dir: PathBuf,
+    /// Whether validation images were given.
+    pub validation_images: bool,
+    /// `--mixed-precision`.
+    pub mixed_precision: MixedPrecision,
+    /// `--weighting-scheme` (None: logit_normal).
+    pub weighting_scheme: Option<String>,
+    /// `--logit-mean`, `--logit-std`.
+    pub logit: (f64, f64),
+    /// `--mode-scale`.
+    pub mode_scale: f64,
+    /// `--precondition-outputs 1`.
+    pub precondition_outputs: bool,
+    /// `--max-sequence-length`.
+    pub max_sequence_length: usize,
+    /// `--num-extra-conditioning-channels`.
+    pub extra_channels: usize,
+    /// `--controlnet-num-layers`.
+    pub layers: Option<usize>,
+}
+
+impl Sd3Args {
+    /// train_controlnet_sd3.py's weighting and preconditioning from the flags.
+    fn training(&self) -> Result<Sd3Training> {
+        let (mean, std) = self.logit;
+        let weighting = match self.weighting_scheme.as_deref().unwrap_or("logit_normal") {
+            "logit_normal" => FlowWeighting::LogitNormal { mean, std },
+            "mode" => FlowWeighting::Mode { scale: self.mode_scale },
+            "sigma_sqrt" => FlowWeighting::SigmaSqrt,
+            "cosmap" => FlowWeighting::Cosmap,
+            "none" => FlowWeighting::None,
+            other => bail!("--weighting-scheme {other:?}: logit_normal | mode | sigma_sqrt | cosmap | none"),
+        };
+        Ok(Sd3Training { weighting, precondition_outputs: self.precondition_outputs })
+    }
+}
+
+/// The SD3 path up to the first step, every check before any weight or image is read.
+pub fn prepare<B: Backend>(
+    a: &Sd3Args,
+    file: &mut RunFile,
+    dir: &Path,
+    data: &Path,
+    device: B::Device,
+) -> Result<SdStart<B>> {
+    if file.model_given {
+        bail!("the run file describes a [model]; with --pretrained-model-name-or-path the model comes from the folder");
+    }
+    if a.validation_images {
+        bail!("--validation-image: lisa does not sample SD3 validation images yet; an SD3 run logs its losses");
+    }
+    let in_folder = || format!("the SD3 folder {}", dir.display());
+    let pipeline = Sd3Pipeline::open(dir)?;
+    let size = pipeline.training_size(a.resolution).map_err(|e| match e {
+        lisa_trainer::TrainError::Setting { key, reason } if key == "resolution" => {
+            anyhow::anyhow!("--resolution: {reason}")
+        }
+        other => anyhow::Error::from(other).context(in_folder()),
+    })?;
+    let controlnet = a.controlnet.as_deref();
+    if let Some(c) = controlnet
+        && !c.is_dir()
+    {
+        bail!("--controlnet-model-name-or-path {}: no such folder", c.display());
+    }
+    if controlnet.is_some() && (a.layers.is_some() || a.extra_channels != 0) {
+        bail!(
+            "--controlnet-num-layers and --num-extra-conditioning-channels make a ControlNet from the transformer; --controlnet-model-name-or-path brings its own"
+        );
+    }
+    let training = a.training()?;
+    let precision = a.mixed_precision;
+    if precision != MixedPrecision::No {
+        eprintln!("{}", mixed_precision_note::<B>(precision, &device).replace("UNet", "transformer"));
+    }
+    let layers = (a.layers, a.extra_channels);
+    file.model = pipeline.controlnet_spec(controlnet, layers, size, precision, &file.model.decoder)?;
+    file.train.noise = pipeline.noise(training);
+    lisa_trainer::scheduler::NoiseProcess::new(&file.train.noise)?;
+    let parts = mode_parts(file.train.mode);
+    let mut model =
+        pipeline.build::<B>(&file.model, parts, controlnet, device.clone(), file.train.seed).with_context(in_folder)?;
+    let joint = model.transformer_config().joint_attention_dim;
+    let inputs = inputs::<B>(&pipeline, a, data, size.pixels, joint, device)?;
+    model.read_text_embeddings(&inputs.text, &inputs.pooled)?;
+    file.model = lisa_trainer::model::DualDenoiser::spec(&model);
+    file.data.latents = Some(inputs.latents);
+    file.data.condition_latents = Some(inputs.condition_latents);
+    Ok(SdStart { model: Box::new(model), validation: None, cache_lock: inputs.lock })
+}
+
+/// Where an SD3 run's inputs are.
+struct Inputs {
+    latents: PathBuf,
+    condition_latents: PathBuf,
+    text: PathBuf,
+    pooled: PathBuf,
+    lock: Option<std::fs::File>,
+}
+
+/// The data folder's four precomputed files, or the cache made now if missing or stale.
+fn inputs<B: Backend>(
+    pipeline: &Sd3Pipeline,
+    a: &Sd3Args,
+    data: &Path,
+    resolution: usize,
+    joint: usize,
+    device: B::Device,
+) -> Result<Inputs> {
+    let names = [LATENTS_FILE, CONDITION_LATENTS_FILE, EMBEDDINGS_FILE, POOLED_EMBEDDINGS_FILE];
+    let in_data: Vec<PathBuf> = names.iter().map(|n| data.join(n)).collect();
+    if in_data.iter().all(|p| p.is_file()) {
+        eprintln!("using the precomputed {} of {}", names.join(", "), data.display());
+        let [latents, condition_latents, text, pooled] = in_data.try_into().expect("four files");
+        return Ok(Inputs { latents, condition_latents, text, pooled, lock: None });
+    }
+    let cache_dir = &a.cache_dir;
+    check_outside(cache_dir, data)?;
+    let root = &pipeline.root;
+    let needed = ["vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"];
+    let missing: Vec<&str> = needed.into_iter().filter(|c| !root.join(c).is_dir()).collect();
+    if !missing.is_empty() {
+        bail!(
+            "{} has no {}: lisa needs them to compute the latents and text embeddings (or put precomputed {} in {})",
+            root.display(),
+            missing.join("/, ") + "/",
+            names.join(", "),
+            data.display()
+        );
+    }
+    let set = Fill50k::open(
+        data,
+        Layout {
+            image: [3, resolution, resolution],
+            hint: [3, resolution, resolution],
+            latents: None,
+            hint_latents: None,
+        },
+    )?;
+    let mut digests = FileDigests::open(cache_dir)?;
+    let mut parts = vec![format!(
+        "sd3 data {} resolution {resolution} precision {:?} max_sequence_length {} width {joint}",
+        set.fingerprint(),
+        a.mixed_precision,
+        a.max_sequence_length
+    )];
+    for part in ["vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"] {
+        parts.push(format!("{part} {}", folder_digest(&root.join(part), &mut digests)?));
+    }
+    let key = digest(parts.join(" ").as_bytes());
+    let cached: Vec<PathBuf> = names.iter().map(|n| cache_dir.join(n)).collect();
+    let refs: Vec<&Path> = cached.iter().map(PathBuf::as_path).collect();
+    let lock = locked_cache(cache_dir, &key, (&refs, "latents and text embeddings"), digests, || {
+        write_cache::<B>(pipeline, a, &set, resolution, joint, &cached, &key, device)
+    })?;
+    let [latents, condition_latents, text, pooled] = cached.try_into().expect("four files");
+    Ok(Inputs { latents, condition_latents, text, pooled, lock: Some(lock) })
+}
+
+/// Encodes the prompts and the images and writes the four files (under the exclusive lock).
+#[allow(clippy::too_many_arguments)]
+fn write_cache<B: Backend>(
+    pipeline: &Sd3Pipeline,
+    a: &Sd3Args,
+    set: &Fill50k,
+    resolution: usize,
+    joint: usize,
+    files: &[PathBuf],
+    key: &str,
+    device: B::Device,
+) -> Result<()> {
+    let root = &pipeline.root;
+    let started = std::time::Instant::now();
+    let meta = BTreeMap::from([(KEY.to_string(), key.to_string()), ("resolution".to_string(), resolution.to_string())]);
+    let dtype = a.mixed_precision.dtype();
+
+    // Every distinct prompt and the null prompt, encoded once; T5 is dropped afterwards.
+    let mut prompts: BTreeSet<&str> = set.prompts().collect();
+    prompts.insert("");
+    let prompts: Vec<&str> = prompts.into_iter().collect();
+    {
+        let text = Sd3TextEncoders::<B>::open(root, device.clone(), dtype, a.max_sequence_length, joint)
+            .with_context(|| format!("loading the text encoders of {}", root.display()))?;
+        text.write_tables(&prompts, (&files[2], &files[3]), &meta)?;
+    }
+
+    // The target latents (images in [−1, 1]) and the condition latents (images in [0, 1], as
+    // train_controlnet_sd3.py passes them to the VAE), each resized and centre-cropped.
+    let vae = Vae::<B>::open(&root.join("vae"), device, dtype)
+        .with_context(|| format!("loading the VAE of {}", root.display()))?;
+    let side = vae.config().latent_side(resolution).context("--resolution")?;
+    let lc = vae.config().latent_channels;
+    let encode = |items: Vec<(String, PathBuf, usize)>, to_signed: bool, path: &Path| -> Result<usize> {
+        let mut names = Vec::new();
+        let mut latents = Vec::new();
+        let mut seen = BTreeSet::new();
+        let items: Vec<_> = items.into_iter().filter(|(n, _, _)| seen.insert(n.clone())).collect();
+        for chunk in items.chunks(CHUNK) {
+            let mut pixels = Vec::new();
+            for (name, path, line) in chunk {
+                let img = read_image(path, resolution, false, Resample::CenterCrop)
+                    .with_context(|| format!("{} (line {line} of prompt.json)", path.display()))?;
+                pixels.extend(img.into_iter().map(|v| if to_signed { 2.0 * v - 1.0 } else { v }));
+                names.push(name.clone());
+            }
+            latents.extend(vae.latents(&pixels, chunk.len(), resolution)?);
+        }
+        let per = lc * side * side;
+        let tensors: Vec<(String, Shape, &[f32])> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.clone(), Shape::new([lc, side, side]), &latents[i * per..(i + 1) * per]))
+            .collect();
+        write_atomic(path, &host_to_safetensors(&tensors, meta.clone())?)?;
+        Ok(names.len())
+    };
+    let owned = |it: &mut dyn Iterator<Item = (&str, &Path, usize)>| -> Vec<(String, PathBuf, usize)> {
+        it.map(|(n, p, l)| (n.to_string(), p.to_path_buf(), l)).collect()
+    };
+    let targets = encode(owned(&mut set.targets()), true, &files[0])?;
+    let sources = encode(owned(&mut set.sources()), false, &files[1])?;
+    eprintln!(
+        "cached {targets} latents and {sources} condition latents ({lc}×{side}×{side}) and {} prompts' embeddings in {} ({:.1} s)",
+        prompts.len(),
+        a.cache_dir.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
