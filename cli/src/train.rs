@@ -96,8 +96,9 @@ pub struct TrainArgs {
     /// Train the plain ControlNet baseline (no decoder, no prior pass).
     #[arg(long)]
     baseline: bool,
-    /// Side layer the LISA decoder reads: down_0 .. down_N | mid (default: the
-    /// architecture's, down_1 for the toy, down_5 for Stable Diffusion).
+    /// Side layer the LISA decoder reads: down_0 .. down_N | mid, or block_0 .. block_N for
+    /// SD3 (default: the architecture's, down_1 for the toy, down_5 for Stable Diffusion,
+    /// block_0 for SD3).
     #[arg(long)]
     hook: Option<HookLayer>,
     /// λ, the weight of the LISA term.

@@ -261,3 +261,37 @@ fn a_whole_sd3_pipeline_encodes_its_inputs_once_and_trains() {
     let again = ok(&train(&pipe, &data, &dir.join("again"), &[&flags[..], &["--cache-dir", s(&cache)]].concat()));
     assert!(again.contains("using the cached latents and text embeddings"), "{again}");
 }
+
+/// The README's `lisa train` command for SD3, as written, on the tiny whole pipeline (folders,
+/// step count and ControlNet blocks swapped for tiny ones, nothing else).
+#[test]
+fn the_readme_sd3_command_runs_as_written() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
+    let section = readme.split("### SD3 and SD3.5").nth(1).expect("the README's SD3 section");
+    let block = section.split("```text").nth(1).and_then(|b| b.split("```").next()).expect("its command block");
+    let block = block.replace("\\\n", " ");
+    let line = block.lines().find(|l| l.contains("lisa -- train")).expect("the lisa train line");
+    let dir = workdir("readme");
+    let pipe = full_pipeline(&dir);
+    let data = dir.join("images");
+    listed(&data, 16);
+    let out = dir.join("runs/sd3");
+    let args: Vec<String> = line
+        .split("--bin lisa --")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .map(|w| match w {
+            "SD3_PIPELINE" => s(&pipe).to_string(),
+            "DATA" => s(&data).to_string(),
+            "runs/sd3" => s(&out).to_string(),
+            "10000" => "2".to_string(),
+            "12" => "1".to_string(),
+            other => other.to_string(),
+        })
+        .collect();
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(&lisa(&refs));
+    assert!(out.join("controlnet/diffusion_pytorch_model.safetensors").is_file());
+    assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 2);
+}
