@@ -22,8 +22,8 @@ use lisa_trainer::weights::{digest, host_to_safetensors, write_atomic};
 use crate::config::RunFile;
 use crate::fill50k::{CONDITION_LATENTS_FILE, Fill50k, LATENTS_FILE, Layout};
 use crate::image::{Resample, read_image};
+use crate::pipeline_start::{SdStart, mixed_precision_note, mode_parts};
 use crate::sd_cache::{EMBEDDINGS_FILE, FileDigests, KEY, check_outside, folder_digest, locked_cache};
-use crate::train::{SdStart, mixed_precision_note, mode_parts};
 
 /// The pooled text embeddings file's name.
 pub const POOLED_EMBEDDINGS_FILE: &str = "pooled_prompt_embeds.safetensors";

@@ -9,13 +9,14 @@ use lisa_core::{Distance, TargetSpace};
 use lisa_trainer::model::HookLayer;
 use lisa_trainer::model::sd::{MixedPrecision, Pipeline, Vae};
 use lisa_trainer::model::sd3::Sd3Pipeline;
-use lisa_trainer::model::{DualDenoiser, Parts, registry};
+use lisa_trainer::model::{DualDenoiser, registry};
 use lisa_trainer::optim::LrSchedule;
 use lisa_trainer::session::{self, RunOptions, RunReport};
 use lisa_trainer::train::{Mode, Trainer};
 use lisa_trainer::validation::{LatentValidation, ToyValidation, Validator};
 
 use crate::config::{RunFile, check_memory, name_setting};
+use crate::pipeline_start::{SdStart, mixed_precision_note, mode_parts};
 use crate::progress::RunDisplay;
 use crate::run_dir::CheckpointArgs;
 use crate::sd_cache;
@@ -322,11 +323,6 @@ pub fn train_arm<B: Backend>(file: &RunFile, start: Start<B>, device: B::Device,
     Ok(session::run(&mut trainer, data.as_ref(), validator, &options, &mut display)?)
 }
 
-/// The parts a run of `mode` trains: the LISA decoder only with LISA.
-pub fn mode_parts(mode: Mode) -> Parts {
-    Parts::Dual { decoder: mode == Mode::Lisa }
-}
-
 /// The data's images and condition images have the model's channels (checked on the first
 /// example, before the folder is locked or anything trained).
 fn check_example_fits<B: Backend>(model: &dyn DualDenoiser<B>, data: &dyn lisa_trainer::data::Dataset) -> Result<()> {
@@ -396,16 +392,6 @@ pub fn run<B: Backend>(a: TrainArgs, device: B::Device) -> Result<()> {
 
 fn options_validated(a: &TrainArgs) -> bool {
     !a.validation_image.is_empty()
-}
-
-/// A model built from a diffusers pipeline, ready to train, and what its run validates with.
-pub struct SdStart<B: Backend> {
-    /// The model, loaded, its inputs read.
-    pub model: Box<dyn DualDenoiser<B>>,
-    /// What validation samples.
-    pub validation: Option<LatentValidationFiles>,
-    /// The input cache's lock, held while the run reads it.
-    pub cache_lock: Option<std::fs::File>,
 }
 
 impl TrainArgs {
@@ -486,26 +472,6 @@ fn prepare_sd<B: Backend>(
     file.model = model.spec();
     file.data.latents = Some(cache.latents);
     Ok(SdStart { model: Box::new(model), validation, cache_lock: cache.lock })
-}
-
-/// What `--mixed-precision` does on this backend and device.
-pub fn mixed_precision_note<B: Backend>(precision: MixedPrecision, device: &B::Device) -> String {
-    let dtype = precision.flag();
-    let how = match B::half_products(device, precision.dtype()) {
-        lisa_core::backend::HalfProducts::TensorCores => {
-            format!("the {} backend runs {dtype} products on tensor cores with f32 accumulation", B::name())
-        }
-        lisa_core::backend::HalfProducts::F32Arithmetic => format!(
-            "the {} backend has no {dtype} tensor cores here: it stores {dtype} and computes in f32 (half the activation memory, no speed-up)",
-            B::name()
-        ),
-    };
-    let scaling = if precision == MixedPrecision::Fp16 { "; the loss is scaled dynamically (GradScaler)" } else { "" };
-    format!(
-        "note: --mixed-precision {dtype}: the frozen UNet, VAE and text encoder are stored in {dtype}; \
-         the UNet, ControlNet and LISA decoder autocast (matmuls, convolutions, norms and attention take {dtype} inputs; \
-         the ControlNet and decoder keep f32 master weights){scaling}; {how}"
-    )
 }
 
 /// Fails when the sd model of `spec` cannot train with batches of `batch` in this machine's

@@ -1,4 +1,4 @@
-use lisa_core::backend::{Backend, Conv2dParams, GroupNormParams, Shape};
+use lisa_core::backend::{Backend, BinaryOp, Conv2dParams, DType, GroupNormParams, Shape, Transpose, UnaryOp};
 
 use crate::autodiff::Var;
 use crate::error::Result;
@@ -224,4 +224,37 @@ type AffineInputs<B> = (Var<B>, Var<B>, Option<Var<B>>);
 fn affine_inputs<B: Backend>(p: &Bound<'_, B>, x: &Var<B>, w: ParamId, b: Option<ParamId>) -> Result<AffineInputs<B>> {
     let dtype = p.compute_dtype(w);
     Ok((p.tape.cast(x, dtype)?, p.weight(w, dtype)?, b.map(|b| p.weight(b, dtype)).transpose()?))
+}
+
+/// RMS norm with a learned scale (diffusers' `RMSNorm`, T5's `T5LayerNorm`):
+/// `x / √(mean(x²) + ε) · w` over the last dim, computed in f32 as both do, returned in `x`'s
+/// dtype.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: ParamId,
+    dim: usize,
+    eps: f32,
+}
+
+impl RmsNorm {
+    /// `weight [d]` (ones) under `at`, with `eps`.
+    pub fn new<B: Backend>(s: &mut ParamStore<B>, at: impl Into<Scope>, dim: usize, eps: f32) -> Result<Self> {
+        Ok(Self { weight: s.add(at.into().name("weight"), &[dim], Init::Ones)?, dim, eps })
+    }
+
+    /// `[.., d] → [.., d]`.
+    pub fn forward<B: Backend>(&self, p: &Bound<'_, B>, x: &Var<B>) -> Result<Var<B>> {
+        let t = p.tape;
+        let (shape, dtype, device) = (B::shape(&x.value), B::dtype(&x.value), B::device(&x.value));
+        let rows = shape.num_elements()? / self.dim.max(1);
+        let x32 = t.reshape(&t.cast(x, DType::F32)?, &Shape::new([rows, self.dim]))?;
+        let mean_of = t.constant(B::full(&Shape::new([self.dim, 1]), 1.0 / self.dim as f32, DType::F32, &device)?);
+        let mean_sq = t.matmul(&t.unary(UnaryOp::Square, &x32)?, &mean_of, Transpose::default())?; // [rows, 1]
+        let eps = t.constant(B::full(&Shape::new([1]), self.eps, DType::F32, &device)?);
+        let rms = t.unary(UnaryOp::Sqrt, &t.add(&mean_sq, &eps)?)?;
+        let normed = t.binary(BinaryOp::Div, &x32, &rms)?;
+        let w = p.weight(self.weight, DType::F32)?;
+        let y = t.mul(&normed, &w)?;
+        t.cast(&t.reshape(&y, &shape)?, dtype)
+    }
 }

@@ -10,7 +10,7 @@ mod transformer;
 pub use attention::SelfAttention;
 pub use blocks::{Downsample, ResBlock, ResBlockConfig, Upsample};
 pub use embedding::{ClassEmbedding, sinusoidal_embedding};
-pub use layers::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear};
+pub use layers::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear, RmsNorm};
 pub use transformer::{
     AttentionConfig, AttentionNames, CLIP_ATTENTION, DIFFUSERS_ATTENTION, GegluFeedForward, MultiHeadAttention,
     TRANSFORMER_NORM_EPS, TransformerBlock, VAE_ATTENTION,

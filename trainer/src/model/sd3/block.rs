@@ -2,13 +2,13 @@
 //! parts: adaLN-Zero modulation, the joint attention of image and text tokens (with SD3.5's
 //! RMS query/key norm and second, image-only attention), the tanh-GELU feed-forward.
 
-use lisa_core::backend::{AttentionParams, Backend, BinaryOp, DType, Shape, Transpose, UnaryOp};
+use lisa_core::backend::{AttentionParams, Backend, Shape, UnaryOp};
 
 use super::config::{QkNorm, Sd3Config};
 use crate::autodiff::Var;
 use crate::error::Result;
-use crate::nn::Linear;
-use crate::params::{Bound, Init, ParamId, ParamStore, Scope};
+use crate::nn::{Linear, RmsNorm};
+use crate::params::{Bound, ParamStore, Scope};
 
 /// The ε of every layer norm and RMS norm in the block (diffusers' `eps=1e-6`).
 pub const SD3_NORM_EPS: f32 = 1e-6;
@@ -62,43 +62,6 @@ impl Modulation {
     }
 }
 
-/// `RMSNorm(d, eps=1e-6)` with a learned scale: `x / √(mean(x²) + ε) · w` over the last dim,
-/// computed in f32 as diffusers does, returned in `x`'s dtype.
-#[derive(Debug, Clone)]
-pub struct RmsNorm {
-    weight: ParamId,
-    dim: usize,
-    eps: f32,
-}
-
-impl RmsNorm {
-    /// `weight [d]` (ones) under `at`, ε = [`SD3_NORM_EPS`].
-    pub fn new<B: Backend>(s: &mut ParamStore<B>, at: impl Into<Scope>, dim: usize) -> Result<Self> {
-        Self::with_eps(s, at, dim, SD3_NORM_EPS)
-    }
-
-    /// The same with another ε (T5's `layer_norm_epsilon`).
-    pub fn with_eps<B: Backend>(s: &mut ParamStore<B>, at: impl Into<Scope>, dim: usize, eps: f32) -> Result<Self> {
-        Ok(Self { weight: s.add(at.into().name("weight"), &[dim], Init::Ones)?, dim, eps })
-    }
-
-    /// `[.., d] → [.., d]`.
-    pub fn forward<B: Backend>(&self, p: &Bound<'_, B>, x: &Var<B>) -> Result<Var<B>> {
-        let t = p.tape;
-        let (shape, dtype, device) = (B::shape(&x.value), B::dtype(&x.value), B::device(&x.value));
-        let rows = shape.num_elements()? / self.dim.max(1);
-        let x32 = t.reshape(&t.cast(x, DType::F32)?, &Shape::new([rows, self.dim]))?;
-        let mean_of = t.constant(B::full(&Shape::new([self.dim, 1]), 1.0 / self.dim as f32, DType::F32, &device)?);
-        let mean_sq = t.matmul(&t.unary(UnaryOp::Square, &x32)?, &mean_of, Transpose::default())?; // [rows, 1]
-        let eps = t.constant(B::full(&Shape::new([1]), self.eps, DType::F32, &device)?);
-        let rms = t.unary(UnaryOp::Sqrt, &t.add(&mean_sq, &eps)?)?;
-        let normed = t.binary(BinaryOp::Div, &x32, &rms)?;
-        let w = p.weight(self.weight, DType::F32)?;
-        let y = t.mul(&normed, &w)?;
-        t.cast(&t.reshape(&y, &shape)?, dtype)
-    }
-}
-
 /// The projections of one attention stream: `q`, `k`, `v` (with their RMS norms under
 /// `qk_norm`) and the output projection.
 #[derive(Debug, Clone)]
@@ -130,7 +93,7 @@ impl Stream {
         qk_norm: Option<QkNorm>,
     ) -> Result<Self> {
         let norm = |s: &mut ParamStore<B>, name: &str| -> Result<Option<RmsNorm>> {
-            qk_norm.map(|QkNorm::Rms| RmsNorm::new(s, at.pp(name), h.dim)).transpose()
+            qk_norm.map(|QkNorm::Rms| RmsNorm::new(s, at.pp(name), h.dim, SD3_NORM_EPS)).transpose()
         };
         Ok(Self {
             q: Linear::new(s, at.pp(q), d, d)?,

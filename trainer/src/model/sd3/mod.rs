@@ -18,7 +18,7 @@ use std::path::Path;
 
 use lisa_core::backend::Backend;
 
-pub use block::{GeluFeedForward, JointAttention, JointBlock, Modulation, RmsNorm, SD3_NORM_EPS};
+pub use block::{GeluFeedForward, JointAttention, JointBlock, Modulation, SD3_NORM_EPS};
 pub use config::{MAX_CHANNELS, MAX_LAYERS, MAX_WIDTH, QkNorm, Sd3Config, Sd3ControlNetExtras};
 pub use controlnet::{Sd3ControlNet, Sd3ControlOutput};
 pub use embed::{Embedded, PatchEmbed, Sd3Embeddings, Sd3Inputs, TimeTextEmbed, crop_positions, sincos_positions};

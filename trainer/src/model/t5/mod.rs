@@ -17,8 +17,7 @@ use serde_json::{Map, Value};
 use crate::autodiff::Var;
 use crate::error::{Result, TrainError};
 use crate::model::sd::read_transformers_weights;
-use crate::model::sd3::RmsNorm;
-use crate::nn::Linear;
+use crate::nn::{Linear, RmsNorm};
 use crate::params::{Bound, Init, ParamId, ParamStore, Scope};
 use crate::weights::{bad, load_tensors};
 
@@ -141,12 +140,12 @@ impl T5Encoder {
             let sa = attn.pp("SelfAttention");
             let dense = ff.pp("DenseReluDense");
             blocks.push(Block {
-                attn_norm: RmsNorm::with_eps(s, attn.pp("layer_norm"), d, eps)?,
+                attn_norm: RmsNorm::new(s, attn.pp("layer_norm"), d, eps)?,
                 q: Linear::without_bias(s, sa.pp("q"), d, inner)?,
                 k: Linear::without_bias(s, sa.pp("k"), d, inner)?,
                 v: Linear::without_bias(s, sa.pp("v"), d, inner)?,
                 o: Linear::without_bias(s, sa.pp("o"), inner, d)?,
-                ff_norm: RmsNorm::with_eps(s, ff.pp("layer_norm"), d, eps)?,
+                ff_norm: RmsNorm::new(s, ff.pp("layer_norm"), d, eps)?,
                 wi_0: Linear::without_bias(s, dense.pp("wi_0"), d, c.d_ff)?,
                 wi_1: Linear::without_bias(s, dense.pp("wi_1"), d, c.d_ff)?,
                 wo: Linear::without_bias(s, dense.pp("wo"), c.d_ff, d)?,
@@ -161,7 +160,7 @@ impl T5Encoder {
                 Init::LecunNormal { fan_in: c.num_heads },
             )?,
             blocks,
-            final_norm: RmsNorm::with_eps(s, encoder.pp("final_layer_norm"), d, eps)?,
+            final_norm: RmsNorm::new(s, encoder.pp("final_layer_norm"), d, eps)?,
             config: c.clone(),
         })
     }
