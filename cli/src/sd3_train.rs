@@ -6,7 +6,9 @@
 //! `prompt_embeds` and `pooled_prompt_embeds`. These are the data folder's own precomputed
 //! files when it has all four, else computed once with the folder's VAE and three text
 //! encoders into the input cache (reused while the data, the resolution and the encoders'
-//! files are the same; the same lock and key as the SD path's cache).
+//! files are the same; the same lock and key as the SD path's cache). Validation samples with
+//! Euler on diffusers' schedule, the condition images VAE-encoded as in training, and decodes
+//! with the folder's VAE.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -24,6 +26,7 @@ use crate::fill50k::{CONDITION_LATENTS_FILE, Fill50k, LATENTS_FILE, Layout};
 use crate::image::{Resample, read_image};
 use crate::pipeline_start::{SdStart, mixed_precision_note, mode_parts};
 use crate::sd_cache::{EMBEDDINGS_FILE, FileDigests, KEY, check_outside, folder_digest, locked_cache};
+use crate::sd_validation::{LatentValidationFiles, read_rgb, validation_pairs};
 
 /// The pooled text embeddings file's name.
 pub const POOLED_EMBEDDINGS_FILE: &str = "pooled_prompt_embeds.safetensors";
@@ -39,8 +42,10 @@ pub struct Sd3Args {
     pub resolution: Option<usize>,
     /// Where computed inputs are cached.
     pub cache_dir: PathBuf,
-    /// Whether validation images were given.
-    pub validation_images: bool,
+    /// `--validation-image`.
+    pub validation_image: Vec<PathBuf>,
+    /// `--validation-prompt`.
+    pub validation_prompt: Vec<String>,
     /// `--mixed-precision`.
     pub mixed_precision: MixedPrecision,
     /// `--weighting-scheme` (None: logit_normal).
@@ -86,9 +91,6 @@ pub fn prepare<B: Backend>(
     if file.model_given {
         bail!("the run file describes a [model]; with --pretrained-model-name-or-path the model comes from the folder");
     }
-    if a.validation_images {
-        bail!("--validation-image: lisa does not sample SD3 validation images yet; an SD3 run logs its losses");
-    }
     let in_folder = || format!("the SD3 folder {}", dir.display());
     let pipeline = Sd3Pipeline::open(dir)?;
     let size = pipeline.training_size(a.resolution).map_err(|e| match e {
@@ -120,13 +122,34 @@ pub fn prepare<B: Backend>(
     let parts = mode_parts(file.train.mode);
     let mut model =
         pipeline.build::<B>(&file.model, parts, controlnet, device.clone(), file.train.seed).with_context(in_folder)?;
+    let (images, prompts) = validation_pairs(&a.validation_image, &a.validation_prompt)?;
+    let validation = (!images.is_empty()).then(|| LatentValidationFiles {
+        images,
+        prompts: prompts.clone(),
+        vae: dir.join("vae"),
+        dtype: precision.dtype(),
+    });
+    if let Some(v) = &validation {
+        if !v.vae.is_dir() {
+            bail!(
+                "--validation-image: {} has no vae/ to encode the condition images and decode the samples",
+                dir.display()
+            );
+        }
+        read_rgb(v, size.pixels)?;
+        // Flows sample with Euler.
+        file.validation.sampling.sampler = lisa_trainer::scheduler::Sampler::Euler;
+    }
     let joint = model.transformer_config().joint_attention_dim;
-    let inputs = inputs::<B>(&pipeline, a, data, size.pixels, joint, device)?;
+    let inputs = inputs::<B>(&pipeline, a, data, size.pixels, joint, &prompts, device)?;
     model.read_text_embeddings(&inputs.text, &inputs.pooled)?;
+    // The validation prompts must be in the tables (the data folder's own ones included).
+    lisa_trainer::model::DualDenoiser::embed_prompts(&model, &prompts.iter().map(String::as_str).collect::<Vec<_>>())
+        .context("--validation-prompt")?;
     file.model = lisa_trainer::model::DualDenoiser::spec(&model);
     file.data.latents = Some(inputs.latents);
     file.data.condition_latents = Some(inputs.condition_latents);
-    Ok(SdStart { model: Box::new(model), validation: None, cache_lock: inputs.lock })
+    Ok(SdStart { model: Box::new(model), validation, cache_lock: inputs.lock })
 }
 
 /// Where an SD3 run's inputs are.
@@ -145,6 +168,7 @@ fn inputs<B: Backend>(
     data: &Path,
     resolution: usize,
     joint: usize,
+    extra_prompts: &[String],
     device: B::Device,
 ) -> Result<Inputs> {
     let names = [LATENTS_FILE, CONDITION_LATENTS_FILE, EMBEDDINGS_FILE, POOLED_EMBEDDINGS_FILE];
@@ -179,7 +203,7 @@ fn inputs<B: Backend>(
     )?;
     let mut digests = FileDigests::open(cache_dir)?;
     let mut parts = vec![format!(
-        "sd3 data {} resolution {resolution} precision {:?} max_sequence_length {} width {joint}",
+        "sd3 data {} resolution {resolution} precision {:?} max_sequence_length {} width {joint} extra {extra_prompts:?}",
         set.fingerprint(),
         a.mixed_precision,
         a.max_sequence_length
@@ -191,7 +215,7 @@ fn inputs<B: Backend>(
     let cached: Vec<PathBuf> = names.iter().map(|n| cache_dir.join(n)).collect();
     let refs: Vec<&Path> = cached.iter().map(PathBuf::as_path).collect();
     let lock = locked_cache(cache_dir, &key, (&refs, "latents and text embeddings"), digests, || {
-        write_cache::<B>(pipeline, a, &set, resolution, joint, &cached, &key, device)
+        write_cache::<B>(pipeline, a, (&set, extra_prompts), resolution, joint, &cached, &key, device)
     })?;
     let [latents, condition_latents, text, pooled] = cached.try_into().expect("four files");
     Ok(Inputs { latents, condition_latents, text, pooled, lock: Some(lock) })
@@ -202,7 +226,7 @@ fn inputs<B: Backend>(
 fn write_cache<B: Backend>(
     pipeline: &Sd3Pipeline,
     a: &Sd3Args,
-    set: &Fill50k,
+    (set, extra_prompts): (&Fill50k, &[String]),
     resolution: usize,
     joint: usize,
     files: &[PathBuf],
@@ -214,9 +238,11 @@ fn write_cache<B: Backend>(
     let meta = BTreeMap::from([(KEY.to_string(), key.to_string()), ("resolution".to_string(), resolution.to_string())]);
     let dtype = a.mixed_precision.dtype();
 
-    // Every distinct prompt and the null prompt, encoded once; T5 is dropped afterwards.
+    // Every distinct prompt, the null prompt and the validation prompts, encoded once; T5 is
+    // dropped afterwards.
     let mut prompts: BTreeSet<&str> = set.prompts().collect();
     prompts.insert("");
+    prompts.extend(extra_prompts.iter().map(String::as_str));
     let prompts: Vec<&str> = prompts.into_iter().collect();
     {
         let text = Sd3TextEncoders::<B>::open(root, device.clone(), dtype, a.max_sequence_length, joint)

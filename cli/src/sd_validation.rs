@@ -29,6 +29,7 @@ pub fn validation_pairs(images: &[PathBuf], prompts: &[String]) -> Result<(Vec<P
     match (images.len(), prompts.len()) {
         (0, 0) => Ok((Vec::new(), Vec::new())),
         (0, _) => bail!("--validation-prompt needs --validation-image"),
+        (_, 0) => bail!("--validation-image needs --validation-prompt (one per image, or one for all)"),
         (n, m) if n == m => Ok((images.to_vec(), prompts.to_vec())),
         (n, 1) => Ok((images.to_vec(), vec![prompts[0].clone(); n])),
         (1, m) => Ok((vec![images[0].clone(); m], prompts.to_vec())),
@@ -45,6 +46,18 @@ pub fn read_conditions<B: Backend>(model: &dyn DualDenoiser<B>, v: &LatentValida
     let mut out = Vec::new();
     for path in &v.images {
         let img = read_image(path, h, c == 1, if c == 1 { Resample::Max } else { Resample::CenterCrop })
+            .with_context(|| format!("--validation-image {}", path.display()))?;
+        out.extend(img);
+    }
+    Ok(out)
+}
+
+/// The condition images as RGB at `side` pixels (resized and centre-cropped), in [0, 1]: what
+/// a side network that reads condition latents has encoded (SD3), read before training.
+pub fn read_rgb(v: &LatentValidationFiles, side: usize) -> Result<Vec<f32>> {
+    let mut out = Vec::new();
+    for path in &v.images {
+        let img = read_image(path, side, false, Resample::CenterCrop)
             .with_context(|| format!("--validation-image {}", path.display()))?;
         out.extend(img);
     }

@@ -20,7 +20,7 @@ use crate::pipeline_start::{SdStart, mixed_precision_note, mode_parts};
 use crate::progress::RunDisplay;
 use crate::run_dir::CheckpointArgs;
 use crate::sd_cache;
-use crate::sd_validation::{LatentValidationFiles, read_conditions, validation_pairs};
+use crate::sd_validation::{LatentValidationFiles, read_conditions, read_rgb, validation_pairs};
 
 /// Flags of `lisa train` (names as in diffusers' `train_controlnet.py`; they override the
 /// run file).
@@ -269,11 +269,20 @@ pub fn train_arm<B: Backend>(file: &RunFile, start: Start<B>, device: B::Device,
     // the given pairs and decoding with their VAE (or not at all when none are given).
     let mut validator: Option<Box<dyn Validator<B>>> = match (&o.latent_validation, model.latent_space()) {
         (Some(v), true) => {
-            let conditions = read_conditions(model, v)?;
             let vae = Vae::<B>::open(&v.vae, model.store().device().clone(), v.dtype)
                 .with_context(|| format!("loading the VAE {}", v.vae.display()))?;
             let sampling = file.validation.sampling.clone();
-            let validation = LatentValidation::new(model, noise, conditions, v.prompts.clone(), vae, sampling)?;
+            let prompts = v.prompts.clone();
+            let validation = if model.latent_hints() {
+                // The condition images through the VAE, from pixels in [0, 1] as training.
+                let side = model.sample_shape()[1] * vae.config().downscale();
+                let images = read_rgb(v, side)?;
+                let hints = vae.latents(&images, v.images.len(), side)?;
+                let shown = (images, [3, side, side]);
+                LatentValidation::with_latent_hints(model, noise, hints, shown, prompts, vae, sampling)?
+            } else {
+                LatentValidation::new(model, noise, read_conditions(model, v)?, prompts, vae, sampling)?
+            };
             Some(Box::new(validation))
         }
         (None, true) => {
@@ -401,7 +410,8 @@ impl TrainArgs {
             controlnet: self.controlnet_model_name_or_path.clone(),
             resolution: self.resolution,
             cache_dir: self.cache_dir.clone().unwrap_or_else(|| self.output_dir.join("cache")),
-            validation_images: !self.validation_image.is_empty(),
+            validation_image: self.validation_image.clone(),
+            validation_prompt: self.validation_prompt.clone(),
             mixed_precision: self.mixed_precision,
             weighting_scheme: self.weighting_scheme.clone(),
             logit: (self.logit_mean, self.logit_std),

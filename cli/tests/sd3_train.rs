@@ -3,8 +3,8 @@
 //! on a Fill50K folder with precomputed latents, condition latents and text embeddings;
 //! checkpoints, an exact resume and the diffusers SD3 ControlNet folder at the end. Then a
 //! whole tiny SD3 pipeline (transformer, the 16-channel VAE and the three text encoders of the
-//! golden files) whose inputs lisa computes into its cache and reuses; and the bad inputs of
-//! this path.
+//! golden files) whose inputs lisa computes into its cache and reuses, and which validates
+//! with a sampled, VAE-decoded grid; and the bad inputs of this path.
 
 use std::path::{Path, PathBuf};
 
@@ -187,15 +187,11 @@ fn bad_sd3_runs_are_named_before_training() {
         &train(&pipe, &data, &out, &["--controlnet-num-layers", "2", "--weighting-scheme", "beta"]),
         "--weighting-scheme",
     );
-    fails_with(
-        &train(
-            &pipe,
-            &data,
-            &out,
-            &["--controlnet-num-layers", "2", "--validation-image", s(&data.join("source/0.png"))],
-        ),
-        "does not sample SD3 validation images",
-    );
+    let image = data.join("source/0.png");
+    let validate = ["--controlnet-num-layers", "2", "--validation-image", s(&image)];
+    fails_with(&train(&pipe, &data, &out, &validate), "--validation-image needs --validation-prompt");
+    let prompted = [&validate[..], &["--validation-prompt", "a green square"]].concat();
+    fails_with(&train(&pipe, &data, &out, &prompted), "has no vae/ to encode the condition images");
     // Condition latents of the wrong channels are named with their line.
     let wrong = dir.join("wrong");
     copy_dir(&data, &wrong);
@@ -246,7 +242,12 @@ fn a_whole_sd3_pipeline_encodes_its_inputs_once_and_trains() {
     listed(&data, 16);
     let out = dir.join("out");
     let flags = ["--controlnet-num-layers", "1", "--max-sequence-length", "8", "--max-train-steps", "1"];
-    let err = ok(&train(&pipe, &data, &out, &flags));
+    let image = data.join("source/1.png");
+    let validation =
+        ["--validation-image", s(&image), "--validation-prompt", "a blue square", "--validation-steps", "1"];
+    let err = ok(&train(&pipe, &data, &out, &[&flags[..], &validation].concat()));
+    // The validation grid: the condition image and the decoded sample.
+    assert!(out.join("validation-000001.png").is_file(), "{err}");
     assert!(err.contains("cached 3 latents and 3 condition latents (16×8×8)"), "{err}");
     let cache = out.join("cache");
     for f in ["latents", "condition_latents", "prompt_embeds", "pooled_prompt_embeds"] {
@@ -257,8 +258,9 @@ fn a_whole_sd3_pipeline_encodes_its_inputs_once_and_trains() {
     assert!(embeds.contains_key("lisa.cache_key"));
     let table = lisa_trainer::model::sd::PromptTable::read(&cache.join("prompt_embeds.safetensors"), 48).unwrap();
     assert_eq!(table.tokens, 85);
-    // A second run reuses the cache.
-    let again = ok(&train(&pipe, &data, &dir.join("again"), &[&flags[..], &["--cache-dir", s(&cache)]].concat()));
+    // A second run reuses the cache (the validation prompt is part of its key).
+    let cached = ["--cache-dir", s(&cache)];
+    let again = ok(&train(&pipe, &data, &dir.join("again"), &[&flags[..], &validation, &cached].concat()));
     assert!(again.contains("using the cached latents and text embeddings"), "{again}");
 }
 

@@ -93,7 +93,9 @@ pub fn build<B: Backend>(noise: &NoiseConfig, config: &SchedulerConfig) -> Resul
         (NoiseConfig::Diffusion { betas, num_train_timesteps }, Sampler::Ddpm) => {
             Ok(Box::new(Ddpm::new(SpacedSchedule::new(betas, num_train_timesteps, config)?)))
         }
-        (NoiseConfig::Flow { shift, .. }, Sampler::Euler) => Ok(Box::new(EulerFlow::new(shift, config)?)),
+        (NoiseConfig::Flow { shift, num_train_timesteps, .. }, Sampler::Euler) => {
+            Ok(Box::new(EulerFlow::new(shift, num_train_timesteps, config)?))
+        }
         (NoiseConfig::Flow { .. }, sampler) => Err(TrainError::Config(format!(
             "the {sampler} sampler needs a diffusion schedule; this model is a rectified flow (use euler)"
         ))),

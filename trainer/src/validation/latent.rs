@@ -1,6 +1,7 @@
 //! Validation of a latent-space model: samples for fixed condition images and prompts
 //! (diffusers' `--validation_image` / `--validation_prompt`), decoded by the pipeline's VAE,
-//! drawn as a grid of `condition | sample` rows.
+//! drawn as a grid of `condition | sample` rows. A side network that reads condition latents
+//! (SD3) samples with those and shows the images they were encoded from.
 
 use lisa_core::backend::{Backend, DType, Shape};
 
@@ -16,8 +17,11 @@ use crate::train::Trainer;
 
 /// Sampled, VAE-decoded validation grids of a latent-space model.
 pub struct LatentValidation<B: Backend> {
-    /// `[n, c, h, w]` condition images at the model's condition shape, in [0, 1].
+    /// `[n, c, h, w]` what the side network reads, at the model's condition shape: condition
+    /// images in [0, 1], or their latents.
     conditions: Vec<f32>,
+    /// The condition images the grid shows (`[n, c, h, w]` in [0, 1]) and their shape.
+    shown: (Vec<f32>, [usize; 3]),
     prompts: Vec<String>,
     vae: Vae<B>,
     sampling: SampleConfig,
@@ -45,7 +49,32 @@ impl<B: Backend> LatentValidation<B> {
                 conditions.len()
             )));
         }
-        Ok(Self { conditions, prompts, vae, sampling })
+        let shown = (conditions.clone(), model.hint_shape());
+        Ok(Self { conditions, prompts, vae, sampling, shown })
+    }
+
+    /// The same for a side network that reads condition latents (`hints`, each at
+    /// `model.hint_shape()`), the grid showing the images `shown` (`[n, c, h, w]` in [0, 1],
+    /// `shape = [c, h, w]`) they were encoded from.
+    pub fn with_latent_hints(
+        model: &dyn DualDenoiser<B>,
+        noise: &NoiseConfig,
+        hints: Vec<f32>,
+        (shown, shape): (Vec<f32>, [usize; 3]),
+        prompts: Vec<String>,
+        vae: Vae<B>,
+        sampling: SampleConfig,
+    ) -> Result<Self> {
+        let mut v = Self::new(model, noise, hints, prompts, vae, sampling)?;
+        if shown.len() != v.prompts.len() * shape.iter().product::<usize>() {
+            return Err(TrainError::Mismatch(format!(
+                "{} validation images of {shape:?} hold {} values",
+                v.prompts.len(),
+                shown.len()
+            )));
+        }
+        v.shown = (shown, shape);
+        Ok(v)
     }
 }
 
@@ -61,8 +90,9 @@ impl<B: Backend> Validator<B> for LatentValidation<B> {
         let images = self.vae.images(&latents)?;
         let side = ((images.len() / (n * 3).max(1)) as f64).sqrt() as usize;
         let mut grid = RgbGrid::new(2 * (side + 2), n * (side + 2));
+        let (shown, [c, h, w]) = (&self.shown.0, self.shown.1);
         for i in 0..n {
-            let cond = &self.conditions[i * c * h * w..(i + 1) * c * h * w];
+            let cond = &shown[i * c * h * w..(i + 1) * c * h * w];
             // The condition at the sample's size when they differ (nearest).
             let scaled: Vec<f32> = (0..c)
                 .flat_map(|ch| {
