@@ -2,8 +2,8 @@
 //! over diffusers' 1000 training times, logit-normal times, preconditioned outputs) with LISA,
 //! on the tiny SD3 fixture: the loss is the σ²-weighted velocity MSE, training moves the
 //! ControlNet and the decoder, a run resumes bit for bit from a checkpoint, and the trained
-//! ControlNet is saved as a diffusers folder that loads back unchanged. The README's SD3
-//! `[train.noise]` block is `NoiseConfig::sd3()`.
+//! ControlNet is saved as a diffusers folder that loads back unchanged; bf16 and fp16 autocast
+//! runs track the f32 run. The README's SD3 `[train.noise]` block is `NoiseConfig::sd3()`.
 
 use std::path::{Path, PathBuf};
 
@@ -195,4 +195,40 @@ fn the_readme_sd3_noise_block_is_sd3() {
     let block = section.split("```toml").nth(1).and_then(|b| b.split("```").next()).expect("a toml block");
     let file: File = toml::from_str(block).unwrap();
     assert_eq!(file.train.noise, NoiseConfig::sd3());
+}
+
+/// bf16 and fp16 autocast runs of the SD3 fixture (the transformer stored in the half type,
+/// the ControlNet and decoder autocast with f32 masters) track the f32 run step by step over
+/// 12 steps, within the tolerance `lisa_core::tolerance` names for autocast training.
+#[test]
+fn sd3_autocast_training_tracks_the_f32_run() {
+    use lisa_core::tolerance::autocast_training_loss;
+    let dir = scratch("autocast");
+    let (embeds, data) = (embeddings(&dir), Latents::new());
+    let run = |precision: &str| -> Vec<StepStats> {
+        let mut spec = spec(&embeds);
+        spec.config.insert("mixed_precision".into(), json!(precision));
+        let mut model = registry::build::<C>(&spec, Parts::Dual { decoder: true }, Default::default(), 3).unwrap();
+        model.load_main(&fixture("transformer")).unwrap();
+        model.load_side(&fixture("controlnet")).unwrap();
+        let mut config = TrainConfig { batch_size: 2, max_train_steps: 12, seed: 11, ..TrainConfig::default() };
+        config.noise = NoiseConfig::sd3();
+        config.optim.lr = 1e-3;
+        let mut t = Trainer::new(model, config).unwrap();
+        (0..12).map(|_| t.step(&data).unwrap()).collect()
+    };
+    let want = run("no");
+    for (precision, dtype) in [("bf16", DType::BF16), ("fp16", DType::F16)] {
+        let got = run(precision);
+        let tol = autocast_training_loss(dtype);
+        let mut worst = 0f64;
+        for (g, w) in got.iter().zip(&want) {
+            assert!(!g.skipped, "{precision}: step {} skipped", g.step);
+            for (name, a, b) in [("main", g.main_loss, w.main_loss), ("lisa", g.lisa_loss, w.lisa_loss)] {
+                worst = worst.max((a - b).abs() as f64 / b.abs() as f64);
+                assert!(tol.accepts(a as f64, b as f64), "{precision}: step {} {name} loss {a} vs f32 {b}", g.step);
+            }
+        }
+        eprintln!("{precision}: worst relative loss difference over 12 steps {worst:.2e}");
+    }
 }

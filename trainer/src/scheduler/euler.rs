@@ -73,10 +73,8 @@ mod tests {
     /// .set_timesteps(n)`'s `sigmas` (then 0) for (s, n) = (3, 4) and (1, 3).
     #[test]
     fn sd3_sampling_times_are_diffusers() {
-        let cases: [(f64, usize, &[f32]); 2] = [
-            (3.0, 4, &[1.0, 0.857_692_3, 0.602_150_56, 0.008_928_572, 0.0]),
-            (1.0, 3, &[1.0, 0.500_5, 0.001, 0.0]),
-        ];
+        let cases: [(f64, usize, &[f32]); 2] =
+            [(3.0, 4, &[1.0, 0.857_692_3, 0.602_150_56, 0.008_928_572, 0.0]), (1.0, 3, &[1.0, 0.500_5, 0.001, 0.0])];
         for (shift, steps, want) in cases {
             let config = SchedulerConfig {
                 sampler: super::super::Sampler::Euler,
