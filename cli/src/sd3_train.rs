@@ -14,24 +14,23 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use lisa_core::backend::{Backend, Shape};
+use lisa_core::backend::Backend;
 use lisa_trainer::data::Dataset;
 use lisa_trainer::model::sd::{MixedPrecision, Vae};
 use lisa_trainer::model::sd3::{Sd3Pipeline, Sd3TextEncoders, Sd3Training};
 use lisa_trainer::scheduler::FlowWeighting;
-use lisa_trainer::weights::{digest, host_to_safetensors, write_atomic};
+use lisa_trainer::weights::digest;
 
 use crate::config::RunFile;
 use crate::fill50k::{CONDITION_LATENTS_FILE, Fill50k, LATENTS_FILE, Layout};
-use crate::image::{Resample, read_image};
 use crate::pipeline_start::{SdStart, mixed_precision_note, mode_parts};
-use crate::sd_cache::{EMBEDDINGS_FILE, FileDigests, KEY, check_outside, folder_digest, locked_cache};
+use crate::sd_cache::{
+    EMBEDDINGS_FILE, FileDigests, KEY, check_outside, encoding_chunk, folder_digest, locked_cache, write_latents,
+};
 use crate::sd_validation::{LatentValidationFiles, read_rgb, validation_pairs};
 
 /// The pooled text embeddings file's name.
 pub const POOLED_EMBEDDINGS_FILE: &str = "pooled_prompt_embeds.safetensors";
-/// Images the VAE encodes at once.
-const CHUNK: usize = 8;
 
 /// The flags the SD3 path reads.
 #[derive(Debug, Clone)]
@@ -254,37 +253,13 @@ fn write_cache<B: Backend>(
     // train_controlnet_sd3.py passes them to the VAE), each resized and centre-cropped.
     let vae = Vae::<B>::open(&root.join("vae"), device, dtype)
         .with_context(|| format!("loading the VAE of {}", root.display()))?;
-    let side = vae.config().latent_side(resolution).context("--resolution")?;
-    let lc = vae.config().latent_channels;
-    let encode = |items: Vec<(String, PathBuf, usize)>, to_signed: bool, path: &Path| -> Result<usize> {
-        let mut names = Vec::new();
-        let mut latents = Vec::new();
-        let mut seen = BTreeSet::new();
-        let items: Vec<_> = items.into_iter().filter(|(n, _, _)| seen.insert(n.clone())).collect();
-        for chunk in items.chunks(CHUNK) {
-            let mut pixels = Vec::new();
-            for (name, path, line) in chunk {
-                let img = read_image(path, resolution, false, Resample::CenterCrop)
-                    .with_context(|| format!("{} (line {line} of prompt.json)", path.display()))?;
-                pixels.extend(img.into_iter().map(|v| if to_signed { 2.0 * v - 1.0 } else { v }));
-                names.push(name.clone());
-            }
-            latents.extend(vae.latents(&pixels, chunk.len(), resolution)?);
-        }
-        let per = lc * side * side;
-        let tensors: Vec<(String, Shape, &[f32])> = names
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (n.clone(), Shape::new([lc, side, side]), &latents[i * per..(i + 1) * per]))
-            .collect();
-        write_atomic(path, &host_to_safetensors(&tensors, meta.clone())?)?;
-        Ok(names.len())
-    };
+    let chunk = encoding_chunk(Some(vae.config()), resolution)?;
     let owned = |it: &mut dyn Iterator<Item = (&str, &Path, usize)>| -> Vec<(String, PathBuf, usize)> {
         it.map(|(n, p, l)| (n.to_string(), p.to_path_buf(), l)).collect()
     };
-    let targets = encode(owned(&mut set.targets()), true, &files[0])?;
-    let sources = encode(owned(&mut set.sources()), false, &files[1])?;
+    let sizes = (resolution, chunk);
+    let (targets, [lc, side, _]) = write_latents(&vae, &owned(&mut set.targets()), sizes, true, &files[0], &meta)?;
+    let (sources, _) = write_latents(&vae, &owned(&mut set.sources()), sizes, false, &files[1], &meta)?;
     eprintln!(
         "cached {targets} latents and {sources} condition latents ({lc}×{side}×{side}) and {} prompts' embeddings in {} ({:.1} s)",
         prompts.len(),

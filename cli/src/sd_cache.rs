@@ -334,7 +334,7 @@ pub fn prepare<B: Backend>(
             data.display()
         );
     }
-    let chunk = encoding_chunk(pipeline, resolution)?;
+    let chunk = encoding_chunk(pipeline.vae_config()?.as_ref(), resolution)?;
     let list =
         std::fs::read(data.join("prompt.json")).with_context(|| format!("reading {}/prompt.json", data.display()))?;
     let set = Fill50k::open(
@@ -435,11 +435,48 @@ pub(crate) fn quoted_start(prompt: &str) -> String {
     format!("{start:?}… ({chars} characters)")
 }
 
+/// Encodes the images `items` (`(name, path, line of prompt.json)`; a name listed again is
+/// encoded once), each resized and centre-cropped to `resolution` px, `chunk` at a time, and
+/// writes their latents to `path` (with `meta`), each named by its item, atomically. The
+/// pixels enter the VAE in [−1, 1] when `signed` (training images), else in [0, 1] (SD3's
+/// condition images). Returns how many were written and their `[channels, side, side]`.
+pub(crate) fn write_latents<B: Backend>(
+    vae: &Vae<B>,
+    items: &[(String, PathBuf, usize)],
+    (resolution, chunk): (usize, usize),
+    signed: bool,
+    path: &Path,
+    meta: &BTreeMap<String, String>,
+) -> Result<(usize, [usize; 3])> {
+    let side = vae.config().latent_side(resolution).context("--resolution")?;
+    let mut seen = BTreeSet::new();
+    let items: Vec<_> = items.iter().filter(|(name, _, _)| seen.insert(name.clone())).collect();
+    let mut latents = Vec::new();
+    for part in items.chunks(chunk) {
+        let mut pixels = Vec::new();
+        for (_, image, line) in part {
+            let img = read_image(image, resolution, false, Resample::CenterCrop)
+                .with_context(|| format!("{} (line {line} of prompt.json)", image.display()))?;
+            pixels.extend(img.into_iter().map(|v| if signed { 2.0 * v - 1.0 } else { v }));
+        }
+        latents.extend(vae.latents(&pixels, part.len(), resolution)?);
+    }
+    let shape = [vae.config().latent_channels, side, side];
+    let per: usize = shape.iter().product();
+    let tensors: Vec<(String, Shape, &[f32])> = items
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _, _))| (name.clone(), Shape::new(shape), &latents[i * per..(i + 1) * per]))
+        .collect();
+    write_atomic(path, &host_to_safetensors(&tensors, meta.clone())?)?;
+    Ok((items.len(), shape))
+}
+
 /// The most images the VAE encodes at once at `resolution` px (at most 8): what fits in half
 /// of this machine's memory, about four feature maps of the VAE's first level per image. An
 /// error when not even one image fits, before anything is encoded.
-pub(crate) fn encoding_chunk(pipeline: &Pipeline, resolution: usize) -> Result<usize> {
-    let width = pipeline.vae_config()?.map_or(128, |c| c.block_out_channels[0]);
+pub(crate) fn encoding_chunk(vae: Option<&lisa_trainer::model::sd::VaeConfig>, resolution: usize) -> Result<usize> {
+    let width = vae.map_or(128, |c| c.block_out_channels[0]);
     let per_image = (width as u128) * (resolution as u128).pow(2) * 4 * 4;
     let budget = crate::config::memory_bytes() as u128 / 2;
     if per_image > budget {
@@ -504,40 +541,11 @@ fn write_cache<B: Backend>(
     // The latents of every target image (resized and centre-cropped to the resolution).
     let vae = Vae::<B>::open(&root.join("vae"), device, precision.dtype())
         .with_context(|| format!("loading the VAE of {}", root.display()))?;
-    let side = vae.config().latent_side(resolution).context("--resolution")?;
-    let mut names = Vec::new();
-    let mut latents = Vec::new();
-    let targets: Vec<(String, PathBuf, usize)> =
+    let items: Vec<(String, PathBuf, usize)> =
         set.targets().map(|(n, p, l)| (n.to_string(), p.to_path_buf(), l)).collect();
-    let mut seen = BTreeSet::new();
-    for chunk in targets.chunks(chunk) {
-        let mut pixels = Vec::new();
-        let mut count = 0;
-        for (name, path, line) in chunk {
-            if !seen.insert(name.clone()) {
-                continue;
-            }
-            let img = read_image(path, resolution, false, Resample::CenterCrop)
-                .with_context(|| format!("{} (line {line} of prompt.json)", path.display()))?;
-            pixels.extend(img.into_iter().map(|v| 2.0 * v - 1.0));
-            names.push(name.clone());
-            count += 1;
-        }
-        if count > 0 {
-            latents.extend(vae.latents(&pixels, count, resolution)?);
-        }
-    }
-    let lc = vae.config().latent_channels;
-    let per = lc * side * side;
-    let tensors: Vec<(String, Shape, &[f32])> = names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (n.clone(), Shape::new([lc, side, side]), &latents[i * per..(i + 1) * per]))
-        .collect();
-    write_atomic(&cache.0, &host_to_safetensors(&tensors, meta)?)?;
+    let (count, [lc, side, _]) = write_latents(&vae, &items, (resolution, chunk), true, &cache.0, &meta)?;
     eprintln!(
-        "cached {} latents ({lc}×{side}×{side}) and {} text embeddings in {} ({:.1} s)",
-        names.len(),
+        "cached {count} latents ({lc}×{side}×{side}) and {} text embeddings in {} ({:.1} s)",
         prompts.len(),
         cache_dir.display(),
         started.elapsed().as_secs_f64()

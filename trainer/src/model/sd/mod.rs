@@ -39,7 +39,8 @@ pub use encoders::{TextEmbeddings, TextEncoder, Vae, read_text_pair};
 pub use folder::{
     read_diffusers_weights, read_json_config, read_transformers_weights, save_controlnet, write_diffusers_folder,
 };
-pub use pipeline::{MAX_RESOLUTION, Pipeline, TrainingSize};
+pub(crate) use pipeline::in_file as config_error_in;
+pub use pipeline::{MAX_RESOLUTION, Pipeline, TrainingSize, folder_vae_config};
 pub use text::PromptTable;
 pub use tokenizer::{ClipTokenizer, Encoded as TokenIds};
 pub(crate) use tokenizer::{read_json as read_tokenizer_json, token_field as special_token};
@@ -303,15 +304,7 @@ impl<B: Backend> SdModel<B> {
             None => None,
         };
         if let Some(table) = &prompts {
-            if let Some(want) = &sd.text_embeddings_sha256
-                && *want != table.digest
-            {
-                return Err(crate::weights::bad(
-                    &table.path,
-                    format!("its SHA-256 is {}, not the {want} the model was described with", table.digest),
-                ));
-            }
-            sd.text_embeddings_sha256 = Some(table.digest.clone());
+            table.pin(&mut sd.text_embeddings_sha256)?;
         }
         let dual = DualParts { store, parts, decoder, decoder_config: spec.decoder.resolved(DEFAULT_HOOK) };
         let mut model = Self { dual, unet, controlnet, spec: sd, resolved, prompts, side_loaded: false };

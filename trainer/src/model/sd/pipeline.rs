@@ -34,6 +34,40 @@ pub struct TrainingSize {
     pub chosen: bool,
 }
 
+impl TrainingSize {
+    /// `resolution` pixels, or the main network's `sample_size` (latents) times the VAE's
+    /// `downscale`; at most [`MAX_RESOLUTION`], a multiple of `downscale` (errors under the
+    /// `resolution` setting).
+    pub fn resolve(
+        resolution: Option<usize>,
+        sample_size: impl FnOnce() -> Result<usize>,
+        downscale: usize,
+    ) -> Result<Self> {
+        let pixels = match resolution {
+            Some(r) => r,
+            None => sample_size()?.saturating_mul(downscale),
+        };
+        if pixels > MAX_RESOLUTION {
+            return Err(TrainError::setting(
+                "resolution",
+                format!("{pixels} px is more than lisa trains at (at most {MAX_RESOLUTION})"),
+            ));
+        }
+        let side = latent_side(pixels, downscale).map_err(|e| TrainError::setting("resolution", e.to_string()))?;
+        Ok(Self { pixels, latent_side: side, chosen: resolution.is_some() })
+    }
+}
+
+/// The config of a pipeline folder's `vae/` (None: it has none); errors name its file.
+pub fn folder_vae_config(root: &Path) -> Result<Option<VaeConfig>> {
+    let dir = root.join("vae");
+    if !dir.is_dir() {
+        return Ok(None);
+    }
+    let config = VaeConfig::from_json(&read_json_config(&dir)?).map_err(|e| in_file(&dir.join("config.json"), e))?;
+    Ok(Some(config))
+}
+
 /// The parts of a pipeline folder training uses.
 #[derive(Debug, Clone)]
 pub struct Pipeline {
@@ -84,13 +118,7 @@ impl Pipeline {
 
     /// The VAE's config (None: the folder has no `vae/`).
     pub fn vae_config(&self) -> Result<Option<VaeConfig>> {
-        let dir = self.root.join("vae");
-        if !dir.is_dir() {
-            return Ok(None);
-        }
-        let config =
-            VaeConfig::from_json(&read_json_config(&dir)?).map_err(|e| in_file(&dir.join("config.json"), e))?;
-        Ok(Some(config))
+        folder_vae_config(&self.root)
     }
 
     /// The training size: `resolution` pixels, or the UNet's `sample_size` times the VAE's
@@ -98,18 +126,7 @@ impl Pipeline {
     /// VAE's downscale. The UNet's own downscale is checked by [`Pipeline::controlnet_spec`].
     pub fn training_size(&self, resolution: Option<usize>) -> Result<TrainingSize> {
         let downscale = self.vae_config()?.map_or(SD_VAE_DOWNSCALE, |c| c.downscale());
-        let pixels = match resolution {
-            Some(r) => r,
-            None => self.unet_config()?.sample_size.saturating_mul(downscale),
-        };
-        if pixels > MAX_RESOLUTION {
-            return Err(TrainError::setting(
-                "resolution",
-                format!("{pixels} px is more than lisa trains at (at most {MAX_RESOLUTION})"),
-            ));
-        }
-        let side = latent_side(pixels, downscale).map_err(|e| TrainError::setting("resolution", e.to_string()))?;
-        Ok(TrainingSize { pixels, latent_side: side, chosen: resolution.is_some() })
+        TrainingSize::resolve(resolution, || Ok(self.unet_config()?.sample_size), downscale)
     }
 
     /// Checks that the text encoder (when the folder has one) makes embeddings as wide as the
@@ -196,7 +213,7 @@ impl Pipeline {
 }
 
 /// A config error said about the file it came from.
-fn in_file(path: &Path, e: TrainError) -> TrainError {
+pub(crate) fn in_file(path: &Path, e: TrainError) -> TrainError {
     match e {
         // "vae config.json: …" and the like: the path says which config.json.
         TrainError::Config(m) => {

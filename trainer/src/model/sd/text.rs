@@ -55,6 +55,21 @@ impl PromptTable {
         Ok(Self { path: path.to_path_buf(), tokens, dim, digest: digest(&bytes), table })
     }
 
+    /// Checks this table's digest against the one a model was described with (`recorded`,
+    /// when there is one) and records it: a checkpoint names its embeddings by content.
+    pub fn pin(&self, recorded: &mut Option<String>) -> Result<()> {
+        if let Some(want) = recorded.as_ref()
+            && *want != self.digest
+        {
+            return Err(bad(
+                &self.path,
+                format!("its SHA-256 is {}, not the {want} the model was described with", self.digest),
+            ));
+        }
+        *recorded = Some(self.digest.clone());
+        Ok(())
+    }
+
     /// The embeddings of `prompts`, `[n, tokens, dim]` row-major; a prompt the file lacks is
     /// an error naming it.
     pub fn lookup(&self, prompts: &[&str]) -> Result<Vec<f32>> {

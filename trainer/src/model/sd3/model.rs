@@ -343,18 +343,8 @@ fn read_prompts(spec: &mut Sd3Spec, c: &Sd3Config) -> Result<Option<(PromptTable
             format!("holds [{}, {}] tensors; pooled projections are [1, {}]", pooled.tokens, pooled.dim, pooled.dim),
         ));
     }
-    for (table, want) in [(&text, &mut spec.text_embeddings_sha256), (&pooled, &mut spec.pooled_text_embeddings_sha256)]
-    {
-        if let Some(w) = want.as_ref()
-            && *w != table.digest
-        {
-            return Err(crate::weights::bad(
-                &table.path,
-                format!("its SHA-256 is {}, not the {w} the model was described with", table.digest),
-            ));
-        }
-        *want = Some(table.digest.clone());
-    }
+    text.pin(&mut spec.text_embeddings_sha256)?;
+    pooled.pin(&mut spec.pooled_text_embeddings_sha256)?;
     Ok(Some((text, pooled)))
 }
 

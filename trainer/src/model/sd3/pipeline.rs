@@ -10,7 +10,9 @@ use serde_json::{Map, Value};
 
 use super::{Sd3Config, Sd3Model, Sd3Spec};
 use crate::error::{Result, TrainError};
-use crate::model::sd::{MixedPrecision, SD_VAE_DOWNSCALE, TrainingSize, VaeConfig, latent_side, read_json_config};
+use crate::model::sd::{
+    MixedPrecision, SD_VAE_DOWNSCALE, TrainingSize, VaeConfig, config_error_in, folder_vae_config, read_json_config,
+};
 use crate::model::{DecoderConfig, DualDenoiser, ModelSpec, Parts};
 use crate::scheduler::{FlowWeighting, NoiseConfig};
 use crate::weights::bad;
@@ -119,16 +121,12 @@ impl Sd3Pipeline {
     /// The transformer's parsed config; errors name its file.
     pub fn transformer_config(&self) -> Result<Sd3Config> {
         Sd3Config::from_transformer_json(&self.transformer)
-            .map_err(|e| in_file(&self.root.join("transformer/config.json"), e))
+            .map_err(|e| config_error_in(&self.root.join("transformer/config.json"), e))
     }
 
     /// The VAE's config (None: the folder has no `vae/`).
     pub fn vae_config(&self) -> Result<Option<VaeConfig>> {
-        let dir = self.root.join("vae");
-        if !dir.is_dir() {
-            return Ok(None);
-        }
-        Ok(Some(VaeConfig::from_json(&read_json_config(&dir)?).map_err(|e| in_file(&dir.join("config.json"), e))?))
+        folder_vae_config(&self.root)
     }
 
     /// The training noise: the scheduler's shift and grid of times, with `training`'s
@@ -147,14 +145,7 @@ impl Sd3Pipeline {
     pub fn training_size(&self, resolution: Option<usize>) -> Result<TrainingSize> {
         let vae = self.vae_config()?;
         let downscale = vae.as_ref().map_or(SD_VAE_DOWNSCALE, |c| c.downscale());
-        let pixels = match resolution {
-            Some(r) => r,
-            None => self.transformer_config()?.sample_size.saturating_mul(downscale),
-        };
-        if pixels > crate::model::sd::MAX_RESOLUTION {
-            return Err(TrainError::setting("resolution", format!("{pixels} px is more than lisa trains at")));
-        }
-        let side = latent_side(pixels, downscale).map_err(|e| TrainError::setting("resolution", e.to_string()))?;
+        let size = TrainingSize::resolve(resolution, || Ok(self.transformer_config()?.sample_size), downscale)?;
         if let Some(v) = vae {
             let c = self.transformer_config()?;
             if v.latent_channels != c.in_channels {
@@ -164,7 +155,7 @@ impl Sd3Pipeline {
                 ));
             }
         }
-        Ok(TrainingSize { pixels, latent_side: side, chosen: resolution.is_some() })
+        Ok(size)
     }
 
     /// The sd3 model that trains a ControlNet for this pipeline's transformer at `size`: the
@@ -219,15 +210,5 @@ impl Sd3Pipeline {
             model.load_side(dir)?;
         }
         Ok(model)
-    }
-}
-
-/// A config error said about the file it came from.
-fn in_file(path: &Path, e: TrainError) -> TrainError {
-    match e {
-        TrainError::Config(m) => {
-            bad(path, m.split_once("config.json: ").map_or(m.clone(), |(_, rest)| rest.to_string()))
-        }
-        other => other,
     }
 }
