@@ -56,6 +56,14 @@ pub const TRAINING_LOSS_F32: Tolerance = Tolerance { abs: 1e-4, rel: 2e-3 };
 /// (absolute: AdamW moves each weight by at most ≈ lr per step, whatever its size).
 pub const TRAINING_PARAMS_F32: Tolerance = Tolerance { abs: 2e-3, rel: 1e-3 };
 
+/// A data-parallel run of N ranks against one rank with the N-times batch, `f32`, a few
+/// steps: per-step losses and gradient norms (only the gradients' summation order differs).
+pub const DATA_PARALLEL_LOSS_F32: Tolerance = Tolerance { abs: 1e-6, rel: 1e-5 };
+
+/// The same comparison, every trained parameter afterwards (AdamW moves each weight by at
+/// most ≈ lr per step, so a reordered sum moves it by far less).
+pub const DATA_PARALLEL_PARAMS_F32: Tolerance = Tolerance { abs: 1e-5, rel: 1e-5 };
+
 /// lisa's models against the reference implementation's outputs (diffusers/PyTorch golden
 /// files), `f32` on any backend: `max |got − want| ≤ rel·max |want|` over each tensor (the
 /// tensor's scale, so that near-zero elements of a large output do not dominate).

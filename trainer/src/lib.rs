@@ -11,6 +11,7 @@ pub mod autodiff;
 pub mod checkpoint;
 pub mod data;
 pub mod differences;
+pub mod distributed;
 pub mod error;
 pub mod grid;
 pub mod metrics;

@@ -90,6 +90,7 @@ impl<B: Backend> Pretrainer<B> {
             run: RunStream::new(config.seed),
             run_id: new_run_id(),
             tau_norm: None,
+            parallel: None,
             model,
             optimizer,
             config,

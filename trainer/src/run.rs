@@ -7,6 +7,7 @@ use lisa_core::backend::DType;
 use lisa_core::loss_scale::{LossScaleConfig, LossScaler, ScaleEvent};
 
 use crate::data::Example;
+use crate::distributed::{DataParallel, Shard};
 use crate::error::{Result, TrainError};
 use crate::model::DualDenoiser;
 use crate::optim::{OptimConfig, Optimizer};
@@ -30,6 +31,8 @@ pub struct TrainingRun<B: Backend, C> {
     pub(crate) noise: NoiseProcess,
     /// Control training's per-timestep scale of `τ`, once measured (never in pretraining).
     pub(crate) tau_norm: Option<crate::objective::TauNorm>,
+    /// This run's rank in a data-parallel run (None: it trains alone).
+    pub(crate) parallel: Option<DataParallel<B>>,
 }
 
 /// A fresh run id: the time and the process, hashed (not a source of model randomness).
@@ -160,8 +163,29 @@ impl<B: Backend, C: StepSettings> TrainingRun<B, C> {
 
 impl<B: Backend, C> TrainingRun<B, C> {
     /// The next `n` examples of `data` in the run's order (an error, not a panic, if the data
-    /// position lies past the end of `data`).
+    /// position lies past the end of `data`). In a data-parallel run, `n` is this rank's share:
+    /// the run takes the next `world × n` of the global order, of which this rank reads its
+    /// rows ([`Shard::rows`]).
     pub(crate) fn next_examples(&mut self, data: &dyn crate::data::Dataset, n: usize) -> Result<Vec<Example>> {
-        self.run.next_indices(data.len(), n)?.into_iter().map(|i| data.get(i)).collect()
+        let shard = self.shard();
+        let global = n.checked_mul(shard.world).ok_or(TrainError::Internal("a global batch overflows usize"))?;
+        let indices = self.run.next_indices(data.len(), global)?;
+        indices[shard.rows(n)].iter().map(|&i| data.get(i)).collect()
+    }
+
+    /// This run's rows of each global batch ([`Shard::WHOLE`] when it trains alone).
+    pub fn shard(&self) -> Shard {
+        self.parallel.as_ref().map_or(Shard::WHOLE, |p| p.shard())
+    }
+
+    /// This run's rank in a data-parallel run (None: it trains alone).
+    pub fn data_parallel(&self) -> Option<&DataParallel<B>> {
+        self.parallel.as_ref()
+    }
+
+    /// Whether this run does what a run's first rank alone does: write checkpoints, metrics,
+    /// validation grids and the exported side network.
+    pub fn is_first_rank(&self) -> bool {
+        self.shard().rank == 0
     }
 }

@@ -7,6 +7,7 @@ use lisa_core::rng::{philox4x32_10, uniform_open};
 use serde::{Deserialize, Serialize};
 
 use crate::data::Example;
+use crate::distributed::Shard;
 use crate::error::{Result, TrainError};
 use crate::model::{Conditioning, DualDenoiser};
 use crate::scheduler::{NoiseProcess, add_noise};
@@ -56,6 +57,11 @@ impl RunStream {
         self.state.rng_counter += 1;
         let r = philox4x32_10([c as u32, (c >> 32) as u32, 0x5eed, 0], [self.seed as u32, (self.seed >> 32) as u32]);
         (r[0] as u64) << 32 | r[1] as u64
+    }
+
+    /// Advances the stream past `count` draws without taking them.
+    pub(crate) fn skip_draws(&mut self, count: u64) {
+        self.state.rng_counter += count;
     }
 
     /// `n` uniforms in (0, 1).
@@ -138,7 +144,35 @@ pub fn noise_batch_at<B: Backend>(
     null_prompt_prob: f32,
     t_uniforms: Option<&[f32]>,
 ) -> Result<NoisedBatch<B>> {
+    noise_shard(stream, noise, model, with_hints, examples, null_prompt_prob, t_uniforms, Shard::WHOLE)
+}
+
+/// The draws [`noise_batch`] takes from the stream for a global batch of `n` examples: one
+/// uniform per example for the null prompt (when `null_prompt_prob > 0`), one per example
+/// for the timestep, one seed for the noise. A micro-batch skipped under loss scaling
+/// advances the stream by as much, so that every rank of a data-parallel run stays in step.
+pub(crate) fn noise_draws(n: usize, null_prompt_prob: f32) -> u64 {
+    (if null_prompt_prob > 0.0 { n as u64 } else { 0 }) + n as u64 + 1
+}
+
+/// [`noise_batch_at`] for rank `shard.rank` of a data-parallel run: `examples` are its rows
+/// ([`Shard::rows`]) of a global batch of `shard.world × examples.len()`, and every draw is
+/// the global batch's (the same on every rank), of which it keeps its rows. With
+/// [`Shard::WHOLE`] this is [`noise_batch_at`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn noise_shard<B: Backend>(
+    stream: &mut RunStream,
+    noise: &NoiseProcess,
+    model: &dyn DualDenoiser<B>,
+    with_hints: bool,
+    examples: &[Example],
+    null_prompt_prob: f32,
+    t_uniforms: Option<&[f32]>,
+    shard: Shard,
+) -> Result<NoisedBatch<B>> {
     let n = examples.len();
+    let global = n * shard.world;
+    let rows = shard.rows(n);
     if t_uniforms.is_some_and(|u| u.len() != n || u.iter().any(|v| !(0.0..1.0).contains(v))) {
         return Err(TrainError::Mismatch(format!("noise_batch_at wants {n} timestep draws in [0, 1)")));
     }
@@ -164,8 +198,8 @@ pub fn noise_batch_at<B: Backend>(
             hint.extend_from_slice(&e.hint);
         }
     }
-    let drop_prompt = if null_prompt_prob > 0.0 {
-        stream.uniforms(n).into_iter().map(|v| v < null_prompt_prob).collect()
+    let drop_prompt: Vec<bool> = if null_prompt_prob > 0.0 {
+        stream.uniforms(global)[rows.clone()].iter().map(|&v| v < null_prompt_prob).collect()
     } else {
         vec![false; n]
     };
@@ -176,7 +210,7 @@ pub fn noise_batch_at<B: Backend>(
     let mut levels = Vec::with_capacity(n);
     let draws = match t_uniforms {
         Some(u) => u.to_vec(),
-        None => stream.uniforms(n).into_iter().map(|v| noise.position(v)).collect(),
+        None => stream.uniforms(global)[rows.clone()].iter().map(|&v| noise.position(v)).collect(),
     };
     for v in draws {
         let (t, level) = noise.draw(v)?;
@@ -190,7 +224,15 @@ pub fn noise_batch_at<B: Backend>(
         Some([hc, hh, hw]) => Some(B::from_slice(&hint, &Shape::new([n, hc, hh, hw]), DType::F32, &device)?),
         None => None,
     };
-    let eps = B::random_normal(&shape, stream.next_seed(), DType::F32, &device)?;
+    // The global batch's noise, of which this rank keeps its rows (Philox: element i of a
+    // seed's stream does not depend on the tensor's size).
+    let eps = match shard.world {
+        1 => B::random_normal(&shape, stream.next_seed(), DType::F32, &device)?,
+        _ => {
+            let all = B::random_normal(&Shape::new([global, c, h, w]), stream.next_seed(), DType::F32, &device)?;
+            B::narrow(&all, 0, rows.start, n)?
+        }
+    };
     let x_t = add_noise::<B>(&x0, &eps, |l| (l.alpha, l.sigma), &levels)?;
     let kind = model.prediction();
     let y = add_noise::<B>(&x0, &eps, |l| kind.coefficients(*l), &levels)?;

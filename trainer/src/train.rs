@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::autodiff::Tape;
 use crate::data::{Dataset, Example};
+use crate::distributed::{DataParallel, Shard};
 use crate::error::{Result, TrainError};
 use crate::model::{
     DECODER, DualDenoiser, ForwardOptions, ModelSpec, Parts, SIDE, SideMode, forward_train, registry, replay_side,
@@ -18,8 +19,9 @@ use crate::model::{
 use crate::objective::{Objective, TauNorm, TauNormConfig, measure_tau_norm};
 use crate::optim::{OptimConfig, Optimizer};
 pub use crate::run::TrainState;
-use crate::run::{MAX_BATCH, NoisedBatch, RunStream, StepSettings, TrainingRun, new_run_id, noise_batch};
+use crate::run::{MAX_BATCH, NoisedBatch, RunStream, StepSettings, TrainingRun, new_run_id};
 use crate::scheduler::{NoiseConfig, NoiseProcess};
+use crate::stream::{noise_draws, noise_shard};
 
 /// LISA or the plain ControlNet baseline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -227,7 +229,7 @@ impl<B: Backend> Trainer<B> {
             optimizer.adamw.scale_lr(model.store(), |n| n.starts_with(DECODER), config.decoder_lr_scale)?;
         }
         let run = RunStream::new(config.seed);
-        Ok(Self { model, optimizer, run, run_id: new_run_id(), config, noise, tau_norm: None })
+        Ok(Self { model, optimizer, run, run_id: new_run_id(), config, noise, tau_norm: None, parallel: None })
     }
 
     /// A fresh run from pretrained weights: `spec` built on `device` (with the decoder iff
@@ -248,6 +250,39 @@ impl<B: Backend> Trainer<B> {
             model.load_side(side)?;
         }
         Self::new(model, config)
+    }
+
+    /// Makes this run rank `parallel.rank()` of a data-parallel run (docs/distributed.md):
+    /// from its next step it takes its rows of each global batch of `world × batch_size`
+    /// examples and averages its gradients with the other ranks'. Every rank must be built
+    /// the same way, with the same settings; [`session::run`](crate::session::run) checks
+    /// that they agree before the first step.
+    pub fn join(&mut self, parallel: DataParallel<B>) {
+        self.parallel = Some(parallel);
+    }
+
+    /// Leaves the data-parallel run, returning the rank's handle (None: it trained alone).
+    pub fn leave(&mut self) -> Option<DataParallel<B>> {
+        self.parallel.take()
+    }
+
+    /// Every rank holds the same settings, model and position (checked through the
+    /// collective; nothing when the run trains alone). The weights are not compared: ranks
+    /// built from the same files with the same seed hold the same ones.
+    pub fn check_ranks_agree(&mut self) -> Result<()> {
+        use sha2::Digest;
+        let Some(parallel) = self.parallel.as_mut() else {
+            return Ok(());
+        };
+        let state = self.run.state;
+        let described = serde_json::json!({
+            "config": serde_json::to_value(&self.config).unwrap_or_default(),
+            "model": self.model.spec().identity(),
+            "state": [state.step, state.rng_counter, state.epoch, state.position as u64, state.skipped_steps],
+        });
+        let digest = sha2::Sha256::digest(described.to_string().as_bytes());
+        let fingerprint = u64::from_le_bytes(digest[..8].try_into().unwrap_or_default());
+        parallel.agree(fingerprint, "the run's settings, model and position", self.model.store().device())
     }
 
     /// The run's per-timestep scale of `τ` (`normalize_tau`; None when off or in baseline
@@ -290,8 +325,12 @@ impl<B: Backend> Trainer<B> {
                 // them) skips the step, as torch's GradScaler would after an inf/NaN backward:
                 // the step's remaining examples are consumed unused, the gradients dropped.
                 Err(TrainError::NonFinite { .. }) if scaling.is_some() => {
+                    // The stream advances as if the rest had run: every rank of a
+                    // data-parallel run stays at the same position.
+                    let global = self.config.batch_size * self.shard().world;
                     for _ in k + 1..accum {
                         self.next_examples(data, self.config.batch_size)?;
+                        self.run.skip_draws(noise_draws(global, self.config.proportion_empty_prompts));
                     }
                     total_sum = f32::NAN;
                     grads.iter_mut().for_each(|g| *g = None);
@@ -309,6 +348,15 @@ impl<B: Backend> Trainer<B> {
                     (a, b) => a.or(b),
                 };
             }
+        }
+        if let Some(parallel) = &mut self.parallel {
+            // The mean over every rank's micro-batches: gradients in buckets, then the losses
+            // (a rank's NaN makes every rank's loss NaN, so all skip or stop together).
+            let like: Vec<&B::Tensor> = self.optimizer.adamw.moments.iter().map(|(_, m, _)| m).collect();
+            parallel.average_gradients(&mut grads, &like).map_err(|e| e.at_step(step))?;
+            let mut sums = [main_sum, lisa_sum, zero_sum, total_sum];
+            parallel.average(&mut sums, self.model.store().device()).map_err(|e| e.at_step(step))?;
+            [main_sum, lisa_sum, zero_sum, total_sum] = sums;
         }
         let loss = total_sum / accum as f32;
         // Under fp16 loss scaling an overflowing loss skips the step, as in torch; otherwise
@@ -336,8 +384,10 @@ impl<B: Backend> Trainer<B> {
     /// 1 without fp16 loss scaling).
     fn micro_batch(&mut self, examples: &[Example], accum: usize, loss_scale: f32) -> Result<MicroBatch<B>> {
         let model = self.model.as_ref();
+        let shard = self.parallel.as_ref().map_or(Shard::WHOLE, |p| p.shard());
+        let p_empty = self.config.proportion_empty_prompts;
         let NoisedBatch { x_t, y, hint, levels, cond } =
-            noise_batch::<B>(&mut self.run, &self.noise, model, true, examples, self.config.proportion_empty_prompts)?;
+            noise_shard::<B>(&mut self.run, &self.noise, model, true, examples, p_empty, None, shard)?;
         let hint = hint.ok_or(TrainError::Internal("noise_batch returns the hints it was asked for"))?;
         let tape = Tape::<B>::new();
         let bound = model.store().bind(&tape);

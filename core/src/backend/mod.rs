@@ -16,6 +16,7 @@
 
 mod arith;
 mod attention;
+mod collective;
 mod dtype;
 mod fused;
 pub mod geometry;
@@ -33,6 +34,7 @@ pub use attention::{
     ATTENTION_SCORE_BUDGET, AttentionDims, AttentionForward, AttentionGrads, AttentionOps, AttentionParams,
     attention_backward_chunked, attention_chunked,
 };
+pub use collective::Collective;
 pub use dtype::{DType, HalfProducts};
 pub use fused::FusedOps;
 pub use geometry::{Conv2dParams, GroupNormParams, Transpose};

@@ -171,7 +171,59 @@ impl RunReport {
 /// removes) another run's outputs there, then steps, validates with `validator` when due,
 /// appends one metrics row per step, saves and prunes checkpoints, and exports the side
 /// network in its architecture's native format at the end.
+///
+/// In a data-parallel run ([`Trainer::join`]) every rank calls `run` with the same options:
+/// the first rank does all of the above, the others only resume (from the checkpoint the
+/// first rank's folder holds), check that they agree with it, and step; they validate,
+/// write and report nothing. A rank that fails tells the others, whose next step fails too.
 pub fn run<B: lisa_core::backend::Backend>(
+    trainer: &mut Trainer<B>,
+    data: &dyn Dataset,
+    validator: Option<&mut dyn Validator<B>>,
+    options: &RunOptions,
+    observer: &mut dyn Observer,
+) -> Result<RunReport> {
+    let result = match trainer.is_first_rank() {
+        true => run_first(trainer, data, validator, options, observer),
+        false => run_rank(trainer, data, options),
+    };
+    if let Some(parallel) = trainer.leave() {
+        let mut parallel = parallel;
+        match &result {
+            Ok(_) => parallel.finish(),
+            Err(e) => parallel.abort(&e.to_string()),
+        }
+        trainer.join(parallel);
+    }
+    result
+}
+
+/// A rank other than the first: resume, agree, step.
+fn run_rank<B: lisa_core::backend::Backend>(
+    trainer: &mut Trainer<B>,
+    data: &dyn Dataset,
+    options: &RunOptions,
+) -> Result<RunReport> {
+    let wall = Instant::now();
+    if let Some(from) = &options.resume {
+        let ckpt = output::resume_target_in(&options.output_dir, from)?;
+        load_checkpoint(trainer, data, &ckpt)?;
+    }
+    trainer.check_ranks_agree()?;
+    trainer.tau_norm(data)?;
+    let mut report = RunReport::default();
+    while trainer.run.state.step < trainer.config.max_train_steps {
+        let step_start = Instant::now();
+        let stats = trainer.step(data)?;
+        report.train_seconds += step_start.elapsed().as_secs_f64();
+        report.steps.push(stats);
+    }
+    report.wall_seconds = wall.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// The first rank (or a run alone): everything.
+fn run_first<B: lisa_core::backend::Backend>(
     trainer: &mut Trainer<B>,
     data: &dyn Dataset,
     mut validator: Option<&mut dyn Validator<B>>,
@@ -211,6 +263,7 @@ pub fn run<B: lisa_core::backend::Backend>(
             }
         }
     }
+    trainer.check_ranks_agree()?;
     let total = trainer.config.max_train_steps;
     let first = trainer.run.state.step;
     notify(Event::Started {

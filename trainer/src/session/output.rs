@@ -88,19 +88,7 @@ impl OutputDir {
 
     /// The checkpoint folder `from` names (`Latest`: the newest here), which must exist.
     pub fn resume_target(&self, from: &ResumeFrom) -> Result<PathBuf> {
-        let dir = match from {
-            ResumeFrom::Latest => list_checkpoints(&self.path).pop().map(|c| c.1).ok_or_else(|| {
-                TrainError::Output(format!(
-                    "resume from the latest checkpoint: no checkpoint-* in {}",
-                    self.path.display()
-                ))
-            })?,
-            ResumeFrom::Path(p) => p.clone(),
-        };
-        if !dir.is_dir() {
-            return Err(TrainError::Output(format!("resume: checkpoint {} does not exist", dir.display())));
-        }
-        Ok(dir)
+        resume_target_in(&self.path, from)
     }
 
     /// Refuses to let run `run_id` write here while another run's checkpoints or `outputs`
@@ -238,4 +226,20 @@ impl CheckpointPolicy {
     pub fn saves_at(&self, step: u64, total: u64) -> bool {
         (self.every > 0 && step.is_multiple_of(self.every)) || step == total
     }
+}
+
+/// The checkpoint folder `from` names in the output folder `path` (`Latest`: the newest
+/// there), which must exist. Read-only: the other ranks of a data-parallel run resume with it
+/// from the folder the first rank locks.
+pub(crate) fn resume_target_in(path: &Path, from: &ResumeFrom) -> Result<PathBuf> {
+    let dir = match from {
+        ResumeFrom::Latest => list_checkpoints(path).pop().map(|c| c.1).ok_or_else(|| {
+            TrainError::Output(format!("resume from the latest checkpoint: no checkpoint-* in {}", path.display()))
+        })?,
+        ResumeFrom::Path(p) => p.clone(),
+    };
+    if !dir.is_dir() {
+        return Err(TrainError::Output(format!("resume: checkpoint {} does not exist", dir.display())));
+    }
+    Ok(dir)
 }

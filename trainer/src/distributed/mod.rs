@@ -1,0 +1,202 @@
+//! Data-parallel training (docs/distributed.md): every rank holds a copy of the model, takes
+//! its shard of each global batch, and averages its gradients with the others' before the
+//! same optimizer step, so the weights stay identical on every rank.
+//!
+//! - The data order and the random draws are the run's, of the *global* batch (`world ×
+//!   batch_size` examples): rank `r` takes examples `[r·b, (r+1)·b)` of it and the same rows
+//!   of its noise. A run on `N` ranks with batch `b` is therefore the run of one rank with
+//!   batch `N·b`, up to the summation order of the gradients' average.
+//! - Gradients are averaged in buckets ([`DataParallel::bucket_bytes`], 25 MiB as torch's
+//!   DDP), flattened in reverse parameter order (the order the backward finishes them).
+//!   Every rank reduces every bucket every step: a parameter without a gradient on some rank
+//!   contributes zeros, so no rank waits for a bucket another rank skips.
+//! - The step's losses and its non-finite flag are averaged with them: under fp16 loss scaling
+//!   every rank skips the same steps.
+//! - What moves the bytes is a [`Collective`]: NCCL on CUDA devices (lisa-cubecl's
+//!   `NcclRank`), threads of one process ([`thread_group`]), or the TCP connections of the
+//!   rendezvous between processes ([`TcpRank`]).
+
+mod host;
+mod launch;
+mod replicate;
+mod tcp;
+mod threads;
+
+use std::time::Duration;
+
+use lisa_core::backend::{Backend, Collective, DType, Shape};
+
+pub use launch::{DEFAULT_MASTER_PORT, Launch, Launcher, MAX_WORLD};
+pub use replicate::HostWeights;
+pub use tcp::{Link, TcpRank, Watch, rendezvous};
+pub use threads::{ThreadRank, thread_group};
+
+use crate::error::{Result, TrainError};
+
+/// Gradient bytes per all-reduce (torch DDP's `bucket_cap_mb` default, 25 MiB).
+pub const DEFAULT_BUCKET_BYTES: usize = 25 << 20;
+
+/// How long a rank waits for the others at a collective before it ends the run with an
+/// error (torch's NCCL default is 10 min; lisa's covers rank 0 validating a large model
+/// while the others wait at the next step).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// One rank's part in a data-parallel run: its collective and how gradients are bucketed.
+pub struct DataParallel<B: Backend> {
+    group: Box<dyn Collective<B> + Send>,
+    /// Gradient bytes per all-reduce.
+    pub bucket_bytes: usize,
+}
+
+/// Which rows of a global batch a rank takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// This rank.
+    pub rank: usize,
+    /// Ranks in the run.
+    pub world: usize,
+}
+
+impl Shard {
+    /// The whole batch (one rank).
+    pub const WHOLE: Shard = Shard { rank: 0, world: 1 };
+
+    /// The rows `[rank·n, (rank+1)·n)` of a global batch of `world·n`.
+    pub fn rows(&self, n: usize) -> std::ops::Range<usize> {
+        self.rank * n..(self.rank + 1) * n
+    }
+}
+
+impl<B: Backend> DataParallel<B> {
+    /// A rank of the group `group`.
+    pub fn new(group: Box<dyn Collective<B> + Send>) -> Self {
+        Self { group, bucket_bytes: DEFAULT_BUCKET_BYTES }
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.group.rank()
+    }
+
+    /// Ranks in the run.
+    pub fn world_size(&self) -> usize {
+        self.group.world_size()
+    }
+
+    /// What carries the all-reduce ("NCCL", "threads", "TCP").
+    pub fn transport(&self) -> &'static str {
+        self.group.transport()
+    }
+
+    /// This rank's rows of each global batch.
+    pub fn shard(&self) -> Shard {
+        Shard { rank: self.rank(), world: self.world_size() }
+    }
+
+    /// `g ← (1/N)·Σ_r g_r` for every slot, in buckets of about [`Self::bucket_bytes`];
+    /// `like[i]` gives slot `i`'s shape (a missing gradient is reduced as zeros, and comes
+    /// back as the average).
+    pub fn average_gradients(&mut self, grads: &mut [Option<B::Tensor>], like: &[&B::Tensor]) -> Result<()> {
+        if grads.len() != like.len() {
+            return Err(TrainError::Internal("one shape per gradient slot"));
+        }
+        let inverse = 1.0 / self.world_size() as f32;
+        let mut bytes = Vec::with_capacity(like.len());
+        for t in like {
+            bytes.push(B::shape(t).num_elements()? * 4);
+        }
+        for bucket in buckets(&bytes, self.bucket_bytes) {
+            // [Σ numel] in bucket order.
+            let mut flat = Vec::with_capacity(bucket.len());
+            for &i in &bucket {
+                let g = match &grads[i] {
+                    Some(g) if B::dtype(g) == DType::F32 => g.clone(),
+                    Some(g) => B::cast(g, DType::F32)?,
+                    None => B::zeros(&B::shape(like[i]), DType::F32, &B::device(like[i]))?,
+                };
+                flat.push(B::reshape(&g, &Shape::new([B::shape(&g).num_elements()?]))?);
+            }
+            let refs: Vec<&B::Tensor> = flat.iter().collect();
+            let mut joined = if refs.len() == 1 { refs[0].clone() } else { B::concat(&refs, 0)? };
+            self.group.all_reduce_sum(&mut joined)?;
+            let joined = B::scale(&joined, inverse)?;
+            let mut start = 0;
+            for &i in &bucket {
+                let shape = B::shape(like[i]);
+                let n = shape.num_elements()?;
+                grads[i] = Some(B::reshape(&B::narrow(&joined, 0, start, n)?, &shape)?);
+                start += n;
+            }
+        }
+        Ok(())
+    }
+
+    /// `v ← (1/N)·Σ_r v_r` for host values (a step's losses), through the device.
+    pub fn average(&mut self, values: &mut [f32], device: &B::Device) -> Result<()> {
+        if values.is_empty() {
+            return Ok(());
+        }
+        let mut t = B::from_slice(values, &Shape::new([values.len()]), DType::F32, device)?;
+        self.group.all_reduce_sum(&mut t)?;
+        let inverse = 1.0 / self.world_size() as f32;
+        for (v, s) in values.iter_mut().zip(B::to_vec(&t)?) {
+            *v = s * inverse;
+        }
+        Ok(())
+    }
+
+    /// Checks that every rank holds the same `fingerprint` (its run's position, settings and
+    /// weights), so that ranks built from different files or resumed from different
+    /// checkpoints stop before their first step. Exact in f32: each 4-bit digit and its
+    /// square are summed (equal sums of values and of squares mean equal values).
+    pub fn agree(&mut self, fingerprint: u64, what: &str, device: &B::Device) -> Result<()> {
+        let digits: Vec<f32> = (0..16).map(|i| ((fingerprint >> (4 * i)) & 0xf) as f32).collect();
+        let mut values: Vec<f32> =
+            digits.iter().chain(digits.iter().map(|d| d * d).collect::<Vec<_>>().iter()).copied().collect();
+        let mut t = B::from_slice(&values, &Shape::new([values.len()]), DType::F32, device)?;
+        self.group.all_reduce_sum(&mut t)?;
+        let world = self.world_size() as f32;
+        let sums = B::to_vec(&t)?;
+        for (v, s) in values.iter_mut().zip(&sums) {
+            *v *= world;
+            if *v != *s {
+                return Err(TrainError::Config(format!(
+                    "the ranks disagree on {what}: they were started from different files, settings or checkpoints (rank {} differs from the others' average)",
+                    self.rank()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// This rank's part ended normally (the collective may close).
+    pub fn finish(&mut self) {
+        self.group.finish();
+    }
+
+    /// This rank failed: the others' next collective ends with `why`.
+    pub fn abort(&mut self, why: &str) {
+        self.group.abort(why);
+    }
+}
+
+/// The slots of each bucket: slots taken in reverse order (the order the backward finishes
+/// them), a new bucket whenever the next slot would take it past `bucket_bytes` (a slot
+/// larger than that is a bucket of its own).
+pub fn buckets(bytes: &[usize], bucket_bytes: usize) -> Vec<Vec<usize>> {
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    let mut filled = 0;
+    for i in (0..bytes.len()).rev() {
+        match out.last_mut() {
+            Some(b) if filled + bytes[i] <= bucket_bytes => {
+                b.push(i);
+                filled += bytes[i];
+            }
+            _ => {
+                out.push(vec![i]);
+                filled = bytes[i];
+            }
+        }
+    }
+    out
+}
