@@ -50,6 +50,10 @@ pub use cubecl::cuda::CudaRuntime;
 #[cfg(feature = "wgpu")]
 pub type WgpuBackend = CubeBackend<cubecl::wgpu::WgpuRuntime>;
 
+/// NCCL's all-reduce on CUDA tensors (data-parallel training).
+#[cfg(feature = "cuda")]
+pub mod nccl;
+
 /// The CUDA runtime (the driver and NVRTC are loaded at run time).
 #[cfg(feature = "cuda")]
 pub type CudaBackend = CubeBackend<cubecl::cuda::CudaRuntime>;

@@ -1,0 +1,194 @@
+//! NCCL's all-reduce for [`CudaBackend`](crate::CudaBackend) tensors: the collective of
+//! data-parallel training on NVIDIA GPUs, in one process (a thread per GPU) or across
+//! processes and machines (one process per GPU, the unique id shared by the trainer's
+//! rendezvous).
+//!
+//! cubecl 0.10 has an all-reduce of its own, but it makes its communicator from an id it
+//! keeps inside one process, so it cannot join ranks of other processes, and it panics on
+//! failure. This module drives NCCL through cudarc (NCCL loaded at run time) on cubecl's
+//! buffers: the step's work is finished (`sync`), NCCL sums into a new buffer on a stream of
+//! its own, and the wait for it has a deadline. A peer that never comes makes this rank abort
+//! its communicator and return an error, never hang.
+
+use std::time::{Duration, Instant};
+
+use cubecl::cuda::CudaRuntime;
+use cudarc::driver::sys as cu;
+use cudarc::nccl::{result as nccl, sys};
+use lisa_core::backend::{Collective, DType, TensorOps};
+
+use crate::{CubeDevice, CubeTensor, CudaBackend};
+
+/// An NCCL communicator's unique id: made by one rank, handed to all.
+pub type NcclId = [u8; 128];
+
+/// Why NCCL cannot run here, or `Ok` when it can (its library loads).
+pub fn nccl_available() -> Result<(), String> {
+    // SAFETY: loads the library by name and drops it; no NCCL call is made.
+    if unsafe { sys::is_culib_present() } {
+        Ok(())
+    } else {
+        Err("the NCCL library (libnccl.so.2) was not found: install NCCL (e.g. pip's nvidia-nccl-cu12, or the nccl packages of NVIDIA's repository) and put it on LD_LIBRARY_PATH".into())
+    }
+}
+
+/// A fresh unique id for a communicator (NCCL must be available: [`nccl_available`]).
+pub fn nccl_unique_id() -> Result<NcclId, String> {
+    nccl_available()?;
+    let id = nccl::get_uniqueid().map_err(|e| format!("ncclGetUniqueId: {e:?}"))?;
+    Ok(id.internal.map(|c| c as u8))
+}
+
+/// One rank of an NCCL communicator, on one CUDA device.
+pub struct NcclRank {
+    comm: sys::ncclComm_t,
+    stream: cu::CUstream,
+    context: cu::CUcontext,
+    device: CubeDevice<CudaRuntime>,
+    rank: usize,
+    world: usize,
+    timeout: Duration,
+    broken: Option<String>,
+}
+
+// SAFETY: the communicator, stream and context are used by the thread that holds the rank,
+// one call at a time (every method takes `&mut self` or reads plain fields); NCCL and the CUDA
+// driver allow their handles to move between threads.
+unsafe impl Send for NcclRank {}
+
+fn cuda(what: &str, r: cu::CUresult) -> Result<(), String> {
+    if r == cu::CUresult::CUDA_SUCCESS { Ok(()) } else { Err(format!("{what}: {r:?}")) }
+}
+
+impl NcclRank {
+    /// Joins communicator `id` as `rank` of `world` on CUDA device `ordinal` (the one
+    /// `device`'s client runs on). Blocks until every rank has joined, up to `timeout`.
+    pub fn new(
+        id: &NcclId,
+        rank: usize,
+        world: usize,
+        ordinal: usize,
+        device: CubeDevice<CudaRuntime>,
+        timeout: Duration,
+    ) -> Result<Self, String> {
+        nccl_available()?;
+        let mut context = std::ptr::null_mut();
+        let mut stream = std::ptr::null_mut();
+        // SAFETY: plain driver calls on out-pointers we own; the primary context is the one
+        // cubecl's client uses for this device.
+        unsafe {
+            let mut dev = 0;
+            cuda("cuDeviceGet", cu::cuDeviceGet(&mut dev, ordinal as i32))?;
+            cuda("cuDevicePrimaryCtxRetain", cu::cuDevicePrimaryCtxRetain(&mut context, dev))?;
+            cuda("cuCtxSetCurrent", cu::cuCtxSetCurrent(context))?;
+            cuda("cuStreamCreate", cu::cuStreamCreate(&mut stream, cu::CUstream_flags::CU_STREAM_NON_BLOCKING as u32))?;
+        }
+        let unique = sys::ncclUniqueId { internal: id.map(|b| b as std::ffi::c_char) };
+        let mut comm = std::mem::MaybeUninit::uninit();
+        // SAFETY: `comm` is written by NCCL on success; every rank passes the same id.
+        unsafe {
+            nccl::comm_init_rank(comm.as_mut_ptr(), world as i32, unique, rank as i32)
+                .map_err(|e| format!("ncclCommInitRank (rank {rank} of {world}, GPU {ordinal}): {e:?}"))?;
+        }
+        // SAFETY: initialised by the successful call above.
+        let comm = unsafe { comm.assume_init() };
+        Ok(Self { comm, stream, context, device, rank, world, timeout, broken: None })
+    }
+
+    /// Waits for this rank's NCCL stream, at most the timeout; past it, aborts the
+    /// communicator (so no kernel keeps waiting for a peer) and says so.
+    fn wait(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            // SAFETY: `self.stream` is a live stream of this rank's context.
+            let r = unsafe { cu::cuStreamQuery(self.stream) };
+            match r {
+                cu::CUresult::CUDA_SUCCESS => return Ok(()),
+                cu::CUresult::CUDA_ERROR_NOT_READY if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+                cu::CUresult::CUDA_ERROR_NOT_READY => {
+                    // SAFETY: aborting a live communicator; it is not used afterwards.
+                    let _ = unsafe { nccl::comm_abort(self.comm) };
+                    let why = format!(
+                        "rank {} waited {:.0} s in an NCCL all-reduce: a rank failed or stopped answering",
+                        self.rank,
+                        self.timeout.as_secs_f64()
+                    );
+                    self.broken = Some(why.clone());
+                    return Err(why);
+                }
+                other => return Err(format!("the NCCL stream failed: {other:?}")),
+            }
+        }
+    }
+
+    fn reduce(&mut self, x: &mut CubeTensor<CudaRuntime>) -> Result<(), String> {
+        if let Some(why) = &self.broken {
+            return Err(why.clone());
+        }
+        if x.dtype != DType::F32 {
+            return Err(format!("all-reduce of a {} tensor: lisa reduces f32 gradients", x.dtype));
+        }
+        let n = x.len();
+        // The step's kernels that wrote `x` are done before NCCL reads it.
+        CudaBackend::sync(&self.device).map_err(|e| e.to_string())?;
+        let client = &self.device.client;
+        let out = client.empty(n.max(1) * 4);
+        let src = client.get_resource(x.handle.clone()).map_err(|e| format!("{e:?}"))?.resource().ptr;
+        let dst = client.get_resource(out.clone()).map_err(|e| format!("{e:?}"))?.resource().ptr;
+        // SAFETY: `src` holds `n` f32 values and `dst` room for them, both on this rank's
+        // device; the context is this device's primary one; the stream is ours.
+        unsafe {
+            cuda("cuCtxSetCurrent", cu::cuCtxSetCurrent(self.context))?;
+            nccl::all_reduce(
+                src as *const std::ffi::c_void,
+                dst as *mut std::ffi::c_void,
+                n,
+                sys::ncclDataType_t::ncclFloat32,
+                sys::ncclRedOp_t::ncclSum,
+                self.comm,
+                self.stream as sys::cudaStream_t,
+            )
+            .map_err(|e| format!("ncclAllReduce: {e:?}"))?;
+        }
+        self.wait()?;
+        // A new buffer: cubecl buffers are never written by an op that did not allocate them.
+        *x = CubeTensor { handle: out, shape: x.shape.clone(), dtype: DType::F32, device: self.device.clone() };
+        Ok(())
+    }
+}
+
+impl Drop for NcclRank {
+    fn drop(&mut self) {
+        // SAFETY: the communicator and stream are live and used by no one else now.
+        unsafe {
+            if self.broken.is_none() {
+                let _ = nccl::comm_destroy(self.comm);
+            }
+            let _ = cu::cuStreamDestroy_v2(self.stream);
+        }
+    }
+}
+
+impl Collective<CudaBackend> for NcclRank {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world
+    }
+    fn all_reduce_sum(&mut self, x: &mut CubeTensor<CudaRuntime>) -> lisa_core::Result<()> {
+        self.reduce(x).map_err(|message| lisa_core::Error::Backend { op: "all_reduce", message })
+    }
+    fn abort(&mut self, why: &str) {
+        if self.broken.is_none() {
+            // SAFETY: aborting a live communicator: the peers' NCCL calls fail instead of waiting.
+            let _ = unsafe { nccl::comm_abort(self.comm) };
+            self.broken = Some(why.to_string());
+        }
+    }
+    fn transport(&self) -> &'static str {
+        "NCCL"
+    }
+}
