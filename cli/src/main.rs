@@ -10,6 +10,7 @@ mod demo;
 mod eval;
 mod fill50k;
 mod image;
+mod parallel;
 mod pipeline_start;
 mod plot;
 mod pretrain;

@@ -16,6 +16,7 @@ use lisa_trainer::train::{Mode, Trainer};
 use lisa_trainer::validation::{LatentValidation, ToyValidation, Validator};
 
 use crate::config::{RunFile, check_memory, name_setting};
+use crate::parallel::{Plan, RankBackend, train_ranks};
 use crate::pipeline_start::{SdStart, mixed_precision_note, mode_parts};
 use crate::progress::RunDisplay;
 use crate::run_dir::CheckpointArgs;
@@ -157,6 +158,16 @@ pub struct TrainArgs {
     /// Where checkpoints, grids and metrics.jsonl go.
     #[arg(long, default_value = "runs/train")]
     output_dir: PathBuf,
+    /// Train on N GPUs of this machine, one thread each (data-parallel: each takes
+    /// --train-batch-size examples of every step, gradients averaged with NCCL). With the CPU
+    /// or wgpu backend the N ranks share the one device. A run started by torchrun or srun
+    /// (RANK / WORLD_SIZE or SLURM_PROCID / SLURM_NTASKS set) is one process per GPU instead.
+    #[arg(long)]
+    gpus: Option<usize>,
+    /// Seconds a rank waits for the others (at the rendezvous, at each all-reduce) before it
+    /// ends the run with an error.
+    #[arg(long, default_value_t = 1800)]
+    collective_timeout: u64,
 }
 
 /// Applies the flags to the run file (the library checks the values: [`check_settings`]).
@@ -248,6 +259,33 @@ pub enum Start<'a, B: Backend> {
 /// training run ([`session::run`]). Everything that can be checked is checked before the
 /// first step.
 pub fn train_arm<B: Backend>(file: &RunFile, start: Start<B>, device: B::Device, o: &LoopOptions) -> Result<RunReport> {
+    let mut arm = prepare_arm(file, start, device, o)?;
+    let mut trainer = Trainer::new(arm.built, file.train.clone())?;
+    let mut display = RunDisplay::new(o.label, o.output_dir, arm.summary);
+    let validator: Option<&mut dyn Validator<B>> = match &mut arm.validator {
+        Some(v) => Some(v.as_mut()),
+        None => None,
+    };
+    Ok(session::run(&mut trainer, arm.data.as_ref(), validator, &arm.options, &mut display)?)
+}
+
+/// A run checked and ready for its first step: the model, its validator, its data, the run's
+/// options and the summary line the display starts with.
+pub struct Arm<B: Backend> {
+    /// The model, built and loaded.
+    pub built: Box<dyn DualDenoiser<B>>,
+    /// What validates it (None: nothing to validate with).
+    pub validator: Option<Box<dyn Validator<B>>>,
+    /// The training set.
+    pub data: Box<dyn lisa_trainer::data::Dataset>,
+    /// Cadence, checkpoints, resume.
+    pub options: RunOptions,
+    /// The start summary.
+    pub summary: String,
+}
+
+/// Everything [`train_arm`] does before the trainer exists, every check included.
+pub fn prepare_arm<B: Backend>(file: &RunFile, start: Start<B>, device: B::Device, o: &LoopOptions) -> Result<Arm<B>> {
     let mode = file.train.mode;
     let parts = mode_parts(mode);
     let built = match start {
@@ -267,7 +305,7 @@ pub fn train_arm<B: Backend>(file: &RunFile, start: Start<B>, device: B::Device,
     let noise = &file.train.noise;
     // Pixel-space models validate by sampling and measuring; latent-space ones by sampling
     // the given pairs and decoding with their VAE (or not at all when none are given).
-    let mut validator: Option<Box<dyn Validator<B>>> = match (&o.latent_validation, model.latent_space()) {
+    let validator: Option<Box<dyn Validator<B>>> = match (&o.latent_validation, model.latent_space()) {
         (Some(v), true) => {
             let vae = Vae::<B>::open(&v.vae, model.store().device().clone(), v.dtype)
                 .with_context(|| format!("loading the VAE {}", v.vae.display()))?;
@@ -323,13 +361,7 @@ pub fn train_arm<B: Backend>(file: &RunFile, start: Start<B>, device: B::Device,
         rollback: c.rollback,
         overwrite: c.overwrite,
     };
-    let mut trainer = Trainer::new(built, file.train.clone())?;
-    let mut display = RunDisplay::new(o.label, o.output_dir, summary);
-    let validator: Option<&mut dyn Validator<B>> = match &mut validator {
-        Some(v) => Some(v.as_mut()),
-        None => None,
-    };
-    Ok(session::run(&mut trainer, data.as_ref(), validator, &options, &mut display)?)
+    Ok(Arm { built, validator, data, options, summary })
 }
 
 /// The data's images and condition images have the model's channels (checked on the first
@@ -349,7 +381,11 @@ fn check_example_fits<B: Backend>(model: &dyn DualDenoiser<B>, data: &dyn lisa_t
 }
 
 /// Runs `lisa train`.
-pub fn run<B: Backend>(a: TrainArgs, device: B::Device) -> Result<()> {
+pub fn run<B: RankBackend>(a: TrainArgs, device: B::Device) -> Result<()> {
+    let plan = Plan::new(a.gpus)?;
+    if a.collective_timeout == 0 {
+        bail!("--collective-timeout must be at least 1 (seconds)");
+    }
     let mut file = RunFile::load(a.config.as_deref())?;
     apply(&a, &mut file);
     check_settings(&a, &file)?;
@@ -382,7 +418,8 @@ pub fn run<B: Backend>(a: TrainArgs, device: B::Device) -> Result<()> {
         label: if file.train.mode == Mode::Lisa { "lisa" } else { "baseline" },
     };
     let latent = a.pretrained_model_name_or_path.is_some();
-    let report = train_arm::<B>(&file, start, device, &options)?;
+    let timeout = std::time::Duration::from_secs(a.collective_timeout);
+    let report = train_ranks::<B>(&file, start, device, &options, &plan, timeout)?;
     // The toy's validation scores the circles' IoU; an SD run's validation writes grids.
     let validated = match (latent, report.final_score()) {
         (false, Some(v)) => format!("final iou {v:.4}"),

@@ -44,7 +44,7 @@ pub use cubecl::wgpu::WgpuRuntime;
 
 /// The CUDA runtime type.
 #[cfg(feature = "cuda")]
-pub use cubecl::cuda::CudaRuntime;
+pub use cubecl::cuda::{CudaDevice, CudaRuntime};
 
 /// The wgpu runtime (Vulkan, Metal, DX12, or lavapipe's software Vulkan).
 #[cfg(feature = "wgpu")]

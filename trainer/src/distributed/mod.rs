@@ -28,7 +28,7 @@ use lisa_core::backend::{Backend, Collective, DType, Shape};
 
 pub use launch::{DEFAULT_MASTER_PORT, Launch, Launcher, MAX_WORLD};
 pub use replicate::HostWeights;
-pub use tcp::{Link, TcpRank, Watch, rendezvous};
+pub use tcp::{Link, TcpRank, Watch, Watched, rendezvous};
 pub use threads::{ThreadRank, thread_group};
 
 use crate::error::{Result, TrainError};

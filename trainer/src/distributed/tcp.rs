@@ -382,3 +382,40 @@ impl<B: Backend> Collective<B> for TcpRank {
         "TCP"
     }
 }
+
+/// A collective that runs elsewhere (NCCL) with its peers watched over the rendezvous's
+/// connections ([`Link::watch`]): its goodbye and its failure reach them there too.
+pub struct Watched<C> {
+    inner: C,
+    watch: Watch,
+}
+
+impl<C> Watched<C> {
+    /// `inner`, watched through `watch`.
+    pub fn new(inner: C, watch: Watch) -> Self {
+        Self { inner, watch }
+    }
+}
+
+impl<B: Backend, C: Collective<B>> Collective<B> for Watched<C> {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn all_reduce_sum(&mut self, x: &mut B::Tensor) -> lisa_core::Result<()> {
+        self.inner.all_reduce_sum(x)
+    }
+    fn finish(&mut self) {
+        self.inner.finish();
+        self.watch.finish();
+    }
+    fn abort(&mut self, why: &str) {
+        self.watch.abort(why);
+        self.inner.abort(why);
+    }
+    fn transport(&self) -> &'static str {
+        self.inner.transport()
+    }
+}
