@@ -7,6 +7,10 @@
 #                                   # target/device-check/ copied there; no cargo needed
 #   scripts/device_check.sh gemm    # on the GPU machine: the toy step with each f32 GEMM kernel
 #   scripts/device_check.sh sd      # on the GPU machine: the SD arm alone (below), ~5 minutes
+#   scripts/device_check.sh dp      # on the GPU machine: NCCL all-reduce bandwidth on every
+#                                   # visible GPU (a communicator of one on a one-GPU machine)
+#                                   # for a small bucket, a 25 MiB bucket and SD 1.5's ControlNet
+#                                   # gradient (backends/cubecl/benches/allreduce.rs), ~1 minute
 #
 # `run` does, each stage under its own time limit (the whole at most ~8 minutes):
 #   1. the backend conformance suite on CUDA (every check of lisa-conformance, forward, backward,
@@ -50,12 +54,16 @@ build() {
     cargo bench -p lisa-cubecl --features cuda --bench ops --no-run \
         --message-format=json >"$OUT_DIR/build.json" 2>"$OUT_DIR/build.log" || fail_build
     ops="$(exe_of ops <"$OUT_DIR/build.json")"
+    cargo bench -p lisa-cubecl --features cuda --bench allreduce --no-run \
+        --message-format=json >"$OUT_DIR/build.json" 2>"$OUT_DIR/build.log" || fail_build
+    local allreduce
+    allreduce="$(exe_of allreduce <"$OUT_DIR/build.json")"
     rm -f "$OUT_DIR/build.json" "$OUT_DIR/build.log"
     [ -x "$conf" ] && [ -x "$bench" ] && [ -x "$sd" ] && [ -x "$ops" ] || {
         echo "device_check: cargo built no conformance_cuda, step, sd_step or ops executable" >&2
         exit 1
     }
-    for pair in "conformance_cuda:$conf" "step_cuda:$bench" "sd_step_cuda:$sd" "ops_cuda:$ops"; do
+    for pair in "conformance_cuda:$conf" "step_cuda:$bench" "sd_step_cuda:$sd" "ops_cuda:$ops" "allreduce_cuda:$allreduce"; do
         local name="${pair%%:*}" exe="${pair#*:}"
         cp "$exe" "$OUT_DIR/$name"
         strip --strip-debug "$OUT_DIR/$name"
@@ -79,7 +87,8 @@ have_binaries() {
 unpack_binaries() {
     local bin name
     bin="$(mktemp -d "${TMPDIR:-/tmp}/lisa-device-bin.XXXXXX")"
-    for name in conformance_cuda step_cuda sd_step_cuda ops_cuda; do
+    for name in conformance_cuda step_cuda sd_step_cuda ops_cuda allreduce_cuda; do
+        [ -f "$OUT_DIR/$name.xz" ] || continue
         xz -dc "$OUT_DIR/$name.xz" >"$bin/$name"
         chmod +x "$bin/$name"
     done
@@ -287,13 +296,28 @@ sd_arm() {
     return $status
 }
 
+# NCCL's all-reduce on this machine's GPUs (lisa_cubecl::nccl, the collective of --gpus and of
+# launched runs).
+dp_arm() {
+    have_binaries
+    local bin
+    bin="$(unpack_binaries)"
+    [ -x "$bin/allreduce_cuda" ] || { echo "device_check: no allreduce_cuda binary: rebuild with 'build'" >&2; exit 2; }
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true
+    local status=0
+    timeout 120 "$bin/allreduce_cuda" --bench 2>&1 | grep -E 'allreduce|panicked|rror' || status=1
+    rm -rf "$bin"
+    return $status
+}
+
 case "${1:-}" in
     build) build ;;
+    dp) dp_arm ;;
     run) run ;;
     gemm) gemm_kernels ;;
     sd) sd_arm ;;
     *)
-        echo "usage: scripts/device_check.sh build|run|gemm|sd" >&2
+        echo "usage: scripts/device_check.sh build|run|gemm|sd|dp" >&2
         exit 2
         ;;
 esac
