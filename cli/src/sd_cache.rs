@@ -368,6 +368,9 @@ pub fn prepare<B: Backend>(
     Ok(Cache { latents, embeddings, lock: Some(lock) })
 }
 
+/// How often a run that finds the cache neither current nor free tries again to write it.
+const CACHE_ATTEMPTS: usize = 20;
+
 /// The cache folder's lock, held shared, once `files` hold the cache made from `key`: reused
 /// when they do, written by `write` (under the exclusive lock) when they do not. `digests` is
 /// saved once the folder is known to be lisa's cache (or new). A cache another run holds
@@ -399,22 +402,39 @@ pub(crate) fn locked_cache(
         )
     };
     if !fresh {
-        // Written under the exclusive lock, which no run using the cache lets go.
-        lock.unlock().with_context(|| format!("cannot unlock {}", cache_dir.join(CACHE_LOCK).display()))?;
-        match lock.try_lock() {
-            Ok(()) => {
-                if !current()? {
-                    write()?;
+        // Written under the exclusive lock, which no run using the cache lets go. Runs that
+        // start together from the same inputs (the ranks of a data-parallel run) may each
+        // hold the shared lock when they try: they retry, at different moments, until one
+        // writes; a run from other inputs that keeps the cache is the error below.
+        let mut write = Some(write);
+        for attempt in 0..CACHE_ATTEMPTS {
+            lock.unlock().with_context(|| format!("cannot unlock {}", cache_dir.join(CACHE_LOCK).display()))?;
+            match lock.try_lock() {
+                Ok(()) => {
+                    if !current()?
+                        && let Some(write) = write.take()
+                    {
+                        write()?;
+                    }
+                    lock.unlock().with_context(|| format!("cannot unlock {}", cache_dir.join(CACHE_LOCK).display()))?;
+                    lock_shared(&lock, cache_dir)?;
                 }
-                lock.unlock().with_context(|| format!("cannot unlock {}", cache_dir.join(CACHE_LOCK).display()))?;
-                lock_shared(&lock, cache_dir)?;
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    lock_shared(&lock, cache_dir)?;
+                    if !current()? && attempt + 1 < CACHE_ATTEMPTS {
+                        let jitter = (std::process::id() as u64 * 37 + attempt as u64 * 101) % 200;
+                        std::thread::sleep(std::time::Duration::from_millis(50 + jitter));
+                    }
+                }
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(e).with_context(|| format!("cannot lock {}", cache_dir.join(CACHE_LOCK).display()));
+                }
             }
-            Err(std::fs::TryLockError::WouldBlock) => lock_shared(&lock, cache_dir)?,
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(e).with_context(|| format!("cannot lock {}", cache_dir.join(CACHE_LOCK).display()));
+            // Another run may have written it meanwhile: from these inputs, or from others.
+            if current()? {
+                break;
             }
         }
-        // Another run may have written it meanwhile: from these inputs, or from others.
         if !current()? {
             return Err(in_use());
         }

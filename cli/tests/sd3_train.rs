@@ -297,3 +297,45 @@ fn the_readme_sd3_command_runs_as_written() {
     assert!(out.join("controlnet/diffusion_pytorch_model.safetensors").is_file());
     assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 2);
 }
+
+#[test]
+fn sd3_on_two_ranks_trains_as_one_rank_with_the_global_batch() {
+    let dir = workdir("ranks");
+    let (pipe, data) = (pipeline(&dir), data(&dir));
+    let layers = ["--controlnet-num-layers", "2"];
+    let alone = dir.join("alone");
+    ok(&train(&pipe, &data, &alone, &layers));
+    // Two ranks of batch 1 (rank 1 a copy of rank 0's model, with its pooled text tables).
+    let ranks = dir.join("ranks");
+    ok(&lisa(&[
+        "train",
+        "--pretrained-model-name-or-path",
+        s(&pipe),
+        "--train-data-dir",
+        s(&data),
+        "--train-batch-size",
+        "1",
+        "--gpus",
+        "2",
+        "--learning-rate",
+        "1e-4",
+        "--max-train-steps",
+        "2",
+        "--controlnet-num-layers",
+        "2",
+        "--output-dir",
+        s(&ranks),
+    ]));
+    let losses = |out: &Path| -> Vec<f64> {
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+            .collect()
+    };
+    let (a, b) = (losses(&alone), losses(&ranks));
+    assert_eq!(a.len(), 2);
+    for (x, y) in a.iter().zip(&b) {
+        assert!(lisa_core::tolerance::DATA_PARALLEL_LOSS_F32.accepts(*y, *x), "{b:?} on two ranks vs {a:?} alone");
+    }
+}

@@ -670,3 +670,84 @@ fn sd_messages_name_the_culprit() {
     let ckpt = out.join("checkpoint-1");
     fails_with(&lisa(&["eval", "--main", s(&prior), "--checkpoint", s(&ckpt)]), "of the sd architecture");
 }
+
+/// The `loss` of every row of a run's metrics.jsonl.
+fn losses(out: &Path) -> Vec<f64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .collect()
+}
+
+fn assert_same_losses(alone: &Path, ranks: &Path) {
+    let (a, b) = (losses(alone), losses(ranks));
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert!(lisa_core::tolerance::DATA_PARALLEL_LOSS_F32.accepts(*y, *x), "{b:?} on ranks vs {a:?} alone");
+    }
+}
+
+/// `lisa train` on the tiny SD pipeline as rank `rank` of 2, launched as torchrun launches.
+fn launched(args: &[String], rank: usize, port: u16) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_lisa"))
+        .args(args)
+        .env("RANK", rank.to_string())
+        .env("LOCAL_RANK", rank.to_string())
+        .env("WORLD_SIZE", "2")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn sd_ranks_train_as_one_rank_with_the_global_batch() {
+    let dir = workdir("ranks");
+    let (pipe, data) = (full_pipeline(&dir), images_only(&dir));
+    let common = |out: &Path, batch: &'static str| -> Vec<String> {
+        [
+            "train",
+            "--pretrained-model-name-or-path",
+            s(&pipe),
+            "--train-data-dir",
+            s(&data),
+            "--max-train-steps",
+            "2",
+            "--train-batch-size",
+            batch,
+            "--cache-dir",
+            s(&dir.join("cache")),
+            "--output-dir",
+            s(out),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
+    let run = |args: &[String]| lisa(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    // Two processes that start together encode the shared cache once between them.
+    let procs = dir.join("procs");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let args = common(&procs, "1");
+    let children = [launched(&args, 0, port), launched(&args, 1, port)];
+    for c in children {
+        ok(&c.wait_with_output().unwrap());
+    }
+    let alone = dir.join("alone");
+    let err = ok(&run(&common(&alone, "2")));
+    assert!(err.contains("using the cached latents"), "{err}");
+    assert_same_losses(&alone, &procs);
+    // Two ranks in one process: rank 1's model is rank 0's, copied (text embeddings included).
+    let threads = dir.join("threads");
+    ok(&run(&[common(&threads, "1"), vec!["--gpus".into(), "2".into()]].concat()));
+    assert_same_losses(&alone, &threads);
+    assert!(threads.join("controlnet/config.json").is_file());
+    // Under autocast, the copies keep the frozen UNet's half-precision storage.
+    let bf16 = dir.join("bf16");
+    let extra: Vec<String> = ["--gpus", "2", "--mixed-precision", "bf16"].iter().map(|a| a.to_string()).collect();
+    ok(&run(&[common(&bf16, "1"), extra].concat()));
+    assert!(losses(&bf16).iter().all(|l| l.is_finite()));
+}
