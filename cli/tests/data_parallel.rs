@@ -151,3 +151,30 @@ fn launched_ranks_that_disagree_or_never_come_are_clear_errors() {
     fails_with(&lisa(&zero.iter().map(String::as_str).collect::<Vec<_>>()), "--gpus must be at least 1");
     std::fs::remove_dir_all(d).unwrap();
 }
+
+#[test]
+fn a_launched_rank_killed_mid_run_ends_the_others_with_its_name() {
+    let d = workdir("killed");
+    let main = tiny_prior(&d, 1, 2);
+    let out = d.join("r");
+    let mut args = train_args(&d, &main, &out, 2);
+    // Long enough to be killed in; a timeout so that a failure of this test cannot hang CI.
+    let at = args.iter().position(|a| a == "--max-train-steps").unwrap();
+    args[at + 1] = "100000".into();
+    args.extend(["--collective-timeout".to_string(), "60".to_string()]);
+    let port = free_port();
+    let rank0 = launched(&args, 0, 2, port);
+    let mut rank1 = launched(&args, 1, 2, port);
+    let started = std::time::Instant::now();
+    while !out.join("metrics.jsonl").is_file() || std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().is_empty()
+    {
+        assert!(started.elapsed().as_secs() < 60, "the run never took a step");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    rank1.kill().unwrap(); // SIGKILL: no goodbye, no error message from it
+    rank1.wait().unwrap();
+    let out0 = rank0.wait_with_output().unwrap();
+    fails_with(&out0, "rank 1 closed its connection");
+    assert!(started.elapsed().as_secs() < 50, "rank 0 stopped at once, not at the timeout");
+    std::fs::remove_dir_all(d).unwrap();
+}

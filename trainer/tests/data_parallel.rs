@@ -8,6 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::tiny_model;
+use lisa_core::backend::DType;
 use lisa_core::backend::prelude::*;
 use lisa_core::tolerance::{DATA_PARALLEL_LOSS_F32, DATA_PARALLEL_PARAMS_F32};
 use lisa_cpu::{CpuBackend as C, CpuDevice};
@@ -444,4 +445,32 @@ fn a_process_that_dies_ends_the_tcp_reduce_with_its_name() {
     });
     let e = results[0].clone().unwrap();
     assert!(e.contains("rank 1 closed its connection"), "{e}");
+}
+
+#[test]
+fn a_gradient_missing_on_one_rank_is_reduced_as_zeros() {
+    // Slot 0 has a gradient on rank 1 only (a path that one rank's batch did not take): both
+    // ranks reduce the same buckets and get the average, (0 + 2)/2.
+    let group = thread_group(2, Duration::from_secs(60));
+    let got: Vec<Vec<f32>> = std::thread::scope(|s| {
+        let hs: Vec<_> = group
+            .into_iter()
+            .enumerate()
+            .map(|(r, rank)| {
+                s.spawn(move || {
+                    let mut dp = DataParallel::<C>::new(Box::new(rank));
+                    let shape = lisa_core::backend::Shape::new([3]);
+                    let like = C::zeros(&shape, DType::F32, &CpuDevice).unwrap();
+                    let two = C::full(&shape, 2.0, DType::F32, &CpuDevice).unwrap();
+                    let mut grads = vec![(r == 1).then(|| two.clone()), Some(two.clone())];
+                    dp.average_gradients(&mut grads, &[&like, &like]).unwrap();
+                    dp.finish();
+                    grads.iter().flat_map(|g| C::to_vec(g.as_ref().unwrap()).unwrap()).collect()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(got[0], vec![1.0, 1.0, 1.0, 2.0, 2.0, 2.0]);
+    assert_eq!(got[1], got[0]);
 }
