@@ -10,14 +10,16 @@ use lisa_core::{LisaConfig, Prediction};
 use serde::{Deserialize, Serialize};
 
 use crate::autodiff::Tape;
+use crate::autodiff::VarId;
 use crate::data::{Dataset, Example};
-use crate::distributed::{DataParallel, Shard};
+use crate::distributed::{DataParallel, Overlap, Shard};
 use crate::error::{Result, TrainError};
 use crate::model::{
     DECODER, DualDenoiser, ForwardOptions, ModelSpec, Parts, SIDE, SideMode, forward_train, registry, replay_side,
 };
 use crate::objective::{Objective, TauNorm, TauNormConfig, measure_tau_norm};
 use crate::optim::{OptimConfig, Optimizer};
+use crate::params::ParamId;
 pub use crate::run::TrainState;
 use crate::run::{MAX_BATCH, NoisedBatch, RunStream, StepSettings, TrainingRun, new_run_id};
 use crate::scheduler::{NoiseConfig, NoiseProcess};
@@ -209,10 +211,6 @@ impl StepStats {
     }
 }
 
-/// `(main loss, LISA term, per-parameter gradients)` of one micro-batch.
-type MicroBatch<B> =
-    (f32, lisa_core::lisa::LisaLoss<f32>, Vec<Option<<B as lisa_core::backend::BackendTypes>::Tensor>>);
-
 /// A control-training run: model, optimizer state, EMA, data position, random stream.
 pub type Trainer<B> = TrainingRun<B, TrainConfig>;
 
@@ -316,10 +314,16 @@ impl<B: Backend> Trainer<B> {
         self.tau_norm(data)?;
         let scaling = self.loss_scaler()?.map(|s| s.scale());
         let loss_scale = scaling.unwrap_or(1.0);
+        // In a data-parallel step the last micro-batch's backward starts the gradients'
+        // all-reduce bucket by bucket as it finishes them (not with gradient checkpointing,
+        // whose replay finishes the side network's gradients after the backward).
+        let overlap = self.parallel.is_some() && !self.config.gradient_checkpointing;
+        let mut reduced = false;
         for k in 0..accum {
             let examples = self.next_examples(data, self.config.batch_size)?;
-            let (main, lisa, micro) = match self.micro_batch(&examples, accum, loss_scale).map_err(|e| e.at_step(step))
-            {
+            let reduce = overlap && k + 1 == accum;
+            let micro = self.micro_batch(&examples, accum, loss_scale, &mut grads, reduce).map_err(|e| e.at_step(step));
+            let (main, lisa) = match micro {
                 Ok(micro) => micro,
                 // Under fp16 loss scaling a non-finite value in the forward (the losses refuse
                 // them) skips the step, as torch's GradScaler would after an inf/NaN backward:
@@ -338,22 +342,20 @@ impl<B: Backend> Trainer<B> {
                 }
                 Err(e) => return Err(e),
             };
+            reduced |= reduce;
             main_sum += main;
             lisa_sum += lisa.distance;
             zero_sum += lisa.zero_distance;
             total_sum += main + lisa.weighted;
-            for (slot, g) in grads.iter_mut().zip(micro) {
-                *slot = match (slot.take(), g) {
-                    (Some(a), Some(b)) => Some(B::add(&a, &b)?),
-                    (a, b) => a.or(b),
-                };
-            }
         }
         if let Some(parallel) = &mut self.parallel {
-            // The mean over every rank's micro-batches: gradients in buckets, then the losses
-            // (a rank's NaN makes every rank's loss NaN, so all skip or stop together).
-            let like: Vec<&B::Tensor> = self.optimizer.adamw.moments.iter().map(|(_, m, _)| m).collect();
-            parallel.average_gradients(&mut grads, &like).map_err(|e| e.at_step(step))?;
+            // The mean over every rank's micro-batches: gradients in buckets (unless the last
+            // backward did it), then the losses (a rank's NaN makes every rank's loss NaN, so
+            // all skip or stop together).
+            if !reduced {
+                let like: Vec<&B::Tensor> = self.optimizer.adamw.moments.iter().map(|(_, m, _)| m).collect();
+                parallel.average_gradients(&mut grads, &like).map_err(|e| e.at_step(step))?;
+            }
             let mut sums = [main_sum, lisa_sum, zero_sum, total_sum];
             parallel.average(&mut sums, self.model.store().device()).map_err(|e| e.at_step(step))?;
             [main_sum, lisa_sum, zero_sum, total_sum] = sums;
@@ -379,10 +381,20 @@ impl<B: Backend> Trainer<B> {
         }
     }
 
-    /// Forward + backward of one micro-batch; gradients are scaled by `loss_scale/accum` so
-    /// that the accumulated gradient is the mean over micro-batches (times the loss scale,
-    /// 1 without fp16 loss scaling).
-    fn micro_batch(&mut self, examples: &[Example], accum: usize, loss_scale: f32) -> Result<MicroBatch<B>> {
+    /// Forward + backward of one micro-batch, its gradients added into `grads` (one slot per
+    /// trainable parameter, in AdamW order) scaled by `loss_scale/accum`, so that the
+    /// accumulated gradient is the mean over micro-batches (times the loss scale, 1 without
+    /// fp16 loss scaling). With `reduce` (the last micro-batch of a data-parallel step), each
+    /// slot goes to the all-reduce as soon as the backward finishes it, and `grads` ends as the
+    /// average over the ranks.
+    fn micro_batch(
+        &mut self,
+        examples: &[Example],
+        accum: usize,
+        loss_scale: f32,
+        grads: &mut [Option<B::Tensor>],
+        reduce: bool,
+    ) -> Result<(f32, lisa_core::lisa::LisaLoss<f32>)> {
         let model = self.model.as_ref();
         let shard = self.parallel.as_ref().map_or(Shard::WHOLE, |p| p.shard());
         let p_empty = self.config.proportion_empty_prompts;
@@ -404,20 +416,54 @@ impl<B: Backend> Trainer<B> {
             roots.push((dec, g));
         }
         let leaves = bound.leaves();
+        let add = |slot: &mut Option<B::Tensor>, g: B::Tensor| -> Result<()> {
+            *slot = Some(match slot.take() {
+                Some(a) => B::add(&a, &g)?,
+                None => g,
+            });
+            Ok(())
+        };
+        if reduce && out.side_leaves.is_none() {
+            let slot_of: std::collections::HashMap<ParamId, usize> =
+                self.optimizer.adamw.moments.iter().enumerate().map(|(i, (p, _, _))| (*p, i)).collect();
+            let slot_of: std::collections::HashMap<VarId, usize> =
+                leaves.iter().filter_map(|(p, v)| slot_of.get(p).map(|&i| (*v, i))).collect();
+            let like: Vec<&B::Tensor> = self.optimizer.adamw.moments.iter().map(|(_, m, _)| m).collect();
+            let parallel = self.parallel.as_mut().ok_or(TrainError::Internal("a reduce without ranks"))?;
+            let mut overlap = Overlap::new(parallel, &like)?;
+            let mut arrived = vec![false; grads.len()];
+            tape.backward_each(&roots, |var, g| {
+                let Some(&slot) = slot_of.get(&var) else { return Ok(()) };
+                add(&mut grads[slot], g)?;
+                arrived[slot] = true;
+                overlap.ready(slot, grads[slot].take().ok_or(TrainError::Internal("a gradient just added"))?)
+            })?;
+            // Gradients of earlier micro-batches that this one's backward did not reach.
+            for (slot, g) in grads.iter_mut().enumerate() {
+                if let (false, Some(g)) = (arrived[slot], g.take()) {
+                    overlap.ready(slot, g)?;
+                }
+            }
+            overlap.finish(grads)?;
+            return Ok((loss.main, loss.lisa));
+        }
         let mut g = tape.backward(&roots)?;
         drop(roots);
-        let mut grads = self.optimizer.gather(leaves, &mut g);
+        for (slot, extra) in grads.iter_mut().zip(self.optimizer.gather(leaves, &mut g)) {
+            if let Some(extra) = extra {
+                add(slot, extra)?;
+            }
+        }
         if let Some(side_leaves) = out.side_leaves.take() {
             // The side network again, recorded, seeded with its outputs' gradients.
             drop(out);
             let (leaves, mut g2) = replay_side(model, &side_leaves, &mut g, &x_t, &hint, &cond)?;
             for (slot, extra) in grads.iter_mut().zip(self.optimizer.gather(leaves, &mut g2)) {
-                *slot = match (slot.take(), extra) {
-                    (Some(a), Some(b)) => Some(B::add(&a, &b)?),
-                    (a, b) => a.or(b),
-                };
+                if let Some(extra) = extra {
+                    add(slot, extra)?;
+                }
             }
         }
-        Ok((loss.main, loss.lisa, grads))
+        Ok((loss.main, loss.lisa))
     }
 }

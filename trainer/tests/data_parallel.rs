@@ -474,3 +474,61 @@ fn a_gradient_missing_on_one_rank_is_reduced_as_zeros() {
     assert_eq!(got[0], vec![1.0, 1.0, 1.0, 2.0, 2.0, 2.0]);
     assert_eq!(got[1], got[0]);
 }
+
+/// A group of one that records when each reduction starts (the length it reduces).
+struct Recorder(std::sync::Arc<std::sync::Mutex<Vec<usize>>>);
+
+impl lisa_core::backend::Collective<C> for Recorder {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&mut self, x: &mut lisa_cpu::CpuTensor) -> lisa_core::Result<()> {
+        self.0.lock().unwrap().push(C::to_vec(x)?.len());
+        Ok(())
+    }
+    fn transport(&self) -> &'static str {
+        "recorder"
+    }
+}
+
+#[test]
+fn a_bucket_starts_as_soon_as_its_gradients_and_every_earlier_bucket_are_ready() {
+    use lisa_trainer::distributed::Overlap;
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut dp = DataParallel::<C>::new(Box::new(Recorder(log.clone())));
+    dp.bucket_bytes = 16; // 4 values
+    // Slots of 2, 3, 1 and 4 values: buckets (reverse order, ≤ 4 values) [3], [2, 1], [0].
+    let shapes = [2usize, 3, 1, 4];
+    let like: Vec<lisa_cpu::CpuTensor> = shapes
+        .iter()
+        .map(|&n| C::zeros(&lisa_core::backend::Shape::new([n]), DType::F32, &CpuDevice).unwrap())
+        .collect();
+    let refs: Vec<&lisa_cpu::CpuTensor> = like.iter().collect();
+    let value = |n: usize, v: f32| C::full(&lisa_core::backend::Shape::new([n]), v, DType::F32, &CpuDevice).unwrap();
+    let mut overlap = Overlap::new(&mut dp, &refs).unwrap();
+    overlap.ready(1, value(3, 1.0)).unwrap();
+    assert!(log.lock().unwrap().is_empty(), "bucket [2, 1] is complete but bucket [3] is not");
+    overlap.ready(3, value(4, 3.0)).unwrap();
+    assert_eq!(*log.lock().unwrap(), vec![4], "bucket [3] starts; [2, 1] still lacks slot 2");
+    overlap.ready(2, value(1, 2.0)).unwrap();
+    assert_eq!(*log.lock().unwrap(), vec![4, 4]);
+    // Slot 0 never got a gradient on this rank: its bucket starts at the end, as zeros.
+    let mut grads = vec![None; 4];
+    overlap.finish(&mut grads).unwrap();
+    assert_eq!(*log.lock().unwrap(), vec![4, 4, 2]);
+    let got: Vec<Vec<f32>> = grads.iter().map(|g| C::to_vec(g.as_ref().unwrap()).unwrap()).collect();
+    assert_eq!(got, vec![vec![0.0; 2], vec![1.0; 3], vec![2.0], vec![3.0; 4]]);
+}
+
+#[test]
+fn ranks_with_gradient_checkpointing_train_as_one_rank_with_the_global_batch() {
+    let checkpointed = |batch| TrainConfig { gradient_checkpointing: true, ..config(batch, 2, 2) };
+    let mut alone = trainer(checkpointed(4));
+    let alone_stats: Vec<StepStats> = (0..2).map(|_| alone.step(&DATA).unwrap()).collect();
+    for e in &ranks(2, checkpointed(2)) {
+        assert_matches(&alone_stats, &trained(&alone), &e.stats, &e.weights);
+    }
+}

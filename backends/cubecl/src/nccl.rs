@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use cubecl::cuda::CudaRuntime;
 use cudarc::driver::sys as cu;
 use cudarc::nccl::{result as nccl, sys};
-use lisa_core::backend::{Collective, DType, TensorOps};
+use lisa_core::backend::{Collective, DType, Pending, TensorOps};
 
 use crate::{CubeDevice, CubeTensor, CudaBackend};
 
@@ -49,6 +49,10 @@ pub struct NcclRank {
     world: usize,
     timeout: Duration,
     broken: Option<String>,
+    /// Started reductions: ticket, the source buffer (kept alive until NCCL has read it), the
+    /// result's buffer and shape.
+    in_flight: Vec<(u64, cubecl::server::Handle, cubecl::server::Handle, lisa_core::backend::Shape)>,
+    next_ticket: u64,
 }
 
 // SAFETY: the communicator, stream and context are used by the thread that holds the rank,
@@ -92,12 +96,23 @@ impl NcclRank {
         }
         // SAFETY: initialised by the successful call above.
         let comm = unsafe { comm.assume_init() };
-        Ok(Self { comm, stream, context, device, rank, world, timeout, broken: None })
+        Ok(Self {
+            comm,
+            stream,
+            context,
+            device,
+            rank,
+            world,
+            timeout,
+            broken: None,
+            in_flight: Vec::new(),
+            next_ticket: 0,
+        })
     }
 
     /// Waits for this rank's NCCL stream, at most the timeout; past it, aborts the
     /// communicator (so no kernel keeps waiting for a peer) and says so.
-    fn wait(&mut self) -> Result<(), String> {
+    fn wait_stream(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + self.timeout;
         loop {
             // SAFETY: `self.stream` is a live stream of this rank's context.
@@ -123,7 +138,9 @@ impl NcclRank {
         }
     }
 
-    fn reduce(&mut self, x: &mut CubeTensor<CudaRuntime>) -> Result<(), String> {
+    /// Queues the sum of `x` on this rank's NCCL stream once the device has finished the
+    /// work that wrote it; returns its ticket without waiting for NCCL.
+    fn start(&mut self, x: CubeTensor<CudaRuntime>) -> Result<u64, String> {
         if let Some(why) = &self.broken {
             return Err(why.clone());
         }
@@ -131,14 +148,17 @@ impl NcclRank {
             return Err(format!("all-reduce of a {} tensor: lisa reduces f32 gradients", x.dtype));
         }
         let n = x.len();
-        // The step's kernels that wrote `x` are done before NCCL reads it.
+        // The kernels that wrote `x` are done before NCCL reads it (cubecl's streams are its
+        // own, so the whole device is waited for; the backward queued after this overlaps
+        // with NCCL).
         CudaBackend::sync(&self.device).map_err(|e| e.to_string())?;
         let client = &self.device.client;
         let out = client.empty(n.max(1) * 4);
         let src = client.get_resource(x.handle.clone()).map_err(|e| format!("{e:?}"))?.resource().ptr;
         let dst = client.get_resource(out.clone()).map_err(|e| format!("{e:?}"))?.resource().ptr;
         // SAFETY: `src` holds `n` f32 values and `dst` room for them, both on this rank's
-        // device; the context is this device's primary one; the stream is ours.
+        // device and both kept alive in `in_flight` until the stream has passed them; the
+        // context is this device's primary one; the stream is ours.
         unsafe {
             cuda("cuCtxSetCurrent", cu::cuCtxSetCurrent(self.context))?;
             nccl::all_reduce(
@@ -152,11 +172,28 @@ impl NcclRank {
             )
             .map_err(|e| format!("ncclAllReduce: {e:?}"))?;
         }
-        self.wait()?;
-        // A new buffer: cubecl buffers are never written by an op that did not allocate them.
-        *x = CubeTensor { handle: out, shape: x.shape.clone(), dtype: DType::F32, device: self.device.clone() };
-        Ok(())
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.in_flight.push((ticket, x.handle, out, x.shape));
+        Ok(ticket)
     }
+
+    /// The sum behind `ticket` (every reduction started before it is done too: one stream).
+    fn finish_ticket(&mut self, ticket: u64) -> Result<CubeTensor<CudaRuntime>, String> {
+        self.wait_stream()?;
+        let at = self
+            .in_flight
+            .iter()
+            .position(|e| e.0 == ticket)
+            .ok_or_else(|| format!("no NCCL reduction with ticket {ticket} is in flight"))?;
+        let (_, _source, out, shape) = self.in_flight.remove(at);
+        // A new buffer: cubecl buffers are never written by an op that did not allocate them.
+        Ok(CubeTensor { handle: out, shape, dtype: DType::F32, device: self.device.clone() })
+    }
+}
+
+fn backend_error(message: String) -> lisa_core::Error {
+    lisa_core::Error::Backend { op: "all_reduce", message }
 }
 
 impl Drop for NcclRank {
@@ -179,7 +216,18 @@ impl Collective<CudaBackend> for NcclRank {
         self.world
     }
     fn all_reduce_sum(&mut self, x: &mut CubeTensor<CudaRuntime>) -> lisa_core::Result<()> {
-        self.reduce(x).map_err(|message| lisa_core::Error::Backend { op: "all_reduce", message })
+        let ticket = self.start(x.clone()).map_err(backend_error)?;
+        *x = self.finish_ticket(ticket).map_err(backend_error)?;
+        Ok(())
+    }
+    fn start_all_reduce(&mut self, x: CubeTensor<CudaRuntime>) -> lisa_core::Result<Pending<CubeTensor<CudaRuntime>>> {
+        self.start(x).map(Pending::Started).map_err(backend_error)
+    }
+    fn wait(&mut self, pending: Pending<CubeTensor<CudaRuntime>>) -> lisa_core::Result<CubeTensor<CudaRuntime>> {
+        match pending {
+            Pending::Done(x) => Ok(x),
+            Pending::Started(ticket) => self.finish_ticket(ticket).map_err(backend_error),
+        }
     }
     fn abort(&mut self, why: &str) {
         if self.broken.is_none() {

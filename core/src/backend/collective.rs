@@ -21,6 +21,26 @@ pub trait Collective<B: BackendTypes> {
     /// bit (the sum is taken once, in an order the implementation fixes, and shared).
     fn all_reduce_sum(&mut self, x: &mut B::Tensor) -> Result<()>;
 
+    /// Starts `x ← Σ_r x_r` and returns without waiting for it where the transport can (NCCL
+    /// on its own stream), so that the caller goes on computing; [`Collective::wait`] gives the
+    /// sum. Reductions complete in the order they were started. The default reduces at once.
+    fn start_all_reduce(&mut self, x: B::Tensor) -> Result<Pending<B::Tensor>> {
+        let mut x = x;
+        self.all_reduce_sum(&mut x)?;
+        Ok(Pending::Done(x))
+    }
+
+    /// The sum a [`Collective::start_all_reduce`] started.
+    fn wait(&mut self, pending: Pending<B::Tensor>) -> Result<B::Tensor> {
+        match pending {
+            Pending::Done(x) => Ok(x),
+            Pending::Started(_) => Err(crate::Error::Backend {
+                op: "all_reduce",
+                message: "a reduction this collective did not start".into(),
+            }),
+        }
+    }
+
     /// This rank's part of the run ended normally: leaving the group now breaks nothing.
     fn finish(&mut self) {}
 
@@ -30,4 +50,13 @@ pub trait Collective<B: BackendTypes> {
 
     /// What carries the reduction, in words (for logs: "NCCL", "threads", "TCP").
     fn transport(&self) -> &'static str;
+}
+
+/// An all-reduce started by [`Collective::start_all_reduce`].
+#[derive(Debug)]
+pub enum Pending<T> {
+    /// Reduced already (transports that block).
+    Done(T),
+    /// In flight: the transport's ticket.
+    Started(u64),
 }

@@ -34,7 +34,7 @@ pub use attention::{
     ATTENTION_SCORE_BUDGET, AttentionDims, AttentionForward, AttentionGrads, AttentionOps, AttentionParams,
     attention_backward_chunked, attention_chunked,
 };
-pub use collective::Collective;
+pub use collective::{Collective, Pending};
 pub use dtype::{DType, HalfProducts};
 pub use fused::FusedOps;
 pub use geometry::{Conv2dParams, GroupNormParams, Transpose};

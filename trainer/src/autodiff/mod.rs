@@ -155,12 +155,27 @@ impl<B: Backend> Tape<B> {
     /// (`∂L/∂root`, e.g. from a fused loss). Returns the gradients of every leaf reached.
     /// Nodes are released as they are processed; the tape can be reused afterwards.
     pub fn backward(&self, roots: &[(&Var<B>, B::Tensor)]) -> Result<Gradients<B>> {
+        let mut leaves = HashMap::new();
+        self.backward_each(roots, |id, grad| {
+            leaves.insert(id, grad);
+            Ok(())
+        })?;
+        Ok(Gradients { grads: leaves })
+    }
+
+    /// [`Tape::backward`], handing each leaf's gradient to `on_leaf` as soon as it is final:
+    /// a leaf is recorded before every op that reads it, so the reverse sweep reaches it after
+    /// all of them. A data-parallel step starts reducing gradients while the sweep goes on.
+    pub fn backward_each(
+        &self,
+        roots: &[(&Var<B>, B::Tensor)],
+        mut on_leaf: impl FnMut(VarId, B::Tensor) -> Result<()>,
+    ) -> Result<()> {
         let mut pending: HashMap<VarId, B::Tensor> = HashMap::new();
         for (var, seed) in roots {
             let id = var.node.ok_or(TrainError::Autodiff("backward from a value that needs no gradient"))?;
             accumulate::<B>(&mut pending, id, seed.clone())?;
         }
-        let mut leaves = HashMap::new();
         let last = self.nodes.borrow().len();
         for index in (0..last).rev() {
             let id = VarId(index);
@@ -171,9 +186,7 @@ impl<B: Backend> Tape<B> {
                 continue;
             };
             match node.backward {
-                None => {
-                    leaves.insert(id, grad);
-                }
+                None => on_leaf(id, grad)?,
                 Some(backward) => {
                     let input_grads = backward(&grad)?;
                     if input_grads.len() != node.inputs.len() {
@@ -188,7 +201,7 @@ impl<B: Backend> Tape<B> {
             }
         }
         self.nodes.borrow_mut().clear();
-        Ok(Gradients { grads: leaves })
+        Ok(())
     }
 }
 

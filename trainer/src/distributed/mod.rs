@@ -97,38 +97,13 @@ impl<B: Backend> DataParallel<B> {
     /// `like[i]` gives slot `i`'s shape (a missing gradient is reduced as zeros, and comes
     /// back as the average).
     pub fn average_gradients(&mut self, grads: &mut [Option<B::Tensor>], like: &[&B::Tensor]) -> Result<()> {
-        if grads.len() != like.len() {
-            return Err(TrainError::Internal("one shape per gradient slot"));
-        }
-        let inverse = 1.0 / self.world_size() as f32;
-        let mut bytes = Vec::with_capacity(like.len());
-        for t in like {
-            bytes.push(B::shape(t).num_elements()? * 4);
-        }
-        for bucket in buckets(&bytes, self.bucket_bytes) {
-            // [Σ numel] in bucket order.
-            let mut flat = Vec::with_capacity(bucket.len());
-            for &i in &bucket {
-                let g = match &grads[i] {
-                    Some(g) if B::dtype(g) == DType::F32 => g.clone(),
-                    Some(g) => B::cast(g, DType::F32)?,
-                    None => B::zeros(&B::shape(like[i]), DType::F32, &B::device(like[i]))?,
-                };
-                flat.push(B::reshape(&g, &Shape::new([B::shape(&g).num_elements()?]))?);
-            }
-            let refs: Vec<&B::Tensor> = flat.iter().collect();
-            let mut joined = if refs.len() == 1 { refs[0].clone() } else { B::concat(&refs, 0)? };
-            self.group.all_reduce_sum(&mut joined)?;
-            let joined = B::scale(&joined, inverse)?;
-            let mut start = 0;
-            for &i in &bucket {
-                let shape = B::shape(like[i]);
-                let n = shape.num_elements()?;
-                grads[i] = Some(B::reshape(&B::narrow(&joined, 0, start, n)?, &shape)?);
-                start += n;
+        let mut overlap = Overlap::new(self, like)?;
+        for (slot, g) in grads.iter_mut().enumerate() {
+            if let Some(g) = g.take() {
+                overlap.ready(slot, g)?;
             }
         }
-        Ok(())
+        overlap.finish(grads)
     }
 
     /// `v ← (1/N)·Σ_r v_r` for host values (a step's losses), through the device.
@@ -177,6 +152,92 @@ impl<B: Backend> DataParallel<B> {
     /// This rank failed: the others' next collective ends with `why`.
     pub fn abort(&mut self, why: &str) {
         self.group.abort(why);
+    }
+}
+
+/// One step's gradient average, bucket by bucket, as the backward finishes the gradients
+/// ([`Overlap::ready`]): a bucket starts its all-reduce once each of its slots is final and
+/// every bucket before it has started, so that every rank starts the same reductions in the
+/// same order whatever order its gradients come in. [`Overlap::finish`] starts the rest
+/// (slots that got no gradient on this rank as zeros) and waits for all.
+pub struct Overlap<'a, B: Backend> {
+    parallel: &'a mut DataParallel<B>,
+    /// Slot shapes.
+    shapes: Vec<Shape>,
+    device: B::Device,
+    /// Slots of each bucket, in bucket order.
+    plan: Vec<Vec<usize>>,
+    /// The gradients final so far, by slot.
+    final_grads: Vec<Option<B::Tensor>>,
+    /// The next bucket to start.
+    next: usize,
+    /// Started reductions, in bucket order.
+    started: Vec<lisa_core::backend::Pending<B::Tensor>>,
+}
+
+impl<'a, B: Backend> Overlap<'a, B> {
+    /// A step's average over `parallel`'s ranks for slots shaped like `like`.
+    pub fn new(parallel: &'a mut DataParallel<B>, like: &[&B::Tensor]) -> Result<Self> {
+        let shapes: Vec<Shape> = like.iter().map(|t| B::shape(t)).collect();
+        let mut bytes = Vec::with_capacity(shapes.len());
+        for s in &shapes {
+            bytes.push(s.num_elements()? * 4);
+        }
+        let device = like.first().map_or_else(B::default_device, |t| B::device(t));
+        let plan = buckets(&bytes, parallel.bucket_bytes);
+        Ok(Self { parallel, final_grads: vec![None; shapes.len()], shapes, device, plan, next: 0, started: Vec::new() })
+    }
+
+    /// Slot `slot`'s gradient is final on this rank: starts every bucket that is now complete.
+    pub fn ready(&mut self, slot: usize, grad: B::Tensor) -> Result<()> {
+        let cell = self.final_grads.get_mut(slot).ok_or(TrainError::Internal("a gradient slot out of range"))?;
+        *cell = Some(grad);
+        while self.next < self.plan.len() && self.plan[self.next].iter().all(|&i| self.final_grads[i].is_some()) {
+            self.start_next()?;
+        }
+        Ok(())
+    }
+
+    /// Starts bucket `self.next`: its slots flattened into one f32 vector (zeros for a slot
+    /// without a gradient), in bucket order.
+    fn start_next(&mut self) -> Result<()> {
+        let mut flat = Vec::with_capacity(self.plan[self.next].len());
+        for &i in &self.plan[self.next] {
+            let n = self.shapes[i].num_elements()?;
+            let g = match self.final_grads[i].take() {
+                Some(g) if B::dtype(&g) == DType::F32 => g,
+                Some(g) => B::cast(&g, DType::F32)?,
+                None => B::zeros(&self.shapes[i], DType::F32, &self.device)?,
+            };
+            flat.push(B::reshape(&g, &Shape::new([n]))?);
+        }
+        let refs: Vec<&B::Tensor> = flat.iter().collect();
+        let joined = if refs.len() == 1 { refs[0].clone() } else { B::concat(&refs, 0)? };
+        self.started.push(self.parallel.group.start_all_reduce(joined)?);
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Starts what is left, waits for every bucket and writes each slot's average into
+    /// `grads` (every slot is `Some` afterwards).
+    pub fn finish(mut self, grads: &mut [Option<B::Tensor>]) -> Result<()> {
+        if grads.len() != self.shapes.len() {
+            return Err(TrainError::Internal("one shape per gradient slot"));
+        }
+        while self.next < self.plan.len() {
+            self.start_next()?;
+        }
+        let inverse = 1.0 / self.parallel.world_size() as f32;
+        for (bucket, pending) in self.plan.iter().zip(std::mem::take(&mut self.started)) {
+            let joined = B::scale(&self.parallel.group.wait(pending)?, inverse)?;
+            let mut start = 0;
+            for &i in bucket {
+                let n = self.shapes[i].num_elements()?;
+                grads[i] = Some(B::reshape(&B::narrow(&joined, 0, start, n)?, &self.shapes[i])?);
+                start += n;
+            }
+        }
+        Ok(())
     }
 }
 

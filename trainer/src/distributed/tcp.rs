@@ -407,6 +407,12 @@ impl<B: Backend, C: Collective<B>> Collective<B> for Watched<C> {
     fn all_reduce_sum(&mut self, x: &mut B::Tensor) -> lisa_core::Result<()> {
         self.inner.all_reduce_sum(x)
     }
+    fn start_all_reduce(&mut self, x: B::Tensor) -> lisa_core::Result<lisa_core::backend::Pending<B::Tensor>> {
+        self.inner.start_all_reduce(x)
+    }
+    fn wait(&mut self, pending: lisa_core::backend::Pending<B::Tensor>) -> lisa_core::Result<B::Tensor> {
+        self.inner.wait(pending)
+    }
     fn finish(&mut self) {
         self.inner.finish();
         self.watch.finish();
