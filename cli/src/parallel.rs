@@ -99,8 +99,15 @@ impl RankBackend for lisa_cubecl::WgpuBackend {
 #[cfg(feature = "cuda")]
 impl RankBackend for lisa_cubecl::CudaBackend {
     fn rank_device(_base: &Self::Device, local: usize) -> Result<Self::Device> {
-        let device = lisa_cubecl::CudaDevice { index: local };
-        lisa_cubecl::CubeDevice::try_new(device).with_context(|| format!("CUDA device {local} (this rank's GPU)"))
+        let device = lisa_cubecl::CubeDevice::try_new(lisa_cubecl::CudaDevice { index: local });
+        // A launcher that shows each process only its own GPU (srun --gpu-bind, one
+        // CUDA_VISIBLE_DEVICES entry per task): that GPU is device 0.
+        let bound = std::env::var("CUDA_VISIBLE_DEVICES").is_ok_and(|v| !v.is_empty() && !v.contains(','));
+        match device {
+            Err(_) if local > 0 && bound => lisa_cubecl::CubeDevice::try_new(lisa_cubecl::CudaDevice { index: 0 })
+                .with_context(|| format!("the one GPU CUDA_VISIBLE_DEVICES shows local rank {local}")),
+            other => other.with_context(|| format!("CUDA device {local} (this rank's GPU)")),
+        }
     }
     fn own_devices() -> bool {
         true

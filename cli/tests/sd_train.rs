@@ -751,3 +751,64 @@ fn sd_ranks_train_as_one_rank_with_the_global_batch() {
     ok(&run(&[common(&bf16, "1"), extra].concat()));
     assert!(losses(&bf16).iter().all(|l| l.is_finite()));
 }
+
+/// The README's multi-GPU commands, as written, on the CPU backend and the tiny full pipeline:
+/// `--gpus 8` as `--gpus 2`, torchrun's and srun's processes as two processes with the
+/// variables each launcher sets (`--backend cuda`, the folders and the step count swapped for
+/// the test's; the port a free one, so that parallel tests cannot collide).
+#[test]
+fn the_readme_multi_gpu_commands_run_as_written() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
+    let section = readme.split("### More than one GPU").nth(1).expect("the README's multi-GPU section");
+    let block = section.split("```").nth(1).expect("its command block").replace("\\\n", " ");
+    let lines: Vec<&str> = block.lines().filter(|l| l.contains("lisa train")).collect();
+    assert_eq!(lines.len(), 3, "--gpus, torchrun and srun: {lines:?}");
+    let dir = workdir("readme-gpus");
+    let (pipe, data) = (full_pipeline(&dir), images_only(&dir));
+    for (i, line) in lines.iter().enumerate() {
+        let launcher = line.split_whitespace().next().unwrap();
+        let words: Vec<&str> = line.split("lisa train").nth(1).unwrap().split_whitespace().collect();
+        let out = dir.join(format!("out-{i}"));
+        let mut args = vec!["train".to_string()];
+        let mut k = 0;
+        while k < words.len() {
+            match words[k] {
+                "--backend" => k += 1, // cuda: the CPU here
+                "PIPELINE" => args.push(s(&pipe).into()),
+                "DATA" => args.push(s(&data).into()),
+                w if w.starts_with("runs/") => args.push(s(&out).into()),
+                "10000" => args.push("2".into()),
+                "8" if words[k - 1] == "--gpus" => args.push("2".into()),
+                w => args.push(w.to_string()),
+            }
+            k += 1;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+        let outputs: Vec<std::process::Output> = match launcher {
+            "lisa" => vec![lisa(&args.iter().map(String::as_str).collect::<Vec<_>>())],
+            "torchrun" | "srun" => {
+                let children: Vec<_> = (0..2)
+                    .map(|r| {
+                        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_lisa"));
+                        c.args(&args).env("MASTER_ADDR", "127.0.0.1").env("MASTER_PORT", &port);
+                        let vars = match launcher {
+                            "torchrun" => [("RANK", r), ("LOCAL_RANK", r), ("WORLD_SIZE", 2)],
+                            _ => [("SLURM_PROCID", r), ("SLURM_LOCALID", r), ("SLURM_NTASKS", 2)],
+                        };
+                        for (k, v) in vars {
+                            c.env(k, v.to_string());
+                        }
+                        c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap()
+                    })
+                    .collect();
+                children.into_iter().map(|c| c.wait_with_output().unwrap()).collect()
+            }
+            other => panic!("an unknown launcher {other}"),
+        };
+        for o in &outputs {
+            ok(o);
+        }
+        assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 2, "{line}");
+        assert!(out.join("controlnet/diffusion_pytorch_model.safetensors").is_file());
+    }
+}
