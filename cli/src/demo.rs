@@ -13,12 +13,12 @@ use lisa_core::backend::Backend;
 use lisa_trainer::session::{LOCK, OutputDir, Rollback, RunReport};
 use lisa_trainer::train::Mode;
 
+use crate::arm::{LoopOptions, Start, train_arm};
 use crate::config::RunFile;
 use crate::image::save_png;
 use crate::plot::{BASELINE_BLUE, LISA_ORANGE, Panel, Series, line_chart};
 use crate::run_dir::CheckpointArgs;
 use crate::shipped;
-use crate::train::{LoopOptions, Start, train_arm};
 
 /// Flags of `lisa demo`.
 #[derive(Debug, Args)]

@@ -5,6 +5,7 @@
 //! user input. The library behind it is `lisa-trainer`; this crate holds what only a command
 //! needs: flags, run files, progress bars, image files and plots.
 
+mod arm;
 mod config;
 mod demo;
 mod eval;

@@ -12,9 +12,9 @@ use lisa_trainer::session::{self, RunReport};
 use lisa_trainer::train::Trainer;
 use lisa_trainer::validation::Validator;
 
+use crate::arm::{LoopOptions, Start, prepare_arm};
 use crate::config::RunFile;
 use crate::progress::RunDisplay;
-use crate::train::{LoopOptions, Start, prepare_arm};
 
 /// How many ranks a run has and where they live.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,7 +169,7 @@ fn digest<B: Backend>(file: &RunFile, model: &dyn lisa_trainer::model::DualDenoi
     sha2::Sha256::digest(described.to_string().as_bytes()).into()
 }
 
-/// Trains as `plan` says: [`crate::train::train_arm`] on one rank, or every rank of this
+/// Trains as `plan` says: [`crate::arm::train_arm`] on one rank, or every rank of this
 /// process with its share of each global batch.
 pub fn train_ranks<B: RankBackend>(
     file: &RunFile,
@@ -180,7 +180,7 @@ pub fn train_ranks<B: RankBackend>(
     timeout: Duration,
 ) -> Result<RunReport> {
     match plan {
-        Plan::Alone => crate::train::train_arm(file, start, device, o),
+        Plan::Alone => crate::arm::train_arm(file, start, device, o),
         Plan::Process(launch) => {
             let device = B::rank_device(&device, launch.local_rank)?;
             let mut arm = prepare_arm(file, start, device.clone(), o)?;

@@ -10,8 +10,8 @@ use lisa_trainer::session::{ResumeFrom, Rollback};
 use lisa_trainer::weights::write_atomic;
 
 use super::plan::{KeptRunFile, PlannedRun, StudyFile};
+use crate::arm::{LoopOptions, Start, train_arm};
 use crate::run_dir::CheckpointArgs;
-use crate::train::{LoopOptions, Start, train_arm};
 
 /// The resolved run file of a run, kept to detect a changed configuration on resume.
 const RUN_FILE: &str = "run.toml";
