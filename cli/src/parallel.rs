@@ -113,17 +113,19 @@ impl RankBackend for lisa_cubecl::CudaBackend {
         true
     }
     fn in_process(devices: &[Self::Device], timeout: Duration) -> Result<Vec<Box<dyn Collective<Self> + Send>>> {
-        use lisa_cubecl::nccl::{NcclRank, nccl_unique_id};
+        use lisa_cubecl::nccl::{GroupFailure, NcclRank, nccl_unique_id};
         let id = nccl_unique_id().map_err(anyhow::Error::msg)?;
         let world = devices.len();
+        // A rank that fails ends the others' NCCL waits at once.
+        let failure = GroupFailure::default();
         // ncclCommInitRank returns when every rank has called it: one thread each.
         let ranks: Vec<Result<NcclRank, String>> = std::thread::scope(|s| {
             let hs: Vec<_> = devices
                 .iter()
                 .enumerate()
                 .map(|(r, d)| {
-                    let d = d.clone();
-                    s.spawn(move || NcclRank::new(&id, r, world, r, d, timeout))
+                    let (d, failure) = (d.clone(), failure.clone());
+                    s.spawn(move || NcclRank::new(&id, r, world, d, Some(failure), timeout))
                 })
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("an NCCL rank panicked".into()))).collect()
@@ -147,15 +149,20 @@ impl RankBackend for lisa_cubecl::CudaBackend {
         let id: [u8; 128] =
             bytes.try_into().map_err(|_| anyhow::anyhow!("rank 0 sent an NCCL id of the wrong size"))?;
         let rank = launch.rank;
-        let nccl = NcclRank::new(&id, rank, launch.world_size, launch.local_rank, device.clone(), timeout)
-            .map_err(anyhow::Error::msg)?;
-        // A peer gone (its process died) ends this process too, with the reason: NCCL alone
-        // would wait for it until the timeout.
-        let watch = link.watch(move |why| {
+        // A peer gone (its process died, or it failed and said so) ends this process too,
+        // with the reason, from the communicator's creation on: NCCL alone would wait for it
+        // until the timeout.
+        let mut watch = link.watch(move |why| {
             eprintln!("error: rank {rank}: {why}; ending this rank");
             std::process::exit(1);
         })?;
-        Ok(Box::new(Watched::new(nccl, watch)))
+        match NcclRank::new(&id, rank, launch.world_size, device.clone(), None, timeout) {
+            Ok(nccl) => Ok(Box::new(Watched::new(nccl, watch))),
+            Err(e) => {
+                watch.abort(&e);
+                Err(anyhow::Error::msg(e))
+            }
+        }
     }
 }
 
@@ -218,10 +225,21 @@ pub fn train_ranks<B: RankBackend>(
                     .map(|(group, d)| {
                         let (weights, spec, d) = (&weights, &spec, d.clone());
                         s.spawn(move || -> Result<RunReport> {
+                            let mut group = group;
                             // Built here, on its own device, from rank 0's values.
-                            let model = weights.replicate::<B>(spec, parts, seed, d)?;
-                            let data = file.open_training_set(model.as_ref())?;
-                            let mut trainer = Trainer::new(model, file.train.clone())?;
+                            let setup = || -> Result<_> {
+                                let model = weights.replicate::<B>(spec, parts, seed, d)?;
+                                let data = file.open_training_set(model.as_ref())?;
+                                Ok((Trainer::new(model, file.train.clone())?, data))
+                            };
+                            let (mut trainer, data) = match setup() {
+                                Ok(ready) => ready,
+                                Err(e) => {
+                                    // The other ranks are told now, not at their timeout.
+                                    group.abort(&format!("{e:#}"));
+                                    return Err(e);
+                                }
+                            };
                             trainer.join(DataParallel::new(group));
                             Ok(session::run(&mut trainer, data.as_ref(), None, options, &mut ())?)
                         })

@@ -420,11 +420,13 @@ pub(crate) fn locked_cache(
                     lock_shared(&lock, cache_dir)?;
                 }
                 Err(std::fs::TryLockError::WouldBlock) => {
-                    lock_shared(&lock, cache_dir)?;
-                    if !current()? && attempt + 1 < CACHE_ATTEMPTS {
+                    // Another run holds the lock: a writer (wait for it below) or readers.
+                    // Waiting without any lock lets a concurrent starter take it meanwhile.
+                    if attempt + 1 < CACHE_ATTEMPTS {
                         let jitter = (std::process::id() as u64 * 37 + attempt as u64 * 101) % 200;
                         std::thread::sleep(std::time::Duration::from_millis(50 + jitter));
                     }
+                    lock_shared(&lock, cache_dir)?;
                 }
                 Err(std::fs::TryLockError::Error(e)) => {
                     return Err(e).with_context(|| format!("cannot lock {}", cache_dir.join(CACHE_LOCK).display()));

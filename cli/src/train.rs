@@ -262,6 +262,17 @@ pub fn run<B: RankBackend>(a: TrainArgs, device: B::Device) -> Result<()> {
     let latent = a.pretrained_model_name_or_path.is_some();
     let timeout = std::time::Duration::from_secs(a.collective_timeout);
     let report = train_ranks::<B>(&file, start, device, &options, &plan, timeout)?;
+    if let Plan::Process(l) = &plan
+        && l.rank != 0
+    {
+        eprintln!(
+            "rank {} of {} done in {:.1} min; rank 0 wrote the outputs",
+            l.rank,
+            l.world_size,
+            report.wall_seconds / 60.0
+        );
+        return Ok(());
+    }
     // The toy's validation scores the circles' IoU; an SD run's validation writes grids.
     let validated = match (latent, report.final_score()) {
         (false, Some(v)) => format!("final iou {v:.4}"),

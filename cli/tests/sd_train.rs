@@ -793,7 +793,7 @@ fn the_readme_multi_gpu_commands_run_as_written() {
                         c.args(&args).env("MASTER_ADDR", "127.0.0.1").env("MASTER_PORT", &port);
                         let vars = match launcher {
                             "torchrun" => [("RANK", r), ("LOCAL_RANK", r), ("WORLD_SIZE", 2)],
-                            _ => [("SLURM_PROCID", r), ("SLURM_LOCALID", r), ("SLURM_NTASKS", 2)],
+                            _ => [("SLURM_PROCID", r), ("SLURM_LOCALID", r), ("SLURM_STEP_NUM_TASKS", 2)],
                         };
                         for (k, v) in vars {
                             c.env(k, v.to_string());

@@ -152,13 +152,10 @@ impl<B: Backend> ParamStore<B> {
     /// Binds every parameter onto `tape` for one forward pass: trainable ones as leaves
     /// (their gradients come back from `backward`), frozen ones as constants.
     pub fn bind<'t>(&self, tape: &'t Tape<B>) -> Bound<'t, B> {
-        let vars = self
-            .params
-            .iter()
-            .map(|p| if p.trainable { tape.leaf(p.value.clone()) } else { tape.constant(p.value.clone()) })
-            .collect::<Vec<_>>();
-        let casts = std::cell::RefCell::new(vec![[None, None]; vars.len()]);
-        Bound { tape, vars, autocast: self.autocast, casts }
+        let params = self.params.iter().map(|p| (p.value.clone(), p.trainable)).collect::<Vec<_>>();
+        let vars = (0..params.len()).map(|_| std::cell::OnceCell::new()).collect();
+        let casts = std::cell::RefCell::new(vec![[None, None]; params.len()]);
+        Bound { tape, params, vars, autocast: self.autocast, casts }
     }
 }
 
@@ -166,7 +163,13 @@ impl<B: Backend> ParamStore<B> {
 pub struct Bound<'t, B: Backend> {
     /// The tape ops record on.
     pub tape: &'t Tape<B>,
-    vars: Vec<Var<B>>,
+    /// Each parameter's value and whether it trains.
+    params: Vec<(B::Tensor, bool)>,
+    /// Each parameter's variable, made at its first use: a trainable one's leaf is then
+    /// recorded just before the first op that reads it, so the backward's sweep reaches it
+    /// (and its gradient is final) as soon as it has passed that op, while the sweep goes on
+    /// ([`Tape::backward_each`]).
+    vars: Vec<std::cell::OnceCell<Var<B>>>,
     autocast: Option<DType>,
     /// Each parameter's cast to the autocast dtype, made at its first use in this pass: one
     /// slot for recorded use, one for use under no-grad (sampling binds once and runs every
@@ -177,13 +180,16 @@ pub struct Bound<'t, B: Backend> {
 impl<'t, B: Backend> Bound<'t, B> {
     /// The bound value of a parameter.
     pub fn p(&self, id: ParamId) -> &Var<B> {
-        &self.vars[id.0]
+        self.vars[id.0].get_or_init(|| {
+            let (value, trainable) = &self.params[id.0];
+            if *trainable { self.tape.leaf(value.clone()) } else { self.tape.constant(value.clone()) }
+        })
     }
 
     /// The dtype a layer whose weight is `w` computes in: the autocast dtype when the store
     /// has one, else `w`'s own.
     pub fn compute_dtype(&self, w: ParamId) -> DType {
-        self.autocast.unwrap_or_else(|| B::dtype(&self.vars[w.0].value))
+        self.autocast.unwrap_or_else(|| B::dtype(&self.params[w.0].0))
     }
 
     /// The autocast dtype of this pass, if any ([`ParamStore::set_autocast`]).
@@ -195,7 +201,7 @@ impl<'t, B: Backend> Bound<'t, B> {
     /// per pass (torch autocast's weight cache), whose backward returns the gradient in the
     /// stored dtype (the f32 master weight's).
     pub fn weight(&self, id: ParamId, dtype: DType) -> Result<Var<B>> {
-        let var = &self.vars[id.0];
+        let var = self.p(id);
         if B::dtype(&var.value) == dtype {
             return Ok(var.clone());
         }
@@ -216,6 +222,6 @@ impl<'t, B: Backend> Bound<'t, B> {
 
     /// The tape leaf of each trainable parameter, to read gradients after `backward`.
     pub fn leaves(&self) -> Vec<(ParamId, VarId)> {
-        self.vars.iter().enumerate().filter_map(|(i, v)| v.id().map(|id| (ParamId(i), id))).collect()
+        self.vars.iter().enumerate().filter_map(|(i, v)| v.get()?.id().map(|id| (ParamId(i), id))).collect()
     }
 }

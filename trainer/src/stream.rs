@@ -13,7 +13,7 @@ use crate::model::{Conditioning, DualDenoiser};
 use crate::scheduler::{NoiseProcess, add_noise};
 
 /// Where a run is: everything besides weights and moments that resuming needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrainState {
     /// Completed loop steps (optimizer steps, plus those skipped under loss scaling).
     pub step: u64,
@@ -30,10 +30,28 @@ pub struct TrainState {
     /// the EMA count only the steps taken (accelerate skips its scheduler step too).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub skipped_steps: u64,
+    /// The ranks of the data-parallel run that took the steps (1: a run alone). Each step
+    /// draws a global batch of `ranks × batch_size` examples, so a resume keeps the number.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub ranks: u64,
+}
+
+impl Default for TrainState {
+    fn default() -> Self {
+        Self { step: 0, rng_counter: 0, epoch: 0, position: 0, loss_scale: None, skipped_steps: 0, ranks: 1 }
+    }
 }
 
 fn is_zero(v: &u64) -> bool {
     *v == 0
+}
+
+fn one() -> u64 {
+    1
+}
+
+fn is_one(v: &u64) -> bool {
+    *v == 1
 }
 
 /// The run's random stream and data order: pure functions of `(seed, state)`.

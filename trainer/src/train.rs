@@ -312,6 +312,7 @@ impl<B: Backend> Trainer<B> {
         let (mut main_sum, mut lisa_sum, mut zero_sum, mut total_sum) = (0.0f32, 0.0f32, 0.0f32, 0.0f32);
         let step = self.run.state.step + 1;
         self.tau_norm(data)?;
+        self.run.state.ranks = self.shard().world as u64;
         let scaling = self.loss_scaler()?.map(|s| s.scale());
         let loss_scale = scaling.unwrap_or(1.0);
         // In a data-parallel step the last micro-batch's backward starts the gradients'

@@ -111,7 +111,9 @@ fn two_ranks_train_as_one_rank_with_the_global_batch() {
     for e in &ranks {
         // Every rank ends identical (the same averaged gradients, the same AdamW), bit for bit.
         assert_eq!(e.weights, ranks[0].weights, "rank {} differs from rank 0", e.rank);
-        assert_eq!(e.state, alone.run.state, "the stream's position is the global batch's");
+        assert_eq!(e.state.ranks, 2);
+        let as_alone = lisa_trainer::train::TrainState { ranks: 1, ..e.state };
+        assert_eq!(as_alone, alone.run.state, "the stream's position is the global batch's");
         assert_matches(&alone_stats, &trained(&alone), &e.stats, &e.weights);
     }
 }
@@ -210,6 +212,10 @@ fn only_the_first_rank_writes_and_a_resume_continues_exactly() {
     let second = session_ranks(2, config(2, 1, 4), &resumed);
     assert_eq!(second[0].clone().unwrap(), w, "resumed ranks end where the uninterrupted run did, bit for bit");
     assert_eq!(second[1].clone().unwrap(), w);
+    // One rank cannot continue what two began (its global batch would halve).
+    let mut alone = trainer(config(2, 1, 6));
+    let e = session::run(&mut alone, &DATA, None, &resumed, &mut ()).unwrap_err().to_string();
+    assert!(e.contains("written by a run of 2 rank(s), and this run has 1"), "{e}");
     let _ = std::fs::remove_dir_all(&tmp);
 }
 
@@ -308,11 +314,19 @@ fn launchers_variables_are_read_and_checked() {
     let l = Launch::from_vars(vars(&torchrun)).unwrap().unwrap();
     assert_eq!((l.rank, l.world_size, l.local_rank, l.launcher), (3, 8, 3, Launcher::Torchrun));
     assert_eq!(l.master, ("node0".to_string(), 29400));
-    let slurm = [("SLURM_PROCID", "5"), ("SLURM_NTASKS", "16"), ("SLURM_LOCALID", "1"), ("MASTER_ADDR", "gpu-a")];
+    let slurm =
+        [("SLURM_PROCID", "5"), ("SLURM_STEP_NUM_TASKS", "16"), ("SLURM_LOCALID", "1"), ("MASTER_ADDR", "gpu-a")];
     let l = Launch::from_vars(vars(&slurm)).unwrap().unwrap();
     assert_eq!((l.rank, l.world_size, l.local_rank, l.master.1, l.launcher), (5, 16, 1, 29500, Launcher::Slurm));
-    // None: no launcher, or a run of one process.
+    // Under torchrun's agent (which serves its own store on MASTER_PORT) lisa listens on the
+    // next port, or on LISA_MASTER_PORT.
+    let agent = [&torchrun[..], &[("TORCHELASTIC_USE_AGENT_STORE", "True")]].concat();
+    assert_eq!(Launch::from_vars(vars(&agent)).unwrap().unwrap().master.1, 29401);
+    let chosen = [&agent[..], &[("LISA_MASTER_PORT", "31000")]].concat();
+    assert_eq!(Launch::from_vars(vars(&chosen)).unwrap().unwrap().master.1, 31000);
+    // None: no launcher, a run of one process, or a SLURM batch script (not an srun step).
     assert_eq!(Launch::from_vars(vars(&[])).unwrap(), None);
+    assert_eq!(Launch::from_vars(vars(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "8")])).unwrap(), None);
     assert_eq!(Launch::from_vars(vars(&[("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")])).unwrap(), None);
     let error = |pairs: &[(&str, &str)]| Launch::from_vars(vars(pairs)).unwrap_err().to_string();
     let e = error(&[("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "a"), ("MASTER_PORT", "1")]);
@@ -331,7 +345,7 @@ fn launchers_variables_are_read_and_checked() {
         ("MASTER_PORT", "70000"),
     ]);
     assert!(e.contains("is not a port number"), "{e}");
-    let e = error(&[("SLURM_PROCID", "1"), ("SLURM_NTASKS", "2"), ("SLURM_LOCALID", "0")]);
+    let e = error(&[("SLURM_PROCID", "1"), ("SLURM_STEP_NUM_TASKS", "2"), ("SLURM_LOCALID", "0")]);
     assert!(e.contains("MASTER_ADDR") && e.contains("scontrol show hostnames"), "{e}");
 }
 
@@ -531,4 +545,65 @@ fn ranks_with_gradient_checkpointing_train_as_one_rank_with_the_global_batch() {
     for e in &ranks(2, checkpointed(2)) {
         assert_matches(&alone_stats, &trained(&alone), &e.stats, &e.weights);
     }
+}
+
+/// The overlap is real: a parameter's leaf is recorded at its first use, so the backward's
+/// sweep hands most gradients over while op nodes are still waiting to run backward.
+#[test]
+fn gradients_become_final_while_the_backward_still_runs() {
+    use lisa_trainer::autodiff::Tape;
+    use lisa_trainer::model::{ForwardOptions, SideMode, forward_train};
+    use lisa_trainer::run::{RunStream, noise_batch};
+    use lisa_trainer::scheduler::NoiseProcess;
+    let t = trainer(config(2, 1, 1));
+    let model = t.model.as_ref();
+    let noise = NoiseProcess::new(&t.config.noise).unwrap();
+    let examples: Vec<_> = (0..2).map(|i| lisa_trainer::data::Dataset::get(&DATA, i).unwrap()).collect();
+    let batch = noise_batch::<C>(&mut RunStream::new(1), &noise, model, true, &examples, 0.0).unwrap();
+    let tape = Tape::<C>::new();
+    let bound = model.store().bind(&tape);
+    let (x, hint) = (tape.constant(batch.x_t.clone()), tape.constant(batch.hint.clone().unwrap()));
+    let options = ForwardOptions { lisa: true, lisa_samples: None, side: SideMode::Recorded };
+    let out = forward_train(model, &bound, &x, &hint, &batch.cond, options).unwrap();
+    let seed = |v: &lisa_trainer::autodiff::Var<C>| C::full(&C::shape(&v.value), 1.0, DType::F32, &CpuDevice).unwrap();
+    let roots =
+        vec![(&out.pred, seed(&out.pred)), (out.decoded.as_ref().unwrap(), seed(out.decoded.as_ref().unwrap()))];
+    let total = tape.live_nodes();
+    let mut still_to_run = Vec::new();
+    tape.backward_each(&roots, |_, _| {
+        still_to_run.push(tape.live_nodes());
+        Ok(())
+    })
+    .unwrap();
+    let early = still_to_run.iter().filter(|&&n| n > total / 10).count();
+    assert!(
+        early * 2 > still_to_run.len(),
+        "most gradients are final before the last 10% of the backward: {early} of {}",
+        still_to_run.len()
+    );
+}
+
+#[test]
+fn a_stray_connection_at_the_rendezvous_is_ignored() {
+    use std::io::Write;
+    let port = free_port();
+    let ok: Vec<bool> = std::thread::scope(|s| {
+        let root = s.spawn(move || {
+            rendezvous(&launch(0, 2, port), &[3; 32], || Ok(Vec::new()), Duration::from_secs(30)).is_ok()
+        });
+        // Something that is not a lisa rank (a health check, a scanner) connects first.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut stray = loop {
+            match std::net::TcpStream::connect(("127.0.0.1", port)) {
+                Ok(c) => break c,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => panic!("rank 0 never listened: {e}"),
+            }
+        };
+        stray.write_all(&[0x47; 48]).unwrap();
+        drop(stray);
+        let rank1 = rendezvous(&launch(1, 2, port), &[3; 32], || Ok(Vec::new()), Duration::from_secs(30)).is_ok();
+        vec![root.join().unwrap(), rank1]
+    });
+    assert_eq!(ok, vec![true, true]);
 }

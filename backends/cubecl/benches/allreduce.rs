@@ -42,7 +42,7 @@ fn main() {
                 let d = d.clone();
                 s.spawn(move || {
                     let mut rank =
-                        NcclRank::new(&id, r, world, r, d.clone(), Duration::from_secs(120)).expect("NCCL rank");
+                        NcclRank::new(&id, r, world, d.clone(), None, Duration::from_secs(120)).expect("NCCL rank");
                     sizes
                         .iter()
                         .map(|&(_, n)| {

@@ -39,11 +39,30 @@ pub fn nccl_unique_id() -> Result<NcclId, String> {
     Ok(id.internal.map(|c| c as u8))
 }
 
+/// The first failure of any rank of an in-process group: every rank's waits poll it, so that a
+/// rank that fails ends the others' NCCL calls at once instead of at the timeout.
+pub type GroupFailure = std::sync::Arc<std::sync::Mutex<Option<String>>>;
+
+/// The device's context, handed to the thread that joins the communicator.
+struct SendContext(cu::CUcontext);
+// SAFETY: a CUDA context handle may be made current on any thread.
+unsafe impl Send for SendContext {}
+
+/// A raw communicator handed from the thread that made it (the handle is a plain pointer NCCL
+/// lets any thread use).
+struct SendComm(sys::ncclComm_t);
+// SAFETY: see above; the communicator is used by one thread at a time.
+unsafe impl Send for SendComm {}
+
 /// One rank of an NCCL communicator, on one CUDA device.
 pub struct NcclRank {
     comm: sys::ncclComm_t,
     stream: cu::CUstream,
     context: cu::CUcontext,
+    cu_device: cu::CUdevice,
+    /// The in-process group's failure, shared by its ranks (None across processes, where the
+    /// trainer's watched connections carry it).
+    group: Option<GroupFailure>,
     device: CubeDevice<CudaRuntime>,
     rank: usize,
     world: usize,
@@ -65,41 +84,64 @@ fn cuda(what: &str, r: cu::CUresult) -> Result<(), String> {
 }
 
 impl NcclRank {
-    /// Joins communicator `id` as `rank` of `world` on CUDA device `ordinal` (the one
-    /// `device`'s client runs on). Blocks until every rank has joined, up to `timeout`.
+    /// Joins communicator `id` as `rank` of `world` on `device` (its CUDA device index is
+    /// the one NCCL uses). Waits for every rank to join, at most `timeout`. `group`: the
+    /// shared failure of an in-process group (None across processes).
     pub fn new(
         id: &NcclId,
         rank: usize,
         world: usize,
-        ordinal: usize,
         device: CubeDevice<CudaRuntime>,
+        group: Option<GroupFailure>,
         timeout: Duration,
     ) -> Result<Self, String> {
         nccl_available()?;
+        let ordinal = device.device.index;
         let mut context = std::ptr::null_mut();
         let mut stream = std::ptr::null_mut();
+        let mut cu_device = 0;
         // SAFETY: plain driver calls on out-pointers we own; the primary context is the one
-        // cubecl's client uses for this device.
+        // cubecl's client uses for this device (released in `drop`).
         unsafe {
-            let mut dev = 0;
-            cuda("cuDeviceGet", cu::cuDeviceGet(&mut dev, ordinal as i32))?;
-            cuda("cuDevicePrimaryCtxRetain", cu::cuDevicePrimaryCtxRetain(&mut context, dev))?;
+            cuda("cuDeviceGet", cu::cuDeviceGet(&mut cu_device, ordinal as i32))?;
+            cuda("cuDevicePrimaryCtxRetain", cu::cuDevicePrimaryCtxRetain(&mut context, cu_device))?;
             cuda("cuCtxSetCurrent", cu::cuCtxSetCurrent(context))?;
             cuda("cuStreamCreate", cu::cuStreamCreate(&mut stream, cu::CUstream_flags::CU_STREAM_NON_BLOCKING as u32))?;
         }
         let unique = sys::ncclUniqueId { internal: id.map(|b| b as std::ffi::c_char) };
-        let mut comm = std::mem::MaybeUninit::uninit();
-        // SAFETY: `comm` is written by NCCL on success; every rank passes the same id.
-        unsafe {
-            nccl::comm_init_rank(comm.as_mut_ptr(), world as i32, unique, rank as i32)
-                .map_err(|e| format!("ncclCommInitRank (rank {rank} of {world}, GPU {ordinal}): {e:?}"))?;
-        }
-        // SAFETY: initialised by the successful call above.
-        let comm = unsafe { comm.assume_init() };
+        // ncclCommInitRank returns when every rank has joined: it runs on a thread of its own
+        // so that a rank that never comes is an error after `timeout`, not a hang (the
+        // thread is then left blocked; the process is about to end with the error).
+        let (tx, rx) = std::sync::mpsc::channel();
+        let ctx = SendContext(context);
+        std::thread::spawn(move || {
+            let ctx = ctx;
+            let mut comm = std::mem::MaybeUninit::uninit();
+            // SAFETY: the device's context is made current on this thread; `comm` is written
+            // by NCCL on success; every rank passes the same id.
+            let made = unsafe {
+                let _ = cu::cuCtxSetCurrent(ctx.0);
+                nccl::comm_init_rank(comm.as_mut_ptr(), world as i32, unique, rank as i32)
+                    .map(|_| SendComm(comm.assume_init()))
+            };
+            let _ = tx.send(made.map_err(|e| format!("{e:?}")));
+        });
+        let comm = match rx.recv_timeout(timeout) {
+            Ok(Ok(comm)) => comm.0,
+            Ok(Err(e)) => return Err(format!("ncclCommInitRank (rank {rank} of {world}, GPU {ordinal}): {e}")),
+            Err(_) => {
+                return Err(format!(
+                    "rank {rank} waited {:.0} s for the other ranks to join NCCL's communicator (a rank failed, stopped or cannot reach this one)",
+                    timeout.as_secs_f64()
+                ));
+            }
+        };
         Ok(Self {
             comm,
             stream,
             context,
+            cu_device,
+            group,
             device,
             rank,
             world,
@@ -110,11 +152,33 @@ impl NcclRank {
         })
     }
 
-    /// Waits for this rank's NCCL stream, at most the timeout; past it, aborts the
-    /// communicator (so no kernel keeps waiting for a peer) and says so.
+    /// Ends this rank's communicator with `why` (its pending and future calls fail).
+    fn break_with(&mut self, why: String) -> String {
+        if self.broken.is_none() {
+            // SAFETY: aborting a live communicator; it is not used afterwards.
+            let _ = unsafe { nccl::comm_abort(self.comm) };
+            self.broken = Some(why.clone());
+        }
+        why
+    }
+
+    /// Waits for this rank's NCCL stream, at most the timeout. Past it, when NCCL reports an
+    /// error, or when another rank of the in-process group failed, it aborts the communicator
+    /// (so that no kernel keeps waiting for a peer) and says why.
     fn wait_stream(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + self.timeout;
         loop {
+            if let Some(why) = self.group.as_ref().and_then(|g| g.lock().unwrap_or_else(|e| e.into_inner()).clone()) {
+                return Err(self.break_with(why));
+            }
+            let mut async_error = sys::ncclResult_t::ncclSuccess;
+            // SAFETY: a live communicator; NCCL writes the out-parameter.
+            let _ = unsafe { sys::ncclCommGetAsyncError(self.comm, &mut async_error) };
+            if !matches!(async_error, sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress) {
+                return Err(
+                    self.break_with(format!("NCCL reported {async_error:?} (a peer failed or the network broke)"))
+                );
+            }
             // SAFETY: `self.stream` is a live stream of this rank's context.
             let r = unsafe { cu::cuStreamQuery(self.stream) };
             match r {
@@ -123,15 +187,11 @@ impl NcclRank {
                     std::thread::sleep(Duration::from_micros(50));
                 }
                 cu::CUresult::CUDA_ERROR_NOT_READY => {
-                    // SAFETY: aborting a live communicator; it is not used afterwards.
-                    let _ = unsafe { nccl::comm_abort(self.comm) };
-                    let why = format!(
+                    return Err(self.break_with(format!(
                         "rank {} waited {:.0} s in an NCCL all-reduce: a rank failed or stopped answering",
                         self.rank,
                         self.timeout.as_secs_f64()
-                    );
-                    self.broken = Some(why.clone());
-                    return Err(why);
+                    )));
                 }
                 other => return Err(format!("the NCCL stream failed: {other:?}")),
             }
@@ -144,6 +204,9 @@ impl NcclRank {
         if let Some(why) = &self.broken {
             return Err(why.clone());
         }
+        if let Some(why) = self.group.as_ref().and_then(|g| g.lock().unwrap_or_else(|e| e.into_inner()).clone()) {
+            return Err(self.break_with(why));
+        }
         if x.dtype != DType::F32 {
             return Err(format!("all-reduce of a {} tensor: lisa reduces f32 gradients", x.dtype));
         }
@@ -151,11 +214,13 @@ impl NcclRank {
         // The kernels that wrote `x` are done before NCCL reads it (cubecl's streams are its
         // own, so the whole device is waited for; the backward queued after this overlaps
         // with NCCL).
-        CudaBackend::sync(&self.device).map_err(|e| e.to_string())?;
         let client = &self.device.client;
         let out = client.empty(n.max(1) * 4);
         let src = client.get_resource(x.handle.clone()).map_err(|e| format!("{e:?}"))?.resource().ptr;
         let dst = client.get_resource(out.clone()).map_err(|e| format!("{e:?}"))?.resource().ptr;
+        // After the allocation: a stream-ordered allocation on cubecl's stream is complete
+        // before NCCL's stream writes into it.
+        CudaBackend::sync(&self.device).map_err(|e| e.to_string())?;
         // SAFETY: `src` holds `n` f32 values and `dst` room for them, both on this rank's
         // device and both kept alive in `in_flight` until the stream has passed them; the
         // context is this device's primary one; the stream is ours.
@@ -204,6 +269,7 @@ impl Drop for NcclRank {
                 let _ = nccl::comm_destroy(self.comm);
             }
             let _ = cu::cuStreamDestroy_v2(self.stream);
+            let _ = cu::cuDevicePrimaryCtxRelease_v2(self.cu_device);
         }
     }
 }
@@ -230,11 +296,11 @@ impl Collective<CudaBackend> for NcclRank {
         }
     }
     fn abort(&mut self, why: &str) {
-        if self.broken.is_none() {
-            // SAFETY: aborting a live communicator: the peers' NCCL calls fail instead of waiting.
-            let _ = unsafe { nccl::comm_abort(self.comm) };
-            self.broken = Some(why.to_string());
+        let why = format!("rank {} failed: {why}", self.rank);
+        if let Some(group) = &self.group {
+            group.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(|| why.clone());
         }
+        self.break_with(why);
     }
     fn transport(&self) -> &'static str {
         "NCCL"

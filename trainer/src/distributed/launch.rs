@@ -1,11 +1,11 @@
 //! Where this process stands in a multi-process run, read from the variables that users'
 //! launchers set: torchrun's (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
-//! `MASTER_PORT`) or SLURM's (`SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`, with
+//! `MASTER_PORT`) or srun's (`SLURM_PROCID`, `SLURM_STEP_NUM_TASKS`, `SLURM_LOCALID`, with
 //! `MASTER_ADDR` exported by the job script). Every variable is checked before any GPU work.
 
 use crate::error::{Result, TrainError};
 
-/// The port rank 0 listens on when SLURM launched the run and `MASTER_PORT` is unset (torch's
+/// The port rank 0 listens on when srun launched the run and `MASTER_PORT` is unset (torch's
 /// default).
 pub const DEFAULT_MASTER_PORT: u16 = 29500;
 
@@ -30,7 +30,9 @@ pub struct Launch {
     pub world_size: usize,
     /// This process's index on its machine: the GPU it trains on.
     pub local_rank: usize,
-    /// Where rank 0 listens for the others: `(MASTER_ADDR, MASTER_PORT)`.
+    /// Where rank 0 listens for the others: `(MASTER_ADDR, port)`, the port `MASTER_PORT`, or
+    /// `MASTER_PORT + 1` under torchrun (whose agent serves its own store on `MASTER_PORT`),
+    /// or `LISA_MASTER_PORT` when set.
     pub master: (String, u16),
     /// Whose variables these were.
     pub launcher: Launcher,
@@ -57,11 +59,13 @@ impl Launch {
             }
         };
         let torchrun = ["RANK", "WORLD_SIZE", "LOCAL_RANK"].iter().any(|k| var(k).is_some());
-        let slurm = var("SLURM_PROCID").is_some() && var("SLURM_NTASKS").is_some();
+        // Only srun's steps: a job's batch script sees SLURM_PROCID and SLURM_NTASKS too, but
+        // it is one process.
+        let slurm = var("SLURM_PROCID").is_some() && var("SLURM_STEP_NUM_TASKS").is_some();
         let (launcher, names) = if torchrun {
             (Launcher::Torchrun, ["RANK", "WORLD_SIZE", "LOCAL_RANK"])
         } else if slurm {
-            (Launcher::Slurm, ["SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"])
+            (Launcher::Slurm, ["SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"])
         } else {
             return Ok(None);
         };
@@ -100,6 +104,23 @@ impl Launch {
             (None, Launcher::Torchrun) => {
                 return Err(bad("MASTER_PORT", "is not set: the port rank 0 listens on (torchrun sets it)".into()));
             }
+        };
+        // torchrun's agent serves its own store on MASTER_PORT (TORCHELASTIC_USE_AGENT_STORE):
+        // lisa's rendezvous takes the next port, or LISA_MASTER_PORT when given.
+        let port = match var("LISA_MASTER_PORT") {
+            Some(p) => match p.trim().parse::<u16>() {
+                Ok(port) if port > 0 => port,
+                _ => return Err(bad("LISA_MASTER_PORT", format!("{p:?} is not a port number (1..=65535)"))),
+            },
+            None if var("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.eq_ignore_ascii_case("true")) => {
+                port.checked_add(1).ok_or_else(|| {
+                    bad(
+                        "MASTER_PORT",
+                        "is 65535: lisa listens on MASTER_PORT + 1 under torchrun; set LISA_MASTER_PORT".into(),
+                    )
+                })?
+            }
+            None => port,
         };
         Ok(Some(Self { rank, world_size: world, local_rank: local, master: (addr.trim().to_string(), port), launcher }))
     }

@@ -19,6 +19,8 @@ use super::launch::Launch;
 use crate::error::{Result, TrainError};
 
 const MAGIC: &[u8; 8] = b"LISADP01";
+/// How long rank 0 waits for a new connection to say which rank it is.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 const DATA: u8 = 0;
 const ERROR: u8 = 1;
 const BYE: u8 = 2;
@@ -111,7 +113,10 @@ pub fn rendezvous(
                 Ok((mut s, from)) => {
                     s.set_nonblocking(false).map_err(|e| fail(e.to_string()))?;
                     let _ = s.set_nodelay(true);
-                    match read_hello(&mut s, from, timeout) {
+                    s.set_write_timeout(Some(timeout)).map_err(|e| fail(e.to_string()))?;
+                    // A connection that does not introduce itself promptly is not a rank
+                    // (a port scanner, a health check): it is dropped, and the wait goes on.
+                    match read_hello(&mut s, from, HELLO_TIMEOUT.min(timeout)) {
                         Ok((rank, world, theirs)) => {
                             if world != launch.world_size {
                                 problems.push(format!(
@@ -130,12 +135,12 @@ pub fn rendezvous(
                                     format!("rank {rank} is taken or out of range").as_bytes(),
                                 );
                                 problems.push(format!("two processes (or an out-of-range one) claim rank {rank}"));
-                                continue;
+                            } else {
+                                peers[rank] = Some(s);
+                                joined += 1;
                             }
-                            peers[rank] = Some(s);
-                            joined += 1;
                         }
-                        Err(e) => problems.push(e),
+                        Err(e) => eprintln!("warning: rendezvous: {e}; ignored"),
                     }
                     if !problems.is_empty() {
                         break;
@@ -186,6 +191,7 @@ pub fn rendezvous(
             std::thread::sleep(Duration::from_millis(100));
         };
         let _ = s.set_nodelay(true);
+        s.set_write_timeout(Some(timeout)).map_err(|e| fail(e.to_string()))?;
         let mut hello = Vec::with_capacity(48);
         hello.extend_from_slice(MAGIC);
         hello.extend_from_slice(&(launch.rank as u32).to_le_bytes());

@@ -198,6 +198,19 @@ pub fn run<B: lisa_core::backend::Backend>(
     result
 }
 
+/// A resume continues with the ranks that wrote the checkpoint: another number would change
+/// the global batch (ranks × batch size) in mid-run.
+fn same_ranks<B: lisa_core::backend::Backend>(trainer: &Trainer<B>, ckpt: &Path) -> Result<()> {
+    let (wrote, now) = (trainer.run.state.ranks, trainer.shard().world as u64);
+    if wrote == now || trainer.run.state.step == 0 {
+        return Ok(());
+    }
+    Err(TrainError::Config(format!(
+        "{} was written by a run of {wrote} rank(s), and this run has {now}: the global batch (ranks × batch size) would change; resume on {wrote} rank(s)",
+        ckpt.display()
+    )))
+}
+
 /// A rank other than the first: resume, agree, step.
 fn run_rank<B: lisa_core::backend::Backend>(
     trainer: &mut Trainer<B>,
@@ -208,6 +221,7 @@ fn run_rank<B: lisa_core::backend::Backend>(
     if let Some(from) = &options.resume {
         let ckpt = output::resume_target_in(&options.output_dir, from)?;
         load_checkpoint(trainer, data, &ckpt)?;
+        same_ranks(trainer, &ckpt)?;
     }
     trainer.check_ranks_agree()?;
     trainer.tau_norm(data)?;
@@ -239,6 +253,7 @@ fn run_first<B: lisa_core::backend::Backend>(
         Some(from) => {
             let ckpt = dir.resume_target(from)?;
             load_checkpoint(trainer, data, &ckpt)?;
+            same_ranks(trainer, &ckpt)?;
             dir.refuse_others(&trainer.run_id, &[], false)?;
             let step = trainer.run.state.step;
             MetricsLog::keep_until(&metrics_path, &trainer.run_id, step)?;
