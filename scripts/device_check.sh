@@ -10,7 +10,9 @@
 #   scripts/device_check.sh dp      # on the GPU machine: NCCL all-reduce bandwidth on every
 #                                   # visible GPU (a communicator of one on a one-GPU machine)
 #                                   # for a small bucket, a 25 MiB bucket and SD 1.5's ControlNet
-#                                   # gradient (backends/cubecl/benches/allreduce.rs), ~1 minute
+#                                   # gradient (backends/cubecl/benches/allreduce.rs), then the
+#                                   # toy LISA step alone and in an NCCL group of one, alternated
+#                                   # (trainer/benches/step.rs, arm dp_pair), ~2 minutes
 #
 # `run` does, each stage under its own time limit (the whole at most ~8 minutes):
 #   1. the backend conformance suite on CUDA (every check of lisa-conformance, forward, backward,
@@ -306,6 +308,9 @@ dp_arm() {
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true
     local status=0
     timeout 120 "$bin/allreduce_cuda" --bench 2>&1 | grep -E 'allreduce|panicked|rror' || status=1
+    echo "== the toy LISA step alone and in an NCCL group of one (the collective path), alternated"
+    LISA_BENCH_BACKEND=cuda LISA_BENCH_ARMS=dp_pair timeout 120 "$bin/step_cuda" --bench 2>&1 |
+        grep -E 'paired|group of one|rror|panicked' || status=1
     rm -rf "$bin"
     return $status
 }

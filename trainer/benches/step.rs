@@ -6,6 +6,8 @@
 //! - `baseline`, `lisa`, `lisa_sub16`: the ControlNet training step (median of the timed steps),
 //! - `pair`: baseline and LISA steps alternated in one process; the median over pairs of
 //!   their ratio (the "LISA / own baseline" figure, free of the drift between two runs),
+//! - `dp_pair`: LISA steps alone and LISA steps of a data-parallel group of one (NCCL on CUDA,
+//!   the in-process transport elsewhere), alternated: what the collective path costs a step,
 //! - `parts`: the prior pass (main up path, no grad) and the LISA decoder forward + backward on
 //!   their own,
 //! - `pretrain`: the prior pretraining step (main network alone, all trainable, EMA),
@@ -26,16 +28,22 @@
 use std::time::Instant;
 
 use lisa_core::backend::prelude::*;
-use lisa_core::backend::{DType, Shape};
+use lisa_core::backend::{Collective, DType, Shape};
 use lisa_trainer::autodiff::Tape;
 use lisa_trainer::data::{Dataset, FillCircles};
+use lisa_trainer::distributed::{DataParallel, thread_group};
 use lisa_trainer::model::{Conditioning, ModelSpec, Parts, PromptEmbedding, registry};
 use lisa_trainer::pretrain::{PretrainConfig, Pretrainer};
 use lisa_trainer::sample::{SampleConfig, sample};
 use lisa_trainer::scheduler::NoiseConfig;
 use lisa_trainer::train::{Mode, TrainConfig, Trainer};
 
-const ARMS: [&str; 7] = ["baseline", "lisa", "lisa_sub16", "pair", "parts", "pretrain", "sample"];
+const ARMS: [&str; 8] = ["baseline", "lisa", "lisa_sub16", "pair", "dp_pair", "parts", "pretrain", "sample"];
+
+/// A data-parallel group of one rank on a device (the collective path with nothing to wait
+/// for), or why there is none.
+type GroupOfOne<B> =
+    fn(&<B as lisa_core::backend::BackendTypes>::Device) -> Result<Box<dyn Collective<B> + Send>, String>;
 /// Images per sampling run (the "DDIM-25 sampling of 64 images").
 const SAMPLE_IMAGES: usize = 64;
 
@@ -80,6 +88,7 @@ struct Bench<'a, B: Backend> {
     /// DDIM steps of a timed sampling run (25; 2 in the smoke version).
     sample_steps: usize,
     data: &'a FillCircles,
+    group_of_one: GroupOfOne<B>,
 }
 
 impl<B: Backend> Bench<'_, B> {
@@ -104,7 +113,13 @@ impl<B: Backend> Bench<'_, B> {
     /// order swapped every pair), so that both see the same machine at the same time: the
     /// median over pairs of `LISA step / baseline step`, and each arm's median step.
     fn paired(&self) -> (f64, f64, f64) {
-        let (mut base, mut lisa) = (self.trainer(Mode::Baseline, None), self.trainer(Mode::Lisa, None));
+        self.alternated(self.trainer(Mode::Baseline, None), self.trainer(Mode::Lisa, None))
+    }
+
+    /// Steps of `base` and `lisa` alternated (the order swapped every pair): the median over
+    /// pairs of `lisa step / base step`, and each one's median step.
+    fn alternated(&self, base: Trainer<B>, lisa: Trainer<B>) -> (f64, f64, f64) {
+        let (mut base, mut lisa) = (base, lisa);
         let timed = |t: &mut Trainer<B>| {
             let s = Instant::now();
             t.step(self.data).unwrap();
@@ -242,7 +257,7 @@ fn env_usize(name: &str) -> Option<usize> {
     std::env::var(name).ok().and_then(|s| s.parse().ok())
 }
 
-fn run_arms<B: Backend>(device: B::Device, backend: &str, kept: bool) {
+fn run_arms<B: Backend>(device: B::Device, backend: &str, kept: bool, group_of_one: GroupOfOne<B>) {
     let data = FillCircles { resolution: 32, len: 4096, seed: 0 };
     if let Some(n) = env_usize("LISA_BENCH_MEMORY_STEPS") {
         memory_run::<B>(device, n, &data);
@@ -260,7 +275,7 @@ fn run_arms<B: Backend>(device: B::Device, backend: &str, kept: bool) {
         std::process::exit(2);
     }
     let sample_steps = if smoke { 2 } else { SampleConfig::default().steps };
-    let bench = Bench::<B> { device, steps, sample_repeats, sample_steps, data: &data };
+    let bench = Bench::<B> { device, steps, sample_repeats, sample_steps, data: &data, group_of_one };
     println!(
         "reference toy configuration, batch 32, 32×32, {backend} backend, {} threads, {steps} steps per arm, {}\n",
         rayon::current_num_threads(),
@@ -277,6 +292,21 @@ fn run_arms<B: Backend>(device: B::Device, backend: &str, kept: bool) {
             "lisa_sub16" => ("LISA, sub-batch 16", bench.control(Mode::Lisa, Some(16))),
             "pretrain" => ("pretraining step", bench.pretrain()),
             "sample" => (sample_label.as_str(), bench.sample()),
+            "dp_pair" => {
+                let mut grouped = bench.trainer(Mode::Lisa, None);
+                match (bench.group_of_one)(&bench.device) {
+                    Ok(group) => {
+                        let transport = group.transport();
+                        grouped.join(DataParallel::new(group));
+                        let (ratio, a, g) = bench.alternated(bench.trainer(Mode::Lisa, None), grouped);
+                        times.insert("dp_pair", ratio);
+                        println!("| LISA alone, paired | {a:.3} s | - | - |");
+                        println!("| LISA in a data-parallel group of one ({transport}), paired | {g:.3} s | - | - |");
+                    }
+                    Err(why) => println!("| LISA in a data-parallel group of one | not measured: {why} | - | - |"),
+                }
+                continue;
+            }
             "pair" => {
                 let (ratio, b, l) = bench.paired();
                 times.insert("pair", ratio);
@@ -307,6 +337,9 @@ fn run_arms<B: Backend>(device: B::Device, backend: &str, kept: bool) {
     if let Some(r) = times.get("pair") {
         println!("LISA / baseline, paired steps: {r:.3} (median over pairs)");
     }
+    if let Some(r) = times.get("dp_pair") {
+        println!("LISA in a group of one / alone, paired steps: {r:.3} (median over pairs)");
+    }
     if let Some(p) = times.get("prior") {
         println!("prior pass (main up path, no grad): {:.1} ms", p * 1e3);
     }
@@ -322,15 +355,31 @@ fn run_arms<B: Backend>(device: B::Device, backend: &str, kept: bool) {
     println!("peak RSS of the process: {} MiB", rss_kib("VmHWM:") / 1024);
 }
 
+/// A group of one rank in this process (the CPU and wgpu backends' transport).
+fn threads_of_one<B: Backend>(_: &B::Device) -> Result<Box<dyn Collective<B> + Send>, String> {
+    let rank = thread_group(1, std::time::Duration::from_secs(60)).pop().ok_or("no rank")?;
+    Ok(Box::new(rank))
+}
+
+/// An NCCL communicator of one rank on `device` (the transport of multi-GPU CUDA runs).
+#[cfg(feature = "cuda")]
+fn nccl_of_one(
+    device: &<lisa_cubecl::CudaBackend as lisa_core::backend::BackendTypes>::Device,
+) -> Result<Box<dyn Collective<lisa_cubecl::CudaBackend> + Send>, String> {
+    use lisa_cubecl::nccl::{NcclRank, nccl_unique_id};
+    let id = nccl_unique_id()?;
+    Ok(Box::new(NcclRank::new(&id, 0, 1, device.clone(), None, std::time::Duration::from_secs(60))?))
+}
+
 fn main() {
     // As the `lisa` command does; LISA_BENCH_DEFAULT_MALLOC=1 measures glibc's defaults instead.
     let kept = std::env::var("LISA_BENCH_DEFAULT_MALLOC").is_err() && lisa_cpu::keep_freed_memory();
     let backend = std::env::var("LISA_BENCH_BACKEND").unwrap_or_else(|_| "cpu".into());
     match backend.as_str() {
-        "cpu" => run_arms::<lisa_cpu::CpuBackend>(lisa_cpu::CpuDevice, "CPU", kept),
+        "cpu" => run_arms::<lisa_cpu::CpuBackend>(lisa_cpu::CpuDevice, "CPU", kept, threads_of_one),
         #[cfg(feature = "wgpu")]
         "wgpu" => match lisa_cubecl::WgpuBackend::probe() {
-            Ok(d) => run_arms::<lisa_cubecl::WgpuBackend>(d, "wgpu", kept),
+            Ok(d) => run_arms::<lisa_cubecl::WgpuBackend>(d, "wgpu", kept, threads_of_one),
             Err(e) => {
                 eprintln!("LISA_BENCH_BACKEND=wgpu: {e}");
                 std::process::exit(2);
@@ -351,7 +400,7 @@ fn main() {
                     Err(_) if tf32 => "CUDA (TF32 matmul)".to_string(),
                     Err(_) => "CUDA (exact f32 matmul)".to_string(),
                 };
-                run_arms::<lisa_cubecl::CudaBackend>(d, &label, kept)
+                run_arms::<lisa_cubecl::CudaBackend>(d, &label, kept, nccl_of_one)
             }
             Err(e) => {
                 eprintln!("LISA_BENCH_BACKEND=cuda: {e}");
