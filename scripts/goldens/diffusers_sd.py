@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """Golden fixtures for lisa's diffusers-compatible Stable Diffusion UNet + ControlNet + LISA decoder.
 
-Writes trainer/tests/fixtures/sd/<case>/ for two tiny cases (see scripts/goldens/README.md):
+Writes trainer/tests/fixtures/sd/<case>/ for three tiny cases (see scripts/goldens/README.md):
 
   sd15  SD 1.5-like: conv proj_in/proj_out, attention_head_dim = 2 (an int: 2 heads everywhere),
         flip_sin_to_cos=True, freq_shift=0, norm_eps=1e-5, LISA hook `mid`.
   sd21  SD 2.1-like: Linear proj_in/proj_out, attention_head_dim = [1, 2, 4] (heads per level),
         upcast_attention=True, freq_shift=1, norm_eps=1e-6, LISA hook `down_5`.
+  sdxl_layers  SDXL's deeper spatial transformers: transformer_layers_per_block = [1, 2, 3],
+        Linear projections, heads per level, LISA hook `down_5`.
 
 Everything is offline (models built from configs, random weights), float32, CPU, seeded.
 Every parameter is re-randomised before saving so that no tensor is 0 or 1 by construction
@@ -77,6 +79,25 @@ CASES = {
         ),
         hook="down_5",
         seed=2100,
+    ),
+    # SDXL's deeper spatial transformers: transformer_layers_per_block per level (the middle
+    # block takes the last level's, the up blocks the levels' in reverse).
+    "sdxl_layers": dict(
+        config=dict(
+            COMMON,
+            attention_head_dim=[1, 2, 4],
+            transformer_layers_per_block=[1, 2, 3],
+            use_linear_projection=True,
+            upcast_attention=False,
+            freq_shift=0,
+            norm_eps=1e-5,
+        ),
+        hook="down_5",
+        seed=2300,
+        extra_grads=[
+            "down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q.weight",
+            "mid_block.attentions.0.transformer_blocks.2.ff.net.2.weight",
+        ],
     ),
 }
 
@@ -271,11 +292,12 @@ def generate(case, spec, out_root):
     loss_lisa = F.mse_loss(lisa_decoded, lisa_target)
     loss = loss_diffusion + LISA_LAMBDA * loss_lisa
 
+    controlnet_grads = CONTROLNET_GRADS + spec.get("extra_grads", [])
     cn_params = dict(controlnet.named_parameters())
     dec_params = dict(decoder.named_parameters())
-    wrt = [cn_params[n] for n in CONTROLNET_GRADS] + [dec_params[n] for n in LISA_GRADS]
+    wrt = [cn_params[n] for n in controlnet_grads] + [dec_params[n] for n in LISA_GRADS]
     grads = torch.autograd.grad(loss, wrt, retain_graph=True)
-    cn_wrt = [cn_params[n] for n in CONTROLNET_GRADS]
+    cn_wrt = [cn_params[n] for n in controlnet_grads]
     grads_diff = torch.autograd.grad(loss_diffusion, cn_wrt, retain_graph=True)
 
     # --- write ----------------------------------------------------------------------------------
@@ -301,11 +323,11 @@ def generate(case, spec, out_root):
     io["loss_diffusion"] = loss_diffusion.reshape(1)
     io["loss_lisa"] = loss_lisa.reshape(1)
     io["loss"] = loss.reshape(1)
-    for n, g in zip(CONTROLNET_GRADS, grads[: len(CONTROLNET_GRADS)]):
+    for n, g in zip(controlnet_grads, grads[: len(controlnet_grads)]):
         io[f"grad.controlnet.{n}"] = g
-    for n, g in zip(LISA_GRADS, grads[len(CONTROLNET_GRADS) :]):
+    for n, g in zip(LISA_GRADS, grads[len(controlnet_grads) :]):
         io[f"grad.lisa.{n}"] = g
-    for n, g in zip(CONTROLNET_GRADS, grads_diff):
+    for n, g in zip(controlnet_grads, grads_diff):
         io[f"grad_diffusion.controlnet.{n}"] = g
     io = {k: v.detach().to(torch.float32).contiguous() for k, v in io.items()}
 

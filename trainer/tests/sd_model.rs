@@ -366,3 +366,29 @@ fn the_backward_holds_only_what_it_needs_and_checkpointing_covers_the_controlnet
         assert_eq!(recorded, checkpointed + side, "{precision}: checkpointing drops exactly the ControlNet's nodes");
     }
 }
+
+/// SDXL's `transformer_layers_per_block`: an int or one per level; a wrong count, a nested
+/// list (diffusers' per-layer form, not supported), a zero or a ControlNet of other depths is
+/// an error naming the key; a ControlNet made from such a UNet writes diffusers' key back.
+#[test]
+fn transformer_depths_per_level_are_read_checked_and_written_back() {
+    use lisa_trainer::model::sd::UNetConfig;
+    let mut c = unet_config();
+    c.insert("transformer_layers_per_block".into(), json!([1, 2]));
+    assert!(config_error(c, None).contains("transformer_layers_per_block has 2 entries for 3 blocks"));
+    let mut c = unet_config();
+    c.insert("transformer_layers_per_block".into(), json!([[1], [2, 2], [3]]));
+    assert!(config_error(c, None).contains("transformer_layers_per_block"));
+    let mut c = unet_config();
+    c.insert("transformer_layers_per_block".into(), json!([1, 0, 1]));
+    assert!(config_error(c, None).contains("transformer_layers_per_block: every entry must be at least 1"));
+    let xl = read_json_config(&fixture("sdxl_layers/unet")).unwrap();
+    let err = config_error(xl.clone(), Some(read_json_config(&fixture("sd21/controlnet")).unwrap()));
+    assert!(err.contains("transformer_layers_per_block"), "{err}");
+    let config = UNetConfig::from_unet_json(&xl).unwrap();
+    assert_eq!(config.transformer_layers, vec![1, 2, 3]);
+    let extras =
+        UNetConfig::from_controlnet_json(&read_json_config(&fixture("sdxl_layers/controlnet")).unwrap()).unwrap().1;
+    assert_eq!(config.controlnet_json(&extras)["transformer_layers_per_block"], json!([1, 2, 3]));
+    assert_eq!(UNetConfig::from_unet_json(&unet_config()).unwrap().transformer_layers_per_block(), json!(1));
+}

@@ -1,8 +1,9 @@
 //! Parity with diffusers (golden files made by `scripts/goldens/diffusers_sd.py` with
 //! diffusers 0.42.1 / torch 2.15.0): the SD UNet, every ControlNet residual, the UNet with
 //! residuals, the LISA hook, decoder and target, the losses, and torch-autograd gradients of
-//! the LISA loss with respect to ControlNet and decoder tensors. Two tiny layouts: SD 1.5-like
-//! (conv projections, one head count) and SD 2.1-like (linear projections, heads per block).
+//! the LISA loss with respect to ControlNet and decoder tensors. Three tiny layouts: SD 1.5-like
+//! (conv projections, one head count), SD 2.1-like (linear projections, heads per block) and
+//! SDXL's deeper spatial transformers (`transformer_layers_per_block = [1, 2, 3]`).
 
 mod common;
 
@@ -36,8 +37,10 @@ fn build<B: Backend>(case: &str, device: B::Device) -> SdModel<B> {
     config.insert("conditioning_scale".into(), serde_json::json!(meta["conditioning_scale"].parse::<f32>().unwrap()));
     let spec = ModelSpec { architecture: "sd".into(), decoder, config };
     let mut model = SdModel::<B>::new(&spec, Parts::Dual { decoder: true }, device, 0).unwrap();
-    assert_eq!(model.load_main(&dir.join("unet")).unwrap(), 496);
-    assert_eq!(model.load_controlnet(&dir.join("controlnet")).unwrap(), 260);
+    // Every tensor of diffusers' files is loaded (496 and 260 for the SD layouts).
+    let tensors = |part: &str| read(&dir.join(part).join("diffusion_pytorch_model.safetensors")).0.len();
+    assert_eq!(model.load_main(&dir.join("unet")).unwrap(), tensors("unet"));
+    assert_eq!(model.load_controlnet(&dir.join("controlnet")).unwrap(), tensors("controlnet"));
     let path = dir.join("lisa_decoder.safetensors");
     let (dec, _) = read(&path);
     let dec = dec.into_iter().map(|(k, v)| (format!("lisa.{k}"), v)).collect();
@@ -100,7 +103,10 @@ fn check_case<B: Backend>(case: &str, device: B::Device) {
         assert_parity(&format!("{case} {key}"), &got, want);
         checked += 1;
     }
-    assert_eq!(checked, 12, "{case}: gradients checked");
+    // 9 ControlNet and 3 decoder tensors; SDXL's layout adds a second and a third transformer
+    // block's.
+    let expected = if case == "sdxl_layers" { 14 } else { 12 };
+    assert_eq!(checked, expected, "{case}: gradients checked");
 }
 
 #[test]
@@ -113,10 +119,16 @@ fn sd21_layout_matches_diffusers_on_cpu() {
     check_case::<lisa_cpu::CpuBackend>("sd21", Default::default());
 }
 
+#[test]
+fn sdxl_transformer_depths_match_diffusers_on_cpu() {
+    check_case::<lisa_cpu::CpuBackend>("sdxl_layers", Default::default());
+}
+
 #[cfg(feature = "wgpu")]
 #[test]
-fn both_layouts_match_diffusers_on_wgpu() {
+fn every_layout_matches_diffusers_on_wgpu() {
     let device = lisa_cubecl::WgpuBackend::probe().unwrap();
     check_case::<lisa_cubecl::WgpuBackend>("sd15", device.clone());
-    check_case::<lisa_cubecl::WgpuBackend>("sd21", device);
+    check_case::<lisa_cubecl::WgpuBackend>("sd21", device.clone());
+    check_case::<lisa_cubecl::WgpuBackend>("sdxl_layers", device);
 }

@@ -77,23 +77,23 @@ enum Projection {
     Linear(Linear),
 }
 
-/// diffusers' `Transformer2DModel` (one block): `x + proj_out(blocks(proj_in(gn(x))))` over
+/// diffusers' `Transformer2DModel`: `x + proj_out(blocks(proj_in(gn(x))))` over
 /// the `h·w` tokens of `x [b, c, h, w]`, cross-attending to the text context.
 #[derive(Debug, Clone)]
 pub struct SpatialTransformer {
     norm: GroupNorm,
     proj_in: Projection,
-    block: TransformerBlock,
+    blocks: Vec<TransformerBlock>,
     proj_out: Projection,
 }
 
 impl SpatialTransformer {
-    /// `{norm,proj_in,transformer_blocks.0,proj_out}` under `at` over `c = heads·head_dim` channels.
+    /// `{norm,proj_in,transformer_blocks.{0..layers},proj_out}` under `at` over
+    /// `c = heads·head_dim` channels.
     pub fn new<B: Backend>(
         s: &mut ParamStore<B>,
         at: impl Into<Scope>,
-        c: usize,
-        heads: usize,
+        (c, heads, layers): (usize, usize, usize),
         u: &UNetConfig,
     ) -> Result<Self> {
         let at = at.into();
@@ -109,7 +109,9 @@ impl SpatialTransformer {
         Ok(Self {
             norm: GroupNorm::new(s, at.pp("norm"), c, norm)?,
             proj_in: proj(s, "proj_in")?,
-            block: TransformerBlock::new(s, at.pp("transformer_blocks").pp(0), c, heads, u.cross_attention_dim)?,
+            blocks: (0..layers)
+                .map(|l| TransformerBlock::new(s, at.pp("transformer_blocks").pp(l), c, heads, u.cross_attention_dim))
+                .collect::<Result<Vec<_>>>()?,
             proj_out: proj(s, "proj_out")?,
         })
     }
@@ -127,15 +129,21 @@ impl SpatialTransformer {
             // [b, h·w, c] → [b, h, w, c] → [b, c, h, w]
             t.permute(&t.reshape(v, &Shape::new([b, h, w, c]))?, &[0, 3, 1, 2])
         };
+        let blocks = |mut tokens: Var<B>| -> Result<Var<B>> {
+            for block in &self.blocks {
+                tokens = block.forward(p, &tokens, context)?;
+            }
+            Ok(tokens)
+        };
         let normed = self.norm.forward(p, x)?;
         let out = match (&self.proj_in, &self.proj_out) {
             (Projection::Conv(pi), Projection::Conv(po)) => {
                 let tokens = to_tokens(&pi.forward(p, &normed)?)?;
-                po.forward(p, &to_image(&self.block.forward(p, &tokens, context)?)?)?
+                po.forward(p, &to_image(&blocks(tokens)?)?)?
             }
             (Projection::Linear(pi), Projection::Linear(po)) => {
                 let tokens = pi.forward(p, &to_tokens(&normed)?)?;
-                to_image(&po.forward(p, &self.block.forward(p, &tokens, context)?)?)?
+                to_image(&po.forward(p, &blocks(tokens)?)?)?
             }
             _ => unreachable!("both projections are built alike"),
         };
@@ -177,7 +185,12 @@ impl DownBlock {
         for l in 0..u.layers_per_block {
             block.resnets.push(resnet(s, at.pp("resnets").pp(l), if l == 0 { c_in } else { c }, c, u)?);
             if u.down_block_types[i] == DownBlockType::CrossAttnDownBlock2D {
-                block.attentions.push(SpatialTransformer::new(s, at.pp("attentions").pp(l), c, u.heads[i], u)?);
+                block.attentions.push(SpatialTransformer::new(
+                    s,
+                    at.pp("attentions").pp(l),
+                    (c, u.heads[i], u.transformer_layers_at(i)),
+                    u,
+                )?);
             }
         }
         if i + 1 < u.block_out_channels.len() {
@@ -227,7 +240,12 @@ impl MidBlock {
         let heads = *u.heads.last().expect("validated non-empty");
         Ok(Self {
             resnet_0: resnet(s, at.pp("resnets").pp(0), c, c, u)?,
-            attention: SpatialTransformer::new(s, at.pp("attentions").pp(0), c, heads, u)?,
+            attention: SpatialTransformer::new(
+                s,
+                at.pp("attentions").pp(0),
+                (c, heads, u.transformer_layers_at(u.block_out_channels.len() - 1)),
+                u,
+            )?,
             resnet_1: resnet(s, at.pp("resnets").pp(1), c, c, u)?,
         })
     }
@@ -266,7 +284,12 @@ impl UpBlock {
             let c_in = if l == 0 { prev } else { out };
             block.resnets.push(resnet(s, at.pp("resnets").pp(l), c_in + skip, out, u)?);
             if u.up_block_types[i] == UpBlockType::CrossAttnUpBlock2D {
-                block.attentions.push(SpatialTransformer::new(s, at.pp("attentions").pp(l), out, heads, u)?);
+                block.attentions.push(SpatialTransformer::new(
+                    s,
+                    at.pp("attentions").pp(l),
+                    (out, heads, u.transformer_layers_at(n - 1 - i)),
+                    u,
+                )?);
             }
         }
         if i + 1 < n {

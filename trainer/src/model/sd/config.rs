@@ -80,6 +80,11 @@ pub struct UNetConfig {
     pub norm_eps: f32,
     /// Scores and softmax in f32 (always done here, whatever the flag).
     pub upcast_attention: bool,
+    /// Transformer blocks in each spatial transformer of each down block (diffusers'
+    /// `transformer_layers_per_block`: 1 for SD, `[1, 2, 10]` for SDXL); the middle block takes
+    /// the last level's, the up blocks the down blocks' in reverse.
+    #[serde(default)]
+    pub transformer_layers: Vec<usize>,
 }
 
 /// The most channels of any block, and the widest cross-attention (SD 2.x: 1280 and 1024).
@@ -88,6 +93,8 @@ pub const MAX_WIDTH: usize = 1 << 14;
 pub const MAX_LEVELS: usize = 8;
 /// The most resnets per block (SD: 2).
 pub const MAX_LAYERS_PER_BLOCK: usize = 16;
+/// The most transformer blocks per spatial transformer (SDXL: 10).
+pub const MAX_TRANSFORMER_LAYERS: usize = 64;
 /// The most latent or condition channels (SD: 4; inpainting: 9).
 pub const MAX_IO_CHANNELS: usize = 1 << 10;
 /// The largest `sample_size` (SD 2.x: 96).
@@ -120,7 +127,6 @@ const AT_DEFAULT: &[(&str, &str)] = &[
     ("downsample_padding", "1"),
     ("mid_block_scale_factor", "1"),
     ("act_fn", "\"silu\""),
-    ("transformer_layers_per_block", "1"),
     ("reverse_transformer_layers_per_block", "null"),
     ("encoder_hid_dim", "null"),
     ("encoder_hid_dim_type", "null"),
@@ -176,6 +182,7 @@ const UNET_KEYS: &[&str] = &[
     "norm_num_groups",
     "norm_eps",
     "upcast_attention",
+    "transformer_layers_per_block",
 ];
 
 /// ControlNet-only supported keys.
@@ -221,7 +228,8 @@ fn unet_defaults() -> Map<String, Value> {
         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
         "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "attention_head_dim": 8,
         "num_attention_heads": null, "cross_attention_dim": 1280, "use_linear_projection": false,
-        "norm_num_groups": 32, "norm_eps": 1e-5, "upcast_attention": false
+        "norm_num_groups": 32, "norm_eps": 1e-5, "upcast_attention": false,
+        "transformer_layers_per_block": 1
     });
     v.as_object().cloned().unwrap_or_default()
 }
@@ -275,6 +283,8 @@ impl UNetConfig {
         };
         let heads: PerBlock = get(config, heads_key, g("attention_head_dim"))?;
         let block_out_channels: Vec<usize> = get(config, "block_out_channels", g("block_out_channels"))?;
+        let layers_key = "transformer_layers_per_block";
+        let transformer_layers: PerBlock = get(config, layers_key, g(layers_key))?;
         let c = Self {
             in_channels: get(config, "in_channels", g("in_channels"))?,
             // A ControlNet predicts nothing itself; it shares the UNet's input.
@@ -290,6 +300,7 @@ impl UNetConfig {
             norm_num_groups: get(config, "norm_num_groups", g("norm_num_groups"))?,
             norm_eps: get(config, "norm_eps", g("norm_eps"))?,
             upcast_attention: get(config, "upcast_attention", g("upcast_attention"))?,
+            transformer_layers: transformer_layers.expand(blocks, layers_key)?,
             down_block_types,
             block_out_channels,
         };
@@ -310,10 +321,17 @@ impl UNetConfig {
             ("sample_size", self.sample_size, MAX_SAMPLE_SIZE),
         ];
         let widths = self.block_out_channels.iter().map(|&c| ("a block_out_channels entry", c, MAX_WIDTH));
-        for (key, value, max) in counts.into_iter().chain(widths) {
+        let depths = self
+            .transformer_layers
+            .iter()
+            .map(|&l| ("a transformer_layers_per_block entry", l, MAX_TRANSFORMER_LAYERS));
+        for (key, value, max) in counts.into_iter().chain(widths).chain(depths) {
             if value > max {
                 return bad(format!("{key} is {value}; lisa supports at most {max}"));
             }
+        }
+        if self.transformer_layers.contains(&0) {
+            return bad("transformer_layers_per_block: every entry must be at least 1".into());
         }
         if n == 0 || self.block_out_channels.len() != n {
             return bad(format!(
@@ -363,6 +381,11 @@ impl UNetConfig {
         );
         cmp("layers_per_block", self.layers_per_block.to_string(), controlnet.layers_per_block.to_string());
         cmp("attention heads", format!("{:?}", self.heads), format!("{:?}", controlnet.heads));
+        cmp(
+            "transformer_layers_per_block",
+            self.transformer_layers_per_block().to_string(),
+            controlnet.transformer_layers_per_block().to_string(),
+        );
         cmp("cross_attention_dim", self.cross_attention_dim.to_string(), controlnet.cross_attention_dim.to_string());
         cmp(
             "use_linear_projection",
@@ -382,15 +405,17 @@ impl UNetConfig {
         let temb = 4 * w(self.block_out_channels[0]);
         let cross = w(self.cross_attention_dim);
         let resnet = |ci: u128, co: u128| 9 * ci * co + 9 * co * co + temb * co + if ci == co { 0 } else { ci * co };
-        let transformer = |c: u128| 20 * c * c + 2 * cross * c;
+        let one_transformer = |c: u128| 20 * c * c + 2 * cross * c;
         let attends = |l: usize| self.down_block_types[l] == DownBlockType::CrossAttnDownBlock2D;
+        let depth = |l: usize| self.transformer_layers_at(l) as u128;
         let (levels, layers) = (self.block_out_channels.len(), self.layers_per_block);
         let mut encoder = 0u128;
         let mut previous = w(self.block_out_channels[0]);
         for (l, &c) in self.block_out_channels.iter().enumerate() {
             let c = w(c);
             for i in 0..layers {
-                encoder += resnet(if i == 0 { previous } else { c }, c) + if attends(l) { transformer(c) } else { 0 };
+                encoder += resnet(if i == 0 { previous } else { c }, c)
+                    + if attends(l) { depth(l) * one_transformer(c) } else { 0 };
             }
             if l + 1 < levels {
                 encoder += 9 * c * c;
@@ -398,16 +423,33 @@ impl UNetConfig {
             previous = c;
         }
         let top = w(self.block_out_channels[levels - 1]);
-        let mid = 2 * resnet(top, top) + transformer(top);
+        let mid = 2 * resnet(top, top) + depth(levels - 1) * one_transformer(top);
         let mut decoder = 0u128;
         for (l, &c) in self.block_out_channels.iter().enumerate() {
             let c = w(c);
-            decoder += (layers as u128 + 1) * (resnet(2 * c, c) + if attends(l) { transformer(c) } else { 0 });
+            decoder +=
+                (layers as u128 + 1) * (resnet(2 * c, c) + if attends(l) { depth(l) * one_transformer(c) } else { 0 });
             decoder += if l > 0 { 9 * c * c } else { 0 };
         }
         // The ControlNet's zero convs: one 1×1 per skip and the middle.
         let zero_convs: u128 = self.block_out_channels.iter().map(|&c| w(c) * w(c) * (layers as u128 + 1)).sum();
         ParameterEstimate { unet: encoder + mid + decoder, controlnet: encoder + mid + zero_convs }
+    }
+
+    /// Transformer blocks per spatial transformer of down level `level` (1 where the config
+    /// predates the key).
+    pub fn transformer_layers_at(&self, level: usize) -> usize {
+        self.transformer_layers.get(level).copied().unwrap_or(1)
+    }
+
+    /// `transformer_layers_per_block` as diffusers writes it: an int when every level has the
+    /// same, else one per level.
+    pub fn transformer_layers_per_block(&self) -> Value {
+        match self.transformer_layers.as_slice() {
+            [] => json!(1),
+            [first, rest @ ..] if rest.iter().all(|l| l == first) => json!(first),
+            all => json!(all),
+        }
     }
 
     /// The number of skips the encoder hands the decoder: `conv_in`, one per resnet, one
@@ -443,7 +485,7 @@ impl UNetConfig {
             "num_attention_heads": null,
             "only_cross_attention": false,
             "resnet_time_scale_shift": "default",
-            "transformer_layers_per_block": 1,
+            "transformer_layers_per_block": self.transformer_layers_per_block(),
             "upcast_attention": self.upcast_attention,
             "use_linear_projection": self.use_linear_projection
         })
