@@ -166,16 +166,6 @@ impl RankBackend for lisa_cubecl::CudaBackend {
     }
 }
 
-/// The digest every rank of a multi-process run must share: its settings and model.
-fn digest<B: Backend>(file: &RunFile, model: &dyn lisa_trainer::model::DualDenoiser<B>) -> [u8; 32] {
-    use sha2::Digest;
-    let described = serde_json::json!({
-        "train": serde_json::to_value(&file.train).unwrap_or_default(),
-        "model": model.spec().identity(),
-    });
-    sha2::Sha256::digest(described.to_string().as_bytes()).into()
-}
-
 /// Trains as `plan` says: [`crate::arm::train_arm`] on one rank, or every rank of this
 /// process with its share of each global batch.
 pub fn train_ranks<B: RankBackend>(
@@ -191,7 +181,7 @@ pub fn train_ranks<B: RankBackend>(
         Plan::Process(launch) => {
             let device = B::rank_device(&device, launch.local_rank)?;
             let mut arm = prepare_arm(file, start, device.clone(), o)?;
-            let group = B::across_processes(launch, &digest(file, arm.built.as_ref()), &device, timeout)?;
+            let group = B::across_processes(launch, &file.train.digest_with(&arm.built.spec()), &device, timeout)?;
             let mut trainer = Trainer::new(arm.built, file.train.clone())?;
             trainer.join(DataParallel::new(group));
             if launch.rank != 0 {

@@ -149,6 +149,19 @@ impl TrainConfig {
     }
 }
 
+impl TrainConfig {
+    /// The SHA-256 of these settings and `spec`'s identity (content, not paths): what every
+    /// rank of a data-parallel run must share.
+    pub fn digest_with(&self, spec: &ModelSpec) -> [u8; 32] {
+        use sha2::Digest;
+        let described = serde_json::json!({
+            "config": serde_json::to_value(self).unwrap_or_default(),
+            "model": spec.identity(),
+        });
+        sha2::Sha256::digest(described.to_string().as_bytes()).into()
+    }
+}
+
 impl StepSettings for TrainConfig {
     fn optim(&self) -> &OptimConfig {
         &self.optim
@@ -273,12 +286,12 @@ impl<B: Backend> Trainer<B> {
             return Ok(());
         };
         let state = self.run.state;
-        let described = serde_json::json!({
-            "config": serde_json::to_value(&self.config).unwrap_or_default(),
-            "model": self.model.spec().identity(),
-            "state": [state.step, state.rng_counter, state.epoch, state.position as u64, state.skipped_steps],
-        });
-        let digest = sha2::Sha256::digest(described.to_string().as_bytes());
+        let mut hasher = sha2::Sha256::new();
+        hasher.update(self.config.digest_with(&self.model.spec()));
+        for v in [state.step, state.rng_counter, state.epoch, state.position as u64, state.skipped_steps] {
+            hasher.update(v.to_le_bytes());
+        }
+        let digest = hasher.finalize();
         let fingerprint = u64::from_le_bytes(digest[..8].try_into().unwrap_or_default());
         parallel.agree(fingerprint, "the run's settings, model and position", self.model.store().device())
     }
