@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::autodiff::Tape;
 use crate::autodiff::VarId;
 use crate::data::{Dataset, Example};
-use crate::distributed::{DataParallel, Overlap, Shard};
+use crate::distributed::{DataParallel, Overlap};
 use crate::error::{Result, TrainError};
 use crate::model::{
     DECODER, DualDenoiser, ForwardOptions, ModelSpec, Parts, SIDE, SideMode, forward_train, registry, replay_side,
@@ -367,7 +367,7 @@ impl<B: Backend> Trainer<B> {
             // backward did it), then the losses (a rank's NaN makes every rank's loss NaN, so
             // all skip or stop together).
             if !reduced {
-                let like: Vec<&B::Tensor> = self.optimizer.adamw.moments.iter().map(|(_, m, _)| m).collect();
+                let like = self.optimizer.adamw.slot_shapes();
                 parallel.average_gradients(&mut grads, &like).map_err(|e| e.at_step(step))?;
             }
             let mut sums = [main_sum, lisa_sum, zero_sum, total_sum];
@@ -410,7 +410,7 @@ impl<B: Backend> Trainer<B> {
         reduce: bool,
     ) -> Result<(f32, lisa_core::lisa::LisaLoss<f32>)> {
         let model = self.model.as_ref();
-        let shard = self.parallel.as_ref().map_or(Shard::WHOLE, |p| p.shard());
+        let shard = self.shard();
         let p_empty = self.config.proportion_empty_prompts;
         let NoisedBatch { x_t, y, hint, levels, cond } =
             noise_shard::<B>(&mut self.run, &self.noise, model, true, examples, p_empty, None, shard)?;
@@ -442,7 +442,7 @@ impl<B: Backend> Trainer<B> {
                 self.optimizer.adamw.moments.iter().enumerate().map(|(i, (p, _, _))| (*p, i)).collect();
             let slot_of: std::collections::HashMap<VarId, usize> =
                 leaves.iter().filter_map(|(p, v)| slot_of.get(p).map(|&i| (*v, i))).collect();
-            let like: Vec<&B::Tensor> = self.optimizer.adamw.moments.iter().map(|(_, m, _)| m).collect();
+            let like = self.optimizer.adamw.slot_shapes();
             let parallel = self.parallel.as_mut().ok_or(TrainError::Internal("a reduce without ranks"))?;
             let mut overlap = Overlap::new(parallel, &like)?;
             let mut arrived = vec![false; grads.len()];

@@ -125,9 +125,9 @@ impl<B: Backend> DataParallel<B> {
     /// checkpoints stop before their first step. Exact in f32: each 4-bit digit and its
     /// square are summed (equal sums of values and of squares mean equal values).
     pub fn agree(&mut self, fingerprint: u64, what: &str, device: &B::Device) -> Result<()> {
-        let digits: Vec<f32> = (0..16).map(|i| ((fingerprint >> (4 * i)) & 0xf) as f32).collect();
-        let mut values: Vec<f32> =
-            digits.iter().chain(digits.iter().map(|d| d * d).collect::<Vec<_>>().iter()).copied().collect();
+        let digit = |i: u32| ((fingerprint >> (4 * (i % 16))) & 0xf) as f32;
+        // [16 digits, their 16 squares]
+        let mut values: Vec<f32> = (0..32).map(|i| if i < 16 { digit(i) } else { digit(i) * digit(i) }).collect();
         let mut t = B::from_slice(&values, &Shape::new([values.len()]), DType::F32, device)?;
         self.group.all_reduce_sum(&mut t)?;
         let world = self.world_size() as f32;

@@ -136,6 +136,11 @@ impl<B: Backend> AdamW<B> {
         Ok(Self { lr_scales: vec![1.0; moments.len()], moments, step: 0 })
     }
 
+    /// A tensor shaped like each gradient slot, in slot order (the first moments).
+    pub fn slot_shapes(&self) -> Vec<&B::Tensor> {
+        self.moments.iter().map(|(_, m, _)| m).collect()
+    }
+
     /// Multiplies the learning rate of the parameters whose name `select` accepts by `factor`
     /// (AdamW's decoupled weight decay follows, as in a torch parameter group). Returns how
     /// many parameters it touched.
