@@ -43,6 +43,14 @@ fn write_frame(s: &mut TcpStream, tag: u8, body: &[u8]) -> std::io::Result<()> {
     s.flush()
 }
 
+/// Sends one frame to each of `streams`, best effort: a peer that cannot be written to is
+/// found out by its next read.
+fn broadcast<'a>(streams: impl IntoIterator<Item = &'a mut TcpStream>, tag: u8, body: &[u8]) {
+    for s in streams {
+        let _ = write_frame(s, tag, body);
+    }
+}
+
 /// Reads one frame; `who` names the peer in errors.
 /// `timeout` None: wait as long as it takes.
 fn read_frame(s: &mut TcpStream, who: &str, timeout: Option<Duration>) -> std::result::Result<Frame, String> {
@@ -163,11 +171,9 @@ pub fn rendezvous(
             }
         }
         let answer = if problems.is_empty() { payload().map_err(|e| e.to_string()) } else { Err(problems.join("; ")) };
-        for s in peers.iter_mut().flatten() {
-            let _ = match &answer {
-                Ok(bytes) => write_frame(s, DATA, bytes),
-                Err(why) => write_frame(s, ERROR, why.as_bytes()),
-            };
+        match &answer {
+            Ok(bytes) => broadcast(peers.iter_mut().flatten(), DATA, bytes),
+            Err(why) => broadcast(peers.iter_mut().flatten(), ERROR, why.as_bytes()),
         }
         let bytes = answer.map_err(fail)?;
         Ok((Link { rank: 0, world: launch.world_size, peers, timeout }, bytes))
@@ -241,9 +247,12 @@ impl Link {
 
     /// Says goodbye to the peers: this rank's part of the run ended normally.
     pub fn finish(&mut self) {
-        for s in self.peers.iter_mut().flatten() {
-            let _ = write_frame(s, BYE, &[]);
-        }
+        broadcast(self.peers.iter_mut().flatten(), BYE, &[]);
+    }
+
+    /// Tells the peers this rank failed, and why.
+    pub fn abort(&mut self, why: &str) {
+        broadcast(self.peers.iter_mut().flatten(), ERROR, why.as_bytes());
     }
 
     /// Watches the connections in the background (when the collective runs elsewhere, on
@@ -280,16 +289,12 @@ pub struct Watch {
 impl Watch {
     /// Tells the peers this rank ended normally.
     pub fn finish(&mut self) {
-        for s in &mut self.writers {
-            let _ = write_frame(s, BYE, &[]);
-        }
+        broadcast(&mut self.writers, BYE, &[]);
     }
 
     /// Tells the peers this rank failed, and why.
     pub fn abort(&mut self, why: &str) {
-        for s in &mut self.writers {
-            let _ = write_frame(s, ERROR, why.as_bytes());
-        }
+        broadcast(&mut self.writers, ERROR, why.as_bytes());
     }
 }
 
@@ -345,9 +350,7 @@ impl TcpRank {
             Err(why) => why.as_bytes().to_vec(),
         };
         let tag = if sum.is_ok() { DATA } else { ERROR };
-        for s in self.link.peers.iter_mut().flatten() {
-            let _ = write_frame(s, tag, &message);
-        }
+        broadcast(self.link.peers.iter_mut().flatten(), tag, &message);
         sum
     }
 
@@ -358,9 +361,7 @@ impl TcpRank {
 
     /// Tells the peers this rank failed, and why.
     pub fn abort(&mut self, why: &str) {
-        for s in self.link.peers.iter_mut().flatten() {
-            let _ = write_frame(s, ERROR, why.as_bytes());
-        }
+        self.link.abort(why);
     }
 }
 
