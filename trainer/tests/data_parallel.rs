@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::tiny_model;
+use common::{on_threads, tiny_model};
 use lisa_core::backend::DType;
 use lisa_core::backend::prelude::*;
 use lisa_core::tolerance::{DATA_PARALLEL_LOSS_F32, DATA_PARALLEL_PARAMS_F32};
@@ -62,22 +62,12 @@ struct Ended {
 
 /// `world` ranks of batch `batch` stepping `steps` times; every rank's stats and weights.
 fn ranks(world: usize, cfg: TrainConfig) -> Vec<Ended> {
-    let group = thread_group(world, Duration::from_secs(60));
-    std::thread::scope(|s| {
-        let handles: Vec<_> = group
-            .into_iter()
-            .map(|rank| {
-                let cfg = cfg.clone();
-                s.spawn(move || {
-                    let mut t = trainer(cfg);
-                    t.join(DataParallel::new(Box::new(rank)));
-                    t.check_ranks_agree().unwrap();
-                    let stats: Vec<StepStats> = (0..t.config.max_train_steps).map(|_| t.step(&DATA).unwrap()).collect();
-                    Ended { stats, weights: trained(&t), state: t.run.state, rank: t.shard().rank }
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    on_threads(thread_group(world, Duration::from_secs(60)), |_, rank| {
+        let mut t = trainer(cfg.clone());
+        t.join(DataParallel::new(Box::new(rank)));
+        t.check_ranks_agree().unwrap();
+        let stats: Vec<StepStats> = (0..t.config.max_train_steps).map(|_| t.step(&DATA).unwrap()).collect();
+        Ended { stats, weights: trained(&t), state: t.run.state, rank: t.shard().rank }
     })
 }
 
@@ -144,24 +134,15 @@ fn buckets_follow_the_backward_order_and_cap() {
     assert_eq!(buckets(&[10, 40, 5], 32), vec![vec![2], vec![1], vec![0]]);
     assert_eq!(buckets(&[1, 1, 1], 1 << 20), vec![vec![2, 1, 0]]);
     // Small buckets: the same averaged training as one bucket.
-    let group = thread_group(2, Duration::from_secs(60));
-    let results: Vec<Vec<(String, Vec<f32>)>> = std::thread::scope(|s| {
-        let hs: Vec<_> = group
-            .into_iter()
-            .map(|rank| {
-                s.spawn(move || {
-                    let mut t = trainer(config(2, 1, 2));
-                    let mut dp = DataParallel::new(Box::new(rank));
-                    dp.bucket_bytes = 4096;
-                    t.join(dp);
-                    for _ in 0..2 {
-                        t.step(&DATA).unwrap();
-                    }
-                    trained(&t)
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    let results = on_threads(thread_group(2, Duration::from_secs(60)), |_, rank| {
+        let mut t = trainer(config(2, 1, 2));
+        let mut dp = DataParallel::new(Box::new(rank));
+        dp.bucket_bytes = 4096;
+        t.join(dp);
+        for _ in 0..2 {
+            t.step(&DATA).unwrap();
+        }
+        trained(&t)
     });
     let one_bucket = ranks(2, config(2, 1, 2));
     assert_eq!(results[0], one_bucket[0].weights, "bucketing changes the grouping, never the values");
@@ -176,20 +157,10 @@ fn options(dir: &std::path::Path, steps_per_checkpoint: u64) -> RunOptions {
 
 /// `session::run` on `world` thread ranks; rank 0's report and every rank's weights.
 fn session_ranks(world: usize, cfg: TrainConfig, o: &RunOptions) -> Vec<Result<Weights, String>> {
-    let group = thread_group(world, Duration::from_secs(60));
-    std::thread::scope(|s| {
-        let hs: Vec<_> = group
-            .into_iter()
-            .map(|rank| {
-                let cfg = cfg.clone();
-                s.spawn(move || {
-                    let mut t = trainer(cfg);
-                    t.join(DataParallel::new(Box::new(rank)));
-                    session::run(&mut t, &DATA, None, o, &mut ()).map(|_| trained(&t)).map_err(|e| e.to_string())
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    on_threads(thread_group(world, Duration::from_secs(60)), |_, rank| {
+        let mut t = trainer(cfg.clone());
+        t.join(DataParallel::new(Box::new(rank)));
+        session::run(&mut t, &DATA, None, o, &mut ()).map(|_| trained(&t)).map_err(|e| e.to_string())
     })
 }
 
@@ -221,23 +192,13 @@ fn only_the_first_rank_writes_and_a_resume_continues_exactly() {
 
 #[test]
 fn ranks_built_differently_stop_before_the_first_step() {
-    let group = thread_group(2, Duration::from_secs(60));
-    let errors: Vec<String> = std::thread::scope(|s| {
-        let hs: Vec<_> = group
-            .into_iter()
-            .enumerate()
-            .map(|(r, rank)| {
-                s.spawn(move || {
-                    // Rank 1 was given another learning rate.
-                    let mut cfg = config(2, 1, 2);
-                    cfg.optim.lr *= 1.0 + r as f32;
-                    let mut t = trainer(cfg);
-                    t.join(DataParallel::new(Box::new(rank)));
-                    t.check_ranks_agree().unwrap_err().to_string()
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    let errors = on_threads(thread_group(2, Duration::from_secs(60)), |r, rank| {
+        // Rank 1 was given another learning rate.
+        let mut cfg = config(2, 1, 2);
+        cfg.optim.lr *= 1.0 + r as f32;
+        let mut t = trainer(cfg);
+        t.join(DataParallel::new(Box::new(rank)));
+        t.check_ranks_agree().unwrap_err().to_string()
     });
     for e in errors {
         assert!(e.contains("the ranks disagree on the run's settings"), "{e}");
@@ -246,27 +207,17 @@ fn ranks_built_differently_stop_before_the_first_step() {
 
 #[test]
 fn a_failing_rank_ends_the_others_with_its_reason() {
-    let group = thread_group(2, Duration::from_secs(600));
     let o = options(&std::env::temp_dir().join(format!("lisa-dp-fail-{}", std::process::id())), 0);
     let _ = std::fs::remove_dir_all(&o.output_dir);
     let o = &o;
     let started = Instant::now();
-    let results: Vec<Result<(), String>> = std::thread::scope(|s| {
-        let hs: Vec<_> = group
-            .into_iter()
-            .enumerate()
-            .map(|(r, rank)| {
-                s.spawn(move || {
-                    let mut t = trainer(config(2, 1, 3));
-                    t.join(DataParallel::new(Box::new(rank)));
-                    // Rank 1's data has another resolution: its second step fails.
-                    let wrong = FillCircles { resolution: 8, ..DATA };
-                    let data: &dyn lisa_trainer::data::Dataset = if r == 1 { &wrong } else { &DATA };
-                    session::run(&mut t, data, None, o, &mut ()).map(|_| ()).map_err(|e| e.to_string())
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    let results = on_threads(thread_group(2, Duration::from_secs(600)), |r, rank| {
+        let mut t = trainer(config(2, 1, 3));
+        t.join(DataParallel::new(Box::new(rank)));
+        // Rank 1's data has another resolution: its second step fails.
+        let wrong = FillCircles { resolution: 8, ..DATA };
+        let data: &dyn lisa_trainer::data::Dataset = if r == 1 { &wrong } else { &DATA };
+        session::run(&mut t, data, None, o, &mut ()).map(|_| ()).map_err(|e| e.to_string())
     });
     assert!(started.elapsed() < Duration::from_secs(60), "the failure ended the run at once, not at the timeout");
     let e0 = results[0].clone().unwrap_err();
@@ -277,25 +228,15 @@ fn a_failing_rank_ends_the_others_with_its_reason() {
 
 #[test]
 fn a_rank_that_stops_answering_ends_the_others_after_the_timeout() {
-    let group = thread_group(2, Duration::from_millis(500));
-    let results: Vec<Option<String>> = std::thread::scope(|s| {
-        let hs: Vec<_> = group
-            .into_iter()
-            .map(|rank| {
-                s.spawn(move || {
-                    let r = lisa_core::backend::Collective::<C>::rank(&rank);
-                    let mut t = trainer(config(2, 1, 2));
-                    t.join(DataParallel::new(Box::new(rank)));
-                    if r == 1 {
-                        // Stuck (in I/O, a deadlock, a debugger) but alive: it holds its handle.
-                        std::thread::sleep(Duration::from_secs(3));
-                        return None;
-                    }
-                    Some(t.step(&DATA).unwrap_err().to_string())
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    let results = on_threads(thread_group(2, Duration::from_millis(500)), |r, rank| {
+        let mut t = trainer(config(2, 1, 2));
+        t.join(DataParallel::new(Box::new(rank)));
+        if r == 1 {
+            // Stuck (in I/O, a deadlock, a debugger) but alive: it holds its handle.
+            std::thread::sleep(Duration::from_secs(3));
+            return None;
+        }
+        Some(t.step(&DATA).unwrap_err().to_string())
     });
     let e = results[0].clone().unwrap();
     assert!(e.contains("waited 0 s for rank(s) 1"), "{e}");
@@ -368,27 +309,16 @@ fn launch(rank: usize, world: usize, port: u16) -> Launch {
 fn processes_meet_over_tcp_and_reduce_in_rank_order() {
     let port = free_port();
     let world = 3;
-    let sums: Vec<(Vec<u8>, Vec<f32>)> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..world)
-            .map(|r| {
-                s.spawn(move || {
-                    let (link, payload) = rendezvous(
-                        &launch(r, world, port),
-                        &[7; 32],
-                        || Ok(b"unique id".to_vec()),
-                        Duration::from_secs(30),
-                    )
-                    .unwrap();
-                    let mut rank = TcpRank::new(link);
-                    let sum = rank.reduce(vec![0.1 * (r + 1) as f32, 1e8, -(r as f32)]).unwrap();
-                    let again = rank.reduce(vec![r as f32]).unwrap();
-                    assert_eq!(again, vec![3.0]);
-                    rank.finish();
-                    (payload, sum)
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    let sums = on_threads((0..world).collect(), |_, r| {
+        let (link, payload) =
+            rendezvous(&launch(r, world, port), &[7; 32], || Ok(b"unique id".to_vec()), Duration::from_secs(30))
+                .unwrap();
+        let mut rank = TcpRank::new(link);
+        let sum = rank.reduce(vec![0.1 * (r + 1) as f32, 1e8, -(r as f32)]).unwrap();
+        let again = rank.reduce(vec![r as f32]).unwrap();
+        assert_eq!(again, vec![3.0]);
+        rank.finish();
+        (payload, sum)
     });
     let want = vec![(0.1f32 + 0.2) + 0.3, (1e8f32 + 1e8) + 1e8, -3.0];
     for (payload, sum) in sums {
@@ -400,19 +330,12 @@ fn processes_meet_over_tcp_and_reduce_in_rank_order() {
 #[test]
 fn a_rank_with_other_settings_is_refused_at_the_rendezvous() {
     let port = free_port();
-    let errors: Vec<String> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..2)
-            .map(|r| {
-                s.spawn(move || {
-                    let digest = [r as u8; 32];
-                    rendezvous(&launch(r, 2, port), &digest, || Ok(Vec::new()), Duration::from_secs(30))
-                        .map(|_| ())
-                        .unwrap_err()
-                        .to_string()
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    let errors = on_threads(vec![0, 1], |_, r| {
+        let digest = [r as u8; 32];
+        rendezvous(&launch(r, 2, port), &digest, || Ok(Vec::new()), Duration::from_secs(30))
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
     });
     for e in errors {
         assert!(e.contains("rank 1") && e.contains("other settings, model or data"), "{e}");
@@ -440,22 +363,14 @@ fn a_rank_that_never_comes_is_named_after_the_timeout() {
 #[test]
 fn a_process_that_dies_ends_the_tcp_reduce_with_its_name() {
     let port = free_port();
-    let results: Vec<Option<String>> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..2)
-            .map(|r| {
-                s.spawn(move || {
-                    let (link, _) =
-                        rendezvous(&launch(r, 2, port), &[1; 32], || Ok(Vec::new()), Duration::from_secs(30)).unwrap();
-                    let mut rank = TcpRank::new(link);
-                    if r == 1 {
-                        drop(rank); // the process died: its socket closes without a goodbye
-                        return None;
-                    }
-                    Some(rank.reduce(vec![1.0]).unwrap_err())
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    let results = on_threads(vec![0, 1], |_, r| {
+        let (link, _) = rendezvous(&launch(r, 2, port), &[1; 32], || Ok(Vec::new()), Duration::from_secs(30)).unwrap();
+        let mut rank = TcpRank::new(link);
+        if r == 1 {
+            drop(rank); // the process died: its socket closes without a goodbye
+            return None;
+        }
+        Some(rank.reduce(vec![1.0]).unwrap_err())
     });
     let e = results[0].clone().unwrap();
     assert!(e.contains("rank 1 closed its connection"), "{e}");
@@ -465,25 +380,15 @@ fn a_process_that_dies_ends_the_tcp_reduce_with_its_name() {
 fn a_gradient_missing_on_one_rank_is_reduced_as_zeros() {
     // Slot 0 has a gradient on rank 1 only (a path that one rank's batch did not take): both
     // ranks reduce the same buckets and get the average, (0 + 2)/2.
-    let group = thread_group(2, Duration::from_secs(60));
-    let got: Vec<Vec<f32>> = std::thread::scope(|s| {
-        let hs: Vec<_> = group
-            .into_iter()
-            .enumerate()
-            .map(|(r, rank)| {
-                s.spawn(move || {
-                    let mut dp = DataParallel::<C>::new(Box::new(rank));
-                    let shape = lisa_core::backend::Shape::new([3]);
-                    let like = C::zeros(&shape, DType::F32, &CpuDevice).unwrap();
-                    let two = C::full(&shape, 2.0, DType::F32, &CpuDevice).unwrap();
-                    let mut grads = vec![(r == 1).then(|| two.clone()), Some(two.clone())];
-                    dp.average_gradients(&mut grads, &[&like, &like]).unwrap();
-                    dp.finish();
-                    grads.iter().flat_map(|g| C::to_vec(g.as_ref().unwrap()).unwrap()).collect()
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    let got: Vec<Vec<f32>> = on_threads(thread_group(2, Duration::from_secs(60)), |r, rank| {
+        let mut dp = DataParallel::<C>::new(Box::new(rank));
+        let shape = lisa_core::backend::Shape::new([3]);
+        let like = C::zeros(&shape, DType::F32, &CpuDevice).unwrap();
+        let two = C::full(&shape, 2.0, DType::F32, &CpuDevice).unwrap();
+        let mut grads = vec![(r == 1).then(|| two.clone()), Some(two.clone())];
+        dp.average_gradients(&mut grads, &[&like, &like]).unwrap();
+        dp.finish();
+        grads.iter().flat_map(|g| C::to_vec(g.as_ref().unwrap()).unwrap()).collect()
     });
     assert_eq!(got[0], vec![1.0, 1.0, 1.0, 2.0, 2.0, 2.0]);
     assert_eq!(got[1], got[0]);

@@ -2,6 +2,8 @@
 //! over 20 steps, fp16 loss scaling skips overflowing steps and moves its scale as torch's
 //! `GradScaler` does, and a run with loss scaling resumes exactly from a checkpoint.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use lisa_core::backend::prelude::*;
@@ -224,37 +226,27 @@ fn a_nan_in_the_data_skips_then_stops_under_fp16_and_stops_at_once_in_f32() {
 /// stop together at the floor; no weight moves on either.
 #[test]
 fn under_fp16_every_rank_skips_the_steps_one_rank_overflows() {
+    use common::on_threads;
     use lisa_trainer::distributed::{DataParallel, thread_group};
     let dir = scratch("ranks");
     let embeds = embeddings(&dir);
-    let group = thread_group(2, std::time::Duration::from_secs(120));
-    let results: Vec<(Vec<StepStats>, String, bool)> = std::thread::scope(|s| {
-        let hs: Vec<_> = group
-            .into_iter()
-            .enumerate()
-            .map(|(r, rank)| {
-                let embeds = embeds.clone();
-                s.spawn(move || {
-                    let mut data = Rings::new();
-                    if r == 1 {
-                        data.0.iter_mut().for_each(|e| e.image[0] = f32::NAN);
-                    }
-                    let mut t = trainer("fp16", LossScaleConfig { init_log2: -125, growth_interval: 2000 }, &embeds);
-                    t.config.batch_size = 1;
-                    t.join(DataParallel::new(Box::new(rank)));
-                    let start = side_weights(&t);
-                    let mut stats = Vec::new();
-                    let error = loop {
-                        match t.step(&data) {
-                            Ok(s) => stats.push(s),
-                            Err(e) => break e.to_string(),
-                        }
-                    };
-                    (stats, error, side_weights(&t) == start)
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    let results = on_threads(thread_group(2, std::time::Duration::from_secs(120)), |r, rank| {
+        let mut data = Rings::new();
+        if r == 1 {
+            data.0.iter_mut().for_each(|e| e.image[0] = f32::NAN);
+        }
+        let mut t = trainer("fp16", LossScaleConfig { init_log2: -125, growth_interval: 2000 }, &embeds);
+        t.config.batch_size = 1;
+        t.join(DataParallel::new(Box::new(rank)));
+        let start = side_weights(&t);
+        let mut stats = Vec::new();
+        let error = loop {
+            match t.step(&data) {
+                Ok(s) => stats.push(s),
+                Err(e) => break e.to_string(),
+            }
+        };
+        (stats, error, side_weights(&t) == start)
     });
     for (r, (stats, error, unmoved)) in results.iter().enumerate() {
         assert_eq!(stats.len(), 1, "rank {r}: one skipped step at 2^-125, then the floor: {error}");

@@ -31,3 +31,13 @@ pub fn tiny_model() -> ModelSpec {
 pub fn toy_spec(unet: UNetConfig) -> ModelSpec {
     ToyConfig { unet, ..ToyConfig::default() }.to_spec(&DecoderConfig::default())
 }
+
+/// `f(i, item)` for each of `items` on a thread of its own (the ranks of an in-process group,
+/// or "processes" meeting over sockets), all running at once; the results in item order.
+pub fn on_threads<I: Send, T: Send>(items: Vec<I>, f: impl Fn(usize, I) -> T + Sync) -> Vec<T> {
+    let f = &f;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = items.into_iter().enumerate().map(|(i, item)| s.spawn(move || f(i, item))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
