@@ -27,7 +27,7 @@ use crate::pipeline_start::{SdStart, mixed_precision_note, mode_parts};
 use crate::sd_cache::{
     EMBEDDINGS_FILE, FileDigests, KEY, check_outside, encoding_chunk, folder_digest, locked_cache, write_latents,
 };
-use crate::sd_validation::{LatentValidationFiles, read_rgb, validation_pairs};
+use crate::sd_validation::{LatentValidationFiles, read_rgb};
 
 /// The pooled text embeddings file's name.
 pub const POOLED_EMBEDDINGS_FILE: &str = "pooled_prompt_embeds.safetensors";
@@ -121,13 +121,8 @@ pub fn prepare<B: Backend>(
     let parts = mode_parts(file.train.mode);
     let mut model =
         pipeline.build::<B>(&file.model, parts, controlnet, device.clone(), file.train.seed).with_context(in_folder)?;
-    let (images, prompts) = validation_pairs(&a.validation_image, &a.validation_prompt)?;
-    let validation = (!images.is_empty()).then(|| LatentValidationFiles {
-        images,
-        prompts: prompts.clone(),
-        vae: dir.join("vae"),
-        dtype: precision.dtype(),
-    });
+    let (validation, prompts) =
+        LatentValidationFiles::from_flags(&a.validation_image, &a.validation_prompt, dir, precision.dtype())?;
     if let Some(v) = &validation {
         if !v.vae.is_dir() {
             bail!(

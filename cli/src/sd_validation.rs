@@ -2,7 +2,7 @@
 //! `--validation_image` / `--validation_prompt`) and the pipeline's VAE, read for the
 //! library's `LatentValidation`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use lisa_core::backend::Backend;
@@ -23,9 +23,26 @@ pub struct LatentValidationFiles {
     pub dtype: lisa_core::backend::DType,
 }
 
+impl LatentValidationFiles {
+    /// The validation of a pipeline folder's run from the flags ([`validation_pairs`]), with
+    /// the folder's VAE in `dtype` (None when no image is given), and the validation prompts,
+    /// which the run encodes with its training prompts.
+    pub fn from_flags(
+        images: &[PathBuf],
+        prompts: &[String],
+        pipeline: &Path,
+        dtype: lisa_core::backend::DType,
+    ) -> Result<(Option<Self>, Vec<String>)> {
+        let (images, prompts) = validation_pairs(images, prompts)?;
+        let files =
+            (!images.is_empty()).then(|| Self { images, prompts: prompts.clone(), vae: pipeline.join("vae"), dtype });
+        Ok((files, prompts))
+    }
+}
+
 /// Pairs the flags as diffusers does: one prompt per image, or one prompt (or one image)
 /// for all.
-pub fn validation_pairs(images: &[PathBuf], prompts: &[String]) -> Result<(Vec<PathBuf>, Vec<String>)> {
+fn validation_pairs(images: &[PathBuf], prompts: &[String]) -> Result<(Vec<PathBuf>, Vec<String>)> {
     match (images.len(), prompts.len()) {
         (0, 0) => Ok((Vec::new(), Vec::new())),
         (0, _) => bail!("--validation-prompt needs --validation-image"),

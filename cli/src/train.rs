@@ -19,7 +19,7 @@ use crate::parallel::{Plan, RankBackend, train_ranks};
 use crate::pipeline_start::{SdStart, mixed_precision_note, mode_parts};
 use crate::run_dir::CheckpointArgs;
 use crate::sd_cache;
-use crate::sd_validation::{LatentValidationFiles, read_conditions, validation_pairs};
+use crate::sd_validation::{LatentValidationFiles, read_conditions};
 
 /// Flags of `lisa train` (names as in diffusers' `train_controlnet.py`; they override the
 /// run file).
@@ -353,16 +353,11 @@ fn prepare_sd<B: Backend>(
     file.model = pipeline.controlnet_spec(controlnet, size, precision, &file.model.decoder).map_err(resolution_flag)?;
     file.train.noise = pipeline.noise;
     check_sd_memory(&file.model, file.train.batch_size)?;
-    let (images, prompts) = validation_pairs(&a.validation_image, &a.validation_prompt)?;
+    let (validation, prompts) =
+        LatentValidationFiles::from_flags(&a.validation_image, &a.validation_prompt, dir, precision.dtype())?;
     let parts = mode_parts(file.train.mode);
     let mut model =
         pipeline.build::<B>(&file.model, parts, controlnet, device.clone(), file.train.seed).with_context(in_folder)?;
-    let validation = (!images.is_empty()).then(|| LatentValidationFiles {
-        images,
-        prompts: prompts.clone(),
-        vae: dir.join("vae"),
-        dtype: precision.dtype(),
-    });
     if let Some(v) = &validation {
         read_conditions::<B>(&model, v)?;
     }
