@@ -6,9 +6,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-use common::{TINY, fails_with, lisa, ok, s, tiny_prior};
+use common::{TINY, fails_with, free_port, launched_as, lisa, ok, s, tiny_prior, wait_all};
 use lisa_core::tolerance::DATA_PARALLEL_LOSS_F32;
 
 fn workdir(name: &str) -> PathBuf {
@@ -77,29 +77,6 @@ fn gpus_2_on_the_cpu_trains_as_one_rank_with_the_global_batch() {
     std::fs::remove_dir_all(d).unwrap();
 }
 
-/// `lisa` with the variables torchrun sets for `rank` of `world`.
-fn launched(args: &[String], rank: usize, world: usize, port: u16) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_lisa"))
-        .args(args)
-        .env("RANK", rank.to_string())
-        .env("LOCAL_RANK", rank.to_string())
-        .env("WORLD_SIZE", world.to_string())
-        .env("MASTER_ADDR", "127.0.0.1")
-        .env("MASTER_PORT", port.to_string())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run lisa")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn both(children: Vec<std::process::Child>) -> Vec<Output> {
-    children.into_iter().map(|c| c.wait_with_output().unwrap()).collect()
-}
-
 #[test]
 fn two_processes_launched_like_torchrun_train_as_one_rank_with_the_global_batch() {
     let d = workdir("procs");
@@ -109,7 +86,7 @@ fn two_processes_launched_like_torchrun_train_as_one_rank_with_the_global_batch(
     let ranks = d.join("ranks");
     let args = train_args(&d, &main, &ranks, 2);
     let port = free_port();
-    let outs = both(vec![launched(&args, 0, 2, port), launched(&args, 1, 2, port)]);
+    let outs = wait_all(vec![launched_as("torchrun", &args, 0, 2, port), launched_as("torchrun", &args, 1, 2, port)]);
     ok(&outs[0]);
     ok(&outs[1]);
     assert_same_training(&alone, &ranks);
@@ -125,17 +102,23 @@ fn launched_ranks_that_disagree_or_never_come_are_clear_errors() {
     let mut other = args.clone();
     other.extend(["--learning-rate".to_string(), "3e-4".to_string()]);
     let port = free_port();
-    let outs = both(vec![launched(&args, 0, 2, port), launched(&other, 1, 2, port)]);
+    let outs = wait_all(vec![launched_as("torchrun", &args, 0, 2, port), launched_as("torchrun", &other, 1, 2, port)]);
     fails_with(&outs[0], "other settings, model or data than rank 0");
     fails_with(&outs[1], "rank 0 refused the run");
     // Rank 1 never starts: rank 0 names it after the timeout.
     let mut waiting = args.clone();
     waiting.extend(["--collective-timeout".to_string(), "2".to_string()]);
-    fails_with(&both(vec![launched(&waiting, 0, 2, free_port())])[0], "rank(s) 1 did not join within 2 s");
+    fails_with(
+        &wait_all(vec![launched_as("torchrun", &waiting, 0, 2, free_port())])[0],
+        "rank(s) 1 did not join within 2 s",
+    );
     // --gpus in a launched run, and launcher variables that do not add up.
     let mut gpus = args.clone();
     gpus.extend(["--gpus".to_string(), "2".to_string()]);
-    fails_with(&both(vec![launched(&gpus, 0, 2, free_port())])[0], "one process per GPU; drop --gpus");
+    fails_with(
+        &wait_all(vec![launched_as("torchrun", &gpus, 0, 2, free_port())])[0],
+        "one process per GPU; drop --gpus",
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_lisa"))
         .args(&args)
         .env("RANK", "1")
@@ -163,8 +146,8 @@ fn a_launched_rank_killed_mid_run_ends_the_others_with_its_name() {
     args[at + 1] = "100000".into();
     args.extend(["--collective-timeout".to_string(), "60".to_string()]);
     let port = free_port();
-    let rank0 = launched(&args, 0, 2, port);
-    let mut rank1 = launched(&args, 1, 2, port);
+    let rank0 = launched_as("torchrun", &args, 0, 2, port);
+    let mut rank1 = launched_as("torchrun", &args, 1, 2, port);
     let started = std::time::Instant::now();
     while !out.join("metrics.jsonl").is_file() || std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().is_empty()
     {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 mod common;
 
-use common::{fails_with, lisa, ok, s};
+use common::{fails_with, free_port, launched_as, lisa, ok, s, wait_all};
 use lisa_core::backend::prelude::*;
 use lisa_core::backend::{DType, Shape};
 use lisa_cpu::{CpuBackend as C, CpuDevice};
@@ -688,21 +688,6 @@ fn assert_same_losses(alone: &Path, ranks: &Path) {
     }
 }
 
-/// `lisa train` on the tiny SD pipeline as rank `rank` of 2, launched as torchrun launches.
-fn launched(args: &[String], rank: usize, port: u16) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_lisa"))
-        .args(args)
-        .env("RANK", rank.to_string())
-        .env("LOCAL_RANK", rank.to_string())
-        .env("WORLD_SIZE", "2")
-        .env("MASTER_ADDR", "127.0.0.1")
-        .env("MASTER_PORT", port.to_string())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
 #[test]
 fn sd_ranks_train_as_one_rank_with_the_global_batch() {
     let dir = workdir("ranks");
@@ -730,11 +715,10 @@ fn sd_ranks_train_as_one_rank_with_the_global_batch() {
     let run = |args: &[String]| lisa(&args.iter().map(String::as_str).collect::<Vec<_>>());
     // Two processes that start together encode the shared cache once between them.
     let procs = dir.join("procs");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let args = common(&procs, "1");
-    let children = [launched(&args, 0, port), launched(&args, 1, port)];
-    for c in children {
-        ok(&c.wait_with_output().unwrap());
+    for o in wait_all(vec![launched_as("torchrun", &args, 0, 2, port), launched_as("torchrun", &args, 1, 2, port)]) {
+        ok(&o);
     }
     let alone = dir.join("alone");
     let err = ok(&run(&common(&alone, "2")));
@@ -783,27 +767,12 @@ fn the_readme_multi_gpu_commands_run_as_written() {
             }
             k += 1;
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
         let outputs: Vec<std::process::Output> = match launcher {
             "lisa" => vec![lisa(&args.iter().map(String::as_str).collect::<Vec<_>>())],
-            "torchrun" | "srun" => {
-                let children: Vec<_> = (0..2)
-                    .map(|r| {
-                        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_lisa"));
-                        c.args(&args).env("MASTER_ADDR", "127.0.0.1").env("MASTER_PORT", &port);
-                        let vars = match launcher {
-                            "torchrun" => [("RANK", r), ("LOCAL_RANK", r), ("WORLD_SIZE", 2)],
-                            _ => [("SLURM_PROCID", r), ("SLURM_LOCALID", r), ("SLURM_STEP_NUM_TASKS", 2)],
-                        };
-                        for (k, v) in vars {
-                            c.env(k, v.to_string());
-                        }
-                        c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap()
-                    })
-                    .collect();
-                children.into_iter().map(|c| c.wait_with_output().unwrap()).collect()
+            launcher => {
+                let port = free_port();
+                wait_all((0..2).map(|r| launched_as(launcher, &args, r, 2, port)).collect())
             }
-            other => panic!("an unknown launcher {other}"),
         };
         for o in &outputs {
             ok(o);

@@ -75,3 +75,29 @@ pub fn fails_with(out: &Output, needle: &str) {
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// `lisa args` started as rank `rank` of `world` by `launcher` (`"torchrun"` or `"srun"`):
+/// the variables that launcher sets, rank 0 listening at 127.0.0.1:`port`; output captured.
+pub fn launched_as(launcher: &str, args: &[String], rank: usize, world: usize, port: u16) -> std::process::Child {
+    let vars = match launcher {
+        "torchrun" => [("RANK", rank), ("LOCAL_RANK", rank), ("WORLD_SIZE", world)],
+        "srun" => [("SLURM_PROCID", rank), ("SLURM_LOCALID", rank), ("SLURM_STEP_NUM_TASKS", world)],
+        other => panic!("an unknown launcher {other}"),
+    };
+    let mut c = Command::new(env!("CARGO_BIN_EXE_lisa"));
+    c.args(args).env("MASTER_ADDR", "127.0.0.1").env("MASTER_PORT", port.to_string());
+    for (k, v) in vars {
+        c.env(k, v.to_string());
+    }
+    c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().expect("run lisa")
+}
+
+/// A port free on this machine (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Waits for each of `children`; their outputs in order.
+pub fn wait_all(children: Vec<std::process::Child>) -> Vec<Output> {
+    children.into_iter().map(|c| c.wait_with_output().unwrap()).collect()
+}
