@@ -57,7 +57,6 @@ pub trait RankBackend: Backend {
 
     /// The collectives of `devices.len()` ranks in this process.
     fn in_process(devices: &[Self::Device], timeout: Duration) -> Result<Vec<Box<dyn Collective<Self> + Send>>> {
-        let _ = devices;
         Ok(thread_group(devices.len(), timeout)
             .into_iter()
             .map(|r| Box::new(r) as Box<dyn Collective<Self> + Send>)
@@ -68,10 +67,9 @@ pub trait RankBackend: Backend {
     fn across_processes(
         launch: &Launch,
         digest: &[u8; 32],
-        device: &Self::Device,
+        _device: &Self::Device,
         timeout: Duration,
     ) -> Result<Box<dyn Collective<Self> + Send>> {
-        let _ = device;
         let (link, _) = rendezvous(launch, digest, || Ok(Vec::new()), timeout)?;
         Ok(Box::new(TcpRank::new(link)))
     }

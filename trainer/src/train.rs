@@ -272,11 +272,6 @@ impl<B: Backend> Trainer<B> {
         self.parallel = Some(parallel);
     }
 
-    /// Leaves the data-parallel run, returning the rank's handle (None: it trained alone).
-    pub fn leave(&mut self) -> Option<DataParallel<B>> {
-        self.parallel.take()
-    }
-
     /// Every rank holds the same settings, model and position (checked through the
     /// collective; nothing when the run trains alone). The weights are not compared: ranks
     /// built from the same files with the same seed hold the same ones.

@@ -187,13 +187,11 @@ pub fn run<B: lisa_core::backend::Backend>(
         true => run_first(trainer, data, validator, options, observer),
         false => run_rank(trainer, data, options),
     };
-    if let Some(parallel) = trainer.leave() {
-        let mut parallel = parallel;
+    if let Some(parallel) = trainer.parallel.as_mut() {
         match &result {
             Ok(_) => parallel.finish(),
             Err(e) => parallel.abort(&e.to_string()),
         }
-        trainer.join(parallel);
     }
     result
 }
