@@ -432,7 +432,11 @@ impl<B: Backend> Trainer<B> {
             });
             Ok(())
         };
-        if reduce && out.side_leaves.is_none() {
+        if reduce {
+            if out.side_leaves.is_some() {
+                // The replay would finish side gradients after the buckets went out.
+                return Err(TrainError::Internal("gradients reduced during a checkpointed backward"));
+            }
             let slot_of: std::collections::HashMap<ParamId, usize> =
                 self.optimizer.adamw.moments.iter().enumerate().map(|(i, (p, _, _))| (*p, i)).collect();
             let slot_of: std::collections::HashMap<VarId, usize> =
