@@ -363,7 +363,7 @@ fn prepare_sd<B: Backend>(
     }
     let cache_dir = a.cache_dir.clone().unwrap_or_else(|| a.output_dir.join("cache"));
     let cache = sd_cache::prepare::<B>(&pipeline, data, &cache_dir, size.pixels, &prompts, precision, device)?;
-    model.read_text_embeddings(&cache.embeddings)?;
+    model.read_text_embeddings(&cache.embeddings, None)?;
     file.model = model.spec();
     file.data.latents = Some(cache.latents);
     Ok(SdStart { model: Box::new(model), validation, cache_lock: cache.lock })

@@ -9,6 +9,9 @@ Writes trainer/tests/fixtures/sd/<case>/ for three tiny cases (see scripts/golde
         upcast_attention=True, freq_shift=1, norm_eps=1e-6, LISA hook `down_5`.
   sdxl_layers  SDXL's deeper spatial transformers: transformer_layers_per_block = [1, 2, 3],
         Linear projections, heads per level, LISA hook `down_5`.
+  sdxl  SDXL's layout: addition_embed_type "text_time" (pooled text + six time ids through
+        add_embedding), DownBlock2D first, transformer_layers_per_block = [1, 2, 2], Linear
+        projections, LISA hook `down_8`.
 
 Everything is offline (models built from configs, random weights), float32, CPU, seeded.
 Every parameter is re-randomised before saving so that no tensor is 0 or 1 by construction
@@ -97,6 +100,37 @@ CASES = {
         extra_grads=[
             "down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q.weight",
             "mid_block.attentions.0.transformer_blocks.2.ff.net.2.weight",
+        ],
+    ),
+    # SDXL's layout: no attention at the first level, deeper transformers below, and the
+    # text_time added embedding (pooled text of POOLED_DIM + six ids of addition_time_embed_dim).
+    "sdxl": dict(
+        config=dict(
+            COMMON,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=[1, 2, 4],
+            transformer_layers_per_block=[1, 2, 2],
+            use_linear_projection=True,
+            upcast_attention=False,
+            freq_shift=0,
+            norm_eps=1e-5,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=4,
+            projection_class_embeddings_input_dim=10 + 6 * 4,
+        ),
+        hook="down_8",
+        seed=2400,
+        pooled_dim=10,
+        # original (h, w), crop (top, left), target (h, w): the same for every sample, as
+        # train_controlnet_sdxl.py makes them.
+        time_ids=[1024.0, 896.0, 16.0, 32.0, 1024.0, 1024.0],
+        # down_blocks.0 has no attention in this layout.
+        drop_grads=["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"],
+        extra_grads=[
+            "add_embedding.linear_1.weight",
+            "add_embedding.linear_2.bias",
+            "down_blocks.2.attentions.1.transformer_blocks.1.attn2.to_k.weight",
         ],
     ),
 }
@@ -248,13 +282,21 @@ def generate(case, spec, out_root):
     ehs = torch.randn(BATCH, SEQ, cfg["cross_attention_dim"], generator=gen)
     cond = torch.rand(BATCH, 3, res * 8, res * 8, generator=gen)
     noise = torch.randn(BATCH, cfg["out_channels"], res, res, generator=gen)
+    # SDXL's added conditions (diffusers' added_cond_kwargs), else none.
+    added = {}
+    if "pooled_dim" in spec:
+        added = dict(
+            text_embeds=torch.randn(BATCH, spec["pooled_dim"], generator=gen),
+            time_ids=torch.tensor([spec["time_ids"]] * BATCH, dtype=torch.float32),
+        )
+    kw = dict(added_cond_kwargs=added) if added else {}
 
     # --- frozen prior -------------------------------------------------------------------------
     unet.requires_grad_(False)
     with torch.no_grad():
         unet_t_sinusoid = unet.time_proj(timestep)
         unet_temb = unet.time_embedding(unet_t_sinusoid)
-        unet_out = unet(sample, timestep, ehs).sample
+        unet_out = unet(sample, timestep, ehs, **kw).sample
 
     # --- ControlNet with the LISA hook ----------------------------------------------------------
     controlnet.requires_grad_(True)
@@ -267,7 +309,7 @@ def generate(case, spec, out_root):
     with torch.no_grad():
         cond_embedding = controlnet.controlnet_cond_embedding(cond)
     down_res, mid_res = controlnet(
-        sample, timestep, ehs, controlnet_cond=cond, conditioning_scale=CONDITIONING_SCALE, return_dict=False
+        sample, timestep, ehs, controlnet_cond=cond, conditioning_scale=CONDITIONING_SCALE, return_dict=False, **kw
     )
     handle.remove()
     hook_feature = captured["h"]
@@ -278,6 +320,7 @@ def generate(case, spec, out_root):
         ehs,
         down_block_additional_residuals=down_res,
         mid_block_additional_residual=mid_res,
+        **kw,
     ).sample
 
     # --- LISA decoder ----------------------------------------------------------------------------
@@ -292,7 +335,8 @@ def generate(case, spec, out_root):
     loss_lisa = F.mse_loss(lisa_decoded, lisa_target)
     loss = loss_diffusion + LISA_LAMBDA * loss_lisa
 
-    controlnet_grads = CONTROLNET_GRADS + spec.get("extra_grads", [])
+    drop = spec.get("drop_grads", [])
+    controlnet_grads = [g for g in CONTROLNET_GRADS if g not in drop] + spec.get("extra_grads", [])
     cn_params = dict(controlnet.named_parameters())
     dec_params = dict(decoder.named_parameters())
     wrt = [cn_params[n] for n in controlnet_grads] + [dec_params[n] for n in LISA_GRADS]
@@ -312,6 +356,9 @@ def generate(case, spec, out_root):
         "unet_out": unet_out,
         "controlnet_cond_embedding": cond_embedding,
     }
+    if added:
+        io["text_embeds"] = added["text_embeds"]
+        io["time_ids"] = added["time_ids"]
     for i, d in enumerate(down_res):
         io[f"controlnet_down.{i}"] = d
     io["controlnet_mid"] = mid_res
@@ -352,6 +399,8 @@ def generate(case, spec, out_root):
         "diffusers_version": diffusers.__version__,
         "numpy_version": np.__version__,
     }
+    if added:
+        meta["time_ids"] = json.dumps(spec["time_ids"])
     write_safetensors(os.path.join(out, "io.safetensors"), io, meta)
     dec_meta = {k: meta[k] for k in ("hook", "hook_channels", "hook_resolution", "time_sinusoidal_dim",
                                      "channel_floor", "decoder_out_channels", "decoder_out_resolution")}
@@ -370,11 +419,11 @@ def generate(case, spec, out_root):
         if not torch.isfinite(v).all() or bool((v == 0).all()):
             bad.append(k)
     assert not bad, f"degenerate outputs: {bad}"
-    self_check(out, spec, io, decoder)
+    self_check(out, spec, io, decoder, kw)
 
 
 @torch.no_grad()
-def self_check(out, spec, io, decoder):
+def self_check(out, spec, io, decoder, kw):
     """The files alone reproduce the outputs: reload both models from the saved folders (as
     diffusers would) and the decoder from its safetensors, rerun, compare."""
     from safetensors.torch import load_file
@@ -386,8 +435,8 @@ def self_check(out, spec, io, decoder):
     unet = UNet2DConditionModel.from_pretrained(os.path.join(out, "unet"), local_files_only=True).eval()
     cn = ControlNetModel.from_pretrained(os.path.join(out, "controlnet"), local_files_only=True).eval()
     s, t, e, c = io["sample"], io["timestep"], io["encoder_hidden_states"], io["controlnet_cond"]
-    torch.testing.assert_close(unet(s, t, e).sample, io["unet_out"], **TOL)
-    down, mid = cn(s, t, e, controlnet_cond=c, conditioning_scale=CONDITIONING_SCALE, return_dict=False)
+    torch.testing.assert_close(unet(s, t, e, **kw).sample, io["unet_out"], **TOL)
+    down, mid = cn(s, t, e, controlnet_cond=c, conditioning_scale=CONDITIONING_SCALE, return_dict=False, **kw)
     for i, d in enumerate(down):
         torch.testing.assert_close(d, io[f"controlnet_down.{i}"], **TOL)
     torch.testing.assert_close(mid, io["controlnet_mid"], **TOL)
@@ -395,7 +444,7 @@ def self_check(out, spec, io, decoder):
     zc = hook_module(cn, spec["hook"])
     ref = io["controlnet_mid"] if spec["hook"] == "mid" else io[f"controlnet_down.{spec['hook'][5:]}"]
     torch.testing.assert_close(CONDITIONING_SCALE * zc(io["hook_feature"]), ref, rtol=1e-6, atol=1e-6)
-    out2 = unet(s, t, e, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+    out2 = unet(s, t, e, down_block_additional_residuals=down, mid_block_additional_residual=mid, **kw).sample
     torch.testing.assert_close(out2, io["unet_out_with_residuals"], **TOL)
     dec_state = load_file(os.path.join(out, "lisa_decoder.safetensors"))
     assert set(dec_state) == set(decoder.state_dict())

@@ -90,7 +90,7 @@ fn trainer(precision: &str, loss_scale: LossScaleConfig, embeds: &Path) -> Train
     let mut model = SdModel::<C>::new(&spec(precision), Parts::Dual { decoder: true }, Default::default(), 3).unwrap();
     model.load_main(&fixture("unet")).unwrap();
     model.load_controlnet(&fixture("controlnet")).unwrap();
-    model.read_text_embeddings(embeds).unwrap();
+    model.read_text_embeddings(embeds, None).unwrap();
     let mut config = TrainConfig { batch_size: 2, max_train_steps: 20, seed: 11, loss_scale, ..TrainConfig::default() };
     config.optim.lr = 1e-3;
     Trainer::new(Box::new(model), config).unwrap()

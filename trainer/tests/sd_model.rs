@@ -392,3 +392,100 @@ fn transformer_depths_per_level_are_read_checked_and_written_back() {
     assert_eq!(config.controlnet_json(&extras)["transformer_layers_per_block"], json!([1, 2, 3]));
     assert_eq!(UNetConfig::from_unet_json(&unet_config()).unwrap().transformer_layers_per_block(), json!(1));
 }
+
+/// SDXL's `addition_embed_type = "text_time"`: other addition types, a half-given
+/// `text_time`, widths that leave no room for the pooled text, a ControlNet without it, and
+/// `add_time_ids` for a UNet without it are errors naming the key; the ControlNet's config
+/// writes the three keys back; the time ids default to the trained resolution, uncropped.
+#[test]
+fn sdxl_text_time_is_read_checked_and_written_back() {
+    use lisa_trainer::model::sd::{TextTimeConfig, UNetConfig};
+    let xl = read_json_config(&fixture("sdxl/unet")).unwrap();
+    let with = |key: &str, v: Value| {
+        let mut c = xl.clone();
+        c.insert(key.into(), v);
+        c
+    };
+    let err = config_error(with("addition_embed_type", json!("text")), None);
+    assert!(err.contains("addition_embed_type = \"text\" is not supported"), "{err}");
+    let err = config_error(with("addition_time_embed_dim", Value::Null), None);
+    assert!(err.contains("needs addition_time_embed_dim and projection_class_embeddings_input_dim"), "{err}");
+    let err = config_error(with("projection_class_embeddings_input_dim", json!(24)), None);
+    assert!(err.contains("projection_class_embeddings_input_dim 24 leaves no room for the pooled text"), "{err}");
+    let err = config_error(with("addition_embed_type", Value::Null), None);
+    assert!(err.contains("without addition_embed_type"), "{err}");
+    let mut controlnet = read_json_config(&fixture("sdxl/controlnet")).unwrap();
+    for key in ["addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim"] {
+        controlnet.remove(key);
+    }
+    let err = config_error(xl.clone(), Some(controlnet));
+    assert!(err.contains("the ControlNet does not fit the UNet: addition_embed_type text_time"), "{err}");
+
+    let config = UNetConfig::from_unet_json(&xl).unwrap();
+    let tt = config.text_time.unwrap();
+    assert_eq!(tt, TextTimeConfig { time_embed_dim: 4, input_dim: 34 });
+    assert_eq!(tt.pooled_dim(), 10);
+    let extras = UNetConfig::from_controlnet_json(&read_json_config(&fixture("sdxl/controlnet")).unwrap()).unwrap().1;
+    let written = config.controlnet_json(&extras);
+    assert_eq!(written["addition_embed_type"], json!("text_time"));
+    assert_eq!(written["addition_time_embed_dim"], json!(4));
+    assert_eq!(written["projection_class_embeddings_input_dim"], json!(34));
+    let sd15 = UNetConfig::from_unet_json(&unet_config()).unwrap();
+    assert_eq!(sd15.controlnet_json(&extras)["addition_embed_type"], Value::Null);
+
+    // add_time_ids: only for text_time, finite; default = the resolution, uncropped.
+    let mut s = spec(unet_config(), None);
+    s.config.insert("add_time_ids".into(), json!([512, 512, 0, 0, 512, 512]));
+    assert!(registry::validate(&s).unwrap_err().to_string().contains("add_time_ids are read by an SDXL UNet"));
+    let model = SdModel::<C>::new(&spec(xl.clone(), None), Parts::Prior, Default::default(), 0).unwrap();
+    assert_eq!(model.add_time_ids(), Some([64.0, 64.0, 0.0, 0.0, 64.0, 64.0]), "sample_size 8 × the VAE's 8");
+    let mut s = spec(xl.clone(), None);
+    s.config.insert("latent_size".into(), json!(16));
+    let model = SdModel::<C>::new(&s, Parts::Prior, Default::default(), 0).unwrap();
+    assert_eq!(model.add_time_ids(), Some([128.0, 128.0, 0.0, 0.0, 128.0, 128.0]));
+    assert_eq!(
+        SdModel::<C>::new(&spec(unet_config(), None), Parts::Prior, Default::default(), 0).unwrap().add_time_ids(),
+        None
+    );
+}
+
+/// An SDXL model reads pooled text beside the tokens: text alone, pooled text of another
+/// width, or a pooled table for a UNet without `text_time` are errors before any work.
+#[test]
+fn sdxl_prompts_need_their_pooled_embeddings() {
+    let dir = scratch("sdxl-pooled");
+    let device = Default::default();
+    let table = |name: &str, dims: [usize; 2]| {
+        let path = dir.join(name);
+        let t = C::from_slice(&vec![0.5; dims[0] * dims[1]], &Shape::new(dims), DType::F32, &device).unwrap();
+        let bytes = lisa_trainer::weights::to_safetensors::<C>(&[("".to_string(), &t)], BTreeMap::new()).unwrap();
+        write_atomic(&path, &bytes).unwrap();
+        path
+    };
+    let (text, pooled, wide) =
+        (table("text.safetensors", [5, 12]), table("pooled.safetensors", [1, 10]), table("wide.safetensors", [1, 11]));
+    let xl = read_json_config(&fixture("sdxl/unet")).unwrap();
+    let mut model = SdModel::<C>::new(&spec(xl, None), Parts::Prior, device, 0).unwrap();
+    let err = model.read_text_embeddings(&text, None).unwrap_err().to_string();
+    assert!(err.contains("reads pooled_text_embeddings beside text_embeddings"), "{err}");
+    let err = model.read_text_embeddings(&text, Some(&wide)).unwrap_err().to_string();
+    assert!(err.contains("wide.safetensors") && err.contains("[tokens, 10]"), "{err}");
+    model.read_text_embeddings(&text, Some(&pooled)).unwrap();
+    let PromptEmbedding::TextPooled { pooled: p, pooled_dim: 10, .. } = model.embed_prompts(&[""]).unwrap() else {
+        panic!("an SDXL model's prompts carry pooled text")
+    };
+    assert_eq!(p, vec![0.5; 10]);
+    // A forward with text alone says what is missing.
+    let tape = Tape::<C>::new();
+    let bound = model.store().bind(&tape);
+    let x = tape.constant(C::from_slice(&[0.1; 4 * 64], &Shape::new([1, 4, 8, 8]), DType::F32, &device).unwrap());
+    let cond =
+        Conditioning { t: vec![10.0], prompt: PromptEmbedding::Text { values: vec![0.5; 60], tokens: 5, dim: 12 } };
+    let err = model.encode_main(&bound, &x, &cond).err().unwrap().to_string();
+    assert!(err.contains("reads text embeddings with pooled ones"), "{err}");
+
+    let mut sd15 = SdModel::<C>::new(&spec(unet_config(), None), Parts::Prior, device, 0).unwrap();
+    let err = sd15.read_text_embeddings(&text, Some(&pooled)).unwrap_err().to_string();
+    assert!(err.contains("this UNet has none"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

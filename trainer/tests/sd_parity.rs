@@ -1,9 +1,10 @@
 //! Parity with diffusers (golden files made by `scripts/goldens/diffusers_sd.py` with
 //! diffusers 0.42.1 / torch 2.15.0): the SD UNet, every ControlNet residual, the UNet with
 //! residuals, the LISA hook, decoder and target, the losses, and torch-autograd gradients of
-//! the LISA loss with respect to ControlNet and decoder tensors. Three tiny layouts: SD 1.5-like
-//! (conv projections, one head count), SD 2.1-like (linear projections, heads per block) and
-//! SDXL's deeper spatial transformers (`transformer_layers_per_block = [1, 2, 3]`).
+//! the LISA loss with respect to ControlNet and decoder tensors. Four tiny layouts: SD 1.5-like
+//! (conv projections, one head count), SD 2.1-like (linear projections, heads per block),
+//! SDXL's deeper spatial transformers (`transformer_layers_per_block = [1, 2, 3]`) and SDXL's
+//! whole layout (`addition_embed_type = "text_time"`: pooled text and six time ids).
 
 mod common;
 
@@ -35,6 +36,9 @@ fn build<B: Backend>(case: &str, device: B::Device) -> SdModel<B> {
     config.insert("unet".into(), read_json_config(&dir.join("unet")).unwrap().into());
     config.insert("controlnet".into(), read_json_config(&dir.join("controlnet")).unwrap().into());
     config.insert("conditioning_scale".into(), serde_json::json!(meta["conditioning_scale"].parse::<f32>().unwrap()));
+    if let Some(ids) = meta.get("time_ids") {
+        config.insert("add_time_ids".into(), serde_json::from_str(ids).unwrap());
+    }
     let spec = ModelSpec { architecture: "sd".into(), decoder, config };
     let mut model = SdModel::<B>::new(&spec, Parts::Dual { decoder: true }, device, 0).unwrap();
     // Every tensor of diffusers' files is loaded (496 and 260 for the SD layouts).
@@ -54,10 +58,16 @@ fn check_case<B: Backend>(case: &str, device: B::Device) {
     let tensor = |k: &str| B::from_slice(&io[k].1, &io[k].0, DType::F32, &device).unwrap();
     let host = |k: &str| io[k].1.clone();
     let ehs = &io["encoder_hidden_states"];
-    let cond = Conditioning {
-        t: host("timestep"),
-        prompt: PromptEmbedding::Text { values: ehs.1.clone(), tokens: ehs.0.dims()[1], dim: ehs.0.dims()[2] },
+    let (values, tokens, dim) = (ehs.1.clone(), ehs.0.dims()[1], ehs.0.dims()[2]);
+    let prompt = match io.get("text_embeds") {
+        // SDXL: the time ids are the model's (add_time_ids), the same for every sample.
+        Some((shape, pooled)) => {
+            assert!(host("time_ids").chunks(6).all(|ids| ids == model.add_time_ids().unwrap()));
+            PromptEmbedding::TextPooled { values, tokens, dim, pooled: pooled.clone(), pooled_dim: shape.dims()[1] }
+        }
+        None => PromptEmbedding::Text { values, tokens, dim },
     };
+    let cond = Conditioning { t: host("timestep"), prompt };
     let scale: f32 = meta["conditioning_scale"].parse().unwrap();
 
     let tape = Tape::<B>::new();
@@ -103,9 +113,14 @@ fn check_case<B: Backend>(case: &str, device: B::Device) {
         assert_parity(&format!("{case} {key}"), &got, want);
         checked += 1;
     }
-    // 9 ControlNet and 3 decoder tensors; SDXL's layout adds a second and a third transformer
-    // block's.
-    let expected = if case == "sdxl_layers" { 14 } else { 12 };
+    // 9 ControlNet and 3 decoder tensors; SDXL's deeper transformers add a second and a third
+    // transformer block's; SDXL's layout has no attention at level 0 (one fewer) and adds
+    // add_embedding's two and a deeper block's.
+    let expected = match case {
+        "sdxl_layers" => 14,
+        "sdxl" => 14,
+        _ => 12,
+    };
     assert_eq!(checked, expected, "{case}: gradients checked");
 }
 
@@ -124,11 +139,17 @@ fn sdxl_transformer_depths_match_diffusers_on_cpu() {
     check_case::<lisa_cpu::CpuBackend>("sdxl_layers", Default::default());
 }
 
+#[test]
+fn sdxl_layout_with_text_time_matches_diffusers_on_cpu() {
+    check_case::<lisa_cpu::CpuBackend>("sdxl", Default::default());
+}
+
 #[cfg(feature = "wgpu")]
 #[test]
 fn every_layout_matches_diffusers_on_wgpu() {
     let device = lisa_cubecl::WgpuBackend::probe().unwrap();
     check_case::<lisa_cubecl::WgpuBackend>("sd15", device.clone());
     check_case::<lisa_cubecl::WgpuBackend>("sd21", device.clone());
-    check_case::<lisa_cubecl::WgpuBackend>("sdxl_layers", device);
+    check_case::<lisa_cubecl::WgpuBackend>("sdxl_layers", device.clone());
+    check_case::<lisa_cubecl::WgpuBackend>("sdxl", device);
 }

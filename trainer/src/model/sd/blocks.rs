@@ -59,14 +59,25 @@ impl TimeEmbedding {
         })
     }
 
-    /// `silu(linear_2(silu(linear_1(sin(t)))))` `[n, 4·c₀]`: what every resnet reads (SiLU
-    /// applied once here instead of in each resnet).
-    pub fn forward<B: Backend>(&self, p: &Bound<'_, B>, t: &[f32], device: &B::Device) -> Result<Var<B>> {
+    /// `silu(linear_2(silu(linear_1(sin(t)))) + aug)` `[n, 4·c₀]`: what every resnet reads
+    /// (SiLU applied once here instead of in each resnet); `aug` is SDXL's added embedding.
+    pub fn forward<B: Backend>(
+        &self,
+        p: &Bound<'_, B>,
+        t: &[f32],
+        aug: Option<&Var<B>>,
+        device: &B::Device,
+    ) -> Result<Var<B>> {
         let tape = p.tape;
         let sin = timestep_embedding(t, self.sinusoid_dim, self.flip_sin_to_cos, self.freq_shift);
         let sin = B::from_slice(&sin, &Shape::new([t.len(), self.sinusoid_dim]), DType::F32, device)?;
         let h = tape.silu(&self.linear_1.forward(p, &tape.constant(sin))?)?;
-        tape.silu(&self.linear_2.forward(p, &h)?)
+        let emb = self.linear_2.forward(p, &h)?;
+        let emb = match aug {
+            Some(aug) => tape.add(&emb, aug)?,
+            None => emb,
+        };
+        tape.silu(&emb)
     }
 }
 

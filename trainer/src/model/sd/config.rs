@@ -85,6 +85,31 @@ pub struct UNetConfig {
     /// the last level's, the up blocks the down blocks' in reverse.
     #[serde(default)]
     pub transformer_layers: Vec<usize>,
+    /// SDXL's `addition_embed_type = "text_time"` (None: no added embedding, SD 1.x/2.x).
+    #[serde(default)]
+    pub text_time: Option<TextTimeConfig>,
+}
+
+/// SDXL's added conditioning (`addition_embed_type = "text_time"`): the pooled text embedding
+/// and the sinusoids of six micro-conditioning ids (original height and width, crop top and
+/// left, target height and width), through `add_embedding`, added to the time embedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TextTimeConfig {
+    /// Sinusoid width per id (`addition_time_embed_dim`, 256 for SDXL).
+    pub time_embed_dim: usize,
+    /// `add_embedding`'s input width (`projection_class_embeddings_input_dim`, 2816 for SDXL):
+    /// the pooled text's width plus `6 · time_embed_dim`.
+    pub input_dim: usize,
+}
+
+/// The micro-conditioning ids per sample (`add_time_ids`).
+pub const TIME_IDS: usize = 6;
+
+impl TextTimeConfig {
+    /// The pooled text embedding's width (`input_dim − 6 · time_embed_dim`, 1280 for SDXL).
+    pub fn pooled_dim(&self) -> usize {
+        self.input_dim - TIME_IDS * self.time_embed_dim
+    }
 }
 
 /// The most channels of any block, and the widest cross-attention (SD 2.x: 1280 and 1024).
@@ -132,8 +157,6 @@ const AT_DEFAULT: &[(&str, &str)] = &[
     ("encoder_hid_dim_type", "null"),
     ("dual_cross_attention", "false"),
     ("class_embed_type", "null"),
-    ("addition_embed_type", "null"),
-    ("addition_time_embed_dim", "null"),
     ("num_class_embeds", "null"),
     ("resnet_time_scale_shift", "\"default\""),
     ("resnet_skip_time_act", "false"),
@@ -145,7 +168,6 @@ const AT_DEFAULT: &[(&str, &str)] = &[
     ("time_cond_proj_dim", "null"),
     ("conv_in_kernel", "3"),
     ("conv_out_kernel", "3"),
-    ("projection_class_embeddings_input_dim", "null"),
     ("attention_type", "\"default\""),
     ("class_embeddings_concat", "false"),
     ("mid_block_only_cross_attention", "null"),
@@ -183,6 +205,9 @@ const UNET_KEYS: &[&str] = &[
     "norm_eps",
     "upcast_attention",
     "transformer_layers_per_block",
+    "addition_embed_type",
+    "addition_time_embed_dim",
+    "projection_class_embeddings_input_dim",
 ];
 
 /// ControlNet-only supported keys.
@@ -232,6 +257,26 @@ fn unet_defaults() -> Map<String, Value> {
         "transformer_layers_per_block": 1
     });
     v.as_object().cloned().unwrap_or_default()
+}
+
+/// `addition_embed_type` with its two widths: None, or SDXL's `"text_time"`.
+fn parse_text_time(config: &Map<String, Value>) -> Result<Option<TextTimeConfig>> {
+    let kind: Option<String> = get(config, "addition_embed_type", Value::Null)?;
+    let time: Option<usize> = get(config, "addition_time_embed_dim", Value::Null)?;
+    let input: Option<usize> = get(config, "projection_class_embeddings_input_dim", Value::Null)?;
+    match (kind.as_deref(), time, input) {
+        (None, None, None) => Ok(None),
+        (None, _, _) => Err(TrainError::Config(
+            "config.json: addition_time_embed_dim and projection_class_embeddings_input_dim are given without addition_embed_type = \"text_time\"".into(),
+        )),
+        (Some("text_time"), Some(time_embed_dim), Some(input_dim)) => Ok(Some(TextTimeConfig { time_embed_dim, input_dim })),
+        (Some("text_time"), _, _) => Err(TrainError::Config(
+            "config.json: addition_embed_type = \"text_time\" needs addition_time_embed_dim and projection_class_embeddings_input_dim".into(),
+        )),
+        (Some(other), _, _) => Err(TrainError::Config(format!(
+            "config.json: addition_embed_type = {other:?} is not supported (only null or \"text_time\", SDXL's)"
+        ))),
+    }
 }
 
 impl UNetConfig {
@@ -285,6 +330,7 @@ impl UNetConfig {
         let block_out_channels: Vec<usize> = get(config, "block_out_channels", g("block_out_channels"))?;
         let layers_key = "transformer_layers_per_block";
         let transformer_layers: PerBlock = get(config, layers_key, g(layers_key))?;
+        let text_time = parse_text_time(config)?;
         let c = Self {
             in_channels: get(config, "in_channels", g("in_channels"))?,
             // A ControlNet predicts nothing itself; it shares the UNet's input.
@@ -301,6 +347,7 @@ impl UNetConfig {
             norm_eps: get(config, "norm_eps", g("norm_eps"))?,
             upcast_attention: get(config, "upcast_attention", g("upcast_attention"))?,
             transformer_layers: transformer_layers.expand(blocks, layers_key)?,
+            text_time,
             down_block_types,
             block_out_channels,
         };
@@ -359,6 +406,20 @@ impl UNetConfig {
         if self.cross_attention_dim == 0 {
             return bad("cross_attention_dim must be positive".into());
         }
+        if let Some(tt) = self.text_time {
+            if tt.time_embed_dim == 0 || tt.time_embed_dim > MAX_WIDTH || tt.input_dim > MAX_WIDTH {
+                return bad(format!(
+                    "addition_time_embed_dim {} and projection_class_embeddings_input_dim {} must lie in 1..={MAX_WIDTH}",
+                    tt.time_embed_dim, tt.input_dim
+                ));
+            }
+            if tt.input_dim <= TIME_IDS * tt.time_embed_dim {
+                return bad(format!(
+                    "projection_class_embeddings_input_dim {} leaves no room for the pooled text beside the {TIME_IDS} time ids of {} (it is the pooled width + {TIME_IDS} · addition_time_embed_dim)",
+                    tt.input_dim, tt.time_embed_dim
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -387,6 +448,11 @@ impl UNetConfig {
             controlnet.transformer_layers_per_block().to_string(),
         );
         cmp("cross_attention_dim", self.cross_attention_dim.to_string(), controlnet.cross_attention_dim.to_string());
+        cmp(
+            "addition_embed_type text_time (addition_time_embed_dim, projection_class_embeddings_input_dim)",
+            format!("{:?}", self.text_time.map(|t| (t.time_embed_dim, t.input_dim))),
+            format!("{:?}", controlnet.text_time.map(|t| (t.time_embed_dim, t.input_dim))),
+        );
         cmp(
             "use_linear_projection",
             self.use_linear_projection.to_string(),
@@ -431,9 +497,11 @@ impl UNetConfig {
                 (layers as u128 + 1) * (resnet(2 * c, c) + if attends(l) { depth(l) * one_transformer(c) } else { 0 });
             decoder += if l > 0 { 9 * c * c } else { 0 };
         }
+        // SDXL's add_embedding: two linear layers into the time embedding's width.
+        let added = self.text_time.map_or(0, |tt| w(tt.input_dim) * temb + temb * temb);
         // The ControlNet's zero convs: one 1×1 per skip and the middle.
         let zero_convs: u128 = self.block_out_channels.iter().map(|&c| w(c) * w(c) * (layers as u128 + 1)).sum();
-        ParameterEstimate { unet: encoder + mid + decoder, controlnet: encoder + mid + zero_convs }
+        ParameterEstimate { unet: added + encoder + mid + decoder, controlnet: added + encoder + mid + zero_convs }
     }
 
     /// Transformer blocks per spatial transformer of down level `level` (1 where the config
@@ -461,10 +529,14 @@ impl UNetConfig {
     /// `{"_class_name": "ControlNetModel", …}`: what diffusers' `ControlNetModel.from_unet`
     /// writes for this UNet (the keys diffusers needs to rebuild it).
     pub fn controlnet_json(&self, extras: &ControlNetExtras) -> Value {
+        let text_time = self.text_time;
         json!({
             "_class_name": "ControlNetModel",
             "_diffusers_version": "0.42.1",
             "act_fn": "silu",
+            "addition_embed_type": text_time.map(|_| "text_time"),
+            "addition_time_embed_dim": text_time.map(|t| t.time_embed_dim),
+            "projection_class_embeddings_input_dim": text_time.map(|t| t.input_dim),
             "attention_head_dim": self.heads,
             "block_out_channels": self.block_out_channels,
             "conditioning_channels": extras.conditioning_channels,

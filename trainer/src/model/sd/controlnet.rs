@@ -4,8 +4,9 @@
 
 use lisa_core::backend::Backend;
 
-use super::blocks::{DownBlock, MidBlock, TimeEmbedding};
+use super::blocks::{DownBlock, MidBlock};
 use super::config::{ControlNetExtras, UNetConfig};
+use super::text_time::{AddedConditions, TimeConditioning};
 use super::unet::{check_input, encoder_parts};
 use crate::autodiff::Var;
 use crate::error::{Result, TrainError};
@@ -67,7 +68,7 @@ impl ConditioningEmbedding {
 /// The ControlNet.
 #[derive(Debug, Clone)]
 pub struct SdControlNet {
-    time: TimeEmbedding,
+    time: TimeConditioning,
     conv_in: Conv2d,
     cond_embedding: ConditioningEmbedding,
     down: Vec<DownBlock>,
@@ -128,7 +129,7 @@ impl SdControlNet {
     }
 
     /// `x [n, c_in, h, w]`, condition image `c [n, c_img, f·h, f·w]`, `t [n]`, text
-    /// `context` → the residuals (before any conditioning scale) and the pre-zero-conv
+    /// `context` and, for SDXL, the added conditions → the residuals (before any conditioning scale) and the pre-zero-conv
     /// features (`down_i` = the input of `controlnet_down_blocks[i]`, `mid`).
     pub fn forward<B: Backend>(
         &self,
@@ -137,6 +138,7 @@ impl SdControlNet {
         c: &Var<B>,
         t: &[f32],
         context: &Var<B>,
+        added: Option<&AddedConditions>,
     ) -> Result<SideOutput<B>> {
         check_input::<B>(&self.config, x, t, context)?;
         let (xs, cs) = (B::shape(&x.value), B::shape(&c.value));
@@ -148,7 +150,7 @@ impl SdControlNet {
             )));
         }
         let tape = p.tape;
-        let temb = self.time.forward(p, t, &B::device(&x.value))?;
+        let temb = self.time.forward(p, t, added, &B::device(&x.value))?;
         let h = tape.add(&self.conv_in.forward(p, x)?, &self.cond_embedding.forward(p, c)?)?;
         let mut features = vec![h.clone()];
         let mut h = h;

@@ -4,8 +4,12 @@
 //! and loaded from / saved to diffusers folders with diffusers' tensor names.
 //!
 //! Parameter names: `main.<UNet name>`, `side.<ControlNet name>`, `lisa.*`.
-//! Hooks: `down_i` = the input of `controlnet_down_blocks[i]` (`down_0` … `down_11` in SD),
-//! `mid` = the input of `controlnet_mid_block` (the LISA authors' naming).
+//! Hooks: `down_i` = the input of `controlnet_down_blocks[i]` (`down_0` … `down_11` in SD,
+//! `down_0` … `down_8` in SDXL), `mid` = the input of `controlnet_mid_block` (the LISA
+//! authors' naming).
+//!
+//! SDXL is this architecture with a UNet of `addition_embed_type = "text_time"`: its prompts
+//! carry a pooled text embedding too, and every sample the six micro-conditioning ids.
 
 mod blocks;
 mod clip;
@@ -15,6 +19,7 @@ mod encoders;
 mod folder;
 mod pipeline;
 mod text;
+mod text_time;
 mod tokenizer;
 mod unet;
 mod vae;
@@ -30,7 +35,7 @@ pub use blocks::{SpatialTransformer, TRANSFORMER_GROUP_NORM_EPS, timestep_embedd
 pub use clip::{ClipTextConfig, ClipTextModel, ProjectedText, load_clip};
 pub use config::{
     ControlNetExtras, DownBlockType, MAX_IO_CHANNELS, MAX_LAYERS_PER_BLOCK, MAX_LEVELS, MAX_SAMPLE_SIZE, MAX_WIDTH,
-    ParameterEstimate, PerBlock, UNetConfig, UpBlockType,
+    ParameterEstimate, PerBlock, TIME_IDS, TextTimeConfig, UNetConfig, UpBlockType,
 };
 pub(crate) use config::{check_keys as check_config_keys, get as config_value};
 pub use controlnet::{ConditioningEmbedding, SdControlNet};
@@ -42,6 +47,7 @@ pub use folder::{
 pub(crate) use pipeline::in_file as config_error_in;
 pub use pipeline::{MAX_RESOLUTION, Pipeline, TrainingSize, folder_vae_config};
 pub use text::PromptTable;
+pub use text_time::{AddedConditions, TextTimeEmbedding, TimeConditioning};
 pub use tokenizer::{ClipTokenizer, Encoded as TokenIds};
 pub(crate) use tokenizer::{read_json as read_tokenizer_json, token_field as special_token};
 pub use unet::{Encoded, SdUNet};
@@ -86,6 +92,19 @@ pub struct SdSpec {
     /// when given (a checkpoint records the embeddings by content, not by path).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text_embeddings_sha256: Option<String>,
+    /// SDXL: the prompts' pooled text embeddings (`text_encoder_2`'s projected output, one
+    /// `[1, pooled_dim]` tensor per prompt, named as in `text_embeddings`), read when the
+    /// model is built; needed by a UNet with `addition_embed_type = "text_time"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pooled_text_embeddings: Option<std::path::PathBuf>,
+    /// The SHA-256 of `pooled_text_embeddings`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pooled_text_embeddings_sha256: Option<String>,
+    /// SDXL: the micro-conditioning ids of every sample, `[original height, original width,
+    /// crop top, crop left, target height, target width]` in pixels (train_controlnet_sdxl.py's
+    /// `add_time_ids`); default: the trained resolution, uncropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub add_time_ids: Option<[f32; TIME_IDS]>,
     /// The latent side trained at, when not the UNet's `sample_size` (`--resolution` / the
     /// VAE's downscale).
     #[serde(default)]
@@ -165,8 +184,10 @@ impl SdSpec {
     /// pins their contents, and diffusers' `_name_or_path` (where a config was loaded from)
     /// goes from the UNet's and the ControlNet's configs.
     pub fn remove_locations(config: &mut Map<String, Value>) {
-        if config.get("text_embeddings_sha256").is_some_and(Value::is_string) {
-            config.remove("text_embeddings");
+        for key in ["text_embeddings", "pooled_text_embeddings"] {
+            if config.get(&format!("{key}_sha256")).is_some_and(Value::is_string) {
+                config.remove(key);
+            }
         }
         for part in ["unet", "controlnet"] {
             if let Some(Value::Object(c)) = config.get_mut(part) {
@@ -211,6 +232,23 @@ impl SdSpec {
         }
         if !self.conditioning_scale.is_finite() {
             return Err(TrainError::Config("conditioning_scale must be finite".into()));
+        }
+        if let Some(ids) = self.add_time_ids {
+            if unet.text_time.is_none() {
+                return Err(TrainError::Config(
+                    "add_time_ids are read by an SDXL UNet (addition_embed_type \"text_time\"); this UNet has none"
+                        .into(),
+                ));
+            }
+            if ids.iter().any(|v| !v.is_finite() || *v < 0.0) {
+                return Err(TrainError::Config(format!("add_time_ids {ids:?} must be finite and not negative")));
+            }
+        }
+        if self.pooled_text_embeddings.is_some() && unet.text_time.is_none() {
+            return Err(TrainError::Config(
+                "pooled_text_embeddings are read by an SDXL UNet (addition_embed_type \"text_time\"); this UNet has none"
+                    .into(),
+            ));
         }
         Ok(Resolved { unet, controlnet, extras })
     }
@@ -278,6 +316,8 @@ pub struct SdModel<B: Backend> {
     spec: SdSpec,
     resolved: Resolved,
     prompts: Option<PromptTable>,
+    /// SDXL's pooled text embeddings, beside `prompts`.
+    pooled: Option<PromptTable>,
     /// A ControlNet was loaded: loading the UNet afterwards must not copy its encoder over it.
     side_loaded: bool,
 }
@@ -299,29 +339,36 @@ impl<B: Backend> SdModel<B> {
                 decoder = Some(LisaDecoder::new(&mut store, DECODER, &spec.decoder, hooked, out)?);
             }
         }
-        let prompts = match &sd.text_embeddings {
-            Some(path) => Some(PromptTable::read(path, resolved.unet.cross_attention_dim)?),
-            None => None,
-        };
-        if let Some(table) = &prompts {
-            table.pin(&mut sd.text_embeddings_sha256)?;
-        }
+        let (prompts, pooled) = read_prompts(&mut sd, &resolved.unet)?;
         let dual = DualParts { store, parts, decoder, decoder_config: spec.decoder.resolved(DEFAULT_HOOK) };
-        let mut model = Self { dual, unet, controlnet, spec: sd, resolved, prompts, side_loaded: false };
+        let mut model = Self { dual, unet, controlnet, spec: sd, resolved, prompts, pooled, side_loaded: false };
         model.copy_main_into_side()?;
         model.dual.cast_main(model.spec.mixed_precision.dtype())?;
         Ok(model)
     }
 
     /// Reads the prompts' precomputed text embeddings from `path` (a safetensors file, one
-    /// `[tokens, cross_attention_dim]` tensor per prompt); the model's spec then records them
-    /// by their digest.
-    pub fn read_text_embeddings(&mut self, path: &Path) -> Result<()> {
-        let table = PromptTable::read(path, self.resolved.unet.cross_attention_dim)?;
-        self.spec.text_embeddings = Some(path.to_path_buf());
-        self.spec.text_embeddings_sha256 = Some(table.digest.clone());
-        self.prompts = Some(table);
+    /// `[tokens, cross_attention_dim]` tensor per prompt) and, for SDXL, their pooled text
+    /// embeddings from `pooled` (one `[1, pooled_dim]` tensor per prompt); the model's spec
+    /// then records them by their digests.
+    pub fn read_text_embeddings(&mut self, path: &Path, pooled: Option<&Path>) -> Result<()> {
+        let mut spec = self.spec.clone();
+        spec.text_embeddings = Some(path.to_path_buf());
+        spec.pooled_text_embeddings = pooled.map(Path::to_path_buf);
+        spec.text_embeddings_sha256 = None;
+        spec.pooled_text_embeddings_sha256 = None;
+        (self.prompts, self.pooled) = read_prompts(&mut spec, &self.resolved.unet)?;
+        self.spec = spec;
         Ok(())
+    }
+
+    /// SDXL's micro-conditioning ids of every sample: `add_time_ids`, or the trained
+    /// resolution uncropped (None: the UNet has no `text_time`).
+    pub fn add_time_ids(&self) -> Option<[f32; TIME_IDS]> {
+        self.resolved.unet.text_time?;
+        let side = self.sample_shape()[1] * SD_VAE_DOWNSCALE;
+        let s = side as f32;
+        Some(self.spec.add_time_ids.unwrap_or([s, s, 0.0, 0.0, s, s]))
     }
 
     /// The UNet's settings.
@@ -344,12 +391,13 @@ impl<B: Backend> SdModel<B> {
         self.controlnet.as_ref().ok_or_else(|| TrainError::Config("this model was built without the ControlNet".into()))
     }
 
-    /// `from_unet`: `side.{conv_in,time_embedding,down_blocks,mid_block}.*` ← `main.…`.
+    /// `from_unet`: `side.{conv_in,time_embedding,add_embedding,down_blocks,mid_block}.*` ←
+    /// `main.…`.
     fn copy_main_into_side(&mut self) -> Result<()> {
         if self.controlnet.is_none() {
             return Ok(());
         }
-        const COPIED: [&str; 4] = ["conv_in.", "time_embedding.", "down_blocks.", "mid_block."];
+        const COPIED: [&str; 5] = ["conv_in.", "time_embedding.", "add_embedding.", "down_blocks.", "mid_block."];
         let side = Scope::from(SIDE);
         let pairs: Vec<_> = self
             .dual
@@ -392,23 +440,95 @@ impl<B: Backend> SdModel<B> {
         save_controlnet(&self.dual.store, SIDE, &config, dir)
     }
 
-    /// The text context `[n, tokens, dim]` of `cond`.
-    fn context(&self, cond: &Conditioning, device: &B::Device) -> Result<B::Tensor> {
-        match &cond.prompt {
-            PromptEmbedding::Text { values, tokens, dim } => {
-                let n = cond.t.len();
-                if *dim != self.resolved.unet.cross_attention_dim || values.len() != n * tokens * dim {
+    /// The text context `[n, tokens, dim]` of `cond` and, for SDXL, its added conditions
+    /// (the pooled text and the time ids).
+    fn context(&self, cond: &Conditioning, device: &B::Device) -> Result<(B::Tensor, Option<AddedConditions>)> {
+        let u = &self.resolved.unet;
+        let n = cond.t.len();
+        let (values, tokens, dim, pooled) = match &cond.prompt {
+            PromptEmbedding::Text { values, tokens, dim } => (values, *tokens, *dim, None),
+            PromptEmbedding::TextPooled { values, tokens, dim, pooled, pooled_dim } => {
+                (values, *tokens, *dim, Some((pooled, *pooled_dim)))
+            }
+            _ => return Err(TrainError::Mismatch("the sd model reads text embeddings, not class ids".into())),
+        };
+        if dim != u.cross_attention_dim || values.len() != n * tokens * dim {
+            return Err(TrainError::Mismatch(format!(
+                "text embeddings of {} values as [{n}, {tokens}, {dim}]: the UNet reads [{n}, tokens, {}]",
+                values.len(),
+                u.cross_attention_dim
+            )));
+        }
+        let context = B::from_slice(values, &Shape::new([n, tokens, dim]), DType::F32, device)?;
+        let added = match (u.text_time, pooled, self.add_time_ids()) {
+            (None, None, _) => None,
+            (Some(tt), Some((pooled, pooled_dim)), Some(ids)) => {
+                if pooled_dim != tt.pooled_dim() || pooled.len() != n * pooled_dim {
                     return Err(TrainError::Mismatch(format!(
-                        "text embeddings of {} values as [{n}, {tokens}, {dim}]: the UNet reads [{n}, tokens, {}]",
-                        values.len(),
-                        self.resolved.unet.cross_attention_dim
+                        "pooled text embeddings of {} values as [{n}, {pooled_dim}]: the UNet reads [{n}, {}]",
+                        pooled.len(),
+                        tt.pooled_dim()
                     )));
                 }
-                Ok(B::from_slice(values, &Shape::new([n, *tokens, *dim]), lisa_core::backend::DType::F32, device)?)
+                Some(AddedConditions { text_embeds: pooled.clone(), time_ids: ids.repeat(n) })
             }
-            _ => Err(TrainError::Mismatch("the sd model reads text embeddings, not class ids".into())),
-        }
+            (Some(_), _, _) => {
+                return Err(TrainError::Mismatch(
+                    "this SDXL UNet (addition_embed_type \"text_time\") reads text embeddings with pooled ones (PromptEmbedding::TextPooled)".into(),
+                ));
+            }
+            (None, Some(_), _) => {
+                return Err(TrainError::Mismatch(
+                    "pooled text embeddings were given to a UNet without addition_embed_type \"text_time\"".into(),
+                ));
+            }
+        };
+        Ok((context, added))
     }
+}
+
+/// Reads the spec's prompt tables (the pooled one only with the text one, and for SDXL
+/// always with it), checks them against their recorded digests and records the digests.
+fn read_prompts(spec: &mut SdSpec, u: &UNetConfig) -> Result<(Option<PromptTable>, Option<PromptTable>)> {
+    let text = match &spec.text_embeddings {
+        Some(path) => PromptTable::read(path, u.cross_attention_dim)?,
+        None if spec.pooled_text_embeddings.is_some() => {
+            return Err(TrainError::Config("pooled_text_embeddings were given without text_embeddings".into()));
+        }
+        None => return Ok((None, None)),
+    };
+    let pooled = match (&spec.pooled_text_embeddings, u.text_time) {
+        (Some(path), Some(tt)) => {
+            let pooled = PromptTable::read(path, tt.pooled_dim())?;
+            if pooled.tokens != 1 {
+                return Err(crate::weights::bad(
+                    &pooled.path,
+                    format!(
+                        "holds [{}, {}] tensors; pooled text embeddings are [1, {}]",
+                        pooled.tokens, pooled.dim, pooled.dim
+                    ),
+                ));
+            }
+            Some(pooled)
+        }
+        (None, Some(_)) => {
+            return Err(TrainError::Config(
+                "an SDXL UNet (addition_embed_type \"text_time\") reads pooled_text_embeddings beside text_embeddings; none were given".into(),
+            ));
+        }
+        (Some(_), None) => {
+            return Err(TrainError::Config(
+                "pooled_text_embeddings are read by an SDXL UNet (addition_embed_type \"text_time\"); this UNet has none"
+                    .into(),
+            ));
+        }
+        (None, None) => None,
+    };
+    text.pin(&mut spec.text_embeddings_sha256)?;
+    if let Some(p) = &pooled {
+        p.pin(&mut spec.pooled_text_embeddings_sha256)?;
+    }
+    Ok((Some(text), pooled))
 }
 
 impl<B: Backend> DualDenoiser<B> for SdModel<B> {
@@ -446,15 +566,25 @@ impl<B: Backend> DualDenoiser<B> for SdModel<B> {
         self.spec.conditioning_scale
     }
 
-    /// The prompts' precomputed text embeddings ([`PromptTable`]); the CLIP text encoder
-    /// itself is not loaded yet.
+    /// The prompts' precomputed text embeddings ([`PromptTable`]), with the pooled ones for
+    /// SDXL; the text encoders run before training, not in the model.
     fn embed_prompts(&self, prompts: &[&str]) -> Result<PromptEmbedding> {
         let table = self.prompts.as_ref().ok_or_else(|| {
             TrainError::Config(
                 "the sd model reads precomputed text embeddings (text_embeddings = a safetensors file of one tensor per prompt); none were given".into(),
             )
         })?;
-        Ok(PromptEmbedding::Text { values: table.lookup(prompts)?, tokens: table.tokens, dim: table.dim })
+        let (values, tokens, dim) = (table.lookup(prompts)?, table.tokens, table.dim);
+        Ok(match &self.pooled {
+            Some(pooled) => PromptEmbedding::TextPooled {
+                values,
+                tokens,
+                dim,
+                pooled: pooled.lookup(prompts)?,
+                pooled_dim: pooled.dim,
+            },
+            None => PromptEmbedding::Text { values, tokens, dim },
+        })
     }
 
     fn latent_space(&self) -> bool {
@@ -476,8 +606,9 @@ impl<B: Backend> DualDenoiser<B> for SdModel<B> {
     }
 
     fn encode_main(&self, p: &Bound<'_, B>, x_t: &Var<B>, cond: &Conditioning) -> Result<MainEncoding<B>> {
-        let context = p.tape.constant(self.context(cond, &B::device(&x_t.value))?);
-        let enc = self.unet.encode(p, x_t, &cond.t, &context)?;
+        let (context, added) = self.context(cond, &B::device(&x_t.value))?;
+        let context = p.tape.constant(context);
+        let enc = self.unet.encode(p, x_t, &cond.t, &context, added.as_ref())?;
         Ok(MainEncoding { temb: enc.temb, context: Some(context), skips: enc.skips })
     }
 
@@ -493,8 +624,9 @@ impl<B: Backend> DualDenoiser<B> for SdModel<B> {
     }
 
     fn side(&self, p: &Bound<'_, B>, x_t: &Var<B>, hint: &Var<B>, cond: &Conditioning) -> Result<SideOutput<B>> {
-        let context = p.tape.constant(self.context(cond, &B::device(&x_t.value))?);
-        self.controlnet()?.forward(p, x_t, hint, &cond.t, &context)
+        let (context, added) = self.context(cond, &B::device(&x_t.value))?;
+        let context = p.tape.constant(context);
+        self.controlnet()?.forward(p, x_t, hint, &cond.t, &context, added.as_ref())
     }
 
     /// Reads a diffusers UNet folder (`diffusion_pytorch_model.safetensors`, or the sharded

@@ -180,6 +180,9 @@ impl Pipeline {
             prediction: self.prediction,
             text_embeddings: None,
             text_embeddings_sha256: None,
+            pooled_text_embeddings: None,
+            pooled_text_embeddings_sha256: None,
+            add_time_ids: None,
             latent_size: size.chosen.then_some(size.latent_side),
             mixed_precision: precision,
         };

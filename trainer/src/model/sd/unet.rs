@@ -4,8 +4,9 @@
 
 use lisa_core::backend::{Backend, DType, GroupNormParams};
 
-use super::blocks::{DownBlock, MidBlock, TimeEmbedding, UpBlock};
+use super::blocks::{DownBlock, MidBlock, UpBlock};
 use super::config::UNetConfig;
+use super::text_time::{AddedConditions, TimeConditioning};
 use crate::autodiff::Var;
 use crate::error::{Result, TrainError};
 use crate::model::Skips;
@@ -25,7 +26,7 @@ pub struct Encoded<B: Backend> {
 /// The UNet.
 #[derive(Debug, Clone)]
 pub struct SdUNet {
-    time: TimeEmbedding,
+    time: TimeConditioning,
     conv_in: Conv2d,
     down: Vec<DownBlock>,
     mid: MidBlock,
@@ -59,10 +60,17 @@ impl SdUNet {
     }
 
     /// `x [n, c_in, h, w]` (sides divisible by `2^(levels − 1)`), timesteps `t [n]`, text
-    /// `context [n, s, d_ctx]` → the encoding.
-    pub fn encode<B: Backend>(&self, p: &Bound<'_, B>, x: &Var<B>, t: &[f32], context: &Var<B>) -> Result<Encoded<B>> {
+    /// `context [n, s, d_ctx]` and, for SDXL, the added conditions → the encoding.
+    pub fn encode<B: Backend>(
+        &self,
+        p: &Bound<'_, B>,
+        x: &Var<B>,
+        t: &[f32],
+        context: &Var<B>,
+        added: Option<&AddedConditions>,
+    ) -> Result<Encoded<B>> {
         check_input::<B>(&self.config, x, t, context)?;
-        let temb = self.time.forward(p, t, &B::device(&x.value))?;
+        let temb = self.time.forward(p, t, added, &B::device(&x.value))?;
         let mut skips = Vec::with_capacity(self.config.skip_count());
         let h = self.conv_in.forward(p, x)?;
         skips.push(h.clone());
@@ -119,15 +127,15 @@ fn scaled<B: Backend>(t: &crate::autodiff::Tape<B>, v: &Var<B>, scale: f32) -> R
 }
 
 /// The parts a UNet and its ControlNet share, under `at`: `conv_in`, the time
-/// embedding, the down blocks and the middle block.
+/// embedding (with SDXL's added one), the down blocks and the middle block.
 pub(super) fn encoder_parts<B: Backend>(
     s: &mut ParamStore<B>,
     at: &Scope,
     u: &UNetConfig,
-) -> Result<(Conv2d, TimeEmbedding, Vec<DownBlock>, MidBlock)> {
+) -> Result<(Conv2d, TimeConditioning, Vec<DownBlock>, MidBlock)> {
     let c0 = u.block_out_channels[0];
     let conv_in = Conv2d::new(s, at.pp("conv_in"), Conv2dConfig::new(u.in_channels, c0, 3))?;
-    let time = TimeEmbedding::new(s, at.pp("time_embedding"), u)?;
+    let time = TimeConditioning::new(s, at, u)?;
     let mut down = Vec::with_capacity(u.down_block_types.len());
     let mut c_in = c0;
     for i in 0..u.down_block_types.len() {
