@@ -203,7 +203,14 @@ impl ClipTextModel {
         p.tape.cast(&last, DType::F32)
     }
 
-    /// SD3's reading of a `CLIPTextModelWithProjection` (built by [`Self::with_projection`]):
+    /// `hidden_states[-2] [n, t, hidden]` (f32): the input of the last layer, not normed (what
+    /// SDXL reads of its first text encoder).
+    pub fn forward_penultimate<B: Backend>(&self, p: &Bound<'_, B>, ids: &[Vec<u32>]) -> Result<Var<B>> {
+        let (_, penultimate) = self.layers_of(p, ids)?;
+        p.tape.cast(&penultimate, DType::F32)
+    }
+
+    /// SD3's and SDXL's reading of a `CLIPTextModelWithProjection` (built by [`Self::with_projection`]):
     /// the penultimate hidden states and `text_projection` of the final-normed state at each
     /// row's end token.
     pub fn forward_projected<B: Backend>(&self, p: &Bound<'_, B>, ids: &[Vec<u32>]) -> Result<ProjectedText<B>> {

@@ -18,6 +18,7 @@ mod controlnet;
 mod encoders;
 mod folder;
 mod pipeline;
+mod sdxl_text;
 mod text;
 mod text_time;
 mod tokenizer;
@@ -46,7 +47,8 @@ pub use folder::{
 };
 pub(crate) use pipeline::in_file as config_error_in;
 pub use pipeline::{MAX_RESOLUTION, Pipeline, TrainingSize, folder_vae_config};
-pub use text::PromptTable;
+pub use sdxl_text::{SdxlTextEncoders, sdxl_text_widths};
+pub use text::{PromptTable, write_prompt_tables};
 pub use text_time::{AddedConditions, TextTimeEmbedding, TimeConditioning};
 pub use tokenizer::{ClipTokenizer, Encoded as TokenIds};
 pub(crate) use tokenizer::{read_json as read_tokenizer_json, token_field as special_token};

@@ -6,8 +6,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use lisa_core::backend::Shape;
+
 use crate::error::{Result, TrainError};
-use crate::weights::{bad, digest, io, parse_safetensors};
+use crate::model::PromptEmbedding;
+use crate::weights::{bad, digest, host_to_safetensors, io, parse_safetensors, write_atomic};
 
 /// The prompts' embeddings.
 #[derive(Debug, Clone, PartialEq)]
@@ -85,5 +88,46 @@ impl PromptTable {
             out.extend_from_slice(e);
         }
         Ok(out)
+    }
+}
+
+/// Writes the prompt tables of `embedding`, the encoding of `prompts` (one row each): the text
+/// tokens, one `[tokens, dim]` tensor per prompt, to `text`; and for pooled text, one
+/// `[1, pooled_dim]` tensor per prompt to `pooled`. Tensors are named by their prompt; each
+/// file is written atomically with `metadata`. The tables [`PromptTable::read`] reads.
+pub fn write_prompt_tables(
+    prompts: &[&str],
+    embedding: &PromptEmbedding,
+    (text, pooled): (&Path, Option<&Path>),
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let (values, tokens, dim, pools) = match embedding {
+        PromptEmbedding::Text { values, tokens, dim } => (values, *tokens, *dim, None),
+        PromptEmbedding::TextPooled { values, tokens, dim, pooled, pooled_dim } => {
+            (values, *tokens, *dim, Some((pooled, *pooled_dim)))
+        }
+        _ => return Err(TrainError::Internal("prompt tables hold text embeddings")),
+    };
+    let per = tokens * dim;
+    if values.len() != prompts.len() * per {
+        return Err(TrainError::Internal("one text embedding per prompt"));
+    }
+    let rows: Vec<(String, Shape, &[f32])> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.to_string(), Shape::new([tokens, dim]), &values[i * per..(i + 1) * per]))
+        .collect();
+    write_atomic(text, &host_to_safetensors(&rows, metadata.clone())?)?;
+    match (pools, pooled) {
+        (Some((pools, d)), Some(path)) => {
+            let rows: Vec<(String, Shape, &[f32])> = prompts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (p.to_string(), Shape::new([1, d]), &pools[i * d..(i + 1) * d]))
+                .collect();
+            write_atomic(path, &host_to_safetensors(&rows, metadata.clone())?)
+        }
+        (None, None) => Ok(()),
+        _ => Err(TrainError::Internal("a pooled table is written exactly for pooled text")),
     }
 }

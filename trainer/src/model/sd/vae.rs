@@ -47,6 +47,9 @@ pub struct VaeConfig {
     pub use_quant_conv: bool,
     /// Whether the decoder's input passes a 1×1 `post_quant_conv` (false in SD3's VAE).
     pub use_post_quant_conv: bool,
+    /// diffusers' `force_upcast` (default true): the VAE overflows in fp16, so SDXL's
+    /// pipelines run it in f32 when the rest is fp16 (false in fp16-fixed VAEs).
+    pub force_upcast: bool,
 }
 
 /// Keys accepted only at their default.
@@ -60,7 +63,7 @@ fn at_default() -> Vec<(&'static str, Value)> {
 }
 
 /// Keys with no effect on the computation here.
-const IGNORED: &[&str] = &["sample_size", "force_upcast"];
+const IGNORED: &[&str] = &["sample_size"];
 
 impl VaeConfig {
     /// From a VAE `config.json`; other keys, other values and other block types are errors
@@ -78,6 +81,7 @@ impl VaeConfig {
             "shift_factor",
             "use_quant_conv",
             "use_post_quant_conv",
+            "force_upcast",
             "down_block_types",
             "up_block_types",
         ];
@@ -138,6 +142,7 @@ impl VaeConfig {
                 })? as f32,
                 use_quant_conv: flag("use_quant_conv")?,
                 use_post_quant_conv: flag("use_post_quant_conv")?,
+                force_upcast: flag("force_upcast")?,
                 block_out_channels: boc,
             };
         let c = &config;

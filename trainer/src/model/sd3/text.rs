@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use lisa_core::backend::{Backend, DType, Shape};
+use lisa_core::backend::{Backend, DType};
 
 use crate::autodiff::Tape;
 use crate::error::{Result, TrainError};
@@ -17,7 +17,7 @@ use crate::model::PromptEmbedding;
 use crate::model::sd::{ClipTextModel, ClipTokenizer, read_json_config, read_text_pair};
 use crate::model::t5::{T5Config, T5Encoder, T5Tokenizer, load_t5};
 use crate::params::{ParamStore, Scope};
-use crate::weights::{bad, to_safetensors, write_atomic};
+use crate::weights::bad;
 
 /// The most prompts one encoder pass holds.
 const CHUNK: usize = 8;
@@ -168,32 +168,7 @@ impl<B: Backend> Sd3TextEncoders<B> {
     ) -> Result<()> {
         let unique: Vec<&str> =
             prompts.iter().copied().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
-        let PromptEmbedding::TextPooled { values, tokens, dim, pooled, pooled_dim } = self.encode(&unique)? else {
-            return Err(TrainError::Internal("SD3's text encoders make pooled text"));
-        };
-        let device = self.store.device();
-        let mut text = BTreeMap::new();
-        let mut pools = BTreeMap::new();
-        for (i, prompt) in unique.iter().enumerate() {
-            let t = B::from_slice(
-                &values[i * tokens * dim..(i + 1) * tokens * dim],
-                &Shape::new([tokens, dim]),
-                DType::F32,
-                device,
-            )?;
-            let q = B::from_slice(
-                &pooled[i * pooled_dim..(i + 1) * pooled_dim],
-                &Shape::new([1, pooled_dim]),
-                DType::F32,
-                device,
-            )?;
-            text.insert(prompt.to_string(), t);
-            pools.insert(prompt.to_string(), q);
-        }
-        for (path, table) in [(text_path, &text), (pooled_path, &pools)] {
-            let refs: Vec<(String, &B::Tensor)> = table.iter().map(|(k, v)| (k.clone(), v)).collect();
-            write_atomic(path, &to_safetensors::<B>(&refs, metadata.clone())?)?;
-        }
-        Ok(())
+        let embedding = self.encode(&unique)?;
+        crate::model::sd::write_prompt_tables(&unique, &embedding, (text_path, Some(pooled_path)), metadata)
     }
 }
