@@ -25,12 +25,10 @@ use crate::config::RunFile;
 use crate::fill50k::{CONDITION_LATENTS_FILE, Fill50k, LATENTS_FILE, Layout};
 use crate::pipeline_start::{SdStart, mixed_precision_note, mode_parts};
 use crate::sd_cache::{
-    EMBEDDINGS_FILE, FileDigests, KEY, check_outside, encoding_chunk, folder_digest, locked_cache, write_latents,
+    EMBEDDINGS_FILE, FileDigests, KEY, POOLED_EMBEDDINGS_FILE, check_outside, encoding_chunk, folder_digest,
+    locked_cache, write_latents,
 };
 use crate::sd_validation::{LatentValidationFiles, read_rgb};
-
-/// The pooled text embeddings file's name.
-pub const POOLED_EMBEDDINGS_FILE: &str = "pooled_prompt_embeds.safetensors";
 
 /// The flags the SD3 path reads.
 #[derive(Debug, Clone)]
@@ -121,8 +119,12 @@ pub fn prepare<B: Backend>(
     let parts = mode_parts(file.train.mode);
     let mut model =
         pipeline.build::<B>(&file.model, parts, controlnet, device.clone(), file.train.seed).with_context(in_folder)?;
-    let (validation, prompts) =
-        LatentValidationFiles::from_flags(&a.validation_image, &a.validation_prompt, dir, precision.dtype())?;
+    let (validation, prompts) = LatentValidationFiles::from_flags(
+        &a.validation_image,
+        &a.validation_prompt,
+        &dir.join("vae"),
+        precision.dtype(),
+    )?;
     if let Some(v) = &validation {
         if !v.vae.is_dir() {
             bail!(

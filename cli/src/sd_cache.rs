@@ -1,6 +1,7 @@
 //! The cached inputs of latent-space training: the VAE latents of every target image and the
-//! text embeddings of every prompt (with `""` and the validation prompts), computed once per
-//! dataset with the pipeline's own VAE and text encoder, and reused for as long as the data
+//! text embeddings of every prompt (with `""` and the validation prompts; SDXL's pooled text
+//! embeddings beside them), computed once per dataset with the pipeline's own VAE and text
+//! encoders, and reused for as long as the data
 //! list, the resolution, the prompts and the encoders' files are the same (a key in each
 //! file's metadata). Files the user made are never overwritten: a file in the cache folder
 //! without lisa's key is refused.
@@ -27,7 +28,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use lisa_core::backend::{Backend, Shape};
-use lisa_trainer::model::sd::{MixedPrecision, Pipeline, TextEncoder, Vae};
+use lisa_trainer::model::sd::{MixedPrecision, Pipeline, SdxlTextEncoders, TextEncoder, Vae};
 use lisa_trainer::weights::{digest, host_to_safetensors, read_metadata, write_atomic};
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +37,8 @@ use crate::image::{Resample, read_image};
 
 /// The text embeddings file's name.
 pub const EMBEDDINGS_FILE: &str = "prompt_embeds.safetensors";
+/// The pooled text embeddings file's name (SDXL, SD3).
+pub const POOLED_EMBEDDINGS_FILE: &str = "pooled_prompt_embeds.safetensors";
 /// The metadata key holding what a cache was made from.
 pub(crate) const KEY: &str = "lisa.cache_key";
 /// The lock file in a cache folder.
@@ -48,6 +51,8 @@ pub struct Cache {
     pub latents: PathBuf,
     /// One `[tokens, dim]` embedding per prompt, named by the prompt.
     pub embeddings: PathBuf,
+    /// SDXL: one `[1, pooled_dim]` pooled embedding per prompt, named by the prompt.
+    pub pooled: Option<PathBuf>,
     /// The cache folder's lock (None: the data folder's own precomputed files).
     pub lock: Option<std::fs::File>,
 }
@@ -306,8 +311,8 @@ fn cache_state(path: &Path, key: &str) -> Result<Option<bool>> {
 }
 
 /// The latents and embeddings for training on `data` at `resolution` px with `pipeline`:
-/// the data folder's own precomputed files when it has both, else the cache in `cache_dir`,
-/// made now if missing or stale.
+/// the data folder's own precomputed files when it has them all (SDXL: the pooled embeddings
+/// too), else the cache in `cache_dir`, made now if missing or stale.
 pub fn prepare<B: Backend>(
     pipeline: &Pipeline,
     data: &Path,
@@ -317,20 +322,34 @@ pub fn prepare<B: Backend>(
     precision: MixedPrecision,
     device: B::Device,
 ) -> Result<Cache> {
-    let (own_latents, own_embeddings) = (data.join(LATENTS_FILE), data.join(EMBEDDINGS_FILE));
-    if own_latents.is_file() && own_embeddings.is_file() {
-        eprintln!("using the precomputed {LATENTS_FILE} and {EMBEDDINGS_FILE} of {}", data.display());
-        return Ok(Cache { latents: own_latents, embeddings: own_embeddings, lock: None });
+    let sdxl = pipeline.is_sdxl()?;
+    let mut names = vec![LATENTS_FILE, EMBEDDINGS_FILE];
+    if sdxl {
+        names.push(POOLED_EMBEDDINGS_FILE);
+    }
+    let own: Vec<PathBuf> = names.iter().map(|n| data.join(n)).collect();
+    if own.iter().all(|p| p.is_file()) {
+        eprintln!("using the precomputed {} of {}", names.join(", "), data.display());
+        let pooled = own.get(2).cloned();
+        return Ok(Cache { latents: own[0].clone(), embeddings: own[1].clone(), pooled, lock: None });
     }
     check_outside(cache_dir, data)?;
     let root = &pipeline.root;
-    let missing: Vec<&str> =
-        ["vae", "text_encoder", "tokenizer"].into_iter().filter(|c| !root.join(c).is_dir()).collect();
+    let mut text_parts = vec!["text_encoder", "tokenizer"];
+    if sdxl {
+        text_parts.extend(["text_encoder_2", "tokenizer_2"]);
+    }
+    let mut missing: Vec<String> =
+        text_parts.iter().filter(|c| !root.join(c).is_dir()).map(|c| format!("{c}/")).collect();
+    if !pipeline.vae.is_dir() {
+        missing.insert(0, "vae/".to_string());
+    }
     if !missing.is_empty() {
         bail!(
-            "{} has no {}: lisa needs them to compute the latents and text embeddings (or put precomputed {LATENTS_FILE} and {EMBEDDINGS_FILE} in {})",
+            "{} has no {}: lisa needs them to compute the latents and text embeddings (or put precomputed {} in {})",
             root.display(),
-            missing.join("/, ") + "/",
+            missing.join(", "),
+            names.join(" and "),
             data.display()
         );
     }
@@ -348,24 +367,32 @@ pub fn prepare<B: Backend>(
     )?;
     let targets = set.targets_digest().unwrap_or_default();
     let mut digests = FileDigests::open(cache_dir)?;
-    let key = digest(
-        format!(
-            "data {} targets {targets} resolution {resolution} precision {precision:?} vae {} text_encoder {} tokenizer {} extra {:?}",
-            digest(&list),
-            folder_digest(&root.join("vae"), &mut digests)?,
-            folder_digest(&root.join("text_encoder"), &mut digests)?,
-            folder_digest(&root.join("tokenizer"), &mut digests)?,
-            extra_prompts
-        )
-        .as_bytes(),
+    let mut key = format!(
+        "data {} targets {targets} resolution {resolution} precision {precision:?} vae {} text_encoder {} tokenizer {} extra {:?}",
+        digest(&list),
+        folder_digest(&pipeline.vae, &mut digests)?,
+        folder_digest(&root.join("text_encoder"), &mut digests)?,
+        folder_digest(&root.join("tokenizer"), &mut digests)?,
+        extra_prompts
     );
-    let (latents, embeddings) = (cache_dir.join(LATENTS_FILE), cache_dir.join(EMBEDDINGS_FILE));
-    let files = (&[latents.as_path(), embeddings.as_path()][..], "latents and text embeddings");
-    let lock = locked_cache(cache_dir, &key, files, digests, || {
+    if sdxl {
+        for part in ["text_encoder_2", "tokenizer_2"] {
+            key.push_str(&format!(" {part} {}", folder_digest(&root.join(part), &mut digests)?));
+        }
+    }
+    let key = digest(key.as_bytes());
+    let cached: Vec<PathBuf> = names.iter().map(|n| cache_dir.join(n)).collect();
+    let refs: Vec<&Path> = cached.iter().map(PathBuf::as_path).collect();
+    let lock = locked_cache(cache_dir, &key, (&refs, "latents and text embeddings"), digests, || {
         let inputs = Inputs { set: &set, resolution, extra_prompts, precision, chunk };
-        write_cache::<B>(pipeline, &inputs, cache_dir, device, &key)
+        write_cache::<B>(pipeline, &inputs, &cached, device, &key)
     })?;
-    Ok(Cache { latents, embeddings, lock: Some(lock) })
+    Ok(Cache {
+        latents: cached[0].clone(),
+        embeddings: cached[1].clone(),
+        pooled: cached.get(2).cloned(),
+        lock: Some(lock),
+    })
 }
 
 /// How often a run that finds the cache neither current nor free tries again to write it.
@@ -521,17 +548,17 @@ struct Inputs<'a> {
     chunk: usize,
 }
 
-/// Computes and writes the cache made from `key`'s inputs (under the cache's exclusive lock).
+/// Computes and writes the cache made from `key`'s inputs into `files` (latents, text
+/// embeddings and, for SDXL, pooled embeddings), under the cache's exclusive lock.
 fn write_cache<B: Backend>(
     pipeline: &Pipeline,
     inputs: &Inputs,
-    cache_dir: &Path,
+    files: &[PathBuf],
     device: B::Device,
     key: &str,
 ) -> Result<()> {
     let Inputs { set, resolution, extra_prompts, precision, chunk } = *inputs;
     let root = &pipeline.root;
-    let cache = (cache_dir.join(LATENTS_FILE), cache_dir.join(EMBEDDINGS_FILE));
     let started = std::time::Instant::now();
     let meta = BTreeMap::from([(KEY.to_string(), key.to_string()), ("resolution".to_string(), resolution.to_string())]);
 
@@ -540,36 +567,46 @@ fn write_cache<B: Backend>(
     prompts.insert(String::new());
     prompts.extend(extra_prompts.iter().cloned());
     let prompts: Vec<String> = prompts.into_iter().collect();
-    let text =
-        TextEncoder::<B>::open(&root.join("text_encoder"), &root.join("tokenizer"), device.clone(), precision.dtype())
-            .with_context(|| format!("loading the text encoder of {}", root.display()))?;
     let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
-    let emb = text.embed(&refs)?;
-    for &i in &emb.truncated {
-        eprintln!(
-            "warning: prompt {} is longer than {} tokens and was truncated",
-            quoted_start(&prompts[i]),
-            emb.tokens
-        );
+    let loading = || format!("loading the text encoders of {}", root.display());
+    let (cut, tokens) = match files.get(2) {
+        Some(pooled) => {
+            let text = SdxlTextEncoders::<B>::open(root, device.clone(), precision.dtype()).with_context(loading)?;
+            (text.write_tables(&refs, (&files[1], pooled), &meta)?, text.tokens())
+        }
+        None => {
+            let text = TextEncoder::<B>::open(
+                &root.join("text_encoder"),
+                &root.join("tokenizer"),
+                device.clone(),
+                precision.dtype(),
+            )
+            .with_context(loading)?;
+            let emb = text.embed(&refs)?;
+            let per = emb.tokens * emb.dim;
+            let tensors: Vec<(String, Shape, &[f32])> = prompts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (p.clone(), Shape::new([emb.tokens, emb.dim]), &emb.values[i * per..(i + 1) * per]))
+                .collect();
+            write_atomic(&files[1], &host_to_safetensors(&tensors, meta.clone())?)?;
+            (emb.truncated.iter().map(|&i| prompts[i].clone()).collect(), emb.tokens)
+        }
+    };
+    for prompt in &cut {
+        eprintln!("warning: prompt {} is longer than {tokens} tokens and was truncated", quoted_start(prompt));
     }
-    let per = emb.tokens * emb.dim;
-    let tensors: Vec<(String, Shape, &[f32])> = prompts
-        .iter()
-        .enumerate()
-        .map(|(i, p)| (p.clone(), Shape::new([emb.tokens, emb.dim]), &emb.values[i * per..(i + 1) * per]))
-        .collect();
-    write_atomic(&cache.1, &host_to_safetensors(&tensors, meta.clone())?)?;
 
     // The latents of every target image (resized and centre-cropped to the resolution).
-    let vae = Vae::<B>::open(&root.join("vae"), device, precision.dtype())
-        .with_context(|| format!("loading the VAE of {}", root.display()))?;
+    let vae = Vae::<B>::open(&pipeline.vae, device, pipeline.vae_dtype(precision)?)
+        .with_context(|| format!("loading the VAE {}", pipeline.vae.display()))?;
     let items: Vec<(String, PathBuf, usize)> =
         set.targets().map(|(n, p, l)| (n.to_string(), p.to_path_buf(), l)).collect();
-    let (count, [lc, side, _]) = write_latents(&vae, &items, (resolution, chunk), true, &cache.0, &meta)?;
+    let (count, [lc, side, _]) = write_latents(&vae, &items, (resolution, chunk), true, &files[0], &meta)?;
     eprintln!(
-        "cached {count} latents ({lc}×{side}×{side}) and {} text embeddings in {} ({:.1} s)",
+        "cached {count} latents ({lc}×{side}×{side}) and {} prompts' text embeddings in {} ({:.1} s)",
         prompts.len(),
-        cache_dir.display(),
+        files[0].parent().unwrap_or(Path::new(".")).display(),
         started.elapsed().as_secs_f64()
     );
     Ok(())

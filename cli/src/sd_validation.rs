@@ -30,12 +30,12 @@ impl LatentValidationFiles {
     pub fn from_flags(
         images: &[PathBuf],
         prompts: &[String],
-        pipeline: &Path,
+        vae: &Path,
         dtype: lisa_core::backend::DType,
     ) -> Result<(Option<Self>, Vec<String>)> {
         let (images, prompts) = validation_pairs(images, prompts)?;
         let files =
-            (!images.is_empty()).then(|| Self { images, prompts: prompts.clone(), vae: pipeline.join("vae"), dtype });
+            (!images.is_empty()).then(|| Self { images, prompts: prompts.clone(), vae: vae.to_path_buf(), dtype });
         Ok((files, prompts))
     }
 }

@@ -39,6 +39,16 @@ pub struct TrainArgs {
     /// A diffusers ControlNet folder to start from (default: a copy of the UNet's encoder).
     #[arg(long, requires = "pretrained_model_name_or_path")]
     controlnet_model_name_or_path: Option<PathBuf>,
+    /// A diffusers VAE folder used in place of the pipeline's vae/ (SDXL users give one that
+    /// does not overflow in fp16, such as sdxl-vae-fp16-fix).
+    #[arg(long, requires = "pretrained_model_name_or_path")]
+    pretrained_vae_model_name_or_path: Option<PathBuf>,
+    /// SDXL: the crop's top edge recorded in the time ids (pixels).
+    #[arg(long, default_value_t = 0, requires = "pretrained_model_name_or_path")]
+    crops_coords_top_left_h: usize,
+    /// SDXL: the crop's left edge recorded in the time ids (pixels).
+    #[arg(long, default_value_t = 0, requires = "pretrained_model_name_or_path")]
+    crops_coords_top_left_w: usize,
     /// Training resolution in pixels (images resized and centre-cropped to it; default: the
     /// UNet's sample_size × the VAE's downscale).
     #[arg(long, requires = "pretrained_model_name_or_path")]
@@ -242,7 +252,10 @@ pub fn run<B: RankBackend>(a: TrainArgs, device: B::Device) -> Result<()> {
         (None, Some(dir)) => {
             let data = file.data.dir.clone().context("--pretrained-model-name-or-path needs --train-data-dir")?;
             let sd = match Sd3Pipeline::is_sd3(dir) {
-                true => crate::sd3_train::prepare::<B>(&a.sd3(), &mut file, dir, &data, device.clone())?,
+                true => {
+                    a.refuse_sd_only_flags()?;
+                    crate::sd3_train::prepare::<B>(&a.sd3(), &mut file, dir, &data, device.clone())?
+                }
                 false => prepare_sd::<B>(&a, &mut file, dir, &data, device.clone())?,
             };
             latent_validation = sd.validation;
@@ -294,6 +307,19 @@ fn options_validated(a: &TrainArgs) -> bool {
 }
 
 impl TrainArgs {
+    /// Refuses the flags of the UNet (SD, SDXL) path given for an SD3 folder.
+    fn refuse_sd_only_flags(&self) -> Result<()> {
+        let given = [
+            ("--pretrained-vae-model-name-or-path", self.pretrained_vae_model_name_or_path.is_some()),
+            ("--crops-coords-top-left-h", self.crops_coords_top_left_h != 0),
+            ("--crops-coords-top-left-w", self.crops_coords_top_left_w != 0),
+        ];
+        if let Some((flag, _)) = given.iter().find(|g| g.1) {
+            bail!("{flag} is for Stable Diffusion and SDXL UNet pipelines; this is an SD3 folder");
+        }
+        Ok(())
+    }
+
     /// The flags the SD3 path reads.
     fn sd3(&self) -> crate::sd3_train::Sd3Args {
         crate::sd3_train::Sd3Args {
@@ -330,12 +356,18 @@ fn prepare_sd<B: Backend>(
         bail!("the run file describes a [model]; with --pretrained-model-name-or-path the model comes from the folder");
     }
     let in_folder = || format!("the diffusers folder {}", dir.display());
-    let pipeline = Pipeline::open(dir)?;
+    let mut pipeline = Pipeline::open(dir)?;
+    if let Some(vae) = &a.pretrained_vae_model_name_or_path {
+        pipeline = pipeline.with_vae(vae).context("--pretrained-vae-model-name-or-path")?;
+    }
     let resolution_flag = |e: lisa_trainer::TrainError| match e {
         lisa_trainer::TrainError::Setting { key, reason } if key == "resolution" => match a.resolution {
             Some(_) => anyhow::anyhow!("--resolution: {reason}"),
             None => anyhow::anyhow!("the UNet's sample_size as the resolution: {reason}; give --resolution"),
         },
+        lisa_trainer::TrainError::Setting { key, reason } if key == "crops_coords_top_left" => {
+            anyhow::anyhow!("--crops-coords-top-left-h/-w: {reason}")
+        }
         other => anyhow::Error::from(other).context(in_folder()),
     };
     let size = pipeline.training_size(a.resolution).map_err(resolution_flag)?;
@@ -350,11 +382,17 @@ fn prepare_sd<B: Backend>(
     if precision != MixedPrecision::No {
         eprintln!("{}", mixed_precision_note::<B>(precision, &device));
     }
-    file.model = pipeline.controlnet_spec(controlnet, size, precision, &file.model.decoder).map_err(resolution_flag)?;
+    let crop = [a.crops_coords_top_left_h, a.crops_coords_top_left_w];
+    file.model =
+        pipeline.controlnet_spec(controlnet, (size, crop), precision, &file.model.decoder).map_err(resolution_flag)?;
     file.train.noise = pipeline.noise;
     check_sd_memory(&file.model, file.train.batch_size)?;
+    let vae_dtype = pipeline.vae_dtype(precision).with_context(in_folder)?;
+    if vae_dtype != precision.dtype() {
+        eprintln!("the VAE computes in f32: its config says force_upcast (SDXL's VAE overflows in fp16)");
+    }
     let (validation, prompts) =
-        LatentValidationFiles::from_flags(&a.validation_image, &a.validation_prompt, dir, precision.dtype())?;
+        LatentValidationFiles::from_flags(&a.validation_image, &a.validation_prompt, &pipeline.vae, vae_dtype)?;
     let parts = mode_parts(file.train.mode);
     let mut model =
         pipeline.build::<B>(&file.model, parts, controlnet, device.clone(), file.train.seed).with_context(in_folder)?;
@@ -363,7 +401,7 @@ fn prepare_sd<B: Backend>(
     }
     let cache_dir = a.cache_dir.clone().unwrap_or_else(|| a.output_dir.join("cache"));
     let cache = sd_cache::prepare::<B>(&pipeline, data, &cache_dir, size.pixels, &prompts, precision, device)?;
-    model.read_text_embeddings(&cache.embeddings, None)?;
+    model.read_text_embeddings(&cache.embeddings, cache.pooled.as_deref())?;
     file.model = model.spec();
     file.data.latents = Some(cache.latents);
     Ok(SdStart { model: Box::new(model), validation, cache_lock: cache.lock })

@@ -287,16 +287,43 @@ fn the_readme_sd_command_runs_as_written() {
 /// A complete tiny SD pipeline that lisa writes itself (random UNet weights; the VAE, text
 /// encoder and tokenizer of the golden files, whose width the UNet's cross-attention takes).
 fn full_pipeline(dir: &Path) -> PathBuf {
-    use lisa_trainer::model::sd::{SdUNet, UNetConfig, read_json_config};
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../trainer/tests/fixtures");
+    let mut unet = lisa_trainer::model::sd::read_json_config(&fixtures.join("sd/sd15/unet")).unwrap();
+    unet.insert("cross_attention_dim".into(), serde_json::json!(32));
+    write_pipeline(
+        &dir.join("full-pipeline"),
+        &unet,
+        &[("clip/text_encoder", "text_encoder"), ("clip/tokenizer", "tokenizer")],
+    )
+}
+
+/// A complete tiny SDXL pipeline: the golden SDXL UNet's layout (`text_time`, a DownBlock2D
+/// first, two transformer layers deeper down) with random weights, as wide as its two text
+/// encoders' states together (32 + 24) and their pooled projection (20 + 6 × 4 time ids).
+fn sdxl_pipeline(dir: &Path) -> PathBuf {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../trainer/tests/fixtures");
+    let mut unet = lisa_trainer::model::sd::read_json_config(&fixtures.join("sd/sdxl/unet")).unwrap();
+    unet.insert("cross_attention_dim".into(), serde_json::json!(56));
+    unet.insert("projection_class_embeddings_input_dim".into(), serde_json::json!(44));
+    let text = [
+        ("clip/text_encoder", "text_encoder"),
+        ("clip/tokenizer", "tokenizer"),
+        ("sd3/text/text_encoder_2", "text_encoder_2"),
+        ("sd3/text/tokenizer_2", "tokenizer_2"),
+    ];
+    write_pipeline(&dir.join("sdxl-pipeline"), &unet, &text)
+}
+
+/// Writes a pipeline folder at `p`: the UNet of config `unet` with seeded random weights, the
+/// scheduler, the golden VAE and the fixture folders `text` (`(from, to)`).
+fn write_pipeline(p: &Path, unet: &serde_json::Map<String, serde_json::Value>, text: &[(&str, &str)]) -> PathBuf {
+    use lisa_trainer::model::sd::{SdUNet, UNetConfig};
     use lisa_trainer::params::ParamStore;
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../trainer/tests/fixtures");
-    let p = dir.join("full-pipeline");
-    for part in ["unet", "scheduler", "vae", "text_encoder", "tokenizer"] {
+    for part in ["unet", "scheduler", "vae"].into_iter().chain(text.iter().map(|t| t.1)) {
         std::fs::create_dir_all(p.join(part)).unwrap();
     }
-    let mut unet = read_json_config(&fixtures.join("sd/sd15/unet")).unwrap();
-    unet.insert("cross_attention_dim".into(), serde_json::json!(32));
-    let config = UNetConfig::from_unet_json(&unet).unwrap();
+    let config = UNetConfig::from_unet_json(unet).unwrap();
     let mut store = lisa_trainer::params::ParamStore::<C>::new(CpuDevice, 11);
     SdUNet::new(&mut store, "", &config).unwrap();
     let store: &ParamStore<C> = &store;
@@ -306,21 +333,25 @@ fn full_pipeline(dir: &Path) -> PathBuf {
         to_safetensors::<C>(&tensors, Default::default()).unwrap(),
     )
     .unwrap();
-    std::fs::write(p.join("unet/config.json"), serde_json::to_string_pretty(&unet).unwrap()).unwrap();
+    std::fs::write(p.join("unet/config.json"), serde_json::to_string_pretty(unet).unwrap()).unwrap();
     std::fs::write(p.join("scheduler/scheduler_config.json"), SCHEDULER).unwrap();
-    let copy = |from: &Path, to: &Path| {
-        for e in std::fs::read_dir(from).unwrap() {
-            let e = e.unwrap().path();
-            if e.is_file() {
-                std::fs::copy(&e, to.join(e.file_name().unwrap())).unwrap();
-            }
-        }
-    };
-    copy(&fixtures.join("vae"), &p.join("vae"));
+    copy_files(&fixtures.join("vae"), &p.join("vae"));
     std::fs::remove_file(p.join("vae/io.safetensors")).unwrap();
-    copy(&fixtures.join("clip/text_encoder"), &p.join("text_encoder"));
-    copy(&fixtures.join("clip/tokenizer"), &p.join("tokenizer"));
-    p
+    for (from, to) in text {
+        copy_files(&fixtures.join(from), &p.join(to));
+    }
+    p.to_path_buf()
+}
+
+/// Copies the files (not the folders) of `from` into `to`.
+fn copy_files(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap().path();
+        if e.is_file() {
+            std::fs::copy(&e, to.join(e.file_name().unwrap())).unwrap();
+        }
+    }
 }
 
 /// Fill50K images only: `lisa` computes the latents and text embeddings itself.
@@ -780,4 +811,104 @@ fn the_readme_multi_gpu_commands_run_as_written() {
         assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 2, "{line}");
         assert!(out.join("controlnet/diffusion_pytorch_model.safetensors").is_file());
     }
+}
+
+/// SDXL end to end from a pipeline folder: both text encoders' embeddings and the pooled
+/// ones cached, the crop in the time ids, hook `down_8`, validation, an exact resume, the
+/// ControlNet folder with `text_time`; the VAE in f32 under fp16 (its config says
+/// `force_upcast`) unless a VAE that does not is given; the bad inputs of this path.
+#[test]
+fn sdxl_end_to_end_from_a_full_pipeline() {
+    let dir = workdir("sdxl");
+    let (pipe, data) = (sdxl_pipeline(&dir), images_only(&dir));
+    let out = dir.join("out");
+    let cond = data.join("source/0.png");
+    let extra = [
+        "--hook",
+        "down_8",
+        "--validation-image",
+        s(&cond),
+        "--validation-prompt",
+        "a red circle",
+        "--validation-steps",
+        "2",
+    ];
+    let err = ok(&train(&pipe, &data, &out, &extra));
+    assert!(err.contains("hook down_8") && err.contains("cached 3 latents"), "{err}");
+    for f in [
+        "cache/prompt_embeds.safetensors",
+        "cache/pooled_prompt_embeds.safetensors",
+        "validation-000002.png",
+        "controlnet/config.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f}:\n{err}");
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("controlnet/config.json")).unwrap()).unwrap();
+    assert_eq!(config["addition_embed_type"], "text_time");
+    assert_eq!(config["addition_time_embed_dim"], 4);
+    assert_eq!(config["projection_class_embeddings_input_dim"], 44);
+    assert_eq!(config["cross_attention_dim"], 56);
+    assert!(losses(&out).iter().all(|l| l.is_finite() && *l > 0.0));
+    // An exact resume, the cache reused.
+    let weights = std::fs::read(out.join("controlnet/diffusion_pytorch_model.safetensors")).unwrap();
+    let ckpt = out.join("checkpoint-1");
+    let err = ok(&train(&pipe, &data, &out, &[&extra[..], &["--resume-from-checkpoint", s(&ckpt)]].concat()));
+    assert!(err.contains("using the cached latents"), "{err}");
+    assert!(weights == std::fs::read(out.join("controlnet/diffusion_pytorch_model.safetensors")).unwrap());
+    // The crop enters the time ids: the same seed, another first loss.
+    let out_crop = dir.join("out-crop");
+    let crop = ["--crops-coords-top-left-h", "16", "--max-train-steps", "1", "--hook", "down_8"];
+    ok(&train(&pipe, &data, &out_crop, &crop));
+    assert!(losses(&out_crop)[0] != losses(&out)[0], "{:?} vs {:?}", losses(&out_crop), losses(&out));
+    // fp16: the VAE (force_upcast) computes in f32; a VAE given in its place that does not
+    // say so computes in fp16, and is what the latents come from (its own cache).
+    let fp16 = ["--mixed-precision", "fp16", "--max-train-steps", "1"];
+    let err = ok(&train(&pipe, &data, &dir.join("out-fp16"), &fp16));
+    assert!(err.contains("the VAE computes in f32"), "{err}");
+    let vae = dir.join("fp16-fix-vae");
+    copy_files(&pipe.join("vae"), &vae);
+    let text = std::fs::read_to_string(vae.join("config.json")).unwrap();
+    std::fs::write(vae.join("config.json"), text.replace("\"force_upcast\": true", "\"force_upcast\": false")).unwrap();
+    let with_vae = [&fp16[..], &["--pretrained-vae-model-name-or-path", s(&vae)]].concat();
+    let err = ok(&train(&pipe, &data, &dir.join("out-fp16-vae"), &with_vae));
+    assert!(!err.contains("the VAE computes in f32") && err.contains("cached 3 latents"), "{err}");
+
+    // Bad inputs, each before any work.
+    let bad_out = dir.join("out-bad");
+    fails_with(
+        &train(&pipe, &data, &bad_out, &["--crops-coords-top-left-w", "64"]),
+        "--crops-coords-top-left-h/-w: [0, 64] is outside the 64 px image",
+    );
+    fails_with(
+        &train(&pipeline(&dir), &data, &bad_out, &["--crops-coords-top-left-h", "8"]),
+        "only an SDXL UNet (addition_embed_type \"text_time\") takes crop coordinates",
+    );
+    let missing = dir.join("no-such-vae");
+    fails_with(
+        &train(&pipe, &data, &bad_out, &["--pretrained-vae-model-name-or-path", s(&missing)]),
+        "no such VAE folder",
+    );
+    std::fs::write(vae.join("config.json"), text.replace("\"latent_channels\": 4", "\"latent_channels\": 8")).unwrap();
+    fails_with(
+        &train(&pipe, &data, &bad_out, &["--pretrained-vae-model-name-or-path", s(&vae)]),
+        "makes 8 latent channels; the UNet reads 4",
+    );
+    std::fs::rename(pipe.join("text_encoder_2"), dir.join("te2")).unwrap();
+    fails_with(&train(&pipe, &data, &bad_out, &[]), "but it has no text_encoder_2/");
+    std::fs::rename(dir.join("te2"), pipe.join("text_encoder_2")).unwrap();
+    let unet = pipe.join("unet/config.json");
+    let text = std::fs::read_to_string(&unet).unwrap();
+    std::fs::write(
+        &unet,
+        text.replace("\"projection_class_embeddings_input_dim\": 44", "\"projection_class_embeddings_input_dim\": 40"),
+    )
+    .unwrap();
+    fails_with(
+        &train(&pipe, &data, &bad_out, &[]),
+        "projection_class_embeddings_input_dim 40 is not text_encoder_2's projection_dim 20 + 6 × addition_time_embed_dim 4 = 44",
+    );
+    assert!(!bad_out.join("metrics.jsonl").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+
 }

@@ -316,7 +316,7 @@ fn the_order_of_loading_unet_and_controlnet_does_not_matter() {
     let controlnet = fixture("sd15/controlnet");
     let size = pipeline.training_size(None).unwrap();
     let built_spec =
-        pipeline.controlnet_spec(Some(&controlnet), size, Default::default(), &Default::default()).unwrap();
+        pipeline.controlnet_spec(Some(&controlnet), (size, [0, 0]), Default::default(), &Default::default()).unwrap();
     let built = pipeline
         .build::<C>(&built_spec, Parts::Dual { decoder: false }, Some(&controlnet), Default::default(), 0)
         .unwrap();

@@ -1,6 +1,6 @@
 //! A diffusers Stable Diffusion pipeline folder (`model_index.json`, `unet/`, `scheduler/`,
-//! `vae/`, `text_encoder/`, `tokenizer/`): what training reads of it, and the model built
-//! from it. Everything that can be checked from the configs (sizes, the ControlNet against
+//! `vae/`, `text_encoder/`, `tokenizer/`; SDXL adds `text_encoder_2/` and `tokenizer_2/`):
+//! what training reads of it, and the model built from it. Everything that can be checked from the configs (sizes, the ControlNet against
 //! the UNet, the hook, the text encoder's width, the training resolution) is checked by
 //! [`Pipeline::controlnet_spec`] before any weight is allocated or any image encoded;
 //! [`Pipeline::build`] then loads the weights in the one right order.
@@ -8,12 +8,14 @@
 use std::path::{Path, PathBuf};
 
 use lisa_core::Prediction;
-use lisa_core::backend::Backend;
+use lisa_core::backend::{Backend, DType};
 use lisa_core::schedule::BetaSchedule;
 use serde_json::{Map, Value};
 
+use super::config::TIME_IDS;
 use super::encoders::read_text_pair;
 use super::folder::read_json_config;
+use super::sdxl_text::sdxl_text_widths;
 use super::{ClipTextConfig, MixedPrecision, SD_VAE_DOWNSCALE, SdModel, SdSpec, UNetConfig, VaeConfig, latent_side};
 use crate::error::{Result, TrainError};
 use crate::model::{DecoderConfig, DualDenoiser, ModelSpec, Parts};
@@ -60,11 +62,15 @@ impl TrainingSize {
 
 /// The config of a pipeline folder's `vae/` (None: it has none); errors name its file.
 pub fn folder_vae_config(root: &Path) -> Result<Option<VaeConfig>> {
-    let dir = root.join("vae");
+    vae_config_in(&root.join("vae"))
+}
+
+/// The config of the VAE folder `dir` (None: no such folder); errors name its file.
+fn vae_config_in(dir: &Path) -> Result<Option<VaeConfig>> {
     if !dir.is_dir() {
         return Ok(None);
     }
-    let config = VaeConfig::from_json(&read_json_config(&dir)?).map_err(|e| in_file(&dir.join("config.json"), e))?;
+    let config = VaeConfig::from_json(&read_json_config(dir)?).map_err(|e| in_file(&dir.join("config.json"), e))?;
     Ok(Some(config))
 }
 
@@ -79,6 +85,9 @@ pub struct Pipeline {
     pub noise: NoiseConfig,
     /// Its `prediction_type`.
     pub prediction: Prediction,
+    /// The VAE's folder: `vae/`, or the one given in its place
+    /// ([`Pipeline::with_vae`], diffusers' `--pretrained_vae_model_name_or_path`).
+    pub vae: PathBuf,
 }
 
 impl Pipeline {
@@ -103,7 +112,34 @@ impl Pipeline {
         let (noise, prediction) = noise_of(&path, &scheduler)?;
         // The schedule itself (β range, step count) is checked here, against its file.
         crate::scheduler::NoiseProcess::new(&noise).map_err(|e| bad(&path, e.to_string()))?;
-        Ok(Self { root: root.to_path_buf(), unet, noise, prediction })
+        Ok(Self { root: root.to_path_buf(), unet, noise, prediction, vae: root.join("vae") })
+    }
+
+    /// Uses the VAE in `dir` (a diffusers `AutoencoderKL` folder) in place of the pipeline's
+    /// `vae/`, as SDXL users do with a VAE that does not overflow in fp16; its config is read
+    /// now (errors name it).
+    pub fn with_vae(mut self, dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(bad(dir, "no such VAE folder"));
+        }
+        vae_config_in(dir)?;
+        self.vae = dir.to_path_buf();
+        Ok(self)
+    }
+
+    /// Whether the UNet is SDXL's (`addition_embed_type = "text_time"`: two text encoders,
+    /// pooled text and six time ids).
+    pub fn is_sdxl(&self) -> Result<bool> {
+        Ok(self.unet_config()?.text_time.is_some())
+    }
+
+    /// The dtype the VAE computes in under `precision`: `precision`'s, except f32 for an
+    /// SDXL pipeline under fp16 whose VAE says `force_upcast` (SDXL's VAE overflows in fp16;
+    /// diffusers' SDXL pipelines upcast it likewise).
+    pub fn vae_dtype(&self, precision: MixedPrecision) -> Result<DType> {
+        let upcast =
+            precision == MixedPrecision::Fp16 && self.is_sdxl()? && self.vae_config()?.is_some_and(|c| c.force_upcast);
+        Ok(if upcast { DType::F32 } else { precision.dtype() })
     }
 
     /// The UNet's folder.
@@ -116,9 +152,9 @@ impl Pipeline {
         UNetConfig::from_unet_json(&self.unet).map_err(|e| in_file(&self.root.join("unet/config.json"), e))
     }
 
-    /// The VAE's config (None: the folder has no `vae/`).
+    /// The VAE's config (None: the folder has no `vae/` and none was given).
     pub fn vae_config(&self) -> Result<Option<VaeConfig>> {
-        folder_vae_config(&self.root)
+        vae_config_in(&self.vae)
     }
 
     /// The training size: `resolution` pixels, or the UNet's `sample_size` times the VAE's
@@ -130,10 +166,43 @@ impl Pipeline {
     }
 
     /// Checks that the text encoder (when the folder has one) makes embeddings as wide as the
-    /// UNet's cross-attention reads, and that the tokenizer is its pair.
+    /// UNet's cross-attention reads, and that the tokenizer is its pair. For SDXL, the two
+    /// encoders together make the UNet's `cross_attention_dim` and the second's projection is
+    /// the pooled width `add_embedding` reads.
     pub fn check_text_encoder(&self) -> Result<()> {
         let dir = self.root.join("text_encoder");
         if !dir.is_dir() {
+            return Ok(());
+        }
+        let unet = self.unet_config()?;
+        let unet_path = self.root.join("unet/config.json");
+        if let Some(text_time) = unet.text_time {
+            if !self.root.join("text_encoder_2").is_dir() {
+                return Err(bad(
+                    &self.root,
+                    "its UNet is SDXL's (addition_embed_type \"text_time\") but it has no text_encoder_2/",
+                ));
+            }
+            let (width, pooled) = sdxl_text_widths(&self.root)?;
+            if width != unet.cross_attention_dim {
+                return Err(bad(
+                    &unet_path,
+                    format!(
+                        "cross_attention_dim {} is not the width of the two text encoders' states together ({width})",
+                        unet.cross_attention_dim
+                    ),
+                ));
+            }
+            let expected = pooled + TIME_IDS * text_time.time_embed_dim;
+            if text_time.input_dim != expected {
+                return Err(bad(
+                    &unet_path,
+                    format!(
+                        "projection_class_embeddings_input_dim {} is not text_encoder_2's projection_dim {pooled} + {TIME_IDS} × addition_time_embed_dim {} = {expected}",
+                        text_time.input_dim, text_time.time_embed_dim
+                    ),
+                ));
+            }
             return Ok(());
         }
         let path = dir.join("config.json");
@@ -142,7 +211,6 @@ impl Pipeline {
             true => read_text_pair(&dir, &tokenizer)?.0,
             false => ClipTextConfig::from_json(&read_json_config(&dir)?).map_err(|e| in_file(&path, e))?,
         };
-        let unet = self.unet_config()?;
         if text.hidden_size != unet.cross_attention_dim {
             return Err(bad(
                 &path,
@@ -155,20 +223,59 @@ impl Pipeline {
         Ok(())
     }
 
+    /// SDXL's `add_time_ids` for training at `size` with the image's crop at
+    /// `crops_coords_top_left` (`[top, left]` px), as train_controlnet_sdxl.py records them:
+    /// original size, crop, target size = `[px, px, top, left, px, px]`. None for a UNet
+    /// without `text_time`, which takes no crop (a crop other than `[0, 0]` is then an error).
+    pub fn add_time_ids(
+        &self,
+        size: TrainingSize,
+        crops_coords_top_left: [usize; 2],
+    ) -> Result<Option<[f32; TIME_IDS]>> {
+        let [top, left] = crops_coords_top_left;
+        if !self.is_sdxl()? {
+            if top != 0 || left != 0 {
+                return Err(TrainError::setting(
+                    "crops_coords_top_left",
+                    "only an SDXL UNet (addition_embed_type \"text_time\") takes crop coordinates",
+                ));
+            }
+            return Ok(None);
+        }
+        if top >= size.pixels || left >= size.pixels {
+            return Err(TrainError::setting(
+                "crops_coords_top_left",
+                format!("[{top}, {left}] is outside the {} px image", size.pixels),
+            ));
+        }
+        let px = size.pixels as f32;
+        Ok(Some([px, px, top as f32, left as f32, px, px]))
+    }
+
     /// The sd model that trains a ControlNet for this pipeline's UNet at `size`: the
     /// ControlNet's config from the folder `controlnet` (None: the UNet's encoder, as
     /// diffusers' `from_unet`), the frozen networks stored as `precision` says, the LISA
     /// decoder as `decoder` says. Checked whole (every config, the ControlNet against the UNet,
     /// the hook, the latent side against the UNet's downscale) before anything is allocated;
-    /// the text embeddings come later ([`SdModel::read_text_embeddings`]).
+    /// the text embeddings come later ([`SdModel::read_text_embeddings`]). An SDXL UNet's
+    /// samples get the time ids of [`Pipeline::add_time_ids`] with `crops_coords_top_left`.
     pub fn controlnet_spec(
         &self,
         controlnet: Option<&Path>,
-        size: TrainingSize,
+        (size, crops_coords_top_left): (TrainingSize, [usize; 2]),
         precision: MixedPrecision,
         decoder: &DecoderConfig,
     ) -> Result<ModelSpec> {
-        self.unet_config()?;
+        let unet = self.unet_config()?;
+        if let Some(vae) = self.vae_config()?
+            && vae.latent_channels != unet.in_channels
+        {
+            return Err(bad(
+                &self.vae.join("config.json"),
+                format!("makes {} latent channels; the UNet reads {}", vae.latent_channels, unet.in_channels),
+            ));
+        }
+        let add_time_ids = self.add_time_ids(size, crops_coords_top_left)?;
         let controlnet = match controlnet {
             Some(dir) => Some(read_json_config(dir)?),
             None => None,
@@ -182,7 +289,7 @@ impl Pipeline {
             text_embeddings_sha256: None,
             pooled_text_embeddings: None,
             pooled_text_embeddings_sha256: None,
-            add_time_ids: None,
+            add_time_ids,
             latent_size: size.chosen.then_some(size.latent_side),
             mixed_precision: precision,
         };

@@ -66,6 +66,11 @@ impl<B: Backend> SdxlTextEncoders<B> {
         self.first.1.config().hidden_size + self.second.1.config().hidden_size
     }
 
+    /// Tokens per prompt (both tokenizers' `model_max_length`).
+    pub fn tokens(&self) -> usize {
+        self.first.0.max_length()
+    }
+
     /// Width of the pooled text.
     pub fn pooled_dim(&self) -> usize {
         self.second.1.config().projection_dim
