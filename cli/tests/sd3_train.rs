@@ -268,22 +268,15 @@ fn a_whole_sd3_pipeline_encodes_its_inputs_once_and_trains() {
 /// step count and ControlNet blocks swapped for tiny ones, nothing else).
 #[test]
 fn the_readme_sd3_command_runs_as_written() {
-    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
-    let section = readme.split("### SD3 and SD3.5").nth(1).expect("the README's SD3 section");
-    let block = section.split("```text").nth(1).and_then(|b| b.split("```").next()).expect("its command block");
-    let block = block.replace("\\\n", " ");
-    let line = block.lines().find(|l| l.contains("lisa -- train")).expect("the lisa train line");
+    let words = common::readme_train_command("### SD3 and SD3.5");
     let dir = workdir("readme");
     let pipe = full_pipeline(&dir);
     let data = dir.join("images");
     listed(&data, 16);
     let out = dir.join("runs/sd3");
-    let args: Vec<String> = line
-        .split("--bin lisa --")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .map(|w| match w {
+    let args: Vec<String> = words
+        .iter()
+        .map(|w| match w.as_str() {
             "SD3_PIPELINE" => s(&pipe).to_string(),
             "DATA" => s(&data).to_string(),
             "runs/sd3" => s(&out).to_string(),

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 mod common;
 
-use common::{fails_with, free_port, launched_as, lisa, ok, s, wait_all};
+use common::{fails_with, free_port, launched_as, lisa, ok, readme_train_command, s, wait_all};
 use lisa_core::backend::prelude::*;
 use lisa_core::backend::{DType, Shape};
 use lisa_cpu::{CpuBackend as C, CpuDevice};
@@ -245,31 +245,12 @@ fn bad_pipelines_and_data_are_named_before_training() {
 /// and step count swapped for tiny ones, nothing else).
 #[test]
 fn the_readme_sd_command_runs_as_written() {
-    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
-    let section = readme.split("## Stable Diffusion ControlNets").nth(1).expect("the README's SD section");
-    let block = section.split("```").nth(1).expect("its command block").replace("\\\n", " ");
-    let line = block.lines().find(|l| l.contains("lisa -- train")).expect("the lisa train line");
-    let args = line.split("--bin lisa --").nth(1).unwrap();
-    // Words, honouring double quotes.
-    let (mut words, mut word, mut quoted) = (Vec::new(), String::new(), false);
-    for c in args.chars() {
-        match c {
-            '"' => quoted = !quoted,
-            ' ' if !quoted => {
-                if !word.is_empty() {
-                    words.push(std::mem::take(&mut word));
-                }
-            }
-            _ => word.push(c),
-        }
-    }
-    words.push(word);
+    let words = readme_train_command("## Stable Diffusion ControlNets");
     let dir = workdir("readme");
     let (pipe, data) = (full_pipeline(&dir), images_only(&dir));
     let out = dir.join("runs/sd");
     let args: Vec<String> = words
         .iter()
-        .filter(|w| !w.is_empty())
         .map(|w| match w.as_str() {
             "PIPELINE" => s(&pipe).to_string(),
             "runs/sd" => s(&out).to_string(),
@@ -282,6 +263,35 @@ fn the_readme_sd_command_runs_as_written() {
     assert!(out.join("controlnet/diffusion_pytorch_model.safetensors").is_file());
     assert!(out.join("validation-000002.png").is_file());
     assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 2);
+}
+
+/// The README's SDXL command, as written, on the tiny SDXL pipeline (folders and the step
+/// count swapped for tiny ones, the resolution for the tiny UNet's 64 px).
+#[test]
+fn the_readme_sdxl_command_runs_as_written() {
+    let words = readme_train_command("### SDXL");
+    let dir = workdir("readme-sdxl");
+    let (pipe, data) = (sdxl_pipeline(&dir), images_only(&dir));
+    let vae = dir.join("vae-fp16-fix");
+    copy_files(&pipe.join("vae"), &vae);
+    let out = dir.join("runs/sdxl");
+    let args: Vec<String> = words
+        .iter()
+        .map(|w| match w.as_str() {
+            "SDXL_PIPELINE" => s(&pipe).to_string(),
+            "SDXL_VAE" => s(&vae).to_string(),
+            "runs/sdxl" => s(&out).to_string(),
+            "10000" => "2".to_string(),
+            "1024" => "64".to_string(),
+            other => other.replacen("DATA", s(&data), 1),
+        })
+        .collect();
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(&lisa(&refs));
+    assert!(out.join("controlnet/diffusion_pytorch_model.safetensors").is_file());
+    assert!(out.join("validation-000002.png").is_file());
+    assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 2);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A complete tiny SD pipeline that lisa writes itself (random UNet weights; the VAE, text
@@ -910,5 +920,4 @@ fn sdxl_end_to_end_from_a_full_pipeline() {
     );
     assert!(!bad_out.join("metrics.jsonl").exists());
     let _ = std::fs::remove_dir_all(&dir);
-
 }

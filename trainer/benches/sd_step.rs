@@ -1,11 +1,13 @@
 //! Training-step benchmark of the sd architecture at the real SD 1.5 size (UNet 0.86 B
 //! parameters, ControlNet 0.36 B, 64×64 latents, 77 text tokens of 768), random weights, f32:
-//! `cargo bench -p lisa-trainer --bench sd_step` (`LISA_BENCH_STEPS=N`, default 2 per arm;
+//! `cargo bench -p lisa-trainer --bench sd_step` (`LISA_BENCH_MODEL=sdxl` measures SDXL's size
+//! instead: UNet 2.6 B, ControlNet 1.25 B, 128×128 latents, 77 tokens of 2048, pooled text and
+//! time ids; a model the CPU's memory cannot hold is said and skipped; `LISA_BENCH_STEPS=N`, default 2 per arm;
 //! `LISA_BENCH_BATCH=N`, default 1; `LISA_BENCH_BACKEND=cpu|wgpu|cuda`, default cpu, the GPU
 //! ones with the trainer's feature of that name, where each arm also prints the device memory
 //! cubecl's pools reserved, the largest after any step).
 //! Without `--bench` (under `cargo test --all-targets`) it runs one step of each arm on the
-//! tiny golden-file configuration instead.
+//! tiny golden-file configurations (SD 1.5-like and SDXL-like) instead.
 //!
 //! A step is what training does: the frozen UNet encoder under no-grad, the ControlNet, the
 //! UNet decoder with residuals, the losses, the backward into the ControlNet (and the LISA
@@ -42,21 +44,103 @@ fn rss_kib(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// `(UNet config.json, latent side, tokens)`: SD 1.5's, or the tiny fixture's.
-fn config(full: bool) -> (serde_json::Value, usize, usize) {
-    if full {
-        let unet = json!({
-            "_class_name": "UNet2DConditionModel", "sample_size": 64, "in_channels": 4, "out_channels": 4,
-            "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "attention_head_dim": 8,
-            "cross_attention_dim": 768, "norm_num_groups": 32, "norm_eps": 1e-5,
-            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
-        });
-        (unet, 64, 77)
-    } else {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/sd/sd15/unet/config.json");
-        (serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap(), 8, 5)
+/// The model a bench run measures: its UNet `config.json`, latent side, text tokens, token
+/// width and pooled width (SDXL).
+struct BenchModel {
+    name: &'static str,
+    unet: serde_json::Value,
+    side: usize,
+    tokens: usize,
+    width: usize,
+    pooled: Option<usize>,
+}
+
+impl BenchModel {
+    /// `LISA_BENCH_MODEL`'s model (`sd15`, the default, or `sdxl`) at its real size, or the
+    /// tiny golden-file configuration of that family.
+    fn new(family: &str, full: bool) -> Self {
+        let fixture = |name: &str| -> serde_json::Value {
+            let path = format!("{}/tests/fixtures/sd/{name}/unet/config.json", env!("CARGO_MANIFEST_DIR"));
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+        };
+        match (family, full) {
+            ("sd15", true) => BenchModel {
+                name: "SD 1.5 size",
+                unet: json!({
+                    "_class_name": "UNet2DConditionModel", "sample_size": 64, "in_channels": 4, "out_channels": 4,
+                    "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "attention_head_dim": 8,
+                    "cross_attention_dim": 768, "norm_num_groups": 32, "norm_eps": 1e-5,
+                    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+                }),
+                side: 64,
+                tokens: 77,
+                width: 768,
+                pooled: None,
+            },
+            // stable-diffusion-xl-base-1.0's unet/config.json (the keys lisa reads), 1024 px.
+            ("sdxl", true) => BenchModel {
+                name: "SDXL size",
+                unet: json!({
+                    "_class_name": "UNet2DConditionModel", "sample_size": 128, "in_channels": 4, "out_channels": 4,
+                    "block_out_channels": [320, 640, 1280], "layers_per_block": 2, "attention_head_dim": [5, 10, 20],
+                    "cross_attention_dim": 2048, "norm_num_groups": 32, "norm_eps": 1e-5,
+                    "transformer_layers_per_block": [1, 2, 10], "use_linear_projection": true,
+                    "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+                    "projection_class_embeddings_input_dim": 2816,
+                    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
+                }),
+                side: 128,
+                tokens: 77,
+                width: 2048,
+                pooled: Some(1280),
+            },
+            ("sd15", false) => BenchModel {
+                name: "tiny SD 1.5-like",
+                unet: fixture("sd15"),
+                side: 8,
+                tokens: 5,
+                width: 12,
+                pooled: None,
+            },
+            ("sdxl", false) => BenchModel {
+                name: "tiny SDXL-like",
+                unet: fixture("sdxl"),
+                side: 8,
+                tokens: 5,
+                width: 12,
+                pooled: Some(10),
+            },
+            (other, _) => panic!("LISA_BENCH_MODEL: unknown model {other:?} (sd15, sdxl)"),
+        }
     }
+
+    /// `n` random prompts (seed `seed`), with pooled text for SDXL.
+    fn prompts<B: Backend>(&self, n: usize, seed: u64, device: &B::Device) -> PromptEmbedding {
+        let random = |len: usize, seed: u64| -> Vec<f32> {
+            B::to_vec(&B::random_normal(&Shape::new([len]), seed, DType::F32, device).unwrap()).unwrap()
+        };
+        let (tokens, dim) = (self.tokens, self.width);
+        let values = random(n * tokens * dim, seed);
+        match self.pooled {
+            None => PromptEmbedding::Text { values, tokens, dim },
+            Some(pooled_dim) => PromptEmbedding::TextPooled {
+                values,
+                tokens,
+                dim,
+                pooled: random(n * pooled_dim, seed + 1),
+                pooled_dim,
+            },
+        }
+    }
+}
+
+/// This machine's memory in bytes (None: unknown).
+fn machine_memory() -> Option<u128> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u128 = info.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 fn main() {
@@ -101,14 +185,30 @@ fn main() {
 /// The arms on backend `B`; `device_memory` reads the device's reserved memory (None on the CPU).
 fn run<B: Backend>(device: B::Device, label: &str, device_memory: &dyn Fn() -> Option<u64>) {
     let full = std::env::args().any(|a| a == "--bench");
+    match std::env::var("LISA_BENCH_MODEL") {
+        Ok(family) => run_model::<B>(&BenchModel::new(&family, full), &device, label, device_memory),
+        // `cargo test` smoke-runs both families' tiny configurations; the bench measures SD 1.5.
+        Err(_) if !full => {
+            for family in ["sd15", "sdxl"] {
+                run_model::<B>(&BenchModel::new(family, full), &device, label, device_memory);
+            }
+        }
+        Err(_) => run_model::<B>(&BenchModel::new("sd15", full), &device, label, device_memory),
+    }
+}
+
+/// The arms for one model.
+fn run_model<B: Backend>(bench: &BenchModel, device: &B::Device, label: &str, device_memory: &dyn Fn() -> Option<u64>) {
+    let full = std::env::args().any(|a| a == "--bench");
+    let device = device.clone();
     let batch: usize = std::env::var("LISA_BENCH_BATCH").ok().and_then(|v| v.parse().ok()).unwrap_or(1).max(1);
     let steps: usize = std::env::var("LISA_BENCH_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
     let steps = if full { steps.max(1) } else { 1 };
-    let (unet, side, tokens) = config(full);
+    let (side, tokens) = (bench.side, bench.tokens);
     let precision = std::env::var("LISA_BENCH_PRECISION").unwrap_or_else(|_| "no".into());
     assert!(["no", "bf16", "fp16"].contains(&precision.as_str()), "LISA_BENCH_PRECISION: no | bf16 | fp16");
     let mut spec_config = serde_json::Map::new();
-    spec_config.insert("unet".into(), unet);
+    spec_config.insert("unet".into(), bench.unet.clone());
     spec_config.insert("mixed_precision".into(), json!(precision));
     let decoder = DecoderConfig {
         hook: Some("down_5".parse().unwrap()),
@@ -118,10 +218,11 @@ fn run<B: Backend>(device: B::Device, label: &str, device_memory: &dyn Fn() -> O
     };
     let spec = ModelSpec { architecture: "sd".into(), decoder, config: spec_config };
     println!(
-        "sd_step: {} ({}x{} latents, {tokens} tokens, batch {batch}, {}), {steps} step(s) per arm, {label}",
-        if full { "SD 1.5 size" } else { "tiny smoke config" },
+        "sd_step: {} ({}x{} latents, {tokens} tokens of {}, batch {batch}, {}), {steps} step(s) per arm, {label}",
+        bench.name,
         side,
         side,
+        bench.width,
         match precision.as_str() {
             "no" => "f32".to_string(),
             half => {
@@ -130,6 +231,25 @@ fn run<B: Backend>(device: B::Device, label: &str, device_memory: &dyn Fn() -> O
             }
         },
     );
+    // The CPU backend's memory is this machine's: a model that cannot fit is said, not run.
+    let sd = lisa_trainer::model::sd::SdSpec::from_spec(&spec).unwrap();
+    let needed = sd.training_bytes(batch).unwrap();
+    if label.starts_with("CPU")
+        && let Some(total) = machine_memory()
+        && needed > total
+    {
+        let gib = |b: u128| b as f64 / (1u64 << 30) as f64;
+        let unet = bench.unet.as_object().unwrap();
+        let params = lisa_trainer::model::sd::UNetConfig::from_unet_json(unet).unwrap().parameter_estimate();
+        println!(
+            "  not run: training needs at least {:.1} GiB (weights, the ControlNet's gradients and AdamW moments, activations; about {:.2} B UNet and {:.2} B ControlNet parameters); this machine has {:.1} GiB",
+            gib(needed),
+            params.unet as f64 / 1e9,
+            params.controlnet as f64 / 1e9,
+            gib(total)
+        );
+        return;
+    }
     let mut results = Vec::new();
     // `LISA_BENCH_ARMS`: a comma list of baseline, lisa, lisa-ckpt (gradient checkpointing);
     // run one arm per process to compare peak memory.
@@ -146,7 +266,7 @@ fn run<B: Backend>(device: B::Device, label: &str, device_memory: &dyn Fn() -> O
         .collect();
     for (lisa, ckpt, label) in &arms {
         if label == "sample" {
-            sample_arm::<B>(&spec, &device, (side, tokens, if full { 768 } else { 12 }), full, device_memory);
+            sample_arm::<B>(&spec, &device, bench, full, device_memory);
             continue;
         }
         let (lisa, ckpt) = (*lisa, *ckpt);
@@ -183,13 +303,7 @@ fn run<B: Backend>(device: B::Device, label: &str, device_memory: &dyn Fn() -> O
             let x = B::random_normal(&latents, 10 + s as u64, DType::F32, &device).unwrap();
             let noise = B::random_normal(&latents, 20 + s as u64, DType::F32, &device).unwrap();
             let hint = B::full(&Shape::new([batch, 3, 8 * side, 8 * side]), 0.5, DType::F32, &device).unwrap();
-            let ctx_shape = Shape::new([batch, tokens, if full { 768 } else { 12 }]);
-            let ctx = B::random_normal(&ctx_shape, 30, DType::F32, &device).unwrap();
-            let dim = B::shape(&ctx).dims()[2];
-            let cond = Conditioning {
-                t: vec![500.0; batch],
-                prompt: PromptEmbedding::Text { values: B::to_vec(&ctx).unwrap(), tokens, dim },
-            };
+            let cond = Conditioning { t: vec![500.0; batch], prompt: bench.prompts::<B>(batch, 30, &device) };
             let grads = {
                 let tape = Tape::<B>::new();
                 let bound = model.store().bind(&tape);
@@ -258,7 +372,7 @@ fn run<B: Backend>(device: B::Device, label: &str, device_memory: &dyn Fn() -> O
 fn sample_arm<B: Backend>(
     spec: &ModelSpec,
     device: &B::Device,
-    (side, tokens, dim): (usize, usize, usize),
+    bench: &BenchModel,
     full: bool,
     device_memory: &dyn Fn() -> Option<u64>,
 ) {
@@ -272,9 +386,9 @@ fn sample_arm<B: Backend>(
         betas: lisa_core::schedule::BetaSchedule::SD_SCALED_LINEAR,
         num_train_timesteps: 1000,
     };
+    let side = bench.side;
     let hint = B::full(&Shape::new([n, 3, 8 * side, 8 * side]), 0.5, DType::F32, device).unwrap();
-    let ctx = B::random_normal(&Shape::new([n, tokens, dim]), 30, DType::F32, device).unwrap();
-    let prompt = PromptEmbedding::Text { values: B::to_vec(&ctx).unwrap(), tokens, dim };
+    let prompt = bench.prompts::<B>(n, 30, device);
     let cfg =
         SampleConfig { sampler: Sampler::Ddim { eta: 0.0 }, steps, clip_sample: false, ..SampleConfig::default() };
     let start = Instant::now();

@@ -489,3 +489,35 @@ fn sdxl_prompts_need_their_pooled_embeddings() {
     assert!(err.contains("this UNet has none"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The memory check before a run counts parameters from the config alone: at SD 1.5's and
+/// SDXL's real sizes it stays within 0.5 % of what diffusers 0.42.1 counts
+/// (`scripts/goldens/diffusers_parameter_counts.py`, same configs).
+#[test]
+fn parameter_estimates_match_diffusers_counts_at_real_sizes() {
+    use lisa_trainer::model::sd::UNetConfig;
+    let sd15 = json!({
+        "sample_size": 64, "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
+        "attention_head_dim": 8, "cross_attention_dim": 768, "norm_num_groups": 32,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+    });
+    let sdxl = json!({
+        "sample_size": 128, "block_out_channels": [320, 640, 1280], "layers_per_block": 2,
+        "attention_head_dim": [5, 10, 20], "cross_attention_dim": 2048, "norm_num_groups": 32,
+        "transformer_layers_per_block": [1, 2, 10], "use_linear_projection": true,
+        "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+        "projection_class_embeddings_input_dim": 2816,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
+    });
+    for (name, config, unet, controlnet) in
+        [("sd15", sd15, 859_520_964u128, 361_279_120u128), ("sdxl", sdxl, 2_567_463_684, 1_251_014_160)]
+    {
+        let estimate = UNetConfig::from_unet_json(config.as_object().unwrap()).unwrap().parameter_estimate();
+        for (part, ours, theirs) in [("UNet", estimate.unet, unet), ("ControlNet", estimate.controlnet, controlnet)] {
+            let off = (ours as f64 - theirs as f64).abs() / theirs as f64;
+            assert!(off < 0.005, "{name} {part}: estimate {ours}, diffusers {theirs} ({:.2} % off)", 100.0 * off);
+        }
+    }
+}

@@ -101,3 +101,31 @@ pub fn free_port() -> u16 {
 pub fn wait_all(children: Vec<std::process::Child>) -> Vec<Output> {
     children.into_iter().map(|c| c.wait_with_output().unwrap()).collect()
 }
+
+/// The words after `--bin lisa --` of the first `lisa -- train` line in the first command
+/// block after the README heading `heading` (continuation lines joined, double quotes kept
+/// together), for a test to run the command as written.
+pub fn readme_train_command(heading: &str) -> Vec<String> {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
+    let section = readme.split(heading).nth(1).unwrap_or_else(|| panic!("the README has no {heading:?}"));
+    let block = section.split("```text").nth(1).and_then(|b| b.split("```").next()).expect("its command block");
+    let block = block.replace("\\\n", " ");
+    let line = block.lines().find(|l| l.contains("lisa -- train")).expect("the lisa train line");
+    let args = line.split("--bin lisa --").nth(1).unwrap();
+    let (mut words, mut word, mut quoted) = (Vec::new(), String::new(), false);
+    for c in args.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ' ' if !quoted => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            _ => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    words
+}

@@ -471,17 +471,19 @@ impl UNetConfig {
         let temb = 4 * w(self.block_out_channels[0]);
         let cross = w(self.cross_attention_dim);
         let resnet = |ci: u128, co: u128| 9 * ci * co + 9 * co * co + temb * co + if ci == co { 0 } else { ci * co };
-        let one_transformer = |c: u128| 20 * c * c + 2 * cross * c;
         let attends = |l: usize| self.down_block_types[l] == DownBlockType::CrossAttnDownBlock2D;
-        let depth = |l: usize| self.transformer_layers_at(l) as u128;
+        // A spatial transformer of level l: proj_in and proj_out once, then per block self-
+        // and cross-attention (6c² + 2·cross·c) and the GEGLU feed-forward (12c²).
+        let transformer =
+            |l: usize, c: u128| 2 * c * c + self.transformer_layers_at(l) as u128 * (18 * c * c + 2 * cross * c);
         let (levels, layers) = (self.block_out_channels.len(), self.layers_per_block);
         let mut encoder = 0u128;
         let mut previous = w(self.block_out_channels[0]);
         for (l, &c) in self.block_out_channels.iter().enumerate() {
             let c = w(c);
             for i in 0..layers {
-                encoder += resnet(if i == 0 { previous } else { c }, c)
-                    + if attends(l) { depth(l) * one_transformer(c) } else { 0 };
+                encoder +=
+                    resnet(if i == 0 { previous } else { c }, c) + if attends(l) { transformer(l, c) } else { 0 };
             }
             if l + 1 < levels {
                 encoder += 9 * c * c;
@@ -489,19 +491,37 @@ impl UNetConfig {
             previous = c;
         }
         let top = w(self.block_out_channels[levels - 1]);
-        let mid = 2 * resnet(top, top) + depth(levels - 1) * one_transformer(top);
+        let mid = 2 * resnet(top, top) + transformer(levels - 1, top);
+        // The up blocks, deepest first: each resnet reads the previous output (or its own
+        // width) and one skip, the last skip from the level below.
         let mut decoder = 0u128;
-        for (l, &c) in self.block_out_channels.iter().enumerate() {
-            let c = w(c);
-            decoder +=
-                (layers as u128 + 1) * (resnet(2 * c, c) + if attends(l) { depth(l) * one_transformer(c) } else { 0 });
+        let mut previous = top;
+        for l in (0..levels).rev() {
+            let c = w(self.block_out_channels[l]);
+            let below = w(self.block_out_channels[l.saturating_sub(1)]);
+            for j in 0..=layers {
+                let skip = if j == layers { below } else { c };
+                let input = if j == 0 { previous } else { c };
+                decoder += resnet(input + skip, c) + if attends(l) { transformer(l, c) } else { 0 };
+            }
             decoder += if l > 0 { 9 * c * c } else { 0 };
+            previous = c;
         }
-        // SDXL's add_embedding: two linear layers into the time embedding's width.
+        // The time embedding (two linear layers), conv_in, and SDXL's add_embedding (two
+        // linear layers into the time embedding's width).
+        let c0 = w(self.block_out_channels[0]);
+        let stem = c0 * temb + temb * temb + 9 * w(self.in_channels) * c0;
         let added = self.text_time.map_or(0, |tt| w(tt.input_dim) * temb + temb * temb);
-        // The ControlNet's zero convs: one 1×1 per skip and the middle.
-        let zero_convs: u128 = self.block_out_channels.iter().map(|&c| w(c) * w(c) * (layers as u128 + 1)).sum();
-        ParameterEstimate { unet: added + encoder + mid + decoder, controlnet: added + encoder + mid + zero_convs }
+        // The ControlNet's zero convs: one 1×1 per skip (conv_in's too) and the middle; its
+        // condition embedding at diffusers' default widths (16, 32, 96, 256): about 1.1 M.
+        let zero_convs: u128 =
+            c0 * c0 + self.block_out_channels.iter().map(|&c| w(c) * w(c) * (layers as u128 + 1)).sum::<u128>();
+        let condition = 9 * (3 * 16 + 16 * 16 + 16 * 32 + 32 * 32 + 32 * 96 + 96 * 96 + 96 * 256 + 256 * c0);
+        let conv_out = 9 * c0 * w(self.out_channels);
+        ParameterEstimate {
+            unet: stem + added + encoder + mid + decoder + conv_out,
+            controlnet: stem + added + encoder + mid + zero_convs + condition,
+        }
     }
 
     /// Transformer blocks per spatial transformer of down level `level` (1 where the config

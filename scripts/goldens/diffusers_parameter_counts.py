@@ -1,0 +1,40 @@
+#!/usr/bin/env python
+"""Print the parameter counts diffusers gives SD 1.5's and SDXL's UNet and a ControlNet made
+from each (random weights on torch's meta device: nothing is downloaded or allocated). The
+numbers pin `UNetConfig::parameter_estimate` in trainer/tests/sd_model.rs (the memory check
+before a run), whose configs are these.
+
+Usage: python scripts/goldens/diffusers_parameter_counts.py
+"""
+
+import diffusers
+import torch
+
+SD15 = dict(
+    sample_size=64, in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
+    attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32,
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+)
+SDXL = dict(
+    sample_size=128, in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280], layers_per_block=2,
+    attention_head_dim=[5, 10, 20], cross_attention_dim=2048, norm_num_groups=32,
+    transformer_layers_per_block=[1, 2, 10], use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+)
+
+
+def main():
+    for name, cfg in [("sd15", SD15), ("sdxl", SDXL)]:
+        with torch.device("meta"):
+            unet = diffusers.UNet2DConditionModel(**cfg)
+            side = {k: v for k, v in cfg.items() if k not in ("out_channels", "up_block_types", "sample_size")}
+            controlnet = diffusers.ControlNetModel(**side)
+        count = lambda m: sum(p.numel() for p in m.parameters())
+        print(f"{name}: unet {count(unet)} controlnet {count(controlnet)} (diffusers {diffusers.__version__})")
+
+
+if __name__ == "__main__":
+    main()
