@@ -13,6 +13,7 @@
 mod conditioning;
 mod decoder;
 mod dual;
+pub mod flux;
 mod forward;
 mod hook;
 pub mod registry;

@@ -1,7 +1,7 @@
 use lisa_core::backend::{Backend, BinaryOp, Conv2dParams, DType, GroupNormParams, Shape, Transpose, UnaryOp};
 
 use crate::autodiff::Var;
-use crate::error::Result;
+use crate::error::{Result, TrainError};
 use crate::params::{Bound, Init, ParamId, ParamStore, Scope};
 
 /// The shape and initialisation of a [`Conv2d`].
@@ -139,6 +139,36 @@ impl Linear {
         let y = t.linear(&t.reshape(x, &Shape::new([rows, d_in]))?, &w, bias)?;
         let mut dims = shape.dims().to_vec();
         *dims.last_mut().expect("rank > 2") = B::shape(&y.value).dims()[1];
+        t.reshape(&y, &Shape::new(dims))
+    }
+
+    /// The layer on the concatenation of `parts` along the last dim (`[.., in₁]`, `[.., in₂]`,
+    /// … with `Σ inᵢ = in`), without building it: `Σᵢ xᵢ·Wᵢᵀ + b`, `Wᵢ` the weight's columns of
+    /// part `i` (Flux's single-stream `proj_out` over attention ‖ MLP).
+    pub fn forward_concat<B: Backend>(&self, p: &Bound<'_, B>, parts: &[&Var<B>]) -> Result<Var<B>> {
+        let t = p.tape;
+        let widths: Vec<usize> = parts.iter().map(|x| *B::shape(&x.value).dims().last().unwrap_or(&0)).collect();
+        let d_in = B::shape(&p.p(self.weight).value).dims()[1];
+        if parts.is_empty() || widths.iter().sum::<usize>() != d_in {
+            return Err(TrainError::Mismatch(format!("inputs of widths {widths:?} for a linear layer of {d_in}")));
+        }
+        let mut out: Option<Var<B>> = None;
+        let mut start = 0;
+        for (i, (x, width)) in parts.iter().zip(&widths).enumerate() {
+            let (x, w, bias) = affine_inputs(p, x, self.weight, if i == 0 { self.bias } else { None })?;
+            let w = t.narrow(&w, 1, start, *width)?;
+            start += width;
+            let shape = B::shape(&x.value);
+            let rows = shape.num_elements()? / width.max(&1);
+            let y = t.linear(&t.reshape(&x, &Shape::new([rows, *width]))?, &w, bias.as_ref())?;
+            out = Some(match out {
+                None => y,
+                Some(sum) => t.add(&sum, &y)?,
+            });
+        }
+        let y = out.ok_or(TrainError::Internal("a concatenation of no parts"))?;
+        let mut dims = B::shape(&parts[0].value).dims().to_vec();
+        *dims.last_mut().expect("rank ≥ 1") = B::shape(&y.value).dims()[1];
         t.reshape(&y, &Shape::new(dims))
     }
 }

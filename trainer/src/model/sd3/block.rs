@@ -1,13 +1,15 @@
 //! The MMDiT joint transformer block of SD3 (diffusers' `JointTransformerBlock`) and its
 //! parts: adaLN-Zero modulation, the joint attention of image and text tokens (with SD3.5's
-//! RMS query/key norm and second, image-only attention), the tanh-GELU feed-forward.
+//! RMS query/key norm and second, image-only attention, and Flux's rotary positions), the
+//! tanh-GELU feed-forward. Flux's double-stream block (`FluxTransformerBlock`) is this block
+//! with RMS query/key norms and rotary positions.
 
 use lisa_core::backend::{AttentionParams, Backend, Shape, UnaryOp};
 
-use super::config::{QkNorm, Sd3Config};
+use super::config::QkNorm;
 use crate::autodiff::Var;
 use crate::error::Result;
-use crate::nn::{Linear, RmsNorm};
+use crate::nn::{Linear, RmsNorm, Rotary};
 use crate::params::{Bound, ParamStore, Scope};
 
 /// The ε of every layer norm and RMS norm in the block (diffusers' `eps=1e-6`).
@@ -35,7 +37,7 @@ pub fn modulate<B: Backend>(p: &Bound<'_, B>, x: &Var<B>, shift: &Var<B>, scale:
 }
 
 /// `gate[:, None] · x`.
-fn gated<B: Backend>(p: &Bound<'_, B>, gate: &Var<B>, x: &Var<B>) -> Result<Var<B>> {
+pub fn gated<B: Backend>(p: &Bound<'_, B>, gate: &Var<B>, x: &Var<B>) -> Result<Var<B>> {
     let d = B::shape(&gate.value).dims().to_vec();
     p.tape.mul(x, &p.tape.reshape(gate, &Shape::new([d[0], 1, d[1]]))?)
 }
@@ -79,6 +81,24 @@ struct Stream {
 struct Heads {
     heads: usize,
     dim: usize,
+}
+
+/// The attention shape of a block: heads, features per head, query/key norm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockShape {
+    /// Heads.
+    pub heads: usize,
+    /// Features per head.
+    pub head_dim: usize,
+    /// Query/key normalisation (None: SD3's none).
+    pub qk_norm: Option<QkNorm>,
+}
+
+impl BlockShape {
+    /// The token width, `heads · head_dim`.
+    pub fn width(&self) -> usize {
+        self.heads * self.head_dim
+    }
 }
 
 impl Stream {
@@ -151,30 +171,45 @@ impl JointAttention {
     pub fn new<B: Backend>(
         s: &mut ParamStore<B>,
         at: impl Into<Scope>,
-        c: &Sd3Config,
+        shape: BlockShape,
         joint: bool,
         context_pre_only: bool,
     ) -> Result<Self> {
+        Self::with_output(s, at, shape, joint, context_pre_only, true)
+    }
+
+    /// As [`Self::new`]; without `to_out` when not `image_out` (Flux's single-stream blocks,
+    /// whose attention output goes into their own projection).
+    pub fn with_output<B: Backend>(
+        s: &mut ParamStore<B>,
+        at: impl Into<Scope>,
+        shape: BlockShape,
+        joint: bool,
+        context_pre_only: bool,
+        image_out: bool,
+    ) -> Result<Self> {
         let at = at.into();
-        let (d, h) = (c.inner_dim(), Heads { heads: c.num_attention_heads, dim: c.attention_head_dim });
-        let image =
-            Stream::new(s, &at, ["to_q", "to_k", "to_v", "norm_q", "norm_k"], Some("to_out.0"), d, h, c.qk_norm)?;
+        let (d, h) = (shape.width(), Heads { heads: shape.heads, dim: shape.head_dim });
+        let names = ["to_q", "to_k", "to_v", "norm_q", "norm_k"];
+        let image = Stream::new(s, &at, names, image_out.then_some("to_out.0"), d, h, shape.qk_norm)?;
         let text = joint
             .then(|| {
                 let names = ["add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k"];
-                Stream::new(s, &at, names, (!context_pre_only).then_some("to_add_out"), d, h, c.qk_norm)
+                Stream::new(s, &at, names, (!context_pre_only).then_some("to_add_out"), d, h, shape.qk_norm)
             })
             .transpose()?;
         Ok(Self { image, text, h })
     }
 
     /// `x [b, n, d]`, `context [b, s, d]` (joint attention only) → the image tokens' output and,
-    /// unless `context_pre_only`, the text tokens'.
+    /// unless `context_pre_only`, the text tokens'. `rope` (Flux) turns the queries and keys of
+    /// the sequence `[image tokens; text tokens]` after their norms.
     pub fn forward<B: Backend>(
         &self,
         p: &Bound<'_, B>,
         x: &Var<B>,
         context: Option<&Var<B>>,
+        rope: Option<&Rotary<B>>,
     ) -> Result<(Var<B>, Option<Var<B>>)> {
         let t = p.tape;
         let dims = B::shape(&x.value).dims().to_vec();
@@ -186,10 +221,17 @@ impl JointAttention {
             k = t.concat_channels(&[&k, &ck])?;
             v = t.concat_channels(&[&v, &cv])?;
         }
+        if let Some(rope) = rope {
+            q = rope.apply(t, &q)?;
+            k = rope.apply(t, &k)?;
+        }
         let o = t.attention(&q, &k, &v, AttentionParams::new(self.h.dim))?; // [b·h, n (+ s), head]
         let total = B::shape(&o.value).dims()[1];
         let image = merge_heads(p, &t.narrow(&o, 1, 0, n)?, b, self.h)?;
-        let image = self.image.out.as_ref().expect("the image stream has to_out").forward(p, &image)?;
+        let image = match &self.image.out {
+            Some(out) => out.forward(p, &image)?,
+            None => image,
+        };
         let text = match (&self.text, total > n) {
             (Some(Stream { out: Some(out), .. }), true) => {
                 let ctx = merge_heads(p, &t.narrow(&o, 1, n, total - n)?, b, self.h)?;
@@ -249,12 +291,12 @@ impl JointBlock {
     pub fn new<B: Backend>(
         s: &mut ParamStore<B>,
         at: impl Into<Scope>,
-        c: &Sd3Config,
+        c: BlockShape,
         context_pre_only: bool,
         dual: bool,
     ) -> Result<Self> {
         let at = at.into();
-        let d = c.inner_dim();
+        let d = c.width();
         Ok(Self {
             norm1: Modulation::new(s, at.pp("norm1"), d, if dual { 9 } else { 6 })?,
             norm1_context: if context_pre_only {
@@ -275,13 +317,14 @@ impl JointBlock {
     }
 
     /// `x [b, n, d]`, `context [b, s, d]`, `silu_temb [b, d]` → (`context` out, None for the
-    /// last block; `x` out).
+    /// last block; `x` out). `rope`: Flux's rotary positions of `[image; text]` tokens.
     pub fn forward<B: Backend>(
         &self,
         p: &Bound<'_, B>,
         x: &Var<B>,
         context: &Var<B>,
         silu_temb: &Var<B>,
+        rope: Option<&Rotary<B>>,
     ) -> Result<(Option<Var<B>>, Var<B>)> {
         let t = p.tape;
         let m = self.norm1.forward(p, silu_temb)?;
@@ -299,11 +342,11 @@ impl JointBlock {
                 (modulate(p, &plain_layer_norm(p, context)?, &cm[1], &cm[0])?, None)
             }
         };
-        let (attn, ctx_attn) = self.attn.forward(p, &norm_x, Some(&norm_ctx))?;
+        let (attn, ctx_attn) = self.attn.forward(p, &norm_x, Some(&norm_ctx), rope)?;
         let mut x = t.add(x, &gated(p, &m[2], &attn)?)?;
         if let Some(attn2) = &self.attn2 {
             let norm_x2 = modulate(p, &normed, &m[6], &m[7])?;
-            let (a2, _) = attn2.forward(p, &norm_x2, None)?;
+            let (a2, _) = attn2.forward(p, &norm_x2, None, None)?;
             x = t.add(&x, &gated(p, &m[8], &a2)?)?;
         }
         let ff_in = modulate(p, &plain_layer_norm(p, &x)?, &m[3], &m[4])?;

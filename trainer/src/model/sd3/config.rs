@@ -156,6 +156,15 @@ impl Sd3Config {
         Ok(c)
     }
 
+    /// The blocks' attention shape: heads, head dim, query/key norm.
+    pub fn block_shape(&self) -> super::block::BlockShape {
+        super::block::BlockShape {
+            heads: self.num_attention_heads,
+            head_dim: self.attention_head_dim,
+            qk_norm: self.qk_norm,
+        }
+    }
+
     /// Heads × head dim: the width of every token.
     pub fn inner_dim(&self) -> usize {
         self.num_attention_heads * self.attention_head_dim

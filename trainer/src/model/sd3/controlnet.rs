@@ -47,7 +47,13 @@ impl Sd3ControlNet {
         let d = c.inner_dim();
         let blocks = (0..c.num_layers)
             .map(|i| {
-                JointBlock::new(s, at.pp("transformer_blocks").pp(i), c, false, c.dual_attention_layers.contains(&i))
+                JointBlock::new(
+                    s,
+                    at.pp("transformer_blocks").pp(i),
+                    c.block_shape(),
+                    false,
+                    c.dual_attention_layers.contains(&i),
+                )
             })
             .collect::<Result<Vec<_>>>()?;
         let controlnet_blocks = (0..c.num_layers)
@@ -104,7 +110,7 @@ impl Sd3ControlNet {
         let mut h = t.add(&tokens, &self.pos_embed_input.forward(p, cond)?)?;
         let mut hidden = Vec::with_capacity(self.blocks.len());
         for block in &self.blocks {
-            let (ctx, out) = block.forward(p, &h, &context, &silu_temb)?;
+            let (ctx, out) = block.forward(p, &h, &context, &silu_temb, None)?;
             context = ctx.ok_or(TrainError::Internal("a ControlNet block keeps its text tokens"))?;
             h = out;
             hidden.push(h.clone());

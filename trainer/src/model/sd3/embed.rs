@@ -104,11 +104,13 @@ impl PatchEmbed {
 }
 
 /// `CombinedTimestepTextProjEmbeddings`: `timestep_embedder(sinusoid₂₅₆(t)) +
-/// text_embedder(pooled)`, each `linear_2(silu(linear_1(·)))`.
+/// text_embedder(pooled)`, each `linear_2(silu(linear_1(·)))`; Flux-dev's
+/// `CombinedTimestepGuidanceTextProjEmbeddings` adds `guidance_embedder(sinusoid₂₅₆(g))`.
 #[derive(Debug, Clone)]
 pub struct TimeTextEmbed {
     time_1: Linear,
     time_2: Linear,
+    guidance: Option<(Linear, Linear)>,
     text_1: Linear,
     text_2: Linear,
 }
@@ -119,24 +121,82 @@ const TIME_PROJ_DIM: usize = 256;
 impl TimeTextEmbed {
     /// Parameters under `at` (`timestep_embedder.linear_{1,2}`, `text_embedder.linear_{1,2}`).
     pub fn new<B: Backend>(s: &mut ParamStore<B>, at: impl Into<Scope>, c: &Sd3Config) -> Result<Self> {
+        Self::with_widths(s, at, c.inner_dim(), c.pooled_projection_dim, false)
+    }
+
+    /// Into `dim` from pooled text of `pooled_dim`; with `guidance_embedder.linear_{1,2}` when
+    /// `guidance`.
+    pub fn with_widths<B: Backend>(
+        s: &mut ParamStore<B>,
+        at: impl Into<Scope>,
+        dim: usize,
+        pooled_dim: usize,
+        guidance: bool,
+    ) -> Result<Self> {
         let at = at.into();
-        let dim = c.inner_dim();
-        let (time, text) = (at.pp("timestep_embedder"), at.pp("text_embedder"));
+        let (time, text, guide) = (at.pp("timestep_embedder"), at.pp("text_embedder"), at.pp("guidance_embedder"));
         Ok(Self {
             time_1: Linear::new(s, time.pp("linear_1"), TIME_PROJ_DIM, dim)?,
             time_2: Linear::new(s, time.pp("linear_2"), dim, dim)?,
-            text_1: Linear::new(s, text.pp("linear_1"), c.pooled_projection_dim, dim)?,
+            guidance: guidance
+                .then(|| -> Result<_> {
+                    Ok((
+                        Linear::new(s, guide.pp("linear_1"), TIME_PROJ_DIM, dim)?,
+                        Linear::new(s, guide.pp("linear_2"), dim, dim)?,
+                    ))
+                })
+                .transpose()?,
+            text_1: Linear::new(s, text.pp("linear_1"), pooled_dim, dim)?,
             text_2: Linear::new(s, text.pp("linear_2"), dim, dim)?,
         })
     }
 
+    /// Whether it embeds a guidance scale (Flux-dev).
+    pub fn guided(&self) -> bool {
+        self.guidance.is_some()
+    }
+
     /// Timesteps `t [b]` (the flow's σ·1000) and `pooled [b, pooled_projection_dim]` → `[b, dim]`.
     pub fn forward<B: Backend>(&self, p: &Bound<'_, B>, t: &[f32], pooled: &Var<B>) -> Result<Var<B>> {
+        self.forward_guided(p, t, None, pooled)
+    }
+
+    /// As [`Self::forward`], plus the guidance scales `g [b]` (×1000, as diffusers passes
+    /// them) of a guided embedding; one is needed exactly when the embedding has a
+    /// `guidance_embedder`.
+    pub fn forward_guided<B: Backend>(
+        &self,
+        p: &Bound<'_, B>,
+        t: &[f32],
+        guidance: Option<&[f32]>,
+        pooled: &Var<B>,
+    ) -> Result<Var<B>> {
         let tape = p.tape;
         let device = B::device(&pooled.value);
-        let sin = timestep_embedding(t, TIME_PROJ_DIM, true, 0);
-        let sin = tape.constant(B::from_slice(&sin, &Shape::new([t.len(), TIME_PROJ_DIM]), DType::F32, &device)?);
-        let time = self.time_2.forward(p, &tape.silu(&self.time_1.forward(p, &sin)?)?)?;
+        let sinusoid = |v: &[f32]| -> Result<Var<B>> {
+            let sin = timestep_embedding(v, TIME_PROJ_DIM, true, 0);
+            Ok(tape.constant(B::from_slice(&sin, &Shape::new([v.len(), TIME_PROJ_DIM]), DType::F32, &device)?))
+        };
+        let mut time = self.time_2.forward(p, &tape.silu(&self.time_1.forward(p, &sinusoid(t)?)?)?)?;
+        match (&self.guidance, guidance) {
+            (Some((g1, g2)), Some(g)) if g.len() == t.len() => {
+                let g = g2.forward(p, &tape.silu(&g1.forward(p, &sinusoid(g)?)?)?)?;
+                time = tape.add(&time, &g)?;
+            }
+            (None, None) => {}
+            (Some(_), _) => {
+                return Err(crate::error::TrainError::Mismatch(format!(
+                    "a guidance-embedding model needs one guidance scale per sample ({} timesteps, {:?} scales)",
+                    t.len(),
+                    guidance.map(<[f32]>::len)
+                )));
+            }
+            (None, Some(_)) => {
+                return Err(crate::error::TrainError::Mismatch(
+                    "a guidance scale for a model without guidance_embeds".into(),
+                ));
+            }
+        }
         let text = self.text_2.forward(p, &tape.silu(&self.text_1.forward(p, pooled)?)?)?;
         tape.add(&time, &text)
     }

@@ -18,7 +18,10 @@ use std::path::Path;
 
 use lisa_core::backend::Backend;
 
-pub use block::{GeluFeedForward, JointAttention, JointBlock, Modulation, SD3_NORM_EPS};
+pub use block::{
+    BlockShape, GeluFeedForward, JointAttention, JointBlock, Modulation, SD3_NORM_EPS, gated, modulate,
+    plain_layer_norm,
+};
 pub use config::{MAX_CHANNELS, MAX_LAYERS, MAX_WIDTH, QkNorm, Sd3Config, Sd3ControlNetExtras};
 pub use controlnet::{Sd3ControlNet, Sd3ControlOutput};
 pub use embed::{Embedded, PatchEmbed, Sd3Embeddings, Sd3Inputs, TimeTextEmbed, crop_positions, sincos_positions};
@@ -79,14 +82,25 @@ pub fn copy_transformer_into_controlnet<B: Backend>(
     main: impl Into<Scope>,
     side: impl Into<Scope>,
 ) -> Result<usize> {
-    const KEPT_ZERO: [&str; 2] = ["pos_embed_input.", "controlnet_blocks."];
+    copy_shared_parameters(store, main, side, &["pos_embed_input.", "controlnet_blocks."])
+}
+
+/// Every parameter under `side` whose name (relative to it) does not start with one of
+/// `kept` takes the value of the parameter of that name under `main`, which must exist with
+/// the same shape (the copy of a `from_transformer`). Returns how many tensors were copied.
+pub fn copy_shared_parameters<B: Backend>(
+    store: &mut ParamStore<B>,
+    main: impl Into<Scope>,
+    side: impl Into<Scope>,
+    kept: &[&str],
+) -> Result<usize> {
     let (main, side) = (main.into(), side.into());
     let pairs: Vec<_> = store
         .iter()
         .filter(|(_, p)| side.contains(&p.name))
         .filter_map(|(dst, p)| {
             let rest = p.name[side.path().len()..].trim_start_matches('.').to_string();
-            (!KEPT_ZERO.iter().any(|k| rest.starts_with(k))).then_some((dst, rest))
+            (!kept.iter().any(|k| rest.starts_with(k))).then_some((dst, rest))
         })
         .collect();
     for (dst, rest) in &pairs {

@@ -30,7 +30,13 @@ impl Sd3Transformer {
         let blocks = (0..c.num_layers)
             .map(|i| {
                 let last = i + 1 == c.num_layers;
-                JointBlock::new(s, at.pp("transformer_blocks").pp(i), c, last, c.dual_attention_layers.contains(&i))
+                JointBlock::new(
+                    s,
+                    at.pp("transformer_blocks").pp(i),
+                    c.block_shape(),
+                    last,
+                    c.dual_attention_layers.contains(&i),
+                )
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -101,7 +107,7 @@ impl Sd3Transformer {
             return Err(TrainError::Mismatch("an empty list of ControlNet residuals".into()));
         }
         for (i, block) in self.blocks.iter().enumerate() {
-            let (ctx, out) = block.forward(p, &h, &context, &silu_temb)?;
+            let (ctx, out) = block.forward(p, &h, &context, &silu_temb, None)?;
             h = out;
             if let Some(ctx) = ctx {
                 context = ctx;
