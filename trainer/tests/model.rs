@@ -198,13 +198,14 @@ fn lisa_sub_batch_is_the_first_samples_of_the_full_batch() {
 #[test]
 fn the_registry_rows_carry_each_architectures_default_hook() {
     let names: Vec<&str> = registry::ARCHITECTURES.iter().map(|a| a.name).collect();
-    assert_eq!(names, ["toy", "sd", "sd3"]);
+    assert_eq!(names, ["toy", "sd", "sd3", "flux"]);
     let toy = registry::architecture("toy").unwrap();
     let model = registry::build::<C>(&ModelSpec::default(), Parts::Dual { decoder: true }, CpuDevice, 0).unwrap();
     assert_eq!(model.lisa_hook(), Some(toy.default_hook));
     assert_eq!(model.spec().decoder.hook, Some(toy.default_hook), "the spec records the hook it resolved");
     assert_eq!(registry::architecture("sd").unwrap().default_hook, HookLayer::Down(5), "the LISA authors' hook");
     assert_eq!(registry::architecture("sd3").unwrap().default_hook, HookLayer::Block(0));
+    assert_eq!(registry::architecture("flux").unwrap().default_hook, HookLayer::Block(0));
     let mut chosen = ModelSpec::default();
     chosen.decoder.hook = Some(HookLayer::Mid);
     assert_eq!(chosen.hook().unwrap(), HookLayer::Mid);
@@ -212,5 +213,5 @@ fn the_registry_rows_carry_each_architectures_default_hook() {
     assert_eq!(model.lisa_hook(), Some(HookLayer::Mid));
     let unknown = ModelSpec { architecture: "nope".into(), ..ModelSpec::default() };
     let err = registry::build::<C>(&unknown, Parts::Prior, CpuDevice, 0).err().unwrap().to_string();
-    assert!(err.contains("unknown model architecture") && err.contains("toy, sd, sd3"), "{err}");
+    assert!(err.contains("unknown model architecture") && err.contains("toy, sd, sd3, flux"), "{err}");
 }

@@ -54,8 +54,9 @@ pub const NATIVE_SIDE_DIR: &str = "controlnet";
 /// encoder's skips, the side network's residuals, and its pre-zero-conv features.
 ///
 /// A UNet has one per skip connection (`down`) and one for the middle block (`mid`). A
-/// transformer has one per side block in `down` (hooks `block_i`) and no `mid`; its main
-/// encoding keeps the tokens entering the first block as `mid`.
+/// transformer has one per side block in `down` (hooks `block_i`; Flux's single-stream
+/// blocks in `single`, hooks `single_block_i`) and no `mid`; its main encoding keeps the
+/// tokens entering the first block as `mid`.
 #[derive(Debug, Clone)]
 pub struct Skips<B: Backend> {
     /// Per skip (`down_i`), in the order the main decoder consumes them from the deepest; or
@@ -63,12 +64,19 @@ pub struct Skips<B: Backend> {
     pub down: Vec<Var<B>>,
     /// The middle block's (None: a transformer's side network has no middle block).
     pub mid: Option<Var<B>>,
+    /// Per single-stream transformer block (`single_block_i`; empty but for Flux).
+    pub single: Vec<Var<B>>,
 }
 
 impl<B: Backend> Skips<B> {
     /// A UNet's skips and middle block.
     pub fn unet(down: Vec<Var<B>>, mid: Var<B>) -> Self {
-        Self { down, mid: Some(mid) }
+        Self { down, mid: Some(mid), single: Vec::new() }
+    }
+
+    /// A transformer side network's: one per block (`down`) and per single-stream block.
+    pub fn blocks(down: Vec<Var<B>>, single: Vec<Var<B>>) -> Self {
+        Self { down, mid: None, single }
     }
 
     /// The middle block's tensor, which a UNet always has.
@@ -76,14 +84,18 @@ impl<B: Backend> Skips<B> {
         self.mid.as_ref().ok_or(TrainError::Internal("a UNet's skips have a middle block"))
     }
 
-    /// Every tensor: `down` in order, then `mid` when there is one.
+    /// Every tensor: `down` in order, then `mid` when there is one, then `single`.
     pub fn all(&self) -> impl Iterator<Item = &Var<B>> {
-        self.down.iter().chain(self.mid.as_ref())
+        self.down.iter().chain(self.mid.as_ref()).chain(&self.single)
     }
 
     /// `f` of every tensor, in the same places.
     pub fn try_map(&self, f: impl Fn(&Var<B>) -> Result<Var<B>>) -> Result<Self> {
-        Ok(Self { down: self.down.iter().map(&f).collect::<Result<_>>()?, mid: self.mid.as_ref().map(&f).transpose()? })
+        Ok(Self {
+            down: self.down.iter().map(&f).collect::<Result<_>>()?,
+            mid: self.mid.as_ref().map(&f).transpose()?,
+            single: self.single.iter().map(&f).collect::<Result<_>>()?,
+        })
     }
 }
 
@@ -110,6 +122,12 @@ impl<B: Backend> SideOutput<B> {
                 TrainError::Config(format!(
                     "hook {hook} does not exist: the side network has {} hooked layers",
                     self.features.down.len()
+                ))
+            }),
+            HookLayer::SingleBlock(i) => self.features.single.get(i).ok_or_else(|| {
+                TrainError::Config(format!(
+                    "hook {hook} does not exist: the side network has {} single-stream blocks",
+                    self.features.single.len()
                 ))
             }),
         }

@@ -4,7 +4,7 @@
 use lisa_core::backend::Backend;
 use serde::{Deserialize, Serialize};
 
-use super::{DecoderConfig, DualDenoiser, HookLayer, sd, sd3, toy};
+use super::{DecoderConfig, DualDenoiser, HookLayer, flux, sd, sd3, toy};
 use crate::error::{Result, TrainError};
 
 /// A model as run files and checkpoints describe it: the architecture's name, the LISA
@@ -85,6 +85,13 @@ pub const ARCHITECTURES: &[Architecture] = &[
         validate: |spec| sd3::Sd3Spec::from_spec(spec)?.validate(&spec.decoder),
         locations: sd3::Sd3Spec::remove_locations,
     },
+    Architecture {
+        name: flux::NAME,
+        description: "Flux (flow matching): diffusers' FluxTransformer2DModel + FluxControlNetModel",
+        default_hook: flux::DEFAULT_HOOK,
+        validate: |spec| flux::FluxSpec::from_spec(spec)?.validate(&spec.decoder),
+        locations: flux::FluxSpec::remove_locations,
+    },
 ];
 
 /// The registered architecture called `name`.
@@ -107,6 +114,7 @@ pub fn build<B: Backend>(
         toy::NAME => Ok(Box::new(toy::ToyModel::new(spec, parts, device, seed)?)),
         sd::NAME => Ok(Box::new(sd::SdModel::new(spec, parts, device, seed)?)),
         sd3::NAME => Ok(Box::new(sd3::Sd3Model::new(spec, parts, device, seed)?)),
+        flux::NAME => Ok(Box::new(flux::FluxModel::new(spec, parts, device, seed)?)),
         _ => Err(TrainError::Internal("every registered architecture has a constructor in registry::build")),
     }
 }

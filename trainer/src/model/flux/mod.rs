@@ -3,11 +3,15 @@
 //! modulation, packed 2×2 latents; the frozen main network of a flow-matching model) and
 //! `FluxControlNetModel` (the side network, union mode included), built from their
 //! `config.json` and loaded from diffusers folders with diffusers' tensor names.
+//!
+//! The trainable `flux` architecture ([`FluxModel`]) joins them with the LISA decoder hooked at
+//! `block_i` or `single_block_i`.
 
 mod block;
 mod config;
 mod controlnet;
 mod embed;
+mod model;
 mod transformer;
 
 use std::path::Path;
@@ -18,6 +22,9 @@ pub use block::SingleBlock;
 pub use config::{FLUX_NORM_EPS, FluxConfig, FluxControlNetExtras, ROPE_THETA};
 pub use controlnet::{FluxControlNet, FluxControlOutput};
 pub use embed::{Embedded, FluxEmbeddings, FluxInputs, pack, position_ids, rotary, unpack};
+pub use model::{
+    DEFAULT_CONTROLNET_LAYERS, DEFAULT_GUIDANCE_SCALE, DEFAULT_HOOK, DEFAULT_LATENT_SIZE, FluxModel, FluxSpec, NAME,
+};
 pub use transformer::{FluxResiduals, FluxTransformer};
 
 use super::sd::read_diffusers_weights;

@@ -300,7 +300,7 @@ fn hook_shape(u: &UNetConfig, hook: HookLayer) -> Result<(usize, usize)> {
                 skips.len() - 1
             ))
         })?,
-        HookLayer::Block(_) => {
+        HookLayer::Block(_) | HookLayer::SingleBlock(_) => {
             return Err(TrainError::Config(format!(
                 "hook {hook}: a UNet ControlNet's hooks are down_0..down_{} and mid",
                 skips.len() - 1

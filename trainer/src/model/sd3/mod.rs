@@ -25,6 +25,7 @@ pub use block::{
 pub use config::{MAX_CHANNELS, MAX_LAYERS, MAX_WIDTH, QkNorm, Sd3Config, Sd3ControlNetExtras};
 pub use controlnet::{Sd3ControlNet, Sd3ControlOutput};
 pub use embed::{Embedded, PatchEmbed, Sd3Embeddings, Sd3Inputs, TimeTextEmbed, crop_positions, sincos_positions};
+pub(crate) use model::read_prompt_pair;
 pub use model::{DEFAULT_CONTROLNET_LAYERS, DEFAULT_HOOK, NAME, Sd3Model, Sd3Spec};
 pub use pipeline::{Sd3Pipeline, Sd3Training};
 pub use text::Sd3TextEncoders;

@@ -326,15 +326,30 @@ impl<B: Backend> Sd3Model<B> {
 /// Reads the spec's two prompt tables (both or neither), checks them against their recorded
 /// digests and records the digests.
 fn read_prompts(spec: &mut Sd3Spec, c: &Sd3Config) -> Result<Option<(PromptTable, PromptTable)>> {
-    let (text, pooled) = match (&spec.text_embeddings, &spec.pooled_text_embeddings) {
+    read_prompt_pair(
+        (&spec.text_embeddings, &spec.pooled_text_embeddings),
+        (c.joint_attention_dim, c.pooled_projection_dim),
+        (&mut spec.text_embeddings_sha256, &mut spec.pooled_text_embeddings_sha256),
+        NAME,
+    )
+}
+
+/// The text-token and pooled-text tables of a flow transformer's spec (`paths`, both or
+/// neither; rows `widths` wide), checked against their recorded digests (`digests`), which
+/// are filled in when absent. `architecture` names the model in errors.
+pub(crate) fn read_prompt_pair(
+    paths: (&Option<PathBuf>, &Option<PathBuf>),
+    (text_dim, pooled_dim): (usize, usize),
+    digests: (&mut Option<String>, &mut Option<String>),
+    architecture: &str,
+) -> Result<Option<(PromptTable, PromptTable)>> {
+    let (text, pooled) = match paths {
         (None, None) => return Ok(None),
-        (Some(text), Some(pooled)) => {
-            (PromptTable::read(text, c.joint_attention_dim)?, PromptTable::read(pooled, c.pooled_projection_dim)?)
-        }
+        (Some(text), Some(pooled)) => (PromptTable::read(text, text_dim)?, PromptTable::read(pooled, pooled_dim)?),
         _ => {
-            return Err(TrainError::Config(
-                "the sd3 model reads text_embeddings and pooled_text_embeddings together; only one was given".into(),
-            ));
+            return Err(TrainError::Config(format!(
+                "the {architecture} model reads text_embeddings and pooled_text_embeddings together; only one was given"
+            )));
         }
     };
     if pooled.tokens != 1 {
@@ -343,8 +358,8 @@ fn read_prompts(spec: &mut Sd3Spec, c: &Sd3Config) -> Result<Option<(PromptTable
             format!("holds [{}, {}] tensors; pooled projections are [1, {}]", pooled.tokens, pooled.dim, pooled.dim),
         ));
     }
-    text.pin(&mut spec.text_embeddings_sha256)?;
-    pooled.pin(&mut spec.pooled_text_embeddings_sha256)?;
+    text.pin(digests.0)?;
+    pooled.pin(digests.1)?;
     Ok(Some((text, pooled)))
 }
 
@@ -417,7 +432,7 @@ impl<B: Backend> DualDenoiser<B> for Sd3Model<B> {
         Ok(MainEncoding {
             temb: silu_temb,
             context: Some(context),
-            skips: Skips { down: Vec::new(), mid: Some(tokens) },
+            skips: Skips { down: Vec::new(), mid: Some(tokens), single: Vec::new() },
         })
     }
 
@@ -449,8 +464,8 @@ impl<B: Backend> DualDenoiser<B> for Sd3Model<B> {
         let out =
             self.with_inputs(p, &B::device(&x_t.value), cond, |inputs| controlnet.forward(p, x_t, hint, inputs, 1.0))?;
         Ok(SideOutput {
-            residuals: Skips { down: out.residuals, mid: None },
-            features: Skips { down: out.hidden, mid: None },
+            residuals: Skips::blocks(out.residuals, Vec::new()),
+            features: Skips::blocks(out.hidden, Vec::new()),
         })
     }
 

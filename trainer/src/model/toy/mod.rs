@@ -78,7 +78,7 @@ impl ToyConfig {
             HookLayer::Down(i) => {
                 Err(TrainError::Config(format!("hook down_{i} does not exist: levels are down_0..down_{}", levels - 1)))
             }
-            HookLayer::Block(_) => {
+            HookLayer::Block(_) | HookLayer::SingleBlock(_) => {
                 Err(TrainError::Config(format!("hook {hook}: the toy's hooks are down_0..down_{} and mid", levels - 1)))
             }
         }
