@@ -189,3 +189,93 @@ fn flux_settings_are_checked_before_building() {
     let model = registry::build::<C>(&s, Parts::Dual { decoder: true }, CpuDevice, 0).unwrap();
     assert_eq!(model.architecture(), "flux");
 }
+
+/// A Flux pipeline folder from the fixtures: the golden `dev` transformer, a scheduler
+/// (`scheduler` as its JSON), and the SD VAE fixture (4 latent channels: 2×2 patches of them
+/// are the transformer's 16 input channels).
+fn pipeline_folder(name: &str, scheduler: Value) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("lisa-flux-pipeline-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    for (from, to) in [(fixture("dev").join("transformer"), "transformer"), (fixtures.join("vae"), "vae")] {
+        std::fs::create_dir_all(dir.join(to)).unwrap();
+        for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+            std::fs::copy(from.join(f), dir.join(to).join(f)).unwrap();
+        }
+    }
+    std::fs::create_dir_all(dir.join("scheduler")).unwrap();
+    std::fs::write(dir.join("scheduler/scheduler_config.json"), scheduler.to_string()).unwrap();
+    dir
+}
+
+/// FLUX.1-dev's scheduler_config.json.
+fn dev_scheduler() -> Value {
+    json!({"_class_name": "FlowMatchEulerDiscreteScheduler", "base_image_seq_len": 256, "base_shift": 0.5,
+           "max_image_seq_len": 4096, "max_shift": 1.15, "num_train_timesteps": 1000, "shift": 3.0,
+           "use_dynamic_shifting": true})
+}
+
+#[test]
+fn a_flux_pipeline_folder_is_read_checked_and_built() {
+    use lisa_trainer::model::flux::FluxPipeline;
+    use lisa_trainer::model::sd3::Sd3Pipeline;
+    use lisa_trainer::scheduler::{FlowWeighting, NoiseConfig};
+    let dir = pipeline_folder("dev", dev_scheduler());
+    assert!(FluxPipeline::is_flux(&dir) && !Sd3Pipeline::is_sd3(&dir), "Flux's folder is not taken for SD3's");
+    let pipeline = FluxPipeline::open(&dir).unwrap();
+    // Dynamic shifting: training draws unshifted times; sampling shifts by the token count.
+    let weighting = FlowWeighting::LogitNormal { mean: 0.0, std: 1.0 };
+    let NoiseConfig::Flow { shift, precondition_outputs, .. } = pipeline.noise(weighting) else { panic!() };
+    assert_eq!((shift, precondition_outputs), (Some(1.0), false));
+    let mu = |n| pipeline.sampling_mu(n).unwrap();
+    assert!((mu(256) - 0.5).abs() < 1e-12 && (mu(4096) - 1.15).abs() < 1e-12);
+    assert!((mu(1024) - (0.5 + 0.65 * 768.0 / 3840.0)).abs() < 1e-12);
+    let size = pipeline.training_size(None).unwrap();
+    assert_eq!((size.pixels, size.latent_side), (512, 64), "train_controlnet_flux.py's default");
+    let err = pipeline.training_size(Some(520)).unwrap_err().to_string();
+    assert!(err.contains("multiple of 16"), "{err}");
+
+    // The spec, the model, and one training forward at 64 px (8×8 latents).
+    let size = pipeline.training_size(Some(64)).unwrap();
+    let decoder = DecoderConfig {
+        hook: Some("single_block_2".parse().unwrap()),
+        time_sinusoidal_dim: 16,
+        channel_floor: 4,
+        ..DecoderConfig::default()
+    };
+    let spec = pipeline
+        .controlnet_spec(None, (Some(1), Some(4)), size, (Default::default(), None), &decoder)
+        .unwrap_err()
+        .to_string();
+    assert!(spec.contains("num_single_layers is 4"), "{spec}");
+    let spec =
+        pipeline.controlnet_spec(None, (Some(1), Some(3)), size, (Default::default(), Some(4.0)), &decoder).unwrap();
+    let model = pipeline.build::<C>(&spec, Parts::Dual { decoder: true }, None, CpuDevice, 0).unwrap();
+    assert_eq!(model.sample_shape(), [4, 8, 8]);
+    let (io, _) = read(&fixture("dev").join("io.safetensors"));
+    let tensor = |k: &str| C::from_slice(&io[k].1, &io[k].0, DType::F32, &CpuDevice).unwrap();
+    let tape = Tape::<C>::new();
+    let bound = model.store().bind(&tape);
+    let (x, hint) = (tape.constant(tensor("latents")), tape.constant(tensor("control_latents")));
+    let out = forward_train(&model, &bound, &x, &hint, &golden_inputs(&io), ForwardOptions::lisa(true)).unwrap();
+    assert!(C::to_vec(&out.decoded.unwrap().value).unwrap().iter().all(|v| v.is_finite()));
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Bad folders: each named.
+    let refused =
+        |name: &str, scheduler: Value| FluxPipeline::open(&pipeline_folder(name, scheduler)).unwrap_err().to_string();
+    let mut linear = dev_scheduler();
+    linear["time_shift_type"] = json!("linear");
+    assert!(refused("linear", linear).contains("time_shift_type"));
+    assert!(refused("ddpm", json!({"_class_name": "DDPMScheduler"})).contains("FlowMatchEulerDiscreteScheduler"));
+    let dir = pipeline_folder("vae16", dev_scheduler());
+    let sd3_vae = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd3/vae/vae/config.json");
+    std::fs::copy(sd3_vae, dir.join("vae/config.json")).unwrap();
+    let err = FluxPipeline::open(&dir).unwrap().training_size(None).unwrap_err().to_string();
+    assert!(err.contains("latent channels"), "{err}");
+    for name in ["linear", "ddpm", "vae16"] {
+        let _ = std::fs::remove_dir_all(
+            std::env::temp_dir().join(format!("lisa-flux-pipeline-{name}-{}", std::process::id())),
+        );
+    }
+}

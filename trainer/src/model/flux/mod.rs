@@ -12,6 +12,7 @@ mod config;
 mod controlnet;
 mod embed;
 mod model;
+mod pipeline;
 mod transformer;
 
 use std::path::Path;
@@ -25,6 +26,7 @@ pub use embed::{Embedded, FluxEmbeddings, FluxInputs, pack, position_ids, rotary
 pub use model::{
     DEFAULT_CONTROLNET_LAYERS, DEFAULT_GUIDANCE_SCALE, DEFAULT_HOOK, DEFAULT_LATENT_SIZE, FluxModel, FluxSpec, NAME,
 };
+pub use pipeline::{DEFAULT_RESOLUTION, FluxPipeline};
 pub use transformer::{FluxResiduals, FluxTransformer};
 
 use super::sd::read_diffusers_weights;

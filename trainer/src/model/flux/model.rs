@@ -41,9 +41,9 @@ pub const DEFAULT_CONTROLNET_LAYERS: (usize, usize) = (4, 4);
 /// The guidance scale a guidance-distilled transformer (Flux-dev) trains with when the spec
 /// names none (train_controlnet_flux.py's `--guidance_scale`).
 pub const DEFAULT_GUIDANCE_SCALE: f32 = 3.5;
-/// The latent side trained at when the spec names none: diffusers' FluxPipeline default of
-/// 1024 px (128 latents).
-pub const DEFAULT_LATENT_SIZE: usize = 128;
+/// The latent side trained at when the spec names none: train_controlnet_flux.py's default of
+/// 512 px (64 latents).
+pub const DEFAULT_LATENT_SIZE: usize = 64;
 
 /// The `[model]` keys of the flux architecture.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -86,7 +86,7 @@ pub struct FluxSpec {
     /// The SHA-256 of `pooled_text_embeddings`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pooled_text_embeddings_sha256: Option<String>,
-    /// The latent side trained at (None: 128, 1024 px); even.
+    /// The latent side trained at (None: 64, 512 px); even.
     #[serde(default)]
     pub latent_size: Option<usize>,
     /// The frozen transformer's storage type (and autocast).

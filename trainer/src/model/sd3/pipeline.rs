@@ -58,13 +58,20 @@ const SCHEDULER_AT_DEFAULT: &[(&str, Value)] = &[
 
 impl Sd3Pipeline {
     /// Whether `root` holds an SD3 pipeline (`model_index.json` names a StableDiffusion3
-    /// pipeline, or the folder has `transformer/` and no `unet/`).
+    /// pipeline, or the folder has `transformer/`, not Flux's, and no `unet/`).
     pub fn is_sd3(root: &Path) -> bool {
-        let named = std::fs::read_to_string(root.join("model_index.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-            .and_then(|v| v.get("_class_name").and_then(Value::as_str).map(|s| s.starts_with("StableDiffusion3")));
-        named.unwrap_or_else(|| root.join("transformer").is_dir() && !root.join("unet").is_dir())
+        let class = |path: PathBuf| {
+            std::fs::read_to_string(path)
+                .ok()
+                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+                .and_then(|v| v.get("_class_name").and_then(Value::as_str).map(str::to_string))
+        };
+        let named = class(root.join("model_index.json")).map(|s| s.starts_with("StableDiffusion3"));
+        named.unwrap_or_else(|| {
+            root.join("transformer").is_dir()
+                && !root.join("unet").is_dir()
+                && class(root.join("transformer/config.json")).is_none_or(|c| c != "FluxTransformer2DModel")
+        })
     }
 
     /// Reads `transformer/config.json` and `scheduler/scheduler_config.json`; a missing part
