@@ -10,6 +10,7 @@ mod config;
 mod demo;
 mod eval;
 mod fill50k;
+mod flux_train;
 mod image;
 mod parallel;
 mod pipeline_start;

@@ -64,17 +64,22 @@ pub struct Sd3Args {
 impl Sd3Args {
     /// train_controlnet_sd3.py's weighting and preconditioning from the flags.
     fn training(&self) -> Result<Sd3Training> {
-        let (mean, std) = self.logit;
-        let weighting = match self.weighting_scheme.as_deref().unwrap_or("logit_normal") {
-            "logit_normal" => FlowWeighting::LogitNormal { mean, std },
-            "mode" => FlowWeighting::Mode { scale: self.mode_scale },
-            "sigma_sqrt" => FlowWeighting::SigmaSqrt,
-            "cosmap" => FlowWeighting::Cosmap,
-            "none" => FlowWeighting::None,
-            other => bail!("--weighting-scheme {other:?}: logit_normal | mode | sigma_sqrt | cosmap | none"),
-        };
+        let weighting = flow_weighting(self.weighting_scheme.as_deref(), self.logit, self.mode_scale)?;
         Ok(Sd3Training { weighting, precondition_outputs: self.precondition_outputs })
     }
+}
+
+/// `--weighting-scheme` (logit_normal when None) with its parameters `(--logit-mean,
+/// --logit-std)` and `--mode-scale`, as the flow trainers of diffusers read them.
+pub(crate) fn flow_weighting(scheme: Option<&str>, (mean, std): (f64, f64), mode_scale: f64) -> Result<FlowWeighting> {
+    Ok(match scheme.unwrap_or("logit_normal") {
+        "logit_normal" => FlowWeighting::LogitNormal { mean, std },
+        "mode" => FlowWeighting::Mode { scale: mode_scale },
+        "sigma_sqrt" => FlowWeighting::SigmaSqrt,
+        "cosmap" => FlowWeighting::Cosmap,
+        "none" => FlowWeighting::None,
+        other => bail!("--weighting-scheme {other:?}: logit_normal | mode | sigma_sqrt | cosmap | none"),
+    })
 }
 
 /// The SD3 path up to the first step, every check before any weight or image is read.

@@ -8,6 +8,7 @@ use lisa_core::backend::Backend;
 use lisa_core::{Distance, TargetSpace};
 use lisa_trainer::model::DualDenoiser;
 use lisa_trainer::model::HookLayer;
+use lisa_trainer::model::flux::FluxPipeline;
 use lisa_trainer::model::sd::{MixedPrecision, Pipeline};
 use lisa_trainer::model::sd3::Sd3Pipeline;
 use lisa_trainer::optim::LrSchedule;
@@ -32,8 +33,9 @@ pub struct TrainArgs {
     #[arg(long, required_unless_present = "pretrained_model_name_or_path")]
     main: Option<PathBuf>,
     /// A diffusers Stable Diffusion pipeline folder (unet/, scheduler/, …): train a
-    /// ControlNet for its UNet (the sd architecture; latents and text embeddings precomputed);
-    /// or an SD3 / SD3.5 folder (transformer/, scheduler/, …: the sd3 architecture).
+    /// ControlNet for its UNet (the sd architecture, SDXL included; latents and text
+    /// embeddings precomputed); or an SD3 / SD3.5 folder (transformer/, scheduler/, …: the sd3
+    /// architecture), or a Flux folder (the flux architecture).
     #[arg(long, conflicts_with = "main")]
     pretrained_model_name_or_path: Option<PathBuf>,
     /// A diffusers ControlNet folder to start from (default: a copy of the UNet's encoder).
@@ -91,9 +93,20 @@ pub struct TrainArgs {
     /// SD3: 1 to precondition the outputs (the loss of x_t − σ·pred against x₀), 0 not to.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
     precondition_outputs: u8,
-    /// SD3: T5 tokens per prompt.
-    #[arg(long, default_value_t = 77)]
-    max_sequence_length: usize,
+    /// SD3 and Flux: T5 tokens per prompt (default 77 for SD3, as train_controlnet_sd3.py; 512
+    /// for Flux, as its pipeline).
+    #[arg(long)]
+    max_sequence_length: Option<usize>,
+    /// Flux: double-stream blocks of a ControlNet made from the transformer (default 4,
+    /// train_controlnet_flux.py's).
+    #[arg(long)]
+    num_double_layers: Option<usize>,
+    /// Flux: single-stream blocks of a ControlNet made from the transformer (default 4).
+    #[arg(long)]
+    num_single_layers: Option<usize>,
+    /// Flux-dev: the guidance scale the transformer is given in training (default 3.5).
+    #[arg(long, allow_negative_numbers = true)]
+    guidance_scale: Option<f32>,
     /// SD3: condition channels beyond the latents' of a ControlNet made from the transformer.
     #[arg(long, default_value_t = 0)]
     num_extra_conditioning_channels: usize,
@@ -107,8 +120,8 @@ pub struct TrainArgs {
     #[arg(long)]
     baseline: bool,
     /// Side layer the LISA decoder reads: down_0 .. down_N | mid, or block_0 .. block_N for
-    /// SD3 (default: the architecture's, down_1 for the toy, down_5 for Stable Diffusion,
-    /// block_0 for SD3).
+    /// SD3 and Flux, single_block_0 .. single_block_N for Flux (default: the architecture's,
+    /// down_1 for the toy, down_5 for Stable Diffusion, block_0 for SD3 and Flux).
     #[arg(long)]
     hook: Option<HookLayer>,
     /// λ, the weight of the LISA term.
@@ -251,12 +264,16 @@ pub fn run<B: RankBackend>(a: TrainArgs, device: B::Device) -> Result<()> {
         }
         (None, Some(dir)) => {
             let data = file.data.dir.clone().context("--pretrained-model-name-or-path needs --train-data-dir")?;
-            let sd = match Sd3Pipeline::is_sd3(dir) {
-                true => {
-                    a.refuse_sd_only_flags()?;
-                    crate::sd3_train::prepare::<B>(&a.sd3(), &mut file, dir, &data, device.clone())?
-                }
-                false => prepare_sd::<B>(&a, &mut file, dir, &data, device.clone())?,
+            let sd = if FluxPipeline::is_flux(dir) {
+                a.refuse_sd_only_flags()?;
+                crate::flux_train::prepare::<B>(&a.flux()?, &mut file, dir, &data, device.clone())?
+            } else if Sd3Pipeline::is_sd3(dir) {
+                a.refuse_sd_only_flags()?;
+                a.refuse_flux_only_flags()?;
+                crate::sd3_train::prepare::<B>(&a.sd3(), &mut file, dir, &data, device.clone())?
+            } else {
+                a.refuse_flux_only_flags()?;
+                prepare_sd::<B>(&a, &mut file, dir, &data, device.clone())?
             };
             latent_validation = sd.validation;
             _cache_lock = sd.cache_lock;
@@ -320,6 +337,43 @@ impl TrainArgs {
         Ok(())
     }
 
+    /// Refuses the flags of the Flux path given for another family's folder.
+    fn refuse_flux_only_flags(&self) -> Result<()> {
+        let given = [
+            ("--num-double-layers", self.num_double_layers.is_some()),
+            ("--num-single-layers", self.num_single_layers.is_some()),
+            ("--guidance-scale", self.guidance_scale.is_some()),
+        ];
+        if let Some((flag, _)) = given.iter().find(|g| g.1) {
+            bail!("{flag} is for Flux pipelines; this folder is not one");
+        }
+        Ok(())
+    }
+
+    /// The flags the Flux path reads.
+    fn flux(&self) -> Result<crate::flux_train::FluxArgs> {
+        if self.controlnet_num_layers.is_some() || self.num_extra_conditioning_channels != 0 {
+            bail!(
+                "--controlnet-num-layers and --num-extra-conditioning-channels are SD3's; a Flux ControlNet made from the transformer takes --num-double-layers and --num-single-layers"
+            );
+        }
+        Ok(crate::flux_train::FluxArgs {
+            controlnet: self.controlnet_model_name_or_path.clone(),
+            resolution: self.resolution,
+            cache_dir: self.cache_dir.clone().unwrap_or_else(|| self.output_dir.join("cache")),
+            validation: !self.validation_image.is_empty(),
+            mixed_precision: self.mixed_precision,
+            weighting: crate::sd3_train::flow_weighting(
+                self.weighting_scheme.as_deref(),
+                (self.logit_mean, self.logit_std),
+                self.mode_scale,
+            )?,
+            max_sequence_length: self.max_sequence_length,
+            layers: (self.num_double_layers, self.num_single_layers),
+            guidance_scale: self.guidance_scale,
+        })
+    }
+
     /// The flags the SD3 path reads.
     fn sd3(&self) -> crate::sd3_train::Sd3Args {
         crate::sd3_train::Sd3Args {
@@ -333,7 +387,7 @@ impl TrainArgs {
             logit: (self.logit_mean, self.logit_std),
             mode_scale: self.mode_scale,
             precondition_outputs: self.precondition_outputs == 1,
-            max_sequence_length: self.max_sequence_length,
+            max_sequence_length: self.max_sequence_length.unwrap_or(77),
             extra_channels: self.num_extra_conditioning_channels,
             layers: self.controlnet_num_layers,
         }

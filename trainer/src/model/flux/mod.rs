@@ -13,6 +13,7 @@ mod controlnet;
 mod embed;
 mod model;
 mod pipeline;
+mod text;
 mod transformer;
 
 use std::path::Path;
@@ -27,6 +28,7 @@ pub use model::{
     DEFAULT_CONTROLNET_LAYERS, DEFAULT_GUIDANCE_SCALE, DEFAULT_HOOK, DEFAULT_LATENT_SIZE, FluxModel, FluxSpec, NAME,
 };
 pub use pipeline::{DEFAULT_RESOLUTION, FluxPipeline};
+pub use text::FluxTextEncoders;
 pub use transformer::{FluxResiduals, FluxTransformer};
 
 use super::sd::read_diffusers_weights;

@@ -220,9 +220,25 @@ impl ClipTextModel {
             .as_ref()
             .ok_or_else(|| TrainError::Config("this CLIP text model was built without text_projection".into()))?;
         let (last, penultimate) = self.layers_of(p, ids)?;
+        let pooled = self.end_rows(t, &last, ids)?;
+        Ok(ProjectedText {
+            penultimate: t.cast(&penultimate, DType::F32)?,
+            pooled: t.cast(&projection.forward(p, &pooled)?, DType::F32)?,
+        })
+    }
+
+    /// `CLIPTextModel`'s `pooler_output` (Flux's pooled text): the final-normed state at each
+    /// row's end token, `[n, hidden]` (f32), without a projection.
+    pub fn forward_pooled<B: Backend>(&self, p: &Bound<'_, B>, ids: &[Vec<u32>]) -> Result<Var<B>> {
+        let (last, _) = self.layers_of(p, ids)?;
+        p.tape.cast(&self.end_rows(p.tape, &last, ids)?, DType::F32)
+    }
+
+    /// `last [n, t, d]` → the end token's row of each prompt, `[n, d]` (gathered on the host:
+    /// the encoders run without recording).
+    fn end_rows<B: Backend>(&self, t: &crate::autodiff::Tape<B>, last: &Var<B>, ids: &[Vec<u32>]) -> Result<Var<B>> {
         let d = self.config.hidden_size;
         let len = ids[0].len();
-        // [n, t, d] → the end token's row of each prompt, [n, d] (gathered on the host).
         let all = B::to_vec(&last.value)?;
         let mut rows = Vec::with_capacity(ids.len() * d);
         for (r, row) in ids.iter().enumerate() {
@@ -230,11 +246,7 @@ impl ClipTextModel {
             rows.extend_from_slice(&all[(r * len + at) * d..(r * len + at + 1) * d]);
         }
         let (device, dtype) = (B::device(&last.value), B::dtype(&last.value));
-        let pooled = t.constant(B::from_slice(&rows, &Shape::new([ids.len(), d]), dtype, &device)?);
-        Ok(ProjectedText {
-            penultimate: t.cast(&penultimate, DType::F32)?,
-            pooled: t.cast(&projection.forward(p, &pooled)?, DType::F32)?,
-        })
+        Ok(t.constant(B::from_slice(&rows, &Shape::new([ids.len(), d]), dtype, &device)?))
     }
 
     /// Where the pooled output is read: the first position of the largest id when

@@ -1,0 +1,223 @@
+//! `lisa train --pretrained-model-name-or-path` on a Flux pipeline folder: the flux model from
+//! the folder's transformer (and a ControlNet folder or `from_transformer`), flow matching on
+//! the scheduler's unshifted grid with train_controlnet_flux.py's weighting and plain velocity
+//! loss, and the inputs it trains on: the target latents and the condition latents (both
+//! images VAE-encoded from pixels in [−1, 1], as train_controlnet_flux.py normalises them),
+//! the prompts' T5 tokens and pooled CLIP text. These are the data folder's own precomputed
+//! files when it has all four, else computed once into the input cache (the same lock and key
+//! as the other families' caches). Validation sampling is not yet available for Flux (its
+//! schedule shifts by the image size): a run that asks for it is refused before any work.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use lisa_core::backend::Backend;
+use lisa_trainer::model::flux::{FluxModel, FluxPipeline, FluxTextEncoders};
+use lisa_trainer::model::sd::{MixedPrecision, Vae};
+use lisa_trainer::data::Dataset;
+use lisa_trainer::scheduler::FlowWeighting;
+use lisa_trainer::weights::digest;
+
+use crate::config::RunFile;
+use crate::fill50k::{CONDITION_LATENTS_FILE, Fill50k, LATENTS_FILE, Layout};
+use crate::pipeline_start::{SdStart, mixed_precision_note, mode_parts};
+use crate::sd_cache::{
+    EMBEDDINGS_FILE, FileDigests, KEY, POOLED_EMBEDDINGS_FILE, check_outside, encoding_chunk, folder_digest,
+    locked_cache, write_latents,
+};
+
+/// The flags the Flux path reads.
+#[derive(Debug, Clone)]
+pub struct FluxArgs {
+    /// A ControlNet folder to continue from.
+    pub controlnet: Option<PathBuf>,
+    /// `--resolution` (None: 512).
+    pub resolution: Option<usize>,
+    /// Where computed inputs are cached.
+    pub cache_dir: PathBuf,
+    /// Whether `--validation-image` was given.
+    pub validation: bool,
+    /// `--mixed-precision`.
+    pub mixed_precision: MixedPrecision,
+    /// `--weighting-scheme` and its parameters.
+    pub weighting: FlowWeighting,
+    /// `--max-sequence-length` (T5 tokens; None: 512, diffusers' Flux pipeline's).
+    pub max_sequence_length: Option<usize>,
+    /// `--num-double-layers`, `--num-single-layers` of a ControlNet made from the transformer.
+    pub layers: (Option<usize>, Option<usize>),
+    /// `--guidance-scale` of a guidance-distilled transformer (None: 3.5).
+    pub guidance_scale: Option<f32>,
+}
+
+/// T5 tokens per prompt when `--max-sequence-length` is not given (FluxPipeline's default).
+const DEFAULT_MAX_SEQUENCE_LENGTH: usize = 512;
+
+/// The Flux path up to the first step, every check before any weight or image is read.
+pub fn prepare<B: Backend>(
+    a: &FluxArgs,
+    file: &mut RunFile,
+    dir: &Path,
+    data: &Path,
+    device: B::Device,
+) -> Result<SdStart<B>> {
+    if file.model_given {
+        bail!("the run file describes a [model]; with --pretrained-model-name-or-path the model comes from the folder");
+    }
+    if a.validation {
+        bail!(
+            "--validation-image: lisa does not yet sample Flux for validation (its schedule shifts by the image size); train without it and sample the saved ControlNet with diffusers"
+        );
+    }
+    let in_folder = || format!("the Flux folder {}", dir.display());
+    let pipeline = FluxPipeline::open(dir)?;
+    let size = pipeline.training_size(a.resolution).map_err(|e| match e {
+        lisa_trainer::TrainError::Setting { key, reason } if key == "resolution" => {
+            anyhow::anyhow!("--resolution: {reason}")
+        }
+        other => anyhow::Error::from(other).context(in_folder()),
+    })?;
+    let controlnet = a.controlnet.as_deref();
+    if let Some(c) = controlnet
+        && !c.is_dir()
+    {
+        bail!("--controlnet-model-name-or-path {}: no such folder", c.display());
+    }
+    if controlnet.is_some() && (a.layers.0.is_some() || a.layers.1.is_some()) {
+        bail!(
+            "--num-double-layers and --num-single-layers make a ControlNet from the transformer; --controlnet-model-name-or-path brings its own"
+        );
+    }
+    let precision = a.mixed_precision;
+    if precision != MixedPrecision::No {
+        eprintln!("{}", mixed_precision_note::<B>(precision, &device).replace("UNet", "transformer"));
+    }
+    let settings = (precision, a.guidance_scale);
+    file.model =
+        pipeline.controlnet_spec(controlnet, a.layers, size, settings, &file.model.decoder).with_context(in_folder)?;
+    file.train.noise = pipeline.noise(a.weighting);
+    lisa_trainer::scheduler::NoiseProcess::new(&file.train.noise)?;
+    let parts = mode_parts(file.train.mode);
+    let mut model: FluxModel<B> =
+        pipeline.build::<B>(&file.model, parts, controlnet, device.clone(), file.train.seed).with_context(in_folder)?;
+    let inputs = inputs::<B>(&pipeline, a, data, size.pixels, device)?;
+    model.read_text_embeddings(&inputs.text, &inputs.pooled)?;
+    file.model = lisa_trainer::model::DualDenoiser::spec(&model);
+    file.data.latents = Some(inputs.latents);
+    file.data.condition_latents = Some(inputs.condition_latents);
+    Ok(SdStart { model: Box::new(model), validation: None, cache_lock: inputs.lock })
+}
+
+/// Where a Flux run's inputs are.
+struct Inputs {
+    latents: PathBuf,
+    condition_latents: PathBuf,
+    text: PathBuf,
+    pooled: PathBuf,
+    lock: Option<std::fs::File>,
+}
+
+/// The data folder's four precomputed files, or the cache made now if missing or stale.
+fn inputs<B: Backend>(
+    pipeline: &FluxPipeline,
+    a: &FluxArgs,
+    data: &Path,
+    resolution: usize,
+    device: B::Device,
+) -> Result<Inputs> {
+    let names = [LATENTS_FILE, CONDITION_LATENTS_FILE, EMBEDDINGS_FILE, POOLED_EMBEDDINGS_FILE];
+    let in_data: Vec<PathBuf> = names.iter().map(|n| data.join(n)).collect();
+    if in_data.iter().all(|p| p.is_file()) {
+        eprintln!("using the precomputed {} of {}", names.join(", "), data.display());
+        let [latents, condition_latents, text, pooled] = in_data.try_into().expect("four files");
+        return Ok(Inputs { latents, condition_latents, text, pooled, lock: None });
+    }
+    let cache_dir = &a.cache_dir;
+    check_outside(cache_dir, data)?;
+    let root = &pipeline.root;
+    let needed = ["vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"];
+    let missing: Vec<&str> = needed.into_iter().filter(|c| !root.join(c).is_dir()).collect();
+    if !missing.is_empty() {
+        bail!(
+            "{} has no {}: lisa needs them to compute the latents and text embeddings (or put precomputed {} in {})",
+            root.display(),
+            missing.join("/, ") + "/",
+            names.join(", "),
+            data.display()
+        );
+    }
+    let set = Fill50k::open(
+        data,
+        Layout {
+            image: [3, resolution, resolution],
+            hint: [3, resolution, resolution],
+            latents: None,
+            hint_latents: None,
+        },
+    )?;
+    let max_len = a.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
+    let mut digests = FileDigests::open(cache_dir)?;
+    let mut parts = vec![format!(
+        "flux data {} resolution {resolution} precision {:?} max_sequence_length {max_len}",
+        set.fingerprint(),
+        a.mixed_precision,
+    )];
+    for part in needed {
+        parts.push(format!("{part} {}", folder_digest(&root.join(part), &mut digests)?));
+    }
+    let key = digest(parts.join(" ").as_bytes());
+    let cached: Vec<PathBuf> = names.iter().map(|n| cache_dir.join(n)).collect();
+    let refs: Vec<&Path> = cached.iter().map(PathBuf::as_path).collect();
+    let lock = locked_cache(cache_dir, &key, (&refs, "latents and text embeddings"), digests, || {
+        write_cache::<B>(pipeline, a, (&set, max_len), resolution, &cached, &key, device)
+    })?;
+    let [latents, condition_latents, text, pooled] = cached.try_into().expect("four files");
+    Ok(Inputs { latents, condition_latents, text, pooled, lock: Some(lock) })
+}
+
+/// Encodes the prompts and the images and writes the four files (under the exclusive lock).
+fn write_cache<B: Backend>(
+    pipeline: &FluxPipeline,
+    a: &FluxArgs,
+    (set, max_len): (&Fill50k, usize),
+    resolution: usize,
+    files: &[PathBuf],
+    key: &str,
+    device: B::Device,
+) -> Result<()> {
+    let root = &pipeline.root;
+    let started = std::time::Instant::now();
+    let meta = BTreeMap::from([(KEY.to_string(), key.to_string()), ("resolution".to_string(), resolution.to_string())]);
+    let dtype = a.mixed_precision.dtype();
+
+    // Every distinct prompt and the null prompt, encoded once; T5 is dropped afterwards.
+    let mut prompts: BTreeSet<&str> = set.prompts().collect();
+    prompts.insert("");
+    let prompts: Vec<&str> = prompts.into_iter().collect();
+    {
+        let c = pipeline.transformer_config()?;
+        let widths = (c.joint_attention_dim, c.pooled_projection_dim);
+        let text = FluxTextEncoders::<B>::open(root, device.clone(), dtype, max_len, widths)
+            .with_context(|| format!("loading the text encoders of {}", root.display()))?;
+        text.write_tables(&prompts, (&files[2], &files[3]), &meta)?;
+    }
+
+    // The target and condition latents, both from images in [−1, 1], each resized and
+    // centre-cropped.
+    let vae = Vae::<B>::open(&root.join("vae"), device, dtype)
+        .with_context(|| format!("loading the VAE of {}", root.display()))?;
+    let chunk = encoding_chunk(Some(vae.config()), resolution)?;
+    let owned = |it: &mut dyn Iterator<Item = (&str, &Path, usize)>| -> Vec<(String, PathBuf, usize)> {
+        it.map(|(n, p, l)| (n.to_string(), p.to_path_buf(), l)).collect()
+    };
+    let sizes = (resolution, chunk);
+    let (targets, [lc, side, _]) = write_latents(&vae, &owned(&mut set.targets()), sizes, true, &files[0], &meta)?;
+    let (sources, _) = write_latents(&vae, &owned(&mut set.sources()), sizes, true, &files[1], &meta)?;
+    eprintln!(
+        "cached {targets} latents and {sources} condition latents ({lc}×{side}×{side}) and {} prompts' embeddings in {} ({:.1} s)",
+        prompts.len(),
+        a.cache_dir.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
