@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use lisa_core::backend::Backend;
+use lisa_trainer::data::Dataset;
 use lisa_trainer::model::flux::{FluxModel, FluxPipeline, FluxTextEncoders};
 use lisa_trainer::model::sd::{MixedPrecision, Vae};
-use lisa_trainer::data::Dataset;
 use lisa_trainer::scheduler::FlowWeighting;
 use lisa_trainer::weights::digest;
 

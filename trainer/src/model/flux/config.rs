@@ -207,8 +207,11 @@ impl FluxConfig {
     /// num_single_layers)`: the same settings with fewer blocks (at most the transformer's).
     pub fn controlnet_from_transformer(&self, num_layers: usize, num_single_layers: usize) -> Result<Self> {
         let c = Self { num_layers, num_single_layers, ..self.clone() };
-        if num_layers == 0 {
-            return Err(TrainError::Config("a Flux ControlNet needs at least one double-stream block".into()));
+        if num_layers == 0 || num_layers > self.num_layers || num_single_layers > self.num_single_layers {
+            return Err(TrainError::Config(format!(
+                "a ControlNet of {num_layers} double- and {num_single_layers} single-stream blocks made from a transformer of {} and {}: it takes 1..={} and 0..={} (--num-double-layers, --num-single-layers)",
+                self.num_layers, self.num_single_layers, self.num_layers, self.num_single_layers
+            )));
         }
         self.check_controlnet(&c)?;
         Ok(c)
@@ -272,7 +275,7 @@ mod tests {
         let c = FluxConfig::from_transformer_json(&config(json!({}))).unwrap();
         let cn = c.controlnet_from_transformer(1, 2).unwrap();
         assert_eq!((cn.num_layers, cn.num_single_layers), (1, 2));
-        assert!(c.controlnet_from_transformer(3, 0).unwrap_err().to_string().contains("num_layers is 3"));
+        assert!(c.controlnet_from_transformer(3, 0).unwrap_err().to_string().contains("it takes 1..=2 and 0..=3"));
         let other = FluxConfig { guidance_embeds: false, ..cn };
         assert!(c.check_controlnet(&other).unwrap_err().to_string().contains("guidance_embeds"));
     }
