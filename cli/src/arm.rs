@@ -106,10 +106,15 @@ pub fn prepare_arm<B: Backend>(file: &RunFile, start: Start<B>, device: B::Devic
             let sampling = file.validation.sampling.clone();
             let prompts = v.prompts.clone();
             let validation = if model.latent_hints() {
-                // The condition images through the VAE, from pixels in [0, 1] as training.
+                // The condition images through the VAE, from pixels as training takes them:
+                // in [0, 1] (SD3) or [−1, 1] (Flux).
                 let side = model.sample_shape()[1] * vae.config().downscale();
                 let images = read_rgb(v, side)?;
-                let hints = vae.latents(&images, v.images.len(), side)?;
+                let pixels: Vec<f32> = match v.signed_hints {
+                    true => images.iter().map(|x| 2.0 * x - 1.0).collect(),
+                    false => images.clone(),
+                };
+                let hints = vae.latents(&pixels, v.images.len(), side)?;
                 let shown = (images, [3, side, side]);
                 LatentValidation::with_latent_hints(model, noise, hints, shown, prompts, vae, sampling)?
             } else {

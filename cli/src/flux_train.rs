@@ -5,8 +5,9 @@
 //! images VAE-encoded from pixels in [−1, 1], as train_controlnet_flux.py normalises them),
 //! the prompts' T5 tokens and pooled CLIP text. These are the data folder's own precomputed
 //! files when it has all four, else computed once into the input cache (the same lock and key
-//! as the other families' caches). Validation sampling is not yet available for Flux (its
-//! schedule shifts by the image size): a run that asks for it is refused before any work.
+//! as the other families' caches). Validation samples with Euler on FluxPipeline's schedule
+//! (σ from 1 to 1/n, shifted by `e^μ` of the image's token count), the condition images
+//! VAE-encoded as in training, and decodes with the folder's VAE.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -26,6 +27,7 @@ use crate::sd_cache::{
     EMBEDDINGS_FILE, FileDigests, KEY, POOLED_EMBEDDINGS_FILE, check_outside, encoding_chunk, folder_digest,
     locked_cache, write_latents,
 };
+use crate::sd_validation::{LatentValidationFiles, read_rgb};
 
 /// The flags the Flux path reads.
 #[derive(Debug, Clone)]
@@ -36,8 +38,10 @@ pub struct FluxArgs {
     pub resolution: Option<usize>,
     /// Where computed inputs are cached.
     pub cache_dir: PathBuf,
-    /// Whether `--validation-image` was given.
-    pub validation: bool,
+    /// `--validation-image`.
+    pub validation_image: Vec<PathBuf>,
+    /// `--validation-prompt`.
+    pub validation_prompt: Vec<String>,
     /// `--mixed-precision`.
     pub mixed_precision: MixedPrecision,
     /// `--weighting-scheme` and its parameters.
@@ -63,11 +67,6 @@ pub fn prepare<B: Backend>(
 ) -> Result<SdStart<B>> {
     if file.model_given {
         bail!("the run file describes a [model]; with --pretrained-model-name-or-path the model comes from the folder");
-    }
-    if a.validation {
-        bail!(
-            "--validation-image: lisa does not yet sample Flux for validation (its schedule shifts by the image size); train without it and sample the saved ControlNet with diffusers"
-        );
     }
     let in_folder = || format!("the Flux folder {}", dir.display());
     let pipeline = FluxPipeline::open(dir)?;
@@ -95,17 +94,38 @@ pub fn prepare<B: Backend>(
     let settings = (precision, a.guidance_scale);
     file.model =
         pipeline.controlnet_spec(controlnet, a.layers, size, settings, &file.model.decoder).with_context(in_folder)?;
-    file.train.noise = pipeline.noise(a.weighting);
+    file.train.noise = pipeline.noise(a.weighting, size);
     lisa_trainer::scheduler::NoiseProcess::new(&file.train.noise)?;
     let parts = mode_parts(file.train.mode);
     let mut model: FluxModel<B> =
         pipeline.build::<B>(&file.model, parts, controlnet, device.clone(), file.train.seed).with_context(in_folder)?;
-    let inputs = inputs::<B>(&pipeline, a, data, size.pixels, device)?;
+    let (mut validation, prompts) = LatentValidationFiles::from_flags(
+        &a.validation_image,
+        &a.validation_prompt,
+        &dir.join("vae"),
+        precision.dtype(),
+    )?;
+    if let Some(v) = &mut validation {
+        if !v.vae.is_dir() {
+            bail!(
+                "--validation-image: {} has no vae/ to encode the condition images and decode the samples",
+                dir.display()
+            );
+        }
+        v.signed_hints = true;
+        read_rgb(v, size.pixels)?;
+        // Flows sample with Euler (on Flux's shifted schedule: the noise config's sampling shift).
+        file.validation.sampling.sampler = lisa_trainer::scheduler::Sampler::Euler;
+    }
+    let inputs = inputs::<B>(&pipeline, a, data, size.pixels, &prompts, device)?;
     model.read_text_embeddings(&inputs.text, &inputs.pooled)?;
+    // The validation prompts must be in the tables (the data folder's own ones included).
+    lisa_trainer::model::DualDenoiser::embed_prompts(&model, &prompts.iter().map(String::as_str).collect::<Vec<_>>())
+        .context("--validation-prompt")?;
     file.model = lisa_trainer::model::DualDenoiser::spec(&model);
     file.data.latents = Some(inputs.latents);
     file.data.condition_latents = Some(inputs.condition_latents);
-    Ok(SdStart { model: Box::new(model), validation: None, cache_lock: inputs.lock })
+    Ok(SdStart { model: Box::new(model), validation, cache_lock: inputs.lock })
 }
 
 /// Where a Flux run's inputs are.
@@ -123,6 +143,7 @@ fn inputs<B: Backend>(
     a: &FluxArgs,
     data: &Path,
     resolution: usize,
+    extra_prompts: &[String],
     device: B::Device,
 ) -> Result<Inputs> {
     let names = [LATENTS_FILE, CONDITION_LATENTS_FILE, EMBEDDINGS_FILE, POOLED_EMBEDDINGS_FILE];
@@ -158,7 +179,7 @@ fn inputs<B: Backend>(
     let max_len = a.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
     let mut digests = FileDigests::open(cache_dir)?;
     let mut parts = vec![format!(
-        "flux data {} resolution {resolution} precision {:?} max_sequence_length {max_len}",
+        "flux data {} resolution {resolution} precision {:?} max_sequence_length {max_len} extra {extra_prompts:?}",
         set.fingerprint(),
         a.mixed_precision,
     )];
@@ -169,7 +190,7 @@ fn inputs<B: Backend>(
     let cached: Vec<PathBuf> = names.iter().map(|n| cache_dir.join(n)).collect();
     let refs: Vec<&Path> = cached.iter().map(PathBuf::as_path).collect();
     let lock = locked_cache(cache_dir, &key, (&refs, "latents and text embeddings"), digests, || {
-        write_cache::<B>(pipeline, a, (&set, max_len), resolution, &cached, &key, device)
+        write_cache::<B>(pipeline, a, (&set, extra_prompts, max_len), resolution, &cached, &key, device)
     })?;
     let [latents, condition_latents, text, pooled] = cached.try_into().expect("four files");
     Ok(Inputs { latents, condition_latents, text, pooled, lock: Some(lock) })
@@ -179,7 +200,7 @@ fn inputs<B: Backend>(
 fn write_cache<B: Backend>(
     pipeline: &FluxPipeline,
     a: &FluxArgs,
-    (set, max_len): (&Fill50k, usize),
+    (set, extra_prompts, max_len): (&Fill50k, &[String], usize),
     resolution: usize,
     files: &[PathBuf],
     key: &str,
@@ -190,9 +211,11 @@ fn write_cache<B: Backend>(
     let meta = BTreeMap::from([(KEY.to_string(), key.to_string()), ("resolution".to_string(), resolution.to_string())]);
     let dtype = a.mixed_precision.dtype();
 
-    // Every distinct prompt and the null prompt, encoded once; T5 is dropped afterwards.
+    // Every distinct prompt, the null prompt and the validation prompts, encoded once; T5 is
+    // dropped afterwards.
     let mut prompts: BTreeSet<&str> = set.prompts().collect();
     prompts.insert("");
+    prompts.extend(extra_prompts.iter().map(String::as_str));
     let prompts: Vec<&str> = prompts.into_iter().collect();
     {
         let c = pipeline.transformer_config()?;

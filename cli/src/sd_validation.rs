@@ -21,6 +21,9 @@ pub struct LatentValidationFiles {
     pub vae: PathBuf,
     /// The VAE's storage type.
     pub dtype: lisa_core::backend::DType,
+    /// A latent-hint model's condition images enter the VAE in [−1, 1] (Flux, as
+    /// train_controlnet_flux.py), not [0, 1] (SD3).
+    pub signed_hints: bool,
 }
 
 impl LatentValidationFiles {
@@ -34,8 +37,13 @@ impl LatentValidationFiles {
         dtype: lisa_core::backend::DType,
     ) -> Result<(Option<Self>, Vec<String>)> {
         let (images, prompts) = validation_pairs(images, prompts)?;
-        let files =
-            (!images.is_empty()).then(|| Self { images, prompts: prompts.clone(), vae: vae.to_path_buf(), dtype });
+        let files = (!images.is_empty()).then(|| Self {
+            images,
+            prompts: prompts.clone(),
+            vae: vae.to_path_buf(),
+            dtype,
+            signed_hints: false,
+        });
         Ok((files, prompts))
     }
 }

@@ -361,7 +361,8 @@ impl TrainArgs {
             controlnet: self.controlnet_model_name_or_path.clone(),
             resolution: self.resolution,
             cache_dir: self.cache_dir.clone().unwrap_or_else(|| self.output_dir.join("cache")),
-            validation: !self.validation_image.is_empty(),
+            validation_image: self.validation_image.clone(),
+            validation_prompt: self.validation_prompt.clone(),
             mixed_precision: self.mixed_precision,
             weighting: crate::sd3_train::flow_weighting(
                 self.weighting_scheme.as_deref(),

@@ -1,8 +1,8 @@
 //! `lisa train --pretrained-model-name-or-path` on a Flux pipeline folder: a tiny whole
 //! pipeline written here (a transformer with random weights as wide as the CLIP and T5
 //! fixtures, FLUX.1-dev's scheduler, the SD VAE fixture), its inputs encoded once and cached,
-//! a LISA run hooked at a single-stream block that resumes exactly, the ControlNet saved as a
-//! diffusers folder, and the bad inputs of this path.
+//! a LISA run hooked at a single-stream block with validation grids that resumes exactly, the
+//! ControlNet saved as a diffusers folder, and the bad inputs of this path.
 
 use std::path::{Path, PathBuf};
 
@@ -136,8 +136,12 @@ fn a_whole_flux_pipeline_encodes_its_inputs_once_trains_and_resumes_exactly() {
     let (pipe, data) = (pipeline(&dir), data(&dir));
     let out = dir.join("out");
     let layers = ["--num-double-layers", "1", "--num-single-layers", "2", "--hook", "single_block_1"];
-    let err = ok(&train(&pipe, &data, &out, &layers));
+    let cond = data.join("source/0.png");
+    let validation = ["--validation-image", s(&cond), "--validation-prompt", "a red circle", "--validation-steps", "2"];
+    let err = ok(&train(&pipe, &data, &out, &[&layers[..], &validation[..]].concat()));
     assert!(err.contains("hook single_block_1") && err.contains("cached 3 latents and 3 condition latents"), "{err}");
+    let grid = image::open(out.join("validation-000002.png")).unwrap();
+    assert_eq!((grid.width(), grid.height()), (2 * 66, 66), "one condition | sample row of 64 px");
     let first = losses(&out);
     assert_eq!(first.len(), 2);
     assert!(first.iter().all(|l| l.is_finite() && *l > 0.0), "{first:?}");
@@ -158,7 +162,7 @@ fn a_whole_flux_pipeline_encodes_its_inputs_once_trains_and_resumes_exactly() {
     // Resumed from step 1: the cache reused, step 2 as the uninterrupted run's.
     let weights = std::fs::read(out.join("controlnet/diffusion_pytorch_model.safetensors")).unwrap();
     let ckpt = out.join("checkpoint-1");
-    let resume = [&layers[..], &["--resume-from-checkpoint", s(&ckpt)]].concat();
+    let resume = [&layers[..], &validation[..], &["--resume-from-checkpoint", s(&ckpt)]].concat();
     let err = ok(&train(&pipe, &data, &out, &resume));
     assert!(err.contains("using the cached latents"), "{err}");
     assert!(weights == std::fs::read(out.join("controlnet/diffusion_pytorch_model.safetensors")).unwrap());
@@ -183,10 +187,16 @@ fn bad_flux_runs_are_named_before_training() {
     );
     fails_with(&train(&pipe, &data, &out, &["--controlnet-num-layers", "2"]), "--num-double-layers");
     fails_with(&train(&pipe, &data, &out, &["--num-double-layers", "3"]), "made from a transformer of 2 and 2");
-    let cond = data.join("source/0.png");
+    let bad_png = dir.join("bad.png");
+    std::fs::write(&bad_png, b"not a png").unwrap();
     fails_with(
-        &train(&pipe, &data, &out, &["--validation-image", s(&cond), "--validation-prompt", "a ring"]),
-        "does not yet sample Flux",
+        &train(
+            &pipe,
+            &data,
+            &out,
+            &[&layers[..], &["--validation-image", s(&bad_png), "--validation-prompt", "x"]].concat(),
+        ),
+        "bad.png",
     );
     fails_with(&train(&pipe, &data, &out, &["--crops-coords-top-left-h", "8"]), "--crops-coords-top-left-h is for");
     std::fs::rename(pipe.join("text_encoder_2"), dir.join("t5")).unwrap();
@@ -207,17 +217,17 @@ fn the_readme_flux_command_runs_as_written() {
         .iter()
         .map(|w| match w.as_str() {
             "FLUX_PIPELINE" => s(&pipe).to_string(),
-            "DATA" => s(&data).to_string(),
             "runs/flux" => s(&out).to_string(),
             "10000" => "2".to_string(),
             "512" => "64".to_string(),
-            other => other.to_string(),
+            other => other.replacen("DATA", s(&data), 1),
         })
         .collect();
     let mut refs: Vec<&str> = args.iter().map(String::as_str).collect();
     refs.extend(["--max-sequence-length", "8"]);
     ok(&lisa(&refs));
     assert!(out.join("controlnet/diffusion_pytorch_model.safetensors").is_file());
+    assert!(out.join("validation-000002.png").is_file());
     assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 2);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -488,3 +488,17 @@ pub fn list_checkpoints(dir: &Path) -> Vec<(u64, PathBuf, Option<String>)> {
     out.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
     out
 }
+
+#[cfg(test)]
+mod tests {
+    /// `state.json`'s digest covers its re-serialised content: every f64 must read back as
+    /// written. This one (Flux's sampling shift `e^μ` at 4×4 tokens) did not with serde_json's
+    /// default float parser.
+    #[test]
+    fn f64_values_read_back_exactly() {
+        for x in [1.583_084_248_078_864_3_f64, 0.1 + 0.2, std::f64::consts::E, 1e-300, 123_456.789_012_345_68] {
+            let back: f64 = serde_json::from_str(&serde_json::to_string(&x).unwrap()).unwrap();
+            assert_eq!(back.to_bits(), x.to_bits(), "{x}");
+        }
+    }
+}

@@ -224,13 +224,16 @@ fn a_flux_pipeline_folder_is_read_checked_and_built() {
     assert!(FluxPipeline::is_flux(&dir) && !Sd3Pipeline::is_sd3(&dir), "Flux's folder is not taken for SD3's");
     let pipeline = FluxPipeline::open(&dir).unwrap();
     // Dynamic shifting: training draws unshifted times; sampling shifts by the token count.
-    let weighting = FlowWeighting::LogitNormal { mean: 0.0, std: 1.0 };
-    let NoiseConfig::Flow { shift, precondition_outputs, .. } = pipeline.noise(weighting) else { panic!() };
-    assert_eq!((shift, precondition_outputs), (Some(1.0), false));
     let mu = |n| pipeline.sampling_mu(n).unwrap();
     assert!((mu(256) - 0.5).abs() < 1e-12 && (mu(4096) - 1.15).abs() < 1e-12);
     assert!((mu(1024) - (0.5 + 0.65 * 768.0 / 3840.0)).abs() < 1e-12);
     let size = pipeline.training_size(None).unwrap();
+    let weighting = FlowWeighting::LogitNormal { mean: 0.0, std: 1.0 };
+    let NoiseConfig::Flow { shift, precondition_outputs, sampling_shift, .. } = pipeline.noise(weighting, size) else {
+        panic!()
+    };
+    assert_eq!((shift, precondition_outputs), (Some(1.0), false));
+    assert_eq!(sampling_shift, Some(mu(32 * 32).exp()), "512 px: 32×32 tokens");
     assert_eq!((size.pixels, size.latent_side), (512, 64), "train_controlnet_flux.py's default");
     let err = pipeline.training_size(Some(520)).unwrap_err().to_string();
     assert!(err.contains("multiple of 16"), "{err}");

@@ -49,6 +49,26 @@ impl EulerFlow {
         };
         Ok(Self { values: times[..n].iter().map(|&t| 1000.0 * t).collect(), times })
     }
+
+    /// `FluxPipeline`'s schedule: σ = linspace(1, 1/n, n) in f64, shifted by `shift` (`e^μ`
+    /// of the dynamic shift: `σ' = s·σ / (1 + (s − 1)·σ)`), then 0.
+    pub fn flux(shift: f64, config: &SchedulerConfig) -> Result<Self> {
+        if config.spacing.is_some() {
+            return Err(TrainError::Config(
+                "timestep spacing applies to discrete diffusion schedules; the flow sampler steps uniformly in t"
+                    .into(),
+            ));
+        }
+        let flow = RectifiedFlow { shift: Some(shift) };
+        let n = config.steps;
+        let last = 1.0 / n as f64;
+        let step = if n > 1 { (last - 1.0) / (n - 1) as f64 } else { 0.0 };
+        let mut times: Vec<f32> = (0..n)
+            .map(|i| flow.shifted_time(1.0 + step * i as f64).map(|t| t as f32))
+            .collect::<lisa_core::Result<_>>()?;
+        times.push(0.0);
+        Ok(Self { values: times[..n].iter().map(|&t| 1000.0 * t).collect(), times })
+    }
 }
 
 impl<B: Backend> Scheduler<B> for EulerFlow {
@@ -91,6 +111,32 @@ mod tests {
             }
             for (v, t) in e.values.iter().zip(&e.times) {
                 assert!((v - 1000.0 * t).abs() < 1e-3);
+            }
+        }
+    }
+
+    /// diffusers 0.42.1: FLUX.1-dev's scheduler (`use_dynamic_shifting`, base/max shift 0.5 /
+    /// 1.15 over 256 … 4096 tokens) `.set_timesteps(sigmas=linspace(1, 1/n, n), mu=μ)`'s
+    /// `sigmas` for (n, tokens) = (4, 16): μ = 0.459375, and (3, 4096): μ = 1.15.
+    #[test]
+    fn flux_sampling_times_are_diffusers() {
+        let cases: [(f64, usize, &[f32]); 2] = [
+            (0.459375, 4, &[1.0, 0.826_064_35, 0.612_865_9, 0.345_418_99, 0.0]),
+            (1.15, 3, &[1.0, 0.863_320_5, 0.612_267_3, 0.0]),
+        ];
+        for (mu, steps, want) in cases {
+            let config = SchedulerConfig {
+                sampler: super::super::Sampler::Euler,
+                steps,
+                spacing: None,
+                prediction: lisa_core::Prediction::FlowVelocity,
+                clip_sample: false,
+                seed: 0,
+            };
+            let e = EulerFlow::flux(f64::exp(mu), &config).unwrap();
+            assert_eq!(e.times.len(), want.len());
+            for (got, want) in e.times.iter().zip(want) {
+                assert!((got - want).abs() <= 1e-6, "μ {mu}: {:?} vs {want:?}", e.times);
             }
         }
     }

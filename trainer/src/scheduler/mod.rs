@@ -93,6 +93,9 @@ pub fn build<B: Backend>(noise: &NoiseConfig, config: &SchedulerConfig) -> Resul
         (NoiseConfig::Diffusion { betas, num_train_timesteps }, Sampler::Ddpm) => {
             Ok(Box::new(Ddpm::new(SpacedSchedule::new(betas, num_train_timesteps, config)?)))
         }
+        (NoiseConfig::Flow { sampling_shift: Some(shift), .. }, Sampler::Euler) => {
+            Ok(Box::new(EulerFlow::flux(shift, config)?))
+        }
         (NoiseConfig::Flow { shift, num_train_timesteps, .. }, Sampler::Euler) => {
             Ok(Box::new(EulerFlow::new(shift, num_train_timesteps, config)?))
         }

@@ -38,6 +38,11 @@ pub enum NoiseConfig {
         /// the loss compares `x_t − σ·pred` with `x₀`, which is the velocity loss times `σ²`.
         #[serde(default)]
         precondition_outputs: bool,
+        /// The shift of the sampling schedule when it is not `shift` (Flux's dynamic shift for
+        /// the trained image size, `e^μ`): sampling then steps σ from 1 to 1/n before shifting,
+        /// as `FluxPipeline` does. Training ignores it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sampling_shift: Option<f64>,
     },
 }
 
@@ -50,6 +55,7 @@ impl NoiseConfig {
             weighting: FlowWeighting::LogitNormal { mean: 0.0, std: 1.0 },
             num_train_timesteps: Some(1000),
             precondition_outputs: true,
+            sampling_shift: None,
         }
     }
 }
@@ -112,7 +118,7 @@ impl NoiseProcess {
             NoiseConfig::Diffusion { betas, num_train_timesteps } => {
                 NoiseProcess::Diffusion(DiscreteVp::new(betas, num_train_timesteps)?)
             }
-            NoiseConfig::Flow { shift, weighting, num_train_timesteps, precondition_outputs } => {
+            NoiseConfig::Flow { shift, weighting, num_train_timesteps, precondition_outputs, sampling_shift } => {
                 let bad = |m: String| Err(TrainError::setting("train.noise", m));
                 match weighting {
                     FlowWeighting::LogitNormal { mean, std } if !(mean.is_finite() && std.is_finite() && std > 0.0) => {
@@ -131,6 +137,7 @@ impl NoiseProcess {
                 }
                 let flow = RectifiedFlow { shift };
                 flow.shifted_time(0.5f64)?;
+                RectifiedFlow { shift: sampling_shift }.shifted_time(0.5f64)?;
                 NoiseProcess::Flow { flow, weighting, grid: num_train_timesteps, precondition: precondition_outputs }
             }
         })
@@ -294,6 +301,7 @@ mod tests {
             weighting,
             num_train_timesteps: grid,
             precondition_outputs: false,
+            sampling_shift: None,
         };
         assert!(NoiseProcess::new(&flow(FlowWeighting::SigmaSqrt, None)).is_err());
         assert!(NoiseProcess::new(&flow(FlowWeighting::LogitNormal { mean: 0.0, std: 0.0 }, None)).is_err());

@@ -149,13 +149,17 @@ impl FluxPipeline {
 
     /// The training noise: diffusers' grid of times, shifted by the scheduler's `shift` unless
     /// it shifts dynamically, drawn by `weighting`; the plain velocity loss (no
-    /// preconditioning), as train_controlnet_flux.py trains.
-    pub fn noise(&self, weighting: FlowWeighting) -> NoiseConfig {
+    /// preconditioning), as train_controlnet_flux.py trains. Sampling at `size` shifts by
+    /// `e^μ` of its token count when the scheduler shifts dynamically, from σ = 1 … 1/n, as
+    /// `FluxPipeline` samples.
+    pub fn noise(&self, weighting: FlowWeighting, size: TrainingSize) -> NoiseConfig {
+        let tokens = (size.latent_side / 2).pow(2);
         NoiseConfig::Flow {
             shift: Some(if self.dynamic_shifting { 1.0 } else { self.shift }),
             weighting,
             num_train_timesteps: Some(self.num_train_timesteps),
             precondition_outputs: false,
+            sampling_shift: Some(self.sampling_mu(tokens).map_or(self.shift, f64::exp)),
         }
     }
 

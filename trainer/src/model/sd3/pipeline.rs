@@ -144,6 +144,7 @@ impl Sd3Pipeline {
             weighting: training.weighting,
             num_train_timesteps: Some(self.num_train_timesteps),
             precondition_outputs: training.precondition_outputs,
+            sampling_shift: None,
         }
     }
 
