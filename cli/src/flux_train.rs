@@ -52,6 +52,8 @@ pub struct FluxArgs {
     pub layers: (Option<usize>, Option<usize>),
     /// `--guidance-scale` of a guidance-distilled transformer (None: 3.5).
     pub guidance_scale: Option<f32>,
+    /// `--control-mode` of a union ControlNet.
+    pub control_mode: Option<usize>,
 }
 
 /// T5 tokens per prompt when `--max-sequence-length` is not given (FluxPipeline's default).
@@ -91,7 +93,7 @@ pub fn prepare<B: Backend>(
     if precision != MixedPrecision::No {
         eprintln!("{}", mixed_precision_note::<B>(precision, &device).replace("UNet", "transformer"));
     }
-    let settings = (precision, a.guidance_scale);
+    let settings = (precision, a.guidance_scale, a.control_mode);
     file.model =
         pipeline.controlnet_spec(controlnet, a.layers, size, settings, &file.model.decoder).with_context(in_folder)?;
     file.train.noise = pipeline.noise(a.weighting, size);

@@ -107,6 +107,10 @@ pub struct TrainArgs {
     /// Flux-dev: the guidance scale the transformer is given in training (default 3.5).
     #[arg(long, allow_negative_numbers = true)]
     guidance_scale: Option<f32>,
+    /// Flux union ControlNet (`num_mode` in its config): the control type of every training
+    /// and validation sample (0 .. num_mode − 1).
+    #[arg(long)]
+    control_mode: Option<usize>,
     /// SD3: condition channels beyond the latents' of a ControlNet made from the transformer.
     #[arg(long, default_value_t = 0)]
     num_extra_conditioning_channels: usize,
@@ -343,6 +347,7 @@ impl TrainArgs {
             ("--num-double-layers", self.num_double_layers.is_some()),
             ("--num-single-layers", self.num_single_layers.is_some()),
             ("--guidance-scale", self.guidance_scale.is_some()),
+            ("--control-mode", self.control_mode.is_some()),
         ];
         if let Some((flag, _)) = given.iter().find(|g| g.1) {
             bail!("{flag} is for Flux pipelines; this folder is not one");
@@ -372,6 +377,7 @@ impl TrainArgs {
             max_sequence_length: self.max_sequence_length,
             layers: (self.num_double_layers, self.num_single_layers),
             guidance_scale: self.guidance_scale,
+            control_mode: self.control_mode,
         })
     }
 

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 mod common;
 
 use common::{fails_with, lisa, ok, readme_train_command, s};
+use lisa_core::backend::DType;
+use lisa_core::backend::prelude::*;
 use lisa_cpu::{CpuBackend as C, CpuDevice};
 use lisa_trainer::model::flux::{FluxConfig, FluxTransformer};
 use lisa_trainer::params::ParamStore;
@@ -229,5 +231,47 @@ fn the_readme_flux_command_runs_as_written() {
     assert!(out.join("controlnet/diffusion_pytorch_model.safetensors").is_file());
     assert!(out.join("validation-000002.png").is_file());
     assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A union ControlNet (`num_mode` 3) for the tiny pipeline's transformer, written as the
+/// diffusers folder `dir` with seeded random weights (the zero blocks too, so that it acts).
+fn union_controlnet(pipe: &Path, dir: &Path) -> PathBuf {
+    use lisa_trainer::model::flux::{FluxControlNet, FluxControlNetExtras};
+    let config = lisa_trainer::model::sd::read_json_config(&pipe.join("transformer")).unwrap();
+    let c = FluxConfig::from_transformer_json(&config).unwrap().controlnet_from_transformer(1, 1).unwrap();
+    let extras = FluxControlNetExtras { num_mode: Some(3) };
+    let mut store = ParamStore::<C>::new(CpuDevice, 5);
+    FluxControlNet::new(&mut store, "", &c, extras).unwrap();
+    let ids: Vec<_> = store.iter().map(|(id, _)| id).collect();
+    for (i, id) in ids.into_iter().enumerate() {
+        let shape = C::shape(&store.get(id).value);
+        let v = C::random_normal(&shape, 900 + i as u64, DType::F32, &CpuDevice).unwrap();
+        store.get_mut(id).value = C::scale(&v, 0.1).unwrap();
+    }
+    let store: &ParamStore<C> = &store;
+    let tensors: Vec<(String, &lisa_cpu::CpuTensor)> = store.iter().map(|(_, q)| (q.name.clone(), &q.value)).collect();
+    lisa_trainer::model::sd::write_diffusers_folder::<C>(&tensors, &c.controlnet_json(extras), dir).unwrap();
+    dir.to_path_buf()
+}
+
+#[test]
+fn a_union_controlnet_trains_with_its_control_type() {
+    let dir = workdir("union");
+    let (pipe, data) = (pipeline(&dir), data(&dir));
+    let union = union_controlnet(&pipe, &dir.join("union-controlnet"));
+    let cn = ["--controlnet-model-name-or-path", s(&union), "--max-train-steps", "1"];
+    let cache = dir.join("cache");
+    let cached = ["--cache-dir", s(&cache)];
+    let (out0, out2) = (dir.join("out-mode-0"), dir.join("out-mode-2"));
+    ok(&train(&pipe, &data, &out0, &[&cn[..], &cached[..], &["--control-mode", "0"]].concat()));
+    ok(&train(&pipe, &data, &out2, &[&cn[..], &cached[..], &["--control-mode", "2"]].concat()));
+    // The control type's token enters the ControlNet: another type, another first loss.
+    assert!(losses(&out0)[0] != losses(&out2)[0], "{:?} vs {:?}", losses(&out0), losses(&out2));
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out2.join("controlnet/config.json")).unwrap()).unwrap();
+    assert_eq!(saved["num_mode"], 3);
+    fails_with(&train(&pipe, &data, &dir.join("bad"), &cn), "name the control_mode");
+    fails_with(&train(&pipe, &data, &dir.join("bad"), &[&cn[..], &["--control-mode", "3"]].concat()), "num_mode 3");
     let _ = std::fs::remove_dir_all(&dir);
 }

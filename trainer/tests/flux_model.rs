@@ -247,12 +247,13 @@ fn a_flux_pipeline_folder_is_read_checked_and_built() {
         ..DecoderConfig::default()
     };
     let spec = pipeline
-        .controlnet_spec(None, (Some(1), Some(4)), size, (Default::default(), None), &decoder)
+        .controlnet_spec(None, (Some(1), Some(4)), size, (Default::default(), None, None), &decoder)
         .unwrap_err()
         .to_string();
     assert!(spec.contains("0..=3"), "{spec}");
-    let spec =
-        pipeline.controlnet_spec(None, (Some(1), Some(3)), size, (Default::default(), Some(4.0)), &decoder).unwrap();
+    let spec = pipeline
+        .controlnet_spec(None, (Some(1), Some(3)), size, (Default::default(), Some(4.0), None), &decoder)
+        .unwrap();
     let model = pipeline.build::<C>(&spec, Parts::Dual { decoder: true }, None, CpuDevice, 0).unwrap();
     assert_eq!(model.sample_shape(), [4, 8, 8]);
     let (io, _) = read(&fixture("dev").join("io.safetensors"));

@@ -210,14 +210,14 @@ impl FluxPipeline {
     /// The flux model that trains a ControlNet for this pipeline's transformer at `size`: the
     /// ControlNet's config from the folder `controlnet`, or diffusers' `from_transformer` with
     /// `layers` double- and single-stream blocks (None: 4 and 4); `guidance_scale` for a
-    /// guidance-distilled transformer (None: 3.5). Checked whole before anything is
-    /// allocated; the text embeddings come later.
+    /// guidance-distilled transformer (None: 3.5); `control_mode` for a union ControlNet.
+    /// Checked whole before anything is allocated; the text embeddings come later.
     pub fn controlnet_spec(
         &self,
         controlnet: Option<&Path>,
         layers: (Option<usize>, Option<usize>),
         size: TrainingSize,
-        (precision, guidance_scale): (MixedPrecision, Option<f32>),
+        (precision, guidance_scale, control_mode): (MixedPrecision, Option<f32>, Option<usize>),
         decoder: &DecoderConfig,
     ) -> Result<ModelSpec> {
         self.transformer_config()?;
@@ -227,7 +227,7 @@ impl FluxPipeline {
             controlnet,
             controlnet_layers: layers.0,
             controlnet_single_layers: layers.1,
-            control_mode: None,
+            control_mode,
             guidance_scale,
             conditioning_scale: 1.0,
             text_embeddings: None,
