@@ -18,16 +18,13 @@ use lisa_trainer::data::Dataset;
 use lisa_trainer::model::flux::{FluxModel, FluxPipeline, FluxTextEncoders};
 use lisa_trainer::model::sd::{MixedPrecision, Vae};
 use lisa_trainer::scheduler::FlowWeighting;
-use lisa_trainer::weights::digest;
 
 use crate::config::RunFile;
-use crate::fill50k::{CONDITION_LATENTS_FILE, Fill50k, LATENTS_FILE, Layout};
+use crate::fill50k::Fill50k;
 use crate::pipeline_start::{SdStart, mixed_precision_note, mode_parts};
-use crate::sd_cache::{
-    EMBEDDINGS_FILE, FileDigests, KEY, POOLED_EMBEDDINGS_FILE, check_outside, encoding_chunk, folder_digest,
-    locked_cache, write_latents,
-};
+use crate::sd_cache::{KEY, encoding_chunk, write_latents};
 use crate::sd_validation::{LatentValidationFiles, read_rgb};
+use crate::sd3_train::{Inputs, flow_inputs};
 
 /// The flags the Flux path reads.
 #[derive(Debug, Clone)]
@@ -130,15 +127,6 @@ pub fn prepare<B: Backend>(
     Ok(SdStart { model: Box::new(model), validation, cache_lock: inputs.lock })
 }
 
-/// Where a Flux run's inputs are.
-struct Inputs {
-    latents: PathBuf,
-    condition_latents: PathBuf,
-    text: PathBuf,
-    pooled: PathBuf,
-    lock: Option<std::fs::File>,
-}
-
 /// The data folder's four precomputed files, or the cache made now if missing or stale.
 fn inputs<B: Backend>(
     pipeline: &FluxPipeline,
@@ -148,54 +136,18 @@ fn inputs<B: Backend>(
     extra_prompts: &[String],
     device: B::Device,
 ) -> Result<Inputs> {
-    let names = [LATENTS_FILE, CONDITION_LATENTS_FILE, EMBEDDINGS_FILE, POOLED_EMBEDDINGS_FILE];
-    let in_data: Vec<PathBuf> = names.iter().map(|n| data.join(n)).collect();
-    if in_data.iter().all(|p| p.is_file()) {
-        eprintln!("using the precomputed {} of {}", names.join(", "), data.display());
-        let [latents, condition_latents, text, pooled] = in_data.try_into().expect("four files");
-        return Ok(Inputs { latents, condition_latents, text, pooled, lock: None });
-    }
-    let cache_dir = &a.cache_dir;
-    check_outside(cache_dir, data)?;
-    let root = &pipeline.root;
     let needed = ["vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"];
-    let missing: Vec<&str> = needed.into_iter().filter(|c| !root.join(c).is_dir()).collect();
-    if !missing.is_empty() {
-        bail!(
-            "{} has no {}: lisa needs them to compute the latents and text embeddings (or put precomputed {} in {})",
-            root.display(),
-            missing.join("/, ") + "/",
-            names.join(", "),
-            data.display()
-        );
-    }
-    let set = Fill50k::open(
-        data,
-        Layout {
-            image: [3, resolution, resolution],
-            hint: [3, resolution, resolution],
-            latents: None,
-            hint_latents: None,
-        },
-    )?;
     let max_len = a.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
-    let mut digests = FileDigests::open(cache_dir)?;
-    let mut parts = vec![format!(
-        "flux data {} resolution {resolution} precision {:?} max_sequence_length {max_len} extra {extra_prompts:?}",
-        set.fingerprint(),
-        a.mixed_precision,
-    )];
-    for part in needed {
-        parts.push(format!("{part} {}", folder_digest(&root.join(part), &mut digests)?));
-    }
-    let key = digest(parts.join(" ").as_bytes());
-    let cached: Vec<PathBuf> = names.iter().map(|n| cache_dir.join(n)).collect();
-    let refs: Vec<&Path> = cached.iter().map(PathBuf::as_path).collect();
-    let lock = locked_cache(cache_dir, &key, (&refs, "latents and text embeddings"), digests, || {
-        write_cache::<B>(pipeline, a, (&set, extra_prompts, max_len), resolution, &cached, &key, device)
-    })?;
-    let [latents, condition_latents, text, pooled] = cached.try_into().expect("four files");
-    Ok(Inputs { latents, condition_latents, text, pooled, lock: Some(lock) })
+    let head = |set: &Fill50k| {
+        format!(
+            "flux data {} resolution {resolution} precision {:?} max_sequence_length {max_len} extra {extra_prompts:?}",
+            set.fingerprint(),
+            a.mixed_precision,
+        )
+    };
+    flow_inputs(&pipeline.root, (data, &a.cache_dir), resolution, (&needed, &needed), head, |set, cached, key| {
+        write_cache::<B>(pipeline, a, (set, extra_prompts, max_len), resolution, cached, key, device)
+    })
 }
 
 /// Encodes the prompts and the images and writes the four files (under the exclusive lock).

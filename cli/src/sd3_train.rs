@@ -153,13 +153,13 @@ pub fn prepare<B: Backend>(
     Ok(SdStart { model: Box::new(model), validation, cache_lock: inputs.lock })
 }
 
-/// Where an SD3 run's inputs are.
-struct Inputs {
-    latents: PathBuf,
-    condition_latents: PathBuf,
-    text: PathBuf,
-    pooled: PathBuf,
-    lock: Option<std::fs::File>,
+/// Where a flow transformer run's inputs are (SD3's and Flux's alike).
+pub(crate) struct Inputs {
+    pub(crate) latents: PathBuf,
+    pub(crate) condition_latents: PathBuf,
+    pub(crate) text: PathBuf,
+    pub(crate) pooled: PathBuf,
+    pub(crate) lock: Option<std::fs::File>,
 }
 
 /// The data folder's four precomputed files, or the cache made now if missing or stale.
@@ -172,6 +172,35 @@ fn inputs<B: Backend>(
     extra_prompts: &[String],
     device: B::Device,
 ) -> Result<Inputs> {
+    let needed = ["vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"];
+    let digested =
+        ["vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"];
+    let head = |set: &Fill50k| {
+        format!(
+            "sd3 data {} resolution {resolution} precision {:?} max_sequence_length {} width {joint} extra {extra_prompts:?}",
+            set.fingerprint(),
+            a.mixed_precision,
+            a.max_sequence_length
+        )
+    };
+    flow_inputs(&pipeline.root, (data, &a.cache_dir), resolution, (&needed, &digested), head, |set, cached, key| {
+        write_cache::<B>(pipeline, a, (set, extra_prompts), resolution, joint, cached, key, device)
+    })
+}
+
+/// A flow transformer run's four inputs (latents, condition latents, text tokens, pooled text):
+/// the data folder's own precomputed files when it has all four, else the cache in
+/// `cache_dir`, written by `write` (the data set, the four paths, the key) when missing or
+/// stale. The pipeline folder `root` must hold the parts `needed` to encode; the cache key is
+/// `head` (of the data set) with the digests of the parts `digested`.
+pub(crate) fn flow_inputs(
+    root: &Path,
+    (data, cache_dir): (&Path, &Path),
+    resolution: usize,
+    (needed, digested): (&[&str], &[&str]),
+    head: impl FnOnce(&Fill50k) -> String,
+    write: impl FnOnce(&Fill50k, &[PathBuf], &str) -> Result<()>,
+) -> Result<Inputs> {
     let names = [LATENTS_FILE, CONDITION_LATENTS_FILE, EMBEDDINGS_FILE, POOLED_EMBEDDINGS_FILE];
     let in_data: Vec<PathBuf> = names.iter().map(|n| data.join(n)).collect();
     if in_data.iter().all(|p| p.is_file()) {
@@ -179,11 +208,8 @@ fn inputs<B: Backend>(
         let [latents, condition_latents, text, pooled] = in_data.try_into().expect("four files");
         return Ok(Inputs { latents, condition_latents, text, pooled, lock: None });
     }
-    let cache_dir = &a.cache_dir;
     check_outside(cache_dir, data)?;
-    let root = &pipeline.root;
-    let needed = ["vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"];
-    let missing: Vec<&str> = needed.into_iter().filter(|c| !root.join(c).is_dir()).collect();
+    let missing: Vec<&str> = needed.iter().copied().filter(|c| !root.join(c).is_dir()).collect();
     if !missing.is_empty() {
         bail!(
             "{} has no {}: lisa needs them to compute the latents and text embeddings (or put precomputed {} in {})",
@@ -203,21 +229,15 @@ fn inputs<B: Backend>(
         },
     )?;
     let mut digests = FileDigests::open(cache_dir)?;
-    let mut parts = vec![format!(
-        "sd3 data {} resolution {resolution} precision {:?} max_sequence_length {} width {joint} extra {extra_prompts:?}",
-        set.fingerprint(),
-        a.mixed_precision,
-        a.max_sequence_length
-    )];
-    for part in ["vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"] {
+    let mut parts = vec![head(&set)];
+    for part in digested {
         parts.push(format!("{part} {}", folder_digest(&root.join(part), &mut digests)?));
     }
     let key = digest(parts.join(" ").as_bytes());
     let cached: Vec<PathBuf> = names.iter().map(|n| cache_dir.join(n)).collect();
     let refs: Vec<&Path> = cached.iter().map(PathBuf::as_path).collect();
-    let lock = locked_cache(cache_dir, &key, (&refs, "latents and text embeddings"), digests, || {
-        write_cache::<B>(pipeline, a, (&set, extra_prompts), resolution, joint, &cached, &key, device)
-    })?;
+    let lock =
+        locked_cache(cache_dir, &key, (&refs, "latents and text embeddings"), digests, || write(&set, &cached, &key))?;
     let [latents, condition_latents, text, pooled] = cached.try_into().expect("four files");
     Ok(Inputs { latents, condition_latents, text, pooled, lock: Some(lock) })
 }

@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 
 use lisa_core::Prediction;
-use lisa_core::backend::{Backend, DType, Shape};
+use lisa_core::backend::Backend;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -23,7 +23,7 @@ use super::{
 use crate::autodiff::Var;
 use crate::error::{Result, TrainError};
 use crate::model::sd::{MixedPrecision, PromptTable, write_diffusers_folder};
-use crate::model::sd3::read_prompt_pair;
+use crate::model::sd3::{lookup_pooled_text, pooled_text_tensors, read_prompt_pair};
 use crate::model::{
     Conditioning, DECODER, DecoderConfig, DualDenoiser, DualParts, HookLayer, LisaDecoder, MAIN, MainEncoding,
     ModelSpec, Parts, PromptEmbedding, Residuals, SIDE, SideOutput, Skips,
@@ -297,32 +297,7 @@ impl<B: Backend> FluxModel<B> {
     /// The text tokens `[n, s, joint_attention_dim]` and pooled text `[n, pooled]` of `cond`.
     fn text(&self, cond: &Conditioning, device: &B::Device) -> Result<(B::Tensor, B::Tensor)> {
         let c = &self.resolved.transformer;
-        let n = cond.t.len();
-        match &cond.prompt {
-            PromptEmbedding::TextPooled { values, tokens, dim, pooled, pooled_dim }
-                if *dim == c.joint_attention_dim
-                    && *pooled_dim == c.pooled_projection_dim
-                    && values.len() == n * tokens * dim
-                    && pooled.len() == n * pooled_dim =>
-            {
-                Ok((
-                    B::from_slice(values, &Shape::new([n, *tokens, *dim]), DType::F32, device)?,
-                    B::from_slice(pooled, &Shape::new([n, *pooled_dim]), DType::F32, device)?,
-                ))
-            }
-            PromptEmbedding::TextPooled { values, tokens, dim, pooled, pooled_dim } => {
-                Err(TrainError::Mismatch(format!(
-                    "text of {} values as [{n}, {tokens}, {dim}] and pooled text of {} as [{n}, {pooled_dim}]: the transformer reads [{n}, tokens, {}] and [{n}, {}]",
-                    values.len(),
-                    pooled.len(),
-                    c.joint_attention_dim,
-                    c.pooled_projection_dim
-                )))
-            }
-            _ => Err(TrainError::Mismatch(
-                "the flux model reads text tokens with pooled text (PromptEmbedding::TextPooled)".into(),
-            )),
-        }
+        pooled_text_tensors::<B>(cond, (c.joint_attention_dim, c.pooled_projection_dim), device, NAME)
     }
 
     /// Runs `f` with the pass's [`FluxInputs`] (text as constants of the tape; the guidance
@@ -432,18 +407,7 @@ impl<B: Backend> DualDenoiser<B> for FluxModel<B> {
 
     /// The prompts' precomputed text tokens and pooled text.
     fn embed_prompts(&self, prompts: &[&str]) -> Result<PromptEmbedding> {
-        let (text, pooled) = self.prompts.as_ref().ok_or_else(|| {
-            TrainError::Config(
-                "the flux model reads precomputed text embeddings (text_embeddings and pooled_text_embeddings, safetensors files of one tensor per prompt); none were given".into(),
-            )
-        })?;
-        Ok(PromptEmbedding::TextPooled {
-            values: text.lookup(prompts)?,
-            tokens: text.tokens,
-            dim: text.dim,
-            pooled: pooled.lookup(prompts)?,
-            pooled_dim: pooled.dim,
-        })
+        lookup_pooled_text(self.prompts.as_ref(), prompts, NAME)
     }
 
     /// The transformer's embeddings: `skips.mid` = the image tokens entering the first block,

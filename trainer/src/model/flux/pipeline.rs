@@ -20,6 +20,7 @@ use crate::error::{Result, TrainError};
 use crate::model::sd::{
     MixedPrecision, SD_VAE_DOWNSCALE, TrainingSize, VaeConfig, config_error_in, folder_vae_config, read_json_config,
 };
+use crate::model::sd3::{class_name, read_flow_folder};
 use crate::model::{DecoderConfig, DualDenoiser, ModelSpec, Parts};
 use crate::scheduler::{FlowWeighting, NoiseConfig};
 use crate::weights::bad;
@@ -60,44 +61,14 @@ impl FluxPipeline {
     /// Whether `root` holds a Flux pipeline (`model_index.json` names a Flux pipeline, or
     /// `transformer/config.json` a `FluxTransformer2DModel`).
     pub fn is_flux(root: &Path) -> bool {
-        let class = |path: PathBuf| {
-            std::fs::read_to_string(path)
-                .ok()
-                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-                .and_then(|v| v.get("_class_name").and_then(Value::as_str).map(str::to_string))
-        };
-        class(root.join("model_index.json")).is_some_and(|c| c.starts_with("Flux"))
-            || class(root.join("transformer/config.json")).is_some_and(|c| c == "FluxTransformer2DModel")
+        class_name(&root.join("model_index.json")).is_some_and(|c| c.starts_with("Flux"))
+            || class_name(&root.join("transformer/config.json")).is_some_and(|c| c == "FluxTransformer2DModel")
     }
 
     /// Reads `transformer/config.json` and `scheduler/scheduler_config.json`; a missing part
     /// or an unsupported scheduler setting is an error naming it.
     pub fn open(root: &Path) -> Result<Self> {
-        for part in ["transformer", "scheduler"] {
-            if !root.join(part).is_dir() {
-                return Err(bad(root, format!("is not a Flux pipeline folder: it has no {part}/")));
-            }
-        }
-        let transformer = read_json_config(&root.join("transformer"))?;
-        let path = root.join("scheduler/scheduler_config.json");
-        let text = std::fs::read_to_string(&path).map_err(crate::weights::io(&path))?;
-        let Ok(Value::Object(c)) = serde_json::from_str::<Value>(&text) else {
-            return Err(bad(&path, "is not a JSON object"));
-        };
-        match c.get("_class_name").and_then(Value::as_str) {
-            Some("FlowMatchEulerDiscreteScheduler") | None => {}
-            Some(other) => {
-                return Err(bad(&path, format!("is a {other}; Flux trains with FlowMatchEulerDiscreteScheduler")));
-            }
-        }
-        for (key, want) in SCHEDULER_AT_DEFAULT {
-            if let Some(v) = c.get(*key)
-                && v != want
-                && !(v.is_null() && *want == Value::Bool(false))
-            {
-                return Err(bad(&path, format!("{key} = {v} is not supported (only {want})")));
-            }
-        }
+        let (transformer, path, c) = read_flow_folder(root, ("a Flux pipeline folder", "Flux"), SCHEDULER_AT_DEFAULT)?;
         if let Some(v) = c.get("time_shift_type")
             && !(v.is_null() || v == "exponential")
         {

@@ -12,8 +12,8 @@ use lisa_core::backend::{Backend, DType};
 use crate::autodiff::Tape;
 use crate::error::{Result, TrainError};
 use crate::model::PromptEmbedding;
-use crate::model::sd::{ClipTextModel, ClipTokenizer, read_json_config, read_text_pair};
-use crate::model::t5::{T5Config, T5Encoder, T5Tokenizer, load_t5};
+use crate::model::sd::{ClipTextModel, ClipTokenizer, read_text_pair};
+use crate::model::t5::{T5Encoder, T5Tokenizer, open_t5};
 use crate::params::ParamStore;
 use crate::weights::bad;
 
@@ -58,32 +58,10 @@ impl<B: Backend> FluxTextEncoders<B> {
         let model = ClipTextModel::new(&mut store, "clip", &config)?;
         crate::model::sd::load_clip(&mut store, "clip", &clip_dir)?;
         let clip = (tokenizer, model);
-        let t5_dir = pipeline.join("text_encoder_2");
-        let config = T5Config::from_json(&read_json_config(&t5_dir)?)?;
-        let tokenizer = T5Tokenizer::from_dir(&pipeline.join("tokenizer_2"))?;
-        if tokenizer.id_bound() > config.vocab_size {
-            return Err(bad(
-                &pipeline.join("tokenizer_2"),
-                format!(
-                    "makes token ids up to {}; text_encoder_2 embeds {}",
-                    tokenizer.id_bound() - 1,
-                    config.vocab_size
-                ),
-            ));
-        }
-        if config.d_model != joint_attention_dim {
-            return Err(bad(
-                &t5_dir,
-                format!(
-                    "is {} wide; the transformer reads {joint_attention_dim} (joint_attention_dim)",
-                    config.d_model
-                ),
-            ));
-        }
-        let model = T5Encoder::new(&mut store, "t5", &config)?;
-        load_t5(&mut store, "t5", &t5_dir)?;
+        let t5_dirs = (pipeline.join("text_encoder_2"), pipeline.join("tokenizer_2"));
+        let t5 = open_t5(&mut store, "t5", (&t5_dirs.0, &t5_dirs.1), joint_attention_dim)?;
         crate::model::sd::cast_frozen(&mut store, dtype)?;
-        Ok(Self { store, clip, t5: (tokenizer, model), max_sequence_length })
+        Ok(Self { store, clip, t5, max_sequence_length })
     }
 
     /// Text tokens per prompt (`max_sequence_length`).

@@ -264,32 +264,7 @@ impl<B: Backend> Sd3Model<B> {
     /// `cond`.
     fn text(&self, cond: &Conditioning, device: &B::Device) -> Result<(B::Tensor, B::Tensor)> {
         let c = &self.resolved.transformer;
-        let n = cond.t.len();
-        match &cond.prompt {
-            PromptEmbedding::TextPooled { values, tokens, dim, pooled, pooled_dim }
-                if *dim == c.joint_attention_dim
-                    && *pooled_dim == c.pooled_projection_dim
-                    && values.len() == n * tokens * dim
-                    && pooled.len() == n * pooled_dim =>
-            {
-                Ok((
-                    B::from_slice(values, &Shape::new([n, *tokens, *dim]), DType::F32, device)?,
-                    B::from_slice(pooled, &Shape::new([n, *pooled_dim]), DType::F32, device)?,
-                ))
-            }
-            PromptEmbedding::TextPooled { values, tokens, dim, pooled, pooled_dim } => {
-                Err(TrainError::Mismatch(format!(
-                    "text of {} values as [{n}, {tokens}, {dim}] and pooled projections of {} as [{n}, {pooled_dim}]: the transformer reads [{n}, tokens, {}] and [{n}, {}]",
-                    values.len(),
-                    pooled.len(),
-                    c.joint_attention_dim,
-                    c.pooled_projection_dim
-                )))
-            }
-            _ => Err(TrainError::Mismatch(
-                "the sd3 model reads text tokens with pooled projections (PromptEmbedding::TextPooled)".into(),
-            )),
-        }
+        pooled_text_tensors::<B>(cond, (c.joint_attention_dim, c.pooled_projection_dim), device, NAME)
     }
 
     /// Runs `f` with the pass's [`Sd3Inputs`] (text as constants of the tape).
@@ -332,6 +307,59 @@ fn read_prompts(spec: &mut Sd3Spec, c: &Sd3Config) -> Result<Option<(PromptTable
         (&mut spec.text_embeddings_sha256, &mut spec.pooled_text_embeddings_sha256),
         NAME,
     )
+}
+
+/// The text tokens `[n, s, text_dim]` and pooled text `[n, pooled_dim]` of `cond`
+/// (`PromptEmbedding::TextPooled`) as tensors on `device`, for a flow transformer that reads
+/// those widths; other widths or kinds are errors naming `architecture`.
+pub(crate) fn pooled_text_tensors<B: Backend>(
+    cond: &Conditioning,
+    (text_dim, pooled_dim): (usize, usize),
+    device: &B::Device,
+    architecture: &str,
+) -> Result<(B::Tensor, B::Tensor)> {
+    let n = cond.t.len();
+    match &cond.prompt {
+        PromptEmbedding::TextPooled { values, tokens, dim, pooled, pooled_dim: pd }
+            if *dim == text_dim && *pd == pooled_dim && values.len() == n * tokens * dim && pooled.len() == n * pd =>
+        {
+            Ok((
+                B::from_slice(values, &Shape::new([n, *tokens, *dim]), DType::F32, device)?,
+                B::from_slice(pooled, &Shape::new([n, *pd]), DType::F32, device)?,
+            ))
+        }
+        PromptEmbedding::TextPooled { values, tokens, dim, pooled, pooled_dim: pd } => {
+            Err(TrainError::Mismatch(format!(
+                "text of {} values as [{n}, {tokens}, {dim}] and pooled projections of {} as [{n}, {pd}]: the transformer reads [{n}, tokens, {text_dim}] and [{n}, {pooled_dim}]",
+                values.len(),
+                pooled.len(),
+            )))
+        }
+        _ => Err(TrainError::Mismatch(format!(
+            "the {architecture} model reads text tokens with pooled projections (PromptEmbedding::TextPooled)"
+        ))),
+    }
+}
+
+/// The text tokens and pooled text of `prompts` from a flow transformer's two tables
+/// (None: the model was given none, an error naming `architecture`).
+pub(crate) fn lookup_pooled_text(
+    tables: Option<&(PromptTable, PromptTable)>,
+    prompts: &[&str],
+    architecture: &str,
+) -> Result<PromptEmbedding> {
+    let (text, pooled) = tables.ok_or_else(|| {
+        TrainError::Config(format!(
+            "the {architecture} model reads precomputed text embeddings (text_embeddings and pooled_text_embeddings, safetensors files of one tensor per prompt); none were given"
+        ))
+    })?;
+    Ok(PromptEmbedding::TextPooled {
+        values: text.lookup(prompts)?,
+        tokens: text.tokens,
+        dim: text.dim,
+        pooled: pooled.lookup(prompts)?,
+        pooled_dim: pooled.dim,
+    })
 }
 
 /// The text-token and pooled-text tables of a flow transformer's spec (`paths`, both or
@@ -410,18 +438,7 @@ impl<B: Backend> DualDenoiser<B> for Sd3Model<B> {
 
     /// The prompts' precomputed text tokens and pooled projections.
     fn embed_prompts(&self, prompts: &[&str]) -> Result<PromptEmbedding> {
-        let (text, pooled) = self.prompts.as_ref().ok_or_else(|| {
-            TrainError::Config(
-                "the sd3 model reads precomputed text embeddings (text_embeddings and pooled_text_embeddings, safetensors files of one tensor per prompt); none were given".into(),
-            )
-        })?;
-        Ok(PromptEmbedding::TextPooled {
-            values: text.lookup(prompts)?,
-            tokens: text.tokens,
-            dim: text.dim,
-            pooled: pooled.lookup(prompts)?,
-            pooled_dim: pooled.dim,
-        })
+        lookup_pooled_text(self.prompts.as_ref(), prompts, NAME)
     }
 
     /// The transformer's embeddings: `skips.mid` = the patch tokens entering the first block,

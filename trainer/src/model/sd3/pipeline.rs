@@ -56,52 +56,72 @@ const SCHEDULER_AT_DEFAULT: &[(&str, Value)] = &[
     ("shift_terminal", Value::Null),
 ];
 
+/// The `_class_name` of the JSON file at `path` (None: no such file, or none named).
+pub(crate) fn class_name(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .and_then(|v| v.get("_class_name").and_then(Value::as_str).map(str::to_string))
+}
+
+/// What [`read_flow_folder`] reads: the transformer's config, the scheduler config's path and
+/// the scheduler config.
+pub(crate) type FlowFolder = (Map<String, Value>, PathBuf, Map<String, Value>);
+
+/// A flow transformer's pipeline folder `root` (`folder`, e.g. "an SD3 pipeline folder", and
+/// `family` name it in errors): its
+/// `transformer/config.json`, and its `scheduler/scheduler_config.json` (with its path), a
+/// `FlowMatchEulerDiscreteScheduler` whose keys `at_default` hold only those values (a
+/// `false` may also be null). A missing part or another setting is an error naming it.
+pub(crate) fn read_flow_folder(
+    root: &Path,
+    (folder, family): (&str, &str),
+    at_default: &[(&str, Value)],
+) -> Result<FlowFolder> {
+    for part in ["transformer", "scheduler"] {
+        if !root.join(part).is_dir() {
+            return Err(bad(root, format!("is not {folder}: it has no {part}/")));
+        }
+    }
+    let transformer = read_json_config(&root.join("transformer"))?;
+    let path = root.join("scheduler/scheduler_config.json");
+    let text = std::fs::read_to_string(&path).map_err(crate::weights::io(&path))?;
+    let Ok(Value::Object(c)) = serde_json::from_str::<Value>(&text) else {
+        return Err(bad(&path, "is not a JSON object"));
+    };
+    match c.get("_class_name").and_then(Value::as_str) {
+        Some("FlowMatchEulerDiscreteScheduler") | None => {}
+        Some(other) => {
+            return Err(bad(&path, format!("is a {other}; {family} trains with FlowMatchEulerDiscreteScheduler")));
+        }
+    }
+    for (key, want) in at_default {
+        if let Some(v) = c.get(*key)
+            && v != want
+            && !(v.is_null() && *want == Value::Bool(false))
+        {
+            return Err(bad(&path, format!("{key} = {v} is not supported (only {want})")));
+        }
+    }
+    Ok((transformer, path, c))
+}
+
 impl Sd3Pipeline {
     /// Whether `root` holds an SD3 pipeline (`model_index.json` names a StableDiffusion3
     /// pipeline, or the folder has `transformer/`, not Flux's, and no `unet/`).
     pub fn is_sd3(root: &Path) -> bool {
-        let class = |path: PathBuf| {
-            std::fs::read_to_string(path)
-                .ok()
-                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-                .and_then(|v| v.get("_class_name").and_then(Value::as_str).map(str::to_string))
-        };
-        let named = class(root.join("model_index.json")).map(|s| s.starts_with("StableDiffusion3"));
+        let named = class_name(&root.join("model_index.json")).map(|s| s.starts_with("StableDiffusion3"));
         named.unwrap_or_else(|| {
             root.join("transformer").is_dir()
                 && !root.join("unet").is_dir()
-                && class(root.join("transformer/config.json")).is_none_or(|c| c != "FluxTransformer2DModel")
+                && class_name(&root.join("transformer/config.json")).is_none_or(|c| c != "FluxTransformer2DModel")
         })
     }
 
     /// Reads `transformer/config.json` and `scheduler/scheduler_config.json`; a missing part
     /// or an unsupported scheduler setting is an error naming it.
     pub fn open(root: &Path) -> Result<Self> {
-        for part in ["transformer", "scheduler"] {
-            if !root.join(part).is_dir() {
-                return Err(bad(root, format!("is not an SD3 pipeline folder: it has no {part}/")));
-            }
-        }
-        let transformer = read_json_config(&root.join("transformer"))?;
-        let path = root.join("scheduler/scheduler_config.json");
-        let text = std::fs::read_to_string(&path).map_err(crate::weights::io(&path))?;
-        let Ok(Value::Object(c)) = serde_json::from_str::<Value>(&text) else {
-            return Err(bad(&path, "is not a JSON object"));
-        };
-        match c.get("_class_name").and_then(Value::as_str) {
-            Some("FlowMatchEulerDiscreteScheduler") | None => {}
-            Some(other) => {
-                return Err(bad(&path, format!("is a {other}; SD3 trains with FlowMatchEulerDiscreteScheduler")));
-            }
-        }
-        for (key, want) in SCHEDULER_AT_DEFAULT {
-            if let Some(v) = c.get(*key)
-                && v != want
-                && !(v.is_null() && *want == Value::Bool(false))
-            {
-                return Err(bad(&path, format!("{key} = {v} is not supported (only {want})")));
-            }
-        }
+        let (transformer, path, c) = read_flow_folder(root, ("an SD3 pipeline folder", "SD3"), SCHEDULER_AT_DEFAULT)?;
         let shift = match c.get("shift") {
             None | Some(Value::Null) => 1.0,
             Some(v) => v

@@ -14,8 +14,8 @@ use lisa_core::backend::{Backend, DType};
 use crate::autodiff::Tape;
 use crate::error::{Result, TrainError};
 use crate::model::PromptEmbedding;
-use crate::model::sd::{ClipTextModel, ClipTokenizer, read_json_config, read_text_pair};
-use crate::model::t5::{T5Config, T5Encoder, T5Tokenizer, load_t5};
+use crate::model::sd::{ClipTextModel, ClipTokenizer, read_text_pair};
+use crate::model::t5::{T5Encoder, T5Tokenizer, open_t5};
 use crate::params::{ParamStore, Scope};
 use crate::weights::bad;
 
@@ -71,33 +71,9 @@ impl<B: Backend> Sd3TextEncoders<B> {
             ));
         }
         let t5_dir = pipeline.join("text_encoder_3");
-        let t5 = if t5_dir.is_dir() {
-            let config = T5Config::from_json(&read_json_config(&t5_dir)?)?;
-            let tokenizer = T5Tokenizer::from_dir(&pipeline.join("tokenizer_3"))?;
-            if tokenizer.id_bound() > config.vocab_size {
-                return Err(bad(
-                    &pipeline.join("tokenizer_3"),
-                    format!(
-                        "makes token ids up to {}; text_encoder_3 embeds {}",
-                        tokenizer.id_bound() - 1,
-                        config.vocab_size
-                    ),
-                ));
-            }
-            if config.d_model != joint_attention_dim {
-                return Err(bad(
-                    &t5_dir,
-                    format!(
-                        "is {} wide; the transformer reads {joint_attention_dim} (joint_attention_dim)",
-                        config.d_model
-                    ),
-                ));
-            }
-            let model = T5Encoder::new(&mut store, "t5", &config)?;
-            load_t5(&mut store, "t5", &t5_dir)?;
-            Some((tokenizer, model))
-        } else {
-            None
+        let t5 = match t5_dir.is_dir() {
+            true => Some(open_t5(&mut store, "t5", (&t5_dir, &pipeline.join("tokenizer_3")), joint_attention_dim)?),
+            false => None,
         };
         crate::model::sd::cast_frozen(&mut store, dtype)?;
         Ok(Self { store, clips, t5, max_sequence_length, width: joint_attention_dim })

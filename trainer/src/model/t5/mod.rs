@@ -257,6 +257,37 @@ pub fn load_t5<B: Backend>(store: &mut ParamStore<B>, at: impl Into<Scope>, dir:
     load_tensors(store, &file, tensors, |n| at.contains(n), |_| false)
 }
 
+/// The T5 encoder folder `dir` with its tokenizer folder `tokenizer`, built under `at` and
+/// loaded: a flow transformer's text encoder. The tokenizer's ids must fit the encoder's
+/// vocabulary, and its width must be `width` (the transformer's `joint_attention_dim`);
+/// errors name the folder.
+pub fn open_t5<B: Backend>(
+    store: &mut ParamStore<B>,
+    at: impl Into<Scope>,
+    (dir, tokenizer): (&Path, &Path),
+    width: usize,
+) -> Result<(T5Tokenizer, T5Encoder)> {
+    let at = at.into();
+    let config = T5Config::from_json(&crate::model::sd::read_json_config(dir)?)?;
+    let tokens = T5Tokenizer::from_dir(tokenizer)?;
+    if tokens.id_bound() > config.vocab_size {
+        let name = dir.file_name().unwrap_or_default().to_string_lossy();
+        return Err(bad(
+            tokenizer,
+            format!("makes token ids up to {}; {name} embeds {}", tokens.id_bound() - 1, config.vocab_size),
+        ));
+    }
+    if config.d_model != width {
+        return Err(bad(
+            dir,
+            format!("is {} wide; the transformer reads {width} (joint_attention_dim)", config.d_model),
+        ));
+    }
+    let model = T5Encoder::new(store, &at, &config)?;
+    load_t5(store, &at, dir)?;
+    Ok((tokens, model))
+}
+
 #[cfg(test)]
 mod tests {
     use super::relative_position_bucket as bucket;
