@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use lisa_core::backend::Backend;
 use lisa_trainer::data::Dataset;
-use lisa_trainer::model::flux::{FluxModel, FluxPipeline, FluxTextEncoders};
+use lisa_trainer::model::flux::{FluxModel, FluxPipeline, FluxSpec, FluxTextEncoders};
 use lisa_trainer::model::sd::{MixedPrecision, Vae};
 use lisa_trainer::scheduler::FlowWeighting;
 
@@ -95,6 +95,8 @@ pub fn prepare<B: Backend>(
         pipeline.controlnet_spec(controlnet, a.layers, size, settings, &file.model.decoder).with_context(in_folder)?;
     file.train.noise = pipeline.noise(a.weighting, size);
     lisa_trainer::scheduler::NoiseProcess::new(&file.train.noise)?;
+    let text_tokens = a.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
+    crate::train::check_memory(FluxSpec::from_spec(&file.model)?.training_bytes(file.train.batch_size, text_tokens)?)?;
     let parts = mode_parts(file.train.mode);
     let mut model: FluxModel<B> =
         pipeline.build::<B>(&file.model, parts, controlnet, device.clone(), file.train.seed).with_context(in_folder)?;

@@ -469,10 +469,14 @@ fn prepare_sd<B: Backend>(
 }
 
 /// Fails when the sd model of `spec` cannot train with batches of `batch` in this machine's
-/// memory (its weights, the ControlNet's optimizer state, a floor of the activations), before
-/// anything is allocated.
+/// memory, before anything is allocated.
 fn check_sd_memory(spec: &lisa_trainer::model::ModelSpec, batch: usize) -> Result<()> {
-    let needed = lisa_trainer::model::sd::SdSpec::from_spec(spec)?.training_bytes(batch)?;
+    check_memory(lisa_trainer::model::sd::SdSpec::from_spec(spec)?.training_bytes(batch)?)
+}
+
+/// Fails when training needs more than this machine's memory (`needed` bytes: the weights, the
+/// ControlNet's optimizer state, a floor of the activations), before anything is allocated.
+pub fn check_memory(needed: u128) -> Result<()> {
     let total = crate::config::memory_bytes();
     if needed > total as u128 {
         bail!(

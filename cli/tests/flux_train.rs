@@ -101,14 +101,13 @@ fn data(dir: &Path) -> PathBuf {
 fn train(pipe: &Path, data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
     let steps = if extra.contains(&"--max-train-steps") { &[][..] } else { &["--max-train-steps", "2"][..] };
     let resolution = if extra.contains(&"--resolution") { &[][..] } else { &["--resolution", "64"][..] };
+    let tokens = if extra.contains(&"--max-sequence-length") { &[][..] } else { &["--max-sequence-length", "8"][..] };
     let mut args = vec![
         "train",
         "--pretrained-model-name-or-path",
         s(pipe),
         "--train-data-dir",
         s(data),
-        "--max-sequence-length",
-        "8",
         "--train-batch-size",
         "2",
         "--learning-rate",
@@ -120,6 +119,7 @@ fn train(pipe: &Path, data: &Path, out: &Path, extra: &[&str]) -> std::process::
     ];
     args.extend_from_slice(steps);
     args.extend_from_slice(resolution);
+    args.extend_from_slice(tokens);
     args.extend_from_slice(extra);
     lisa(&args)
 }
@@ -201,6 +201,9 @@ fn bad_flux_runs_are_named_before_training() {
         "bad.png",
     );
     fails_with(&train(&pipe, &data, &out, &["--crops-coords-top-left-h", "8"]), "--crops-coords-top-left-h is for");
+    // Memory for the weights, optimizer state and activations is counted before any is read.
+    let long = [&layers[..], &["--max-sequence-length", "1000000000"]].concat();
+    fails_with(&train(&pipe, &data, &out, &long), "needs at least");
     std::fs::rename(pipe.join("text_encoder_2"), dir.join("t5")).unwrap();
     fails_with(&train(&pipe, &data, &out, &layers), "has no text_encoder_2/");
     assert!(!out.join("metrics.jsonl").exists());

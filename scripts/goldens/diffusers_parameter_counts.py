@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Print the parameter counts diffusers gives SD 1.5's and SDXL's UNet and a ControlNet made
-from each (random weights on torch's meta device: nothing is downloaded or allocated). The
-numbers pin `UNetConfig::parameter_estimate` in trainer/tests/sd_model.rs (the memory check
-before a run), whose configs are these.
+from each, and FLUX.1-dev's transformer with a ControlNet made from it (4 + 4 blocks, as
+train_controlnet_flux.py) and a union ControlNet (10 modes) (random weights on torch's meta
+device: nothing is downloaded or allocated). The numbers pin `UNetConfig::parameter_estimate`
+in trainer/tests/sd_model.rs and `FluxConfig::parameter_count` in trainer/tests/flux_model.rs
+(the memory checks before a run), whose configs are these.
 
 Usage: python scripts/goldens/diffusers_parameter_counts.py
 """
@@ -25,6 +27,17 @@ SDXL = dict(
     up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
 )
 
+# black-forest-labs/FLUX.1-dev's transformer/config.json.
+FLUX_DEV = dict(
+    patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+    axes_dims_rope=[16, 56, 56],
+)
+
+
+def count(module):
+    return sum(p.numel() for p in module.parameters())
+
 
 def main():
     for name, cfg in [("sd15", SD15), ("sdxl", SDXL)]:
@@ -32,8 +45,13 @@ def main():
             unet = diffusers.UNet2DConditionModel(**cfg)
             side = {k: v for k, v in cfg.items() if k not in ("out_channels", "up_block_types", "sample_size")}
             controlnet = diffusers.ControlNetModel(**side)
-        count = lambda m: sum(p.numel() for p in m.parameters())
         print(f"{name}: unet {count(unet)} controlnet {count(controlnet)} (diffusers {diffusers.__version__})")
+    with torch.device("meta"):
+        transformer = diffusers.FluxTransformer2DModel(**FLUX_DEV)
+        controlnet = diffusers.FluxControlNetModel.from_transformer(transformer, num_layers=4, num_single_layers=4)
+        side = {k: v for k, v in FLUX_DEV.items() if k != "out_channels"}
+        union = diffusers.FluxControlNetModel(**{**side, "num_layers": 4, "num_single_layers": 4, "num_mode": 10})
+    print(f"flux-dev: transformer {count(transformer)} controlnet {count(controlnet)} union {count(union)}")
 
 
 if __name__ == "__main__":

@@ -1,22 +1,26 @@
-//! Training-step benchmark of the sd architecture at the real SD 1.5 size (UNet 0.86 B
-//! parameters, ControlNet 0.36 B, 64×64 latents, 77 text tokens of 768), random weights, f32:
-//! `cargo bench -p lisa-trainer --bench sd_step` (`LISA_BENCH_MODEL=sdxl` measures SDXL's size
-//! instead: UNet 2.6 B, ControlNet 1.25 B, 128×128 latents, 77 tokens of 2048, pooled text and
-//! time ids; a model the CPU's memory cannot hold is said and skipped; `LISA_BENCH_STEPS=N`, default 2 per arm;
-//! `LISA_BENCH_BATCH=N`, default 1; `LISA_BENCH_BACKEND=cpu|wgpu|cuda`, default cpu, the GPU
-//! ones with the trainer's feature of that name, where each arm also prints the device memory
-//! cubecl's pools reserved, the largest after any step).
+//! Training-step benchmark of the ControlNet families at real size, random weights, f32:
+//! `cargo bench -p lisa-trainer --bench sd_step` measures SD 1.5 (UNet 0.86 B parameters,
+//! ControlNet 0.36 B, 64×64 latents, 77 text tokens of 768); `LISA_BENCH_MODEL=sdxl` SDXL
+//! (UNet 2.6 B, ControlNet 1.25 B, 128×128 latents, 77 tokens of 2048, pooled text and time
+//! ids); `LISA_BENCH_MODEL=flux` FLUX.1-dev (transformer 11.9 B, a ControlNet of 4 + 4 blocks
+//! made from it, 2.05 B, 512 px: 64×64 latents, 512 T5 tokens of 4096, pooled CLIP text,
+//! guidance 3.5). A model the CPU's memory cannot hold is said and skipped.
+//! `LISA_BENCH_STEPS=N`, default 2 per arm; `LISA_BENCH_BATCH=N`, default 1;
+//! `LISA_BENCH_BACKEND=cpu|wgpu|cuda`, default cpu, the GPU ones with the trainer's feature of
+//! that name, where each arm also prints the device memory cubecl's pools reserved, the
+//! largest after any step.
 //! Without `--bench` (under `cargo test --all-targets`) it runs one step of each arm on the
-//! tiny golden-file configurations (SD 1.5-like and SDXL-like) instead.
+//! tiny golden-file configurations (SD 1.5-like, SDXL-like and Flux-like) instead.
 //!
-//! A step is what training does: the frozen UNet encoder under no-grad, the ControlNet, the
-//! UNet decoder with residuals, the losses, the backward into the ControlNet (and the LISA
-//! decoder), and AdamW on every trainable tensor. LISA adds the prior pass (the UNet decoder
-//! again, without residuals, no grad) and the decoder hooked at `down_5` (as the LISA
-//! authors do). Prints the step times, their ratio and the peak resident memory.
+//! A step is what training does: the frozen main network's encoding under no-grad, the
+//! ControlNet, the main network with residuals, the losses, the backward into the ControlNet
+//! (and the LISA decoder), and AdamW on every trainable tensor. LISA adds the prior pass (the
+//! main network again, without residuals, no grad) and the decoder hooked at `down_5` (as the
+//! LISA authors do) or, for Flux, `block_0`. Prints the step times, their ratio and the peak
+//! resident memory.
 //! `LISA_BENCH_ARMS=lisa-ckpt` runs the LISA step with gradient checkpointing (one arm per
 //! process gives each arm's own peak memory). `LISA_BENCH_PRECISION=bf16|fp16` trains under
-//! autocast as `--mixed-precision` does (the frozen UNet stored in the half type; the loss
+//! autocast as `--mixed-precision` does (the frozen network stored in the half type; the loss
 //! scale of fp16 is left out: it costs one multiply per gradient).
 #![allow(missing_docs)]
 
@@ -44,11 +48,12 @@ fn rss_kib(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The model a bench run measures: its UNet `config.json`, latent side, text tokens, token
-/// width and pooled width (SDXL).
+/// The model a bench run measures: its architecture and `[model]` keys, latent side, text
+/// tokens, token width and pooled width (SDXL, Flux).
 struct BenchModel {
     name: &'static str,
-    unet: serde_json::Value,
+    architecture: &'static str,
+    config: serde_json::Map<String, serde_json::Value>,
     side: usize,
     tokens: usize,
     width: usize,
@@ -56,32 +61,43 @@ struct BenchModel {
 }
 
 impl BenchModel {
-    /// `LISA_BENCH_MODEL`'s model (`sd15`, the default, or `sdxl`) at its real size, or the
-    /// tiny golden-file configuration of that family.
+    /// `LISA_BENCH_MODEL`'s model (`sd15`, the default, `sdxl` or `flux`) at its real size, or
+    /// the tiny golden-file configuration of that family.
     fn new(family: &str, full: bool) -> Self {
-        let fixture = |name: &str| -> serde_json::Value {
-            let path = format!("{}/tests/fixtures/sd/{name}/unet/config.json", env!("CARGO_MANIFEST_DIR"));
+        let fixture = |path: &str| -> serde_json::Value {
+            let path = format!("{}/tests/fixtures/{path}/config.json", env!("CARGO_MANIFEST_DIR"));
             serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
         };
-        match (family, full) {
-            ("sd15", true) => BenchModel {
-                name: "SD 1.5 size",
-                unet: json!({
+        let unet = |unet: serde_json::Value| json!({ "unet": unet });
+        // A ControlNet made from the transformer (train_controlnet_flux.py's 4 + 4 blocks at
+        // real size), `side` latents.
+        let flux = |transformer: serde_json::Value, layers: usize, side: usize| {
+            json!({
+                "transformer": transformer, "controlnet_layers": layers, "controlnet_single_layers": layers,
+                "latent_size": side
+            })
+        };
+        let (name, architecture, config, side, tokens, width, pooled) = match (family, full) {
+            ("sd15", true) => (
+                "SD 1.5 size",
+                "sd",
+                unet(json!({
                     "_class_name": "UNet2DConditionModel", "sample_size": 64, "in_channels": 4, "out_channels": 4,
                     "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "attention_head_dim": 8,
                     "cross_attention_dim": 768, "norm_num_groups": 32, "norm_eps": 1e-5,
                     "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
                     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
-                }),
-                side: 64,
-                tokens: 77,
-                width: 768,
-                pooled: None,
-            },
+                })),
+                64,
+                77,
+                768,
+                None,
+            ),
             // stable-diffusion-xl-base-1.0's unet/config.json (the keys lisa reads), 1024 px.
-            ("sdxl", true) => BenchModel {
-                name: "SDXL size",
-                unet: json!({
+            ("sdxl", true) => (
+                "SDXL size",
+                "sd",
+                unet(json!({
                     "_class_name": "UNet2DConditionModel", "sample_size": 128, "in_channels": 4, "out_channels": 4,
                     "block_out_channels": [320, 640, 1280], "layers_per_block": 2, "attention_head_dim": [5, 10, 20],
                     "cross_attention_dim": 2048, "norm_num_groups": 32, "norm_eps": 1e-5,
@@ -90,33 +106,80 @@ impl BenchModel {
                     "projection_class_embeddings_input_dim": 2816,
                     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
                     "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
-                }),
-                side: 128,
-                tokens: 77,
-                width: 2048,
-                pooled: Some(1280),
-            },
-            ("sd15", false) => BenchModel {
-                name: "tiny SD 1.5-like",
-                unet: fixture("sd15"),
-                side: 8,
-                tokens: 5,
-                width: 12,
-                pooled: None,
-            },
-            ("sdxl", false) => BenchModel {
-                name: "tiny SDXL-like",
-                unet: fixture("sdxl"),
-                side: 8,
-                tokens: 5,
-                width: 12,
-                pooled: Some(10),
-            },
-            (other, _) => panic!("LISA_BENCH_MODEL: unknown model {other:?} (sd15, sdxl)"),
+                })),
+                128,
+                77,
+                2048,
+                Some(1280),
+            ),
+            // FLUX.1-dev's transformer/config.json, 512 px, FluxPipeline's 512 T5 tokens.
+            ("flux", true) => (
+                "FLUX.1-dev size",
+                "flux",
+                flux(
+                    json!({
+                        "_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": 64,
+                        "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+                        "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
+                        "guidance_embeds": true, "axes_dims_rope": [16, 56, 56]
+                    }),
+                    4,
+                    64,
+                ),
+                64,
+                512,
+                4096,
+                Some(768),
+            ),
+            ("sd15", false) => ("tiny SD 1.5-like", "sd", unet(fixture("sd/sd15/unet")), 8, 5, 12, None),
+            ("sdxl", false) => ("tiny SDXL-like", "sd", unet(fixture("sd/sdxl/unet")), 8, 5, 12, Some(10)),
+            ("flux", false) => {
+                ("tiny Flux-like", "flux", flux(fixture("flux/dev/transformer"), 1, 8), 8, 5, 12, Some(10))
+            }
+            (other, _) => panic!("LISA_BENCH_MODEL: unknown model {other:?} (sd15, sdxl, flux)"),
+        };
+        let serde_json::Value::Object(config) = config else { unreachable!("the configs above are objects") };
+        BenchModel { name, architecture, config, side, tokens, width, pooled }
+    }
+
+    /// The LISA decoder's hook: `down_5` on a UNet's ControlNet, the first block on Flux's.
+    fn hook(&self) -> &'static str {
+        if self.architecture == "flux" { "block_0" } else { "down_5" }
+    }
+
+    /// The spec this bench trains (`precision`: the `mixed_precision` key).
+    fn spec(&self, precision: &str) -> ModelSpec {
+        let mut config = self.config.clone();
+        config.insert("mixed_precision".into(), json!(precision));
+        let decoder = DecoderConfig {
+            hook: Some(self.hook().parse().unwrap()),
+            time_sinusoidal_dim: 256,
+            channel_floor: 64,
+            ..DecoderConfig::default()
+        };
+        ModelSpec { architecture: self.architecture.into(), decoder, config }
+    }
+
+    /// At least how many bytes training `spec` with batches of `batch` takes, and the
+    /// parameter counts (main, ControlNet) behind it.
+    fn training_bytes(&self, spec: &ModelSpec, batch: usize) -> (u128, u128, u128) {
+        use lisa_trainer::model::{flux, sd};
+        if self.architecture == "flux" {
+            let f = flux::FluxSpec::from_spec(spec).unwrap();
+            let t = flux::FluxConfig::from_transformer_json(&f.transformer).unwrap();
+            let layers = (f.controlnet_layers.unwrap(), f.controlnet_single_layers.unwrap());
+            let c = t.controlnet_from_transformer(layers.0, layers.1).unwrap();
+            let params = (t.parameter_count(None), c.parameter_count(Some(Default::default())));
+            (f.training_bytes(batch, self.tokens).unwrap(), params.0, params.1)
+        } else {
+            let needed = sd::SdSpec::from_spec(spec).unwrap().training_bytes(batch).unwrap();
+            let unet = self.config["unet"].as_object().unwrap();
+            let params = sd::UNetConfig::from_unet_json(unet).unwrap().parameter_estimate();
+            (needed, params.unet, params.controlnet)
         }
     }
 
-    /// `n` random prompts (seed `seed`), with pooled text for SDXL.
+    /// `n` random prompts (seed `seed`), with pooled text for SDXL and Flux.
     fn prompts<B: Backend>(&self, n: usize, seed: u64, device: &B::Device) -> PromptEmbedding {
         let random = |len: usize, seed: u64| -> Vec<f32> {
             B::to_vec(&B::random_normal(&Shape::new([len]), seed, DType::F32, device).unwrap()).unwrap()
@@ -189,7 +252,7 @@ fn run<B: Backend>(device: B::Device, label: &str, device_memory: &dyn Fn() -> O
         Ok(family) => run_model::<B>(&BenchModel::new(&family, full), &device, label, device_memory),
         // `cargo test` smoke-runs both families' tiny configurations; the bench measures SD 1.5.
         Err(_) if !full => {
-            for family in ["sd15", "sdxl"] {
+            for family in ["sd15", "sdxl", "flux"] {
                 run_model::<B>(&BenchModel::new(family, full), &device, label, device_memory);
             }
         }
@@ -207,16 +270,7 @@ fn run_model<B: Backend>(bench: &BenchModel, device: &B::Device, label: &str, de
     let (side, tokens) = (bench.side, bench.tokens);
     let precision = std::env::var("LISA_BENCH_PRECISION").unwrap_or_else(|_| "no".into());
     assert!(["no", "bf16", "fp16"].contains(&precision.as_str()), "LISA_BENCH_PRECISION: no | bf16 | fp16");
-    let mut spec_config = serde_json::Map::new();
-    spec_config.insert("unet".into(), bench.unet.clone());
-    spec_config.insert("mixed_precision".into(), json!(precision));
-    let decoder = DecoderConfig {
-        hook: Some("down_5".parse().unwrap()),
-        time_sinusoidal_dim: 256,
-        channel_floor: 64,
-        ..DecoderConfig::default()
-    };
-    let spec = ModelSpec { architecture: "sd".into(), decoder, config: spec_config };
+    let spec = bench.spec(&precision);
     println!(
         "sd_step: {} ({}x{} latents, {tokens} tokens of {}, batch {batch}, {}), {steps} step(s) per arm, {label}",
         bench.name,
@@ -232,20 +286,17 @@ fn run_model<B: Backend>(bench: &BenchModel, device: &B::Device, label: &str, de
         },
     );
     // The CPU backend's memory is this machine's: a model that cannot fit is said, not run.
-    let sd = lisa_trainer::model::sd::SdSpec::from_spec(&spec).unwrap();
-    let needed = sd.training_bytes(batch).unwrap();
+    let (needed, main_params, side_params) = bench.training_bytes(&spec, batch);
     if label.starts_with("CPU")
         && let Some(total) = machine_memory()
         && needed > total
     {
         let gib = |b: u128| b as f64 / (1u64 << 30) as f64;
-        let unet = bench.unet.as_object().unwrap();
-        let params = lisa_trainer::model::sd::UNetConfig::from_unet_json(unet).unwrap().parameter_estimate();
         println!(
-            "  not run: training needs at least {:.1} GiB (weights, the ControlNet's gradients and AdamW moments, activations; about {:.2} B UNet and {:.2} B ControlNet parameters); this machine has {:.1} GiB",
+            "  not run: training needs at least {:.1} GiB (weights, the ControlNet's gradients and AdamW moments, activations; about {:.2} B main and {:.2} B ControlNet parameters); this machine has {:.1} GiB",
             gib(needed),
-            params.unet as f64 / 1e9,
-            params.controlnet as f64 / 1e9,
+            main_params as f64 / 1e9,
+            side_params as f64 / 1e9,
             gib(total)
         );
         return;
@@ -281,7 +332,7 @@ fn run_model<B: Backend>(bench: &BenchModel, device: &B::Device, label: &str, de
         };
         if !lisa {
             println!(
-                "  parameters: UNet {:.3} B, ControlNet {:.3} B",
+                "  parameters: main {:.3} B, ControlNet {:.3} B",
                 count("main.") as f64 / 1e9,
                 count("side.") as f64 / 1e9
             );
@@ -299,10 +350,10 @@ fn run_model<B: Backend>(bench: &BenchModel, device: &B::Device, label: &str, de
         let mut device_peak = 0u64;
         for s in 0..steps {
             let start = Instant::now();
-            let latents = Shape::new([batch, 4, side, side]);
+            let (latents, hint) = bench_inputs(model.as_ref(), batch);
             let x = B::random_normal(&latents, 10 + s as u64, DType::F32, &device).unwrap();
             let noise = B::random_normal(&latents, 20 + s as u64, DType::F32, &device).unwrap();
-            let hint = B::full(&Shape::new([batch, 3, 8 * side, 8 * side]), 0.5, DType::F32, &device).unwrap();
+            let hint = B::full(&hint, 0.5, DType::F32, &device).unwrap();
             let cond = Conditioning { t: vec![500.0; batch], prompt: bench.prompts::<B>(batch, 30, &device) };
             let grads = {
                 let tape = Tape::<B>::new();
@@ -366,7 +417,8 @@ fn run_model<B: Backend>(bench: &BenchModel, device: &B::Device, label: &str, de
     }
 }
 
-/// DDIM sampling with the ControlNet, no guidance, as diffusers' pipeline does it
+/// Sampling with the ControlNet, no classifier-free guidance, as diffusers' pipeline does it
+/// (DDIM for SD, Euler for Flux)
 /// (`LISA_BENCH_SAMPLE_STEPS`, default 20; `LISA_BENCH_SAMPLE_IMAGES`, default 4; the tiny
 /// configuration samples 2 steps of 1 image): one timed run, with the peak memory.
 fn sample_arm<B: Backend>(
@@ -382,15 +434,29 @@ fn sample_arm<B: Backend>(
     let (steps, n) =
         if full { (var("LISA_BENCH_SAMPLE_STEPS", 20), var("LISA_BENCH_SAMPLE_IMAGES", 4)) } else { (2, 1) };
     let model = registry::build::<B>(spec, Parts::Dual { decoder: false }, device.clone(), 0).unwrap();
-    let noise = NoiseConfig::Diffusion {
-        betas: lisa_core::schedule::BetaSchedule::SD_SCALED_LINEAR,
-        num_train_timesteps: 1000,
+    // DDIM on SD's schedule; Euler on Flux's (FluxPipeline's shift at 512 px, about 3).
+    let (noise, sampler) = match bench.architecture {
+        "flux" => (
+            NoiseConfig::Flow {
+                shift: Some(1.0),
+                weighting: Default::default(),
+                num_train_timesteps: Some(1000),
+                precondition_outputs: false,
+                sampling_shift: Some(3.0),
+            },
+            Sampler::Euler,
+        ),
+        _ => (
+            NoiseConfig::Diffusion {
+                betas: lisa_core::schedule::BetaSchedule::SD_SCALED_LINEAR,
+                num_train_timesteps: 1000,
+            },
+            Sampler::Ddim { eta: 0.0 },
+        ),
     };
-    let side = bench.side;
-    let hint = B::full(&Shape::new([n, 3, 8 * side, 8 * side]), 0.5, DType::F32, device).unwrap();
+    let hint = B::full(&bench_inputs(model.as_ref(), n).1, 0.5, DType::F32, device).unwrap();
     let prompt = bench.prompts::<B>(n, 30, device);
-    let cfg =
-        SampleConfig { sampler: Sampler::Ddim { eta: 0.0 }, steps, clip_sample: false, ..SampleConfig::default() };
+    let cfg = SampleConfig { sampler, steps, clip_sample: false, ..SampleConfig::default() };
     let start = Instant::now();
     let x = sample_embedded(model.as_ref(), &noise, &hint, &prompt, &prompt, &cfg).unwrap();
     B::to_vec(&B::sum(&x).unwrap()).unwrap();
@@ -400,8 +466,17 @@ fn sample_arm<B: Backend>(
         None => String::new(),
     };
     println!(
-        "  sample   DDIM-{steps} of {n} image(s) {seconds:>8.2} s ({:.3} s per step), peak RSS {:.2} GiB{device_mem}",
+        "  sample   {}-{steps} of {n} image(s) {seconds:>8.2} s ({:.3} s per step), peak RSS {:.2} GiB{device_mem}",
+        if bench.architecture == "flux" { "Euler" } else { "DDIM" },
         seconds / steps as f64,
         rss_kib("VmHWM:") as f64 / (1 << 20) as f64
     );
+}
+
+/// The shapes of a batch of `n`: the latents, and the condition the ControlNet reads (pixels
+/// at 8× the latent side for SD, VAE latents of the sample's shape for Flux).
+fn bench_inputs<B: Backend>(model: &dyn lisa_trainer::model::DualDenoiser<B>, n: usize) -> (Shape, Shape) {
+    let [c, h, w] = model.sample_shape();
+    let hint = if model.latent_hints() { [n, model.hint_channels(), h, w] } else { [n, 3, 8 * h, 8 * w] };
+    (Shape::new([n, c, h, w]), Shape::new(hint))
 }

@@ -283,3 +283,34 @@ fn a_flux_pipeline_folder_is_read_checked_and_built() {
         );
     }
 }
+
+/// The memory check before a run counts parameters from the config alone, exactly: the tiny
+/// fixtures' weight files hold that many numbers, and at FLUX.1-dev's size it is what
+/// diffusers 0.42.1 counts (`scripts/goldens/diffusers_parameter_counts.py`, same configs).
+#[test]
+fn parameter_counts_match_the_weights_and_diffusers_at_real_size() {
+    use lisa_trainer::model::flux::{FluxConfig, FluxControlNetExtras};
+    let numbers_in = |dir: &Path| -> u128 {
+        let (tensors, _) = read(&dir.join("diffusion_pytorch_model.safetensors"));
+        tensors.values().map(|(shape, _)| shape.num_elements().unwrap() as u128).sum()
+    };
+    for case in ["dev", "union"] {
+        let dir = fixture(case);
+        let transformer =
+            FluxConfig::from_transformer_json(&read_json_config(&dir.join("transformer")).unwrap()).unwrap();
+        assert_eq!(transformer.parameter_count(None), numbers_in(&dir.join("transformer")), "{case} transformer");
+        let (controlnet, extras) =
+            FluxConfig::from_controlnet_json(&read_json_config(&dir.join("controlnet")).unwrap()).unwrap();
+        assert_eq!(controlnet.parameter_count(Some(extras)), numbers_in(&dir.join("controlnet")), "{case} ControlNet");
+    }
+    let dev = json!({
+        "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+        "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
+        "guidance_embeds": true, "axes_dims_rope": [16, 56, 56]
+    });
+    let dev = FluxConfig::from_transformer_json(dev.as_object().unwrap()).unwrap();
+    assert_eq!(dev.parameter_count(None), 11_901_408_320);
+    let controlnet = dev.controlnet_from_transformer(4, 4).unwrap();
+    assert_eq!(controlnet.parameter_count(Some(FluxControlNetExtras::default())), 2_046_461_952);
+    assert_eq!(controlnet.parameter_count(Some(FluxControlNetExtras { num_mode: Some(10) })), 2_046_492_672);
+}

@@ -166,6 +166,37 @@ impl FluxConfig {
         BlockShape { heads: self.num_attention_heads, head_dim: self.attention_head_dim, qk_norm: Some(QkNorm::Rms) }
     }
 
+    /// The parameters of the transformer with this config (`controlnet`: None) or of a
+    /// ControlNet with it (`Some(extras)`), counted exactly from diffusers' modules: the
+    /// timestep (+ guidance) + pooled-text embedding, the text and latent embedders, per
+    /// double block two AdaLN-Zero modulations (6d each), the joint attention (q, k, v and out
+    /// per stream, RMS q/k norms) and two GELU MLPs (4d); per single block its modulation
+    /// (3d), q, k, v, the MLP in (4d) and the output over attention ‖ MLP (5d → d). The
+    /// transformer ends with `norm_out` and `proj_out`; a ControlNet has instead one zero
+    /// linear per block, `controlnet_x_embedder` and, in union mode, the mode embedding.
+    pub fn parameter_count(&self, controlnet: Option<FluxControlNetExtras>) -> u128 {
+        let (d, head) = (self.inner_dim() as u128, self.attention_head_dim as u128);
+        let linear = |i: u128, o: u128| i * o + o;
+        let mlp_embedder = |i: u128| linear(i, d) + linear(d, d);
+        let embeddings = mlp_embedder(256) * if self.guidance_embeds { 2 } else { 1 }
+            + mlp_embedder(self.pooled_projection_dim as u128)
+            + linear(self.joint_attention_dim as u128, d)
+            + linear(self.in_channels as u128, d);
+        let double = 2 * linear(d, 6 * d) + 8 * linear(d, d) + 4 * head + 2 * (linear(d, 4 * d) + linear(4 * d, d));
+        let single = linear(d, 3 * d) + 3 * linear(d, d) + 2 * head + linear(d, 4 * d) + linear(5 * d, d);
+        let blocks = self.num_layers as u128 * double + self.num_single_layers as u128 * single;
+        embeddings
+            + blocks
+            + match controlnet {
+                None => linear(d, 2 * d) + linear(d, self.out_channels as u128),
+                Some(extras) => {
+                    (self.num_layers + self.num_single_layers) as u128 * linear(d, d)
+                        + linear(self.in_channels as u128, d)
+                        + extras.num_mode.map_or(0, |n| n as u128 * d)
+                }
+            }
+    }
+
     /// The ControlNet's settings must match the transformer's in everything it shares (the
     /// block counts aside: a ControlNet has fewer).
     pub fn check_controlnet(&self, controlnet: &FluxConfig) -> Result<()> {

@@ -25,7 +25,8 @@ pub use config::{FLUX_NORM_EPS, FluxConfig, FluxControlNetExtras, ROPE_THETA};
 pub use controlnet::{FluxControlNet, FluxControlOutput};
 pub use embed::{Embedded, FluxEmbeddings, FluxInputs, pack, position_ids, rotary, unpack};
 pub use model::{
-    DEFAULT_CONTROLNET_LAYERS, DEFAULT_GUIDANCE_SCALE, DEFAULT_HOOK, DEFAULT_LATENT_SIZE, FluxModel, FluxSpec, NAME,
+    ACTIVATIONS_PER_BLOCK, DEFAULT_CONTROLNET_LAYERS, DEFAULT_GUIDANCE_SCALE, DEFAULT_HOOK, DEFAULT_LATENT_SIZE,
+    FluxModel, FluxSpec, NAME,
 };
 pub use pipeline::{DEFAULT_RESOLUTION, FluxPipeline};
 pub use text::FluxTextEncoders;

@@ -200,7 +200,30 @@ impl FluxSpec {
         let r = self.resolve()?;
         check_hook(&r.controlnet, decoder.hook_or(DEFAULT_HOOK))
     }
+
+    /// About how many bytes training this model takes with batches of `batch` and
+    /// `text_tokens` T5 tokens, before anything is allocated: the frozen transformer in its
+    /// storage type; the ControlNet's weights, gradients and two AdamW moments in f32; and per
+    /// sample, [`ACTIVATIONS_PER_BLOCK`] token-by-width f32 tensors (image and text tokens) for
+    /// every block of both networks the backward passes through (a floor, not a bound).
+    pub fn training_bytes(&self, batch: usize, text_tokens: usize) -> Result<u128> {
+        let r = self.resolve()?;
+        let main_bytes = self.mixed_precision.dtype().size_bytes() as u128;
+        let params =
+            r.transformer.parameter_count(None) * main_bytes + r.controlnet.parameter_count(Some(r.extras)) * 16;
+        let blocks = (r.transformer.num_layers
+            + r.transformer.num_single_layers
+            + r.controlnet.num_layers
+            + r.controlnet.num_single_layers) as u128;
+        let tokens = (r.side as u128 / 2).pow(2) + text_tokens as u128;
+        let per_sample = blocks * ACTIVATIONS_PER_BLOCK * tokens * r.transformer.inner_dim() as u128 * 4;
+        Ok(params + batch as u128 * per_sample)
+    }
 }
+
+/// Token-by-width tensors per block and sample [`FluxSpec::training_bytes`] counts (a block
+/// keeps more: its normed inputs, q, k, v, attention output and MLP hidden).
+pub const ACTIVATIONS_PER_BLOCK: u128 = 4;
 
 /// A hook must name one of the ControlNet's blocks.
 fn check_hook(controlnet: &FluxConfig, hook: HookLayer) -> Result<()> {
