@@ -119,7 +119,7 @@ pub fn run<B: Backend>(a: PretrainArgs, device: B::Device) -> Result<()> {
         progress.step(&s, (s.step - first) as f64 / start.elapsed().as_secs_f64());
         let policy = c.policy();
         if policy.saves_at(s.step, total) {
-            dir.save(&trainer, data.as_ref(), s.step, &policy)?;
+            dir.save(&mut trainer, data.as_ref(), s.step, &policy)?;
         }
     }
     progress.finish(start.elapsed().as_secs_f64());

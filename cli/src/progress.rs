@@ -156,10 +156,13 @@ impl Observer for RunDisplay {
             Event::Step { stats, steps_per_second } => self.progress.step(stats, *steps_per_second),
             Event::RolledBack { step, retired, moved_to } => eprintln!("{}", rolled_back(*step, retired, *moved_to)),
             Event::Checkpoint { .. } => {}
-            Event::Finished { report, exported } => {
+            Event::Finished { report, exported, exported_ema } => {
                 self.progress.finish(report.wall_seconds);
                 if let Some(dir) = exported {
                     eprintln!("the trained side network, in its native format: {}", dir.display());
+                }
+                if let Some(dir) = exported_ema {
+                    eprintln!("its EMA weights, in the same format: {}", dir.display());
                 }
             }
         }

@@ -73,6 +73,15 @@ pub struct TrainArgs {
     /// (less memory, one more side-network forward per step; the same training).
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// Keep an exponential moving average of the ControlNet's weights, updated after every
+    /// optimizer step (diffusers' EMAModel warm-up), kept in checkpoints, used for validation
+    /// and saved beside the ControlNet as OUTPUT_DIR/controlnet_ema.
+    #[arg(long)]
+    use_ema: bool,
+    /// The EMA's decay (default 0.9999, diffusers' EMAModel's; the warm-up min(decay,
+    /// (1 + s)/(10 + s)) keeps early steps from lingering).
+    #[arg(long, requires = "use_ema", allow_negative_numbers = true)]
+    ema_decay: Option<f32>,
     /// no | fp16 | bf16: the frozen UNet, VAE and text encoder stored in half precision; the
     /// ControlNet, the LISA decoder and the optimizer state stay in f32.
     #[arg(long, default_value = "no", requires = "pretrained_model_name_or_path")]
@@ -195,6 +204,10 @@ pub struct TrainArgs {
     collective_timeout: u64,
 }
 
+/// `--use-ema`'s decay when neither `--ema-decay` nor the run file gives one (diffusers'
+/// `EMAModel` default).
+const DEFAULT_EMA_DECAY: f32 = 0.9999;
+
 /// Applies the flags to the run file (the library checks the values: [`check_settings`]).
 fn apply(a: &TrainArgs, file: &mut RunFile) {
     let t = &mut file.train;
@@ -210,6 +223,9 @@ fn apply(a: &TrainArgs, file: &mut RunFile) {
     t.lisa.target_space = a.target_space.unwrap_or(t.lisa.target_space);
     t.lisa.distance = a.distance.unwrap_or(t.lisa.distance);
     t.gradient_checkpointing |= a.gradient_checkpointing;
+    if a.use_ema {
+        t.ema_decay = Some(a.ema_decay.or(t.ema_decay).unwrap_or(DEFAULT_EMA_DECAY));
+    }
     t.proportion_empty_prompts = a.proportion_empty_prompts.unwrap_or(t.proportion_empty_prompts);
     t.optim.schedule = a.lr_scheduler.unwrap_or(t.optim.schedule);
     t.lisa_subbatch = a.lisa_subbatch.or(t.lisa_subbatch);
@@ -231,8 +247,9 @@ fn apply(a: &TrainArgs, file: &mut RunFile) {
 
 /// The run-file keys the flags of `lisa train` set, and whether the user gave each: an
 /// invalid value is reported under the flag the user wrote.
-fn flags_given(a: &TrainArgs) -> [(&'static str, &'static str, bool); 8] {
+fn flags_given(a: &TrainArgs) -> [(&'static str, &'static str, bool); 9] {
     [
+        ("train.ema_decay", "--ema-decay", a.ema_decay.is_some()),
         ("train.lisa.lambda", "--lambda", a.lambda.is_some()),
         ("train.lisa_subbatch", "--lisa-subbatch", a.lisa_subbatch.is_some()),
         ("train.decoder_lr_scale", "--decoder-lr-scale", a.decoder_lr_scale.is_some()),

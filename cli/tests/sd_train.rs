@@ -143,6 +143,41 @@ fn trains_a_controlnet_with_lisa_for_a_diffusers_folder_and_resumes_exactly() {
     assert_eq!(loss(&resumed[1]), loss(&first[1]), "step 2's loss after resuming");
 }
 
+/// `--use-ema`: the EMA ControlNet is its own diffusers folder beside the trained one (and in
+/// every checkpoint), starts as a copy (diffusers' warm-up: decay 0 at the first update), lags
+/// later, and a resumed run continues it bit for bit.
+#[test]
+fn an_ema_controlnet_is_kept_saved_and_resumed_exactly() {
+    let dir = workdir("ema");
+    let (pipe, data) = (pipeline(&dir), data(&dir));
+    let out = dir.join("out");
+    let ema = ["--use-ema", "--ema-decay", "0.9", "--max-train-steps", "3"];
+    let err = ok(&train(&pipe, &data, &out, &ema));
+    assert!(err.contains("controlnet_ema"), "the EMA folder is named:\n{err}");
+    let weights = |folder: &Path| std::fs::read(folder.join("diffusion_pytorch_model.safetensors")).unwrap();
+    let config = |folder: &Path| std::fs::read_to_string(folder.join("config.json")).unwrap();
+    let names = |folder: &Path| {
+        let path = folder.join("diffusion_pytorch_model.safetensors");
+        let tensors = lisa_trainer::weights::read_safetensors(&path).unwrap();
+        tensors.into_iter().map(|(name, (shape, _))| (name, shape.dims().to_vec())).collect::<Vec<_>>()
+    };
+    let (trained, averaged) = (out.join("controlnet"), out.join("controlnet_ema"));
+    assert_eq!(config(&trained), config(&averaged));
+    assert_eq!(names(&trained), names(&averaged), "the same tensors, for ControlNetModel.from_pretrained");
+    assert!(weights(&trained) != weights(&averaged), "after 3 steps the average lags the weights");
+    let first = out.join("checkpoint-1");
+    assert!(weights(&first.join("controlnet")) == weights(&first.join("controlnet_ema")), "step 1: a copy");
+    // Resume from step 1: the same EMA at step 3, bit for bit.
+    let before = weights(&averaged);
+    ok(&train(&pipe, &data, &out, &[&ema[..], &["--resume-from-checkpoint", s(&first)]].concat()));
+    assert!(before == weights(&averaged), "the resumed run's EMA ControlNet differs from the uninterrupted one");
+    // Bad settings are named by their flag before any work.
+    fails_with(&train(&pipe, &data, &dir.join("bad"), &["--use-ema", "--ema-decay", "1.5"]), "--ema-decay");
+    fails_with(&train(&pipe, &data, &dir.join("bad"), &["--ema-decay", "0.9"]), "--use-ema");
+    assert!(!dir.join("bad/metrics.jsonl").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `--mixed-precision fp16` autocasts and scales the loss: every metrics row carries the
 /// scale (torch's first, 2^16) and whether the step was skipped, and a resumed run continues
 /// the scaler where the checkpoint left it.
@@ -263,6 +298,31 @@ fn the_readme_sd_command_runs_as_written() {
     assert!(out.join("controlnet/diffusion_pytorch_model.safetensors").is_file());
     assert!(out.join("validation-000002.png").is_file());
     assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 2);
+}
+
+/// The README's training-conveniences command, as written, on the tiny SD pipeline.
+#[test]
+fn the_readme_conveniences_command_runs_as_written() {
+    let words = readme_train_command("### Training conveniences");
+    let dir = workdir("readme-conveniences");
+    let (pipe, data) = (full_pipeline(&dir), images_only(&dir));
+    let out = dir.join("runs/sd-ema");
+    let args: Vec<String> = words
+        .iter()
+        .map(|w| match w.as_str() {
+            "PIPELINE" => s(&pipe).to_string(),
+            "runs/sd-ema" => s(&out).to_string(),
+            "10000" => "2".to_string(),
+            other => other.replacen("DATA", s(&data), 1),
+        })
+        .collect();
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(&lisa(&refs));
+    for folder in ["controlnet", "controlnet_ema"] {
+        assert!(out.join(folder).join("diffusion_pytorch_model.safetensors").is_file(), "{folder}");
+    }
+    assert!(out.join("validation-000002.png").is_file());
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The README's SDXL command, as written, on the tiny SDXL pipeline (folders and the step

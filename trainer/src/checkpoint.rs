@@ -8,6 +8,8 @@
 //! | `model.safetensors` | every trainable tensor (`side.*`, `lisa.*`; `main.*` when pretraining), f32 |
 //! | `optimizer.safetensors` | AdamW moments: `<name>.exp_avg`, `<name>.exp_avg_sq` |
 //! | `ema.safetensors` | EMA shadows (only with EMA) |
+//! | `controlnet/` | the side network in its architecture's native format (a diffusers ControlNet folder; where it has one) |
+//! | `controlnet_ema/` | its EMA weights in the same format (only with EMA) |
 //! | `state.json` | format version, kind, run id, step, random-stream counter, data epoch and position, the dataset's length and fingerprint, the configs, and the SHA-256 of every other file |
 //!
 //! Writing: every file goes to `<dir>.partial` (each written atomically), `state.json` last,
@@ -155,8 +157,11 @@ fn train_kind() -> String {
 
 /// Writes a checkpoint directory of `run` trained on `data` (see the module docs); an older
 /// checkpoint at `dir` is replaced only once the new one is complete.
+///
+/// With EMA, the EMA weights stand in the model while `controlnet_ema/` is written (the
+/// trained ones are back before this returns, whatever it returns): hence `&mut`.
 pub fn save_checkpoint<B: Backend, C: RunSettings>(
-    run: &TrainingRun<B, C>,
+    run: &mut TrainingRun<B, C>,
     data: &dyn Dataset,
     dir: &Path,
 ) -> Result<()> {
@@ -193,7 +198,28 @@ pub fn save_checkpoint<B: Backend, C: RunSettings>(
 type NamedTensors<'a, B> = Vec<(String, &'a <B as lisa_core::backend::BackendTypes>::Tensor)>;
 
 /// The files of a checkpoint of `run`, into `partial` (`state.json` last).
-fn write_files<B: Backend, C: RunSettings>(run: &TrainingRun<B, C>, data: &dyn Dataset, partial: &Path) -> Result<()> {
+fn write_files<B: Backend, C: RunSettings>(
+    run: &mut TrainingRun<B, C>,
+    data: &dyn Dataset,
+    partial: &Path,
+) -> Result<()> {
+    let mut digests = BTreeMap::new();
+    // The side network in the architecture's native format too (a diffusers ControlNet
+    // folder for sd), and its EMA weights, inside the same atomic directory, their files'
+    // digests listed as well.
+    for folder in [crate::model::NATIVE_SIDE_DIR, crate::model::EMA_SIDE_DIR] {
+        let native = partial.join(folder);
+        let export = |run: &mut TrainingRun<B, C>| run.model.export_side(&native);
+        let exported = match folder {
+            crate::model::NATIVE_SIDE_DIR => export(run)?,
+            _ => run.with_ema_weights(export).transpose()?.unwrap_or(false),
+        };
+        if exported {
+            for (name, bytes) in folder_files(&native)? {
+                digests.insert(format!("{folder}/{name}"), digest(&bytes));
+            }
+        }
+    }
     let store = run.model.store();
     let name = |id| store.get(id).name.clone();
     let mut files: Vec<(&str, NamedTensors<'_, B>)> = Vec::new();
@@ -211,19 +237,10 @@ fn write_files<B: Backend, C: RunSettings>(run: &TrainingRun<B, C>, data: &dyn D
     if let Some(ema) = &run.optimizer.ema {
         files.push(("ema.safetensors", ema.shadow.iter().map(|(id, t)| (name(*id), t)).collect()));
     }
-    let mut digests = BTreeMap::new();
     for (file, tensors) in files {
         let bytes = to_safetensors::<B>(&tensors, BTreeMap::new())?;
         write_atomic(&partial.join(file), &bytes)?;
         digests.insert(file.to_string(), digest(&bytes));
-    }
-    // The side network in the architecture's native format too (a diffusers ControlNet
-    // folder for sd), inside the same atomic directory, its files' digests listed as well.
-    let native = partial.join(crate::model::NATIVE_SIDE_DIR);
-    if run.model.export_side(&native)? {
-        for (name, bytes) in folder_files(&native)? {
-            digests.insert(format!("{}/{name}", crate::model::NATIVE_SIDE_DIR), digest(&bytes));
-        }
     }
     let state = StateFile {
         format_version: FORMAT_VERSION,

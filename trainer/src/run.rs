@@ -35,6 +35,19 @@ pub struct TrainingRun<B: Backend, C> {
     pub(crate) parallel: Option<DataParallel<B>>,
 }
 
+impl<B: Backend, C> TrainingRun<B, C> {
+    /// Runs `f` with the EMA weights in the model in place of the trained ones, which are back
+    /// when it returns; None (and `f` not run) when the run keeps no EMA.
+    pub fn with_ema_weights<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> Option<R> {
+        self.optimizer.ema.as_mut()?.swap(self.model.store_mut());
+        let result = f(self);
+        if let Some(ema) = self.optimizer.ema.as_mut() {
+            ema.swap(self.model.store_mut());
+        }
+        Some(result)
+    }
+}
+
 /// A fresh run id: the time and the process, hashed (not a source of model randomness).
 pub(crate) fn new_run_id() -> String {
     use std::hash::{BuildHasher, Hasher};

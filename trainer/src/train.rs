@@ -56,7 +56,9 @@ pub struct TrainConfig {
     pub optim: OptimConfig,
     /// Noising process.
     pub noise: NoiseConfig,
-    /// EMA decay of the side weights (None: off).
+    /// EMA decay of the side weights (None: off): the average diffusers' `EMAModel` keeps,
+    /// updated after every optimizer step, checkpointed, used for validation and exported
+    /// beside the trained side network.
     pub ema_decay: Option<f32>,
     /// Apply the LISA term to only the first N samples of each micro-batch (None: all, as
     /// in the paper). Cuts the prior pass and decoder cost by N/batch.
@@ -127,6 +129,11 @@ impl TrainConfig {
         }
         if let Some(n) = &self.normalize_tau {
             n.validate()?;
+        }
+        if let Some(d) = self.ema_decay
+            && !(0.0..1.0).contains(&d)
+        {
+            return bad("ema_decay", format!("must lie in [0, 1), got {d}"));
         }
         self.loss_scale.validate().map_err(|e| TrainError::in_section("train.loss_scale", e))?;
         Ok(())

@@ -111,7 +111,7 @@ fn resume_matches_straight(name: &str, options: impl Fn(&mut TrainConfig)) {
     for _ in 0..3 {
         first.step(&d).unwrap();
     }
-    save_checkpoint(&first, &d, &dir.join("checkpoint-3")).unwrap();
+    save_checkpoint(&mut first, &d, &dir.join("checkpoint-3")).unwrap();
     drop(first);
     let mut resumed = trainer_with(true, &options);
     load_checkpoint(&mut resumed, &d, &dir.join("checkpoint-3")).unwrap();
@@ -141,7 +141,7 @@ fn bad_checkpoints_are_rejected_and_change_nothing() {
     let mut t = trainer(false);
     t.step(&d).unwrap();
     let good = dir.join("good");
-    save_checkpoint(&t, &d, &good).unwrap();
+    save_checkpoint(&mut t, &d, &good).unwrap();
     let copy = |name: &str| {
         let to = dir.join(name);
         std::fs::create_dir_all(&to).unwrap();
@@ -173,7 +173,7 @@ fn bad_checkpoints_are_rejected_and_change_nothing() {
     let mut later = trainer(false);
     later.step(&d).unwrap();
     later.step(&d).unwrap();
-    save_checkpoint(&later, &d, &dir.join("later")).unwrap();
+    save_checkpoint(&mut later, &d, &dir.join("later")).unwrap();
     std::fs::copy(dir.join("later/optimizer.safetensors"), c.join("optimizer.safetensors")).unwrap();
     expect_checkpoint_error(&mut fresh, &c, "does not match the digest");
 
@@ -194,13 +194,13 @@ fn bad_checkpoints_are_rejected_and_change_nothing() {
     // A different model (wrong shapes): a checkpoint of a wider network.
     let mut wide_cfg = tiny_model();
     wide_cfg.config["unet"]["channels"] = serde_json::json!([8, 32]);
-    let wide = Trainer::new(
+    let mut wide = Trainer::new(
         registry::build::<C>(&wide_cfg, Parts::Dual { decoder: true }, CpuDevice, 7).unwrap(),
         trainer(false).config.clone(),
     )
     .unwrap();
     let w = dir.join("wide");
-    save_checkpoint(&wide, &d, &w).unwrap();
+    save_checkpoint(&mut wide, &d, &w).unwrap();
     std::fs::copy(w.join("model.safetensors"), copy("shapes").join("model.safetensors")).unwrap();
     rehash(&dir.join("shapes"), "model.safetensors");
     expect_checkpoint_error(&mut fresh, &dir.join("shapes"), "shape");
@@ -245,9 +245,9 @@ fn saving_replaces_an_old_checkpoint_only_when_complete() {
     let mut t = trainer(false);
     t.step(&d).unwrap();
     let ck = dir.join("latest");
-    save_checkpoint(&t, &d, &ck).unwrap();
+    save_checkpoint(&mut t, &d, &ck).unwrap();
     t.step(&d).unwrap();
-    save_checkpoint(&t, &d, &ck).unwrap();
+    save_checkpoint(&mut t, &d, &ck).unwrap();
     let names: Vec<_> =
         std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     assert_eq!(names, vec!["latest".to_string()], "no temporary or old directories left behind");
@@ -269,8 +269,8 @@ fn python_safetensors_reads_our_weights() {
         return;
     }
     let dir = tmp("python");
-    let t = trainer(false);
-    save_checkpoint(&t, &data(), &dir.join("ck")).unwrap();
+    let mut t = trainer(false);
+    save_checkpoint(&mut t, &data(), &dir.join("ck")).unwrap();
     let file = dir.join("ck").join("model.safetensors");
     let ours = read_safetensors(&file).unwrap();
     let script = "import sys, safetensors.numpy as s\nd = s.load_file(sys.argv[1])\nfor k in sorted(d):\n    print(k, 'x'.join(map(str, d[k].shape)), str(d[k].dtype), repr(float(d[k].astype('float64').sum())))";
@@ -298,12 +298,12 @@ fn non_finite_weights_are_never_saved_and_divergence_names_its_step() {
     let dir = tmp("nan");
     let mut t = trainer(true);
     t.step(&d).unwrap();
-    save_checkpoint(&t, &d, &dir.join("checkpoint-1")).unwrap();
+    save_checkpoint(&mut t, &d, &dir.join("checkpoint-1")).unwrap();
     // NaN weights (as a blown-up step would leave them) cannot be written.
     let id = t.model.store().iter().find(|(_, p)| p.trainable).map(|(id, _)| id).unwrap();
     let shape = C::shape(&t.model.store().get(id).value);
     t.model.store_mut().get_mut(id).value = C::full(&shape, f32::NAN, DType::F32, &CpuDevice).unwrap();
-    let err = save_checkpoint(&t, &d, &dir.join("checkpoint-2")).unwrap_err();
+    let err = save_checkpoint(&mut t, &d, &dir.join("checkpoint-2")).unwrap_err();
     assert!(matches!(err, TrainError::NonFiniteTensor { .. }), "{err}");
     assert!(!dir.join("checkpoint-2").exists(), "nothing is left under the checkpoint's name");
     let names: Vec<_> =
@@ -326,7 +326,7 @@ fn a_resume_may_change_the_learning_rate_and_the_run_length() {
     let dir = tmp("lr");
     let mut t = trainer(false);
     t.step(&d).unwrap();
-    save_checkpoint(&t, &d, &dir.join("ck")).unwrap();
+    save_checkpoint(&mut t, &d, &dir.join("ck")).unwrap();
     let mut lower = trainer(false);
     lower.config.optim.lr = 1e-4;
     lower.config.max_train_steps = 12;
@@ -346,7 +346,7 @@ fn identical_runs_write_identical_files() {
         let mut t = trainer(true);
         t.step(&d).unwrap();
         t.run_id = "same".into();
-        save_checkpoint(&t, &d, &dir.join(name)).unwrap();
+        save_checkpoint(&mut t, &d, &dir.join(name)).unwrap();
     }
     for f in ["model.safetensors", "optimizer.safetensors", "ema.safetensors", "state.json"] {
         let (a, b) = (std::fs::read(dir.join("a").join(f)).unwrap(), std::fs::read(dir.join("b").join(f)).unwrap());

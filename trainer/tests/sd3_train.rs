@@ -123,7 +123,7 @@ fn sd3_trains_with_lisa_and_resumes_exactly() {
     let mut first = trainer(&embeds);
     run(&mut first, &data, 3);
     let ckpt = dir.join("checkpoint-3");
-    save_checkpoint(&first, &data, &ckpt).unwrap();
+    save_checkpoint(&mut first, &data, &ckpt).unwrap();
     let mut resumed = trainer(&embeds);
     load_checkpoint(&mut resumed, &data, &ckpt).unwrap();
     let rest = run(&mut resumed, &data, 3);

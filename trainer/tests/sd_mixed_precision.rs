@@ -186,7 +186,7 @@ fn a_loss_scaled_run_resumes_exactly() {
     let mut first = trainer("fp16", config, &embeds);
     run(&mut first, &data, 7);
     let ckpt = dir.join("checkpoint-7");
-    save_checkpoint(&first, &data, &ckpt).unwrap();
+    save_checkpoint(&mut first, &data, &ckpt).unwrap();
     let mut resumed = trainer("fp16", config, &embeds);
     load_checkpoint(&mut resumed, &data, &ckpt).unwrap();
     assert_eq!(resumed.run.state, first.run.state);

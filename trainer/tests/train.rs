@@ -95,3 +95,70 @@ fn lisa_distance_is_measured_against_a_zero_decoder() {
     let base = trainer(Mode::Baseline, 1.0, 3).step(&data).unwrap();
     assert_eq!((base.lisa_loss, base.lisa_zero_distance), (0.0, 0.0));
 }
+
+/// Sums of the side network's weights, as a validator sees them.
+struct SideSums(Vec<f64>);
+
+fn side_sum(t: &Trainer<C>) -> f64 {
+    let store = t.model.store();
+    let side = store.iter().filter(|(_, p)| p.name.starts_with("side."));
+    side.map(|(_, p)| C::to_vec(&p.value).unwrap().iter().map(|&v| v as f64).sum::<f64>()).sum()
+}
+
+impl lisa_trainer::session::Validator<C> for SideSums {
+    fn validate(&mut self, t: &Trainer<C>) -> lisa_trainer::Result<lisa_trainer::session::ValidationReport> {
+        self.0.push(side_sum(t));
+        Ok(Default::default())
+    }
+}
+
+/// With an EMA a run validates with the averaged weights (what a user samples with), while
+/// training goes on from its own: the trained weights are those of the same run without EMA,
+/// and the validator saw the EMA's shadows, not them.
+#[test]
+fn validation_sees_the_ema_and_training_keeps_its_own_weights() {
+    let data = FillCircles { resolution: 16, len: 64, seed: 3 };
+    let run = |ema: Option<f32>, name: &str| {
+        let model = registry::build::<C>(&tiny_model(), Parts::Dual { decoder: true }, CpuDevice, 5).unwrap();
+        let cfg = TrainConfig {
+            seed: 5,
+            batch_size: 4,
+            max_train_steps: 4,
+            ema_decay: ema,
+            optim: OptimConfig { lr: 1e-2, ..OptimConfig::default() },
+            ..TrainConfig::default()
+        };
+        let mut t = Trainer::new(model, cfg).unwrap();
+        let dir = std::env::temp_dir().join(format!("lisa-ema-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut seen = SideSums(Vec::new());
+        let options = lisa_trainer::session::RunOptions::new(&dir, 1);
+        lisa_trainer::session::run(&mut t, &data, Some(&mut seen), &options, &mut ()).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        (t, seen.0)
+    };
+    let (plain, plain_seen) = run(None, "off");
+    let (ema, ema_seen) = run(Some(0.9), "on");
+    let bits = |t: &Trainer<C>| -> Vec<Vec<u32>> {
+        t.model
+            .store()
+            .iter()
+            .map(|(_, p)| C::to_vec(&p.value).unwrap().iter().map(|v| v.to_bits()).collect())
+            .collect()
+    };
+    assert_eq!(bits(&plain), bits(&ema), "the EMA changes no trained weight");
+    assert_eq!(plain_seen.last(), Some(&side_sum(&plain)), "without EMA the validator sees the trained weights");
+    let shadows: f64 = ema
+        .optimizer
+        .ema
+        .as_ref()
+        .unwrap()
+        .shadow
+        .iter()
+        .map(|(_, s)| C::to_vec(s).unwrap().iter().map(|&v| v as f64).sum::<f64>())
+        .sum();
+    assert_eq!(ema_seen.last(), Some(&shadows), "the validator sees the EMA's weights");
+    // Step 1's EMA is a copy (decay 0 at the first update); later ones lag the weights.
+    assert_eq!(ema_seen[0], plain_seen[0]);
+    assert_ne!(ema_seen[3], plain_seen[3]);
+}

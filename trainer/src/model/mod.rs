@@ -49,6 +49,9 @@ pub const DECODER: &str = "lisa.";
 /// The folder name of a side network in its architecture's native format, in a run's
 /// output folder and in each of its checkpoints ([`DualDenoiser::export_side`]).
 pub const NATIVE_SIDE_DIR: &str = "controlnet";
+/// The folder name of the side network's EMA weights in the native format (a run with EMA),
+/// beside [`NATIVE_SIDE_DIR`].
+pub const EMA_SIDE_DIR: &str = "controlnet_ema";
 
 /// Tensors with one entry per place the side network enters the main network: the main
 /// encoder's skips, the side network's residuals, and its pre-zero-conv features.

@@ -257,6 +257,14 @@ impl<B: Backend> Ema<B> {
         if s == 0.0 { 0.0 } else { self.decay.min(((1.0 + s) / (10.0 + s)) as f32) }
     }
 
+    /// Exchanges the shadows with the store's values of the same parameters: once puts the
+    /// averaged weights in the model, twice restores the trained ones (no copy).
+    pub fn swap(&mut self, store: &mut ParamStore<B>) {
+        for (id, s) in &mut self.shadow {
+            std::mem::swap(&mut store.get_mut(*id).value, s);
+        }
+    }
+
     /// The update after optimizer step `step` (1-based) from the store's current values.
     pub fn update(&mut self, store: &ParamStore<B>, step: u64) -> Result<()> {
         let d = self.decay_at(step);

@@ -19,7 +19,7 @@ pub use validator::{ValidationReport, Validator};
 use crate::checkpoint::load_checkpoint;
 use crate::data::Dataset;
 use crate::error::{Result, TrainError};
-use crate::model::NATIVE_SIDE_DIR;
+use crate::model::{EMA_SIDE_DIR, NATIVE_SIDE_DIR};
 use crate::train::{StepStats, Trainer};
 
 /// How a training run validates, saves and resumes.
@@ -120,6 +120,8 @@ pub enum Event<'a> {
         report: &'a RunReport,
         /// The side network in the architecture's native format, when it has one.
         exported: Option<&'a Path>,
+        /// Its EMA weights in the same format (a run with EMA).
+        exported_ema: Option<&'a Path>,
     },
 }
 
@@ -265,7 +267,7 @@ fn run_first<B: lisa_core::backend::Backend>(
         None => {
             // Outputs a new run writes: another run's are refused (or removed when told). A
             // metrics file of a run stopped before its first step holds nothing to keep.
-            let mut own_outputs = vec![out.join(NATIVE_SIDE_DIR)];
+            let mut own_outputs = vec![out.join(NATIVE_SIDE_DIR), out.join(EMA_SIDE_DIR)];
             if !MetricsLog::records_no_training(&metrics_path) {
                 own_outputs.push(metrics_path.clone());
             }
@@ -294,7 +296,7 @@ fn run_first<B: lisa_core::backend::Backend>(
         && options.validate_at_start
         && first == 0
     {
-        let validation = v.validate(trainer)?;
+        let validation = validate(v, trainer)?;
         report.validations.extend(validation.score.map(|s| (0, s)));
         notify(Event::Validation { step: 0, report: &validation })?;
         let mut row = validation.metrics;
@@ -312,7 +314,7 @@ fn run_first<B: lisa_core::backend::Backend>(
                 row.insert(column.to_string(), serde_json::Value::Null);
             }
             if options.validates_at(stats.step, total) {
-                let validated = v.validate(trainer).and_then(|validation| {
+                let validated = validate(v, trainer).and_then(|validation| {
                     notify(Event::Validation { step: stats.step, report: &validation })?;
                     Ok(validation)
                 });
@@ -327,7 +329,7 @@ fn run_first<B: lisa_core::backend::Backend>(
                         metrics.write(row)?;
                         dir.save(trainer, data, stats.step, &options.checkpoints)?;
                         if stats.step == total {
-                            trainer.model.export_side(&out.join(NATIVE_SIDE_DIR))?;
+                            export(trainer, out)?;
                         }
                         return Err(e);
                     }
@@ -342,11 +344,34 @@ fn run_first<B: lisa_core::backend::Backend>(
             notify(Event::Checkpoint { path: &path })?;
         }
     }
-    let native = out.join(NATIVE_SIDE_DIR);
-    let exported = trainer.model.export_side(&native)?;
+    let (exported, exported_ema) = export(trainer, out)?;
     report.wall_seconds = wall.elapsed().as_secs_f64();
-    notify(Event::Finished { report: &report, exported: exported.then_some(native.as_path()) })?;
+    notify(Event::Finished { report: &report, exported: exported.as_deref(), exported_ema: exported_ema.as_deref() })?;
     Ok(report)
+}
+
+/// Validates the run's model: with its EMA weights when it keeps an EMA (the weights a user
+/// samples with), else the trained ones.
+fn validate<B: lisa_core::backend::Backend>(
+    v: &mut dyn Validator<B>,
+    trainer: &mut Trainer<B>,
+) -> Result<ValidationReport> {
+    match trainer.with_ema_weights(|t| v.validate(t)) {
+        Some(report) => report,
+        None => v.validate(trainer),
+    }
+}
+
+/// Exports the side network (and its EMA weights) in the architecture's native format into
+/// `out`: the folders written.
+fn export<B: lisa_core::backend::Backend>(
+    trainer: &mut Trainer<B>,
+    out: &Path,
+) -> Result<(Option<PathBuf>, Option<PathBuf>)> {
+    let (native, ema) = (out.join(NATIVE_SIDE_DIR), out.join(EMA_SIDE_DIR));
+    let exported = trainer.model.export_side(&native)?;
+    let exported_ema = trainer.with_ema_weights(|t| t.model.export_side(&ema)).transpose()?.unwrap_or(false);
+    Ok((exported.then_some(native), exported_ema.then_some(ema)))
 }
 
 /// The metrics row of a step: its stats and the training speed.

@@ -127,7 +127,7 @@ impl OutputDir {
     /// `policy`'s limit. Returns the checkpoint's folder.
     pub fn save<B: Backend, C: RunSettings>(
         &self,
-        run: &TrainingRun<B, C>,
+        run: &mut TrainingRun<B, C>,
         data: &dyn Dataset,
         step: u64,
         policy: &CheckpointPolicy,
