@@ -32,6 +32,8 @@ pub struct LoopOptions<'a> {
     pub label: &'a str,
     /// Validation of a latent-space model (condition images, prompts, the VAE that decodes).
     pub latent_validation: Option<LatentValidationFiles>,
+    /// `--report-to tensorboard`: the folder its event files go to (None: no TensorBoard).
+    pub tensorboard: Option<std::path::PathBuf>,
 }
 
 /// What a training run starts from.
@@ -55,7 +57,7 @@ pub enum Start<'a, B: Backend> {
 pub fn train_arm<B: Backend>(file: &RunFile, start: Start<B>, device: B::Device, o: &LoopOptions) -> Result<RunReport> {
     let mut arm = prepare_arm(file, start, device, o)?;
     let mut trainer = Trainer::new(arm.built, file.train.clone())?;
-    let mut display = RunDisplay::new(o.label, o.output_dir, arm.summary);
+    let mut display = RunDisplay::for_loop(o, arm.summary);
     let validator: Option<&mut dyn Validator<B>> = match &mut arm.validator {
         Some(v) => Some(v.as_mut()),
         None => None,

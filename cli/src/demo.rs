@@ -95,6 +95,7 @@ pub fn run<B: Backend>(a: DemoArgs, device: B::Device) -> Result<()> {
         arm_file.train.mode = *mode;
         let options = LoopOptions {
             latent_validation: None,
+            tensorboard: None,
             output_dir: &dir,
             validation_steps: a.validation_steps,
             validate_at_start: true,

@@ -24,6 +24,7 @@ mod sd_cache;
 mod sd_validation;
 mod shipped;
 mod study;
+mod tensorboard;
 mod train;
 
 use std::process::ExitCode;

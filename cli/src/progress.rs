@@ -117,6 +117,7 @@ pub struct RunDisplay {
     label: String,
     output_dir: PathBuf,
     summary: String,
+    tensorboard: Option<crate::tensorboard::TensorBoard>,
 }
 
 impl RunDisplay {
@@ -128,12 +129,24 @@ impl RunDisplay {
             label: label.to_string(),
             output_dir: output_dir.to_path_buf(),
             summary,
+            tensorboard: None,
         }
+    }
+
+    /// The display of a run with `o`'s label and folder, also writing TensorBoard event files
+    /// when `o` asks for them.
+    pub fn for_loop(o: &crate::arm::LoopOptions, summary: String) -> Self {
+        let mut display = Self::new(o.label, o.output_dir, summary);
+        display.tensorboard = o.tensorboard.clone().map(crate::tensorboard::TensorBoard::new);
+        display
     }
 }
 
 impl Observer for RunDisplay {
     fn on_event(&mut self, event: &Event<'_>) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        if let Some(tb) = &mut self.tensorboard {
+            tb.on_event(event).map_err(|e| format!("--report-to tensorboard: {e:#}"))?;
+        }
         match event {
             Event::Resumed { checkpoint, step } => eprintln!("resumed from {} at step {step}", checkpoint.display()),
             Event::Started { first_step, total_steps, .. } => {

@@ -192,6 +192,17 @@ pub struct TrainArgs {
     /// Where checkpoints, grids and metrics.jsonl go.
     #[arg(long, default_value = "runs/train")]
     output_dir: PathBuf,
+    /// Also report the losses, learning rate, speed, validation metrics and grids to
+    /// TensorBoard (event files in OUTPUT_DIR/LOGGING_DIR/TRACKER_PROJECT_NAME;
+    /// metrics.jsonl is written either way).
+    #[arg(long, value_enum, default_value_t = ReportTo::None)]
+    report_to: ReportTo,
+    /// The TensorBoard folder, under --output-dir unless absolute (train_controlnet.py's).
+    #[arg(long, default_value = "logs")]
+    logging_dir: PathBuf,
+    /// The TensorBoard run's name, a folder under --logging-dir (train_controlnet.py's).
+    #[arg(long, default_value = "train_controlnet")]
+    tracker_project_name: String,
     /// Train on N GPUs of this machine, one thread each (data-parallel: each takes
     /// --train-batch-size examples of every step, gradients averaged with NCCL). With the CPU
     /// or wgpu backend the N ranks share the one device. A run started by torchrun or srun
@@ -202,6 +213,15 @@ pub struct TrainArgs {
     /// ends the run with an error.
     #[arg(long, default_value_t = 1800)]
     collective_timeout: u64,
+}
+
+/// Where a run reports besides metrics.jsonl.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportTo {
+    /// metrics.jsonl only.
+    None,
+    /// TensorBoard event files too.
+    Tensorboard,
 }
 
 /// `--use-ema`'s decay when neither `--ema-decay` nor the run file gives one (diffusers'
@@ -263,6 +283,10 @@ fn flags_given(a: &TrainArgs) -> [(&'static str, &'static str, bool); 9] {
 
 /// The library's check of every training setting, before anything is loaded.
 fn check_settings(a: &TrainArgs, file: &RunFile) -> Result<()> {
+    let project = &a.tracker_project_name;
+    if project.is_empty() || project.contains(['/', '\\']) || project.starts_with('.') {
+        bail!("--tracker-project-name {project:?}: a folder name (no path separators, not empty, not hidden)");
+    }
     file.train.validate_settings().map_err(|e| name_setting(e, &flags_given(a), a.config.as_deref()))
 }
 
@@ -302,7 +326,10 @@ pub fn run<B: RankBackend>(a: TrainArgs, device: B::Device) -> Result<()> {
         }
         (None, None) => bail!("give --main (a lisa prior) or --pretrained-model-name-or-path (a diffusers folder)"),
     };
+    let tensorboard =
+        (a.report_to == ReportTo::Tensorboard).then(|| a.output_dir.join(&a.logging_dir).join(&a.tracker_project_name));
     let options = LoopOptions {
+        tensorboard,
         output_dir: &a.output_dir,
         validation_steps: a.validation_steps,
         validate_at_start: false,

@@ -178,6 +178,69 @@ fn an_ema_controlnet_is_kept_saved_and_resumed_exactly() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `--report-to tensorboard`: every step's losses, learning rate and speed, each validation's
+/// grid, as TensorBoard event files in OUTPUT/logs/train_controlnet (metrics.jsonl as ever);
+/// a resumed run starts a new file whose session start drops the redone steps.
+#[test]
+fn tensorboard_event_files_record_the_run_and_its_resume() {
+    let dir = workdir("tensorboard");
+    let (pipe, data) = (full_pipeline(&dir), images_only(&dir));
+    let out = dir.join("out");
+    let cond = data.join("source/0.png");
+    let flags = [
+        "--report-to",
+        "tensorboard",
+        "--validation-image",
+        s(&cond),
+        "--validation-prompt",
+        "a red circle",
+        "--validation-steps",
+        "2",
+    ];
+    let err = ok(&train(&pipe, &data, &out, &flags));
+    assert!(err.contains("TensorBoard event file"), "{err}");
+    assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 2);
+    let logs = out.join("logs/train_controlnet");
+    let files = common::event_files(&logs);
+    assert_eq!(files.len(), 1, "{files:?}");
+    let events = common::read_events(&files[0]);
+    assert_eq!(events[0].file_version.as_deref(), Some("brain.Event:2"));
+    assert!(events[1].session_start && events[1].step == 1, "a fresh run starts at step 1");
+    let scalar_steps = |events: &[common::TbEvent], tag: &str| -> Vec<i64> {
+        events.iter().filter(|e| e.scalars.iter().any(|(t, v)| t == tag && v.is_finite())).map(|e| e.step).collect()
+    };
+    for tag in ["train/loss", "train/diffusion_loss", "train/lisa_loss", "train/lr", "train/grad_norm"] {
+        assert_eq!(scalar_steps(&events, tag), [1, 2], "{tag}");
+    }
+    let images: Vec<_> = events.iter().flat_map(|e| e.images.iter().map(move |i| (e.step, i))).collect();
+    assert_eq!(images.len(), 1);
+    let (step, (tag, w, h, png)) = images[0];
+    assert_eq!((step, tag.as_str(), *w, *h), (2, "validation/grid", 2 * 66, 66));
+    assert_eq!(png, &std::fs::read(out.join("validation-000002.png")).unwrap(), "the grid's PNG");
+    // Resume from step 1: a second file, whose session start at step 2 drops the first
+    // file's step 2 in TensorBoard.
+    let first = out.join("checkpoint-1");
+    let resume = [&flags[..], &["--resume-from-checkpoint", s(&first)]].concat();
+    ok(&train(&pipe, &data, &out, &resume));
+    let files = common::event_files(&logs);
+    assert_eq!(files.len(), 2, "{files:?}");
+    let events = common::read_events(&files[1]);
+    assert!(events[1].session_start && events[1].step == 2, "the resumed run starts at step 2");
+    assert_eq!(scalar_steps(&events, "train/loss"), [2]);
+    // Trackers lisa does not write are refused by name before any work.
+    fails_with(&train(&pipe, &data, &dir.join("bad"), &["--report-to", "wandb"]), "tensorboard");
+    fails_with(
+        &train(&pipe, &data, &dir.join("bad"), &["--report-to", "tensorboard", "--tracker-project-name", "a/b"]),
+        "--tracker-project-name",
+    );
+    assert!(!dir.join("bad").exists());
+    if std::env::var_os("LISA_KEEP_TENSORBOARD").is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        eprintln!("kept {}", logs.display());
+    }
+}
+
 /// `--mixed-precision fp16` autocasts and scales the loss: every metrics row carries the
 /// scale (torch's first, 2^16) and whether the step was skipped, and a resumed run continues
 /// the scaler where the checkpoint left it.
@@ -321,6 +384,7 @@ fn the_readme_conveniences_command_runs_as_written() {
     for folder in ["controlnet", "controlnet_ema"] {
         assert!(out.join(folder).join("diffusion_pytorch_model.safetensors").is_file(), "{folder}");
     }
+    assert_eq!(common::event_files(&out.join("logs/train_controlnet")).len(), 1, "the TensorBoard file");
     assert!(out.join("validation-000002.png").is_file());
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -68,6 +68,7 @@ pub(super) fn run_one<B: Backend>(run: &PlannedRun, study: &StudyFile, out: &Pat
     let label = format!("{}/{}", run.arm, run.seed);
     let options = LoopOptions {
         latent_validation: None,
+        tensorboard: None,
         output_dir: &dir,
         validation_steps: study.validation_steps,
         validate_at_start: true,

@@ -129,3 +129,102 @@ pub fn readme_train_command(heading: &str) -> Vec<String> {
     }
     words
 }
+
+/// One event of a TensorBoard event file, as the test reads it back.
+#[derive(Debug, Default)]
+pub struct TbEvent {
+    /// `Event.step`.
+    pub step: i64,
+    /// `Event.file_version`.
+    pub file_version: Option<String>,
+    /// A `SessionLog` START.
+    pub session_start: bool,
+    /// `(tag, simple_value)` of the summary.
+    pub scalars: Vec<(String, f32)>,
+    /// `(tag, width, height, PNG bytes)` of the summary's images.
+    pub images: Vec<(String, i64, i64, Vec<u8>)>,
+}
+
+/// The protocol-buffer fields of `bytes`: `(number, varint or fixed value, length-delimited
+/// bytes)`.
+fn proto_fields(bytes: &[u8]) -> Vec<(u64, u64, Vec<u8>)> {
+    let varint = |at: &mut usize| {
+        let (mut v, mut shift) = (0u64, 0);
+        loop {
+            let b = bytes[*at];
+            *at += 1;
+            v |= u64::from(b & 0x7f) << shift;
+            shift += 7;
+            if b < 0x80 {
+                return v;
+            }
+        }
+    };
+    let (mut at, mut out) = (0, Vec::new());
+    while at < bytes.len() {
+        let key = varint(&mut at);
+        let (field, wire) = (key >> 3, key & 7);
+        match wire {
+            0 => out.push((field, varint(&mut at), Vec::new())),
+            1 => {
+                out.push((field, u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()), Vec::new()));
+                at += 8;
+            }
+            5 => {
+                out.push((field, u64::from(u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap())), Vec::new()));
+                at += 4;
+            }
+            2 => {
+                let len = varint(&mut at) as usize;
+                out.push((field, 0, bytes[at..at + len].to_vec()));
+                at += len;
+            }
+            other => panic!("wire type {other}"),
+        }
+    }
+    out
+}
+
+/// The events of a TensorBoard event file (TFRecords; lengths checked, not checksums).
+pub fn read_events(path: &Path) -> Vec<TbEvent> {
+    let bytes = std::fs::read(path).unwrap();
+    let (mut at, mut events) = (0, Vec::new());
+    while at < bytes.len() {
+        let len = u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
+        let data = &bytes[at + 12..at + 12 + len];
+        at += 16 + len;
+        let mut e = TbEvent::default();
+        for (field, value, inner) in proto_fields(data) {
+            match field {
+                2 => e.step = value as i64,
+                3 => e.file_version = Some(String::from_utf8(inner).unwrap()),
+                5 => {
+                    for (_, _, v) in proto_fields(&inner) {
+                        let v = proto_fields(&v);
+                        let tag = String::from_utf8(v.iter().find(|f| f.0 == 1).unwrap().2.clone()).unwrap();
+                        if let Some(s) = v.iter().find(|f| f.0 == 2) {
+                            e.scalars.push((tag, f32::from_bits(s.1 as u32)));
+                        } else if let Some(img) = v.iter().find(|f| f.0 == 4) {
+                            let img = proto_fields(&img.2);
+                            let get = |n| img.iter().find(|f| f.0 == n).unwrap();
+                            e.images.push((tag, get(2).1 as i64, get(1).1 as i64, get(4).2.clone()));
+                        }
+                    }
+                }
+                7 => e.session_start = proto_fields(&inner).iter().any(|f| f.0 == 1 && f.1 == 1),
+                _ => {}
+            }
+        }
+        events.push(e);
+    }
+    events
+}
+
+/// The event files in `dir`, oldest first (their names start with the creation time).
+pub fn event_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.path()).filter(|p| p.to_string_lossy().contains("tfevents")).collect())
+        .unwrap_or_default();
+    files.sort();
+    files
+}
