@@ -13,6 +13,7 @@ use lisa_trainer::train::Trainer;
 use lisa_trainer::validation::{LatentValidation, ToyValidation, Validator};
 
 use crate::config::{RunFile, check_memory};
+use crate::control_score::{ControlMetric, EdgeScore, edge_maps};
 use crate::pipeline_start::mode_parts;
 use crate::progress::RunDisplay;
 use crate::run_dir::CheckpointArgs;
@@ -34,6 +35,10 @@ pub struct LoopOptions<'a> {
     pub latent_validation: Option<LatentValidationFiles>,
     /// `--report-to tensorboard`: the folder its event files go to (None: no TensorBoard).
     pub tensorboard: Option<std::path::PathBuf>,
+    /// Samples per validation pair of a pipeline run (`--num-validation-images`).
+    pub validation_samples: usize,
+    /// The control metric of a pipeline run's validations (`--control-metric`).
+    pub control_metric: ControlMetric,
 }
 
 /// What a training run starts from.
@@ -117,10 +122,31 @@ pub fn prepare_arm<B: Backend>(file: &RunFile, start: Start<B>, device: B::Devic
                     false => images.clone(),
                 };
                 let hints = vae.latents(&pixels, v.images.len(), side)?;
+                let edges = edge_maps(&images, [3, side, side]);
                 let shown = (images, [3, side, side]);
-                LatentValidation::with_latent_hints(model, noise, hints, shown, prompts, vae, sampling)?
+                (LatentValidation::with_latent_hints(model, noise, hints, shown, prompts, vae, sampling)?, edges)
             } else {
-                LatentValidation::new(model, noise, read_conditions(model, v)?, prompts, vae, sampling)?
+                let conditions = read_conditions(model, v)?;
+                let edges = edge_maps(&conditions, model.hint_shape());
+                (LatentValidation::new(model, noise, conditions, prompts, vae, sampling)?, edges)
+            };
+            let (validation, edges) = validation;
+            let validation = validation.with_samples_per_pair(o.validation_samples)?;
+            let pairs = format!("{} pair(s) × {} seed(s)", v.images.len(), o.validation_samples);
+            let validation = match (o.control_metric, edges) {
+                (ControlMetric::Edges, _) | (ControlMetric::Auto, true) => {
+                    eprintln!(
+                        "control metric at every validation: the pixel F1 and SSIM of each sample's Canny edges against its condition ({pairs}; control_f1, control_ssim in metrics.jsonl)"
+                    );
+                    validation.with_score(Box::new(EdgeScore))
+                }
+                (ControlMetric::Auto, false) => {
+                    eprintln!(
+                        "note: no control metric: the validation conditions are not edge maps (lisa measures edge conditions: Canny, HED, line art, outlines); validation grids only ({pairs})"
+                    );
+                    validation
+                }
+                (ControlMetric::None, _) => validation,
             };
             Some(Box::new(validation))
         }

@@ -96,6 +96,8 @@ pub fn run<B: Backend>(a: DemoArgs, device: B::Device) -> Result<()> {
         let options = LoopOptions {
             latent_validation: None,
             tensorboard: None,
+            validation_samples: 1,
+            control_metric: crate::control_score::ControlMetric::None,
             output_dir: &dir,
             validation_steps: a.validation_steps,
             validate_at_start: true,

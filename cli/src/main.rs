@@ -6,7 +6,9 @@
 //! needs: flags, run files, progress bars, image files and plots.
 
 mod arm;
+mod compare;
 mod config;
+mod control_score;
 mod demo;
 mod eval;
 mod fill50k;
@@ -70,6 +72,9 @@ enum Command {
     /// A grid of arms x seeds of control training (a TOML study file), resumable, with a
     /// summary over seeds (steps to IoU thresholds, speed-up against a reference arm) and a plot.
     Study(study::StudyArgs),
+    /// Two runs' control metric against step (a LISA run and its baseline): steps to
+    /// thresholds, the speed-up, and a chart of both curves, from their metrics.jsonl.
+    Compare(compare::CompareArgs),
 }
 
 /// Runs `$body` with `$B` bound to the chosen backend type and `$device` to its device.
@@ -117,6 +122,7 @@ fn main() -> ExitCode {
         Command::Sample(a) => with_backend!(cli.backend, B, d => sample::run::<B>(a, d)),
         Command::Eval(a) => with_backend!(cli.backend, B, d => eval::run::<B>(a, d)),
         Command::Study(a) => with_backend!(cli.backend, B, d => study::run::<B>(a, d)),
+        Command::Compare(a) => compare::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -16,7 +16,8 @@ pub struct Progress {
     label: String,
     first: u64,
     total: u64,
-    iou: Option<f32>,
+    /// The last validation's headline score and its name.
+    score: Option<(&'static str, f32)>,
     bar: Option<ProgressBar>,
 }
 
@@ -32,13 +33,13 @@ impl Progress {
             bar.set_prefix(label.to_string());
             bar
         });
-        Self { label: label.to_string(), first, total, iou: None, bar }
+        Self { label: label.to_string(), first, total, score: None, bar }
     }
 
-    /// Records a validation (printed on its own line).
-    pub fn validation(&mut self, step: u64, iou: f32) {
-        self.iou = Some(iou);
-        self.line(format!("{} step {step:6}  validation iou {iou:.4}", self.label));
+    /// Records a validation's headline score `name` (printed on its own line).
+    pub fn validation(&mut self, step: u64, name: &'static str, score: f32) {
+        self.score = Some((name, score));
+        self.line(format!("{} step {step:6}  validation {name} {score:.4}", self.label));
     }
 
     /// Shows step `s`.
@@ -54,8 +55,8 @@ impl Progress {
                 self.line(format!("step {}: loss scale doubled to {}", s.step, scale * 2.0));
             }
         }
-        let iou = self.iou.map_or("  -   ".to_string(), |v| format!("{v:.4}"));
-        let losses = format!("loss {:.4} (main {:.4}, lisa {:.4})  iou {iou}", s.loss, s.main_loss, s.lisa_loss);
+        let score = self.score.map_or(String::new(), |(name, v)| format!("  {name} {v:.4}"));
+        let losses = format!("loss {:.4} (main {:.4}, lisa {:.4}){score}", s.loss, s.main_loss, s.lisa_loss);
         match &self.bar {
             Some(bar) => {
                 bar.set_message(losses);
@@ -163,7 +164,7 @@ impl Observer for RunDisplay {
                     save_grid(grid, &path).map_err(|e| format!("{e:#}"))?;
                 }
                 if let Some(score) = report.score {
-                    self.progress.validation(*step, score);
+                    self.progress.validation(*step, report.score_name, score);
                 }
             }
             Event::Step { stats, steps_per_second } => self.progress.step(stats, *steps_per_second),

@@ -16,6 +16,7 @@ use lisa_trainer::train::Mode;
 
 use crate::arm::{LoopOptions, Start};
 use crate::config::{RunFile, name_setting};
+use crate::control_score::ControlMetric;
 use crate::parallel::{Plan, RankBackend, train_ranks};
 use crate::pipeline_start::{SdStart, mixed_precision_note, mode_parts};
 use crate::run_dir::CheckpointArgs;
@@ -192,6 +193,14 @@ pub struct TrainArgs {
     /// Where checkpoints, grids and metrics.jsonl go.
     #[arg(long, default_value = "runs/train")]
     output_dir: PathBuf,
+    /// Samples per validation image, with the seeds seed, seed + 1, … (train_controlnet.py's
+    /// --num_validation_images): each grid row shows them, the control metric averages them.
+    #[arg(long, default_value_t = 4)]
+    num_validation_images: usize,
+    /// The control metric of each validation: auto (edge F1 and SSIM when the validation
+    /// images are edge maps, else none, said once), edges, none.
+    #[arg(long, value_enum, default_value_t = ControlMetric::Auto)]
+    control_metric: ControlMetric,
     /// Also report the losses, learning rate, speed, validation metrics and grids to
     /// TensorBoard (event files in OUTPUT_DIR/LOGGING_DIR/TRACKER_PROJECT_NAME;
     /// metrics.jsonl is written either way).
@@ -283,6 +292,10 @@ fn flags_given(a: &TrainArgs) -> [(&'static str, &'static str, bool); 9] {
 
 /// The library's check of every training setting, before anything is loaded.
 fn check_settings(a: &TrainArgs, file: &RunFile) -> Result<()> {
+    let max = lisa_trainer::validation::MAX_SAMPLES_PER_PAIR;
+    if !(1..=max).contains(&a.num_validation_images) {
+        bail!("--num-validation-images {}: 1..={max} samples per validation image", a.num_validation_images);
+    }
     let project = &a.tracker_project_name;
     if project.is_empty() || project.contains(['/', '\\']) || project.starts_with('.') {
         bail!("--tracker-project-name {project:?}: a folder name (no path separators, not empty, not hidden)");
@@ -330,6 +343,8 @@ pub fn run<B: RankBackend>(a: TrainArgs, device: B::Device) -> Result<()> {
         (a.report_to == ReportTo::Tensorboard).then(|| a.output_dir.join(&a.logging_dir).join(&a.tracker_project_name));
     let options = LoopOptions {
         tensorboard,
+        validation_samples: a.num_validation_images,
+        control_metric: a.control_metric,
         output_dir: &a.output_dir,
         validation_steps: a.validation_steps,
         validate_at_start: false,

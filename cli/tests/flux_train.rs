@@ -143,7 +143,11 @@ fn a_whole_flux_pipeline_encodes_its_inputs_once_trains_and_resumes_exactly() {
     let err = ok(&train(&pipe, &data, &out, &[&layers[..], &validation[..]].concat()));
     assert!(err.contains("hook single_block_1") && err.contains("cached 3 latents and 3 condition latents"), "{err}");
     let grid = image::open(out.join("validation-000002.png")).unwrap();
-    assert_eq!((grid.width(), grid.height()), (2 * 66, 66), "one condition | sample row of 64 px");
+    assert_eq!((grid.width(), grid.height()), (5 * 66, 66), "a condition | 4 samples row of 64 px (4 seeds)");
+    // The condition latents' images are outlines: the control metric is measured on them.
+    let rows = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let step2: serde_json::Value = serde_json::from_str(rows.lines().nth(1).unwrap()).unwrap();
+    assert!(step2["control_f1"].as_f64().is_some_and(|f| (0.0..=1.0).contains(&f)), "{step2}");
     let first = losses(&out);
     assert_eq!(first.len(), 2);
     assert!(first.iter().all(|l| l.is_finite() && *l > 0.0), "{first:?}");

@@ -215,7 +215,10 @@ fn tensorboard_event_files_record_the_run_and_its_resume() {
     let images: Vec<_> = events.iter().flat_map(|e| e.images.iter().map(move |i| (e.step, i))).collect();
     assert_eq!(images.len(), 1);
     let (step, (tag, w, h, png)) = images[0];
-    assert_eq!((step, tag.as_str(), *w, *h), (2, "validation/grid", 2 * 66, 66));
+    assert_eq!((step, tag.as_str(), *w, *h), (2, "validation/grid", 5 * 66, 66));
+    let validated: Vec<_> =
+        events.iter().filter(|e| e.scalars.iter().any(|(t, _)| t == "validation/control_f1")).collect();
+    assert_eq!(validated.len(), 1, "the control metric at the validated step");
     assert_eq!(png, &std::fs::read(out.join("validation-000002.png")).unwrap(), "the grid's PNG");
     // Resume from step 1: a second file, whose session start at step 2 drops the first
     // file's step 2 in TensorBoard.
@@ -385,8 +388,41 @@ fn the_readme_conveniences_command_runs_as_written() {
         assert!(out.join(folder).join("diffusion_pytorch_model.safetensors").is_file(), "{folder}");
     }
     assert_eq!(common::event_files(&out.join("logs/train_controlnet")).len(), 1, "the TensorBoard file");
+    // Then the baseline run and the comparison the README shows after it.
+    let runs = dir.join("runs");
+    let swap = |words: Vec<String>| -> Vec<String> {
+        words
+            .iter()
+            .map(|w| match w.as_str() {
+                "PIPELINE" => s(&pipe).to_string(),
+                "10000" => "2".to_string(),
+                other if other.starts_with("runs/") => s(&dir).to_string() + "/" + other,
+                other => other.replacen("DATA", s(&data), 1),
+            })
+            .collect()
+    };
+    let baseline = swap(common::readme_command("**Comparing two runs**", "train"));
+    ok(&lisa(&baseline.iter().map(String::as_str).collect::<Vec<_>>()));
+    let compare = swap(common::readme_command("**Comparing two runs**", "compare"));
+    let compare: Vec<&str> = compare.iter().map(String::as_str).collect();
+    let output = lisa(&compare);
+    ok(&output);
+    let said = String::from_utf8_lossy(&output.stdout).to_string();
+    for want in ["control_f1, per validation step", "sd-ema: 1 validations", "sd-baseline: 1 validations", "steps"] {
+        assert!(said.contains(want), "{want:?} in:\n{said}");
+    }
+    let chart = image::open(runs.join("compare.png")).unwrap();
+    assert_eq!((chart.width(), chart.height()), (860, 640), "two panels");
+    // The chart is not replaced unasked; a column neither run has is named.
+    fails_with(&lisa(&compare), "--overwrite");
+    fails_with(
+        &lisa(&[&compare[..], &["--overwrite", "--metric", "depth_error"]].concat()),
+        "no value of \"depth_error\"",
+    );
     assert!(out.join("validation-000002.png").is_file());
-    let _ = std::fs::remove_dir_all(&dir);
+    if std::env::var_os("LISA_KEEP_COMPARE").is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
 
 /// The README's SDXL command, as written, on the tiny SDXL pipeline (folders and the step
@@ -514,7 +550,21 @@ fn end_to_end_from_a_full_pipeline_with_cached_encoders_validation_and_resume() 
         assert!(out.join(f).is_file(), "{f}:\n{err}");
     }
     let grid = image::open(out.join("validation-000002.png")).unwrap();
-    assert_eq!((grid.width(), grid.height()), (2 * 66, 66), "one condition | sample row of 64 px");
+    assert_eq!((grid.width(), grid.height()), (5 * 66, 66), "a condition | 4 samples row of 64 px (4 seeds)");
+    // The control metric: the conditions are outlines (edge maps), so every row carries the
+    // edge F1 and SSIM columns, numbers at the validated step, null elsewhere.
+    assert!(err.contains("control metric at every validation") && err.contains("1 pair(s) × 4 seed(s)"), "{err}");
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(rows[0]["control_f1"].is_null() && rows[0].get("control_ssim").is_some(), "{}", rows[0]);
+    for column in ["control_f1", "control_ssim"] {
+        let v = rows[1][column].as_f64().unwrap_or(f64::NAN);
+        assert!((-1.0..=1.0).contains(&v), "{column} at step 2: {}", rows[1]);
+    }
+    assert!(err.contains("validation control_f1"), "the progress shows the headline score:\n{err}");
     // The cache is reused by a resumed run (same data, resolution, encoders), and the resumed
     // step 2 is the uninterrupted one.
     let weights = std::fs::read(out.join("controlnet/diffusion_pytorch_model.safetensors")).unwrap();
@@ -566,6 +616,18 @@ fn end_to_end_from_a_full_pipeline_with_cached_encoders_validation_and_resume() 
         "bad.png",
     );
     fails_with(&train(&pipe, &data, &dir.join("out6"), &["--proportion-empty-prompts", "1.5"]), "proportion");
+    // A photo-like condition (a colour ramp) is no edge map: no control metric, said once;
+    // one seed per pair gives one sample per row.
+    let photo = dir.join("photo.png");
+    image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([4 * x as u8, 4 * y as u8, 128])).save(&photo).unwrap();
+    let out8 = dir.join("out8");
+    let one = ["--validation-image", s(&photo), "--validation-prompt", "x", "--num-validation-images", "1"];
+    let err = ok(&train(&pipe, &data, &out8, &[&one[..], &["--max-train-steps", "1"]].concat()));
+    assert_eq!(err.matches("no control metric").count(), 1, "{err}");
+    let grid = image::open(out8.join("validation-000001.png")).unwrap();
+    assert_eq!((grid.width(), grid.height()), (2 * 66, 66));
+    assert!(!std::fs::read_to_string(out8.join("metrics.jsonl")).unwrap().contains("control_f1"));
+    fails_with(&train(&pipe, &data, &dir.join("out9"), &["--num-validation-images", "0"]), "--num-validation-images 0");
     // One check of the resolution, by the library's VAE config, named after the flag.
     fails_with(
         &train(&pipe, &data, &dir.join("out7"), &["--resolution", "20"]),

@@ -46,6 +46,18 @@ impl RgbGrid {
         }
     }
 
+    /// The `w × h` rectangle whose top-left corner is `(x, y)`, as `[h, w, 3]` bytes (black
+    /// where it leaves the canvas).
+    pub fn crop(&self, (x, y): (usize, usize), w: usize, h: usize) -> Vec<u8> {
+        let mut out = vec![0; w * h * 3];
+        for row in 0..h.min(self.height.saturating_sub(y)) {
+            let cols = w.min(self.width.saturating_sub(x));
+            let from = ((y + row) * self.width + x) * 3;
+            out[row * w * 3..(row * w + cols) * 3].copy_from_slice(&self.pixels[from..from + cols * 3]);
+        }
+        out
+    }
+
     /// Each pixel as a `k × k` block (small model outputs made visible).
     pub fn upscaled(&self, k: usize) -> Self {
         let k = k.max(1);
@@ -78,6 +90,9 @@ mod tests {
         let mut c = RgbGrid::new(1, 1);
         c.paste_planar(&[0.0, 0.5, 2.0], 3, 1, (0, 0), (0.0, 1.0));
         assert_eq!(c.pixels, vec![0, 128, 255]);
+        // A crop reads back what was pasted; past the canvas it is black.
+        assert_eq!(g.crop((0, 0), 1, 1), vec![255, 255, 255]);
+        assert_eq!(g.crop((2, 1), 2, 2), vec![0; 12]);
     }
 
     #[test]

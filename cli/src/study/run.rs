@@ -69,6 +69,8 @@ pub(super) fn run_one<B: Backend>(run: &PlannedRun, study: &StudyFile, out: &Pat
     let options = LoopOptions {
         latent_validation: None,
         tensorboard: None,
+        validation_samples: 1,
+        control_metric: crate::control_score::ControlMetric::None,
         output_dir: &dir,
         validation_steps: study.validation_steps,
         validate_at_start: true,

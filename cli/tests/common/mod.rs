@@ -106,11 +106,18 @@ pub fn wait_all(children: Vec<std::process::Child>) -> Vec<Output> {
 /// block after the README heading `heading` (continuation lines joined, double quotes kept
 /// together), for a test to run the command as written.
 pub fn readme_train_command(heading: &str) -> Vec<String> {
+    readme_command(heading, "train")
+}
+
+/// The words after `lisa --` of the `lisa SUBCOMMAND` line in the first command block after
+/// `marker` in the README (continuation lines joined; quotes kept together, removed).
+pub fn readme_command(marker: &str, subcommand: &str) -> Vec<String> {
     let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
-    let section = readme.split(heading).nth(1).unwrap_or_else(|| panic!("the README has no {heading:?}"));
+    let section = readme.split(marker).nth(1).unwrap_or_else(|| panic!("the README has no {marker:?}"));
     let block = section.split("```text").nth(1).and_then(|b| b.split("```").next()).expect("its command block");
     let block = block.replace("\\\n", " ");
-    let line = block.lines().find(|l| l.contains("lisa -- train")).expect("the lisa train line");
+    let pattern = format!("lisa -- {subcommand}");
+    let line = block.lines().find(|l| l.contains(&pattern)).unwrap_or_else(|| panic!("no {pattern:?} line"));
     let args = line.split("--bin lisa --").nth(1).unwrap();
     let (mut words, mut word, mut quoted) = (Vec::new(), String::new(), false);
     for c in args.chars() {

@@ -10,8 +10,11 @@ use crate::train::Trainer;
 /// What one validation measured.
 #[derive(Debug, Clone, Default)]
 pub struct ValidationReport {
-    /// The headline score progress displays show and run reports collect (the toy: IoU).
+    /// The headline score progress displays show and run reports collect (the toy: IoU; a
+    /// latent pipeline with a control score: its first column).
     pub score: Option<f32>,
+    /// The headline score's name (its metrics column: `iou`, `control_f1`, …).
+    pub score_name: &'static str,
     /// Named values added to the step's metrics row.
     pub metrics: serde_json::Map<String, serde_json::Value>,
     /// A picture of the validation (condition | sample pairs).

@@ -10,7 +10,7 @@ use lisa_core::backend::Backend;
 
 pub use crate::grid::RgbGrid;
 pub use crate::session::{ValidationReport, Validator};
-pub use latent::LatentValidation;
+pub use latent::{ControlScore, LatentValidation, MAX_SAMPLES_PER_PAIR};
 pub use toy::{MAX_VALIDATION_SAMPLES, PROBE_EXAMPLES, PROBE_T, TAU_BUCKETS, ToyScores, ToyValidation, validate_toy};
 
 use crate::error::{Result, TrainError};

@@ -159,6 +159,6 @@ impl<B: Backend> Validator<B> for ToyValidation {
         .into_iter()
         .map(|(k, v): (&str, serde_json::Value)| (k.to_string(), v))
         .collect();
-        Ok(ValidationReport { score: Some(scores.iou), metrics, grid: Some(scores.grid) })
+        Ok(ValidationReport { score: Some(scores.iou), score_name: "iou", metrics, grid: Some(scores.grid) })
     }
 }

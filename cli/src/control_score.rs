@@ -1,0 +1,234 @@
+//! The control metric of a pipeline run's validations: how well each sample follows its
+//! condition, as a number per validation step (metrics.jsonl, TensorBoard, `lisa compare`).
+//!
+//! Edge conditions (Canny, HED, line art, Fill50K's circle outlines: images that are nearly
+//! black and white) are measured the ControlNet++ way: the sample's Canny edges against the
+//! condition's edge pixels, as the pixel F1 score, and the SSIM between the condition and
+//! that edge map. Other condition types (depth, pose, segmentation) are not measured; the run
+//! says so once.
+
+use image::GrayImage;
+use lisa_trainer::validation::ControlScore;
+
+/// Canny's hysteresis thresholds (the `cv2.Canny(image, 100, 200)` of ControlNet's and
+/// ControlNet++'s Canny conditions; imageproc blurs first with σ = 1.4 and uses the L2
+/// gradient magnitude, so its edges differ from OpenCV's in detail).
+pub const CANNY_THRESHOLDS: (f32, f32) = (100.0, 200.0);
+
+/// A condition counts as an edge map when at least this share of its pixels is within
+/// [`NEAR`] of black or white.
+pub const EDGE_MAP_SHARE: f32 = 0.9;
+/// How close to black or white (of 255) a pixel of an edge map is.
+pub const NEAR: u8 = 32;
+
+/// Which control metric the validations report (`--control-metric`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ControlMetric {
+    /// Edges when every validation condition is an edge map, else none (said once).
+    Auto,
+    /// Edge F1 and SSIM.
+    Edges,
+    /// No control metric.
+    None,
+}
+
+/// The pixel F1 and SSIM of a sample's Canny edges against an edge-map condition.
+pub struct EdgeScore;
+
+impl ControlScore for EdgeScore {
+    fn columns(&self) -> &[&'static str] {
+        &["control_f1", "control_ssim"]
+    }
+
+    fn score(&self, condition: &[u8], sample: &[u8], side: usize) -> Vec<f32> {
+        let condition = luma(condition);
+        let edges = canny(&luma(sample), side);
+        // Edges are the minority colour: white on black (Canny, HED), or black on white.
+        let dark_edges = condition.iter().map(|&v| u64::from(v)).sum::<u64>() > 128 * condition.len() as u64;
+        let is_edge: Vec<bool> = condition.iter().map(|&v| (v > 127) != dark_edges).collect();
+        let shown: Vec<u8> = is_edge.iter().map(|&e| if e { 255 } else { 0 }).collect();
+        vec![f1(&is_edge, &edges.iter().map(|&v| v > 127).collect::<Vec<_>>()), ssim(&shown, &edges, side, side)]
+    }
+}
+
+/// ITU-R BT.601 luma of `[n, 3]` RGB bytes (OpenCV's RGB → grey).
+fn luma(rgb: &[u8]) -> Vec<u8> {
+    rgb.chunks_exact(3)
+        .map(|p| (0.299 * f32::from(p[0]) + 0.587 * f32::from(p[1]) + 0.114 * f32::from(p[2])).round() as u8)
+        .collect()
+}
+
+/// imageproc's Canny edges (255 on an edge) of a `side × side` grey image.
+fn canny(grey: &[u8], side: usize) -> Vec<u8> {
+    let image = GrayImage::from_raw(side as u32, side as u32, grey.to_vec()).expect("side × side grey bytes");
+    imageproc::edges::canny(&image, CANNY_THRESHOLDS.0, CANNY_THRESHOLDS.1).into_raw()
+}
+
+/// `2·TP / (2·TP + FP + FN)` of the predicted edge pixels against the true ones (1 when
+/// neither has any).
+fn f1(truth: &[bool], predicted: &[bool]) -> f32 {
+    let (mut tp, mut wrong) = (0u64, 0u64);
+    for (&t, &p) in truth.iter().zip(predicted) {
+        match (t, p) {
+            (true, true) => tp += 1,
+            (false, false) => {}
+            _ => wrong += 1,
+        }
+    }
+    if tp + wrong == 0 { 1.0 } else { (2 * tp) as f32 / (2 * tp + wrong) as f32 }
+}
+
+/// Mean structural similarity of two `w × h` grey images (Wang et al. 2004): Gaussian
+/// window σ = 1.5 (11 taps), `C1 = (0.01·255)²`, `C2 = (0.03·255)²`, population
+/// covariances, images extended by reflection and the mean taken away from a 5-pixel border:
+/// scikit-image's `structural_similarity(gaussian_weights=True, sigma=1.5,
+/// use_sample_covariance=False, data_range=255)`, to which a golden test pins it. NaN for an
+/// image narrower than the window.
+pub fn ssim(a: &[u8], b: &[u8], w: usize, h: usize) -> f32 {
+    const RADIUS: usize = 5;
+    if w <= 2 * RADIUS || h <= 2 * RADIUS {
+        return f32::NAN;
+    }
+    let kernel: Vec<f64> = {
+        let k: Vec<f64> = (0..=2 * RADIUS)
+            .map(|i| {
+                let d = i as f64 - RADIUS as f64;
+                (-d * d / (2.0 * 1.5 * 1.5)).exp()
+            })
+            .collect();
+        let sum: f64 = k.iter().sum();
+        k.iter().map(|v| v / sum).collect()
+    };
+    // scipy's "reflect": d c b a | a b c d | d c b a.
+    let reflect = |i: isize, n: usize| -> usize {
+        let n = n as isize;
+        let i = i.rem_euclid(2 * n);
+        (if i < n { i } else { 2 * n - 1 - i }) as usize
+    };
+    let blur = |img: &[f64]| -> Vec<f64> {
+        let mut rows = vec![0.0; w * h];
+        for y in 0..h {
+            for x in 0..w {
+                rows[y * w + x] = (0..kernel.len())
+                    .map(|k| kernel[k] * img[y * w + reflect(x as isize + k as isize - RADIUS as isize, w)])
+                    .sum();
+            }
+        }
+        let mut out = vec![0.0; w * h];
+        for y in 0..h {
+            for x in 0..w {
+                out[y * w + x] = (0..kernel.len())
+                    .map(|k| kernel[k] * rows[reflect(y as isize + k as isize - RADIUS as isize, h) * w + x])
+                    .sum();
+            }
+        }
+        out
+    };
+    let (a, b): (Vec<f64>, Vec<f64>) =
+        (a.iter().map(|&v| f64::from(v)).collect(), b.iter().map(|&v| f64::from(v)).collect());
+    let product = |p: &[f64], q: &[f64]| p.iter().zip(q).map(|(x, y)| x * y).collect::<Vec<f64>>();
+    let (ma, mb) = (blur(&a), blur(&b));
+    let (aa, bb, ab) = (blur(&product(&a, &a)), blur(&product(&b, &b)), blur(&product(&a, &b)));
+    let (c1, c2) = ((0.01f64 * 255.0).powi(2), (0.03f64 * 255.0).powi(2));
+    let (mut sum, mut count) = (0.0, 0usize);
+    for y in RADIUS..h - RADIUS {
+        for x in RADIUS..w - RADIUS {
+            let i = y * w + x;
+            let (va, vb, cov) = (aa[i] - ma[i] * ma[i], bb[i] - mb[i] * mb[i], ab[i] - ma[i] * mb[i]);
+            sum += ((2.0 * ma[i] * mb[i] + c1) * (2.0 * cov + c2))
+                / ((ma[i] * ma[i] + mb[i] * mb[i] + c1) * (va + vb + c2));
+            count += 1;
+        }
+    }
+    (sum / count as f64) as f32
+}
+
+/// Whether every condition (`[n, c, h, w]` planar values in [0, 1], `shape = [c, h, w]`,
+/// c = 1 or 3) is an edge map: nearly all of its pixels' luma near black or white (saturated
+/// colours are not: their luma lies between).
+pub fn edge_maps(conditions: &[f32], [c, h, w]: [usize; 3]) -> bool {
+    let (plane, near) = (h * w, f32::from(NEAR) / 255.0);
+    let per = (c * plane).max(1);
+    conditions.chunks(per).all(|image| {
+        let luma = |p: usize| match c {
+            3 => 0.299 * image[p] + 0.587 * image[plane + p] + 0.114 * image[2 * plane + p],
+            _ => image[p],
+        };
+        let extreme = (0..plane).map(luma).filter(|&v| v <= near || v >= 1.0 - near).count();
+        extreme as f32 >= EDGE_MAP_SHARE * plane as f32
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `side × side` RGB image, white where `on(x, y)`.
+    fn drawn(side: usize, on: impl Fn(usize, usize) -> bool) -> Vec<u8> {
+        (0..side * side).flat_map(|i| [if on(i % side, i / side) { 255 } else { 0 }; 3]).collect()
+    }
+
+    #[test]
+    fn a_sample_with_the_conditions_edges_scores_higher_than_one_without() {
+        let side = 64;
+        // The condition: a circle's outline. A sample with a filled circle has its edges there.
+        let ring = |x: usize, y: usize| {
+            let d = (x as f32 - 32.0).hypot(y as f32 - 32.0);
+            (15.0..17.0).contains(&d)
+        };
+        let disc = |x: usize, y: usize| (x as f32 - 32.0).hypot(y as f32 - 32.0) < 16.0;
+        let square = |x: usize, y: usize| (8..20).contains(&x) && (40..56).contains(&y);
+        let condition = drawn(side, ring);
+        let good = EdgeScore.score(&condition, &drawn(side, disc), side);
+        let bad = EdgeScore.score(&condition, &drawn(side, square), side);
+        let blank = EdgeScore.score(&condition, &drawn(side, |_, _| false), side);
+        assert!(good[0] > 0.3 && good[0] > 3.0 * bad[0], "F1: {good:?} vs {bad:?}");
+        assert!(good[1] > bad[1], "SSIM: {good:?} vs {bad:?}");
+        assert_eq!(blank[0], 0.0, "no edges, no true positives");
+        // Black edges on white are read the same way.
+        let inverted: Vec<u8> = condition.iter().map(|v| 255 - v).collect();
+        assert_eq!(EdgeScore.score(&inverted, &drawn(side, disc), side)[0], good[0]);
+    }
+
+    #[test]
+    fn f1_counts_pixels() {
+        assert_eq!(f1(&[true, true, false, false], &[true, false, true, false]), 0.5);
+        assert_eq!(f1(&[false, false], &[false, false]), 1.0);
+    }
+
+    /// scikit-image 0.26's `structural_similarity(a, b, gaussian_weights=True, sigma=1.5,
+    /// use_sample_covariance=False, data_range=255)` of the two images below
+    /// (`scripts/goldens/skimage_ssim.py`).
+    #[test]
+    fn ssim_matches_scikit_image() {
+        let (w, h) = (40, 32);
+        let a: Vec<u8> = (0..w * h).map(|i| ((i % w * 7 + i / w * 13) % 256) as u8).collect();
+        let b: Vec<u8> = (0..w * h)
+            .map(|i| {
+                let (x, y) = ((i % w) as i64 - 20, (i / w) as i64 - 16);
+                if (64..=100).contains(&(x * x + y * y)) { 255 } else { ((i % w * 5) % 256) as u8 }
+            })
+            .collect();
+        assert!((ssim(&a, &a, w, h) - 1.0).abs() < 1e-6, "an image is its own match");
+        let ours = ssim(&a, &b, w, h);
+        let theirs = SKIMAGE_SSIM;
+        assert!((ours - theirs).abs() < 1e-5, "ours {ours}, scikit-image {theirs}");
+        assert!(ssim(&a[..100], &b[..100], 10, 10).is_nan(), "narrower than the window");
+    }
+
+    /// The value `scripts/goldens/skimage_ssim.py` prints.
+    const SKIMAGE_SSIM: f32 = 0.139_619_49;
+
+    #[test]
+    fn edge_maps_are_told_from_photos() {
+        // Two grey 5×10 edge maps, then one beside a ramp.
+        let edges: Vec<f32> = (0..100).map(|i| if i % 7 == 0 { 1.0 } else { 0.0 }).collect();
+        let photo: Vec<f32> = (0..50).map(|i| i as f32 / 50.0).collect();
+        assert!(edge_maps(&edges, [1, 5, 10]));
+        assert!(!edge_maps(&[&edges[..50], &photo[..]].concat(), [1, 5, 10]), "one photo among the conditions");
+        // Saturated colours (red on blue) are extreme per channel but not in luma.
+        let red_on_blue: Vec<f32> = [[1.0; 25], [0.0; 25], [0.0; 25], [0.0; 25], [0.0; 25], [1.0; 25]].concat();
+        assert!(!edge_maps(&red_on_blue, [3, 5, 10]));
+        assert!(edge_maps(&[[1.0; 50], [1.0; 50], [1.0; 50]].concat(), [3, 5, 10]), "white is extreme");
+    }
+}
