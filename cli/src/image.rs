@@ -64,7 +64,7 @@ pub fn read_image(path: &Path, side: usize, grey: bool, resample: Resample) -> R
         image::ImageError::Decoding(d) => {
             anyhow::anyhow!("not a readable image (its {} data is corrupt)", d.format_hint())
         }
-        image::ImageError::Unsupported(_) => anyhow::anyhow!("not an image format lisa reads (PNG)"),
+        image::ImageError::Unsupported(_) => anyhow::anyhow!("not an image format lisa reads (PNG, JPEG)"),
         image::ImageError::IoError(e) => anyhow::Error::from(e).context("cannot read"),
         _ => anyhow::anyhow!("not a readable image"),
     })?;

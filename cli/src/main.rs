@@ -13,6 +13,7 @@ mod demo;
 mod eval;
 mod fill50k;
 mod flux_train;
+mod hf_dataset;
 mod image;
 mod parallel;
 mod pipeline_start;

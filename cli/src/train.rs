@@ -58,7 +58,7 @@ pub struct TrainArgs {
     resolution: Option<usize>,
     /// Where the latents and text embeddings are cached (computed once per dataset with the
     /// pipeline's VAE and text encoder; default: OUTPUT_DIR/cache).
-    #[arg(long, requires = "pretrained_model_name_or_path")]
+    #[arg(long)]
     cache_dir: Option<PathBuf>,
     /// A condition image to validate with (repeatable; one --validation-prompt each, or one
     /// for all).
@@ -190,6 +190,20 @@ pub struct TrainArgs {
     /// procedural fill-circles set.
     #[arg(long)]
     train_data_dir: Option<PathBuf>,
+    /// A Hugging Face `datasets` dataset to train on instead: a save_to_disk folder, a folder
+    /// of .parquet files (the Hub's layout; the train split), or one .parquet / .arrow file.
+    /// Converted once into the cache (CACHE_DIR/datasets/).
+    #[arg(long, conflicts_with = "train_data_dir")]
+    dataset_name: Option<PathBuf>,
+    /// The --dataset-name column of the target images (default: the first column).
+    #[arg(long, requires = "dataset_name")]
+    image_column: Option<String>,
+    /// The --dataset-name column of the condition images (default: the third column).
+    #[arg(long, requires = "dataset_name")]
+    conditioning_image_column: Option<String>,
+    /// The --dataset-name column of the prompts (default: the second column).
+    #[arg(long, requires = "dataset_name")]
+    caption_column: Option<String>,
     /// Where checkpoints, grids and metrics.jsonl go.
     #[arg(long, default_value = "runs/train")]
     output_dir: PathBuf,
@@ -312,6 +326,15 @@ pub fn run<B: RankBackend>(a: TrainArgs, device: B::Device) -> Result<()> {
     let mut file = RunFile::load(a.config.as_deref())?;
     apply(&a, &mut file);
     check_settings(&a, &file)?;
+    if let Some(dataset) = &a.dataset_name {
+        let columns = crate::hf_dataset::Columns {
+            image: a.image_column.clone(),
+            conditioning: a.conditioning_image_column.clone(),
+            caption: a.caption_column.clone(),
+        };
+        let cache = a.cache_dir.clone().unwrap_or_else(|| a.output_dir.join("cache"));
+        file.data.dir = Some(crate::hf_dataset::materialize(dataset, &columns, &cache)?);
+    }
     let mut latent_validation = None;
     // The input cache's lock, held (shared) for the whole run: no other run rewrites it.
     let mut _cache_lock = None;

@@ -244,6 +244,94 @@ fn tensorboard_event_files_record_the_run_and_its_resume() {
     }
 }
 
+/// `--dataset-name`: the Hugging Face `datasets` layouts users keep (save_to_disk, the Hub's
+/// Parquet files, JPEG images under other column names), written by the real `datasets`
+/// (`scripts/goldens/hf_datasets.py`), converted once into the cache and trained on; bad
+/// rows and columns are named by file, row and column before any training.
+#[test]
+fn hugging_face_datasets_train_as_users_keep_them() {
+    use std::sync::Arc;
+    let dir = workdir("datasets");
+    let pipe = full_pipeline(&dir);
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/datasets");
+    let cache = dir.join("cache");
+    let run = |dataset: &Path, out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--pretrained-model-name-or-path",
+            s(&pipe),
+            "--dataset-name",
+            s(dataset),
+            "--cache-dir",
+            s(&cache),
+            "--max-train-steps",
+            "1",
+            "--train-batch-size",
+            "2",
+            "--output-dir",
+        ];
+        let out = dir.join(out);
+        args.push(s(&out));
+        args.extend_from_slice(extra);
+        let o = lisa(
+            &args.iter().map(|a| a.to_string()).collect::<Vec<_>>().iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        (o, out)
+    };
+    let (o, out) = run(&fixtures.join("saved"), "saved", &[]);
+    let err = ok(&o);
+    assert!(err.contains("converted 3 rows") && err.contains("cached 3 latents"), "{err}");
+    assert!(
+        err.contains(r#"images from column "image", conditions from "conditioning_image", prompts from "text""#),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 1);
+    // A second run reuses the conversion.
+    let err = ok(&run(&fixtures.join("saved"), "again", &[]).0);
+    assert!(err.contains("using the converted dataset") && !err.contains("converted 3 rows"), "{err}");
+    // The Hub's Parquet layout (Snappy): the train split only, not the test split beside it.
+    let err = ok(&run(&fixtures.join("hub"), "hub", &[]).0);
+    assert!(err.contains("converted 3 rows"), "{err}");
+    // JPEG images under other names, given by flag.
+    let named = ["--image-column", "target", "--conditioning-image-column", "hint", "--caption-column", "prompt"];
+    let err = ok(&run(&fixtures.join("jpeg"), "jpeg", &named).0);
+    assert!(err.contains("converted 3 rows"), "{err}");
+    let converted: Vec<_> = std::fs::read_dir(dir.join("cache/datasets")).unwrap().flatten().collect();
+    assert_eq!(converted.len(), 3, "one folder per dataset");
+    // A column that does not exist is named with the ones that do.
+    let o = run(&fixtures.join("saved"), "bad-column", &["--caption-column", "caption"]).0;
+    fails_with(&o, r#"--caption-column "caption""#);
+    fails_with(&o, "columns: image, text, conditioning_image");
+    // A null image and a WebP image are named by file, row and column.
+    let mut good = std::io::Cursor::new(Vec::new());
+    image::RgbImage::new(16, 16).write_to(&mut good, image::ImageFormat::Png).unwrap();
+    let good = good.into_inner();
+    let table = |images: Vec<Option<&[u8]>>| -> PathBuf {
+        use arrow_array::{BinaryArray, RecordBatch, StringArray};
+        let n = images.len();
+        let batch = RecordBatch::try_from_iter([
+            ("image", Arc::new(BinaryArray::from(images)) as arrow_array::ArrayRef),
+            ("text", Arc::new(StringArray::from(vec!["a prompt"; n])) as _),
+            ("conditioning_image", Arc::new(BinaryArray::from(vec![Some(good.as_slice()); n])) as _),
+        ])
+        .unwrap();
+        let path = dir.join(format!("bad-{n}.arrow"));
+        let file = std::fs::File::create(&path).unwrap();
+        let mut w = arrow_ipc::writer::StreamWriter::try_new(file, &batch.schema()).unwrap();
+        w.write(&batch).unwrap();
+        w.finish().unwrap();
+        path
+    };
+    let null = table(vec![Some(good.as_slice()), None]);
+    fails_with(&run(&null, "bad-null", &[]).0, r#"row 1, column "image": no image (null)"#);
+    let webp = table(vec![Some(b"RIFF\0\0\0\0WEBPVP8 ".as_slice()), Some(good.as_slice()), Some(good.as_slice())]);
+    fails_with(&run(&webp, "bad-webp", &[]).0, r#"row 0, column "image": a WebP image; lisa reads PNG and JPEG"#);
+    for bad in ["bad-column", "bad-null", "bad-webp"] {
+        assert!(!dir.join(bad).join("metrics.jsonl").exists(), "{bad}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `--mixed-precision fp16` autocasts and scales the loss: every metrics row carries the
 /// scale (torch's first, 2^16) and whether the step was skipped, and a resumed run continues
 /// the scaler where the checkpoint left it.

@@ -1,0 +1,384 @@
+//! `--dataset-name DIR`: a Hugging Face `datasets` dataset as users keep it, read through the
+//! `arrow` and `parquet` crates: a `save_to_disk` folder (Arrow IPC streams listed in
+//! `state.json`; a `DatasetDict`'s `train` split), a folder of Parquet files as the Hub stores
+//! them (`data/train-*.parquet`; other splits left out), or one `.parquet` / `.arrow` file.
+//! Columns as train_controlnet.py names them (`--image-column`, `--conditioning-image-column`,
+//! `--caption-column`; by default the first, third and second column, as it takes them).
+//!
+//! The rows are written once, batch by batch (bounded memory), into the Fill50K layout in the
+//! cache (`source/`, `target/` with the images' own bytes, `prompt.json`), where everything
+//! lisa does with a data folder applies: the latent cache, the checks, exact resume. The
+//! folder is named by a digest of the input files (names, sizes, times) and the columns, so a
+//! second run reuses it and another dataset gets its own. A bad row (a null, an image that is
+//! neither PNG nor JPEG, a missing file) is named by file, row and column before training.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use arrow_array::cast::AsArray;
+use arrow_array::{Array, ArrayRef, RecordBatch};
+use arrow_ipc::reader::StreamReader;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use serde_json::json;
+
+/// The marker a converted folder holds (its key and row count), written last.
+const MARKER: &str = "lisa-dataset.json";
+/// Rows per Parquet batch (the images of one batch are in memory at once).
+const PARQUET_BATCH: usize = 64;
+
+/// The column names given on the command line (None: train_controlnet.py's positional default).
+#[derive(Debug, Clone, Default)]
+pub struct Columns {
+    /// The target images (`--image-column`; default the first column).
+    pub image: Option<String>,
+    /// The condition images (`--conditioning-image-column`; default the third).
+    pub conditioning: Option<String>,
+    /// The prompts (`--caption-column`; default the second).
+    pub caption: Option<String>,
+}
+
+/// One table file of the dataset.
+#[derive(Debug, Clone)]
+enum Table {
+    Arrow(PathBuf),
+    Parquet(PathBuf),
+}
+
+impl Table {
+    fn path(&self) -> &Path {
+        match self {
+            Table::Arrow(p) | Table::Parquet(p) => p,
+        }
+    }
+
+    /// Its record batches, one at a time.
+    fn batches(&self) -> Result<Box<dyn Iterator<Item = Result<RecordBatch>>>> {
+        let path = self.path().to_path_buf();
+        let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        Ok(match self {
+            Table::Arrow(_) => {
+                let reader = StreamReader::try_new(std::io::BufReader::new(file), None)
+                    .map_err(|e| anyhow::anyhow!("{}: not an Arrow IPC stream ({e})", path.display()))?;
+                Box::new(reader.map(move |b| b.map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))))
+            }
+            Table::Parquet(_) => {
+                let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+                    .map_err(|e| anyhow::anyhow!("{}: not a Parquet file lisa reads ({e})", path.display()))?
+                    .with_batch_size(PARQUET_BATCH)
+                    .build()
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                Box::new(reader.map(move |b| b.map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))))
+            }
+        })
+    }
+}
+
+/// The table files of the dataset at `dir`, in row order.
+fn tables(dir: &Path) -> Result<Vec<Table>> {
+    let kind = |p: &Path| match p.extension().and_then(|e| e.to_str()) {
+        Some("arrow") => Some(Table::Arrow(p.to_path_buf())),
+        Some("parquet") => Some(Table::Parquet(p.to_path_buf())),
+        _ => None,
+    };
+    if dir.is_file() {
+        return kind(dir).map(|t| vec![t]).with_context(|| {
+            format!("--dataset-name {}: a file must be .parquet or .arrow (Arrow IPC stream)", dir.display())
+        });
+    }
+    if !dir.is_dir() {
+        bail!("--dataset-name {}: no such folder or file", dir.display());
+    }
+    // A DatasetDict's save_to_disk: its splits are folders; training reads `train`.
+    let dict = dir.join("dataset_dict.json");
+    if dict.is_file() {
+        let text = std::fs::read_to_string(&dict).with_context(|| format!("reading {}", dict.display()))?;
+        let splits: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}", dict.display()))?;
+        let names: Vec<&str> =
+            splits["splits"].as_array().map(|s| s.iter().filter_map(|v| v.as_str()).collect()).unwrap_or_default();
+        if !names.contains(&"train") {
+            bail!("{}: no train split (splits: {})", dict.display(), names.join(", "));
+        }
+        return tables(&dir.join("train"));
+    }
+    // A Dataset's save_to_disk: state.json lists its Arrow files in order.
+    let state = dir.join("state.json");
+    if state.is_file() {
+        let text = std::fs::read_to_string(&state).with_context(|| format!("reading {}", state.display()))?;
+        let state_json: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not JSON", state.display()))?;
+        let files: Vec<Table> = state_json["_data_files"]
+            .as_array()
+            .map(|f| f.iter().filter_map(|f| f["filename"].as_str()).map(|n| Table::Arrow(dir.join(n))).collect())
+            .unwrap_or_default();
+        if files.is_empty() {
+            bail!("{}: lists no _data_files", state.display());
+        }
+        return Ok(files);
+    }
+    // Parquet (or Arrow) files anywhere below, as the Hub stores them; with split-named files
+    // (`train-00000-of-00002.parquet`), the train split's only.
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))?.flatten() {
+            let p = entry.path();
+            if p.is_dir() && !entry.file_name().to_string_lossy().starts_with('.') {
+                stack.push(p);
+            } else if kind(&p).is_some() {
+                found.push(p);
+            }
+        }
+    }
+    found.sort();
+    let split = |p: &PathBuf| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("train"));
+    if found.iter().any(split) {
+        found.retain(split);
+    }
+    if found.is_empty() {
+        bail!(
+            "--dataset-name {}: no dataset here (a save_to_disk folder with state.json, or .parquet / .arrow files)",
+            dir.display()
+        );
+    }
+    Ok(found.iter().filter_map(|p| kind(p)).collect())
+}
+
+/// The three columns' names, checked against the first table's schema (each must exist and be
+/// of a type lisa reads) before any row is written.
+fn resolve(first: &RecordBatch, given: &Columns, file: &Path) -> Result<[String; 3]> {
+    let schema = first.schema();
+    let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+    let pick = |given: &Option<String>, at: usize, flag: &str| -> Result<String> {
+        let name = match given {
+            Some(n) => n.clone(),
+            None => names.get(at).map(|n| n.to_string()).with_context(|| {
+                format!(
+                    "{}: {flag} not given and the table has no column {} (columns: {})",
+                    file.display(),
+                    at + 1,
+                    names.join(", ")
+                )
+            })?,
+        };
+        if !names.contains(&name.as_str()) {
+            bail!("{flag} {name:?}: {} has no such column (columns: {})", file.display(), names.join(", "));
+        }
+        Ok(name)
+    };
+    let cols = [
+        pick(&given.image, 0, "--image-column")?,
+        pick(&given.conditioning, 2, "--conditioning-image-column")?,
+        pick(&given.caption, 1, "--caption-column")?,
+    ];
+    for (name, image) in [(&cols[0], true), (&cols[1], true), (&cols[2], false)] {
+        let column = first.column_by_name(name).expect("checked above");
+        if let Err(e) =
+            if image { image_cell(column, usize::MAX).map(|_| ()) } else { text_cell(column, usize::MAX).map(|_| ()) }
+        {
+            bail!("{}: column {name:?}: {e}", file.display());
+        }
+    }
+    Ok(cols)
+}
+
+/// An image cell: its bytes, or a path to them. `row` = usize::MAX checks the type only.
+enum ImageCell {
+    Bytes(Vec<u8>),
+    Path(String),
+}
+
+fn image_cell(column: &ArrayRef, row: usize) -> std::result::Result<Option<ImageCell>, String> {
+    use arrow_array::types::{GenericBinaryType, GenericStringType};
+    let check = row == usize::MAX;
+    let null = |a: &dyn Array| !check && a.is_null(row);
+    if let Some(s) = column.as_struct_opt() {
+        // datasets' Image feature: {bytes: binary, path: string}.
+        let (bytes, path) = (s.column_by_name("bytes"), s.column_by_name("path"));
+        let (Some(bytes), Some(path)) = (bytes, path) else {
+            return Err("a struct image column needs fields bytes and path (datasets' Image feature)".into());
+        };
+        if check {
+            image_cell(bytes, row)?;
+            return image_cell(path, row).map(|_| None);
+        }
+        if s.is_null(row) {
+            return Ok(None);
+        }
+        return match image_cell(bytes, row)? {
+            Some(b) => Ok(Some(b)),
+            None => image_cell(path, row),
+        };
+    }
+    if let Some(b) = column.as_bytes_opt::<GenericBinaryType<i32>>() {
+        return Ok((!check && !null(b)).then(|| ImageCell::Bytes(b.value(row).to_vec())));
+    }
+    if let Some(b) = column.as_bytes_opt::<GenericBinaryType<i64>>() {
+        return Ok((!check && !null(b)).then(|| ImageCell::Bytes(b.value(row).to_vec())));
+    }
+    if let Some(b) = column.as_binary_view_opt() {
+        return Ok((!check && !null(b)).then(|| ImageCell::Bytes(b.value(row).to_vec())));
+    }
+    if let Some(s) = column.as_bytes_opt::<GenericStringType<i32>>() {
+        return Ok((!check && !null(s)).then(|| ImageCell::Path(s.value(row).to_string())));
+    }
+    if let Some(s) = column.as_bytes_opt::<GenericStringType<i64>>() {
+        return Ok((!check && !null(s)).then(|| ImageCell::Path(s.value(row).to_string())));
+    }
+    Err(format!("type {} is no image (bytes, a path, or datasets' Image struct)", column.data_type()))
+}
+
+/// A caption cell: a string, or the first of a list of strings (train_controlnet.py draws
+/// one at random; lisa takes the first, so the data is the same on every run).
+fn text_cell(column: &ArrayRef, row: usize) -> std::result::Result<Option<String>, String> {
+    use arrow_array::types::GenericStringType;
+    let check = row == usize::MAX;
+    if let Some(s) = column.as_bytes_opt::<GenericStringType<i32>>() {
+        return Ok((!check && !s.is_null(row)).then(|| s.value(row).to_string()));
+    }
+    if let Some(s) = column.as_bytes_opt::<GenericStringType<i64>>() {
+        return Ok((!check && !s.is_null(row)).then(|| s.value(row).to_string()));
+    }
+    if let Some(s) = column.as_string_view_opt() {
+        return Ok((!check && !s.is_null(row)).then(|| s.value(row).to_string()));
+    }
+    if let Some(list) = column.as_list_opt::<i32>() {
+        if check {
+            return text_cell(list.values(), usize::MAX);
+        }
+        if list.is_null(row) || list.value(row).is_empty() {
+            return Ok(None);
+        }
+        return text_cell(&list.value(row), 0);
+    }
+    Err(format!("type {} is no text (a string, or a list of strings)", column.data_type()))
+}
+
+/// The file extension of an image's bytes, or what it is instead.
+fn image_extension(bytes: &[u8]) -> std::result::Result<&'static str, String> {
+    match bytes {
+        [0x89, b'P', b'N', b'G', ..] => Ok("png"),
+        [0xff, 0xd8, 0xff, ..] => Ok("jpg"),
+        [b'R', b'I', b'F', b'F', _, _, _, _, b'W', b'E', b'B', b'P', ..] => Err("a WebP image".into()),
+        [b'G', b'I', b'F', ..] => Err("a GIF image".into()),
+        _ => Err("not an image".into()),
+    }
+}
+
+/// The dataset's key: the input files (names, sizes, modification times) and the columns.
+fn key(tables: &[Table], columns: &Columns) -> Result<String> {
+    let mut files = Vec::new();
+    for t in tables {
+        let meta = std::fs::metadata(t.path()).with_context(|| format!("reading {}", t.path().display()))?;
+        let modified = meta.modified().ok().and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok());
+        files.push(json!([t.path().display().to_string(), meta.len(), modified.map(|d| d.as_nanos().to_string())]));
+    }
+    let described = json!({"files": files, "columns": [columns.image, columns.conditioning, columns.caption]});
+    Ok(lisa_trainer::weights::digest(described.to_string().as_bytes()))
+}
+
+/// The dataset at `dir` in the Fill50K layout under `cache/datasets/`, converted now unless an
+/// earlier run did: the folder to train on.
+pub fn materialize(dir: &Path, columns: &Columns, cache: &Path) -> Result<PathBuf> {
+    let tables = tables(dir)?;
+    let key = key(&tables, columns)?;
+    let out = cache.join("datasets").join(&key[..16]);
+    let marker = |folder: &Path| -> Option<serde_json::Value> {
+        serde_json::from_str(&std::fs::read_to_string(folder.join(MARKER)).ok()?).ok()
+    };
+    if out.exists() {
+        match marker(&out) {
+            Some(m) if m["key"] == key.as_str() => {
+                eprintln!("using the converted dataset in {} ({} rows)", out.display(), m["rows"]);
+                return Ok(out);
+            }
+            _ => bail!("{} is not a dataset lisa converted (no {MARKER} with its key); move it away", out.display()),
+        }
+    }
+    let partial = out.with_extension(format!("partial-{}", std::process::id()));
+    let result = convert(dir, &tables, columns, &partial, &key);
+    let rows = match result {
+        Ok(rows) => rows,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&partial);
+            return Err(e);
+        }
+    };
+    if let Err(e) = std::fs::rename(&partial, &out) {
+        let _ = std::fs::remove_dir_all(&partial);
+        // Another rank of the same run converted it first.
+        if !marker(&out).is_some_and(|m| m["key"] == key.as_str()) {
+            return Err(e).with_context(|| format!("moving the converted dataset to {}", out.display()));
+        }
+    }
+    eprintln!("converted {rows} rows of {} into {}", dir.display(), out.display());
+    Ok(out)
+}
+
+/// Writes every row of `tables` into `out` (Fill50K layout, the marker last): the row count.
+fn convert(dir: &Path, tables: &[Table], given: &Columns, out: &Path, key: &str) -> Result<usize> {
+    std::fs::create_dir_all(out.join("source")).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::create_dir_all(out.join("target")).with_context(|| format!("creating {}", out.display()))?;
+    let base = if dir.is_file() { dir.parent().unwrap_or(Path::new(".")) } else { dir };
+    let mut prompts = String::new();
+    let mut names: Option<[String; 3]> = None;
+    let mut n = 0usize;
+    for table in tables {
+        let file = table.path();
+        let mut row_in_file = 0usize;
+        for batch in table.batches()? {
+            let batch = batch?;
+            let cols = match &names {
+                Some(c) => c.clone(),
+                None => {
+                    let c = resolve(&batch, given, file)?;
+                    eprintln!(
+                        "--dataset-name: images from column {:?}, conditions from {:?}, prompts from {:?}",
+                        c[0], c[1], c[2]
+                    );
+                    names = Some(c.clone());
+                    c
+                }
+            };
+            let column = |name: &str| {
+                batch.column_by_name(name).with_context(|| format!("{}: no column {name:?}", file.display()))
+            };
+            let (image, condition, caption) = (column(&cols[0])?, column(&cols[1])?, column(&cols[2])?);
+            for r in 0..batch.num_rows() {
+                let at = |name: &str| format!("{}: row {}, column {name:?}", file.display(), row_in_file + r);
+                let write = |cell: &ArrayRef, name: &str, folder: &str| -> Result<String> {
+                    let bytes = match image_cell(cell, r).map_err(|e| anyhow::anyhow!("{}: {e}", at(name)))? {
+                        Some(ImageCell::Bytes(b)) => b,
+                        Some(ImageCell::Path(p)) => {
+                            let path = base.join(&p);
+                            std::fs::read(&path).with_context(|| format!("{}: reading {}", at(name), path.display()))?
+                        }
+                        None => bail!("{}: no image (null)", at(name)),
+                    };
+                    let ext = image_extension(&bytes)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}; lisa reads PNG and JPEG", at(name)))?;
+                    let relative = format!("{folder}/{n}.{ext}");
+                    std::fs::write(out.join(&relative), &bytes)
+                        .with_context(|| format!("writing {}", out.join(&relative).display()))?;
+                    Ok(relative)
+                };
+                let target = write(image, &cols[0], "target")?;
+                let source = write(condition, &cols[1], "source")?;
+                let prompt = text_cell(caption, r)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", at(&cols[2])))?
+                    .with_context(|| format!("{}: no prompt (null)", at(&cols[2])))?;
+                prompts += &json!({"source": source, "target": target, "prompt": prompt}).to_string();
+                prompts.push('\n');
+                n += 1;
+            }
+            row_in_file += batch.num_rows();
+        }
+    }
+    if n == 0 {
+        bail!("--dataset-name {}: no rows", dir.display());
+    }
+    lisa_trainer::weights::write_atomic(&out.join("prompt.json"), prompts.as_bytes())?;
+    let marker = json!({"key": key, "rows": n, "from": dir.display().to_string()});
+    lisa_trainer::weights::write_atomic(&out.join(MARKER), marker.to_string().as_bytes())?;
+    Ok(n)
+}
