@@ -266,14 +266,15 @@ fn image_extension(bytes: &[u8]) -> std::result::Result<&'static str, String> {
 }
 
 /// The dataset's key: the input files (names, sizes, modification times) and the columns.
-fn key(tables: &[Table], columns: &Columns) -> Result<String> {
-    let mut files = Vec::new();
-    for t in tables {
-        let meta = std::fs::metadata(t.path()).with_context(|| format!("reading {}", t.path().display()))?;
+pub fn files_key(files: &[&Path], columns: &Columns, kind: &str) -> Result<String> {
+    let mut listed = Vec::new();
+    for path in files {
+        let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
         let modified = meta.modified().ok().and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok());
-        files.push(json!([t.path().display().to_string(), meta.len(), modified.map(|d| d.as_nanos().to_string())]));
+        listed.push(json!([path.display().to_string(), meta.len(), modified.map(|d| d.as_nanos().to_string())]));
     }
-    let described = json!({"files": files, "columns": [columns.image, columns.conditioning, columns.caption]});
+    let described =
+        json!({"kind": kind, "files": listed, "columns": [columns.image, columns.conditioning, columns.caption]});
     Ok(lisa_trainer::weights::digest(described.to_string().as_bytes()))
 }
 
@@ -281,14 +282,27 @@ fn key(tables: &[Table], columns: &Columns) -> Result<String> {
 /// earlier run did: the folder to train on.
 pub fn materialize(dir: &Path, columns: &Columns, cache: &Path) -> Result<PathBuf> {
     let tables = tables(dir)?;
-    let key = key(&tables, columns)?;
+    let key = files_key(&tables.iter().map(Table::path).collect::<Vec<_>>(), columns, "datasets")?;
+    let base = if dir.is_file() { dir.parent().unwrap_or(Path::new(".")).to_path_buf() } else { dir.to_path_buf() };
+    converted(cache, &key, &dir.display().to_string(), |w| convert(&base, &tables, columns, w))
+}
+
+/// The folder `cache/datasets/<key>`: reused when an earlier run converted the same input,
+/// else written now by `fill` through a [`Fill50kWriter`] (into a partial folder renamed at
+/// the end, so a run stopped midway leaves nothing half-made under the real name).
+pub fn converted(
+    cache: &Path,
+    key: &str,
+    from: &str,
+    fill: impl FnOnce(&mut Fill50kWriter) -> Result<()>,
+) -> Result<PathBuf> {
     let out = cache.join("datasets").join(&key[..16]);
     let marker = |folder: &Path| -> Option<serde_json::Value> {
         serde_json::from_str(&std::fs::read_to_string(folder.join(MARKER)).ok()?).ok()
     };
     if out.exists() {
         match marker(&out) {
-            Some(m) if m["key"] == key.as_str() => {
+            Some(m) if m["key"] == key => {
                 eprintln!("using the converted dataset in {} ({} rows)", out.display(), m["rows"]);
                 return Ok(out);
             }
@@ -296,8 +310,11 @@ pub fn materialize(dir: &Path, columns: &Columns, cache: &Path) -> Result<PathBu
         }
     }
     let partial = out.with_extension(format!("partial-{}", std::process::id()));
-    let result = convert(dir, &tables, columns, &partial, &key);
-    let rows = match result {
+    let written = Fill50kWriter::new(&partial).and_then(|mut w| {
+        fill(&mut w)?;
+        w.finish(key, from)
+    });
+    let rows = match written {
         Ok(rows) => rows,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&partial);
@@ -307,22 +324,63 @@ pub fn materialize(dir: &Path, columns: &Columns, cache: &Path) -> Result<PathBu
     if let Err(e) = std::fs::rename(&partial, &out) {
         let _ = std::fs::remove_dir_all(&partial);
         // Another rank of the same run converted it first.
-        if !marker(&out).is_some_and(|m| m["key"] == key.as_str()) {
+        if !marker(&out).is_some_and(|m| m["key"] == key) {
             return Err(e).with_context(|| format!("moving the converted dataset to {}", out.display()));
         }
     }
-    eprintln!("converted {rows} rows of {} into {}", dir.display(), out.display());
+    eprintln!("converted {rows} rows of {from} into {}", out.display());
     Ok(out)
 }
 
-/// Writes every row of `tables` into `out` (Fill50K layout, the marker last): the row count.
-fn convert(dir: &Path, tables: &[Table], given: &Columns, out: &Path, key: &str) -> Result<usize> {
-    std::fs::create_dir_all(out.join("source")).with_context(|| format!("creating {}", out.display()))?;
-    std::fs::create_dir_all(out.join("target")).with_context(|| format!("creating {}", out.display()))?;
-    let base = if dir.is_file() { dir.parent().unwrap_or(Path::new(".")) } else { dir };
-    let mut prompts = String::new();
+/// Writes examples into a Fill50K-layout folder: `source/N.ext`, `target/N.ext` (the images'
+/// own bytes) and a line of `prompt.json` each.
+pub struct Fill50kWriter {
+    out: PathBuf,
+    prompts: String,
+    rows: usize,
+}
+
+impl Fill50kWriter {
+    fn new(out: &Path) -> Result<Self> {
+        for folder in ["source", "target"] {
+            std::fs::create_dir_all(out.join(folder)).with_context(|| format!("creating {}", out.display()))?;
+        }
+        Ok(Self { out: out.to_path_buf(), prompts: String::new(), rows: 0 })
+    }
+
+    /// Adds one example; `at(column)` names where it came from in errors.
+    pub fn add(&mut self, target: &[u8], source: &[u8], prompt: &str, at: &dyn Fn(&str) -> String) -> Result<()> {
+        let n = self.rows;
+        let write = |bytes: &[u8], folder: &str, column: &str| -> Result<String> {
+            let ext =
+                image_extension(bytes).map_err(|e| anyhow::anyhow!("{}: {e}; lisa reads PNG and JPEG", at(column)))?;
+            let relative = format!("{folder}/{n}.{ext}");
+            let path = self.out.join(&relative);
+            std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
+            Ok(relative)
+        };
+        let (target, source) = (write(target, "target", "image")?, write(source, "source", "conditioning")?);
+        self.prompts += &json!({"source": source, "target": target, "prompt": prompt}).to_string();
+        self.prompts.push('\n');
+        self.rows += 1;
+        Ok(())
+    }
+
+    /// Writes `prompt.json` and the marker (last): the number of rows.
+    fn finish(self, key: &str, from: &str) -> Result<usize> {
+        if self.rows == 0 {
+            bail!("{from}: no rows");
+        }
+        lisa_trainer::weights::write_atomic(&self.out.join("prompt.json"), self.prompts.as_bytes())?;
+        let marker = json!({"key": key, "rows": self.rows, "from": from});
+        lisa_trainer::weights::write_atomic(&self.out.join(MARKER), marker.to_string().as_bytes())?;
+        Ok(self.rows)
+    }
+}
+
+/// Writes every row of `tables` through `w`; image paths are relative to `base`.
+fn convert(base: &Path, tables: &[Table], given: &Columns, w: &mut Fill50kWriter) -> Result<()> {
     let mut names: Option<[String; 3]> = None;
-    let mut n = 0usize;
     for table in tables {
         let file = table.path();
         let mut row_in_file = 0usize;
@@ -345,40 +403,31 @@ fn convert(dir: &Path, tables: &[Table], given: &Columns, out: &Path, key: &str)
             };
             let (image, condition, caption) = (column(&cols[0])?, column(&cols[1])?, column(&cols[2])?);
             for r in 0..batch.num_rows() {
-                let at = |name: &str| format!("{}: row {}, column {name:?}", file.display(), row_in_file + r);
-                let write = |cell: &ArrayRef, name: &str, folder: &str| -> Result<String> {
-                    let bytes = match image_cell(cell, r).map_err(|e| anyhow::anyhow!("{}: {e}", at(name)))? {
-                        Some(ImageCell::Bytes(b)) => b,
+                let row = row_in_file + r;
+                let named = |column: &str| match column {
+                    "image" => cols[0].clone(),
+                    "conditioning" => cols[1].clone(),
+                    other => other.to_string(),
+                };
+                let at = |column: &str| format!("{}: row {row}, column {:?}", file.display(), named(column));
+                let bytes = |cell: &ArrayRef, column: &str| -> Result<Vec<u8>> {
+                    match image_cell(cell, r).map_err(|e| anyhow::anyhow!("{}: {e}", at(column)))? {
+                        Some(ImageCell::Bytes(b)) => Ok(b),
                         Some(ImageCell::Path(p)) => {
                             let path = base.join(&p);
-                            std::fs::read(&path).with_context(|| format!("{}: reading {}", at(name), path.display()))?
+                            std::fs::read(&path).with_context(|| format!("{}: reading {}", at(column), path.display()))
                         }
-                        None => bail!("{}: no image (null)", at(name)),
-                    };
-                    let ext = image_extension(&bytes)
-                        .map_err(|e| anyhow::anyhow!("{}: {e}; lisa reads PNG and JPEG", at(name)))?;
-                    let relative = format!("{folder}/{n}.{ext}");
-                    std::fs::write(out.join(&relative), &bytes)
-                        .with_context(|| format!("writing {}", out.join(&relative).display()))?;
-                    Ok(relative)
+                        None => bail!("{}: no image (null)", at(column)),
+                    }
                 };
-                let target = write(image, &cols[0], "target")?;
-                let source = write(condition, &cols[1], "source")?;
+                let (target, source) = (bytes(image, "image")?, bytes(condition, "conditioning")?);
                 let prompt = text_cell(caption, r)
                     .map_err(|e| anyhow::anyhow!("{}: {e}", at(&cols[2])))?
                     .with_context(|| format!("{}: no prompt (null)", at(&cols[2])))?;
-                prompts += &json!({"source": source, "target": target, "prompt": prompt}).to_string();
-                prompts.push('\n');
-                n += 1;
+                w.add(&target, &source, &prompt, &at)?;
             }
             row_in_file += batch.num_rows();
         }
     }
-    if n == 0 {
-        bail!("--dataset-name {}: no rows", dir.display());
-    }
-    lisa_trainer::weights::write_atomic(&out.join("prompt.json"), prompts.as_bytes())?;
-    let marker = json!({"key": key, "rows": n, "from": dir.display().to_string()});
-    lisa_trainer::weights::write_atomic(&out.join(MARKER), marker.to_string().as_bytes())?;
-    Ok(n)
+    Ok(())
 }

@@ -29,6 +29,7 @@ mod shipped;
 mod study;
 mod tensorboard;
 mod train;
+mod webdataset;
 
 use std::process::ExitCode;
 

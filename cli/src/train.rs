@@ -195,14 +195,22 @@ pub struct TrainArgs {
     /// Converted once into the cache (CACHE_DIR/datasets/).
     #[arg(long, conflicts_with = "train_data_dir")]
     dataset_name: Option<PathBuf>,
-    /// The --dataset-name column of the target images (default: the first column).
-    #[arg(long, requires = "dataset_name")]
+    /// webdataset tar shards to train on instead ('DIR/{00000..00099}.tar': {a..b} ranges
+    /// and {x,y} lists expand as webdataset's do). Converted once into the cache.
+    #[arg(long, conflicts_with_all = ["train_data_dir", "dataset_name"])]
+    train_shards: Option<String>,
+    /// The target images: a --dataset-name column (default: the first column) or a
+    /// --train-shards part (default: jpg, jpeg or png).
+    #[arg(long)]
     image_column: Option<String>,
-    /// The --dataset-name column of the condition images (default: the third column).
-    #[arg(long, requires = "dataset_name")]
+    /// The condition images: a --dataset-name column (default: the third column) or a
+    /// --train-shards part (default: conditioning.png, conditioning.jpg, cond.png, cond.jpg,
+    /// hint.png or hint.jpg).
+    #[arg(long)]
     conditioning_image_column: Option<String>,
-    /// The --dataset-name column of the prompts (default: the second column).
-    #[arg(long, requires = "dataset_name")]
+    /// The prompts: a --dataset-name column (default: the second column) or a --train-shards
+    /// part (default: txt).
+    #[arg(long)]
     caption_column: Option<String>,
     /// Where checkpoints, grids and metrics.jsonl go.
     #[arg(long, default_value = "runs/train")]
@@ -326,14 +334,21 @@ pub fn run<B: RankBackend>(a: TrainArgs, device: B::Device) -> Result<()> {
     let mut file = RunFile::load(a.config.as_deref())?;
     apply(&a, &mut file);
     check_settings(&a, &file)?;
-    if let Some(dataset) = &a.dataset_name {
-        let columns = crate::hf_dataset::Columns {
-            image: a.image_column.clone(),
-            conditioning: a.conditioning_image_column.clone(),
-            caption: a.caption_column.clone(),
-        };
-        let cache = a.cache_dir.clone().unwrap_or_else(|| a.output_dir.join("cache"));
-        file.data.dir = Some(crate::hf_dataset::materialize(dataset, &columns, &cache)?);
+    let columns = crate::hf_dataset::Columns {
+        image: a.image_column.clone(),
+        conditioning: a.conditioning_image_column.clone(),
+        caption: a.caption_column.clone(),
+    };
+    let cache = a.cache_dir.clone().unwrap_or_else(|| a.output_dir.join("cache"));
+    match (&a.dataset_name, &a.train_shards) {
+        (Some(dataset), _) => file.data.dir = Some(crate::hf_dataset::materialize(dataset, &columns, &cache)?),
+        (None, Some(shards)) => file.data.dir = Some(crate::webdataset::materialize(shards, &columns, &cache)?),
+        (None, None) if columns.image.is_some() || columns.conditioning.is_some() || columns.caption.is_some() => {
+            bail!(
+                "--image-column, --conditioning-image-column and --caption-column name the parts of --dataset-name or --train-shards"
+            )
+        }
+        (None, None) => {}
     }
     let mut latent_validation = None;
     // The input cache's lock, held (shared) for the whole run: no other run rewrites it.

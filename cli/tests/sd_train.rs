@@ -246,10 +246,11 @@ fn tensorboard_event_files_record_the_run_and_its_resume() {
 
 /// `--dataset-name`: the Hugging Face `datasets` layouts users keep (save_to_disk, the Hub's
 /// Parquet files, JPEG images under other column names), written by the real `datasets`
-/// (`scripts/goldens/hf_datasets.py`), converted once into the cache and trained on; bad
-/// rows and columns are named by file, row and column before any training.
+/// (`scripts/goldens/hf_datasets.py`), and `--train-shards`: webdataset tar shards; each
+/// converted once into the cache and trained on; bad rows, samples and columns are named by
+/// file, row (sample) and column before any training.
 #[test]
-fn hugging_face_datasets_train_as_users_keep_them() {
+fn datasets_train_as_users_keep_them() {
     use std::sync::Arc;
     let dir = workdir("datasets");
     let pipe = full_pipeline(&dir);
@@ -326,7 +327,40 @@ fn hugging_face_datasets_train_as_users_keep_them() {
     fails_with(&run(&null, "bad-null", &[]).0, r#"row 1, column "image": no image (null)"#);
     let webp = table(vec![Some(b"RIFF\0\0\0\0WEBPVP8 ".as_slice()), Some(good.as_slice()), Some(good.as_slice())]);
     fails_with(&run(&webp, "bad-webp", &[]).0, r#"row 0, column "image": a WebP image; lisa reads PNG and JPEG"#);
-    for bad in ["bad-column", "bad-null", "bad-webp"] {
+    // webdataset shards: two tars, samples of a PNG, its outline and a caption each.
+    let shard = |name: &str, samples: &[(&str, &[&str])]| {
+        let mut b = tar::Builder::new(std::fs::File::create(dir.join(name)).unwrap());
+        for (key, parts) in samples {
+            for part in *parts {
+                let bytes: &[u8] = if *part == "txt" { b"a red circle" } else { &good };
+                let mut header = tar::Header::new_gnu();
+                header.set_size(bytes.len() as u64);
+                header.set_mode(0o644);
+                header.set_cksum();
+                b.append_data(&mut header, format!("{key}.{part}"), bytes).unwrap();
+            }
+        }
+        b.finish().unwrap();
+    };
+    let full: &[&str] = &["png", "cond.png", "txt"];
+    shard("shard-000.tar", &[("a/s0", full), ("a/s1", full)]);
+    shard("shard-001.tar", &[("b/s2", full)]);
+    let pattern = format!("{}/shard-{{000..001}}.tar", dir.display());
+    let shards = |out: &str, extra: &[&str]| {
+        let out = dir.join(out);
+        let args = [&["train", "--pretrained-model-name-or-path", s(&pipe), "--train-shards", &pattern][..], extra];
+        let args = [&args.concat()[..], &["--cache-dir", s(&cache), "--max-train-steps", "1", "--output-dir", s(&out)]];
+        lisa(&args.concat())
+    };
+    let err = ok(&shards("shards", &[]));
+    assert!(err.contains("converted 3 rows") && err.contains("cached 3 latents"), "{err}");
+    // A sample without its caption is named by shard and sample; a missing shard by name.
+    shard("shard-001.tar", &[("b/s2", &["png", "cond.png"])]);
+    fails_with(&shards("bad-shard", &[]), r#"shard-001.tar: sample "b/s2" (parts png, cond.png): no txt part"#);
+    std::fs::remove_file(dir.join("shard-001.tar")).unwrap();
+    fails_with(&shards("bad-shard", &[]), "shard-001.tar is not a file (2 shard(s) named)");
+    fails_with(&run(&fixtures.join("saved"), "bad-shard", &["--train-shards", "x.tar"]).0, "cannot be used with");
+    for bad in ["bad-column", "bad-null", "bad-webp", "bad-shard"] {
         assert!(!dir.join(bad).join("metrics.jsonl").exists(), "{bad}");
     }
     let _ = std::fs::remove_dir_all(&dir);
