@@ -36,6 +36,8 @@ pub struct Columns {
     pub conditioning: Option<String>,
     /// The prompts (`--caption-column`; default the second).
     pub caption: Option<String>,
+    /// Skip (and count) rows that cannot be read instead of stopping (`--skip-bad-rows`).
+    pub skip_bad_rows: bool,
 }
 
 /// One table file of the dataset.
@@ -273,8 +275,7 @@ pub fn files_key(files: &[&Path], columns: &Columns, kind: &str) -> Result<Strin
         let modified = meta.modified().ok().and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok());
         listed.push(json!([path.display().to_string(), meta.len(), modified.map(|d| d.as_nanos().to_string())]));
     }
-    let described =
-        json!({"kind": kind, "files": listed, "columns": [columns.image, columns.conditioning, columns.caption]});
+    let described = json!({"kind": kind, "files": listed, "columns": [columns.image, columns.conditioning, columns.caption], "skip_bad_rows": columns.skip_bad_rows});
     Ok(lisa_trainer::weights::digest(described.to_string().as_bytes()))
 }
 
@@ -284,7 +285,7 @@ pub fn materialize(dir: &Path, columns: &Columns, cache: &Path) -> Result<PathBu
     let tables = tables(dir)?;
     let key = files_key(&tables.iter().map(Table::path).collect::<Vec<_>>(), columns, "datasets")?;
     let base = if dir.is_file() { dir.parent().unwrap_or(Path::new(".")).to_path_buf() } else { dir.to_path_buf() };
-    converted(cache, &key, &dir.display().to_string(), |w| convert(&base, &tables, columns, w))
+    converted(cache, &key, &dir.display().to_string(), columns.skip_bad_rows, |w| convert(&base, &tables, columns, w))
 }
 
 /// The folder `cache/datasets/<key>`: reused when an earlier run converted the same input,
@@ -294,6 +295,7 @@ pub fn converted(
     cache: &Path,
     key: &str,
     from: &str,
+    skip_bad_rows: bool,
     fill: impl FnOnce(&mut Fill50kWriter) -> Result<()>,
 ) -> Result<PathBuf> {
     let out = cache.join("datasets").join(&key[..16]);
@@ -311,6 +313,7 @@ pub fn converted(
     }
     let partial = out.with_extension(format!("partial-{}", std::process::id()));
     let written = Fill50kWriter::new(&partial).and_then(|mut w| {
+        w.skip = skip_bad_rows;
         fill(&mut w)?;
         w.finish(key, from)
     });
@@ -338,6 +341,10 @@ pub struct Fill50kWriter {
     out: PathBuf,
     prompts: String,
     rows: usize,
+    /// Skip bad rows (else the first stops the conversion).
+    skip: bool,
+    /// Rows skipped, and the first one's error.
+    skipped: (usize, Option<String>),
 }
 
 impl Fill50kWriter {
@@ -345,7 +352,29 @@ impl Fill50kWriter {
         for folder in ["source", "target"] {
             std::fs::create_dir_all(out.join(folder)).with_context(|| format!("creating {}", out.display()))?;
         }
-        Ok(Self { out: out.to_path_buf(), prompts: String::new(), rows: 0 })
+        Ok(Self { out: out.to_path_buf(), prompts: String::new(), rows: 0, skip: false, skipped: (0, None) })
+    }
+
+    /// An example's outcome: its error stops the conversion, or with `--skip-bad-rows` is
+    /// counted (and the first one kept to report).
+    pub fn or_skip(&mut self, outcome: Result<()>) -> Result<()> {
+        match outcome {
+            Err(e) if self.skip => {
+                self.skipped.0 += 1;
+                self.skipped.1.get_or_insert_with(|| format!("{e:#}"));
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    /// Both images are of a kind lisa reads (checked before either is written, so a skipped
+    /// row leaves no file).
+    pub fn check(&self, target: &[u8], source: &[u8], at: &dyn Fn(&str) -> String) -> Result<()> {
+        for (bytes, column) in [(target, "image"), (source, "conditioning")] {
+            image_extension(bytes).map_err(|e| anyhow::anyhow!("{}: {e}; lisa reads PNG and JPEG", at(column)))?;
+        }
+        Ok(())
     }
 
     /// Adds one example; `at(column)` names where it came from in errors.
@@ -368,6 +397,9 @@ impl Fill50kWriter {
 
     /// Writes `prompt.json` and the marker (last): the number of rows.
     fn finish(self, key: &str, from: &str) -> Result<usize> {
+        if let (n @ 1.., Some(first)) = &self.skipped {
+            eprintln!("--skip-bad-rows: skipped {n} row(s) of {from}; the first: {first}");
+        }
         if self.rows == 0 {
             bail!("{from}: no rows");
         }
@@ -420,11 +452,16 @@ fn convert(base: &Path, tables: &[Table], given: &Columns, w: &mut Fill50kWriter
                         None => bail!("{}: no image (null)", at(column)),
                     }
                 };
-                let (target, source) = (bytes(image, "image")?, bytes(condition, "conditioning")?);
-                let prompt = text_cell(caption, r)
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", at(&cols[2])))?
-                    .with_context(|| format!("{}: no prompt (null)", at(&cols[2])))?;
-                w.add(&target, &source, &prompt, &at)?;
+                let mut example = || -> Result<()> {
+                    let (target, source) = (bytes(image, "image")?, bytes(condition, "conditioning")?);
+                    let prompt = text_cell(caption, r)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", at(&cols[2])))?
+                        .with_context(|| format!("{}: no prompt (null)", at(&cols[2])))?;
+                    w.check(&target, &source, &at)?;
+                    w.add(&target, &source, &prompt, &at)
+                };
+                let outcome = example();
+                w.or_skip(outcome)?;
             }
             row_in_file += batch.num_rows();
         }

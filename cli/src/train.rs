@@ -212,6 +212,10 @@ pub struct TrainArgs {
     /// part (default: txt).
     #[arg(long)]
     caption_column: Option<String>,
+    /// Skip (and count) the rows of --dataset-name or --train-shards that cannot be read (a
+    /// null, an image lisa cannot read, a missing part) instead of stopping at the first.
+    #[arg(long)]
+    skip_bad_rows: bool,
     /// Where checkpoints, grids and metrics.jsonl go.
     #[arg(long, default_value = "runs/train")]
     output_dir: PathBuf,
@@ -338,14 +342,20 @@ pub fn run<B: RankBackend>(a: TrainArgs, device: B::Device) -> Result<()> {
         image: a.image_column.clone(),
         conditioning: a.conditioning_image_column.clone(),
         caption: a.caption_column.clone(),
+        skip_bad_rows: a.skip_bad_rows,
     };
     let cache = a.cache_dir.clone().unwrap_or_else(|| a.output_dir.join("cache"));
     match (&a.dataset_name, &a.train_shards) {
         (Some(dataset), _) => file.data.dir = Some(crate::hf_dataset::materialize(dataset, &columns, &cache)?),
         (None, Some(shards)) => file.data.dir = Some(crate::webdataset::materialize(shards, &columns, &cache)?),
-        (None, None) if columns.image.is_some() || columns.conditioning.is_some() || columns.caption.is_some() => {
+        (None, None)
+            if columns.image.is_some()
+                || columns.conditioning.is_some()
+                || columns.caption.is_some()
+                || columns.skip_bad_rows =>
+        {
             bail!(
-                "--image-column, --conditioning-image-column and --caption-column name the parts of --dataset-name or --train-shards"
+                "--image-column, --conditioning-image-column, --caption-column and --skip-bad-rows are for --dataset-name or --train-shards"
             )
         }
         (None, None) => {}

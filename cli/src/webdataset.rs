@@ -65,14 +65,17 @@ fn shards(pattern: &str) -> Result<Vec<PathBuf>> {
 pub fn materialize(pattern: &str, columns: &Columns, cache: &Path) -> Result<PathBuf> {
     let files = shards(pattern)?;
     let key = files_key(&files.iter().map(PathBuf::as_path).collect::<Vec<_>>(), columns, "webdataset")?;
-    converted(cache, &key, pattern, |w| {
+    converted(cache, &key, pattern, columns.skip_bad_rows, |w| {
         for shard in &files {
             let file = std::fs::File::open(shard).with_context(|| format!("opening {}", shard.display()))?;
             let mut archive = tar::Archive::new(std::io::BufReader::new(file));
             let mut sample: Option<Sample> = None;
             let mut finish = |sample: Option<Sample>| -> Result<()> {
                 match sample {
-                    Some((key, parts)) => add(w, shard, &key, &parts, columns),
+                    Some((key, parts)) => {
+                        let outcome = add(w, shard, &key, &parts, columns);
+                        w.or_skip(outcome)
+                    }
                     None => Ok(()),
                 }
             };
@@ -133,7 +136,9 @@ fn add(
         .map_err(|_| anyhow::anyhow!("{}: the caption is not UTF-8 text", at("")))?
         .trim()
         .to_string();
-    w.add(image, condition, &prompt, &|column| at(&format!(", the {column} part")))
+    let at = |column: &str| at(&format!(", the {column} part"));
+    w.check(image, condition, &at)?;
+    w.add(image, condition, &prompt, &at)
 }
 
 #[cfg(test)]

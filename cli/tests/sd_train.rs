@@ -327,6 +327,10 @@ fn datasets_train_as_users_keep_them() {
     fails_with(&run(&null, "bad-null", &[]).0, r#"row 1, column "image": no image (null)"#);
     let webp = table(vec![Some(b"RIFF\0\0\0\0WEBPVP8 ".as_slice()), Some(good.as_slice()), Some(good.as_slice())]);
     fails_with(&run(&webp, "bad-webp", &[]).0, r#"row 0, column "image": a WebP image; lisa reads PNG and JPEG"#);
+    // Asked to, the bad rows are skipped and counted, the first named.
+    let err = ok(&run(&webp, "skipped", &["--skip-bad-rows"]).0);
+    assert!(err.contains("skipped 1 row(s)") && err.contains("row 0") && err.contains("converted 2 rows"), "{err}");
+    fails_with(&train(&pipe, &dir.join("data"), &dir.join("bad-skip"), &["--skip-bad-rows"]), "are for --dataset-name");
     // webdataset shards: two tars, samples of a PNG, its outline and a caption each.
     let shard = |name: &str, samples: &[(&str, &[&str])]| {
         let mut b = tar::Builder::new(std::fs::File::create(dir.join(name)).unwrap());
@@ -360,7 +364,7 @@ fn datasets_train_as_users_keep_them() {
     std::fs::remove_file(dir.join("shard-001.tar")).unwrap();
     fails_with(&shards("bad-shard", &[]), "shard-001.tar is not a file (2 shard(s) named)");
     fails_with(&run(&fixtures.join("saved"), "bad-shard", &["--train-shards", "x.tar"]).0, "cannot be used with");
-    for bad in ["bad-column", "bad-null", "bad-webp", "bad-shard"] {
+    for bad in ["bad-column", "bad-null", "bad-webp", "bad-shard", "bad-skip"] {
         assert!(!dir.join(bad).join("metrics.jsonl").exists(), "{bad}");
     }
     let _ = std::fs::remove_dir_all(&dir);
