@@ -106,7 +106,12 @@ pub fn run(a: CompareArgs) -> Result<()> {
                 .to_string()
         }
     };
-    let runs = [Curves::read(&a.run_a, &metric)?, Curves::read(&a.run_b, &metric)?];
+    let mut runs = [Curves::read(&a.run_a, &metric)?, Curves::read(&a.run_b, &metric)?];
+    // Runs whose folders share a name (lisa/seed0, base/seed0) are named by their paths.
+    if runs[0].name == runs[1].name {
+        runs[0].name = a.run_a.display().to_string();
+        runs[1].name = a.run_b.display().to_string();
+    }
     let best = runs.iter().flat_map(|r| r.metric.iter().map(|p| p.1)).fold(f64::NEG_INFINITY, f64::max);
     let mut thresholds: Vec<f64> = match a.threshold.is_empty() {
         true if best > 0.0 => [0.5, 0.75, 0.9].iter().map(|f| f * best).collect(),

@@ -144,20 +144,31 @@ pub fn ssim(a: &[u8], b: &[u8], w: usize, h: usize) -> f32 {
 }
 
 /// Whether every condition (`[n, c, h, w]` planar values in [0, 1], `shape = [c, h, w]`,
-/// c = 1 or 3) is an edge map: nearly all of its pixels' luma near black or white (saturated
-/// colours are not: their luma lies between).
+/// c = 1 or 3) is an edge map: at least [`EDGE_MAP_SHARE`] of its pixels near black or
+/// white in every channel (saturated colours are neither), and of the pixels that are not the
+/// dominant one, most ([`MINORITY_SHARE`]) the other: thin white lines on black or black on
+/// white, not a pose skeleton's coloured limbs on black.
 pub fn edge_maps(conditions: &[f32], [c, h, w]: [usize; 3]) -> bool {
     let (plane, near) = (h * w, f32::from(NEAR) / 255.0);
     let per = (c * plane).max(1);
     conditions.chunks(per).all(|image| {
-        let luma = |p: usize| match c {
-            3 => 0.299 * image[p] + 0.587 * image[plane + p] + 0.114 * image[2 * plane + p],
-            _ => image[p],
-        };
-        let extreme = (0..plane).map(luma).filter(|&v| v <= near || v >= 1.0 - near).count();
-        extreme as f32 >= EDGE_MAP_SHARE * plane as f32
+        let (mut black, mut white) = (0usize, 0usize);
+        for p in 0..plane {
+            let channels = (0..c).map(|ch| image[ch * plane + p]);
+            let (lo, hi) = channels.fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), v| (l.min(v), h.max(v)));
+            black += usize::from(hi <= near);
+            white += usize::from(lo >= 1.0 - near);
+        }
+        let other = plane - black - white;
+        let minority = black.min(white);
+        (black + white) as f32 >= EDGE_MAP_SHARE * plane as f32
+            && minority as f32 >= MINORITY_SHARE * (minority + other) as f32
     })
 }
+
+/// Of an edge map's pixels that are not its background, the share that must be the other
+/// extreme (its lines).
+pub const MINORITY_SHARE: f32 = 0.7;
 
 #[cfg(test)]
 mod tests {
@@ -230,5 +241,12 @@ mod tests {
         let red_on_blue: Vec<f32> = [[1.0; 25], [0.0; 25], [0.0; 25], [0.0; 25], [0.0; 25], [1.0; 25]].concat();
         assert!(!edge_maps(&red_on_blue, [3, 5, 10]));
         assert!(edge_maps(&[[1.0; 50], [1.0; 50], [1.0; 50]].concat(), [3, 5, 10]), "white is extreme");
+        // A pose skeleton: coloured limbs (5 of 50 pixels) on black is no edge map.
+        let limb = |ch: usize| (0..50).map(move |i| if i % 10 == 0 && ch == 0 { 1.0 } else { 0.0 });
+        let pose: Vec<f32> = (0..3).flat_map(limb).collect();
+        assert!(!edge_maps(&pose, [3, 5, 10]));
+        // The same limbs in white are edges.
+        let lines: Vec<f32> = (0..3).flat_map(|_| limb(0)).collect();
+        assert!(edge_maps(&lines, [3, 5, 10]));
     }
 }

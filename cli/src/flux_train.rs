@@ -96,7 +96,9 @@ pub fn prepare<B: Backend>(
     file.train.noise = pipeline.noise(a.weighting, size);
     lisa_trainer::scheduler::NoiseProcess::new(&file.train.noise)?;
     let text_tokens = a.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
-    crate::train::check_memory(FluxSpec::from_spec(&file.model)?.training_bytes(file.train.batch_size, text_tokens)?)?;
+    let ema = file.train.ema_decay.is_some();
+    let needed = FluxSpec::from_spec(&file.model)?.training_bytes(file.train.batch_size, text_tokens, ema)?;
+    crate::train::check_memory(needed)?;
     let parts = mode_parts(file.train.mode);
     let mut model: FluxModel<B> =
         pipeline.build::<B>(&file.model, parts, controlnet, device.clone(), file.train.seed).with_context(in_folder)?;

@@ -133,9 +133,17 @@ fn tables(dir: &Path) -> Result<Vec<Table>> {
         }
     }
     found.sort();
-    let split = |p: &PathBuf| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("train"));
-    if found.iter().any(split) {
-        found.retain(split);
+    // Split-named files (`train-00000-of-00002.parquet`, `fill50k-test.arrow`,
+    // `default/train/0000.parquet`): the train split's only; split names without a train
+    // split are refused, not mixed into training.
+    let splits: Vec<Option<&'static str>> = found.iter().map(|p| split_of(p.strip_prefix(dir).unwrap_or(p))).collect();
+    if splits.iter().any(Option::is_some) {
+        if !splits.contains(&Some("train")) {
+            let mut named: Vec<&str> = splits.iter().flatten().copied().collect();
+            named.dedup();
+            bail!("--dataset-name {}: its files are split into {} and none is train", dir.display(), named.join(", "));
+        }
+        found = found.into_iter().zip(&splits).filter(|(_, s)| **s == Some("train")).map(|(p, _)| p).collect();
     }
     if found.is_empty() {
         bail!(
@@ -144,6 +152,17 @@ fn tables(dir: &Path) -> Result<Vec<Table>> {
         );
     }
     Ok(found.iter().filter_map(|p| kind(p)).collect())
+}
+
+/// The split a dataset file belongs to by its path: a folder named after the split, or the
+/// split's name as a `-`, `_` or `.` delimited token of the file name.
+fn split_of(relative: &Path) -> Option<&'static str> {
+    const SPLITS: [&str; 5] = ["train", "test", "validation", "valid", "dev"];
+    let mut tokens: Vec<String> = Vec::new();
+    for part in relative.iter().filter_map(|c| c.to_str()) {
+        tokens.extend(part.split(['-', '_', '.']).map(str::to_lowercase));
+    }
+    SPLITS.into_iter().find(|s| tokens.iter().any(|t| t == s))
 }
 
 /// The three columns' names, checked against the first table's schema (each must exist and be
@@ -311,7 +330,10 @@ pub fn converted(
             _ => bail!("{} is not a dataset lisa converted (no {MARKER} with its key); move it away", out.display()),
         }
     }
-    let partial = out.with_extension(format!("partial-{}", std::process::id()));
+    // Unique per host, process and moment: ranks on several nodes may share the cache.
+    let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().replace(['/', '.'], "_")).unwrap_or_default();
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let partial = out.with_extension(format!("partial-{host}-{}-{nanos}", std::process::id()));
     let written = Fill50kWriter::new(&partial).and_then(|mut w| {
         w.skip = skip_bad_rows;
         fill(&mut w)?;

@@ -145,8 +145,13 @@ impl RunDisplay {
 
 impl Observer for RunDisplay {
     fn on_event(&mut self, event: &Event<'_>) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        if let Some(tb) = &mut self.tensorboard {
-            tb.on_event(event).map_err(|e| format!("--report-to tensorboard: {e:#}"))?;
+        // A TensorBoard file that cannot be written (a full disk under logs/) costs the
+        // TensorBoard report, not the training: said once, then no more events are written.
+        if let Some(tb) = &mut self.tensorboard
+            && let Err(e) = tb.on_event(event)
+        {
+            eprintln!("warning: --report-to tensorboard stops: {e:#}; metrics.jsonl and the checkpoints go on");
+            self.tensorboard = None;
         }
         match event {
             Event::Resumed { checkpoint, step } => eprintln!("resumed from {} at step {step}", checkpoint.display()),

@@ -96,23 +96,25 @@ impl EventWriter {
     /// A new event file in `dir` (created if missing), named as TensorBoard finds them
     /// (`events.out.tfevents.<seconds>.<host>.<pid>`), starting with the file version.
     /// TensorBoard reads a folder's files in name order, so the name sorts after every event
-    /// file already there (the seconds moved on past theirs if need be: a run resumed within
-    /// the second its predecessor started in must still come after it).
+    /// file already there (its seconds moved past the latest one's if need be: a run resumed
+    /// within the second its predecessor started in must still come after it).
     pub fn create(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
         let host = if host.is_empty() || host.contains(['/', '.']) { "localhost".to_string() } else { host };
-        let last = std::fs::read_dir(dir)
+        // The latest start time among this folder's event files (names lisa and TensorBoard's
+        // writers give them; other files are left alone).
+        let latest = std::fs::read_dir(dir)
             .with_context(|| format!("reading {}", dir.display()))?
             .flatten()
-            .filter_map(|e| e.file_name().to_str().map(String::from))
-            .filter(|n| n.contains("tfevents"))
+            .filter_map(|e| {
+                let name = e.file_name().to_str()?.to_string();
+                name.strip_prefix("events.out.tfevents.")?.split('.').next()?.parse::<u64>().ok()
+            })
             .max();
+        let now = wall_time() as u64;
+        let seconds = latest.map_or(now, |l| now.max(l + 1));
         let name = |seconds: u64| format!("events.out.tfevents.{seconds:010}.{host}.{}", std::process::id());
-        let mut seconds = wall_time() as u64;
-        while last.as_ref().is_some_and(|last| name(seconds) <= *last) {
-            seconds += 1;
-        }
         let path = dir.join(name(seconds));
         let file = File::options()
             .create_new(true)

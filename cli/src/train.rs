@@ -81,7 +81,7 @@ pub struct TrainArgs {
     use_ema: bool,
     /// The EMA's decay (default 0.9999, diffusers' EMAModel's; the warm-up min(decay,
     /// (1 + s)/(10 + s)) keeps early steps from lingering).
-    #[arg(long, requires = "use_ema", allow_negative_numbers = true)]
+    #[arg(long, allow_negative_numbers = true)]
     ema_decay: Option<f32>,
     /// no | fp16 | bf16: the frozen UNet, VAE and text encoder stored in half precision; the
     /// ControlNet, the LISA decoder and the optimizer state stay in f32.
@@ -278,7 +278,9 @@ fn apply(a: &TrainArgs, file: &mut RunFile) {
     t.lisa.target_space = a.target_space.unwrap_or(t.lisa.target_space);
     t.lisa.distance = a.distance.unwrap_or(t.lisa.distance);
     t.gradient_checkpointing |= a.gradient_checkpointing;
-    if a.use_ema {
+    // --ema-decay alone sets the decay of an EMA the run file keeps (check_settings refuses it
+    // otherwise).
+    if a.use_ema || t.ema_decay.is_some() {
         t.ema_decay = Some(a.ema_decay.or(t.ema_decay).unwrap_or(DEFAULT_EMA_DECAY));
     }
     t.proportion_empty_prompts = a.proportion_empty_prompts.unwrap_or(t.proportion_empty_prompts);
@@ -318,6 +320,18 @@ fn flags_given(a: &TrainArgs) -> [(&'static str, &'static str, bool); 9] {
 
 /// The library's check of every training setting, before anything is loaded.
 fn check_settings(a: &TrainArgs, file: &RunFile) -> Result<()> {
+    if a.ema_decay.is_some() && file.train.ema_decay.is_none() {
+        bail!("--ema-decay sets the decay of an EMA: give --use-ema too (or [train] ema_decay in the run file)");
+    }
+    if a.cache_dir.is_some()
+        && a.pretrained_model_name_or_path.is_none()
+        && a.dataset_name.is_none()
+        && a.train_shards.is_none()
+    {
+        bail!(
+            "--cache-dir holds a pipeline run's inputs or a converted dataset: it is for --pretrained-model-name-or-path, --dataset-name or --train-shards"
+        );
+    }
     let max = lisa_trainer::validation::MAX_SAMPLES_PER_PAIR;
     if !(1..=max).contains(&a.num_validation_images) {
         bail!("--num-validation-images {}: 1..={max} samples per validation image", a.num_validation_images);
@@ -554,7 +568,7 @@ fn prepare_sd<B: Backend>(
     file.model =
         pipeline.controlnet_spec(controlnet, (size, crop), precision, &file.model.decoder).map_err(resolution_flag)?;
     file.train.noise = pipeline.noise;
-    check_sd_memory(&file.model, file.train.batch_size)?;
+    check_sd_memory(&file.model, file.train.batch_size, file.train.ema_decay.is_some())?;
     let vae_dtype = pipeline.vae_dtype(precision).with_context(in_folder)?;
     if vae_dtype != precision.dtype() {
         eprintln!("the VAE computes in f32: its config says force_upcast (SDXL's VAE overflows in fp16)");
@@ -577,8 +591,8 @@ fn prepare_sd<B: Backend>(
 
 /// Fails when the sd model of `spec` cannot train with batches of `batch` in this machine's
 /// memory, before anything is allocated.
-fn check_sd_memory(spec: &lisa_trainer::model::ModelSpec, batch: usize) -> Result<()> {
-    check_memory(lisa_trainer::model::sd::SdSpec::from_spec(spec)?.training_bytes(batch)?)
+fn check_sd_memory(spec: &lisa_trainer::model::ModelSpec, batch: usize, ema: bool) -> Result<()> {
+    check_memory(lisa_trainer::model::sd::SdSpec::from_spec(spec)?.training_bytes(batch, ema)?)
 }
 
 /// Fails when training needs more than this machine's memory (`needed` bytes: the weights, the

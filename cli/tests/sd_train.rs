@@ -299,6 +299,18 @@ fn datasets_train_as_users_keep_them() {
     assert!(err.contains("converted 3 rows"), "{err}");
     let converted: Vec<_> = std::fs::read_dir(dir.join("cache/datasets")).unwrap().flatten().collect();
     assert_eq!(converted.len(), 3, "one folder per dataset");
+    // The datasets cache's naming (`name-train.arrow` beside `name-test.arrow`): the train
+    // split only; split-named files without a train split are refused.
+    let cached = dir.join("cached");
+    std::fs::create_dir_all(&cached).unwrap();
+    for split in ["train", "test"] {
+        let arrow = fixtures.join("saved/data-00000-of-00001.arrow");
+        std::fs::copy(&arrow, cached.join(format!("fill50k-{split}.arrow"))).unwrap();
+    }
+    let err = ok(&run(&cached, "cached-run", &[]).0);
+    assert!(err.contains("converted 3 rows"), "the test split left out:\n{err}");
+    std::fs::remove_file(cached.join("fill50k-train.arrow")).unwrap();
+    fails_with(&run(&cached, "bad-split", &[]).0, "split into test and none is train");
     // A column that does not exist is named with the ones that do.
     let o = run(&fixtures.join("saved"), "bad-column", &["--caption-column", "caption"]).0;
     fails_with(&o, r#"--caption-column "caption""#);
@@ -364,7 +376,7 @@ fn datasets_train_as_users_keep_them() {
     std::fs::remove_file(dir.join("shard-001.tar")).unwrap();
     fails_with(&shards("bad-shard", &[]), "shard-001.tar is not a file (2 shard(s) named)");
     fails_with(&run(&fixtures.join("saved"), "bad-shard", &["--train-shards", "x.tar"]).0, "cannot be used with");
-    for bad in ["bad-column", "bad-null", "bad-webp", "bad-shard", "bad-skip"] {
+    for bad in ["bad-column", "bad-null", "bad-webp", "bad-shard", "bad-skip", "bad-split"] {
         assert!(!dir.join(bad).join("metrics.jsonl").exists(), "{bad}");
     }
     let _ = std::fs::remove_dir_all(&dir);

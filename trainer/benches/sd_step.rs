@@ -170,9 +170,9 @@ impl BenchModel {
             let layers = (f.controlnet_layers.unwrap(), f.controlnet_single_layers.unwrap());
             let c = t.controlnet_from_transformer(layers.0, layers.1).unwrap();
             let params = (t.parameter_count(None), c.parameter_count(Some(Default::default())));
-            (f.training_bytes(batch, self.tokens).unwrap(), params.0, params.1)
+            (f.training_bytes(batch, self.tokens, false).unwrap(), params.0, params.1)
         } else {
-            let needed = sd::SdSpec::from_spec(spec).unwrap().training_bytes(batch).unwrap();
+            let needed = sd::SdSpec::from_spec(spec).unwrap().training_bytes(batch, false).unwrap();
             let unet = self.config["unet"].as_object().unwrap();
             let params = sd::UNetConfig::from_unet_json(unet).unwrap().parameter_estimate();
             (needed, params.unet, params.controlnet)
@@ -434,7 +434,8 @@ fn sample_arm<B: Backend>(
     let (steps, n) =
         if full { (var("LISA_BENCH_SAMPLE_STEPS", 20), var("LISA_BENCH_SAMPLE_IMAGES", 4)) } else { (2, 1) };
     let model = registry::build::<B>(spec, Parts::Dual { decoder: false }, device.clone(), 0).unwrap();
-    // DDIM on SD's schedule; Euler on Flux's (FluxPipeline's shift at 512 px, about 3).
+    // DDIM on SD's schedule; Euler on Flux's (FluxPipeline's dynamic shift at 512 px: 1024
+    // image tokens, μ ≈ 0.63, e^μ ≈ 1.88; the step's cost does not depend on it).
     let (noise, sampler) = match bench.architecture {
         "flux" => (
             NoiseConfig::Flow {
@@ -442,7 +443,7 @@ fn sample_arm<B: Backend>(
                 weighting: Default::default(),
                 num_train_timesteps: Some(1000),
                 precondition_outputs: false,
-                sampling_shift: Some(3.0),
+                sampling_shift: Some(1.88),
             },
             Sampler::Euler,
         ),

@@ -203,14 +203,16 @@ impl FluxSpec {
 
     /// About how many bytes training this model takes with batches of `batch` and
     /// `text_tokens` T5 tokens, before anything is allocated: the frozen transformer in its
-    /// storage type; the ControlNet's weights, gradients and two AdamW moments in f32; and per
-    /// sample, [`ACTIVATIONS_PER_BLOCK`] token-by-width f32 tensors (image and text tokens) for
-    /// every block of both networks the backward passes through (a floor, not a bound).
-    pub fn training_bytes(&self, batch: usize, text_tokens: usize) -> Result<u128> {
+    /// storage type; the ControlNet's weights, gradients and two AdamW moments in f32 (and its
+    /// EMA with `ema`); and per sample, [`ACTIVATIONS_PER_BLOCK`] token-by-width f32 tensors
+    /// (image and text tokens) for every block of both networks the backward passes through
+    /// (a floor, not a bound).
+    pub fn training_bytes(&self, batch: usize, text_tokens: usize, ema: bool) -> Result<u128> {
         let r = self.resolve()?;
         let main_bytes = self.mixed_precision.dtype().size_bytes() as u128;
-        let params =
-            r.transformer.parameter_count(None) * main_bytes + r.controlnet.parameter_count(Some(r.extras)) * 16;
+        let side_bytes = if ema { 20 } else { 16 };
+        let params = r.transformer.parameter_count(None) * main_bytes
+            + r.controlnet.parameter_count(Some(r.extras)) * side_bytes;
         let blocks = (r.transformer.num_layers
             + r.transformer.num_single_layers
             + r.controlnet.num_layers

@@ -263,15 +263,17 @@ impl SdSpec {
 
     /// About how many bytes training this model takes, before anything is allocated: the
     /// frozen UNet in its storage type; the ControlNet's weights, gradients and two AdamW
-    /// moments in f32; and per sample of a `batch`, the activations the backward keeps (about
-    /// [`ACTIVATIONS_KEPT`] feature maps of the widest level-0 size, a floor, not a bound).
-    pub fn training_bytes(&self, batch: usize) -> Result<u128> {
+    /// moments in f32 (and its EMA with `ema`); and per sample of a `batch`, the activations
+    /// the backward keeps (about [`ACTIVATIONS_KEPT`] feature maps of the widest level-0 size,
+    /// a floor, not a bound).
+    pub fn training_bytes(&self, batch: usize, ema: bool) -> Result<u128> {
         let r = self.resolve()?;
         let params = r.unet.parameter_estimate();
         let main_bytes = self.mixed_precision.dtype().size_bytes() as u128;
         let side = self.latent_size.unwrap_or(r.unet.sample_size) as u128;
         let level0 = r.unet.block_out_channels[0] as u128 * side * side * 4;
-        Ok(params.unet * main_bytes + params.controlnet * 16 + batch as u128 * ACTIVATIONS_KEPT * level0)
+        let side_bytes = if ema { 20 } else { 16 };
+        Ok(params.unet * main_bytes + params.controlnet * side_bytes + batch as u128 * ACTIVATIONS_KEPT * level0)
     }
 }
 
