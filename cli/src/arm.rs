@@ -13,7 +13,7 @@ use lisa_trainer::train::Trainer;
 use lisa_trainer::validation::{LatentValidation, ToyValidation, Validator};
 
 use crate::config::{RunFile, check_memory};
-use crate::control_score::{ControlMetric, EdgeScore, edge_maps};
+use crate::control_score::{CircleScore, ConditionKind, ControlMetric, EdgeScore, condition_kind};
 use crate::pipeline_start::mode_parts;
 use crate::progress::RunDisplay;
 use crate::run_dir::CheckpointArgs;
@@ -122,25 +122,32 @@ pub fn prepare_arm<B: Backend>(file: &RunFile, start: Start<B>, device: B::Devic
                     false => images.clone(),
                 };
                 let hints = vae.latents(&pixels, v.images.len(), side)?;
-                let edges = edge_maps(&images, [3, side, side]);
+                let kind = condition_kind(&images, [3, side, side]);
                 let shown = (images, [3, side, side]);
-                (LatentValidation::with_latent_hints(model, noise, hints, shown, prompts, vae, sampling)?, edges)
+                (LatentValidation::with_latent_hints(model, noise, hints, shown, prompts, vae, sampling)?, kind)
             } else {
                 let conditions = read_conditions(model, v)?;
-                let edges = edge_maps(&conditions, model.hint_shape());
-                (LatentValidation::new(model, noise, conditions, prompts, vae, sampling)?, edges)
+                let kind = condition_kind(&conditions, model.hint_shape());
+                (LatentValidation::new(model, noise, conditions, prompts, vae, sampling)?, kind)
             };
-            let (validation, edges) = validation;
+            let (validation, kind) = validation;
             let validation = validation.with_samples_per_pair(o.validation_samples)?;
             let pairs = format!("{} pair(s) × {} seed(s)", v.images.len(), o.validation_samples);
-            let validation = match (o.control_metric, edges) {
-                (ControlMetric::Edges, _) | (ControlMetric::Auto, true) => {
+            let measured = "in metrics.jsonl";
+            let validation = match (o.control_metric, kind) {
+                (ControlMetric::Circles, _) | (ControlMetric::Auto, ConditionKind::Outlines) => {
                     eprintln!(
-                        "control metric at every validation: the pixel F1 and SSIM of each sample's Canny edges against its condition ({pairs}; control_f1, control_ssim in metrics.jsonl)"
+                        "control metric at every validation: the IoU of each sample's disc-coloured region with the disc its outline encloses, and the F1 and SSIM of its Canny edges ({pairs}; circle_iou, control_f1, control_ssim {measured})"
+                    );
+                    validation.with_score(Box::new(CircleScore))
+                }
+                (ControlMetric::Edges, _) | (ControlMetric::Auto, ConditionKind::Edges) => {
+                    eprintln!(
+                        "control metric at every validation: the pixel F1 and SSIM of each sample's Canny edges against its condition ({pairs}; control_f1, control_ssim {measured})"
                     );
                     validation.with_score(Box::new(EdgeScore))
                 }
-                (ControlMetric::Auto, false) => {
+                (ControlMetric::Auto, ConditionKind::Other) => {
                     eprintln!(
                         "note: no control metric: the validation conditions are not edge maps (lisa measures edge conditions: Canny, HED, line art, outlines); validation grids only ({pairs})"
                     );

@@ -16,8 +16,8 @@ pub struct CompareArgs {
     run_a: PathBuf,
     /// The second run's output folder.
     run_b: PathBuf,
-    /// The metrics.jsonl column to compare (default: control_f1 when both runs have it, else
-    /// iou, the toy's).
+    /// The metrics.jsonl column to compare (default: the first of circle_iou, control_f1 and
+    /// iou, the toy's, that both runs have).
     #[arg(long)]
     metric: Option<String>,
     /// A value of the metric to count steps to (repeatable; default: 50 %, 75 % and 90 % of
@@ -99,7 +99,7 @@ pub fn run(a: CompareArgs) -> Result<()> {
             let has = |dir: &Path, column: &str| {
                 rows(dir).is_ok_and(|r| r.iter().any(|r| r.get(column).is_some_and(serde_json::Value::is_number)))
             };
-            ["control_f1", "iou"]
+            ["circle_iou", "control_f1", "iou"]
                 .into_iter()
                 .find(|c| has(&a.run_a, c) && has(&a.run_b, c))
                 .unwrap_or("control_f1")

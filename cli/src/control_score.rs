@@ -24,12 +24,35 @@ pub const NEAR: u8 = 32;
 /// Which control metric the validations report (`--control-metric`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ControlMetric {
-    /// Edges when every validation condition is an edge map, else none (said once).
+    /// Circles when every validation condition is one closed outline (Fill50K), edges when
+    /// every one is an edge map, else none (said once).
     Auto,
     /// Edge F1 and SSIM.
     Edges,
+    /// Circle IoU (Fill50K), edge F1 and SSIM.
+    Circles,
     /// No control metric.
     None,
+}
+
+/// What the validation conditions are, for `--control-metric auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConditionKind {
+    /// Each one closed outline (Fill50K).
+    Outlines,
+    /// Edge maps.
+    Edges,
+    /// Anything else (depth, pose, segmentation, photos).
+    Other,
+}
+
+/// The kind of every condition of `conditions` (`[n, c, h, w]` planar in [0, 1]).
+pub fn condition_kind(conditions: &[f32], shape: [usize; 3]) -> ConditionKind {
+    match edge_maps(conditions, shape) {
+        true if single_outlines(conditions, shape) => ConditionKind::Outlines,
+        true => ConditionKind::Edges,
+        false => ConditionKind::Other,
+    }
 }
 
 /// The pixel F1 and SSIM of a sample's Canny edges against an edge-map condition.
@@ -41,14 +64,138 @@ impl ControlScore for EdgeScore {
     }
 
     fn score(&self, condition: &[u8], sample: &[u8], side: usize) -> Vec<f32> {
-        let condition = luma(condition);
         let edges = canny(&luma(sample), side);
-        // Edges are the minority colour: white on black (Canny, HED), or black on white.
-        let dark_edges = condition.iter().map(|&v| u64::from(v)).sum::<u64>() > 128 * condition.len() as u64;
-        let is_edge: Vec<bool> = condition.iter().map(|&v| (v > 127) != dark_edges).collect();
+        let is_edge = edge_pixels(condition);
         let shown: Vec<u8> = is_edge.iter().map(|&e| if e { 255 } else { 0 }).collect();
         vec![f1(&is_edge, &edges.iter().map(|&v| v > 127).collect::<Vec<_>>()), ssim(&shown, &edges, side, side)]
     }
+}
+
+/// The edge pixels of an edge-map condition (8-bit RGB): the minority colour, white lines on
+/// black (Canny, HED) or black on white.
+fn edge_pixels(condition: &[u8]) -> Vec<bool> {
+    let grey = luma(condition);
+    let dark_edges = grey.iter().map(|&v| u64::from(v)).sum::<u64>() > 128 * grey.len() as u64;
+    grey.iter().map(|&v| (v > 127) != dark_edges).collect()
+}
+
+/// Fill50K-style conditions (one closed outline): the IoU between the disc the outline
+/// encloses and the sample's region of the disc's colour, then [`EdgeScore`]'s two numbers.
+/// The sample's two regions are found by 2-means on its RGB values, started from its mean
+/// colour inside and outside the disc, so no prompt colours are needed (the toy's IoU
+/// compares with the prompt's colours instead).
+pub struct CircleScore;
+
+impl ControlScore for CircleScore {
+    fn columns(&self) -> &[&'static str] {
+        &["circle_iou", "control_f1", "control_ssim"]
+    }
+
+    fn score(&self, condition: &[u8], sample: &[u8], side: usize) -> Vec<f32> {
+        let disc = enclosed(&edge_pixels(condition), side);
+        let iou = match disc.iter().filter(|&&d| d).count() {
+            0 => f32::NAN,
+            n if n == disc.len() => f32::NAN,
+            _ => lisa_trainer::metrics::iou(&two_means(sample, &disc), &disc),
+        };
+        let mut out = vec![iou];
+        out.extend(EdgeScore.score(condition, sample, side));
+        out
+    }
+}
+
+/// The pixels an outline encloses (and the outline): those a 4-connected walk from the image
+/// border over non-edge pixels cannot reach.
+fn enclosed(edges: &[bool], side: usize) -> Vec<bool> {
+    let mut outside = vec![false; edges.len()];
+    let mut stack: Vec<usize> = (0..side)
+        .flat_map(|i| [i, (side - 1) * side + i, i * side, i * side + side - 1])
+        .filter(|&p| !edges[p])
+        .collect();
+    while let Some(p) = stack.pop() {
+        if outside[p] || edges[p] {
+            continue;
+        }
+        outside[p] = true;
+        let (x, y) = (p % side, p / side);
+        if x > 0 {
+            stack.push(p - 1);
+        }
+        if x + 1 < side {
+            stack.push(p + 1);
+        }
+        if y > 0 {
+            stack.push(p - side);
+        }
+        if y + 1 < side {
+            stack.push(p + side);
+        }
+    }
+    outside.iter().map(|o| !o).collect()
+}
+
+/// The pixels of `rgb` nearer the first of two colour means after a few 2-means rounds,
+/// started from the mean colours inside and outside `region`.
+fn two_means(rgb: &[u8], region: &[bool]) -> Vec<bool> {
+    let pixels: Vec<[f32; 3]> = rgb.chunks_exact(3).map(|p| [p[0], p[1], p[2]].map(f32::from)).collect();
+    let mut labels = region.to_vec();
+    for _ in 0..5 {
+        let mean = |inside: bool| {
+            let (mut sum, mut n) = ([0f32; 3], 0f32);
+            for (p, _) in pixels.iter().zip(&labels).filter(|(_, l)| **l == inside) {
+                (0..3).for_each(|c| sum[c] += p[c]);
+                n += 1.0;
+            }
+            sum.map(|v| v / n.max(1.0))
+        };
+        let (a, b) = (mean(true), mean(false));
+        let d = |p: &[f32; 3], m: [f32; 3]| (0..3).map(|c| (p[c] - m[c]).powi(2)).sum::<f32>();
+        labels = pixels.iter().map(|p| d(p, a) < d(p, b)).collect();
+    }
+    labels
+}
+
+/// Whether an edge map (8-bit RGB, `side × side`) is one closed outline: its enclosed pixels
+/// form one 4-connected region of at least 1 % of the image, as Fill50K's circles do.
+pub fn single_outline(condition: &[u8], side: usize) -> bool {
+    let edges = edge_pixels(condition);
+    let inside: Vec<bool> = enclosed(&edges, side).iter().zip(&edges).map(|(e, edge)| *e && !edge).collect();
+    let total = inside.iter().filter(|&&i| i).count();
+    let Some(start) = inside.iter().position(|&i| i) else { return false };
+    // The region holding the first enclosed pixel must be all of them.
+    let mut seen = vec![false; inside.len()];
+    let (mut stack, mut count) = (vec![start], 0usize);
+    while let Some(p) = stack.pop() {
+        if seen[p] || !inside[p] {
+            continue;
+        }
+        seen[p] = true;
+        count += 1;
+        let (x, y) = (p % side, p / side);
+        for (ok, q) in
+            [(x > 0, p.wrapping_sub(1)), (x + 1 < side, p + 1), (y > 0, p.wrapping_sub(side)), (y + 1 < side, p + side)]
+        {
+            if ok {
+                stack.push(q);
+            }
+        }
+    }
+    count == total && total * 100 >= inside.len()
+}
+
+/// Whether every condition (`[n, c, h, w]` planar values in [0, 1], square, c = 1 or 3) is
+/// one closed outline ([`single_outline`]).
+pub fn single_outlines(conditions: &[f32], [c, h, w]: [usize; 3]) -> bool {
+    let plane = h * w;
+    h == w
+        && conditions.chunks((c * plane).max(1)).all(|image| {
+            let rgb: Vec<u8> = (0..plane)
+                .flat_map(|p| {
+                    [0, 1, 2].map(|k| (image[k.min(c - 1) * plane + p].clamp(0.0, 1.0) * 255.0).round() as u8)
+                })
+                .collect();
+            single_outline(&rgb, h)
+        })
 }
 
 /// ITU-R BT.601 luma of `[n, 3]` RGB bytes (OpenCV's RGB → grey).
@@ -199,6 +346,30 @@ mod tests {
         // Black edges on white are read the same way.
         let inverted: Vec<u8> = condition.iter().map(|v| 255 - v).collect();
         assert_eq!(EdgeScore.score(&inverted, &drawn(side, disc), side)[0], good[0]);
+    }
+
+    #[test]
+    fn circle_iou_finds_the_disc_the_outline_encloses() {
+        let side = 64;
+        let ring = |x: usize, y: usize| (15.0..17.0).contains(&(x as f32 - 32.0).hypot(y as f32 - 32.0));
+        let condition = drawn(side, ring);
+        assert!(single_outline(&condition, side));
+        assert!(!single_outline(&drawn(side, |x, _| x == 20), side), "a line encloses nothing");
+        // A red disc on blue, where the outline is: IoU near 1; elsewhere: low.
+        let painted = |cx: f32| -> Vec<u8> {
+            (0..side * side)
+                .flat_map(|i| {
+                    let inside = ((i % side) as f32 - cx).hypot((i / side) as f32 - 32.0) < 16.0;
+                    if inside { [220, 30, 20] } else { [30, 40, 200] }
+                })
+                .collect()
+        };
+        let here = CircleScore.score(&condition, &painted(32.0), side);
+        let there = CircleScore.score(&condition, &painted(12.0), side);
+        // The outline (radius 15 to 17) counts as disc: (16/17)² of it is painted.
+        assert!(here[0] > 0.85, "{here:?}");
+        assert!(there[0] < 0.5, "{there:?}");
+        assert_eq!(CircleScore.columns().len(), here.len());
     }
 
     #[test]

@@ -546,7 +546,7 @@ fn the_readme_conveniences_command_runs_as_written() {
     let output = lisa(&compare);
     ok(&output);
     let said = String::from_utf8_lossy(&output.stdout).to_string();
-    for want in ["control_f1, per validation step", "sd-ema: 1 validations", "sd-baseline: 1 validations", "steps"] {
+    for want in ["circle_iou, per validation step", "sd-ema: 1 validations", "sd-baseline: 1 validations", "steps"] {
         assert!(said.contains(want), "{want:?} in:\n{said}");
     }
     let chart = image::open(runs.join("compare.png")).unwrap();
@@ -689,8 +689,9 @@ fn end_to_end_from_a_full_pipeline_with_cached_encoders_validation_and_resume() 
     }
     let grid = image::open(out.join("validation-000002.png")).unwrap();
     assert_eq!((grid.width(), grid.height()), (5 * 66, 66), "a condition | 4 samples row of 64 px (4 seeds)");
-    // The control metric: the conditions are outlines (edge maps), so every row carries the
-    // edge F1 and SSIM columns, numbers at the validated step, null elsewhere.
+    // The control metric: the conditions are closed outlines (Fill50K-style), so every row
+    // carries the circle IoU and the edge F1 and SSIM columns, numbers at the validated step,
+    // null elsewhere.
     assert!(err.contains("control metric at every validation") && err.contains("1 pair(s) × 4 seed(s)"), "{err}");
     let rows: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
@@ -698,11 +699,11 @@ fn end_to_end_from_a_full_pipeline_with_cached_encoders_validation_and_resume() 
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert!(rows[0]["control_f1"].is_null() && rows[0].get("control_ssim").is_some(), "{}", rows[0]);
-    for column in ["control_f1", "control_ssim"] {
+    for column in ["circle_iou", "control_f1", "control_ssim"] {
         let v = rows[1][column].as_f64().unwrap_or(f64::NAN);
         assert!((-1.0..=1.0).contains(&v), "{column} at step 2: {}", rows[1]);
     }
-    assert!(err.contains("validation control_f1"), "the progress shows the headline score:\n{err}");
+    assert!(err.contains("validation circle_iou"), "the progress shows the headline score:\n{err}");
     // The cache is reused by a resumed run (same data, resolution, encoders), and the resumed
     // step 2 is the uninterrupted one.
     let weights = std::fs::read(out.join("controlnet/diffusion_pytorch_model.safetensors")).unwrap();
