@@ -122,6 +122,31 @@ pub fn run(a: CompareArgs) -> Result<()> {
     if let Some(bad) = thresholds.iter().find(|t| !t.is_finite()) {
         bail!("--threshold {bad}: a finite value of {metric}");
     }
+    // What the runs were trained with, from their latest checkpoints: a fair comparison
+    // differs in the compared setting alone.
+    let settings = |dir: &Path| -> Option<serde_json::Value> {
+        let (_, latest, _) = lisa_trainer::checkpoint::list_checkpoints(dir).into_iter().max_by_key(|c| c.0)?;
+        let (_, config, _) = lisa_trainer::checkpoint::read_configs(&latest).ok()?;
+        let mut value = serde_json::to_value(config).ok()?;
+        // Where a run stops is no setting of its training.
+        value.as_object_mut()?.remove("max_train_steps");
+        Some(value)
+    };
+    match (settings(&a.run_a), settings(&a.run_b)) {
+        (Some(x), Some(y)) => {
+            let differ = lisa_trainer::differences::differences(&x, &y);
+            match differ.is_empty() {
+                true => println!("training settings: the same (from the runs' latest checkpoints)"),
+                false => println!(
+                    "training settings that differ ({} vs {}): {}",
+                    runs[0].name,
+                    runs[1].name,
+                    differ.join("; ")
+                ),
+            }
+        }
+        _ => println!("training settings: not compared (a run has no readable checkpoint)"),
+    }
     println!("{metric}, per validation step:");
     for r in &runs {
         let last = r.metric.last().expect("read checks a value");

@@ -546,7 +546,8 @@ fn the_readme_conveniences_command_runs_as_written() {
     let output = lisa(&compare);
     ok(&output);
     let said = String::from_utf8_lossy(&output.stdout).to_string();
-    for want in ["circle_iou, per validation step", "sd-ema: 1 validations", "sd-baseline: 1 validations", "steps"] {
+    let settings = "training settings that differ (sd-ema vs sd-baseline): mode: \"lisa\" vs \"baseline\"\n";
+    for want in [settings, "circle_iou, per validation step", "sd-ema: 1 validations", "sd-baseline: 1 validations"] {
         assert!(said.contains(want), "{want:?} in:\n{said}");
     }
     let chart = image::open(runs.join("compare.png")).unwrap();
