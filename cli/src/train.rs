@@ -568,6 +568,7 @@ fn prepare_sd<B: Backend>(
     file.model =
         pipeline.controlnet_spec(controlnet, (size, crop), precision, &file.model.decoder).map_err(resolution_flag)?;
     file.train.noise = pipeline.noise;
+    file.validation.sampling.zero_null_prompt |= pipeline.force_zeros_for_empty_prompt().with_context(in_folder)?;
     check_sd_memory(&file.model, file.train.batch_size, file.train.ema_decay.is_some())?;
     let vae_dtype = pipeline.vae_dtype(precision).with_context(in_folder)?;
     if vae_dtype != precision.dtype() {

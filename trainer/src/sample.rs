@@ -28,6 +28,10 @@ pub struct SampleConfig {
     pub seed: u64,
     /// Clip the predicted x₀ to [−1, 1] at each diffusion step (pixel-space models).
     pub clip_sample: bool,
+    /// Under classifier-free guidance the unconditional branch reads zeros in place of the
+    /// empty prompt's embedding (and pooled text): diffusers' `force_zeros_for_empty_prompt`,
+    /// on in SDXL pipelines.
+    pub zero_null_prompt: bool,
 }
 
 impl Default for SampleConfig {
@@ -40,6 +44,7 @@ impl Default for SampleConfig {
             guidance_scale: 1.0,
             seed: 0,
             clip_sample: true,
+            zero_null_prompt: false,
         }
     }
 }
@@ -88,8 +93,27 @@ pub fn sample<B: Backend>(
         )));
     }
     let prompt = model.embed_prompts(prompts)?;
-    let null = model.embed_prompts(&vec![""; n])?;
+    let null = match cfg.zero_null_prompt {
+        true => zeros_like(&prompt),
+        false => model.embed_prompts(&vec![""; n])?,
+    };
     sample_embedded(model, noise, hint, &prompt, &null, cfg)
+}
+
+/// An embedding of `like`'s shape holding zeros (class ids kept: they have no zero).
+fn zeros_like(like: &crate::model::PromptEmbedding) -> crate::model::PromptEmbedding {
+    use crate::model::PromptEmbedding as P;
+    match like {
+        P::Text { values, tokens, dim } => P::Text { values: vec![0.0; values.len()], tokens: *tokens, dim: *dim },
+        P::TextPooled { values, tokens, dim, pooled, pooled_dim } => P::TextPooled {
+            values: vec![0.0; values.len()],
+            tokens: *tokens,
+            dim: *dim,
+            pooled: vec![0.0; pooled.len()],
+            pooled_dim: *pooled_dim,
+        },
+        other => other.clone(),
+    }
 }
 
 /// [`sample`] with the prompts already embedded (`prompt`; `null`, the empty prompt's, read

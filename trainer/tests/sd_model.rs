@@ -521,3 +521,58 @@ fn parameter_estimates_match_diffusers_counts_at_real_sizes() {
         }
     }
 }
+
+/// `zero_null_prompt` (diffusers' `force_zeros_for_empty_prompt`, on in SDXL pipelines): under
+/// classifier-free guidance the unconditional branch reads zeros, not the empty prompt's
+/// embedding; off, it reads the empty prompt's.
+#[test]
+fn sdxl_guidance_can_read_zeros_for_the_empty_prompt() {
+    use lisa_trainer::sample::{SampleConfig, sample, sample_embedded};
+    use lisa_trainer::scheduler::NoiseConfig;
+    let dir = scratch("sdxl-zero-null");
+    let device = Default::default();
+    let table = |name: &str, entries: &[(&str, usize, f32)]| {
+        let tensors: Vec<(String, lisa_cpu::CpuTensor)> = entries
+            .iter()
+            .map(|&(prompt, width, v)| {
+                let values: Vec<f32> =
+                    (0..width * if name == "text" { 5 } else { 1 }).map(|i| v + i as f32 * 0.01).collect();
+                let dims = if name == "text" { [5, width] } else { [1, width] };
+                (prompt.to_string(), C::from_slice(&values, &Shape::new(dims), DType::F32, &device).unwrap())
+            })
+            .collect();
+        let refs: Vec<(String, &lisa_cpu::CpuTensor)> = tensors.iter().map(|(n, t)| (n.clone(), t)).collect();
+        let path = dir.join(format!("{name}.safetensors"));
+        write_atomic(&path, &lisa_trainer::weights::to_safetensors::<C>(&refs, BTreeMap::new()).unwrap()).unwrap();
+        path
+    };
+    let text = table("text", &[("", 12, 0.7), ("a circle", 12, -0.3)]);
+    let pooled = table("pooled", &[("", 10, 0.5), ("a circle", 10, -0.2)]);
+    let xl = read_json_config(&fixture("sdxl/unet")).unwrap();
+    let mut model = SdModel::<C>::new(&spec(xl, None), Parts::Dual { decoder: false }, device, 3).unwrap();
+    model.read_text_embeddings(&text, Some(&pooled)).unwrap();
+    let noise = NoiseConfig::Diffusion {
+        betas: lisa_core::schedule::BetaSchedule::SD_SCALED_LINEAR,
+        num_train_timesteps: 1000,
+    };
+    let [c, h, w] = model.hint_shape();
+    let hint = C::full(&Shape::new([1, c, h, w]), 0.5, DType::F32, &device).unwrap();
+    let cfg = SampleConfig { steps: 2, guidance_scale: 3.0, clip_sample: false, ..SampleConfig::default() };
+    let run = |cfg: &SampleConfig| C::to_vec(&sample(&model, &noise, &hint, &["a circle"], cfg).unwrap()).unwrap();
+    let zeros = run(&SampleConfig { zero_null_prompt: true, ..cfg.clone() });
+    let prompt = model.embed_prompts(&["a circle"]).unwrap();
+    let PromptEmbedding::TextPooled { values, tokens, dim, pooled, pooled_dim } = prompt.clone() else {
+        panic!("SDXL prompts carry pooled text")
+    };
+    let null = PromptEmbedding::TextPooled {
+        values: vec![0.0; values.len()],
+        tokens,
+        dim,
+        pooled: vec![0.0; pooled.len()],
+        pooled_dim,
+    };
+    let explicit = C::to_vec(&sample_embedded(&model, &noise, &hint, &prompt, &null, &cfg).unwrap()).unwrap();
+    assert_eq!(zeros, explicit, "the unconditional branch reads zeros");
+    assert_ne!(zeros, run(&cfg), "off, it reads the empty prompt's embedding");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

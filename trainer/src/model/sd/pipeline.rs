@@ -133,6 +133,18 @@ impl Pipeline {
         Ok(self.unet_config()?.text_time.is_some())
     }
 
+    /// Whether the pipeline samples the empty negative prompt as zeros under classifier-free
+    /// guidance: `force_zeros_for_empty_prompt` in `model_index.json`, which diffusers' SDXL
+    /// pipelines default to true and SD 1.x/2.x ones do not have.
+    pub fn force_zeros_for_empty_prompt(&self) -> Result<bool> {
+        let index = self.root.join("model_index.json");
+        let given = std::fs::read_to_string(&index)
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .and_then(|v| v.get("force_zeros_for_empty_prompt").and_then(Value::as_bool));
+        Ok(given.unwrap_or(self.is_sdxl()?))
+    }
+
     /// The dtype the VAE computes in under `precision`: `precision`'s, except f32 for an
     /// SDXL pipeline under fp16 whose VAE says `force_upcast` (SDXL's VAE overflows in fp16;
     /// diffusers' SDXL pipelines upcast it likewise).
