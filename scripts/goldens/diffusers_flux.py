@@ -95,6 +95,16 @@ io.safetensors (all F32, keys sorted; ids and the mode as F32 holding exact inte
 
 dev has i in {0} double and {0, 1} single; union has {0, 1} double and {0} single.
 
+dev also gets lisa.safetensors: LISA on Flux, drawn after everything above (so the tensors above
+do not move). A velocity target `target` [2, 4, 8, 8] (noise - x0, unpacked), the token LISA
+decoder of trainer/src/model/decoder.rs (diffusers_sd3.py's port, weights `decoder.*`; width 16,
+2x2 patches of 4 channels, sinusoidal time 16, channel floor 2) on the tokens entering
+controlnet_single_blocks[1] (hook `single_block_1`) at time 1000·timestep, its output
+`lisa_decoded` [2, 4, 8, 8], the LISA target stopgrad(target - unpack(prior)), the losses
+(diffusion MSE on unpack(controlled) + lambda * LISA MSE, lambda 0.2) and torch-autograd
+gradients of the loss for ControlNet and decoder tensors (`grad.controlnet.<name>`,
+`grad.lisa.<name>`).
+
 Metadata: versions, case, seed, conditioning_scale, the transformer and ControlNet configs (JSON,
 without diffusers' `_` keys), `double_block_residual` / `single_block_residual` (the residual
 index each transformer block adds), guidance, controlnet_mode, the packing/unpacking calls.
@@ -121,6 +131,7 @@ from diffusers import FluxControlNetModel, FluxPipeline, FluxTransformer2DModel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from diffusers_sd import rms, write_safetensors  # noqa: E402
+from diffusers_sd3 import TokenLisaDecoder  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -366,6 +377,99 @@ def gradients(transformer, controlnet, io, gen):
     return grads
 
 
+LISA_HOOK = "single_block_1"
+LISA_LAMBDA = 0.2
+TIME_SINUSOIDAL_DIM = 16
+CHANNEL_FLOOR = 2
+# ControlNet tensors on the paths of both losses (the hooked single block's and a double
+# block's), and every decoder tensor.
+LISA_CONTROLNET_GRADS = [
+    "controlnet_x_embedder.weight",
+    "time_text_embed.guidance_embedder.linear_2.weight",
+    "transformer_blocks.0.attn.add_k_proj.weight",
+    "single_transformer_blocks.1.proj_out.weight",
+    "single_transformer_blocks.0.norm.linear.bias",
+    "controlnet_single_blocks.1.weight",
+]
+LISA_DECODER_GRADS = ["time_proj.weight", "time_proj.bias", "stages.0.weight", "stages.0.bias", "proj_out.weight", "proj_out.bias"]
+
+
+def lisa(transformer, controlnet, io, gen):
+    """LISA on Flux (see the module docstring): the tensors and metadata of lisa.safetensors."""
+    c = transformer.config
+    decoder = TokenLisaDecoder(
+        c.num_attention_heads * c.attention_head_dim, 2, c.in_channels // 4, TIME_SINUSOIDAL_DIM, CHANNEL_FLOOR
+    )
+    randomise(decoder, gen)
+    target = torch.randn(io["latents"].shape, generator=gen)
+    cn_params = dict(controlnet.named_parameters())
+    for p in controlnet.parameters():
+        p.requires_grad_(True)
+    common = dict(
+        encoder_hidden_states=io["encoder_hidden_states"],
+        pooled_projections=io["pooled_projections"],
+        timestep=io["timestep"],
+        img_ids=io["img_ids"],
+        txt_ids=io["txt_ids"],
+        guidance=io.get("guidance"),
+    )
+    captured = {}
+
+    def pre_hook(_module, args):
+        captured["h"] = args[0]
+
+    index = int(LISA_HOOK[len("single_block_") :])
+    handle = controlnet.controlnet_single_blocks[index].register_forward_pre_hook(pre_hook)
+    with torch.enable_grad():
+        with torch.no_grad():
+            prior = unpack(transformer(io["hidden_states"], **common).sample)
+        res = controlnet(
+            io["hidden_states"], controlnet_cond=io["controlnet_cond"], conditioning_scale=CONDITIONING_SCALE, **common
+        )
+        handle.remove()
+        controlled = unpack(
+            transformer(
+                io["hidden_states"],
+                controlnet_block_samples=list(res.controlnet_block_samples),
+                controlnet_single_block_samples=list(res.controlnet_single_block_samples),
+                controlnet_blocks_repeat=False,
+                **common,
+            ).sample
+        )
+        decoded = decoder(captured["h"], io["timestep"] * 1000)
+        lisa_target = (target - prior).detach()
+        loss_diffusion = torch.nn.functional.mse_loss(controlled, target)
+        loss_lisa = torch.nn.functional.mse_loss(decoded, lisa_target)
+        loss = loss_diffusion + LISA_LAMBDA * loss_lisa
+        dec_params = dict(decoder.named_parameters())
+        wrt = [cn_params[n] for n in LISA_CONTROLNET_GRADS] + [dec_params[n] for n in LISA_DECODER_GRADS]
+        grads = torch.autograd.grad(loss, wrt)
+    for p in controlnet.parameters():
+        p.requires_grad_(False)
+    out = {f"decoder.{k}": v.detach().clone() for k, v in decoder.state_dict().items()}
+    out.update(
+        target=target,
+        hook_feature=captured["h"].detach(),
+        lisa_decoded=decoded.detach(),
+        lisa_target=lisa_target,
+        loss_diffusion=loss_diffusion.detach().reshape(1),
+        loss_lisa=loss_lisa.detach().reshape(1),
+        loss=loss.detach().reshape(1),
+    )
+    names = [f"grad.controlnet.{n}" for n in LISA_CONTROLNET_GRADS] + [f"grad.lisa.{n}" for n in LISA_DECODER_GRADS]
+    for n, g in zip(names, grads):
+        assert rms(g) > 0, n
+        out[n] = g.detach().clone()
+    meta = {
+        "hook": LISA_HOOK,
+        "lisa_lambda": LISA_LAMBDA,
+        "time_sinusoidal_dim": TIME_SINUSOIDAL_DIM,
+        "channel_floor": CHANNEL_FLOOR,
+        "conditioning_scale": CONDITIONING_SCALE,
+    }
+    return out, {k: str(v) for k, v in meta.items()}
+
+
 @torch.no_grad()
 def generate(case, spec, out_root):
     gen = torch.Generator().manual_seed(spec["seed"])
@@ -401,6 +505,7 @@ def generate(case, spec, out_root):
 
     out = run(transformer, controlnet, io)
     grads = gradients(transformer, controlnet, io, gen)
+    lisa_files = lisa(transformer, controlnet, io, gen) if case == "dev" else None
     transformer.save_pretrained(os.path.join(folder, "transformer"), safe_serialization=True)
     controlnet.save_pretrained(os.path.join(folder, "controlnet"), safe_serialization=True)
 
@@ -423,6 +528,11 @@ def generate(case, spec, out_root):
         "img_ids": "FluxPipeline._prepare_latent_image_ids(2, 4, 4)",
     }
     write_safetensors(os.path.join(folder, "io.safetensors"), {**io, **out, **grads}, meta)
+    if lisa_files is not None:
+        lisa_out, lisa_meta = lisa_files
+        lisa_meta.update(diffusers=diffusers.__version__, torch=torch.__version__, case=case)
+        write_safetensors(os.path.join(folder, "lisa.safetensors"), lisa_out, lisa_meta)
+        print(f"  {case} lisa: loss {float(lisa_out['loss'][0]):.4f}, {len(lisa_out)} tensors")
     for k, v in out.items():
         assert torch.isfinite(v).all() and rms(v) > 0, k
         print(f"  {case} {k:28s} {str(tuple(v.shape)):14s} rms {rms(v):.4f} max|x| {float(v.abs().max()):.4f}")

@@ -314,3 +314,64 @@ fn parameter_counts_match_the_weights_and_diffusers_at_real_size() {
     assert_eq!(controlnet.parameter_count(Some(FluxControlNetExtras::default())), 2_046_461_952);
     assert_eq!(controlnet.parameter_count(Some(FluxControlNetExtras { num_mode: Some(10) })), 2_046_492_672);
 }
+
+/// LISA on Flux against torch (`lisa.safetensors` of the dev case, `scripts/goldens/
+/// diffusers_flux.py`): the token decoder on the tokens entering `controlnet_single_blocks[1]`,
+/// its output in unpacked latents, the velocity-space target stopgrad(v − prior), both losses,
+/// and torch-autograd gradients of `mse(controlled, v) + λ·mse(D(h, t), target)` for
+/// ControlNet and decoder tensors.
+#[test]
+fn flux_lisa_matches_torch() {
+    use lisa_trainer::model::OutputInit;
+    use lisa_trainer::weights::load_tensors;
+    let dir = fixture("dev");
+    let (io, _) = read(&dir.join("io.safetensors"));
+    let (lisa, meta) = read(&dir.join("lisa.safetensors"));
+    let mut spec = spec("dev", &meta["hook"], json!({}));
+    spec.decoder = DecoderConfig {
+        hook: Some(meta["hook"].parse().unwrap()),
+        time_sinusoidal_dim: meta["time_sinusoidal_dim"].parse().unwrap(),
+        channel_floor: meta["channel_floor"].parse().unwrap(),
+        output_init: OutputInit::Zero,
+    };
+    let mut model = registry::build::<C>(&spec, Parts::Dual { decoder: true }, CpuDevice, 0).unwrap();
+    model.load_main(&dir.join("transformer")).unwrap();
+    model.load_side(&dir.join("controlnet")).unwrap();
+    let path = dir.join("lisa.safetensors");
+    let dec =
+        lisa.iter().filter_map(|(k, v)| k.strip_prefix("decoder.").map(|n| (format!("lisa.{n}"), v.clone()))).collect();
+    assert_eq!(load_tensors(model.store_mut(), &path, dec, |n| n.starts_with("lisa."), |_| false).unwrap(), 6);
+    let tensor = |k: &str| {
+        let (shape, values) = io.get(k).or_else(|| lisa.get(k)).unwrap_or_else(|| panic!("no golden {k}"));
+        C::from_slice(values, shape, DType::F32, &CpuDevice).unwrap()
+    };
+    let tape = Tape::<C>::new();
+    let bound = model.store().bind(&tape);
+    let (x, hint) = (tape.constant(tensor("latents")), tape.constant(tensor("control_latents")));
+    let out =
+        forward_train(model.as_ref(), &bound, &x, &hint, &golden_inputs(&io), ForwardOptions::lisa(true)).unwrap();
+    let v = |t: &lisa_cpu::CpuTensor| C::to_vec(t).unwrap();
+    assert_parity("flux hook_feature", &v(&out.hooked.as_ref().unwrap().value), &lisa["hook_feature"].1);
+    let decoded = out.decoded.as_ref().unwrap();
+    assert_parity("flux lisa_decoded", &v(&decoded.value), &lisa["lisa_decoded"].1);
+    let target = C::sub(&tensor("target"), out.prior.as_ref().unwrap()).unwrap();
+    assert_parity("flux lisa_target", &v(&target), &lisa["lisa_target"].1);
+    let lambda: f32 = meta["lisa_lambda"].parse().unwrap();
+    let (l_diff, g_pred) = C::mse_loss(&out.pred.value, &tensor("target")).unwrap();
+    let (l_lisa, g_dec) = C::mse_loss(&decoded.value, &target).unwrap();
+    assert_parity("flux loss_diffusion", &[l_diff], &lisa["loss_diffusion"].1);
+    assert_parity("flux loss_lisa", &[l_lisa], &lisa["loss_lisa"].1);
+    assert_parity("flux loss", &[l_diff + lambda * l_lisa], &lisa["loss"].1);
+    let leaves = bound.leaves();
+    let grads = tape.backward(&[(&out.pred, g_pred), (decoded, C::scale(&g_dec, lambda).unwrap())]).unwrap();
+    let mut checked = 0;
+    for (key, (_, want)) in lisa.iter().filter(|(k, _)| k.starts_with("grad.")) {
+        let name = key["grad.".len()..].replacen("controlnet.", "side.", 1);
+        let id = model.store().find(&name).unwrap_or_else(|| panic!("no parameter {name}"));
+        let var = leaves.iter().find(|(p, _)| *p == id).map(|(_, v)| *v).unwrap();
+        let got = C::to_vec(grads.get(var).unwrap_or_else(|| panic!("no gradient reached {name}"))).unwrap();
+        assert_parity(&format!("flux {key}"), &got, want);
+        checked += 1;
+    }
+    assert_eq!(checked, 12, "gradients checked");
+}
