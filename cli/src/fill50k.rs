@@ -97,7 +97,8 @@ pub struct Fill50k {
 fn contents_digest<'a>(files: impl Iterator<Item = &'a Path>) -> lisa_trainer::Result<String> {
     let mut parts = Vec::new();
     for path in files {
-        let bytes = std::fs::read(path).map_err(|error| TrainError::Io { path: path.to_path_buf(), error })?;
+        let bytes =
+            crate::image::read_bytes(path).map_err(|error| TrainError::Io { path: path.to_path_buf(), error })?;
         parts.push(lisa_trainer::weights::digest(&bytes));
     }
     Ok(lisa_trainer::weights::digest(parts.join(",").as_bytes()))
@@ -141,7 +142,7 @@ impl Fill50k {
                 needed.push(&target);
             }
             for p in needed {
-                if !p.is_file() {
+                if !crate::image::data_exists(p) {
                     return Err(at(format!("{} does not exist", p.display())));
                 }
             }

@@ -417,6 +417,14 @@ impl Fill50kWriter {
         Ok(())
     }
 
+    /// Adds one example whose images stay where they are (`target` and `source`: paths or
+    /// shard member references, [`crate::image::read_bytes`]).
+    pub fn add_refs(&mut self, target: &str, source: &str, prompt: &str) {
+        self.prompts += &json!({"source": source, "target": target, "prompt": prompt}).to_string();
+        self.prompts.push('\n');
+        self.rows += 1;
+    }
+
     /// Writes `prompt.json` and the marker (last): the number of rows.
     fn finish(self, key: &str, from: &str) -> Result<usize> {
         if let (n @ 1.., Some(first)) = &self.skipped {

@@ -11,6 +11,54 @@ use image::{GrayImage, ImageFormat, RgbImage};
 use lisa_trainer::validation::RgbGrid;
 use lisa_trainer::weights::write_atomic;
 
+/// A data file's bytes: a file, or a member of a tar shard named `SHARD#OFFSET+SIZE` (the
+/// index `--train-shards` writes: the member is read in place, never copied out).
+pub fn read_bytes(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    match tar_member(path) {
+        None => std::fs::read(path),
+        Some((shard, offset, size)) => {
+            let mut file = std::fs::File::open(&shard)?;
+            if offset.saturating_add(size) > file.metadata()?.len() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("{} is shorter than the member at {offset} + {size} (the shard changed?)", shard.display()),
+                ));
+            }
+            file.seek(SeekFrom::Start(offset))?;
+            let mut bytes = vec![0; size as usize];
+            file.read_exact(&mut bytes)?;
+            Ok(bytes)
+        }
+    }
+}
+
+/// Whether a data file (or a shard member, [`read_bytes`]) is there.
+pub fn data_exists(path: &Path) -> bool {
+    match tar_member(path) {
+        None => path.is_file(),
+        Some((shard, offset, size)) => {
+            std::fs::metadata(shard).is_ok_and(|m| m.is_file() && offset.saturating_add(size) <= m.len())
+        }
+    }
+}
+
+/// `(shard, offset, size)` of a member reference `SHARD#OFFSET+SIZE` that is not a file itself.
+pub fn tar_member(path: &Path) -> Option<(std::path::PathBuf, u64, u64)> {
+    if path.is_file() {
+        return None;
+    }
+    let text = path.to_str()?;
+    let (shard, place) = text.rsplit_once('#')?;
+    let (offset, size) = place.split_once('+')?;
+    Some((shard.into(), offset.parse().ok()?, size.parse().ok()?))
+}
+
+/// A reference [`read_bytes`] reads: `size` bytes at `offset` of `shard`.
+pub fn member_reference(shard: &Path, offset: u64, size: u64) -> String {
+    format!("{}#{offset}+{size}", shard.display())
+}
+
 /// Writes a validation grid (the library's RGB pixels) as a PNG, atomically.
 pub fn save_grid(grid: &RgbGrid, path: &Path) -> Result<()> {
     let img = RgbImage::from_raw(grid.width as u32, grid.height as u32, grid.pixels.clone())
@@ -47,8 +95,8 @@ pub enum Resample {
 /// [0, 1], resized to `side × side`: `[1, side, side]` luminance when `grey`, else
 /// `[3, side, side]` RGB. Errors say what failed; the caller names the file.
 pub fn read_image(path: &Path, side: usize, grey: bool, resample: Resample) -> Result<Vec<f32>> {
-    let mut reader =
-        image::ImageReader::open(path).context("cannot open")?.with_guessed_format().context("cannot read")?;
+    let bytes = read_bytes(path).context("cannot open")?;
+    let mut reader = image::ImageReader::new(Cursor::new(bytes)).with_guessed_format().context("cannot read")?;
     // The header's size is checked before any pixel buffer is allocated.
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_SIDE);
@@ -116,4 +164,40 @@ pub fn max_pool(img: &GrayImage, side: usize) -> GrayImage {
             .max();
         image::Luma([max.unwrap_or(0)])
     })
+}
+
+#[cfg(test)]
+mod member_tests {
+    use std::path::Path;
+
+    use super::{data_exists, member_reference, read_bytes, tar_member};
+
+    #[test]
+    fn shard_members_are_read_in_place() {
+        use std::io::Read;
+        let dir = std::env::temp_dir().join(format!("lisa-tar-member-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let shard = dir.join("s.tar");
+        let mut b = tar::Builder::new(std::fs::File::create(&shard).unwrap());
+        for (name, bytes) in [("a.txt", &b"first"[..]), ("b.png", &b"second part"[..])] {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(bytes.len() as u64);
+            header.set_cksum();
+            b.append_data(&mut header, name, bytes).unwrap();
+        }
+        b.finish().unwrap();
+        let mut archive = tar::Archive::new(std::fs::File::open(&shard).unwrap());
+        let mut refs = Vec::new();
+        for entry in archive.entries().unwrap() {
+            let mut e = entry.unwrap();
+            refs.push(member_reference(&shard, e.raw_file_position(), e.size()));
+            e.read_to_end(&mut Vec::new()).unwrap();
+        }
+        assert_eq!(read_bytes(Path::new(&refs[1])).unwrap(), b"second part");
+        let past_the_end = format!("{}#0+99999", shard.display());
+        assert!(data_exists(Path::new(&refs[0])) && !data_exists(Path::new(&past_the_end)));
+        assert!(read_bytes(Path::new(&past_the_end)).is_err(), "past the shard's end");
+        assert_eq!(tar_member(&shard), None, "a real file is no member");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

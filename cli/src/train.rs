@@ -196,7 +196,8 @@ pub struct TrainArgs {
     #[arg(long, conflicts_with = "train_data_dir")]
     dataset_name: Option<PathBuf>,
     /// webdataset tar shards to train on instead ('DIR/{00000..00099}.tar': {a..b} ranges
-    /// and {x,y} lists expand as webdataset's do). Converted once into the cache.
+    /// and {x,y} lists expand as webdataset's do). Indexed once into the cache; the images are
+    /// read from the shards in place.
     #[arg(long, conflicts_with_all = ["train_data_dir", "dataset_name"])]
     train_shards: Option<String>,
     /// The target images: a --dataset-name column (default: the first column) or a

@@ -5,9 +5,11 @@
 //! `--caption-column` (extensions here; by default the first of jpg / jpeg / png, of
 //! conditioning.png / conditioning.jpg / cond.png / cond.jpg / hint.png / hint.jpg, and txt).
 //!
-//! The shards are read one entry at a time (one sample in memory) and converted once into the
-//! Fill50K layout in the cache, as `--dataset-name` is; the trainer then draws the examples in
-//! its own seeded order, so a resume continues exactly.
+//! The shards are indexed once, one entry at a time: the cache gets a `prompt.json` whose
+//! images are references into the shards (`SHARD#OFFSET+SIZE`), read in place whenever an
+//! image is needed, never copied out. Memory holds one caption at a time and the index; the
+//! trainer draws the examples in its own seeded order (a full shuffle, not a buffer), so a
+//! resume continues exactly.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -21,8 +23,8 @@ const IMAGE_PARTS: &[&str] = &["jpg", "jpeg", "png"];
 /// The condition parts tried in order when `--conditioning-image-column` is not given.
 const CONDITION_PARTS: &[&str] =
     &["conditioning.png", "conditioning.jpg", "cond.png", "cond.jpg", "hint.png", "hint.jpg"];
-/// The most bytes one part may hold (a guard against a corrupt header asking for gigabytes).
-const MAX_PART_BYTES: u64 = 256 << 20;
+/// The most bytes a caption may hold.
+const MAX_TEXT_BYTES: u64 = 1 << 20;
 
 /// `{a..b}` ranges (zero-padded to `a`'s width, as webdataset's braceexpand) and `{x,y}`
 /// lists, expanded left to right.
@@ -48,8 +50,17 @@ pub fn expand(pattern: &str) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// A sample being read: its key and its parts (name after the key's dot, bytes).
-type Sample = (String, Vec<(String, Vec<u8>)>);
+/// One part of a sample: its name after the key's dot, where its bytes lie in the shard, and
+/// its first bytes (a caption's all).
+struct Part {
+    name: String,
+    offset: u64,
+    size: u64,
+    head: Vec<u8>,
+}
+
+/// A sample being read: its key and its parts.
+type Sample = (String, Vec<Part>);
 
 /// The shard files of `pattern`, each checked to exist.
 fn shards(pattern: &str) -> Result<Vec<PathBuf>> {
@@ -69,11 +80,12 @@ pub fn materialize(pattern: &str, columns: &Columns, cache: &Path) -> Result<Pat
         for shard in &files {
             let file = std::fs::File::open(shard).with_context(|| format!("opening {}", shard.display()))?;
             let mut archive = tar::Archive::new(std::io::BufReader::new(file));
+            let shard = std::fs::canonicalize(shard).with_context(|| format!("reading {}", shard.display()))?;
             let mut sample: Option<Sample> = None;
             let mut finish = |sample: Option<Sample>| -> Result<()> {
                 match sample {
                     Some((key, parts)) => {
-                        let outcome = add(w, shard, &key, &parts, columns);
+                        let outcome = add(w, &shard, &key, &parts, columns);
                         w.or_skip(outcome)
                     }
                     None => Ok(()),
@@ -90,16 +102,21 @@ pub fn materialize(pattern: &str, columns: &Columns, cache: &Path) -> Result<Pat
                 let (folder, file_name) = name.rsplit_once('/').map_or(("", name.as_str()), |(d, f)| (d, f));
                 let Some((stem, part)) = file_name.split_once('.') else { continue };
                 let key = if folder.is_empty() { stem.to_string() } else { format!("{folder}/{stem}") };
-                if entry.size() > MAX_PART_BYTES {
-                    bail!("{}: sample {key:?}: part {part:?} holds {} bytes", shard.display(), entry.size());
-                }
-                let mut bytes = Vec::with_capacity(entry.size() as usize);
-                entry.read_to_end(&mut bytes).with_context(|| format!("{}: reading {name}", shard.display()))?;
+                // Where the part's bytes lie in the shard, and what they start with (images)
+                // or all of them (a caption, at most MAX_TEXT_BYTES).
+                let (offset, size) = (entry.raw_file_position(), entry.size());
+                let mut head = Vec::new();
+                let wanted = if part.ends_with("txt") { MAX_TEXT_BYTES + 1 } else { 16 };
+                (&mut entry)
+                    .take(wanted)
+                    .read_to_end(&mut head)
+                    .with_context(|| format!("{}: reading {name}", shard.display()))?;
+                let found = Part { name: part.to_string(), offset, size, head };
                 match &mut sample {
-                    Some((k, parts)) if *k == key => parts.push((part.to_string(), bytes)),
+                    Some((k, parts)) if *k == key => parts.push(found),
                     _ => {
                         finish(sample.take())?;
-                        sample = Some((key, vec![(part.to_string(), bytes)]));
+                        sample = Some((key, vec![found]));
                     }
                 }
             }
@@ -109,36 +126,41 @@ pub fn materialize(pattern: &str, columns: &Columns, cache: &Path) -> Result<Pat
     })
 }
 
-/// Adds the sample `key` of `shard` (its `parts`) to the converted folder.
+/// Adds the sample `key` of `shard` (its `parts`) to the index.
 fn add(
     w: &mut crate::hf_dataset::Fill50kWriter,
     shard: &Path,
     key: &str,
-    parts: &[(String, Vec<u8>)],
+    parts: &[Part],
     columns: &Columns,
 ) -> Result<()> {
-    let names: Vec<&str> = parts.iter().map(|(p, _)| p.as_str()).collect();
+    let names: Vec<&str> = parts.iter().map(|p| p.name.as_str()).collect();
     let at = |flag: &str| format!("{}: sample {key:?} (parts {})", shard.display(), names.join(", ")) + flag;
-    let find = |given: &Option<String>, defaults: &[&str], flag: &str| -> Result<&[u8]> {
+    let find = |given: &Option<String>, defaults: &[&str], flag: &str| -> Result<&Part> {
         let wanted: Vec<&str> = match given {
             Some(g) => vec![g.as_str()],
             None => defaults.to_vec(),
         };
         wanted
             .iter()
-            .find_map(|want| parts.iter().find(|(p, _)| p == want).map(|(_, b)| b.as_slice()))
+            .find_map(|want| parts.iter().find(|p| p.name == *want))
             .with_context(|| format!("{}: no {} part ({flag})", at(""), wanted.join(" / ")))
     };
     let image = find(&columns.image, IMAGE_PARTS, "--image-column")?;
     let condition = find(&columns.conditioning, CONDITION_PARTS, "--conditioning-image-column")?;
     let caption = find(&columns.caption, &["txt"], "--caption-column")?;
-    let prompt = std::str::from_utf8(caption)
+    if caption.size > MAX_TEXT_BYTES {
+        bail!("{}: the caption holds {} bytes (at most {MAX_TEXT_BYTES})", at(""), caption.size);
+    }
+    let prompt = std::str::from_utf8(&caption.head)
         .map_err(|_| anyhow::anyhow!("{}: the caption is not UTF-8 text", at("")))?
         .trim()
         .to_string();
     let at = |column: &str| at(&format!(", the {column} part"));
-    w.check(image, condition, &at)?;
-    w.add(image, condition, &prompt, &at)
+    w.check(&image.head, &condition.head, &at)?;
+    let reference = |p: &Part| crate::image::member_reference(shard, p.offset, p.size);
+    w.add_refs(&reference(image), &reference(condition), &prompt);
+    Ok(())
 }
 
 #[cfg(test)]

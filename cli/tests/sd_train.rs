@@ -370,6 +370,14 @@ fn datasets_train_as_users_keep_them() {
     };
     let err = ok(&shards("shards", &[]));
     assert!(err.contains("converted 3 rows") && err.contains("cached 3 latents"), "{err}");
+    // The images stay in the shards: the index references them, nothing is copied out.
+    let index = std::fs::read_dir(cache.join("datasets"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|d| std::fs::read_to_string(d.join("prompt.json")).is_ok_and(|t| t.contains("shard-000.tar#")))
+        .expect("the shards' index");
+    assert_eq!(std::fs::read_dir(index.join("target")).unwrap().count(), 0, "no image copied");
     // A sample without its caption is named by shard and sample; a missing shard by name.
     shard("shard-001.tar", &[("b/s2", &["png", "cond.png"])]);
     fails_with(&shards("bad-shard", &[]), r#"shard-001.tar: sample "b/s2" (parts png, cond.png): no txt part"#);
