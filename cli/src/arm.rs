@@ -62,7 +62,7 @@ pub enum Start<'a, B: Backend> {
 pub fn train_arm<B: Backend>(file: &RunFile, start: Start<B>, device: B::Device, o: &LoopOptions) -> Result<RunReport> {
     let mut arm = prepare_arm(file, start, device, o)?;
     let mut trainer = Trainer::new(arm.built, file.train.clone())?;
-    let mut display = RunDisplay::for_loop(o, arm.summary);
+    let mut display = RunDisplay::new(o.label, o.output_dir, arm.summary).with_tensorboard(o.tensorboard.clone());
     let validator: Option<&mut dyn Validator<B>> = match &mut arm.validator {
         Some(v) => Some(v.as_mut()),
         None => None,

@@ -97,6 +97,20 @@ pub fn check_memory<B: Backend>(model: &dyn DualDenoiser<B>, batch: usize) -> Re
     }
 }
 
+/// Fails when training needs more than this machine's memory (`needed` bytes: the weights, the
+/// ControlNet's optimizer state, a floor of the activations), before anything is allocated.
+pub fn check_training_bytes(needed: u128) -> Result<()> {
+    let total = memory_bytes();
+    if needed > total as u128 {
+        bail!(
+            "this model at this resolution and batch size needs at least {:.1} GiB (weights, the ControlNet's optimizer state, activations); this machine has {:.1} GiB; lower --resolution or --train-batch-size, or use --mixed-precision",
+            needed as f64 / (1u64 << 30) as f64,
+            total as f64 / (1u64 << 30) as f64
+        );
+    }
+    Ok(())
+}
+
 /// This machine's memory in bytes (`MemTotal` of `/proc/meminfo`; unbounded where unknown).
 pub fn memory_bytes() -> usize {
     std::fs::read_to_string("/proc/meminfo")

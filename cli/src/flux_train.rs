@@ -98,7 +98,7 @@ pub fn prepare<B: Backend>(
     let text_tokens = a.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
     let ema = file.train.ema_decay.is_some();
     let needed = FluxSpec::from_spec(&file.model)?.training_bytes(file.train.batch_size, text_tokens, ema)?;
-    crate::train::check_memory(needed)?;
+    crate::config::check_training_bytes(needed)?;
     let parts = mode_parts(file.train.mode);
     let mut model: FluxModel<B> =
         pipeline.build::<B>(&file.model, parts, controlnet, device.clone(), file.train.seed).with_context(in_folder)?;

@@ -186,7 +186,7 @@ pub fn train_ranks<B: RankBackend>(
                 return Ok(session::run(&mut trainer, arm.data.as_ref(), None, &arm.options, &mut ())?);
             }
             let summary = format!("{}; rank 0 of {} ({:?})", arm.summary, launch.world_size, launch.launcher);
-            let mut display = RunDisplay::for_loop(o, summary);
+            let mut display = RunDisplay::new(o.label, o.output_dir, summary).with_tensorboard(o.tensorboard.clone());
             let validator: Option<&mut dyn Validator<B>> = arm.validator.as_mut().map(|v| v.as_mut() as _);
             Ok(session::run(&mut trainer, arm.data.as_ref(), validator, &arm.options, &mut display)?)
         }
@@ -233,7 +233,8 @@ pub fn train_ranks<B: RankBackend>(
                         })
                     })
                     .collect();
-                let mut display = RunDisplay::for_loop(o, summary);
+                let mut display =
+                    RunDisplay::new(o.label, o.output_dir, summary).with_tensorboard(o.tensorboard.clone());
                 let validator: Option<&mut dyn Validator<B>> = arm.validator.as_mut().map(|v| v.as_mut() as _);
                 let first = session::run(&mut trainer, arm.data.as_ref(), validator, options, &mut display);
                 let mut results = vec![first.map_err(anyhow::Error::from)];

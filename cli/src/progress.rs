@@ -134,12 +134,10 @@ impl RunDisplay {
         }
     }
 
-    /// The display of a run with `o`'s label and folder, also writing TensorBoard event files
-    /// when `o` asks for them.
-    pub fn for_loop(o: &crate::arm::LoopOptions, summary: String) -> Self {
-        let mut display = Self::new(o.label, o.output_dir, summary);
-        display.tensorboard = o.tensorboard.clone().map(crate::tensorboard::TensorBoard::new);
-        display
+    /// The same display, also writing TensorBoard event files into `logging_dir` when given.
+    pub fn with_tensorboard(mut self, logging_dir: Option<PathBuf>) -> Self {
+        self.tensorboard = logging_dir.map(crate::tensorboard::TensorBoard::new);
+        self
     }
 }
 

@@ -594,19 +594,5 @@ fn prepare_sd<B: Backend>(
 /// Fails when the sd model of `spec` cannot train with batches of `batch` in this machine's
 /// memory, before anything is allocated.
 fn check_sd_memory(spec: &lisa_trainer::model::ModelSpec, batch: usize, ema: bool) -> Result<()> {
-    check_memory(lisa_trainer::model::sd::SdSpec::from_spec(spec)?.training_bytes(batch, ema)?)
-}
-
-/// Fails when training needs more than this machine's memory (`needed` bytes: the weights, the
-/// ControlNet's optimizer state, a floor of the activations), before anything is allocated.
-pub fn check_memory(needed: u128) -> Result<()> {
-    let total = crate::config::memory_bytes();
-    if needed > total as u128 {
-        bail!(
-            "this model at this resolution and batch size needs at least {:.1} GiB (weights, the ControlNet's optimizer state, activations); this machine has {:.1} GiB; lower --resolution or --train-batch-size, or use --mixed-precision",
-            needed as f64 / (1u64 << 30) as f64,
-            total as f64 / (1u64 << 30) as f64
-        );
-    }
-    Ok(())
+    crate::config::check_training_bytes(lisa_trainer::model::sd::SdSpec::from_spec(spec)?.training_bytes(batch, ema)?)
 }
