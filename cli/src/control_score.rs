@@ -104,34 +104,26 @@ impl ControlScore for CircleScore {
     }
 }
 
-/// The pixels an outline encloses (and the outline): those a 4-connected walk from the image
-/// border over non-edge pixels cannot reach.
-fn enclosed(edges: &[bool], side: usize) -> Vec<bool> {
-    let mut outside = vec![false; edges.len()];
-    let mut stack: Vec<usize> = (0..side)
+/// The 4-connected regions of a `side × side` image's non-edge pixels (imageproc's labelling;
+/// 0 on edges), and the labels of those that touch the image's border.
+fn regions(edges: &[bool], side: usize) -> (Vec<u32>, std::collections::BTreeSet<u32>) {
+    use imageproc::region_labelling::{Connectivity, connected_components};
+    let open: Vec<u8> = edges.iter().map(|&e| if e { 0 } else { 255 }).collect();
+    let image = GrayImage::from_raw(side as u32, side as u32, open).expect("side × side pixels");
+    let labels = connected_components(&image, Connectivity::Four, image::Luma([0u8])).into_raw();
+    let border = (0..side)
         .flat_map(|i| [i, (side - 1) * side + i, i * side, i * side + side - 1])
-        .filter(|&p| !edges[p])
+        .map(|p| labels[p])
+        .filter(|&l| l != 0)
         .collect();
-    while let Some(p) = stack.pop() {
-        if outside[p] || edges[p] {
-            continue;
-        }
-        outside[p] = true;
-        let (x, y) = (p % side, p / side);
-        if x > 0 {
-            stack.push(p - 1);
-        }
-        if x + 1 < side {
-            stack.push(p + 1);
-        }
-        if y > 0 {
-            stack.push(p - side);
-        }
-        if y + 1 < side {
-            stack.push(p + side);
-        }
-    }
-    outside.iter().map(|o| !o).collect()
+    (labels, border)
+}
+
+/// The pixels an outline encloses (and the outline): all but the regions of non-edge pixels
+/// that reach the image's border.
+fn enclosed(edges: &[bool], side: usize) -> Vec<bool> {
+    let (labels, border) = regions(edges, side);
+    labels.iter().map(|l| !border.contains(l)).collect()
 }
 
 /// The pixels of `rgb` nearer the first of two colour means after a few 2-means rounds,
@@ -158,29 +150,17 @@ fn two_means(rgb: &[u8], region: &[bool]) -> Vec<bool> {
 /// Whether an edge map (8-bit RGB, `side × side`) is one closed outline: its enclosed pixels
 /// form one 4-connected region of at least 1 % of the image, as Fill50K's circles do.
 pub fn single_outline(condition: &[u8], side: usize) -> bool {
-    let edges = edge_pixels(condition);
-    let inside: Vec<bool> = enclosed(&edges, side).iter().zip(&edges).map(|(e, edge)| *e && !edge).collect();
-    let total = inside.iter().filter(|&&i| i).count();
-    let Some(start) = inside.iter().position(|&i| i) else { return false };
-    // The region holding the first enclosed pixel must be all of them.
-    let mut seen = vec![false; inside.len()];
-    let (mut stack, mut count) = (vec![start], 0usize);
-    while let Some(p) = stack.pop() {
-        if seen[p] || !inside[p] {
-            continue;
+    let (labels, border) = regions(&edge_pixels(condition), side);
+    let mut inside = labels.iter().filter(|&&l| l != 0 && !border.contains(&l));
+    let Some(&first) = inside.next() else { return false };
+    let mut count = 1;
+    for &l in inside {
+        if l != first {
+            return false;
         }
-        seen[p] = true;
         count += 1;
-        let (x, y) = (p % side, p / side);
-        for (ok, q) in
-            [(x > 0, p.wrapping_sub(1)), (x + 1 < side, p + 1), (y > 0, p.wrapping_sub(side)), (y + 1 < side, p + side)]
-        {
-            if ok {
-                stack.push(q);
-            }
-        }
     }
-    count == total && total * 100 >= inside.len()
+    count * 100 >= labels.len()
 }
 
 /// Whether every condition (`[n, c, h, w]` planar values in [0, 1], square, c = 1 or 3) is
