@@ -488,6 +488,20 @@ fn bad_pipelines_and_data_are_named_before_training() {
     );
 }
 
+/// A README command's words for the tiny run in `dir`: the pipeline and data folders for
+/// `PIPELINE` and `DATA`, `runs/…` under `dir`, 2 steps for 10000; nothing else changed.
+fn tiny_readme_args(words: &[String], pipe: &Path, data: &Path, dir: &Path) -> Vec<String> {
+    words
+        .iter()
+        .map(|w| match w.as_str() {
+            "PIPELINE" => s(pipe).to_string(),
+            "10000" => "2".to_string(),
+            other if other.starts_with("runs/") => s(&dir.join(other)).to_string(),
+            other => other.replacen("DATA", s(data), 1),
+        })
+        .collect()
+}
+
 /// The README's `lisa train` command for SD, as written, on the tiny full pipeline (folders
 /// and step count swapped for tiny ones, nothing else).
 #[test]
@@ -496,15 +510,7 @@ fn the_readme_sd_command_runs_as_written() {
     let dir = workdir("readme");
     let (pipe, data) = (full_pipeline(&dir), images_only(&dir));
     let out = dir.join("runs/sd");
-    let args: Vec<String> = words
-        .iter()
-        .map(|w| match w.as_str() {
-            "PIPELINE" => s(&pipe).to_string(),
-            "runs/sd" => s(&out).to_string(),
-            "10000" => "2".to_string(),
-            other => other.replacen("DATA", s(&data), 1),
-        })
-        .collect();
+    let args = tiny_readme_args(&words, &pipe, &data, &dir);
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     ok(&lisa(&refs));
     assert!(out.join("controlnet/diffusion_pytorch_model.safetensors").is_file());
@@ -519,15 +525,7 @@ fn the_readme_conveniences_command_runs_as_written() {
     let dir = workdir("readme-conveniences");
     let (pipe, data) = (full_pipeline(&dir), images_only(&dir));
     let out = dir.join("runs/sd-ema");
-    let args: Vec<String> = words
-        .iter()
-        .map(|w| match w.as_str() {
-            "PIPELINE" => s(&pipe).to_string(),
-            "runs/sd-ema" => s(&out).to_string(),
-            "10000" => "2".to_string(),
-            other => other.replacen("DATA", s(&data), 1),
-        })
-        .collect();
+    let args = tiny_readme_args(&words, &pipe, &data, &dir);
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     ok(&lisa(&refs));
     for folder in ["controlnet", "controlnet_ema"] {
@@ -536,17 +534,7 @@ fn the_readme_conveniences_command_runs_as_written() {
     assert_eq!(common::event_files(&out.join("logs/train_controlnet")).len(), 1, "the TensorBoard file");
     // Then the baseline run and the comparison the README shows after it.
     let runs = dir.join("runs");
-    let swap = |words: Vec<String>| -> Vec<String> {
-        words
-            .iter()
-            .map(|w| match w.as_str() {
-                "PIPELINE" => s(&pipe).to_string(),
-                "10000" => "2".to_string(),
-                other if other.starts_with("runs/") => s(&dir).to_string() + "/" + other,
-                other => other.replacen("DATA", s(&data), 1),
-            })
-            .collect()
-    };
+    let swap = |words: Vec<String>| tiny_readme_args(&words, &pipe, &data, &dir);
     let baseline = swap(common::readme_command("**Comparing two runs**", "train"));
     ok(&lisa(&baseline.iter().map(String::as_str).collect::<Vec<_>>()));
     let compare = swap(common::readme_command("**Comparing two runs**", "compare"));
