@@ -350,28 +350,7 @@ fn flux_lisa_matches_torch() {
     let (x, hint) = (tape.constant(tensor("latents")), tape.constant(tensor("control_latents")));
     let out =
         forward_train(model.as_ref(), &bound, &x, &hint, &golden_inputs(&io), ForwardOptions::lisa(true)).unwrap();
-    let v = |t: &lisa_cpu::CpuTensor| C::to_vec(t).unwrap();
-    assert_parity("flux hook_feature", &v(&out.hooked.as_ref().unwrap().value), &lisa["hook_feature"].1);
-    let decoded = out.decoded.as_ref().unwrap();
-    assert_parity("flux lisa_decoded", &v(&decoded.value), &lisa["lisa_decoded"].1);
-    let target = C::sub(&tensor("target"), out.prior.as_ref().unwrap()).unwrap();
-    assert_parity("flux lisa_target", &v(&target), &lisa["lisa_target"].1);
-    let lambda: f32 = meta["lisa_lambda"].parse().unwrap();
-    let (l_diff, g_pred) = C::mse_loss(&out.pred.value, &tensor("target")).unwrap();
-    let (l_lisa, g_dec) = C::mse_loss(&decoded.value, &target).unwrap();
-    assert_parity("flux loss_diffusion", &[l_diff], &lisa["loss_diffusion"].1);
-    assert_parity("flux loss_lisa", &[l_lisa], &lisa["loss_lisa"].1);
-    assert_parity("flux loss", &[l_diff + lambda * l_lisa], &lisa["loss"].1);
     let leaves = bound.leaves();
-    let grads = tape.backward(&[(&out.pred, g_pred), (decoded, C::scale(&g_dec, lambda).unwrap())]).unwrap();
-    let mut checked = 0;
-    for (key, (_, want)) in lisa.iter().filter(|(k, _)| k.starts_with("grad.")) {
-        let name = key["grad.".len()..].replacen("controlnet.", "side.", 1);
-        let id = model.store().find(&name).unwrap_or_else(|| panic!("no parameter {name}"));
-        let var = leaves.iter().find(|(p, _)| *p == id).map(|(_, v)| *v).unwrap();
-        let got = C::to_vec(grads.get(var).unwrap_or_else(|| panic!("no gradient reached {name}"))).unwrap();
-        assert_parity(&format!("flux {key}"), &got, want);
-        checked += 1;
-    }
+    let checked = common::golden::assert_lisa_matches("flux", model.as_ref(), &tape, &leaves, &out, &lisa, &meta);
     assert_eq!(checked, 12, "gradients checked");
 }

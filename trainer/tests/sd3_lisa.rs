@@ -78,29 +78,8 @@ fn check_case<B: Backend>(case: &str, device: B::Device) {
     let v = |t: &B::Tensor| B::to_vec(t).unwrap();
     assert_parity(&format!("{case} prior"), &v(out.prior.as_ref().unwrap()), &io["transformer_out"].1);
     assert_parity(&format!("{case} controlled"), &v(&out.pred.value), &io["transformer_out_controlled"].1);
-    assert_parity(&format!("{case} hook_feature"), &v(&out.hooked.as_ref().unwrap().value), &lisa["hook_feature"].1);
-    let decoded = out.decoded.as_ref().unwrap();
-    assert_parity(&format!("{case} lisa_decoded"), &v(&decoded.value), &lisa["lisa_decoded"].1);
-    let target = B::sub(&tensor("target"), out.prior.as_ref().unwrap()).unwrap();
-    assert_parity(&format!("{case} lisa_target"), &v(&target), &lisa["lisa_target"].1);
-
-    let lambda: f32 = meta["lisa_lambda"].parse().unwrap();
-    let (l_diff, g_pred) = B::mse_loss(&out.pred.value, &tensor("target")).unwrap();
-    let (l_lisa, g_dec) = B::mse_loss(&decoded.value, &target).unwrap();
-    assert_parity(&format!("{case} loss_diffusion"), &[l_diff], &lisa["loss_diffusion"].1);
-    assert_parity(&format!("{case} loss_lisa"), &[l_lisa], &lisa["loss_lisa"].1);
-    assert_parity(&format!("{case} loss"), &[l_diff + lambda * l_lisa], &lisa["loss"].1);
     let leaves = bound.leaves();
-    let grads = tape.backward(&[(&out.pred, g_pred), (decoded, B::scale(&g_dec, lambda).unwrap())]).unwrap();
-    let mut checked = 0;
-    for (key, (_, want)) in lisa.iter().filter(|(k, _)| k.starts_with("grad.")) {
-        let name = key["grad.".len()..].replacen("controlnet.", "side.", 1);
-        let id = model.store().find(&name).unwrap_or_else(|| panic!("{case}: no parameter {name}"));
-        let var = leaves.iter().find(|(p, _)| *p == id).map(|(_, v)| *v).unwrap();
-        let got = B::to_vec(grads.get(var).unwrap_or_else(|| panic!("{case}: no gradient reached {name}"))).unwrap();
-        assert_parity(&format!("{case} {key}"), &got, want);
-        checked += 1;
-    }
+    let checked = common::golden::assert_lisa_matches(case, model.as_ref(), &tape, &leaves, &out, &lisa, &meta);
     assert_eq!(checked, 11, "{case}: gradients checked");
 }
 
