@@ -131,7 +131,14 @@ from diffusers import FluxControlNetModel, FluxPipeline, FluxTransformer2DModel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from diffusers_sd import rms, write_safetensors  # noqa: E402
-from diffusers_sd3 import TokenLisaDecoder  # noqa: E402
+from diffusers_sd3 import (  # noqa: E402
+    CHANNEL_FLOOR,
+    LISA_DECODER_GRADS,
+    LISA_LAMBDA,
+    TIME_SINUSOIDAL_DIM,
+    TokenLisaDecoder,
+    lisa_tensors,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -378,11 +385,8 @@ def gradients(transformer, controlnet, io, gen):
 
 
 LISA_HOOK = "single_block_1"
-LISA_LAMBDA = 0.2
-TIME_SINUSOIDAL_DIM = 16
-CHANNEL_FLOOR = 2
 # ControlNet tensors on the paths of both losses (the hooked single block's and a double
-# block's), and every decoder tensor.
+# block's); every decoder tensor too (diffusers_sd3.LISA_DECODER_GRADS).
 LISA_CONTROLNET_GRADS = [
     "controlnet_x_embedder.weight",
     "time_text_embed.guidance_embedder.linear_2.weight",
@@ -391,7 +395,6 @@ LISA_CONTROLNET_GRADS = [
     "single_transformer_blocks.0.norm.linear.bias",
     "controlnet_single_blocks.1.weight",
 ]
-LISA_DECODER_GRADS = ["time_proj.weight", "time_proj.bias", "stages.0.weight", "stages.0.bias", "proj_out.weight", "proj_out.bias"]
 
 
 def lisa(transformer, controlnet, io, gen):
@@ -446,20 +449,10 @@ def lisa(transformer, controlnet, io, gen):
         grads = torch.autograd.grad(loss, wrt)
     for p in controlnet.parameters():
         p.requires_grad_(False)
-    out = {f"decoder.{k}": v.detach().clone() for k, v in decoder.state_dict().items()}
-    out.update(
-        target=target,
-        hook_feature=captured["h"].detach(),
-        lisa_decoded=decoded.detach(),
-        lisa_target=lisa_target,
-        loss_diffusion=loss_diffusion.detach().reshape(1),
-        loss_lisa=loss_lisa.detach().reshape(1),
-        loss=loss.detach().reshape(1),
+    assert all(rms(g) > 0 for g in grads), "a LISA gradient is zero"
+    out = lisa_tensors(
+        decoder, target, captured["h"], decoded, lisa_target, (loss_diffusion, loss_lisa, loss), LISA_CONTROLNET_GRADS, grads
     )
-    names = [f"grad.controlnet.{n}" for n in LISA_CONTROLNET_GRADS] + [f"grad.lisa.{n}" for n in LISA_DECODER_GRADS]
-    for n, g in zip(names, grads):
-        assert rms(g) > 0, n
-        out[n] = g.detach().clone()
     meta = {
         "hook": LISA_HOOK,
         "lisa_lambda": LISA_LAMBDA,

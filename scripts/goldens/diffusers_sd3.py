@@ -240,6 +240,27 @@ def gradients(transformer, controlnet, io, gen):
     return grads
 
 
+def lisa_tensors(decoder, target, hook_feature, decoded, lisa_target, losses, controlnet_grads, grads):
+    """The tensors of a lisa.safetensors: the decoder's weights (`decoder.*`), the velocity
+    target, the hooked feature, the decoder's output, the LISA target, the three losses and the
+    gradients (`grads`, in the order of `controlnet_grads` then LISA_DECODER_GRADS) as
+    `grad.controlnet.<name>` and `grad.lisa.<name>`."""
+    loss_diffusion, loss_lisa, loss = losses
+    out = {f"decoder.{k}": v.detach().clone() for k, v in decoder.state_dict().items()}
+    out.update(
+        target=target,
+        hook_feature=hook_feature.detach(),
+        lisa_decoded=decoded.detach(),
+        lisa_target=lisa_target,
+        loss_diffusion=loss_diffusion.detach().reshape(1),
+        loss_lisa=loss_lisa.detach().reshape(1),
+        loss=loss.detach().reshape(1),
+    )
+    names = [f"grad.controlnet.{n}" for n in controlnet_grads] + [f"grad.lisa.{n}" for n in LISA_DECODER_GRADS]
+    out.update({n: g.detach().clone() for n, g in zip(names, grads)})
+    return out
+
+
 def lisa(transformer, controlnet, io, spec, gen):
     """LISA on the flow model (see the module docstring): the tensors of lisa.safetensors."""
     c = transformer.config
@@ -281,18 +302,9 @@ def lisa(transformer, controlnet, io, spec, gen):
         grads = torch.autograd.grad(loss, wrt)
     for p in controlnet.parameters():
         p.requires_grad_(False)
-    out = {f"decoder.{k}": v.detach().clone() for k, v in decoder.state_dict().items()}
-    out.update(
-        target=target,
-        hook_feature=captured["h"].detach(),
-        lisa_decoded=decoded.detach(),
-        lisa_target=lisa_target,
-        loss_diffusion=loss_diffusion.detach().reshape(1),
-        loss_lisa=loss_lisa.detach().reshape(1),
-        loss=loss.detach().reshape(1),
+    out = lisa_tensors(
+        decoder, target, captured["h"], decoded, lisa_target, (loss_diffusion, loss_lisa, loss), LISA_CONTROLNET_GRADS, grads
     )
-    names = [f"grad.controlnet.{n}" for n in LISA_CONTROLNET_GRADS] + [f"grad.lisa.{n}" for n in LISA_DECODER_GRADS]
-    out.update({n: g.detach().clone() for n, g in zip(names, grads)})
     meta = {
         "hook": spec["hook"],
         "lisa_lambda": LISA_LAMBDA,
