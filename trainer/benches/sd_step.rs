@@ -166,11 +166,8 @@ impl BenchModel {
         use lisa_trainer::model::{flux, sd};
         if self.architecture == "flux" {
             let f = flux::FluxSpec::from_spec(spec).unwrap();
-            let t = flux::FluxConfig::from_transformer_json(&f.transformer).unwrap();
-            let layers = (f.controlnet_layers.unwrap(), f.controlnet_single_layers.unwrap());
-            let c = t.controlnet_from_transformer(layers.0, layers.1).unwrap();
-            let params = (t.parameter_count(None), c.parameter_count(Some(Default::default())));
-            (f.training_bytes(batch, self.tokens, false).unwrap(), params.0, params.1)
+            let (main, side) = f.parameter_counts().unwrap();
+            (f.training_bytes(batch, self.tokens, false).unwrap(), main, side)
         } else {
             let needed = sd::SdSpec::from_spec(spec).unwrap().training_bytes(batch, false).unwrap();
             let unet = self.config["unet"].as_object().unwrap();

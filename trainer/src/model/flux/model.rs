@@ -110,6 +110,13 @@ struct Resolved {
     guidance: Option<f32>,
 }
 
+impl Resolved {
+    /// The parameters of the transformer and of the ControlNet.
+    fn parameter_counts(&self) -> (u128, u128) {
+        (self.transformer.parameter_count(None), self.controlnet.parameter_count(Some(self.extras)))
+    }
+}
+
 impl FluxSpec {
     /// Reads the architecture keys of `spec`.
     pub fn from_spec(spec: &ModelSpec) -> Result<Self> {
@@ -201,6 +208,12 @@ impl FluxSpec {
         check_hook(&r.controlnet, decoder.hook_or(DEFAULT_HOOK))
     }
 
+    /// The parameters of the transformer and of the ControlNet this spec trains (exact,
+    /// [`FluxConfig::parameter_count`]).
+    pub fn parameter_counts(&self) -> Result<(u128, u128)> {
+        Ok(self.resolve()?.parameter_counts())
+    }
+
     /// About how many bytes training this model takes with batches of `batch` and
     /// `text_tokens` T5 tokens, before anything is allocated: the frozen transformer in its
     /// storage type; the ControlNet's weights, gradients and two AdamW moments in f32 (and its
@@ -211,8 +224,8 @@ impl FluxSpec {
         let r = self.resolve()?;
         let main_bytes = self.mixed_precision.dtype().size_bytes() as u128;
         let side_bytes = if ema { 20 } else { 16 };
-        let params = r.transformer.parameter_count(None) * main_bytes
-            + r.controlnet.parameter_count(Some(r.extras)) * side_bytes;
+        let (main, side) = r.parameter_counts();
+        let params = main * main_bytes + side * side_bytes;
         let blocks = (r.transformer.num_layers
             + r.transformer.num_single_layers
             + r.controlnet.num_layers
