@@ -40,7 +40,7 @@ struct Curves {
 }
 
 /// The rows of `dir/metrics.jsonl`, each a JSON object with a `step`.
-fn rows(dir: &Path) -> Result<Vec<serde_json::Map<String, serde_json::Value>>> {
+fn rows(dir: &Path) -> Result<Rows> {
     let path = dir.join("metrics.jsonl");
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let mut rows = Vec::new();
@@ -55,9 +55,12 @@ fn rows(dir: &Path) -> Result<Vec<serde_json::Map<String, serde_json::Value>>> {
     Ok(rows)
 }
 
+/// A run's metrics rows: the folder and what its `metrics.jsonl` holds.
+type Rows = Vec<serde_json::Map<String, serde_json::Value>>;
+
 impl Curves {
-    fn read(dir: &Path, metric: &str) -> Result<Self> {
-        let rows = rows(dir)?;
+    /// The curves of `metric` and the diffusion loss in `rows`, read from the run at `dir`.
+    fn of(dir: &Path, rows: &Rows, metric: &str) -> Result<Self> {
         let series = |column: &str| -> Vec<(u64, f64)> {
             let mut points: Vec<(u64, f64)> = rows
                 .iter()
@@ -93,20 +96,21 @@ pub fn run(a: CompareArgs) -> Result<()> {
     if a.plot.exists() && !a.overwrite {
         bail!("--plot {} exists; give --overwrite to replace it, or another --plot", a.plot.display());
     }
+    let (rows_a, rows_b) = (rows(&a.run_a)?, rows(&a.run_b)?);
     let metric = match &a.metric {
         Some(m) => m.clone(),
         None => {
-            let has = |dir: &Path, column: &str| {
-                rows(dir).is_ok_and(|r| r.iter().any(|r| r.get(column).is_some_and(serde_json::Value::is_number)))
+            let has = |rows: &Rows, column: &str| {
+                rows.iter().any(|r| r.get(column).is_some_and(serde_json::Value::is_number))
             };
             ["circle_iou", "control_f1", "iou"]
                 .into_iter()
-                .find(|c| has(&a.run_a, c) && has(&a.run_b, c))
+                .find(|c| has(&rows_a, c) && has(&rows_b, c))
                 .unwrap_or("control_f1")
                 .to_string()
         }
     };
-    let mut runs = [Curves::read(&a.run_a, &metric)?, Curves::read(&a.run_b, &metric)?];
+    let mut runs = [Curves::of(&a.run_a, &rows_a, &metric)?, Curves::of(&a.run_b, &rows_b, &metric)?];
     // Runs whose folders share a name (lisa/seed0, base/seed0) are named by their paths.
     if runs[0].name == runs[1].name {
         runs[0].name = a.run_a.display().to_string();
