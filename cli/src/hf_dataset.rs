@@ -19,6 +19,7 @@ use anyhow::{Context, Result, bail};
 use arrow_array::cast::AsArray;
 use arrow_array::{Array, ArrayRef, RecordBatch};
 use arrow_ipc::reader::StreamReader;
+use arrow_schema::DataType;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde_json::json;
 
@@ -193,84 +194,102 @@ fn resolve(first: &RecordBatch, given: &Columns, file: &Path) -> Result<[String;
         pick(&given.caption, 1, "--caption-column")?,
     ];
     for (name, image) in [(&cols[0], true), (&cols[1], true), (&cols[2], false)] {
-        let column = first.column_by_name(name).expect("checked above");
-        if let Err(e) =
-            if image { image_cell(column, usize::MAX).map(|_| ()) } else { text_cell(column, usize::MAX).map(|_| ()) }
-        {
-            bail!("{}: column {name:?}: {e}", file.display());
-        }
+        let t = first.column_by_name(name).expect("checked above").data_type();
+        let problem = match (image, t) {
+            (true, _) if image_type(t) => continue,
+            (false, _) if text_type(t) => continue,
+            (true, DataType::Struct(_)) => {
+                "a struct image column needs fields bytes and path (datasets' Image feature)".to_string()
+            }
+            (true, _) => format!("type {t} is no image (bytes, a path, or datasets' Image struct)"),
+            (false, _) => format!("type {t} is no text (a string, or a list of strings)"),
+        };
+        bail!("{}: column {name:?}: {problem}", file.display());
     }
     Ok(cols)
 }
 
-/// An image cell: its bytes, or a path to them. `row` = usize::MAX checks the type only.
+/// Whether a column of type `t` holds images lisa reads: bytes, a path, or `datasets`' Image
+/// struct of both.
+fn image_type(t: &DataType) -> bool {
+    match t {
+        DataType::Binary | DataType::LargeBinary | DataType::BinaryView | DataType::Utf8 | DataType::LargeUtf8 => true,
+        DataType::Struct(fields) => {
+            ["bytes", "path"].iter().all(|n| fields.iter().any(|f| f.name() == n && image_type(f.data_type())))
+        }
+        _ => false,
+    }
+}
+
+/// Whether a column of type `t` holds captions lisa reads: strings, or lists of them.
+fn text_type(t: &DataType) -> bool {
+    match t {
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => true,
+        DataType::List(item) => text_type(item.data_type()),
+        _ => false,
+    }
+}
+
+/// An image cell: its bytes, or a path to them.
 enum ImageCell {
     Bytes(Vec<u8>),
     Path(String),
 }
 
+/// Row `row` of an image column ([`image_type`]; None: null).
 fn image_cell(column: &ArrayRef, row: usize) -> std::result::Result<Option<ImageCell>, String> {
     use arrow_array::types::{GenericBinaryType, GenericStringType};
-    let check = row == usize::MAX;
-    let null = |a: &dyn Array| !check && a.is_null(row);
+    if column.is_null(row) {
+        return Ok(None);
+    }
     if let Some(s) = column.as_struct_opt() {
-        // datasets' Image feature: {bytes: binary, path: string}.
-        let (bytes, path) = (s.column_by_name("bytes"), s.column_by_name("path"));
-        let (Some(bytes), Some(path)) = (bytes, path) else {
+        // datasets' Image feature: {bytes: binary, path: string}; the bytes when given.
+        let (Some(bytes), Some(path)) = (s.column_by_name("bytes"), s.column_by_name("path")) else {
             return Err("a struct image column needs fields bytes and path (datasets' Image feature)".into());
         };
-        if check {
-            image_cell(bytes, row)?;
-            return image_cell(path, row).map(|_| None);
-        }
-        if s.is_null(row) {
-            return Ok(None);
-        }
         return match image_cell(bytes, row)? {
             Some(b) => Ok(Some(b)),
             None => image_cell(path, row),
         };
     }
     if let Some(b) = column.as_bytes_opt::<GenericBinaryType<i32>>() {
-        return Ok((!check && !null(b)).then(|| ImageCell::Bytes(b.value(row).to_vec())));
+        return Ok(Some(ImageCell::Bytes(b.value(row).to_vec())));
     }
     if let Some(b) = column.as_bytes_opt::<GenericBinaryType<i64>>() {
-        return Ok((!check && !null(b)).then(|| ImageCell::Bytes(b.value(row).to_vec())));
+        return Ok(Some(ImageCell::Bytes(b.value(row).to_vec())));
     }
     if let Some(b) = column.as_binary_view_opt() {
-        return Ok((!check && !null(b)).then(|| ImageCell::Bytes(b.value(row).to_vec())));
+        return Ok(Some(ImageCell::Bytes(b.value(row).to_vec())));
     }
     if let Some(s) = column.as_bytes_opt::<GenericStringType<i32>>() {
-        return Ok((!check && !null(s)).then(|| ImageCell::Path(s.value(row).to_string())));
+        return Ok(Some(ImageCell::Path(s.value(row).to_string())));
     }
     if let Some(s) = column.as_bytes_opt::<GenericStringType<i64>>() {
-        return Ok((!check && !null(s)).then(|| ImageCell::Path(s.value(row).to_string())));
+        return Ok(Some(ImageCell::Path(s.value(row).to_string())));
     }
     Err(format!("type {} is no image (bytes, a path, or datasets' Image struct)", column.data_type()))
 }
 
-/// A caption cell: a string, or the first of a list of strings (train_controlnet.py draws
-/// one at random; lisa takes the first, so the data is the same on every run).
+/// Row `row` of a caption column ([`text_type`]; None: null or an empty list): a string, or
+/// the first of a list of strings (train_controlnet.py draws one at random; lisa takes the
+/// first, so the data is the same on every run).
 fn text_cell(column: &ArrayRef, row: usize) -> std::result::Result<Option<String>, String> {
     use arrow_array::types::GenericStringType;
-    let check = row == usize::MAX;
+    if column.is_null(row) {
+        return Ok(None);
+    }
     if let Some(s) = column.as_bytes_opt::<GenericStringType<i32>>() {
-        return Ok((!check && !s.is_null(row)).then(|| s.value(row).to_string()));
+        return Ok(Some(s.value(row).to_string()));
     }
     if let Some(s) = column.as_bytes_opt::<GenericStringType<i64>>() {
-        return Ok((!check && !s.is_null(row)).then(|| s.value(row).to_string()));
+        return Ok(Some(s.value(row).to_string()));
     }
     if let Some(s) = column.as_string_view_opt() {
-        return Ok((!check && !s.is_null(row)).then(|| s.value(row).to_string()));
+        return Ok(Some(s.value(row).to_string()));
     }
     if let Some(list) = column.as_list_opt::<i32>() {
-        if check {
-            return text_cell(list.values(), usize::MAX);
-        }
-        if list.is_null(row) || list.value(row).is_empty() {
-            return Ok(None);
-        }
-        return text_cell(&list.value(row), 0);
+        let items = list.value(row);
+        return if items.is_empty() { Ok(None) } else { text_cell(&items, 0) };
     }
     Err(format!("type {} is no text (a string, or a list of strings)", column.data_type()))
 }

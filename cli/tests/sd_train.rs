@@ -315,6 +315,8 @@ fn datasets_train_as_users_keep_them() {
     let o = run(&fixtures.join("saved"), "bad-column", &["--caption-column", "caption"]).0;
     fails_with(&o, r#"--caption-column "caption""#);
     fails_with(&o, "columns: image, text, conditioning_image");
+    // A column of a type lisa cannot read as the part asked for is named with its type.
+    fails_with(&run(&fixtures.join("saved"), "bad-column", &["--caption-column", "image"]).0, "is no text");
     // A null image and a WebP image are named by file, row and column.
     let mut good = std::io::Cursor::new(Vec::new());
     image::RgbImage::new(16, 16).write_to(&mut good, image::ImageFormat::Png).unwrap();
