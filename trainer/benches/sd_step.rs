@@ -169,10 +169,9 @@ impl BenchModel {
             let (main, side) = f.parameter_counts().unwrap();
             (f.training_bytes(batch, self.tokens, false).unwrap(), main, side)
         } else {
-            let needed = sd::SdSpec::from_spec(spec).unwrap().training_bytes(batch, false).unwrap();
-            let unet = self.config["unet"].as_object().unwrap();
-            let params = sd::UNetConfig::from_unet_json(unet).unwrap().parameter_estimate();
-            (needed, params.unet, params.controlnet)
+            let sd = sd::SdSpec::from_spec(spec).unwrap();
+            let params = sd.parameter_estimate().unwrap();
+            (sd.training_bytes(batch, false).unwrap(), params.unet, params.controlnet)
         }
     }
 

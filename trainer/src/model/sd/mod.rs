@@ -261,6 +261,12 @@ impl SdSpec {
         hook_shape(&r.unet, decoder.hook_or(DEFAULT_HOOK)).map(|_| ())
     }
 
+    /// About how many parameters the UNet and its ControlNet hold
+    /// ([`UNetConfig::parameter_estimate`]).
+    pub fn parameter_estimate(&self) -> Result<ParameterEstimate> {
+        Ok(self.resolve()?.unet.parameter_estimate())
+    }
+
     /// About how many bytes training this model takes, before anything is allocated: the
     /// frozen UNet in its storage type; the ControlNet's weights, gradients and two AdamW
     /// moments in f32 (and its EMA with `ema`); and per sample of a `batch`, the activations
