@@ -25,6 +25,7 @@ use crate::pipeline_start::{SdStart, mixed_precision_note, mode_parts};
 use crate::sd_cache::{KEY, encoding_chunk, write_latents};
 use crate::sd_validation::{LatentValidationFiles, read_rgb};
 use crate::sd3_train::{Inputs, flow_inputs};
+use crate::train_data::TrainData;
 
 /// The flags the Flux path reads.
 #[derive(Debug, Clone)]
@@ -61,7 +62,7 @@ pub fn prepare<B: Backend>(
     a: &FluxArgs,
     file: &mut RunFile,
     dir: &Path,
-    data: &Path,
+    data: &mut TrainData,
     device: B::Device,
 ) -> Result<SdStart<B>> {
     if file.model_given {
@@ -99,9 +100,6 @@ pub fn prepare<B: Backend>(
     let ema = file.train.ema_decay.is_some();
     let needed = FluxSpec::from_spec(&file.model)?.training_bytes(file.train.batch_size, text_tokens, ema)?;
     crate::config::check_training_bytes(needed)?;
-    let parts = mode_parts(file.train.mode);
-    let mut model: FluxModel<B> =
-        pipeline.build::<B>(&file.model, parts, controlnet, device.clone(), file.train.seed).with_context(in_folder)?;
     let (mut validation, prompts) = LatentValidationFiles::from_flags(
         &a.validation_image,
         &a.validation_prompt,
@@ -120,7 +118,12 @@ pub fn prepare<B: Backend>(
         // Flows sample with Euler (on Flux's shifted schedule: the noise config's sampling shift).
         file.validation.sampling.sampler = lisa_trainer::scheduler::Sampler::Euler;
     }
-    let inputs = inputs::<B>(&pipeline, a, data, size.pixels, &prompts, device)?;
+    // Everything cheap is checked: the dataset is converted (if it is one), then the model read.
+    let data = data.required_folder(&mut file.data.dir)?;
+    let parts = mode_parts(file.train.mode);
+    let mut model: FluxModel<B> =
+        pipeline.build::<B>(&file.model, parts, controlnet, device.clone(), file.train.seed).with_context(in_folder)?;
+    let inputs = inputs::<B>(&pipeline, a, &data, size.pixels, &prompts, device)?;
     model.read_text_embeddings(&inputs.text, &inputs.pooled)?;
     // The validation prompts must be in the tables (the data folder's own ones included).
     lisa_trainer::model::DualDenoiser::embed_prompts(&model, &prompts.iter().map(String::as_str).collect::<Vec<_>>())

@@ -9,6 +9,7 @@ mod arm;
 mod compare;
 mod config;
 mod control_score;
+mod converted_dataset;
 mod demo;
 mod eval;
 mod fill50k;
@@ -29,6 +30,7 @@ mod shipped;
 mod study;
 mod tensorboard;
 mod train;
+mod train_data;
 mod webdataset;
 
 use std::process::ExitCode;

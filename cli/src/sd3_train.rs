@@ -29,6 +29,7 @@ use crate::sd_cache::{
     locked_cache, write_latents,
 };
 use crate::sd_validation::{LatentValidationFiles, read_rgb};
+use crate::train_data::TrainData;
 
 /// The flags the SD3 path reads.
 #[derive(Debug, Clone)]
@@ -87,7 +88,7 @@ pub fn prepare<B: Backend>(
     a: &Sd3Args,
     file: &mut RunFile,
     dir: &Path,
-    data: &Path,
+    data: &mut TrainData,
     device: B::Device,
 ) -> Result<SdStart<B>> {
     if file.model_given {
@@ -121,9 +122,6 @@ pub fn prepare<B: Backend>(
     file.model = pipeline.controlnet_spec(controlnet, layers, size, precision, &file.model.decoder)?;
     file.train.noise = pipeline.noise(training);
     lisa_trainer::scheduler::NoiseProcess::new(&file.train.noise)?;
-    let parts = mode_parts(file.train.mode);
-    let mut model =
-        pipeline.build::<B>(&file.model, parts, controlnet, device.clone(), file.train.seed).with_context(in_folder)?;
     let (validation, prompts) = LatentValidationFiles::from_flags(
         &a.validation_image,
         &a.validation_prompt,
@@ -141,8 +139,13 @@ pub fn prepare<B: Backend>(
         // Flows sample with Euler.
         file.validation.sampling.sampler = lisa_trainer::scheduler::Sampler::Euler;
     }
+    // Everything cheap is checked: the dataset is converted (if it is one), then the model read.
+    let data = data.required_folder(&mut file.data.dir)?;
+    let parts = mode_parts(file.train.mode);
+    let mut model =
+        pipeline.build::<B>(&file.model, parts, controlnet, device.clone(), file.train.seed).with_context(in_folder)?;
     let joint = model.transformer_config().joint_attention_dim;
-    let inputs = inputs::<B>(&pipeline, a, data, size.pixels, joint, &prompts, device)?;
+    let inputs = inputs::<B>(&pipeline, a, &data, size.pixels, joint, &prompts, device)?;
     model.read_text_embeddings(&inputs.text, &inputs.pooled)?;
     // The validation prompts must be in the tables (the data folder's own ones included).
     lisa_trainer::model::DualDenoiser::embed_prompts(&model, &prompts.iter().map(String::as_str).collect::<Vec<_>>())

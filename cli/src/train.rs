@@ -22,6 +22,7 @@ use crate::pipeline_start::{SdStart, mixed_precision_note, mode_parts};
 use crate::run_dir::CheckpointArgs;
 use crate::sd_cache;
 use crate::sd_validation::{LatentValidationFiles, read_conditions};
+use crate::train_data::TrainData;
 
 /// Flags of `lisa train` (names as in diffusers' `train_controlnet.py`; they override the
 /// run file).
@@ -353,48 +354,38 @@ pub fn run<B: RankBackend>(a: TrainArgs, device: B::Device) -> Result<()> {
     let mut file = RunFile::load(a.config.as_deref())?;
     apply(&a, &mut file);
     check_settings(&a, &file)?;
-    let columns = crate::hf_dataset::Columns {
+    let columns = crate::converted_dataset::Columns {
         image: a.image_column.clone(),
         conditioning: a.conditioning_image_column.clone(),
         caption: a.caption_column.clone(),
         skip_bad_rows: a.skip_bad_rows,
     };
     let cache = a.cache_dir.clone().unwrap_or_else(|| a.output_dir.join("cache"));
-    match (&a.dataset_name, &a.train_shards) {
-        (Some(dataset), _) => file.data.dir = Some(crate::hf_dataset::materialize(dataset, &columns, &cache)?),
-        (None, Some(shards)) => file.data.dir = Some(crate::webdataset::materialize(shards, &columns, &cache)?),
-        (None, None)
-            if columns.image.is_some()
-                || columns.conditioning.is_some()
-                || columns.caption.is_some()
-                || columns.skip_bad_rows =>
-        {
-            bail!(
-                "--image-column, --conditioning-image-column, --caption-column and --skip-bad-rows are for --dataset-name or --train-shards"
-            )
-        }
-        (None, None) => {}
-    }
+    let shards = a.train_shards.as_deref();
+    let mut data = TrainData::new(file.data.dir.clone(), a.dataset_name.as_deref(), shards, columns, cache)?;
     let mut latent_validation = None;
     // The input cache's lock, held (shared) for the whole run: no other run rewrites it.
     let mut _cache_lock = None;
     let start = match (&a.main, &a.pretrained_model_name_or_path) {
         (Some(main), _) => {
             file.resolve_model(main)?;
+            file.data.dir = data.folder()?;
             Start::Files { main, side: None }
         }
         (None, Some(dir)) => {
-            let data = file.data.dir.clone().context("--pretrained-model-name-or-path needs --train-data-dir")?;
+            if !data.is_given() {
+                bail!("--pretrained-model-name-or-path needs --train-data-dir (or --dataset-name, --train-shards)");
+            }
             let sd = if FluxPipeline::is_flux(dir) {
                 a.refuse_sd_only_flags()?;
-                crate::flux_train::prepare::<B>(&a.flux()?, &mut file, dir, &data, device.clone())?
+                crate::flux_train::prepare::<B>(&a.flux()?, &mut file, dir, &mut data, device.clone())?
             } else if Sd3Pipeline::is_sd3(dir) {
                 a.refuse_sd_only_flags()?;
                 a.refuse_flux_only_flags()?;
-                crate::sd3_train::prepare::<B>(&a.sd3(), &mut file, dir, &data, device.clone())?
+                crate::sd3_train::prepare::<B>(&a.sd3(), &mut file, dir, &mut data, device.clone())?
             } else {
                 a.refuse_flux_only_flags()?;
-                prepare_sd::<B>(&a, &mut file, dir, &data, device.clone())?
+                prepare_sd::<B>(&a, &mut file, dir, &mut data, device.clone())?
             };
             latent_validation = sd.validation;
             _cache_lock = sd.cache_lock;
@@ -532,7 +523,7 @@ fn prepare_sd<B: Backend>(
     a: &TrainArgs,
     file: &mut RunFile,
     dir: &Path,
-    data: &Path,
+    data: &mut TrainData,
     device: B::Device,
 ) -> Result<SdStart<B>> {
     if file.model_given {
@@ -577,6 +568,8 @@ fn prepare_sd<B: Backend>(
     }
     let (validation, prompts) =
         LatentValidationFiles::from_flags(&a.validation_image, &a.validation_prompt, &pipeline.vae, vae_dtype)?;
+    // Everything cheap is checked: the dataset is converted (if it is one), then the model read.
+    let data = data.required_folder(&mut file.data.dir)?;
     let parts = mode_parts(file.train.mode);
     let mut model =
         pipeline.build::<B>(&file.model, parts, controlnet, device.clone(), file.train.seed).with_context(in_folder)?;
@@ -584,7 +577,7 @@ fn prepare_sd<B: Backend>(
         read_conditions::<B>(&model, v)?;
     }
     let cache_dir = a.cache_dir.clone().unwrap_or_else(|| a.output_dir.join("cache"));
-    let cache = sd_cache::prepare::<B>(&pipeline, data, &cache_dir, size.pixels, &prompts, precision, device)?;
+    let cache = sd_cache::prepare::<B>(&pipeline, &data, &cache_dir, size.pixels, &prompts, precision, device)?;
     model.read_text_embeddings(&cache.embeddings, cache.pooled.as_deref())?;
     file.model = model.spec();
     file.data.latents = Some(cache.latents);

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use crate::hf_dataset::{Columns, converted, files_key};
+use crate::converted_dataset::{Columns, converted, files_key};
 
 /// The image parts tried in order when `--image-column` is not given.
 const IMAGE_PARTS: &[&str] = &["jpg", "jpeg", "png"];
@@ -128,7 +128,7 @@ pub fn materialize(pattern: &str, columns: &Columns, cache: &Path) -> Result<Pat
 
 /// Adds the sample `key` of `shard` (its `parts`) to the index.
 fn add(
-    w: &mut crate::hf_dataset::Fill50kWriter,
+    w: &mut crate::converted_dataset::Fill50kWriter,
     shard: &Path,
     key: &str,
     parts: &[Part],

@@ -279,6 +279,9 @@ fn datasets_train_as_users_keep_them() {
         );
         (o, out)
     };
+    // A wrong flag is an error before the (possibly long) conversion starts.
+    fails_with(&run(&fixtures.join("saved"), "bad-resolution", &["--resolution", "13"]).0, "--resolution");
+    assert!(!cache.join("datasets").exists(), "nothing converted for a run refused by its flags");
     let (o, out) = run(&fixtures.join("saved"), "saved", &[]);
     let err = ok(&o);
     assert!(err.contains("converted 3 rows") && err.contains("cached 3 latents"), "{err}");
@@ -297,7 +300,8 @@ fn datasets_train_as_users_keep_them() {
     let named = ["--image-column", "target", "--conditioning-image-column", "hint", "--caption-column", "prompt"];
     let err = ok(&run(&fixtures.join("jpeg"), "jpeg", &named).0);
     assert!(err.contains("converted 3 rows"), "{err}");
-    let converted: Vec<_> = std::fs::read_dir(dir.join("cache/datasets")).unwrap().flatten().collect();
+    let converted: Vec<_> =
+        std::fs::read_dir(dir.join("cache/datasets")).unwrap().flatten().filter(|e| e.path().is_dir()).collect();
     assert_eq!(converted.len(), 3, "one folder per dataset");
     // The datasets cache's naming (`name-train.arrow` beside `name-test.arrow`): the train
     // split only; split-named files without a train split are refused.
@@ -386,7 +390,7 @@ fn datasets_train_as_users_keep_them() {
     std::fs::remove_file(dir.join("shard-001.tar")).unwrap();
     fails_with(&shards("bad-shard", &[]), "shard-001.tar is not a file (2 shard(s) named)");
     fails_with(&run(&fixtures.join("saved"), "bad-shard", &["--train-shards", "x.tar"]).0, "cannot be used with");
-    for bad in ["bad-column", "bad-null", "bad-webp", "bad-shard", "bad-skip", "bad-split"] {
+    for bad in ["bad-resolution", "bad-column", "bad-null", "bad-webp", "bad-shard", "bad-skip", "bad-split"] {
         assert!(!dir.join(bad).join("metrics.jsonl").exists(), "{bad}");
     }
     let _ = std::fs::remove_dir_all(&dir);
