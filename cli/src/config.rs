@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use lisa_core::backend::Backend;
+use lisa_core::backend::{Backend, MemoryCapacity};
 use lisa_trainer::TrainError;
 use lisa_trainer::data::{Dataset, FillCircles, prompt_colours};
 use lisa_trainer::model::{DualDenoiser, ModelSpec, registry, toy};
@@ -82,33 +82,78 @@ impl Default for ValidationConfig {
 /// The most examples a procedural set may have (its shuffled order is held in memory).
 const MAX_PROCEDURAL: usize = 1 << 26;
 
-/// Fails when a batch of `batch` samples of `model` cannot fit in this machine's memory: its
-/// inputs alone may take at most an eighth of it (the activations take many times more).
+/// Fails when a batch of `batch` samples of `model` cannot fit in the memory its tensors go
+/// into: its inputs alone may take at most an eighth of it (the activations take many times
+/// more).
 pub fn check_memory<B: Backend>(model: &dyn DualDenoiser<B>, batch: usize) -> Result<()> {
     let [c, h, w] = model.sample_shape();
     let bytes = [batch, c, h, w, 4].iter().try_fold(1usize, |acc, &x| acc.checked_mul(x));
-    let total = memory_bytes();
+    let Some((total, holder)) = capacity::<B>(model.store().device()) else { return Ok(()) };
     match bytes {
-        Some(b) if b <= total / 8 => Ok(()),
+        Some(b) if b as u128 <= total / 8 => Ok(()),
         _ => bail!(
-            "a batch of {batch} samples of {c}×{h}×{w} cannot fit in this machine's {} GiB of memory; lower the batch size or the resolution",
+            "a batch of {batch} samples of {c}×{h}×{w} cannot fit in {holder}'s {} GiB of memory; lower the batch size or the resolution",
             total >> 30
         ),
     }
 }
 
-/// Fails when training needs more than this machine's memory (`needed` bytes: the weights, the
-/// ControlNet's optimizer state, a floor of the activations), before anything is allocated.
-pub fn check_training_bytes(needed: u128) -> Result<()> {
-    let total = memory_bytes();
-    if needed > total as u128 {
+/// Fails when training needs more than the memory its tensors go into on `device` (`needed`
+/// bytes: the weights, the ControlNet's optimizer state, a floor of the activations), before
+/// anything is allocated: the host's memory on the CPU backends, the GPU's own on CUDA. Where
+/// the backend cannot say how much memory its device has (wgpu) the need is told, not checked.
+pub fn check_training_bytes<B: Backend>(needed: u128, device: &B::Device) -> Result<()> {
+    if let Some(note) = training_memory(needed, B::memory_capacity(device), B::name(), memory_bytes)? {
+        eprintln!("{note}");
+    }
+    Ok(())
+}
+
+/// [`check_training_bytes`]'s verdict for a device of `capacity` on backend `backend`
+/// (`host`: the host's memory): an error, a note to print, or nothing to say.
+fn training_memory(
+    needed: u128,
+    capacity: MemoryCapacity,
+    backend: &str,
+    host: impl Fn() -> usize,
+) -> Result<Option<String>> {
+    let (total, holder) = match capacity {
+        MemoryCapacity::Host => (host() as u128, "this machine".to_string()),
+        MemoryCapacity::Device { bytes } => (bytes as u128, format!("the {backend} device")),
+        MemoryCapacity::Unknown => {
+            return Ok(Some(format!(
+                "note: the {backend} backend does not report how much memory its device has: this run needs at least {:.1} GiB there (not checked)",
+                gib(needed)
+            )));
+        }
+    };
+    fits(needed, total, &holder).map(|()| None)
+}
+
+/// The memory `device`'s tensors go into, in bytes, and what holds it (for messages); None
+/// where the backend cannot say.
+fn capacity<B: Backend>(device: &B::Device) -> Option<(u128, String)> {
+    match B::memory_capacity(device) {
+        MemoryCapacity::Host => Some((memory_bytes() as u128, "this machine".to_string())),
+        MemoryCapacity::Device { bytes } => Some((bytes as u128, format!("the {} device", B::name()))),
+        MemoryCapacity::Unknown => None,
+    }
+}
+
+/// Fails when `needed` bytes are more than `total`, the memory of `holder`.
+fn fits(needed: u128, total: u128, holder: &str) -> Result<()> {
+    if needed > total {
         bail!(
-            "this model at this resolution and batch size needs at least {:.1} GiB (weights, the ControlNet's optimizer state, activations); this machine has {:.1} GiB; lower --resolution or --train-batch-size, or use --mixed-precision",
-            needed as f64 / (1u64 << 30) as f64,
-            total as f64 / (1u64 << 30) as f64
+            "this model at this resolution and batch size needs at least {:.1} GiB (weights, the ControlNet's optimizer state, activations); {holder} has {:.1} GiB; lower --resolution or --train-batch-size, or use --mixed-precision",
+            gib(needed),
+            gib(total)
         );
     }
     Ok(())
+}
+
+fn gib(bytes: u128) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
 }
 
 /// This machine's memory in bytes (`MemTotal` of `/proc/meminfo`; unbounded where unknown).
@@ -231,4 +276,28 @@ fn decode_all(set: &Fill50k) -> Result<()> {
         b.finish_and_clear();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u128 = 1 << 30;
+
+    /// The need is checked against the memory the tensors go into: the host's on the CPU, the
+    /// GPU's own where the backend reports it (a GPU run is not refused for the host's memory,
+    /// nor let through for it), and told where it cannot be checked.
+    #[test]
+    fn training_memory_is_checked_where_the_tensors_live() {
+        let host = || 16usize << 30;
+        let gpu = MemoryCapacity::Device { bytes: 80 << 30 };
+        assert!(training_memory(10 * GIB, MemoryCapacity::Host, "cpu", host).unwrap().is_none());
+        let err = training_memory(20 * GIB, MemoryCapacity::Host, "cpu", host).unwrap_err().to_string();
+        assert!(err.contains("needs at least 20.0 GiB") && err.contains("this machine has 16.0 GiB"), "{err}");
+        assert!(training_memory(40 * GIB, gpu, "cuda", host).unwrap().is_none(), "fits the GPU, not the host");
+        let err = training_memory(90 * GIB, gpu, "cuda", host).unwrap_err().to_string();
+        assert!(err.contains("the cuda device has 80.0 GiB"), "{err}");
+        let note = training_memory(90 * GIB, MemoryCapacity::Unknown, "wgpu", host).unwrap().unwrap();
+        assert!(note.contains("needs at least 90.0 GiB there (not checked)"), "{note}");
+    }
 }

@@ -99,7 +99,7 @@ pub fn prepare<B: Backend>(
     let text_tokens = a.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
     let ema = file.train.ema_decay.is_some();
     let needed = FluxSpec::from_spec(&file.model)?.training_bytes(file.train.batch_size, text_tokens, ema)?;
-    crate::config::check_training_bytes(needed)?;
+    crate::config::check_training_bytes::<B>(needed, &device)?;
     let (mut validation, prompts) = LatentValidationFiles::from_flags(
         &a.validation_image,
         &a.validation_prompt,

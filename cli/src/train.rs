@@ -9,7 +9,7 @@ use lisa_core::{Distance, TargetSpace};
 use lisa_trainer::model::DualDenoiser;
 use lisa_trainer::model::HookLayer;
 use lisa_trainer::model::flux::FluxPipeline;
-use lisa_trainer::model::sd::{MixedPrecision, Pipeline};
+use lisa_trainer::model::sd::{MixedPrecision, Pipeline, SdSpec};
 use lisa_trainer::model::sd3::Sd3Pipeline;
 use lisa_trainer::optim::LrSchedule;
 use lisa_trainer::train::Mode;
@@ -561,7 +561,9 @@ fn prepare_sd<B: Backend>(
         pipeline.controlnet_spec(controlnet, (size, crop), precision, &file.model.decoder).map_err(resolution_flag)?;
     file.train.noise = pipeline.noise;
     file.validation.sampling.zero_null_prompt |= pipeline.force_zeros_for_empty_prompt().with_context(in_folder)?;
-    check_sd_memory(&file.model, file.train.batch_size, file.train.ema_decay.is_some())?;
+    let needed =
+        SdSpec::from_spec(&file.model)?.training_bytes(file.train.batch_size, file.train.ema_decay.is_some())?;
+    crate::config::check_training_bytes::<B>(needed, &device)?;
     let vae_dtype = pipeline.vae_dtype(precision).with_context(in_folder)?;
     if vae_dtype != precision.dtype() {
         eprintln!("the VAE computes in f32: its config says force_upcast (SDXL's VAE overflows in fp16)");
@@ -582,10 +584,4 @@ fn prepare_sd<B: Backend>(
     file.model = model.spec();
     file.data.latents = Some(cache.latents);
     Ok(SdStart { model: Box::new(model), validation, cache_lock: cache.lock })
-}
-
-/// Fails when the sd model of `spec` cannot train with batches of `batch` in this machine's
-/// memory, before anything is allocated.
-fn check_sd_memory(spec: &lisa_trainer::model::ModelSpec, batch: usize, ema: bool) -> Result<()> {
-    crate::config::check_training_bytes(lisa_trainer::model::sd::SdSpec::from_spec(spec)?.training_bytes(batch, ema)?)
 }

@@ -77,6 +77,19 @@ impl<R: Runtime> CubeDevice<R> {
         self.client.memory_usage().ok().map(|m| m.bytes_reserved)
     }
 
+    /// The device's total memory in bytes where the runtime reports it (CUDA: the driver's
+    /// `cuDeviceTotalMem`); `None` where it does not (wgpu has no such query).
+    pub fn total_memory(&self) -> Option<u64> {
+        #[cfg(feature = "cuda")]
+        if let Some(cuda) = (&self.device as &dyn std::any::Any).downcast_ref::<cubecl::cuda::CudaDevice>() {
+            use cudarc::driver::result::device;
+            // SAFETY: a plain query of a device the client (made before this) initialised
+            // the driver for; the out-value is written by the driver on success.
+            return device::get(cuda.index as i32).and_then(|d| unsafe { device::total_mem(d) }).ok().map(|b| b as u64);
+        }
+        None
+    }
+
     /// Whether the device has tensor-core (cooperative matrix) instructions that multiply
     /// `dtype` inputs and accumulate in f32: the path f16/bf16 matrix products take
     /// ([`crate::half_matmul`]). False for f32 and on devices without them (lavapipe).

@@ -17,6 +17,12 @@ pub trait TensorOps: BackendTypes {
         super::HalfProducts::F32Arithmetic
     }
 
+    /// *Default*: where `device`'s tensors live and how much memory that is (host memory).
+    fn memory_capacity(device: &Self::Device) -> super::MemoryCapacity {
+        let _ = device;
+        super::MemoryCapacity::Host
+    }
+
     /// A tensor of `shape` from row-major `data` (rounded to `dtype`).
     fn from_slice(data: &[f32], shape: &Shape, dtype: DType, device: &Self::Device) -> Result<Self::Tensor>;
 

@@ -23,6 +23,10 @@ impl<R: Runtime> TensorOps for CubeBackend<R> {
         use lisa_core::backend::HalfProducts;
         if device.has_tensor_cores(dtype) { HalfProducts::TensorCores } else { HalfProducts::F32Arithmetic }
     }
+    fn memory_capacity(device: &CubeDevice<R>) -> lisa_core::backend::MemoryCapacity {
+        use lisa_core::backend::MemoryCapacity;
+        device.total_memory().map_or(MemoryCapacity::Unknown, |bytes| MemoryCapacity::Device { bytes })
+    }
     fn from_slice(data: &[f32], shape: &Shape, dtype: DType, device: &CubeDevice<R>) -> Result<T<R>> {
         check_dtype("from_slice", device, dtype)?;
         let n = shape.num_elements()?;
