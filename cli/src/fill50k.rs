@@ -11,9 +11,11 @@
 //! named by the `source` field, the same way.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use lisa_trainer::TrainError;
 use lisa_trainer::data::{Dataset, Example};
+use lisa_trainer::tensor_file::TensorFile;
 
 use crate::image::{Resample, read_image};
 
@@ -50,44 +52,49 @@ pub const LATENTS_FILE: &str = "latents.safetensors";
 /// The name of the precomputed condition latents file in a dataset folder.
 pub const CONDITION_LATENTS_FILE: &str = "condition_latents.safetensors";
 
-/// A latents file's tensor of every entry, named by `name(entry)`, each `shape`, finite;
-/// errors name the entry's line of `prompt.json`. Returns the table and the file's digest.
+/// A latents file holding a tensor for every entry, named by `name(entry)`, each `shape`,
+/// finite; errors name the entry's line of `prompt.json`. The values are checked now, one
+/// tensor at a time, and read again when an example needs them (memory: one latent, whatever
+/// the dataset's size). Returns the file and its digest.
 fn latent_table(
     path: &Path,
     list: &Path,
     entries: &[Entry],
     name: impl Fn(&Entry) -> &str,
     shape: [usize; 3],
-) -> lisa_trainer::Result<(std::collections::BTreeMap<String, Vec<f32>>, String)> {
-    let bytes = std::fs::read(path).map_err(|error| TrainError::Io { path: path.to_path_buf(), error })?;
-    let file = lisa_trainer::weights::parse_safetensors(path, &bytes)?;
-    let mut table = std::collections::BTreeMap::new();
+) -> lisa_trainer::Result<(Arc<TensorFile>, String)> {
+    let file = TensorFile::open(path)?;
     for e in entries {
         let at =
             |reason: String| TrainError::Data { path: PathBuf::from(format!("{}:{}", list.display(), e.line)), reason };
         let key = name(e);
-        let (s, values) =
-            file.tensors.get(key).ok_or_else(|| at(format!("{} has no latent named {key:?}", path.display())))?;
-        if s.dims() != shape {
-            return Err(at(format!("the latent {key:?} in {} is {s}; the model reads {shape:?}", path.display())));
+        let s = file.shape(key).ok_or_else(|| at(format!("{} has no latent named {key:?}", path.display())))?;
+        if s != shape {
+            return Err(at(format!("the latent {key:?} in {} is {s:?}; the model reads {shape:?}", path.display())));
         }
-        if values.iter().any(|v| !v.is_finite()) {
+        if file.read(key)?.unwrap_or_default().iter().any(|v| !v.is_finite()) {
             return Err(at(format!("the latent {key:?} holds NaN or infinite values")));
         }
-        table.insert(key.to_string(), values.clone());
     }
-    Ok((table, lisa_trainer::weights::digest(&bytes)))
+    let digest = file.digest()?;
+    Ok((Arc::new(file), digest))
 }
 
-/// A Fill50K-format folder, read lazily (one example per [`Dataset::get`]; latents are read
-/// once, when opened).
+/// An example's latent from `table`, named `name`.
+fn latent(table: &TensorFile, name: &str, what: &str) -> lisa_trainer::Result<Vec<f32>> {
+    table.read(name)?.ok_or_else(|| TrainError::Mismatch(format!("no {what} for {name:?}")))
+}
+
+/// A Fill50K-format folder, read lazily (one example per [`Dataset::get`], its latents too;
+/// the latents are checked when opened).
 #[derive(Debug, Clone)]
 pub struct Fill50k {
     entries: Vec<Entry>,
     layout: Layout,
-    latents: Option<std::collections::BTreeMap<String, Vec<f32>>>,
+    /// Latents by `target` field.
+    latents: Option<Arc<TensorFile>>,
     /// Condition latents by `source` field.
-    hint_latents: Option<std::collections::BTreeMap<String, Vec<f32>>>,
+    hint_latents: Option<Arc<TensorFile>>,
     fingerprint: String,
     /// The SHA-256 of the target images' contents, in list order (None: read from latents).
     targets_digest: Option<String>,
@@ -227,10 +234,7 @@ impl Dataset for Fill50k {
                 .map_err(|err| TrainError::Data { path: path.to_path_buf(), reason: format!("{err:#}") })
         };
         let image = match &self.latents {
-            Some(table) => table
-                .get(&e.target_name)
-                .cloned()
-                .ok_or_else(|| TrainError::Mismatch(format!("no latent for {:?}", e.target_name)))?,
+            Some(table) => latent(table, &e.target_name, "latent")?,
             None => read(&e.target, self.layout.image[1], false, Resample::Smooth)?
                 .into_iter()
                 .map(|v| 2.0 * v - 1.0)
@@ -239,10 +243,7 @@ impl Dataset for Fill50k {
         // Grey outlines are max-pooled (a 1-px ring survives downscaling); RGB conditions
         // are resized and centre-cropped, as diffusers' training scripts do.
         let hint = match (&self.hint_latents, self.layout.hint[0]) {
-            (Some(table), _) => table
-                .get(&e.source_name)
-                .cloned()
-                .ok_or_else(|| TrainError::Mismatch(format!("no condition latent for {:?}", e.source_name)))?,
+            (Some(table), _) => latent(table, &e.source_name, "condition latent")?,
             (None, 1) => read(&e.source, self.layout.hint[1], true, Resample::Max)?,
             (None, _) => read(&e.source, self.layout.hint[1], false, Resample::CenterCrop)?,
         };

@@ -29,6 +29,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result, bail};
 use lisa_core::backend::{Backend, Shape};
 use lisa_trainer::model::sd::{MixedPrecision, Pipeline, SdxlTextEncoders, TextEncoder, Vae};
+use lisa_trainer::tensor_file::TensorFileWriter;
 use lisa_trainer::weights::{digest, host_to_safetensors, read_metadata, write_atomic};
 use serde::{Deserialize, Serialize};
 
@@ -500,7 +501,11 @@ pub(crate) fn write_latents<B: Backend>(
     let side = vae.config().latent_side(resolution).context("--resolution")?;
     let mut seen = BTreeSet::new();
     let items: Vec<_> = items.iter().filter(|(name, _, _)| seen.insert(name.clone())).collect();
-    let mut latents = Vec::new();
+    let shape = [vae.config().latent_channels, side, side];
+    let per: usize = shape.iter().product();
+    // Written as encoded: memory is one chunk of images, whatever the dataset's size.
+    let names: Vec<(String, Vec<usize>)> = items.iter().map(|(name, _, _)| (name.clone(), shape.to_vec())).collect();
+    let mut file = TensorFileWriter::create(path, &names, meta)?;
     for part in items.chunks(chunk) {
         let mut pixels = Vec::new();
         for (_, image, line) in part {
@@ -508,16 +513,11 @@ pub(crate) fn write_latents<B: Backend>(
                 .with_context(|| format!("{} (line {line} of prompt.json)", image.display()))?;
             pixels.extend(img.into_iter().map(|v| if signed { 2.0 * v - 1.0 } else { v }));
         }
-        latents.extend(vae.latents(&pixels, part.len(), resolution)?);
+        for latent in vae.latents(&pixels, part.len(), resolution)?.chunks_exact(per) {
+            file.push(latent)?;
+        }
     }
-    let shape = [vae.config().latent_channels, side, side];
-    let per: usize = shape.iter().product();
-    let tensors: Vec<(String, Shape, &[f32])> = items
-        .iter()
-        .enumerate()
-        .map(|(i, (name, _, _))| (name.clone(), Shape::new(shape), &latents[i * per..(i + 1) * per]))
-        .collect();
-    write_atomic(path, &host_to_safetensors(&tensors, meta.clone())?)?;
+    file.finish()?;
     Ok((items.len(), shape))
 }
 

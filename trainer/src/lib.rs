@@ -26,6 +26,7 @@ pub mod sample;
 pub mod scheduler;
 pub mod session;
 pub mod stream;
+pub mod tensor_file;
 pub mod train;
 pub mod validation;
 pub mod weights;
