@@ -27,10 +27,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, bail};
-use lisa_core::backend::{Backend, Shape};
-use lisa_trainer::model::sd::{MixedPrecision, Pipeline, SdxlTextEncoders, TextEncoder, Vae};
+use lisa_core::backend::Backend;
+use lisa_trainer::model::PromptEmbedding;
+use lisa_trainer::model::sd::{
+    MixedPrecision, Pipeline, PromptTableWriter, SdxlTextEncoders, TABLE_CHUNK, TextEncoder, Vae,
+};
 use lisa_trainer::tensor_file::TensorFileWriter;
-use lisa_trainer::weights::{digest, host_to_safetensors, read_metadata, write_atomic};
+use lisa_trainer::weights::{digest, read_metadata, write_atomic};
 use serde::{Deserialize, Serialize};
 
 use crate::fill50k::{Fill50k, LATENTS_FILE, Layout};
@@ -582,15 +585,16 @@ fn write_cache<B: Backend>(
                 precision.dtype(),
             )
             .with_context(loading)?;
-            let emb = text.embed(&refs)?;
-            let per = emb.tokens * emb.dim;
-            let tensors: Vec<(String, Shape, &[f32])> = prompts
-                .iter()
-                .enumerate()
-                .map(|(i, p)| (p.clone(), Shape::new([emb.tokens, emb.dim]), &emb.values[i * per..(i + 1) * per]))
-                .collect();
-            write_atomic(&files[1], &host_to_safetensors(&tensors, meta.clone())?)?;
-            (emb.truncated.iter().map(|&i| prompts[i].clone()).collect(), emb.tokens)
+            let mut tables = PromptTableWriter::new(&refs, (&files[1], None), &meta);
+            let (mut cut, mut tokens) = (Vec::new(), 0);
+            for chunk in refs.chunks(TABLE_CHUNK) {
+                let emb = text.embed(chunk)?;
+                cut.extend(emb.truncated.iter().map(|&i| chunk[i].to_string()));
+                tokens = emb.tokens;
+                tables.push(&PromptEmbedding::Text { values: emb.values, tokens, dim: emb.dim })?;
+            }
+            tables.finish()?;
+            (cut, tokens)
         }
     };
     for prompt in &cut {
@@ -615,6 +619,8 @@ fn write_cache<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lisa_core::backend::Shape;
+    use lisa_trainer::weights::host_to_safetensors;
 
     fn write_safetensors(path: &Path, note: &str) {
         let values = [0.5f32; 4];

@@ -89,7 +89,7 @@ impl<B: Backend> FluxTextEncoders<B> {
         Ok(PromptEmbedding::TextPooled { values, tokens, dim, pooled, pooled_dim })
     }
 
-    /// Encodes `prompts` once and writes the two tables a `flux` model reads
+    /// Encodes `prompts` once, a chunk at a time, and writes the two tables a `flux` model reads
     /// (`text_embeddings`: `[tokens, joint_attention_dim]` per prompt;
     /// `pooled_text_embeddings`: `[1, pooled_projection_dim]`), each named by its prompt, each
     /// file atomically with `metadata`: T5 need not be in memory while training.
@@ -101,7 +101,10 @@ impl<B: Backend> FluxTextEncoders<B> {
     ) -> Result<()> {
         let unique: Vec<&str> =
             prompts.iter().copied().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
-        let embedding = self.encode(&unique)?;
-        crate::model::sd::write_prompt_tables(&unique, &embedding, (text_path, Some(pooled_path)), metadata)
+        let mut tables = crate::model::sd::PromptTableWriter::new(&unique, (text_path, Some(pooled_path)), metadata);
+        for chunk in unique.chunks(crate::model::sd::TABLE_CHUNK) {
+            tables.push(&self.encode(chunk)?)?;
+        }
+        tables.finish()
     }
 }

@@ -13,7 +13,7 @@ use lisa_core::backend::{Backend, DType};
 
 use super::clip::{ClipTextModel, load_clip};
 use super::encoders::{cast_all, read_text_pair};
-use super::text::write_prompt_tables;
+use super::text::{PromptTableWriter, TABLE_CHUNK};
 use super::tokenizer::ClipTokenizer;
 use crate::autodiff::Tape;
 use crate::error::{Result, TrainError};
@@ -107,7 +107,7 @@ impl<B: Backend> SdxlTextEncoders<B> {
         Ok((PromptEmbedding::TextPooled { values, tokens, dim: width, pooled, pooled_dim }, truncated))
     }
 
-    /// Encodes `prompts` (each once) and writes the two tables an SDXL `sd` model reads:
+    /// Encodes `prompts` (each once, a chunk at a time) and writes the two tables an SDXL `sd` model reads:
     /// `text_embeddings` (`[tokens, width]` per prompt) and `pooled_text_embeddings` (`[1,
     /// pooled_dim]`), each named by its prompt, each file atomically with `metadata`. Returns
     /// the prompts the tokenizers cut.
@@ -119,8 +119,14 @@ impl<B: Backend> SdxlTextEncoders<B> {
     ) -> Result<Vec<String>> {
         let unique: Vec<&str> =
             prompts.iter().copied().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
-        let (embedding, truncated) = self.encode(&unique)?;
-        write_prompt_tables(&unique, &embedding, (text_path, Some(pooled_path)), metadata)?;
-        Ok(truncated.into_iter().map(|i| unique[i].to_string()).collect())
+        let mut tables = PromptTableWriter::new(&unique, (text_path, Some(pooled_path)), metadata);
+        let mut cut = Vec::new();
+        for chunk in unique.chunks(TABLE_CHUNK) {
+            let (embedding, truncated) = self.encode(chunk)?;
+            tables.push(&embedding)?;
+            cut.extend(truncated.into_iter().map(|i| chunk[i].to_string()));
+        }
+        tables.finish()?;
+        Ok(cut)
     }
 }

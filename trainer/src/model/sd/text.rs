@@ -5,15 +5,16 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
-use lisa_core::backend::Shape;
+use std::sync::Arc;
 
 use crate::error::{Result, TrainError};
 use crate::model::PromptEmbedding;
-use crate::weights::{bad, digest, host_to_safetensors, io, parse_safetensors, write_atomic};
+use crate::tensor_file::{TensorFile, TensorFileWriter};
+use crate::weights::bad;
 
-/// The prompts' embeddings.
-#[derive(Debug, Clone, PartialEq)]
+/// The prompts' embeddings, read from the file as they are looked up (memory: one batch's,
+/// whatever the number of prompts).
+#[derive(Debug, Clone)]
 pub struct PromptTable {
     /// Where they were read from.
     pub path: PathBuf,
@@ -23,39 +24,45 @@ pub struct PromptTable {
     pub dim: usize,
     /// The file's sha256 (checkpoints record what the model was trained with).
     pub digest: String,
-    table: BTreeMap<String, Vec<f32>>,
+    file: Arc<TensorFile>,
+}
+
+impl PartialEq for PromptTable {
+    /// The same file with the same contents.
+    fn eq(&self, other: &Self) -> bool {
+        (&self.path, self.tokens, self.dim, &self.digest) == (&other.path, other.tokens, other.dim, &other.digest)
+    }
 }
 
 impl PromptTable {
-    /// Reads `path`; every tensor must be `[tokens, dim]` with one shape for all and
-    /// `dim = cross_attention_dim`, finite.
+    /// Reads `path`'s header and checks every tensor, one at a time: each must be `[tokens,
+    /// dim]` with one shape for all and `dim = cross_attention_dim`, finite.
     pub fn read(path: &Path, cross_attention_dim: usize) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(io(path))?;
-        let file = parse_safetensors(path, &bytes)?;
+        let file = TensorFile::open(path)?;
         let mut shape = None;
-        let mut table = BTreeMap::new();
-        for (prompt, (s, values)) in file.tensors {
-            let dims: [usize; 2] = s.dims().try_into().map_err(|_| {
-                bad(path, format!("the embedding of prompt {prompt:?} has shape {s}, expected [tokens, dim]"))
+        for prompt in file.names() {
+            let s = file.shape(prompt).unwrap_or_default();
+            let dims: [usize; 2] = s.try_into().map_err(|_| {
+                bad(path, format!("the embedding of prompt {prompt:?} has shape {s:?}, expected [tokens, dim]"))
             })?;
             if dims[1] != cross_attention_dim || dims[0] == 0 {
                 return Err(bad(
                     path,
                     format!(
-                        "the embedding of prompt {prompt:?} is {s}; the UNet reads [tokens, {cross_attention_dim}]"
+                        "the embedding of prompt {prompt:?} is {s:?}; the UNet reads [tokens, {cross_attention_dim}]"
                     ),
                 ));
             }
             if *shape.get_or_insert(dims) != dims {
-                return Err(bad(path, format!("prompt {prompt:?} has {s}; the others {:?}", shape.unwrap_or(dims))));
+                return Err(bad(path, format!("prompt {prompt:?} has {s:?}; the others {:?}", shape.unwrap_or(dims))));
             }
-            if values.iter().any(|v| !v.is_finite()) {
+            if file.read(prompt)?.unwrap_or_default().iter().any(|v| !v.is_finite()) {
                 return Err(bad(path, format!("the embedding of prompt {prompt:?} holds NaN or infinite values")));
             }
-            table.insert(prompt, values);
         }
         let [tokens, dim] = shape.ok_or_else(|| bad(path, "holds no prompt embeddings"))?;
-        Ok(Self { path: path.to_path_buf(), tokens, dim, digest: digest(&bytes), table })
+        let digest = file.digest()?;
+        Ok(Self { path: path.to_path_buf(), tokens, dim, digest, file: Arc::new(file) })
     }
 
     /// Checks this table's digest against the one a model was described with (`recorded`,
@@ -78,18 +85,23 @@ impl PromptTable {
     pub fn lookup(&self, prompts: &[&str]) -> Result<Vec<f32>> {
         let mut out = Vec::with_capacity(prompts.len() * self.tokens * self.dim);
         for p in prompts {
-            let e = self.table.get(*p).ok_or_else(|| {
+            let e = self.file.read(p)?.ok_or_else(|| {
                 TrainError::Mismatch(format!(
                     "prompt {p:?} has no embedding in {}{}",
                     self.path.display(),
                     if p.is_empty() { " (the null prompt: its tensor is named \"\")" } else { "" }
                 ))
             })?;
-            out.extend_from_slice(e);
+            out.extend_from_slice(&e);
         }
         Ok(out)
     }
 }
+
+/// Prompts encoded per call while tables are written: memory stays bounded (T5's 512 × 4096
+/// per prompt makes 32 prompts 270 MB) whatever the number of prompts; a multiple of the
+/// encoders' own chunks.
+pub const TABLE_CHUNK: usize = 32;
 
 /// Writes the prompt tables of `embedding`, the encoding of `prompts` (one row each): the text
 /// tokens, one `[tokens, dim]` tensor per prompt, to `text`; and for pooled text, one
@@ -98,36 +110,85 @@ impl PromptTable {
 pub fn write_prompt_tables(
     prompts: &[&str],
     embedding: &PromptEmbedding,
-    (text, pooled): (&Path, Option<&Path>),
+    paths: (&Path, Option<&Path>),
     metadata: &BTreeMap<String, String>,
 ) -> Result<()> {
-    let (values, tokens, dim, pools) = match embedding {
-        PromptEmbedding::Text { values, tokens, dim } => (values, *tokens, *dim, None),
-        PromptEmbedding::TextPooled { values, tokens, dim, pooled, pooled_dim } => {
-            (values, *tokens, *dim, Some((pooled, *pooled_dim)))
+    let mut tables = PromptTableWriter::new(prompts, paths, metadata);
+    tables.push(embedding)?;
+    tables.finish()
+}
+
+/// [`write_prompt_tables`] as the encoders make the rows, a chunk of prompts at a time: only
+/// one chunk's embeddings are in memory.
+pub struct PromptTableWriter {
+    prompts: Vec<String>,
+    paths: (PathBuf, Option<PathBuf>),
+    metadata: BTreeMap<String, String>,
+    /// The text and pooled files, started at the first rows (which give the shapes).
+    files: Option<(TensorFileWriter, Option<TensorFileWriter>)>,
+    /// Rows written so far.
+    done: usize,
+}
+
+impl PromptTableWriter {
+    /// Tables for `prompts` (their rows to come in this order) at `text` and, for pooled text,
+    /// `pooled`, with `metadata`.
+    pub fn new(prompts: &[&str], (text, pooled): (&Path, Option<&Path>), metadata: &BTreeMap<String, String>) -> Self {
+        Self {
+            prompts: prompts.iter().map(|p| p.to_string()).collect(),
+            paths: (text.to_path_buf(), pooled.map(Path::to_path_buf)),
+            metadata: metadata.clone(),
+            files: None,
+            done: 0,
         }
-        _ => return Err(TrainError::Internal("prompt tables hold text embeddings")),
-    };
-    let per = tokens * dim;
-    if values.len() != prompts.len() * per {
-        return Err(TrainError::Internal("one text embedding per prompt"));
     }
-    let rows: Vec<(String, Shape, &[f32])> = prompts
-        .iter()
-        .enumerate()
-        .map(|(i, p)| (p.to_string(), Shape::new([tokens, dim]), &values[i * per..(i + 1) * per]))
-        .collect();
-    write_atomic(text, &host_to_safetensors(&rows, metadata.clone())?)?;
-    match (pools, pooled) {
-        (Some((pools, d)), Some(path)) => {
-            let rows: Vec<(String, Shape, &[f32])> = prompts
-                .iter()
-                .enumerate()
-                .map(|(i, p)| (p.to_string(), Shape::new([1, d]), &pools[i * d..(i + 1) * d]))
-                .collect();
-            write_atomic(path, &host_to_safetensors(&rows, metadata.clone())?)
+
+    /// Writes the rows of the next prompts (`embedding` encodes them, in order).
+    pub fn push(&mut self, embedding: &PromptEmbedding) -> Result<()> {
+        let (values, tokens, dim, pools) = match embedding {
+            PromptEmbedding::Text { values, tokens, dim } => (values, *tokens, *dim, None),
+            PromptEmbedding::TextPooled { values, tokens, dim, pooled, pooled_dim } => {
+                (values, *tokens, *dim, Some((pooled, *pooled_dim)))
+            }
+            _ => return Err(TrainError::Internal("prompt tables hold text embeddings")),
+        };
+        let per = tokens * dim;
+        let n = values.len().checked_div(per).unwrap_or(0);
+        if per == 0 || values.len() != n * per || self.done + n > self.prompts.len() {
+            return Err(TrainError::Internal("one text embedding per prompt"));
         }
-        (None, None) => Ok(()),
-        _ => Err(TrainError::Internal("a pooled table is written exactly for pooled text")),
+        if pools.is_some_and(|(p, d)| p.len() != n * d) {
+            return Err(TrainError::Internal("one pooled embedding per prompt"));
+        }
+        if self.files.is_none() {
+            let names = |shape: [usize; 2]| -> Vec<(String, Vec<usize>)> {
+                self.prompts.iter().map(|p| (p.clone(), shape.to_vec())).collect()
+            };
+            let text = TensorFileWriter::create(&self.paths.0, &names([tokens, dim]), &self.metadata)?;
+            let pooled = match (pools, &self.paths.1) {
+                (Some((_, d)), Some(path)) => Some(TensorFileWriter::create(path, &names([1, d]), &self.metadata)?),
+                (None, None) => None,
+                _ => return Err(TrainError::Internal("a pooled table is written exactly for pooled text")),
+            };
+            self.files = Some((text, pooled));
+        }
+        let (text, pooled) = self.files.as_mut().ok_or(TrainError::Internal("prompt table files"))?;
+        for row in values.chunks_exact(per) {
+            text.push(row)?;
+        }
+        if let (Some(file), Some((pools, d))) = (pooled, pools) {
+            for row in pools.chunks_exact(d) {
+                file.push(row)?;
+            }
+        }
+        self.done += n;
+        Ok(())
+    }
+
+    /// Checks that every prompt's rows came, and puts the files in place.
+    pub fn finish(self) -> Result<()> {
+        let (text, pooled) = self.files.ok_or(TrainError::Internal("prompt tables without prompts"))?;
+        text.finish()?;
+        pooled.map_or(Ok(()), TensorFileWriter::finish)
     }
 }

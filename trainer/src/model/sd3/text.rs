@@ -132,7 +132,7 @@ impl<B: Backend> Sd3TextEncoders<B> {
         Ok(PromptEmbedding::TextPooled { values, tokens, dim: width, pooled, pooled_dim })
     }
 
-    /// Encodes `prompts` once and writes the two tables an `sd3` model reads
+    /// Encodes `prompts` once, a chunk at a time, and writes the two tables an `sd3` model reads
     /// (`text_embeddings`: `[tokens, width]` per prompt; `pooled_text_embeddings`: `[1,
     /// pooled_dim]`), each named by its prompt, each file atomically with `metadata`: T5 need
     /// not be in memory while training.
@@ -144,7 +144,10 @@ impl<B: Backend> Sd3TextEncoders<B> {
     ) -> Result<()> {
         let unique: Vec<&str> =
             prompts.iter().copied().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
-        let embedding = self.encode(&unique)?;
-        crate::model::sd::write_prompt_tables(&unique, &embedding, (text_path, Some(pooled_path)), metadata)
+        let mut tables = crate::model::sd::PromptTableWriter::new(&unique, (text_path, Some(pooled_path)), metadata);
+        for chunk in unique.chunks(crate::model::sd::TABLE_CHUNK) {
+            tables.push(&self.encode(chunk)?)?;
+        }
+        tables.finish()
     }
 }
