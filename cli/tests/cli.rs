@@ -357,8 +357,10 @@ fn trains_on_a_fill50k_folder_and_reports_its_bad_files() {
         "latest",
     ];
     fails_with(&lisa(&resume), "trained on other data");
-    // A corrupt image is named, with its line, before any step.
+    // A corrupt image is named, with its line, before any step: the first in file order,
+    // though the examples are checked on several threads.
     std::fs::write(data.join("target/3.png"), b"\x89PNG\r\n\x1a\nnot an image").unwrap();
+    std::fs::write(data.join("target/5.png"), b"\x89PNG\r\n\x1a\nnot an image either").unwrap();
     std::fs::remove_dir_all(d.join("run")).unwrap();
     fails_with(&train(), "target/3.png");
     fails_with(&train(), "line 4 of prompt.json");
