@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail};
 use lisa_core::backend::Backend;
 use lisa_trainer::data::Dataset;
 use lisa_trainer::model::sd::{MixedPrecision, Vae};
-use lisa_trainer::model::sd3::{Sd3Pipeline, Sd3TextEncoders, Sd3Training};
+use lisa_trainer::model::sd3::{Sd3Pipeline, Sd3Spec, Sd3TextEncoders, Sd3Training};
 use lisa_trainer::scheduler::FlowWeighting;
 use lisa_trainer::weights::digest;
 
@@ -122,6 +122,11 @@ pub fn prepare<B: Backend>(
     file.model = pipeline.controlnet_spec(controlnet, layers, size, precision, &file.model.decoder)?;
     file.train.noise = pipeline.noise(training);
     lisa_trainer::scheduler::NoiseProcess::new(&file.train.noise)?;
+    // The joint text: 77 CLIP tokens, then T5's.
+    let text_tokens = 77 + a.max_sequence_length;
+    let ema = file.train.ema_decay.is_some();
+    let needed = Sd3Spec::from_spec(&file.model)?.training_bytes(file.train.batch_size, text_tokens, ema)?;
+    crate::config::check_training_bytes::<B>(needed, &device)?;
     let (validation, prompts) = LatentValidationFiles::from_flags(
         &a.validation_image,
         &a.validation_prompt,

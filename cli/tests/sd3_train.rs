@@ -187,6 +187,9 @@ fn bad_sd3_runs_are_named_before_training() {
         &train(&pipe, &data, &out, &["--controlnet-num-layers", "2", "--weighting-scheme", "beta"]),
         "--weighting-scheme",
     );
+    // Memory for the weights, optimizer state and activations is counted before any is read.
+    let long = ["--controlnet-num-layers", "2", "--max-sequence-length", "1000000000"];
+    fails_with(&train(&pipe, &data, &out, &long), "needs at least");
     let image = data.join("source/0.png");
     let validate = ["--controlnet-num-layers", "2", "--validation-image", s(&image)];
     fails_with(&train(&pipe, &data, &out, &validate), "--validation-image needs --validation-prompt");

@@ -202,3 +202,30 @@ fn a_controlnet_from_the_transformer_saves_and_loads_as_diffusers_does() {
         eprintln!("kept {}", out.display());
     }
 }
+
+/// The memory check before a run counts the weights from the configs alone, exactly: the
+/// tiny fixtures' weight files (SD3: an extra condition channel; SD3.5: dual attention and
+/// RMS q/k norms) hold that many numbers, the transformer's last block without its text
+/// outputs included.
+#[test]
+fn parameter_counts_match_the_weight_files() {
+    use lisa_trainer::model::sd3::Sd3ControlNetExtras;
+    let numbers_in = |dir: &Path| -> u128 {
+        let (tensors, _) = read(&dir.join("diffusion_pytorch_model.safetensors"));
+        tensors.values().map(|(shape, _)| shape.num_elements().unwrap() as u128).sum()
+    };
+    for case in ["sd3", "sd35"] {
+        let dir = fixture(case);
+        let transformer =
+            Sd3Config::from_transformer_json(&read_json_config(&dir.join("transformer")).unwrap()).unwrap();
+        assert_eq!(transformer.parameter_count(None), numbers_in(&dir.join("transformer")), "{case} transformer");
+        let (controlnet, extras) =
+            Sd3Config::from_controlnet_json(&read_json_config(&dir.join("controlnet")).unwrap()).unwrap();
+        assert_eq!(controlnet.parameter_count(Some(extras)), numbers_in(&dir.join("controlnet")), "{case} ControlNet");
+        // More condition channels widen the condition's patch embedding only.
+        let wider =
+            Sd3ControlNetExtras { extra_conditioning_channels: extras.extra_conditioning_channels + 1, ..extras };
+        let per_channel = (transformer.patch_size.pow(2) * transformer.inner_dim()) as u128;
+        assert_eq!(controlnet.parameter_count(Some(wider)), controlnet.parameter_count(Some(extras)) + per_channel);
+    }
+}

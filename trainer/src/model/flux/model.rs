@@ -236,9 +236,9 @@ impl FluxSpec {
     }
 }
 
-/// Token-by-width tensors per block and sample [`FluxSpec::training_bytes`] counts (a block
-/// keeps more: its normed inputs, q, k, v, attention output and MLP hidden).
-pub const ACTIVATIONS_PER_BLOCK: u128 = 4;
+/// Token-by-width tensors per block and sample [`FluxSpec::training_bytes`] counts: the
+/// flow transformers' floor (SD3's, [`crate::model::sd3::ACTIVATIONS_PER_BLOCK`]).
+pub use crate::model::sd3::ACTIVATIONS_PER_BLOCK;
 
 /// A hook must name one of the ControlNet's blocks.
 fn check_hook(controlnet: &FluxConfig, hook: HookLayer) -> Result<()> {

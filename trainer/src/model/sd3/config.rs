@@ -236,6 +236,52 @@ impl Sd3Config {
         Ok(grid)
     }
 
+    /// The numbers in the weights file of the transformer with this config (`controlnet`:
+    /// None) or of a ControlNet with it (`Some(extras)`): diffusers' parameters plus the
+    /// stored sin-cos position table (`pos_embed.pos_embed`, a buffer of `pos_embed_max_size`²
+    /// × width). Counted from diffusers' modules: the patch embedding, the timestep and
+    /// pooled-text embedding, the context embedder; per joint block the AdaLN-Zero modulations
+    /// (6d, 9d with the second attention of SD3.5's dual blocks; 2d for the text of the
+    /// transformer's last block, which ends the text stream), q, k, v for both streams, their
+    /// outputs, the optional RMS q/k norms, and the two GELU MLPs (4d); the transformer ends
+    /// with `norm_out` and `proj_out`, a ControlNet has instead one zero linear per block and
+    /// the condition's patch embedding.
+    pub fn parameter_count(&self, controlnet: Option<Sd3ControlNetExtras>) -> u128 {
+        let (d, head, patch) = (self.inner_dim() as u128, self.attention_head_dim as u128, self.patch_size as u128);
+        let linear = |i: u128, o: u128| i * o + o;
+        let patch_embed = |channels: u128| linear(channels * patch * patch, d);
+        let norms = if self.qk_norm.is_some() { 1 } else { 0 };
+        let embeddings = (self.pos_embed_max_size as u128).pow(2) * d
+            + patch_embed(self.in_channels as u128)
+            + linear(256, d)
+            + linear(d, d)
+            + linear(self.pooled_projection_dim as u128, d)
+            + linear(d, d)
+            + linear(self.joint_attention_dim as u128, self.caption_projection_dim as u128);
+        let mlp = linear(d, 4 * d) + linear(4 * d, d);
+        let block = |i: usize| {
+            let dual = self.dual_attention_layers.contains(&i);
+            // The transformer's last block ends the text stream (diffusers' context_pre_only).
+            let last = controlnet.is_none() && i + 1 == self.num_layers;
+            let image = linear(d, if dual { 9 } else { 6 } * d) + 4 * linear(d, d) + 2 * norms * head + mlp;
+            let second = if dual { 4 * linear(d, d) + 2 * norms * head } else { 0 };
+            let text =
+                if last { linear(d, 2 * d) + 3 * linear(d, d) } else { linear(d, 6 * d) + 4 * linear(d, d) + mlp }
+                    + 2 * norms * head;
+            image + second + text
+        };
+        let blocks: u128 = (0..self.num_layers).map(block).sum();
+        embeddings
+            + blocks
+            + match controlnet {
+                None => linear(d, 2 * d) + linear(d, patch * patch * self.out_channels as u128),
+                Some(extras) => {
+                    self.num_layers as u128 * linear(d, d)
+                        + patch_embed((self.in_channels + extras.extra_conditioning_channels) as u128)
+                }
+            }
+    }
+
     /// The ControlNet's settings must match the transformer's in everything it shares
     /// (`num_layers` aside: a ControlNet has fewer blocks).
     pub fn check_controlnet(&self, controlnet: &Sd3Config) -> Result<()> {

@@ -171,7 +171,38 @@ impl Sd3Spec {
         let r = self.resolve()?;
         check_hook(&r.controlnet, decoder.hook_or(DEFAULT_HOOK))
     }
+
+    /// The numbers in the weights of the transformer and of the ControlNet this spec trains
+    /// (exact, [`Sd3Config::parameter_count`]).
+    pub fn parameter_counts(&self) -> Result<(u128, u128)> {
+        let r = self.resolve()?;
+        Ok((r.transformer.parameter_count(None), r.controlnet.parameter_count(Some(r.extras))))
+    }
+
+    /// About how many bytes training this model takes with batches of `batch` and
+    /// `text_tokens` text tokens (77 CLIP + T5's), before anything is allocated: the frozen
+    /// transformer in its storage type; the ControlNet's weights, gradients and two AdamW
+    /// moments in f32 (and its EMA with `ema`); and per sample,
+    /// [`ACTIVATIONS_PER_BLOCK`] token-by-width f32 tensors (image and text
+    /// tokens) for every block of both networks the backward passes through (a floor, not a
+    /// bound), as for Flux.
+    pub fn training_bytes(&self, batch: usize, text_tokens: usize, ema: bool) -> Result<u128> {
+        let r = self.resolve()?;
+        let main_bytes = self.mixed_precision.dtype().size_bytes() as u128;
+        let side_bytes = if ema { 20 } else { 16 };
+        let (main, side) = self.parameter_counts()?;
+        let params = main * main_bytes + side * side_bytes;
+        let blocks = (r.transformer.num_layers + r.controlnet.num_layers) as u128;
+        let tokens = (r.grid as u128).pow(2) + text_tokens as u128;
+        let per_sample = blocks * ACTIVATIONS_PER_BLOCK * tokens * r.transformer.inner_dim() as u128 * 4;
+        Ok(params + batch as u128 * per_sample)
+    }
 }
+
+/// Token-by-width tensors per block and sample the flow transformers' memory checks count
+/// ([`Sd3Spec::training_bytes`], Flux's): a block keeps more (its normed inputs, q, k, v,
+/// attention output and MLP hidden), so the count is a floor.
+pub const ACTIVATIONS_PER_BLOCK: u128 = 4;
 
 /// A hook must name one of the ControlNet's blocks.
 fn check_hook(controlnet: &Sd3Config, hook: HookLayer) -> Result<()> {
