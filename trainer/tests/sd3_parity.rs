@@ -206,9 +206,11 @@ fn a_controlnet_from_the_transformer_saves_and_loads_as_diffusers_does() {
 /// The memory check before a run counts the weights from the configs alone, exactly: the
 /// tiny fixtures' weight files (SD3: an extra condition channel; SD3.5: dual attention and
 /// RMS q/k norms) hold that many numbers, the transformer's last block without its text
-/// outputs included.
+/// outputs included, and at SD3-medium's and SD3.5-large's sizes it is what diffusers 0.42.1
+/// makes (`scripts/goldens/diffusers_parameter_counts.py`, same configs: the parameters and
+/// the stored position table).
 #[test]
-fn parameter_counts_match_the_weight_files() {
+fn parameter_counts_match_the_weight_files_and_diffusers_at_real_size() {
     use lisa_trainer::model::sd3::Sd3ControlNetExtras;
     let numbers_in = |dir: &Path| -> u128 {
         let (tensors, _) = read(&dir.join("diffusion_pytorch_model.safetensors"));
@@ -228,4 +230,18 @@ fn parameter_counts_match_the_weight_files() {
         let per_channel = (transformer.patch_size.pow(2) * transformer.inner_dim()) as u128;
         assert_eq!(controlnet.parameter_count(Some(wider)), controlnet.parameter_count(Some(extras)) + per_channel);
     }
+    let real = |heads: usize, layers: usize, qk_norm: Option<&str>| {
+        let config = json!({
+            "sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": layers,
+            "attention_head_dim": 64, "num_attention_heads": heads, "joint_attention_dim": 4096,
+            "caption_projection_dim": heads * 64, "pooled_projection_dim": 2048, "out_channels": 16,
+            "pos_embed_max_size": 192, "qk_norm": qk_norm
+        });
+        let transformer = Sd3Config::from_transformer_json(config.as_object().unwrap()).unwrap();
+        let controlnet = transformer.controlnet_from_transformer(12).unwrap();
+        let extras = Sd3ControlNetExtras { extra_conditioning_channels: 0, force_zeros_for_pooled_projection: true };
+        (transformer.parameter_count(None), controlnet.parameter_count(Some(extras)))
+    };
+    assert_eq!(real(24, 24, None), (2_084_951_104, 1_119_478_272), "SD3-medium");
+    assert_eq!(real(38, 38, Some("rms_norm")), (8_146_280_768, 2_744_376_448), "SD3.5-large");
 }
