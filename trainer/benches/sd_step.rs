@@ -4,19 +4,22 @@
 //! (UNet 2.6 B, ControlNet 1.25 B, 128×128 latents, 77 tokens of 2048, pooled text and time
 //! ids); `LISA_BENCH_MODEL=flux` FLUX.1-dev (transformer 11.9 B, a ControlNet of 4 + 4 blocks
 //! made from it, 2.05 B, 512 px: 64×64 latents, 512 T5 tokens of 4096, pooled CLIP text,
-//! guidance 3.5). A model the CPU's memory cannot hold is said and skipped.
+//! guidance 3.5); `LISA_BENCH_MODEL=sd3` SD3-medium (transformer 2.08 B, a ControlNet of 12
+//! blocks made from it, 1.12 B, as train_controlnet_sd3.py; 512 px: 64×64 latents, 77 CLIP +
+//! 77 T5 tokens of 4096, pooled text of 2048). A model the CPU's memory cannot hold is said
+//! and skipped.
 //! `LISA_BENCH_STEPS=N`, default 2 per arm; `LISA_BENCH_BATCH=N`, default 1;
 //! `LISA_BENCH_BACKEND=cpu|wgpu|cuda`, default cpu, the GPU ones with the trainer's feature of
 //! that name, where each arm also prints the device memory cubecl's pools reserved, the
 //! largest after any step.
 //! Without `--bench` (under `cargo test --all-targets`) it runs one step of each arm on the
-//! tiny golden-file configurations (SD 1.5-like, SDXL-like and Flux-like) instead.
+//! tiny golden-file configurations (SD 1.5-like, SDXL-like, Flux-like and SD3-like) instead.
 //!
 //! A step is what training does: the frozen main network's encoding under no-grad, the
 //! ControlNet, the main network with residuals, the losses, the backward into the ControlNet
 //! (and the LISA decoder), and AdamW on every trainable tensor. LISA adds the prior pass (the
 //! main network again, without residuals, no grad) and the decoder hooked at `down_5` (as the
-//! LISA authors do) or, for Flux, `block_0`. Prints the step times, their ratio and the peak
+//! LISA authors do) or, for Flux and SD3, `block_0`. Prints the step times, their ratio and the peak
 //! resident memory.
 //! `LISA_BENCH_ARMS=lisa-ckpt` runs the LISA step with gradient checkpointing (one arm per
 //! process gives each arm's own peak memory). `LISA_BENCH_PRECISION=bf16|fp16` trains under
@@ -49,7 +52,7 @@ fn rss_kib(field: &str) -> u64 {
 }
 
 /// The model a bench run measures: its architecture and `[model]` keys, latent side, text
-/// tokens, token width and pooled width (SDXL, Flux).
+/// tokens, token width and pooled width (SDXL, Flux, SD3).
 struct BenchModel {
     name: &'static str,
     architecture: &'static str,
@@ -61,7 +64,7 @@ struct BenchModel {
 }
 
 impl BenchModel {
-    /// `LISA_BENCH_MODEL`'s model (`sd15`, the default, `sdxl` or `flux`) at its real size, or
+    /// `LISA_BENCH_MODEL`'s model (`sd15`, the default, `sdxl`, `flux` or `sd3`) at its real size, or
     /// the tiny golden-file configuration of that family.
     fn new(family: &str, full: bool) -> Self {
         let fixture = |path: &str| -> serde_json::Value {
@@ -77,6 +80,8 @@ impl BenchModel {
                 "latent_size": side
             })
         };
+        // A ControlNet of `layers` blocks made from the SD3 transformer, `side` latents.
+        let sd3 = |transformer: serde_json::Value, layers: usize, side: usize| json!({ "transformer": transformer, "controlnet_layers": layers, "latent_size": side });
         let (name, architecture, config, side, tokens, width, pooled) = match (family, full) {
             ("sd15", true) => (
                 "SD 1.5 size",
@@ -131,20 +136,42 @@ impl BenchModel {
                 4096,
                 Some(768),
             ),
+            // stable-diffusion-3-medium-diffusers' transformer/config.json; train_controlnet_sd3.py's
+            // 512 px, 12 ControlNet blocks and 77 T5 tokens after CLIP's 77.
+            ("sd3", true) => (
+                "SD3-medium size",
+                "sd3",
+                sd3(
+                    json!({
+                        "_class_name": "SD3Transformer2DModel", "sample_size": 128, "patch_size": 2,
+                        "in_channels": 16, "num_layers": 24, "attention_head_dim": 64, "num_attention_heads": 24,
+                        "joint_attention_dim": 4096, "caption_projection_dim": 1536, "pooled_projection_dim": 2048,
+                        "out_channels": 16, "pos_embed_max_size": 192
+                    }),
+                    12,
+                    64,
+                ),
+                64,
+                154,
+                4096,
+                Some(2048),
+            ),
             ("sd15", false) => ("tiny SD 1.5-like", "sd", unet(fixture("sd/sd15/unet")), 8, 5, 12, None),
             ("sdxl", false) => ("tiny SDXL-like", "sd", unet(fixture("sd/sdxl/unet")), 8, 5, 12, Some(10)),
             ("flux", false) => {
                 ("tiny Flux-like", "flux", flux(fixture("flux/dev/transformer"), 1, 8), 8, 5, 12, Some(10))
             }
-            (other, _) => panic!("LISA_BENCH_MODEL: unknown model {other:?} (sd15, sdxl, flux)"),
+            ("sd3", false) => ("tiny SD3-like", "sd3", sd3(fixture("sd3/sd3/transformer"), 2, 8), 8, 5, 12, Some(10)),
+            (other, _) => panic!("LISA_BENCH_MODEL: unknown model {other:?} (sd15, sdxl, flux, sd3)"),
         };
         let serde_json::Value::Object(config) = config else { unreachable!("the configs above are objects") };
         BenchModel { name, architecture, config, side, tokens, width, pooled }
     }
 
-    /// The LISA decoder's hook: `down_5` on a UNet's ControlNet, the first block on Flux's.
+    /// The LISA decoder's hook: `down_5` on a UNet's ControlNet, the first block on a flow
+    /// transformer's (Flux, SD3).
     fn hook(&self) -> &'static str {
-        if self.architecture == "flux" { "block_0" } else { "down_5" }
+        if self.architecture == "sd" { "down_5" } else { "block_0" }
     }
 
     /// The spec this bench trains (`precision`: the `mixed_precision` key).
@@ -163,19 +190,27 @@ impl BenchModel {
     /// At least how many bytes training `spec` with batches of `batch` takes, and the
     /// parameter counts (main, ControlNet) behind it.
     fn training_bytes(&self, spec: &ModelSpec, batch: usize) -> (u128, u128, u128) {
-        use lisa_trainer::model::{flux, sd};
-        if self.architecture == "flux" {
-            let f = flux::FluxSpec::from_spec(spec).unwrap();
-            let (main, side) = f.parameter_counts().unwrap();
-            (f.training_bytes(batch, self.tokens, false).unwrap(), main, side)
-        } else {
-            let sd = sd::SdSpec::from_spec(spec).unwrap();
-            let params = sd.parameter_estimate().unwrap();
-            (sd.training_bytes(batch, false).unwrap(), params.unet, params.controlnet)
+        use lisa_trainer::model::{flux, sd, sd3};
+        match self.architecture {
+            "flux" => {
+                let f = flux::FluxSpec::from_spec(spec).unwrap();
+                let (main, side) = f.parameter_counts().unwrap();
+                (f.training_bytes(batch, self.tokens, false).unwrap(), main, side)
+            }
+            "sd3" => {
+                let s = sd3::Sd3Spec::from_spec(spec).unwrap();
+                let (main, side) = s.parameter_counts().unwrap();
+                (s.training_bytes(batch, self.tokens, false).unwrap(), main, side)
+            }
+            _ => {
+                let sd = sd::SdSpec::from_spec(spec).unwrap();
+                let params = sd.parameter_estimate().unwrap();
+                (sd.training_bytes(batch, false).unwrap(), params.unet, params.controlnet)
+            }
         }
     }
 
-    /// `n` random prompts (seed `seed`), with pooled text for SDXL and Flux.
+    /// `n` random prompts (seed `seed`), with pooled text for SDXL, Flux and SD3.
     fn prompts<B: Backend>(&self, n: usize, seed: u64, device: &B::Device) -> PromptEmbedding {
         let random = |len: usize, seed: u64| -> Vec<f32> {
             B::to_vec(&B::random_normal(&Shape::new([len]), seed, DType::F32, device).unwrap()).unwrap()
@@ -246,9 +281,9 @@ fn run<B: Backend>(device: B::Device, label: &str, device_memory: &dyn Fn() -> O
     let full = std::env::args().any(|a| a == "--bench");
     match std::env::var("LISA_BENCH_MODEL") {
         Ok(family) => run_model::<B>(&BenchModel::new(&family, full), &device, label, device_memory),
-        // `cargo test` smoke-runs both families' tiny configurations; the bench measures SD 1.5.
+        // `cargo test` smoke-runs every family's tiny configuration; the bench measures SD 1.5.
         Err(_) if !full => {
-            for family in ["sd15", "sdxl", "flux"] {
+            for family in ["sd15", "sdxl", "flux", "sd3"] {
                 run_model::<B>(&BenchModel::new(family, full), &device, label, device_memory);
             }
         }
@@ -414,7 +449,7 @@ fn run_model<B: Backend>(bench: &BenchModel, device: &B::Device, label: &str, de
 }
 
 /// Sampling with the ControlNet, no classifier-free guidance, as diffusers' pipeline does it
-/// (DDIM for SD, Euler for Flux)
+/// (DDIM for SD, Euler for Flux and SD3)
 /// (`LISA_BENCH_SAMPLE_STEPS`, default 20; `LISA_BENCH_SAMPLE_IMAGES`, default 4; the tiny
 /// configuration samples 2 steps of 1 image): one timed run, with the peak memory.
 fn sample_arm<B: Backend>(
@@ -443,6 +478,17 @@ fn sample_arm<B: Backend>(
             },
             Sampler::Euler,
         ),
+        // SD3's FlowMatchEulerDiscreteScheduler: shift 3, no dynamic shifting.
+        "sd3" => (
+            NoiseConfig::Flow {
+                shift: Some(3.0),
+                weighting: Default::default(),
+                num_train_timesteps: Some(1000),
+                precondition_outputs: false,
+                sampling_shift: None,
+            },
+            Sampler::Euler,
+        ),
         _ => (
             NoiseConfig::Diffusion {
                 betas: lisa_core::schedule::BetaSchedule::SD_SCALED_LINEAR,
@@ -464,14 +510,14 @@ fn sample_arm<B: Backend>(
     };
     println!(
         "  sample   {}-{steps} of {n} image(s) {seconds:>8.2} s ({:.3} s per step), peak RSS {:.2} GiB{device_mem}",
-        if bench.architecture == "flux" { "Euler" } else { "DDIM" },
+        if bench.architecture == "sd" { "DDIM" } else { "Euler" },
         seconds / steps as f64,
         rss_kib("VmHWM:") as f64 / (1 << 20) as f64
     );
 }
 
 /// The shapes of a batch of `n`: the latents, and the condition the ControlNet reads (pixels
-/// at 8× the latent side for SD, VAE latents of the sample's shape for Flux).
+/// at 8× the latent side for SD, VAE latents of the sample's shape for Flux and SD3).
 fn bench_inputs<B: Backend>(model: &dyn lisa_trainer::model::DualDenoiser<B>, n: usize) -> (Shape, Shape) {
     let [c, h, w] = model.sample_shape();
     let hint = if model.latent_hints() { [n, model.hint_channels(), h, w] } else { [n, 3, 8 * h, 8 * w] };
