@@ -29,9 +29,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result, bail};
 use lisa_core::backend::Backend;
 use lisa_trainer::model::PromptEmbedding;
-use lisa_trainer::model::sd::{
-    MixedPrecision, Pipeline, PromptTableWriter, SdxlTextEncoders, TABLE_CHUNK, TextEncoder, Vae,
-};
+use lisa_trainer::model::sd::{MixedPrecision, Pipeline, SdxlTextEncoders, TextEncoder, Vae, encode_prompt_tables};
 use lisa_trainer::tensor_file::TensorFileWriter;
 use lisa_trainer::weights::{digest, read_metadata, write_atomic};
 use serde::{Deserialize, Serialize};
@@ -585,15 +583,13 @@ fn write_cache<B: Backend>(
                 precision.dtype(),
             )
             .with_context(loading)?;
-            let mut tables = PromptTableWriter::new(&refs, (&files[1], None), &meta);
             let (mut cut, mut tokens) = (Vec::new(), 0);
-            for chunk in refs.chunks(TABLE_CHUNK) {
+            encode_prompt_tables(&refs, (&files[1], None), &meta, |chunk| {
                 let emb = text.embed(chunk)?;
                 cut.extend(emb.truncated.iter().map(|&i| chunk[i].to_string()));
                 tokens = emb.tokens;
-                tables.push(&PromptEmbedding::Text { values: emb.values, tokens, dim: emb.dim })?;
-            }
-            tables.finish()?;
+                Ok(PromptEmbedding::Text { values: emb.values, tokens, dim: emb.dim })
+            })?;
             (cut, tokens)
         }
     };

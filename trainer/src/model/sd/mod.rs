@@ -48,7 +48,7 @@ pub use folder::{
 pub(crate) use pipeline::in_file as config_error_in;
 pub use pipeline::{MAX_RESOLUTION, Pipeline, TrainingSize, folder_vae_config};
 pub use sdxl_text::{SdxlTextEncoders, sdxl_text_widths};
-pub use text::{PromptTable, PromptTableWriter, TABLE_CHUNK, write_prompt_tables};
+pub use text::{PromptTable, encode_prompt_tables, write_prompt_tables};
 pub use text_time::{AddedConditions, TextTimeEmbedding, TimeConditioning};
 pub use tokenizer::{ClipTokenizer, Encoded as TokenIds};
 pub(crate) use tokenizer::{read_json as read_tokenizer_json, token_field as special_token};

@@ -13,7 +13,7 @@ use lisa_core::backend::{Backend, DType};
 
 use super::clip::{ClipTextModel, load_clip};
 use super::encoders::{cast_all, read_text_pair};
-use super::text::{PromptTableWriter, TABLE_CHUNK};
+use super::text::encode_prompt_tables;
 use super::tokenizer::ClipTokenizer;
 use crate::autodiff::Tape;
 use crate::error::{Result, TrainError};
@@ -117,16 +117,12 @@ impl<B: Backend> SdxlTextEncoders<B> {
         (text_path, pooled_path): (&Path, &Path),
         metadata: &BTreeMap<String, String>,
     ) -> Result<Vec<String>> {
-        let unique: Vec<&str> =
-            prompts.iter().copied().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
-        let mut tables = PromptTableWriter::new(&unique, (text_path, Some(pooled_path)), metadata);
         let mut cut = Vec::new();
-        for chunk in unique.chunks(TABLE_CHUNK) {
+        encode_prompt_tables(prompts, (text_path, Some(pooled_path)), metadata, |chunk| {
             let (embedding, truncated) = self.encode(chunk)?;
-            tables.push(&embedding)?;
             cut.extend(truncated.into_iter().map(|i| chunk[i].to_string()));
-        }
-        tables.finish()?;
+            Ok(embedding)
+        })?;
         Ok(cut)
     }
 }

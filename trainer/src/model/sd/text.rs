@@ -101,7 +101,7 @@ impl PromptTable {
 /// Prompts encoded per call while tables are written: memory stays bounded (T5's 512 × 4096
 /// per prompt makes 32 prompts 270 MB) whatever the number of prompts; a multiple of the
 /// encoders' own chunks.
-pub const TABLE_CHUNK: usize = 32;
+const TABLE_CHUNK: usize = 32;
 
 /// Writes the prompt tables of `embedding`, the encoding of `prompts` (one row each): the text
 /// tokens, one `[tokens, dim]` tensor per prompt, to `text`; and for pooled text, one
@@ -118,9 +118,26 @@ pub fn write_prompt_tables(
     tables.finish()
 }
 
-/// [`write_prompt_tables`] as the encoders make the rows, a chunk of prompts at a time: only
-/// one chunk's embeddings are in memory.
-pub struct PromptTableWriter {
+/// Encodes each of `prompts` once (sorted, repeats dropped) through `encode`, a
+/// [`TABLE_CHUNK`] of prompts at a time, and writes the tables [`write_prompt_tables`] writes
+/// (`pooled`: for pooled text) as the rows come: only one chunk's embeddings are in memory,
+/// whatever the number of prompts.
+pub fn encode_prompt_tables(
+    prompts: &[&str],
+    paths: (&Path, Option<&Path>),
+    metadata: &BTreeMap<String, String>,
+    mut encode: impl FnMut(&[&str]) -> Result<PromptEmbedding>,
+) -> Result<()> {
+    let unique: Vec<&str> = prompts.iter().copied().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    let mut tables = PromptTableWriter::new(&unique, paths, metadata);
+    for chunk in unique.chunks(TABLE_CHUNK) {
+        tables.push(&encode(chunk)?)?;
+    }
+    tables.finish()
+}
+
+/// [`write_prompt_tables`] as the encoders make the rows, a chunk of prompts at a time.
+struct PromptTableWriter {
     prompts: Vec<String>,
     paths: (PathBuf, Option<PathBuf>),
     metadata: BTreeMap<String, String>,
@@ -133,7 +150,7 @@ pub struct PromptTableWriter {
 impl PromptTableWriter {
     /// Tables for `prompts` (their rows to come in this order) at `text` and, for pooled text,
     /// `pooled`, with `metadata`.
-    pub fn new(prompts: &[&str], (text, pooled): (&Path, Option<&Path>), metadata: &BTreeMap<String, String>) -> Self {
+    fn new(prompts: &[&str], (text, pooled): (&Path, Option<&Path>), metadata: &BTreeMap<String, String>) -> Self {
         Self {
             prompts: prompts.iter().map(|p| p.to_string()).collect(),
             paths: (text.to_path_buf(), pooled.map(Path::to_path_buf)),
@@ -144,7 +161,7 @@ impl PromptTableWriter {
     }
 
     /// Writes the rows of the next prompts (`embedding` encodes them, in order).
-    pub fn push(&mut self, embedding: &PromptEmbedding) -> Result<()> {
+    fn push(&mut self, embedding: &PromptEmbedding) -> Result<()> {
         let (values, tokens, dim, pools) = match embedding {
             PromptEmbedding::Text { values, tokens, dim } => (values, *tokens, *dim, None),
             PromptEmbedding::TextPooled { values, tokens, dim, pooled, pooled_dim } => {
@@ -186,9 +203,50 @@ impl PromptTableWriter {
     }
 
     /// Checks that every prompt's rows came, and puts the files in place.
-    pub fn finish(self) -> Result<()> {
+    fn finish(self) -> Result<()> {
         let (text, pooled) = self.files.ok_or(TrainError::Internal("prompt tables without prompts"))?;
         text.finish()?;
         pooled.map_or(Ok(()), TensorFileWriter::finish)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Prompts over several chunks are encoded once each (repeats dropped), in sorted order,
+    /// and every prompt reads back its own rows, pooled ones too.
+    #[test]
+    fn tables_written_chunk_by_chunk_read_back_every_prompt() {
+        let dir = std::env::temp_dir().join(format!("lisa-prompt-tables-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let names: Vec<String> = (0..2 * TABLE_CHUNK + 5).map(|i| format!("prompt {i}")).collect();
+        let mut prompts: Vec<&str> = names.iter().map(String::as_str).collect();
+        prompts.extend(["prompt 3", ""]);
+        let (text, pooled) = (dir.join("text.safetensors"), dir.join("pooled.safetensors"));
+        // Each prompt's rows are its length and first byte, repeated.
+        let row = |p: &str, width: usize| vec![p.len() as f32 + p.bytes().next().unwrap_or(0) as f32 / 256.0; width];
+        let mut calls = Vec::new();
+        encode_prompt_tables(&prompts, (&text, Some(&pooled)), &BTreeMap::new(), |chunk| {
+            calls.push(chunk.len());
+            Ok(PromptEmbedding::TextPooled {
+                values: chunk.iter().flat_map(|p| row(p, 3 * 4)).collect(),
+                tokens: 3,
+                dim: 4,
+                pooled: chunk.iter().flat_map(|p| row(p, 2)).collect(),
+                pooled_dim: 2,
+            })
+        })
+        .unwrap();
+        assert_eq!(calls, vec![TABLE_CHUNK, TABLE_CHUNK, 6], "70 distinct prompts, each once");
+        let (text, pooled) = (PromptTable::read(&text, 4).unwrap(), PromptTable::read(&pooled, 2).unwrap());
+        assert_eq!((text.tokens, text.dim, pooled.tokens, pooled.dim), (3, 4, 1, 2));
+        for p in ["prompt 0", "prompt 3", "prompt 68", ""] {
+            assert_eq!(text.lookup(&[p]).unwrap(), row(p, 12), "{p:?}");
+            assert_eq!(pooled.lookup(&[p]).unwrap(), row(p, 2), "{p:?}");
+        }
+        assert!(text.lookup(&["never written"]).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -142,12 +142,8 @@ impl<B: Backend> Sd3TextEncoders<B> {
         (text_path, pooled_path): (&Path, &Path),
         metadata: &BTreeMap<String, String>,
     ) -> Result<()> {
-        let unique: Vec<&str> =
-            prompts.iter().copied().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
-        let mut tables = crate::model::sd::PromptTableWriter::new(&unique, (text_path, Some(pooled_path)), metadata);
-        for chunk in unique.chunks(crate::model::sd::TABLE_CHUNK) {
-            tables.push(&self.encode(chunk)?)?;
-        }
-        tables.finish()
+        crate::model::sd::encode_prompt_tables(prompts, (text_path, Some(pooled_path)), metadata, |chunk| {
+            self.encode(chunk)
+        })
     }
 }
