@@ -9,22 +9,20 @@
 //! (σ from 1 to 1/n, shifted by `e^μ` of the image's token count), the condition images
 //! VAE-encoded as in training, and decodes with the folder's VAE.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use lisa_core::backend::Backend;
 use lisa_trainer::data::Dataset;
 use lisa_trainer::model::flux::{FluxModel, FluxPipeline, FluxSpec, FluxTextEncoders};
-use lisa_trainer::model::sd::{MixedPrecision, Vae};
+use lisa_trainer::model::sd::MixedPrecision;
 use lisa_trainer::scheduler::FlowWeighting;
 
 use crate::config::RunFile;
 use crate::fill50k::Fill50k;
 use crate::pipeline_start::{SdStart, mixed_precision_note, mode_parts};
-use crate::sd_cache::{KEY, encoding_chunk, write_latents};
 use crate::sd_validation::{LatentValidationFiles, read_rgb};
-use crate::sd3_train::{Inputs, flow_inputs};
+use crate::sd3_train::{Inputs, flow_inputs, write_flow_cache};
 use crate::train_data::TrainData;
 
 /// The flags the Flux path reads.
@@ -168,40 +166,15 @@ fn write_cache<B: Backend>(
     device: B::Device,
 ) -> Result<()> {
     let root = &pipeline.root;
-    let started = std::time::Instant::now();
-    let meta = BTreeMap::from([(KEY.to_string(), key.to_string()), ("resolution".to_string(), resolution.to_string())]);
     let dtype = a.mixed_precision.dtype();
-
-    // Every distinct prompt, the null prompt and the validation prompts, encoded once; T5 is
-    // dropped afterwards.
-    let mut prompts: BTreeSet<&str> = set.prompts().collect();
-    prompts.insert("");
-    prompts.extend(extra_prompts.iter().map(String::as_str));
-    let prompts: Vec<&str> = prompts.into_iter().collect();
-    {
+    // Both images go to the VAE in [−1, 1].
+    let encoding = (resolution, dtype, true);
+    let cache = (files, key, a.cache_dir.as_path());
+    write_flow_cache::<B>(root, (set, extra_prompts), encoding, cache, device.clone(), |prompts, meta| {
         let c = pipeline.transformer_config()?;
         let widths = (c.joint_attention_dim, c.pooled_projection_dim);
-        let text = FluxTextEncoders::<B>::open(root, device.clone(), dtype, max_len, widths)
+        let text = FluxTextEncoders::<B>::open(root, device, dtype, max_len, widths)
             .with_context(|| format!("loading the text encoders of {}", root.display()))?;
-        text.write_tables(&prompts, (&files[2], &files[3]), &meta)?;
-    }
-
-    // The target and condition latents, both from images in [−1, 1], each resized and
-    // centre-cropped.
-    let vae = Vae::<B>::open(&root.join("vae"), device, dtype)
-        .with_context(|| format!("loading the VAE of {}", root.display()))?;
-    let chunk = encoding_chunk(Some(vae.config()), resolution)?;
-    let owned = |it: &mut dyn Iterator<Item = (&str, &Path, usize)>| -> Vec<(String, PathBuf, usize)> {
-        it.map(|(n, p, l)| (n.to_string(), p.to_path_buf(), l)).collect()
-    };
-    let sizes = (resolution, chunk);
-    let (targets, [lc, side, _]) = write_latents(&vae, &owned(&mut set.targets()), sizes, true, &files[0], &meta)?;
-    let (sources, _) = write_latents(&vae, &owned(&mut set.sources()), sizes, true, &files[1], &meta)?;
-    eprintln!(
-        "cached {targets} latents and {sources} condition latents ({lc}×{side}×{side}) and {} prompts' embeddings in {} ({:.1} s)",
-        prompts.len(),
-        a.cache_dir.display(),
-        started.elapsed().as_secs_f64()
-    );
-    Ok(())
+        Ok(text.write_tables(prompts, (&files[2], &files[3]), meta)?)
+    })
 }

@@ -255,7 +255,7 @@ pub(crate) fn flow_inputs(
 fn write_cache<B: Backend>(
     pipeline: &Sd3Pipeline,
     a: &Sd3Args,
-    (set, extra_prompts): (&Fill50k, &[String]),
+    inputs: (&Fill50k, &[String]),
     resolution: usize,
     joint: usize,
     files: &[PathBuf],
@@ -263,24 +263,38 @@ fn write_cache<B: Backend>(
     device: B::Device,
 ) -> Result<()> {
     let root = &pipeline.root;
+    let dtype = a.mixed_precision.dtype();
+    // The condition images go to the VAE in [0, 1], as train_controlnet_sd3.py passes them.
+    let encoding = (resolution, dtype, false);
+    write_flow_cache::<B>(root, inputs, encoding, (files, key, &a.cache_dir), device.clone(), |prompts, meta| {
+        let text = Sd3TextEncoders::<B>::open(root, device, dtype, a.max_sequence_length, joint)
+            .with_context(|| format!("loading the text encoders of {}", root.display()))?;
+        Ok(text.write_tables(prompts, (&files[2], &files[3]), meta)?)
+    })
+}
+
+/// Writes a flow transformer run's four input files under the cache's exclusive lock
+/// (`files`: latents, condition latents, text tokens, pooled text; `key` in their metadata):
+/// the prompt tables through `write_text` (every distinct prompt, the null prompt and
+/// `extra_prompts`, encoded once; the text encoders are dropped before the VAE is read), then
+/// the target latents (images in [−1, 1]) and the condition latents (images in [−1, 1] with
+/// `signed_hints`, else [0, 1]) through the folder's VAE in `dtype`, each image resized and
+/// centre-cropped to `resolution`. SD3's and Flux's caches alike.
+pub(crate) fn write_flow_cache<B: Backend>(
+    root: &Path,
+    (set, extra_prompts): (&Fill50k, &[String]),
+    (resolution, dtype, signed_hints): (usize, lisa_core::backend::DType, bool),
+    (files, key, cache_dir): (&[PathBuf], &str, &Path),
+    device: B::Device,
+    write_text: impl FnOnce(&[&str], &BTreeMap<String, String>) -> Result<()>,
+) -> Result<()> {
     let started = std::time::Instant::now();
     let meta = BTreeMap::from([(KEY.to_string(), key.to_string()), ("resolution".to_string(), resolution.to_string())]);
-    let dtype = a.mixed_precision.dtype();
-
-    // Every distinct prompt, the null prompt and the validation prompts, encoded once; T5 is
-    // dropped afterwards.
     let mut prompts: BTreeSet<&str> = set.prompts().collect();
     prompts.insert("");
     prompts.extend(extra_prompts.iter().map(String::as_str));
     let prompts: Vec<&str> = prompts.into_iter().collect();
-    {
-        let text = Sd3TextEncoders::<B>::open(root, device.clone(), dtype, a.max_sequence_length, joint)
-            .with_context(|| format!("loading the text encoders of {}", root.display()))?;
-        text.write_tables(&prompts, (&files[2], &files[3]), &meta)?;
-    }
-
-    // The target latents (images in [−1, 1]) and the condition latents (images in [0, 1], as
-    // train_controlnet_sd3.py passes them to the VAE), each resized and centre-cropped.
+    write_text(&prompts, &meta)?;
     let vae = Vae::<B>::open(&root.join("vae"), device, dtype)
         .with_context(|| format!("loading the VAE of {}", root.display()))?;
     let chunk = encoding_chunk(Some(vae.config()), resolution)?;
@@ -289,11 +303,11 @@ fn write_cache<B: Backend>(
     };
     let sizes = (resolution, chunk);
     let (targets, [lc, side, _]) = write_latents(&vae, &owned(&mut set.targets()), sizes, true, &files[0], &meta)?;
-    let (sources, _) = write_latents(&vae, &owned(&mut set.sources()), sizes, false, &files[1], &meta)?;
+    let (sources, _) = write_latents(&vae, &owned(&mut set.sources()), sizes, signed_hints, &files[1], &meta)?;
     eprintln!(
         "cached {targets} latents and {sources} condition latents ({lc}×{side}×{side}) and {} prompts' embeddings in {} ({:.1} s)",
         prompts.len(),
-        a.cache_dir.display(),
+        cache_dir.display(),
         started.elapsed().as_secs_f64()
     );
     Ok(())
