@@ -242,7 +242,7 @@ impl RunFile {
         let set = Fill50k::open(dir, layout)?;
         decode_all(&set)?;
         let prompts: Vec<&str> = set.prompts().collect();
-        model.embed_prompts(&prompts).with_context(|| format!("{}/prompt.json", dir.display()))?;
+        model.check_prompts(&prompts).with_context(|| format!("{}/prompt.json", dir.display()))?;
         let outside = prompts.iter().filter(|p| prompt_colours(p).is_ok_and(|c| c.iter().any(Option::is_none))).count();
         if outside > 0 && model.architecture() == toy::NAME {
             eprintln!(

@@ -2,7 +2,8 @@
 //! `source/`, `target/`, `prompt.json`), from Hugging Face `datasets` files
 //! ([`crate::hf_dataset`]) or webdataset shards ([`crate::webdataset`]): the folder is named
 //! by a digest of the inputs, written under a lock (ranks started together convert it once),
-//! into a partial folder renamed at the end, and reused by later runs.
+//! into a partial folder renamed at the end (a stopped conversion leaves nothing under the
+//! real name), and reused by later runs.
 
 use std::path::{Path, PathBuf};
 
@@ -59,30 +60,37 @@ pub fn converted(
     fill: impl FnOnce(&mut Fill50kWriter) -> Result<()>,
 ) -> Result<PathBuf> {
     let datasets = cache.join("datasets");
-    std::fs::create_dir_all(&datasets).with_context(|| format!("cannot create {}", datasets.display()))?;
     let out = datasets.join(&key[..16]);
-    // Held while this run looks and converts: ranks (or runs) started together on the same
-    // input wait here, then find the folder the first one made.
-    let _lock = lock_exclusive(&out.with_extension("lock"), &out)?;
     let marker = |folder: &Path| -> Option<serde_json::Value> {
         serde_json::from_str(&std::fs::read_to_string(folder.join(MARKER)).ok()?).ok()
     };
-    if out.exists() {
-        match marker(&out) {
+    // Reused as it is (no lock needed: a finished folder is never written again).
+    let reuse = |out: &Path| -> Result<Option<PathBuf>> {
+        if !out.exists() {
+            return Ok(None);
+        }
+        match marker(out) {
             Some(m) if m["key"] == key => {
                 eprintln!("using the converted dataset in {} ({} rows)", out.display(), m["rows"]);
-                return Ok(out);
+                Ok(Some(out.to_path_buf()))
             }
             _ => bail!("{} is not a dataset lisa converted (no {MARKER} with its key); move it away", out.display()),
         }
+    };
+    if let Some(done) = reuse(&out)? {
+        return Ok(done);
     }
-    // A partial folder is only ever written under the lock: one found now is what a stopped
-    // run left.
-    let partial = out.with_extension("partial");
-    if partial.exists() {
-        std::fs::remove_dir_all(&partial)
-            .with_context(|| format!("removing the stopped conversion {}", partial.display()))?;
+    std::fs::create_dir_all(&datasets).with_context(|| format!("cannot create {}", datasets.display()))?;
+    // Held while this run converts: ranks (or runs) started together on the same input wait
+    // here, then find the folder the first one made. Where the file system cannot lock, each
+    // converts into its own partial folder and the first rename wins.
+    let _lock = lock_exclusive(&out.with_extension("lock"), &out)?;
+    if let Some(done) = reuse(&out)? {
+        return Ok(done);
     }
+    // Unique per process and moment: ranks on several nodes may share the cache.
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let partial = out.with_extension(format!("partial-{}-{nanos}", std::process::id()));
     let written = Fill50kWriter::new(&partial).and_then(|mut w| {
         w.skip = skip_bad_rows;
         fill(&mut w)?;
@@ -95,13 +103,20 @@ pub fn converted(
             return Err(e);
         }
     };
-    std::fs::rename(&partial, &out).with_context(|| format!("moving the converted dataset to {}", out.display()))?;
+    if let Err(e) = std::fs::rename(&partial, &out) {
+        let _ = std::fs::remove_dir_all(&partial);
+        // Another rank of the same run converted it first (a file system without locks).
+        if !marker(&out).is_some_and(|m| m["key"] == key) {
+            return Err(e).with_context(|| format!("moving the converted dataset to {}", out.display()));
+        }
+    }
     eprintln!("converted {rows} rows of {from} into {}", out.display());
     Ok(out)
 }
 
-/// Opens (creating) and locks `path` exclusively, saying so while another run holds it.
-fn lock_exclusive(path: &Path, out: &Path) -> Result<std::fs::File> {
+/// Opens (creating) and locks `path` exclusively, saying so while another run holds it. None
+/// where the file system does not lock (said once; the conversion then goes on without).
+fn lock_exclusive(path: &Path, out: &Path) -> Result<Option<std::fs::File>> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -110,16 +125,17 @@ fn lock_exclusive(path: &Path, out: &Path) -> Result<std::fs::File> {
         .open(path)
         .with_context(|| format!("cannot create the lock file {}", path.display()))?;
     match file.try_lock() {
-        Ok(()) => {}
+        Ok(()) => Ok(Some(file)),
         Err(std::fs::TryLockError::WouldBlock) => {
             eprintln!("waiting for another lisa run converting the same dataset into {}", out.display());
             file.lock().with_context(|| format!("cannot lock {}", path.display()))?;
+            Ok(Some(file))
         }
         Err(std::fs::TryLockError::Error(e)) => {
-            return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+            eprintln!("warning: cannot lock {} ({e}): converting without the lock", path.display());
+            Ok(None)
         }
     }
-    Ok(file)
 }
 
 /// Writes examples into a Fill50K-layout folder: `source/N.ext`, `target/N.ext` (the images'
@@ -237,17 +253,12 @@ mod tests {
         assert_eq!(fills.load(Ordering::SeqCst), 1, "converted once");
         assert!(folders.iter().all(|f| f == &folders[0]));
         assert_eq!(std::fs::read_to_string(folders[0].join("prompt.json")).unwrap().lines().count(), 1);
-        // A folder a stopped run left half-written is replaced, not reused.
-        let other = "fedcba98765432100000";
-        let partial = cache.join("datasets").join(&other[..16]).with_extension("partial");
-        std::fs::create_dir_all(partial.join("target")).unwrap();
-        std::fs::write(partial.join("target/0.png"), b"stale").unwrap();
-        let out = converted(&cache, other, "test rows", false, |w| {
-            w.add_refs("t.png", "s.png", "a prompt");
-            Ok(())
-        })
-        .unwrap();
-        assert!(!partial.exists() && !out.join("target/0.png").exists());
+        // A finished folder is reused without taking the lock (a read-only cache works).
+        let lock = folders[0].with_extension("lock");
+        std::fs::remove_file(&lock).unwrap();
+        let again = converted(&cache, key, "test rows", false, |_| panic!("converted again")).unwrap();
+        assert_eq!(again, folders[0]);
+        assert!(!lock.exists(), "no lock file made to reuse a finished folder");
         std::fs::remove_dir_all(&cache).unwrap();
     }
 }

@@ -123,7 +123,7 @@ pub fn prepare<B: Backend>(
     file.train.noise = pipeline.noise(training);
     lisa_trainer::scheduler::NoiseProcess::new(&file.train.noise)?;
     // The joint text: 77 CLIP tokens, then T5's.
-    let text_tokens = 77 + a.max_sequence_length;
+    let text_tokens = a.max_sequence_length.saturating_add(77);
     let ema = file.train.ema_decay.is_some();
     let needed = Sd3Spec::from_spec(&file.model)?.training_bytes(file.train.batch_size, text_tokens, ema)?;
     crate::config::check_training_bytes::<B>(needed, &device)?;

@@ -154,10 +154,12 @@ impl TensorFile {
     }
 
     /// The SHA-256 of the whole file (as [`crate::weights::digest`] of its bytes), read in
-    /// pieces.
+    /// pieces through the handle the tensors are read from (the same file, even if the path
+    /// was replaced since it was opened).
     pub fn digest(&self) -> Result<String> {
         use sha2::Digest;
-        let mut file = File::open(&self.path).map_err(io(&self.path))?;
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        file.seek(SeekFrom::Start(0)).map_err(io(&self.path))?;
         let mut hasher = sha2::Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
         loop {
@@ -221,9 +223,21 @@ impl TensorFileWriter {
         let mut json = serde_json::to_vec(&header).map_err(|e| TrainError::Serialize(e.to_string()))?;
         // The data section starts 8-byte aligned, as the safetensors writer pads it.
         json.resize(json.len().next_multiple_of(8), b' ');
+        // Said before anything is computed: a file with a larger header no reader opens.
+        if json.len() as u64 > MAX_HEADER {
+            return Err(TrainError::Serialize(format!(
+                "{}: {} tensors make a header of {:.0} MB; safetensors readers take at most {} MB",
+                path.display(),
+                tensors.len(),
+                json.len() as f64 / 1e6,
+                MAX_HEADER >> 20
+            )));
+        }
         let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-        let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+        // One name per file (the writers of a cache hold its lock): a file a stopped run left
+        // is overwritten by the next, not left beside it.
+        let tmp = dir.join(format!(".{file_name}.partial"));
         let mut out = BufWriter::with_capacity(1 << 20, File::create(&tmp).map_err(io(path))?);
         let mut writer = Self { path: path.to_path_buf(), tmp, out: None, tensors: order, written: 0 };
         out.write_all(&(json.len() as u64).to_le_bytes()).and_then(|()| out.write_all(&json)).map_err(io(path))?;
@@ -343,6 +357,11 @@ mod tests {
         assert!(matches!(w.push(&[1.0, f32::NAN]), Err(TrainError::NonFiniteTensor { .. })));
         w.push(&[1.0, 2.0]).unwrap();
         assert!(w.finish().unwrap_err().to_string().contains("1 of 2 tensors written"));
+        assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0, "nothing left behind");
+        // A header no reader would open is refused before any value is written.
+        let long = vec![("n".repeat(101 << 20), vec![1])];
+        let err = TensorFileWriter::create(&path, &long, &BTreeMap::new()).err().unwrap().to_string();
+        assert!(err.contains("safetensors readers take at most 100 MB"), "{err}");
         assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0, "nothing left behind");
         let twice = vec![("x".to_string(), vec![1]), ("x".to_string(), vec![1])];
         assert!(TensorFileWriter::create(&path, &twice, &BTreeMap::new()).is_err());

@@ -215,6 +215,18 @@ pub trait DualDenoiser<B: Backend> {
     /// Turns prompts into what the network is conditioned on; `""` is the null prompt
     /// (classifier-free guidance). Prompts the model cannot read are an error naming them.
     fn embed_prompts(&self, prompts: &[&str]) -> Result<PromptEmbedding>;
+    /// *Default*: checks that every one of `prompts` can be embedded (the error
+    /// [`embed_prompts`](Self::embed_prompts) would give for the first that cannot) without
+    /// holding the embeddings of all: the distinct prompts, a few at a time. Models that read
+    /// precomputed tables check the tables' names only.
+    fn check_prompts(&self, prompts: &[&str]) -> Result<()> {
+        let distinct: Vec<&str> =
+            prompts.iter().copied().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        for chunk in distinct.chunks(8) {
+            self.embed_prompts(chunk)?;
+        }
+        Ok(())
+    }
     /// `M_enc`: the main encoder (with the time and prompt embedding) on `x_t`.
     fn encode_main(&self, p: &Bound<'_, B>, x_t: &Var<B>, cond: &Conditioning) -> Result<MainEncoding<B>>;
     /// `M_dec`: the main decoder over `enc`, adding `scale·residuals` when given: the only

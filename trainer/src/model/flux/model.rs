@@ -23,7 +23,7 @@ use super::{
 use crate::autodiff::Var;
 use crate::error::{Result, TrainError};
 use crate::model::sd::{MixedPrecision, PromptTable, write_diffusers_folder};
-use crate::model::sd3::{lookup_pooled_text, pooled_text_tensors, read_prompt_pair};
+use crate::model::sd3::{check_pooled_text, lookup_pooled_text, pooled_text_tensors, read_prompt_pair};
 use crate::model::{
     Conditioning, DECODER, DecoderConfig, DualDenoiser, DualParts, HookLayer, LisaDecoder, MAIN, MainEncoding,
     ModelSpec, Parts, PromptEmbedding, Residuals, SIDE, SideOutput, Skips,
@@ -446,6 +446,10 @@ impl<B: Backend> DualDenoiser<B> for FluxModel<B> {
     /// The prompts' precomputed text tokens and pooled text.
     fn embed_prompts(&self, prompts: &[&str]) -> Result<PromptEmbedding> {
         lookup_pooled_text(self.prompts.as_ref(), prompts, NAME)
+    }
+
+    fn check_prompts(&self, prompts: &[&str]) -> Result<()> {
+        check_pooled_text(self.prompts.as_ref(), prompts, NAME)
     }
 
     /// The transformer's embeddings: `skips.mid` = the image tokens entering the first block,

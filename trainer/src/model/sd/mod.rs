@@ -597,6 +597,17 @@ impl<B: Backend> DualDenoiser<B> for SdModel<B> {
         })
     }
 
+    /// Every prompt is in the tables (their names only are read).
+    fn check_prompts(&self, prompts: &[&str]) -> Result<()> {
+        let table = self.prompts.as_ref().ok_or_else(|| {
+            TrainError::Config(
+                "the sd model reads precomputed text embeddings (text_embeddings = a safetensors file of one tensor per prompt); none were given".into(),
+            )
+        })?;
+        table.check(prompts)?;
+        self.pooled.as_ref().map_or(Ok(()), |pooled| pooled.check(prompts))
+    }
+
     fn latent_space(&self) -> bool {
         true
     }

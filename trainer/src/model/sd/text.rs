@@ -85,16 +85,26 @@ impl PromptTable {
     pub fn lookup(&self, prompts: &[&str]) -> Result<Vec<f32>> {
         let mut out = Vec::with_capacity(prompts.len() * self.tokens * self.dim);
         for p in prompts {
-            let e = self.file.read(p)?.ok_or_else(|| {
-                TrainError::Mismatch(format!(
-                    "prompt {p:?} has no embedding in {}{}",
-                    self.path.display(),
-                    if p.is_empty() { " (the null prompt: its tensor is named \"\")" } else { "" }
-                ))
-            })?;
-            out.extend_from_slice(&e);
+            out.extend_from_slice(&self.file.read(p)?.ok_or_else(|| self.missing(p))?);
         }
         Ok(out)
+    }
+
+    /// Checks that the file has an embedding for every one of `prompts` (the error
+    /// [`lookup`](Self::lookup) would give), reading none: its header names them.
+    pub fn check(&self, prompts: &[&str]) -> Result<()> {
+        match prompts.iter().find(|p| self.file.shape(p).is_none()) {
+            Some(p) => Err(self.missing(p)),
+            None => Ok(()),
+        }
+    }
+
+    fn missing(&self, prompt: &str) -> TrainError {
+        TrainError::Mismatch(format!(
+            "prompt {prompt:?} has no embedding in {}{}",
+            self.path.display(),
+            if prompt.is_empty() { " (the null prompt: its tensor is named \"\")" } else { "" }
+        ))
     }
 }
 

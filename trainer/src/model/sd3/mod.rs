@@ -26,7 +26,7 @@ pub use config::{MAX_CHANNELS, MAX_LAYERS, MAX_WIDTH, QkNorm, Sd3Config, Sd3Cont
 pub use controlnet::{Sd3ControlNet, Sd3ControlOutput};
 pub use embed::{Embedded, PatchEmbed, Sd3Embeddings, Sd3Inputs, TimeTextEmbed, crop_positions, sincos_positions};
 pub use model::{ACTIVATIONS_PER_BLOCK, DEFAULT_CONTROLNET_LAYERS, DEFAULT_HOOK, NAME, Sd3Model, Sd3Spec};
-pub(crate) use model::{lookup_pooled_text, pooled_text_tensors, read_prompt_pair};
+pub(crate) use model::{check_pooled_text, lookup_pooled_text, pooled_text_tensors, read_prompt_pair};
 pub use pipeline::{Sd3Pipeline, Sd3Training};
 pub(crate) use pipeline::{class_name, read_flow_folder};
 pub use text::Sd3TextEncoders;

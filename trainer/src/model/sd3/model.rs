@@ -379,11 +379,7 @@ pub(crate) fn lookup_pooled_text(
     prompts: &[&str],
     architecture: &str,
 ) -> Result<PromptEmbedding> {
-    let (text, pooled) = tables.ok_or_else(|| {
-        TrainError::Config(format!(
-            "the {architecture} model reads precomputed text embeddings (text_embeddings and pooled_text_embeddings, safetensors files of one tensor per prompt); none were given"
-        ))
-    })?;
+    let (text, pooled) = tables.ok_or_else(|| no_text_tables(architecture))?;
     Ok(PromptEmbedding::TextPooled {
         values: text.lookup(prompts)?,
         tokens: text.tokens,
@@ -391,6 +387,24 @@ pub(crate) fn lookup_pooled_text(
         pooled: pooled.lookup(prompts)?,
         pooled_dim: pooled.dim,
     })
+}
+
+/// Checks that a flow transformer's two tables name every one of `prompts` (the error
+/// [`lookup_pooled_text`] would give), reading no embedding.
+pub(crate) fn check_pooled_text(
+    tables: Option<&(PromptTable, PromptTable)>,
+    prompts: &[&str],
+    architecture: &str,
+) -> Result<()> {
+    let (text, pooled) = tables.ok_or_else(|| no_text_tables(architecture))?;
+    text.check(prompts)?;
+    pooled.check(prompts)
+}
+
+fn no_text_tables(architecture: &str) -> TrainError {
+    TrainError::Config(format!(
+        "the {architecture} model reads precomputed text embeddings (text_embeddings and pooled_text_embeddings, safetensors files of one tensor per prompt); none were given"
+    ))
 }
 
 /// The text-token and pooled-text tables of a flow transformer's spec (`paths`, both or
@@ -470,6 +484,10 @@ impl<B: Backend> DualDenoiser<B> for Sd3Model<B> {
     /// The prompts' precomputed text tokens and pooled projections.
     fn embed_prompts(&self, prompts: &[&str]) -> Result<PromptEmbedding> {
         lookup_pooled_text(self.prompts.as_ref(), prompts, NAME)
+    }
+
+    fn check_prompts(&self, prompts: &[&str]) -> Result<()> {
+        check_pooled_text(self.prompts.as_ref(), prompts, NAME)
     }
 
     /// The transformer's embeddings: `skips.mid` = the patch tokens entering the first block,
