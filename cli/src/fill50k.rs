@@ -52,10 +52,10 @@ pub const LATENTS_FILE: &str = "latents.safetensors";
 /// The name of the precomputed condition latents file in a dataset folder.
 pub const CONDITION_LATENTS_FILE: &str = "condition_latents.safetensors";
 
-/// A latents file holding a tensor for every entry, named by `name(entry)`, each `shape`,
-/// finite; errors name the entry's line of `prompt.json`. The values are checked now, one
-/// tensor at a time, and read again when an example needs them (memory: one latent, whatever
-/// the dataset's size). Returns the file and its digest.
+/// A latents file holding a tensor for every entry, named by `name(entry)`, each `shape`;
+/// errors name the entry's line of `prompt.json`. The values are read when an example needs
+/// them (memory: one latent, whatever the dataset's size), and checked then (finite): the
+/// training start reads every example once. Returns the file and its digest.
 fn latent_table(
     path: &Path,
     list: &Path,
@@ -72,17 +72,21 @@ fn latent_table(
         if s != shape {
             return Err(at(format!("the latent {key:?} in {} is {s:?}; the model reads {shape:?}", path.display())));
         }
-        if file.read(key)?.unwrap_or_default().iter().any(|v| !v.is_finite()) {
-            return Err(at(format!("the latent {key:?} holds NaN or infinite values")));
-        }
     }
     let digest = file.digest()?;
     Ok((Arc::new(file), digest))
 }
 
-/// An example's latent from `table`, named `name`.
+/// An example's latent from `table`, named `name`, finite.
 fn latent(table: &TensorFile, name: &str, what: &str) -> lisa_trainer::Result<Vec<f32>> {
-    table.read(name)?.ok_or_else(|| TrainError::Mismatch(format!("no {what} for {name:?}")))
+    let values = table.read(name)?.ok_or_else(|| TrainError::Mismatch(format!("no {what} for {name:?}")))?;
+    if values.iter().any(|v| !v.is_finite()) {
+        return Err(TrainError::Data {
+            path: table.path().to_path_buf(),
+            reason: format!("the {what} {name:?} holds NaN or infinite values"),
+        });
+    }
+    Ok(values)
 }
 
 /// A Fill50K-format folder, read lazily (one example per [`Dataset::get`], its latents too;

@@ -480,6 +480,18 @@ fn bad_pipelines_and_data_are_named_before_training() {
     std::fs::copy(data.join("target/2.png"), data.join("target/9.png")).unwrap();
     fails_with(&train(&pipe, &data, &out, &[]), "has no latent named \"target/9.png\"");
     std::fs::write(data.join("prompt.json"), &list).unwrap();
+    // A latent holding NaN is named, with its line, before any step.
+    let latents = std::fs::read(data.join("latents.safetensors")).unwrap();
+    let mut poisoned = latents.clone();
+    let header_len = u64::from_le_bytes(latents[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&latents[8..8 + header_len]).unwrap();
+    let at = 8 + header_len + header["target/1.png"]["data_offsets"][0].as_u64().unwrap() as usize;
+    poisoned[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(data.join("latents.safetensors"), &poisoned).unwrap();
+    let o = train(&pipe, &data, &out, &[]);
+    fails_with(&o, "the latent \"target/1.png\" holds NaN or infinite values");
+    fails_with(&o, "line 2 of prompt.json");
+    std::fs::write(data.join("latents.safetensors"), &latents).unwrap();
     // A truncated UNet weights file names the file.
     let w = std::fs::read(pipe.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
     std::fs::write(pipe.join("unet/diffusion_pytorch_model.safetensors"), &w[..w.len() / 3]).unwrap();
