@@ -12,8 +12,11 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufWriter, Read, Write};
+#[cfg(not(unix))]
+use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+#[cfg(not(unix))]
 use std::sync::Mutex;
 
 use crate::error::{Result, TrainError};
@@ -53,7 +56,12 @@ struct Entry {
 #[derive(Debug)]
 pub struct TensorFile {
     path: PathBuf,
-    file: Mutex<File>,
+    file: File,
+    /// The file's size when opened.
+    size: u64,
+    /// Serialises seek + read where there is no positioned read.
+    #[cfg(not(unix))]
+    seek: Mutex<()>,
     /// Where the data section starts (8 + the header's length).
     data_start: u64,
     entries: BTreeMap<String, Entry>,
@@ -104,7 +112,16 @@ impl TensorFile {
             }
             entries.insert(name, entry);
         }
-        Ok(Self { path: path.to_path_buf(), file: Mutex::new(file), data_start: 8 + len, entries, metadata })
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            size,
+            #[cfg(not(unix))]
+            seek: Mutex::new(()),
+            data_start: 8 + len,
+            entries,
+            metadata,
+        })
     }
 
     /// The file's path.
@@ -141,11 +158,7 @@ impl TensorFile {
     pub fn read(&self, name: &str) -> Result<Option<Vec<f32>>> {
         let Some(entry) = self.entries.get(name) else { return Ok(None) };
         let mut bytes = vec![0u8; (entry.end - entry.start) as usize];
-        {
-            let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-            file.seek(SeekFrom::Start(self.data_start + entry.start)).map_err(io(&self.path))?;
-            file.read_exact(&mut bytes).map_err(io(&self.path))?;
-        }
+        self.read_at(&mut bytes, self.data_start + entry.start)?;
         Ok(Some(match entry.stored {
             Stored::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
             Stored::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
@@ -158,18 +171,32 @@ impl TensorFile {
     /// was replaced since it was opened).
     pub fn digest(&self) -> Result<String> {
         use sha2::Digest;
-        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        file.seek(SeekFrom::Start(0)).map_err(io(&self.path))?;
         let mut hasher = sha2::Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = file.read(&mut buf).map_err(io(&self.path))?;
-            if n == 0 {
-                break;
-            }
+        let mut at = 0;
+        while at < self.size {
+            let n = buf.len().min((self.size - at) as usize);
+            self.read_at(&mut buf[..n], at)?;
             hasher.update(&buf[..n]);
+            at += n as u64;
         }
         Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    /// Fills `buf` from byte `offset` of the file: a positioned read (threads read at once).
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::FileExt;
+            self.file.read_exact_at(buf, offset).map_err(io(&self.path))
+        }
+        #[cfg(not(unix))]
+        {
+            let _one_at_a_time = self.seek.lock().unwrap_or_else(|e| e.into_inner());
+            let mut file = &self.file;
+            file.seek(SeekFrom::Start(offset)).map_err(io(&self.path))?;
+            file.read_exact(buf).map_err(io(&self.path))
+        }
     }
 }
 
