@@ -129,7 +129,7 @@ pub fn write_prompt_tables(
 }
 
 /// Encodes each of `prompts` once (sorted, repeats dropped) through `encode`, a
-/// [`TABLE_CHUNK`] of prompts at a time, and writes the tables [`write_prompt_tables`] writes
+/// chunk of 32 prompts at a time, and writes the tables [`write_prompt_tables`] writes
 /// (`pooled`: for pooled text) as the rows come: only one chunk's embeddings are in memory,
 /// whatever the number of prompts.
 pub fn encode_prompt_tables(
