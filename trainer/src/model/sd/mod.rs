@@ -48,7 +48,7 @@ pub use folder::{
 pub(crate) use pipeline::in_file as config_error_in;
 pub use pipeline::{MAX_RESOLUTION, Pipeline, TrainingSize, folder_vae_config};
 pub use sdxl_text::{SdxlTextEncoders, sdxl_text_widths};
-pub use text::{PromptTable, encode_prompt_tables, write_prompt_tables};
+pub use text::{PromptTable, encode_prompt_tables};
 pub use text_time::{AddedConditions, TextTimeEmbedding, TimeConditioning};
 pub use tokenizer::{ClipTokenizer, Encoded as TokenIds};
 pub(crate) use tokenizer::{read_json as read_tokenizer_json, token_field as special_token};
@@ -333,6 +333,15 @@ pub struct SdModel<B: Backend> {
 }
 
 impl<B: Backend> SdModel<B> {
+    /// The prompts' text embeddings (an error when the model was given none).
+    fn prompt_table(&self) -> Result<&PromptTable> {
+        self.prompts.as_ref().ok_or_else(|| {
+            TrainError::Config(
+                "the sd model reads precomputed text embeddings (text_embeddings = a safetensors file of one tensor per prompt); none were given".into(),
+            )
+        })
+    }
+
     /// Builds the parts of `spec` with seeded initial weights; the ControlNet starts as a
     /// copy of the UNet's `conv_in`, time embedding, down and middle blocks (`from_unet`).
     pub fn new(spec: &ModelSpec, parts: Parts, device: B::Device, seed: u64) -> Result<Self> {
@@ -579,11 +588,7 @@ impl<B: Backend> DualDenoiser<B> for SdModel<B> {
     /// The prompts' precomputed text embeddings ([`PromptTable`]), with the pooled ones for
     /// SDXL; the text encoders run before training, not in the model.
     fn embed_prompts(&self, prompts: &[&str]) -> Result<PromptEmbedding> {
-        let table = self.prompts.as_ref().ok_or_else(|| {
-            TrainError::Config(
-                "the sd model reads precomputed text embeddings (text_embeddings = a safetensors file of one tensor per prompt); none were given".into(),
-            )
-        })?;
+        let table = self.prompt_table()?;
         let (values, tokens, dim) = (table.lookup(prompts)?, table.tokens, table.dim);
         Ok(match &self.pooled {
             Some(pooled) => PromptEmbedding::TextPooled {
@@ -599,11 +604,7 @@ impl<B: Backend> DualDenoiser<B> for SdModel<B> {
 
     /// Every prompt is in the tables (their names only are read).
     fn check_prompts(&self, prompts: &[&str]) -> Result<()> {
-        let table = self.prompts.as_ref().ok_or_else(|| {
-            TrainError::Config(
-                "the sd model reads precomputed text embeddings (text_embeddings = a safetensors file of one tensor per prompt); none were given".into(),
-            )
-        })?;
+        let table = self.prompt_table()?;
         table.check(prompts)?;
         self.pooled.as_ref().map_or(Ok(()), |pooled| pooled.check(prompts))
     }

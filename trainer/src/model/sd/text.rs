@@ -113,25 +113,12 @@ impl PromptTable {
 /// encoders' own chunks.
 const TABLE_CHUNK: usize = 32;
 
-/// Writes the prompt tables of `embedding`, the encoding of `prompts` (one row each): the text
-/// tokens, one `[tokens, dim]` tensor per prompt, to `text`; and for pooled text, one
-/// `[1, pooled_dim]` tensor per prompt to `pooled`. Tensors are named by their prompt; each
-/// file is written atomically with `metadata`. The tables [`PromptTable::read`] reads.
-pub fn write_prompt_tables(
-    prompts: &[&str],
-    embedding: &PromptEmbedding,
-    paths: (&Path, Option<&Path>),
-    metadata: &BTreeMap<String, String>,
-) -> Result<()> {
-    let mut tables = PromptTableWriter::new(prompts, paths, metadata);
-    tables.push(embedding)?;
-    tables.finish()
-}
-
-/// Encodes each of `prompts` once (sorted, repeats dropped) through `encode`, a
-/// chunk of 32 prompts at a time, and writes the tables [`write_prompt_tables`] writes
-/// (`pooled`: for pooled text) as the rows come: only one chunk's embeddings are in memory,
-/// whatever the number of prompts.
+/// Encodes each of `prompts` once (sorted, repeats dropped) through `encode`, a chunk of 32
+/// prompts at a time, and writes the tables [`PromptTable::read`] reads as the rows come: the
+/// text tokens, one `[tokens, dim]` tensor per prompt, to `text`; for pooled text, one `[1,
+/// pooled_dim]` tensor per prompt to `pooled`. Tensors are named by their prompt; each file is
+/// written atomically with `metadata`. Only one chunk's embeddings are in memory, whatever the
+/// number of prompts.
 pub fn encode_prompt_tables(
     prompts: &[&str],
     paths: (&Path, Option<&Path>),
@@ -146,7 +133,7 @@ pub fn encode_prompt_tables(
     tables.finish()
 }
 
-/// [`write_prompt_tables`] as the encoders make the rows, a chunk of prompts at a time.
+/// The tables [`encode_prompt_tables`] writes, a chunk of prompts' rows at a time.
 struct PromptTableWriter {
     prompts: Vec<String>,
     paths: (PathBuf, Option<PathBuf>),
