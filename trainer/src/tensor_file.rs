@@ -40,6 +40,15 @@ impl Stored {
             Stored::F16 | Stored::BF16 => 2,
         }
     }
+
+    /// Little-endian stored values as f32.
+    fn decode(self, bytes: &[u8]) -> Vec<f32> {
+        match self {
+            Stored::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Stored::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Stored::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        }
+    }
 }
 
 /// Where one tensor is in the file.
@@ -159,28 +168,55 @@ impl TensorFile {
         let Some(entry) = self.entries.get(name) else { return Ok(None) };
         let mut bytes = vec![0u8; (entry.end - entry.start) as usize];
         self.read_at(&mut bytes, self.data_start + entry.start)?;
-        Ok(Some(match entry.stored {
-            Stored::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            Stored::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            Stored::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        }))
+        Ok(Some(entry.stored.decode(&bytes)))
     }
 
     /// The SHA-256 of the whole file (as [`crate::weights::digest`] of its bytes), read in
     /// pieces through the handle the tensors are read from (the same file, even if the path
     /// was replaced since it was opened).
     pub fn digest(&self) -> Result<String> {
+        self.digest_visiting(|_, _| Ok(()))
+    }
+
+    /// [`digest`](Self::digest), handing every tensor's values to `visit` (name, values) on
+    /// the way, in file order: one read of the file both checks and hashes it. The first error
+    /// `visit` returns stops it.
+    pub fn digest_visiting(&self, mut visit: impl FnMut(&str, &[f32]) -> Result<()>) -> Result<String> {
         use sha2::Digest;
         let mut hasher = sha2::Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut at = 0;
-        while at < self.size {
-            let n = buf.len().min((self.size - at) as usize);
+        let mut by_place: Vec<(&String, &Entry)> = self.entries.iter().collect();
+        by_place.sort_by_key(|(_, e)| e.start);
+        // Every byte is hashed once, in order: the header and any gap, then each tensor (the
+        // part of it not hashed already, should tensors overlap), then what follows the last.
+        let mut hashed = 0u64;
+        for (name, entry) in by_place {
+            let (start, end) = (self.data_start + entry.start, self.data_start + entry.end);
+            self.hash_range(&mut hasher, hashed, start)?;
+            hashed = hashed.max(start);
+            let mut bytes = vec![0u8; (end - start) as usize];
+            self.read_at(&mut bytes, start)?;
+            if end > hashed {
+                hasher.update(&bytes[(hashed - start) as usize..]);
+                hashed = end;
+            }
+            visit(name, &entry.stored.decode(&bytes))?;
+        }
+        self.hash_range(&mut hasher, hashed, self.size)?;
+        Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    /// Hashes bytes `from..to` of the file into `hasher` (nothing when `from >= to`).
+    fn hash_range(&self, hasher: &mut sha2::Sha256, from: u64, to: u64) -> Result<()> {
+        use sha2::Digest;
+        let mut buf = vec![0u8; (1 << 20).min(to.saturating_sub(from)) as usize];
+        let mut at = from;
+        while at < to {
+            let n = buf.len().min((to - at) as usize);
             self.read_at(&mut buf[..n], at)?;
             hasher.update(&buf[..n]);
             at += n as u64;
         }
-        Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+        Ok(())
     }
 
     /// Fills `buf` from byte `offset` of the file: a positioned read (threads read at once).
@@ -357,6 +393,15 @@ mod tests {
         let file = TensorFile::open(&path).unwrap();
         assert_eq!(file.metadata(), &meta);
         assert_eq!(file.digest().unwrap(), crate::weights::digest(&bytes));
+        let mut visited = Vec::new();
+        let digest = file.digest_visiting(|name, v| {
+            visited.push((name.to_string(), v.to_vec()));
+            Ok(())
+        });
+        assert_eq!(digest.unwrap(), crate::weights::digest(&bytes), "one pass: the same digest");
+        let in_order: Vec<(String, Vec<f32>)> =
+            tensors.iter().map(|(n, _)| n.clone()).zip(values.iter().cloned()).collect();
+        assert_eq!(visited, in_order, "every tensor once, in file order");
         for ((name, shape), v) in tensors.iter().zip(&values) {
             assert_eq!(parsed.tensors[name], (Shape::new(shape.clone()), v.clone()));
             assert_eq!(file.shape(name), Some(shape.as_slice()));

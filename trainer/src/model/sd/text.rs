@@ -35,8 +35,9 @@ impl PartialEq for PromptTable {
 }
 
 impl PromptTable {
-    /// Reads `path`'s header and checks every tensor, one at a time: each must be `[tokens,
-    /// dim]` with one shape for all and `dim = cross_attention_dim`, finite.
+    /// Reads `path`'s header and checks every tensor: each must be `[tokens, dim]` with one
+    /// shape for all and `dim = cross_attention_dim` (the header says), finite (read one at a
+    /// time, in the pass that hashes the file).
     pub fn read(path: &Path, cross_attention_dim: usize) -> Result<Self> {
         let file = TensorFile::open(path)?;
         let mut shape = None;
@@ -56,12 +57,13 @@ impl PromptTable {
             if *shape.get_or_insert(dims) != dims {
                 return Err(bad(path, format!("prompt {prompt:?} has {s:?}; the others {:?}", shape.unwrap_or(dims))));
             }
-            if file.read(prompt)?.unwrap_or_default().iter().any(|v| !v.is_finite()) {
-                return Err(bad(path, format!("the embedding of prompt {prompt:?} holds NaN or infinite values")));
-            }
         }
         let [tokens, dim] = shape.ok_or_else(|| bad(path, "holds no prompt embeddings"))?;
-        let digest = file.digest()?;
+        // The values are checked in the one read that hashes the file.
+        let digest = file.digest_visiting(|prompt, values| match values.iter().all(|v| v.is_finite()) {
+            true => Ok(()),
+            false => Err(bad(path, format!("the embedding of prompt {prompt:?} holds NaN or infinite values"))),
+        })?;
         Ok(Self { path: path.to_path_buf(), tokens, dim, digest, file: Arc::new(file) })
     }
 
@@ -244,6 +246,15 @@ mod tests {
             assert_eq!(pooled.lookup(&[p]).unwrap(), row(p, 2), "{p:?}");
         }
         assert!(text.lookup(&["never written"]).is_err());
+        // A NaN anywhere in a table is named when it is read.
+        let mut bytes = std::fs::read(&text.path).unwrap();
+        let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+        let at = 8 + header_len + header["prompt 68"]["data_offsets"][0].as_u64().unwrap() as usize + 4;
+        bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+        std::fs::write(&text.path, &bytes).unwrap();
+        let err = PromptTable::read(&text.path, 4).unwrap_err().to_string();
+        assert!(err.contains("the embedding of prompt \"prompt 68\" holds NaN or infinite values"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
