@@ -88,7 +88,8 @@ const MAX_PROCEDURAL: usize = 1 << 26;
 pub fn check_memory<B: Backend>(model: &dyn DualDenoiser<B>, batch: usize) -> Result<()> {
     let [c, h, w] = model.sample_shape();
     let bytes = [batch, c, h, w, 4].iter().try_fold(1usize, |acc, &x| acc.checked_mul(x));
-    let Some((total, holder)) = capacity::<B>(model.store().device()) else { return Ok(()) };
+    let capacity = B::memory_capacity(model.store().device());
+    let Some((total, holder)) = memory_of(capacity, B::name(), memory_bytes) else { return Ok(()) };
     match bytes {
         Some(b) if b as u128 <= total / 8 => Ok(()),
         _ => bail!(
@@ -117,25 +118,21 @@ fn training_memory(
     backend: &str,
     host: impl Fn() -> usize,
 ) -> Result<Option<String>> {
-    let (total, holder) = match capacity {
-        MemoryCapacity::Host => (host() as u128, "this machine".to_string()),
-        MemoryCapacity::Device { bytes } => (bytes as u128, format!("the {backend} device")),
-        MemoryCapacity::Unknown => {
-            return Ok(Some(format!(
-                "note: the {backend} backend does not report how much memory its device has: this run needs at least {:.1} GiB there (not checked)",
-                gib(needed)
-            )));
-        }
-    };
-    fits(needed, total, &holder).map(|()| None)
+    match memory_of(capacity, backend, host) {
+        Some((total, holder)) => fits(needed, total, &holder).map(|()| None),
+        None => Ok(Some(format!(
+            "note: the {backend} backend does not report how much memory its device has: this run needs at least {:.1} GiB there (not checked)",
+            gib(needed)
+        ))),
+    }
 }
 
-/// The memory `device`'s tensors go into, in bytes, and what holds it (for messages); None
-/// where the backend cannot say.
-fn capacity<B: Backend>(device: &B::Device) -> Option<(u128, String)> {
-    match B::memory_capacity(device) {
-        MemoryCapacity::Host => Some((memory_bytes() as u128, "this machine".to_string())),
-        MemoryCapacity::Device { bytes } => Some((bytes as u128, format!("the {} device", B::name()))),
+/// The memory of a device of `capacity` on backend `backend` in bytes (`host`: the host's),
+/// and what holds it (for messages); None where the backend cannot say.
+fn memory_of(capacity: MemoryCapacity, backend: &str, host: impl Fn() -> usize) -> Option<(u128, String)> {
+    match capacity {
+        MemoryCapacity::Host => Some((host() as u128, "this machine".to_string())),
+        MemoryCapacity::Device { bytes } => Some((bytes as u128, format!("the {backend} device"))),
         MemoryCapacity::Unknown => None,
     }
 }
