@@ -89,8 +89,8 @@ fn latent(table: &TensorFile, name: &str, what: &str) -> lisa_trainer::Result<Ve
     Ok(values)
 }
 
-/// A Fill50K-format folder, read lazily (one example per [`Dataset::get`], its latents too;
-/// the latents are checked when opened).
+/// A Fill50K-format folder, read lazily (one example per [`Dataset::get`], its latents too:
+/// their names and shapes are checked when opened, their values when read).
 #[derive(Debug, Clone)]
 pub struct Fill50k {
     entries: Vec<Entry>,

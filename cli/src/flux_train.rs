@@ -60,7 +60,7 @@ pub fn prepare<B: Backend>(
     a: &FluxArgs,
     file: &mut RunFile,
     dir: &Path,
-    data: &mut TrainData,
+    data: &TrainData,
     device: B::Device,
 ) -> Result<SdStart<B>> {
     if file.model_given {

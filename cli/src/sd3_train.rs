@@ -88,7 +88,7 @@ pub fn prepare<B: Backend>(
     a: &Sd3Args,
     file: &mut RunFile,
     dir: &Path,
-    data: &mut TrainData,
+    data: &TrainData,
     device: B::Device,
 ) -> Result<SdStart<B>> {
     if file.model_given {

@@ -362,7 +362,7 @@ pub fn run<B: RankBackend>(a: TrainArgs, device: B::Device) -> Result<()> {
     };
     let cache = a.cache_dir.clone().unwrap_or_else(|| a.output_dir.join("cache"));
     let shards = a.train_shards.as_deref();
-    let mut data = TrainData::new(file.data.dir.clone(), a.dataset_name.as_deref(), shards, columns, cache)?;
+    let data = TrainData::new(file.data.dir.clone(), a.dataset_name.as_deref(), shards, columns, cache)?;
     let mut latent_validation = None;
     // The input cache's lock, held (shared) for the whole run: no other run rewrites it.
     let mut _cache_lock = None;
@@ -378,14 +378,14 @@ pub fn run<B: RankBackend>(a: TrainArgs, device: B::Device) -> Result<()> {
             }
             let sd = if FluxPipeline::is_flux(dir) {
                 a.refuse_sd_only_flags()?;
-                crate::flux_train::prepare::<B>(&a.flux()?, &mut file, dir, &mut data, device.clone())?
+                crate::flux_train::prepare::<B>(&a.flux()?, &mut file, dir, &data, device.clone())?
             } else if Sd3Pipeline::is_sd3(dir) {
                 a.refuse_sd_only_flags()?;
                 a.refuse_flux_only_flags()?;
-                crate::sd3_train::prepare::<B>(&a.sd3(), &mut file, dir, &mut data, device.clone())?
+                crate::sd3_train::prepare::<B>(&a.sd3(), &mut file, dir, &data, device.clone())?
             } else {
                 a.refuse_flux_only_flags()?;
-                prepare_sd::<B>(&a, &mut file, dir, &mut data, device.clone())?
+                prepare_sd::<B>(&a, &mut file, dir, &data, device.clone())?
             };
             latent_validation = sd.validation;
             _cache_lock = sd.cache_lock;
@@ -523,7 +523,7 @@ fn prepare_sd<B: Backend>(
     a: &TrainArgs,
     file: &mut RunFile,
     dir: &Path,
-    data: &mut TrainData,
+    data: &TrainData,
     device: B::Device,
 ) -> Result<SdStart<B>> {
     if file.model_given {

@@ -13,8 +13,8 @@ use crate::converted_dataset::Columns;
 pub enum TrainData {
     /// A folder (`--train-data-dir` or the run file's `[data] dir`), or none (procedural data).
     Folder(Option<PathBuf>),
-    /// A dataset to convert into the cache, then the folder it was converted into.
-    Dataset { source: Source, columns: Columns, cache: PathBuf, converted: Option<PathBuf> },
+    /// A dataset to convert into the cache.
+    Dataset { source: Source, columns: Columns, cache: PathBuf },
 }
 
 /// A dataset lisa converts.
@@ -51,7 +51,7 @@ impl TrainData {
                 return Ok(Self::Folder(folder));
             }
         };
-        Ok(Self::Dataset { source, columns, cache, converted: None })
+        Ok(Self::Dataset { source, columns, cache })
     }
 
     /// Whether any examples were named (a folder or a dataset).
@@ -59,26 +59,23 @@ impl TrainData {
         !matches!(self, Self::Folder(None))
     }
 
-    /// The folder to train on, converting the dataset into the cache on the first call
-    /// (reused when an earlier run converted the same input).
-    pub fn folder(&mut self) -> Result<Option<PathBuf>> {
+    /// The folder to train on, the dataset converted into the cache now (reused when an
+    /// earlier run converted the same input). A run asks once, after its cheap checks.
+    pub fn folder(&self) -> Result<Option<PathBuf>> {
         match self {
             Self::Folder(folder) => Ok(folder.clone()),
-            Self::Dataset { converted: Some(dir), .. } => Ok(Some(dir.clone())),
-            Self::Dataset { source, columns, cache, converted } => {
-                let dir = match source {
-                    Source::HuggingFace(dataset) => crate::hf_dataset::materialize(dataset, columns, cache)?,
-                    Source::Shards(pattern) => crate::webdataset::materialize(pattern, columns, cache)?,
-                };
-                *converted = Some(dir.clone());
-                Ok(Some(dir))
+            Self::Dataset { source: Source::HuggingFace(dataset), columns, cache } => {
+                crate::hf_dataset::materialize(dataset, columns, cache).map(Some)
+            }
+            Self::Dataset { source: Source::Shards(pattern), columns, cache } => {
+                crate::webdataset::materialize(pattern, columns, cache).map(Some)
             }
         }
     }
 
     /// The folder of a run that needs one (the diffusers pipelines), converted now if it is
     /// a dataset, and recorded as the run's data folder `dir`.
-    pub fn required_folder(&mut self, dir: &mut Option<PathBuf>) -> Result<PathBuf> {
+    pub fn required_folder(&self, dir: &mut Option<PathBuf>) -> Result<PathBuf> {
         let folder = self
             .folder()?
             .context("--pretrained-model-name-or-path needs --train-data-dir (or --dataset-name, --train-shards)")?;
