@@ -322,25 +322,16 @@ fn parameter_counts_match_the_weights_and_diffusers_at_real_size() {
 /// ControlNet and decoder tensors.
 #[test]
 fn flux_lisa_matches_torch() {
-    use lisa_trainer::model::OutputInit;
-    use lisa_trainer::weights::load_tensors;
+    use common::golden::{golden_decoder, load_golden_decoder};
     let dir = fixture("dev");
     let (io, _) = read(&dir.join("io.safetensors"));
     let (lisa, meta) = read(&dir.join("lisa.safetensors"));
     let mut spec = spec("dev", &meta["hook"], json!({}));
-    spec.decoder = DecoderConfig {
-        hook: Some(meta["hook"].parse().unwrap()),
-        time_sinusoidal_dim: meta["time_sinusoidal_dim"].parse().unwrap(),
-        channel_floor: meta["channel_floor"].parse().unwrap(),
-        output_init: OutputInit::Zero,
-    };
+    spec.decoder = golden_decoder(&meta["hook"], &meta);
     let mut model = registry::build::<C>(&spec, Parts::Dual { decoder: true }, CpuDevice, 0).unwrap();
     model.load_main(&dir.join("transformer")).unwrap();
     model.load_side(&dir.join("controlnet")).unwrap();
-    let path = dir.join("lisa.safetensors");
-    let dec =
-        lisa.iter().filter_map(|(k, v)| k.strip_prefix("decoder.").map(|n| (format!("lisa.{n}"), v.clone()))).collect();
-    assert_eq!(load_tensors(model.store_mut(), &path, dec, |n| n.starts_with("lisa."), |_| false).unwrap(), 6);
+    assert_eq!(load_golden_decoder(model.as_mut(), &dir.join("lisa.safetensors"), &lisa), 6);
     let tensor = |k: &str| {
         let (shape, values) = io.get(k).or_else(|| lisa.get(k)).unwrap_or_else(|| panic!("no golden {k}"));
         C::from_slice(values, shape, DType::F32, &CpuDevice).unwrap()

@@ -10,16 +10,14 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::golden::{assert_parity, read};
+use common::golden::{assert_parity, golden_decoder, load_golden_decoder, read};
 use lisa_core::backend::{Backend, DType};
 use lisa_trainer::autodiff::Tape;
 use lisa_trainer::model::sd::read_json_config;
 use lisa_trainer::model::sd3::Sd3Model;
 use lisa_trainer::model::{
-    Conditioning, DecoderConfig, DualDenoiser, ForwardOptions, ModelSpec, OutputInit, Parts, PromptEmbedding,
-    forward_train, registry,
+    Conditioning, DualDenoiser, ForwardOptions, ModelSpec, Parts, PromptEmbedding, forward_train, registry,
 };
-use lisa_trainer::weights::load_tensors;
 use serde_json::json;
 
 fn fixture(case: &str) -> PathBuf {
@@ -30,12 +28,7 @@ fn fixture(case: &str) -> PathBuf {
 fn spec(case: &str, hook: &str) -> ModelSpec {
     let dir = fixture(case);
     let (_, meta) = read(&dir.join("lisa.safetensors"));
-    let decoder = DecoderConfig {
-        hook: Some(hook.parse().unwrap()),
-        time_sinusoidal_dim: meta["time_sinusoidal_dim"].parse().unwrap(),
-        channel_floor: meta["channel_floor"].parse().unwrap(),
-        output_init: OutputInit::Zero,
-    };
+    let decoder = golden_decoder(hook, &meta);
     let mut config = serde_json::Map::new();
     config.insert("transformer".into(), read_json_config(&dir.join("transformer")).unwrap().into());
     config.insert("controlnet".into(), read_json_config(&dir.join("controlnet")).unwrap().into());
@@ -51,10 +44,7 @@ fn check_case<B: Backend>(case: &str, device: B::Device) {
         registry::build::<B>(&spec(case, &meta["hook"]), Parts::Dual { decoder: true }, device.clone(), 0).unwrap();
     assert!(model.load_main(&dir.join("transformer")).unwrap() > 0);
     assert!(model.load_side(&dir.join("controlnet")).unwrap() > 0);
-    let path = dir.join("lisa.safetensors");
-    let dec =
-        lisa.iter().filter_map(|(k, v)| k.strip_prefix("decoder.").map(|n| (format!("lisa.{n}"), v.clone()))).collect();
-    assert_eq!(load_tensors(model.store_mut(), &path, dec, |n| n.starts_with("lisa."), |_| false).unwrap(), 6);
+    assert_eq!(load_golden_decoder(model.as_mut(), &dir.join("lisa.safetensors"), &lisa), 6);
 
     let tensor = |k: &str| {
         let (shape, values) = io.get(k).or_else(|| lisa.get(k)).unwrap_or_else(|| panic!("no golden {k}"));

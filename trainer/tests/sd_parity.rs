@@ -15,7 +15,7 @@ use lisa_core::backend::{Backend, DType};
 use lisa_trainer::autodiff::Tape;
 use lisa_trainer::model::sd::{SdModel, read_json_config};
 use lisa_trainer::model::{
-    Conditioning, DecoderConfig, DualDenoiser, ForwardOptions, ModelSpec, Parts, PromptEmbedding, forward_train,
+    Conditioning, DualDenoiser, ForwardOptions, ModelSpec, Parts, PromptEmbedding, forward_train,
 };
 use lisa_trainer::weights::load_tensors;
 
@@ -26,12 +26,7 @@ fn fixture(case: &str) -> PathBuf {
 fn build<B: Backend>(case: &str, device: B::Device) -> SdModel<B> {
     let dir = fixture(case);
     let (_, meta) = read(&dir.join("io.safetensors"));
-    let decoder = DecoderConfig {
-        hook: Some(meta["hook"].parse().unwrap()),
-        time_sinusoidal_dim: meta["time_sinusoidal_dim"].parse().unwrap(),
-        channel_floor: meta["channel_floor"].parse().unwrap(),
-        ..DecoderConfig::default()
-    };
+    let decoder = common::golden::golden_decoder(&meta["hook"], &meta);
     let mut config = serde_json::Map::new();
     config.insert("unet".into(), read_json_config(&dir.join("unet")).unwrap().into());
     config.insert("controlnet".into(), read_json_config(&dir.join("controlnet")).unwrap().into());

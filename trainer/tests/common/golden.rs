@@ -17,6 +17,29 @@ pub fn read(path: &Path) -> (Host, BTreeMap<String, String>) {
     (f.tensors, f.metadata)
 }
 
+/// The LISA decoder a golden file was made with, hooked at `hook`: its metadata's
+/// `time_sinusoidal_dim` and `channel_floor`, the output convolution zero (torch's too).
+pub fn golden_decoder(hook: &str, meta: &BTreeMap<String, String>) -> lisa_trainer::model::DecoderConfig {
+    lisa_trainer::model::DecoderConfig {
+        hook: Some(hook.parse().unwrap()),
+        time_sinusoidal_dim: meta["time_sinusoidal_dim"].parse().unwrap(),
+        channel_floor: meta["channel_floor"].parse().unwrap(),
+        output_init: lisa_trainer::model::OutputInit::Zero,
+    }
+}
+
+/// Loads the golden LISA decoder (the `decoder.*` tensors of `lisa`, read from `path`) into
+/// `model`'s `lisa.*`: how many tensors.
+pub fn load_golden_decoder<B: lisa_core::backend::Backend>(
+    model: &mut dyn lisa_trainer::model::DualDenoiser<B>,
+    path: &Path,
+    lisa: &Host,
+) -> usize {
+    let dec =
+        lisa.iter().filter_map(|(k, v)| k.strip_prefix("decoder.").map(|n| (format!("lisa.{n}"), v.clone()))).collect();
+    lisa_trainer::weights::load_tensors(model.store_mut(), path, dec, |n| n.starts_with("lisa."), |_| false).unwrap()
+}
+
 /// `max |got − want| ≤ REFERENCE_PARITY_F32 · max |want|`, naming the worst element.
 pub fn assert_parity(what: &str, got: &[f32], want: &[f32]) {
     assert_eq!(got.len(), want.len(), "{what}: lengths");
