@@ -133,11 +133,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from diffusers_sd import rms, write_safetensors  # noqa: E402
 from diffusers_sd3 import (  # noqa: E402
     CHANNEL_FLOOR,
-    LISA_DECODER_GRADS,
     LISA_LAMBDA,
     TIME_SINUSOIDAL_DIM,
     TokenLisaDecoder,
-    lisa_tensors,
+    lisa_losses,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -232,6 +231,18 @@ def public(config):
     return {k: v for k, v in dict(config).items() if not k.startswith("_")}
 
 
+def forward_kwargs(io):
+    """The keyword arguments both networks take from a case's inputs (text, time, ids, guidance)."""
+    return dict(
+        encoder_hidden_states=io["encoder_hidden_states"],
+        pooled_projections=io["pooled_projections"],
+        timestep=io["timestep"],
+        img_ids=io["img_ids"],
+        txt_ids=io["txt_ids"],
+        guidance=io.get("guidance"),
+    )
+
+
 def residual_map(n_blocks, n_residuals):
     """diffusers' interval_control: transformer block j gets residual j // ceil(n_blocks / n_residuals)."""
     interval = int(np.ceil(n_blocks / n_residuals))
@@ -262,14 +273,7 @@ def run(transformer, controlnet, io):
     handles.append(transformer.time_text_embed.register_forward_hook(keep_output("temb")))
     handles.append(controlnet.time_text_embed.register_forward_hook(keep_output("controlnet_temb")))
 
-    common = dict(
-        encoder_hidden_states=io["encoder_hidden_states"],
-        pooled_projections=io["pooled_projections"],
-        timestep=io["timestep"],
-        img_ids=io["img_ids"],
-        txt_ids=io["txt_ids"],
-        guidance=io.get("guidance"),
-    )
+    common = forward_kwargs(io)
     cos, sin = transformer.pos_embed(torch.cat([io["txt_ids"], io["img_ids"]], dim=0))
     out["rope_cos"], out["rope_sin"] = cos.float(), sin.float()
     if controlnet.union:
@@ -346,14 +350,7 @@ def gradients(transformer, controlnet, io, gen):
     for p in controlnet.parameters():
         p.requires_grad_(True)
         p.grad = None
-    common = dict(
-        encoder_hidden_states=io["encoder_hidden_states"],
-        pooled_projections=io["pooled_projections"],
-        timestep=io["timestep"],
-        img_ids=io["img_ids"],
-        txt_ids=io["txt_ids"],
-        guidance=io.get("guidance"),
-    )
+    common = forward_kwargs(io)
     mode = io["controlnet_mode"].long() if controlnet.union else None
     with torch.enable_grad():
         res = controlnet(
@@ -405,17 +402,9 @@ def lisa(transformer, controlnet, io, gen):
     )
     randomise(decoder, gen)
     target = torch.randn(io["latents"].shape, generator=gen)
-    cn_params = dict(controlnet.named_parameters())
     for p in controlnet.parameters():
         p.requires_grad_(True)
-    common = dict(
-        encoder_hidden_states=io["encoder_hidden_states"],
-        pooled_projections=io["pooled_projections"],
-        timestep=io["timestep"],
-        img_ids=io["img_ids"],
-        txt_ids=io["txt_ids"],
-        guidance=io.get("guidance"),
-    )
+    common = forward_kwargs(io)
     captured = {}
 
     def pre_hook(_module, args):
@@ -440,19 +429,11 @@ def lisa(transformer, controlnet, io, gen):
             ).sample
         )
         decoded = decoder(captured["h"], io["timestep"] * 1000)
-        lisa_target = (target - prior).detach()
-        loss_diffusion = torch.nn.functional.mse_loss(controlled, target)
-        loss_lisa = torch.nn.functional.mse_loss(decoded, lisa_target)
-        loss = loss_diffusion + LISA_LAMBDA * loss_lisa
-        dec_params = dict(decoder.named_parameters())
-        wrt = [cn_params[n] for n in LISA_CONTROLNET_GRADS] + [dec_params[n] for n in LISA_DECODER_GRADS]
-        grads = torch.autograd.grad(loss, wrt)
+        forward = (captured["h"], decoded, prior, controlled, target)
+        out, grads = lisa_losses(controlnet, decoder, forward, LISA_CONTROLNET_GRADS)
     for p in controlnet.parameters():
         p.requires_grad_(False)
     assert all(rms(g) > 0 for g in grads), "a LISA gradient is zero"
-    out = lisa_tensors(
-        decoder, target, captured["h"], decoded, lisa_target, (loss_diffusion, loss_lisa, loss), LISA_CONTROLNET_GRADS, grads
-    )
     meta = {
         "hook": LISA_HOOK,
         "lisa_lambda": LISA_LAMBDA,

@@ -150,6 +150,15 @@ def save_folder(model, path):
     write_safetensors(os.path.join(path, "diffusion_pytorch_model.safetensors"), tensors, {"format": "pt"})
 
 
+def forward_kwargs(io):
+    """The keyword arguments both networks take from a case's inputs (text and time)."""
+    return dict(
+        encoder_hidden_states=io["encoder_hidden_states"],
+        pooled_projections=io["pooled_projections"],
+        timestep=io["timestep"],
+    )
+
+
 def run(transformer, controlnet, io):
     """The outputs of one case from its inputs."""
     hidden = {}
@@ -161,11 +170,7 @@ def run(transformer, controlnet, io):
         return hook
 
     handles = [b.register_forward_pre_hook(keep(i)) for i, b in enumerate(controlnet.controlnet_blocks)]
-    common = dict(
-        encoder_hidden_states=io["encoder_hidden_states"],
-        pooled_projections=io["pooled_projections"],
-        timestep=io["timestep"],
-    )
+    common = forward_kwargs(io)
     out = {"transformer_out": transformer(io["hidden_states"], **common).sample}
     blocks = controlnet(
         io["hidden_states"], controlnet_cond=io["controlnet_cond"], conditioning_scale=CONDITIONING_SCALE, **common
@@ -218,11 +223,7 @@ def gradients(transformer, controlnet, io, gen):
     for p in controlnet.parameters():
         p.requires_grad_(True)
         p.grad = None
-    common = dict(
-        encoder_hidden_states=io["encoder_hidden_states"],
-        pooled_projections=io["pooled_projections"],
-        timestep=io["timestep"],
-    )
+    common = forward_kwargs(io)
     with torch.enable_grad():
         blocks = controlnet(
             io["hidden_states"], controlnet_cond=io["controlnet_cond"], conditioning_scale=CONDITIONING_SCALE, **common
@@ -261,6 +262,24 @@ def lisa_tensors(decoder, target, hook_feature, decoded, lisa_target, losses, co
     return out
 
 
+def lisa_losses(controlnet, decoder, forward, controlnet_grads):
+    """`mse(controlled, target) + LISA_LAMBDA · mse(decoded, stopgrad(target − prior))` of a
+    LISA pass (`forward`: the hooked feature, the decoder's output, the prior, the controlled
+    prediction and the target) and torch-autograd's gradients of it for the ControlNet tensors
+    `controlnet_grads` and LISA_DECODER_GRADS (called under enable_grad): the tensors of
+    lisa.safetensors (lisa_tensors) and the gradients. SD3's and Flux's alike."""
+    hook_feature, decoded, prior, controlled, target = forward
+    lisa_target = (target - prior).detach()
+    loss_diffusion = torch.nn.functional.mse_loss(controlled, target)
+    loss_lisa = torch.nn.functional.mse_loss(decoded, lisa_target)
+    loss = loss_diffusion + LISA_LAMBDA * loss_lisa
+    cn_params, dec_params = dict(controlnet.named_parameters()), dict(decoder.named_parameters())
+    wrt = [cn_params[n] for n in controlnet_grads] + [dec_params[n] for n in LISA_DECODER_GRADS]
+    grads = torch.autograd.grad(loss, wrt)
+    losses = (loss_diffusion, loss_lisa, loss)
+    return lisa_tensors(decoder, target, hook_feature, decoded, lisa_target, losses, controlnet_grads, grads), grads
+
+
 def lisa(transformer, controlnet, io, spec, gen):
     """LISA on the flow model (see the module docstring): the tensors of lisa.safetensors."""
     c = transformer.config
@@ -270,14 +289,9 @@ def lisa(transformer, controlnet, io, spec, gen):
     )
     randomise(decoder, gen)
     target = torch.randn(io["hidden_states"].shape, generator=gen)
-    cn_params = dict(controlnet.named_parameters())
     for p in controlnet.parameters():
         p.requires_grad_(True)
-    common = dict(
-        encoder_hidden_states=io["encoder_hidden_states"],
-        pooled_projections=io["pooled_projections"],
-        timestep=io["timestep"],
-    )
+    common = forward_kwargs(io)
     captured = {}
 
     def pre_hook(_module, args):
@@ -293,18 +307,10 @@ def lisa(transformer, controlnet, io, spec, gen):
         handle.remove()
         controlled = transformer(io["hidden_states"], block_controlnet_hidden_states=list(blocks), **common).sample
         decoded = decoder(captured["h"], io["timestep"])
-        lisa_target = (target - prior).detach()
-        loss_diffusion = torch.nn.functional.mse_loss(controlled, target)
-        loss_lisa = torch.nn.functional.mse_loss(decoded, lisa_target)
-        loss = loss_diffusion + LISA_LAMBDA * loss_lisa
-        dec_params = dict(decoder.named_parameters())
-        wrt = [cn_params[n] for n in LISA_CONTROLNET_GRADS] + [dec_params[n] for n in LISA_DECODER_GRADS]
-        grads = torch.autograd.grad(loss, wrt)
+        forward = (captured["h"], decoded, prior, controlled, target)
+        out, _ = lisa_losses(controlnet, decoder, forward, LISA_CONTROLNET_GRADS)
     for p in controlnet.parameters():
         p.requires_grad_(False)
-    out = lisa_tensors(
-        decoder, target, captured["h"], decoded, lisa_target, (loss_diffusion, loss_lisa, loss), LISA_CONTROLNET_GRADS, grads
-    )
     meta = {
         "hook": spec["hook"],
         "lisa_lambda": LISA_LAMBDA,
